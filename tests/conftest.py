@@ -1,0 +1,41 @@
+"""Fixtures shared by every test folder: real services, each test with its own keys and database."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import services
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    return services.redis_url()
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str) -> Iterator[str]:
+    """A Redis key prefix owned by this test; its keys are deleted when the test ends."""
+    with services.redis_key_prefix(redis_url) as prefix:
+        yield prefix
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """An empty PostgreSQL database owned by this test, dropped when it ends."""
+    with services.fresh_postgres_database() as url:
+        yield url
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'tokenmill.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Run the test on both databases tokenmill supports, each empty and its own."""
+    name = "sqlite_url" if request.param == "sqlite" else "postgres_url"
+    return str(request.getfixturevalue(name))

@@ -1,0 +1,79 @@
+"""The one settings object of tokenmill, read from ``TOKENMILL_*`` environment variables.
+
+Provider credentials are *not* here: they follow the openai SDK's own conventions
+(``OPENAI_API_KEY``, ``OPENAI_BASE_URL``, ``AZURE_OPENAI_API_KEY``, ``AZURE_OPENAI_ENDPOINT``,
+``OPENAI_API_VERSION``, ``GEMINI_API_KEY``) and are read by ``models`` where a client is built.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ModelLimits", "Settings", "get_settings"]
+
+
+class ModelLimits(BaseModel):
+    """Global limits for one model, shared by every worker on every machine."""
+
+    rpm: int | None = Field(default=None, ge=1, description="requests per minute")
+    tpm: int | None = Field(default=None, ge=1, description="tokens per minute (prompt + completion)")
+    max_in_flight: int | None = Field(default=None, ge=1, description="concurrent upstream calls")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TOKENMILL_", extra="ignore")
+
+    # Storage. The defaults are the embedded mode: a SQLite file and a disk cache in the
+    # working directory, no server needed.
+    database_url: str = "sqlite:///./tokenmill.db"
+    broker_url: str | None = Field(default=None, description="Redis URL of the Celery broker; unset = embedded")
+    cache_url: str = Field(default="./.tokenmill/cache", description="redis://... or a directory")
+    cache_prefix: str = "tokenmill:cache:"
+    cache_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)
+
+    # Model defaults.
+    default_model: str = "gpt-4o-mini"
+    limits: dict[str, ModelLimits] = Field(default_factory=dict)
+
+    # Work shape.
+    chunk_size: int = Field(default=50, ge=1, le=10_000, description="request ids per Celery message")
+    in_flight_per_process: int = Field(default=64, ge=1, le=10_000)
+    max_attempts: int = Field(default=6, ge=1, le=100)
+    lease_seconds: int = Field(default=300, ge=5)
+    visibility_timeout_seconds: int = Field(default=3600, ge=10)
+    unacked_restore_interval_seconds: float = Field(default=5.0, gt=0)
+    sweep_interval_seconds: float = Field(default=15.0, gt=0)
+
+    # API.
+    max_upload_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
+    max_request_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    max_requests_per_batch: int = Field(default=1_000_000, ge=1)
+    files_dir: Path = Field(default=Path("./.tokenmill/files"))
+
+    # Flower: no default password; ``tokenmill flower`` refuses to start without one.
+    flower_basic_auth: SecretStr | None = None
+
+    # Agents: modules whose tools are registered on import.
+    tool_modules: list[str] = Field(default_factory=list)
+
+    @field_validator("broker_url")
+    @classmethod
+    def _empty_broker_is_embedded(cls, value: str | None) -> str | None:
+        return value or None
+
+    @property
+    def cache_is_redis(self) -> bool:
+        return self.cache_url.startswith(("redis://", "rediss://", "unix://"))
+
+    @property
+    def embedded(self) -> bool:
+        return self.broker_url is None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,44 @@
+"""The ``tokenmill`` command line.
+
+Each command lives in the module of the part it drives; this file only assembles them, importing
+each lazily so that ``tokenmill --help`` stays fast and one part's import cost is not paid by
+another's command.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import typer
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="tokenmill",
+    help="Run large batches of LLM requests reliably and cheaply, and see what they cost.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# (command name, "module:function", or "module:typer_app" for a group). Add a line per command.
+_COMMANDS: list[tuple[str, str]] = []
+_GROUPS: list[tuple[str, str]] = []
+
+
+def _load(target: str) -> Any:
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def _register() -> None:
+    for name, target in _COMMANDS:
+        app.command(name)(_load(target))
+    for name, target in _GROUPS:
+        app.add_typer(_load(target), name=name)
+
+
+def main() -> None:
+    _register()
+    app()

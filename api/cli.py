@@ -1,8 +1,6 @@
 """The ``tokenmill`` command line.
 
-Each command lives in the module of the part it drives; this file only assembles them, importing
-each lazily so that ``tokenmill --help`` stays fast and one part's import cost is not paid by
-another's command.
+Each command lives in the module of the part it drives; this file only assembles them.
 """
 
 from __future__ import annotations
@@ -23,8 +21,23 @@ app = typer.Typer(
 )
 
 # (command name, "module:function", or "module:typer_app" for a group). Add a line per command.
-_COMMANDS: list[tuple[str, str]] = []
-_GROUPS: list[tuple[str, str]] = []
+_COMMANDS: list[tuple[str, str]] = [
+    ("simulate", "simulator.cli:simulate"),
+    ("run", "workers.cli:run"),
+    ("worker", "workers.cli:worker"),
+    ("beat", "workers.cli:beat"),
+    ("api", "api.commands:api"),
+    ("submit", "api.commands:submit"),
+    ("status", "api.commands:status"),
+    ("results", "api.commands:results"),
+    ("cancel", "api.commands:cancel"),
+    ("usage", "api.commands:usage"),
+    ("flower", "api.flower:flower"),
+]
+_GROUPS: list[tuple[str, str]] = [
+    ("db", "api.db_commands:db_app"),
+    ("keys", "api.commands:keys_app"),
+]
 
 
 def _load(target: str) -> Any:

@@ -30,7 +30,7 @@ class ChatCompletionClient(ABC):
         tools: Sequence[Tool | ToolSchema] = (),
         tool_choice: ToolChoice = "auto",
         json_output: bool | type[BaseModel] | None = None,
-        extra_create_args: Mapping[str, Any] = {},  # noqa: B006 - read-only, AutoGen's signature
+        extra_create_args: Mapping[str, Any] = {},
         cancellation_token: CancellationToken | None = None,
     ) -> CreateResult: ...
 
@@ -42,7 +42,7 @@ class ChatCompletionClient(ABC):
         tools: Sequence[Tool | ToolSchema] = (),
         tool_choice: ToolChoice = "auto",
         json_output: bool | type[BaseModel] | None = None,
-        extra_create_args: Mapping[str, Any] = {},  # noqa: B006
+        extra_create_args: Mapping[str, Any] = {},
         cancellation_token: CancellationToken | None = None,
     ) -> AsyncGenerator[str | CreateResult, None]:
         """Yield ``str`` chunks, then exactly one ``CreateResult`` as the last item."""
@@ -57,7 +57,9 @@ class ChatCompletionClient(ABC):
     def total_usage(self) -> RequestUsage: ...
 
     @abstractmethod
-    def count_tokens(self, messages: Sequence[LLMMessage], *, tools: Sequence[Tool | ToolSchema] = ()) -> int: ...
+    def count_tokens(
+        self, messages: Sequence[LLMMessage], *, tools: Sequence[Tool | ToolSchema] = ()
+    ) -> int: ...
 
     @abstractmethod
     def remaining_tokens(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from simulator.testing import SimulatorServer
 from tests import services
 
 
@@ -39,3 +40,17 @@ def database_url(request: pytest.FixtureRequest) -> str:
     """Run the test on both databases tokenmill supports, each empty and its own."""
     name = "sqlite_url" if request.param == "sqlite" else "postgres_url"
     return str(request.getfixturevalue(name))
+
+
+@pytest.fixture(scope="session")
+def simulator_server() -> Iterator[SimulatorServer]:
+    """One simulator subprocess for the whole session; use ``simulator``, which resets it per test."""
+    with SimulatorServer() as server:
+        yield server
+
+
+@pytest.fixture
+def simulator(simulator_server: SimulatorServer) -> SimulatorServer:
+    """The session's simulator, stats zeroed and config back to defaults; ``.base_url`` is for the SDK."""
+    simulator_server.reset()
+    return simulator_server

@@ -30,7 +30,9 @@ class Settings(BaseSettings):
     # Storage. The defaults are the embedded mode: a SQLite file and a disk cache in the
     # working directory, no server needed.
     database_url: str = "sqlite:///./tokenmill.db"
-    broker_url: str | None = Field(default=None, description="Redis URL of the Celery broker; unset = embedded")
+    broker_url: str | None = Field(
+        default=None, description="Redis URL of the Celery broker; unset = embedded"
+    )
     cache_url: str = Field(default="./.tokenmill/cache", description="redis://... or a directory")
     cache_prefix: str = "tokenmill:cache:"
     cache_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)
@@ -47,6 +49,14 @@ class Settings(BaseSettings):
     visibility_timeout_seconds: int = Field(default=3600, ge=10)
     unacked_restore_interval_seconds: float = Field(default=5.0, gt=0)
     sweep_interval_seconds: float = Field(default=15.0, gt=0)
+    # Workers' coordination keys (rate limits, dispatch markers) live in the broker's Redis under
+    # key_prefix; broker_key_prefix is kombu's global_keyprefix for the broker's own keys. Both let
+    # several deployments (or tests) share one Redis.
+    key_prefix: str = "tokenmill:"
+    broker_key_prefix: str = ""
+    upstream_timeout_seconds: float = Field(default=600.0, gt=0, description="one upstream call")
+    # A queued request with no live dispatch marker is re-sent once its dispatch is this old.
+    sweep_grace_seconds: float = Field(default=30.0, ge=0)
 
     # API.
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, ge=1)

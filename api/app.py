@@ -1,0 +1,55 @@
+"""The producers' HTTP API: ``create_app()`` builds it; ``tokenmill api`` serves it."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from sqlalchemy.engine import Engine
+
+import store
+from api.errors import install_error_handlers
+from api.limits import BodySizeLimit
+from api.routes import batches, files, health, usage
+from api.routes.batches import Dispatch
+from workers.settings import Settings, get_settings
+
+__all__ = ["create_app", "dispatch_to_workers"]
+
+
+def dispatch_to_workers(engine: Engine, batch_id: str) -> None:
+    """Send a batch's queued requests to the Celery workers, in chunks of ids."""
+    from workers.tasks import dispatcher
+
+    dispatcher().dispatch(store.pending_request_ids(engine, batch_id))
+
+
+def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = None) -> FastAPI:
+    """Build the API. Refuses (``store.SchemaBehind``) a database whose schema is behind the code.
+
+    ``dispatch`` sends a batch's queued requests to the workers; by default the Celery dispatch of
+    ``workers``."""
+    settings = settings or get_settings()
+    engine = store.make_engine(settings.database_url)
+    store.require_schema_at_head(engine)
+    if dispatch is None:
+        dispatch = dispatch_to_workers
+
+    app = FastAPI(
+        title="tokenmill",
+        version="0.1.0",
+        description=(
+            "OpenAI-compatible batch and chat completion API, run on Celery workers with a SQL ledger."
+        ),
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.dispatch = dispatch
+    install_error_handlers(app)
+    app.add_middleware(
+        BodySizeLimit,
+        body_limit=settings.max_request_body_bytes,
+        upload_limit=settings.max_upload_bytes,
+        upload_paths=("/v1/files",),
+    )
+    for router in (health.router, files.router, batches.router, usage.router):
+        app.include_router(router)
+    return app

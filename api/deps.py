@@ -1,0 +1,50 @@
+"""Request dependencies, as ``Annotated`` aliases the routes declare by type."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+from sqlalchemy.engine import Engine
+
+import store
+from api.errors import Unauthenticated
+from workers.settings import Settings
+
+__all__ = ["EngineDep", "SettingsDep", "TenantDep", "current_tenant", "get_engine", "get_settings"]
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+
+
+def current_tenant(engine: EngineDep, authorization: Annotated[str | None, Header()] = None) -> store.Tenant:
+    """The tenant whose key is in ``Authorization: Bearer <key>``; 401 otherwise."""
+    if not authorization:
+        raise Unauthenticated(
+            "You didn't provide an API key: send it as 'Authorization: Bearer <key>' "
+            "(create one with `tokenmill keys create NAME`).",
+            code="missing_api_key",
+        )
+    scheme, _, key = authorization.partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        raise Unauthenticated("The Authorization header must be 'Bearer <key>'.")
+    tenant = store.authenticate_api_key(engine, key)
+    if tenant is None:
+        # Never echo the key back: a log or a proxy may keep the response.
+        raise Unauthenticated("Incorrect API key provided, or the key was revoked.")
+    return tenant
+
+
+TenantDep = Annotated[store.Tenant, Depends(current_tenant)]

@@ -1,0 +1,150 @@
+"""Errors of the producers' API, all answered in OpenAI's error shape.
+
+Every error body is ``{"error": {"message", "type", "param", "code"}}`` with the HTTP status the
+official ``openai`` SDK maps to its own exception classes, and a message that names the problem.
+
+    APIError
+    ├── InvalidRequest        400  invalid_request_error
+    ├── Unauthenticated       401  invalid_api_key / missing_api_key
+    ├── NotFound              404  (another tenant's id answers this too)
+    ├── Conflict              409  (e.g. cancelling a finished batch)
+    ├── PayloadTooLarge       413
+    ├── RateLimitExceeded     429
+    ├── UpstreamFailed        502  (the model provider failed for a synchronous request)
+    └── ServiceUnavailable    503  (database behind its schema, broker unreachable)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+__all__ = [
+    "APIError",
+    "Conflict",
+    "InvalidRequest",
+    "NotFound",
+    "PayloadTooLarge",
+    "RateLimitExceeded",
+    "ServiceUnavailable",
+    "Unauthenticated",
+    "UpstreamFailed",
+    "error_body",
+    "install_error_handlers",
+]
+
+logger = logging.getLogger("tokenmill.api")
+
+
+def error_body(
+    message: str, type_: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class APIError(Exception):
+    status_code = 500
+    type = "server_error"
+    default_code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code or self.default_code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, param=self.param, code=self.code)
+
+
+class InvalidRequest(APIError):
+    status_code = 400
+    type = "invalid_request_error"
+
+
+class Unauthenticated(APIError):
+    status_code = 401
+    type = "invalid_request_error"
+    default_code = "invalid_api_key"
+
+
+class NotFound(APIError):
+    status_code = 404
+    type = "invalid_request_error"
+    default_code = "not_found"
+
+
+class Conflict(APIError):
+    status_code = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
+
+
+class PayloadTooLarge(APIError):
+    status_code = 413
+    type = "invalid_request_error"
+    default_code = "payload_too_large"
+
+
+class RateLimitExceeded(APIError):
+    status_code = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+
+class UpstreamFailed(APIError):
+    status_code = 502
+    type = "upstream_error"
+    default_code = "upstream_failed"
+
+
+class ServiceUnavailable(APIError):
+    status_code = 503
+    type = "server_error"
+    default_code = "service_unavailable"
+
+
+def _describe_validation_error(error: dict[str, Any]) -> tuple[str, str | None]:
+    location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
+    param = ".".join(location) or None
+    message = str(error.get("msg", "invalid value"))
+    return (f"{param}: {message}" if param else message), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error, including FastAPI's own 404/405/422, in OpenAI's shape."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        messages = [_describe_validation_error(error) for error in errors[:10]]
+        message = "; ".join(text for text, _ in messages) or "invalid request"
+        param = messages[0][1] if messages else None
+        return JSONResponse(
+            error_body(message, "invalid_request_error", param=param, code="invalid_value"), status_code=400
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return JSONResponse(
+            error_body(str(exc.detail), type_, code=None), status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error in the API", exc_info=exc)
+        return JSONResponse(
+            error_body("internal error; it has been logged", "server_error", code="internal_error"),
+            status_code=500,
+        )

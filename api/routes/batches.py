@@ -1,0 +1,181 @@
+"""OpenAI's Batch API: create from an uploaded file, retrieve, list, cancel.
+
+Beyond OpenAI: ``model`` (default model for short-form lines), ``skip_invalid`` (write the good
+lines, report the bad ones instead of rejecting the batch), ``webhook_url`` and ``priority`` may be
+passed in the create body (``extra_body`` in the openai SDK)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.engine import Engine
+from starlette.concurrency import run_in_threadpool
+
+import store
+from api.deps import EngineDep, SettingsDep, TenantDep
+from api.errors import Conflict, InvalidRequest, NotFound
+
+__all__ = ["Dispatch", "batch_object", "router"]
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+# Sends a batch's queued requests to the workers (set on app.state by create_app).
+Dispatch = Callable[[Engine, str], None]
+
+
+class BatchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str
+    endpoint: str
+    completion_window: str = "24h"
+    metadata: dict[str, str] | None = None
+    # tokenmill extensions
+    model: str | None = Field(default=None, description="default model for short-form lines")
+    skip_invalid: bool = False
+    webhook_url: str | None = Field(default=None, max_length=2000)
+    priority: int = Field(default=0, ge=0, le=9)
+
+
+def _usage(engine: Engine, batch: store.Batch) -> dict[str, Any] | None:
+    """What the batch cost so far, in OpenAI's usage shape: billed tokens only (a cache hit is
+    free), plus tokenmill's ``cache_hits`` and ``cost_usd``."""
+    rows = store.usage_report(engine, tenant_id=batch.tenant_id, group_by=(), batch_id=batch.id)
+    if not rows:
+        return None
+    row = rows[0]
+    return {
+        "input_tokens": row.billed_prompt_tokens,
+        "input_tokens_details": {"cached_tokens": row.billed_cached_prompt_tokens},
+        "output_tokens": row.billed_completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": row.billed_reasoning_tokens},
+        "total_tokens": row.billed_prompt_tokens + row.billed_completion_tokens,
+        "cache_hits": row.cache_hits,
+        "cost_usd": row.cost_usd,
+    }
+
+
+def batch_object(engine: Engine, batch: store.Batch) -> dict[str, Any]:
+    return {
+        "id": batch.id,
+        "object": "batch",
+        "endpoint": batch.endpoint,
+        "errors": {"object": "list", "data": batch.errors} if batch.errors else None,
+        "input_file_id": batch.input_file_id,
+        "completion_window": batch.completion_window,
+        "status": str(batch.status),
+        "output_file_id": batch.output_file_id,
+        "error_file_id": batch.error_file_id,
+        "created_at": batch.created_at,
+        "in_progress_at": batch.in_progress_at,
+        "expires_at": batch.expires_at,
+        "finalizing_at": batch.finalizing_at,
+        "completed_at": batch.completed_at,
+        "failed_at": batch.failed_at,
+        "expired_at": batch.expired_at,
+        "cancelling_at": batch.cancelling_at,
+        "cancelled_at": batch.cancelled_at,
+        "request_counts": {
+            "total": batch.total_count,
+            "completed": batch.completed_count,
+            "failed": batch.failed_count,
+        },
+        "metadata": batch.batch_metadata,
+        "usage": _usage(engine, batch),
+    }
+
+
+def _create(
+    engine: Engine, tenant: store.Tenant, body: BatchCreate, max_body_bytes: int, max_lines: int
+) -> str:
+    file = store.get_file(engine, body.input_file_id, tenant.id)
+    if file is None:
+        raise NotFound(f"No such File object: {body.input_file_id}", param="input_file_id")
+    if file.kind != store.FileKind.UPLOAD or file.storage_path is None:
+        raise InvalidRequest(f"{body.input_file_id} is not an uploaded input file", param="input_file_id")
+    if file.purpose != "batch":
+        raise InvalidRequest(
+            f"{body.input_file_id} has purpose {file.purpose!r}, not 'batch'", param="input_file_id"
+        )
+    defaults = {"model": body.model} if body.model else None
+    try:
+        with Path(file.storage_path).open("rb") as source:
+            report = store.ingest_batch(
+                engine,
+                source,
+                tenant_id=tenant.id,
+                endpoint=body.endpoint,
+                completion_window=body.completion_window,
+                metadata=body.metadata,
+                input_file_id=file.id,
+                defaults=defaults,
+                skip_invalid=body.skip_invalid,
+                max_body_bytes=max_body_bytes,
+                max_lines=max_lines,
+                priority=body.priority,
+                webhook_url=body.webhook_url,
+            )
+    except FileNotFoundError as e:
+        raise NotFound(f"the content of {file.id} is no longer on this server", param="input_file_id") from e
+    except store.InvalidArgument as e:
+        raise InvalidRequest(str(e), param=getattr(e, "param", None)) from e
+    return report.batch_id
+
+
+@router.post("")
+async def create_batch(
+    body: BatchCreate, request: Request, tenant: TenantDep, engine: EngineDep, settings: SettingsDep
+) -> dict[str, Any]:
+    """Validate the input file line by line and queue its requests. A file with bad lines gives a
+    batch in status ``failed`` whose ``errors`` name each line, unless ``skip_invalid``."""
+    batch_id = await run_in_threadpool(
+        _create, engine, tenant, body, settings.max_request_body_bytes, settings.max_requests_per_batch
+    )
+    batch = await run_in_threadpool(store.get_batch, engine, batch_id, tenant.id)
+    assert batch is not None
+    if batch.status == store.BatchStatus.IN_PROGRESS:
+        dispatch: Dispatch = request.app.state.dispatch
+        # The rows are committed; a dispatch that fails here is redone by the sweeper.
+        await run_in_threadpool(dispatch, engine, batch_id)
+    return batch_object(engine, batch)
+
+
+def _tenant_batch(engine: Engine, tenant: store.Tenant, batch_id: str) -> store.Batch:
+    batch = store.get_batch(engine, batch_id, tenant.id)
+    if batch is None:
+        raise NotFound(f"No such Batch object: {batch_id}", param="batch_id")
+    return batch
+
+
+@router.get("/{batch_id}")
+def retrieve_batch(batch_id: str, tenant: TenantDep, engine: EngineDep) -> dict[str, Any]:
+    return batch_object(engine, _tenant_batch(engine, tenant, batch_id))
+
+
+@router.get("")
+def list_batches(
+    tenant: TenantDep, engine: EngineDep, after: str | None = None, limit: int = Query(20, ge=1, le=100)
+) -> dict[str, Any]:
+    page = store.list_batches(engine, tenant.id, after=after, limit=limit)
+    data = [batch_object(engine, batch) for batch in page.data]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": page.has_more,
+    }
+
+
+@router.post("/{batch_id}/cancel")
+def cancel_batch(batch_id: str, tenant: TenantDep, engine: EngineDep) -> dict[str, Any]:
+    _tenant_batch(engine, tenant, batch_id)
+    try:
+        batch = store.cancel_batch(engine, batch_id)
+    except store.InvalidState as e:
+        raise Conflict(str(e), param="batch_id") from e
+    return batch_object(engine, batch)

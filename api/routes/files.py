@@ -1,0 +1,140 @@
+"""OpenAI's Files API: upload a batch input file, read it back, list and delete.
+
+A batch's output and error files are files too: their content is generated from the ledger when
+read, so they can be downloaded while the batch is still running (the lines finished so far)."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from pathlib import Path
+from typing import IO, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+import store
+from api.deps import EngineDep, SettingsDep, TenantDep
+from api.errors import InvalidRequest, NotFound
+
+__all__ = ["file_object", "router"]
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+PURPOSES = ("batch",)
+
+
+def file_object(file: store.File) -> dict[str, Any]:
+    return {
+        "id": file.id,
+        "object": "file",
+        "bytes": file.bytes,
+        "created_at": file.created_at,
+        "filename": file.filename,
+        "purpose": file.purpose,
+        "status": file.status,
+        "status_details": None,
+    }
+
+
+def _save(source: IO[bytes], files_dir: Path, tenant_id: str, file_id: str) -> tuple[Path, int]:
+    destination = files_dir.absolute() / tenant_id / file_id
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_suffix(".partial")
+    with partial.open("wb") as out:
+        shutil.copyfileobj(source, out, length=1024 * 1024)
+    size = partial.stat().st_size
+    partial.replace(destination)  # a crash mid-copy never leaves a file that looks complete
+    return destination, size
+
+
+@router.post("")
+async def upload_file(
+    request: Request, tenant: TenantDep, engine: EngineDep, settings: SettingsDep
+) -> dict[str, Any]:
+    """Upload a JSONL file (multipart field ``file``) with ``purpose=batch``."""
+    form = await request.form(max_files=1, max_fields=10)
+    try:
+        upload = form.get("file")
+        purpose = form.get("purpose")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequest("missing the multipart field 'file' with the JSONL content", param="file")
+        if not isinstance(purpose, str) or purpose not in PURPOSES:
+            raise InvalidRequest(
+                f"purpose must be one of {', '.join(PURPOSES)}; got {purpose!r}", param="purpose"
+            )
+        filename = (upload.filename or "upload.jsonl")[:500]
+        file_id = f"file-{secrets.token_hex(12)}"
+        path, size = await run_in_threadpool(_save, upload.file, settings.files_dir, tenant.id, file_id)
+        if size == 0:
+            await run_in_threadpool(path.unlink, missing_ok=True)
+            raise InvalidRequest("the uploaded file is empty", param="file", code="empty_file")
+        try:
+            row = await run_in_threadpool(
+                store.create_file, engine, tenant.id, filename, purpose, size, str(path), "processed", file_id
+            )
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return file_object(row)
+    finally:
+        await form.close()
+
+
+def _tenant_file(engine: EngineDep, tenant: store.Tenant, file_id: str) -> store.File:
+    file = store.get_file(engine, file_id, tenant.id)
+    if file is None:
+        raise NotFound(f"No such File object: {file_id}", param="file_id")
+    return file
+
+
+@router.get("")
+def list_files(
+    tenant: TenantDep,
+    engine: EngineDep,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: int = Query(100, ge=1, le=10_000),
+) -> dict[str, Any]:
+    files = store.list_files(engine, tenant.id, purpose=purpose, after=after, limit=limit + 1)
+    page = files[:limit]
+    return {
+        "object": "list",
+        "data": [file_object(file) for file in page],
+        "first_id": page[0].id if page else None,
+        "last_id": page[-1].id if page else None,
+        "has_more": len(files) > limit,
+    }
+
+
+@router.get("/{file_id}")
+def retrieve_file(file_id: str, tenant: TenantDep, engine: EngineDep) -> dict[str, Any]:
+    return file_object(_tenant_file(engine, tenant, file_id))
+
+
+@router.get("/{file_id}/content", response_model=None)
+def file_content(file_id: str, tenant: TenantDep, engine: EngineDep) -> FileResponse | StreamingResponse:
+    file = _tenant_file(engine, tenant, file_id)
+    if file.kind == store.FileKind.UPLOAD:
+        if file.storage_path is None or not Path(file.storage_path).exists():
+            raise NotFound(f"the content of {file_id} is no longer on this server", param="file_id")
+        return FileResponse(file.storage_path, media_type="application/octet-stream", filename=file.filename)
+    if file.batch_id is None:
+        raise NotFound(f"the content of {file_id} is not available", param="file_id")
+    lines = (
+        store.iter_output_lines(engine, file.batch_id)
+        if file.kind == store.FileKind.BATCH_OUTPUT
+        else store.iter_error_lines(engine, file.batch_id)
+    )
+    return StreamingResponse(lines, media_type="application/jsonl")
+
+
+@router.delete("/{file_id}")
+def delete_file(file_id: str, tenant: TenantDep, engine: EngineDep) -> dict[str, Any]:
+    file = store.delete_file(engine, file_id, tenant.id)
+    if file is None:
+        raise NotFound(f"No such File object: {file_id}", param="file_id")
+    if file.storage_path:
+        Path(file.storage_path).unlink(missing_ok=True)
+    return {"id": file_id, "object": "file", "deleted": True}

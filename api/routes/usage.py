@@ -1,0 +1,68 @@
+"""``GET /v1/usage``: tokens and cost per model / day / batch, billed and cache hits kept apart."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query
+
+import store
+from api.deps import EngineDep, TenantDep
+from api.errors import InvalidRequest
+
+__all__ = ["router", "usage_row"]
+
+router = APIRouter(tags=["usage"])
+Grouping = Literal["model", "day", "batch"]
+
+
+def usage_row(row: store.UsageRow) -> dict[str, Any]:
+    return {
+        "model": row.model,
+        "day": row.day.isoformat() if row.day else None,
+        "batch_id": row.batch_id,
+        "requests": row.requests,
+        "billed": {
+            "requests": row.billed_requests,
+            "prompt_tokens": row.billed_prompt_tokens,
+            "cached_prompt_tokens": row.billed_cached_prompt_tokens,
+            "completion_tokens": row.billed_completion_tokens,
+            "reasoning_tokens": row.billed_reasoning_tokens,
+            "cost_usd": row.cost_usd,
+            "unpriced_requests": row.unpriced_requests,
+        },
+        "cache_hits": {
+            "requests": row.cache_hits,
+            "prompt_tokens": row.cache_hit_prompt_tokens,
+            "completion_tokens": row.cache_hit_completion_tokens,
+        },
+    }
+
+
+@router.get("/v1/usage")
+def usage(
+    tenant: TenantDep,
+    engine: EngineDep,
+    group_by: str = Query(
+        "model,day", description="comma-separated: model, day, batch (or empty for totals)"
+    ),
+    since: int | None = Query(None, ge=0, description="unix seconds, inclusive"),
+    until: int | None = Query(None, ge=0, description="unix seconds, exclusive"),
+    batch_id: str | None = None,
+) -> dict[str, Any]:
+    """Your usage. Billed figures count what was paid upstream; cache hits are served free."""
+    groups = [part.strip() for part in group_by.split(",") if part.strip()]
+    unknown = [part for part in groups if part not in ("model", "day", "batch")]
+    if unknown:
+        raise InvalidRequest(
+            f"group_by accepts model, day and batch; got {', '.join(unknown)}", param="group_by"
+        )
+    rows = store.usage_report(
+        engine,
+        tenant_id=tenant.id,
+        group_by=tuple(groups),  # type: ignore[arg-type]  # checked just above
+        since=since,
+        until=until,
+        batch_id=batch_id,
+    )
+    return {"object": "list", "data": [usage_row(row) for row in rows]}

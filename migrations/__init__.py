@@ -1,0 +1,1 @@
+"""Alembic migrations of the ledger (``tokenmill db upgrade``); run through ``store.schema``."""

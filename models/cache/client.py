@@ -1,0 +1,298 @@
+"""``ChatCompletionCache``: any ``ChatCompletionClient`` with a response cache in front.
+
+Usage accounting (invariant 5, "a hit is free"): a hit returns a copy of the stored result with
+``cached=True`` and the *original* ``usage`` numbers, because they describe the answer being
+served (what it cost when it was made); whoever bills reads ``cached`` and charges 0 (the ledger
+does). On this wrapper a hit moves ``total_usage()`` and never ``actual_usage()``, which counts
+only calls that went upstream through it.
+
+Every store failure (Redis down, a timeout, an unreadable or other-version entry) is a miss plus a
+``CacheStoreError`` event, never a failed request; errors from upstream are never cached. A stream
+is stored only once it completed; one the consumer stops early, or that raises, stores nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from models.base import ChatCompletionClient
+from models.cache.base import CacheStore
+from models.cache.entry import CachedCompletion
+from models.cache.errors import CacheBackendError, CacheError, UncacheableRequestError
+from models.cache.keys import request_key
+from models.cache.memory import InMemoryStore
+from models.cache.single_flight import SingleFlight
+from models.cancellation import CancellationToken
+from models.events import CacheHit, CacheStoreError, emit, event_logger, short_digest
+from models.types import CreateResult, LLMMessage, ModelInfo, RequestUsage, Tool, ToolChoice, ToolSchema
+
+__all__ = ["ChatCompletionCache"]
+
+
+class ChatCompletionCache(ChatCompletionClient):
+    """Serve repeated identical requests from ``store`` (default: an ``InMemoryStore``).
+
+    ``ttl`` is the entries' lifetime in seconds (None: the store keeps them until evicted).
+    Concurrent identical requests make one upstream call (see ``models.cache.single_flight``): the
+    others wait up to ``single_flight_timeout`` seconds for its entry, then go upstream themselves;
+    the caller's lock lives ``lock_ttl`` seconds unless refreshed, which it is while the caller is
+    alive.
+    """
+
+    def __init__(
+        self,
+        client: ChatCompletionClient,
+        store: CacheStore[CachedCompletion] | None = None,
+        ttl: float | None = None,
+        *,
+        single_flight_timeout: float = 120.0,
+        lock_ttl: float = 30.0,
+    ) -> None:
+        if ttl is not None and ttl <= 0:
+            raise ValueError("ttl must be positive (or None for no expiry)")
+        self._client = client
+        self._store: CacheStore[CachedCompletion] = store if store is not None else InMemoryStore()
+        self._ttl = ttl
+        self._flights = SingleFlight(
+            self._store, timeout=single_flight_timeout, lock_ttl=lock_ttl, on_store_error=self._store_failed
+        )
+        self._actual_usage = RequestUsage()
+        self._total_usage = RequestUsage()
+
+    @property
+    def client(self) -> ChatCompletionClient:
+        return self._client
+
+    @property
+    def store(self) -> CacheStore[CachedCompletion]:
+        return self._store
+
+    def cache_key(
+        self,
+        messages: Sequence[LLMMessage],
+        *,
+        tools: Sequence[Tool | ToolSchema] = (),
+        tool_choice: ToolChoice = "auto",
+        json_output: bool | type[BaseModel] | None = None,
+        extra_create_args: Mapping[str, Any] = {},
+    ) -> str:
+        """The key this request is cached under (without the store's prefix), for the ledger.
+
+        Raises ``UncacheableRequestError`` if an argument has no canonical JSON form.
+        """
+        return request_key(
+            self._client.cache_identity,
+            messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            json_output=json_output,
+            extra_create_args=extra_create_args,
+        )
+
+    request_key = cache_key
+
+    def _key_or_none(
+        self,
+        messages: Sequence[LLMMessage],
+        tools: Sequence[Tool | ToolSchema],
+        tool_choice: ToolChoice,
+        json_output: bool | type[BaseModel] | None,
+        extra_create_args: Mapping[str, Any],
+    ) -> str | None:
+        try:
+            return self.cache_key(
+                messages,
+                tools=tools,
+                tool_choice=tool_choice,
+                json_output=json_output,
+                extra_create_args=extra_create_args,
+            )
+        except UncacheableRequestError as e:
+            emit(CacheStoreError(store=self._store.name, operation="key", error=str(e)))
+            return None
+
+    def _store_failed(self, error: CacheError, operation: str, key: str | None = None) -> None:
+        if isinstance(error, CacheBackendError):
+            operation = error.operation
+        emit(
+            CacheStoreError(
+                store=self._store.name,
+                operation=operation,
+                error=str(error),
+                key_digest=short_digest(key) if key is not None else None,
+            )
+        )
+
+    async def _lookup(self, key: str) -> CachedCompletion | None:
+        try:
+            return await self._store.get(key)
+        except CacheError as e:
+            self._store_failed(e, "get", key)
+            return None
+
+    async def _save(self, key: str, entry: CachedCompletion) -> None:
+        try:
+            await self._store.set(key, entry, self._ttl)
+        except CacheError as e:
+            self._store_failed(e, "set", key)
+
+    def _served(self, entry: CachedCompletion, key: str, started: float) -> CreateResult:
+        # Every get decodes a fresh entry for this call alone, so flagging its result in place
+        # shares nothing with the store or with any other caller.
+        result = entry.result
+        result.cached = True
+        self._total_usage = self._total_usage + result.usage
+        if event_logger.isEnabledFor(logging.INFO):  # skip building the event when nobody listens
+            emit(
+                CacheHit(
+                    model=result.model or _identity_model(self._client),
+                    key_digest=short_digest(key),
+                    store=self._store.name,
+                    latency_ms=(time.perf_counter() - started) * 1000.0,
+                )
+            )
+        return result
+
+    def _spent(self, result: CreateResult) -> None:
+        self._actual_usage = self._actual_usage + result.usage
+        self._total_usage = self._total_usage + result.usage
+
+    async def create(
+        self,
+        messages: Sequence[LLMMessage],
+        *,
+        tools: Sequence[Tool | ToolSchema] = (),
+        tool_choice: ToolChoice = "auto",
+        json_output: bool | type[BaseModel] | None = None,
+        extra_create_args: Mapping[str, Any] = {},
+        cancellation_token: CancellationToken | None = None,
+    ) -> CreateResult:
+        started = time.perf_counter()
+        key = self._key_or_none(messages, tools, tool_choice, json_output, extra_create_args)
+        if key is not None:
+            entry = await self._lookup(key)
+            if entry is not None:
+                return self._served(entry, key, started)
+
+        async def upstream() -> CreateResult:
+            result = await self._client.create(
+                messages,
+                tools=tools,
+                tool_choice=tool_choice,
+                json_output=json_output,
+                extra_create_args=extra_create_args,
+                cancellation_token=cancellation_token,
+            )
+            self._spent(result)
+            return result
+
+        if key is None:
+            return await upstream()
+        async with self._flights.flight(key, cancellation_token) as flight:
+            if flight.entry is not None:
+                return self._served(flight.entry, key, started)
+            result = await upstream()
+            await self._save(key, CachedCompletion(result=result))
+            return result
+
+    async def create_stream(
+        self,
+        messages: Sequence[LLMMessage],
+        *,
+        tools: Sequence[Tool | ToolSchema] = (),
+        tool_choice: ToolChoice = "auto",
+        json_output: bool | type[BaseModel] | None = None,
+        extra_create_args: Mapping[str, Any] = {},
+        cancellation_token: CancellationToken | None = None,
+    ) -> AsyncGenerator[str | CreateResult, None]:
+        """On a hit, replay the stored chunks and the result (``cached=True``); an entry stored
+        by ``create`` replays its text content as one chunk. On a miss, stream from the inner
+        client and store the chunks and result once the stream has finished."""
+        started = time.perf_counter()
+        key = self._key_or_none(messages, tools, tool_choice, json_output, extra_create_args)
+        if key is not None:
+            entry = await self._lookup(key)
+            if entry is not None:
+                for chunk in _replayed_chunks(entry):
+                    yield chunk
+                yield self._served(entry, key, started)
+                return
+
+        def upstream() -> AsyncGenerator[str | CreateResult, None]:
+            return self._client.create_stream(
+                messages,
+                tools=tools,
+                tool_choice=tool_choice,
+                json_output=json_output,
+                extra_create_args=extra_create_args,
+                cancellation_token=cancellation_token,
+            )
+
+        if key is None:
+            async with contextlib.aclosing(upstream()) as stream:
+                async for item in stream:
+                    if isinstance(item, CreateResult):
+                        self._spent(item)
+                    yield item
+            return
+
+        async with self._flights.flight(key, cancellation_token) as flight:
+            if flight.entry is not None:
+                for chunk in _replayed_chunks(flight.entry):
+                    yield chunk
+                yield self._served(flight.entry, key, started)
+                return
+            chunks: list[str] = []
+            async with contextlib.aclosing(upstream()) as stream:
+                async for item in stream:
+                    if isinstance(item, CreateResult):
+                        # The last item: the stream is complete, so it may be stored.
+                        self._spent(item)
+                        await self._save(key, CachedCompletion(result=item, chunks=chunks))
+                        yield item
+                        return
+                    chunks.append(item)
+                    yield item
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    def actual_usage(self) -> RequestUsage:
+        return self._actual_usage
+
+    def total_usage(self) -> RequestUsage:
+        return self._total_usage
+
+    def count_tokens(self, messages: Sequence[LLMMessage], *, tools: Sequence[Tool | ToolSchema] = ()) -> int:
+        return self._client.count_tokens(messages, tools=tools)
+
+    def remaining_tokens(
+        self, messages: Sequence[LLMMessage], *, tools: Sequence[Tool | ToolSchema] = ()
+    ) -> int:
+        return self._client.remaining_tokens(messages, tools=tools)
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._client.model_info
+
+    @property
+    def cache_identity(self) -> Mapping[str, Any]:
+        return self._client.cache_identity
+
+
+def _replayed_chunks(entry: CachedCompletion) -> list[str]:
+    if entry.chunks is not None:
+        return list(entry.chunks)
+    content = entry.result.content
+    return [content] if isinstance(content, str) and content else []
+
+
+def _identity_model(client: ChatCompletionClient) -> str | None:
+    model = client.cache_identity.get("model")
+    return model if isinstance(model, str) else None

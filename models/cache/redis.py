@@ -1,0 +1,186 @@
+"""``RedisStore``: the cache shared by every worker on every machine, over ``redis.asyncio``.
+
+Entries are ``prefix + key`` strings (``SET ... PX ttl``); the lock of a key is
+``prefix + "lock:" + key`` taken with ``SET NX PX`` and an owner token, refreshed and released by
+small Lua scripts that compare the token first. A failed call raises ``CacheBackendError``; after a
+connection failure or timeout the store answers ``CacheBackendError`` at once for
+``outage_backoff`` seconds instead of trying again, so a Redis outage costs each request almost
+nothing. Build it with ``RedisStore.from_url`` to get short socket timeouts and no client-side
+retries; a ``Redis`` instance passed in is used as configured.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, overload
+
+import redis.asyncio
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from models.cache.entry import CACHED_COMPLETION_CODEC, CachedCompletion, ValueCodec
+from models.cache.errors import CacheBackendError
+
+__all__ = ["RedisStore"]
+
+T = TypeVar("T")
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+_REFRESH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_OUTAGE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, TimeoutError)
+
+
+# The project may type-check against redis's own annotations or the older types-redis stubs,
+# where Redis is generic; one alias keeps the difference in one place.
+if TYPE_CHECKING:
+    AsyncRedis: TypeAlias = redis.asyncio.Redis[Any]  # type: ignore[type-arg, unused-ignore]
+
+
+def _milliseconds(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+class RedisStore(Generic[T]):
+    """Entries and locks in one Redis database under ``prefix``."""
+
+    @overload
+    def __init__(
+        self: RedisStore[CachedCompletion],
+        redis_client: AsyncRedis,
+        prefix: str = "tokenmill:cache:",
+        *,
+        outage_backoff: float = 1.0,
+        codec: None = None,
+    ) -> None: ...
+
+    @overload
+    def __init__(
+        self,
+        redis_client: AsyncRedis,
+        prefix: str = "tokenmill:cache:",
+        *,
+        outage_backoff: float = 1.0,
+        codec: ValueCodec[T],
+    ) -> None: ...
+
+    def __init__(
+        self,
+        redis_client: AsyncRedis,
+        prefix: str = "tokenmill:cache:",
+        *,
+        outage_backoff: float = 1.0,
+        codec: ValueCodec[T] | None = None,
+    ) -> None:
+        self._redis = redis_client
+        self._prefix = prefix
+        self._outage_backoff = outage_backoff
+        self._codec: ValueCodec[T] = codec if codec is not None else CACHED_COMPLETION_CODEC  # type: ignore[assignment]
+        self._unreachable_until = 0.0
+        self._release_script = redis_client.register_script(_RELEASE)
+        self._refresh_script = redis_client.register_script(_REFRESH)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        prefix: str = "tokenmill:cache:",
+        *,
+        timeout: float = 0.25,
+        outage_backoff: float = 1.0,
+    ) -> RedisStore[CachedCompletion]:
+        """A store on its own connection pool: ``timeout`` seconds per connect and per reply, and
+        no retries (the cache falls back to upstream instead)."""
+        client = redis.asyncio.Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+        return RedisStore(client, prefix, outage_backoff=outage_backoff)
+
+    @property
+    def name(self) -> str:
+        return "redis"
+
+    @property
+    def redis(self) -> AsyncRedis:
+        return self._redis
+
+    def entry_key(self, key: str) -> str:
+        """The Redis key holding ``key``'s entry."""
+        return self._prefix + key
+
+    def _lock_key(self, key: str) -> str:
+        return f"{self._prefix}lock:{key}"
+
+    async def close(self) -> None:
+        """Close the Redis client's connections (the one ``from_url`` made, or the one given)."""
+        await self._redis.aclose()  # type: ignore[attr-defined, unused-ignore]
+
+    def _check_reachable(self, operation: str) -> None:
+        if time.monotonic() < self._unreachable_until:
+            raise CacheBackendError(
+                "redis was unreachable moments ago; not retrying yet", store=self.name, operation=operation
+            )
+
+    def _failed(self, operation: str, error: Exception) -> CacheBackendError:
+        if isinstance(error, _OUTAGE_ERRORS):
+            self._unreachable_until = time.monotonic() + self._outage_backoff
+        return CacheBackendError(f"redis {operation} failed: {error!r}", store=self.name, operation=operation)
+
+    async def _execute(self, operation: str, *args: Any, **kwargs: Any) -> Any:
+        self._check_reachable(operation)
+        try:
+            return await self._redis.execute_command(*args, **kwargs)  # type: ignore[no-untyped-call, unused-ignore]
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as e:
+            raise self._failed(operation, e) from e
+
+    async def get(self, key: str) -> T | None:
+        data = await self._execute("get", "GET", self.entry_key(key))
+        if data is None:
+            return None
+        # A client built with decode_responses=True hands back str.
+        return self._codec.decode(data.encode("utf-8") if isinstance(data, str) else bytes(data))
+
+    async def set(self, key: str, value: T, ttl: float | None = None) -> None:
+        data = self._codec.encode(value)
+        if ttl is None:
+            await self._execute("set", "SET", self.entry_key(key), data)
+        else:
+            await self._execute("set", "SET", self.entry_key(key), data, "PX", _milliseconds(ttl))
+
+    async def acquire_lock(self, key: str, ttl: float) -> str | None:
+        token = uuid.uuid4().hex
+        taken = await self._execute(
+            "acquire_lock", "SET", self._lock_key(key), token, "NX", "PX", _milliseconds(ttl)
+        )
+        return token if taken else None
+
+    async def refresh_lock(self, key: str, token: str, ttl: float) -> bool:
+        self._check_reachable("refresh_lock")
+        try:
+            refreshed = await self._refresh_script(
+                keys=[self._lock_key(key)], args=[token, _milliseconds(ttl)]
+            )
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as e:
+            raise self._failed("refresh_lock", e) from e
+        return bool(refreshed)
+
+    async def release_lock(self, key: str, token: str) -> None:
+        self._check_reachable("release_lock")
+        try:
+            await self._release_script(keys=[self._lock_key(key)], args=[token])
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as e:
+            raise self._failed("release_lock", e) from e

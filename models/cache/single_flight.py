@@ -1,0 +1,203 @@
+"""Single-flight: concurrent identical requests make one upstream call.
+
+Two layers. In one process, requests for a key queue on an ``asyncio.Lock``, so only the first
+touches the store's lock and the rest just read the entry it leaves. Across processes, the first
+in each process competes for the store's lock (``CacheStore.acquire_lock``); the winner calls
+upstream while a background task refreshes the lock every third of its TTL, and the losers poll
+``get`` with a backoff growing from ``poll_initial`` to ``poll_max`` until the entry appears. A
+loser retries the lock on every poll, so when the holder fails (it stores nothing, releases the
+lock) or crashes (its lock expires after ``lock_ttl``), one loser becomes the next leader.
+
+After ``timeout`` seconds of waiting a request stops waiting and goes upstream itself
+(``Flight.coordinated`` is False): a stuck holder can delay others, never block them. When the
+store fails while coordinating, the request goes upstream at once, also uncoordinated: the cache
+is an optimisation and never the reason a request fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from models.cache.base import CacheStore
+from models.cache.errors import CacheError
+from models.cancellation import CancellationToken
+
+__all__ = ["Flight", "SingleFlight"]
+
+T = TypeVar("T")
+
+StoreErrorHandler = Callable[[CacheError, str, str], None]
+"""Called with (error, operation, key) when the store fails; the flight goes on without it."""
+
+
+@dataclass(slots=True)
+class Flight(Generic[T]):
+    """What joining a flight gave: an ``entry`` another request stored while we waited, or none,
+    in which case this request calls upstream; ``coordinated`` says it holds the key's lock."""
+
+    entry: T | None
+    coordinated: bool
+
+
+class _LocalGate:
+    """An ``asyncio.Lock`` per key, dropped when nobody holds or waits on it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+class SingleFlight(Generic[T]):
+    def __init__(
+        self,
+        store: CacheStore[T],
+        *,
+        timeout: float,
+        lock_ttl: float,
+        on_store_error: StoreErrorHandler,
+        poll_initial: float = 0.005,
+        poll_max: float = 0.2,
+    ) -> None:
+        if timeout < 0 or lock_ttl <= 0:
+            raise ValueError("timeout must be >= 0 and lock_ttl > 0")
+        self._store = store
+        self._timeout = timeout
+        self._lock_ttl = lock_ttl
+        self._on_store_error = on_store_error
+        self._poll_initial = poll_initial
+        self._poll_max = poll_max
+        self._gates: dict[str, _LocalGate] = {}
+
+    async def _get(self, key: str) -> T | None:
+        try:
+            return await self._store.get(key)
+        except CacheError as e:
+            self._on_store_error(e, "get", key)
+            return None
+
+    @contextlib.asynccontextmanager
+    async def flight(
+        self, key: str, cancellation_token: CancellationToken | None = None
+    ) -> AsyncIterator[Flight[T]]:
+        """Wait for ``key``'s entry or for the right to fetch it; the lock is released on exit."""
+        deadline = time.monotonic() + self._timeout
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = _LocalGate()
+        gate.users += 1
+        gate_held = False
+        token: str | None = None
+        try:
+            entry, gate_held, token = await self._join_cancellable(key, gate, deadline, cancellation_token)
+            if entry is not None or token is None:
+                yield Flight(entry=entry, coordinated=False)
+                return
+            heartbeat = asyncio.ensure_future(self._keep_lock(key, token))
+            try:
+                yield Flight(entry=None, coordinated=True)
+            finally:
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeat
+                await self._release(key, token)
+        finally:
+            if gate_held:
+                gate.lock.release()
+            gate.users -= 1
+            if gate.users == 0:
+                del self._gates[key]
+
+    async def _join_cancellable(
+        self, key: str, gate: _LocalGate, deadline: float, cancellation_token: CancellationToken | None
+    ) -> tuple[T | None, bool, str | None]:
+        if cancellation_token is None:
+            return await self._join(key, gate, deadline)
+        # A task the token can cancel; if we are cancelled just as it finished, give back what it took.
+        waiting = asyncio.ensure_future(self._join(key, gate, deadline))
+        cancellation_token.link_future(waiting)
+        try:
+            return await waiting
+        except BaseException:
+            if waiting.done() and not waiting.cancelled() and waiting.exception() is None:
+                _, gate_held, token = waiting.result()
+                if gate_held:
+                    gate.lock.release()
+                if token is not None:
+                    await self._release(key, token)
+            raise
+
+    async def _join(self, key: str, gate: _LocalGate, deadline: float) -> tuple[T | None, bool, str | None]:
+        """(entry found, local gate held, store lock token). Leaves nothing held if cancelled."""
+        waited_locally = gate.lock.locked()
+        try:
+            async with asyncio.timeout_at(_loop_deadline(deadline)):
+                await gate.lock.acquire()
+        except TimeoutError:
+            return None, False, None
+        try:
+            if waited_locally:
+                # Another request of this process was fetching this key; its entry is likely there.
+                entry = await self._get(key)
+                if entry is not None:
+                    return entry, True, None
+            entry, token = await self._lead_or_wait(key, deadline)
+            return entry, True, token
+        except BaseException:
+            gate.lock.release()
+            raise
+
+    async def _lead_or_wait(self, key: str, deadline: float) -> tuple[T | None, str | None]:
+        delay = self._poll_initial
+        while True:
+            try:
+                token = await self._store.acquire_lock(key, self._lock_ttl)
+            except CacheError as e:
+                self._on_store_error(e, "acquire_lock", key)
+                return None, None
+            if token is not None:
+                try:
+                    # The previous holder may have stored the entry between our miss and our lock.
+                    entry = await self._get(key)
+                except BaseException:
+                    await self._release(key, token)
+                    raise
+                if entry is not None:
+                    await self._release(key, token)
+                    return entry, None
+                return None, token
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None, None
+            await asyncio.sleep(min(delay, remaining))
+            delay = min(delay * 2, self._poll_max)
+            entry = await self._get(key)
+            if entry is not None:
+                return entry, None
+
+    async def _keep_lock(self, key: str, token: str) -> None:
+        while True:
+            await asyncio.sleep(self._lock_ttl / 3)
+            try:
+                if not await self._store.refresh_lock(key, token, self._lock_ttl):
+                    return
+            except CacheError as e:
+                self._on_store_error(e, "refresh_lock", key)
+
+    async def _release(self, key: str, token: str) -> None:
+        try:
+            await self._store.release_lock(key, token)
+        except CacheError as e:
+            self._on_store_error(e, "release_lock", key)
+
+
+def _loop_deadline(deadline: float) -> float:
+    """``deadline`` (``time.monotonic``) on the running loop's clock."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (deadline - time.monotonic())

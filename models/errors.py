@@ -1,0 +1,295 @@
+"""Errors a model client raises, one tree whatever the provider or SDK underneath.
+
+Exception hierarchy::
+
+    ModelClientError                 (message, provider, model, status_code, request_id, code, retryable)
+    ├── RateLimited                  429; retryable; ``retry_after`` seconds if the provider said
+    │   └── QuotaExceeded            429 ``insufficient_quota``: billing, not load; permanent
+    ├── ProviderTimeout              request timed out (client side, 408 or 504); retryable
+    ├── ProviderUnavailable          5xx, 409, connection refused/reset; retryable
+    ├── StreamInterrupted            a stream broke after it started; retryable
+    ├── BadRequest                   400/413/422, the request itself is wrong; permanent
+    │   └── ContextWindowExceeded    the prompt (plus max_tokens) does not fit the model
+    ├── AuthenticationFailed         401/403 or no API key configured; permanent
+    └── ModelNotFound                404, unknown model or deployment; permanent
+
+``retryable`` is a class default that an instance may override; ``RetryPolicy`` only retries
+errors whose ``retryable`` is true. ``from_openai_error`` maps what the ``openai`` SDK (and the
+``httpx``/``httpx2`` transport below it) raises onto this tree.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import openai
+
+__all__ = [
+    "AuthenticationFailed",
+    "BadRequest",
+    "ContextWindowExceeded",
+    "ModelClientError",
+    "ModelNotFound",
+    "ProviderTimeout",
+    "ProviderUnavailable",
+    "QuotaExceeded",
+    "RateLimited",
+    "StreamInterrupted",
+    "from_openai_error",
+    "parse_retry_after",
+]
+
+
+class ModelClientError(Exception):
+    """Base of every error a model client raises."""
+
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str | None = None,
+        model: str | None = None,
+        status_code: int | None = None,
+        request_id: str | None = None,
+        code: str | None = None,
+        retryable: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.provider = provider
+        self.model = model
+        self.status_code = status_code
+        self.request_id = request_id
+        # The provider's machine-readable error code (e.g. "context_length_exceeded"), kept for
+        # the batch error file.
+        self.code = code
+        if retryable is not None:
+            self.retryable = retryable
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "model": self.model,
+            "status_code": self.status_code,
+            "request_id": self.request_id,
+            "code": self.code,
+            "retryable": self.retryable,
+        }
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only constructor arguments are lost by BaseException's default pickling;
+        # Celery moves these errors between processes.
+        return (_rebuild, (type(self), self.message, self._fields()))
+
+    def __str__(self) -> str:
+        where = " ".join(
+            part
+            for part in (
+                self.provider,
+                self.model,
+                f"HTTP {self.status_code}" if self.status_code is not None else None,
+                f"request_id={self.request_id}" if self.request_id else None,
+            )
+            if part
+        )
+        return f"{self.message} ({where})" if where else self.message
+
+
+def _rebuild(cls: type[ModelClientError], message: str, fields: dict[str, Any]) -> ModelClientError:
+    error = cls.__new__(cls)
+    ModelClientError.__init__(error, message)
+    for name, value in fields.items():
+        setattr(error, name, value)
+    return error
+
+
+class RateLimited(ModelClientError):
+    """The provider refused the call for load (429); wait ``retry_after`` seconds if given."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+    def _fields(self) -> dict[str, Any]:
+        return {**super()._fields(), "retry_after": self.retry_after}
+
+
+class QuotaExceeded(RateLimited):
+    """429 with ``insufficient_quota``: the account is out of credit, waiting does not help."""
+
+    retryable = False
+
+
+class ProviderTimeout(ModelClientError):
+    retryable = True
+
+
+class ProviderUnavailable(ModelClientError):
+    retryable = True
+
+
+class StreamInterrupted(ModelClientError):
+    retryable = True
+
+
+class BadRequest(ModelClientError):
+    retryable = False
+
+
+class ContextWindowExceeded(BadRequest):
+    pass
+
+
+class AuthenticationFailed(ModelClientError):
+    retryable = False
+
+
+class ModelNotFound(ModelClientError):
+    retryable = False
+
+
+def parse_retry_after(headers: Mapping[str, str] | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` (OpenAI/Azure) or ``Retry-After`` (seconds or an
+    HTTP date); None when absent or unreadable."""
+    if not headers:
+        return None
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds is not None:
+        try:
+            return max(0.0, float(milliseconds) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, moment.timestamp() - (time.time() if now is None else now))
+
+
+_CONTEXT_CODES = frozenset({"context_length_exceeded", "string_above_max_length"})
+_CONTEXT_PHRASES = ("maximum context length", "context length", "context window", "too many tokens")
+
+
+def _error_code_and_message(body: object, fallback: str) -> tuple[str | None, str]:
+    """The provider's error code and message; OpenAI nests them under "error", some servers don't."""
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        if isinstance(inner, Mapping):
+            code = inner.get("code") or inner.get("type")
+            message = inner.get("message")
+            return (str(code) if code is not None else None, str(message) if message else fallback)
+        if isinstance(inner, str):
+            return None, inner
+    return None, fallback
+
+
+def _by_status(status: int, code: str | None, message: str) -> type[ModelClientError]:
+    if status == 429:
+        return QuotaExceeded if code == "insufficient_quota" else RateLimited
+    if status in (401, 403):
+        return AuthenticationFailed
+    if status == 404:
+        return ModelNotFound
+    if status in (408, 504):
+        return ProviderTimeout
+    if status == 409 or status >= 500:
+        return ProviderUnavailable
+    if status in (400, 413, 422):
+        lowered = message.lower()
+        if code in _CONTEXT_CODES or any(phrase in lowered for phrase in _CONTEXT_PHRASES):
+            return ContextWindowExceeded
+        return BadRequest
+    return BadRequest if 400 <= status < 500 else ProviderUnavailable
+
+
+def _is_transport_timeout(exc: BaseException) -> bool:
+    return any(cls.__name__ == "TimeoutException" for cls in type(exc).__mro__)
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    # httpx and httpx2 (which openai >= 3 uses) have parallel, unrelated class trees.
+    return any(
+        cls.__name__ in ("TransportError", "StreamError", "RemoteProtocolError")
+        and cls.__module__.split(".")[0] in ("httpx", "httpx2")
+        for cls in type(exc).__mro__
+    )
+
+
+def from_openai_error(exc: BaseException, *, provider: str | None, model: str | None) -> ModelClientError:
+    """Map an exception from the ``openai`` SDK or its HTTP transport onto our tree.
+
+    The caller raises the result ``from exc``. An unknown exception becomes a non-retryable
+    ``ModelClientError`` rather than being guessed retryable.
+    """
+    if isinstance(exc, ModelClientError):
+        return exc
+    where: dict[str, Any] = {"provider": provider, "model": model}
+    if isinstance(exc, openai.APITimeoutError) or _is_transport_timeout(exc):
+        return ProviderTimeout(f"request timed out: {exc}", **where)
+    if isinstance(exc, openai.APIConnectionError):
+        return ProviderUnavailable(f"connection failed: {exc.__cause__ or exc}", **where)
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        headers = exc.response.headers
+        code, message = _error_code_and_message(exc.body, exc.message)
+        code = exc.code or code
+        cls = _by_status(status, code, message)
+        fields: dict[str, Any] = {
+            **where,
+            "status_code": status,
+            "request_id": exc.request_id,
+            "code": code,
+        }
+        if issubclass(cls, RateLimited):
+            return cls(message, retry_after=parse_retry_after(headers), **fields)
+        return cls(message, **fields)
+    if isinstance(exc, openai.APIResponseValidationError):
+        return ProviderUnavailable(f"malformed provider response: {exc.message}", **where)
+    if isinstance(exc, openai.APIError):
+        # A mid-stream error event (the SDK raises a bare APIError); the status was 200.
+        code, message = _error_code_and_message(exc.body, exc.message)
+        return StreamInterrupted(message, code=exc.code or code, **where)
+    status_error = _status_error_of(exc)
+    if status_error is not None:
+        status, status_headers, text = status_error
+        cls = _by_status(status, None, text)
+        fields = {**where, "status_code": status, "request_id": status_headers.get("x-request-id")}
+        if issubclass(cls, RateLimited):
+            return cls(text, retry_after=parse_retry_after(status_headers), **fields)
+        return cls(text, **fields)
+    if _is_transport_error(exc):
+        return ProviderUnavailable(f"connection failed: {type(exc).__name__}: {exc}", **where)
+    if isinstance(exc, openai.OpenAIError):
+        # e.g. the SDK's own "api_key must be set" check.
+        return (
+            AuthenticationFailed(str(exc), **where)
+            if "api_key" in str(exc)
+            else ModelClientError(str(exc), **where)
+        )
+    return ModelClientError(f"{type(exc).__name__}: {exc}", **where)
+
+
+def _status_error_of(exc: BaseException) -> tuple[int, Mapping[str, str], str] | None:
+    """Status, headers and message of an ``httpx``/``httpx2`` ``HTTPStatusError``."""
+    if type(exc).__name__ != "HTTPStatusError":
+        return None
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if not isinstance(status, int):
+        return None
+    headers: Mapping[str, str] = getattr(response, "headers", {}) or {}
+    return status, headers, str(exc)

@@ -1,0 +1,646 @@
+"""Chat-completion clients for OpenAI, Azure OpenAI, Gemini and any OpenAI-compatible server.
+
+One ``create`` is one upstream attempt (the SDK's own retries are off) unless the client was given
+a ``retry_policy``. The SDK's ``AsyncOpenAI`` is made lazily inside the running event loop and
+remade when the loop changes (an async HTTP client must not cross loops; a worker runs one loop per
+chunk of work). Requests go through the SDK's transport (auth, headers, Azure URLs, errors) but the
+reply is read as plain JSON: the provider's body is ``raw_response`` and no SDK model is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from abc import abstractmethod
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import httpx
+import httpx2
+import openai
+from openai import AsyncAzureOpenAI, AsyncOpenAI, AsyncStream
+from openai._base_client import make_request_options
+from pydantic import BaseModel
+
+from models.base import ChatCompletionClient
+from models.cancellation import CancellationToken
+from models.errors import (
+    AuthenticationFailed,
+    BadRequest,
+    ModelClientError,
+    ProviderUnavailable,
+    StreamInterrupted,
+    from_openai_error,
+)
+from models.events import LLMCall, LLMStreamEnd, LLMStreamStart, emit, event_logger
+from models.openai.messages import to_openai_messages, to_openai_tool_choice, to_openai_tools
+from models.openai.model_info import resolve_model_info
+from models.openai.response_format import ResponseFormat, as_response_format, resolve_response_format
+from models.openai.results import StreamAccumulator, result_from_completion
+from models.retry import RetryPolicy
+from models.tokens import estimate_tokens
+from models.types import (
+    CreateResult,
+    Image,
+    LLMMessage,
+    ModelInfo,
+    RequestUsage,
+    Tool,
+    ToolChoice,
+    ToolSchema,
+    UserMessage,
+)
+
+__all__ = [
+    "GEMINI_BASE_URL",
+    "AzureOpenAIChatCompletionClient",
+    "BaseOpenAIChatCompletionClient",
+    "OpenAIChatCompletionClient",
+]
+
+T = TypeVar("T")
+
+GEMINI_BASE_URL = "https://generativelanguage.googleapis.com/v1beta/openai/"
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+_CHAT_PATH = "/chat/completions"
+_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (openai.OpenAIError, httpx2.HTTPError, httpx.HTTPError)
+_INFO = logging.INFO
+
+
+def _normalize_url(url: str) -> str:
+    parts = urlsplit(url.strip())
+    path = parts.path.rstrip("/")
+    return f"{parts.scheme.lower()}://{parts.netloc.lower()}{path}"
+
+
+def _host_of(url: str) -> str | None:
+    return urlsplit(url).hostname
+
+
+def _json_ready(value: Any) -> Any:
+    """A create arg as plain JSON (pydantic classes as their response_format schema)."""
+    if isinstance(value, type) and issubclass(value, BaseModel):
+        return as_response_format(value)
+    return value
+
+
+async def _cancellable(awaitable: Awaitable[T], token: CancellationToken | None) -> T:
+    if token is None:
+        return await awaitable
+    if token.is_cancelled():
+        if asyncio.iscoroutine(awaitable):
+            awaitable.close()
+        raise asyncio.CancelledError("cancelled by its cancellation token")
+    future = asyncio.ensure_future(awaitable)
+    token.link_future(future)
+    return await future
+
+
+class BaseOpenAIChatCompletionClient(ChatCompletionClient):
+    """What the OpenAI-protocol clients share; subclasses say how to build the SDK client."""
+
+    provider: str = "openai"
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        base_url: str,
+        model_info: ModelInfo | None,
+        response_format: ResponseFormat | None,
+        include_name_in_message: bool,
+        retry_policy: RetryPolicy | None,
+        create_args: Mapping[str, Any],
+        identity_extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        if "model" in create_args:
+            raise ValueError("model is the client's own argument, not a create argument")
+        self._model = model
+        self._base_url = base_url
+        self._endpoint = _host_of(base_url)
+        self._model_info = resolve_model_info(model, model_info)
+        self._response_format = as_response_format(response_format) if response_format is not None else None
+        self._include_name = include_name_in_message
+        self._retry_policy = retry_policy
+        self._create_args = {
+            key: _json_ready(value) for key, value in create_args.items() if value is not None
+        }
+        self._options = make_request_options(security={"bearer_auth": True})
+        self._sdk_client: AsyncOpenAI | None = None
+        self._sdk_loop: asyncio.AbstractEventLoop | None = None
+        self._prompt_tokens = 0
+        self._completion_tokens = 0
+        self._cached_prompt_tokens = 0
+        self._reasoning_tokens = 0
+        default_args = dict(self._create_args)
+        if self._response_format is not None:
+            default_args["response_format"] = self._response_format
+        self._cache_identity: dict[str, Any] = {
+            "provider": self.provider,
+            "base_url": _normalize_url(base_url),
+            "model": model,
+            **(identity_extra or {}),
+            "create_args": default_args,
+        }
+
+    # --- the SDK client, one per event loop ------------------------------------------------
+
+    @abstractmethod
+    def _make_sdk_client(self) -> AsyncOpenAI:
+        """A new SDK client with the SDK's retries off; called once per event loop."""
+
+    def _sdk(self) -> AsyncOpenAI:
+        loop = asyncio.get_running_loop()
+        if self._sdk_client is None or self._sdk_loop is not loop:
+            self._sdk_client = self._make_sdk_client()
+            self._sdk_loop = loop
+        return self._sdk_client
+
+    async def close(self) -> None:
+        client, self._sdk_client = self._sdk_client, None
+        loop, self._sdk_loop = self._sdk_loop, None
+        if client is not None and loop is asyncio.get_running_loop():
+            await client.close()
+
+    # --- request building --------------------------------------------------------------------
+
+    def _check_capabilities(
+        self,
+        messages: Sequence[LLMMessage],
+        tools: Sequence[Tool | ToolSchema],
+        json_output: bool | type[BaseModel] | None,
+    ) -> None:
+        info = self._model_info
+        if tools and not info.get("function_calling", True):
+            raise BadRequest(f"model {self._model} does not support function calling", model=self._model)
+        if json_output and not info.get("json_output", True):
+            raise BadRequest(f"model {self._model} does not support JSON output", model=self._model)
+        if not info.get("vision", True):
+            for message in messages:
+                if (
+                    isinstance(message, UserMessage)
+                    and not isinstance(message.content, str)
+                    and any(isinstance(part, Image) for part in message.content)
+                ):
+                    raise BadRequest(f"model {self._model} does not accept images", model=self._model)
+
+    def _build_body(
+        self,
+        messages: Sequence[LLMMessage],
+        tools: Sequence[Tool | ToolSchema],
+        tool_choice: ToolChoice,
+        json_output: bool | type[BaseModel] | None,
+        extra_create_args: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        self._check_capabilities(messages, tools, json_output)
+        body: dict[str, Any] = {
+            "model": self._model,
+            "messages": to_openai_messages(messages, include_name=self._include_name),
+        }
+        if self._create_args:
+            body.update(self._create_args)
+        request_format: object | None = None
+        if extra_create_args:
+            if "model" in extra_create_args:
+                raise BadRequest("extra_create_args may not set model; it is the client's", model=self._model)
+            for key, value in extra_create_args.items():
+                if key == "response_format":
+                    request_format = value
+                elif key == "stream":
+                    continue  # create() and create_stream() decide
+                else:
+                    body[key] = value
+        if tools:
+            body["tools"] = to_openai_tools(tools)
+            choice = to_openai_tool_choice(tool_choice, tools)
+            if choice is not None:
+                body["tool_choice"] = choice
+        elif not isinstance(tool_choice, str):
+            raise BadRequest("tool_choice names a tool but no tools were given", model=self._model)
+        response_format = (
+            self._response_format
+            if json_output is None and request_format is None
+            else resolve_response_format(json_output, request_format, self._response_format)
+        )
+        if response_format is not None:
+            if response_format.get("type") == "json_schema" and not self._model_info.get(
+                "structured_output", True
+            ):
+                raise BadRequest(f"model {self._model} does not support structured output", model=self._model)
+            body["response_format"] = response_format
+        return body
+
+    def request_body(
+        self,
+        messages: Sequence[LLMMessage],
+        *,
+        tools: Sequence[Tool | ToolSchema] = (),
+        tool_choice: ToolChoice = "auto",
+        json_output: bool | type[BaseModel] | None = None,
+        extra_create_args: Mapping[str, Any] = {},
+    ) -> dict[str, Any]:
+        """The JSON body ``create`` would send (for inspection, logs without secrets, tests)."""
+        return self._build_body(messages, tools, tool_choice, json_output, extra_create_args)
+
+    # --- calls ---------------------------------------------------------------------------------
+
+    def _count(self, usage: RequestUsage) -> None:
+        self._prompt_tokens += usage.prompt_tokens
+        self._completion_tokens += usage.completion_tokens
+        self._cached_prompt_tokens += usage.cached_prompt_tokens
+        self._reasoning_tokens += usage.reasoning_tokens
+
+    def _error(self, exc: BaseException) -> ModelClientError:
+        return from_openai_error(exc, provider=self.provider, model=self._model)
+
+    async def _post(self, body: dict[str, Any]) -> httpx2.Response:
+        response: httpx2.Response = await self._sdk().post(
+            _CHAT_PATH, cast_to=httpx2.Response, body=body, options=self._options
+        )
+        return response
+
+    async def _create_once(
+        self, body: dict[str, Any], attempt: int, cancellation_token: CancellationToken | None
+    ) -> CreateResult:
+        started = time.perf_counter()
+        try:
+            response = await _cancellable(self._post(body), cancellation_token)
+            data = json.loads(response.content)
+            if not isinstance(data, dict):
+                raise ValueError("the body is not a JSON object")
+        except _TRANSPORT_ERRORS as e:
+            error = self._error(e)
+            self._emit_failure(started, attempt, error)
+            raise error from e
+        except ValueError as e:  # unreadable JSON with a 2xx status
+            error = ProviderUnavailable(
+                f"malformed provider response: {e}", provider=self.provider, model=self._model
+            )
+            self._emit_failure(started, attempt, error)
+            raise error from e
+        result = result_from_completion(data, model=self._model)
+        self._count(result.usage)
+        if event_logger.isEnabledFor(_INFO):
+            usage = result.usage
+            emit(
+                LLMCall(
+                    model=result.model or self._model,
+                    provider=self.provider,
+                    endpoint=self._endpoint,
+                    latency_ms=(time.perf_counter() - started) * 1000.0,
+                    prompt_tokens=usage.prompt_tokens,
+                    completion_tokens=usage.completion_tokens,
+                    cached_prompt_tokens=usage.cached_prompt_tokens,
+                    reasoning_tokens=usage.reasoning_tokens,
+                    cached=False,
+                    attempt=attempt,
+                    request_id=response.headers.get("x-request-id"),
+                    finish_reason=result.finish_reason,
+                )
+            )
+        return result
+
+    def _emit_failure(self, started: float, attempt: int, error: ModelClientError) -> None:
+        if event_logger.isEnabledFor(_INFO):
+            emit(
+                LLMCall(
+                    model=self._model,
+                    provider=self.provider,
+                    endpoint=self._endpoint,
+                    latency_ms=(time.perf_counter() - started) * 1000.0,
+                    attempt=attempt,
+                    request_id=error.request_id,
+                    error=f"{type(error).__name__}: {error.message}",
+                )
+            )
+
+    async def create(
+        self,
+        messages: Sequence[LLMMessage],
+        *,
+        tools: Sequence[Tool | ToolSchema] = (),
+        tool_choice: ToolChoice = "auto",
+        json_output: bool | type[BaseModel] | None = None,
+        extra_create_args: Mapping[str, Any] = {},
+        cancellation_token: CancellationToken | None = None,
+    ) -> CreateResult:
+        body = self._build_body(messages, tools, tool_choice, json_output, extra_create_args)
+        if self._retry_policy is None:
+            return await self._create_once(body, 1, cancellation_token)
+        attempts = 0
+
+        async def attempt() -> CreateResult:
+            nonlocal attempts
+            attempts += 1
+            return await self._create_once(body, attempts, cancellation_token)
+
+        return await self._retry_policy.call(attempt, model=self._model)
+
+    async def create_stream(
+        self,
+        messages: Sequence[LLMMessage],
+        *,
+        tools: Sequence[Tool | ToolSchema] = (),
+        tool_choice: ToolChoice = "auto",
+        json_output: bool | type[BaseModel] | None = None,
+        extra_create_args: Mapping[str, Any] = {},
+        cancellation_token: CancellationToken | None = None,
+        include_usage: bool | None = None,
+    ) -> AsyncGenerator[str | CreateResult, None]:
+        """Yield text chunks, then one ``CreateResult``. Usage is zero unless asked for with
+        ``include_usage=True`` or ``extra_create_args={"stream_options": {"include_usage": True}}``.
+        A stream that breaks after it started raises ``StreamInterrupted`` (retryable); the
+        ``Retry`` of a stream is the caller's, since chunks were already handed out."""
+        body = self._build_body(messages, tools, tool_choice, json_output, extra_create_args)
+        body["stream"] = True
+        if include_usage is not None:
+            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": include_usage}
+        started = time.perf_counter()
+        if event_logger.isEnabledFor(_INFO):
+            emit(LLMStreamStart(model=self._model, provider=self.provider, endpoint=self._endpoint))
+        try:
+            stream = await _cancellable(
+                self._sdk().post(
+                    _CHAT_PATH,
+                    cast_to=object,
+                    body=body,
+                    options=self._options,
+                    stream=True,
+                    stream_cls=AsyncStream[object],
+                ),
+                cancellation_token,
+            )
+        except _TRANSPORT_ERRORS as e:
+            error = self._error(e)
+            self._emit_stream_end(started, None, error)
+            raise error from e
+        accumulator = StreamAccumulator(self._model)
+        request_id = stream.response.headers.get("x-request-id")
+        try:
+            iterator = stream.__aiter__()
+            while True:
+                try:
+                    chunk = await _cancellable(iterator.__anext__(), cancellation_token)
+                except StopAsyncIteration:
+                    break
+                if not isinstance(chunk, Mapping):
+                    continue
+                text = accumulator.add(chunk)
+                if text:
+                    yield text
+        except _TRANSPORT_ERRORS as e:
+            mapped = self._error(e)
+            interrupted = StreamInterrupted(
+                f"stream broke after {accumulator.chunks} chunks: {mapped.message}",
+                provider=self.provider,
+                model=self._model,
+                status_code=mapped.status_code,
+                request_id=request_id,
+                code=mapped.code,
+            )
+            self._emit_stream_end(started, accumulator, interrupted)
+            raise interrupted from e
+        finally:
+            await stream.close()
+        if accumulator.finish_reason is None:
+            interrupted = StreamInterrupted(
+                f"stream ended after {accumulator.chunks} chunks without a finish_reason",
+                provider=self.provider,
+                model=self._model,
+                request_id=request_id,
+            )
+            self._emit_stream_end(started, accumulator, interrupted)
+            raise interrupted
+        result = accumulator.result()
+        self._count(result.usage)
+        self._emit_stream_end(started, accumulator, None, result, request_id)
+        yield result
+
+    def _emit_stream_end(
+        self,
+        started: float,
+        accumulator: StreamAccumulator | None,
+        error: ModelClientError | None,
+        result: CreateResult | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        if not event_logger.isEnabledFor(_INFO):
+            return
+        usage = result.usage if result is not None else RequestUsage()
+        emit(
+            LLMStreamEnd(
+                model=(result.model if result is not None else None) or self._model,
+                provider=self.provider,
+                endpoint=self._endpoint,
+                latency_ms=(time.perf_counter() - started) * 1000.0,
+                prompt_tokens=usage.prompt_tokens,
+                completion_tokens=usage.completion_tokens,
+                cached_prompt_tokens=usage.cached_prompt_tokens,
+                reasoning_tokens=usage.reasoning_tokens,
+                request_id=request_id or (error.request_id if error is not None else None),
+                finish_reason=result.finish_reason if result is not None else None,
+                error=f"{type(error).__name__}: {error.message}" if error is not None else None,
+                chunks=accumulator.chunks if accumulator is not None else 0,
+            )
+        )
+
+    # --- usage, tokens, identity ----------------------------------------------------------------
+
+    def actual_usage(self) -> RequestUsage:
+        return RequestUsage(
+            prompt_tokens=self._prompt_tokens,
+            completion_tokens=self._completion_tokens,
+            cached_prompt_tokens=self._cached_prompt_tokens,
+            reasoning_tokens=self._reasoning_tokens,
+        )
+
+    def total_usage(self) -> RequestUsage:
+        # Nothing here is served from a cache, so what the results represent is what was spent.
+        return self.actual_usage()
+
+    def count_tokens(self, messages: Sequence[LLMMessage], *, tools: Sequence[Tool | ToolSchema] = ()) -> int:
+        return estimate_tokens(messages, tools)
+
+    def remaining_tokens(
+        self, messages: Sequence[LLMMessage], *, tools: Sequence[Tool | ToolSchema] = ()
+    ) -> int:
+        window = self._model_info.get("context_window", 128_000)
+        return window - self.count_tokens(messages, tools=tools)
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._model_info
+
+    @property
+    def model(self) -> str:
+        return self._model
+
+    @property
+    def base_url(self) -> str:
+        return self._base_url
+
+    @property
+    def cache_identity(self) -> Mapping[str, Any]:
+        return self._cache_identity
+
+
+def _key_from(api_key: str | None, env_var: str, *, provider: str, model: str) -> str:
+    key = api_key if api_key is not None else os.environ.get(env_var)
+    if not key:
+        raise AuthenticationFailed(
+            f"no API key for {provider}: pass api_key= or set the {env_var} environment variable",
+            provider=provider,
+            model=model,
+        )
+    return key
+
+
+class OpenAIChatCompletionClient(BaseOpenAIChatCompletionClient):
+    """OpenAI, Gemini (model names ``gemini-*``, through its OpenAI-compatible endpoint) and any
+    OpenAI-compatible server (vLLM, llama.cpp, Ollama: give ``base_url``).
+
+    The key comes from ``api_key`` or ``OPENAI_API_KEY`` (``GEMINI_API_KEY`` for Gemini models when
+    no ``base_url`` is given); the URL from ``base_url`` or ``OPENAI_BASE_URL``. Other keyword
+    arguments (temperature, max_tokens, seed, top_p, stop, ...) are default create args.
+    ``max_retries`` is accepted for AutoGen compatibility and ignored: retries are ``retry_policy``'s.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        organization: str | None = None,
+        timeout: float | None = 60.0,
+        model_info: ModelInfo | None = None,
+        response_format: ResponseFormat | None = None,
+        max_retries: int | None = None,
+        default_headers: Mapping[str, str] | None = None,
+        http_client: httpx2.AsyncClient | None = None,
+        include_name_in_message: bool = True,
+        retry_policy: RetryPolicy | None = None,
+        **create_args: Any,
+    ) -> None:
+        del max_retries  # the SDK never retries behind our back
+        gemini = model.startswith("gemini-") and base_url is None
+        if gemini:
+            self.provider = "gemini"
+            resolved_url = GEMINI_BASE_URL
+            key_env = "GEMINI_API_KEY"
+        else:
+            resolved_url = base_url or os.environ.get("OPENAI_BASE_URL") or OPENAI_BASE_URL
+            key_env = "OPENAI_API_KEY"
+            if _host_of(resolved_url) != "api.openai.com":
+                self.provider = (
+                    "gemini"
+                    if _host_of(resolved_url) == "generativelanguage.googleapis.com"
+                    else "openai-compatible"
+                )
+        self._api_key = _key_from(api_key, key_env, provider=self.provider, model=model)
+        self._organization = organization
+        self._timeout = timeout
+        self._default_headers = dict(default_headers) if default_headers else None
+        self._http_client = http_client
+        super().__init__(
+            model=model,
+            base_url=resolved_url,
+            model_info=model_info,
+            response_format=response_format,
+            include_name_in_message=include_name_in_message,
+            retry_policy=retry_policy,
+            create_args=create_args,
+        )
+
+    def _make_sdk_client(self) -> AsyncOpenAI:
+        return AsyncOpenAI(
+            api_key=self._api_key,
+            organization=self._organization,
+            base_url=self._base_url,
+            timeout=self._timeout,
+            max_retries=0,
+            default_headers=self._default_headers,
+            http_client=self._http_client,
+        )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(model={self._model!r}, base_url={self._base_url!r})"
+
+
+class AzureOpenAIChatCompletionClient(BaseOpenAIChatCompletionClient):
+    """Azure OpenAI: ``azure_endpoint`` (or ``AZURE_OPENAI_ENDPOINT``), ``azure_deployment``
+    (defaults to ``model``), ``api_version`` (or ``OPENAI_API_VERSION``), and ``api_key`` (or
+    ``AZURE_OPENAI_API_KEY``) unless an ``azure_ad_token_provider`` is given. ``model`` names the
+    underlying model, for ``model_info``."""
+
+    provider = "azure"
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        azure_endpoint: str | None = None,
+        azure_deployment: str | None = None,
+        api_version: str | None = None,
+        api_key: str | None = None,
+        azure_ad_token_provider: Callable[[], str | Awaitable[str]] | None = None,
+        timeout: float | None = 60.0,
+        model_info: ModelInfo | None = None,
+        response_format: ResponseFormat | None = None,
+        max_retries: int | None = None,
+        default_headers: Mapping[str, str] | None = None,
+        http_client: httpx2.AsyncClient | None = None,
+        include_name_in_message: bool = True,
+        retry_policy: RetryPolicy | None = None,
+        **create_args: Any,
+    ) -> None:
+        del max_retries
+        endpoint = azure_endpoint or os.environ.get("AZURE_OPENAI_ENDPOINT")
+        if not endpoint:
+            raise ValueError("no Azure endpoint: pass azure_endpoint= or set AZURE_OPENAI_ENDPOINT")
+        version = api_version or os.environ.get("OPENAI_API_VERSION")
+        if not version:
+            raise ValueError("no Azure API version: pass api_version= or set OPENAI_API_VERSION")
+        self._api_key: str | None = None
+        if azure_ad_token_provider is None:
+            self._api_key = _key_from(api_key, "AZURE_OPENAI_API_KEY", provider=self.provider, model=model)
+        self._azure_endpoint = endpoint
+        self._azure_deployment = azure_deployment or model
+        self._api_version = version
+        self._token_provider = azure_ad_token_provider
+        self._timeout = timeout
+        self._default_headers = dict(default_headers) if default_headers else None
+        self._http_client = http_client
+        super().__init__(
+            model=model,
+            base_url=f"{endpoint.rstrip('/')}/openai/deployments/{self._azure_deployment}",
+            model_info=model_info,
+            response_format=response_format,
+            include_name_in_message=include_name_in_message,
+            retry_policy=retry_policy,
+            create_args=create_args,
+            identity_extra={"azure_deployment": self._azure_deployment, "api_version": version},
+        )
+
+    def _make_sdk_client(self) -> AsyncOpenAI:
+        return AsyncAzureOpenAI(
+            azure_endpoint=self._azure_endpoint,
+            azure_deployment=self._azure_deployment,
+            api_version=self._api_version,
+            api_key=self._api_key,
+            azure_ad_token_provider=self._token_provider,
+            timeout=self._timeout,
+            max_retries=0,
+            default_headers=self._default_headers,
+            http_client=self._http_client,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(model={self._model!r}, azure_endpoint={self._azure_endpoint!r}, "
+            f"azure_deployment={self._azure_deployment!r})"
+        )

@@ -1,0 +1,104 @@
+"""A chat-completions request body (a batch line's ``body``) as arguments to ``create()``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from models.errors import BadRequest
+from models.openai.messages import ToolSpec, messages_from_openai
+from models.types import LLMMessage, ToolChoice, ToolSchema
+
+__all__ = ["ChatRequest", "request_from_openai_body"]
+
+# Keys that are not create arguments: ``model`` picks the client, ``stream``/``stream_options`` are
+# how the answer travels (a batch never streams), the rest have fields of their own.
+_NOT_CREATE_ARGS = frozenset(
+    {"model", "messages", "tools", "tool_choice", "response_format", "stream", "stream_options"}
+)
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """Everything in a chat-completions body, split the way ``create()`` takes it."""
+
+    model: str
+    messages: list[LLMMessage]
+    tools: list[ToolSchema] = field(default_factory=list)
+    tool_choice: ToolChoice = "auto"
+    json_output: bool | None = None
+    response_format: dict[str, Any] | None = None
+    extra_create_args: dict[str, Any] = field(default_factory=dict)
+
+    def create_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``client.create(request.messages, **request.create_kwargs())``."""
+        extra = dict(self.extra_create_args)
+        if self.response_format is not None:
+            extra["response_format"] = self.response_format
+        return {
+            "tools": self.tools,
+            "tool_choice": self.tool_choice,
+            "json_output": self.json_output,
+            "extra_create_args": extra,
+        }
+
+
+def _tool_choice(value: Any, tools: list[ToolSchema]) -> ToolChoice:
+    if value is None:
+        return "auto"
+    if value in ("auto", "required", "none"):
+        return value  # type: ignore[no-any-return]
+    if isinstance(value, Mapping) and value.get("type") == "function":
+        name = (value.get("function") or {}).get("name")
+        for tool in tools:
+            if tool.get("name") == name:
+                return ToolSpec(tool)
+        raise BadRequest(
+            f"tool_choice names {name!r}, which is not among the request's tools", code="invalid_tool"
+        )
+    raise BadRequest(f"unsupported tool_choice {value!r}", code="invalid_tool_choice")
+
+
+def _tools(value: Any) -> list[ToolSchema]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise BadRequest("tools must be a list", code="invalid_tools")
+    tools: list[ToolSchema] = []
+    for tool in value:
+        if not isinstance(tool, Mapping) or tool.get("type") != "function":
+            raise BadRequest("only function tools are supported", code="invalid_tools")
+        function = tool.get("function")
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise BadRequest("a function tool needs function.name", code="invalid_tools")
+        tools.append(ToolSchema(**function))  # type: ignore[typeddict-item]
+    return tools
+
+
+def request_from_openai_body(body: Mapping[str, Any]) -> ChatRequest:
+    """Split an OpenAI chat-completions body; every key that is not a message, tool or format
+    (temperature, n, seed, max_tokens, logprobs, ...) lands in ``extra_create_args`` unchanged.
+    ``stream`` and ``stream_options`` are dropped."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("the body has no model", code="invalid_request")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("the body has no messages", code="invalid_request")
+    tools = _tools(body.get("tools"))
+    response_format = body.get("response_format")
+    json_output: bool | None = None
+    if isinstance(response_format, Mapping) and response_format.get("type") == "json_object":
+        json_output, response_format = True, None
+    elif response_format is not None and not isinstance(response_format, Mapping):
+        raise BadRequest("response_format must be an object", code="invalid_request")
+    return ChatRequest(
+        model=model,
+        messages=messages_from_openai(messages),
+        tools=tools,
+        tool_choice=_tool_choice(body.get("tool_choice"), tools),
+        json_output=json_output,
+        response_format=dict(response_format) if response_format is not None else None,
+        extra_create_args={key: value for key, value in body.items() if key not in _NOT_CREATE_ARGS},
+    )

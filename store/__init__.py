@@ -1,0 +1,209 @@
+"""The SQL ledger: every request, its state, its result and what it cost.
+
+Works on SQLite (embedded default) and PostgreSQL. Every operation is a plain function whose first
+argument is an ``Engine`` (from :func:`make_engine`); each runs in its own transaction and returns
+plain dataclasses or detached ORM rows. Times are unix seconds; ``now`` parameters exist so tests
+and sweepers can pin the clock.
+
+Engines::
+
+    make_engine(url) -> Engine            # sqlite:///..., postgresql://, postgres://, postgresql+psycopg://
+    upgrade_to_head(url_or_engine) / downgrade_to_base(url_or_engine)
+    current_revision(engine) -> str | None ; head_revision() -> str
+    require_schema_at_head(engine)        # raises SchemaBehind with "run `tokenmill db upgrade`"
+
+After a Celery prefork fork, call ``engine.dispose(close=False)`` in the child (or create the
+engine in the child): pooled connections must not cross a fork.
+
+Tenants, keys, files::
+
+    create_tenant(engine, name, tenant_id=None) -> Tenant
+    create_api_key(engine, tenant_id, name=None) -> str            # plaintext, returned once
+    authenticate_api_key(engine, key) -> Tenant | None             # None when unknown or revoked
+    revoke_api_key(engine, key_or_id) -> bool
+    create_file(engine, tenant_id, filename, purpose, bytes, storage_path, status="processed") -> File
+    get_file(engine, file_id, tenant_id=None) -> File | None
+    list_files(engine, tenant_id, purpose=None, after=None, limit=100) -> list[File]
+    delete_file(engine, file_id, tenant_id=None) -> File | None
+
+Batches::
+
+    ingest_batch(engine, source, *, tenant_id, endpoint, defaults, skip_invalid, ...) -> IngestReport
+    get_batch(engine, batch_id, tenant_id=None) -> Batch | None
+    list_batches(engine, tenant_id, after=None, limit=20) -> BatchPage
+    batch_progress(engine, batch_id) -> BatchProgress
+    cancel_batch(engine, batch_id, now=None) -> Batch
+    expire_batches(engine, now=None) -> list[str]
+
+Work (workers and the sweeper)::
+
+    pending_request_ids(engine, batch_id, limit=None) -> list[str]     # queued, in line order
+    mark_dispatched(engine, request_ids, dispatch_id, now=None) -> int
+    claim_requests(engine, request_ids, owner, lease_seconds, now=None) -> list[ClaimedRequest]
+    extend_leases(engine, request_ids, owner, lease_seconds, now=None) -> list[str]  # ids still held
+    release_requests(engine, request_ids, owner, error=None, not_before=None) -> int
+    find_stale_requests(engine, *, now=None, dispatched_before=None, dead_dispatch_ids=(), limit=1000)
+        -> list[StaleRequest]
+    record_results(engine, records: Sequence[ResultRecord], now=None) -> RecordOutcome
+
+Output and usage::
+
+    iter_output_lines(engine, batch_id) -> Iterator[bytes]   # OpenAI output JSONL, line order
+    iter_error_lines(engine, batch_id) -> Iterator[bytes]
+    batch_file_ids(batch_id) -> tuple[str, str]              # (output_file_id, error_file_id)
+    usage_report(engine, tenant_id=None, group_by=("model", "day"), since=None, until=None,
+                 batch_id=None) -> list[UsageRow]
+    set_price(engine, model, input_per_million, cached_input_per_million, output_per_million)
+    get_prices(engine) -> dict[str, ModelPrice] ; price_for(prices, model) -> ModelPrice | None
+
+Agent conversations::
+
+    create_conversation(engine, tenant_id=None, messages=()) -> str
+    append_messages(engine, conversation_id, messages) -> int        # new length
+    load_conversation(engine, conversation_id) -> list[LLMMessage]   # raises ConversationNotFound
+
+Exceptions::
+
+    StoreError
+     ├── SchemaBehind
+     ├── NotFound
+     │    ├── BatchNotFound
+     │    └── ConversationNotFound
+     ├── InvalidState
+     └── InvalidArgument (also a ValueError): a bad endpoint, completion window or metadata
+"""
+
+from store.batches import (
+    BatchPage,
+    BatchProgress,
+    batch_file_ids,
+    batch_progress,
+    cancel_batch,
+    expire_batches,
+    get_batch,
+    list_batches,
+)
+from store.conversations import append_messages, create_conversation, load_conversation
+from store.engine import make_engine
+from store.errors import (
+    BatchNotFound,
+    ConversationNotFound,
+    InvalidArgument,
+    InvalidState,
+    NotFound,
+    SchemaBehind,
+    StoreError,
+)
+from store.export import iter_error_lines, iter_output_lines
+from store.files import create_file, delete_file, get_file, list_files
+from store.ingest import ENDPOINT_KINDS, IngestReport, LineError, ingest_batch
+from store.leases import (
+    ClaimedRequest,
+    StaleRequest,
+    claim_requests,
+    extend_leases,
+    find_stale_requests,
+    mark_dispatched,
+    pending_request_ids,
+    release_requests,
+)
+from store.prices import get_prices, price_for, set_price
+from store.results import RecordOutcome, ResultRecord, record_results
+from store.schema import (
+    current_revision,
+    downgrade_to_base,
+    head_revision,
+    require_schema_at_head,
+    upgrade_to_head,
+)
+from store.tables import (
+    ApiKey,
+    Base,
+    Batch,
+    BatchStatus,
+    Conversation,
+    ConversationMessage,
+    File,
+    FileKind,
+    ModelPrice,
+    Request,
+    RequestKind,
+    RequestStatus,
+    Result,
+    Tenant,
+)
+from store.tenants import authenticate_api_key, create_api_key, create_tenant, get_tenant, revoke_api_key
+from store.usage import UsageGroup, UsageRow, usage_report
+
+__all__ = [
+    "ENDPOINT_KINDS",
+    "ApiKey",
+    "Base",
+    "Batch",
+    "BatchNotFound",
+    "BatchPage",
+    "BatchProgress",
+    "BatchStatus",
+    "ClaimedRequest",
+    "Conversation",
+    "ConversationMessage",
+    "ConversationNotFound",
+    "File",
+    "FileKind",
+    "IngestReport",
+    "InvalidArgument",
+    "InvalidState",
+    "LineError",
+    "ModelPrice",
+    "NotFound",
+    "RecordOutcome",
+    "Request",
+    "RequestKind",
+    "RequestStatus",
+    "Result",
+    "ResultRecord",
+    "SchemaBehind",
+    "StaleRequest",
+    "StoreError",
+    "Tenant",
+    "UsageGroup",
+    "UsageRow",
+    "append_messages",
+    "authenticate_api_key",
+    "batch_file_ids",
+    "batch_progress",
+    "cancel_batch",
+    "claim_requests",
+    "create_api_key",
+    "create_conversation",
+    "create_file",
+    "create_tenant",
+    "current_revision",
+    "delete_file",
+    "downgrade_to_base",
+    "expire_batches",
+    "extend_leases",
+    "find_stale_requests",
+    "get_batch",
+    "get_file",
+    "get_prices",
+    "get_tenant",
+    "head_revision",
+    "ingest_batch",
+    "iter_error_lines",
+    "iter_output_lines",
+    "list_batches",
+    "list_files",
+    "load_conversation",
+    "make_engine",
+    "mark_dispatched",
+    "pending_request_ids",
+    "price_for",
+    "record_results",
+    "release_requests",
+    "require_schema_at_head",
+    "revoke_api_key",
+    "set_price",
+    "upgrade_to_head",
+    "usage_report",
+]

@@ -1,0 +1,279 @@
+"""Batches: reading, paging, progress, finalizing, cancelling and expiring.
+
+A batch is finalized in the same transaction that ends its last request: ``in_progress`` becomes
+``completed`` (``finalizing_at`` and ``completed_at`` set), ``cancelling`` becomes ``cancelled``.
+Its output and error files are then rows in ``files`` (ids from :func:`batch_file_ids`) whose
+content ``store.export`` generates from the results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Session
+
+from store.engine import write_transaction
+from store.errors import BatchNotFound
+from store.ids import now_seconds
+from store.tables import Batch, BatchStatus, File, FileKind, Request, RequestStatus, Result
+
+__all__ = [
+    "EXPIRED_ERROR",
+    "BatchPage",
+    "BatchProgress",
+    "batch_file_ids",
+    "batch_progress",
+    "cancel_batch",
+    "expire_batches",
+    "finalize_batches",
+    "get_batch",
+    "list_batches",
+]
+
+_OUTPUT_FILE_PREFIX = "file-out-"
+_ERROR_FILE_PREFIX = "file-err-"
+
+
+def batch_file_ids(batch_id: str) -> tuple[str, str]:
+    """(output file id, error file id) of a batch: ``file-out-<hex>`` and ``file-err-<hex>``."""
+    suffix = batch_id.removeprefix("batch_")
+    return _OUTPUT_FILE_PREFIX + suffix, _ERROR_FILE_PREFIX + suffix
+
+
+@dataclass(frozen=True, slots=True)
+class BatchProgress:
+    """Request counts by status, from one query over the batch's requests."""
+
+    batch_id: str
+    status: BatchStatus
+    total: int
+    queued: int
+    running: int
+    succeeded: int
+    failed: int
+    cancelled: int
+
+    @property
+    def finished(self) -> int:
+        return self.succeeded + self.failed + self.cancelled
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPage:
+    data: list[Batch]
+    has_more: bool
+
+    @property
+    def first_id(self) -> str | None:
+        return self.data[0].id if self.data else None
+
+    @property
+    def last_id(self) -> str | None:
+        return self.data[-1].id if self.data else None
+
+
+def get_batch(engine: Engine, batch_id: str, tenant_id: str | None = None) -> Batch | None:
+    """The batch, or None when absent or owned by another tenant."""
+    with Session(engine, expire_on_commit=False) as session:
+        batch = session.get(Batch, batch_id)
+    if batch is None or (tenant_id is not None and batch.tenant_id != tenant_id):
+        return None
+    return batch
+
+
+def list_batches(engine: Engine, tenant_id: str, after: str | None = None, limit: int = 20) -> BatchPage:
+    """Newest first, as OpenAI pages them; ``after`` is the last id of the previous page."""
+    query = sa.select(Batch).where(Batch.tenant_id == tenant_id)
+    if after is not None:
+        cursor = sa.select(Batch.created_at).where(Batch.id == after).scalar_subquery()
+        query = query.where(sa.tuple_(Batch.created_at, Batch.id) < sa.tuple_(cursor, after))
+    query = query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)
+    with Session(engine, expire_on_commit=False) as session:
+        rows = list(session.scalars(query))
+    return BatchPage(rows[:limit], len(rows) > limit)
+
+
+def batch_progress(engine: Engine, batch_id: str) -> BatchProgress:
+    """Counts by request status. Raises BatchNotFound."""
+
+    def count(status: RequestStatus) -> sa.ScalarSelect[int]:
+        return (
+            sa.select(sa.func.count())
+            .where(Request.batch_id == batch_id, Request.status == status)
+            .scalar_subquery()
+        )
+
+    query = sa.select(
+        Batch.status,
+        Batch.total_count,
+        *(count(status) for status in RequestStatus),
+    ).where(Batch.id == batch_id)
+    with engine.connect() as conn:
+        row = conn.execute(query).first()
+    if row is None:
+        raise BatchNotFound(f"no batch {batch_id!r}")
+    status, total, *counts = row
+    by_status = dict(zip(RequestStatus, counts, strict=True))
+    return BatchProgress(
+        batch_id,
+        BatchStatus(status),
+        total,
+        queued=int(by_status[RequestStatus.QUEUED]),
+        running=int(by_status[RequestStatus.RUNNING]),
+        succeeded=int(by_status[RequestStatus.SUCCEEDED]),
+        failed=int(by_status[RequestStatus.FAILED]),
+        cancelled=int(by_status[RequestStatus.CANCELLED]),
+    )
+
+
+def _all_finished() -> sa.ColumnElement[bool]:
+    return Batch.completed_count + Batch.failed_count + Batch.cancelled_count >= Batch.total_count
+
+
+def finalize_batches(conn: Connection, batch_ids: Sequence[str], now: int) -> list[str]:
+    """End those of ``batch_ids`` whose requests have all finished; returns the ids ended.
+    Runs inside the caller's transaction."""
+    if not batch_ids:
+        return []
+    ids = sorted(set(batch_ids))
+    completed = conn.execute(
+        sa.update(Batch)
+        .where(Batch.id.in_(ids), Batch.status == BatchStatus.IN_PROGRESS, _all_finished())
+        .values(status=BatchStatus.COMPLETED, finalizing_at=now, completed_at=now)
+        .returning(Batch.id, Batch.tenant_id)
+    ).all()
+    cancelled = conn.execute(
+        sa.update(Batch)
+        .where(Batch.id.in_(ids), Batch.status == BatchStatus.CANCELLING, _all_finished())
+        .values(status=BatchStatus.CANCELLED, cancelled_at=now)
+        .returning(Batch.id, Batch.tenant_id)
+    ).all()
+    ended = [(row.id, row.tenant_id) for row in [*completed, *cancelled]]
+    _attach_result_files(conn, ended, now)
+    return [batch_id for batch_id, _ in ended]
+
+
+def _attach_result_files(conn: Connection, batches: Sequence[tuple[str, str]], now: int) -> None:
+    """Give ended batches their output / error file rows (content is generated on read)."""
+    if not batches:
+        return
+    files = []
+    for batch_id, tenant_id in batches:
+        output_id, error_id = batch_file_ids(batch_id)
+        for file_id, kind, purpose, name in (
+            (output_id, FileKind.BATCH_OUTPUT, "batch_output", "output"),
+            (error_id, FileKind.BATCH_ERROR, "batch_output", "errors"),
+        ):
+            files.append(
+                {
+                    "id": file_id,
+                    "tenant_id": tenant_id,
+                    "filename": f"{batch_id}_{name}.jsonl",
+                    "purpose": purpose,
+                    "bytes": 0,
+                    "created_at": now,
+                    "status": "processed",
+                    "kind": kind,
+                    "storage_path": None,
+                    "batch_id": batch_id,
+                }
+            )
+        conn.execute(
+            sa.update(Batch)
+            .where(Batch.id == batch_id)
+            .values(output_file_id=output_id, error_file_id=error_id)
+        )
+    conn.execute(sa.insert(File), files)
+
+
+def cancel_batch(engine: Engine, batch_id: str, now: int | None = None) -> Batch:
+    """Cancel: queued requests (and running ones whose lease has expired) become cancelled at once;
+    the batch becomes ``cancelling``, and ``cancelled`` as soon as nothing is running (possibly
+    right here). Cancelling an ended batch changes nothing. Raises BatchNotFound."""
+    now = now if now is not None else now_seconds()
+    with write_transaction(engine) as conn:
+        status = conn.execute(sa.select(Batch.status).where(Batch.id == batch_id)).scalar_one_or_none()
+        if status is None:
+            raise BatchNotFound(f"no batch {batch_id!r}")
+        if status in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS):
+            conn.execute(
+                sa.update(Batch)
+                .where(Batch.id == batch_id)
+                .values(status=BatchStatus.CANCELLING, cancelling_at=now)
+            )
+            _cancel_unfinished(conn, [batch_id], now)
+            finalize_batches(conn, [batch_id], now)
+    batch = get_batch(engine, batch_id)
+    assert batch is not None
+    return batch
+
+
+EXPIRED_ERROR = "batch_expired"
+
+
+def _cancel_unfinished(
+    conn: Connection, batch_ids: Sequence[str], now: int, error: str | None = None
+) -> None:
+    cancelled = conn.execute(
+        sa.update(Request)
+        .where(
+            Request.batch_id.in_(batch_ids),
+            sa.or_(
+                Request.status == RequestStatus.QUEUED,
+                sa.and_(Request.status == RequestStatus.RUNNING, Request.lease_expires_at < now),
+            ),
+        )
+        .values(
+            status=RequestStatus.CANCELLED,
+            finished_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+            last_error=error if error is not None else Request.last_error,
+        )
+        .returning(Request.batch_id)
+    ).scalars()
+    per_batch: dict[str, int] = {}
+    for cancelled_batch in cancelled:
+        per_batch[cancelled_batch] = per_batch.get(cancelled_batch, 0) + 1
+    for cancelled_batch, count in sorted(per_batch.items()):
+        conn.execute(
+            sa.update(Batch)
+            .where(Batch.id == cancelled_batch)
+            .values(cancelled_count=Batch.cancelled_count + count)
+        )
+
+
+def expire_batches(engine: Engine, now: int | None = None) -> list[str]:
+    """Batches past ``expires_at`` that are still running become ``expired``: their queued requests
+    are cancelled with ``last_error`` ``batch_expired`` (they appear in the error file, as OpenAI
+    lists them); requests already running may still record results. Returns the expired ids."""
+    now = now if now is not None else now_seconds()
+    with write_transaction(engine) as conn:
+        expired = conn.execute(
+            sa.update(Batch)
+            .where(
+                Batch.status.in_((BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING)),
+                Batch.expires_at <= now,
+            )
+            .values(status=BatchStatus.EXPIRED, expired_at=now)
+            .returning(Batch.id, Batch.tenant_id)
+        ).all()
+        ids = sorted(row.id for row in expired)
+        if ids:
+            _cancel_unfinished(conn, ids, now, EXPIRED_ERROR)
+            _attach_result_files(conn, [(row.id, row.tenant_id) for row in expired], now)
+    return ids
+
+
+def result_counts(conn: Connection, batch_id: str) -> tuple[int, int]:
+    """(succeeded, failed) result rows of a batch, counted from ``results``."""
+    succeeded, failed = conn.execute(
+        sa.select(
+            sa.func.coalesce(sa.func.sum(sa.case((Result.status == RequestStatus.SUCCEEDED, 1), else_=0)), 0),
+            sa.func.coalesce(sa.func.sum(sa.case((Result.status == RequestStatus.FAILED, 1), else_=0)), 0),
+        ).where(Result.batch_id == batch_id)
+    ).one()
+    return int(succeeded), int(failed)

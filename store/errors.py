@@ -1,0 +1,60 @@
+"""Exceptions of the ledger.
+
+StoreError
+ ├── SchemaBehind          the database is not at the revision this code expects
+ ├── NotFound
+ │    ├── BatchNotFound
+ │    └── ConversationNotFound
+ ├── InvalidState          the operation does not apply to the row's current status
+ └── InvalidArgument       a batch-level parameter is wrong (also a ValueError); ``param`` names it
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BatchNotFound",
+    "ConversationNotFound",
+    "InvalidArgument",
+    "InvalidState",
+    "NotFound",
+    "SchemaBehind",
+    "StoreError",
+]
+
+
+class StoreError(Exception):
+    """Base of every ledger error."""
+
+
+class SchemaBehind(StoreError):
+    """The database schema is not at the head revision; ``tokenmill db upgrade`` fixes it."""
+
+    def __init__(self, current: str | None, expected: str) -> None:
+        self.current = current
+        self.expected = expected
+        super().__init__(
+            f"database is at revision {current or 'base (empty)'}, code expects {expected}: "
+            "run `tokenmill db upgrade`"
+        )
+
+
+class NotFound(StoreError):
+    pass
+
+
+class BatchNotFound(NotFound):
+    pass
+
+
+class ConversationNotFound(NotFound):
+    pass
+
+
+class InvalidState(StoreError):
+    pass
+
+
+class InvalidArgument(StoreError, ValueError):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        self.param = param
+        super().__init__(message)

@@ -1,0 +1,418 @@
+"""Ingest: stream a JSONL upload, validate every line, and write a batch and its requests.
+
+Two line forms are accepted:
+
+- OpenAI's batch line ``{"custom_id", "method": "POST", "url", "body"}``; ``url`` must be the
+  batch's endpoint.
+- The short form ``{"custom_id"?, "prompt" | "messages", "model"?, ...params}``: the body is the
+  submit-time ``defaults`` overlaid with the line's params; ``prompt`` becomes one user message
+  (for agent runs, the ``input``). Without ``custom_id`` the line gets ``line-<number>``.
+
+Every bad line is reported (line number, code, message, param). Unless ``skip_invalid``, one bad
+line rejects the whole batch, as OpenAI does: the batch row is written with status ``failed`` and its
+errors, and no request rows. The file is read line by line and inserted in chunks inside one
+transaction, so a rejected batch leaves nothing behind and a large file is never in memory whole
+(only the set of custom_ids seen, which duplicate detection needs).
+
+Line error codes: ``invalid_json``, ``invalid_line`` (JSON but not an object), ``missing_field``,
+``wrong_type``, ``invalid_value``, ``duplicate_custom_id``, ``unknown_endpoint``,
+``mismatched_endpoint``, ``invalid_method``, ``body_too_large``, ``too_many_lines``, and
+``empty_file`` (line None).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from store.engine import is_postgresql, write_transaction
+from store.errors import InvalidArgument
+from store.ids import new_id, now_seconds
+from store.tables import Batch, BatchStatus, Request, RequestKind, RequestStatus
+
+__all__ = ["ENDPOINT_KINDS", "IngestReport", "LineError", "ingest_batch", "parse_completion_window"]
+
+ENDPOINT_KINDS: dict[str, RequestKind] = {
+    "/v1/chat/completions": RequestKind.CHAT_COMPLETION,
+    "/v1/agent_runs": RequestKind.AGENT_RUN,
+}
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
+MAX_CUSTOM_ID_CHARS = 512
+_WINDOW = re.compile(r"^([1-9][0-9]*)h$")
+_SHORT_FORM_KEYS = ("custom_id", "prompt", "messages")
+
+
+@dataclass(frozen=True, slots=True)
+class LineError:
+    """One validation failure; ``line`` is 1-based (None for a file-level error)."""
+
+    line: int | None
+    code: str
+    message: str
+    param: str | None = None
+
+    def to_openai(self) -> dict[str, Any]:
+        """The ``errors.data[]`` item of an OpenAI batch object."""
+        return {"code": self.code, "message": self.message, "param": self.param, "line": self.line}
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    """What ingest did. ``status`` is ``in_progress`` (requests written) or ``failed`` (nothing
+    written; ``errors`` say why). ``invalid_lines`` counts every bad line; ``errors`` keeps the
+    first ``max_errors`` of them."""
+
+    batch_id: str
+    status: BatchStatus
+    lines: int
+    accepted: int
+    invalid_lines: int
+    errors: list[LineError] = field(default_factory=list)
+
+    @property
+    def rejected(self) -> bool:
+        return self.status == BatchStatus.FAILED
+
+
+def parse_completion_window(window: str) -> int:
+    """Seconds in a completion window such as ``"24h"``."""
+    match = _WINDOW.match(window)
+    if match is None:
+        raise InvalidArgument(f"completion_window must look like '24h', got {window!r}", "completion_window")
+    return int(match.group(1)) * 3600
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    if len(metadata) > MAX_METADATA_PAIRS:
+        raise InvalidArgument(f"metadata has {len(metadata)} pairs, at most {MAX_METADATA_PAIRS}", "metadata")
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidArgument("metadata keys and values must be strings", "metadata")
+        if len(key) > MAX_METADATA_KEY_CHARS or len(value) > MAX_METADATA_VALUE_CHARS:
+            raise InvalidArgument(
+                f"metadata keys are at most {MAX_METADATA_KEY_CHARS} characters and values "
+                f"{MAX_METADATA_VALUE_CHARS}",
+                "metadata",
+            )
+    return dict(metadata)
+
+
+class _BadLine(Exception):
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.param = param
+
+
+def _read_lines(source: IO[bytes], max_body_bytes: int) -> Iterator[bytes | None]:
+    """Physical lines without their ending; None for a line longer than ``max_body_bytes`` (read
+    and dropped in pieces, so one huge line never sits in memory)."""
+    limit = max_body_bytes + 2  # room for "\r\n"
+    while True:
+        raw = source.readline(limit)
+        if not raw:
+            return
+        if not raw.endswith(b"\n") and len(raw) >= limit:
+            while True:
+                rest = source.readline(limit)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield None
+            continue
+        line = raw.rstrip(b"\r\n")
+        yield None if len(line) > max_body_bytes else line
+
+
+def _require(
+    obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], label: str, prefix: str = ""
+) -> Any:
+    if key not in obj or obj[key] is None:
+        raise _BadLine("missing_field", f"missing required field '{prefix}{key}'", prefix + key)
+    value = obj[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise _BadLine("wrong_type", f"'{prefix}{key}' must be {label}", prefix + key)
+    return value
+
+
+def _check_body(kind: RequestKind, body: Mapping[str, Any], prefix: str) -> None:
+    model = _require(body, "model", str, "a string", prefix)
+    if not model:
+        raise _BadLine("invalid_value", f"'{prefix}model' must not be empty", prefix + "model")
+    if kind == RequestKind.CHAT_COMPLETION:
+        messages = _require(body, "messages", list, "a list of messages", prefix)
+        if not messages:
+            raise _BadLine("invalid_value", f"'{prefix}messages' must not be empty", prefix + "messages")
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise _BadLine(
+                    "wrong_type",
+                    f"'{prefix}messages[{index}]' must be an object with a string 'role'",
+                    f"{prefix}messages[{index}]",
+                )
+    else:
+        _require(body, "input", (str, list), "a string or a list of messages", prefix)
+
+
+def _parse_line(
+    raw: bytes, line_number: int, endpoint: str, kind: RequestKind, defaults: Mapping[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """(custom_id, body) of a valid line; raises _BadLine."""
+    try:
+        obj = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise _BadLine("invalid_json", f"line is not valid JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise _BadLine("invalid_line", "line must be a JSON object")
+    if "body" in obj or "url" in obj or "method" in obj:
+        custom_id = _require(obj, "custom_id", str, "a string")
+        method = _require(obj, "method", str, "a string")
+        if method.upper() != "POST":
+            raise _BadLine("invalid_method", f"method must be POST, got {method!r}", "method")
+        url = _require(obj, "url", str, "a string")
+        if url not in ENDPOINT_KINDS:
+            raise _BadLine("unknown_endpoint", f"unknown endpoint {url!r}", "url")
+        if url != endpoint:
+            raise _BadLine(
+                "mismatched_endpoint", f"url {url!r} differs from the batch endpoint {endpoint!r}", "url"
+            )
+        body = _require(obj, "body", dict, "an object")
+        _check_body(kind, body, "body.")
+    else:
+        custom_id = obj.pop("custom_id", None)
+        if custom_id is None:
+            custom_id = f"line-{line_number}"
+        elif not isinstance(custom_id, str):
+            raise _BadLine("wrong_type", "'custom_id' must be a string", "custom_id")
+        prompt = obj.pop("prompt", None)
+        body = {**defaults, **obj}
+        if kind == RequestKind.CHAT_COMPLETION:
+            if prompt is not None:
+                if not isinstance(prompt, str):
+                    raise _BadLine("wrong_type", "'prompt' must be a string", "prompt")
+                body["messages"] = [{"role": "user", "content": prompt}]
+            elif "messages" not in obj:
+                raise _BadLine(
+                    "missing_field", "a line needs 'prompt' or 'messages' (or OpenAI's 'body')", "prompt"
+                )
+        elif prompt is not None:
+            body["input"] = prompt
+        _check_body(kind, body, "")
+    if not custom_id:
+        raise _BadLine("invalid_value", "'custom_id' must not be empty", "custom_id")
+    if len(custom_id) > MAX_CUSTOM_ID_CHARS:
+        raise _BadLine(
+            "invalid_value", f"'custom_id' is longer than {MAX_CUSTOM_ID_CHARS} characters", "custom_id"
+        )
+    return custom_id, body
+
+
+class _Rejected(Exception):
+    """Raised inside the ingest transaction to roll it back."""
+
+
+def ingest_batch(
+    engine: Engine,
+    source: IO[bytes],
+    *,
+    tenant_id: str,
+    endpoint: str = "/v1/chat/completions",
+    completion_window: str = "24h",
+    metadata: Mapping[str, str] | None = None,
+    input_file_id: str | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    skip_invalid: bool = False,
+    max_body_bytes: int = 1024 * 1024,
+    max_lines: int | None = None,
+    max_errors: int = 1000,
+    priority: int = 0,
+    webhook_url: str | None = None,
+    chunk_size: int = 5000,
+    postgres_copy: bool = True,
+    now: int | None = None,
+) -> IngestReport:
+    """Read ``source`` (a binary file object, read line by line) into a new batch.
+
+    ``defaults`` fill the short form's body (e.g. ``{"model": "gpt-4o-mini", "temperature": 0}``).
+    ``skip_invalid`` writes the good lines and reports the bad ones instead of rejecting the batch
+    (a batch with no good line is still rejected). Raises ``InvalidArgument`` for a bad endpoint,
+    completion window or metadata (nothing written). ``postgres_copy=False`` inserts with
+    multi-row INSERT instead of COPY on PostgreSQL (for comparison in ``bench/ingest.py``).
+    """
+    kind = ENDPOINT_KINDS.get(endpoint)
+    if kind is None:
+        raise InvalidArgument(f"unknown endpoint {endpoint!r}; known: {sorted(ENDPOINT_KINDS)}", "endpoint")
+    window_seconds = parse_completion_window(completion_window)
+    batch_metadata = _check_metadata(metadata)
+    defaults = dict(defaults or {})
+    created_at = now if now is not None else now_seconds()
+    batch_id = new_id("batch_")
+    batch_row: dict[str, Any] = {
+        "id": batch_id,
+        "tenant_id": tenant_id,
+        "endpoint": endpoint,
+        "kind": kind,
+        "completion_window": completion_window,
+        "input_file_id": input_file_id,
+        "status": BatchStatus.VALIDATING,
+        "metadata": batch_metadata,  # the column key (the ORM attribute is batch_metadata)
+        "priority": priority,
+        "webhook_url": webhook_url,
+        "total_count": 0,
+        "completed_count": 0,
+        "failed_count": 0,
+        "cancelled_count": 0,
+        "created_at": created_at,
+        "expires_at": created_at + window_seconds,
+    }
+    errors: list[LineError] = []
+    invalid = 0
+    accepted = 0
+    lines = 0
+
+    def bad(line: int | None, code: str, message: str, param: str | None = None) -> None:
+        nonlocal invalid
+        invalid += 1
+        if len(errors) < max_errors:
+            errors.append(LineError(line, code, message, param))
+
+    try:
+        with write_transaction(engine) as conn:
+            conn.execute(sa.insert(Batch), batch_row)
+            seen: dict[str, int] = {}
+            request_ids = _request_ids()
+            chunk: list[dict[str, Any]] = []
+            for line_number, raw in enumerate(_read_lines(source, max_body_bytes), start=1):
+                if raw is not None and not raw.strip():
+                    continue  # blank lines (a trailing newline) are not requests
+                lines += 1
+                if max_lines is not None and lines > max_lines:
+                    bad(line_number, "too_many_lines", f"a batch holds at most {max_lines} requests")
+                    skip_invalid = False  # a file over the limit is rejected whole
+                    break
+                if raw is None:
+                    bad(line_number, "body_too_large", f"line is larger than {max_body_bytes} bytes")
+                    continue
+                try:
+                    custom_id, body = _parse_line(raw, line_number, endpoint, kind, defaults)
+                except _BadLine as e:
+                    bad(line_number, e.code, str(e), e.param)
+                    continue
+                first = seen.setdefault(custom_id, line_number)
+                if first != line_number:
+                    bad(
+                        line_number,
+                        "duplicate_custom_id",
+                        f"custom_id {custom_id!r} is already used on line {first}",
+                        "custom_id",
+                    )
+                    continue
+                if invalid and not skip_invalid:
+                    continue  # rejected already: keep validating, stop writing
+                accepted += 1
+                chunk.append(
+                    {
+                        "id": next(request_ids),
+                        "batch_id": batch_id,
+                        "tenant_id": tenant_id,
+                        "custom_id": custom_id,
+                        "line_number": line_number,
+                        "kind": kind,
+                        "body": body,
+                        "status": RequestStatus.QUEUED,
+                        "priority": priority,
+                        "attempts": 0,
+                        "created_at": created_at,
+                    }
+                )
+                if len(chunk) >= chunk_size:
+                    _insert_requests(conn, chunk, postgres_copy)
+                    chunk = []
+            if lines == 0:
+                bad(None, "empty_file", "the file holds no requests")
+            if (invalid and not skip_invalid) or accepted == 0:
+                raise _Rejected
+            _insert_requests(conn, chunk, postgres_copy)
+            conn.execute(
+                sa.update(Batch)
+                .where(Batch.id == batch_id)
+                .values(status=BatchStatus.IN_PROGRESS, in_progress_at=created_at, total_count=accepted)
+            )
+    except _Rejected:
+        failed_row = {
+            **batch_row,
+            "status": BatchStatus.FAILED,
+            "failed_at": created_at,
+            "errors": [error.to_openai() for error in errors],
+        }
+        with write_transaction(engine) as conn:
+            conn.execute(sa.insert(Batch), failed_row)
+        return IngestReport(batch_id, BatchStatus.FAILED, lines, 0, invalid, errors)
+    return IngestReport(batch_id, BatchStatus.IN_PROGRESS, lines, accepted, invalid, errors)
+
+
+def _request_ids() -> Iterator[str]:
+    """``batch_req_<32 hex>`` ids, drawing randomness 4096 ids at a time (one ``uuid4`` per line
+    was a tenth of ingest time)."""
+    while True:
+        pool = os.urandom(16 * 4096).hex()
+        for start in range(0, len(pool), 32):
+            yield "batch_req_" + pool[start : start + 32]
+
+
+def _insert_requests(conn: Connection, rows: list[dict[str, Any]], postgres_copy: bool) -> None:
+    if not rows:
+        return
+    if postgres_copy and is_postgresql(conn):
+        _copy_requests(conn, rows)
+    else:
+        conn.execute(sa.insert(Request), rows)
+
+
+_COPY_COLUMNS = (
+    "id",
+    "batch_id",
+    "tenant_id",
+    "custom_id",
+    "line_number",
+    "kind",
+    "body",
+    "status",
+    "priority",
+    "attempts",
+    "created_at",
+)
+
+
+def _copy_requests(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    """COPY rows into ``requests`` (bench/ingest.py compares it with multi-row INSERT)."""
+    driver_connection = conn.connection.driver_connection
+    assert driver_connection is not None
+    columns = ", ".join(_COPY_COLUMNS)
+    with driver_connection.cursor() as cursor, cursor.copy(f"COPY requests ({columns}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(
+                (
+                    row["id"],
+                    row["batch_id"],
+                    row["tenant_id"],
+                    row["custom_id"],
+                    row["line_number"],
+                    row["kind"].value,
+                    json.dumps(row["body"], separators=(",", ":")),
+                    row["status"].value,
+                    row["priority"],
+                    row["attempts"],
+                    row["created_at"],
+                )
+            )

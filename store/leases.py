@@ -1,0 +1,261 @@
+"""Handing requests to workers: dispatch records, claims with leases, release, and finding stale work.
+
+A message carries request ids only. A worker *claims* the ids it received: only rows still queued
+(or running under an expired lease) are handed out, each with a lease (owner, expiry) the worker
+extends while it works. On PostgreSQL the claim locks rows with ``FOR UPDATE SKIP LOCKED``, so two
+claimers never wait on each other nor get the same row; on SQLite the claim is one ``UPDATE ...
+RETURNING`` in a ``BEGIN IMMEDIATE`` transaction, which writers take one at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from store.engine import is_postgresql, write_transaction
+from store.ids import now_seconds
+from store.tables import Request, RequestKind, RequestStatus
+
+__all__ = [
+    "ClaimedRequest",
+    "StaleRequest",
+    "claim_requests",
+    "extend_leases",
+    "find_stale_requests",
+    "mark_dispatched",
+    "pending_request_ids",
+    "release_requests",
+]
+
+StaleReason = Literal["lease_expired", "dispatch_lost", "undispatched"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRequest:
+    """A request a worker now holds. ``attempts`` includes this claim."""
+
+    id: str
+    batch_id: str
+    tenant_id: str
+    custom_id: str
+    kind: RequestKind
+    body: dict[str, Any]
+    attempts: int
+    priority: int
+    lease_expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class StaleRequest:
+    """A request the sweeper should dispatch again, and why: its lease expired
+    (``lease_expired``), the message it was sent in is known lost (``dispatch_lost``), or it is
+    queued with no dispatch newer than the cutoff (``undispatched``)."""
+
+    id: str
+    batch_id: str
+    priority: int
+    reason: StaleReason
+
+
+def _claimable(now: int) -> sa.ColumnElement[bool]:
+    return sa.or_(
+        sa.and_(
+            Request.status == RequestStatus.QUEUED,
+            sa.or_(Request.not_before.is_(None), Request.not_before <= now),
+        ),
+        sa.and_(Request.status == RequestStatus.RUNNING, Request.lease_expires_at < now),
+    )
+
+
+def pending_request_ids(engine: Engine, batch_id: str, limit: int | None = None) -> list[str]:
+    """Ids of the batch's queued requests, in input line order."""
+    query = (
+        sa.select(Request.id)
+        .where(Request.batch_id == batch_id, Request.status == RequestStatus.QUEUED)
+        .order_by(Request.line_number)
+        .limit(limit)
+    )
+    with engine.connect() as conn:
+        return list(conn.execute(query).scalars())
+
+
+def mark_dispatched(
+    engine: Engine, request_ids: Sequence[str], dispatch_id: str, now: int | None = None
+) -> int:
+    """Record that these (unfinished) requests were sent in message ``dispatch_id``; returns how many."""
+    if not request_ids:
+        return 0
+    now = now if now is not None else now_seconds()
+    with write_transaction(engine) as conn:
+        result = conn.execute(
+            sa.update(Request)
+            .where(
+                Request.id.in_(request_ids),
+                Request.status.in_((RequestStatus.QUEUED, RequestStatus.RUNNING)),
+            )
+            .values(dispatch_id=dispatch_id, dispatched_at=now)
+        )
+        return result.rowcount
+
+
+def claim_requests(
+    engine: Engine, request_ids: Sequence[str], owner: str, lease_seconds: int, now: int | None = None
+) -> list[ClaimedRequest]:
+    """Lease those of ``request_ids`` that are claimable (queued and past ``not_before``, or running
+    under an expired lease) to ``owner``; the rest (finished, cancelled, leased by a live worker)
+    are left out. Status becomes running and ``attempts`` goes up by one."""
+    if not request_ids:
+        return []
+    now = now if now is not None else now_seconds()
+    expires = now + lease_seconds
+    with write_transaction(engine) as conn:
+        where: list[sa.ColumnElement[bool]] = [Request.id.in_(request_ids), _claimable(now)]
+        if is_postgresql(conn):
+            locked = (
+                sa.select(Request.id)
+                .where(Request.id.in_(request_ids), _claimable(now))
+                .with_for_update(skip_locked=True)
+            )
+            where = [Request.id.in_(locked.scalar_subquery()), _claimable(now)]
+        rows = conn.execute(
+            sa.update(Request)
+            .where(*where)
+            .values(
+                status=RequestStatus.RUNNING,
+                lease_owner=owner,
+                lease_expires_at=expires,
+                attempts=Request.attempts + 1,
+                not_before=None,
+            )
+            .returning(
+                Request.id,
+                Request.batch_id,
+                Request.tenant_id,
+                Request.custom_id,
+                Request.kind,
+                Request.body,
+                Request.attempts,
+                Request.priority,
+                Request.line_number,
+            )
+        ).all()
+    rows = sorted(rows, key=lambda row: row.line_number)
+    return [
+        ClaimedRequest(
+            id=row.id,
+            batch_id=row.batch_id,
+            tenant_id=row.tenant_id,
+            custom_id=row.custom_id,
+            kind=row.kind,
+            body=row.body,
+            attempts=row.attempts,
+            priority=row.priority,
+            lease_expires_at=expires,
+        )
+        for row in rows
+    ]
+
+
+def extend_leases(
+    engine: Engine, request_ids: Sequence[str], owner: str, lease_seconds: int, now: int | None = None
+) -> list[str]:
+    """Push the lease expiry of requests ``owner`` still holds; returns those ids (a missing id
+    means the lease was lost: another worker may be running it, so stop and do not record)."""
+    if not request_ids:
+        return []
+    now = now if now is not None else now_seconds()
+    with write_transaction(engine) as conn:
+        return list(
+            conn.execute(
+                sa.update(Request)
+                .where(
+                    Request.id.in_(request_ids),
+                    Request.lease_owner == owner,
+                    Request.status == RequestStatus.RUNNING,
+                )
+                .values(lease_expires_at=now + lease_seconds)
+                .returning(Request.id)
+            ).scalars()
+        )
+
+
+def release_requests(
+    engine: Engine,
+    request_ids: Sequence[str],
+    owner: str,
+    error: str | None = None,
+    not_before: int | None = None,
+) -> int:
+    """Give requests back (status queued, lease cleared) so they run again, not before
+    ``not_before`` if given; ``error`` is kept as ``last_error``. Returns how many were released."""
+    if not request_ids:
+        return 0
+    values: dict[str, Any] = {
+        "status": RequestStatus.QUEUED,
+        "lease_owner": None,
+        "lease_expires_at": None,
+        "not_before": not_before,
+    }
+    if error is not None:
+        values["last_error"] = error
+    with write_transaction(engine) as conn:
+        result = conn.execute(
+            sa.update(Request)
+            .where(
+                Request.id.in_(request_ids),
+                Request.lease_owner == owner,
+                Request.status == RequestStatus.RUNNING,
+            )
+            .values(values)
+        )
+        return result.rowcount
+
+
+def find_stale_requests(
+    engine: Engine,
+    *,
+    now: int | None = None,
+    dispatched_before: int | None = None,
+    dead_dispatch_ids: Collection[str] = (),
+    limit: int = 1000,
+) -> list[StaleRequest]:
+    """Requests to dispatch again, highest priority first: running with an expired lease; queued
+    (and past ``not_before``) whose dispatch is in ``dead_dispatch_ids``; and, when
+    ``dispatched_before`` is given, queued ones never dispatched or last dispatched before it
+    (never-dispatched ones count from their creation time)."""
+    now = now if now is not None else now_seconds()
+    queued = sa.and_(
+        Request.status == RequestStatus.QUEUED,
+        sa.or_(Request.not_before.is_(None), Request.not_before <= now),
+    )
+    queued_conditions: list[sa.ColumnElement[bool]] = []
+    dead = list(dead_dispatch_ids)
+    if dead:
+        queued_conditions.append(Request.dispatch_id.in_(dead))
+    if dispatched_before is not None:
+        queued_conditions.append(
+            sa.and_(Request.dispatch_id.is_(None), Request.created_at < dispatched_before)
+        )
+        queued_conditions.append(Request.dispatched_at < dispatched_before)
+    conditions: list[sa.ColumnElement[bool]] = [
+        sa.and_(Request.status == RequestStatus.RUNNING, Request.lease_expires_at < now)
+    ]
+    if queued_conditions:
+        conditions.append(sa.and_(queued, sa.or_(*queued_conditions)))
+    reason = sa.case(
+        (Request.status == RequestStatus.RUNNING, sa.literal("lease_expired")),
+        (Request.dispatch_id.in_(dead) if dead else sa.false(), sa.literal("dispatch_lost")),
+        else_=sa.literal("undispatched"),
+    )
+    query = (
+        sa.select(Request.id, Request.batch_id, Request.priority, reason.label("reason"))
+        .where(sa.or_(*conditions))
+        .order_by(Request.priority.desc(), Request.created_at, Request.line_number)
+        .limit(limit)
+    )
+    with engine.connect() as conn:
+        return [StaleRequest(row.id, row.batch_id, row.priority, row.reason) for row in conn.execute(query)]

@@ -1,0 +1,277 @@
+"""Recording results: first writer wins, and usage and cost are counted once.
+
+``record_results`` inserts many results in one transaction with ``INSERT .. ON CONFLICT DO
+NOTHING .. RETURNING`` (both dialects); only rows actually inserted move their request to its end
+status and the batch counters, so a duplicate delivery (at-least-once Celery on Redis) is a no-op.
+Batches whose last request ended are finalized in the same transaction.
+
+Cost: a cache hit costs 0; otherwise tokens times the price of the model that answered (see
+``store.prices.price_for``). A model with no price gets cost NULL; its tokens still count.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.engine import Connection, Engine
+
+from models.types import RequestUsage
+from store.batches import finalize_batches
+from store.engine import is_postgresql, write_transaction
+from store.ids import now_seconds
+from store.prices import cost_usd, price_for
+from store.tables import Batch, ModelPrice, Request, RequestStatus, Result
+
+__all__ = ["RecordOutcome", "ResultRecord", "record_results"]
+
+_ENDED = (RequestStatus.SUCCEEDED, RequestStatus.FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class ResultRecord:
+    """The outcome of one request, as a worker reports it.
+
+    ``status`` is SUCCEEDED (``response_body`` is the provider's JSON, ``status_code`` 200) or
+    FAILED (``error_code`` / ``error_message``; ``status_code`` and ``response_body`` when the
+    provider answered with an error). ``usage`` is what the answer used; with ``cached`` it is the
+    usage of the cached answer served, billed as 0. ``attempts`` counts upstream calls made.
+    """
+
+    request_id: str
+    status: RequestStatus
+    response_body: dict[str, Any] | None = None
+    status_code: int | None = None
+    upstream_request_id: str | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    finish_reason: str | None = None
+    model: str | None = None
+    usage: RequestUsage = field(default_factory=RequestUsage)
+    cached: bool = False
+    latency_ms: float | None = None
+    attempts: int = 1
+    cache_key: str | None = None
+
+
+@dataclass(frozen=True)
+class RecordOutcome:
+    """``inserted``: results written now. ``duplicates``: the request already had a result (this
+    write was a no-op). ``skipped``: unknown or cancelled requests. ``finalized_batches``: batches
+    this call ended."""
+
+    inserted: list[str]
+    duplicates: list[str]
+    skipped: list[str]
+    finalized_batches: list[str]
+
+
+# (column, PostgreSQL array element type) of a result row, for the unnest() insert.
+_RESULT_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("request_id", "varchar"),
+    ("batch_id", "varchar"),
+    ("tenant_id", "varchar"),
+    ("status", "varchar"),
+    ("status_code", "integer"),
+    ("response_body", "json"),
+    ("upstream_request_id", "varchar"),
+    ("error_code", "varchar"),
+    ("error_message", "text"),
+    ("finish_reason", "varchar"),
+    ("model", "varchar"),
+    ("prompt_tokens", "integer"),
+    ("completion_tokens", "integer"),
+    ("cached_prompt_tokens", "integer"),
+    ("reasoning_tokens", "integer"),
+    ("cached", "boolean"),
+    ("cost_usd", "double precision"),
+    ("latency_ms", "double precision"),
+    ("attempts", "integer"),
+    ("cache_key", "varchar"),
+    ("created_at", "bigint"),
+)
+_UNNEST_INSERT = sa.text(
+    f"INSERT INTO results ({', '.join(name for name, _ in _RESULT_COLUMNS)}) "
+    f"SELECT * FROM unnest({', '.join(f'CAST(:{name} AS {kind}[])' for name, kind in _RESULT_COLUMNS)}) "
+    "ON CONFLICT (request_id) DO NOTHING RETURNING request_id, batch_id, status"
+)
+_UNNEST_END_REQUESTS = sa.text(
+    "UPDATE requests SET status = v.status, cache_key = v.cache_key, finished_at = :now, "
+    "lease_owner = NULL, lease_expires_at = NULL "
+    "FROM unnest(CAST(:ids AS varchar[]), CAST(:statuses AS varchar[]), CAST(:cache_keys AS varchar[])) "
+    "AS v(id, status, cache_key) WHERE requests.id = v.id"
+)
+
+
+def _insert_results(conn: Connection, params: list[dict[str, Any]]) -> list[Any]:
+    """Insert, skipping requests that already have a result; returns (request_id, batch_id,
+    status) of the rows inserted."""
+    if not params:
+        return []
+    if is_postgresql(conn):
+        # One statement with one array per column: a multi-row VALUES of thousands of
+        # parameters costs more to build and parse than the insert itself (bench/ingest.py).
+        columns: dict[str, list[Any]] = {name: [] for name, _ in _RESULT_COLUMNS}
+        for row in params:
+            for name, values in columns.items():
+                values.append(row[name])
+        columns["status"] = [status.value for status in columns["status"]]
+        columns["response_body"] = [
+            None if body is None else json.dumps(body) for body in columns["response_body"]
+        ]
+        rows = conn.execute(_UNNEST_INSERT, columns).all()
+        return [(row.request_id, row.batch_id, RequestStatus(row.status)) for row in rows]
+    statement = (
+        sqlite.insert(Result)
+        .on_conflict_do_nothing(index_elements=[Result.request_id])
+        .returning(Result.request_id, Result.batch_id, Result.status)
+    )
+    return list(conn.execute(statement, params).all())
+
+
+def record_results(engine: Engine, records: Sequence[ResultRecord], now: int | None = None) -> RecordOutcome:
+    """Write ``records`` (first writer wins), end their requests, count them on their batches, and
+    finalize batches left with nothing to do. Safe to call again with the same records."""
+    for record in records:
+        if record.status not in _ENDED:
+            raise ValueError(f"a result's status is succeeded or failed, not {record.status!r}")
+    # One record per request (the first), in id order so concurrent callers lock rows in the same
+    # order and cannot deadlock.
+    unique: dict[str, ResultRecord] = {}
+    for record in records:
+        unique.setdefault(record.request_id, record)
+    ordered = [unique[request_id] for request_id in sorted(unique)]
+    if not ordered:
+        return RecordOutcome([], [], [], [])
+    now = now if now is not None else now_seconds()
+    with write_transaction(engine) as conn:
+        owners = {
+            row.id: row
+            for row in conn.execute(
+                sa.select(Request.id, Request.batch_id, Request.tenant_id, Request.status).where(
+                    Request.id.in_(list(unique))
+                )
+            )
+        }
+        prices = {row.model: row for row in _load_prices(conn)}
+        params: list[dict[str, Any]] = []
+        skipped: list[str] = []
+        for record in ordered:
+            owner = owners.get(record.request_id)
+            if owner is None or owner.status == RequestStatus.CANCELLED:
+                skipped.append(record.request_id)
+                continue
+            params.append(_result_row(record, owner.batch_id, owner.tenant_id, prices, now))
+        inserted_rows = _insert_results(conn, params)
+        inserted = {request_id for request_id, _, _ in inserted_rows}
+        if inserted:
+            _end_requests(conn, [unique[request_id] for request_id in sorted(inserted)], now)
+            per_batch: dict[str, list[int]] = {}
+            for _, batch_id, status in inserted_rows:
+                counts = per_batch.setdefault(batch_id, [0, 0])
+                counts[0 if status == RequestStatus.SUCCEEDED else 1] += 1
+            conn.execute(
+                sa.update(Batch)
+                .where(Batch.id == sa.bindparam("b_id"))
+                .values(
+                    completed_count=Batch.completed_count + sa.bindparam("b_completed"),
+                    failed_count=Batch.failed_count + sa.bindparam("b_failed"),
+                ),
+                [
+                    {"b_id": batch_id, "b_completed": counts[0], "b_failed": counts[1]}
+                    for batch_id, counts in sorted(per_batch.items())
+                ],
+            )
+            finalized = finalize_batches(conn, list(per_batch), now)
+        else:
+            finalized = []
+    skipped_set = set(skipped)
+    duplicates = [
+        r.request_id for r in ordered if r.request_id not in inserted and r.request_id not in skipped_set
+    ]
+    return RecordOutcome(sorted(inserted), duplicates, skipped, finalized)
+
+
+def _load_prices(conn: Connection) -> list[ModelPrice]:
+    rows = conn.execute(sa.select(ModelPrice.__table__)).all()
+    return [
+        ModelPrice(
+            model=row.model,
+            input_per_million=row.input_per_million,
+            cached_input_per_million=row.cached_input_per_million,
+            output_per_million=row.output_per_million,
+            updated_at=row.updated_at,
+        )
+        for row in rows
+    ]
+
+
+def _result_row(
+    record: ResultRecord, batch_id: str, tenant_id: str, prices: dict[str, ModelPrice], now: int
+) -> dict[str, Any]:
+    usage = record.usage
+    if record.cached:
+        cost: float | None = 0.0
+    else:
+        cost = cost_usd(
+            price_for(prices, record.model),
+            usage.prompt_tokens,
+            usage.cached_prompt_tokens,
+            usage.completion_tokens,
+        )
+    status_code = record.status_code
+    if status_code is None and record.status == RequestStatus.SUCCEEDED:
+        status_code = 200
+    return {
+        "request_id": record.request_id,
+        "batch_id": batch_id,
+        "tenant_id": tenant_id,
+        "status": record.status,
+        "status_code": status_code,
+        "response_body": record.response_body,
+        "upstream_request_id": record.upstream_request_id,
+        "error_code": record.error_code,
+        "error_message": record.error_message,
+        "finish_reason": record.finish_reason,
+        "model": record.model,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "cached_prompt_tokens": usage.cached_prompt_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "cached": record.cached,
+        "cost_usd": cost,
+        "latency_ms": record.latency_ms,
+        "attempts": record.attempts,
+        "cache_key": record.cache_key,
+        "created_at": now,
+    }
+
+
+def _end_requests(conn: Connection, records: Sequence[ResultRecord], now: int) -> None:
+    if is_postgresql(conn):
+        conn.execute(
+            _UNNEST_END_REQUESTS,
+            {
+                "now": now,
+                "ids": [r.request_id for r in records],
+                "statuses": [r.status.value for r in records],
+                "cache_keys": [r.cache_key for r in records],
+            },
+        )
+        return
+    conn.execute(
+        sa.update(Request)
+        .where(Request.id == sa.bindparam("r_id"))
+        .values(
+            status=sa.bindparam("r_status"),
+            cache_key=sa.bindparam("r_cache_key"),
+            finished_at=now,
+            lease_owner=None,
+            lease_expires_at=None,
+        ),
+        [{"r_id": r.request_id, "r_status": r.status, "r_cache_key": r.cache_key} for r in records],
+    )

@@ -1,0 +1,265 @@
+"""The ledger's tables, as SQLAlchemy 2 typed mappings.
+
+Times are integer unix seconds (what the OpenAI API returns), so they compare and group the same
+way on SQLite and PostgreSQL (a day is ``created_at // 86400``). Money is US dollars as a float:
+prices are per million tokens, costs per request. Enums are stored as plain strings (no native
+PostgreSQL enum types), so adding a value needs no type migration.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+__all__ = [
+    "ApiKey",
+    "Base",
+    "Batch",
+    "BatchStatus",
+    "Conversation",
+    "ConversationMessage",
+    "File",
+    "FileKind",
+    "ModelPrice",
+    "Request",
+    "RequestKind",
+    "RequestStatus",
+    "Result",
+    "Tenant",
+]
+
+
+class BatchStatus(enum.StrEnum):
+    """OpenAI's batch lifecycle."""
+
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+class RequestStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class RequestKind(enum.StrEnum):
+    CHAT_COMPLETION = "chat_completion"
+    AGENT_RUN = "agent_run"
+
+
+class FileKind(enum.StrEnum):
+    """An uploaded file has content on disk; a batch's output and error files are generated from
+    the results table when read."""
+
+    UPLOAD = "upload"
+    BATCH_OUTPUT = "batch_output"
+    BATCH_ERROR = "batch_error"
+
+
+def _str_enum(enum_class: type[enum.StrEnum]) -> sa.Enum:
+    # Store the value ("in_progress"), not the member name, and no CHECK constraint / native type.
+    return sa.Enum(
+        enum_class,
+        native_enum=False,
+        create_constraint=False,
+        length=32,
+        values_callable=lambda members: [member.value for member in members],
+    )
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {
+        dict[str, Any]: sa.JSON(),
+        list[Any]: sa.JSON(),
+    }
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200))
+    created_at: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+class ApiKey(Base):
+    """A tenant's API key. Only the SHA-256 of the key is stored; ``prefix`` (its first characters)
+    lets a person tell keys apart."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    key_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(sa.String(16))
+    name: Mapped[str | None] = mapped_column(sa.String(200))
+    created_at: Mapped[int] = mapped_column(sa.BigInteger)
+    revoked_at: Mapped[int | None] = mapped_column(sa.BigInteger)
+
+
+class File(Base):
+    """An OpenAI Files API object. Uploaded content lives on disk at ``storage_path``; a batch's
+    output / error file has ``batch_id`` set and no path (its content is generated from results)."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    filename: Mapped[str] = mapped_column(sa.String(500))
+    purpose: Mapped[str] = mapped_column(sa.String(32))
+    bytes: Mapped[int] = mapped_column(sa.BigInteger)
+    created_at: Mapped[int] = mapped_column(sa.BigInteger)
+    status: Mapped[str] = mapped_column(sa.String(32))
+    kind: Mapped[FileKind] = mapped_column(_str_enum(FileKind))
+    storage_path: Mapped[str | None] = mapped_column(sa.String(1000))
+    batch_id: Mapped[str | None] = mapped_column(sa.String(64), index=True)
+
+
+class Batch(Base):
+    __tablename__ = "batches"
+    __table_args__ = (sa.Index("ix_batches_tenant_id_id", "tenant_id", "id"),)
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id", ondelete="CASCADE"))
+    endpoint: Mapped[str] = mapped_column(sa.String(100))
+    kind: Mapped[RequestKind] = mapped_column(_str_enum(RequestKind))
+    completion_window: Mapped[str] = mapped_column(sa.String(16))
+    input_file_id: Mapped[str | None] = mapped_column(sa.String(64))
+    output_file_id: Mapped[str | None] = mapped_column(sa.String(64))
+    error_file_id: Mapped[str | None] = mapped_column(sa.String(64))
+    status: Mapped[BatchStatus] = mapped_column(_str_enum(BatchStatus), index=True)
+    # ``metadata`` is reserved on declarative classes, hence the attribute name.
+    batch_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", sa.JSON)
+    # Validation failures: [{"line", "code", "message", "param"}], capped (see ingest).
+    errors: Mapped[list[Any] | None] = mapped_column(sa.JSON)
+    priority: Mapped[int] = mapped_column(sa.Integer, default=0)
+    webhook_url: Mapped[str | None] = mapped_column(sa.String(2000))
+    total_count: Mapped[int] = mapped_column(sa.Integer, default=0)
+    completed_count: Mapped[int] = mapped_column(sa.Integer, default=0)
+    failed_count: Mapped[int] = mapped_column(sa.Integer, default=0)
+    # Not in OpenAI's request_counts; needed to know when a cancelled batch has nothing left.
+    cancelled_count: Mapped[int] = mapped_column(sa.Integer, default=0)
+    created_at: Mapped[int] = mapped_column(sa.BigInteger)
+    expires_at: Mapped[int] = mapped_column(sa.BigInteger)
+    in_progress_at: Mapped[int | None] = mapped_column(sa.BigInteger)
+    finalizing_at: Mapped[int | None] = mapped_column(sa.BigInteger)
+    completed_at: Mapped[int | None] = mapped_column(sa.BigInteger)
+    failed_at: Mapped[int | None] = mapped_column(sa.BigInteger)
+    expired_at: Mapped[int | None] = mapped_column(sa.BigInteger)
+    cancelling_at: Mapped[int | None] = mapped_column(sa.BigInteger)
+    cancelled_at: Mapped[int | None] = mapped_column(sa.BigInteger)
+
+
+class Request(Base):
+    """One input line of a batch. ``attempts`` counts claims (deliveries to a worker)."""
+
+    __tablename__ = "requests"
+    __table_args__ = (
+        sa.UniqueConstraint("batch_id", "custom_id", name="uq_requests_batch_id_custom_id"),
+        sa.Index("ix_requests_batch_id_line_number", "batch_id", "line_number"),
+        sa.Index("ix_requests_status_lease_expires_at", "status", "lease_expires_at"),
+        sa.Index("ix_requests_status_dispatched_at", "status", "dispatched_at"),
+    )
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    batch_id: Mapped[str] = mapped_column(sa.ForeignKey("batches.id", ondelete="CASCADE"))
+    tenant_id: Mapped[str] = mapped_column(sa.String(64))
+    custom_id: Mapped[str] = mapped_column(sa.String(512))
+    line_number: Mapped[int] = mapped_column(sa.Integer)
+    kind: Mapped[RequestKind] = mapped_column(_str_enum(RequestKind))
+    body: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    status: Mapped[RequestStatus] = mapped_column(_str_enum(RequestStatus))
+    priority: Mapped[int] = mapped_column(sa.Integer, default=0)
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(200))
+    lease_expires_at: Mapped[int | None] = mapped_column(sa.BigInteger)
+    dispatch_id: Mapped[str | None] = mapped_column(sa.String(200))
+    dispatched_at: Mapped[int | None] = mapped_column(sa.BigInteger)
+    not_before: Mapped[int | None] = mapped_column(sa.BigInteger)
+    cache_key: Mapped[str | None] = mapped_column(sa.String(200))
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    created_at: Mapped[int] = mapped_column(sa.BigInteger)
+    finished_at: Mapped[int | None] = mapped_column(sa.BigInteger)
+
+
+class Result(Base):
+    """The one outcome of a request (the primary key is the request id, so the database admits one
+    row per request). A failed request has a row too, with its error. Tokens of a cache hit are
+    those of the answer it served; ``cached`` keeps them out of billed usage and its cost is 0."""
+
+    __tablename__ = "results"
+    __table_args__ = (
+        sa.Index("ix_results_tenant_id_created_at", "tenant_id", "created_at"),
+        sa.Index("ix_results_batch_id", "batch_id"),
+    )
+
+    request_id: Mapped[str] = mapped_column(
+        sa.ForeignKey("requests.id", ondelete="CASCADE"), primary_key=True
+    )
+    batch_id: Mapped[str] = mapped_column(sa.String(64))
+    tenant_id: Mapped[str] = mapped_column(sa.String(64))
+    status: Mapped[RequestStatus] = mapped_column(_str_enum(RequestStatus))
+    status_code: Mapped[int | None] = mapped_column(sa.Integer)
+    response_body: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    upstream_request_id: Mapped[str | None] = mapped_column(sa.String(200))
+    error_code: Mapped[str | None] = mapped_column(sa.String(100))
+    error_message: Mapped[str | None] = mapped_column(sa.Text)
+    finish_reason: Mapped[str | None] = mapped_column(sa.String(32))
+    model: Mapped[str | None] = mapped_column(sa.String(200))
+    prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
+    cached_prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
+    reasoning_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
+    cached: Mapped[bool] = mapped_column(sa.Boolean, default=False)
+    cost_usd: Mapped[float | None] = mapped_column(sa.Float)
+    latency_ms: Mapped[float | None] = mapped_column(sa.Float)
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=1)
+    cache_key: Mapped[str | None] = mapped_column(sa.String(200))
+    created_at: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+class ModelPrice(Base):
+    """US dollars per million tokens. ``cached_input`` is the provider's prompt-cache price."""
+
+    __tablename__ = "model_prices"
+
+    model: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    input_per_million: Mapped[float] = mapped_column(sa.Float)
+    cached_input_per_million: Mapped[float] = mapped_column(sa.Float)
+    output_per_million: Mapped[float] = mapped_column(sa.Float)
+    updated_at: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+class Conversation(Base):
+    """An agent conversation, continued by id across agent runs."""
+
+    __tablename__ = "conversations"
+
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    tenant_id: Mapped[str | None] = mapped_column(sa.String(64), index=True)
+    created_at: Mapped[int] = mapped_column(sa.BigInteger)
+    updated_at: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+class ConversationMessage(Base):
+    """One message (``LLMMessage`` as JSON, its ``type`` field included), in order by ``position``."""
+
+    __tablename__ = "conversation_messages"
+
+    conversation_id: Mapped[str] = mapped_column(
+        sa.ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    message: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    created_at: Mapped[int] = mapped_column(sa.BigInteger)

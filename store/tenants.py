@@ -1,0 +1,88 @@
+"""Tenants and their API keys. A key is shown once at creation; only its SHA-256 is stored (keys
+are 256-bit random, so a fast hash is enough: there is nothing to brute-force)."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from store.engine import write_transaction
+from store.ids import new_id, now_seconds
+from store.tables import ApiKey, Tenant
+
+__all__ = [
+    "API_KEY_PREFIX",
+    "authenticate_api_key",
+    "create_api_key",
+    "create_tenant",
+    "get_tenant",
+    "revoke_api_key",
+]
+
+API_KEY_PREFIX = "tm-"
+
+
+def _hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def create_tenant(engine: Engine, name: str, tenant_id: str | None = None) -> Tenant:
+    tenant = Tenant(id=tenant_id or new_id("tenant_"), name=name, created_at=now_seconds())
+    with write_transaction(engine) as conn:
+        conn.execute(
+            sa.insert(Tenant),
+            {"id": tenant.id, "name": tenant.name, "created_at": tenant.created_at},
+        )
+    return tenant
+
+
+def get_tenant(engine: Engine, tenant_id: str) -> Tenant | None:
+    with Session(engine, expire_on_commit=False) as session:
+        return session.get(Tenant, tenant_id)
+
+
+def create_api_key(engine: Engine, tenant_id: str, name: str | None = None) -> str:
+    """A new key for the tenant; the plaintext is returned here and never again."""
+    key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+    with write_transaction(engine) as conn:
+        conn.execute(
+            sa.insert(ApiKey),
+            {
+                "id": new_id("key_"),
+                "tenant_id": tenant_id,
+                "key_hash": _hash_key(key),
+                "prefix": key[:10],
+                "name": name,
+                "created_at": now_seconds(),
+            },
+        )
+    return key
+
+
+def authenticate_api_key(engine: Engine, key: str) -> Tenant | None:
+    """The tenant owning ``key``, or None when the key is unknown or revoked."""
+    query = (
+        sa.select(Tenant)
+        .join(ApiKey, ApiKey.tenant_id == Tenant.id)
+        .where(ApiKey.key_hash == _hash_key(key), ApiKey.revoked_at.is_(None))
+    )
+    with Session(engine, expire_on_commit=False) as session:
+        return session.scalars(query).first()
+
+
+def revoke_api_key(engine: Engine, key_or_id: str) -> bool:
+    """Revoke by plaintext key or by key id; False when no live key matched."""
+    with write_transaction(engine) as conn:
+        result = conn.execute(
+            sa.update(ApiKey)
+            .where(
+                sa.or_(ApiKey.key_hash == _hash_key(key_or_id), ApiKey.id == key_or_id),
+                ApiKey.revoked_at.is_(None),
+            )
+            .values(revoked_at=now_seconds())
+        )
+        return result.rowcount > 0

@@ -1,0 +1,126 @@
+"""AzureOpenAIChatCompletionClient calls Azure's deployment URL with Azure's auth header.
+
+The simulator serves OpenAI's paths only, so a tiny local HTTP server records what the SDK sends.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from models import AuthenticationFailed, AzureOpenAIChatCompletionClient, UserMessage
+
+AZURE_KEY = "azure-test-key-1234"
+
+REPLY = {
+    "id": "chatcmpl-azure-1",
+    "object": "chat.completion",
+    "created": 1_700_000_000,
+    "model": "gpt-4o-2024-08-06",
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "Hello from Azure."},
+            "finish_reason": "stop",
+        }
+    ],
+    "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
+}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+
+
+def make_handler(recorder: Recorder) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            length = int(self.headers.get("content-length", "0"))
+            recorder.requests.append(
+                {
+                    "path": self.path,
+                    "headers": {k.lower(): v for k, v in self.headers.items()},
+                    "body": json.loads(self.rfile.read(length)),
+                }
+            )
+            payload = json.dumps(REPLY).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(payload)))
+            self.send_header("x-request-id", "azure-req-1")
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    return Handler
+
+
+@pytest.fixture
+def azure_server() -> Iterator[tuple[str, Recorder]]:
+    recorder = Recorder()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(recorder))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", recorder
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+async def test_azure_deployment_url_and_api_key_header(azure_server: tuple[str, Recorder]) -> None:
+    endpoint, recorder = azure_server
+    client = AzureOpenAIChatCompletionClient(
+        model="gpt-4o",
+        azure_endpoint=endpoint,
+        azure_deployment="my-gpt4o",
+        api_version="2024-10-21",
+        api_key=AZURE_KEY,
+    )
+    result = await client.create([UserMessage(content="hello", source="user")])
+    await client.close()
+
+    assert result.content == "Hello from Azure."
+    assert result.model == "gpt-4o-2024-08-06"
+    assert result.usage.prompt_tokens == 9
+    [request] = recorder.requests
+    assert request["path"] == "/openai/deployments/my-gpt4o/chat/completions?api-version=2024-10-21"
+    assert request["headers"]["api-key"] == AZURE_KEY
+    assert "authorization" not in request["headers"]
+    assert request["body"]["messages"] == [{"role": "user", "content": "hello"}]
+    identity = client.cache_identity
+    assert identity["provider"] == "azure"
+    assert identity["api_version"] == "2024-10-21"
+    assert identity["azure_deployment"] == "my-gpt4o"
+    assert AZURE_KEY not in json.dumps(identity)
+
+
+async def test_azure_from_environment_and_token_provider(
+    azure_server: tuple[str, Recorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    endpoint, recorder = azure_server
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", endpoint)
+    monkeypatch.setenv("OPENAI_API_VERSION", "2025-01-01-preview")
+    monkeypatch.delenv("AZURE_OPENAI_API_KEY", raising=False)
+    with pytest.raises(AuthenticationFailed, match="AZURE_OPENAI_API_KEY"):
+        AzureOpenAIChatCompletionClient(model="gpt-4o-mini")
+
+    client = AzureOpenAIChatCompletionClient(
+        model="gpt-4o-mini", azure_ad_token_provider=lambda: "entra-token"
+    )
+    await client.create([UserMessage(content="hi", source="user")])
+    await client.close()
+    [request] = recorder.requests
+    assert (
+        request["path"] == "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2025-01-01-preview"
+    )
+    assert request["headers"]["authorization"] == "Bearer entra-token"

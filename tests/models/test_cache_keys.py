@@ -1,0 +1,225 @@
+"""The cache key: every argument that changes an answer changes it; nothing else does."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, SecretStr
+
+from models.cache import UncacheableRequestError, request_key
+from models.types import (
+    AssistantMessage,
+    FunctionCall,
+    Image,
+    LLMMessage,
+    SystemMessage,
+    ToolSchema,
+    UserMessage,
+)
+from tests.models.counting_client import CountingClient
+
+IDENTITY = {"provider": "openai", "endpoint": "https://api.example.test/v1", "model": "gpt-4o-mini"}
+MESSAGES: list[LLMMessage] = [SystemMessage(content="be brief"), UserMessage(content="hi", source="user")]
+WEATHER: ToolSchema = {
+    "name": "weather",
+    "description": "weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+
+
+class Answer(BaseModel):
+    text: str
+
+
+class OtherAnswer(BaseModel):
+    text: str
+    score: float
+
+
+class NamedTool:
+    """A Tool by protocol: name, schema, run_json."""
+
+    def __init__(self, schema: ToolSchema) -> None:
+        self._schema = schema
+
+    @property
+    def name(self) -> str:
+        return self._schema["name"]
+
+    @property
+    def schema(self) -> ToolSchema:
+        return self._schema
+
+    async def run_json(self, args: Mapping[str, Any]) -> Any:
+        return args
+
+
+def key(**changes: Any) -> str:
+    args: dict[str, Any] = {"identity": IDENTITY, "messages": MESSAGES, **changes}
+    identity = args.pop("identity")
+    messages = args.pop("messages")
+    return request_key(identity, messages, **args)
+
+
+BASE = key()
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        pytest.param({"identity": {**IDENTITY, "model": "gpt-4o"}}, id="model"),
+        pytest.param({"identity": {**IDENTITY, "endpoint": "https://other.test/v1"}}, id="endpoint"),
+        pytest.param({"identity": {**IDENTITY, "provider": "azure"}}, id="provider"),
+        pytest.param({"identity": {**IDENTITY, "temperature": 0.2}}, id="client-default-args"),
+        pytest.param(
+            {"messages": [*MESSAGES[:1], UserMessage(content="hi!", source="user")]}, id="message-text"
+        ),
+        pytest.param({"messages": MESSAGES[1:]}, id="message-dropped"),
+        pytest.param(
+            {"messages": [UserMessage(content=["look", Image.from_url("https://img.test/a.png")])]},
+            id="image",
+        ),
+        pytest.param({"tools": [WEATHER]}, id="tools"),
+        pytest.param(
+            {"tools": [{**WEATHER, "description": "weather, in Celsius"}]},
+            id="tool-schema",
+        ),
+        pytest.param({"tool_choice": "required"}, id="tool-choice-required"),
+        pytest.param({"tool_choice": "none"}, id="tool-choice-none"),
+        pytest.param({"json_output": True}, id="json-output"),
+        pytest.param({"json_output": Answer}, id="json-output-model"),
+        pytest.param({"extra_create_args": {"response_format": Answer}}, id="response-format"),
+        pytest.param({"extra_create_args": {"temperature": 0.7}}, id="extra-args"),
+        pytest.param({"extra_create_args": {"max_tokens": 5}}, id="max-tokens"),
+        pytest.param({"extra_create_args": {"seed": 1}}, id="seed"),
+    ],
+)
+def test_every_answer_changing_argument_changes_the_key(changes: dict[str, Any]) -> None:
+    assert key(**changes) != BASE
+
+
+def test_the_key_is_stable_and_a_sha256_hex() -> None:
+    assert key() == BASE
+    assert len(BASE) == 64
+    int(BASE, 16)
+
+
+def test_tool_choice_naming_a_tool_differs_by_tool() -> None:
+    other: ToolSchema = {**WEATHER, "name": "forecast"}
+    tools = [WEATHER, other]
+    first = key(tools=tools, tool_choice=NamedTool(WEATHER))
+    second = key(tools=tools, tool_choice=NamedTool(other))
+    assert first != second
+    assert first != key(tools=tools)
+
+
+def test_a_tool_object_keys_like_its_schema() -> None:
+    assert key(tools=[NamedTool(WEATHER)]) == key(tools=[WEATHER])
+
+
+def test_different_response_schemas_differ() -> None:
+    assert key(json_output=Answer) != key(json_output=OtherAnswer)
+    assert key(extra_create_args={"response_format": Answer}) != key(
+        extra_create_args={"response_format": OtherAnswer}
+    )
+
+
+def test_dict_key_order_does_not_matter() -> None:
+    reordered_tool: ToolSchema = {
+        "parameters": {"required": ["city"], "properties": {"city": {"type": "string"}}, "type": "object"},
+        "description": "weather for a city",
+        "name": "weather",
+    }
+    assert key(tools=[WEATHER]) == key(tools=[reordered_tool])
+    assert key(extra_create_args={"temperature": 0.5, "top_p": 0.9}) == key(
+        extra_create_args={"top_p": 0.9, "temperature": 0.5}
+    )
+    assert key(identity=dict(reversed(list(IDENTITY.items())))) == BASE
+
+
+def test_integral_floats_key_like_integers() -> None:
+    assert key(extra_create_args={"temperature": 1}) == key(extra_create_args={"temperature": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("with_secret", "other_secret", "without"),
+    [
+        pytest.param({"api_key": "sk-one"}, {"api_key": "sk-two"}, {}, id="api_key"),
+        pytest.param(
+            {"extra_headers": {"Authorization": "Bearer sk-one", "OpenAI-Beta": "x"}},
+            {"extra_headers": {"Authorization": "Bearer sk-two", "OpenAI-Beta": "x"}},
+            {"extra_headers": {"OpenAI-Beta": "x"}},
+            id="auth-header",
+        ),
+        pytest.param(
+            {"extra_headers": {"api-key": "azure-one"}},
+            {"extra_headers": {"API-Key": "azure-two"}},
+            {"extra_headers": {}},
+            id="azure-header",
+        ),
+        pytest.param(
+            {"extra_query": {"api-key": "azure-one"}},
+            {"extra_query": {"api-key": "azure-two"}},
+            {"extra_query": {}},
+            id="query-key",
+        ),
+        pytest.param({"api_key": SecretStr("sk-one")}, {"api_key": SecretStr("sk-two")}, {}, id="secretstr"),
+        pytest.param({"timeout": 30}, {"timeout": 5.5}, {}, id="timeout"),
+    ],
+)
+def test_secrets_and_transport_settings_are_not_in_the_key(
+    with_secret: dict[str, Any], other_secret: dict[str, Any], without: dict[str, Any]
+) -> None:
+    one = key(extra_create_args={"temperature": 0, **with_secret})
+    assert one == key(extra_create_args={"temperature": 0, **other_secret})
+    assert one == key(extra_create_args={"temperature": 0, **without})
+
+
+def test_a_secret_in_the_identity_is_not_in_the_key() -> None:
+    assert key(identity={**IDENTITY, "api_key": "sk-leaked"}) == BASE
+
+
+def test_a_tool_parameter_named_like_a_secret_still_counts() -> None:
+    with_param: ToolSchema = {
+        **WEATHER,
+        "parameters": {"type": "object", "properties": {"api_key": {"type": "string"}}},
+    }
+    without_param: ToolSchema = {**WEATHER, "parameters": {"type": "object", "properties": {}}}
+    assert key(tools=[with_param]) != key(tools=[without_param])
+
+
+def test_tool_call_messages_are_keyed() -> None:
+    call = FunctionCall(id="c1", name="weather", arguments='{"city":"Oslo"}')
+    other = FunctionCall(id="c1", name="weather", arguments='{"city":"Rome"}')
+    assert key(messages=[*MESSAGES, AssistantMessage(content=[call])]) != key(
+        messages=[*MESSAGES, AssistantMessage(content=[other])]
+    )
+
+
+def test_an_argument_without_canonical_form_is_uncacheable() -> None:
+    with pytest.raises(UncacheableRequestError):
+        key(extra_create_args={"logit_bias": object()})
+    with pytest.raises(UncacheableRequestError):
+        key(extra_create_args={"temperature": float("nan")})
+
+
+def test_two_models_of_one_client_class_never_share_a_key() -> None:
+    first, second = CountingClient(model="a"), CountingClient(model="b")
+    assert request_key(first.cache_identity, MESSAGES) != request_key(second.cache_identity, MESSAGES)
+
+
+class UnhashableTool(NamedTool):
+    """A Tool compared by value, hence unhashable (as a plain pydantic model would be)."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NamedTool) and other.schema == self.schema
+
+
+def test_an_unhashable_tool_can_be_the_tool_choice() -> None:
+    tool = UnhashableTool(WEATHER)
+    assert key(tools=[tool], tool_choice=tool) == key(tools=[WEATHER], tool_choice=NamedTool(WEATHER))
+    assert key(tools=[tool], tool_choice=tool) != key(tools=[tool])

@@ -1,0 +1,58 @@
+"""Store fixtures: an engine on a migrated, empty database (SQLite and PostgreSQL), and a tenant."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import Engine
+
+import store
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    store.upgrade_to_head(database_url)
+    engine = store.make_engine(database_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def tenant(engine: Engine) -> store.Tenant:
+    return store.create_tenant(engine, "acme")
+
+
+def chat_line(custom_id: str, content: str = "hello", model: str = "gpt-4o-mini") -> dict[str, Any]:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": model, "messages": [{"role": "user", "content": content}]},
+    }
+
+
+def jsonl(lines: list[Any]) -> io.BytesIO:
+    """Lines that are str are written as they are; anything else as JSON."""
+    return io.BytesIO(
+        "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines).encode()
+    )
+
+
+IngestFn = Callable[..., store.IngestReport]
+
+
+@pytest.fixture
+def ingest(engine: Engine, tenant: store.Tenant) -> IngestFn:
+    """Ingest ``n`` OpenAI-form chat lines (custom ids c0..c{n-1}) or the given lines."""
+
+    def run(lines: list[Any] | int, **kwargs: Any) -> store.IngestReport:
+        rows = [chat_line(f"c{i}") for i in range(lines)] if isinstance(lines, int) else lines
+        return store.ingest_batch(engine, jsonl(rows), tenant_id=tenant.id, **kwargs)
+
+    return run

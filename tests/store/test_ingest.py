@@ -1,0 +1,226 @@
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+import store
+from tests.store.conftest import IngestFn, chat_line, jsonl
+
+
+def count_requests(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(store.Request)).scalar_one())
+
+
+def test_openai_lines_become_queued_requests_in_line_order(engine: Engine, ingest: IngestFn) -> None:
+    report = ingest(5, metadata={"project": "x"}, priority=3)
+    assert (report.status, report.lines, report.accepted, report.errors) == (
+        store.BatchStatus.IN_PROGRESS,
+        5,
+        5,
+        [],
+    )
+    batch = store.get_batch(engine, report.batch_id)
+    assert batch is not None
+    assert batch.total_count == 5
+    assert batch.batch_metadata == {"project": "x"}
+    assert batch.expires_at == batch.created_at + 24 * 3600
+    assert batch.in_progress_at == batch.created_at
+    ids = store.pending_request_ids(engine, report.batch_id)
+    claimed = store.claim_requests(engine, ids, "w", 60)
+    assert [c.custom_id for c in claimed] == [f"c{i}" for i in range(5)]
+    assert all(c.priority == 3 and c.body["model"] == "gpt-4o-mini" for c in claimed)
+
+
+def test_short_form_takes_defaults_and_line_params(engine: Engine, ingest: IngestFn) -> None:
+    report = ingest(
+        [
+            {"prompt": "one"},
+            {
+                "custom_id": "two",
+                "messages": [{"role": "user", "content": "2"}],
+                "model": "gpt-4o",
+                "temperature": 1,
+            },
+        ],
+        defaults={"model": "gpt-4o-mini", "temperature": 0},
+    )
+    assert report.accepted == 2
+    claimed = store.claim_requests(engine, store.pending_request_ids(engine, report.batch_id), "w", 60)
+    assert claimed[0].custom_id == "line-1"
+    assert claimed[0].body == {
+        "model": "gpt-4o-mini",
+        "temperature": 0,
+        "messages": [{"role": "user", "content": "one"}],
+    }
+    assert claimed[1].custom_id == "two"
+    assert claimed[1].body == {
+        "model": "gpt-4o",
+        "temperature": 1,
+        "messages": [{"role": "user", "content": "2"}],
+    }
+
+
+def test_agent_run_lines_are_accepted_on_the_agent_endpoint(engine: Engine, ingest: IngestFn) -> None:
+    report = ingest(
+        [
+            {
+                "custom_id": "a",
+                "method": "POST",
+                "url": "/v1/agent_runs",
+                "body": {"model": "m", "input": "go"},
+            },
+            {"prompt": "short", "model": "m"},
+        ],
+        endpoint="/v1/agent_runs",
+    )
+    assert report.accepted == 2, report.errors
+    claimed = store.claim_requests(engine, store.pending_request_ids(engine, report.batch_id), "w", 60)
+    assert {c.kind for c in claimed} == {store.RequestKind.AGENT_RUN}
+    assert claimed[1].body == {"model": "m", "input": "short"}
+
+
+BAD_LINES: list[tuple[object, str, str | None]] = [
+    ("{not json", "invalid_json", None),
+    ("[1, 2]", "invalid_line", None),
+    ({"method": "POST", "url": "/v1/chat/completions", "body": {}}, "missing_field", "custom_id"),
+    (
+        {"custom_id": 7, "method": "POST", "url": "/v1/chat/completions", "body": {}},
+        "wrong_type",
+        "custom_id",
+    ),
+    ({"custom_id": "x", "method": "POST", "url": "/v1/chat/completions"}, "missing_field", "body"),
+    ({"custom_id": "x", "method": "POST", "url": "/v1/chat/completions", "body": "hi"}, "wrong_type", "body"),
+    (
+        {"custom_id": "x", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}},
+        "missing_field",
+        "body.model",
+    ),
+    (
+        {
+            "custom_id": "x",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "m", "messages": {}},
+        },
+        "wrong_type",
+        "body.messages",
+    ),
+    (
+        {"custom_id": "x", "method": "GET", "url": "/v1/chat/completions", "body": {}},
+        "invalid_method",
+        "method",
+    ),
+    ({"custom_id": "x", "method": "POST", "url": "/v1/embeddings", "body": {}}, "unknown_endpoint", "url"),
+    ({"custom_id": "x", "method": "POST", "url": "/v1/agent_runs", "body": {}}, "mismatched_endpoint", "url"),
+    ({"custom_id": "x"}, "missing_field", "prompt"),
+    ({"prompt": 3, "model": "m"}, "wrong_type", "prompt"),
+    ({"prompt": "no model anywhere"}, "missing_field", "model"),
+    ({"custom_id": "", "prompt": "p", "model": "m"}, "invalid_value", "custom_id"),
+]
+
+
+@pytest.mark.parametrize(("line", "code", "param"), BAD_LINES, ids=[f"{c}-{p}" for _, c, p in BAD_LINES])
+def test_each_bad_line_is_reported_with_its_line_number(
+    engine: Engine, ingest: IngestFn, line: object, code: str, param: str | None
+) -> None:
+    report = ingest([chat_line("ok-1"), chat_line("ok-2"), line, chat_line("ok-3")])
+    assert report.rejected
+    assert [(e.line, e.code, e.param) for e in report.errors] == [(3, code, param)]
+    assert report.errors[0].message
+    assert count_requests(engine) == 0
+
+
+def test_duplicate_custom_id_names_the_first_line(engine: Engine, ingest: IngestFn) -> None:
+    report = ingest([chat_line("a"), chat_line("b"), chat_line("a")])
+    assert [(e.line, e.code) for e in report.errors] == [(3, "duplicate_custom_id")]
+    assert "line 1" in report.errors[0].message
+
+
+def test_body_too_large_is_reported_and_the_rest_still_validated(engine: Engine, ingest: IngestFn) -> None:
+    report = ingest(
+        [chat_line("a"), chat_line("big", content="x" * 5000), "{oops", chat_line("b")],
+        max_body_bytes=1000,
+    )
+    assert [(e.line, e.code) for e in report.errors] == [(2, "body_too_large"), (3, "invalid_json")]
+    assert report.invalid_lines == 2
+
+
+def test_rejected_batch_keeps_all_errors_and_writes_no_request(engine: Engine, ingest: IngestFn) -> None:
+    lines: list[object] = [chat_line(f"c{i}") for i in range(30)]
+    lines[4] = "nope"
+    lines[25] = {"custom_id": "c1", "prompt": "dup", "model": "m"}
+    report = ingest(lines, chunk_size=10)  # good chunks were inserted before the bad line: rolled back
+    assert [(e.line, e.code) for e in report.errors] == [(5, "invalid_json"), (26, "duplicate_custom_id")]
+    assert count_requests(engine) == 0
+    batch = store.get_batch(engine, report.batch_id)
+    assert batch is not None
+    assert batch.status == store.BatchStatus.FAILED
+    assert batch.failed_at is not None
+    assert batch.total_count == 0
+    assert batch.errors == [e.to_openai() for e in report.errors]
+    assert store.pending_request_ids(engine, report.batch_id) == []
+
+
+def test_skip_invalid_keeps_the_good_lines(engine: Engine, ingest: IngestFn) -> None:
+    report = ingest([chat_line("a"), "bad", chat_line("b")], skip_invalid=True)
+    assert (report.status, report.accepted, report.invalid_lines) == (store.BatchStatus.IN_PROGRESS, 2, 1)
+    assert report.errors[0].line == 2
+    assert count_requests(engine) == 2
+
+
+def test_a_batch_with_no_good_line_is_rejected(engine: Engine, ingest: IngestFn) -> None:
+    assert ingest(["bad"], skip_invalid=True).rejected
+    empty = ingest(["", "  "])
+    assert empty.rejected
+    assert [(e.line, e.code) for e in empty.errors] == [(None, "empty_file")]
+    assert count_requests(engine) == 0
+
+
+def test_blank_lines_are_skipped_but_counted_in_line_numbers(engine: Engine, ingest: IngestFn) -> None:
+    report = ingest([chat_line("a"), "", "bad"])
+    assert [(e.line, e.code) for e in report.errors] == [(3, "invalid_json")]
+
+
+def test_too_many_lines_rejects_even_with_skip_invalid(engine: Engine, ingest: IngestFn) -> None:
+    report = ingest(5, max_lines=3, skip_invalid=True)
+    assert report.rejected
+    assert [(e.line, e.code) for e in report.errors] == [(4, "too_many_lines")]
+    assert count_requests(engine) == 0
+
+
+def test_errors_kept_are_capped_but_all_counted(engine: Engine, ingest: IngestFn) -> None:
+    report = ingest(["bad"] * 20, max_errors=5)
+    assert report.invalid_lines == 20
+    assert len(report.errors) == 5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"endpoint": "/v1/embeddings"}, "endpoint"),
+        ({"completion_window": "1d"}, "completion_window"),
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({"metadata": {"k" * 65: "v"}}, "metadata"),
+    ],
+)
+def test_bad_batch_parameters_raise_and_write_nothing(
+    engine: Engine, tenant: store.Tenant, kwargs: dict[str, object], param: str
+) -> None:
+    with pytest.raises(store.InvalidArgument) as caught:
+        store.ingest_batch(engine, jsonl([chat_line("a")]), tenant_id=tenant.id, **kwargs)  # type: ignore[arg-type]
+    assert caught.value.param == param
+    assert store.list_batches(engine, tenant.id).data == []
+
+
+def test_crlf_and_unicode_lines(engine: Engine, ingest: IngestFn) -> None:
+    source = (json.dumps(chat_line("é", content="日本")) + "\r\n").encode()
+    report = store.ingest_batch(engine, io.BytesIO(source), tenant_id=store.create_tenant(engine, "u").id)
+    assert report.accepted == 1
+    claimed = store.claim_requests(engine, store.pending_request_ids(engine, report.batch_id), "w", 60)
+    assert claimed[0].custom_id == "é"
+    assert claimed[0].body["messages"][0]["content"] == "日本"

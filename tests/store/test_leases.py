@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import threading
+
+from sqlalchemy.engine import Engine
+
+import store
+from tests.store.conftest import IngestFn
+
+
+def test_claim_leases_queued_requests_once(engine: Engine, ingest: IngestFn) -> None:
+    batch = ingest(3)
+    ids = store.pending_request_ids(engine, batch.batch_id)
+    first = store.claim_requests(engine, ids, "w1", 60, now=1000)
+    assert [c.attempts for c in first] == [1, 1, 1]
+    assert all(c.lease_expires_at == 1060 for c in first)
+    assert store.claim_requests(engine, ids, "w2", 60, now=1010) == []
+    assert store.batch_progress(engine, batch.batch_id).running == 3
+
+
+def test_an_expired_lease_can_be_claimed_again(engine: Engine, ingest: IngestFn) -> None:
+    ids = store.pending_request_ids(engine, ingest(2).batch_id)
+    store.claim_requests(engine, ids, "w1", 60, now=1000)
+    assert store.extend_leases(engine, ids[:1], "w1", 60, now=1050) == ids[:1]  # lease to 1110
+    again = store.claim_requests(engine, ids, "w2", 60, now=1070)
+    assert [c.id for c in again] == ids[1:]
+    assert again[0].attempts == 2
+    # w1 lost ids[1]: extending it no longer works
+    assert store.extend_leases(engine, ids, "w1", 60, now=1080) == ids[:1]
+
+
+def test_release_requeues_with_backoff(engine: Engine, ingest: IngestFn) -> None:
+    ids = store.pending_request_ids(engine, ingest(1).batch_id)
+    store.claim_requests(engine, ids, "w1", 60, now=1000)
+    assert store.release_requests(engine, ids, "other-worker") == 0
+    assert store.release_requests(engine, ids, "w1", error="429 slow down", not_before=1100) == 1
+    assert store.claim_requests(engine, ids, "w2", 60, now=1050) == []
+    assert [c.attempts for c in store.claim_requests(engine, ids, "w2", 60, now=1100)] == [2]
+
+
+def test_finished_requests_are_never_claimed(engine: Engine, ingest: IngestFn) -> None:
+    ids = store.pending_request_ids(engine, ingest(1).batch_id)
+    store.claim_requests(engine, ids, "w1", 60, now=1000)
+    store.record_results(engine, [store.ResultRecord(ids[0], store.RequestStatus.SUCCEEDED, {"ok": True})])
+    assert store.claim_requests(engine, ids, "w2", 60, now=5000) == []
+
+
+def test_two_concurrent_claimers_never_get_the_same_request(engine: Engine, ingest: IngestFn) -> None:
+    ids = store.pending_request_ids(engine, ingest(200).batch_id)
+    start = threading.Barrier(2)
+    got: dict[str, list[str]] = {}
+
+    def claimer(owner: str) -> None:
+        start.wait()
+        mine: list[str] = []
+        for offset in range(0, len(ids), 20):  # both walk the same ids in the same order
+            mine += [c.id for c in store.claim_requests(engine, ids[offset : offset + 20], owner, 60)]
+        got[owner] = mine
+
+    threads = [threading.Thread(target=claimer, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not set(got["a"]) & set(got["b"])
+    assert sorted(got["a"] + got["b"]) == sorted(ids)
+
+
+def test_find_stale_requests(engine: Engine, ingest: IngestFn) -> None:
+    ids = store.pending_request_ids(engine, ingest(4, now=900).batch_id)
+    store.mark_dispatched(engine, ids[:2], "msg-1", now=1000)
+    store.mark_dispatched(engine, ids[2:3], "msg-2", now=1000)
+    store.claim_requests(engine, ids[:1], "w1", 60, now=1000)  # lease to 1060
+    # ids[3] was never dispatched; ids[1] sits queued in msg-1; ids[2] in msg-2, which we declare lost
+    assert [(s.id, s.reason) for s in store.find_stale_requests(engine, now=1010)] == []
+    stale = store.find_stale_requests(engine, now=1100, dead_dispatch_ids=["msg-2"])
+    assert {(s.id, s.reason) for s in stale} == {(ids[0], "lease_expired"), (ids[2], "dispatch_lost")}
+    stale = store.find_stale_requests(engine, now=1100, dispatched_before=1050)
+    assert {(s.id, s.reason) for s in stale} == {
+        (ids[0], "lease_expired"),
+        (ids[1], "undispatched"),
+        (ids[2], "undispatched"),
+        (ids[3], "undispatched"),
+    }
+    assert store.find_stale_requests(engine, now=1100, dispatched_before=1050, limit=2).__len__() == 2
+
+
+def test_mark_dispatched_skips_finished_requests(engine: Engine, ingest: IngestFn) -> None:
+    ids = store.pending_request_ids(engine, ingest(2).batch_id)
+    store.record_results(engine, [store.ResultRecord(ids[0], store.RequestStatus.FAILED, error_code="x")])
+    assert store.mark_dispatched(engine, ids, "m") == 1

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from sqlalchemy.engine import Engine
+
+import store
+from models.types import RequestUsage
+from tests.store.conftest import IngestFn
+
+DAY = 86_400
+DAY1 = 20_000 * DAY  # 2024-10-04
+
+
+def record(request_id: str, model: str, tokens: int, cached: bool = False) -> store.ResultRecord:
+    usage = RequestUsage(
+        prompt_tokens=tokens, completion_tokens=tokens // 2, cached_prompt_tokens=tokens // 4
+    )
+    return store.ResultRecord(
+        request_id, store.RequestStatus.SUCCEEDED, {}, model=model, usage=usage, cached=cached
+    )
+
+
+def test_usage_per_model_and_day_keeps_billed_and_cached_apart(
+    engine: Engine, ingest: IngestFn, tenant: store.Tenant
+) -> None:
+    ids = store.pending_request_ids(engine, ingest(5).batch_id)
+    store.set_price(engine, "m1", 1.0, 0.5, 2.0)
+    store.record_results(
+        engine, [record(ids[0], "m1", 100), record(ids[1], "m1", 40, cached=True)], now=DAY1 + 10
+    )
+    store.record_results(engine, [record(ids[2], "m1", 200), record(ids[3], "m2", 80)], now=DAY1 + DAY + 10)
+    store.record_results(
+        engine,
+        [store.ResultRecord(ids[4], store.RequestStatus.FAILED, error_code="x", model="m2")],
+        now=DAY1 + DAY + 20,
+    )
+    rows = store.usage_report(engine, tenant.id, group_by=("model", "day"))
+    by_key = {(row.model, row.day): row for row in rows}
+    day1, day2 = dt.date(2024, 10, 4), dt.date(2024, 10, 5)
+    assert set(by_key) == {("m1", day1), ("m1", day2), ("m2", day2)}
+    first = by_key[("m1", day1)]
+    assert (first.requests, first.billed_requests, first.cache_hits) == (2, 1, 1)
+    assert (
+        first.billed_prompt_tokens,
+        first.billed_cached_prompt_tokens,
+        first.billed_completion_tokens,
+    ) == (
+        100,
+        25,
+        50,
+    )
+    assert (first.cache_hit_prompt_tokens, first.cache_hit_completion_tokens) == (40, 20)
+    assert first.cost_usd == pytest.approx((75 * 1.0 + 25 * 0.5 + 50 * 2.0) / 1e6)
+    m2 = by_key[("m2", day2)]
+    assert (m2.requests, m2.billed_prompt_tokens, m2.unpriced_requests, m2.cost_usd) == (2, 80, 2, 0.0)
+
+    totals = store.usage_report(engine, tenant.id, group_by=())
+    assert len(totals) == 1
+    assert totals[0].billed_prompt_tokens == 100 + 200 + 80
+    assert totals[0].cache_hits == 1
+    assert (totals[0].model, totals[0].day, totals[0].batch_id) == (None, None, None)
+
+
+def test_usage_filters_by_time_batch_and_tenant(
+    engine: Engine, ingest: IngestFn, tenant: store.Tenant
+) -> None:
+    first = ingest(2)
+    second = ingest(1)
+    ids1 = store.pending_request_ids(engine, first.batch_id)
+    ids2 = store.pending_request_ids(engine, second.batch_id)
+    store.record_results(engine, [record(ids1[0], "m", 10)], now=DAY1)
+    store.record_results(engine, [record(ids1[1], "m", 20), record(ids2[0], "m", 30)], now=DAY1 + 100)
+    per_batch = store.usage_report(engine, tenant.id, group_by=("batch",))
+    assert {(row.batch_id, row.billed_prompt_tokens) for row in per_batch} == {
+        (first.batch_id, 30),
+        (second.batch_id, 30),
+    }
+    window = store.usage_report(engine, tenant.id, group_by=(), since=DAY1 + 1, until=DAY1 + 101)
+    assert window[0].billed_prompt_tokens == 50
+    assert store.usage_report(engine, tenant.id, group_by=(), batch_id=second.batch_id)[0].requests == 1
+    other = store.create_tenant(engine, "other")
+    assert store.usage_report(engine, other.id) == []
+    with pytest.raises(ValueError, match="cannot group"):
+        store.usage_report(engine, tenant.id, group_by=("color",))  # type: ignore[arg-type]

@@ -1,0 +1,205 @@
+"""Agent runs as ledger requests, run by the chunk runner in this process through the real
+pipeline (simulator over HTTP, a real cache and database): transcripts and per-call usage in SQL,
+follow-ups on a stored conversation, redone runs costing nothing, usage summed in the rollup."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import diskcache
+import pytest
+
+from models.cache import DiskCacheStore
+from models.retry import RetryPolicy
+from simulator.testing import SimulatorServer
+from store import (
+    create_conversation,
+    create_tenant,
+    ingest_batch,
+    load_conversation,
+    pending_request_ids,
+    usage_report,
+)
+from tests.agents.conversation_rules import tool_call_violations
+from tests.workers.support import Ledger, ledger, results_of
+from workers.agent_tasks import handlers_with_agents, parse_agent_run_body
+from workers.clients import openai_client_factory
+from workers.limiter import LocalRateLimiter
+from workers.pipeline import ModelCallPipeline
+from workers.runner import ChunkReport, ChunkRunner, RunnerConfig
+
+AGENT_DEFAULTS = {"model": "gpt-4o-mini", "tools": ["calculator"]}
+TWO_CALLS = (
+    'What is (2+3)*4? [[call calculator {"expression": "2+3"}]] [[then]] '
+    '[[call calculator {"expression": "5*4"}]]'
+)
+
+
+@pytest.fixture
+def led(database_url: str) -> Iterator[Ledger]:
+    books = ledger(database_url)
+    yield books
+    books.engine.dispose()
+
+
+@pytest.fixture
+async def pipeline(simulator: SimulatorServer, tmp_path: Path) -> AsyncIterator[ModelCallPipeline]:
+    pipeline = ModelCallPipeline(
+        openai_client_factory(base_url=simulator.base_url, api_key="sim", timeout=10),
+        LocalRateLimiter({}),
+        RetryPolicy(max_attempts=2, base_delay=0.01),
+        cache_store=DiskCacheStore(diskcache.Cache(str(tmp_path / "cache"))),
+    )
+    yield pipeline
+    await pipeline.close()
+
+
+def add_agent_batch(
+    led: Ledger, lines: Sequence[dict[str, Any]], tenant_id: str | None = None
+) -> tuple[str, list[str]]:
+    data = "\n".join(json.dumps({"custom_id": f"r{i}", **line}) for i, line in enumerate(lines))
+    report = ingest_batch(
+        led.engine,
+        io.BytesIO(data.encode()),
+        tenant_id=tenant_id or led.tenant_id,
+        endpoint="/v1/agent_runs",
+        defaults=AGENT_DEFAULTS,
+    )
+    assert report.accepted == len(lines), report
+    return report.batch_id, pending_request_ids(led.engine, report.batch_id)
+
+
+async def run(led: Ledger, pipeline: ModelCallPipeline, ids: list[str]) -> ChunkReport:
+    runner = ChunkRunner(
+        led.engine, pipeline, RunnerConfig(owner="test"), handlers=handlers_with_agents(led.engine)
+    )
+    return await runner.run(ids)
+
+
+def bodies(led: Ledger, batch_id: str) -> dict[str, dict[str, Any]]:
+    return {row.request_id: row.response_body or {} for row in results_of(led.engine, batch_id)}
+
+
+async def test_two_tool_calls_then_a_follow_up_with_transcripts_and_usage_in_sql(
+    led: Ledger, pipeline: ModelCallPipeline, simulator: SimulatorServer
+) -> None:
+    batch_id, ids = add_agent_batch(led, [{"prompt": TWO_CALLS}])
+    report = await run(led, pipeline, ids)
+    assert report.succeeded == 1
+    [row] = results_of(led.engine, batch_id)
+    body = row.response_body
+    assert body is not None
+    assert body["stop_reason"] == "answer"
+    assert "calculator=20" in body["output"]
+    assert [m["type"] for m in body["transcript"]] == [
+        "UserMessage",
+        "AssistantMessage",
+        "FunctionExecutionResultMessage",
+        "AssistantMessage",
+        "FunctionExecutionResultMessage",
+        "AssistantMessage",
+    ]
+    calls = body["model_calls"]
+    assert len(calls) == 3 == simulator.stats()["completions"]
+    assert all(not call["cached"] for call in calls)
+    assert row.prompt_tokens == sum(call["usage"]["prompt_tokens"] for call in calls) > 0
+    assert row.completion_tokens == sum(call["usage"]["completion_tokens"] for call in calls) > 0
+    assert row.attempts == 3
+
+    conversation_id = body["conversation_id"]
+    stored = load_conversation(led.engine, conversation_id)
+    assert len(stored) == 6
+    assert tool_call_violations(stored) == []
+
+    follow_batch, follow_ids = add_agent_batch(
+        led, [{"prompt": "What was the final number? [[recall]]", "conversation_id": conversation_id}]
+    )
+    await run(led, pipeline, follow_ids)
+    [follow] = bodies(led, follow_batch).values()
+    assert follow["conversation_id"] == conversation_id
+    assert "recall:" in follow["output"]
+    assert "20" in follow["output"]
+    assert len(load_conversation(led.engine, conversation_id)) == 8
+
+
+async def test_a_redone_batch_is_all_cache_hits_and_bills_nothing(
+    led: Ledger, pipeline: ModelCallPipeline, simulator: SimulatorServer
+) -> None:
+    lines = [{"prompt": f'Run {n}. [[call calculator {{"expression": "{n}*{n}"}}]]'} for n in range(4)]
+    first_batch, first_ids = add_agent_batch(led, lines)
+    first = await run(led, pipeline, first_ids)
+    upstream = simulator.stats()["completions"]
+    assert upstream == 8
+    second_batch, second_ids = add_agent_batch(led, lines)
+    second = await run(led, pipeline, second_ids)
+    assert simulator.stats()["completions"] == upstream, "no model call was repeated upstream"
+    assert first.cached == 0
+    assert second.cached == 4
+    assert second.billed_prompt_tokens == second.billed_completion_tokens == 0
+    assert first.billed_prompt_tokens > 0
+
+    rows = {row.batch_id: row for row in usage_report(led.engine, led.tenant_id, ("batch",))}
+    assert rows[first_batch].billed_prompt_tokens == first.billed_prompt_tokens
+    assert rows[first_batch].billed_completion_tokens == first.billed_completion_tokens
+    assert rows[second_batch].billed_prompt_tokens == 0
+    assert rows[second_batch].cache_hits == 4
+    # The per-call usage stored in the bodies adds up to the billed figures.
+    per_call = sum(
+        call["usage"]["prompt_tokens"]
+        for body in bodies(led, first_batch).values()
+        for call in body["model_calls"]
+        if not call["cached"]
+    )
+    assert per_call == first.billed_prompt_tokens
+
+
+async def test_bad_runs_fail_alone_and_bad_tool_calls_do_not_fail_a_run(
+    led: Ledger, pipeline: ModelCallPipeline
+) -> None:
+    other_tenant = create_tenant(led.engine, "other").id
+    foreign = create_conversation(led.engine, other_tenant)
+    batch_id, ids = add_agent_batch(
+        led,
+        [
+            {"prompt": '[[call no_such_tool {}]] [[call calculator {"expression": "1/0"}]]'},
+            {"prompt": "hi", "conversation_id": foreign},
+            {"prompt": "hi", "conversation_id": "conv_missing"},
+            {"prompt": "hi", "tools": ["shell"]},
+            {"prompt": "[[status 400]]"},
+        ],
+    )
+    report = await run(led, pipeline, ids)
+    assert report.succeeded == 1
+    assert report.failed == 4
+    rows = {row.request_id: row for row in results_of(led.engine, batch_id)}
+    good = rows[ids[0]].response_body
+    assert good is not None
+    results = [
+        r for m in good["transcript"] if m["type"] == "FunctionExecutionResultMessage" for r in m["content"]
+    ]
+    assert [r["is_error"] for r in results] == [True, True]
+    assert rows[ids[1]].error_code == "conversation_not_found"
+    assert rows[ids[2]].error_code == "conversation_not_found"
+    assert rows[ids[3]].error_code == "unknown_tool"
+    assert rows[ids[4]].status_code == 400
+
+
+def test_bodies_are_read_with_inline_messages() -> None:
+    spec = parse_agent_run_body(
+        {
+            "model": "m",
+            "input": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"},
+            ],
+        }
+    )
+    assert spec.config.system_message == "Be brief."
+    assert [m.content for m in spec.inline_history] == ["a", "b"]
+    assert spec.input.content == "c"

@@ -1,0 +1,236 @@
+"""The global limiter against a real Redis (and its in-process twin for the embedded mode)."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import time
+from collections.abc import Sequence
+
+import pytest
+
+from workers.limiter import (
+    CallOutcome,
+    LimiterTuning,
+    LocalRateLimiter,
+    RateLimiter,
+    RedisRateLimiter,
+    Slot,
+)
+from workers.settings import ModelLimits
+
+ENDPOINT = "sim"
+
+
+def max_in_window(timestamps: Sequence[float], window: float) -> int:
+    """Most timestamps inside any half-open window ``[t, t + window)``."""
+    ordered = sorted(timestamps)
+    best, low = 0, 0
+    for high, stamp in enumerate(ordered):
+        while ordered[low] <= stamp - window:
+            low += 1
+        best = max(best, high - low + 1)
+    return best
+
+
+def make_limiter(
+    kind: str, redis_url: str, prefix: str, limits: dict[str, ModelLimits], tuning: LimiterTuning
+) -> RateLimiter:
+    if kind == "redis":
+        return RedisRateLimiter.from_url(redis_url, limits, key_prefix=prefix, tuning=tuning)
+    return LocalRateLimiter(limits, tuning)
+
+
+@pytest.fixture(params=["redis", "local"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def build(
+    kind: str, redis_url: str, prefix: str, limits: dict[str, ModelLimits], **tuning: float
+) -> RateLimiter:
+    return make_limiter(kind, redis_url, prefix, limits, LimiterTuning(**tuning))
+
+
+async def test_requests_per_minute_paces_calls(kind: str, redis_url: str, redis_prefix: str) -> None:
+    rpm = 1200  # 20 a second
+    limiter = await build(kind, redis_url, redis_prefix, {"m": ModelLimits(rpm=rpm)})
+    granted: list[float] = []
+
+    async def call() -> None:
+        slot = await limiter.acquire(ENDPOINT, "m", estimated_tokens=10)
+        granted.append(time.monotonic())
+        await limiter.release(slot, outcome=CallOutcome.SUCCEEDED, actual_tokens=10)
+
+    started = time.monotonic()
+    await asyncio.gather(*(call() for _ in range(30)))
+    elapsed = time.monotonic() - started
+    await limiter.close()
+    interval = 60 / rpm
+    # The first call goes at once, each next one interval later.
+    assert elapsed >= 29 * interval * 0.95
+    assert max_in_window(granted, 1.0) <= rpm / 60 + 1
+
+
+async def test_unlimited_model_is_not_paced(kind: str, redis_url: str, redis_prefix: str) -> None:
+    limiter = await build(kind, redis_url, redis_prefix, {"other": ModelLimits(rpm=1)})
+    decisions = [await limiter.try_acquire(ENDPOINT, "m", estimated_tokens=100) for _ in range(50)]
+    await limiter.close()
+    assert all(d.granted and d.wait_seconds == 0 for d in decisions)
+
+
+async def test_tokens_reserved_from_estimate_and_corrected(
+    kind: str, redis_url: str, redis_prefix: str
+) -> None:
+    tpm = 6000  # 100 tokens a second
+    limiter = await build(kind, redis_url, redis_prefix, {"m": ModelLimits(tpm=tpm)}, horizon_seconds=5.0)
+    first = await limiter.try_acquire(ENDPOINT, "m", estimated_tokens=50)
+    second = await limiter.try_acquire(ENDPOINT, "m", estimated_tokens=50)
+    assert first.granted
+    assert first.wait_seconds == pytest.approx(0, abs=0.01)
+    assert second.granted
+    assert second.wait_seconds == pytest.approx(0.5, abs=0.05)
+    assert first.lease_id is not None
+    # The first call used 10 tokens, not 50: 40 tokens (0.4 s) come back.
+    await limiter.release(
+        Slot(ENDPOINT, "m", first.lease_id, 50), outcome=CallOutcome.SUCCEEDED, actual_tokens=10
+    )
+    third = await limiter.try_acquire(ENDPOINT, "m", estimated_tokens=50)
+    assert third.granted
+    assert third.wait_seconds == pytest.approx(0.6, abs=0.05)
+    # A call that used more than estimated is charged the excess at once.
+    assert third.lease_id is not None
+    await limiter.release(
+        Slot(ENDPOINT, "m", third.lease_id, 50), outcome=CallOutcome.SUCCEEDED, actual_tokens=150
+    )
+    fourth = await limiter.try_acquire(ENDPOINT, "m", estimated_tokens=50)
+    assert fourth.granted
+    assert fourth.wait_seconds == pytest.approx(2.1, abs=0.05)
+    await limiter.close()
+
+
+async def test_beyond_horizon_is_denied_with_a_wait(kind: str, redis_url: str, redis_prefix: str) -> None:
+    limiter = await build(kind, redis_url, redis_prefix, {"m": ModelLimits(rpm=60)}, horizon_seconds=1.5)
+    decisions = [await limiter.try_acquire(ENDPOINT, "m", estimated_tokens=1) for _ in range(3)]
+    await limiter.close()
+    assert [d.granted for d in decisions] == [True, True, False]
+    assert decisions[0].wait_seconds == pytest.approx(0, abs=0.01)
+    assert decisions[1].wait_seconds == pytest.approx(1.0, abs=0.01)
+    # The next schedule is 2 s away, 0.5 s beyond the horizon.
+    assert decisions[2].wait_seconds == pytest.approx(0.5, abs=0.01)
+
+
+async def test_concurrency_cap_and_expired_leases(kind: str, redis_url: str, redis_prefix: str) -> None:
+    limiter = await build(
+        kind,
+        redis_url,
+        redis_prefix,
+        {"m": ModelLimits(max_in_flight=3)},
+        lease_seconds=0.4,
+        poll_seconds=0.01,
+    )
+    held = [await limiter.try_acquire(ENDPOINT, "m", estimated_tokens=1) for _ in range(3)]
+    assert all(d.granted for d in held)
+    denied = await limiter.try_acquire(ENDPOINT, "m", estimated_tokens=1)
+    assert not denied.granted
+    assert denied.wait_seconds == pytest.approx(0.01)
+    assert held[0].lease_id is not None
+    await limiter.release(Slot(ENDPOINT, "m", held[0].lease_id, 1), outcome=CallOutcome.SUCCEEDED)
+    assert (await limiter.try_acquire(ENDPOINT, "m", estimated_tokens=1)).granted
+    assert not (await limiter.try_acquire(ENDPOINT, "m", estimated_tokens=1)).granted
+    # Nobody releases (a killed worker): the leases expire and the slots come back.
+    await asyncio.sleep(0.5)
+    assert (await limiter.state(ENDPOINT, "m")).in_flight == 0
+    assert (await limiter.try_acquire(ENDPOINT, "m", estimated_tokens=1)).granted
+    await limiter.close()
+
+
+async def test_429_halves_the_cap_then_it_recovers(kind: str, redis_url: str, redis_prefix: str) -> None:
+    limiter = await build(
+        kind,
+        redis_url,
+        redis_prefix,
+        {"m": ModelLimits(max_in_flight=8)},
+        decrease_cooldown_seconds=0.2,
+        recovery_seconds=0.6,
+    )
+    slots = [await limiter.acquire(ENDPOINT, "m", estimated_tokens=1) for _ in range(8)]
+    await limiter.release(slots[0], outcome=CallOutcome.RATE_LIMITED)
+    assert (await limiter.state(ENDPOINT, "m")).cap == pytest.approx(4)
+    # Many 429s from one overload count once.
+    await limiter.release(slots[1], outcome=CallOutcome.RATE_LIMITED)
+    assert (await limiter.state(ENDPOINT, "m")).cap == pytest.approx(4)
+    # 6 in flight, cap 4: no new call.
+    assert not (await limiter.try_acquire(ENDPOINT, "m", estimated_tokens=1)).granted
+    await asyncio.sleep(0.25)
+    await limiter.release(slots[2], outcome=CallOutcome.RATE_LIMITED)
+    assert (await limiter.state(ENDPOINT, "m")).cap == pytest.approx(2)
+    # Additive increase: one slot per cap's worth of successes.
+    await limiter.release(slots[3], outcome=CallOutcome.SUCCEEDED)
+    await limiter.release(slots[4], outcome=CallOutcome.SUCCEEDED)
+    assert (await limiter.state(ENDPOINT, "m")).cap == pytest.approx(2 + 1 / 2 + 1 / 2.5)
+    # No 429 for recovery_seconds: the cap is dropped.
+    await asyncio.sleep(0.7)
+    assert (await limiter.state(ENDPOINT, "m")).cap is None
+    await limiter.close()
+
+
+async def test_unlimited_model_still_backs_off(kind: str, redis_url: str, redis_prefix: str) -> None:
+    limiter = await build(kind, redis_url, redis_prefix, {}, poll_seconds=0.01)
+    slots = [await limiter.acquire(ENDPOINT, "free", estimated_tokens=1) for _ in range(6)]
+    await limiter.release(slots[0], outcome=CallOutcome.RATE_LIMITED)
+    state = await limiter.state(ENDPOINT, "free")
+    assert state.cap == pytest.approx(3)
+    assert state.in_flight == 5
+    assert not (await limiter.try_acquire(ENDPOINT, "free", estimated_tokens=1)).granted
+    for slot in slots[1:4]:
+        await limiter.release(slot, outcome=CallOutcome.FAILED)
+    assert (await limiter.try_acquire(ENDPOINT, "free", estimated_tokens=1)).granted
+    await limiter.close()
+
+
+def _acquire_in_process(
+    redis_url: str,
+    prefix: str,
+    rpm: int,
+    calls: int,
+    concurrency: int,
+    out: multiprocessing.Queue[list[float]],
+) -> None:
+    async def main() -> list[float]:
+        limiter = RedisRateLimiter.from_url(redis_url, {"m": ModelLimits(rpm=rpm)}, key_prefix=prefix)
+        stamps: list[float] = []
+        gate = asyncio.Semaphore(concurrency)
+
+        async def call() -> None:
+            async with gate:
+                slot = await limiter.acquire(ENDPOINT, "m", estimated_tokens=5)
+                stamps.append(time.time())
+                await limiter.release(slot, outcome=CallOutcome.SUCCEEDED, actual_tokens=5)
+
+        await asyncio.gather(*(call() for _ in range(calls)))
+        await limiter.close()
+        return stamps
+
+    out.put(asyncio.run(main()))
+
+
+def test_many_processes_share_one_rate(redis_url: str, redis_prefix: str) -> None:
+    rpm, processes, calls = 1800, 4, 20  # 30 a second shared by 4 processes
+    context = multiprocessing.get_context("spawn")
+    out: multiprocessing.Queue[list[float]] = context.Queue()
+    workers = [
+        context.Process(target=_acquire_in_process, args=(redis_url, redis_prefix, rpm, calls, 8, out))
+        for _ in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    stamps = [stamp for _ in workers for stamp in out.get(timeout=60)]
+    for worker in workers:
+        worker.join(timeout=10)
+        assert worker.exitcode == 0
+    assert len(stamps) == processes * calls
+    # Every process alone would go at full speed; together they never pass the shared rate.
+    assert max_in_window(stamps, 1.0) <= rpm / 60 + 1
+    span = max(stamps) - min(stamps)
+    assert span >= (processes * calls - 1) * 60 / rpm * 0.95

@@ -1,0 +1,162 @@
+"""The chunk runner in this process, against the simulator over HTTP and a real database."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import diskcache
+import sqlalchemy as sa
+
+from models.cache import DiskCacheStore
+from models.retry import RetryPolicy
+from simulator.testing import SimulatorServer
+from store import BatchStatus, Request, RequestStatus, cancel_batch, claim_requests, get_batch, make_engine
+from tests.workers.support import Ledger, add_batch, results_of, statuses
+from workers.clients import openai_client_factory
+from workers.limiter import LocalRateLimiter
+from workers.pipeline import ModelCallPipeline
+from workers.runner import ChunkReport, ChunkRunner, RunnerConfig
+
+MakeLedger = Callable[[str], Ledger]
+
+
+def make_pipeline(
+    sim: SimulatorServer, cache_dir: Path | None = None, max_attempts: int = 6
+) -> ModelCallPipeline:
+    store = DiskCacheStore(diskcache.Cache(str(cache_dir))) if cache_dir is not None else None
+    return ModelCallPipeline(
+        openai_client_factory(base_url=sim.base_url, api_key="sim", timeout=10),
+        LocalRateLimiter({}),
+        RetryPolicy(max_attempts=max_attempts, base_delay=0.01, max_delay=0.05),
+        cache_store=store,
+    )
+
+
+async def run_ids(
+    url: str,
+    sim: SimulatorServer,
+    ids: list[str],
+    *,
+    cache_dir: Path | None = None,
+    in_flight: int = 64,
+    max_deliveries: int = 6,
+    cancel_check_interval: float = 1.0,
+) -> ChunkReport:
+    engine = make_engine(url)
+    pipeline = make_pipeline(sim, cache_dir)
+    config = RunnerConfig(
+        owner="test-owner",
+        in_flight=in_flight,
+        max_deliveries=max_deliveries,
+        cancel_check_interval=cancel_check_interval,
+    )
+    try:
+        return await ChunkRunner(engine, pipeline, config).run(ids)
+    finally:
+        await pipeline.close()
+        engine.dispose()
+
+
+async def test_every_request_recorded_once_with_provider_errors(
+    make_ledger: MakeLedger, database_url: str, simulator: SimulatorServer
+) -> None:
+    led = make_ledger(database_url)
+    prompts = [f"question {i}" for i in range(40)] + ["bad [[status 400]]", "long [[context_length]]"]
+    batch_id, ids = add_batch(led, prompts)
+    report = await run_ids(database_url, simulator, ids)
+    results = results_of(led.engine, batch_id)
+    assert len(results) == len(prompts)
+    assert len({r.request_id for r in results}) == len(prompts)
+    failed = {r.request_id: r for r in results if r.status == RequestStatus.FAILED}
+    assert set(failed) == set(ids[-2:])
+    assert failed[ids[-2]].status_code == 400
+    assert failed[ids[-1]].error_code == "context_length_exceeded"
+    assert all(r.error_message for r in failed.values())
+    ok = [r for r in results if r.status == RequestStatus.SUCCEEDED]
+    assert all(r.response_body and r.response_body["object"] == "chat.completion" for r in ok)
+    assert all(r.prompt_tokens > 0 and not r.cached for r in ok)
+    assert statuses(led.engine, batch_id) == {"succeeded": 40, "failed": 2}
+    batch = get_batch(led.engine, batch_id)
+    assert batch is not None
+    assert batch.status == BatchStatus.COMPLETED
+    stats = simulator.stats()
+    # Permanent errors are not retried: one upstream call per request.
+    assert stats["completions"] == len(prompts)
+    assert report.succeeded == 40
+
+
+async def test_429s_are_retried_honouring_retry_after(
+    make_ledger: MakeLedger, sqlite_url: str, simulator: SimulatorServer
+) -> None:
+    simulator.configure(rate_429=0.3, retry_after_s=0.05)
+    led = make_ledger(sqlite_url)
+    batch_id, ids = add_batch(led, [f"q{i}" for i in range(60)])
+    await run_ids(sqlite_url, simulator, ids)
+    results = results_of(led.engine, batch_id)
+    assert len(results) == 60
+    assert all(r.status == RequestStatus.SUCCEEDED for r in results)
+    attempts = sum(r.attempts for r in results)
+    stats = simulator.stats()
+    # Every attempt is counted, and only the results' attempts went upstream.
+    assert attempts == stats["completions"]
+    assert stats["by_status"].get("429", 0) == attempts - 60 > 0
+
+
+async def test_a_repeat_is_a_cache_hit_billed_nothing(
+    make_ledger: MakeLedger, sqlite_url: str, simulator: SimulatorServer, tmp_path: Path
+) -> None:
+    led = make_ledger(sqlite_url)
+    first_batch, first_ids = add_batch(led, ["same question", "other question"])
+    await run_ids(sqlite_url, simulator, first_ids, cache_dir=tmp_path / "cache")
+    second_batch, second_ids = add_batch(led, ["same question"])
+    report = await run_ids(sqlite_url, simulator, second_ids, cache_dir=tmp_path / "cache")
+    [hit] = results_of(led.engine, second_batch)
+    assert hit.cached
+    assert hit.attempts == 0
+    assert simulator.stats()["completions"] == 2
+    assert report.billed_prompt_tokens == 0
+    original = next(r for r in results_of(led.engine, first_batch) if r.request_id == first_ids[0])
+    assert hit.response_body == original.response_body
+
+
+async def test_cancelling_stops_new_calls(
+    make_ledger: MakeLedger, sqlite_url: str, simulator: SimulatorServer
+) -> None:
+    simulator.configure(latency_ms=200)
+    led = make_ledger(sqlite_url)
+    batch_id, ids = add_batch(led, [f"q{i}" for i in range(40)])
+
+    async def cancel_soon() -> None:
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(cancel_batch, led.engine, batch_id)
+
+    canceller = asyncio.create_task(cancel_soon())
+    await run_ids(sqlite_url, simulator, ids, in_flight=2, cancel_check_interval=0.2)
+    await canceller
+    calls = simulator.stats()["completions"]
+    # 2 in flight, 200 ms each: about 10 calls in the first second; none after the cancel was seen.
+    assert calls <= 12
+    counts = statuses(led.engine, batch_id)
+    assert counts.get("cancelled", 0) == 40 - counts.get("succeeded", 0)
+    batch = get_batch(led.engine, batch_id)
+    assert batch is not None
+    assert batch.status == BatchStatus.CANCELLED
+
+
+async def test_a_request_redelivered_too_often_fails_without_a_call(
+    make_ledger: MakeLedger, sqlite_url: str, simulator: SimulatorServer
+) -> None:
+    led = make_ledger(sqlite_url)
+    batch_id, ids = add_batch(led, ["poison"])
+    # Three deliveries whose workers died (claimed, lease run out).
+    for _ in range(3):
+        claim_requests(led.engine, ids, "dead-worker", lease_seconds=-1)
+    await run_ids(sqlite_url, simulator, ids, max_deliveries=3)
+    [result] = results_of(led.engine, batch_id)
+    assert result.status == RequestStatus.FAILED
+    assert result.error_code == "max_deliveries"
+    assert simulator.stats()["completions"] == 0
+    with led.engine.connect() as conn:
+        assert conn.execute(sa.select(Request.attempts).where(Request.id == ids[0])).scalar_one() == 4

@@ -1,0 +1,296 @@
+"""Agent runs on workers: the handler of ``/v1/agent_runs`` requests, and one-off runs.
+
+An agent run is a request in the ledger like a chat completion (kind ``agent_run``), so it gets
+the same leases, sweeper and first-writer-wins result row; its handler runs ``agents.run_assistant``
+with every model call routed through the worker's ``ModelCallPipeline`` (cache -> limiter ->
+retry). A run redone after its worker died repeats no finished model call: each is a cache hit,
+billed 0.
+
+The body of an agent-run request::
+
+    {"model": "gpt-4o-mini", "input": "question" | [OpenAI messages, the last a user message],
+     "system_message": "...", "tools": ["calculator"], "max_tool_iterations": 5,
+     "output_schema": {...}, "extra_create_args": {...}, "conversation_id": "conv_..."}
+
+(every ``AssistantConfig`` field, plus ``input`` and ``conversation_id``). With a
+``conversation_id`` the run continues that conversation (of the same tenant) and appends its
+transcript to it; without one a new conversation is created. The result body
+(``AgentRunOutcome.body``) holds the output, the transcript, and the usage of every model call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from pydantic import TypeAdapter, ValidationError
+from sqlalchemy.engine import Engine
+
+from agents import (
+    AssistantConfig,
+    AssistantRunError,
+    AssistantRunResult,
+    ModelCall,
+    ModelRequest,
+    ToolRegistry,
+    default_registry,
+    run_assistant,
+)
+from models.cancellation import CancellationToken
+from models.errors import BadRequest, ModelClientError
+from models.openai import messages_from_openai
+from models.types import CreateResult, LLMMessage, RequestUsage, SystemMessage, UserMessage
+from store import (
+    ClaimedRequest,
+    RequestKind,
+    RequestStatus,
+    ResultRecord,
+    append_messages,
+    create_conversation,
+    load_conversation,
+)
+from store.tables import Conversation
+from workers.pipeline import ModelCallPipeline
+from workers.runner import DEFAULT_HANDLERS, RequestCancelled, RequestHandler, failed_record
+
+__all__ = [
+    "AgentRunOutcome",
+    "AgentRunSpec",
+    "CallTally",
+    "agent_run_handler",
+    "handlers_with_agents",
+    "parse_agent_run_body",
+    "pipeline_model_call",
+    "run_agent",
+]
+
+_RUN_FIELDS = frozenset({"input", "conversation_id"})
+_MESSAGES: TypeAdapter[list[LLMMessage]] = TypeAdapter(list[LLMMessage])
+
+
+@dataclass(frozen=True)
+class AgentRunSpec:
+    """An agent-run request, read: the config, the new user message, messages given inline
+    before it, and the conversation to continue (if any)."""
+
+    config: AssistantConfig
+    input: UserMessage
+    inline_history: list[LLMMessage]
+    conversation_id: str | None
+
+
+def parse_agent_run_body(body: Mapping[str, Any]) -> AgentRunSpec:
+    """Read an agent-run body; ``BadRequest`` says what is wrong with it."""
+    config_fields = {key: value for key, value in body.items() if key not in _RUN_FIELDS}
+    try:
+        config = AssistantConfig.model_validate(config_fields)
+    except ValidationError as e:
+        raise BadRequest(f"invalid agent run: {e}", code="invalid_agent_run") from e
+    raw_input = body.get("input")
+    history: list[LLMMessage] = []
+    if isinstance(raw_input, str):
+        user = UserMessage(content=raw_input, source="user")
+    elif isinstance(raw_input, list) and raw_input:
+        *history, last = messages_from_openai(raw_input)
+        if not isinstance(last, UserMessage):
+            raise BadRequest("the last message of 'input' must be a user message", code="invalid_agent_run")
+        user = last
+        if history and isinstance(history[0], SystemMessage):
+            # A system message given inline replaces the configured one.
+            config = config.model_copy(update={"system_message": history[0].content})
+            history = history[1:]
+    else:
+        raise BadRequest("'input' must be a string or a non-empty list of messages", code="invalid_agent_run")
+    conversation_id = body.get("conversation_id")
+    if conversation_id is not None and not isinstance(conversation_id, str):
+        raise BadRequest("'conversation_id' must be a string", code="invalid_agent_run")
+    return AgentRunSpec(config=config, input=user, inline_history=history, conversation_id=conversation_id)
+
+
+@dataclass
+class CallTally:
+    """Upstream attempts made by the model calls of one run (retries included)."""
+
+    attempts: int = 0
+
+
+def pipeline_model_call(pipeline: ModelCallPipeline, tally: CallTally | None = None) -> ModelCall:
+    """An ``agents.ModelCall`` through ``pipeline`` (the model named by each request)."""
+
+    async def call(request: ModelRequest, cancellation_token: CancellationToken | None) -> CreateResult:
+        outcome = await pipeline.call(
+            request.model,
+            request.messages,
+            tools=request.tools,
+            json_output=request.json_output,
+            extra_create_args=request.extra_create_args,
+            cancellation_token=cancellation_token,
+        )
+        if tally is not None:
+            tally.attempts += outcome.attempts
+        if outcome.error is not None:
+            raise outcome.error
+        assert outcome.result is not None
+        return outcome.result
+
+    return call
+
+
+@dataclass(frozen=True)
+class AgentRunOutcome:
+    """A finished agent run: what the ledger and the API show of it."""
+
+    conversation_id: str
+    run: AssistantRunResult
+
+    @property
+    def billed_usage(self) -> RequestUsage:
+        return self.run.usage
+
+    @property
+    def all_cached(self) -> bool:
+        return bool(self.run.model_calls) and all(call.cached for call in self.run.model_calls)
+
+    @property
+    def body(self) -> dict[str, Any]:
+        run = self.run
+        return {
+            "object": "agent_run",
+            "conversation_id": self.conversation_id,
+            "status": "completed" if run.stop_reason == "answer" else "incomplete",
+            "stop_reason": run.stop_reason,
+            "output": run.output,
+            "parsed_output": run.parsed_output,
+            "error": run.error,
+            "transcript": _MESSAGES.dump_python(run.transcript, mode="json"),
+            "model_calls": [call.model_dump(mode="json") for call in run.model_calls],
+            "usage": {
+                "prompt_tokens": run.usage.prompt_tokens,
+                "completion_tokens": run.usage.completion_tokens,
+                "total_tokens": run.usage.total_tokens,
+            },
+        }
+
+
+def _conversation_tenant_matches(engine: Engine, conversation_id: str, tenant_id: str | None) -> bool:
+    with engine.connect() as conn:
+        owner = conn.execute(
+            sa.select(Conversation.tenant_id).where(Conversation.id == conversation_id)
+        ).first()
+    return owner is not None and owner[0] == tenant_id
+
+
+async def run_agent(
+    engine: Engine,
+    pipeline: ModelCallPipeline,
+    spec: AgentRunSpec,
+    *,
+    tenant_id: str | None = None,
+    tools: ToolRegistry | None = None,
+    cancellation_token: CancellationToken | None = None,
+    tally: CallTally | None = None,
+) -> AgentRunOutcome:
+    """Run one agent run through ``pipeline``, continuing and extending its conversation in SQL.
+
+    For the API and the CLI (one run, now) as well as the request handler. Raises ``BadRequest``
+    for an unknown tool or a conversation that does not exist or belongs to another tenant, and
+    ``AssistantRunError`` when a model call failed for good.
+    """
+    registry = tools if tools is not None else default_registry
+    unknown = [name for name in spec.config.tools if name not in registry]
+    if unknown:
+        raise BadRequest(f"unknown tools {unknown}; known: {registry.names()}", code="unknown_tool")
+    history: list[LLMMessage] = []
+    if spec.conversation_id is not None:
+        owned = await asyncio.to_thread(_conversation_tenant_matches, engine, spec.conversation_id, tenant_id)
+        if not owned:
+            raise BadRequest(f"no conversation {spec.conversation_id!r}", code="conversation_not_found")
+        history = await asyncio.to_thread(load_conversation, engine, spec.conversation_id)
+    history.extend(spec.inline_history)
+    run = await run_assistant(
+        spec.config,
+        spec.input,
+        history,
+        model_call=pipeline_model_call(pipeline, tally),
+        tools=tools,
+        cancellation_token=cancellation_token,
+    )
+    new_messages: Sequence[LLMMessage] = [*spec.inline_history, *run.transcript]
+    if spec.conversation_id is None:
+        conversation_id = await asyncio.to_thread(create_conversation, engine, tenant_id, new_messages)
+    else:
+        conversation_id = spec.conversation_id
+        await asyncio.to_thread(append_messages, engine, conversation_id, new_messages)
+    return AgentRunOutcome(conversation_id=conversation_id, run=run)
+
+
+def agent_run_handler(engine: Engine, tools: ToolRegistry | None = None) -> RequestHandler:
+    """The ``ChunkRunner`` handler of ``agent_run`` requests."""
+
+    async def complete_agent_run(
+        request: ClaimedRequest, pipeline: ModelCallPipeline, token: CancellationToken
+    ) -> ResultRecord:
+        try:
+            spec = parse_agent_run_body(request.body)
+        except ModelClientError as e:
+            return failed_record(request.id, e, attempts=0)
+        tally = CallTally()
+        try:
+            outcome = await run_agent(
+                engine,
+                pipeline,
+                spec,
+                tenant_id=request.tenant_id,
+                tools=tools,
+                cancellation_token=token,
+                tally=tally,
+            )
+        except asyncio.CancelledError:
+            if token.is_cancelled():
+                raise RequestCancelled(request.id) from None
+            raise
+        except ModelClientError as e:  # an unknown tool, a bad conversation id
+            return failed_record(request.id, e, attempts=tally.attempts)
+        except AssistantRunError as e:
+            cause = e.__cause__
+            error = cause if isinstance(cause, ModelClientError) else ModelClientError(str(e))
+            record = failed_record(request.id, error, attempts=tally.attempts)
+            # What the failed run spent before failing is still spent.
+            return dataclasses.replace(record, usage=e.partial.usage, model=spec.config.model)
+        run = outcome.run
+        cached = outcome.all_cached
+        last_model = run.model_calls[-1].model if run.model_calls else spec.config.model
+        return ResultRecord(
+            request_id=request.id,
+            status=RequestStatus.SUCCEEDED,
+            response_body=outcome.body,
+            status_code=200,
+            finish_reason=run.stop_reason,
+            model=last_model,
+            # A fully cached run records what it represents (billed 0 as a hit); otherwise what
+            # the calls that went upstream spent.
+            usage=_total(run) if cached else run.usage,
+            cached=cached,
+            latency_ms=sum(call.latency_seconds for call in run.model_calls) * 1000.0,
+            attempts=tally.attempts,
+        )
+
+    return complete_agent_run
+
+
+def _total(run: AssistantRunResult) -> RequestUsage:
+    total = RequestUsage()
+    for call in run.model_calls:
+        total = total + call.usage
+    return total
+
+
+def handlers_with_agents(
+    engine: Engine, tools: ToolRegistry | None = None
+) -> dict[RequestKind, RequestHandler]:
+    """The runner's default handlers plus ``agent_run``: pass as ``ChunkRunner(handlers=...)``."""
+    return {**DEFAULT_HANDLERS, RequestKind.AGENT_RUN: agent_run_handler(engine, tools)}

@@ -1,0 +1,311 @@
+"""``tokenmill run``, ``tokenmill worker`` and ``tokenmill beat``.
+
+``run`` is the embedded mode: the whole batch on this machine through the same chunk runner the
+workers use, with the settings' database (SQLite by default) and cache (a directory by default).
+Run again with the same input and database, it resumes the same batch: what finished is not sent
+again, and what was in flight when it stopped is answered from the cache if it had completed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Annotated, Any
+
+import typer
+
+__all__ = ["beat", "run", "worker"]
+
+_LOCAL_TENANT = "local"
+_RUN_METADATA_KEY = "tokenmill_run_input"
+_CONCURRENCY_HELP = (
+    "Requests in flight at once (per process for `worker`). Not Celery's -c, which sets the pool "
+    "size: that is --processes here."
+)
+
+
+def _input_digest(path: Path, model: str | None) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as source:
+        for block in iter(lambda: source.read(1 << 20), b""):
+            digest.update(block)
+    digest.update(f"\0model={model or ''}".encode())
+    return digest.hexdigest()[:32]
+
+
+def _embedded_owner() -> str:
+    return f"embedded:{socket.gethostname()}:{os.getpid()}"
+
+
+def _release_dead_embedded_leases(engine: Any, batch_id: str) -> int:
+    """Requests an earlier ``tokenmill run`` on this host held when it died go back to the queue."""
+    import sqlalchemy as sa
+
+    from store import Request, RequestStatus, release_requests
+
+    prefix = f"embedded:{socket.gethostname()}:"
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(Request.id, Request.lease_owner).where(
+                Request.batch_id == batch_id,
+                Request.status == RequestStatus.RUNNING,
+                Request.lease_owner.like(f"{prefix}%"),
+            )
+        ).all()
+    by_owner: dict[str, list[str]] = {}
+    for row in rows:
+        pid = int(row.lease_owner.rsplit(":", 1)[1])
+        if pid == os.getpid() or not _pid_alive(pid):
+            by_owner.setdefault(row.lease_owner, []).append(row.id)
+    return sum(release_requests(engine, ids, owner) for owner, ids in by_owner.items())
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _find_or_ingest(engine: Any, input_path: Path, model: str | None, default_model: str) -> tuple[str, bool]:
+    """(batch id, resumed): the batch an earlier run made of this input, else a new one."""
+    from store import create_tenant, get_tenant, ingest_batch, list_batches
+
+    if get_tenant(engine, _LOCAL_TENANT) is None:
+        with contextlib.suppress(Exception):  # another run created it meanwhile
+            create_tenant(engine, "local", tenant_id=_LOCAL_TENANT)
+    digest = _input_digest(input_path, model)
+    after: str | None = None
+    while True:
+        page = list_batches(engine, _LOCAL_TENANT, after=after, limit=100)
+        for batch in page.data:
+            if (batch.batch_metadata or {}).get(_RUN_METADATA_KEY) == digest and batch.status != "failed":
+                return batch.id, True
+        if not page.has_more:
+            break
+        after = page.last_id
+    with input_path.open("rb") as source:
+        report = ingest_batch(
+            engine,
+            source,
+            tenant_id=_LOCAL_TENANT,
+            defaults={"model": model or default_model},
+            metadata={_RUN_METADATA_KEY: digest, "input": input_path.name[:200]},
+        )
+    if report.accepted == 0 or str(report.status) == "failed":
+        lines = "; ".join(f"line {e.line}: {e.message}" for e in report.errors[:10])
+        raise typer.BadParameter(f"{input_path} was rejected: {lines}", param_hint="INPUT")
+    return report.batch_id, False
+
+
+@contextlib.contextmanager
+def _upstream(simulate: bool) -> Iterator[dict[str, str]]:
+    """Where the model calls go: the bundled simulator, or what the SDK's variables say."""
+    if simulate:
+        from simulator.testing import SimulatorServer
+
+        with SimulatorServer() as server:
+            yield {"OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "simulated"}
+        return
+    if not os.environ.get("OPENAI_API_KEY"):
+        typer.echo(
+            "No provider key: set OPENAI_API_KEY (and OPENAI_BASE_URL for an OpenAI-compatible "
+            "server), or add --simulate to run against the bundled simulator (no key, no network).",
+            err=True,
+        )
+        raise typer.Exit(2)
+    yield {}
+
+
+def _write_lines(target: IO[bytes], lines: Iterator[bytes]) -> int:
+    count = 0
+    for line in lines:
+        target.write(line)
+        count += 1
+    return count
+
+
+def run(
+    input_path: Annotated[
+        Path,
+        typer.Argument(
+            metavar="INPUT.jsonl",
+            exists=True,
+            dir_okay=False,
+            help='OpenAI batch lines, or short ones: {"prompt": ...}.',
+        ),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where the OpenAI-format output lines go.")],
+    errors: Annotated[
+        Path | None, typer.Option("--errors", help="Failed requests go here instead of into --output.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Model for lines that name none (default: TOKENMILL_DEFAULT_MODEL).")
+    ] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", "-n", min=1, help=_CONCURRENCY_HELP)] = 64,
+    simulate: Annotated[
+        bool, typer.Option(help="Answer from the bundled simulator: no key, no network.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Run a batch on this machine (no broker needed) and write its results; resumable."""
+    from store import make_engine, upgrade_to_head
+    from workers.settings import get_settings
+
+    settings = get_settings()
+    with _upstream(simulate) as client_env:
+        upgrade_to_head(settings.database_url)
+        engine = make_engine(settings.database_url)
+        try:
+            batch_id, resumed = _find_or_ingest(engine, input_path, model, settings.default_model)
+            released = _release_dead_embedded_leases(engine, batch_id)
+            if resumed and not quiet:
+                typer.echo(f"resuming {batch_id} ({released} interrupted request(s) back in line)", err=True)
+            try:
+                asyncio.run(_run_embedded(engine, batch_id, client_env, concurrency, quiet))
+            except KeyboardInterrupt:
+                typer.echo(f"\ninterrupted: run the same command again to resume {batch_id}", err=True)
+                raise typer.Exit(130) from None
+            from store import iter_error_lines, iter_output_lines
+
+            with output.open("wb") as target:
+                written = _write_lines(target, iter_output_lines(engine, batch_id))
+                if errors is None:
+                    failed = _write_lines(target, iter_error_lines(engine, batch_id))
+                else:
+                    with errors.open("wb") as error_target:
+                        failed = _write_lines(error_target, iter_error_lines(engine, batch_id))
+            if not quiet:
+                where = f" ({failed} failed -> {errors or output})" if failed else ""
+                typer.echo(f"{written} results -> {output}{where}", err=True)
+        finally:
+            engine.dispose()
+
+
+async def _run_embedded(
+    engine: Any, batch_id: str, client_env: dict[str, str], concurrency: int, quiet: bool
+) -> None:
+    from store import ResultRecord, batch_progress, pending_request_ids
+    from workers.clients import build_pipeline
+    from workers.progress import RunProgress
+    from workers.runner import ChunkRunner, RunnerConfig
+    from workers.settings import get_settings
+
+    settings = get_settings()
+    progress = batch_progress(engine, batch_id)
+    display = RunProgress(total=progress.total, already_done=progress.finished, enabled=not quiet)
+
+    def on_result(record: ResultRecord) -> None:
+        display.add(record)
+
+    pipeline = build_pipeline(settings, client_env=client_env)
+    config = RunnerConfig(
+        owner=_embedded_owner(),
+        lease_seconds=settings.lease_seconds,
+        in_flight=concurrency,
+        max_deliveries=settings.max_attempts,
+    )
+    runner = ChunkRunner(engine, pipeline, config, on_result=on_result)
+    chunk = max(1000, concurrency * 20)
+    try:
+        with display:
+            while True:
+                ids = await asyncio.to_thread(pending_request_ids, engine, batch_id, chunk)
+                if not ids:
+                    left = await asyncio.to_thread(batch_progress, engine, batch_id)
+                    if left.queued == 0 and left.running == 0:
+                        break
+                    await asyncio.sleep(0.5)  # released with a not_before (a long Retry-After)
+                    continue
+                report = await runner.run(ids)
+                if report.claimed == 0:
+                    await asyncio.sleep(0.5)
+    finally:
+        await pipeline.close()
+
+
+def worker(
+    processes: Annotated[
+        int | None, typer.Option("--processes", "-p", min=1, help="Worker processes (default: CPU count).")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", "-n", min=1, help=_CONCURRENCY_HELP + " Default 64.")
+    ] = None,
+    queues: Annotated[
+        str, typer.Option("--queues", "-Q", help="Comma-separated queues to consume.")
+    ] = "tokenmill",
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    hostname: Annotated[str | None, typer.Option(help="Celery node name (default: tokenmill@host).")] = None,
+) -> None:
+    """Start a Celery worker: P processes, each running N requests at once on its own event loop."""
+    if concurrency is not None:
+        os.environ["TOKENMILL_IN_FLIGHT_PER_PROCESS"] = str(concurrency)
+    # SIGTERM does a soft shutdown: running chunks get worker_soft_shutdown_timeout, then requeue.
+    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
+    from workers.settings import get_settings
+
+    get_settings.cache_clear()
+    if get_settings().broker_url is None:
+        typer.echo("No broker: set TOKENMILL_BROKER_URL=redis://... (or use `tokenmill run`).", err=True)
+        raise typer.Exit(2)
+    from workers.app import app
+
+    argv = [
+        "worker",
+        f"--concurrency={processes or os.cpu_count() or 1}",
+        "--pool=prefork",
+        f"--queues={queues}",
+        f"--loglevel={loglevel}",
+        "--task-events",
+        f"--hostname={hostname or 'tokenmill@%h'}",
+    ]
+    app.worker_main(argv)
+
+
+def beat(
+    interval: Annotated[
+        float | None, typer.Option(help="Seconds between sweeps (default: TOKENMILL_SWEEP_INTERVAL_SECONDS).")
+    ] = None,
+    once: Annotated[bool, typer.Option(help="Sweep once and exit.")] = False,
+) -> None:
+    """Re-queue requests no message will run: expired leases, lost or never-sent messages."""
+    import logging
+
+    from workers.settings import get_settings
+
+    settings = get_settings()
+    if settings.broker_url is None:
+        typer.echo(
+            "No broker: set TOKENMILL_BROKER_URL=redis://... (`tokenmill run` needs no sweeper).", err=True
+        )
+        raise typer.Exit(2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from workers.sweeper import sweep, sweep_forever
+    from workers.tasks import dispatcher
+
+    target = dispatcher()
+    grace = int(settings.sweep_grace_seconds)
+    if once:
+        report = sweep(target, grace_seconds=grace)
+        typer.echo(f"{report.dead_dispatches} lost dispatch(es), {report.redispatched} request(s) re-queued")
+        return
+    stopping = False
+
+    def stop(*_: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    sweep_forever(
+        target, interval or settings.sweep_interval_seconds, grace_seconds=grace, should_stop=lambda: stopping
+    )

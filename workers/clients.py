@@ -1,0 +1,79 @@
+"""Building a worker's model-call pipeline from the settings, once per event loop.
+
+Upstream clients are OpenAI-protocol clients (``OPENAI_BASE_URL`` / ``OPENAI_API_KEY`` as the SDK
+reads them, or given here); the limiter is the shared Redis one when a broker is configured, else
+the in-process one; the cache is ``RedisStore`` for a ``redis://`` cache URL, else a ``diskcache``
+directory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import diskcache
+
+from models.base import ChatCompletionClient
+from models.cache import CachedCompletion, CacheStore, DiskCacheStore, RedisStore
+from models.openai import OpenAIChatCompletionClient
+from models.retry import RetryPolicy
+from workers.limiter import LimiterTuning, LocalRateLimiter, RateLimiter, RedisRateLimiter
+from workers.pipeline import ClientFactory, ModelCallPipeline
+from workers.settings import Settings
+
+__all__ = ["build_pipeline", "cache_store", "limiter_for", "openai_client_factory"]
+
+
+def openai_client_factory(
+    *, base_url: str | None = None, api_key: str | None = None, timeout: float = 600.0
+) -> ClientFactory:
+    def make(model: str) -> ChatCompletionClient:
+        return OpenAIChatCompletionClient(model=model, base_url=base_url, api_key=api_key, timeout=timeout)
+
+    return make
+
+
+def limiter_for(settings: Settings, tuning: LimiterTuning | None = None) -> RateLimiter:
+    tuning = tuning or LimiterTuning(lease_seconds=settings.upstream_timeout_seconds + 30)
+    if settings.broker_url is None:
+        return LocalRateLimiter(settings.limits, tuning)
+    return RedisRateLimiter.from_url(
+        settings.broker_url, settings.limits, key_prefix=settings.key_prefix, tuning=tuning
+    )
+
+
+def cache_store(settings: Settings) -> CacheStore[CachedCompletion]:
+    if settings.cache_is_redis:
+        return RedisStore.from_url(settings.cache_url, settings.cache_prefix)
+    return DiskCacheStore(diskcache.Cache(settings.cache_url), settings.cache_prefix, in_thread=True)
+
+
+def build_pipeline(
+    settings: Settings,
+    *,
+    client_factory: ClientFactory | None = None,
+    limiter: RateLimiter | None = None,
+    cache: CacheStore[CachedCompletion] | bool | None = True,
+    client_env: Mapping[str, str] | None = None,
+) -> ModelCallPipeline:
+    """A pipeline for the running event loop. ``cache=False`` turns the cache off; ``client_env``
+    may carry ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY`` overrides."""
+    env = client_env or {}
+    factory = client_factory or openai_client_factory(
+        base_url=env.get("OPENAI_BASE_URL"),
+        api_key=env.get("OPENAI_API_KEY"),
+        timeout=settings.upstream_timeout_seconds,
+    )
+    store: CacheStore[CachedCompletion] | None
+    if cache is True:
+        store = cache_store(settings)
+    elif cache is False or cache is None:
+        store = None
+    else:
+        store = cache
+    return ModelCallPipeline(
+        factory,
+        limiter or limiter_for(settings),
+        RetryPolicy(max_attempts=settings.max_attempts),
+        cache_store=store,
+        cache_ttl=settings.cache_ttl_seconds,
+    )

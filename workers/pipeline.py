@@ -1,0 +1,422 @@
+"""The path of every model call a worker makes: cache -> rate limiter -> client with retries.
+
+``ModelCallPipeline`` builds, per model, ``ChatCompletionCache(GovernedClient(client))``:
+
+* the cache (with single-flight) answers repeats without an upstream call, and stores an answer
+  before the caller records it (invariant 3: a redo after a crash is a hit);
+* ``GovernedClient`` takes a global limiter slot before *every* upstream attempt (retries
+  included, so the provider's view of our rate is what the limiter allows), gives it back with
+  the outcome (a 429 shrinks the concurrency cap) and the real token usage, and retries
+  retryable errors with ``RetryPolicy`` (backoff with jitter, honouring ``Retry-After``).
+
+The chunk runner calls ``call`` once per request; an agent calls ``create`` (or ``client_for``
+to get a ``ChatCompletionClient`` it can hold), and so goes through the same path. A pipeline and
+everything it holds belong to one event loop.
+
+What one call cost (upstream attempts, time) is tallied in a ``CallStats`` kept in a context
+variable, so that the layers between the caller and ``GovernedClient`` need not carry it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel
+
+from models.base import ChatCompletionClient
+from models.cache import CachedCompletion, CacheStore, ChatCompletionCache, UncacheableRequestError
+from models.cancellation import CancellationToken
+from models.errors import ModelClientError, QuotaExceeded, RateLimited
+from models.events import Retry, emit
+from models.retry import RetryPolicy
+from models.tokens import estimate_tokens
+from models.types import CreateResult, LLMMessage, ModelInfo, RequestUsage, Tool, ToolChoice, ToolSchema
+from workers.limiter import CallOutcome, RateLimiter
+
+__all__ = ["CallResult", "CallStats", "GovernedClient", "ModelCallPipeline", "limiter_endpoint"]
+
+
+@dataclass
+class CallStats:
+    """Upstream attempts made and the last error seen, for one logical call."""
+
+    attempts: int = 0
+    last_error: ModelClientError | None = None
+    waited_for_limits_s: float = 0.0
+
+
+_current_stats: ContextVar[CallStats | None] = ContextVar("tokenmill_call_stats", default=None)
+
+
+@contextmanager
+def _tally() -> Iterator[CallStats]:
+    stats = CallStats()
+    token = _current_stats.set(stats)
+    try:
+        yield stats
+    finally:
+        _current_stats.reset(token)
+
+
+def limiter_endpoint(client: ChatCompletionClient) -> str:
+    """What a client's limits are shared by: its provider and endpoint host, never a secret."""
+    identity = client.cache_identity
+    for name in ("endpoint", "base_url", "provider"):
+        value = identity.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return "default"
+
+
+def _completion_budget(extra_create_args: Mapping[str, Any]) -> int:
+    # Providers count max_tokens against tokens-per-minute when the call is admitted.
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = extra_create_args.get(name)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 0
+
+
+class GovernedClient(ChatCompletionClient):
+    """``client`` behind the global limiter, retried by ``retry``: one slot per attempt."""
+
+    def __init__(
+        self,
+        client: ChatCompletionClient,
+        limiter: RateLimiter,
+        retry: RetryPolicy,
+        *,
+        model: str,
+        endpoint: str | None = None,
+    ) -> None:
+        self._client = client
+        self._limiter = limiter
+        self._retry = retry
+        self._model = model
+        self._endpoint = endpoint or limiter_endpoint(client)
+
+    @property
+    def client(self) -> ChatCompletionClient:
+        return self._client
+
+    def _estimate(
+        self, messages: Sequence[LLMMessage], tools: Sequence[Tool | ToolSchema], extra: Mapping[str, Any]
+    ) -> int:
+        return estimate_tokens(messages, tools) + _completion_budget(extra)
+
+    async def _acquire(self, estimate: int, cancellation_token: CancellationToken | None) -> Any:
+        started = time.monotonic()
+        slot = await self._limiter.acquire(
+            self._endpoint, self._model, estimated_tokens=estimate, cancellation_token=cancellation_token
+        )
+        stats = _current_stats.get()
+        if stats is not None:
+            stats.waited_for_limits_s += time.monotonic() - started
+        return slot
+
+    async def _after_failure(self, attempt: int, error: ModelClientError) -> None:
+        """Wait before the next attempt, or re-raise ``error`` if there is none."""
+        stats = _current_stats.get()
+        if stats is not None:
+            stats.last_error = error
+        delay = self._retry.next_delay(attempt, error)
+        if delay is None:
+            raise error
+        emit(
+            Retry(
+                model=self._model,
+                attempt=attempt,
+                delay_s=delay,
+                error=f"{type(error).__name__}: {error.message}",
+                retry_after=error.retry_after if isinstance(error, RateLimited) else None,
+            )
+        )
+        await asyncio.sleep(delay)
+
+    @staticmethod
+    def _outcome_of(error: ModelClientError) -> CallOutcome:
+        if isinstance(error, RateLimited) and not isinstance(error, QuotaExceeded):
+            return CallOutcome.RATE_LIMITED
+        return CallOutcome.FAILED
+
+    @staticmethod
+    def _count_attempt() -> None:
+        stats = _current_stats.get()
+        if stats is not None:
+            stats.attempts += 1
+
+    async def create(
+        self,
+        messages: Sequence[LLMMessage],
+        *,
+        tools: Sequence[Tool | ToolSchema] = (),
+        tool_choice: ToolChoice = "auto",
+        json_output: bool | type[BaseModel] | None = None,
+        extra_create_args: Mapping[str, Any] = {},
+        cancellation_token: CancellationToken | None = None,
+    ) -> CreateResult:
+        estimate = self._estimate(messages, tools, extra_create_args)
+        attempt = 1
+        while True:
+            slot = await self._acquire(estimate, cancellation_token)
+            self._count_attempt()
+            try:
+                result = await self._client.create(
+                    messages,
+                    tools=tools,
+                    tool_choice=tool_choice,
+                    json_output=json_output,
+                    extra_create_args=extra_create_args,
+                    cancellation_token=cancellation_token,
+                )
+            except ModelClientError as error:
+                # A refused or failed call spent no tokens we can know of: refund the estimate.
+                await self._limiter.release(slot, outcome=self._outcome_of(error), actual_tokens=0)
+                await self._after_failure(attempt, error)
+                attempt += 1
+                continue
+            except BaseException:
+                await asyncio.shield(self._limiter.release(slot, outcome=CallOutcome.FAILED))
+                raise
+            await self._limiter.release(
+                slot, outcome=CallOutcome.SUCCEEDED, actual_tokens=result.usage.total_tokens
+            )
+            return result
+
+    async def create_stream(
+        self,
+        messages: Sequence[LLMMessage],
+        *,
+        tools: Sequence[Tool | ToolSchema] = (),
+        tool_choice: ToolChoice = "auto",
+        json_output: bool | type[BaseModel] | None = None,
+        extra_create_args: Mapping[str, Any] = {},
+        cancellation_token: CancellationToken | None = None,
+    ) -> AsyncGenerator[str | CreateResult, None]:
+        """Retried only while nothing was yielded: a caller cannot take back chunks it has seen."""
+        estimate = self._estimate(messages, tools, extra_create_args)
+        attempt = 1
+        while True:
+            slot = await self._acquire(estimate, cancellation_token)
+            self._count_attempt()
+            yielded = False
+            outcome, actual = CallOutcome.FAILED, None
+            stream = self._client.create_stream(
+                messages,
+                tools=tools,
+                tool_choice=tool_choice,
+                json_output=json_output,
+                extra_create_args=extra_create_args,
+                cancellation_token=cancellation_token,
+            )
+            try:
+                async for item in stream:
+                    if isinstance(item, CreateResult):
+                        outcome, actual = CallOutcome.SUCCEEDED, item.usage.total_tokens
+                    yielded = True
+                    yield item
+                return
+            except ModelClientError as error:
+                outcome, actual = self._outcome_of(error), 0
+                if yielded:
+                    raise
+                await self._limiter.release(slot, outcome=outcome, actual_tokens=actual)
+                slot = None
+                await self._after_failure(attempt, error)
+                attempt += 1
+            finally:
+                await stream.aclose()
+                if slot is not None:
+                    await asyncio.shield(self._limiter.release(slot, outcome=outcome, actual_tokens=actual))
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    def actual_usage(self) -> RequestUsage:
+        return self._client.actual_usage()
+
+    def total_usage(self) -> RequestUsage:
+        return self._client.total_usage()
+
+    def count_tokens(self, messages: Sequence[LLMMessage], *, tools: Sequence[Tool | ToolSchema] = ()) -> int:
+        return self._client.count_tokens(messages, tools=tools)
+
+    def remaining_tokens(
+        self, messages: Sequence[LLMMessage], *, tools: Sequence[Tool | ToolSchema] = ()
+    ) -> int:
+        return self._client.remaining_tokens(messages, tools=tools)
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._client.model_info
+
+    @property
+    def cache_identity(self) -> Mapping[str, Any]:
+        return self._client.cache_identity
+
+
+@dataclass
+class CallResult:
+    """The outcome of one logical call: a result or the error that ended it, plus its cost."""
+
+    result: CreateResult | None
+    error: ModelClientError | None
+    attempts: int
+    latency_ms: float
+    cache_key: str | None
+    waited_for_limits_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cached(self) -> bool:
+        return self.result is not None and self.result.cached
+
+
+ClientFactory = Callable[[str], ChatCompletionClient]
+"""Builds the upstream client for a model name (called once per model per pipeline)."""
+
+
+class ModelCallPipeline:
+    """cache -> limiter -> client+retry for any model, on one event loop.
+
+    ``client_factory(model)`` makes the raw client (e.g. an OpenAI client with the SDK's own
+    retries off); ``cache_store`` None means no cache.
+    """
+
+    def __init__(
+        self,
+        client_factory: ClientFactory,
+        limiter: RateLimiter,
+        retry: RetryPolicy,
+        *,
+        cache_store: CacheStore[CachedCompletion] | None = None,
+        cache_ttl: float | None = None,
+    ) -> None:
+        self._client_factory = client_factory
+        self.limiter = limiter
+        self.retry = retry
+        self._cache_store = cache_store
+        self._cache_ttl = cache_ttl
+        self._clients: dict[str, ChatCompletionClient] = {}
+
+    def client_for(self, model: str) -> ChatCompletionClient:
+        """The governed (and cached) client of ``model``, built on first use."""
+        client = self._clients.get(model)
+        if client is None:
+            governed = GovernedClient(self._client_factory(model), self.limiter, self.retry, model=model)
+            client = (
+                governed
+                if self._cache_store is None
+                else ChatCompletionCache(governed, self._cache_store, self._cache_ttl)
+            )
+            self._clients[model] = client
+        return client
+
+    def cache_key(
+        self,
+        model: str,
+        messages: Sequence[LLMMessage],
+        *,
+        tools: Sequence[Tool | ToolSchema] = (),
+        tool_choice: ToolChoice = "auto",
+        json_output: bool | type[BaseModel] | None = None,
+        extra_create_args: Mapping[str, Any] = {},
+    ) -> str | None:
+        client = self.client_for(model)
+        if not isinstance(client, ChatCompletionCache):
+            return None
+        try:
+            return client.cache_key(
+                messages,
+                tools=tools,
+                tool_choice=tool_choice,
+                json_output=json_output,
+                extra_create_args=extra_create_args,
+            )
+        except UncacheableRequestError:
+            return None
+
+    async def call(
+        self,
+        model: str,
+        messages: Sequence[LLMMessage],
+        *,
+        tools: Sequence[Tool | ToolSchema] = (),
+        tool_choice: ToolChoice = "auto",
+        json_output: bool | type[BaseModel] | None = None,
+        extra_create_args: Mapping[str, Any] = {},
+        cancellation_token: CancellationToken | None = None,
+    ) -> CallResult:
+        """One call; a ``ModelClientError`` that ended it is returned, not raised."""
+        client = self.client_for(model)
+        key = self.cache_key(
+            model,
+            messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            json_output=json_output,
+            extra_create_args=extra_create_args,
+        )
+        started = time.perf_counter()
+        with _tally() as stats:
+            try:
+                result = await client.create(
+                    messages,
+                    tools=tools,
+                    tool_choice=tool_choice,
+                    json_output=json_output,
+                    extra_create_args=extra_create_args,
+                    cancellation_token=cancellation_token,
+                )
+                error = None
+            except ModelClientError as e:
+                result, error = None, e
+        return CallResult(
+            result=result,
+            error=error,
+            attempts=stats.attempts,
+            latency_ms=(time.perf_counter() - started) * 1000.0,
+            cache_key=key,
+            waited_for_limits_s=stats.waited_for_limits_s,
+        )
+
+    async def create(
+        self,
+        model: str,
+        messages: Sequence[LLMMessage],
+        *,
+        tools: Sequence[Tool | ToolSchema] = (),
+        tool_choice: ToolChoice = "auto",
+        json_output: bool | type[BaseModel] | None = None,
+        extra_create_args: Mapping[str, Any] = {},
+        cancellation_token: CancellationToken | None = None,
+    ) -> CreateResult:
+        """Like ``call`` but raises the ``ModelClientError`` (the shape agents expect)."""
+        outcome = await self.call(
+            model,
+            messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            json_output=json_output,
+            extra_create_args=extra_create_args,
+            cancellation_token=cancellation_token,
+        )
+        if outcome.error is not None:
+            raise outcome.error
+        assert outcome.result is not None
+        return outcome.result
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()
+        await self.limiter.close()
+        close_store = getattr(self._cache_store, "close", None)
+        if close_store is not None:
+            await close_store()

@@ -1,0 +1,345 @@
+"""The chunk runner: claim a chunk of requests and run them concurrently on one event loop.
+
+Used by the Celery task (one ``asyncio.run`` per chunk) and by the embedded mode (``tokenmill
+run``). For each request: claim with a lease, then the request's handler (for chat completions:
+``ModelCallPipeline.call``, i.e. cache -> limiter -> client with retries), then a ``ResultRecord``
+written to the ledger in batches (every ``flush_size`` results or ``flush_interval`` seconds),
+first writer wins. Alongside:
+
+* a heartbeat extends the leases of what is still unfinished every third of the lease; a lease
+  found lost (another worker took the request) cancels that request here;
+* a watcher reads the batches' status every ``cancel_check_interval``: a cancelled or expired
+  batch starts no new request and its pending ones are cancelled (calls in flight end; the token
+  passed to them stops their retries);
+* a deadline (half the visibility timeout under Celery) stops starting requests, so a chunk
+  never outlives its message's visibility; what was not started is released for the sweeper.
+
+A request delivered more than ``max_deliveries`` times (it keeps killing workers, say) is recorded
+as failed without another call. Handlers are per request kind: ``agents`` registers its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from sqlalchemy.engine import Engine
+
+from models.cancellation import CancellationToken
+from models.errors import ModelClientError
+from models.openai import chat_completion_body, request_from_openai_body
+from store import (
+    ClaimedRequest,
+    RequestKind,
+    RequestStatus,
+    ResultRecord,
+    claim_requests,
+    extend_leases,
+    record_results,
+    release_requests,
+)
+from workers.ledger import STOPPED_BATCH_STATUSES, batch_statuses, cancel_claimed
+from workers.pipeline import CallResult, ModelCallPipeline
+
+__all__ = [
+    "ChunkReport",
+    "ChunkRunner",
+    "RequestCancelled",
+    "RequestHandler",
+    "RunnerConfig",
+    "complete_chat",
+    "failed_record",
+    "record_of_call",
+]
+
+_logger = logging.getLogger(__name__)
+
+
+class RequestCancelled(Exception):
+    """A handler stopped because its batch was cancelled; the request ends as cancelled."""
+
+
+class RequestHandler(Protocol):
+    """Runs one claimed request to its record. Raise ``RequestCancelled`` when ``token`` fired."""
+
+    def __call__(
+        self, request: ClaimedRequest, pipeline: ModelCallPipeline, token: CancellationToken
+    ) -> Awaitable[ResultRecord]: ...
+
+
+@dataclass
+class RunnerConfig:
+    owner: str
+    lease_seconds: int = 300
+    in_flight: int = 64
+    max_deliveries: int = 6
+    flush_size: int = 50
+    flush_interval: float = 0.1
+    cancel_check_interval: float = 1.0
+    deadline_seconds: float | None = None
+
+
+@dataclass
+class ChunkReport:
+    """What one chunk did. ``billed_*`` tokens exclude cache hits (a hit is free)."""
+
+    requested: int = 0
+    claimed: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cached: int = 0
+    cancelled: int = 0
+    released: int = 0
+    duplicates: int = 0
+    upstream_attempts: int = 0
+    billed_prompt_tokens: int = 0
+    billed_completion_tokens: int = 0
+    finalized_batches: list[str] = field(default_factory=list)
+
+
+def failed_record(
+    request_id: str, error: ModelClientError, *, attempts: int, latency_ms: float | None = None
+) -> ResultRecord:
+    """A failure as the batch error file shows it: the provider's status, code and message."""
+    code = error.code or type(error).__name__
+    body = None
+    if error.status_code is not None:
+        body = {
+            "error": {"message": error.message, "type": type(error).__name__, "param": None, "code": code}
+        }
+    return ResultRecord(
+        request_id=request_id,
+        status=RequestStatus.FAILED,
+        response_body=body,
+        status_code=error.status_code,
+        upstream_request_id=error.request_id,
+        error_code=code,
+        error_message=error.message,
+        model=error.model,
+        attempts=attempts,
+        latency_ms=latency_ms,
+    )
+
+
+def record_of_call(request_id: str, model: str, call: CallResult) -> ResultRecord:
+    if call.result is None:
+        assert call.error is not None
+        return failed_record(request_id, call.error, attempts=call.attempts, latency_ms=call.latency_ms)
+    result = call.result
+    return ResultRecord(
+        request_id=request_id,
+        status=RequestStatus.SUCCEEDED,
+        response_body=chat_completion_body(result, model=model),
+        status_code=200,
+        upstream_request_id=result.response_id,
+        finish_reason=result.finish_reason,
+        model=result.model or model,
+        usage=result.usage,
+        cached=result.cached,
+        latency_ms=call.latency_ms,
+        attempts=call.attempts,
+        cache_key=call.cache_key,
+    )
+
+
+async def complete_chat(
+    request: ClaimedRequest, pipeline: ModelCallPipeline, token: CancellationToken
+) -> ResultRecord:
+    """The handler of ``/v1/chat/completions`` lines."""
+    try:
+        chat = request_from_openai_body(request.body)
+    except ModelClientError as e:
+        return failed_record(request.id, e, attempts=0)
+    try:
+        call = await pipeline.call(
+            chat.model, chat.messages, **chat.create_kwargs(), cancellation_token=token
+        )
+    except asyncio.CancelledError:
+        if token.is_cancelled():
+            raise RequestCancelled(request.id) from None
+        raise
+    return record_of_call(request.id, chat.model, call)
+
+
+DEFAULT_HANDLERS: Mapping[RequestKind, RequestHandler] = {RequestKind.CHAT_COMPLETION: complete_chat}
+
+ResultListener = Callable[[ResultRecord], None]
+
+
+class _Writer:
+    """Buffers records and writes them with ``record_results`` in batches, off the event loop."""
+
+    def __init__(self, engine: Engine, report: ChunkReport, flush_size: int, flush_interval: float) -> None:
+        self._engine = engine
+        self._report = report
+        self._flush_size = flush_size
+        self._flush_interval = flush_interval
+        self._buffer: list[ResultRecord] = []
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+
+    def add(self, record: ResultRecord) -> None:
+        self._buffer.append(record)
+        if len(self._buffer) >= self._flush_size:
+            self._wake.set()
+
+    async def flush(self) -> None:
+        async with self._lock:
+            records, self._buffer = self._buffer, []
+            if not records:
+                return
+            outcome = await asyncio.to_thread(record_results, self._engine, records)
+        self._report.duplicates += len(outcome.duplicates)
+        self._report.finalized_batches.extend(outcome.finalized_batches)
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._flush_interval)
+            self._wake.clear()
+            await self.flush()
+
+
+class ChunkRunner:
+    """Runs chunks of request ids through ``pipeline``; one runner per event loop."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        pipeline: ModelCallPipeline,
+        config: RunnerConfig,
+        *,
+        handlers: Mapping[RequestKind, RequestHandler] = DEFAULT_HANDLERS,
+        on_result: ResultListener | None = None,
+    ) -> None:
+        self.engine = engine
+        self.pipeline = pipeline
+        self.config = config
+        self.handlers = dict(handlers)
+        self.on_result = on_result
+
+    async def run(self, request_ids: Sequence[str]) -> ChunkReport:
+        config = self.config
+        report = ChunkReport(requested=len(request_ids))
+        started = time.monotonic()
+        claimed = await asyncio.to_thread(
+            claim_requests, self.engine, list(request_ids), config.owner, config.lease_seconds
+        )
+        report.claimed = len(claimed)
+        if not claimed:
+            return report
+        writer = _Writer(self.engine, report, config.flush_size, config.flush_interval)
+        unfinished: dict[str, ClaimedRequest] = {request.id: request for request in claimed}
+        running: dict[str, asyncio.Task[None]] = {}
+        batch_tokens = {request.batch_id: CancellationToken() for request in claimed}
+        to_cancel: list[str] = []
+        gate = asyncio.Semaphore(config.in_flight)
+
+        def finish(record: ResultRecord) -> None:
+            unfinished.pop(record.request_id, None)
+            if record.status is RequestStatus.SUCCEEDED:
+                report.succeeded += 1
+                if record.cached:
+                    report.cached += 1
+                else:
+                    report.billed_prompt_tokens += record.usage.prompt_tokens
+                    report.billed_completion_tokens += record.usage.completion_tokens
+            else:
+                report.failed += 1
+            report.upstream_attempts += record.attempts
+            writer.add(record)
+            if self.on_result is not None:
+                self.on_result(record)
+
+        async def run_one(request: ClaimedRequest) -> None:
+            token = batch_tokens[request.batch_id]
+            async with gate:
+                if token.is_cancelled():
+                    to_cancel.append(request.id)
+                    return
+                if (
+                    config.deadline_seconds is not None
+                    and time.monotonic() - started > config.deadline_seconds
+                ):
+                    return  # left in ``unfinished``: released below
+                handler = self.handlers.get(request.kind)
+                if handler is None:
+                    error = ModelClientError(f"this worker has no handler for {request.kind.value} requests")
+                    finish(failed_record(request.id, error, attempts=0))
+                    return
+                try:
+                    record = await handler(request, self.pipeline, token)
+                except RequestCancelled:
+                    to_cancel.append(request.id)
+                    return
+                finish(record)
+
+        async def heartbeat() -> None:
+            while True:
+                await asyncio.sleep(max(1.0, config.lease_seconds / 3))
+                ids = list(unfinished)
+                held = set(
+                    await asyncio.to_thread(
+                        extend_leases, self.engine, ids, config.owner, config.lease_seconds
+                    )
+                )
+                for lost in set(ids) - held:
+                    unfinished.pop(lost, None)
+                    task = running.get(lost)
+                    if task is not None:
+                        task.cancel()
+
+        async def watch_batches() -> None:
+            while True:
+                await asyncio.sleep(config.cancel_check_interval)
+                statuses = await asyncio.to_thread(batch_statuses, self.engine, list(batch_tokens))
+                for batch_id, status in statuses.items():
+                    if status in STOPPED_BATCH_STATUSES:
+                        batch_tokens[batch_id].cancel()
+
+        for request in claimed:
+            if request.attempts > config.max_deliveries:
+                error = ModelClientError(
+                    f"gave up after {request.attempts - 1} deliveries that did not finish",
+                    code="max_deliveries",
+                )
+                finish(failed_record(request.id, error, attempts=0))
+        statuses = await asyncio.to_thread(batch_statuses, self.engine, list(batch_tokens))
+        for batch_id, status in statuses.items():
+            if status in STOPPED_BATCH_STATUSES:
+                batch_tokens[batch_id].cancel()
+
+        helpers = [
+            asyncio.create_task(writer.run()),
+            asyncio.create_task(heartbeat()),
+            asyncio.create_task(watch_batches()),
+        ]
+        try:
+            for request in list(unfinished.values()):
+                running[request.id] = asyncio.create_task(run_one(request))
+            results = await asyncio.gather(*running.values(), return_exceptions=True)
+            for outcome in results:
+                if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
+                    _logger.error("request handler failed", exc_info=outcome)
+        finally:
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
+            await writer.flush()
+            for request_id in to_cancel:
+                unfinished.pop(request_id, None)
+            if to_cancel:
+                report.cancelled = await asyncio.to_thread(
+                    cancel_claimed, self.engine, to_cancel, config.owner
+                )
+            if unfinished:
+                # Not started (deadline) or broken by a bug: hand back for another delivery.
+                report.released = await asyncio.to_thread(
+                    release_requests, self.engine, list(unfinished), config.owner
+                )
+        return report

@@ -1,0 +1,77 @@
+"""The Celery tasks: ``tokenmill.complete_chunk`` and ``tokenmill.sweep``.
+
+Messages carry request ids and a dispatch id, never prompts or keys (invariant 1 and 8). A chunk
+runs on a fresh event loop (``asyncio.run``): the async clients it needs (model clients, the
+limiter's and the cache's Redis) are built inside it and closed with it, since none may cross loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from typing import Any
+
+from workers import context
+from workers.app import app
+from workers.clients import build_pipeline
+from workers.constants import COMPLETE_CHUNK_TASK, SWEEP_TASK
+from workers.dispatch import Dispatcher
+from workers.runner import ChunkReport, ChunkRunner, RunnerConfig
+from workers.sweeper import sweep
+
+__all__ = ["complete_chunk", "dispatcher", "run_chunk", "sweep_task"]
+
+
+def dispatcher() -> Dispatcher:
+    settings = context.settings()
+    return Dispatcher(
+        celery=app,
+        engine=context.engine(),
+        redis_client=context.redis_client(),
+        key_prefix=settings.key_prefix,
+        chunk_size=settings.chunk_size,
+    )
+
+
+async def run_chunk(request_ids: list[str], owner: str) -> ChunkReport:
+    settings = context.settings()
+    pipeline = build_pipeline(settings)
+    try:
+        runner = ChunkRunner(
+            context.engine(),
+            pipeline,
+            RunnerConfig(
+                owner=owner,
+                lease_seconds=settings.lease_seconds,
+                in_flight=settings.in_flight_per_process,
+                max_deliveries=settings.max_attempts,
+                # Stop starting requests well before the message becomes visible again.
+                deadline_seconds=settings.visibility_timeout_seconds / 2,
+            ),
+        )
+        return await runner.run(request_ids)
+    finally:
+        await pipeline.close()
+
+
+@app.task(name=COMPLETE_CHUNK_TASK, bind=True, ignore_result=True)  # type: ignore[untyped-decorator, unused-ignore]
+def complete_chunk(self: Any, request_ids: list[str], dispatch_id: str | None = None) -> dict[str, int]:
+    # A lease owner per execution: a redelivered message is another owner, even in this process.
+    owner = f"{self.request.hostname or 'worker'}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
+    report = asyncio.run(run_chunk(list(request_ids), owner))
+    if dispatch_id is not None:
+        dispatcher().finished(dispatch_id)
+    return {
+        "claimed": report.claimed,
+        "succeeded": report.succeeded,
+        "failed": report.failed,
+        "cached": report.cached,
+        "released": report.released,
+    }
+
+
+@app.task(name=SWEEP_TASK, ignore_result=True)  # type: ignore[untyped-decorator, unused-ignore]
+def sweep_task() -> dict[str, int]:
+    report = sweep(dispatcher(), grace_seconds=int(context.settings().sweep_grace_seconds))
+    return {"dead_dispatches": report.dead_dispatches, "redispatched": report.redispatched}

@@ -9,7 +9,8 @@ Stores one realistic entry (a ~1 KB answer plus the provider's raw body) through
 - hits: ``ChatCompletionCache.create`` of the cached request (key hashing, GET, decode, copy,
   usage tally, ``CacheHit`` event with its logger off);
 
-each with ``--concurrency`` coroutines in flight, and prints both rates and their ratio. Then the
+each with ``--concurrency`` coroutines in flight, in alternating rounds (the median is printed,
+so load from elsewhere on the machine falls on both), and prints both rates and their ratio. Then the
 same for a ``DiskCacheStore``, inline and with ``in_thread=True``, which is how the disk store's
 default was chosen. Keys live under a fresh prefix, deleted at the end.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import tempfile
 import time
 import uuid
@@ -139,6 +141,18 @@ async def rate(operation: Callable[[], Awaitable[object]], seconds: float, concu
     return done / (time.perf_counter() - started)
 
 
+async def rates(
+    operations: Sequence[Callable[[], Awaitable[object]]], seconds: float, concurrency: int, rounds: int = 3
+) -> list[float]:
+    """The median rate of each operation over ``rounds`` alternating runs sharing ``seconds``, so
+    that load from other processes on the machine hits the baseline and the measured alike."""
+    measured: list[list[float]] = [[] for _ in operations]
+    for _ in range(rounds):
+        for index, operation in enumerate(operations):
+            measured[index].append(await rate(operation, seconds / rounds, concurrency))
+    return [statistics.median(each) for each in measured]
+
+
 async def cache_with_entry(store: CacheStore[CachedCompletion]) -> ChatCompletionCache:
     inner = FixedAnswerClient()
     cache = ChatCompletionCache(inner, store)
@@ -165,9 +179,10 @@ async def bench_redis(url: str, seconds: float, concurrency: int) -> None:
             return await cache.create(MESSAGES)
 
         await rate(raw_get, 0.3, concurrency)  # warm the connection pool
-        baseline = await rate(raw_get, seconds, concurrency)
-        hits = await rate(hit, seconds, concurrency)
-        print(f"redis  entry {len(payload)} bytes, {concurrency} in flight, {seconds:.0f} s each")
+        baseline, hits = await rates([raw_get, hit], seconds, concurrency)
+        print(
+            f"redis  entry {len(payload)} bytes, {concurrency} in flight, {seconds:.0f} s, median of 3 rounds"
+        )
         print(f"  raw redis.asyncio GET        {baseline:10,.0f} /s   (baseline)")
         print(f"  ChatCompletionCache hits     {hits:10,.0f} /s   ({hits / baseline:.2f} x baseline)")
     finally:
@@ -194,10 +209,10 @@ async def bench_disk(seconds: float, concurrency: int) -> None:
             async def threaded_hit() -> object:
                 return await threaded.create(MESSAGES)
 
-            baseline = await rate(raw_get, seconds, concurrency)
-            inline_rate = await rate(inline_hit, seconds, concurrency)
-            threaded_rate = await rate(threaded_hit, seconds, concurrency)
-            print(f"disk   {concurrency} in flight, {seconds:.0f} s each")
+            baseline, inline_rate, threaded_rate = await rates(
+                [raw_get, inline_hit, threaded_hit], seconds, concurrency
+            )
+            print(f"disk   {concurrency} in flight, {seconds:.0f} s, median of 3 rounds")
             print(f"  raw diskcache get            {baseline:10,.0f} /s   (baseline)")
             for label, measured in (("inline (default)", inline_rate), ("in_thread=True", threaded_rate)):
                 print(f"  hits, {label:<22} {measured:10,.0f} /s   ({measured / baseline:.2f} x baseline)")

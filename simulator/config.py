@@ -9,10 +9,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from simulator.errors import ConfigError
 
-__all__ = ["CONFIG_ENV", "SimConfig"]
+__all__ = ["CONFIG_ENV", "PARENT_ENV", "SimConfig"]
 
 # The whole config as JSON, for the server processes (set by SimulatorServer and by serve() for its workers).
 CONFIG_ENV = "SIMULATOR_CONFIG_JSON"
+# Set by SimulatorServer: the pid of the process that owns the server; if it dies, the server stops.
+PARENT_ENV = "SIMULATOR_PARENT_PID"
 
 
 class SimConfig(BaseModel):

@@ -11,13 +11,10 @@ import time
 
 import uvicorn
 
-from simulator.config import CONFIG_ENV, SimConfig
+from simulator.config import CONFIG_ENV, PARENT_ENV, SimConfig
 from simulator.peers import PEERS_ENV
 
-__all__ = ["PARENT_ENV", "serve"]
-
-# Set by SimulatorServer: the pid of the process that owns this server; if it dies, the server stops.
-PARENT_ENV = "SIMULATOR_PARENT_PID"
+__all__ = ["serve"]
 
 
 def serve(

@@ -24,9 +24,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from simulator.config import CONFIG_ENV, SimConfig
+from simulator.config import CONFIG_ENV, PARENT_ENV, SimConfig
 from simulator.errors import SimulatorStartError
-from simulator.server import PARENT_ENV
 
 __all__ = ["SimulatorServer", "peak_count", "peak_rate"]
 

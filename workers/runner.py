@@ -182,6 +182,7 @@ class _Writer:
         self._buffer: list[ResultRecord] = []
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
+        self._stopped = False
 
     def add(self, record: ResultRecord) -> None:
         self._buffer.append(record)
@@ -197,10 +198,17 @@ class _Writer:
         self._report.duplicates += len(outcome.duplicates)
         self._report.finalized_batches.extend(outcome.finalized_batches)
 
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+
     async def run(self) -> None:
-        while True:
+        # Stopped by a flag, not by cancellation: on 3.11 ``wait_for`` can swallow a cancel that
+        # lands as its timeout fires, and the loop would then never end.
+        while not self._stopped:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._flush_interval)
+                async with asyncio.timeout(self._flush_interval):
+                    await self._wake.wait()
             self._wake.clear()
             await self.flush()
 
@@ -314,11 +322,8 @@ class ChunkRunner:
             if status in STOPPED_BATCH_STATUSES:
                 batch_tokens[batch_id].cancel()
 
-        helpers = [
-            asyncio.create_task(writer.run()),
-            asyncio.create_task(heartbeat()),
-            asyncio.create_task(watch_batches()),
-        ]
+        writing = asyncio.create_task(writer.run())
+        helpers = [asyncio.create_task(heartbeat()), asyncio.create_task(watch_batches())]
         try:
             for request in list(unfinished.values()):
                 running[request.id] = asyncio.create_task(run_one(request))
@@ -329,7 +334,8 @@ class ChunkRunner:
         finally:
             for helper in helpers:
                 helper.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            writer.stop()
+            await asyncio.gather(*helpers, writing, return_exceptions=True)
             await writer.flush()
             for request_id in to_cancel:
                 unfinished.pop(request_id, None)

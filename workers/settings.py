@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
     max_request_body_bytes: int = Field(default=1024 * 1024, ge=1)
     max_requests_per_batch: int = Field(default=1_000_000, ge=1)
+    sync_timeout_seconds: float = Field(default=600.0, gt=0, description="POST /v1/chat/completions wait")
     files_dir: Path = Field(default=Path("./.tokenmill/files"))
 
     # Flower: no default password; ``tokenmill flower`` refuses to start without one.

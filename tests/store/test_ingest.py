@@ -224,3 +224,13 @@ def test_crlf_and_unicode_lines(engine: Engine, ingest: IngestFn) -> None:
     claimed = store.claim_requests(engine, store.pending_request_ids(engine, report.batch_id), "w", 60)
     assert claimed[0].custom_id == "é"
     assert claimed[0].body["messages"][0]["content"] == "日本"
+
+
+def test_awkward_characters_survive_the_bulk_load(engine: Engine, ingest: IngestFn) -> None:
+    custom_id = 'tab\there back\\slash nl\nquote"'
+    content = 'line1\nline2\ttab \\ backslash \\n not-a-newline "quoted" \u0001 日本'
+    report = ingest([chat_line(custom_id, content=content)])
+    assert report.accepted == 1, report.errors
+    claimed = store.claim_requests(engine, store.pending_request_ids(engine, report.batch_id), "w", 60)
+    assert claimed[0].custom_id == custom_id
+    assert claimed[0].body["messages"][0]["content"] == content

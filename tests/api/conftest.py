@@ -1,0 +1,123 @@
+"""A live ``tokenmill api`` subprocess on its own PostgreSQL database and broker database."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests import services
+
+ROOT = Path(__file__).resolve().parents[2]
+API_BROKER_DB = 12
+
+
+@dataclass
+class LiveAPI:
+    base_url: str  # ".../v1", for the openai SDK
+    root: str
+    env: dict[str, str]
+    database_url: str
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run ``tokenmill ARGS`` against the same database and broker."""
+        return subprocess.run(
+            [sys.executable, "-c", "from api.cli import main; main()", *args],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def new_key(self, tenant: str) -> str:
+        done = self.cli("keys", "create", tenant)
+        assert done.returncode == 0, done.stderr
+        key = done.stdout.strip()
+        assert key
+        assert "\n" not in key
+        return key
+
+
+def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = services.free_port()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-c", "from api.cli import main; main()", "api", "--port", str(port)],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    root = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"tokenmill api exited with {process.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{root}/healthz", timeout=1).status_code == 200:
+                return process, root
+        except httpx.TransportError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"tokenmill api did not answer within 30 s: {log.read_text()[-2000:]}")
+
+
+def api_env(database_url: str, broker_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "TOKENMILL_DATABASE_URL": database_url,
+        "TOKENMILL_BROKER_URL": broker_url,
+        "TOKENMILL_FILES_DIR": str(tmp_path / "files"),
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def live_api(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveAPI]:
+    """The API with no workers (batches are accepted and stay queued), one per test module; each
+    test uses tenants of its own."""
+    with services.fresh_postgres_database() as postgres_url:
+        yield from _serve(postgres_url, redis_url, tmp_path_factory.mktemp("api"))
+
+
+def _serve(postgres_url: str, redis_url: str, tmp_path: Path) -> Iterator[LiveAPI]:
+    broker_url = services.redis_db_url(redis_url, API_BROKER_DB)
+    broker = redis.Redis.from_url(broker_url)
+    broker.flushdb()
+    env = api_env(
+        postgres_url,
+        broker_url,
+        tmp_path,
+        TOKENMILL_MAX_UPLOAD_BYTES=str(64 * 1024),
+        TOKENMILL_MAX_REQUEST_BODY_BYTES=str(8 * 1024),
+    )
+    migrate = subprocess.run(
+        [sys.executable, "-c", "from api.cli import main; main()", "db", "upgrade"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert migrate.returncode == 0, migrate.stderr
+    process, root = start_api(env, tmp_path / "api.log")
+    try:
+        yield LiveAPI(base_url=f"{root}/v1", root=root, env=env, database_url=postgres_url)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        broker.flushdb()
+        broker.close()

@@ -1,0 +1,165 @@
+"""Auth, tenant isolation and hostile input against a live ``tokenmill api``, through the official
+``openai`` SDK (and raw HTTP where the SDK would hide the answer)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import httpx
+import openai
+import pytest
+import sqlalchemy as sa
+
+import store
+from tests.api.conftest import LiveAPI
+
+
+def client(api: LiveAPI, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=api.base_url, api_key=key, max_retries=0)
+
+
+def jsonl(*lines: object) -> bytes:
+    return b"".join(
+        (line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines
+    )
+
+
+def batch_line(custom_id: str, content: str = "hi") -> dict[str, object]:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "sim-model", "messages": [{"role": "user", "content": content}]},
+    }
+
+
+def count_rows(api: LiveAPI, table: type[store.File | store.Request], tenant: str) -> int:
+    engine = store.make_engine(api.database_url)
+    try:
+        with engine.connect() as conn:
+            query = sa.select(sa.func.count()).select_from(table).where(table.tenant_id == tenant)
+            return int(conn.execute(query).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def test_missing_wrong_and_revoked_keys_are_refused(live_api: LiveAPI) -> None:
+    answer = httpx.get(f"{live_api.base_url}/batches")
+    assert answer.status_code == 401
+    assert "API key" in answer.json()["error"]["message"]
+    with pytest.raises(openai.AuthenticationError, match="Incorrect API key"):
+        client(live_api, "tm-not-a-key").batches.list()
+    key = live_api.new_key("revoked")
+    assert client(live_api, key).batches.list().data == []
+    revoked = live_api.cli("keys", "revoke", key)
+    assert revoked.returncode == 0, revoked.stderr
+    with pytest.raises(openai.AuthenticationError):
+        client(live_api, key).batches.list()
+
+
+def test_a_tenant_never_sees_another_tenants_objects(live_api: LiveAPI) -> None:
+    alice = client(live_api, live_api.new_key("alice"))
+    bob = client(live_api, live_api.new_key("bob"))
+    uploaded = alice.files.create(file=("in.jsonl", jsonl(batch_line("a"))), purpose="batch")
+    batch = alice.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert batch.status == "in_progress"
+    assert batch.request_counts is not None
+    assert batch.request_counts.total == 1
+    for attempt in (
+        lambda: bob.files.retrieve(uploaded.id),
+        lambda: bob.files.content(uploaded.id),
+        lambda: bob.batches.retrieve(batch.id),
+        lambda: bob.batches.cancel(batch.id),
+        lambda: bob.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        ),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            attempt()
+    assert bob.batches.list().data == []
+    assert [b.id for b in alice.batches.list().data] == [batch.id]
+    assert alice.files.content(uploaded.id).content == jsonl(batch_line("a"))
+
+
+def test_oversized_upload_is_refused_and_leaves_nothing(live_api: LiveAPI) -> None:
+    api = client(live_api, live_api.new_key("big-uploader"))
+    big = jsonl(*(batch_line(f"r{i}", "x" * 500) for i in range(200)))  # > the 64 KiB limit
+    with pytest.raises(openai.APIStatusError) as raised:
+        api.files.create(file=("big.jsonl", big), purpose="batch")
+    assert raised.value.status_code == 413
+    assert "limit" in raised.value.message
+    assert api.files.list().data == []
+    assert count_rows(live_api, store.File, "big-uploader") == 0
+
+
+def test_malformed_upload_gives_a_failed_batch_naming_every_bad_line(live_api: LiveAPI) -> None:
+    api = client(live_api, live_api.new_key("sloppy"))
+    content = jsonl(
+        batch_line("ok-1"),
+        b"{not json",
+        batch_line("ok-1"),  # duplicate custom_id
+        {**batch_line("wrong-url"), "url": "/v1/embeddings"},
+        {"custom_id": "no-body", "method": "POST", "url": "/v1/chat/completions"},
+        batch_line("ok-2"),
+    )
+    uploaded = api.files.create(file=io.BytesIO(content), purpose="batch")
+    batch = api.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert batch.status == "failed"
+    assert batch.errors is not None
+    assert batch.errors.data is not None
+    by_line = {error.line: error.code for error in batch.errors.data}
+    assert set(by_line) == {2, 3, 4, 5}
+    assert by_line[2] == "invalid_json"
+    assert by_line[3] == "duplicate_custom_id"
+    assert all(error.message for error in batch.errors.data)
+    assert count_rows(live_api, store.Request, "sloppy") == 0  # rejected whole, as OpenAI does
+
+
+def test_bad_create_arguments_are_named(live_api: LiveAPI) -> None:
+    api = client(live_api, live_api.new_key("confused"))
+    with pytest.raises(openai.NotFoundError, match="file-nope"):
+        api.batches.create(
+            input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    uploaded = api.files.create(file=("in.jsonl", jsonl(batch_line("a"))), purpose="batch")
+    with pytest.raises(openai.BadRequestError, match="endpoint"):
+        api.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+    with pytest.raises(openai.BadRequestError, match="metadata"):
+        api.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata={f"k{i}": "v" for i in range(17)},
+        )
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        api.files.create(file=("in.jsonl", jsonl(batch_line("a"))), purpose="fine-tune")
+    assert count_rows(live_api, store.Request, "confused") == 0
+
+
+def test_errors_are_json_in_openais_shape(live_api: LiveAPI) -> None:
+    headers = {"Authorization": f"Bearer {live_api.new_key('raw-http')}"}
+    cases = [
+        httpx.post(f"{live_api.base_url}/chat/completions", headers=headers, content=b"{" + b" " * 9000),
+        httpx.post(f"{live_api.base_url}/chat/completions", headers=headers, content=b"[not json"),
+        httpx.post(f"{live_api.base_url}/batches", headers=headers, json={"endpoint": 3}),
+        httpx.get(f"{live_api.base_url}/batches/batch_missing", headers=headers),
+        httpx.get(f"{live_api.base_url}/no/such/route", headers=headers),
+    ]
+    assert [answer.status_code for answer in cases] == [413, 400, 400, 404, 404]
+    for answer in cases:
+        error = answer.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["message"]
+
+
+def test_health_readiness_and_openapi(live_api: LiveAPI) -> None:
+    assert httpx.get(f"{live_api.root}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{live_api.root}/readyz")
+    assert ready.status_code == 200, ready.text
+    spec = httpx.get(f"{live_api.root}/openapi.json").json()
+    assert "/v1/batches" in spec["paths"]

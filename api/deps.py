@@ -4,14 +4,32 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Path, Query, Request
 from sqlalchemy.engine import Engine
 
 import store
 from api.errors import Unauthenticated
 from workers.settings import Settings
 
-__all__ = ["EngineDep", "SettingsDep", "TenantDep", "current_tenant", "get_engine", "get_settings"]
+__all__ = [
+    "ID_PATTERN",
+    "AfterCursor",
+    "EngineDep",
+    "ObjectId",
+    "SettingsDep",
+    "TenantDep",
+    "current_tenant",
+    "get_engine",
+    "get_settings",
+]
+
+# Our ids (file-…, batch_…) and OpenAI's are short ASCII; anything else is refused before it
+# reaches SQL (PostgreSQL rejects a NUL byte in text, for one).
+ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+ObjectId = Annotated[str, Path(pattern=ID_PATTERN, description="an object id")]
+AfterCursor = Annotated[
+    str | None, Query(pattern=ID_PATTERN, description="id of the last object of the previous page")
+]
 
 
 def get_settings(request: Request) -> Settings:

@@ -56,11 +56,16 @@ Output and usage::
     set_price(engine, model, input_per_million, cached_input_per_million, output_per_million)
     get_prices(engine) -> dict[str, ModelPrice] ; price_for(prices, model) -> ModelPrice | None
 
-Agent conversations::
+Agent conversations and agent state::
 
-    create_conversation(engine, tenant_id=None, messages=()) -> str
-    append_messages(engine, conversation_id, messages) -> int        # new length
-    load_conversation(engine, conversation_id) -> list[LLMMessage]   # raises ConversationNotFound
+    create_conversation(engine, tenant_id=None, messages=(), *, conversation_id=None, run_id=None) -> str
+    append_messages(engine, conversation_id, messages, *, run_id=None, tenant_id=None) -> int  # length
+    load_conversation(engine, conversation_id, *, tenant_id=None, before_run=None) -> list[LLMMessage]
+    # a run_id appends once (a redone run appends nothing); before_run reads what that run first saw
+    load_agent_state(engine, agent_type, agent_key, tenant_id=None) -> dict | None
+    get_agent_state(engine, agent_type, agent_key, tenant_id=None) -> StoredAgentState | None
+    save_agent_state(engine, agent_type, agent_key, state, tenant_id=None, *, expected_version=None,
+                     message_id=None, reply=None) -> int                        # new version
 
 Exceptions::
 
@@ -70,9 +75,11 @@ Exceptions::
      │    ├── BatchNotFound
      │    └── ConversationNotFound
      ├── InvalidState
+     │    └── AgentStateConflict
      └── InvalidArgument (also a ValueError): a bad endpoint, completion window or metadata
 """
 
+from store.agent_state import StoredAgentState, get_agent_state, load_agent_state, save_agent_state
 from store.batches import (
     BatchPage,
     BatchProgress,
@@ -86,6 +93,7 @@ from store.batches import (
 from store.conversations import append_messages, create_conversation, load_conversation
 from store.engine import make_engine
 from store.errors import (
+    AgentStateConflict,
     BatchNotFound,
     ConversationNotFound,
     InvalidArgument,
@@ -117,12 +125,14 @@ from store.schema import (
     upgrade_to_head,
 )
 from store.tables import (
+    AgentState,
     ApiKey,
     Base,
     Batch,
     BatchStatus,
     Conversation,
     ConversationMessage,
+    ConversationRun,
     File,
     FileKind,
     ModelPrice,
@@ -137,6 +147,8 @@ from store.usage import UsageGroup, UsageRow, usage_report
 
 __all__ = [
     "ENDPOINT_KINDS",
+    "AgentState",
+    "AgentStateConflict",
     "ApiKey",
     "Base",
     "Batch",
@@ -148,6 +160,7 @@ __all__ = [
     "Conversation",
     "ConversationMessage",
     "ConversationNotFound",
+    "ConversationRun",
     "File",
     "FileKind",
     "IngestReport",
@@ -165,6 +178,7 @@ __all__ = [
     "SchemaBehind",
     "StaleRequest",
     "StoreError",
+    "StoredAgentState",
     "Tenant",
     "UsageGroup",
     "UsageRow",
@@ -184,6 +198,7 @@ __all__ = [
     "expire_batches",
     "extend_leases",
     "find_stale_requests",
+    "get_agent_state",
     "get_batch",
     "get_file",
     "get_prices",
@@ -194,6 +209,7 @@ __all__ = [
     "iter_output_lines",
     "list_batches",
     "list_files",
+    "load_agent_state",
     "load_conversation",
     "make_engine",
     "mark_dispatched",
@@ -203,6 +219,7 @@ __all__ = [
     "release_requests",
     "require_schema_at_head",
     "revoke_api_key",
+    "save_agent_state",
     "set_price",
     "upgrade_to_head",
     "usage_report",

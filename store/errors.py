@@ -6,12 +6,14 @@ StoreError
  │    ├── BatchNotFound
  │    └── ConversationNotFound
  ├── InvalidState          the operation does not apply to the row's current status
+ │    └── AgentStateConflict   an agent's state was saved by someone else since it was loaded
  └── InvalidArgument       a batch-level parameter is wrong (also a ValueError); ``param`` names it
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AgentStateConflict",
     "BatchNotFound",
     "ConversationNotFound",
     "InvalidArgument",
@@ -51,6 +53,10 @@ class ConversationNotFound(NotFound):
 
 
 class InvalidState(StoreError):
+    pass
+
+
+class AgentStateConflict(InvalidState):
     pass
 
 

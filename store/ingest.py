@@ -210,6 +210,8 @@ def _parse_line(
         _check_body(kind, body, "")
     if not custom_id:
         raise _BadLine("invalid_value", "'custom_id' must not be empty", "custom_id")
+    if "\x00" in custom_id:  # PostgreSQL text cannot hold a NUL character
+        raise _BadLine("invalid_value", "'custom_id' must not contain a NUL character", "custom_id")
     if len(custom_id) > MAX_CUSTOM_ID_CHARS:
         raise _BadLine(
             "invalid_value", f"'custom_id' is longer than {MAX_CUSTOM_ID_CHARS} characters", "custom_id"

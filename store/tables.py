@@ -15,12 +15,14 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
+    "AgentState",
     "ApiKey",
     "Base",
     "Batch",
     "BatchStatus",
     "Conversation",
     "ConversationMessage",
+    "ConversationRun",
     "File",
     "FileKind",
     "ModelPrice",
@@ -263,3 +265,37 @@ class ConversationMessage(Base):
     position: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
     message: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
     created_at: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+class ConversationRun(Base):
+    """An agent run whose messages were appended to a conversation, and where they start: a run
+    redone after its worker died appends nothing twice, and reads the conversation as it was
+    before its own messages."""
+
+    __tablename__ = "conversation_runs"
+
+    conversation_id: Mapped[str] = mapped_column(
+        sa.ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
+    )
+    run_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    first_position: Mapped[int] = mapped_column(sa.Integer)
+    message_count: Mapped[int] = mapped_column(sa.Integer)
+    created_at: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+class AgentState(Base):
+    """The saved state of one agent (``AgentId`` = type + key) of one tenant (``""`` for none: a
+    primary key column cannot be NULL). ``version`` grows by one per save (optimistic concurrency);
+    ``last_message_id`` and ``last_reply`` let a redelivered message be answered without running
+    its handler twice."""
+
+    __tablename__ = "agent_states"
+
+    tenant_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    agent_type: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    agent_key: Mapped[str] = mapped_column(sa.String(500), primary_key=True)
+    state: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    version: Mapped[int] = mapped_column(sa.Integer)
+    last_message_id: Mapped[str | None] = mapped_column(sa.String(200))
+    last_reply: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
+    updated_at: Mapped[int] = mapped_column(sa.BigInteger)

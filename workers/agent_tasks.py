@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import sqlalchemy as sa
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.engine import Engine
 
@@ -46,6 +47,7 @@ from models.openai import messages_from_openai
 from models.types import CreateResult, LLMMessage, RequestUsage, SystemMessage, UserMessage
 from store import (
     ClaimedRequest,
+    ConversationNotFound,
     RequestKind,
     RequestStatus,
     ResultRecord,
@@ -53,7 +55,6 @@ from store import (
     create_conversation,
     load_conversation,
 )
-from store.tables import Conversation
 from workers.pipeline import ModelCallPipeline
 from workers.runner import DEFAULT_HANDLERS, RequestCancelled, RequestHandler, failed_record
 
@@ -62,6 +63,7 @@ __all__ = [
     "AgentRunSpec",
     "CallTally",
     "agent_run_handler",
+    "conversation_id_for_run",
     "handlers_with_agents",
     "parse_agent_run_body",
     "pipeline_model_call",
@@ -176,12 +178,10 @@ class AgentRunOutcome:
         }
 
 
-def _conversation_tenant_matches(engine: Engine, conversation_id: str, tenant_id: str | None) -> bool:
-    with engine.connect() as conn:
-        owner = conn.execute(
-            sa.select(Conversation.tenant_id).where(Conversation.id == conversation_id)
-        ).first()
-    return owner is not None and owner[0] == tenant_id
+def conversation_id_for_run(run_id: str) -> str:
+    """The id of the conversation a run without one creates: derived from the run, so a redone
+    run finds the conversation its first attempt created instead of making a second one."""
+    return "conv_" + hashlib.sha256(f"agent-run:{run_id}".encode()).hexdigest()[:32]
 
 
 async def run_agent(
@@ -193,12 +193,17 @@ async def run_agent(
     tools: ToolRegistry | None = None,
     cancellation_token: CancellationToken | None = None,
     tally: CallTally | None = None,
+    run_id: str | None = None,
 ) -> AgentRunOutcome:
     """Run one agent run through ``pipeline``, continuing and extending its conversation in SQL.
 
     For the API and the CLI (one run, now) as well as the request handler. Raises ``BadRequest``
     for an unknown tool or a conversation that does not exist or belongs to another tenant, and
     ``AssistantRunError`` when a model call failed for good.
+
+    ``run_id`` (the request id on workers) makes the run redoable: a redo reads the conversation
+    as the first attempt did (so its model calls are the same calls, answered from the cache) and
+    appends or creates nothing twice.
     """
     registry = tools if tools is not None else default_registry
     unknown = [name for name in spec.config.tools if name not in registry]
@@ -206,10 +211,20 @@ async def run_agent(
         raise BadRequest(f"unknown tools {unknown}; known: {registry.names()}", code="unknown_tool")
     history: list[LLMMessage] = []
     if spec.conversation_id is not None:
-        owned = await asyncio.to_thread(_conversation_tenant_matches, engine, spec.conversation_id, tenant_id)
-        if not owned:
-            raise BadRequest(f"no conversation {spec.conversation_id!r}", code="conversation_not_found")
-        history = await asyncio.to_thread(load_conversation, engine, spec.conversation_id)
+        try:
+            history = await asyncio.to_thread(
+                functools.partial(
+                    load_conversation,
+                    engine,
+                    spec.conversation_id,
+                    tenant_id=tenant_id,  # None (the local CLI): any conversation
+                    before_run=run_id,
+                )
+            )
+        except ConversationNotFound as e:
+            raise BadRequest(
+                f"no conversation {spec.conversation_id!r}", code="conversation_not_found"
+            ) from e
     history.extend(spec.inline_history)
     run = await run_assistant(
         spec.config,
@@ -221,10 +236,21 @@ async def run_agent(
     )
     new_messages: Sequence[LLMMessage] = [*spec.inline_history, *run.transcript]
     if spec.conversation_id is None:
-        conversation_id = await asyncio.to_thread(create_conversation, engine, tenant_id, new_messages)
+        conversation_id = await asyncio.to_thread(
+            functools.partial(
+                create_conversation,
+                engine,
+                tenant_id,
+                new_messages,
+                conversation_id=None if run_id is None else conversation_id_for_run(run_id),
+                run_id=run_id,
+            )
+        )
     else:
         conversation_id = spec.conversation_id
-        await asyncio.to_thread(append_messages, engine, conversation_id, new_messages)
+        await asyncio.to_thread(
+            functools.partial(append_messages, engine, conversation_id, new_messages, run_id=run_id)
+        )
     return AgentRunOutcome(conversation_id=conversation_id, run=run)
 
 
@@ -248,6 +274,7 @@ def agent_run_handler(engine: Engine, tools: ToolRegistry | None = None) -> Requ
                 tools=tools,
                 cancellation_token=token,
                 tally=tally,
+                run_id=request.id,
             )
         except asyncio.CancelledError:
             if token.is_cancelled():

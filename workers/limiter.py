@@ -81,6 +81,9 @@ class LimiterTuning:
     """Knobs of the algorithm; the defaults suit a provider answering in 10 ms to 60 s."""
 
     horizon_seconds: float = 1.0
+    # Pace at this fraction of rpm / tpm: a call scheduled on time can still leave late (a busy
+    # event loop, a cold connection) and bunch with the next one at the provider's end.
+    rate_headroom: float = 0.97
     lease_seconds: float = 120.0
     poll_seconds: float = 0.02
     decrease_factor: float = 0.5
@@ -116,10 +119,10 @@ class LimiterState:
     cap: float | None
 
 
-def _limit_args(limits: ModelLimits | None) -> tuple[int, int, int]:
+def _limit_args(limits: ModelLimits | None, headroom: float) -> tuple[float, float, int]:
     if limits is None:
         return 0, 0, 0
-    return limits.rpm or 0, limits.tpm or 0, limits.max_in_flight or 0
+    return (limits.rpm or 0) * headroom, (limits.tpm or 0) * headroom, limits.max_in_flight or 0
 
 
 class RateLimiter(ABC):
@@ -315,7 +318,7 @@ class RedisRateLimiter(RateLimiter):
             raise LimiterUnavailable(f"rate limiter Redis failed: {e}") from e
 
     async def try_acquire(self, endpoint: str, model: str, *, estimated_tokens: int) -> LimitDecision:
-        rpm, tpm, max_in_flight = _limit_args(self.limits_for(model))
+        rpm, tpm, max_in_flight = _limit_args(self.limits_for(model), self.tuning.rate_headroom)
         lease_id = uuid.uuid4().hex
         tuning = self.tuning
         granted, wait = await self._run(
@@ -337,7 +340,7 @@ class RedisRateLimiter(RateLimiter):
         return LimitDecision(False, float(wait))
 
     async def release(self, slot: Slot, *, outcome: CallOutcome, actual_tokens: int | None = None) -> None:
-        _, tpm, max_in_flight = _limit_args(self.limits_for(slot.model))
+        _, tpm, max_in_flight = _limit_args(self.limits_for(slot.model), self.tuning.rate_headroom)
         tuning = self.tuning
         await self._run(
             self._release,
@@ -390,7 +393,7 @@ class LocalRateLimiter(RateLimiter):
         return state
 
     async def try_acquire(self, endpoint: str, model: str, *, estimated_tokens: int) -> LimitDecision:
-        rpm, tpm, max_in_flight = _limit_args(self.limits_for(model))
+        rpm, tpm, max_in_flight = _limit_args(self.limits_for(model), self.tuning.rate_headroom)
         now = time.monotonic()
         state = self._state_of(endpoint, model, now)
         limit: float | None = max_in_flight or None
@@ -415,7 +418,7 @@ class LocalRateLimiter(RateLimiter):
         return LimitDecision(True, start - now, lease_id)
 
     async def release(self, slot: Slot, *, outcome: CallOutcome, actual_tokens: int | None = None) -> None:
-        _, tpm, max_in_flight = _limit_args(self.limits_for(slot.model))
+        _, tpm, max_in_flight = _limit_args(self.limits_for(slot.model), self.tuning.rate_headroom)
         now = time.monotonic()
         state = self._state_of(slot.endpoint, slot.model, now)
         in_flight = len(state.leases)

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
 
 import store
-from api.deps import EngineDep, SettingsDep, TenantDep
+from api.deps import ID_PATTERN, AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
 from api.errors import Conflict, InvalidRequest, NotFound
 
 __all__ = ["Dispatch", "batch_object", "router"]
@@ -30,14 +30,14 @@ Dispatch = Callable[[Engine, str], None]
 class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    input_file_id: str
-    endpoint: str
-    completion_window: str = "24h"
+    input_file_id: str = Field(pattern=ID_PATTERN)
+    endpoint: str = Field(max_length=100)
+    completion_window: str = Field(default="24h", max_length=16)
     metadata: dict[str, str] | None = None
     # tokenmill extensions
     model: str | None = Field(default=None, description="default model for short-form lines")
     skip_invalid: bool = False
-    webhook_url: str | None = Field(default=None, max_length=2000)
+    webhook_url: HttpUrl | None = Field(default=None, description="POSTed the batch object when it ends")
     priority: int = Field(default=0, ge=0, le=9)
 
 
@@ -117,7 +117,7 @@ def _create(
                 max_body_bytes=max_body_bytes,
                 max_lines=max_lines,
                 priority=body.priority,
-                webhook_url=body.webhook_url,
+                webhook_url=str(body.webhook_url) if body.webhook_url else None,
             )
     except FileNotFoundError as e:
         raise NotFound(f"the content of {file.id} is no longer on this server", param="input_file_id") from e
@@ -152,13 +152,13 @@ def _tenant_batch(engine: Engine, tenant: store.Tenant, batch_id: str) -> store.
 
 
 @router.get("/{batch_id}")
-def retrieve_batch(batch_id: str, tenant: TenantDep, engine: EngineDep) -> dict[str, Any]:
+def retrieve_batch(batch_id: ObjectId, tenant: TenantDep, engine: EngineDep) -> dict[str, Any]:
     return batch_object(engine, _tenant_batch(engine, tenant, batch_id))
 
 
 @router.get("")
 def list_batches(
-    tenant: TenantDep, engine: EngineDep, after: str | None = None, limit: int = Query(20, ge=1, le=100)
+    tenant: TenantDep, engine: EngineDep, after: AfterCursor = None, limit: int = Query(20, ge=1, le=100)
 ) -> dict[str, Any]:
     page = store.list_batches(engine, tenant.id, after=after, limit=limit)
     data = [batch_object(engine, batch) for batch in page.data]
@@ -172,7 +172,7 @@ def list_batches(
 
 
 @router.post("/{batch_id}/cancel")
-def cancel_batch(batch_id: str, tenant: TenantDep, engine: EngineDep) -> dict[str, Any]:
+def cancel_batch(batch_id: ObjectId, tenant: TenantDep, engine: EngineDep) -> dict[str, Any]:
     _tenant_batch(engine, tenant, batch_id)
     try:
         batch = store.cancel_batch(engine, batch_id)

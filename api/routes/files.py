@@ -8,7 +8,7 @@ from __future__ import annotations
 import secrets
 import shutil
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 import store
-from api.deps import EngineDep, SettingsDep, TenantDep
+from api.deps import AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
 from api.errors import InvalidRequest, NotFound
 
 __all__ = ["file_object", "router"]
@@ -93,8 +93,8 @@ def _tenant_file(engine: EngineDep, tenant: store.Tenant, file_id: str) -> store
 def list_files(
     tenant: TenantDep,
     engine: EngineDep,
-    purpose: str | None = None,
-    after: str | None = None,
+    purpose: Annotated[str | None, Query(pattern=r"^[a-z_-]{1,32}$")] = None,
+    after: AfterCursor = None,
     limit: int = Query(100, ge=1, le=10_000),
 ) -> dict[str, Any]:
     files = store.list_files(engine, tenant.id, purpose=purpose, after=after, limit=limit + 1)
@@ -109,12 +109,12 @@ def list_files(
 
 
 @router.get("/{file_id}")
-def retrieve_file(file_id: str, tenant: TenantDep, engine: EngineDep) -> dict[str, Any]:
+def retrieve_file(file_id: ObjectId, tenant: TenantDep, engine: EngineDep) -> dict[str, Any]:
     return file_object(_tenant_file(engine, tenant, file_id))
 
 
 @router.get("/{file_id}/content", response_model=None)
-def file_content(file_id: str, tenant: TenantDep, engine: EngineDep) -> FileResponse | StreamingResponse:
+def file_content(file_id: ObjectId, tenant: TenantDep, engine: EngineDep) -> FileResponse | StreamingResponse:
     file = _tenant_file(engine, tenant, file_id)
     if file.kind == store.FileKind.UPLOAD:
         if file.storage_path is None or not Path(file.storage_path).exists():
@@ -131,7 +131,7 @@ def file_content(file_id: str, tenant: TenantDep, engine: EngineDep) -> FileResp
 
 
 @router.delete("/{file_id}")
-def delete_file(file_id: str, tenant: TenantDep, engine: EngineDep) -> dict[str, Any]:
+def delete_file(file_id: ObjectId, tenant: TenantDep, engine: EngineDep) -> dict[str, Any]:
     file = store.delete_file(engine, file_id, tenant.id)
     if file is None:
         raise NotFound(f"No such File object: {file_id}", param="file_id")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 
 import store
-from api.deps import EngineDep, TenantDep
+from api.deps import ID_PATTERN, EngineDep, TenantDep
 from api.errors import InvalidRequest
 
 __all__ = ["router", "usage_row"]
@@ -48,7 +48,7 @@ def usage(
     ),
     since: int | None = Query(None, ge=0, description="unix seconds, inclusive"),
     until: int | None = Query(None, ge=0, description="unix seconds, exclusive"),
-    batch_id: str | None = None,
+    batch_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
 ) -> dict[str, Any]:
     """Your usage. Billed figures count what was paid upstream; cache hits are served free."""
     groups = [part.strip() for part in group_by.split(",") if part.strip()]

@@ -100,6 +100,7 @@ def _serve(postgres_url: str, redis_url: str, tmp_path: Path) -> Iterator[LiveAP
         tmp_path,
         TOKENMILL_MAX_UPLOAD_BYTES=str(64 * 1024),
         TOKENMILL_MAX_REQUEST_BODY_BYTES=str(8 * 1024),
+        TOKENMILL_SYNC_TIMEOUT_SECONDS="5",
     )
     migrate = subprocess.run(
         [sys.executable, "-c", "from api.cli import main; main()", "db", "upgrade"],

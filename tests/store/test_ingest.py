@@ -121,6 +121,8 @@ BAD_LINES: list[tuple[object, str, str | None]] = [
     ({"prompt": 3, "model": "m"}, "wrong_type", "prompt"),
     ({"prompt": "no model anywhere"}, "missing_field", "model"),
     ({"custom_id": "", "prompt": "p", "model": "m"}, "invalid_value", "custom_id"),
+    # PostgreSQL text cannot hold NUL: refused with its line, not a database error.
+    ({"custom_id": "a\u0000b", "prompt": "p", "model": "m"}, "invalid_value", "custom_id"),
 ]
 
 

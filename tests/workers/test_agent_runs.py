@@ -26,7 +26,7 @@ from store import (
 )
 from tests.agents.conversation_rules import tool_call_violations
 from tests.workers.support import Ledger, ledger, results_of
-from workers.agent_tasks import handlers_with_agents, parse_agent_run_body
+from workers.agent_tasks import AgentRunSpec, handlers_with_agents, parse_agent_run_body, run_agent
 from workers.clients import openai_client_factory
 from workers.limiter import LocalRateLimiter
 from workers.pipeline import ModelCallPipeline
@@ -203,3 +203,29 @@ def test_bodies_are_read_with_inline_messages() -> None:
     assert spec.config.system_message == "Be brief."
     assert [m.content for m in spec.inline_history] == ["a", "b"]
     assert spec.input.content == "c"
+
+
+async def test_a_redone_run_repeats_no_model_call_and_appends_once(
+    led: Ledger, pipeline: ModelCallPipeline, simulator: SimulatorServer
+) -> None:
+    def spec(text: str, conversation_id: str | None = None) -> AgentRunSpec:
+        body: dict[str, Any] = {**AGENT_DEFAULTS, "input": text}
+        if conversation_id is not None:
+            body["conversation_id"] = conversation_id
+        return parse_agent_run_body(body)
+
+    first = await run_agent(led.engine, pipeline, spec(TWO_CALLS), tenant_id=led.tenant_id, run_id="req_a")
+    upstream = simulator.stats()["completions"]
+    redo = await run_agent(led.engine, pipeline, spec(TWO_CALLS), tenant_id=led.tenant_id, run_id="req_a")
+    assert redo.conversation_id == first.conversation_id
+    assert redo.all_cached
+    follow_spec = spec("And the final number? [[recall]]", first.conversation_id)
+    follow = await run_agent(led.engine, pipeline, follow_spec, tenant_id=led.tenant_id, run_id="req_b")
+    follow_redo = await run_agent(led.engine, pipeline, follow_spec, tenant_id=led.tenant_id, run_id="req_b")
+    # The redo saw the conversation as the first attempt did: the same call, from the cache.
+    assert follow_redo.all_cached
+    assert follow_redo.run.output == follow.run.output
+    assert simulator.stats()["completions"] == upstream + 1
+    stored = load_conversation(led.engine, first.conversation_id, tenant_id=led.tenant_id)
+    assert len(stored) == 8
+    assert tool_call_violations(stored) == []

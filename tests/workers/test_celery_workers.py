@@ -42,7 +42,7 @@ class Cluster:
     env: dict[str, str]
     settings: Settings
     dispatcher: Dispatcher
-    broker: redis.Redis  # type: ignore[type-arg]
+    broker: redis.Redis  # type: ignore[type-arg, unused-ignore]
     processes: list[subprocess.Popen[bytes]]
     logs: Path
 
@@ -244,11 +244,11 @@ def test_429s_and_400s_under_a_global_rate_limit(
     postgres_url: str,
     simulator: SimulatorServer,
 ) -> None:
-    rpm = 3000
+    rpm = 1200
     simulator.configure(rate_429=0.3, retry_after_s=0.2)
     c = cluster(limits={"sim-model": {"rpm": rpm}})
     led = make_ledger(postgres_url)
-    prompts = [f"question {i}" for i in range(150)] + [f"broken {i} [[status 400]]" for i in range(5)]
+    prompts = [f"question {i}" for i in range(100)] + [f"broken {i} [[status 400]]" for i in range(5)]
     batch_id, ids = add_batch(led, prompts)
     c.worker("w1", concurrency=32)
     c.worker("w2", concurrency=32)

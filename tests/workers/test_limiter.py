@@ -49,7 +49,8 @@ def kind(request: pytest.FixtureRequest) -> str:
 async def build(
     kind: str, redis_url: str, prefix: str, limits: dict[str, ModelLimits], **tuning: float
 ) -> RateLimiter:
-    return make_limiter(kind, redis_url, prefix, limits, LimiterTuning(**tuning))
+    # No headroom here: the tests check the algorithm's exact schedule.
+    return make_limiter(kind, redis_url, prefix, limits, LimiterTuning(**{"rate_headroom": 1.0, **tuning}))
 
 
 async def test_requests_per_minute_paces_calls(kind: str, redis_url: str, redis_prefix: str) -> None:

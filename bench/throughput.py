@@ -1,0 +1,227 @@
+"""Throughput of tokenmill end to end against a raw asyncio + openai loop, on the same simulator.
+
+    .venv/bin/python -m bench.throughput [--requests 10000] [--concurrency 128] [--processes 2]
+
+Prints, each measured here and now:
+  (1) zero latency: requests/s of (a) the baseline a user would write (one asyncio loop, the openai
+      SDK, a semaphore of --concurrency) and (b) tokenmill (ingest into PostgreSQL, dispatch, Celery
+      worker subprocesses, every result in SQL), and the ratio b/a (target >= 1.0);
+  (2) 500 ms latency: tokenmill's requests/s over the concurrency bound (in flight / latency),
+      target >= 0.9;
+  (3) a 600 requests/minute limit: the peak upstream rate over any 10 s window (must not exceed 10/s).
+
+Needs Redis (logical database 12 is flushed) and PostgreSQL (a scratch database is created and
+dropped); URLs from TOKENMILL_BENCH_REDIS_URL / TOKENMILL_BENCH_PG_URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import openai
+import redis
+import sqlalchemy as sa
+
+from simulator.testing import SimulatorServer, peak_count
+from store import (
+    batch_progress,
+    create_tenant,
+    ingest_batch,
+    make_engine,
+    pending_request_ids,
+    upgrade_to_head,
+)
+from workers.app import make_celery
+from workers.dispatch import Dispatcher
+from workers.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_URL = os.environ.get("TOKENMILL_BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
+PG_ADMIN_URL = os.environ.get(
+    "TOKENMILL_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+MODEL = "bench-model"
+
+
+@contextmanager
+def scratch_database() -> Iterator[str]:
+    name = f"tm_bench_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        yield sa.make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+def prompts(count: int) -> list[str]:
+    salt = uuid.uuid4().hex[:8]  # fresh prompts: no run is answered from an earlier run's cache
+    return [f"bench {salt} question {i}" for i in range(count)]
+
+
+async def baseline(base_url: str, count: int, concurrency: int) -> float:
+    """The loop a user would write: requests per second."""
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(prompt: str) -> None:
+        async with gate:
+            await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}])
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(p) for p in prompts(count)))
+    elapsed = time.perf_counter() - started
+    await client.close()
+    return count / elapsed
+
+
+class Tokenmill:
+    """Worker subprocesses and a dispatcher on a scratch database and broker."""
+
+    def __init__(
+        self, sim: SimulatorServer, database_url: str, processes: int, concurrency: int, limits: str
+    ) -> None:
+        self.broker = redis.Redis.from_url(REDIS_URL)
+        self.broker.flushdb()
+        self.database_url = database_url
+        upgrade_to_head(database_url)
+        self.engine = make_engine(database_url)
+        self.tenant = create_tenant(self.engine, "bench").id
+        prefix = f"tmbench:{uuid.uuid4().hex[:8]}:"
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "TOKENMILL_BROKER_URL": REDIS_URL,
+            "TOKENMILL_DATABASE_URL": database_url,
+            "TOKENMILL_CACHE_URL": REDIS_URL,
+            "TOKENMILL_CACHE_PREFIX": f"{prefix}cache:",
+            "TOKENMILL_KEY_PREFIX": prefix,
+            "TOKENMILL_CHUNK_SIZE": "100",
+            "TOKENMILL_LIMITS": limits,
+            "OPENAI_BASE_URL": sim.base_url,
+            "OPENAI_API_KEY": "bench",
+        }
+        settings = Settings(
+            broker_url=REDIS_URL, database_url=database_url, key_prefix=prefix, chunk_size=100
+        )
+        self.dispatcher = Dispatcher(make_celery(settings), self.engine, self.broker, prefix, chunk_size=100)
+        self.worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from api.cli import main; main()",
+                "worker",
+                f"--processes={processes}",
+                f"--concurrency={concurrency}",
+                "--loglevel=WARNING",
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.warm_up()
+
+    def submit(self, lines: list[str]) -> tuple[str, list[str]]:
+        body = "\n".join(json.dumps({"prompt": p}) for p in lines).encode()
+        report = ingest_batch(self.engine, io.BytesIO(body), tenant_id=self.tenant, defaults={"model": MODEL})
+        return report.batch_id, pending_request_ids(self.engine, report.batch_id)
+
+    def run(self, count: int) -> float:
+        """Submit (ingest), dispatch, wait for every result in SQL: requests per second."""
+        started = time.perf_counter()
+        batch_id, ids = self.submit(prompts(count))
+        self.dispatcher.dispatch(ids)
+        while True:
+            progress = batch_progress(self.engine, batch_id)
+            if progress.finished == progress.total:
+                break
+            time.sleep(0.05)
+        return count / (time.perf_counter() - started)
+
+    def warm_up(self) -> None:
+        """Workers booted and one small batch through, so boot time is not measured."""
+        self.run(20)
+
+    def close(self) -> None:
+        os.killpg(self.worker.pid, signal.SIGTERM)
+        try:
+            self.worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.worker.pid, signal.SIGKILL)
+            self.worker.wait()
+        self.broker.flushdb()
+        self.broker.close()
+        self.engine.dispose()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=10_000)
+    parser.add_argument("--concurrency", type=int, default=128, help="requests in flight in total")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--latency-requests", type=int, default=2_000)
+    parser.add_argument("--limited-requests", type=int, default=400)
+    args = parser.parse_args()
+    per_process = max(1, args.concurrency // args.processes)
+    total_in_flight = per_process * args.processes
+
+    with SimulatorServer() as sim:
+        base = asyncio.run(baseline(sim.base_url, args.requests, total_in_flight))
+        print(
+            f"(a) baseline asyncio+openai, {args.requests} requests, {total_in_flight} in flight: {base:,.0f} req/s"
+        )
+        with scratch_database() as url:
+            mill = Tokenmill(sim, url, args.processes, per_process, "{}")
+            try:
+                ours = mill.run(args.requests)
+                print(
+                    f"(b) tokenmill end to end, {args.processes} processes x {per_process}: {ours:,.0f} req/s"
+                )
+                print(f"    ratio b/a = {ours / base:.2f}  (target >= 1.0)")
+
+                sim.configure(latency_ms=500)
+                bound = total_in_flight / 0.5
+                achieved = mill.run(args.latency_requests)
+                print(
+                    f"(2) 500 ms latency, {args.latency_requests} requests: {achieved:,.0f} req/s of a "
+                    f"{bound:,.0f} req/s bound = {achieved / bound:.2f}  (target >= 0.9)"
+                )
+            finally:
+                mill.close()
+        sim.reset()
+        with scratch_database() as url:
+            limited = Tokenmill(sim, url, args.processes, per_process, json.dumps({MODEL: {"rpm": 600}}))
+            try:
+                sim.reset()
+                limited.run(args.limited_requests)
+                stats = sim.stats()
+                peak = peak_count(stats["request_times"], 10.0)
+                print(
+                    f"(3) rpm limit 600, {args.limited_requests} requests: peak {peak} upstream requests in a "
+                    f"10 s window = {peak * 6} /min  (limit 600 /min: {'ok' if peak <= 100 else 'EXCEEDED'})"
+                )
+            finally:
+                limited.close()
+
+
+if __name__ == "__main__":
+    main()

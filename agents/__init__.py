@@ -4,11 +4,20 @@ Agents (``RoutedAgent`` + ``@message_handler``) run on a runtime (``SingleThread
 in this process; any ``AgentRuntime``). Model contexts decide what of a conversation the model
 sees; tools are looked up by name in a registry; ``run_assistant`` is the ready-made tool-calling
 assistant for declarative runs, which ``workers.agent_tasks`` runs on workers through their
-model-call pipeline.
+model-call pipeline. For runtimes across processes (``workers.agent_runtime``), agent types are
+registered by name (``agent_type``) in modules both sides import, and messages travel as JSON
+(``default_message_types``).
 """
 
 from agents.agent import AgentMetadata, BaseAgent
 from agents.agent_runtime import AgentFactory, AgentInstantiationContext, AgentRuntime
+from agents.agent_types import (
+    AgentTypeRegistration,
+    AgentTypeRegistry,
+    agent_type,
+    default_agent_types,
+    load_agent_modules,
+)
 from agents.assistant import (
     AssistantConfig,
     AssistantRunResult,
@@ -22,10 +31,13 @@ from agents.assistant import (
 from agents.calculator import evaluate
 from agents.exceptions import (
     AgentError,
+    AgentReplyTimeout,
     AgentStateError,
     AssistantRunError,
     CalculatorError,
     CantHandleException,
+    MessageSerializationError,
+    RemoteAgentError,
     ToolArgumentsError,
     ToolError,
     UndeliverableException,
@@ -33,6 +45,7 @@ from agents.exceptions import (
 )
 from agents.function_tool import FunctionTool, return_value_as_string
 from agents.ids import AgentId, AgentType, TopicId
+from agents.message_codec import MessageTypeRegistry, default_message_types, message_type_name
 from agents.message_context import MessageContext
 from agents.model_context import (
     BufferedChatCompletionContext,
@@ -42,7 +55,7 @@ from agents.model_context import (
     UnboundedChatCompletionContext,
     message_groups,
 )
-from agents.routed_agent import RoutedAgent, message_handler
+from agents.routed_agent import RoutedAgent, handler_message_types, message_handler
 from agents.single_threaded_runtime import SingleThreadedAgentRuntime
 from agents.tools import ToolRegistry, calculator, current_time, default_registry, load_tool_modules, tool
 from models.cancellation import CancellationToken
@@ -57,9 +70,12 @@ __all__ = [
     "AgentId",
     "AgentInstantiationContext",
     "AgentMetadata",
+    "AgentReplyTimeout",
     "AgentRuntime",
     "AgentStateError",
     "AgentType",
+    "AgentTypeRegistration",
+    "AgentTypeRegistry",
     "AssistantConfig",
     "AssistantRunError",
     "AssistantRunResult",
@@ -72,9 +88,12 @@ __all__ = [
     "FunctionTool",
     "HeadAndTailChatCompletionContext",
     "MessageContext",
+    "MessageSerializationError",
+    "MessageTypeRegistry",
     "ModelCall",
     "ModelCallRecord",
     "ModelRequest",
+    "RemoteAgentError",
     "RoutedAgent",
     "SingleThreadedAgentRuntime",
     "StopReason",
@@ -86,14 +105,20 @@ __all__ = [
     "UnboundedChatCompletionContext",
     "UndeliverableException",
     "UnknownToolError",
+    "agent_type",
     "calculator",
     "client_model_call",
     "current_time",
+    "default_agent_types",
+    "default_message_types",
     "default_registry",
     "evaluate",
+    "handler_message_types",
+    "load_agent_modules",
     "load_tool_modules",
     "message_groups",
     "message_handler",
+    "message_type_name",
     "return_value_as_string",
     "run_assistant",
     "tool",

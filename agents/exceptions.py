@@ -4,6 +4,10 @@
      ├── CantHandleException ........ the recipient has no handler for this message type
      ├── UndeliverableException ..... unknown agent type, or the runtime is stopped
      ├── AgentStateError ............ a saved state that cannot be loaded
+ ├── MessageSerializationError .. a message that cannot cross processes: unregistered class,
+ │                                 unserializable field, or a payload that fails its class
+ ├── RemoteAgentError ........... a handler on another process raised; ``error_type`` names it
+ │    └── AgentReplyTimeout ..... no reply within the timeout (also a TimeoutError)
      ├── ToolError
      │    ├── UnknownToolError ...... no tool of that name is registered
      │    ├── ToolArgumentsError .... arguments that are not JSON, or fail the tool's schema
@@ -23,10 +27,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AgentError",
+    "AgentReplyTimeout",
     "AgentStateError",
     "AssistantRunError",
     "CalculatorError",
     "CantHandleException",
+    "MessageSerializationError",
+    "RemoteAgentError",
     "ToolArgumentsError",
     "ToolError",
     "UndeliverableException",
@@ -48,6 +55,23 @@ class UndeliverableException(AgentError):
 
 class AgentStateError(AgentError):
     """A saved agent or model-context state that cannot be loaded."""
+
+
+class MessageSerializationError(AgentError):
+    """A message that cannot be written as JSON or read back into its class."""
+
+
+class RemoteAgentError(AgentError):
+    """A handler run by another process raised an exception this process cannot rebuild as its
+    own class; ``error_type`` is that exception's class name."""
+
+    def __init__(self, message: str, error_type: str = "") -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+class AgentReplyTimeout(RemoteAgentError, TimeoutError):
+    """The reply did not come back in time (the handler may still run, and may still finish)."""
 
 
 class ToolError(AgentError):

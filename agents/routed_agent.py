@@ -13,7 +13,7 @@ from agents.agent import BaseAgent
 from agents.exceptions import CantHandleException
 from agents.message_context import MessageContext
 
-__all__ = ["RoutedAgent", "message_handler"]
+__all__ = ["RoutedAgent", "handler_message_types", "message_handler"]
 
 AgentT = TypeVar("AgentT", bound=BaseAgent)
 ReceivesT = TypeVar("ReceivesT")
@@ -54,6 +54,32 @@ def _message_types(func: Callable[..., Any]) -> tuple[type, ...]:
     if name not in hints:
         raise TypeError(f"{func.__qualname__}: the message parameter {name!r} needs a type hint")
     return _union_members(hints[name])
+
+
+def _return_types(func: Callable[..., Any]) -> list[type]:
+    try:
+        annotation = get_type_hints(func).get("return")
+    except NameError:
+        return []
+    try:
+        members = _union_members(annotation)
+    except TypeError:  # Any, a generic alias: nothing to register
+        return []
+    return [member for member in members if member is not type(None)]
+
+
+def handler_message_types(agent_class: type) -> list[type]:
+    """The classes the ``@message_handler`` methods of ``agent_class`` take and return (for
+    runtimes that must serialize them)."""
+    found: list[type] = []
+    for cls in agent_class.__mro__:
+        for attribute in vars(cls).values():
+            target_types = getattr(attribute, _TARGET_TYPES, None)
+            if target_types is None:
+                continue
+            found.extend(target_types)
+            found.extend(_return_types(getattr(attribute, "__wrapped__", attribute)))
+    return found
 
 
 @overload

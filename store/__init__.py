@@ -62,6 +62,7 @@ Agent conversations and agent state::
     append_messages(engine, conversation_id, messages, *, run_id=None, tenant_id=None) -> int  # length
     load_conversation(engine, conversation_id, *, tenant_id=None, before_run=None) -> list[LLMMessage]
     # a run_id appends once (a redone run appends nothing); before_run reads what that run first saw
+    get_agent_run(engine, request_id, tenant_id) -> AgentRunRecord | None   # request + result rows
     load_agent_state(engine, agent_type, agent_key, tenant_id=None) -> dict | None
     get_agent_state(engine, agent_type, agent_key, tenant_id=None) -> StoredAgentState | None
     save_agent_state(engine, agent_type, agent_key, state, tenant_id=None, *, expected_version=None,
@@ -79,6 +80,7 @@ Exceptions::
      └── InvalidArgument (also a ValueError): a bad endpoint, completion window or metadata
 """
 
+from store.agent_runs import AgentRunRecord, get_agent_run
 from store.agent_state import StoredAgentState, get_agent_state, load_agent_state, save_agent_state
 from store.batches import (
     BatchPage,
@@ -147,6 +149,7 @@ from store.usage import UsageGroup, UsageRow, usage_report
 
 __all__ = [
     "ENDPOINT_KINDS",
+    "AgentRunRecord",
     "AgentState",
     "AgentStateConflict",
     "ApiKey",
@@ -198,6 +201,7 @@ __all__ = [
     "expire_batches",
     "extend_leases",
     "find_stale_requests",
+    "get_agent_run",
     "get_agent_state",
     "get_batch",
     "get_file",

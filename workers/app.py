@@ -79,7 +79,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # leases and the runner's own deadline bound it instead.
         "task_time_limit": None,
         "worker_hijack_root_logger": False,
-        "include": ["workers.tasks"],
+        # workers.agent_host: the distributed agent runtime's task (tokenmill.agent_message).
+        "include": ["workers.tasks", "workers.agent_host"],
         "timezone": "UTC",
     }
 

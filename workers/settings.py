@@ -70,6 +70,10 @@ class Settings(BaseSettings):
 
     # Agents: modules whose tools are registered on import.
     tool_modules: list[str] = Field(default_factory=list)
+    # Modules registering agent types (``agents.agent_type``) for the distributed runtime; workers
+    # and producers both import them. JSON list: TOKENMILL_AGENT_MODULES='["myapp.agents"]'.
+    agent_modules: list[str] = Field(default_factory=list)
+    agent_reply_timeout_seconds: float = Field(default=600.0, gt=0, description="send_message wait")
 
     @field_validator("broker_url")
     @classmethod

@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 from workers import context
+from workers.agent_tasks import handlers_with_agents
 from workers.app import app
 from workers.clients import build_pipeline
 from workers.constants import COMPLETE_CHUNK_TASK, SWEEP_TASK
@@ -49,6 +50,7 @@ async def run_chunk(request_ids: list[str], owner: str) -> ChunkReport:
                 # Stop starting requests well before the message becomes visible again.
                 deadline_seconds=settings.visibility_timeout_seconds / 2,
             ),
+            handlers=handlers_with_agents(context.engine()),
         )
         return await runner.run(request_ids)
     finally:

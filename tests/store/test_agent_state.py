@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy.engine import Engine
 
 import store
-from models.types import AssistantMessage, UserMessage
+from models.types import AssistantMessage, LLMMessage, UserMessage
 
 
 def test_agent_state_upserts_per_tenant_and_agent(engine: Engine, tenant: store.Tenant) -> None:
@@ -42,14 +42,20 @@ def test_a_save_based_on_a_stale_version_is_refused(engine: Engine) -> None:
 
 
 def test_a_redone_run_appends_once_and_reads_what_it_first_saw(engine: Engine, tenant: store.Tenant) -> None:
-    first = [UserMessage(content="q1", source="user"), AssistantMessage(content="a1", source="assistant")]
+    first: list[LLMMessage] = [
+        UserMessage(content="q1", source="user"),
+        AssistantMessage(content="a1", source="assistant"),
+    ]
     conversation = store.create_conversation(engine, tenant.id, first, conversation_id="conv_r1", run_id="r1")
     # The run is redone: the same deterministic id and run id create and append nothing again.
     assert (
         store.create_conversation(engine, tenant.id, first, conversation_id="conv_r1", run_id="r1")
         == conversation
     )
-    follow = [UserMessage(content="q2", source="user"), AssistantMessage(content="a2", source="assistant")]
+    follow: list[LLMMessage] = [
+        UserMessage(content="q2", source="user"),
+        AssistantMessage(content="a2", source="assistant"),
+    ]
     assert store.append_messages(engine, conversation, follow, run_id="r2") == 4
     assert store.append_messages(engine, conversation, follow, run_id="r2") == 4
     assert [m.content for m in store.load_conversation(engine, conversation)] == ["q1", "a1", "q2", "a2"]

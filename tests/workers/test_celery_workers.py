@@ -7,141 +7,19 @@ test), so nothing here touches database 0 but the cache keys under the test's ow
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import redis
 import sqlalchemy as sa
 
 from simulator.testing import SimulatorServer, peak_count
 from store import Batch, RequestStatus, Result, batch_progress
-from tests import services
+from tests.cluster import Cluster, kill_group
 from tests.workers.support import Ledger, add_batch
-from workers.app import make_celery
-from workers.dispatch import Dispatcher
-from workers.settings import Settings
 
 pytestmark = pytest.mark.slow
-
-BROKER_DB = 11
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class Cluster:
-    """Everything a test needs to start workers and send them work."""
-
-    env: dict[str, str]
-    settings: Settings
-    dispatcher: Dispatcher
-    broker: redis.Redis  # type: ignore[type-arg, unused-ignore]
-    processes: list[subprocess.Popen[bytes]]
-    logs: Path
-
-    def start(self, *args: str, name: str) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("wb")
-        process = subprocess.Popen(
-            [sys.executable, "-c", "from api.cli import main; main()", *args],
-            env=self.env,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: a kill reaches the pool children
-        )
-        log.close()
-        self.processes.append(process)
-        return process
-
-    def worker(self, name: str, processes: int = 1, concurrency: int = 16) -> subprocess.Popen[bytes]:
-        return self.start(
-            "worker",
-            f"--processes={processes}",
-            f"--concurrency={concurrency}",
-            "--loglevel=WARNING",
-            f"--hostname={name}@%h",
-            name=name,
-        )
-
-    def beat(self) -> subprocess.Popen[bytes]:
-        return self.start("beat", name="beat")
-
-
-def kill_group(process: subprocess.Popen[bytes], sig: int = signal.SIGKILL) -> None:
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        return
-
-
-@pytest.fixture
-def cluster(
-    redis_url: str, redis_prefix: str, postgres_url: str, simulator: SimulatorServer, tmp_path: Path
-) -> Iterator[Callable[..., Cluster]]:
-    made: list[Cluster] = []
-
-    def make(limits: dict[str, dict[str, int]] | None = None) -> Cluster:
-        broker_url = services.redis_db_url(redis_url, BROKER_DB)
-        broker = redis.Redis.from_url(broker_url)
-        broker.flushdb()
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "TOKENMILL_BROKER_URL": broker_url,
-            "TOKENMILL_DATABASE_URL": postgres_url,
-            "TOKENMILL_CACHE_URL": redis_url,
-            "TOKENMILL_CACHE_PREFIX": f"{redis_prefix}cache:",
-            "TOKENMILL_KEY_PREFIX": redis_prefix,
-            "TOKENMILL_LEASE_SECONDS": "5",
-            "TOKENMILL_VISIBILITY_TIMEOUT_SECONDS": "30",
-            "TOKENMILL_UNACKED_RESTORE_INTERVAL_SECONDS": "1",
-            "TOKENMILL_SWEEP_INTERVAL_SECONDS": "1",
-            "TOKENMILL_SWEEP_GRACE_SECONDS": "1",
-            "TOKENMILL_CHUNK_SIZE": "50",
-            "TOKENMILL_LIMITS": json.dumps(limits or {}),
-            "TOKENMILL_UPSTREAM_TIMEOUT_SECONDS": "20",
-            "OPENAI_BASE_URL": simulator.base_url,
-            "OPENAI_API_KEY": "sim",
-        }
-        settings = Settings(
-            broker_url=broker_url,
-            database_url=postgres_url,
-            key_prefix=redis_prefix,
-            chunk_size=50,
-            visibility_timeout_seconds=30,
-        )
-        from store import make_engine
-
-        logs = tmp_path / "logs"
-        logs.mkdir(exist_ok=True)
-        engine = make_engine(postgres_url)
-        dispatcher = Dispatcher(
-            celery=make_celery(settings),
-            engine=engine,
-            redis_client=broker,
-            key_prefix=redis_prefix,
-            chunk_size=50,
-        )
-        made.append(Cluster(env, settings, dispatcher, broker, [], logs))
-        return made[-1]
-
-    yield make
-    for cluster in made:
-        for process in cluster.processes:
-            kill_group(process)
-        for process in cluster.processes:
-            process.wait(timeout=10)
-        cluster.broker.flushdb()
-        cluster.broker.close()
-        cluster.dispatcher.engine.dispose()
-        cluster.dispatcher.celery.close()
 
 
 def wait_finished(led: Ledger, batch_id: str, timeout: float, logs: Path) -> None:

@@ -1,0 +1,176 @@
+"""``POST /v1/agent_runs`` and ``GET /v1/agent_runs/{id}``: declarative assistant runs on the workers.
+
+A run becomes a one-line batch of kind ``agent_run`` (endpoint ``/v1/agent_runs``), so it gets the
+ledger's leases, the sweeper, the cache and the limiter like any batch line, and its usage lands in
+``/v1/usage``. Agent runs submitted as lines of a batch are read back here by their request id too.
+
+The body (see ``workers.agent_tasks``): ``model``, ``system_message``, ``tools``,
+``max_tool_iterations``, ``output_schema``, ``extra_create_args``, ``input`` (a string or OpenAI
+messages) and an optional ``conversation_id``. ``?wait=true`` answers once the run finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import re
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from sqlalchemy.engine import Engine
+from starlette.concurrency import run_in_threadpool
+
+import store
+from api.deps import ID_PATTERN, EngineDep, ObjectId, SettingsDep, TenantDep
+from api.errors import InvalidRequest, NotFound, ServiceUnavailable
+from api.routes.batches import Dispatch
+from models.errors import ModelClientError
+from workers.agent_tasks import parse_agent_run_body
+
+__all__ = ["agent_run_object", "router"]
+
+router = APIRouter(tags=["agent_runs"])
+ENDPOINT = "/v1/agent_runs"
+SOURCE_METADATA = {"tokenmill_source": "agent_runs"}
+_POLL_SECONDS = (0.02, 0.05, 0.1, 0.2, 0.5)
+_PENDING = {store.RequestStatus.QUEUED: "queued", store.RequestStatus.RUNNING: "in_progress"}
+
+
+def agent_run_object(run: store.AgentRunRecord) -> dict[str, Any]:
+    """The run as the API answers it: status, then (once finished) output, transcript, usage."""
+    request, result = run.request, run.result
+    body = request.body
+    obj: dict[str, Any] = {
+        "id": request.id,
+        "object": "agent_run",
+        "created_at": request.created_at,
+        "batch_id": request.batch_id,
+        "model": body.get("model"),
+        "conversation_id": body.get("conversation_id"),
+        "status": _PENDING.get(request.status, request.status.value),
+        "output": None,
+        "error": None,
+    }
+    if result is None:
+        return obj
+    obj["finished_at"] = request.finished_at
+    if result.status is store.RequestStatus.SUCCEEDED and result.response_body is not None:
+        response = result.response_body
+        obj.update(
+            {
+                key: response.get(key)
+                for key in (
+                    "conversation_id",
+                    "status",
+                    "stop_reason",
+                    "output",
+                    "parsed_output",
+                    "transcript",
+                    "model_calls",
+                )
+            }
+        )
+        if response.get("error"):
+            obj["error"] = {"code": "incomplete", "message": response["error"]}
+    else:
+        obj["status"] = result.status.value
+        obj["error"] = {"code": result.error_code, "message": result.error_message}
+    obj["usage"] = {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+        "cached": result.cached,
+        "billed": not result.cached,
+    }
+    return obj
+
+
+def _ingest_one(
+    engine: Engine, tenant_id: str, body: dict[str, Any], max_body_bytes: int
+) -> store.IngestReport:
+    line = {"custom_id": "agent_run", "method": "POST", "url": ENDPOINT, "body": body}
+    return store.ingest_batch(
+        engine,
+        io.BytesIO(json.dumps(line).encode()),
+        tenant_id=tenant_id,
+        endpoint=ENDPOINT,
+        completion_window="24h",
+        metadata=SOURCE_METADATA,
+        max_body_bytes=max_body_bytes,
+        priority=9,
+    )
+
+
+def _run_of(engine: Engine, tenant_id: str, run_id: str) -> store.AgentRunRecord:
+    run = store.get_agent_run(engine, run_id, tenant_id)
+    if run is None:
+        raise NotFound(f"No such agent run: {run_id}", param="run_id")
+    return run
+
+
+@router.post("/v1/agent_runs")
+async def create_agent_run(
+    request: Request,
+    tenant: TenantDep,
+    engine: EngineDep,
+    settings: SettingsDep,
+    wait: Annotated[bool, Query(description="answer once the run finished")] = False,
+) -> dict[str, Any]:
+    """Start an assistant run; returns it at once (``status: queued``), or finished with ``wait``."""
+    try:
+        body = await request.json()
+    except ValueError as e:
+        raise InvalidRequest(f"the request body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    body.setdefault("model", settings.default_model)
+    try:
+        parse_agent_run_body(body)
+    except ModelClientError as e:
+        raise InvalidRequest(e.message, code=e.code) from e
+    if "conversation_id" in body:
+        if not re.match(ID_PATTERN, str(body["conversation_id"])):
+            raise InvalidRequest("'conversation_id' is not an id", param="conversation_id")
+        try:
+            await run_in_threadpool(
+                store.load_conversation, engine, str(body["conversation_id"]), tenant_id=tenant.id
+            )
+        except store.ConversationNotFound as e:
+            raise NotFound(f"No such conversation: {body['conversation_id']}", param="conversation_id") from e
+    report = await run_in_threadpool(_ingest_one, engine, tenant.id, body, settings.max_request_body_bytes)
+    if report.status != store.BatchStatus.IN_PROGRESS:
+        first = report.errors[0] if report.errors else None
+        raise InvalidRequest(
+            first.message if first else "the run is invalid",
+            param=first.param if first else None,
+            code=first.code if first else None,
+        )
+    [run_id] = await run_in_threadpool(store.pending_request_ids, engine, report.batch_id)
+    dispatch: Dispatch = request.app.state.dispatch
+    try:
+        await run_in_threadpool(dispatch, engine, report.batch_id)
+    except Exception as e:  # the ledger row stays; the sweeper will still run it
+        raise ServiceUnavailable(f"could not reach the workers' broker: {e}") from e
+    run = await run_in_threadpool(_run_of, engine, tenant.id, run_id)
+    if wait:
+        deadline = time.monotonic() + settings.sync_timeout_seconds
+        attempt = 0
+        while run.result is None:
+            if time.monotonic() > deadline or await request.is_disconnected():
+                raise ServiceUnavailable(
+                    f"run {run_id} did not finish within {settings.sync_timeout_seconds:.0f} s; "
+                    f"GET /v1/agent_runs/{run_id} later",
+                    code="timeout",
+                )
+            await asyncio.sleep(_POLL_SECONDS[min(attempt, len(_POLL_SECONDS) - 1)])
+            attempt += 1
+            run = await run_in_threadpool(_run_of, engine, tenant.id, run_id)
+    return agent_run_object(run)
+
+
+@router.get("/v1/agent_runs/{run_id}")
+async def retrieve_agent_run(run_id: ObjectId, tenant: TenantDep, engine: EngineDep) -> dict[str, Any]:
+    """A run of this tenant (another tenant's id is not found)."""
+    return agent_run_object(await run_in_threadpool(_run_of, engine, tenant.id, run_id))

@@ -1,0 +1,97 @@
+"""The seed's SimpleAgent example on ``DistributedAgentRuntime``: real ``tokenmill worker``
+subprocesses, a Redis broker, PostgreSQL for agent state, the simulator over HTTP. The example's
+code is the local test's, but for the runtime's class."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+
+from agents import AgentId, CantHandleException, UndeliverableException
+from models.openai import OpenAIChatCompletionClient
+from simulator.testing import SimulatorServer
+from store import load_agent_state
+from tests.agents.seed_example import Message, SimpleAgent, SimpleAgentWithContext
+from tests.cluster import Cluster
+from tests.workers.support import Ledger
+from workers.agent_runtime import DistributedAgentRuntime
+
+pytestmark = pytest.mark.slow
+
+AGENT_MODULE = "tests.agents.distributed_agents"
+
+
+def agent_cluster(cluster: Callable[..., Cluster], workers: int) -> Cluster:
+    c = cluster()
+    c.env["TOKENMILL_AGENT_MODULES"] = json.dumps([AGENT_MODULE])
+    c.env["TOKENMILL_DEFAULT_MODEL"] = "sim-model"
+    for n in range(workers):
+        c.worker(f"agents{n}", concurrency=4)
+    return c
+
+
+async def test_seed_example_on_the_distributed_runtime(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    simulator: SimulatorServer,
+) -> None:
+    make_ledger(postgres_url)  # the schema
+    c = agent_cluster(cluster, workers=1)
+    model_client = OpenAIChatCompletionClient(model="gpt-4o-mini", base_url=simulator.base_url, api_key="sim")
+
+    runtime = DistributedAgentRuntime(c.settings, reply_timeout=60)
+    await SimpleAgent.register(
+        runtime,
+        "simple_agent",
+        lambda: SimpleAgent(model_client=model_client),
+    )
+    runtime.start()
+    message = Message("Hello, what are some fun things to do in Seattle? [[say Space Needle]]")
+    response = await runtime.send_message(message, AgentId("simple_agent", "default"))
+    await runtime.stop()
+    await model_client.close()
+
+    assert isinstance(response, Message)
+    assert "Space Needle" in response.content
+    # The model call was made by the worker (its client), not by the producer's client.
+    assert simulator.stats()["completions"] == 1
+    assert model_client.total_usage().completion_tokens == 0
+
+
+async def test_state_lives_in_sql_across_workers_and_errors_come_back(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    simulator: SimulatorServer,
+) -> None:
+    led = make_ledger(postgres_url)
+    c = agent_cluster(cluster, workers=2)
+    model_client = OpenAIChatCompletionClient(model="gpt-4o-mini", base_url=simulator.base_url, api_key="sim")
+    runtime = DistributedAgentRuntime(c.settings, tenant_id=led.tenant_id, reply_timeout=60)
+    await SimpleAgentWithContext.register(runtime, "ctx_agent", lambda: SimpleAgentWithContext(model_client))
+    runtime.start()
+    agent = AgentId("ctx_agent", "default")
+    first = await runtime.send_message(Message("Remember the word [[say pelican]]"), agent)
+    second = await runtime.send_message(Message("What did you say before? [[recall]]"), agent)
+    other = await runtime.send_message(
+        Message("What did you say before? [[recall]]"), AgentId("ctx_agent", "x")
+    )
+    with pytest.raises(CantHandleException):
+        await runtime.send_message("not a Message", agent)
+    with pytest.raises(UndeliverableException):
+        await runtime.send_message(Message("hi"), AgentId("nobody", "default"))
+    await runtime.stop()
+    await model_client.close()
+
+    assert "pelican" in first.content
+    assert "recall:" in second.content
+    assert "pelican" in second.content
+    assert "pelican" not in other.content
+    state = load_agent_state(led.engine, "ctx_agent", "default", led.tenant_id)
+    assert state is not None
+    messages = state["model_contexts"]["_model_context"]["messages"]
+    assert len(messages) == 4
+    assert load_agent_state(led.engine, "ctx_agent", "default") is None  # another tenant's (none)

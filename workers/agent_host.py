@@ -1,0 +1,199 @@
+"""The worker's side of ``DistributedAgentRuntime``: the Celery task ``tokenmill.agent_message``.
+
+One message: lock the agent (Redis, so two workers never run one agent's handlers at once), load
+its state from SQL, answer from SQL if this message id was already answered (a redelivery), else
+build the agent from its registered factory with a model client from the worker's pipeline (cache
+-> limiter -> retry), run the handler, save the state back version-checked together with the
+message id and the reply, and push the reply to the caller's Redis key. Acks are late (the app's
+setting): a worker killed mid-handler leaves the message to be redone, and the redo's model
+calls are cache hits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import json
+import logging
+from typing import Any
+
+import redis.asyncio as aioredis
+from celery.signals import worker_process_init
+from sqlalchemy.engine import Engine
+
+from agents import (
+    AgentId,
+    AgentInstantiationContext,
+    BaseAgent,
+    MessageContext,
+    UndeliverableException,
+    default_agent_types,
+    default_message_types,
+    load_agent_modules,
+    load_tool_modules,
+)
+from models.cancellation import CancellationToken
+from store import AgentStateConflict, get_agent_state, save_agent_state
+from workers import context
+from workers.agent_runtime import (
+    AGENT_MESSAGE_TASK,
+    REPLY_TTL_SECONDS,
+    DistributedAgentRuntime,
+    agent_lock_key,
+    agent_reply_key,
+    error_reply,
+)
+from workers.app import app
+from workers.clients import build_pipeline
+from workers.settings import Settings
+
+__all__ = ["agent_message", "handle_agent_message", "load_worker_modules"]
+
+_logger = logging.getLogger(__name__)
+
+
+def load_worker_modules(settings: Settings) -> None:
+    """Import the user's tool and agent modules (idempotent: Python imports a module once)."""
+    load_tool_modules(settings.tool_modules)
+    load_agent_modules(settings.agent_modules)
+
+
+@worker_process_init.connect  # type: ignore[untyped-decorator, unused-ignore]
+def _load_modules_in_child(**_: Any) -> None:
+    load_worker_modules(context.settings())
+
+
+async def _run_handler(
+    settings: Settings,
+    agent_id: AgentId,
+    tenant_id: str | None,
+    message_id: str,
+    sender: str | None,
+    payload: dict[str, Any],
+    state: dict[str, Any] | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(reply, state after): the handler's reply or error; state is saved either way, as the local
+    runtime keeps an agent's state after a handler raised."""
+    registration = default_agent_types.get(agent_id.type)
+    if registration is None:
+        error = UndeliverableException(
+            f"no agent type {agent_id.type!r} on this worker: add its module to TOKENMILL_AGENT_MODULES"
+        )
+        return error_reply(error), state or {}
+    pipeline = build_pipeline(settings)
+    host = DistributedAgentRuntime(settings, tenant_id=tenant_id)
+    agent: BaseAgent | None = None
+    try:
+        client = pipeline.client_for(registration.model or settings.default_model)
+        with AgentInstantiationContext.populate_context(host, agent_id):
+            built = registration.factory(client)
+            agent = await built if inspect.isawaitable(built) else built
+        if state:
+            await agent.load_state(state)
+        ctx = MessageContext(
+            sender=None if sender is None else AgentId.from_str(sender),
+            topic_id=None,
+            is_rpc=True,
+            cancellation_token=CancellationToken(),
+            message_id=message_id,
+        )
+        try:
+            message = default_message_types.decode(payload)
+            result = await agent.on_message(message, ctx)
+            reply: dict[str, Any] = {"ok": True, "message": default_message_types.encode(result)}
+        except Exception as e:  # the handler's error is the caller's to see
+            reply = error_reply(e)
+        return reply, dict(await agent.save_state())
+    finally:
+        if agent is not None:
+            await agent.close()
+        await host.close()
+        await pipeline.close()
+
+
+async def handle_agent_message(
+    settings: Settings,
+    engine: Engine,
+    *,
+    agent_type: str,
+    agent_key: str,
+    tenant_id: str | None,
+    message_id: str,
+    sender: str | None,
+    message: dict[str, Any],
+) -> dict[str, Any]:
+    """Run one message to its reply (pushed to the caller's reply key) and return the reply."""
+    agent_id = AgentId(agent_type, agent_key)
+    redis = aioredis.Redis.from_url(settings.broker_url or "")
+    try:
+        lock = redis.lock(
+            agent_lock_key(settings.key_prefix, tenant_id, agent_id),
+            timeout=settings.lease_seconds,
+            blocking_timeout=settings.agent_reply_timeout_seconds,
+        )
+        async with lock:
+            stored = await asyncio.to_thread(get_agent_state, engine, agent_type, agent_key, tenant_id)
+            if stored is not None and stored.last_message_id == message_id and stored.last_reply is not None:
+                reply = stored.last_reply  # a redelivery of a message already answered
+            else:
+                reply, state = await _run_handler(
+                    settings,
+                    agent_id,
+                    tenant_id,
+                    message_id,
+                    sender,
+                    message,
+                    None if stored is None else stored.state,
+                )
+                try:
+                    await asyncio.to_thread(
+                        functools.partial(
+                            save_agent_state,
+                            engine,
+                            agent_type,
+                            agent_key,
+                            state,
+                            tenant_id,
+                            expected_version=0 if stored is None else stored.version,
+                            message_id=message_id,
+                            reply=reply,
+                        )
+                    )
+                except AgentStateConflict as e:  # the lock expired under a slow handler
+                    reply = error_reply(e)
+        key = agent_reply_key(settings.key_prefix, message_id)
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.lpush(key, json.dumps(reply))
+            pipe.expire(key, REPLY_TTL_SECONDS)
+            await pipe.execute()
+        return reply
+    finally:
+        await redis.aclose()
+
+
+@app.task(name=AGENT_MESSAGE_TASK, ignore_result=True)  # type: ignore[untyped-decorator, unused-ignore]
+def agent_message(
+    agent_type: str,
+    agent_key: str,
+    tenant_id: str | None,
+    message_id: str,
+    sender: str | None,
+    message: dict[str, Any],
+) -> bool:
+    """The Celery task: True when the handler replied, False when it raised."""
+    settings = context.settings()
+    load_worker_modules(settings)
+    reply = asyncio.run(
+        handle_agent_message(
+            settings,
+            context.engine(),
+            agent_type=agent_type,
+            agent_key=agent_key,
+            tenant_id=tenant_id,
+            message_id=message_id,
+            sender=sender,
+            message=message,
+        )
+    )
+    return bool(reply.get("ok"))

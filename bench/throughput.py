@@ -187,7 +187,8 @@ def main() -> None:
     with SimulatorServer() as sim:
         base = asyncio.run(baseline(sim.base_url, args.requests, total_in_flight))
         print(
-            f"(a) baseline asyncio+openai, {args.requests} requests, {total_in_flight} in flight: {base:,.0f} req/s"
+            f"(a) baseline asyncio+openai, {args.requests} requests, "
+            f"{total_in_flight} in flight: {base:,.0f} req/s"
         )
         with scratch_database() as url:
             mill = Tokenmill(sim, url, args.processes, per_process, "{}")
@@ -216,8 +217,9 @@ def main() -> None:
                 stats = sim.stats()
                 peak = peak_count(stats["request_times"], 10.0)
                 print(
-                    f"(3) rpm limit 600, {args.limited_requests} requests: peak {peak} upstream requests in a "
-                    f"10 s window = {peak * 6} /min  (limit 600 /min: {'ok' if peak <= 100 else 'EXCEEDED'})"
+                    f"(3) rpm limit 600, {args.limited_requests} requests: peak {peak} upstream requests "
+                    f"in a 10 s window = {peak * 6} /min  "
+                    f"(limit 600 /min: {'ok' if peak <= 100 else 'EXCEEDED'})"
                 )
             finally:
                 limited.close()

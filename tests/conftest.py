@@ -9,6 +9,7 @@ import pytest
 
 from simulator.testing import SimulatorServer
 from tests import services
+from tests.cluster import cluster  # noqa: F401 - the fixture: real worker and beat subprocesses
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,17 @@ def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], 
     port = services.free_port()
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-c", "from api.cli import main; main()", "api", "--port", str(port)],
+            # The command docker-compose.yml runs, on a free port.
+            [
+                sys.executable,
+                "-c",
+                "from api.cli import main; main()",
+                "api",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
             env=env,
             cwd=ROOT,
             stdout=out,

@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.cluster import cluster  # noqa: F401 - the fixture, for every worker test
 from tests.workers.support import Ledger, ledger
 
 

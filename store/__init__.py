@@ -146,6 +146,7 @@ from store.tables import (
 )
 from store.tenants import authenticate_api_key, create_api_key, create_tenant, get_tenant, revoke_api_key
 from store.usage import UsageGroup, UsageRow, usage_report
+from store.webhooks import DueWebhook, due_webhooks, record_webhook_attempt
 
 __all__ = [
     "ENDPOINT_KINDS",
@@ -164,6 +165,7 @@ __all__ = [
     "ConversationMessage",
     "ConversationNotFound",
     "ConversationRun",
+    "DueWebhook",
     "File",
     "FileKind",
     "IngestReport",
@@ -198,6 +200,7 @@ __all__ = [
     "current_revision",
     "delete_file",
     "downgrade_to_base",
+    "due_webhooks",
     "expire_batches",
     "extend_leases",
     "find_stale_requests",
@@ -220,6 +223,7 @@ __all__ = [
     "pending_request_ids",
     "price_for",
     "record_results",
+    "record_webhook_attempt",
     "release_requests",
     "require_schema_at_head",
     "revoke_api_key",

@@ -147,6 +147,11 @@ class Batch(Base):
     errors: Mapped[list[Any] | None] = mapped_column(sa.JSON)
     priority: Mapped[int] = mapped_column(sa.Integer, default=0)
     webhook_url: Mapped[str | None] = mapped_column(sa.String(2000))
+    # Delivery of the completion webhook (at least once, retried by the sweeper with backoff).
+    webhook_attempts: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    webhook_next_at: Mapped[int | None] = mapped_column(sa.BigInteger)
+    webhook_delivered_at: Mapped[int | None] = mapped_column(sa.BigInteger)
+    webhook_last_error: Mapped[str | None] = mapped_column(sa.Text)
     total_count: Mapped[int] = mapped_column(sa.Integer, default=0)
     completed_count: Mapped[int] = mapped_column(sa.Integer, default=0)
     failed_count: Mapped[int] = mapped_column(sa.Integer, default=0)

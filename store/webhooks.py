@@ -1,0 +1,62 @@
+"""Completion webhooks: which ended batches still owe one, and what each attempt did.
+
+Delivery is at least once: a batch owes its webhook from the moment it ends until an attempt
+succeeds or ``max_attempts`` have failed; the sweeper retries with exponential backoff.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from store.engine import write_transaction
+from store.ids import now_seconds
+from store.tables import Batch, BatchStatus
+
+__all__ = ["ENDED_STATUSES", "DueWebhook", "due_webhooks", "record_webhook_attempt"]
+
+ENDED_STATUSES = (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.CANCELLED, BatchStatus.EXPIRED)
+
+
+@dataclass(frozen=True)
+class DueWebhook:
+    batch_id: str
+    url: str
+    attempts: int
+
+
+def due_webhooks(
+    engine: Engine, *, max_attempts: int, now: int | None = None, limit: int = 100
+) -> list[DueWebhook]:
+    """Ended batches whose webhook is not delivered yet and whose next attempt is due."""
+    now = now if now is not None else now_seconds()
+    query = (
+        sa.select(Batch.id, Batch.webhook_url, Batch.webhook_attempts)
+        .where(
+            Batch.webhook_url.is_not(None),
+            Batch.webhook_delivered_at.is_(None),
+            Batch.status.in_(ENDED_STATUSES),
+            Batch.webhook_attempts < max_attempts,
+            sa.or_(Batch.webhook_next_at.is_(None), Batch.webhook_next_at <= now),
+        )
+        .order_by(Batch.created_at)
+        .limit(limit)
+    )
+    with engine.connect() as conn:
+        return [DueWebhook(row.id, row.webhook_url, row.webhook_attempts) for row in conn.execute(query)]
+
+
+def record_webhook_attempt(
+    engine: Engine, batch_id: str, *, error: str | None, retry_in: int, now: int | None = None
+) -> None:
+    """Count one attempt: delivered when ``error`` is None, else due again in ``retry_in`` seconds."""
+    now = now if now is not None else now_seconds()
+    values: dict[str, object] = {"webhook_attempts": Batch.webhook_attempts + 1, "webhook_last_error": error}
+    if error is None:
+        values["webhook_delivered_at"] = now
+    else:
+        values["webhook_next_at"] = now + retry_in
+    with write_transaction(engine) as conn:
+        conn.execute(sa.update(Batch).where(Batch.id == batch_id).values(values))

@@ -10,7 +10,7 @@ Prints, each measured here and now:
       target >= 0.9;
   (3) a 600 requests/minute limit: the peak upstream rate over any 10 s window (must not exceed 10/s).
 
-Needs Redis (logical database 12 is flushed) and PostgreSQL (a scratch database is created and
+Needs Redis (logical database 14 is flushed) and PostgreSQL (a scratch database is created and
 dropped); URLs from TOKENMILL_BENCH_REDIS_URL / TOKENMILL_BENCH_PG_URL.
 """
 
@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import contextlib
 import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -48,7 +51,7 @@ from workers.dispatch import Dispatcher
 from workers.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-REDIS_URL = os.environ.get("TOKENMILL_BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
+REDIS_URL = os.environ.get("TOKENMILL_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 PG_ADMIN_URL = os.environ.get(
     "TOKENMILL_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
@@ -120,6 +123,8 @@ class Tokenmill:
             broker_url=REDIS_URL, database_url=database_url, key_prefix=prefix, chunk_size=100
         )
         self.dispatcher = Dispatcher(make_celery(settings), self.engine, self.broker, prefix, chunk_size=100)
+        # The workers' log, shown if the bench fails.
+        self.log = tempfile.TemporaryFile(prefix="tokenmill-bench-worker-")  # noqa: SIM115
         self.worker = subprocess.Popen(
             [
                 sys.executable,
@@ -132,11 +137,22 @@ class Tokenmill:
             ],
             env=env,
             cwd=ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self.warm_up()
+        # Whatever happens to this script, its workers go with it.
+        atexit.register(self._kill)
+        try:
+            self.warm_up()
+        except BaseException:
+            self.close()
+            raise
+
+    def _kill(self) -> None:
+        if self.worker.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.worker.pid, signal.SIGKILL)
 
     def submit(self, lines: list[str]) -> tuple[str, list[str]]:
         body = "\n".join(json.dumps({"prompt": p}) for p in lines).encode()
@@ -148,10 +164,16 @@ class Tokenmill:
         started = time.perf_counter()
         batch_id, ids = self.submit(prompts(count))
         self.dispatcher.dispatch(ids)
+        deadline = time.monotonic() + 600
         while True:
             progress = batch_progress(self.engine, batch_id)
             if progress.finished == progress.total:
                 break
+            if time.monotonic() > deadline or self.worker.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(
+                    f"batch stuck at {progress}; worker log:\n{self.log.read()[-4000:].decode()}"
+                )
             time.sleep(0.05)
         return count / (time.perf_counter() - started)
 
@@ -160,6 +182,7 @@ class Tokenmill:
         self.run(20)
 
     def close(self) -> None:
+        atexit.unregister(self._kill)
         os.killpg(self.worker.pid, signal.SIGTERM)
         try:
             self.worker.wait(timeout=30)
@@ -169,6 +192,7 @@ class Tokenmill:
         self.broker.flushdb()
         self.broker.close()
         self.engine.dispose()
+        self.log.close()
 
 
 def main() -> None:

@@ -114,15 +114,14 @@ class Tokenmill:
             "TOKENMILL_CACHE_URL": REDIS_URL,
             "TOKENMILL_CACHE_PREFIX": f"{prefix}cache:",
             "TOKENMILL_KEY_PREFIX": prefix,
-            "TOKENMILL_CHUNK_SIZE": "100",
             "TOKENMILL_LIMITS": limits,
             "OPENAI_BASE_URL": sim.base_url,
             "OPENAI_API_KEY": "bench",
         }
-        settings = Settings(
-            broker_url=REDIS_URL, database_url=database_url, key_prefix=prefix, chunk_size=100
+        settings = Settings(broker_url=REDIS_URL, database_url=database_url, key_prefix=prefix)
+        self.dispatcher = Dispatcher(
+            make_celery(settings), self.engine, self.broker, prefix, chunk_size=settings.chunk_size
         )
-        self.dispatcher = Dispatcher(make_celery(settings), self.engine, self.broker, prefix, chunk_size=100)
         # The workers' log, shown if the bench fails.
         self.log = tempfile.TemporaryFile(prefix="tokenmill-bench-worker-")  # noqa: SIM115
         self.worker = subprocess.Popen(
@@ -205,6 +204,8 @@ def main() -> None:
     parser.add_argument("--latency-requests", type=int, default=2_000)
     parser.add_argument("--limited-requests", type=int, default=400)
     args = parser.parse_args()
+    # `timeout` and Ctrl-C end the script through SystemExit, so atexit reaps the workers.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     per_process = max(1, args.concurrency // args.processes)
     total_in_flight = per_process * args.processes
 

@@ -40,6 +40,7 @@ Work (workers and the sweeper)::
     pending_request_ids(engine, batch_id, limit=None) -> list[str]     # queued, in line order
     mark_dispatched(engine, request_ids, dispatch_id, now=None) -> int
     claim_requests(engine, request_ids, owner, lease_seconds, now=None) -> list[ClaimedRequest]
+    claim_queued(engine, batch_ids, owner, lease_seconds, limit, now=None) -> list[ClaimedRequest]
     extend_leases(engine, request_ids, owner, lease_seconds, now=None) -> list[str]  # ids still held
     release_requests(engine, request_ids, owner, error=None, not_before=None) -> int
     find_stale_requests(engine, *, now=None, dispatched_before=None, dead_dispatch_ids=(), limit=1000)
@@ -110,6 +111,7 @@ from store.ingest import ENDPOINT_KINDS, IngestReport, LineError, ingest_batch
 from store.leases import (
     ClaimedRequest,
     StaleRequest,
+    claim_queued,
     claim_requests,
     extend_leases,
     find_stale_requests,
@@ -192,6 +194,7 @@ __all__ = [
     "batch_file_ids",
     "batch_progress",
     "cancel_batch",
+    "claim_queued",
     "claim_requests",
     "create_api_key",
     "create_conversation",

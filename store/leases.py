@@ -23,6 +23,7 @@ from store.tables import Request, RequestKind, RequestStatus
 __all__ = [
     "ClaimedRequest",
     "StaleRequest",
+    "claim_queued",
     "claim_requests",
     "extend_leases",
     "find_stale_requests",
@@ -111,19 +112,52 @@ def claim_requests(
     if not request_ids:
         return []
     now = now if now is not None else now_seconds()
-    expires = now + lease_seconds
+    candidates = sa.select(Request.id).where(Request.id.in_(request_ids), _claimable(now))
+    return _lease(engine, candidates, owner, now + lease_seconds, now)
+
+
+def claim_queued(
+    engine: Engine,
+    batch_ids: Sequence[str],
+    owner: str,
+    lease_seconds: int,
+    limit: int,
+    now: int | None = None,
+) -> list[ClaimedRequest]:
+    """Lease up to ``limit`` queued requests of ``batch_ids``, in line order, whatever message they
+    were dispatched in: a worker whose chunk is draining takes more work of the same batches
+    rather than idle. The message that names them later finds them taken and skips them."""
+    if not batch_ids or limit <= 0:
+        return []
+    now = now if now is not None else now_seconds()
+    candidates = (
+        sa.select(Request.id)
+        .where(
+            Request.batch_id.in_(batch_ids),
+            Request.status == RequestStatus.QUEUED,
+            sa.or_(Request.not_before.is_(None), Request.not_before <= now),
+        )
+        .order_by(Request.batch_id, Request.line_number)
+        .limit(limit)
+    )
+    return _lease(engine, candidates, owner, now + lease_seconds, now)
+
+
+def _lease(
+    engine: Engine, candidates: sa.Select[Any], owner: str, expires: int, now: int
+) -> list[ClaimedRequest]:
     with write_transaction(engine) as conn:
-        where: list[sa.ColumnElement[bool]] = [Request.id.in_(request_ids), _claimable(now)]
         if is_postgresql(conn):
-            locked = (
-                sa.select(Request.id)
-                .where(Request.id.in_(request_ids), _claimable(now))
-                .with_for_update(skip_locked=True)
-            )
-            where = [Request.id.in_(locked.scalar_subquery()), _claimable(now)]
+            # Rows another claimer holds are skipped, not waited for. A materialized CTE, because
+            # PostgreSQL may evaluate an IN (... LIMIT n FOR UPDATE SKIP LOCKED) subquery more than
+            # once during the UPDATE and so lease more than n rows.
+            locked = candidates.with_for_update(skip_locked=True).cte("claimed").prefix_with("MATERIALIZED")
+            chosen: sa.ColumnElement[bool] = Request.id == locked.c.id
+        else:
+            chosen = Request.id.in_(candidates.scalar_subquery())  # SQLite writers are serialized
         rows = conn.execute(
             sa.update(Request)
-            .where(*where)
+            .where(chosen, _claimable(now))
             .values(
                 status=RequestStatus.RUNNING,
                 lease_owner=owner,

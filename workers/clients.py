@@ -16,7 +16,7 @@ from models.base import ChatCompletionClient
 from models.cache import CachedCompletion, CacheStore, DiskCacheStore, RedisStore
 from models.openai import OpenAIChatCompletionClient
 from models.retry import RetryPolicy
-from workers.limiter import LimiterTuning, LocalRateLimiter, RateLimiter, RedisRateLimiter
+from workers.limiter import LimiterTuning, LocalRateLimiter, RateLimiter, RedisRateLimiter, SplitRateLimiter
 from workers.pipeline import ClientFactory, ModelCallPipeline
 from workers.settings import Settings
 
@@ -32,13 +32,26 @@ def openai_client_factory(
     return make
 
 
+_process_limiter: LocalRateLimiter | None = None
+
+
+def _local_limiter(settings: Settings, tuning: LimiterTuning) -> LocalRateLimiter:
+    """One per process, across chunks (it holds no loop-bound object), so its AIMD cap lasts."""
+    global _process_limiter
+    if _process_limiter is None or _process_limiter.limits != settings.limits:
+        _process_limiter = LocalRateLimiter(settings.limits, tuning)
+    return _process_limiter
+
+
 def limiter_for(settings: Settings, tuning: LimiterTuning | None = None) -> RateLimiter:
     tuning = tuning or LimiterTuning(lease_seconds=settings.upstream_timeout_seconds + 30)
+    local = _local_limiter(settings, tuning)
     if settings.broker_url is None:
-        return LocalRateLimiter(settings.limits, tuning)
-    return RedisRateLimiter.from_url(
+        return local
+    shared = RedisRateLimiter.from_url(
         settings.broker_url, settings.limits, key_prefix=settings.key_prefix, tuning=tuning
     )
+    return SplitRateLimiter(shared, local)
 
 
 def cache_store(settings: Settings) -> CacheStore[CachedCompletion]:

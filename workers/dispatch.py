@@ -33,6 +33,7 @@ __all__ = [
     "MARKER_PENDING_SECONDS",
     "MARKER_SENT_SECONDS",
     "Dispatcher",
+    "chunk_length",
     "chunked",
     "new_dispatch_id",
 ]
@@ -50,6 +51,18 @@ def chunked(ids: Sequence[str], size: int) -> Iterator[list[str]]:
         yield list(ids[start : start + size])
 
 
+# A chunk is the unit a worker process runs with N requests in flight: it must be several times
+# N, or the process idles while each chunk's last requests drain (and pays the per-chunk set-up
+# more often). A small dispatch is still spread over a few messages so that every process gets some.
+SPREAD_OVER_MESSAGES = 8
+MIN_CHUNK = 32
+
+
+def chunk_length(count: int, max_chunk: int) -> int:
+    """How many ids go in each message when ``count`` are dispatched at once."""
+    return max(1, min(max_chunk, max(MIN_CHUNK, -(-count // SPREAD_OVER_MESSAGES))))
+
+
 @dataclass
 class Dispatcher:
     """Publishes ``tokenmill.complete_chunk`` messages for committed requests."""
@@ -65,7 +78,8 @@ class Dispatcher:
         """Send the ids in chunks; returns the dispatch ids. The rows must be committed already
         (invariant 1: a message never names a request the ledger does not hold)."""
         ids = list(request_ids)
-        chunks = [(new_dispatch_id(), chunk) for chunk in chunked(ids, self.chunk_size)]
+        size = chunk_length(len(ids), self.chunk_size)
+        chunks = [(new_dispatch_id(), chunk) for chunk in chunked(ids, size)]
         if not chunks:
             return []
         with self.redis_client.pipeline(transaction=False) as pipe:

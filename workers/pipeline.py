@@ -108,6 +108,9 @@ class GovernedClient(ChatCompletionClient):
     def _estimate(
         self, messages: Sequence[LLMMessage], tools: Sequence[Tool | ToolSchema], extra: Mapping[str, Any]
     ) -> int:
+        limits = self._limiter.limits_for(self._model)
+        if limits is None or limits.tpm is None:
+            return 0  # no token budget to reserve from: skip the tokenizer
         return estimate_tokens(messages, tools) + _completion_budget(extra)
 
     async def _acquire(self, estimate: int, cancellation_token: CancellationToken | None) -> Any:

@@ -38,6 +38,7 @@ from store import (
     RequestKind,
     RequestStatus,
     ResultRecord,
+    claim_queued,
     claim_requests,
     extend_leases,
     record_results,
@@ -82,6 +83,10 @@ class RunnerConfig:
     flush_interval: float = 0.1
     cancel_check_interval: float = 1.0
     deadline_seconds: float | None = None
+    # While the chunk drains, take up to this many more queued requests of the same batches
+    # (``store.claim_queued``) so the in-flight window stays full; 0 = never.
+    refill_limit: int = 0
+    refill_poll: float = 0.05
 
 
 @dataclass
@@ -322,14 +327,55 @@ class ChunkRunner:
             if status in STOPPED_BATCH_STATUSES:
                 batch_tokens[batch_id].cancel()
 
-        writing = asyncio.create_task(writer.run())
-        helpers = [asyncio.create_task(heartbeat()), asyncio.create_task(watch_batches())]
-        try:
-            for request in list(unfinished.values()):
+        def start(requests: Sequence[ClaimedRequest]) -> None:
+            for request in requests:
+                unfinished[request.id] = request
                 running[request.id] = asyncio.create_task(run_one(request))
-            results = await asyncio.gather(*running.values(), return_exceptions=True)
-            for outcome in results:
-                if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
+
+        def past_deadline() -> bool:
+            return (
+                config.deadline_seconds is not None and time.monotonic() - started > config.deadline_seconds
+            )
+
+        async def refill() -> None:
+            budget = config.refill_limit
+            while budget > 0 and not past_deadline():
+                await asyncio.sleep(config.refill_poll)
+                if sum(not task.done() for task in running.values()) >= 2 * config.in_flight:
+                    continue  # a window's worth still waits behind the one in flight
+                live = [batch_id for batch_id, token in batch_tokens.items() if not token.is_cancelled()]
+                if not live:
+                    return
+                more = await asyncio.to_thread(
+                    claim_queued,
+                    self.engine,
+                    live,
+                    config.owner,
+                    config.lease_seconds,
+                    min(budget, config.in_flight),
+                )
+                if not more:
+                    return
+                budget -= len(more)
+                report.claimed += len(more)
+                start(more)
+
+        writing = asyncio.create_task(writer.run())
+        refilling = asyncio.create_task(refill())
+        helpers = [asyncio.create_task(heartbeat()), asyncio.create_task(watch_batches()), refilling]
+        try:
+            start(list(unfinished.values()))
+            while True:
+                started_so_far = len(running)
+                await asyncio.gather(*running.values(), return_exceptions=True)
+                if len(running) == started_so_far:
+                    # All done; the refill may still be claiming more.
+                    await asyncio.wait({refilling}, timeout=max(0.2, 4 * config.refill_poll))
+                    if len(running) == started_so_far and refilling.done():
+                        break
+            for task in running.values():
+                outcome = task.exception() if not task.cancelled() else None
+                if outcome is not None:
                     _logger.error("request handler failed", exc_info=outcome)
         finally:
             for helper in helpers:

@@ -42,7 +42,12 @@ class Settings(BaseSettings):
     limits: dict[str, ModelLimits] = Field(default_factory=dict)
 
     # Work shape.
-    chunk_size: int = Field(default=50, ge=1, le=10_000, description="request ids per Celery message")
+    chunk_size: int = Field(
+        default=512,
+        ge=1,
+        le=10_000,
+        description="most request ids per Celery message (see dispatch.chunk_length)",
+    )
     in_flight_per_process: int = Field(default=64, ge=1, le=10_000)
     max_attempts: int = Field(default=6, ge=1, le=100)
     lease_seconds: int = Field(default=300, ge=5)

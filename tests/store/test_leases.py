@@ -89,3 +89,39 @@ def test_mark_dispatched_skips_finished_requests(engine: Engine, ingest: IngestF
     ids = store.pending_request_ids(engine, ingest(2).batch_id)
     store.record_results(engine, [store.ResultRecord(ids[0], store.RequestStatus.FAILED, error_code="x")])
     assert store.mark_dispatched(engine, ids, "m") == 1
+
+
+def test_claim_queued_takes_queued_requests_of_the_batches_in_line_order(
+    engine: Engine, ingest: IngestFn
+) -> None:
+    batch = ingest(6).batch_id
+    other = ingest(3).batch_id
+    ids = store.pending_request_ids(engine, batch)
+    store.claim_requests(engine, ids[:2], "w1", 60, now=1000)  # leased: not taken again
+    taken = store.claim_queued(engine, [batch], "w2", 60, limit=3, now=1001)
+    assert [c.id for c in taken] == ids[2:5]
+    assert all(c.batch_id == batch for c in taken)
+    assert [c.id for c in store.claim_queued(engine, [batch], "w2", 60, limit=10, now=1002)] == ids[5:]
+    assert store.claim_queued(engine, [batch], "w3", 60, limit=10, now=1003) == []
+    assert store.batch_progress(engine, other).queued == 3
+
+
+def test_concurrent_claim_queued_never_share_a_request(engine: Engine, ingest: IngestFn) -> None:
+    batch = ingest(200).batch_id
+    start = threading.Barrier(2)
+    got: dict[str, list[str]] = {}
+
+    def claimer(owner: str) -> None:
+        start.wait()
+        mine: list[str] = []
+        while taken := store.claim_queued(engine, [batch], owner, 60, limit=15):
+            mine += [c.id for c in taken]
+        got[owner] = mine
+
+    threads = [threading.Thread(target=claimer, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not set(got["a"]) & set(got["b"])
+    assert len(got["a"]) + len(got["b"]) == 200

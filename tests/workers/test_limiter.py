@@ -16,6 +16,7 @@ from workers.limiter import (
     RateLimiter,
     RedisRateLimiter,
     Slot,
+    SplitRateLimiter,
 )
 from workers.settings import ModelLimits
 
@@ -235,3 +236,24 @@ def test_many_processes_share_one_rate(redis_url: str, redis_prefix: str) -> Non
     assert max_in_window(stamps, 1.0) <= rpm / 60 + 1
     span = max(stamps) - min(stamps)
     assert span >= (processes * calls - 1) * 60 / rpm * 0.95
+
+
+async def test_split_limiter_shares_only_configured_models(redis_url: str, redis_prefix: str) -> None:
+    import redis.asyncio as aioredis
+
+    limits = {"limited": ModelLimits(rpm=600)}
+    shared = RedisRateLimiter.from_url(redis_url, limits, key_prefix=redis_prefix)
+    local = LocalRateLimiter(limits)
+    split = SplitRateLimiter(shared, local)
+    probe = aioredis.Redis.from_url(redis_url)
+    try:
+        free = await split.acquire("e", "free", estimated_tokens=0)
+        assert [key async for key in probe.scan_iter(match=f"{redis_prefix}*")] == []  # no Redis for it
+        await split.release(free, outcome=CallOutcome.RATE_LIMITED)
+        assert (await split.state("e", "free")).cap is not None  # it still backs off, per process
+        limited = await split.acquire("e", "limited", estimated_tokens=0)
+        assert [key async for key in probe.scan_iter(match=f"{redis_prefix}*")] != []  # shared in Redis
+        await split.release(limited, outcome=CallOutcome.SUCCEEDED)
+    finally:
+        await probe.aclose()
+        await split.close()

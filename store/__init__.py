@@ -43,8 +43,10 @@ Work (workers and the sweeper)::
     claim_queued(engine, batch_ids, owner, lease_seconds, limit, now=None) -> list[ClaimedRequest]
     extend_leases(engine, request_ids, owner, lease_seconds, now=None) -> list[str]  # ids still held
     release_requests(engine, request_ids, owner, error=None, not_before=None) -> int
-    find_stale_requests(engine, *, now=None, dispatched_before=None, dead_dispatch_ids=(), limit=1000)
-        -> list[StaleRequest]
+    unsettled_dispatch_ids(engine, *, now, settled_before) -> list[str]      # the sweeper's two steps
+    requests_to_redispatch(engine, *, now, settled_before, dead_dispatch_ids, limit) -> [(id, batch)]
+    batch_statuses(engine, batch_ids) -> dict[str, BatchStatus]
+    cancel_claimed(engine, request_ids, owner) -> int    # a worker's requests of a cancelled batch
     record_results(engine, records: Sequence[ResultRecord], now=None) -> RecordOutcome
 
 Output and usage::
@@ -84,11 +86,14 @@ Exceptions::
 from store.agent_runs import AgentRunRecord, get_agent_run
 from store.agent_state import StoredAgentState, get_agent_state, load_agent_state, save_agent_state
 from store.batches import (
+    STOPPED_BATCH_STATUSES,
     BatchPage,
     BatchProgress,
     batch_file_ids,
     batch_progress,
+    batch_statuses,
     cancel_batch,
+    cancel_claimed,
     expire_batches,
     get_batch,
     list_batches,
@@ -110,14 +115,14 @@ from store.files import create_file, delete_file, get_file, list_files
 from store.ingest import ENDPOINT_KINDS, IngestReport, LineError, ingest_batch
 from store.leases import (
     ClaimedRequest,
-    StaleRequest,
     claim_queued,
     claim_requests,
     extend_leases,
-    find_stale_requests,
     mark_dispatched,
     pending_request_ids,
     release_requests,
+    requests_to_redispatch,
+    unsettled_dispatch_ids,
 )
 from store.prices import get_prices, price_for, set_price
 from store.results import RecordOutcome, ResultRecord, record_results
@@ -152,6 +157,7 @@ from store.webhooks import DueWebhook, due_webhooks, record_webhook_attempt
 
 __all__ = [
     "ENDPOINT_KINDS",
+    "STOPPED_BATCH_STATUSES",
     "AgentRunRecord",
     "AgentState",
     "AgentStateConflict",
@@ -183,7 +189,6 @@ __all__ = [
     "Result",
     "ResultRecord",
     "SchemaBehind",
-    "StaleRequest",
     "StoreError",
     "StoredAgentState",
     "Tenant",
@@ -193,7 +198,9 @@ __all__ = [
     "authenticate_api_key",
     "batch_file_ids",
     "batch_progress",
+    "batch_statuses",
     "cancel_batch",
+    "cancel_claimed",
     "claim_queued",
     "claim_requests",
     "create_api_key",
@@ -206,7 +213,6 @@ __all__ = [
     "due_webhooks",
     "expire_batches",
     "extend_leases",
-    "find_stale_requests",
     "get_agent_run",
     "get_agent_state",
     "get_batch",
@@ -228,10 +234,12 @@ __all__ = [
     "record_results",
     "record_webhook_attempt",
     "release_requests",
+    "requests_to_redispatch",
     "require_schema_at_head",
     "revoke_api_key",
     "save_agent_state",
     "set_price",
+    "unsettled_dispatch_ids",
     "upgrade_to_head",
     "usage_report",
 ]

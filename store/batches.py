@@ -8,7 +8,7 @@ content ``store.export`` generates from the results.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -22,11 +22,14 @@ from store.tables import Batch, BatchStatus, File, FileKind, Request, RequestSta
 
 __all__ = [
     "EXPIRED_ERROR",
+    "STOPPED_BATCH_STATUSES",
     "BatchPage",
     "BatchProgress",
     "batch_file_ids",
     "batch_progress",
+    "batch_statuses",
     "cancel_batch",
+    "cancel_claimed",
     "expire_batches",
     "finalize_batches",
     "get_batch",
@@ -277,3 +280,53 @@ def result_counts(conn: Connection, batch_id: str) -> tuple[int, int]:
         ).where(Result.batch_id == batch_id)
     ).one()
     return int(succeeded), int(failed)
+
+
+# Batch states in which a worker starts no new request of the batch.
+STOPPED_BATCH_STATUSES = frozenset(
+    {BatchStatus.CANCELLING, BatchStatus.CANCELLED, BatchStatus.EXPIRED, BatchStatus.FAILED}
+)
+
+
+def batch_statuses(engine: Engine, batch_ids: Collection[str]) -> dict[str, BatchStatus]:
+    if not batch_ids:
+        return {}
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(Batch.id, Batch.status).where(Batch.id.in_(sorted(batch_ids)))).all()
+    return {row.id: BatchStatus(row.status) for row in rows}
+
+
+def cancel_claimed(engine: Engine, request_ids: Sequence[str], owner: str, now: int | None = None) -> int:
+    """Cancel those of ``request_ids`` that ``owner`` still holds; returns how many."""
+    if not request_ids:
+        return 0
+    now = now if now is not None else now_seconds()
+    with write_transaction(engine) as conn:
+        batch_ids = list(
+            conn.execute(
+                sa.update(Request)
+                .where(
+                    Request.id.in_(sorted(request_ids)),
+                    Request.lease_owner == owner,
+                    Request.status == RequestStatus.RUNNING,
+                )
+                .values(
+                    status=RequestStatus.CANCELLED,
+                    finished_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+                .returning(Request.batch_id)
+            ).scalars()
+        )
+        per_batch: dict[str, int] = {}
+        for batch_id in batch_ids:
+            per_batch[batch_id] = per_batch.get(batch_id, 0) + 1
+        for batch_id, count in sorted(per_batch.items()):
+            conn.execute(
+                sa.update(Batch)
+                .where(Batch.id == batch_id)
+                .values(cancelled_count=Batch.cancelled_count + count)
+            )
+        finalize_batches(conn, list(per_batch), now)
+    return len(batch_ids)

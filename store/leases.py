@@ -1,4 +1,5 @@
-"""Handing requests to workers: dispatch records, claims with leases, release, and finding stale work.
+"""Handing requests to workers: dispatch records, claims with leases, release, and what the sweeper
+must dispatch again.
 
 A message carries request ids only. A worker *claims* the ids it received: only rows still queued
 (or running under an expired lease) are handed out, each with a lease (owner, expiry) the worker
@@ -9,9 +10,9 @@ RETURNING`` in a ``BEGIN IMMEDIATE`` transaction, which writers take one at a ti
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -22,17 +23,15 @@ from store.tables import Request, RequestKind, RequestStatus
 
 __all__ = [
     "ClaimedRequest",
-    "StaleRequest",
     "claim_queued",
     "claim_requests",
     "extend_leases",
-    "find_stale_requests",
     "mark_dispatched",
     "pending_request_ids",
     "release_requests",
+    "requests_to_redispatch",
+    "unsettled_dispatch_ids",
 ]
-
-StaleReason = Literal["lease_expired", "dispatch_lost", "undispatched"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,18 +47,6 @@ class ClaimedRequest:
     attempts: int
     priority: int
     lease_expires_at: int
-
-
-@dataclass(frozen=True, slots=True)
-class StaleRequest:
-    """A request the sweeper should dispatch again, and why: its lease expired
-    (``lease_expired``), the message it was sent in is known lost (``dispatch_lost``), or it is
-    queued with no dispatch newer than the cutoff (``undispatched``)."""
-
-    id: str
-    batch_id: str
-    priority: int
-    reason: StaleReason
 
 
 def _claimable(now: int) -> sa.ColumnElement[bool]:
@@ -249,47 +236,38 @@ def release_requests(
         return result.rowcount
 
 
-def find_stale_requests(
-    engine: Engine,
-    *,
-    now: int | None = None,
-    dispatched_before: int | None = None,
-    dead_dispatch_ids: Collection[str] = (),
-    limit: int = 1000,
-) -> list[StaleRequest]:
-    """Requests to dispatch again, highest priority first: running with an expired lease; queued
-    (and past ``not_before``) whose dispatch is in ``dead_dispatch_ids``; and, when
-    ``dispatched_before`` is given, queued ones never dispatched or last dispatched before it
-    (never-dispatched ones count from their creation time)."""
-    now = now if now is not None else now_seconds()
-    queued = sa.and_(
-        Request.status == RequestStatus.QUEUED,
-        sa.or_(Request.not_before.is_(None), Request.not_before <= now),
-    )
-    queued_conditions: list[sa.ColumnElement[bool]] = []
-    dead = list(dead_dispatch_ids)
-    if dead:
-        queued_conditions.append(Request.dispatch_id.in_(dead))
-    if dispatched_before is not None:
-        queued_conditions.append(
-            sa.and_(Request.dispatch_id.is_(None), Request.created_at < dispatched_before)
-        )
-        queued_conditions.append(Request.dispatched_at < dispatched_before)
-    conditions: list[sa.ColumnElement[bool]] = [
-        sa.and_(Request.status == RequestStatus.RUNNING, Request.lease_expires_at < now)
-    ]
-    if queued_conditions:
-        conditions.append(sa.and_(queued, sa.or_(*queued_conditions)))
-    reason = sa.case(
-        (Request.status == RequestStatus.RUNNING, sa.literal("lease_expired")),
-        (Request.dispatch_id.in_(dead) if dead else sa.false(), sa.literal("dispatch_lost")),
-        else_=sa.literal("undispatched"),
-    )
+def unsettled_dispatch_ids(engine: Engine, *, now: int, settled_before: int) -> list[str]:
+    """Dispatches (sent before ``settled_before``) that still name a request needing work: queued,
+    or running under an expired lease. The sweeper asks the broker which of them are alive."""
     query = (
-        sa.select(Request.id, Request.batch_id, Request.priority, reason.label("reason"))
-        .where(sa.or_(*conditions))
-        .order_by(Request.priority.desc(), Request.created_at, Request.line_number)
+        sa.select(Request.dispatch_id)
+        .where(_claimable(now), Request.dispatch_id.is_not(None), Request.dispatched_at < settled_before)
+        .group_by(Request.dispatch_id)
+    )
+    with engine.connect() as conn:
+        return [dispatch_id for dispatch_id in conn.execute(query).scalars() if dispatch_id is not None]
+
+
+def requests_to_redispatch(
+    engine: Engine, *, now: int, settled_before: int, dead_dispatch_ids: Sequence[str], limit: int
+) -> list[tuple[str, str]]:
+    """(request id, batch id) of what no message will run, highest priority first: never
+    dispatched (the producer died between commit and publish), running under a lease that expired
+    after its last dispatch (its worker was killed), or named only by a dead dispatch."""
+    conditions: list[sa.ColumnElement[bool]] = [
+        sa.and_(Request.dispatch_id.is_(None), Request.created_at < settled_before),
+        sa.and_(
+            Request.status == RequestStatus.RUNNING,
+            sa.or_(Request.dispatched_at.is_(None), Request.dispatched_at <= Request.lease_expires_at),
+        ),
+    ]
+    if dead_dispatch_ids:
+        conditions.append(Request.dispatch_id.in_(list(dead_dispatch_ids)))
+    query = (
+        sa.select(Request.id, Request.batch_id)
+        .where(_claimable(now), sa.or_(*conditions))
+        .order_by(Request.priority.desc(), Request.batch_id, Request.line_number)
         .limit(limit)
     )
     with engine.connect() as conn:
-        return [StaleRequest(row.id, row.batch_id, row.priority, row.reason) for row in conn.execute(query)]
+        return [(row.id, row.batch_id) for row in conn.execute(query)]

@@ -37,15 +37,13 @@ from models.cancellation import CancellationToken
 from store import AgentStateConflict, get_agent_state, save_agent_state
 from workers import context
 from workers.agent_runtime import (
-    AGENT_MESSAGE_TASK,
     REPLY_TTL_SECONDS,
     DistributedAgentRuntime,
-    agent_lock_key,
-    agent_reply_key,
     error_reply,
 )
 from workers.app import app
 from workers.clients import build_pipeline
+from workers.constants import AGENT_MESSAGE_TASK, agent_lock_key, agent_reply_key
 from workers.settings import Settings
 
 __all__ = ["agent_message", "handle_agent_message", "load_worker_modules"]

@@ -55,18 +55,15 @@ from agents import (
 )
 from models.cancellation import CancellationToken
 from store import load_agent_state, make_engine, save_agent_state
+from workers.constants import AGENT_MESSAGE_TASK, agent_reply_key
 from workers.settings import Settings, get_settings
 
 __all__ = [
-    "AGENT_MESSAGE_TASK",
     "DistributedAgentRuntime",
-    "agent_lock_key",
-    "agent_reply_key",
     "error_reply",
     "raise_for_reply",
 ]
 
-AGENT_MESSAGE_TASK = "tokenmill.agent_message"
 REPLY_TTL_SECONDS = 3600
 
 AgentT = TypeVar("AgentT", bound=BaseAgent)
@@ -76,14 +73,6 @@ _REBUILT_ERRORS: dict[str, type[Exception]] = {
     cls.__name__: cls
     for cls in (CantHandleException, UndeliverableException, AgentStateError, MessageSerializationError)
 }
-
-
-def agent_reply_key(prefix: str, message_id: str) -> str:
-    return f"{prefix}agent_reply:{message_id}"
-
-
-def agent_lock_key(prefix: str, tenant_id: str | None, agent_id: AgentId) -> str:
-    return f"{prefix}agent_lock:{tenant_id or ''}:{agent_id}"
 
 
 def error_reply(error: BaseException) -> dict[str, Any]:

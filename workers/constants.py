@@ -9,20 +9,27 @@ Layout under the prefix::
     limit:{endpoint}:{model}           hash: GCRA state (rpm / tpm) and the AIMD concurrency cap
     limit:{endpoint}:{model}:leases    sorted set: in-flight slots, scored by lease expiry
     dispatch:{dispatch_id}             string: marker of one chunk message in flight (see dispatch.py)
+    sweep:lock                         the lock sweepers take turns with (sweeper.py)
+    agent_reply:{message_id}           list: the reply to one distributed agent message (agent_runtime.py)
+    agent_lock:{tenant}:{type}/{key}   lock: one handler per agent at a time (agent_host.py)
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AGENT_MESSAGE_TASK",
     "COMPLETE_CHUNK_TASK",
     "DEFAULT_KEY_PREFIX",
     "DEFAULT_QUEUE",
     "DISPATCH_MARKER_PREFIX",
     "LIMIT_PREFIX",
     "SWEEP_TASK",
+    "agent_lock_key",
+    "agent_reply_key",
     "dispatch_marker_key",
     "limit_key",
     "limit_leases_key",
+    "sweep_lock_key",
 ]
 
 DEFAULT_KEY_PREFIX = "tokenmill:"
@@ -31,6 +38,7 @@ DISPATCH_MARKER_PREFIX = "dispatch:"
 
 # Celery names: stable strings, because messages already in the broker refer to them.
 COMPLETE_CHUNK_TASK = "tokenmill.complete_chunk"
+AGENT_MESSAGE_TASK = "tokenmill.agent_message"
 SWEEP_TASK = "tokenmill.sweep"
 DEFAULT_QUEUE = "tokenmill"
 
@@ -45,3 +53,15 @@ def limit_leases_key(prefix: str, endpoint: str, model: str) -> str:
 
 def dispatch_marker_key(prefix: str, dispatch_id: str) -> str:
     return f"{prefix}{DISPATCH_MARKER_PREFIX}{dispatch_id}"
+
+
+def agent_reply_key(prefix: str, message_id: str) -> str:
+    return f"{prefix}agent_reply:{message_id}"
+
+
+def agent_lock_key(prefix: str, tenant_id: str | None, agent_id: object) -> str:
+    return f"{prefix}agent_lock:{tenant_id or ''}:{agent_id}"
+
+
+def sweep_lock_key(prefix: str) -> str:
+    return f"{prefix}sweep:lock"

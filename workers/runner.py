@@ -34,17 +34,19 @@ from models.cancellation import CancellationToken
 from models.errors import ModelClientError
 from models.openai import chat_completion_body, request_from_openai_body
 from store import (
+    STOPPED_BATCH_STATUSES,
     ClaimedRequest,
     RequestKind,
     RequestStatus,
     ResultRecord,
+    batch_statuses,
+    cancel_claimed,
     claim_queued,
     claim_requests,
     extend_leases,
     record_results,
     release_requests,
 )
-from workers.ledger import STOPPED_BATCH_STATUSES, batch_statuses, cancel_claimed
 from workers.pipeline import CallResult, ModelCallPipeline
 
 __all__ = [
@@ -136,10 +138,18 @@ def record_of_call(request_id: str, model: str, call: CallResult) -> ResultRecor
         assert call.error is not None
         return failed_record(request_id, call.error, attempts=call.attempts, latency_ms=call.latency_ms)
     result = call.result
+    body = chat_completion_body(result, model=model)
+    if result.cached:
+        # The body is the provider's answer as first served, usage included; say that this copy
+        # came from the cache and billed nothing, so nobody summing output lines counts it again.
+        body = {
+            **body,
+            "tokenmill": {"cached": True, "billed_usage": {"prompt_tokens": 0, "completion_tokens": 0}},
+        }
     return ResultRecord(
         request_id=request_id,
         status=RequestStatus.SUCCEEDED,
-        response_body=chat_completion_body(result, model=model),
+        response_body=body,
         status_code=200,
         upstream_request_id=result.response_id,
         finish_reason=result.finish_reason,

@@ -1,5 +1,8 @@
 """The sweep: find requests no message will run, and dispatch them again.
 
+Each pass also ends the batches whose completion window has passed (``expired``) and delivers the
+completion webhooks that are due (``workers.webhooks``).
+
 A request needs a new message when (see ``workers.dispatch`` for the markers):
 
 * it is queued (and past ``not_before``) and never dispatched, ``grace`` seconds after creation
@@ -23,18 +26,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import sqlalchemy as sa
 from redis.exceptions import LockError
 from sqlalchemy.engine import Engine
 
-from store import Request, RequestStatus
+from store import expire_batches, requests_to_redispatch, unsettled_dispatch_ids
+from workers.constants import sweep_lock_key
 from workers.dispatch import MARKER_PENDING_SECONDS, Dispatcher
+from workers.webhooks import deliver_due_webhooks
 
 __all__ = ["SweepReport", "sweep", "sweep_forever"]
 
 _logger = logging.getLogger(__name__)
-
-_SWEEP_LOCK = "sweep:lock"
 
 
 @dataclass(frozen=True)
@@ -43,15 +45,9 @@ class SweepReport:
     dead_dispatches: int
     redispatched: int
     skipped: bool = False  # another sweeper held the lock
-
-
-def _candidates(now: int) -> sa.ColumnElement[bool]:
-    queued = sa.and_(
-        Request.status == RequestStatus.QUEUED,
-        sa.or_(Request.not_before.is_(None), Request.not_before <= now),
-    )
-    expired = sa.and_(Request.status == RequestStatus.RUNNING, Request.lease_expires_at < now)
-    return sa.or_(queued, expired)
+    expired_batches: int = 0
+    webhooks_delivered: int = 0
+    webhooks_failed: int = 0
 
 
 def sweep(
@@ -59,50 +55,29 @@ def sweep(
 ) -> SweepReport:
     """One pass; returns what it found and did."""
     engine: Engine = dispatcher.engine
-    lock = dispatcher.redis_client.lock(f"{dispatcher.key_prefix}{_SWEEP_LOCK}", timeout=120)
+    lock = dispatcher.redis_client.lock(sweep_lock_key(dispatcher.key_prefix), timeout=120)
     if not lock.acquire(blocking=False):
         return SweepReport(0, 0, 0, skipped=True)
     try:
         now = int(time.time())
         settled_before = now - grace_seconds
-        with engine.connect() as conn:
-            dispatch_ids = list(
-                conn.execute(
-                    sa.select(Request.dispatch_id)
-                    .where(
-                        _candidates(now),
-                        Request.dispatch_id.is_not(None),
-                        Request.dispatched_at < settled_before,
-                    )
-                    .group_by(Request.dispatch_id)
-                ).scalars()
-            )
-        live = dispatcher.live_dispatches([d for d in dispatch_ids if d is not None])
-        dead = [d for d in dispatch_ids if d is not None and d not in live]
-        conditions: list[sa.ColumnElement[bool]] = [
-            sa.and_(Request.dispatch_id.is_(None), Request.created_at < settled_before),
-            sa.and_(
-                Request.status == RequestStatus.RUNNING,
-                sa.or_(Request.dispatched_at.is_(None), Request.dispatched_at <= Request.lease_expires_at),
-            ),
-        ]
-        if dead:
-            conditions.append(Request.dispatch_id.in_(dead))
-        with engine.connect() as conn:
-            rows = conn.execute(
-                sa.select(Request.id, Request.batch_id)
-                .where(_candidates(now), sa.or_(*conditions))
-                .order_by(Request.priority.desc(), Request.batch_id, Request.line_number)
-                .limit(limit)
-            ).all()
+        dispatch_ids = unsettled_dispatch_ids(engine, now=now, settled_before=settled_before)
+        live = dispatcher.live_dispatches(dispatch_ids)
+        dead = [d for d in dispatch_ids if d not in live]
+        rows = requests_to_redispatch(
+            engine, now=now, settled_before=settled_before, dead_dispatch_ids=dead, limit=limit
+        )
         by_batch: dict[str, list[str]] = {}
-        for row in rows:
-            by_batch.setdefault(row.batch_id, []).append(row.id)
+        for request_id, batch_id in rows:
+            by_batch.setdefault(batch_id, []).append(request_id)
         for ids in by_batch.values():
             dispatcher.dispatch(ids)
         if rows:
             _logger.info("sweep: %d dispatch(es) lost, %d request(s) dispatched again", len(dead), len(rows))
-        return SweepReport(len(dispatch_ids), len(dead), len(rows))
+        # Batches past their completion window end as expired; ended batches owe their webhook.
+        expired = expire_batches(engine, now=now)
+        delivered, failed = deliver_due_webhooks(engine)
+        return SweepReport(len(dispatch_ids), len(dead), len(rows), False, len(expired), delivered, failed)
     finally:
         with contextlib.suppress(LockError):
             lock.release()

@@ -66,23 +66,26 @@ def test_two_concurrent_claimers_never_get_the_same_request(engine: Engine, inge
     assert sorted(got["a"] + got["b"]) == sorted(ids)
 
 
-def test_find_stale_requests(engine: Engine, ingest: IngestFn) -> None:
-    ids = store.pending_request_ids(engine, ingest(4, now=900).batch_id)
+def test_what_the_sweeper_finds_to_dispatch_again(engine: Engine, ingest: IngestFn) -> None:
+    ids = store.pending_request_ids(engine, ingest(5, now=900).batch_id)
     store.mark_dispatched(engine, ids[:2], "msg-1", now=1000)
-    store.mark_dispatched(engine, ids[2:3], "msg-2", now=1000)
-    store.claim_requests(engine, ids[:1], "w1", 60, now=1000)  # lease to 1060
-    # ids[3] was never dispatched; ids[1] sits queued in msg-1; ids[2] in msg-2, which we declare lost
-    assert [(s.id, s.reason) for s in store.find_stale_requests(engine, now=1010)] == []
-    stale = store.find_stale_requests(engine, now=1100, dead_dispatch_ids=["msg-2"])
-    assert {(s.id, s.reason) for s in stale} == {(ids[0], "lease_expired"), (ids[2], "dispatch_lost")}
-    stale = store.find_stale_requests(engine, now=1100, dispatched_before=1050)
-    assert {(s.id, s.reason) for s in stale} == {
-        (ids[0], "lease_expired"),
-        (ids[1], "undispatched"),
-        (ids[2], "undispatched"),
-        (ids[3], "undispatched"),
-    }
-    assert store.find_stale_requests(engine, now=1100, dispatched_before=1050, limit=2).__len__() == 2
+    store.mark_dispatched(engine, ids[2:4], "msg-2", now=1000)
+    store.claim_requests(engine, ids[:1], "w1", 60, now=1000)  # lease to 1060, then its worker dies
+    store.claim_requests(engine, ids[3:4], "w2", 60, now=1000)
+    store.record_results(engine, [store.ResultRecord(ids[3], store.RequestStatus.SUCCEEDED, {"ok": True})])
+    # ids[4] was never dispatched; ids[1] waits in msg-1; ids[2] in msg-2; ids[3] is done
+    assert store.unsettled_dispatch_ids(engine, now=1010, settled_before=1001) == ["msg-1", "msg-2"]
+
+    def redispatch(now: int, dead: list[str], limit: int = 100) -> set[str]:
+        rows = store.requests_to_redispatch(
+            engine, now=now, settled_before=now - 60, dead_dispatch_ids=dead, limit=limit
+        )
+        return {request_id for request_id, _ in rows}
+
+    assert redispatch(1010, []) == {ids[4]}  # the live lease and live messages are left alone
+    assert redispatch(1100, []) == {ids[0], ids[4]}  # the lease expired after its dispatch
+    assert redispatch(1100, ["msg-2"]) == {ids[0], ids[2], ids[4]}  # msg-2 was lost
+    assert len(redispatch(1100, ["msg-1", "msg-2"], limit=2)) == 2
 
 
 def test_mark_dispatched_skips_finished_requests(engine: Engine, ingest: IngestFn) -> None:

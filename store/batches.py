@@ -87,9 +87,14 @@ def get_batch(engine: Engine, batch_id: str, tenant_id: str | None = None) -> Ba
     return batch
 
 
-def list_batches(engine: Engine, tenant_id: str, after: str | None = None, limit: int = 20) -> BatchPage:
-    """Newest first, as OpenAI pages them; ``after`` is the last id of the previous page."""
+def list_batches(
+    engine: Engine, tenant_id: str, after: str | None = None, limit: int = 20, *, include_hidden: bool = False
+) -> BatchPage:
+    """Newest first, as OpenAI pages them; ``after`` is the last id of the previous page. Hidden
+    batches (single synchronous requests) are left out unless asked for."""
     query = sa.select(Batch).where(Batch.tenant_id == tenant_id)
+    if not include_hidden:
+        query = query.where(Batch.hidden.is_(False))
     if after is not None:
         cursor = sa.select(Batch.created_at).where(Batch.id == after).scalar_subquery()
         query = query.where(sa.tuple_(Batch.created_at, Batch.id) < sa.tuple_(cursor, after))

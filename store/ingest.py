@@ -239,6 +239,7 @@ def ingest_batch(
     max_errors: int = 1000,
     priority: int = 0,
     webhook_url: str | None = None,
+    hidden: bool = False,
     chunk_size: int = 5000,
     postgres_copy: bool = True,
     now: int | None = None,
@@ -270,6 +271,7 @@ def ingest_batch(
         "metadata": batch_metadata,  # the column key (the ORM attribute is batch_metadata)
         "priority": priority,
         "webhook_url": webhook_url,
+        "hidden": hidden,
         "total_count": 0,
         "completed_count": 0,
         "failed_count": 0,

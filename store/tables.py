@@ -146,6 +146,9 @@ class Batch(Base):
     # Validation failures: [{"line", "code", "message", "param"}], capped (see ingest).
     errors: Mapped[list[Any] | None] = mapped_column(sa.JSON)
     priority: Mapped[int] = mapped_column(sa.Integer, default=0)
+    # A one-request batch behind POST /v1/chat/completions or /v1/agent_runs: billed and
+    # recorded like any batch, but not listed among the producer's batches.
+    hidden: Mapped[bool] = mapped_column(sa.Boolean, default=False, server_default=sa.false())
     webhook_url: Mapped[str | None] = mapped_column(sa.String(2000))
     # Delivery of the completion webhook (at least once, retried by the sweeper with backoff).
     webhook_attempts: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")

@@ -100,6 +100,7 @@ def _ingest_one(
         metadata=SOURCE_METADATA,
         max_body_bytes=max_body_bytes,
         priority=9,
+        hidden=True,
     )
 
 

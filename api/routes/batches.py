@@ -1,6 +1,7 @@
 """OpenAI's Batch API: create from an uploaded file, retrieve, list, cancel.
 
-Beyond OpenAI: ``model`` (default model for short-form lines), ``skip_invalid`` (write the good
+Beyond OpenAI: ``GET /v1/batches/{id}/output`` and ``/errors`` stream the lines finished so
+far while the batch runs; ``model`` (default model for short-form lines), ``skip_invalid`` (write the good
 lines, report the bad ones instead of rejecting the batch), ``webhook_url`` and ``priority`` may be
 passed in the create body (``extra_body`` in the openai SDK)."""
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
@@ -179,3 +181,17 @@ def cancel_batch(batch_id: ObjectId, tenant: TenantDep, engine: EngineDep) -> di
     except store.InvalidState as e:
         raise Conflict(str(e), param="batch_id") from e
     return batch_object(engine, batch)
+
+
+@router.get("/{batch_id}/output", response_model=None)
+def batch_output_so_far(batch_id: ObjectId, tenant: TenantDep, engine: EngineDep) -> StreamingResponse:
+    """The output lines finished so far (OpenAI's output format), while the batch still runs."""
+    _tenant_batch(engine, tenant, batch_id)
+    return StreamingResponse(store.iter_output_lines(engine, batch_id), media_type="application/jsonl")
+
+
+@router.get("/{batch_id}/errors", response_model=None)
+def batch_errors_so_far(batch_id: ObjectId, tenant: TenantDep, engine: EngineDep) -> StreamingResponse:
+    """The error lines so far, while the batch still runs."""
+    _tenant_batch(engine, tenant, batch_id)
+    return StreamingResponse(store.iter_error_lines(engine, batch_id), media_type="application/jsonl")

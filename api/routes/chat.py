@@ -45,6 +45,7 @@ def _ingest_one(
         metadata=SYNC_METADATA,
         max_body_bytes=max_body_bytes,
         priority=9,
+        hidden=True,
     )
 
 

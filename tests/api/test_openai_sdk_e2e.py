@@ -159,7 +159,19 @@ def test_cancel_stops_a_running_batch_and_keeps_partial_results(deployment: Depl
     batch = client.batches.create(
         input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
-    time.sleep(1.5)
+    partial: list[Any] = []
+    deadline = time.monotonic() + 30
+    while not partial:  # results are downloadable while the batch runs
+        assert time.monotonic() < deadline, "no result line appeared while the batch ran"
+        time.sleep(0.2)
+        so_far = httpx.get(
+            f"{deployment.root}/v1/batches/{batch.id}/output",
+            headers={"Authorization": f"Bearer {deployment.key}"},
+        )
+        assert so_far.status_code == 200
+        partial = [json.loads(raw) for raw in so_far.text.splitlines()]
+    assert all(item["custom_id"].startswith("slow-") for item in partial)
+    assert client.batches.retrieve(batch.id).status == "in_progress"
     cancelling = client.batches.cancel(batch.id)
     assert cancelling.status in ("cancelling", "cancelled")
     cancelled = wait_for(client, batch.id, {"cancelled"}, seconds=30)
@@ -185,6 +197,7 @@ def test_chat_completions_through_the_workers(deployment: Deployment, simulator:
     text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
     assert text == first.choices[0].message.content
     assert simulator.stats()["requests"] == calls  # the second was a cache hit
+    assert client.batches.list().data == []  # single requests are not listed as batches
     with pytest.raises(openai.BadRequestError, match="context"):
         client.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "[[context_length]]"}]

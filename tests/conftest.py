@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,5 +54,10 @@ def simulator_server() -> Iterator[SimulatorServer]:
 @pytest.fixture
 def simulator(simulator_server: SimulatorServer) -> SimulatorServer:
     """The session's simulator, stats zeroed and config back to defaults; ``.base_url`` is for the SDK."""
+    # A request an earlier test abandoned (a client timeout, a broken stream) may still be
+    # running in the server and would count after the reset: wait for it first.
+    deadline = time.monotonic() + 15
+    while simulator_server.stats()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
     simulator_server.reset()
     return simulator_server

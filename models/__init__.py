@@ -1,7 +1,7 @@
 """tokenmill's model layer: AutoGen-shaped chat-completion clients, their errors, events, retry
 policy, token estimates, OpenAI conversions and the response cache."""
 
-from models.base import ChatCompletionClient
+from models.base import ChatCompletionClient, DelegatingClient
 from models.cache import (
     CHAT_CACHE_VALUE_TYPE,
     CacheStore,
@@ -92,6 +92,7 @@ __all__ = [
     "ChatRequest",
     "ContextWindowExceeded",
     "CreateResult",
+    "DelegatingClient",
     "DiskCacheStore",
     "FinishReasons",
     "FunctionCall",

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 from models.cancellation import CancellationToken
 from models.types import CreateResult, LLMMessage, ModelInfo, RequestUsage, Tool, ToolChoice, ToolSchema
 
-__all__ = ["ChatCompletionClient"]
+__all__ = ["ChatCompletionClient", "DelegatingClient"]
 
 
 class ChatCompletionClient(ABC):
@@ -76,3 +76,41 @@ class ChatCompletionClient(ABC):
         """Everything about this client that changes an answer, and no secret: provider,
         endpoint, model, default create args (response_format as its JSON schema).
         ``ChatCompletionCache`` puts it in every key."""
+
+
+class DelegatingClient(ChatCompletionClient):
+    """A client wrapping another (a cache, a rate governor): what the wrapper does not change,
+    it hands to the wrapped client. Subclasses implement ``create`` and ``create_stream`` (and
+    usage, where they count it themselves)."""
+
+    def __init__(self, client: ChatCompletionClient) -> None:
+        self._client = client
+
+    @property
+    def client(self) -> ChatCompletionClient:
+        return self._client
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    def actual_usage(self) -> RequestUsage:
+        return self._client.actual_usage()
+
+    def total_usage(self) -> RequestUsage:
+        return self._client.total_usage()
+
+    def count_tokens(self, messages: Sequence[LLMMessage], *, tools: Sequence[Tool | ToolSchema] = ()) -> int:
+        return self._client.count_tokens(messages, tools=tools)
+
+    def remaining_tokens(
+        self, messages: Sequence[LLMMessage], *, tools: Sequence[Tool | ToolSchema] = ()
+    ) -> int:
+        return self._client.remaining_tokens(messages, tools=tools)
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._client.model_info
+
+    @property
+    def cache_identity(self) -> Mapping[str, Any]:
+        return self._client.cache_identity

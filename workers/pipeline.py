@@ -29,14 +29,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from models.base import ChatCompletionClient
+from models.base import ChatCompletionClient, DelegatingClient
 from models.cache import CachedCompletion, CacheStore, ChatCompletionCache, UncacheableRequestError
 from models.cancellation import CancellationToken
 from models.errors import ModelClientError, QuotaExceeded, RateLimited
 from models.events import Retry, emit
 from models.retry import RetryPolicy
 from models.tokens import estimate_tokens
-from models.types import CreateResult, LLMMessage, ModelInfo, RequestUsage, Tool, ToolChoice, ToolSchema
+from models.types import CreateResult, LLMMessage, Tool, ToolChoice, ToolSchema
 from workers.limiter import CallOutcome, RateLimiter
 
 __all__ = ["CallResult", "CallStats", "GovernedClient", "ModelCallPipeline", "limiter_endpoint"]
@@ -83,7 +83,7 @@ def _completion_budget(extra_create_args: Mapping[str, Any]) -> int:
     return 0
 
 
-class GovernedClient(ChatCompletionClient):
+class GovernedClient(DelegatingClient):
     """``client`` behind the global limiter, retried by ``retry``: one slot per attempt."""
 
     def __init__(
@@ -95,15 +95,11 @@ class GovernedClient(ChatCompletionClient):
         model: str,
         endpoint: str | None = None,
     ) -> None:
-        self._client = client
+        super().__init__(client)
         self._limiter = limiter
         self._retry = retry
         self._model = model
         self._endpoint = endpoint or limiter_endpoint(client)
-
-    @property
-    def client(self) -> ChatCompletionClient:
-        return self._client
 
     def _estimate(
         self, messages: Sequence[LLMMessage], tools: Sequence[Tool | ToolSchema], extra: Mapping[str, Any]
@@ -237,31 +233,6 @@ class GovernedClient(ChatCompletionClient):
                 await stream.aclose()
                 if slot is not None:
                     await asyncio.shield(self._limiter.release(slot, outcome=outcome, actual_tokens=actual))
-
-    async def close(self) -> None:
-        await self._client.close()
-
-    def actual_usage(self) -> RequestUsage:
-        return self._client.actual_usage()
-
-    def total_usage(self) -> RequestUsage:
-        return self._client.total_usage()
-
-    def count_tokens(self, messages: Sequence[LLMMessage], *, tools: Sequence[Tool | ToolSchema] = ()) -> int:
-        return self._client.count_tokens(messages, tools=tools)
-
-    def remaining_tokens(
-        self, messages: Sequence[LLMMessage], *, tools: Sequence[Tool | ToolSchema] = ()
-    ) -> int:
-        return self._client.remaining_tokens(messages, tools=tools)
-
-    @property
-    def model_info(self) -> ModelInfo:
-        return self._client.model_info
-
-    @property
-    def cache_identity(self) -> Mapping[str, Any]:
-        return self._client.cache_identity
 
 
 @dataclass

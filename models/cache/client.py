@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from models.base import ChatCompletionClient
+from models.base import ChatCompletionClient, DelegatingClient
 from models.cache.base import CacheStore
 from models.cache.entry import CachedCompletion
 from models.cache.errors import CacheBackendError, CacheError, UncacheableRequestError
@@ -30,12 +30,12 @@ from models.cache.memory import InMemoryStore
 from models.cache.single_flight import SingleFlight
 from models.cancellation import CancellationToken
 from models.events import CacheHit, CacheStoreError, emit, event_logger, short_digest
-from models.types import CreateResult, LLMMessage, ModelInfo, RequestUsage, Tool, ToolChoice, ToolSchema
+from models.types import CreateResult, LLMMessage, RequestUsage, Tool, ToolChoice, ToolSchema
 
 __all__ = ["ChatCompletionCache"]
 
 
-class ChatCompletionCache(ChatCompletionClient):
+class ChatCompletionCache(DelegatingClient):
     """Serve repeated identical requests from ``store`` (default: an ``InMemoryStore``).
 
     ``ttl`` is the entries' lifetime in seconds (None: the store keeps them until evicted).
@@ -56,7 +56,7 @@ class ChatCompletionCache(ChatCompletionClient):
     ) -> None:
         if ttl is not None and ttl <= 0:
             raise ValueError("ttl must be positive (or None for no expiry)")
-        self._client = client
+        super().__init__(client)
         self._store: CacheStore[CachedCompletion] = store if store is not None else InMemoryStore()
         self._ttl = ttl
         self._flights = SingleFlight(
@@ -64,10 +64,6 @@ class ChatCompletionCache(ChatCompletionClient):
         )
         self._actual_usage = RequestUsage()
         self._total_usage = RequestUsage()
-
-    @property
-    def client(self) -> ChatCompletionClient:
-        return self._client
 
     @property
     def store(self) -> CacheStore[CachedCompletion]:
@@ -260,30 +256,11 @@ class ChatCompletionCache(ChatCompletionClient):
                     chunks.append(item)
                     yield item
 
-    async def close(self) -> None:
-        await self._client.close()
-
     def actual_usage(self) -> RequestUsage:
         return self._actual_usage
 
     def total_usage(self) -> RequestUsage:
         return self._total_usage
-
-    def count_tokens(self, messages: Sequence[LLMMessage], *, tools: Sequence[Tool | ToolSchema] = ()) -> int:
-        return self._client.count_tokens(messages, tools=tools)
-
-    def remaining_tokens(
-        self, messages: Sequence[LLMMessage], *, tools: Sequence[Tool | ToolSchema] = ()
-    ) -> int:
-        return self._client.remaining_tokens(messages, tools=tools)
-
-    @property
-    def model_info(self) -> ModelInfo:
-        return self._client.model_info
-
-    @property
-    def cache_identity(self) -> Mapping[str, Any]:
-        return self._client.cache_identity
 
 
 def _replayed_chunks(entry: CachedCompletion) -> list[str]:

@@ -132,10 +132,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
         self._options = make_request_options(security={"bearer_auth": True})
         self._sdk_client: AsyncOpenAI | None = None
         self._sdk_loop: asyncio.AbstractEventLoop | None = None
-        self._prompt_tokens = 0
-        self._completion_tokens = 0
-        self._cached_prompt_tokens = 0
-        self._reasoning_tokens = 0
+        self._usage = RequestUsage()
         default_args = dict(self._create_args)
         if self._response_format is not None:
             default_args["response_format"] = self._response_format
@@ -221,11 +218,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                 body["tool_choice"] = choice
         elif not isinstance(tool_choice, str):
             raise BadRequest("tool_choice names a tool but no tools were given", model=self._model)
-        response_format = (
-            self._response_format
-            if json_output is None and request_format is None
-            else resolve_response_format(json_output, request_format, self._response_format)
-        )
+        response_format = resolve_response_format(json_output, request_format, self._response_format)
         if response_format is not None:
             if response_format.get("type") == "json_schema" and not self._model_info.get(
                 "structured_output", True
@@ -249,10 +242,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
     # --- calls ---------------------------------------------------------------------------------
 
     def _count(self, usage: RequestUsage) -> None:
-        self._prompt_tokens += usage.prompt_tokens
-        self._completion_tokens += usage.completion_tokens
-        self._cached_prompt_tokens += usage.cached_prompt_tokens
-        self._reasoning_tokens += usage.reasoning_tokens
+        self._usage = self._usage + usage
 
     def _error(self, exc: BaseException) -> ModelClientError:
         return from_openai_error(exc, provider=self.provider, model=self._model)
@@ -451,12 +441,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
     # --- usage, tokens, identity ----------------------------------------------------------------
 
     def actual_usage(self) -> RequestUsage:
-        return RequestUsage(
-            prompt_tokens=self._prompt_tokens,
-            completion_tokens=self._completion_tokens,
-            cached_prompt_tokens=self._cached_prompt_tokens,
-            reasoning_tokens=self._reasoning_tokens,
-        )
+        return self._usage
 
     def total_usage(self) -> RequestUsage:
         # Nothing here is served from a cache, so what the results represent is what was spent.

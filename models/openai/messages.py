@@ -31,6 +31,7 @@ from models.types import (
 __all__ = [
     "ToolSpec",
     "messages_from_openai",
+    "openai_tool_call",
     "to_openai_message",
     "to_openai_messages",
     "to_openai_tool_choice",
@@ -68,7 +69,7 @@ def _image_part(image: Image) -> dict[str, Any]:
     return {"type": "image_url", "image_url": image_url}
 
 
-def _tool_call(call: FunctionCall) -> dict[str, Any]:
+def openai_tool_call(call: FunctionCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
@@ -98,7 +99,7 @@ def to_openai_message(message: LLMMessage, *, include_name: bool = True) -> list
             # Text the model wrote beside its tool calls travels as the message content.
             if message.thought is not None:
                 out["content"] = message.thought
-            out["tool_calls"] = [_tool_call(call) for call in message.content]
+            out["tool_calls"] = [openai_tool_call(call) for call in message.content]
         if include_name and message.source and message.source != _DEFAULT_ASSISTANT_SOURCE:
             out["name"] = message.source
         return [out]

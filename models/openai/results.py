@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from models.openai.messages import openai_tool_call
 from models.types import (
     ChatCompletionTokenLogprob,
     CreateResult,
@@ -200,10 +201,7 @@ class StreamAccumulator:
         if reasoning:
             message["reasoning_content"] = reasoning
         if calls:
-            message["tool_calls"] = [
-                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                for c in calls
-            ]
+            message["tool_calls"] = [openai_tool_call(c) for c in calls]
         raw: dict[str, Any] = {
             "id": self.response_id,
             "object": "chat.completion",
@@ -255,10 +253,7 @@ def chat_completion_body(result: CreateResult, *, model: str) -> dict[str, Any]:
         message["content"] = result.content
     else:
         message["content"] = result.thought
-        message["tool_calls"] = [
-            {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
-            for call in result.content
-        ]
+        message["tool_calls"] = [openai_tool_call(call) for call in result.content]
     if result.thought is not None and isinstance(result.content, str):
         message["reasoning_content"] = result.thought
     logprobs = (

@@ -24,12 +24,6 @@ __all__ = ["api", "cancel", "keys_app", "results", "status", "submit", "usage"]
 
 console = Console(stderr=True)
 keys_app = typer.Typer(help="Create and revoke tenants' API keys.", no_args_is_help=True)
-TERMINAL = {
-    store.BatchStatus.COMPLETED,
-    store.BatchStatus.FAILED,
-    store.BatchStatus.CANCELLED,
-    store.BatchStatus.EXPIRED,
-}
 TenantOption = Annotated[str, typer.Option("--tenant", help="tenant the batch belongs to")]
 
 
@@ -153,7 +147,7 @@ def status(
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=console) as progress:
             task = progress.add_task(str(batch.status), total=batch.total_count)
-            while batch.status not in TERMINAL:
+            while batch.status not in store.ENDED_STATUSES:
                 done = batch.completed_count + batch.failed_count + batch.cancelled_count
                 progress.update(
                     task, completed=done, description=f"{batch.status} ({batch.failed_count} failed)"

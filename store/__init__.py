@@ -153,9 +153,10 @@ from store.tables import (
 )
 from store.tenants import authenticate_api_key, create_api_key, create_tenant, get_tenant, revoke_api_key
 from store.usage import UsageGroup, UsageRow, usage_report
-from store.webhooks import DueWebhook, due_webhooks, record_webhook_attempt
+from store.webhooks import ENDED_STATUSES, DueWebhook, due_webhooks, record_webhook_attempt
 
 __all__ = [
+    "ENDED_STATUSES",
     "ENDPOINT_KINDS",
     "STOPPED_BATCH_STATUSES",
     "AgentRunRecord",

@@ -8,7 +8,8 @@ content ``store.export`` generates from the results.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections import Counter
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 from store.engine import write_transaction
 from store.errors import BatchNotFound
 from store.ids import now_seconds
-from store.tables import Batch, BatchStatus, File, FileKind, Request, RequestStatus, Result
+from store.tables import Batch, BatchStatus, File, FileKind, Request, RequestStatus
 
 __all__ = [
     "EXPIRED_ERROR",
@@ -243,15 +244,18 @@ def _cancel_unfinished(
         )
         .returning(Request.batch_id)
     ).scalars()
-    per_batch: dict[str, int] = {}
-    for cancelled_batch in cancelled:
-        per_batch[cancelled_batch] = per_batch.get(cancelled_batch, 0) + 1
-    for cancelled_batch, count in sorted(per_batch.items()):
+    _count_cancelled(conn, cancelled)
+
+
+def _count_cancelled(conn: Connection, batch_ids: Iterable[str]) -> list[str]:
+    """Add each request just cancelled (one batch id per request) to its batch's count; returns
+    the batches touched."""
+    per_batch = Counter(batch_ids)
+    for batch_id, count in sorted(per_batch.items()):
         conn.execute(
-            sa.update(Batch)
-            .where(Batch.id == cancelled_batch)
-            .values(cancelled_count=Batch.cancelled_count + count)
+            sa.update(Batch).where(Batch.id == batch_id).values(cancelled_count=Batch.cancelled_count + count)
         )
+    return list(per_batch)
 
 
 def expire_batches(engine: Engine, now: int | None = None) -> list[str]:
@@ -274,17 +278,6 @@ def expire_batches(engine: Engine, now: int | None = None) -> list[str]:
             _cancel_unfinished(conn, ids, now, EXPIRED_ERROR)
             _attach_result_files(conn, [(row.id, row.tenant_id) for row in expired], now)
     return ids
-
-
-def result_counts(conn: Connection, batch_id: str) -> tuple[int, int]:
-    """(succeeded, failed) result rows of a batch, counted from ``results``."""
-    succeeded, failed = conn.execute(
-        sa.select(
-            sa.func.coalesce(sa.func.sum(sa.case((Result.status == RequestStatus.SUCCEEDED, 1), else_=0)), 0),
-            sa.func.coalesce(sa.func.sum(sa.case((Result.status == RequestStatus.FAILED, 1), else_=0)), 0),
-        ).where(Result.batch_id == batch_id)
-    ).one()
-    return int(succeeded), int(failed)
 
 
 # Batch states in which a worker starts no new request of the batch.
@@ -324,14 +317,5 @@ def cancel_claimed(engine: Engine, request_ids: Sequence[str], owner: str, now: 
                 .returning(Request.batch_id)
             ).scalars()
         )
-        per_batch: dict[str, int] = {}
-        for batch_id in batch_ids:
-            per_batch[batch_id] = per_batch.get(batch_id, 0) + 1
-        for batch_id, count in sorted(per_batch.items()):
-            conn.execute(
-                sa.update(Batch)
-                .where(Batch.id == batch_id)
-                .values(cancelled_count=Batch.cancelled_count + count)
-            )
-        finalize_batches(conn, list(per_batch), now)
+        finalize_batches(conn, _count_cancelled(conn, batch_ids), now)
     return len(batch_ids)

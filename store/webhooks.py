@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
 
 from store.engine import write_transaction
 from store.ids import now_seconds
@@ -25,6 +26,7 @@ class DueWebhook:
     batch_id: str
     url: str
     attempts: int
+    batch: Batch  # the row as read, for the event the sender builds
 
 
 def due_webhooks(
@@ -33,7 +35,7 @@ def due_webhooks(
     """Ended batches whose webhook is not delivered yet and whose next attempt is due."""
     now = now if now is not None else now_seconds()
     query = (
-        sa.select(Batch.id, Batch.webhook_url, Batch.webhook_attempts)
+        sa.select(Batch)
         .where(
             Batch.webhook_url.is_not(None),
             Batch.webhook_delivered_at.is_(None),
@@ -44,8 +46,9 @@ def due_webhooks(
         .order_by(Batch.created_at)
         .limit(limit)
     )
-    with engine.connect() as conn:
-        return [DueWebhook(row.id, row.webhook_url, row.webhook_attempts) for row in conn.execute(query)]
+    with Session(engine, expire_on_commit=False) as session:
+        batches = list(session.scalars(query))
+    return [DueWebhook(b.id, b.webhook_url or "", b.webhook_attempts, b) for b in batches]
 
 
 def record_webhook_attempt(

@@ -1,7 +1,7 @@
 """A cluster of real ``tokenmill worker`` / ``tokenmill beat`` subprocesses for tests: a Redis broker
 on its own logical database (``BROKER_DB``, flushed before and after), the test's own PostgreSQL
 database and cache prefix, and the simulator as the upstream. The ``cluster`` fixture is
-registered for ``tests/workers`` in its conftest; ``c.env`` may be extended before starting
+registered for every test in ``tests/conftest.py``; ``c.env`` may be extended before starting
 processes."""
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ async def _run_handler(
         )
         return error_reply(error), state or {}
     pipeline = build_pipeline(settings)
-    host = DistributedAgentRuntime(settings, tenant_id=tenant_id)
+    host = DistributedAgentRuntime(settings, tenant_id=tenant_id, celery=app, engine=context.engine())
     agent: BaseAgent | None = None
     try:
         client = pipeline.client_for(registration.model or settings.default_model)
@@ -180,8 +180,7 @@ def agent_message(
     message: dict[str, Any],
 ) -> bool:
     """The Celery task: True when the handler replied, False when it raised."""
-    settings = context.settings()
-    load_worker_modules(settings)
+    settings = context.settings()  # its modules were loaded at worker_process_init
     reply = asyncio.run(
         handle_agent_message(
             settings,

@@ -103,6 +103,7 @@ class DistributedAgentRuntime:
         *,
         tenant_id: str | None = None,
         celery: Celery | None = None,
+        engine: Engine | None = None,
         reply_timeout: float | None = None,
         message_types: MessageTypeRegistry = default_message_types,
     ) -> None:
@@ -116,7 +117,9 @@ class DistributedAgentRuntime:
         self._codec = message_types
         self._types: dict[str, type[BaseAgent] | None] = {}
         self._redis: aioredis.Redis | None = None
-        self._engine: Engine | None = None
+        # A worker hands in its own app and engine; a producer's runtime makes (and disposes) its own.
+        self._engine = engine
+        self._owns_engine = engine is None
         self._started = False
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -274,7 +277,7 @@ class DistributedAgentRuntime:
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
-        if self._engine is not None:
+        if self._engine is not None and self._owns_engine:
             self._engine.dispose()
             self._engine = None
         if self._celery is not None and self._owns_celery:

@@ -150,10 +150,6 @@ class AgentRunOutcome:
     run: AssistantRunResult
 
     @property
-    def billed_usage(self) -> RequestUsage:
-        return self.run.usage
-
-    @property
     def all_cached(self) -> bool:
         return bool(self.run.model_calls) and all(call.cached for call in self.run.model_calls)
 

@@ -17,7 +17,6 @@ named show up as such; nothing else is needed to notice the loss.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from celery import Celery
 from sqlalchemy.engine import Engine
 
 from store import mark_dispatched
+from store.ids import new_id
 from workers.constants import COMPLETE_CHUNK_TASK, DEFAULT_QUEUE, dispatch_marker_key
 
 __all__ = [
@@ -43,7 +43,7 @@ MARKER_SENT_SECONDS = 2 * 24 * 3600
 
 
 def new_dispatch_id() -> str:
-    return f"dsp_{uuid.uuid4().hex}"
+    return new_id("dsp_")
 
 
 def chunked(ids: Sequence[str], size: int) -> Iterator[list[str]]:

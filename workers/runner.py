@@ -279,16 +279,24 @@ class ChunkRunner:
             if self.on_result is not None:
                 self.on_result(record)
 
+        def past_deadline() -> bool:
+            return (
+                config.deadline_seconds is not None and time.monotonic() - started > config.deadline_seconds
+            )
+
+        async def stop_stopped_batches() -> None:
+            statuses = await asyncio.to_thread(batch_statuses, self.engine, list(batch_tokens))
+            for batch_id, status in statuses.items():
+                if status in STOPPED_BATCH_STATUSES:
+                    batch_tokens[batch_id].cancel()
+
         async def run_one(request: ClaimedRequest) -> None:
             token = batch_tokens[request.batch_id]
             async with gate:
                 if token.is_cancelled():
                     to_cancel.append(request.id)
                     return
-                if (
-                    config.deadline_seconds is not None
-                    and time.monotonic() - started > config.deadline_seconds
-                ):
+                if past_deadline():
                     return  # left in ``unfinished``: released below
                 handler = self.handlers.get(request.kind)
                 if handler is None:
@@ -320,10 +328,7 @@ class ChunkRunner:
         async def watch_batches() -> None:
             while True:
                 await asyncio.sleep(config.cancel_check_interval)
-                statuses = await asyncio.to_thread(batch_statuses, self.engine, list(batch_tokens))
-                for batch_id, status in statuses.items():
-                    if status in STOPPED_BATCH_STATUSES:
-                        batch_tokens[batch_id].cancel()
+                await stop_stopped_batches()
 
         for request in claimed:
             if request.attempts > config.max_deliveries:
@@ -332,20 +337,12 @@ class ChunkRunner:
                     code="max_deliveries",
                 )
                 finish(failed_record(request.id, error, attempts=0))
-        statuses = await asyncio.to_thread(batch_statuses, self.engine, list(batch_tokens))
-        for batch_id, status in statuses.items():
-            if status in STOPPED_BATCH_STATUSES:
-                batch_tokens[batch_id].cancel()
+        await stop_stopped_batches()
 
         def start(requests: Sequence[ClaimedRequest]) -> None:
             for request in requests:
                 unfinished[request.id] = request
                 running[request.id] = asyncio.create_task(run_one(request))
-
-        def past_deadline() -> bool:
-            return (
-                config.deadline_seconds is not None and time.monotonic() - started > config.deadline_seconds
-            )
 
         async def refill() -> None:
             budget = config.refill_limit

@@ -53,10 +53,7 @@ def deliver_due_webhooks(
         return 0, 0
     with httpx.Client(timeout=timeout, follow_redirects=False) as http:
         for webhook in due:
-            batch = store.get_batch(engine, webhook.batch_id)
-            if batch is None:
-                continue
-            event = webhook_event(batch)
+            event = webhook_event(webhook.batch)
             try:
                 answer = http.post(webhook.url, json=event, headers={"webhook-id": event["id"]})
                 error = None if answer.is_success else f"HTTP {answer.status_code}"

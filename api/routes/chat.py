@@ -52,12 +52,7 @@ def _ingest_one(
 def _outcome(engine: Engine, batch_id: str) -> dict[str, Any] | None:
     """The finished request's output or error line, or None while it runs."""
     batch = store.get_batch(engine, batch_id)
-    if batch is None or batch.status not in (
-        store.BatchStatus.COMPLETED,
-        store.BatchStatus.FAILED,
-        store.BatchStatus.CANCELLED,
-        store.BatchStatus.EXPIRED,
-    ):
+    if batch is None or batch.status not in store.ENDED_STATUSES:
         return None
     for line in store.iter_output_lines(engine, batch_id):
         outcome: dict[str, Any] = json.loads(line)

@@ -11,11 +11,7 @@ messages) and an optional ``conversation_id``. ``?wait=true`` answers once the r
 
 from __future__ import annotations
 
-import asyncio
-import io
-import json
 import re
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -25,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 import store
 from api.deps import ID_PATTERN, EngineDep, ObjectId, SettingsDep, TenantDep
 from api.errors import InvalidRequest, NotFound, ServiceUnavailable
-from api.routes.batches import Dispatch
+from api.routes.single_request import dispatch_or_503, ingest_single, json_object_body, wait_for
 from models.errors import ModelClientError
 from workers.agent_tasks import parse_agent_run_body
 
@@ -87,23 +83,6 @@ def agent_run_object(run: store.AgentRunRecord) -> dict[str, Any]:
     return obj
 
 
-def _ingest_one(
-    engine: Engine, tenant_id: str, body: dict[str, Any], max_body_bytes: int
-) -> store.IngestReport:
-    line = {"custom_id": "agent_run", "method": "POST", "url": ENDPOINT, "body": body}
-    return store.ingest_batch(
-        engine,
-        io.BytesIO(json.dumps(line).encode()),
-        tenant_id=tenant_id,
-        endpoint=ENDPOINT,
-        completion_window="24h",
-        metadata=SOURCE_METADATA,
-        max_body_bytes=max_body_bytes,
-        priority=9,
-        hidden=True,
-    )
-
-
 def _run_of(engine: Engine, tenant_id: str, run_id: str) -> store.AgentRunRecord:
     run = store.get_agent_run(engine, run_id, tenant_id)
     if run is None:
@@ -120,12 +99,7 @@ async def create_agent_run(
     wait: Annotated[bool, Query(description="answer once the run finished")] = False,
 ) -> dict[str, Any]:
     """Start an assistant run; returns it at once (``status: queued``), or finished with ``wait``."""
-    try:
-        body = await request.json()
-    except ValueError as e:
-        raise InvalidRequest(f"the request body is not valid JSON: {e}") from e
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
+    body = await json_object_body(request)
     body.setdefault("model", settings.default_model)
     try:
         parse_agent_run_body(body)
@@ -140,34 +114,35 @@ async def create_agent_run(
             )
         except store.ConversationNotFound as e:
             raise NotFound(f"No such conversation: {body['conversation_id']}", param="conversation_id") from e
-    report = await run_in_threadpool(_ingest_one, engine, tenant.id, body, settings.max_request_body_bytes)
-    if report.status != store.BatchStatus.IN_PROGRESS:
-        first = report.errors[0] if report.errors else None
-        raise InvalidRequest(
-            first.message if first else "the run is invalid",
-            param=first.param if first else None,
-            code=first.code if first else None,
-        )
-    [run_id] = await run_in_threadpool(store.pending_request_ids, engine, report.batch_id)
-    dispatch: Dispatch = request.app.state.dispatch
-    try:
-        await run_in_threadpool(dispatch, engine, report.batch_id)
-    except Exception as e:  # the ledger row stays; the sweeper will still run it
-        raise ServiceUnavailable(f"could not reach the workers' broker: {e}") from e
+    batch_id = await ingest_single(
+        engine,
+        tenant.id,
+        endpoint=ENDPOINT,
+        custom_id="agent_run",
+        body=body,
+        metadata=SOURCE_METADATA,
+        max_body_bytes=settings.max_request_body_bytes,
+        invalid_message="the run is invalid",
+    )
+    [run_id] = await run_in_threadpool(store.pending_request_ids, engine, batch_id)
+    await dispatch_or_503(request, engine, batch_id)
     run = await run_in_threadpool(_run_of, engine, tenant.id, run_id)
-    if wait:
-        deadline = time.monotonic() + settings.sync_timeout_seconds
-        attempt = 0
-        while run.result is None:
-            if time.monotonic() > deadline or await request.is_disconnected():
-                raise ServiceUnavailable(
-                    f"run {run_id} did not finish within {settings.sync_timeout_seconds:.0f} s; "
-                    f"GET /v1/agent_runs/{run_id} later",
-                    code="timeout",
-                )
-            await asyncio.sleep(_POLL_SECONDS[min(attempt, len(_POLL_SECONDS) - 1)])
-            attempt += 1
-            run = await run_in_threadpool(_run_of, engine, tenant.id, run_id)
+    if wait and run.result is None:
+
+        async def finished() -> store.AgentRunRecord | None:
+            current = await run_in_threadpool(_run_of, engine, tenant.id, run_id)
+            return current if current.result is not None else None
+
+        done = await wait_for(
+            finished, request=request, seconds=settings.sync_timeout_seconds, schedule=_POLL_SECONDS
+        )
+        if done is None:
+            raise ServiceUnavailable(
+                f"run {run_id} did not finish within {settings.sync_timeout_seconds:.0f} s; "
+                f"GET /v1/agent_runs/{run_id} later",
+                code="timeout",
+            )
+        run = done
     return agent_run_object(run)
 
 

@@ -8,8 +8,6 @@ completion), so streaming clients work unchanged.
 
 from __future__ import annotations
 
-import asyncio
-import io
 import json
 import time
 from collections.abc import Iterator
@@ -22,31 +20,14 @@ from starlette.concurrency import run_in_threadpool
 
 import store
 from api.deps import EngineDep, SettingsDep, TenantDep
-from api.errors import APIError, InvalidRequest, ServiceUnavailable, UpstreamFailed
-from api.routes.batches import Dispatch
+from api.errors import APIError, ServiceUnavailable, UpstreamFailed
+from api.routes.single_request import dispatch_or_503, ingest_single, json_object_body, wait_for
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["chat"])
 SYNC_METADATA = {"tokenmill_source": "chat.completions"}
 _POLL_SECONDS = (0.01, 0.02, 0.05, 0.1, 0.2)
-
-
-def _ingest_one(
-    engine: Engine, tenant_id: str, body: dict[str, Any], max_body_bytes: int
-) -> store.IngestReport:
-    line = {"custom_id": "request", "method": "POST", "url": "/v1/chat/completions", "body": body}
-    return store.ingest_batch(
-        engine,
-        io.BytesIO(json.dumps(line).encode()),
-        tenant_id=tenant_id,
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-        metadata=SYNC_METADATA,
-        max_body_bytes=max_body_bytes,
-        priority=9,
-        hidden=True,
-    )
 
 
 def _outcome(engine: Engine, batch_id: str) -> dict[str, Any] | None:
@@ -107,38 +88,33 @@ async def chat_completions(
     request: Request, tenant: TenantDep, engine: EngineDep, settings: SettingsDep
 ) -> JSONResponse | StreamingResponse:
     """A chat completion, exactly as OpenAI's endpoint takes and answers it."""
-    try:
-        body = await request.json()
-    except ValueError as e:
-        raise InvalidRequest(f"the request body is not valid JSON: {e}") from e
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
+    body = await json_object_body(request)
     stream = bool(body.pop("stream", False))
     body.pop("stream_options", None)
     body.setdefault("model", settings.default_model)
-    report = await run_in_threadpool(_ingest_one, engine, tenant.id, body, settings.max_request_body_bytes)
-    if report.status != store.BatchStatus.IN_PROGRESS:
-        first = report.errors[0] if report.errors else None
-        message = first.message if first else "the request is invalid"
-        raise InvalidRequest(
-            message, param=first.param if first else None, code=first.code if first else None
+    batch_id = await ingest_single(
+        engine,
+        tenant.id,
+        endpoint="/v1/chat/completions",
+        custom_id="request",
+        body=body,
+        metadata=SYNC_METADATA,
+        max_body_bytes=settings.max_request_body_bytes,
+        invalid_message="the request is invalid",
+    )
+    await dispatch_or_503(request, engine, batch_id)
+    outcome = await wait_for(
+        lambda: run_in_threadpool(_outcome, engine, batch_id),
+        request=request,
+        seconds=settings.sync_timeout_seconds,
+        schedule=_POLL_SECONDS,
+    )
+    if outcome is None:
+        await run_in_threadpool(store.cancel_batch, engine, batch_id)
+        raise ServiceUnavailable(
+            f"no result within {settings.sync_timeout_seconds:.0f} s (batch {batch_id} cancelled)",
+            code="timeout",
         )
-    dispatch: Dispatch = request.app.state.dispatch
-    try:
-        await run_in_threadpool(dispatch, engine, report.batch_id)
-    except Exception as e:  # the ledger row stays; the sweeper will still run it
-        raise ServiceUnavailable(f"could not reach the workers' broker: {e}") from e
-    deadline = time.monotonic() + settings.sync_timeout_seconds
-    attempt = 0
-    while (outcome := await run_in_threadpool(_outcome, engine, report.batch_id)) is None:
-        if time.monotonic() > deadline or await request.is_disconnected():
-            await run_in_threadpool(store.cancel_batch, engine, report.batch_id)
-            raise ServiceUnavailable(
-                f"no result within {settings.sync_timeout_seconds:.0f} s (batch {report.batch_id} cancelled)",
-                code="timeout",
-            )
-        await asyncio.sleep(_POLL_SECONDS[min(attempt, len(_POLL_SECONDS) - 1)])
-        attempt += 1
     response = outcome.get("response") or {}
     if outcome.get("error") is not None or response.get("status_code") != 200:
         raise _error_for(outcome)

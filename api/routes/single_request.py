@@ -1,0 +1,101 @@
+"""What the single-request routes share (``/v1/chat/completions``, ``/v1/agent_runs``): a request
+becomes a hidden one-line batch, is dispatched to the workers, and may be waited for."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from fastapi import Request
+from sqlalchemy.engine import Engine
+from starlette.concurrency import run_in_threadpool
+
+import store
+from api.errors import InvalidRequest, ServiceUnavailable
+from api.routes.batches import Dispatch
+
+__all__ = ["dispatch_or_503", "ingest_single", "json_object_body", "wait_for"]
+
+T = TypeVar("T")
+
+
+async def json_object_body(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError as e:
+        raise InvalidRequest(f"the request body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def _ingest(
+    engine: Engine,
+    tenant_id: str,
+    line: dict[str, Any],
+    metadata: Mapping[str, str],
+    max_body_bytes: int,
+) -> store.IngestReport:
+    return store.ingest_batch(
+        engine,
+        io.BytesIO(json.dumps(line).encode()),
+        tenant_id=tenant_id,
+        endpoint=line["url"],
+        completion_window="24h",
+        metadata=metadata,
+        max_body_bytes=max_body_bytes,
+        priority=9,
+        hidden=True,
+    )
+
+
+async def ingest_single(
+    engine: Engine,
+    tenant_id: str,
+    *,
+    endpoint: str,
+    custom_id: str,
+    body: dict[str, Any],
+    metadata: Mapping[str, str],
+    max_body_bytes: int,
+    invalid_message: str,
+) -> str:
+    """Write the request as a hidden one-line batch; returns the batch id, or raises
+    ``InvalidRequest`` with the first validation error (``invalid_message`` if there is none)."""
+    line = {"custom_id": custom_id, "method": "POST", "url": endpoint, "body": body}
+    report = await run_in_threadpool(_ingest, engine, tenant_id, line, metadata, max_body_bytes)
+    if report.status != store.BatchStatus.IN_PROGRESS:
+        first = report.errors[0] if report.errors else None
+        raise InvalidRequest(
+            first.message if first else invalid_message,
+            param=first.param if first else None,
+            code=first.code if first else None,
+        )
+    return report.batch_id
+
+
+async def dispatch_or_503(request: Request, engine: Engine, batch_id: str) -> None:
+    dispatch: Dispatch = request.app.state.dispatch
+    try:
+        await run_in_threadpool(dispatch, engine, batch_id)
+    except Exception as e:  # the ledger row stays; the sweeper will still run it
+        raise ServiceUnavailable(f"could not reach the workers' broker: {e}") from e
+
+
+async def wait_for(
+    fetch: Callable[[], Awaitable[T | None]], *, request: Request, seconds: float, schedule: Sequence[float]
+) -> T | None:
+    """Poll ``fetch`` (sleeping along ``schedule``, then its last step) until it answers; None when
+    ``seconds`` pass or the client goes away first."""
+    deadline = time.monotonic() + seconds
+    attempt = 0
+    while (answer := await fetch()) is None:
+        if time.monotonic() > deadline or await request.is_disconnected():
+            return None
+        await asyncio.sleep(schedule[min(attempt, len(schedule) - 1)])
+        attempt += 1
+    return answer

@@ -24,10 +24,17 @@ from workers.app import make_celery
 from workers.dispatch import Dispatcher
 from workers.settings import Settings
 
-__all__ = ["BROKER_DB", "ROOT", "Cluster", "cluster", "kill_group"]
+__all__ = ["BROKER_DB", "CLI", "ROOT", "Cluster", "cluster", "kill_group", "run_cli"]
 
 BROKER_DB = 11
 ROOT = Path(__file__).resolve().parents[1]
+# ``tokenmill ARGS`` as a subprocess of the venv that runs the tests.
+CLI = [sys.executable, "-c", "from api.cli import main; main()"]
+
+
+def run_cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``tokenmill ARGS`` to the end, output captured."""
+    return subprocess.run([*CLI, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 @dataclass
@@ -44,7 +51,7 @@ class Cluster:
     def start(self, *args: str, name: str) -> subprocess.Popen[bytes]:
         log = (self.logs / f"{name}.log").open("wb")
         process = subprocess.Popen(
-            [sys.executable, "-c", "from api.cli import main; main()", *args],
+            [*CLI, *args],
             env=self.env,
             cwd=ROOT,
             stdout=log,

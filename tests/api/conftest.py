@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,8 +14,8 @@ import pytest
 import redis
 
 from tests import services
+from tests.cluster import CLI, ROOT, run_cli
 
-ROOT = Path(__file__).resolve().parents[2]
 API_BROKER_DB = 12
 
 
@@ -29,14 +28,7 @@ class LiveAPI:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         """Run ``tokenmill ARGS`` against the same database and broker."""
-        return subprocess.run(
-            [sys.executable, "-c", "from api.cli import main; main()", *args],
-            env=self.env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return run_cli(self.env, *args, timeout=60)
 
     def new_key(self, tenant: str) -> str:
         done = self.cli("keys", "create", tenant)
@@ -52,16 +44,7 @@ def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], 
     with log.open("wb") as out:
         process = subprocess.Popen(
             # The command docker-compose.yml runs, on a free port.
-            [
-                sys.executable,
-                "-c",
-                "from api.cli import main; main()",
-                "api",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
+            [*CLI, "api", "--host", "127.0.0.1", "--port", str(port)],
             env=env,
             cwd=ROOT,
             stdout=out,
@@ -112,14 +95,7 @@ def _serve(postgres_url: str, redis_url: str, tmp_path: Path) -> Iterator[LiveAP
         TOKENMILL_MAX_REQUEST_BODY_BYTES=str(8 * 1024),
         TOKENMILL_SYNC_TIMEOUT_SECONDS="5",
     )
-    migrate = subprocess.run(
-        [sys.executable, "-c", "from api.cli import main; main()", "db", "upgrade"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    migrate = run_cli(env, "db", "upgrade")
     assert migrate.returncode == 0, migrate.stderr
     process, root = start_api(env, tmp_path / "api.log")
     try:

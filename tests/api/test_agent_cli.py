@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.cluster import CLI, ROOT
 
 
 def test_agent_run_prints_the_answer_and_with_json_the_transcript(tmp_path: Path) -> None:
@@ -21,9 +20,7 @@ def test_agent_run_prints_the_answer_and_with_json_the_transcript(tmp_path: Path
     question = 'What is 6*7? [[call calculator {"expression": "6*7"}]]'
     done = subprocess.run(
         [
-            sys.executable,
-            "-c",
-            "from api.cli import main; main()",
+            *CLI,
             "agent",
             "run",
             "--simulate",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import pytest
 from simulator.testing import SimulatorServer
 from tests import services
 from tests.api.conftest import start_api
-from tests.cluster import ROOT, Cluster, kill_group
+from tests.cluster import CLI, ROOT, Cluster, kill_group, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -36,14 +35,7 @@ class Deployment:
         return openai.OpenAI(base_url=f"{self.root}/v1", api_key=self.key, max_retries=0, timeout=60)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-c", "from api.cli import main; main()", *args],
-            env=self.cluster.env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return run_cli(self.cluster.env, *args)
 
 
 @pytest.fixture
@@ -211,7 +203,7 @@ def test_flower_shows_the_running_worker(deployment: Deployment) -> None:
     port = services.free_port()
     env = {**deployment.cluster.env, "TOKENMILL_FLOWER_BASIC_AUTH": "ops:s3cret"}
     flower = subprocess.Popen(
-        [sys.executable, "-c", "from api.cli import main; main()", "flower", "--port", str(port)],
+        [*CLI, "flower", "--port", str(port)],
         env=env,
         cwd=ROOT,
         stdout=subprocess.DEVNULL,

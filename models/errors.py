@@ -238,6 +238,13 @@ def from_openai_error(exc: BaseException, *, provider: str | None, model: str | 
     if isinstance(exc, ModelClientError):
         return exc
     where: dict[str, Any] = {"provider": provider, "model": model}
+    refused = (
+        _connection_failure_behind(exc)
+        if isinstance(exc, openai.APIConnectionError) or _is_transport_error(exc)
+        else None
+    )
+    if refused is not None:
+        return ProviderUnavailable(f"connection failed: {type(refused).__name__}: {refused}", **where)
     if isinstance(exc, openai.APITimeoutError) or _is_transport_timeout(exc):
         return ProviderTimeout(f"request timed out: {exc}", **where)
     if isinstance(exc, openai.APIConnectionError):
@@ -281,6 +288,25 @@ def from_openai_error(exc: BaseException, *, provider: str | None, model: str | 
             else ModelClientError(str(exc), **where)
         )
     return ModelClientError(f"{type(exc).__name__}: {exc}", **where)
+
+
+def _connection_failure_behind(exc: BaseException) -> BaseException | None:
+    """The refused, reset or dropped connection that caused ``exc``, if that is what did.
+
+    The SDK's aiohttp transport reports every ``aiohttp.ClientConnectionError`` (a refused
+    connection, a server that hung up) as a connect *timeout*; the cause chain says what it was.
+    A real timeout anywhere in the chain wins.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc.__cause__ or exc.__context__
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, TimeoutError):
+            return None
+        if isinstance(current, OSError) or type(current).__name__ == "ServerDisconnectedError":
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _status_error_of(exc: BaseException) -> tuple[int, Mapping[str, str], str] | None:

@@ -11,6 +11,7 @@ pooled connections must never be shared between a parent and its children.
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from celery import Celery
@@ -99,6 +100,10 @@ app = make_celery()
 def _open_process_resources(**_: Any) -> None:
     # The parent may have built an engine before forking; its pooled sockets are the parent's.
     context.reset_after_fork()
+    # Everything loaded so far (Celery, SQLAlchemy, pydantic, the SDK) lives as long as the process:
+    # out of the collector's sight, a full collection scans only what chunks allocate. Measured on
+    # the throughput bench, full collections stalled the event loop ~180 ms every few seconds.
+    gc.freeze()
 
 
 @worker_process_shutdown.connect  # type: ignore[untyped-decorator, unused-ignore]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import os
 import signal
@@ -170,6 +171,9 @@ def run(
             released = _release_dead_embedded_leases(engine, batch_id)
             if resumed and not quiet:
                 typer.echo(f"resuming {batch_id} ({released} interrupted request(s) back in line)", err=True)
+            # What is loaded now lives as long as the run: kept out of full collections, which
+            # otherwise stall the event loop (see workers.app's worker_process_init).
+            gc.freeze()
             try:
                 asyncio.run(_run_embedded(engine, batch_id, client_env, concurrency, quiet))
             except KeyboardInterrupt:

@@ -1,27 +1,37 @@
-"""Per-process resources of a worker: the settings, one SQLAlchemy engine, one sync Redis client.
+"""Per-process resources of a worker: the settings, one SQLAlchemy engine, one sync Redis client,
+one event loop and the model-call pipeline that lives on it.
 
 Created lazily on first use in the process that uses them; ``reset_after_fork`` (called from
 Celery's ``worker_process_init``) drops whatever a parent handed down, without closing the
-parent's sockets. Asyncio clients (Redis, the model clients) are not here: they belong to one
-event loop and the chunk runner builds them per loop.
+parent's sockets. The event loop outlives each task (``run_in_loop``), so the pipeline's HTTP
+connections, Redis pools and limiter state are reused by every chunk the process runs instead of
+being rebuilt and reconnected per chunk; ``close`` (``worker_process_shutdown``) closes them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import redis
 from sqlalchemy.engine import Engine
 
 from store import make_engine
+from workers.clients import build_pipeline
+from workers.pipeline import ModelCallPipeline
 from workers.settings import Settings, get_settings
 
-__all__ = ["close", "engine", "redis_client", "reset_after_fork", "settings"]
+__all__ = ["close", "engine", "pipeline", "redis_client", "reset_after_fork", "run_in_loop", "settings"]
+
+T = TypeVar("T")
 
 _lock = threading.Lock()
 _engine: Engine | None = None
 _redis: redis.Redis[Any] | None = None  # type: ignore[type-arg, unused-ignore]
+_loop: asyncio.Runner | None = None
+_pipeline: ModelCallPipeline | None = None
 
 
 def settings() -> Settings:
@@ -48,18 +58,46 @@ def redis_client() -> redis.Redis[Any]:  # type: ignore[type-arg, unused-ignore]
         return _redis
 
 
+def run_in_loop(coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` to its end on this process's event loop (made on first use)."""
+    global _loop
+    if _loop is None:
+        _loop = asyncio.Runner()
+    return _loop.run(coroutine)
+
+
+def pipeline() -> ModelCallPipeline:
+    """This process's model-call pipeline; call it from inside ``run_in_loop``, whose loop its
+    async clients belong to."""
+    global _pipeline
+    if _pipeline is None:
+        _pipeline = build_pipeline(settings())
+    return _pipeline
+
+
 def reset_after_fork() -> None:
-    global _engine, _redis
+    global _engine, _redis, _loop, _pipeline
     with _lock:
         if _engine is not None:
             _engine.dispose(close=False)
         _engine = None
         _redis = None
+        # A parent's loop and clients hold the parent's sockets: left to it, never closed here.
+        _loop = None
+        _pipeline = None
 
 
 def close() -> None:
-    global _engine, _redis
+    global _engine, _redis, _loop, _pipeline
     with _lock:
+        loop, _loop = _loop, None
+        used, _pipeline = _pipeline, None
+        if loop is not None:
+            try:
+                if used is not None:
+                    loop.run(used.close())
+            finally:
+                loop.close()
         if _engine is not None:
             _engine.dispose()
         if _redis is not None:

@@ -1,13 +1,12 @@
 """The Celery tasks: ``tokenmill.complete_chunk`` and ``tokenmill.sweep``.
 
-Messages carry request ids and a dispatch id, never prompts or keys (invariant 1 and 8). A chunk
-runs on a fresh event loop (``asyncio.run``): the async clients it needs (model clients, the
-limiter's and the cache's Redis) are built inside it and closed with it, since none may cross loops.
+Messages carry request ids and a dispatch id, never prompts or keys (invariant 1 and 8). Chunks
+run on the worker process's one event loop (``context.run_in_loop``), through the pipeline that
+lives on it, so connections to the provider, Redis and the limiter's state carry from chunk to chunk.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import uuid
 from typing import Any
@@ -15,7 +14,6 @@ from typing import Any
 from workers import context
 from workers.agent_tasks import handlers_with_agents
 from workers.app import app
-from workers.clients import build_pipeline
 from workers.constants import COMPLETE_CHUNK_TASK, SWEEP_TASK
 from workers.dispatch import Dispatcher
 from workers.runner import ChunkReport, ChunkRunner, RunnerConfig
@@ -37,34 +35,30 @@ def dispatcher() -> Dispatcher:
 
 async def run_chunk(request_ids: list[str], owner: str) -> ChunkReport:
     settings = context.settings()
-    pipeline = build_pipeline(settings)
-    try:
-        runner = ChunkRunner(
-            context.engine(),
-            pipeline,
-            RunnerConfig(
-                owner=owner,
-                lease_seconds=settings.lease_seconds,
-                in_flight=settings.in_flight_per_process,
-                max_deliveries=settings.max_attempts,
-                # Stop starting requests well before the message becomes visible again.
-                deadline_seconds=settings.visibility_timeout_seconds / 2,
-                # Keep the window full while the chunk drains; bounded, so that one batch cannot
-                # hold a process for long while other batches' messages wait.
-                refill_limit=4 * settings.chunk_size,
-            ),
-            handlers=handlers_with_agents(context.engine()),
-        )
-        return await runner.run(request_ids)
-    finally:
-        await pipeline.close()
+    runner = ChunkRunner(
+        context.engine(),
+        context.pipeline(),
+        RunnerConfig(
+            owner=owner,
+            lease_seconds=settings.lease_seconds,
+            in_flight=settings.in_flight_per_process,
+            max_deliveries=settings.max_attempts,
+            # Stop starting requests well before the message becomes visible again.
+            deadline_seconds=settings.visibility_timeout_seconds / 2,
+            # Keep the window full while the chunk drains; bounded, so that one batch cannot
+            # hold a process for long while other batches' messages wait.
+            refill_limit=4 * settings.chunk_size,
+        ),
+        handlers=handlers_with_agents(context.engine()),
+    )
+    return await runner.run(request_ids)
 
 
 @app.task(name=COMPLETE_CHUNK_TASK, bind=True, ignore_result=True)  # type: ignore[untyped-decorator, unused-ignore]
 def complete_chunk(self: Any, request_ids: list[str], dispatch_id: str | None = None) -> dict[str, int]:
     # A lease owner per execution: a redelivered message is another owner, even in this process.
     owner = f"{self.request.hostname or 'worker'}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
-    report = asyncio.run(run_chunk(list(request_ids), owner))
+    report = context.run_in_loop(run_chunk(list(request_ids), owner))
     if dispatch_id is not None:
         dispatcher().finished(dispatch_id)
     return {

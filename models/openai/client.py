@@ -3,8 +3,13 @@
 One ``create`` is one upstream attempt (the SDK's own retries are off) unless the client was given
 a ``retry_policy``. The SDK's ``AsyncOpenAI`` is made lazily inside the running event loop and
 remade when the loop changes (an async HTTP client must not cross loops; a worker runs one loop per
-chunk of work). Requests go through the SDK's transport (auth, headers, Azure URLs, errors) but the
-reply is read as plain JSON: the provider's body is ``raw_response`` and no SDK model is built.
+chunk of work). Requests go through the SDK (auth, headers, Azure URLs, errors) but the reply is
+read as plain JSON: the provider's body is ``raw_response`` and no SDK model is built.
+
+The SDK's HTTP transport is its aiohttp one (``openai[aiohttp]``, ``DefaultAioHttpClient``) unless
+an ``http_client`` is given: measured here it costs half the CPU per request of the default httpx2
+pool, whose per-request scan of every pooled connection grows with the requests in flight
+(``bench/models_overhead.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from urllib.parse import urlsplit
 import httpx
 import httpx2
 import openai
-from openai import AsyncAzureOpenAI, AsyncOpenAI, AsyncStream
+from openai import AsyncAzureOpenAI, AsyncOpenAI, AsyncStream, DefaultAioHttpClient
 from openai._base_client import make_request_options
 from pydantic import BaseModel
 
@@ -115,6 +120,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
         include_name_in_message: bool,
         retry_policy: RetryPolicy | None,
         create_args: Mapping[str, Any],
+        http_client: httpx2.AsyncClient | None = None,
         identity_extra: Mapping[str, Any] | None = None,
     ) -> None:
         if "model" in create_args:
@@ -130,6 +136,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             key: _json_ready(value) for key, value in create_args.items() if value is not None
         }
         self._options = make_request_options(security={"bearer_auth": True})
+        self._given_http_client = http_client
         self._sdk_client: AsyncOpenAI | None = None
         self._sdk_loop: asyncio.AbstractEventLoop | None = None
         self._usage = RequestUsage()
@@ -149,6 +156,11 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
     @abstractmethod
     def _make_sdk_client(self) -> AsyncOpenAI:
         """A new SDK client with the SDK's retries off; called once per event loop."""
+
+    def _http_client_for_loop(self) -> httpx2.AsyncClient:
+        """The caller's ``http_client``, else a new aiohttp-backed one for this loop (the SDK
+        closes it with itself)."""
+        return self._given_http_client or DefaultAioHttpClient()
 
     def _sdk(self) -> AsyncOpenAI:
         loop = asyncio.get_running_loop()
@@ -530,7 +542,6 @@ class OpenAIChatCompletionClient(BaseOpenAIChatCompletionClient):
         self._organization = organization
         self._timeout = timeout
         self._default_headers = dict(default_headers) if default_headers else None
-        self._http_client = http_client
         super().__init__(
             model=model,
             base_url=resolved_url,
@@ -539,6 +550,7 @@ class OpenAIChatCompletionClient(BaseOpenAIChatCompletionClient):
             include_name_in_message=include_name_in_message,
             retry_policy=retry_policy,
             create_args=create_args,
+            http_client=http_client,
         )
 
     def _make_sdk_client(self) -> AsyncOpenAI:
@@ -549,7 +561,7 @@ class OpenAIChatCompletionClient(BaseOpenAIChatCompletionClient):
             timeout=self._timeout,
             max_retries=0,
             default_headers=self._default_headers,
-            http_client=self._http_client,
+            http_client=self._http_client_for_loop(),
         )
 
     def __repr__(self) -> str:
@@ -599,7 +611,6 @@ class AzureOpenAIChatCompletionClient(BaseOpenAIChatCompletionClient):
         self._token_provider = azure_ad_token_provider
         self._timeout = timeout
         self._default_headers = dict(default_headers) if default_headers else None
-        self._http_client = http_client
         super().__init__(
             model=model,
             base_url=f"{endpoint.rstrip('/')}/openai/deployments/{self._azure_deployment}",
@@ -608,6 +619,7 @@ class AzureOpenAIChatCompletionClient(BaseOpenAIChatCompletionClient):
             include_name_in_message=include_name_in_message,
             retry_policy=retry_policy,
             create_args=create_args,
+            http_client=http_client,
             identity_extra={"azure_deployment": self._azure_deployment, "api_version": version},
         )
 
@@ -621,7 +633,7 @@ class AzureOpenAIChatCompletionClient(BaseOpenAIChatCompletionClient):
             timeout=self._timeout,
             max_retries=0,
             default_headers=self._default_headers,
-            http_client=self._http_client,
+            http_client=self._http_client_for_loop(),
         )
 
     def __repr__(self) -> str:

@@ -9,7 +9,8 @@ read as plain JSON: the provider's body is ``raw_response`` and no SDK model is 
 The SDK's HTTP transport is its aiohttp one (``openai[aiohttp]``, ``DefaultAioHttpClient``) unless
 an ``http_client`` is given: measured here it costs half the CPU per request of the default httpx2
 pool, whose per-request scan of every pooled connection grows with the requests in flight
-(``bench/models_overhead.py``).
+(``bench/throughput.py``). Proxies from the environment (``HTTP_PROXY``, ``NO_PROXY``, ...) apply
+as with the SDK's default client.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from models import (
     LLMStreamStart,
     ModelEvent,
     OpenAIChatCompletionClient,
+    ProviderUnavailable,
     RequestUsage,
     StreamInterrupted,
     SystemMessage,
@@ -387,6 +388,29 @@ async def test_key_and_url_from_the_environment(
     await client.close()
     assert result.model == "gpt-4o-mini"
     assert client.model_info["family"] == "gpt-4o"
+
+
+async def test_a_proxy_in_the_environment_is_used(
+    simulator: SimulatorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY reaches a host that does not resolve, as the SDK's own client would; NO_PROXY
+    exempts it again. (The simulator answers a proxy's absolute-form request like any other.)"""
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", simulator.url)
+    unreachable = "http://upstream.invalid/v1"
+    proxied = OpenAIChatCompletionClient(model="gpt-4o-mini", api_key=KEY, base_url=unreachable)
+    result = await proxied.create([user("through the proxy")])
+    await proxied.close()
+    assert isinstance(result.content, str)
+    assert simulator.stats()["requests"] == 1
+
+    monkeypatch.setenv("NO_PROXY", "upstream.invalid")
+    direct = OpenAIChatCompletionClient(model="gpt-4o-mini", api_key=KEY, base_url=unreachable)
+    with pytest.raises(ProviderUnavailable):
+        await direct.create([user("not through the proxy")])
+    await direct.close()
+    assert simulator.stats()["requests"] == 1
 
 
 def test_gemini_goes_to_its_openai_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -56,8 +56,9 @@ Faults and latency (``SimConfig``; flags at start, ``POST /_sim/config`` at runt
 
 Stats (``GET /_sim/stats``)
     requests, completions, streams, accepted (answered in full), by_status (``"timeout"`` for dropped
-    ones), by_model, token sums, in_flight and peak_in_flight, broken_streams, timeouts, the arrival
-    times of every completion request and of every accepted one, accepted_per_second.
+    ones), by_model, token sums, in_flight and peak_in_flight, broken_streams, timeouts, connections
+    (distinct client connections that sent completion requests: how well callers reuse them), the
+    arrival times of every completion request and of every accepted one, accepted_per_second.
     ``simulator.testing.peak_rate`` gives the highest rate over any window from them. Keys never appear
     in stats, config answers or logs.
 

@@ -157,7 +157,8 @@ class SimulatorApp:
     async def chat_completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         arrival = time.time()
         stats = self.stats
-        stats.arrived(arrival)
+        client = scope.get("client")
+        stats.arrived(arrival, (client[0], client[1]) if client else None)
         stats.completions += 1
         status: int | str = 500
         try:

@@ -29,6 +29,7 @@ class Stats:
         self.reasoning_tokens = 0
         self.in_flight = 0
         self.peak_in_flight = 0
+        self.client_addresses: set[tuple[str, int]] = set()
         self.broken_streams = 0
         self.timeouts = 0
         self.request_times: list[float] = []
@@ -36,7 +37,10 @@ class Stats:
         self.accepted_per_second: Counter[int] = Counter()
         self.timestamps_truncated = False
 
-    def arrived(self, now: float) -> None:
+    def arrived(self, now: float, client: tuple[str, int] | None = None) -> None:
+        """A completion request at ``now`` on the connection from ``client`` (host, port)."""
+        if client is not None:
+            self.client_addresses.add(client)
         self.requests += 1
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
@@ -78,6 +82,7 @@ class Stats:
             "reasoning_tokens": self.reasoning_tokens,
             "in_flight": self.in_flight,
             "peak_in_flight": self.peak_in_flight,
+            "connections": len(self.client_addresses),
             "broken_streams": self.broken_streams,
             "timeouts": self.timeouts,
             "request_times": self.request_times,

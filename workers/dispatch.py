@@ -52,8 +52,8 @@ def chunked(ids: Sequence[str], size: int) -> Iterator[list[str]]:
 
 
 # A chunk is the unit a worker process runs with N requests in flight: it must be several times
-# N, or the process idles while each chunk's last requests drain (and pays the per-chunk set-up
-# more often). A small dispatch is still spread over a few messages so that every process gets some.
+# N, or the process idles while each chunk's last requests drain. A small dispatch is still spread
+# over a few messages so that every process gets some.
 SPREAD_OVER_MESSAGES = 8
 MIN_CHUNK = 32
 

@@ -1,6 +1,6 @@
 """The chunk runner: claim a chunk of requests and run them concurrently on one event loop.
 
-Used by the Celery task (one ``asyncio.run`` per chunk) and by the embedded mode (``tokenmill
+Used by the Celery task (on the worker process's one event loop) and by the embedded mode (``tokenmill
 run``). For each request: claim with a lease, then the request's handler (for chat completions:
 ``ModelCallPipeline.call``, i.e. cache -> limiter -> client with retries), then a ``ResultRecord``
 written to the ledger in batches (every ``flush_size`` results or ``flush_interval`` seconds),

@@ -2,9 +2,10 @@
 
 One ``create`` is one upstream attempt (the SDK's own retries are off) unless the client was given
 a ``retry_policy``. The SDK's ``AsyncOpenAI`` is made lazily inside the running event loop and
-remade when the loop changes (an async HTTP client must not cross loops; a worker runs one loop per
-chunk of work). Requests go through the SDK (auth, headers, Azure URLs, errors) but the reply is
-read as plain JSON: the provider's body is ``raw_response`` and no SDK model is built.
+remade when the loop changes (an async HTTP client must not cross loops; a worker process keeps one
+loop, but embedded runs and tests may use several). Requests go through the SDK (auth, headers,
+Azure URLs, errors) but the reply is read as plain JSON: the provider's body is ``raw_response``
+and no SDK model is built.
 
 The SDK's HTTP transport is its aiohttp one (``openai[aiohttp]``, ``DefaultAioHttpClient``) unless
 an ``http_client`` is given: measured here it costs half the CPU per request of the default httpx2

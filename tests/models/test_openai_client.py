@@ -434,7 +434,7 @@ def test_gemini_goes_to_its_openai_endpoint(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_one_client_serves_successive_event_loops(simulator: SimulatorServer) -> None:
-    """A worker runs one loop per chunk of work; the client must follow it."""
+    """Embedded runs and tests may use one loop after another; the client must follow them."""
     client = client_for(simulator)
 
     async def one() -> str:

@@ -70,6 +70,26 @@ def test_two_thousand_requests_across_two_processes(
     assert not list(c.broker.scan_iter(match=f"{c.settings.key_prefix}dispatch:*"))
 
 
+def test_a_worker_process_keeps_its_connections_from_chunk_to_chunk(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    simulator: SimulatorServer,
+) -> None:
+    """One process, three batches one after another: the second and third reuse the first's
+    upstream connections (one event loop and one pipeline per process, not one per chunk)."""
+    c = cluster()
+    led = make_ledger(postgres_url)
+    c.worker("w1", processes=1, concurrency=8)
+    for round_ in range(3):
+        batch_id, ids = add_batch(led, [f"round {round_} question {i}" for i in range(8)])
+        c.dispatcher.dispatch(ids)
+        wait_finished(led, batch_id, 60, c.logs)
+    stats = simulator.stats()
+    assert stats["requests"] == 24
+    assert stats["connections"] <= 8, stats["connections"]
+
+
 def test_kill_9_of_a_worker_mid_batch(
     cluster: Callable[..., Cluster],
     make_ledger: Callable[[str], Ledger],

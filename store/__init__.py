@@ -70,6 +70,9 @@ Agent conversations and agent state::
     get_agent_state(engine, agent_type, agent_key, tenant_id=None) -> StoredAgentState | None
     save_agent_state(engine, agent_type, agent_key, state, tenant_id=None, *, expected_version=None,
                      message_id=None, reply=None) -> int                        # new version
+    record_agent_message(engine, message_id, *, agent_type, agent_key, payload, sender=None,
+                         tenant_id=None) -> bool                                # False: id seen before
+    get_agent_message(engine, message_id, tenant_id=None) -> StoredAgentMessage | None
 
 Exceptions::
 
@@ -83,6 +86,7 @@ Exceptions::
      └── InvalidArgument (also a ValueError): a bad endpoint, completion window or metadata
 """
 
+from store.agent_messages import StoredAgentMessage, get_agent_message, record_agent_message
 from store.agent_runs import AgentRunRecord, get_agent_run
 from store.agent_state import StoredAgentState, get_agent_state, load_agent_state, save_agent_state
 from store.batches import (
@@ -134,6 +138,7 @@ from store.schema import (
     upgrade_to_head,
 )
 from store.tables import (
+    AgentMessage,
     AgentState,
     ApiKey,
     Base,
@@ -159,6 +164,7 @@ __all__ = [
     "ENDED_STATUSES",
     "ENDPOINT_KINDS",
     "STOPPED_BATCH_STATUSES",
+    "AgentMessage",
     "AgentRunRecord",
     "AgentState",
     "AgentStateConflict",
@@ -191,6 +197,7 @@ __all__ = [
     "ResultRecord",
     "SchemaBehind",
     "StoreError",
+    "StoredAgentMessage",
     "StoredAgentState",
     "Tenant",
     "UsageGroup",
@@ -214,6 +221,7 @@ __all__ = [
     "due_webhooks",
     "expire_batches",
     "extend_leases",
+    "get_agent_message",
     "get_agent_run",
     "get_agent_state",
     "get_batch",
@@ -232,6 +240,7 @@ __all__ = [
     "mark_dispatched",
     "pending_request_ids",
     "price_for",
+    "record_agent_message",
     "record_results",
     "record_webhook_attempt",
     "release_requests",

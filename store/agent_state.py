@@ -17,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from store.engine import is_postgresql, write_transaction
+from store.engine import dialect_insert, write_transaction
 from store.errors import AgentStateConflict
 from store.ids import now_seconds
 from store.tables import AgentState
@@ -109,14 +109,7 @@ def save_agent_state(
             "version": 1,
             **values,
         }
-        if is_postgresql(conn):
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            insert = pg_insert(AgentState).values(row)
-        else:
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            insert = sqlite_insert(AgentState).values(row)  # type: ignore[assignment]
+        insert = dialect_insert(conn, AgentState).values(row)
         if expected_version == 0:
             # RETURNING, not rowcount: psycopg reports -1 for INSERT .. ON CONFLICT DO NOTHING.
             inserted = conn.execute(insert.on_conflict_do_nothing().returning(AgentState.version)).first()

@@ -15,7 +15,7 @@ from pydantic import TypeAdapter
 from sqlalchemy.engine import Connection, Engine
 
 from models.types import LLMMessage
-from store.engine import is_postgresql, write_transaction
+from store.engine import dialect_insert, write_transaction
 from store.errors import ConversationNotFound, InvalidState
 from store.ids import new_id, now_seconds
 from store.tables import Conversation, ConversationMessage, ConversationRun
@@ -114,14 +114,7 @@ def load_conversation(
 
 def _insert_ignoring_conflict(conn: Connection, table: sa.Table, row: dict[str, object]) -> bool:
     """INSERT ... ON CONFLICT DO NOTHING on either dialect; True when the row was inserted."""
-    if is_postgresql(conn):
-        from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-        statement = pg_insert(table).values(row).on_conflict_do_nothing()
-    else:
-        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-        statement = sqlite_insert(table).values(row).on_conflict_do_nothing()  # type: ignore[assignment]
+    statement = dialect_insert(conn, table).values(row).on_conflict_do_nothing()
     # RETURNING, not rowcount: psycopg reports -1 for some INSERT .. ON CONFLICT statements.
     first_column = next(iter(table.primary_key.columns))
     return conn.execute(statement.returning(first_column)).first() is not None

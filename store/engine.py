@@ -16,9 +16,17 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-__all__ = ["SQLITE_BUSY_TIMEOUT_MS", "is_postgresql", "make_engine", "normalize_url", "write_transaction"]
+__all__ = [
+    "SQLITE_BUSY_TIMEOUT_MS",
+    "dialect_insert",
+    "is_postgresql",
+    "make_engine",
+    "normalize_url",
+    "write_transaction",
+]
 
 # Long enough to wait out a large ingest chunk or another process's result batch.
 SQLITE_BUSY_TIMEOUT_MS = 60_000
@@ -37,6 +45,12 @@ def normalize_url(url: str | sa.URL) -> sa.URL:
 
 def is_postgresql(bind: Engine | Connection) -> bool:
     return bind.dialect.name == "postgresql"
+
+
+def dialect_insert(conn: Connection, table: Any) -> postgresql.Insert | sqlite.Insert:
+    """``INSERT`` into ``table`` in ``conn``'s dialect, which has ``ON CONFLICT`` (both spell it
+    ``on_conflict_do_nothing`` / ``on_conflict_do_update`` and offer ``excluded``)."""
+    return postgresql.insert(table) if is_postgresql(conn) else sqlite.insert(table)
 
 
 def make_engine(url: str | sa.URL, **kwargs: Any) -> Engine:

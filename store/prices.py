@@ -6,7 +6,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from store.engine import is_postgresql, write_transaction
+from store.engine import dialect_insert, write_transaction
 from store.ids import now_seconds
 from store.tables import ModelPrice
 
@@ -29,16 +29,8 @@ def set_price(
         "updated_at": now_seconds(),
     }
     with write_transaction(engine) as conn:
-        if is_postgresql(conn):
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            pg_stmt = pg_insert(ModelPrice).values(values)
-            conn.execute(pg_stmt.on_conflict_do_update(index_elements=["model"], set_=pg_stmt.excluded))
-        else:
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            lite_stmt = sqlite_insert(ModelPrice).values(values)
-            conn.execute(lite_stmt.on_conflict_do_update(index_elements=["model"], set_=lite_stmt.excluded))
+        statement = dialect_insert(conn, ModelPrice).values(values)
+        conn.execute(statement.on_conflict_do_update(index_elements=["model"], set_=statement.excluded))
 
 
 def get_prices(engine: Engine) -> dict[str, ModelPrice]:

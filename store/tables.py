@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
+    "AgentMessage",
     "AgentState",
     "ApiKey",
     "Base",
@@ -307,3 +308,19 @@ class AgentState(Base):
     last_message_id: Mapped[str | None] = mapped_column(sa.String(200))
     last_reply: Mapped[dict[str, Any] | None] = mapped_column(sa.JSON)
     updated_at: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+class AgentMessage(Base):
+    """A message sent to an agent through the distributed runtime, written before the Celery
+    message that names it (invariant 1: the broker carries ids, never content). ``tenant_id`` is
+    ``""`` for none, as in ``agent_states``."""
+
+    __tablename__ = "agent_messages"
+
+    tenant_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    id: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    agent_type: Mapped[str] = mapped_column(sa.String(200))
+    agent_key: Mapped[str] = mapped_column(sa.String(500))
+    sender: Mapped[str | None] = mapped_column(sa.String(800))
+    payload: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    created_at: Mapped[int] = mapped_column(sa.BigInteger, index=True)

@@ -1,12 +1,12 @@
 """The worker's side of ``DistributedAgentRuntime``: the Celery task ``tokenmill.agent_message``.
 
-One message: lock the agent (Redis, so two workers never run one agent's handlers at once), load
-its state from SQL, answer from SQL if this message id was already answered (a redelivery), else
-build the agent from its registered factory with a model client from the worker's pipeline (cache
--> limiter -> retry), run the handler, save the state back version-checked together with the
-message id and the reply, and push the reply to the caller's Redis key. Acks are late (the app's
-setting): a worker killed mid-handler leaves the message to be redone, and the redo's model
-calls are cache hits.
+One message, named by id: lock the agent (Redis, so two workers never run one agent's handlers at
+once), read the message and the agent's state from SQL, answer from SQL if this message id was
+already answered (a redelivery), else build the agent from its registered factory with a model
+client from the worker's pipeline (cache -> limiter -> retry), run the handler, save the state back
+version-checked together with the message id and the reply, and push the reply to the caller's
+Redis key. Acks are late (the app's setting): a worker killed mid-handler leaves the message to be
+redone, and the redo's model calls are cache hits.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from agents import (
     load_tool_modules,
 )
 from models.cancellation import CancellationToken
-from store import AgentStateConflict, get_agent_state, save_agent_state
+from store import AgentStateConflict, get_agent_message, get_agent_state, save_agent_state
 from workers import context
 from workers.agent_runtime import (
     REPLY_TTL_SECONDS,
@@ -118,10 +118,9 @@ async def handle_agent_message(
     agent_key: str,
     tenant_id: str | None,
     message_id: str,
-    sender: str | None,
-    message: dict[str, Any],
 ) -> dict[str, Any]:
-    """Run one message to its reply (pushed to the caller's reply key) and return the reply."""
+    """Run one message, read from SQL, to its reply (pushed to the caller's reply key) and return
+    the reply."""
     agent_id = AgentId(agent_type, agent_key)
     redis = aioredis.Redis.from_url(settings.broker_url or "")
     try:
@@ -132,16 +131,21 @@ async def handle_agent_message(
         )
         async with lock:
             stored = await asyncio.to_thread(get_agent_state, engine, agent_type, agent_key, tenant_id)
+            message = await asyncio.to_thread(get_agent_message, engine, message_id, tenant_id)
             if stored is not None and stored.last_message_id == message_id and stored.last_reply is not None:
                 reply = stored.last_reply  # a redelivery of a message already answered
+            elif message is None or (message.agent_type, message.agent_key) != (agent_type, agent_key):
+                reply = error_reply(
+                    UndeliverableException(f"no message {message_id!r} for {agent_id} in the ledger")
+                )
             else:
                 reply, state = await _run_handler(
                     settings,
                     agent_id,
                     tenant_id,
                     message_id,
-                    sender,
-                    message,
+                    message.sender,
+                    message.payload,
                     None if stored is None else stored.state,
                 )
                 try:
@@ -176,10 +180,9 @@ def agent_message(
     agent_key: str,
     tenant_id: str | None,
     message_id: str,
-    sender: str | None,
-    message: dict[str, Any],
 ) -> bool:
-    """The Celery task: True when the handler replied, False when it raised."""
+    """The Celery task: True when the handler replied, False when it raised. It carries ids only;
+    the message itself is in SQL (``store.record_agent_message``)."""
     settings = context.settings()  # its modules were loaded at worker_process_init
     reply = asyncio.run(
         handle_agent_message(
@@ -189,8 +192,6 @@ def agent_message(
             agent_key=agent_key,
             tenant_id=tenant_id,
             message_id=message_id,
-            sender=sender,
-            message=message,
         )
     )
     return bool(reply.get("ok"))

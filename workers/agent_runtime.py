@@ -5,11 +5,12 @@ The same API as ``agents.SingleThreadedAgentRuntime`` (``register_factory`` / ``
 for the runtime's class. What happens to one ``send_message(message, AgentId(type, key))``::
 
     producer: encode the message as {"type": "<module>.<Class>", "data": {...}}
-              send Celery task tokenmill.agent_message (agent id, tenant, message id, payload)
+              write it to SQL (agent_messages: id, tenant, agent id, sender, payload)
+              send Celery task tokenmill.agent_message (agent id, tenant, message id: no content)
               BLPOP <key_prefix>agent_reply:<message id> (redis.asyncio), up to the timeout
     worker:   lock <key_prefix>agent_lock:<tenant>:<type>/<key>  (one handler per agent at a time)
-              load the agent's state from SQL; if it already answered this message id (a
-              redelivery), reply from SQL without running the handler again
+              read the message and the agent's state from SQL; if the agent already answered this
+              message id (a redelivery), reply from SQL without running the handler again
               build the agent from its registered factory, with a model client from the worker's
               pipeline (cache -> limiter -> retry), load_state, run the handler, save_state back
               (with the message id and the reply, version-checked), then
@@ -19,8 +20,7 @@ The reply travels through Redis rather than Celery's result backend, which the w
 (results go to SQL). Agent types are registered by name in modules both sides import
 (``agents.agent_type``; workers import ``TOKENMILL_AGENT_MODULES``): the factory given to
 ``register_factory`` here is a producer's lambda and never leaves this process. The Celery message
-carries the message's content (the handler needs it) but its Flower ``argsrepr`` shows only the
-agent id and the message's class.
+names the message by id (invariant 1: ids, never content, in the broker and in Flower).
 
 A handler on a worker that sends to another agent goes through this runtime too; it then holds
 its worker process while it waits, so such chains need more worker processes than their depth.
@@ -29,6 +29,7 @@ its worker process while it waits, so such chains need more worker processes tha
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -54,7 +55,7 @@ from agents import (
     default_message_types,
 )
 from models.cancellation import CancellationToken
-from store import load_agent_state, make_engine, save_agent_state
+from store import load_agent_state, make_engine, record_agent_message, save_agent_state
 from workers.constants import AGENT_MESSAGE_TASK, agent_reply_key
 from workers.settings import Settings, get_settings
 
@@ -226,6 +227,18 @@ class DistributedAgentRuntime:
         try:
             self._contacted.add(recipient)
             await asyncio.to_thread(
+                functools.partial(
+                    record_agent_message,
+                    self._db(),
+                    message_id,
+                    agent_type=recipient.type,
+                    agent_key=recipient.key,
+                    payload=payload,
+                    sender=None if sender is None else str(sender),
+                    tenant_id=self._tenant_id,
+                )
+            )
+            await asyncio.to_thread(
                 self._celery_app().send_task,
                 AGENT_MESSAGE_TASK,
                 kwargs={
@@ -233,12 +246,7 @@ class DistributedAgentRuntime:
                     "agent_key": recipient.key,
                     "tenant_id": self._tenant_id,
                     "message_id": message_id,
-                    "sender": None if sender is None else str(sender),
-                    "message": payload,
                 },
-                # Flower shows these instead of the arguments: no message content.
-                argsrepr="()",
-                kwargsrepr=repr({"agent": str(recipient), "message_type": payload["type"], "id": message_id}),
             )
             wait = reply_timeout or self._reply_timeout
             blpop = asyncio.ensure_future(

@@ -4,19 +4,24 @@ code is the local test's, but for the runtime's class."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
+import time
 from collections.abc import Callable
 
 import pytest
+import sqlalchemy as sa
 
 from agents import AgentId, CantHandleException, UndeliverableException
 from models.openai import OpenAIChatCompletionClient
 from simulator.testing import SimulatorServer
-from store import load_agent_state
+from store import AgentMessage, load_agent_state
 from tests.agents.seed_example import Message, SimpleAgent, SimpleAgentWithContext
 from tests.cluster import Cluster
 from tests.workers.support import Ledger
 from workers.agent_runtime import DistributedAgentRuntime
+from workers.constants import DEFAULT_QUEUE
 
 pytestmark = pytest.mark.slow
 
@@ -95,3 +100,44 @@ async def test_state_lives_in_sql_across_workers_and_errors_come_back(
     messages = state["model_contexts"]["_model_context"]["messages"]
     assert len(messages) == 4
     assert load_agent_state(led.engine, "ctx_agent", "default") is None  # another tenant's (none)
+
+
+async def test_the_broker_carries_ids_and_sql_the_message(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    simulator: SimulatorServer,
+) -> None:
+    """Invariant 1 for agent messages: while a message waits for a worker, its text is in SQL and
+    nowhere in the broker; a worker started later reads it from SQL and answers."""
+    led = make_ledger(postgres_url)
+    c = cluster()
+    c.env["TOKENMILL_AGENT_MODULES"] = json.dumps([AGENT_MODULE])
+    c.env["TOKENMILL_DEFAULT_MODEL"] = "sim-model"
+    runtime = DistributedAgentRuntime(c.settings, tenant_id=led.tenant_id, reply_timeout=60)
+    model_client = OpenAIChatCompletionClient(model="gpt-4o-mini", base_url=simulator.base_url, api_key="sim")
+    await SimpleAgent.register(runtime, "simple_agent", lambda: SimpleAgent(model_client=model_client))
+    runtime.start()
+    secret = "the-launch-code-is-7741"
+    sending = asyncio.ensure_future(
+        runtime.send_message(Message(f"Keep this: {secret} [[say noted]]"), AgentId("simple_agent", "k"))
+    )
+    # No worker yet: the Celery message waits in the broker.
+    deadline = time.monotonic() + 10
+    while not c.broker.llen(DEFAULT_QUEUE) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    # Kombu keeps a message as JSON with its body base64-encoded: read the bodies as a worker would.
+    broker_bytes = b"".join(
+        base64.b64decode(json.loads(value)["body"]) for value in c.broker.lrange(DEFAULT_QUEUE, 0, -1)
+    )
+    assert b"message_id" in broker_bytes
+    assert secret.encode() not in broker_bytes
+    with led.engine.connect() as conn:
+        stored = conn.execute(sa.select(AgentMessage.payload)).scalars().all()
+    assert any(secret in json.dumps(payload) for payload in stored)
+
+    c.worker("agents0", concurrency=4)
+    reply = await sending
+    await runtime.stop()
+    await model_client.close()
+    assert "noted" in reply.content

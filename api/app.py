@@ -8,7 +8,7 @@ from sqlalchemy.engine import Engine
 import store
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
-from api.routes import agent_runs, batches, chat, files, health, usage
+from api.routes import agent_runs, batches, chat, files, health, model_catalog, usage
 from api.routes.batches import Dispatch
 from workers.settings import Settings, get_settings
 
@@ -50,6 +50,15 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
         upload_limit=settings.max_upload_bytes,
         upload_paths=("/v1/files",),
     )
-    for router in (health.router, files.router, batches.router, usage.router, chat.router, agent_runs.router):
+    routers = (
+        health.router,
+        files.router,
+        batches.router,
+        usage.router,
+        chat.router,
+        agent_runs.router,
+        model_catalog.router,
+    )
+    for router in routers:
         app.include_router(router)
     return app

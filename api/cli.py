@@ -37,6 +37,7 @@ _COMMANDS: list[tuple[str, str]] = [
 _GROUPS: list[tuple[str, str]] = [
     ("db", "api.db_commands:db_app"),
     ("keys", "api.commands:keys_app"),
+    ("prices", "api.commands:prices_app"),
     ("agent", "api.agent_commands:agent_app"),
 ]
 

@@ -1,4 +1,5 @@
-"""The producers' commands: ``api``, ``keys``, ``submit``, ``status``, ``results``, ``cancel``, ``usage``.
+"""The producers' and operators' commands: ``api``, ``keys``, ``submit``, ``status``, ``results``,
+``cancel``, ``usage``, ``prices``.
 
 They work on the ledger named by TOKENMILL_DATABASE_URL (and send work through
 TOKENMILL_BROKER_URL), as an operator on the same deployment; remote producers use the HTTP API
@@ -20,10 +21,11 @@ from sqlalchemy.engine import Engine
 import store
 from workers.settings import get_settings
 
-__all__ = ["api", "cancel", "keys_app", "results", "status", "submit", "usage"]
+__all__ = ["api", "cancel", "keys_app", "prices_app", "results", "status", "submit", "usage"]
 
 console = Console(stderr=True)
 keys_app = typer.Typer(help="Create and revoke tenants' API keys.", no_args_is_help=True)
+prices_app = typer.Typer(help="See and set the model prices usage is costed at.", no_args_is_help=True)
 TenantOption = Annotated[str, typer.Option("--tenant", help="tenant the batch belongs to")]
 
 
@@ -223,3 +225,39 @@ def usage(
             str(row.cache_hit_prompt_tokens + row.cache_hit_completion_tokens),
         )
     Console().print(table)
+
+
+@prices_app.command("list")
+def prices_list() -> None:
+    """The prices ``usage`` and ``/v1/usage`` cost tokens at (US dollars per million tokens)."""
+    table = Table("model", "input", "cached input", "output", "set at (UTC)")
+    for name, price in sorted(store.get_prices(_engine()).items()):
+        table.add_row(
+            name,
+            f"{price.input_per_million:g}",
+            f"{price.cached_input_per_million:g}",
+            f"{price.output_per_million:g}",
+            time.strftime("%Y-%m-%d %H:%M", time.gmtime(price.updated_at)),
+        )
+    Console().print(table)
+
+
+@prices_app.command("set")
+def prices_set(
+    model: Annotated[str, typer.Argument(help="model name; also prices its dated versions")],
+    input_price: Annotated[float, typer.Option("--input", min=0, help="$ per million prompt tokens")],
+    output_price: Annotated[float, typer.Option("--output", min=0, help="$ per million completion tokens")],
+    cached_input_price: Annotated[
+        float | None,
+        typer.Option("--cached-input", min=0, help="$ per million cached prompt tokens (default: --input)"),
+    ] = None,
+) -> None:
+    """Set MODEL's price, e.g. from the provider's pricing page; the seeded ones may be dated.
+
+    Example: tokenmill prices set gpt-4o-mini --input 0.15 --cached-input 0.075 --output 0.6
+    """
+    cached = input_price if cached_input_price is None else cached_input_price
+    store.set_price(_engine(), model, input_price, cached, output_price)
+    console.print(
+        f"{model}: ${input_price:g} in, ${cached:g} cached in, ${output_price:g} out per million tokens"
+    )

@@ -4,8 +4,10 @@
 
 Prints, each measured here and now:
   (1) zero latency: requests/s of (a) the baseline a user would write (one asyncio loop, the openai
-      SDK as it comes, a semaphore of --concurrency) and (b) tokenmill (ingest into PostgreSQL,
-      dispatch, Celery worker subprocesses, every result in SQL), and the ratio b/a (target >= 1.0);
+      SDK as it comes, a semaphore of --concurrency) and (b) tokenmill as a user drives it (the
+      openai SDK uploads the JSONL to ``tokenmill api`` and creates a batch, Celery worker
+      subprocesses run it, the SDK polls until the batch is completed with every result in SQL),
+      and the ratio b/a (target >= 1.0);
       also the same loop on the SDK's aiohttp transport, which tokenmill's clients use, so the part
       of the ratio that transport buys is in plain sight;
   (2) 500 ms latency: tokenmill's requests/s over the concurrency bound (in flight / latency),
@@ -23,10 +25,10 @@ import argparse
 import asyncio
 import atexit
 import contextlib
-import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,22 +38,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import openai
 import redis
 import sqlalchemy as sa
 
 from simulator.testing import SimulatorServer, peak_count
-from store import (
-    batch_progress,
-    create_tenant,
-    ingest_batch,
-    make_engine,
-    pending_request_ids,
-    upgrade_to_head,
-)
-from workers.app import make_celery
-from workers.dispatch import Dispatcher
-from workers.settings import Settings
+from store import create_api_key, create_tenant, make_engine, upgrade_to_head
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("TOKENMILL_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -102,18 +95,22 @@ async def baseline(base_url: str, count: int, concurrency: int, *, aiohttp: bool
 
 
 class Tokenmill:
-    """Worker subprocesses and a dispatcher on a scratch database and broker."""
+    """``tokenmill api`` and ``tokenmill worker`` subprocesses on a scratch database and broker,
+    driven through the official openai SDK."""
 
     def __init__(
         self, sim: SimulatorServer, database_url: str, processes: int, concurrency: int, limits: str
     ) -> None:
         self.broker = redis.Redis.from_url(REDIS_URL)
         self.broker.flushdb()
-        self.database_url = database_url
         upgrade_to_head(database_url)
-        self.engine = make_engine(database_url)
-        self.tenant = create_tenant(self.engine, "bench").id
+        engine = make_engine(database_url)
+        try:
+            api_key = create_api_key(engine, create_tenant(engine, "bench").id, "bench")
+        finally:
+            engine.dispose()
         prefix = f"tmbench:{uuid.uuid4().hex[:8]}:"
+        self.files = tempfile.TemporaryDirectory(prefix="tokenmill-bench-files-")
         env = {
             **os.environ,
             "PYTHONPATH": str(ROOT),
@@ -123,83 +120,119 @@ class Tokenmill:
             "TOKENMILL_CACHE_PREFIX": f"{prefix}cache:",
             "TOKENMILL_KEY_PREFIX": prefix,
             "TOKENMILL_LIMITS": limits,
+            "TOKENMILL_FILES_DIR": self.files.name,
             "OPENAI_BASE_URL": sim.base_url,
             "OPENAI_API_KEY": "bench",
         }
-        settings = Settings(broker_url=REDIS_URL, database_url=database_url, key_prefix=prefix)
-        self.dispatcher = Dispatcher(
-            make_celery(settings), self.engine, self.broker, prefix, chunk_size=settings.chunk_size
-        )
-        # The workers' log, shown if the bench fails.
-        self.log = tempfile.TemporaryFile(prefix="tokenmill-bench-worker-")  # noqa: SIM115
-        self.worker = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from api.cli import main; main()",
+        # The processes' output, shown if the bench fails.
+        self.log = tempfile.TemporaryFile(prefix="tokenmill-bench-")  # noqa: SIM115
+        self.processes: list[subprocess.Popen[bytes]] = []
+        # Whatever happens to this script, its subprocesses go with it.
+        atexit.register(self._kill)
+        try:
+            self._start(
+                env,
                 "worker",
                 f"--processes={processes}",
                 f"--concurrency={concurrency}",
                 "--loglevel=WARNING",
-            ],
-            env=env,
-            cwd=ROOT,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        # Whatever happens to this script, its workers go with it.
-        atexit.register(self._kill)
-        try:
+            )
+            port = _free_port()
+            self._start(env, "api", "--host", "127.0.0.1", "--port", str(port))
+            self.root = f"http://127.0.0.1:{port}"
+            self.client = openai.OpenAI(base_url=f"{self.root}/v1", api_key=api_key, max_retries=0)
+            self._wait_for_api()
             self.warm_up()
         except BaseException:
             self.close()
             raise
 
-    def _kill(self) -> None:
-        if self.worker.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.worker.pid, signal.SIGKILL)
+    def _start(self, env: dict[str, str], *args: str) -> None:
+        self.processes.append(
+            subprocess.Popen(
+                [sys.executable, "-c", "from api.cli import main; main()", *args],
+                env=env,
+                cwd=ROOT,
+                stdout=self.log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
 
-    def submit(self, lines: list[str]) -> tuple[str, list[str]]:
-        body = "\n".join(json.dumps({"prompt": p}) for p in lines).encode()
-        report = ingest_batch(self.engine, io.BytesIO(body), tenant_id=self.tenant, defaults={"model": MODEL})
-        return report.batch_id, pending_request_ids(self.engine, report.batch_id)
+    def _kill(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+
+    def _failed(self, what: str) -> RuntimeError:
+        self.log.seek(0)
+        return RuntimeError(f"{what}; log:\n{self.log.read()[-4000:].decode(errors='replace')}")
+
+    def _wait_for_api(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{self.root}/readyz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise self._failed("tokenmill api did not answer within 30 s")
 
     def run(self, count: int) -> float:
-        """Submit (ingest), dispatch, wait for every result in SQL: requests per second."""
+        """Upload, create the batch, poll until it is completed: requests per second."""
+        body = "\n".join(
+            json.dumps(
+                {
+                    "custom_id": f"r{i}",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": {"model": MODEL, "messages": [{"role": "user", "content": prompt}]},
+                }
+            )
+            for i, prompt in enumerate(prompts(count))
+        ).encode()
         started = time.perf_counter()
-        batch_id, ids = self.submit(prompts(count))
-        self.dispatcher.dispatch(ids)
+        upload = self.client.files.create(file=("bench.jsonl", body), purpose="batch")
+        batch = self.client.batches.create(
+            input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
         deadline = time.monotonic() + 600
-        while True:
-            progress = batch_progress(self.engine, batch_id)
-            if progress.finished == progress.total:
-                break
-            if time.monotonic() > deadline or self.worker.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(
-                    f"batch stuck at {progress}; worker log:\n{self.log.read()[-4000:].decode()}"
-                )
+        while batch.status not in ("completed", "failed", "expired", "cancelled"):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in self.processes):
+                raise self._failed(f"batch stuck at {batch.status} {batch.request_counts}")
             time.sleep(0.05)
-        return count / (time.perf_counter() - started)
+            batch = self.client.batches.retrieve(batch.id)
+        elapsed = time.perf_counter() - started
+        counts = batch.request_counts
+        if batch.status != "completed" or counts is None or counts.completed != count:
+            raise self._failed(f"batch ended {batch.status} with {counts}")
+        return count / elapsed
 
     def warm_up(self) -> None:
-        """Workers booted and one small batch through, so boot time is not measured."""
+        """Processes booted and one small batch through, so boot time is not measured."""
         self.run(20)
 
     def close(self) -> None:
         atexit.unregister(self._kill)
-        os.killpg(self.worker.pid, signal.SIGTERM)
-        try:
-            self.worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.worker.pid, signal.SIGKILL)
-            self.worker.wait()
+        for process in self.processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
         self.broker.flushdb()
         self.broker.close()
-        self.engine.dispose()
         self.log.close()
+        self.files.cleanup()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def main() -> None:

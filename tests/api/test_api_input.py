@@ -163,3 +163,37 @@ def test_health_readiness_and_openapi(live_api: LiveAPI) -> None:
     assert ready.status_code == 200, ready.text
     spec = httpx.get(f"{live_api.root}/openapi.json").json()
     assert "/v1/batches" in spec["paths"]
+
+
+def test_models_lists_what_the_service_is_set_up_for(live_api: LiveAPI) -> None:
+    sdk = client(live_api, live_api.new_key("models"))
+    listed = {model.id: model for model in sdk.models.list()}
+    assert "gpt-4o-mini" in listed  # the default model, priced as well
+    assert listed["gpt-4o-mini"].owned_by == "tokenmill"
+    assert listed["gpt-4o-mini"].created > 0  # when its price was set
+    assert sdk.models.retrieve("gpt-4o-mini").id == "gpt-4o-mini"
+    with pytest.raises(openai.NotFoundError, match="'no-such-model' does not exist"):
+        sdk.models.retrieve("no-such-model")
+    assert httpx.get(f"{live_api.base_url}/models").status_code == 401
+
+
+def test_prices_set_and_list_from_the_cli(live_api: LiveAPI) -> None:
+    done = live_api.cli("prices", "set", "acme-model-x", "--input", "2.5", "--output", "10")
+    assert done.returncode == 0, done.stderr
+    listed = live_api.cli("prices", "list")
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if "acme-model-x" in line)
+    assert "2.5" in row and "10" in row  # noqa: PT018
+    # Cached input defaults to the input price; the model now shows in /v1/models.
+    engine = store.make_engine(live_api.database_url)
+    try:
+        price = store.get_prices(engine)["acme-model-x"]
+    finally:
+        engine.dispose()
+    assert price.input_per_million == price.cached_input_per_million == 2.5
+    assert price.output_per_million == 10
+    sdk = client(live_api, live_api.new_key("prices"))
+    assert sdk.models.retrieve("acme-model-x").id == "acme-model-x"
+    refused = live_api.cli("prices", "set", "acme-model-x", "--input", "-1", "--output", "1")
+    assert refused.returncode != 0
+    assert "--input" in refused.stderr

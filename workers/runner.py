@@ -12,7 +12,10 @@ first writer wins. Alongside:
   batch starts no new request and its pending ones are cancelled (calls in flight end; the token
   passed to them stops their retries);
 * a deadline (half the visibility timeout under Celery) stops starting requests, so a chunk
-  never outlives its message's visibility; what was not started is released for the sweeper.
+  never outlives its message's visibility; what was not started is released for the sweeper;
+* for ``refill_seconds`` from its start, the chunk claims more queued requests of its batches
+  (``store.claim_queued``) as its window empties, so a process does not drain its window at the
+  end of every message.
 
 A request delivered more than ``max_deliveries`` times (it keeps killing workers, say) is recorded
 as failed without another call. Handlers are per request kind: ``agents`` registers its own.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -85,9 +89,10 @@ class RunnerConfig:
     flush_interval: float = 0.1
     cancel_check_interval: float = 1.0
     deadline_seconds: float | None = None
-    # While the chunk drains, take up to this many more queued requests of the same batches
-    # (``store.claim_queued``) so the in-flight window stays full; 0 = never.
-    refill_limit: int = 0
+    # For this many seconds from the chunk's start, keep taking queued requests of the same
+    # batches (``store.claim_queued``) as the window empties, so it stays full; 0 = never. Time,
+    # not a count: a count drains the window every few seconds when replies are fast.
+    refill_seconds: float = 0
     refill_poll: float = 0.05
 
 
@@ -339,31 +344,40 @@ class ChunkRunner:
                 finish(failed_record(request.id, error, attempts=0))
         await stop_stopped_batches()
 
+        # ``running`` holds only the tasks not yet settled: a chunk that refills for long starts tens
+        # of thousands, and nothing here may cost time in proportion to that.
+        all_settled = asyncio.Event()
+
+        def settled(request_id: str, task: asyncio.Task[None]) -> None:
+            running.pop(request_id, None)
+            outcome = None if task.cancelled() else task.exception()
+            if outcome is not None:
+                _logger.error("request handler failed", exc_info=outcome)
+            if not running:
+                all_settled.set()
+
         def start(requests: Sequence[ClaimedRequest]) -> None:
             for request in requests:
                 unfinished[request.id] = request
-                running[request.id] = asyncio.create_task(run_one(request))
+                task = running[request.id] = asyncio.create_task(run_one(request))
+                task.add_done_callback(functools.partial(settled, request.id))
 
         async def refill() -> None:
-            budget = config.refill_limit
-            while budget > 0 and not past_deadline():
+            def within_budget() -> bool:
+                return time.monotonic() - started < config.refill_seconds and not past_deadline()
+
+            while within_budget():
                 await asyncio.sleep(config.refill_poll)
-                if sum(not task.done() for task in running.values()) >= 2 * config.in_flight:
+                if len(running) >= 2 * config.in_flight:
                     continue  # a window's worth still waits behind the one in flight
                 live = [batch_id for batch_id, token in batch_tokens.items() if not token.is_cancelled()]
                 if not live:
                     return
                 more = await asyncio.to_thread(
-                    claim_queued,
-                    self.engine,
-                    live,
-                    config.owner,
-                    config.lease_seconds,
-                    min(budget, config.in_flight),
+                    claim_queued, self.engine, live, config.owner, config.lease_seconds, config.in_flight
                 )
                 if not more:
                     return
-                budget -= len(more)
                 report.claimed += len(more)
                 start(more)
 
@@ -373,17 +387,13 @@ class ChunkRunner:
         try:
             start(list(unfinished.values()))
             while True:
-                started_so_far = len(running)
-                await asyncio.gather(*running.values(), return_exceptions=True)
-                if len(running) == started_so_far:
-                    # All done; the refill may still be claiming more.
-                    await asyncio.wait({refilling}, timeout=max(0.2, 4 * config.refill_poll))
-                    if len(running) == started_so_far and refilling.done():
-                        break
-            for task in running.values():
-                outcome = task.exception() if not task.cancelled() else None
-                if outcome is not None:
-                    _logger.error("request handler failed", exc_info=outcome)
+                if running:
+                    all_settled.clear()
+                    await all_settled.wait()
+                # All settled; the refill may still be claiming more.
+                await asyncio.wait({refilling}, timeout=max(0.2, 4 * config.refill_poll))
+                if not running and refilling.done():
+                    break
         finally:
             for helper in helpers:
                 helper.cancel()

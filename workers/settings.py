@@ -49,6 +49,15 @@ class Settings(BaseSettings):
         description="most request ids per Celery message (see dispatch.chunk_length)",
     )
     in_flight_per_process: int = Field(default=64, ge=1, le=10_000)
+    chunk_refill_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description=(
+            "how long a chunk keeps taking more queued requests of its batches from the ledger, so "
+            "the process's window stays full instead of draining at every chunk's end; bounded, so "
+            "that one batch cannot hold a process for long while other batches' messages wait"
+        ),
+    )
     max_attempts: int = Field(default=6, ge=1, le=100)
     lease_seconds: int = Field(default=300, ge=5)
     visibility_timeout_seconds: int = Field(default=3600, ge=10)

@@ -45,9 +45,7 @@ async def run_chunk(request_ids: list[str], owner: str) -> ChunkReport:
             max_deliveries=settings.max_attempts,
             # Stop starting requests well before the message becomes visible again.
             deadline_seconds=settings.visibility_timeout_seconds / 2,
-            # Keep the window full while the chunk drains; bounded, so that one batch cannot
-            # hold a process for long while other batches' messages wait.
-            refill_limit=4 * settings.chunk_size,
+            refill_seconds=settings.chunk_refill_seconds,
         ),
         handlers=handlers_with_agents(context.engine()),
     )

@@ -66,8 +66,12 @@ def test_two_thousand_requests_across_two_processes(
     wait_finished(led, batch_id, 90, c.logs)
     results = assert_recorded_once(led, batch_id, ids)
     assert all(r.status == RequestStatus.SUCCEEDED for r in results)
-    # Nothing left in flight: every chunk's marker was removed when it finished.
-    assert not list(c.broker.scan_iter(match=f"{c.settings.key_prefix}dispatch:*"))
+    # Nothing left in flight: every chunk's marker is removed when it finished. (Messages whose
+    # requests a refilling chunk ran are no-ops that may still be on their way through.)
+    deadline = time.monotonic() + 15
+    while list(c.broker.scan_iter(match=f"{c.settings.key_prefix}dispatch:*")):
+        assert time.monotonic() < deadline, "dispatch markers left behind"
+        time.sleep(0.1)
 
 
 def test_a_worker_process_keeps_its_connections_from_chunk_to_chunk(

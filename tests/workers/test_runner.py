@@ -43,6 +43,7 @@ async def run_ids(
     in_flight: int = 64,
     max_deliveries: int = 6,
     cancel_check_interval: float = 1.0,
+    refill_seconds: float = 0,
 ) -> ChunkReport:
     engine = make_engine(url)
     pipeline = make_pipeline(sim, cache_dir)
@@ -51,6 +52,7 @@ async def run_ids(
         in_flight=in_flight,
         max_deliveries=max_deliveries,
         cancel_check_interval=cancel_check_interval,
+        refill_seconds=refill_seconds,
     )
     try:
         return await ChunkRunner(engine, pipeline, config).run(ids)
@@ -85,6 +87,21 @@ async def test_every_request_recorded_once_with_provider_errors(
     # Permanent errors are not retried: one upstream call per request.
     assert stats["completions"] == len(prompts)
     assert report.succeeded == 40
+
+
+async def test_a_chunk_refills_from_its_batch_for_its_refill_seconds(
+    make_ledger: MakeLedger, database_url: str, simulator: SimulatorServer
+) -> None:
+    """Given 10 ids of a 300-request batch, a chunk with a refill budget runs the other queued
+    ones too (its window never drains); without one it runs its 10 alone."""
+    led = make_ledger(database_url)
+    batch_id, ids = add_batch(led, [f"refill {i}" for i in range(300)])
+    alone = await run_ids(database_url, simulator, ids[:10], in_flight=8)
+    assert (alone.claimed, alone.succeeded) == (10, 10)
+    refilled = await run_ids(database_url, simulator, ids[10:20], in_flight=8, refill_seconds=60)
+    assert (refilled.claimed, refilled.succeeded) == (290, 290)
+    assert statuses(led.engine, batch_id) == {"succeeded": 300}
+    assert simulator.stats()["requests"] == 300
 
 
 async def test_429s_are_retried_honouring_retry_after(

@@ -1,9 +1,12 @@
 """``tokenmill run``, ``tokenmill worker`` and ``tokenmill beat``.
 
-``run`` is the embedded mode: the whole batch on this machine through the same chunk runner the
-workers use, with the settings' database (SQLite by default) and cache (a directory by default).
-Run again with the same input and database, it resumes the same batch: what finished is not sent
-again, and what was in flight when it stopped is answered from the cache if it had completed.
+``run`` with no broker configured (or with ``--local`` / ``--simulate``) is the embedded mode: the
+whole batch on this machine through the same chunk runner the workers use, with the settings'
+database (SQLite by default) and cache (a directory by default). With ``TOKENMILL_BROKER_URL`` set,
+it submits the batch to the cluster's ledger and broker instead, follows the workers' progress and
+writes the output when they are done. Run again with the same input and database, it resumes the
+same batch: what finished is not sent again, and what was in flight when it stopped is answered
+from the cache if it had completed.
 """
 
 from __future__ import annotations
@@ -152,32 +155,52 @@ def run(
     model: Annotated[
         str | None, typer.Option(help="Model for lines that name none (default: TOKENMILL_DEFAULT_MODEL).")
     ] = None,
-    concurrency: Annotated[int, typer.Option("--concurrency", "-n", min=1, help=_CONCURRENCY_HELP)] = 64,
+    concurrency: Annotated[
+        int | None,
+        typer.Option("--concurrency", "-n", min=1, help=_CONCURRENCY_HELP + " Default 64 (local runs)."),
+    ] = None,
     simulate: Annotated[
-        bool, typer.Option(help="Answer from the bundled simulator: no key, no network.")
+        bool, typer.Option(help="Answer from the bundled simulator: no key, no network (a local run).")
+    ] = False,
+    local: Annotated[
+        bool, typer.Option("--local", help="Run here even when TOKENMILL_BROKER_URL names a cluster.")
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Run a batch on this machine (no broker needed) and write its results; resumable."""
+    """Run a batch and write its results; resumable. Here, or with TOKENMILL_BROKER_URL set, on the
+    cluster's workers (this command then submits, follows and writes the output)."""
     from store import make_engine, upgrade_to_head
     from workers.settings import get_settings
 
     settings = get_settings()
-    with _upstream(simulate) as client_env:
+    on_cluster = settings.broker_url is not None and not (local or simulate)
+    if on_cluster and concurrency is not None and not quiet:
+        typer.echo("--concurrency applies to local runs: the workers run with their own.", err=True)
+    # On a cluster the workers hold the provider's key: none is needed here.
+    upstream: contextlib.AbstractContextManager[dict[str, str]] = (
+        contextlib.nullcontext({}) if on_cluster else _upstream(simulate)
+    )
+    with upstream as client_env:
         upgrade_to_head(settings.database_url)
         engine = make_engine(settings.database_url)
         try:
             batch_id, resumed = _find_or_ingest(engine, input_path, model, settings.default_model)
-            released = _release_dead_embedded_leases(engine, batch_id)
+            released = 0 if on_cluster else _release_dead_embedded_leases(engine, batch_id)
             if resumed and not quiet:
                 typer.echo(f"resuming {batch_id} ({released} interrupted request(s) back in line)", err=True)
-            # What is loaded now lives as long as the run: kept out of full collections, which
-            # otherwise stall the event loop (see workers.app's worker_process_init).
-            gc.freeze()
             try:
-                asyncio.run(_run_embedded(engine, batch_id, client_env, concurrency, quiet))
+                if on_cluster:
+                    _run_on_cluster(engine, batch_id, quiet)
+                else:
+                    # What is loaded now lives as long as the run: kept out of full collections,
+                    # which otherwise stall the event loop (see workers.app's worker_process_init).
+                    gc.freeze()
+                    asyncio.run(_run_embedded(engine, batch_id, client_env, concurrency or 64, quiet))
             except KeyboardInterrupt:
-                typer.echo(f"\ninterrupted: run the same command again to resume {batch_id}", err=True)
+                goes_on = " (it goes on on the workers)" if on_cluster else ""
+                typer.echo(
+                    f"\ninterrupted: run the same command again to resume {batch_id}{goes_on}", err=True
+                )
                 raise typer.Exit(130) from None
             from store import iter_error_lines, iter_output_lines
 
@@ -193,6 +216,48 @@ def run(
                 typer.echo(f"{written} results -> {output}{where}", err=True)
         finally:
             engine.dispose()
+
+
+def _run_on_cluster(engine: Any, batch_id: str, quiet: bool) -> None:
+    """Send the batch's queued requests to the workers and follow the ledger until none is left."""
+    import time
+
+    import redis
+
+    from store import batch_progress, pending_request_ids, usage_report
+    from workers.app import make_celery
+    from workers.dispatch import Dispatcher
+    from workers.progress import RunProgress
+    from workers.settings import get_settings
+
+    settings = get_settings()
+    assert settings.broker_url is not None
+    celery = make_celery(settings)
+    broker = redis.Redis.from_url(settings.broker_url)
+    try:
+        # On a resume some may have messages still queued: a second one is a no-op (leases).
+        Dispatcher(celery, engine, broker, settings.key_prefix, settings.chunk_size).dispatch(
+            pending_request_ids(engine, batch_id)
+        )
+        if not quiet and not celery.control.ping(timeout=1.0):
+            typer.echo("no worker answered: the batch waits until `tokenmill worker` runs", err=True)
+    finally:
+        broker.close()
+    progress = batch_progress(engine, batch_id)
+    display = RunProgress(total=progress.total, already_done=progress.finished, enabled=not quiet)
+    with display:
+        while True:
+            progress = batch_progress(engine, batch_id)
+            usage = usage_report(engine, group_by=(), batch_id=batch_id)
+            display.show(
+                done=progress.finished,
+                failed=progress.failed,
+                cached=sum(row.cache_hits for row in usage),
+                tokens=sum(row.billed_prompt_tokens + row.billed_completion_tokens for row in usage),
+            )
+            if progress.queued == 0 and progress.running == 0:
+                return
+            time.sleep(1.0)
 
 
 async def _run_embedded(

@@ -45,6 +45,7 @@ class RunProgress:
         )
 
     def add(self, record: ResultRecord) -> None:
+        """One result, as this process records it (embedded runs)."""
         self.done += 1
         self._new += 1
         if record.status is RequestStatus.FAILED:
@@ -53,6 +54,15 @@ class RunProgress:
             self.cached += 1
         else:
             self.tokens += record.usage.total_tokens
+        self._redraw()
+
+    def show(self, *, done: int, failed: int, cached: int, tokens: int) -> None:
+        """Counts read from the ledger (a batch that workers elsewhere run)."""
+        self._new += done - self.done
+        self.done, self.failed, self.cached, self.tokens = done, failed, cached, tokens
+        self._redraw()
+
+    def _redraw(self) -> None:
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=self.done, detail=self._detail())
 

@@ -7,6 +7,8 @@ test), so nothing here touches database 0 but the cache keys under the test's ow
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ import sqlalchemy as sa
 
 from simulator.testing import SimulatorServer, peak_count
 from store import Batch, RequestStatus, Result, batch_progress
-from tests.cluster import Cluster, kill_group
+from tests.cluster import CLI, ROOT, Cluster, kill_group
 from tests.workers.support import Ledger, add_batch
 
 pytestmark = pytest.mark.slow
@@ -92,6 +94,40 @@ def test_a_worker_process_keeps_its_connections_from_chunk_to_chunk(
     stats = simulator.stats()
     assert stats["requests"] == 24
     assert stats["connections"] <= 8, stats["connections"]
+
+
+def test_run_with_a_broker_hands_the_batch_to_the_workers(
+    cluster: Callable[..., Cluster], simulator: SimulatorServer, tmp_path: Path
+) -> None:
+    """``tokenmill run`` with TOKENMILL_BROKER_URL set submits, follows the workers and writes the
+    output; it needs no provider key of its own (it has none here, and a dead OPENAI_BASE_URL)."""
+    c = cluster()
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        "".join(json.dumps({"custom_id": f"q{i}", "prompt": f"hello {i}"}) + "\n" for i in range(30))
+    )
+    output = tmp_path / "out.jsonl"
+    env = {**c.env, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"}
+    env.pop("OPENAI_API_KEY")
+    stderr = (tmp_path / "run.err").open("wb")
+    run = subprocess.Popen(
+        [*CLI, "run", str(source), "-o", str(output)], env=env, cwd=ROOT, stderr=stderr, stdout=stderr
+    )
+    stderr.close()
+    try:
+        deadline = time.monotonic() + 30
+        while b"no worker answered" not in (tmp_path / "run.err").read_bytes():
+            assert run.poll() is None, (tmp_path / "run.err").read_text()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        c.worker("w1", concurrency=8)
+        assert run.wait(timeout=60) == 0, (tmp_path / "run.err").read_text()
+    finally:
+        kill_group(run)
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == sorted(f"q{i}" for i in range(30))
+    assert all(line["response"]["status_code"] == 200 for line in lines)
+    assert simulator.stats()["completions"] == 30
 
 
 def test_kill_9_of_a_worker_mid_batch(

@@ -241,6 +241,13 @@ def _run_on_cluster(engine: Any, batch_id: str, quiet: bool) -> None:
         )
         if not quiet and not celery.control.ping(timeout=1.0):
             typer.echo("no worker answered: the batch waits until `tokenmill worker` runs", err=True)
+    except redis.exceptions.ConnectionError as e:
+        typer.echo(
+            f"cannot reach the broker (TOKENMILL_BROKER_URL): {str(e).rstrip('.')}. The batch "
+            f"{batch_id} is in the ledger: run again once the broker is up, or add --local to run it here.",
+            err=True,
+        )
+        raise typer.Exit(2) from e
     finally:
         broker.close()
     progress = batch_progress(engine, batch_id)

@@ -32,6 +32,7 @@ _engine: Engine | None = None
 _redis: redis.Redis[Any] | None = None  # type: ignore[type-arg, unused-ignore]
 _loop: asyncio.Runner | None = None
 _pipeline: ModelCallPipeline | None = None
+_close_when_idle = False
 
 
 def settings() -> Settings:
@@ -63,7 +64,11 @@ def run_in_loop(coroutine: Coroutine[Any, Any, T]) -> T:
     global _loop
     if _loop is None:
         _loop = asyncio.Runner()
-    return _loop.run(coroutine)
+    try:
+        return _loop.run(coroutine)
+    finally:
+        if _close_when_idle:
+            close()
 
 
 def pipeline() -> ModelCallPipeline:
@@ -75,9 +80,18 @@ def pipeline() -> ModelCallPipeline:
     return _pipeline
 
 
+def _inside_a_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def reset_after_fork() -> None:
-    global _engine, _redis, _loop, _pipeline
+    global _engine, _redis, _loop, _pipeline, _close_when_idle
     with _lock:
+        _close_when_idle = False
         if _engine is not None:
             _engine.dispose(close=False)
         _engine = None
@@ -88,8 +102,14 @@ def reset_after_fork() -> None:
 
 
 def close() -> None:
-    global _engine, _redis, _loop, _pipeline
+    """Close the pipeline, the loop, the engine and the Redis client. Called from inside the loop
+    (a shutdown signal mid-chunk), it waits for the running coroutine to end first."""
+    global _engine, _redis, _loop, _pipeline, _close_when_idle
+    if _inside_a_loop():
+        _close_when_idle = True
+        return
     with _lock:
+        _close_when_idle = False
         loop, _loop = _loop, None
         used, _pipeline = _pipeline, None
         if loop is not None:

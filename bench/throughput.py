@@ -37,6 +37,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import httpx
 import openai
@@ -124,8 +125,8 @@ class Tokenmill:
             "OPENAI_BASE_URL": sim.base_url,
             "OPENAI_API_KEY": "bench",
         }
-        # The processes' output, shown if the bench fails.
-        self.log = tempfile.TemporaryFile(prefix="tokenmill-bench-")  # noqa: SIM115
+        # Each process's output, shown if the bench fails.
+        self.logs: dict[str, IO[bytes]] = {}
         self.processes: list[subprocess.Popen[bytes]] = []
         # Whatever happens to this script, its subprocesses go with it.
         atexit.register(self._kill)
@@ -147,13 +148,14 @@ class Tokenmill:
             self.close()
             raise
 
-    def _start(self, env: dict[str, str], *args: str) -> None:
+    def _start(self, env: dict[str, str], command: str, *args: str) -> None:
+        log = self.logs[command] = tempfile.TemporaryFile(prefix=f"tokenmill-bench-{command}-")  # noqa: SIM115
         self.processes.append(
             subprocess.Popen(
-                [sys.executable, "-c", "from api.cli import main; main()", *args],
+                [sys.executable, "-c", "from api.cli import main; main()", command, *args],
                 env=env,
                 cwd=ROOT,
-                stdout=self.log,
+                stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
@@ -166,8 +168,11 @@ class Tokenmill:
                     os.killpg(process.pid, signal.SIGKILL)
 
     def _failed(self, what: str) -> RuntimeError:
-        self.log.seek(0)
-        return RuntimeError(f"{what}; log:\n{self.log.read()[-4000:].decode(errors='replace')}")
+        tails = []
+        for name, log in self.logs.items():
+            log.seek(0)
+            tails.append(f"--- {name} log:\n{log.read()[-4000:].decode(errors='replace')}")
+        return RuntimeError("\n".join([what, *tails]))
 
     def _wait_for_api(self) -> None:
         deadline = time.monotonic() + 30
@@ -225,7 +230,8 @@ class Tokenmill:
                 process.wait()
         self.broker.flushdb()
         self.broker.close()
-        self.log.close()
+        for log in self.logs.values():
+            log.close()
         self.files.cleanup()
 
 

@@ -99,10 +99,12 @@ class SingleFlight(Generic[T]):
             if entry is not None or token is None:
                 yield Flight(entry=entry, coordinated=False)
                 return
-            heartbeat = asyncio.ensure_future(self._keep_lock(key, token))
+            done = asyncio.Event()
+            heartbeat = asyncio.ensure_future(self._keep_lock(key, token, done))
             try:
                 yield Flight(entry=None, coordinated=True)
             finally:
+                done.set()
                 heartbeat.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await heartbeat
@@ -181,9 +183,16 @@ class SingleFlight(Generic[T]):
             if entry is not None:
                 return entry, None
 
-    async def _keep_lock(self, key: str, token: str) -> None:
-        while True:
-            await asyncio.sleep(self._lock_ttl / 3)
+    async def _keep_lock(self, key: str, token: str, done: asyncio.Event) -> None:
+        # Ended by ``done``, not by cancellation alone: on 3.11 a cancel that lands as a store
+        # call's own timeout fires comes out as that timeout (then a CacheError, survived below),
+        # and a heartbeat that missed its cancel would hold the lock, and its flight, forever.
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._lock_ttl / 3):
+                    await done.wait()
+            if done.is_set():
+                return
             try:
                 if not await self._store.refresh_lock(key, token, self._lock_ttl):
                     return

@@ -17,6 +17,7 @@ import pytest
 import redis.asyncio
 
 from models.cache import (
+    CacheBackendError,
     CachedCompletion,
     CacheStore,
     ChatCompletionCache,
@@ -244,6 +245,37 @@ async def test_the_holder_refreshes_its_lock_during_a_long_call(store: CacheStor
     assert (await first).cached is False
     assert second.cached is True
     assert inner.calls == 1
+
+
+class CancelSwallowingStore(InMemoryStore[CachedCompletion]):
+    """A lock refresh that turns a cancel into a store error, as a Redis reply timing out at the
+    same moment does on Python 3.11 (``asyncio.timeout`` reports the timeout, not the cancel)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refreshes = 0
+
+    async def refresh_lock(self, key: str, token: str, ttl: float) -> bool:
+        self.refreshes += 1
+        if self.refreshes == 1:
+            try:
+                await asyncio.sleep(ttl)  # slow once: the flight ends while this refresh is under way
+            except asyncio.CancelledError:
+                raise CacheBackendError(
+                    "refresh timed out", store=self.name, operation="refresh_lock"
+                ) from None
+        return await super().refresh_lock(key, token, ttl)
+
+
+async def test_a_heartbeat_that_misses_its_cancel_still_ends_with_its_flight() -> None:
+    store = CancelSwallowingStore()
+    inner = CountingClient(delay=0.15)
+    cache = ChatCompletionCache(inner, store, lock_ttl=0.3)
+    result = await asyncio.wait_for(cache.create(MESSAGES), timeout=5)
+    assert result.cached is False
+    assert store.refreshes == 1  # the call outlived a refresh interval; the heartbeat ended with it
+    # The lock went with the flight: another caller is answered from the entry at once.
+    assert (await asyncio.wait_for(cache.create(MESSAGES), timeout=1)).cached is True
 
 
 async def test_a_cancellation_token_stops_the_wait(store: CacheStore[CachedCompletion]) -> None:

@@ -94,6 +94,9 @@ class RunnerConfig:
     # not a count: a count drains the window every few seconds when replies are fast.
     refill_seconds: float = 0
     refill_poll: float = 0.05
+    # A request still running after this long is taken for stuck: cancelled here, its lease left
+    # to expire so that another worker redoes it. None: no limit.
+    max_request_seconds: float | None = None
 
 
 @dataclass
@@ -264,6 +267,8 @@ class ChunkRunner:
         writer = _Writer(self.engine, report, config.flush_size, config.flush_interval)
         unfinished: dict[str, ClaimedRequest] = {request.id: request for request in claimed}
         running: dict[str, asyncio.Task[None]] = {}
+        started_at: dict[str, float] = {}  # of the running ones, monotonic
+        overdue: set[str] = set()
         batch_tokens = {request.batch_id: CancellationToken() for request in claimed}
         to_cancel: list[str] = []
         gate = asyncio.Semaphore(config.in_flight)
@@ -318,7 +323,22 @@ class ChunkRunner:
         async def heartbeat() -> None:
             while True:
                 await asyncio.sleep(max(1.0, config.lease_seconds / 3))
-                ids = list(unfinished)
+                if config.max_request_seconds is not None:
+                    # A request running this long is stuck, not slow: its lease is left to expire
+                    # (the sweeper gives it to another worker; first writer wins) and it is cancelled.
+                    too_old = time.monotonic() - config.max_request_seconds
+                    for request_id in [i for i, t in started_at.items() if t < too_old and i in unfinished]:
+                        started_at.pop(request_id)
+                        overdue.add(request_id)
+                        _logger.error(
+                            "request %s ran over %.0f s: given up here",
+                            request_id,
+                            config.max_request_seconds,
+                        )
+                        task = running.get(request_id)
+                        if task is not None:
+                            task.cancel()
+                ids = [request_id for request_id in unfinished if request_id not in overdue]
                 held = set(
                     await asyncio.to_thread(
                         extend_leases, self.engine, ids, config.owner, config.lease_seconds
@@ -350,6 +370,7 @@ class ChunkRunner:
 
         def settled(request_id: str, task: asyncio.Task[None]) -> None:
             running.pop(request_id, None)
+            started_at.pop(request_id, None)
             outcome = None if task.cancelled() else task.exception()
             if outcome is not None:
                 _logger.error("request handler failed", exc_info=outcome)
@@ -359,6 +380,7 @@ class ChunkRunner:
         def start(requests: Sequence[ClaimedRequest]) -> None:
             for request in requests:
                 unfinished[request.id] = request
+                started_at[request.id] = time.monotonic()
                 task = running[request.id] = asyncio.create_task(run_one(request))
                 task.add_done_callback(functools.partial(settled, request.id))
 

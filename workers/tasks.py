@@ -46,6 +46,8 @@ async def run_chunk(request_ids: list[str], owner: str) -> ChunkReport:
             # Stop starting requests well before the message becomes visible again.
             deadline_seconds=settings.visibility_timeout_seconds / 2,
             refill_seconds=settings.chunk_refill_seconds,
+            # Longer than any honest request (every attempt timing out, with backoff between).
+            max_request_seconds=settings.max_attempts * (settings.upstream_timeout_seconds + 60),
         ),
         handlers=handlers_with_agents(context.engine()),
     )

@@ -10,14 +10,26 @@ import diskcache
 import sqlalchemy as sa
 
 from models.cache import DiskCacheStore
+from models.cancellation import CancellationToken
 from models.retry import RetryPolicy
 from simulator.testing import SimulatorServer
-from store import BatchStatus, Request, RequestStatus, cancel_batch, claim_requests, get_batch, make_engine
+from store import (
+    BatchStatus,
+    ClaimedRequest,
+    Request,
+    RequestKind,
+    RequestStatus,
+    ResultRecord,
+    cancel_batch,
+    claim_requests,
+    get_batch,
+    make_engine,
+)
 from tests.workers.support import Ledger, add_batch, results_of, statuses
 from workers.clients import openai_client_factory
 from workers.limiter import LocalRateLimiter
 from workers.pipeline import ModelCallPipeline
-from workers.runner import ChunkReport, ChunkRunner, RunnerConfig
+from workers.runner import ChunkReport, ChunkRunner, RunnerConfig, complete_chat
 
 MakeLedger = Callable[[str], Ledger]
 
@@ -182,3 +194,35 @@ async def test_a_request_redelivered_too_often_fails_without_a_call(
     assert simulator.stats()["completions"] == 0
     with led.engine.connect() as conn:
         assert conn.execute(sa.select(Request.attempts).where(Request.id == ids[0])).scalar_one() == 4
+
+
+async def test_a_request_stuck_past_max_request_seconds_is_handed_back(
+    make_ledger: MakeLedger, database_url: str, simulator: SimulatorServer
+) -> None:
+    """A handler that never returns is cancelled after ``max_request_seconds``; its request goes back
+    in line (another delivery redoes it) and the chunk ends instead of holding it for good."""
+    led = make_ledger(database_url)
+    batch_id, ids = add_batch(led, ["stuck", "fine 1", "fine 2"])
+
+    async def hangs_on_the_first(
+        request: ClaimedRequest, pipeline: ModelCallPipeline, token: CancellationToken
+    ) -> ResultRecord:
+        if request.id == ids[0]:
+            await asyncio.Event().wait()  # a call that never comes back
+        return await complete_chat(request, pipeline, token)
+
+    engine = make_engine(database_url)
+    pipeline = make_pipeline(simulator)
+    config = RunnerConfig(owner="test-owner", lease_seconds=3, max_request_seconds=1.5)
+    try:
+        report = await asyncio.wait_for(
+            ChunkRunner(
+                engine, pipeline, config, handlers={RequestKind.CHAT_COMPLETION: hangs_on_the_first}
+            ).run(ids),
+            timeout=20,
+        )
+    finally:
+        await pipeline.close()
+        engine.dispose()
+    assert (report.succeeded, report.released) == (2, 1)
+    assert statuses(led.engine, batch_id) == {"succeeded": 2, "queued": 1}

@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -241,6 +242,23 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _only_one_bench() -> None:
+    """Two runs at once would flush each other's broker (database 14): refuse the second. The
+    mark lives in database 0, which no run flushes, and expires if its run is killed."""
+    marks = redis.Redis.from_url(redis_url_with_db(REDIS_URL, 0))
+    mark = f"tokenmill-bench:running:{REDIS_URL}"
+    if not marks.set(mark, os.getpid(), nx=True, ex=3600):
+        sys.exit(
+            f"another bench.throughput (pid {marks.get(mark)!r}) is using {REDIS_URL}; delete {mark} if not"
+        )
+    atexit.register(marks.delete, mark)
+
+
+def redis_url_with_db(url: str, db: int) -> str:
+    parts = urlsplit(url)
+    return parts._replace(path=f"/{db}").geturl()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -253,6 +271,7 @@ def main() -> None:
     args = parser.parse_args()
     # `timeout` and Ctrl-C end the script through SystemExit, so atexit reaps the workers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    _only_one_bench()
     per_process = max(1, args.concurrency // args.processes)
     total_in_flight = per_process * args.processes
 

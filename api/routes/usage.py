@@ -13,6 +13,8 @@ from api.errors import InvalidRequest
 __all__ = ["router", "usage_row"]
 
 router = APIRouter(tags=["usage"])
+# 9999-12-31T23:59:59Z: later instants are no date, and overflow the ledger's BIGINT columns.
+LATEST_SECONDS = 253_402_300_799
 Grouping = Literal["model", "day", "batch"]
 
 
@@ -46,8 +48,8 @@ def usage(
     group_by: str = Query(
         "model,day", description="comma-separated: model, day, batch (or empty for totals)"
     ),
-    since: int | None = Query(None, ge=0, description="unix seconds, inclusive"),
-    until: int | None = Query(None, ge=0, description="unix seconds, exclusive"),
+    since: int | None = Query(None, ge=0, le=LATEST_SECONDS, description="unix seconds, inclusive"),
+    until: int | None = Query(None, ge=0, le=LATEST_SECONDS, description="unix seconds, exclusive"),
     batch_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
 ) -> dict[str, Any]:
     """Your usage. Billed figures count what was paid upstream; cache hits are served free."""

@@ -197,3 +197,14 @@ def test_prices_set_and_list_from_the_cli(live_api: LiveAPI) -> None:
     refused = live_api.cli("prices", "set", "acme-model-x", "--input", "-1", "--output", "1")
     assert refused.returncode != 0
     assert "--input" in refused.stderr
+
+
+def test_usage_with_an_instant_past_year_9999_is_refused_by_name(live_api: LiveAPI) -> None:
+    key = live_api.new_key("usage-bounds")
+    answer = httpx.get(
+        f"{live_api.base_url}/usage",
+        params={"until": str(10**35)},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert answer.status_code == 400
+    assert "until" in json.dumps(answer.json()["error"])

@@ -17,11 +17,9 @@ from sqlalchemy.engine import Engine
 
 from store.engine import dialect_insert, write_transaction
 from store.ids import now_seconds
-from store.tables import AgentMessage
+from store.tables import NO_TENANT, AgentMessage
 
 __all__ = ["StoredAgentMessage", "get_agent_message", "record_agent_message"]
-
-_NO_TENANT = ""
 
 
 @dataclass(frozen=True)
@@ -45,7 +43,7 @@ def record_agent_message(
 ) -> bool:
     """Store the message; False when one with this id was stored before (it is kept as it was)."""
     row = {
-        "tenant_id": tenant_id or _NO_TENANT,
+        "tenant_id": tenant_id or NO_TENANT,
         "id": message_id,
         "agent_type": agent_type,
         "agent_key": agent_key,
@@ -70,7 +68,7 @@ def get_agent_message(
                 AgentMessage.agent_key,
                 AgentMessage.sender,
                 AgentMessage.payload,
-            ).where(AgentMessage.tenant_id == (tenant_id or _NO_TENANT), AgentMessage.id == message_id)
+            ).where(AgentMessage.tenant_id == (tenant_id or NO_TENANT), AgentMessage.id == message_id)
         ).first()
     if row is None:
         return None

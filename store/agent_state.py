@@ -20,11 +20,9 @@ from sqlalchemy.engine import Engine
 from store.engine import dialect_insert, write_transaction
 from store.errors import AgentStateConflict
 from store.ids import now_seconds
-from store.tables import AgentState
+from store.tables import NO_TENANT, AgentState
 
 __all__ = ["StoredAgentState", "get_agent_state", "load_agent_state", "save_agent_state"]
-
-_NO_TENANT = ""
 
 
 @dataclass(frozen=True)
@@ -37,7 +35,7 @@ class StoredAgentState:
 
 def _key(agent_type: str, agent_key: str, tenant_id: str | None) -> sa.ColumnElement[bool]:
     return sa.and_(
-        AgentState.tenant_id == (tenant_id or _NO_TENANT),
+        AgentState.tenant_id == (tenant_id or NO_TENANT),
         AgentState.agent_type == agent_type,
         AgentState.agent_key == agent_key,
     )
@@ -103,7 +101,7 @@ def save_agent_state(
                 )
             return expected_version + 1
         row = {
-            "tenant_id": tenant_id or _NO_TENANT,
+            "tenant_id": tenant_id or NO_TENANT,
             "agent_type": agent_type,
             "agent_key": agent_key,
             "version": 1,

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
+    "NO_TENANT",
     "AgentMessage",
     "AgentState",
     "ApiKey",
@@ -290,6 +291,10 @@ class ConversationRun(Base):
     first_position: Mapped[int] = mapped_column(sa.Integer)
     message_count: Mapped[int] = mapped_column(sa.Integer)
     created_at: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+# The tenant_id of agent rows that belong to no tenant: a primary key column cannot be NULL.
+NO_TENANT = ""
 
 
 class AgentState(Base):

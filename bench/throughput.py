@@ -28,7 +28,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,7 @@ import openai
 import redis
 import sqlalchemy as sa
 
-from simulator.testing import SimulatorServer, peak_count
+from simulator.testing import SimulatorServer, free_port, peak_count
 from store import create_api_key, create_tenant, make_engine, upgrade_to_head
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +138,7 @@ class Tokenmill:
                 f"--concurrency={concurrency}",
                 "--loglevel=WARNING",
             )
-            port = _free_port()
+            port = free_port()
             self._start(env, "api", "--host", "127.0.0.1", "--port", str(port))
             self.root = f"http://127.0.0.1:{port}"
             self.client = openai.OpenAI(base_url=f"{self.root}/v1", api_key=api_key, max_retries=0)
@@ -234,12 +233,6 @@ class Tokenmill:
         for log in self.logs.values():
             log.close()
         self.files.cleanup()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _only_one_bench() -> None:

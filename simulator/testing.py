@@ -27,10 +27,11 @@ from typing import Any, Self
 from simulator.config import CONFIG_ENV, PARENT_ENV, SimConfig
 from simulator.errors import SimulatorStartError
 
-__all__ = ["SimulatorServer", "peak_count", "peak_rate"]
+__all__ = ["SimulatorServer", "free_port", "peak_count", "peak_rate"]
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on now (it may be taken before the caller binds it)."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
@@ -94,7 +95,7 @@ class SimulatorServer:
         attempts = 1 if self.port else 3
         for attempt in range(attempts):
             if attempts > 1:
-                self.port = _free_port(self.host)
+                self.port = free_port(self.host)
             try:
                 self._spawn()
                 return

@@ -42,7 +42,6 @@ from workers.agent_runtime import (
     error_reply,
 )
 from workers.app import app
-from workers.clients import build_pipeline
 from workers.constants import AGENT_MESSAGE_TASK, agent_lock_key, agent_reply_key
 from workers.settings import Settings
 
@@ -79,7 +78,8 @@ async def _run_handler(
             f"no agent type {agent_id.type!r} on this worker: add its module to TOKENMILL_AGENT_MODULES"
         )
         return error_reply(error), state or {}
-    pipeline = build_pipeline(settings)
+    # The process's pipeline, on the process's loop: its connections outlive this one message.
+    pipeline = context.pipeline()
     host = DistributedAgentRuntime(settings, tenant_id=tenant_id, celery=app, engine=context.engine())
     agent: BaseAgent | None = None
     try:
@@ -107,7 +107,6 @@ async def _run_handler(
         if agent is not None:
             await agent.close()
         await host.close()
-        await pipeline.close()
 
 
 async def handle_agent_message(
@@ -184,7 +183,7 @@ def agent_message(
     """The Celery task: True when the handler replied, False when it raised. It carries ids only;
     the message itself is in SQL (``store.record_agent_message``)."""
     settings = context.settings()  # its modules were loaded at worker_process_init
-    reply = asyncio.run(
+    reply = context.run_in_loop(
         handle_agent_message(
             settings,
             context.engine(),

@@ -29,7 +29,6 @@ its worker process while it waits, so such chains need more worker processes tha
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -203,6 +202,29 @@ class DistributedAgentRuntime:
             self._redis = aioredis.Redis.from_url(self._settings.broker_url)
         return self._redis
 
+    def _record_and_send(
+        self, recipient: AgentId, message_id: str, payload: dict[str, Any], sender: AgentId | None
+    ) -> None:
+        """Ledger first (invariant 1): the message in SQL, then a Celery message naming it."""
+        record_agent_message(
+            self._db(),
+            message_id,
+            agent_type=recipient.type,
+            agent_key=recipient.key,
+            payload=payload,
+            sender=None if sender is None else str(sender),
+            tenant_id=self._tenant_id,
+        )
+        self._celery_app().send_task(
+            AGENT_MESSAGE_TASK,
+            kwargs={
+                "agent_type": recipient.type,
+                "agent_key": recipient.key,
+                "tenant_id": self._tenant_id,
+                "message_id": message_id,
+            },
+        )
+
     async def send_message(
         self,
         message: Any,
@@ -226,28 +248,7 @@ class DistributedAgentRuntime:
         self._idle.clear()
         try:
             self._contacted.add(recipient)
-            await asyncio.to_thread(
-                functools.partial(
-                    record_agent_message,
-                    self._db(),
-                    message_id,
-                    agent_type=recipient.type,
-                    agent_key=recipient.key,
-                    payload=payload,
-                    sender=None if sender is None else str(sender),
-                    tenant_id=self._tenant_id,
-                )
-            )
-            await asyncio.to_thread(
-                self._celery_app().send_task,
-                AGENT_MESSAGE_TASK,
-                kwargs={
-                    "agent_type": recipient.type,
-                    "agent_key": recipient.key,
-                    "tenant_id": self._tenant_id,
-                    "message_id": message_id,
-                },
-            )
+            await asyncio.to_thread(self._record_and_send, recipient, message_id, payload, sender)
             wait = reply_timeout or self._reply_timeout
             blpop = asyncio.ensure_future(
                 self._reply_redis().blpop([agent_reply_key(prefix, message_id)], wait)

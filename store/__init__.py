@@ -158,7 +158,7 @@ from store.tables import (
 )
 from store.tenants import authenticate_api_key, create_api_key, create_tenant, get_tenant, revoke_api_key
 from store.usage import UsageGroup, UsageRow, usage_report
-from store.webhooks import ENDED_STATUSES, DueWebhook, due_webhooks, record_webhook_attempt
+from store.webhooks import ENDED_STATUSES, DueWebhook, claim_due_webhooks, record_webhook_attempt
 
 __all__ = [
     "ENDED_STATUSES",
@@ -209,6 +209,7 @@ __all__ = [
     "batch_statuses",
     "cancel_batch",
     "cancel_claimed",
+    "claim_due_webhooks",
     "claim_queued",
     "claim_requests",
     "create_api_key",
@@ -218,7 +219,6 @@ __all__ = [
     "current_revision",
     "delete_file",
     "downgrade_to_base",
-    "due_webhooks",
     "expire_batches",
     "extend_leases",
     "get_agent_message",

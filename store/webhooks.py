@@ -1,7 +1,7 @@
 """Completion webhooks: which ended batches still owe one, and what each attempt did.
 
 Delivery is at least once: a batch owes its webhook from the moment it ends until an attempt
-succeeds or ``max_attempts`` have failed; the sweeper retries with exponential backoff.
+succeeds or ``max_attempts`` have failed; ``workers.webhooks`` retries with exponential backoff.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from store.engine import write_transaction
 from store.ids import now_seconds
 from store.tables import Batch, BatchStatus
 
-__all__ = ["ENDED_STATUSES", "DueWebhook", "due_webhooks", "record_webhook_attempt"]
+__all__ = ["ENDED_STATUSES", "DueWebhook", "claim_due_webhooks", "record_webhook_attempt"]
 
 ENDED_STATUSES = (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.CANCELLED, BatchStatus.EXPIRED)
 
@@ -29,25 +29,47 @@ class DueWebhook:
     batch: Batch  # the row as read, for the event the sender builds
 
 
-def due_webhooks(
-    engine: Engine, *, max_attempts: int, now: int | None = None, limit: int = 100
+def _is_due(now: int) -> sa.ColumnElement[bool]:
+    return sa.or_(Batch.webhook_next_at.is_(None), Batch.webhook_next_at <= now)
+
+
+def claim_due_webhooks(
+    engine: Engine, *, max_attempts: int, claim_seconds: int, now: int | None = None, limit: int = 100
 ) -> list[DueWebhook]:
-    """Ended batches whose webhook is not delivered yet and whose next attempt is due."""
+    """Ended batches whose webhook is not delivered yet and whose next attempt is due, each claimed
+    for ``claim_seconds`` (not due again meanwhile) so that two senders never take the same one."""
     now = now if now is not None else now_seconds()
-    query = (
-        sa.select(Batch)
+    candidates = (
+        sa.select(Batch.id)
         .where(
             Batch.webhook_url.is_not(None),
             Batch.webhook_delivered_at.is_(None),
             Batch.status.in_(ENDED_STATUSES),
             Batch.webhook_attempts < max_attempts,
-            sa.or_(Batch.webhook_next_at.is_(None), Batch.webhook_next_at <= now),
+            _is_due(now),
         )
         .order_by(Batch.created_at)
         .limit(limit)
     )
+    with write_transaction(engine) as conn:
+        ids = list(conn.execute(candidates).scalars())
+        if not ids:
+            return []
+        # The due condition again: of two senders racing, only one update matches each row.
+        claimed = list(
+            conn.execute(
+                sa.update(Batch)
+                .where(Batch.id.in_(ids), _is_due(now))
+                .values(webhook_next_at=now + claim_seconds)
+                .returning(Batch.id)
+            ).scalars()
+        )
+    if not claimed:
+        return []
     with Session(engine, expire_on_commit=False) as session:
-        batches = list(session.scalars(query))
+        batches = list(
+            session.scalars(sa.select(Batch).where(Batch.id.in_(claimed)).order_by(Batch.created_at))
+        )
     return [DueWebhook(b.id, b.webhook_url or "", b.webhook_attempts, b) for b in batches]
 
 

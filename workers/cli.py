@@ -365,14 +365,24 @@ def beat(
         )
         raise typer.Exit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import threading
+
     from workers.sweeper import sweep, sweep_forever
     from workers.tasks import dispatcher
+    from workers.webhooks import deliver_due_webhooks, deliver_webhooks_forever
 
     target = dispatcher()
     grace = int(settings.sweep_grace_seconds)
+    allow_private, deadline_seconds = settings.webhook_allow_private, settings.webhook_timeout_seconds
     if once:
         report = sweep(target, grace_seconds=grace)
-        typer.echo(f"{report.dead_dispatches} lost dispatch(es), {report.redispatched} request(s) re-queued")
+        delivered, failed = deliver_due_webhooks(
+            target.engine, allow_private=allow_private, deadline_seconds=deadline_seconds
+        )
+        typer.echo(
+            f"{report.dead_dispatches} lost dispatch(es), {report.redispatched} request(s) re-queued, "
+            f"{delivered} webhook(s) delivered, {failed} failed"
+        )
         return
     stopping = False
 
@@ -382,6 +392,19 @@ def beat(
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    sweep_forever(
-        target, interval or settings.sweep_interval_seconds, grace_seconds=grace, should_stop=lambda: stopping
+    interval_seconds = interval or settings.sweep_interval_seconds
+    # Webhooks on a thread of their own: a slow receiver never holds up the re-dispatch of work.
+    webhooks = threading.Thread(
+        target=deliver_webhooks_forever,
+        args=(target.engine, interval_seconds),
+        kwargs={
+            "allow_private": allow_private,
+            "deadline_seconds": deadline_seconds,
+            "should_stop": lambda: stopping,
+        },
+        name="webhooks",
+        daemon=True,
     )
+    webhooks.start()
+    sweep_forever(target, interval_seconds, grace_seconds=grace, should_stop=lambda: stopping)
+    webhooks.join(timeout=settings.webhook_timeout_seconds + 5)

@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     # A queued request with no live dispatch marker is re-sent once its dispatch is this old.
     sweep_grace_seconds: float = Field(default=30.0, ge=0)
 
+    # Webhooks. Receivers on loopback/private/link-local addresses are refused unless allowed here
+    # (a deployment whose receivers are on its own network); each delivery's whole exchange has
+    # a wall-clock deadline, so a receiver trickling bytes cannot hold the delivery loop.
+    webhook_allow_private: bool = False
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+
     # API.
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
     max_request_body_bytes: int = Field(default=1024 * 1024, ge=1)

@@ -1,7 +1,7 @@
 """The sweep: find requests no message will run, and dispatch them again.
 
-Each pass also ends the batches whose completion window has passed (``expired``) and delivers the
-completion webhooks that are due (``workers.webhooks``).
+Each pass also ends the batches whose completion window has passed (``expired``). Completion
+webhooks are delivered apart (``workers.webhooks``), so that no receiver can slow a sweep.
 
 A request needs a new message when (see ``workers.dispatch`` for the markers):
 
@@ -32,7 +32,6 @@ from sqlalchemy.engine import Engine
 from store import expire_batches, requests_to_redispatch, unsettled_dispatch_ids
 from workers.constants import sweep_lock_key
 from workers.dispatch import MARKER_PENDING_SECONDS, Dispatcher
-from workers.webhooks import deliver_due_webhooks
 
 __all__ = ["SweepReport", "sweep", "sweep_forever"]
 
@@ -46,8 +45,6 @@ class SweepReport:
     redispatched: int
     skipped: bool = False  # another sweeper held the lock
     expired_batches: int = 0
-    webhooks_delivered: int = 0
-    webhooks_failed: int = 0
 
 
 def sweep(
@@ -74,10 +71,9 @@ def sweep(
             dispatcher.dispatch(ids)
         if rows:
             _logger.info("sweep: %d dispatch(es) lost, %d request(s) dispatched again", len(dead), len(rows))
-        # Batches past their completion window end as expired; ended batches owe their webhook.
+        # Batches past their completion window end as expired.
         expired = expire_batches(engine, now=now)
-        delivered, failed = deliver_due_webhooks(engine)
-        return SweepReport(len(dispatch_ids), len(dead), len(rows), False, len(expired), delivered, failed)
+        return SweepReport(len(dispatch_ids), len(dead), len(rows), False, len(expired))
     finally:
         with contextlib.suppress(LockError):
             lock.release()

@@ -1,7 +1,19 @@
 """Completion webhooks: when a batch ends, POST an event to the URL its producer gave.
 
-At least once: the sweeper calls ``deliver_due_webhooks`` on every pass; a failed attempt (no
-answer, or a status other than 2xx) is retried with exponential backoff up to ``max_attempts``.
+At least once: ``tokenmill beat`` runs ``deliver_webhooks_forever`` on a thread of its own, apart
+from the sweep, so that no receiver can slow the re-dispatch of lost requests. Each pass claims the
+due webhooks in SQL (so two beats never send one event at once) and sends them concurrently, each
+within a wall-clock deadline for the whole exchange (a receiver trickling bytes cannot hold it
+longer). A failed attempt (refused address, no answer in time, a status other than 2xx) is retried
+with exponential backoff up to ``max_attempts``; the last error is kept on the batch.
+
+A webhook may only reach public addresses: the host is resolved and every address checked
+(loopback, private, link-local and cloud metadata, multicast, unspecified, reserved; IPv4-mapped
+IPv6 too) when the batch is created and again before each send, and the connection goes to the
+address that was checked (a DNS answer that changes in between cannot redirect it). URLs with
+credentials are refused. ``TOKENMILL_WEBHOOK_ALLOW_PRIVATE`` lifts the address check for
+deployments whose receivers are on a private network.
+
 The event follows OpenAI's webhook shape (``batch.completed``, ``batch.failed``,
 ``batch.cancelled``, ``batch.expired``) and carries ids and counts, never results or keys; its
 ``webhook-id`` header lets a receiver drop a duplicate.
@@ -9,7 +21,13 @@ The event follows OpenAI's webhook shape (``batch.completed``, ``batch.failed``,
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
+import logging
+import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -17,10 +35,100 @@ from sqlalchemy.engine import Engine
 
 import store
 
-__all__ = ["MAX_WEBHOOK_ATTEMPTS", "deliver_due_webhooks", "webhook_event"]
+__all__ = [
+    "MAX_WEBHOOK_ATTEMPTS",
+    "WebhookTarget",
+    "WebhookURLRefused",
+    "deliver_due_webhooks",
+    "deliver_webhooks_forever",
+    "resolve_webhook_url",
+    "webhook_event",
+]
+
+_logger = logging.getLogger(__name__)
 
 MAX_WEBHOOK_ATTEMPTS = 8
 _MAX_BACKOFF_SECONDS = 3600
+# Deliveries in flight at once in one pass: a handful of slow receivers cannot hold the others.
+_CONCURRENT_DELIVERIES = 16
+# Kept on the batch and shown to its tenant: bounded whatever the receiver answered.
+MAX_WEBHOOK_ERROR_CHARS = 300
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class WebhookURLRefused(ValueError):
+    """The URL may not receive webhooks; ``code`` names why (the API answers it as a 400)."""
+
+    def __init__(self, message: str, code: str = "invalid_webhook_url") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class WebhookTarget:
+    """A checked URL and the addresses to connect to for it (every one checked)."""
+
+    url: httpx.URL
+    addresses: tuple[IPAddress, ...]
+
+
+def _embedded_ipv4(address: IPAddress) -> IPAddress:
+    """The IPv4 address an IPv6 one stands for (mapped ``::ffff:a.b.c.d``, NAT64), else itself."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return address.ipv4_mapped
+        if address in _NAT64:
+            return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
+
+
+def is_public_address(address: IPAddress) -> bool:
+    """Globally routable unicast: not loopback, private, link-local (cloud metadata lives at
+    169.254.169.254), shared (100.64/10), multicast, unspecified or reserved."""
+    address = _embedded_ipv4(address)
+    return address.is_global and not (address.is_multicast or address.is_reserved or address.is_unspecified)
+
+
+def resolve_webhook_url(url: str, *, allow_private: bool) -> WebhookTarget:
+    """Check ``url`` for a webhook and resolve its host; raises ``WebhookURLRefused``. Every
+    address the host resolves to must be public (unless ``allow_private``): a name with one
+    private address among public ones would otherwise be a coin toss away from the inside."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as e:
+        raise WebhookURLRefused(f"the webhook URL is not a URL: {e}") from e
+    if parsed.scheme not in _DEFAULT_PORTS:
+        raise WebhookURLRefused("the webhook URL must be http:// or https://")
+    if parsed.userinfo:
+        raise WebhookURLRefused(
+            "the webhook URL may not carry credentials (user:password@)", code="webhook_url_has_credentials"
+        )
+    if not parsed.host:
+        raise WebhookURLRefused("the webhook URL has no host")
+    port = parsed.port or _DEFAULT_PORTS[parsed.scheme]
+    try:
+        infos = socket.getaddrinfo(parsed.host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise WebhookURLRefused(
+            f"the webhook host {parsed.host!r} does not resolve", code="webhook_host_unresolved"
+        ) from e
+    addresses = list(dict.fromkeys(ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos))
+    if not addresses:
+        raise WebhookURLRefused(
+            f"the webhook host {parsed.host!r} does not resolve", code="webhook_host_unresolved"
+        )
+    if not allow_private:
+        for address in addresses:
+            if not is_public_address(address):
+                raise WebhookURLRefused(
+                    f"the webhook host {parsed.host!r} resolves to {address}, which is not a public "
+                    "address (the operator may allow private ones: TOKENMILL_WEBHOOK_ALLOW_PRIVATE)",
+                    code="webhook_url_not_public",
+                )
+    return WebhookTarget(parsed, tuple(addresses))
 
 
 def webhook_event(batch: store.Batch) -> dict[str, Any]:
@@ -43,26 +151,115 @@ def webhook_event(batch: store.Batch) -> dict[str, Any]:
     }
 
 
+class _NotDelivered(Exception):
+    """The receiver answered, but not with a 2xx."""
+
+
+async def _post_to_checked_address(
+    http: httpx.AsyncClient, webhook: store.DueWebhook, *, allow_private: bool
+) -> None:
+    """Resolve and check again (the DNS answer may have changed since the batch was created), then
+    POST to the address checked, naming the host in ``Host`` and TLS SNI. Raises on failure."""
+    target = await asyncio.to_thread(resolve_webhook_url, webhook.url, allow_private=allow_private)
+    event = webhook_event(webhook.batch)
+    host = target.url.host
+    host_header = host if target.url.port is None else f"{host}:{target.url.port}"
+    unreachable: httpx.ConnectError | None = None
+    for address in target.addresses:  # in the resolver's order, as a client connecting by name would
+        try:
+            answer = await http.post(
+                target.url.copy_with(host=str(address)),
+                json=event,
+                headers={"Host": host_header, "webhook-id": event["id"]},
+                extensions={"sni_hostname": host},
+            )
+        except httpx.ConnectError as e:
+            unreachable = e
+            continue
+        if not answer.is_success:
+            raise _NotDelivered(f"HTTP {answer.status_code}")
+        return
+    assert unreachable is not None
+    raise unreachable
+
+
+async def _attempt(
+    http: httpx.AsyncClient, webhook: store.DueWebhook, *, allow_private: bool, deadline_seconds: float
+) -> str | None:
+    """One delivery within ``deadline_seconds`` of wall clock; the error, or None when delivered."""
+    try:
+        async with asyncio.timeout(deadline_seconds):
+            await _post_to_checked_address(http, webhook, allow_private=allow_private)
+    except TimeoutError:
+        return f"no answer within {deadline_seconds:g} s"
+    except WebhookURLRefused as e:
+        return f"refused: {e}"
+    except _NotDelivered as e:
+        return str(e)
+    except httpx.HTTPError as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+async def _deliver(
+    due: list[store.DueWebhook], *, allow_private: bool, deadline_seconds: float
+) -> list[str | None]:
+    slots = asyncio.Semaphore(_CONCURRENT_DELIVERIES)
+    # trust_env=False: a webhook never goes through the environment's proxy (which would connect
+    # to the host by name, not to the address checked).
+    async with httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=deadline_seconds) as http:
+
+        async def one(webhook: store.DueWebhook) -> str | None:
+            async with slots:
+                return await _attempt(
+                    http, webhook, allow_private=allow_private, deadline_seconds=deadline_seconds
+                )
+
+        return await asyncio.gather(*(one(webhook) for webhook in due))
+
+
 def deliver_due_webhooks(
-    engine: Engine, *, max_attempts: int = MAX_WEBHOOK_ATTEMPTS, timeout: float = 10.0, now: int | None = None
+    engine: Engine,
+    *,
+    allow_private: bool = False,
+    max_attempts: int = MAX_WEBHOOK_ATTEMPTS,
+    deadline_seconds: float = 10.0,
+    now: int | None = None,
 ) -> tuple[int, int]:
-    """Try every webhook that is due; returns (delivered, failed) for this pass."""
-    delivered = failed = 0
-    due = store.due_webhooks(engine, max_attempts=max_attempts, now=now)
+    """Claim and try every webhook that is due; returns (delivered, failed) for this pass. Lasts at
+    most about ``deadline_seconds`` per ``_CONCURRENT_DELIVERIES`` webhooks due."""
+    # A claim outlives the pass (so no other sender takes the same webhook meanwhile); the
+    # attempt's record then sets when it is due next.
+    due = store.claim_due_webhooks(
+        engine, max_attempts=max_attempts, claim_seconds=int(deadline_seconds * 4) + 60, now=now
+    )
     if not due:
         return 0, 0
-    with httpx.Client(timeout=timeout, follow_redirects=False) as http:
-        for webhook in due:
-            event = webhook_event(webhook.batch)
-            try:
-                answer = http.post(webhook.url, json=event, headers={"webhook-id": event["id"]})
-                error = None if answer.is_success else f"HTTP {answer.status_code}"
-            except httpx.HTTPError as e:
-                error = f"{type(e).__name__}: {e}"
-            retry_in = min(_MAX_BACKOFF_SECONDS, 10 * 2**webhook.attempts)
-            store.record_webhook_attempt(engine, webhook.batch_id, error=error, retry_in=retry_in, now=now)
-            if error is None:
-                delivered += 1
-            else:
-                failed += 1
-    return delivered, failed
+    errors = asyncio.run(_deliver(due, allow_private=allow_private, deadline_seconds=deadline_seconds))
+    for webhook, error in zip(due, errors, strict=True):
+        retry_in = min(_MAX_BACKOFF_SECONDS, 10 * 2**webhook.attempts)
+        bounded = None if error is None else error[:MAX_WEBHOOK_ERROR_CHARS]
+        store.record_webhook_attempt(engine, webhook.batch_id, error=bounded, retry_in=retry_in, now=now)
+    failed = sum(error is not None for error in errors)
+    return len(due) - failed, failed
+
+
+def deliver_webhooks_forever(
+    engine: Engine,
+    interval_seconds: float,
+    *,
+    allow_private: bool,
+    deadline_seconds: float,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> None:
+    """The delivery loop of ``tokenmill beat`` (on its own thread, apart from the sweep); a failed
+    pass is logged and the next one tries again."""
+    while not should_stop():
+        started = time.monotonic()
+        try:
+            deliver_due_webhooks(engine, allow_private=allow_private, deadline_seconds=deadline_seconds)
+        except Exception:
+            _logger.exception("webhook delivery pass failed; retrying in %.1f s", interval_seconds)
+        deadline = started + interval_seconds
+        while not should_stop() and time.monotonic() < deadline:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))

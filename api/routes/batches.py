@@ -20,6 +20,8 @@ from starlette.concurrency import run_in_threadpool
 import store
 from api.deps import ID_PATTERN, AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
 from api.errors import Conflict, InvalidRequest, NotFound
+from workers.settings import Settings
+from workers.webhooks import WebhookURLRefused, resolve_webhook_url
 
 __all__ = ["Dispatch", "batch_object", "router"]
 
@@ -91,9 +93,19 @@ def batch_object(engine: Engine, batch: store.Batch) -> dict[str, Any]:
     }
 
 
-def _create(
-    engine: Engine, tenant: store.Tenant, body: BatchCreate, max_body_bytes: int, max_lines: int
-) -> str:
+def _checked_webhook_url(url: HttpUrl | None, settings: Settings) -> str | None:
+    """The URL, once its host resolves to public addresses only (``workers.webhooks``)."""
+    if url is None:
+        return None
+    try:
+        resolve_webhook_url(str(url), allow_private=settings.webhook_allow_private)
+    except WebhookURLRefused as e:
+        raise InvalidRequest(str(e), param="webhook_url", code=e.code) from e
+    return str(url)
+
+
+def _create(engine: Engine, tenant: store.Tenant, body: BatchCreate, settings: Settings) -> str:
+    webhook_url = _checked_webhook_url(body.webhook_url, settings)
     file = store.get_file(engine, body.input_file_id, tenant.id)
     if file is None:
         raise NotFound(f"No such File object: {body.input_file_id}", param="input_file_id")
@@ -116,10 +128,10 @@ def _create(
                 input_file_id=file.id,
                 defaults=defaults,
                 skip_invalid=body.skip_invalid,
-                max_body_bytes=max_body_bytes,
-                max_lines=max_lines,
+                max_body_bytes=settings.max_request_body_bytes,
+                max_lines=settings.max_requests_per_batch,
                 priority=body.priority,
-                webhook_url=str(body.webhook_url) if body.webhook_url else None,
+                webhook_url=webhook_url,
             )
     except FileNotFoundError as e:
         raise NotFound(f"the content of {file.id} is no longer on this server", param="input_file_id") from e
@@ -134,9 +146,7 @@ async def create_batch(
 ) -> dict[str, Any]:
     """Validate the input file line by line and queue its requests. A file with bad lines gives a
     batch in status ``failed`` whose ``errors`` name each line, unless ``skip_invalid``."""
-    batch_id = await run_in_threadpool(
-        _create, engine, tenant, body, settings.max_request_body_bytes, settings.max_requests_per_batch
-    )
+    batch_id = await run_in_threadpool(_create, engine, tenant, body, settings)
     batch = await run_in_threadpool(store.get_batch, engine, batch_id, tenant.id)
     assert batch is not None
     if batch.status == store.BatchStatus.IN_PROGRESS:

@@ -1,19 +1,24 @@
-"""Completion webhooks against a real local HTTP receiver, on both databases."""
+"""Completion webhooks against a real local HTTP receiver, on both databases. The receiver is on
+127.0.0.1, so these tests allow private addresses, as an operator would for an internal receiver
+(``TOKENMILL_WEBHOOK_ALLOW_PRIVATE``); without it, the same delivery is refused."""
 
 from __future__ import annotations
 
 import io
 import json
 import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 import store
 from models import RequestUsage
-from workers.webhooks import deliver_due_webhooks
+from tests.cluster import Cluster
+from tests.workers.support import Ledger, add_batch
+from workers.webhooks import MAX_WEBHOOK_ERROR_CHARS, deliver_due_webhooks
 
 
 class Receiver:
@@ -49,9 +54,10 @@ def receiver() -> Iterator[Receiver]:
     made.server.server_close()
 
 
-def finished_batch(database_url: str, webhook_url: str) -> tuple[Any, str]:
-    store.upgrade_to_head(database_url)
-    engine = store.make_engine(database_url)
+def finished_batch(database_url: str, webhook_url: str, *, engine: Any = None) -> tuple[Any, str]:
+    if engine is None:
+        store.upgrade_to_head(database_url)
+        engine = store.make_engine(database_url)
     tenant = store.create_tenant(engine, "t")
     report = store.ingest_batch(
         engine,
@@ -79,8 +85,8 @@ def finished_batch(database_url: str, webhook_url: str) -> tuple[Any, str]:
 
 def test_an_ended_batch_posts_its_event_once(database_url: str, receiver: Receiver) -> None:
     engine, batch_id = finished_batch(database_url, receiver.url)
-    assert deliver_due_webhooks(engine) == (1, 0)
-    assert deliver_due_webhooks(engine) == (0, 0)  # delivered: never sent again
+    assert deliver_due_webhooks(engine, allow_private=True) == (1, 0)
+    assert deliver_due_webhooks(engine, allow_private=True) == (0, 0)  # delivered: never sent again
     ((headers, event),) = receiver.events
     assert event["type"] == "batch.completed"
     assert event["data"]["id"] == batch_id
@@ -92,13 +98,131 @@ def test_an_ended_batch_posts_its_event_once(database_url: str, receiver: Receiv
 def test_a_failed_delivery_is_retried_after_its_backoff(database_url: str, receiver: Receiver) -> None:
     engine, batch_id = finished_batch(database_url, receiver.url)
     receiver.fail_next = 1
-    assert deliver_due_webhooks(engine) == (0, 1)
-    assert deliver_due_webhooks(engine) == (0, 0)  # not due again yet
+    assert deliver_due_webhooks(engine, allow_private=True) == (0, 1)
+    assert deliver_due_webhooks(engine, allow_private=True) == (0, 0)  # not due again yet
     batch = store.get_batch(engine, batch_id)
     assert batch is not None
     assert batch.webhook_last_error == "HTTP 503"
     assert batch.webhook_next_at is not None
-    assert deliver_due_webhooks(engine, now=batch.webhook_next_at) == (1, 0)
+    assert deliver_due_webhooks(engine, allow_private=True, now=batch.webhook_next_at) == (1, 0)
     assert [event["data"]["id"] for _, event in receiver.events] == [batch_id]
-    assert deliver_due_webhooks(engine, now=batch.webhook_next_at + 10**6) == (0, 0)
+    assert deliver_due_webhooks(engine, allow_private=True, now=batch.webhook_next_at + 10**6) == (0, 0)
     engine.dispose()
+
+
+def test_a_private_address_is_refused_again_at_send(database_url: str, receiver: Receiver) -> None:
+    """A batch created while its host resolved to a public address, whose name now resolves to
+    the inside (DNS rebinding), or written past the API: checked again just before the send."""
+    engine, batch_id = finished_batch(database_url, receiver.url)
+    assert deliver_due_webhooks(engine) == (0, 1)
+    assert receiver.events == []
+    batch = store.get_batch(engine, batch_id)
+    assert batch is not None
+    assert batch.webhook_last_error is not None
+    assert batch.webhook_last_error.startswith("refused: ")
+    assert "127.0.0.1" in batch.webhook_last_error
+    assert len(batch.webhook_last_error) <= MAX_WEBHOOK_ERROR_CHARS
+    engine.dispose()
+
+
+class TricklingReceiver:
+    """Answers one byte at a time, ``interval`` apart, for as long as the sender listens: each read
+    gets a byte well within any per-read timeout."""
+
+    def __init__(self, interval: float) -> None:
+        self.connections = 0
+        self.closed = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                receiver.connections += 1
+                self.rfile.read(int(self.headers["Content-Length"]))
+                try:
+                    self.wfile.write(b"H")
+                    self.wfile.flush()
+                    for byte in b"TTP/1.1 200 OK\r\nX-Slow: " + b"x" * 10_000:
+                        if receiver.closed.wait(interval):
+                            return
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                except OSError:  # the sender hung up: what we want
+                    return
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.closed.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def trickling_receiver() -> Iterator[TricklingReceiver]:
+    made = TricklingReceiver(interval=0.2)
+    yield made
+    made.stop()
+
+
+def test_a_trickling_receiver_is_cut_at_the_delivery_deadline(
+    postgres_url: str, trickling_receiver: TricklingReceiver, receiver: Receiver
+) -> None:
+    engine, slow_batch = finished_batch(postgres_url, trickling_receiver.url)
+    _, fast_batch = finished_batch(postgres_url, receiver.url, engine=engine)
+    started = time.monotonic()
+    assert deliver_due_webhooks(engine, allow_private=True, deadline_seconds=2) == (1, 1)
+    elapsed = time.monotonic() - started
+    assert trickling_receiver.connections == 1
+    # The whole exchange had 2 s; allow for a loaded machine, not for the receiver's pace.
+    assert elapsed < 8, elapsed
+    assert [event["data"]["id"] for _, event in receiver.events] == [fast_batch]
+    slow = store.get_batch(engine, slow_batch)
+    assert slow is not None
+    assert slow.webhook_last_error == "no answer within 2 s"
+    engine.dispose()
+
+
+def test_delivery_connects_to_the_address_checked_and_names_the_host(
+    database_url: str, receiver: Receiver
+) -> None:
+    """The connection goes to the resolved address; the receiver still sees its own host name."""
+    url = receiver.url.replace("127.0.0.1", "localhost")
+    engine, batch_id = finished_batch(database_url, url)
+    assert deliver_due_webhooks(engine, allow_private=True) == (1, 0)
+    ((headers, event),) = receiver.events
+    assert headers["Host"] == f"localhost:{receiver.server.server_port}"
+    assert event["data"]["id"] == batch_id
+    engine.dispose()
+
+
+@pytest.mark.slow
+def test_a_trickling_receiver_does_not_delay_the_redispatch_of_other_batches(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    trickling_receiver: TricklingReceiver,
+) -> None:
+    """Deliveries run apart from the sweep: while a receiver holds its delivery (here longer than
+    the whole test), a batch whose message was never sent is still dispatched by the sweep."""
+    c = cluster()
+    c.env["TOKENMILL_WEBHOOK_ALLOW_PRIVATE"] = "true"
+    c.env["TOKENMILL_WEBHOOK_TIMEOUT_SECONDS"] = "300"
+    led = make_ledger(postgres_url)
+    finished_batch(postgres_url, trickling_receiver.url, engine=led.engine)
+    c.beat()
+    deadline = time.monotonic() + 30
+    while trickling_receiver.connections == 0:
+        assert time.monotonic() < deadline, (c.logs / "beat.log").read_text()[-2000:]
+        time.sleep(0.1)
+    batch_id, _ = add_batch(led, ["one", "two"])  # no message names it: only a sweep sends it
+    c.worker("w1")
+    deadline = time.monotonic() + 45
+    while (progress := store.batch_progress(led.engine, batch_id)).finished < progress.total:
+        assert time.monotonic() < deadline, (progress, (c.logs / "beat.log").read_text()[-2000:])
+        time.sleep(0.2)
+    assert trickling_receiver.connections == 1  # still the one delivery, still held

@@ -6,6 +6,7 @@ from fastapi import FastAPI
 from sqlalchemy.engine import Engine
 
 import store
+from agents.tools import load_tool_modules
 from api.errors import install_error_handlers
 from api.limits import BodySizeLimit
 from api.routes import agent_runs, batches, chat, files, health, model_catalog, usage
@@ -30,6 +31,8 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     settings = settings or get_settings()
     engine = store.make_engine(settings.database_url)
     store.require_schema_at_head(engine)
+    # The same tools as the workers, so that an agent run naming an unknown one is refused at create.
+    load_tool_modules(settings.tool_modules)
     if dispatch is None:
         dispatch = dispatch_to_workers
 

@@ -97,7 +97,12 @@ def list_batches(
     if not include_hidden:
         query = query.where(Batch.hidden.is_(False))
     if after is not None:
-        cursor = sa.select(Batch.created_at).where(Batch.id == after).scalar_subquery()
+        # Among the tenant's own batches: another tenant's id pages like an unknown one.
+        cursor = (
+            sa.select(Batch.created_at)
+            .where(Batch.id == after, Batch.tenant_id == tenant_id)
+            .scalar_subquery()
+        )
         query = query.where(sa.tuple_(Batch.created_at, Batch.id) < sa.tuple_(cursor, after))
     query = query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)
     with Session(engine, expire_on_commit=False) as session:

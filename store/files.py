@@ -59,7 +59,11 @@ def list_files(
     if purpose is not None:
         query = query.where(File.purpose == purpose)
     if after is not None:
-        cursor = sa.select(File.created_at).where(File.id == after).scalar_subquery()
+        # The cursor is looked up among the tenant's own files: another tenant's id pages like an
+        # unknown one (an empty page), so ``after`` cannot tell whether an id exists.
+        cursor = (
+            sa.select(File.created_at).where(File.id == after, File.tenant_id == tenant_id).scalar_subquery()
+        )
         query = query.where(sa.tuple_(File.created_at, File.id) < sa.tuple_(cursor, after))
     query = query.order_by(File.created_at.desc(), File.id.desc()).limit(limit)
     with Session(engine, expire_on_commit=False) as session:

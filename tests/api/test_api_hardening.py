@@ -3,7 +3,10 @@ would tell one tenant about another's ids, tool names that only fail at run time
 
 from __future__ import annotations
 
+import time
+
 import httpx
+import pytest
 
 from tests.api.conftest import LiveAPI
 from tests.api.test_api_input import batch_line, client, jsonl
@@ -42,8 +45,8 @@ def post_batch(api: LiveAPI, key: str, file_id: str, **extra: object) -> httpx.R
 
 def test_webhook_urls_reaching_internal_addresses_are_refused_at_create(live_api: LiveAPI) -> None:
     key = live_api.new_key("webhook-urls")
-    sdk = client(live_api, key)
-    uploaded = sdk.files.create(file=("in.jsonl", jsonl(batch_line("a"))), purpose="batch")
+    with client(live_api, key) as sdk:
+        uploaded = sdk.files.create(file=("in.jsonl", jsonl(batch_line("a"))), purpose="batch")
     redis_port = httpx.URL(live_api.env["TOKENMILL_BROKER_URL"]).port
     cases = [*INTERNAL_WEBHOOK_URLS, (f"http://127.0.0.1:{redis_port}/", "webhook_url_not_public")]
     for url, code in cases:
@@ -51,7 +54,72 @@ def test_webhook_urls_reaching_internal_addresses_are_refused_at_create(live_api
         assert answer.status_code == 400, (url, answer.text)
         error = answer.json()["error"]
         assert (error["code"], error["param"]) == (code, "webhook_url"), (url, error)
-    assert sdk.batches.list().data == []  # nothing refused was created
+    with client(live_api, key) as sdk:
+        assert sdk.batches.list().data == []  # nothing refused was created
     # A public address is accepted (delivery happens when the batch ends).
     accepted = post_batch(live_api, key, uploaded.id, webhook_url="https://93.184.215.14/hook")
     assert accepted.status_code == 200, accepted.text
+
+
+def test_a_paging_cursor_of_another_tenant_pages_like_an_unknown_id(
+    live_api: LiveAPI, request: pytest.FixtureRequest
+) -> None:
+    """``after=<id>`` must not tell a tenant whether someone else's id exists."""
+    mine = client(live_api, live_api.new_key("cursor-mine"))
+    theirs = client(live_api, live_api.new_key("cursor-theirs"))
+    request.addfinalizer(mine.close)
+    request.addfinalizer(theirs.close)
+    own_files = [
+        mine.files.create(file=("in.jsonl", jsonl(batch_line("a"))), purpose="batch") for _ in range(2)
+    ]
+    own_batch = mine.batches.create(
+        input_file_id=own_files[0].id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    # The other tenant's objects are newer (times are whole seconds), so a cursor resolved across
+    # tenants would page into the caller's older ones.
+    while int(time.time()) <= own_batch.created_at:
+        time.sleep(0.05)
+    their_file = theirs.files.create(file=("in.jsonl", jsonl(batch_line("b"))), purpose="batch")
+    their_batch = theirs.batches.create(
+        input_file_id=their_file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    headers = {"Authorization": f"Bearer {mine.api_key}"}
+    for kind, foreign, unknown in (
+        ("files", their_file.id, "file-000000000000000000000000"),
+        ("batches", their_batch.id, "batch_00000000000000000000000000000000"),
+    ):
+        pages = [
+            httpx.get(f"{live_api.base_url}/{kind}", params={"after": cursor}, headers=headers).json()
+            for cursor in (foreign, unknown)
+        ]
+        assert pages[0] == pages[1], kind
+        assert pages[0]["data"] == [], kind
+    # The caller's own cursor still pages.
+    everything = [file.id for file in mine.files.list()]
+    assert len(everything) == 2
+    page = httpx.get(f"{live_api.base_url}/files", params={"after": everything[0]}, headers=headers).json()
+    assert [file["id"] for file in page["data"]] == everything[1:]
+
+
+def test_an_agent_run_naming_an_unknown_tool_is_refused_at_create(live_api: LiveAPI) -> None:
+    key = live_api.new_key("tools")
+    headers = {"Authorization": f"Bearer {key}"}
+    answer = httpx.post(
+        f"{live_api.base_url}/agent_runs",
+        headers=headers,
+        json={"model": "sim-model", "tools": ["calculator", "rm_rf"], "input": "hi"},
+        timeout=30,
+    )
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert (error["code"], error["param"]) == ("unknown_tool", "tools")
+    assert "rm_rf" in error["message"]
+    with client(live_api, key) as sdk:
+        assert sdk.batches.list().data == []
+    known = httpx.post(
+        f"{live_api.base_url}/agent_runs",
+        headers=headers,
+        json={"model": "sim-model", "tools": ["calculator"], "input": "hi"},
+        timeout=30,
+    )
+    assert known.status_code == 200, known.text

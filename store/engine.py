@@ -19,6 +19,8 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from store.log_redaction import install_log_redaction
+
 __all__ = [
     "SQLITE_BUSY_TIMEOUT_MS",
     "dialect_insert",
@@ -54,7 +56,13 @@ def dialect_insert(conn: Connection, table: Any) -> postgresql.Insert | sqlite.I
 
 
 def make_engine(url: str | sa.URL, **kwargs: Any) -> Engine:
-    """An engine for ``url``; extra keyword arguments go to ``sqlalchemy.create_engine``."""
+    """An engine for ``url``; extra keyword arguments go to ``sqlalchemy.create_engine``.
+
+    Statement parameters (prompts, among others) are kept out of error messages, and every log
+    record of the process is cleaned of database errors' quoted data (``store.log_redaction``):
+    each process that can meet a database error makes an engine first."""
+    install_log_redaction()
+    kwargs.setdefault("hide_parameters", True)
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
         connect_args = {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}

@@ -23,7 +23,8 @@ from agents.exceptions import UnknownToolError
 from agents.tools import default_registry
 from api.deps import ID_PATTERN, EngineDep, ObjectId, SettingsDep, TenantDep
 from api.errors import InvalidRequest, NotFound, ServiceUnavailable
-from api.routes.single_request import dispatch_or_503, ingest_single, json_object_body, wait_for
+from api.routes.batches import dispatch_or_leave_to_sweeper
+from api.routes.single_request import ingest_single, json_object_body, wait_for
 from models.errors import ModelClientError
 from workers.agent_tasks import parse_agent_run_body
 
@@ -132,7 +133,8 @@ async def create_agent_run(
         invalid_message="the run is invalid",
     )
     [run_id] = await run_in_threadpool(store.pending_request_ids, engine, batch_id)
-    await dispatch_or_503(request, engine, batch_id)
+    # The answer carries the run's id: if the broker is down, the sweeper sends the run later.
+    await dispatch_or_leave_to_sweeper(request, engine, batch_id)
     run = await run_in_threadpool(_run_of, engine, tenant.id, run_id)
     if wait and run.result is None:
 

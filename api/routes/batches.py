@@ -7,6 +7,7 @@ passed in the create body (``extra_body`` in the openai SDK)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,27 @@ from api.errors import Conflict, InvalidRequest, NotFound
 from workers.settings import Settings
 from workers.webhooks import WebhookURLRefused, resolve_webhook_url
 
-__all__ = ["Dispatch", "batch_object", "router"]
+__all__ = ["Dispatch", "batch_object", "dispatch_or_leave_to_sweeper", "router"]
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
 # Sends a batch's queued requests to the workers (set on app.state by create_app).
 Dispatch = Callable[[Engine, str], None]
+
+_logger = logging.getLogger("tokenmill.api")
+
+
+async def dispatch_or_leave_to_sweeper(request: Request, engine: Engine, batch_id: str) -> bool:
+    """Send the batch's requests to the workers; False when the broker could not take them. The
+    rows are committed and stay queued: the sweeper sends them once the broker is back, so the
+    caller answers with the id of what will run, never with an error for it."""
+    dispatch: Dispatch = request.app.state.dispatch
+    try:
+        await run_in_threadpool(dispatch, engine, batch_id)
+    except Exception as e:
+        _logger.warning("dispatch of %s failed (%s); the sweeper will send it", batch_id, type(e).__name__)
+        return False
+    return True
 
 
 class BatchCreate(BaseModel):
@@ -150,9 +166,7 @@ async def create_batch(
     batch = await run_in_threadpool(store.get_batch, engine, batch_id, tenant.id)
     assert batch is not None
     if batch.status == store.BatchStatus.IN_PROGRESS:
-        dispatch: Dispatch = request.app.state.dispatch
-        # The rows are committed; a dispatch that fails here is redone by the sweeper.
-        await run_in_threadpool(dispatch, engine, batch_id)
+        await dispatch_or_leave_to_sweeper(request, engine, batch_id)
     return batch_object(engine, batch)
 
 

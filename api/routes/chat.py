@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 import store
 from api.deps import EngineDep, SettingsDep, TenantDep
 from api.errors import APIError, ServiceUnavailable, UpstreamFailed
-from api.routes.single_request import dispatch_or_503, ingest_single, json_object_body, wait_for
+from api.routes.single_request import dispatch_or_cancel, ingest_single, json_object_body, wait_for
 
 __all__ = ["router"]
 
@@ -102,7 +102,7 @@ async def chat_completions(
         max_body_bytes=settings.max_request_body_bytes,
         invalid_message="the request is invalid",
     )
-    await dispatch_or_503(request, engine, batch_id)
+    await dispatch_or_cancel(request, engine, batch_id)
     outcome = await wait_for(
         lambda: run_in_threadpool(_outcome, engine, batch_id),
         request=request,

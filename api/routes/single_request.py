@@ -16,9 +16,9 @@ from starlette.concurrency import run_in_threadpool
 
 import store
 from api.errors import InvalidRequest, ServiceUnavailable
-from api.routes.batches import Dispatch
+from api.routes.batches import dispatch_or_leave_to_sweeper
 
-__all__ = ["dispatch_or_503", "ingest_single", "json_object_body", "wait_for"]
+__all__ = ["dispatch_or_cancel", "ingest_single", "json_object_body", "wait_for"]
 
 T = TypeVar("T")
 
@@ -78,12 +78,22 @@ async def ingest_single(
     return report.batch_id
 
 
-async def dispatch_or_503(request: Request, engine: Engine, batch_id: str) -> None:
-    dispatch: Dispatch = request.app.state.dispatch
-    try:
-        await run_in_threadpool(dispatch, engine, batch_id)
-    except Exception as e:  # the ledger row stays; the sweeper will still run it
-        raise ServiceUnavailable(f"could not reach the workers' broker: {e}") from e
+async def dispatch_or_cancel(request: Request, engine: Engine, batch_id: str) -> None:
+    """For a request whose answer carries no id to come back for (a chat completion): when the
+    broker cannot take it, cancel it so that nothing runs (and nothing is billed) on the strength of
+    a 503, which tells the client to retry. Raises ``ServiceUnavailable`` then."""
+    if await dispatch_or_leave_to_sweeper(request, engine, batch_id):
+        return
+    batch = await run_in_threadpool(store.cancel_batch, engine, batch_id)
+    if batch.status == store.BatchStatus.CANCELLED:
+        raise ServiceUnavailable(
+            "could not reach the workers' broker; nothing was run, retry later", code="broker_unavailable"
+        )
+    # A worker took it after all (the message left before the failure): it runs; name it.
+    raise ServiceUnavailable(
+        f"could not reach the workers' broker; batch {batch_id} was already running and is being cancelled",
+        code="broker_unavailable",
+    )
 
 
 async def wait_for(

@@ -4,12 +4,19 @@ would tell one tenant about another's ids, tool names that only fail at run time
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
-from tests.api.conftest import LiveAPI
+import store
+from simulator.testing import SimulatorServer
+from tests import services
+from tests.api.conftest import LiveAPI, start_api
 from tests.api.test_api_input import batch_line, client, jsonl
+from tests.cluster import Cluster, run_cli
 
 # Each of these reached the server's own network before URLs were checked (or would have).
 INTERNAL_WEBHOOK_URLS = [
@@ -123,3 +130,63 @@ def test_an_agent_run_naming_an_unknown_tool_is_refused_at_create(live_api: Live
         timeout=30,
     )
     assert known.status_code == 200, known.text
+
+
+@pytest.mark.slow
+def test_with_the_broker_down_what_is_answered_with_an_id_runs_and_nothing_else(
+    cluster: Callable[..., Cluster], simulator: SimulatorServer, tmp_path: Path
+) -> None:
+    """A client told "failed" must not be billed: with the broker unreachable, a batch and an agent
+    run are answered with their ids (the sweeper sends them later), and a chat completion, whose
+    answer has no id to come back for, is answered 503 and never runs."""
+    c = cluster()
+    c.env["TOKENMILL_FILES_DIR"] = str(tmp_path / "files")
+    assert run_cli(c.env, "db", "upgrade").returncode == 0
+    key = run_cli(c.env, "keys", "create", "broker-down").stdout.strip()
+    headers = {"Authorization": f"Bearer {key}"}
+    dead_broker = f"redis://127.0.0.1:{services.free_port()}/0"
+    api, root = start_api({**c.env, "TOKENMILL_BROKER_URL": dead_broker}, c.logs / "api.log")
+    try:
+        with openai.OpenAI(base_url=f"{root}/v1", api_key=key, max_retries=0) as sdk:
+            lines = [batch_line(f"r{i}", f"question {i}") for i in (1, 2)]
+            for line in lines:
+                line["body"] = {**line["body"], "model": "batch-model"}  # type: ignore[dict-item]
+            uploaded = sdk.files.create(file=("in.jsonl", jsonl(*lines)), purpose="batch")
+            batch = sdk.batches.create(
+                input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            assert batch.status == "in_progress"
+            with pytest.raises(openai.InternalServerError) as refused:
+                sdk.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "hi"}])
+            assert refused.value.status_code == 503
+            assert isinstance(refused.value.body, dict)
+            assert refused.value.body["code"] == "broker_unavailable"
+        run = httpx.post(
+            f"{root}/v1/agent_runs",
+            headers=headers,
+            json={"model": "agent-model", "input": "hello"},
+            timeout=30,
+        )
+        assert run.status_code == 200, run.text
+        run_id = run.json()["id"]
+    finally:
+        api.terminate()
+        api.wait(timeout=10)
+    c.worker("w1")
+    c.beat()
+    engine = store.make_engine(c.env["TOKENMILL_DATABASE_URL"])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            ended = store.get_batch(engine, batch.id)
+            agent_run = store.get_agent_run(engine, run_id, tenant_id=ended.tenant_id if ended else "")
+            if ended is not None and ended.status == "completed" and agent_run and agent_run.result:
+                break
+            assert time.monotonic() < deadline, (ended, agent_run)
+            time.sleep(0.2)
+    finally:
+        engine.dispose()
+    by_model = simulator.stats()["by_model"]
+    assert by_model.get("batch-model") == 2
+    assert by_model.get("agent-model", 0) >= 1
+    assert "chat-model" not in by_model

@@ -8,6 +8,7 @@ from sqlalchemy.engine import Engine
 import store
 from agents.tools import load_tool_modules
 from api.errors import install_error_handlers
+from api.idempotency import IdempotencyKeys
 from api.limits import BodySizeLimit
 from api.routes import agent_runs, batches, chat, files, health, model_catalog, usage
 from api.routes.batches import Dispatch
@@ -47,6 +48,8 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     app.state.engine = engine
     app.state.dispatch = dispatch
     install_error_handlers(app)
+    # Added before the size limit, so that the limit wraps it: what it reads is bounded.
+    app.add_middleware(IdempotencyKeys)
     app.add_middleware(
         BodySizeLimit,
         body_limit=settings.max_request_body_bytes,

@@ -116,6 +116,15 @@ from store.errors import (
 )
 from store.export import iter_error_lines, iter_output_lines
 from store.files import create_file, delete_file, get_file, list_files
+from store.idempotency import (
+    IdempotencyClaim,
+    IdempotencyOutcome,
+    StoredResponse,
+    abandon_idempotency_key,
+    claim_idempotency_key,
+    purge_idempotency_keys,
+    store_idempotent_response,
+)
 from store.ingest import ENDPOINT_KINDS, IngestReport, LineError, ingest_batch
 from store.leases import (
     ClaimedRequest,
@@ -149,6 +158,7 @@ from store.tables import (
     ConversationRun,
     File,
     FileKind,
+    IdempotencyKey,
     ModelPrice,
     Request,
     RequestKind,
@@ -183,6 +193,9 @@ __all__ = [
     "DueWebhook",
     "File",
     "FileKind",
+    "IdempotencyClaim",
+    "IdempotencyKey",
+    "IdempotencyOutcome",
     "IngestReport",
     "InvalidArgument",
     "InvalidState",
@@ -199,9 +212,11 @@ __all__ = [
     "StoreError",
     "StoredAgentMessage",
     "StoredAgentState",
+    "StoredResponse",
     "Tenant",
     "UsageGroup",
     "UsageRow",
+    "abandon_idempotency_key",
     "append_messages",
     "authenticate_api_key",
     "batch_file_ids",
@@ -210,6 +225,7 @@ __all__ = [
     "cancel_batch",
     "cancel_claimed",
     "claim_due_webhooks",
+    "claim_idempotency_key",
     "claim_queued",
     "claim_requests",
     "create_api_key",
@@ -240,6 +256,7 @@ __all__ = [
     "mark_dispatched",
     "pending_request_ids",
     "price_for",
+    "purge_idempotency_keys",
     "record_agent_message",
     "record_results",
     "record_webhook_attempt",
@@ -249,6 +266,7 @@ __all__ = [
     "revoke_api_key",
     "save_agent_state",
     "set_price",
+    "store_idempotent_response",
     "unsettled_dispatch_ids",
     "upgrade_to_head",
     "usage_report",

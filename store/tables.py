@@ -27,6 +27,7 @@ __all__ = [
     "ConversationRun",
     "File",
     "FileKind",
+    "IdempotencyKey",
     "ModelPrice",
     "Request",
     "RequestKind",
@@ -328,4 +329,20 @@ class AgentMessage(Base):
     agent_key: Mapped[str] = mapped_column(sa.String(500))
     sender: Mapped[str | None] = mapped_column(sa.String(800))
     payload: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
+    created_at: Mapped[int] = mapped_column(sa.BigInteger, index=True)
+
+
+class IdempotencyKey(Base):
+    """A POST sent with an ``Idempotency-Key``: the request's hash and, once answered, the answer,
+    replayed to a retry with the same key (kept ``idempotency_retention_seconds``). A row with no
+    ``status_code`` is a request still being answered."""
+
+    __tablename__ = "idempotency_keys"
+
+    tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(sa.String(64))
+    status_code: Mapped[int | None] = mapped_column(sa.Integer)
+    response_headers: Mapped[list[Any] | None] = mapped_column(sa.JSON)
+    response_body: Mapped[bytes | None] = mapped_column(sa.LargeBinary)
     created_at: Mapped[int] = mapped_column(sa.BigInteger, index=True)

@@ -83,6 +83,8 @@ class Settings(BaseSettings):
     max_request_body_bytes: int = Field(default=1024 * 1024, ge=1)
     max_requests_per_batch: int = Field(default=1_000_000, ge=1)
     sync_timeout_seconds: float = Field(default=600.0, gt=0, description="POST /v1/chat/completions wait")
+    # How long a POST's answer is kept for a retry with the same Idempotency-Key.
+    idempotency_retention_seconds: int = Field(default=24 * 3600, ge=60)
     files_dir: Path = Field(default=Path("./.tokenmill/files"))
 
     # Flower: no default password; ``tokenmill flower`` refuses to start without one.

@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 import store
 from simulator.testing import SimulatorServer
@@ -17,6 +18,8 @@ from tests import services
 from tests.api.conftest import LiveAPI, start_api
 from tests.api.test_api_input import batch_line, client, jsonl
 from tests.cluster import Cluster, run_cli
+
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 # Each of these reached the server's own network before URLs were checked (or would have).
 INTERNAL_WEBHOOK_URLS = [
@@ -41,10 +44,15 @@ INTERNAL_WEBHOOK_URLS = [
 ]
 
 
-def post_batch(api: LiveAPI, key: str, file_id: str, **extra: object) -> httpx.Response:
+def post_batch(
+    api: LiveAPI, key: str, file_id: str, *, idempotency_key: str | None = None, **extra: object
+) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"}
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = idempotency_key
     return httpx.post(
         f"{api.base_url}/batches",
-        headers={"Authorization": f"Bearer {key}"},
+        headers=headers,
         json={"input_file_id": file_id, "endpoint": "/v1/chat/completions", **extra},
         timeout=30,
     )
@@ -157,7 +165,9 @@ def test_with_the_broker_down_what_is_answered_with_an_id_runs_and_nothing_else(
             )
             assert batch.status == "in_progress"
             with pytest.raises(openai.InternalServerError) as refused:
-                sdk.chat.completions.create(model="chat-model", messages=[{"role": "user", "content": "hi"}])
+                sdk.chat.completions.create(
+                    model="chat-model", messages=CHAT, extra_headers={"Idempotency-Key": "chat-1"}
+                )
             assert refused.value.status_code == 503
             assert isinstance(refused.value.body, dict)
             assert refused.value.body["code"] == "broker_unavailable"
@@ -190,3 +200,63 @@ def test_with_the_broker_down_what_is_answered_with_an_id_runs_and_nothing_else(
     assert by_model.get("batch-model") == 2
     assert by_model.get("agent-model", 0) >= 1
     assert "chat-model" not in by_model
+    # The broker is back: the client's retry with its key runs once; a second retry replays it.
+    api, root = start_api(c.env, c.logs / "api-again.log")
+    try:
+        with openai.OpenAI(base_url=f"{root}/v1", api_key=key, max_retries=0, timeout=60) as sdk:
+            answers = [
+                sdk.chat.completions.with_raw_response.create(
+                    model="chat-model", messages=CHAT, extra_headers={"Idempotency-Key": "chat-1"}
+                )
+                for _ in range(2)
+            ]
+    finally:
+        api.terminate()
+        api.wait(timeout=10)
+    first, again = (answer.parse() for answer in answers)
+    assert again.id == first.id
+    assert answers[1].headers["idempotent-replayed"] == "true"
+    assert simulator.stats()["by_model"].get("chat-model") == 1
+
+
+def test_a_post_retried_with_its_idempotency_key_answers_the_first_object_again(live_api: LiveAPI) -> None:
+    key = live_api.new_key("idempotent")
+    with client(live_api, key) as sdk:
+        # An upload retried with a new multipart boundary is still the same request.
+        uploads = [
+            sdk.files.create(
+                file=("in.jsonl", jsonl(batch_line("a"))),
+                purpose="batch",
+                extra_headers={"Idempotency-Key": "upload-1"},
+            )
+            for _ in range(2)
+        ]
+        assert uploads[0].id == uploads[1].id
+        assert [file.id for file in sdk.files.list()] == [uploads[0].id]
+        file_id = uploads[0].id
+        first = post_batch(live_api, key, file_id, metadata={"n": "1"}, idempotency_key="batch-1")
+        again = post_batch(live_api, key, file_id, metadata={"n": "1"}, idempotency_key="batch-1")
+        assert first.status_code == again.status_code == 200, (first.text, again.text)
+        assert again.json()["id"] == first.json()["id"]
+        assert again.headers["idempotent-replayed"] == "true"
+        assert [batch.id for batch in sdk.batches.list()] == [first.json()["id"]]
+        # The same key for another request is refused, by name; nothing is created.
+        other = post_batch(live_api, key, file_id, metadata={"n": "2"}, idempotency_key="batch-1")
+        assert other.status_code == 422, other.text
+        assert other.json()["error"]["code"] == "idempotency_key_reused"
+        assert len(sdk.batches.list().data) == 1
+        # An error answer is kept too: the retry gets the same error, not a second attempt.
+        missing = [post_batch(live_api, key, "file-nope", idempotency_key="batch-2") for _ in range(2)]
+        assert [answer.status_code for answer in missing] == [404, 404]
+        assert missing[1].json() == missing[0].json()
+        bad_key = post_batch(live_api, key, file_id, idempotency_key="no spaces allowed")
+        assert bad_key.status_code == 400
+        assert bad_key.json()["error"]["code"] == "invalid_idempotency_key"
+    # Keys are the tenant's own: another tenant's same key is another request.
+    other_key = live_api.new_key("idempotent-other")
+    with client(live_api, other_key) as sdk:
+        upload = sdk.files.create(file=("in.jsonl", jsonl(batch_line("a"))), purpose="batch")
+        theirs = post_batch(live_api, other_key, upload.id, metadata={"n": "1"}, idempotency_key="batch-1")
+        assert theirs.status_code == 200, theirs.text
+        assert theirs.json()["id"] != first.json()["id"]
+        assert "idempotent-replayed" not in theirs.headers

@@ -1,0 +1,248 @@
+"""``Idempotency-Key`` on every POST: a client that retries (a timeout, a dropped connection, a
+503) with the same key gets the first answer again, and nothing runs or is billed twice.
+
+The key is scoped to the tenant. The request is identified by its method, path, query and body
+(a JSON body compared as parsed, a multipart body without its random boundary). The same key with
+another request is refused (422 ``idempotency_key_reused``); while the first request with a key is
+being answered, another one is refused (409 ``idempotency_key_in_use``: retry later). Answers
+below 500 are kept ``TOKENMILL_IDEMPOTENCY_RETENTION_SECONDS`` and replayed with the header
+``Idempotent-Replayed: true``; a 5xx answer means nothing was done that a retry would repeat at a
+cost (see ``api.routes.single_request.dispatch_or_cancel``), so the key is freed for the retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+import time
+from typing import IO, Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import store
+from api.deps import current_tenant
+from api.errors import APIError, Conflict, InvalidRequest, Unauthenticated
+
+__all__ = ["IdempotencyKeyReused", "IdempotencyKeys", "request_hash"]
+
+_VALID_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_SPOOL_IN_MEMORY = 1024 * 1024  # bodies above this are spooled to disk while being hashed
+_CHUNK = 64 * 1024
+# Answers above this are passed on but not kept (a retry then runs afresh); chat completions and
+# batch objects are far smaller.
+_MAX_STORED_RESPONSE = 8 * 1024 * 1024
+_PURGE_EVERY_SECONDS = 60
+
+
+class IdempotencyKeyReused(APIError):
+    status_code = 422
+    type = "invalid_request_error"
+    default_code = "idempotency_key_reused"
+
+
+def _digest_without(source: IO[bytes], token: bytes, digest: Any) -> None:
+    """Feed ``source`` to ``digest`` with every occurrence of ``token`` left out, in bounded memory."""
+    keep = max(0, len(token) - 1)
+    pending = b""
+    while chunk := source.read(1024 * 1024):
+        pending = pending + chunk
+        if token:
+            pending = pending.replace(token, b"")
+        if len(pending) > keep:
+            digest.update(pending[: len(pending) - keep])
+            pending = pending[len(pending) - keep :]
+    digest.update(pending)
+
+
+def request_hash(method: str, path: str, query: bytes, content_type: str, body: IO[bytes]) -> str:
+    """What identifies a request for its idempotency key."""
+    digest = hashlib.sha256(f"{method} {path}?".encode() + query + b"\n")
+    body.seek(0)
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type == "application/json":
+        raw = body.read()
+        try:
+            canonical = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()
+        except (ValueError, RecursionError):
+            canonical = raw
+        digest.update(canonical)
+    else:
+        boundary = (
+            re.search(r"boundary=\"?([^\";]+)\"?", content_type)
+            if media_type.startswith("multipart/")
+            else None
+        )
+        _digest_without(body, boundary.group(1).encode() if boundary else b"", digest)
+    body.seek(0)
+    return digest.hexdigest()
+
+
+class _CapturingSend:
+    """Passes the answer on and keeps a copy of it (up to ``_MAX_STORED_RESPONSE``)."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self.status_code: int | None = None
+        self.headers: list[tuple[str, str]] = []
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.complete = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status_code = int(message["status"])
+            self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in message.get("headers", [])]
+        elif message["type"] == "http.response.body":
+            chunk = bytes(message.get("body", b""))
+            self.size += len(chunk)
+            if self.size <= _MAX_STORED_RESPONSE:
+                self.chunks.append(chunk)
+            # Complete before it is passed on: a client gone by now gets it on its retry.
+            self.complete = not message.get("more_body", False)
+        await self._send(message)
+
+    def stored(self) -> store.StoredResponse | None:
+        """The answer to keep, or None (incomplete, too large, or a 5xx)."""
+        if not self.complete or self.status_code is None or self.status_code >= 500:
+            return None
+        if self.size > _MAX_STORED_RESPONSE:
+            return None
+        return store.StoredResponse(self.status_code, self.headers, b"".join(self.chunks))
+
+
+class IdempotencyKeys:
+    """ASGI middleware; runs inside the body size limit, so what it reads is bounded."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._last_purge = 0.0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        key = headers.get("idempotency-key")
+        if key is None:
+            await self.app(scope, receive, send)
+            return
+        if not _VALID_KEY.match(key):
+            invalid = InvalidRequest(
+                "Idempotency-Key must be 1 to 255 visible ASCII characters",
+                param="Idempotency-Key",
+                code="invalid_idempotency_key",
+            )
+            await _answer_error(invalid, scope, receive, send)
+            return
+        engine = scope["app"].state.engine
+        settings = scope["app"].state.settings
+        try:
+            tenant = await run_in_threadpool(current_tenant, engine, headers.get("authorization"))
+        except Unauthenticated:
+            await self.app(scope, receive, send)  # the route answers 401 as usual
+            return
+        with tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY) as body:
+            try:
+                more_body = True
+                while more_body:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    body.write(message.get("body", b""))
+                    more_body = message.get("more_body", False)
+            except APIError as e:  # over the size limit
+                await _answer_error(e, scope, receive, send)
+                return
+            size = body.tell()
+            digest = await run_in_threadpool(
+                request_hash,
+                scope["method"],
+                scope["path"],
+                scope.get("query_string", b""),
+                headers.get("content-type", ""),
+                body,
+            )
+            now = int(time.time())
+            retention = settings.idempotency_retention_seconds
+            claim = await run_in_threadpool(
+                store.claim_idempotency_key,
+                engine,
+                tenant.id,
+                key,
+                digest,
+                now=now,
+                expired_before=now - retention,
+                # A request answered by a process that died is taken over after the longest wait.
+                stale_before=now - int(settings.sync_timeout_seconds) - 60,
+            )
+            if time.monotonic() - self._last_purge > _PURGE_EVERY_SECONDS:
+                self._last_purge = time.monotonic()
+                await run_in_threadpool(store.purge_idempotency_keys, engine, older_than=now - retention)
+            if claim.outcome is store.IdempotencyOutcome.REPLAY:
+                assert claim.response is not None
+                await _replay(claim.response, scope, receive, send)
+                return
+            refusal = _refusal(claim.outcome, key)
+            if refusal is not None:
+                await _answer_error(refusal, scope, receive, send)
+                return
+            capture = _CapturingSend(send)
+            try:
+                await self.app(scope, _replaying(body, size, receive), capture)
+            finally:
+                answer = capture.stored()
+                if answer is not None:
+                    await run_in_threadpool(store.store_idempotent_response, engine, tenant.id, key, answer)
+                else:
+                    await run_in_threadpool(store.abandon_idempotency_key, engine, tenant.id, key)
+
+
+def _refusal(outcome: store.IdempotencyOutcome, key: str) -> APIError | None:
+    if outcome is store.IdempotencyOutcome.MISMATCH:
+        return IdempotencyKeyReused(
+            f"Idempotency-Key {key!r} was used for another request; use a new key for a new request",
+            param="Idempotency-Key",
+        )
+    if outcome is store.IdempotencyOutcome.IN_PROGRESS:
+        return Conflict(
+            f"a request with Idempotency-Key {key!r} is still being answered; retry later",
+            param="Idempotency-Key",
+            code="idempotency_key_in_use",
+        )
+    return None
+
+
+def _replaying(body: IO[bytes], size: int, receive: Receive) -> Receive:
+    """The request body again, from the spool; then the client's own messages (a disconnect)."""
+    body.seek(0)
+    finished = False
+
+    async def replay() -> Message:
+        nonlocal finished
+        if finished:
+            return await receive()
+        chunk = body.read(_CHUNK)
+        finished = body.tell() >= size
+        return {"type": "http.request", "body": chunk, "more_body": not finished}
+
+    return replay
+
+
+async def _replay(answer: store.StoredResponse, scope: Scope, receive: Receive, send: Send) -> None:
+    headers = [(k, v) for k, v in answer.headers if k.lower() != "content-length"]
+    response = Response(answer.body, status_code=answer.status_code)
+    response.raw_headers = [
+        *[(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+        (b"content-length", str(len(answer.body)).encode()),
+        (b"idempotent-replayed", b"true"),
+    ]
+    await response(scope, receive, send)
+
+
+async def _answer_error(error: APIError, scope: Scope, receive: Receive, send: Send) -> None:
+    await JSONResponse(error.body(), status_code=error.status_code)(scope, receive, send)

@@ -166,7 +166,16 @@ from store.tables import (
     Result,
     Tenant,
 )
-from store.tenants import authenticate_api_key, create_api_key, create_tenant, get_tenant, revoke_api_key
+from store.tenants import (
+    WEBHOOK_SECRET_PREFIX,
+    authenticate_api_key,
+    create_api_key,
+    create_tenant,
+    get_tenant,
+    new_webhook_secret,
+    revoke_api_key,
+    webhook_secret,
+)
 from store.usage import UsageGroup, UsageRow, usage_report
 from store.webhooks import ENDED_STATUSES, DueWebhook, claim_due_webhooks, record_webhook_attempt
 
@@ -174,6 +183,7 @@ __all__ = [
     "ENDED_STATUSES",
     "ENDPOINT_KINDS",
     "STOPPED_BATCH_STATUSES",
+    "WEBHOOK_SECRET_PREFIX",
     "AgentMessage",
     "AgentRunRecord",
     "AgentState",
@@ -254,6 +264,7 @@ __all__ = [
     "load_conversation",
     "make_engine",
     "mark_dispatched",
+    "new_webhook_secret",
     "pending_request_ids",
     "price_for",
     "purge_idempotency_keys",
@@ -270,4 +281,5 @@ __all__ = [
     "unsettled_dispatch_ids",
     "upgrade_to_head",
     "usage_report",
+    "webhook_secret",
 ]

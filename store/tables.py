@@ -96,6 +96,9 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(200))
     created_at: Mapped[int] = mapped_column(sa.BigInteger)
+    # Signs the tenant's webhook deliveries (Standard Webhooks: ``whsec_<base64>``); kept in
+    # clear, since signing needs it, and shown only to the tenant (or an operator's CLI).
+    webhook_secret: Mapped[str | None] = mapped_column(sa.String(100))
 
 
 class ApiKey(Base):

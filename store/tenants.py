@@ -3,6 +3,7 @@ are 256-bit random, so a fast hash is enough: there is nothing to brute-force)."
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import secrets
 
@@ -11,33 +12,69 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from store.engine import write_transaction
+from store.errors import NotFound
 from store.ids import new_id, now_seconds
 from store.tables import ApiKey, Tenant
 
 __all__ = [
     "API_KEY_PREFIX",
+    "WEBHOOK_SECRET_PREFIX",
     "authenticate_api_key",
     "create_api_key",
     "create_tenant",
     "get_tenant",
+    "new_webhook_secret",
     "revoke_api_key",
+    "webhook_secret",
 ]
 
 API_KEY_PREFIX = "tm-"
+WEBHOOK_SECRET_PREFIX = "whsec_"
 
 
 def _hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+def new_webhook_secret() -> str:
+    """A Standard Webhooks secret: ``whsec_`` and 32 random bytes in base64."""
+    return WEBHOOK_SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
 def create_tenant(engine: Engine, name: str, tenant_id: str | None = None) -> Tenant:
-    tenant = Tenant(id=tenant_id or new_id("tenant_"), name=name, created_at=now_seconds())
+    tenant = Tenant(
+        id=tenant_id or new_id("tenant_"),
+        name=name,
+        created_at=now_seconds(),
+        webhook_secret=new_webhook_secret(),
+    )
     with write_transaction(engine) as conn:
         conn.execute(
             sa.insert(Tenant),
-            {"id": tenant.id, "name": tenant.name, "created_at": tenant.created_at},
+            {
+                "id": tenant.id,
+                "name": tenant.name,
+                "created_at": tenant.created_at,
+                "webhook_secret": tenant.webhook_secret,
+            },
         )
     return tenant
+
+
+def webhook_secret(engine: Engine, tenant_id: str, *, rotate: bool = False) -> str:
+    """The secret that signs the tenant's webhooks; a new one (from now on) with ``rotate``, or
+    when the tenant has none. Raises ``NotFound`` for an unknown tenant."""
+    with write_transaction(engine) as conn:
+        current = conn.execute(
+            sa.select(Tenant.id, Tenant.webhook_secret).where(Tenant.id == tenant_id)
+        ).one_or_none()
+        if current is None:
+            raise NotFound(f"no tenant {tenant_id!r}")
+        if current.webhook_secret and not rotate:
+            return str(current.webhook_secret)
+        secret = new_webhook_secret()
+        conn.execute(sa.update(Tenant).where(Tenant.id == tenant_id).values(webhook_secret=secret))
+    return secret
 
 
 def get_tenant(engine: Engine, tenant_id: str) -> Tenant | None:

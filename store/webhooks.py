@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from store.engine import write_transaction
 from store.ids import now_seconds
 from store.tables import Batch, BatchStatus
+from store.tenants import webhook_secret
 
 __all__ = ["ENDED_STATUSES", "DueWebhook", "claim_due_webhooks", "record_webhook_attempt"]
 
@@ -27,6 +28,7 @@ class DueWebhook:
     url: str
     attempts: int
     batch: Batch  # the row as read, for the event the sender builds
+    secret: str  # the tenant's webhook secret, which signs the delivery
 
 
 def _is_due(now: int) -> sa.ColumnElement[bool]:
@@ -70,13 +72,17 @@ def claim_due_webhooks(
         batches = list(
             session.scalars(sa.select(Batch).where(Batch.id.in_(claimed)).order_by(Batch.created_at))
         )
-    return [DueWebhook(b.id, b.webhook_url or "", b.webhook_attempts, b) for b in batches]
+    secrets = {tenant_id: webhook_secret(engine, tenant_id) for tenant_id in {b.tenant_id for b in batches}}
+    return [
+        DueWebhook(b.id, b.webhook_url or "", b.webhook_attempts, b, secrets[b.tenant_id]) for b in batches
+    ]
 
 
 def record_webhook_attempt(
     engine: Engine, batch_id: str, *, error: str | None, retry_in: int, now: int | None = None
 ) -> None:
-    """Count one attempt: delivered when ``error`` is None, else due again in ``retry_in`` seconds."""
+    """Count one attempt: delivered when ``error`` is None, else due again in ``retry_in`` seconds.
+    The error is shown to the tenant on the batch: the caller bounds it."""
     now = now if now is not None else now_seconds()
     values: dict[str, object] = {"webhook_attempts": Batch.webhook_attempts + 1, "webhook_last_error": error}
     if error is None:

@@ -15,14 +15,20 @@ credentials are refused. ``TOKENMILL_WEBHOOK_ALLOW_PRIVATE`` lifts the address c
 deployments whose receivers are on a private network.
 
 The event follows OpenAI's webhook shape (``batch.completed``, ``batch.failed``,
-``batch.cancelled``, ``batch.expired``) and carries ids and counts, never results or keys; its
-``webhook-id`` header lets a receiver drop a duplicate.
+``batch.cancelled``, ``batch.expired``) and carries ids and counts, never results or keys. It is
+signed the Standard Webhooks way with the tenant's secret (``webhook-id``, ``webhook-timestamp``,
+``webhook-signature``), so ``openai``'s ``client.webhooks.unwrap(body, headers, secret=...)``
+verifies it; ``webhook-id`` is the same on every attempt, so a receiver can drop a duplicate.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import ipaddress
+import json
 import logging
 import socket
 import time
@@ -42,6 +48,7 @@ __all__ = [
     "deliver_due_webhooks",
     "deliver_webhooks_forever",
     "resolve_webhook_url",
+    "signature_headers",
     "webhook_event",
 ]
 
@@ -131,6 +138,20 @@ def resolve_webhook_url(url: str, *, allow_private: bool) -> WebhookTarget:
     return WebhookTarget(parsed, tuple(addresses))
 
 
+def signature_headers(secret: str, message_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    """Standard Webhooks headers: ``webhook-signature`` is ``v1,`` and the base64 HMAC-SHA256, keyed
+    by the secret's bytes, of ``{id}.{timestamp}.{body}`` (what ``openai``'s ``webhooks.unwrap``
+    and every Standard Webhooks library verify)."""
+    key = base64.b64decode(secret.removeprefix(store.WEBHOOK_SECRET_PREFIX))
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    signature = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    return {
+        "webhook-id": message_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": f"v1,{signature}",
+    }
+
+
 def webhook_event(batch: store.Batch) -> dict[str, Any]:
     return {
         "object": "event",
@@ -162,6 +183,8 @@ async def _post_to_checked_address(
     POST to the address checked, naming the host in ``Host`` and TLS SNI. Raises on failure."""
     target = await asyncio.to_thread(resolve_webhook_url, webhook.url, allow_private=allow_private)
     event = webhook_event(webhook.batch)
+    body = json.dumps(event, separators=(",", ":")).encode()
+    signed = signature_headers(webhook.secret, event["id"], int(time.time()), body)
     host = target.url.host
     host_header = host if target.url.port is None else f"{host}:{target.url.port}"
     unreachable: httpx.ConnectError | None = None
@@ -169,8 +192,8 @@ async def _post_to_checked_address(
         try:
             answer = await http.post(
                 target.url.copy_with(host=str(address)),
-                json=event,
-                headers={"Host": host_header, "webhook-id": event["id"]},
+                content=body,
+                headers={"Host": host_header, "Content-Type": "application/json", **signed},
                 extensions={"sni_hostname": host},
             )
         except httpx.ConnectError as e:

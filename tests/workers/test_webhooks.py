@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from typing import Any
 
+import openai
 import pytest
 
 import store
@@ -24,17 +25,19 @@ from workers.webhooks import MAX_WEBHOOK_ERROR_CHARS, deliver_due_webhooks
 class Receiver:
     def __init__(self) -> None:
         self.events: list[tuple[dict[str, str], dict[str, Any]]] = []
+        self.raw: list[bytes] = []
         self.fail_next = 0
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
                 if receiver.fail_next:
                     receiver.fail_next -= 1
                     self.send_response(503)
                 else:
-                    receiver.events.append((dict(self.headers), body))
+                    receiver.events.append((dict(self.headers), json.loads(raw)))
+                    receiver.raw.append(raw)
                     self.send_response(204)
                 self.end_headers()
 
@@ -54,15 +57,18 @@ def receiver() -> Iterator[Receiver]:
     made.server.server_close()
 
 
-def finished_batch(database_url: str, webhook_url: str, *, engine: Any = None) -> tuple[Any, str]:
+def finished_batch(
+    database_url: str, webhook_url: str, *, engine: Any = None, tenant_id: str | None = None
+) -> tuple[Any, str]:
     if engine is None:
         store.upgrade_to_head(database_url)
         engine = store.make_engine(database_url)
-    tenant = store.create_tenant(engine, "t")
+    if tenant_id is None:
+        tenant_id = store.create_tenant(engine, "t").id
     report = store.ingest_batch(
         engine,
         io.BytesIO(b'{"custom_id": "a", "prompt": "hi"}\n'),
-        tenant_id=tenant.id,
+        tenant_id=tenant_id,
         defaults={"model": "m"},
         webhook_url=webhook_url,
     )
@@ -226,3 +232,31 @@ def test_a_trickling_receiver_does_not_delay_the_redispatch_of_other_batches(
         assert time.monotonic() < deadline, (progress, (c.logs / "beat.log").read_text()[-2000:])
         time.sleep(0.2)
     assert trickling_receiver.connections == 1  # still the one delivery, still held
+
+
+def test_deliveries_are_signed_so_the_openai_sdk_verifies_them(database_url: str, receiver: Receiver) -> None:
+    engine, batch_id = finished_batch(database_url, receiver.url)
+    batch = store.get_batch(engine, batch_id)
+    assert batch is not None
+    secret = store.webhook_secret(engine, batch.tenant_id)
+    assert secret.startswith("whsec_")
+    assert deliver_due_webhooks(engine, allow_private=True) == (1, 0)
+    ((headers, _),) = receiver.events
+    sdk = openai.OpenAI(api_key="unused")
+    event = sdk.webhooks.unwrap(receiver.raw[0], headers, secret=secret)
+    assert event.type == "batch.completed"
+    assert event.data.id == batch_id
+    with pytest.raises(openai.InvalidWebhookSignatureError):
+        sdk.webhooks.unwrap(receiver.raw[0], headers, secret=store.new_webhook_secret())
+    with pytest.raises(openai.InvalidWebhookSignatureError):  # the body is what was signed
+        sdk.webhooks.unwrap(receiver.raw[0].replace(b"completed", b"cancelled"), headers, secret=secret)
+    # A rotated secret signs what is sent from then on; the old one no longer verifies it.
+    rotated = store.webhook_secret(engine, batch.tenant_id, rotate=True)
+    assert rotated != secret
+    _, second_batch = finished_batch(database_url, receiver.url, engine=engine, tenant_id=batch.tenant_id)
+    assert deliver_due_webhooks(engine, allow_private=True) == (1, 0)
+    assert sdk.webhooks.unwrap(receiver.raw[1], receiver.events[1][0], secret=rotated).data.id == second_batch
+    with pytest.raises(openai.InvalidWebhookSignatureError):
+        sdk.webhooks.unwrap(receiver.raw[1], receiver.events[1][0], secret=secret)
+    sdk.close()
+    engine.dispose()

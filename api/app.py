@@ -10,7 +10,7 @@ from agents.tools import load_tool_modules
 from api.errors import install_error_handlers
 from api.idempotency import IdempotencyKeys
 from api.limits import BodySizeLimit
-from api.routes import agent_runs, batches, chat, files, health, model_catalog, usage
+from api.routes import agent_runs, batches, chat, files, health, model_catalog, usage, webhook_secret
 from api.routes.batches import Dispatch
 from workers.settings import Settings, get_settings
 
@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
         chat.router,
         agent_runs.router,
         model_catalog.router,
+        webhook_secret.router,
     )
     for router in routers:
         app.include_router(router)

@@ -24,7 +24,9 @@ from workers.settings import get_settings
 __all__ = ["api", "cancel", "keys_app", "prices_app", "results", "status", "submit", "usage"]
 
 console = Console(stderr=True)
-keys_app = typer.Typer(help="Create and revoke tenants' API keys.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="Create and revoke tenants' API keys; show or rotate their webhook secrets.", no_args_is_help=True
+)
 prices_app = typer.Typer(help="See and set the model prices usage is costed at.", no_args_is_help=True)
 TenantOption = Annotated[str, typer.Option("--tenant", help="tenant the batch belongs to")]
 
@@ -76,6 +78,24 @@ def keys_create(name: Annotated[str, typer.Argument(help="tenant name (created i
     engine = _engine()
     tenant = _ensure_tenant(engine, name)
     typer.echo(store.create_api_key(engine, tenant.id, name=name))
+
+
+@keys_app.command("webhook-secret")
+def keys_webhook_secret(
+    name: Annotated[str, typer.Argument(help="tenant name or id")],
+    rotate: Annotated[
+        bool, typer.Option("--rotate", help="replace it: deliveries from now on use the new one")
+    ] = False,
+) -> None:
+    """Print the secret that signs tenant NAME's webhooks (``whsec_...``), alone on stdout.
+
+    Example: tokenmill keys webhook-secret acme --rotate
+    """
+    try:
+        typer.echo(store.webhook_secret(_engine(), name, rotate=rotate))
+    except store.NotFound as e:
+        console.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from e
 
 
 @keys_app.command("revoke")

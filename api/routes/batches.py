@@ -106,6 +106,20 @@ def batch_object(engine: Engine, batch: store.Batch) -> dict[str, Any]:
         },
         "metadata": batch.batch_metadata,
         "usage": _usage(engine, batch),
+        "webhook": _webhook(batch),
+    }
+
+
+def _webhook(batch: store.Batch) -> dict[str, Any] | None:
+    """Where the completion event goes and how its delivery went (the last error is bounded)."""
+    if batch.webhook_url is None:
+        return None
+    return {
+        "url": batch.webhook_url,
+        "attempts": batch.webhook_attempts,
+        "delivered_at": batch.webhook_delivered_at,
+        "next_attempt_at": None if batch.webhook_delivered_at else batch.webhook_next_at,
+        "last_error": batch.webhook_last_error,
     }
 
 

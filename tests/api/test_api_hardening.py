@@ -260,3 +260,31 @@ def test_a_post_retried_with_its_idempotency_key_answers_the_first_object_again(
         assert theirs.status_code == 200, theirs.text
         assert theirs.json()["id"] != first.json()["id"]
         assert "idempotent-replayed" not in theirs.headers
+
+
+def test_a_tenant_reads_and_rotates_its_webhook_secret_and_sees_its_delivery_state(live_api: LiveAPI) -> None:
+    key = live_api.new_key("secret-holder")
+    headers = {"Authorization": f"Bearer {key}"}
+    shown = httpx.get(f"{live_api.base_url}/webhook_secret", headers=headers).json()
+    assert shown["secret"].startswith("whsec_")
+    by_operator = live_api.cli("keys", "webhook-secret", "secret-holder")
+    assert by_operator.returncode == 0, by_operator.stderr
+    assert by_operator.stdout.strip() == shown["secret"]
+    rotated = httpx.post(f"{live_api.base_url}/webhook_secret/rotate", headers=headers).json()
+    assert rotated["secret"].startswith("whsec_")
+    assert rotated["secret"] != shown["secret"]
+    assert httpx.get(f"{live_api.base_url}/webhook_secret", headers=headers).json() == rotated
+    other = live_api.new_key("secret-other")
+    theirs = httpx.get(f"{live_api.base_url}/webhook_secret", headers={"Authorization": f"Bearer {other}"})
+    assert theirs.json()["secret"] != rotated["secret"]
+    # The batch object shows where its event goes and how the delivery went.
+    with client(live_api, key) as sdk:
+        uploaded = sdk.files.create(file=("in.jsonl", jsonl(batch_line("a"))), purpose="batch")
+    created = post_batch(live_api, key, uploaded.id, webhook_url="https://93.184.215.14/hook").json()
+    assert created["webhook"] == {
+        "url": "https://93.184.215.14/hook",
+        "attempts": 0,
+        "delivered_at": None,
+        "next_attempt_at": None,
+        "last_error": None,
+    }

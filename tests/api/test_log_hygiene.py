@@ -13,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+import store
 from simulator.testing import SimulatorServer
 from tests.api.conftest import start_api
 from tests.cluster import Cluster, run_cli
@@ -87,10 +88,13 @@ def test_no_prompt_or_key_reaches_a_log_through_faults(
     for process in c.processes:  # flush and close every log
         process.terminate()
         process.wait(timeout=30)
+    engine = store.make_engine(c.env["TOKENMILL_DATABASE_URL"])
+    webhook_secret = store.webhook_secret(engine, "acme")
+    engine.dispose()
     logs = {path.name: path.read_text(errors="replace") for path in c.logs.glob("*.log")}
     assert set(logs) >= {"api.log", "w1.log", "beat.log"}
     assert any(logs.values())
     for name, text in logs.items():
-        for secret in (SECRET, key):
+        for secret in (SECRET, key, webhook_secret):
             leaks = [line for line in text.splitlines() if secret in line]
             assert not leaks, (name, leaks[:3])

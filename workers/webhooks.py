@@ -58,6 +58,7 @@ MAX_WEBHOOK_ATTEMPTS = 8
 _MAX_BACKOFF_SECONDS = 3600
 # Deliveries in flight at once in one pass: a handful of slow receivers cannot hold the others.
 _CONCURRENT_DELIVERIES = 16
+_WEBHOOKS_PER_PASS = 100
 # Kept on the batch and shown to its tenant: bounded whatever the receiver answered.
 MAX_WEBHOOK_ERROR_CHARS = 300
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -251,10 +252,16 @@ def deliver_due_webhooks(
 ) -> tuple[int, int]:
     """Claim and try every webhook that is due; returns (delivered, failed) for this pass. Lasts at
     most about ``deadline_seconds`` per ``_CONCURRENT_DELIVERIES`` webhooks due."""
-    # A claim outlives the pass (so no other sender takes the same webhook meanwhile); the
-    # attempt's record then sets when it is due next.
+    # A claim outlives the pass (so no other sender takes the same webhook meanwhile): every round
+    # of concurrent deliveries takes at most the deadline. The attempt's record then sets when it
+    # is due next.
+    rounds = -(-_WEBHOOKS_PER_PASS // _CONCURRENT_DELIVERIES)
     due = store.claim_due_webhooks(
-        engine, max_attempts=max_attempts, claim_seconds=int(deadline_seconds * 4) + 60, now=now
+        engine,
+        max_attempts=max_attempts,
+        claim_seconds=int(deadline_seconds * rounds) + 60,
+        now=now,
+        limit=_WEBHOOKS_PER_PASS,
     )
     if not due:
         return 0, 0

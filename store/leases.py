@@ -210,9 +210,15 @@ def release_requests(
     owner: str,
     error: str | None = None,
     not_before: int | None = None,
+    *,
+    handed_back: bool = False,
 ) -> int:
     """Give requests back (status queued, lease cleared) so they run again, not before
-    ``not_before`` if given; ``error`` is kept as ``last_error``. Returns how many were released."""
+    ``not_before`` if given; ``error`` is kept as ``last_error``. Returns how many were released.
+
+    ``handed_back``: the worker chose to put them back in line (the provider or the rate limit
+    said "later"); that delivery ended cleanly, so it does not count towards the deliveries after
+    which a request is taken for poison (``attempts``)."""
     if not request_ids:
         return 0
     values: dict[str, Any] = {
@@ -223,6 +229,8 @@ def release_requests(
     }
     if error is not None:
         values["last_error"] = error
+    if handed_back:
+        values["attempts"] = Request.attempts - 1
     with write_transaction(engine) as conn:
         result = conn.execute(
             sa.update(Request)

@@ -9,8 +9,11 @@ first writer wins. Alongside:
 * a heartbeat extends the leases of what is still unfinished every third of the lease; a lease
   found lost (another worker took the request) cancels that request here;
 * a watcher reads the batches' status every ``cancel_check_interval``: a cancelled or expired
-  batch starts no new request and its pending ones are cancelled (calls in flight end; the token
-  passed to them stops their retries);
+  batch starts no new request and its pending ones are cancelled; a call already sent upstream
+  runs to its end and its result is recorded, as OpenAI's cancel does (the provider bills it
+  either way), while the token passed to it stops its waits and retries;
+* a request whose call says "later" (``RetryLater``: a long rate-limit wait, a 429 storm) is
+  handed back to the queue with a ``not_before`` delay rather than waited out in a slot;
 * a deadline (half the visibility timeout under Celery) stops starting requests, so a chunk
   never outlives its message's visibility; what was not started is released for the sweeper;
 * for ``refill_seconds`` from its start, the chunk claims more queued requests of its batches
@@ -27,6 +30,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +41,7 @@ from sqlalchemy.engine import Engine
 from models.cancellation import CancellationToken
 from models.errors import ModelClientError
 from models.openai import chat_completion_body, request_from_openai_body
+from models.retry import RetryLater
 from store import (
     STOPPED_BATCH_STATUSES,
     ClaimedRequest,
@@ -110,6 +115,7 @@ class ChunkReport:
     cached: int = 0
     cancelled: int = 0
     released: int = 0
+    handed_back: int = 0  # put back in line with a delay (RetryLater)
     duplicates: int = 0
     upstream_attempts: int = 0
     billed_prompt_tokens: int = 0
@@ -318,7 +324,24 @@ class ChunkRunner:
                 except RequestCancelled:
                     to_cancel.append(request.id)
                     return
+                except RetryLater as later:
+                    await hand_back(request.id, later)
+                    return
                 finish(record)
+
+        async def hand_back(request_id: str, later: RetryLater) -> None:
+            # Back in line for later; the slot serves other requests meanwhile.
+            unfinished.pop(request_id, None)
+            not_before = math.ceil(time.time() + later.delay)
+            report.handed_back += await asyncio.to_thread(
+                release_requests,
+                self.engine,
+                [request_id],
+                config.owner,
+                str(later),
+                not_before,
+                handed_back=True,
+            )
 
         async def heartbeat() -> None:
             while True:

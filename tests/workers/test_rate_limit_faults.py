@@ -1,0 +1,79 @@
+"""Rate-limit faults end to end: real ``tokenmill worker`` (and ``beat``) subprocesses, the Redis
+broker, PostgreSQL and the simulator over HTTP. One tenant's request must not freeze a shared
+limit; a 429 storm must not fail lines for good."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from simulator.testing import SimulatorServer
+from store import RequestStatus, create_tenant, ingest_batch, pending_request_ids
+from tests.cluster import Cluster
+from tests.workers.support import Ledger, results_of
+from tests.workers.test_celery_workers import wait_finished
+
+pytestmark = pytest.mark.slow
+
+MODEL = "sim-model"
+
+
+def add_lines(led: Ledger, tenant_id: str, lines: list[dict[str, Any]]) -> tuple[str, list[str]]:
+    """A batch of short-form lines (``prompt`` plus any body parameter) for ``tenant_id``."""
+    text = "\n".join(json.dumps(line) for line in lines)
+    report = ingest_batch(
+        led.engine, io.BytesIO(text.encode()), tenant_id=tenant_id, defaults={"model": MODEL}
+    )
+    assert report.accepted == len(lines), report
+    return report.batch_id, pending_request_ids(led.engine, report.batch_id)
+
+
+def test_a_huge_max_tokens_does_not_freeze_a_shared_token_limit(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    simulator: SimulatorServer,
+) -> None:
+    """max_tokens=10**12 on a tpm-limited model books at most the limit (and gives back what it
+    did not use), so another tenant's request beside it completes promptly; a prompt larger than
+    the whole limit fails at once, by name, without an upstream call."""
+    tpm = 20_000
+    c = cluster(limits={MODEL: {"tpm": tpm}})
+    led = make_ledger(postgres_url)
+    other_tenant = create_tenant(led.engine, "other").id
+    huge_batch, huge_ids = add_lines(
+        led, led.tenant_id, [{"custom_id": "huge", "prompt": "write a lot [[delay 3]]", "max_tokens": 10**12}]
+    )
+    normal_batch, normal_ids = add_lines(led, other_tenant, [{"custom_id": "normal", "prompt": "hello"}])
+    c.worker("w1", processes=2, concurrency=8)
+    c.dispatcher.dispatch(huge_ids)
+    deadline = time.monotonic() + 30
+    # The huge one is in flight upstream (3 s) when the other tenant's request asks for tokens.
+    while simulator.stats()["in_flight"] < 1:
+        assert time.monotonic() < deadline, "the huge request never reached the simulator"
+        time.sleep(0.05)
+    started = time.monotonic()
+    c.dispatcher.dispatch(normal_ids)
+    wait_finished(led, normal_batch, 30, c.logs)
+    took = time.monotonic() - started
+    [normal] = results_of(led.engine, normal_batch)
+    assert normal.status == RequestStatus.SUCCEEDED
+    assert took < 15, f"the other tenant's request took {took:.1f} s"
+    wait_finished(led, huge_batch, 30, c.logs)
+    [huge] = results_of(led.engine, huge_batch)
+    assert huge.status == RequestStatus.SUCCEEDED
+    too_big_batch, too_big_ids = add_lines(
+        led, led.tenant_id, [{"custom_id": "too-big", "prompt": "word " * (tpm + 1000)}]
+    )
+    c.dispatcher.dispatch(too_big_ids)
+    wait_finished(led, too_big_batch, 30, c.logs)
+    [too_big] = results_of(led.engine, too_big_batch)
+    assert too_big.status == RequestStatus.FAILED
+    assert too_big.error_code == "request_exceeds_token_limit"
+    assert too_big.attempts == 0
+    assert simulator.stats()["completions"] == 2  # the refused one never went upstream

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from store import (
     cancel_batch,
     claim_requests,
     get_batch,
+    iter_output_lines,
     make_engine,
 )
 from tests.workers.support import Ledger, add_batch, results_of, statuses
@@ -177,6 +180,46 @@ async def test_cancelling_stops_new_calls(
     batch = get_batch(led.engine, batch_id)
     assert batch is not None
     assert batch.status == BatchStatus.CANCELLED
+
+
+async def test_a_cancel_lets_calls_in_flight_finish_into_the_output(
+    make_ledger: MakeLedger, database_url: str, simulator: SimulatorServer
+) -> None:
+    """As OpenAI's cancel does: requests already sent upstream (which the provider bills) finish
+    and are recorded, with their usage, in the ledger and the output file; the rest are cancelled
+    and the batch ends ``cancelled`` once the ones in flight have settled."""
+    simulator.configure(latency_ms=2000)
+    led = make_ledger(database_url)
+    batch_id, ids = add_batch(led, [f"in flight {i}" for i in range(100)])
+
+    async def cancel_while_in_flight() -> None:
+        deadline = time.monotonic() + 30
+        while (await asyncio.to_thread(simulator.stats))["in_flight"] < 16:
+            assert time.monotonic() < deadline, "the calls never reached the simulator"
+            await asyncio.sleep(0.05)
+        cancelling = await asyncio.to_thread(cancel_batch, led.engine, batch_id)
+        # Not ended while calls are in flight: their results are still to come.
+        assert cancelling.status == BatchStatus.CANCELLING
+
+    canceller = asyncio.create_task(cancel_while_in_flight())
+    report = await run_ids(database_url, simulator, ids, in_flight=16, cancel_check_interval=0.2)
+    await canceller
+    stats = simulator.stats()
+    answered = stats["completions"]
+    assert answered >= 16
+    assert stats["accepted"] == answered  # nobody hung up on a call the provider would bill
+    succeeded = [r for r in results_of(led.engine, batch_id) if r.status == RequestStatus.SUCCEEDED]
+    assert len(succeeded) == answered == report.succeeded
+    assert sum(r.prompt_tokens for r in succeeded) == stats["prompt_tokens"]
+    assert sum(r.completion_tokens for r in succeeded) == stats["completion_tokens"]
+    assert statuses(led.engine, batch_id) == {"succeeded": answered, "cancelled": 100 - answered}
+    batch = get_batch(led.engine, batch_id)
+    assert batch is not None
+    assert batch.status == BatchStatus.CANCELLED
+    output = [json.loads(line) for line in iter_output_lines(led.engine, batch_id)]
+    assert sorted(line["custom_id"] for line in output) == sorted(
+        f"r{ids.index(r.request_id)}" for r in succeeded
+    )
 
 
 async def test_a_request_redelivered_too_often_fails_without_a_call(

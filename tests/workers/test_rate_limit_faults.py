@@ -11,12 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from simulator.testing import SimulatorServer
-from store import RequestStatus, create_tenant, ingest_batch, pending_request_ids
+from store import Request, RequestStatus, create_tenant, ingest_batch, pending_request_ids
 from tests.cluster import Cluster
-from tests.workers.support import Ledger, results_of
-from tests.workers.test_celery_workers import wait_finished
+from tests.workers.support import Ledger, results_of, statuses
+from tests.workers.test_celery_workers import assert_recorded_once, wait_finished
 
 pytestmark = pytest.mark.slow
 
@@ -77,3 +78,53 @@ def test_a_huge_max_tokens_does_not_freeze_a_shared_token_limit(
     assert too_big.error_code == "request_exceeds_token_limit"
     assert too_big.attempts == 0
     assert simulator.stats()["completions"] == 2  # the refused one never went upstream
+
+
+def test_a_short_429_storm_fails_no_line(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    simulator: SimulatorServer,
+) -> None:
+    """The upstream answers every call 429 (Retry-After 1 s) for 15 s, then recovers: every line
+    succeeds (rate limits are retried by time, and handed back to the queue past
+    hand_back_after_seconds, not failed after a count of attempts), Retry-After is honoured, and
+    a 400 still fails at once."""
+    storm_seconds, retry_after = 15.0, 1.0
+    simulator.configure(rate_429=1.0, retry_after_s=retry_after)
+    c = cluster()
+    c.env["TOKENMILL_HAND_BACK_AFTER_SECONDS"] = "5"
+    led = make_ledger(postgres_url)
+    prompts = [f"storm {i}" for i in range(200)] + [f"broken {i} [[status 400]]" for i in range(3)]
+    batch_id, ids = add_lines(
+        led, led.tenant_id, [{"custom_id": f"r{i}", "prompt": p} for i, p in enumerate(prompts)]
+    )
+    c.worker("w1", processes=2, concurrency=32)
+    c.beat()  # brings back what was handed back once its chunk has ended
+    c.dispatcher.dispatch(ids)
+    deadline = time.monotonic() + 30
+    while not simulator.stats()["by_status"].get("429"):
+        assert time.monotonic() < deadline, "the storm never started"
+        time.sleep(0.05)
+    storm_started = time.monotonic()
+    while time.monotonic() - storm_started < storm_seconds:  # the storm's length is the scenario
+        time.sleep(0.2)
+    simulator.configure(rate_429=0.0)
+    storm = time.monotonic() - storm_started
+    wait_finished(led, batch_id, 120, c.logs)
+    results = assert_recorded_once(led, batch_id, ids)
+    failed = [r for r in results if r.status == RequestStatus.FAILED]
+    assert len(failed) == 3, [(r.error_code, r.error_message) for r in failed]
+    assert all(r.status_code == 400 for r in failed)
+    assert statuses(led.engine, batch_id) == {"succeeded": 200, "failed": 3}
+    refused = simulator.stats()["by_status"]["429"]
+    assert refused > len(prompts)  # the storm was felt by (nearly) every line, more than once
+    # Retry-After honoured: no line asked again sooner than it said.
+    assert refused <= len(prompts) * (storm / retry_after + 2)
+    with led.engine.connect() as conn:
+        handed_back = conn.execute(
+            sa.select(sa.func.count()).where(
+                Request.batch_id == batch_id, Request.last_error.like("retry in %")
+            )
+        ).scalar_one()
+    assert handed_back > 0  # lines outlasting hand_back_after went back in line, slots freed

@@ -23,7 +23,7 @@ from models.cancellation import CancellationToken
 from models.errors import ModelClientError, QuotaExceeded, RateLimited
 from models.events import Retry, emit
 
-__all__ = ["RetryLater", "RetryPolicy", "is_rate_limited", "sleep_unless_cancelled"]
+__all__ = ["RetryLater", "RetryPolicy", "is_rate_limited", "sleep_unless_cancelled", "wait_or_cancel"]
 
 T = TypeVar("T")
 
@@ -52,10 +52,26 @@ async def sleep_unless_cancelled(delay: float, token: CancellationToken | None) 
         return
     if token.is_cancelled():
         raise asyncio.CancelledError("cancelled before waiting")
-    woken = token.link_future(asyncio.get_running_loop().create_future())
+    await wait_or_cancel(asyncio.get_running_loop().create_future(), delay, token)
+
+
+async def wait_or_cancel(woken: asyncio.Future[None], delay: float, token: CancellationToken) -> None:
+    """Wait up to ``delay`` seconds for ``woken``; raise ``CancelledError`` if ``token`` fired.
+    The callback put on the token is taken off again, so waits do not pile up on it."""
+    loop = woken.get_loop()
+
+    def wake() -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    def cancel() -> None:
+        loop.call_soon_threadsafe(wake)
+
+    token.add_callback(cancel)
     try:
         await asyncio.wait({woken}, timeout=delay)
     finally:
+        token.remove_callback(cancel)
         woken.cancel()
     if token.is_cancelled():
         raise asyncio.CancelledError("cancelled while waiting")

@@ -53,7 +53,7 @@ from redis.exceptions import RedisError
 from models.cancellation import CancellationToken
 from models.errors import BadRequest
 from models.openai import resolve_model_info
-from models.retry import RetryLater, sleep_unless_cancelled
+from models.retry import RetryLater, sleep_unless_cancelled, wait_or_cancel
 from workers.constants import DEFAULT_KEY_PREFIX, limit_key, limit_leases_key
 from workers.settings import ModelLimits
 
@@ -241,18 +241,17 @@ class RateLimiter(ABC):
         self, endpoint: str, model: str, seconds: float, cancellation_token: CancellationToken | None
     ) -> None:
         """Sleep ``seconds``, or less if a call of this process releases a slot of the same model."""
-        woken = asyncio.get_running_loop().create_future()
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         waiters = self._waiters.setdefault((endpoint, model), set())
         waiters.add(woken)
         try:
-            if cancellation_token is not None:
-                cancellation_token.link_future(woken)
-            await asyncio.wait({woken}, timeout=seconds)
+            if cancellation_token is None:
+                await asyncio.wait({woken}, timeout=seconds)
+            else:
+                await wait_or_cancel(woken, seconds, cancellation_token)
         finally:
             waiters.discard(woken)
             woken.cancel()
-        if cancellation_token is not None and cancellation_token.is_cancelled():
-            raise asyncio.CancelledError("cancelled while waiting for a rate-limit slot")
 
     def _wake(self, endpoint: str, model: str) -> None:
         """A slot or tokens came back: let this process's waiters on the model ask again now."""

@@ -38,13 +38,18 @@ MakeLedger = Callable[[str], Ledger]
 
 
 def make_pipeline(
-    sim: SimulatorServer, cache_dir: Path | None = None, max_attempts: int = 6
+    sim: SimulatorServer,
+    cache_dir: Path | None = None,
+    max_attempts: int = 6,
+    hand_back_after: float | None = None,
 ) -> ModelCallPipeline:
     store = DiskCacheStore(diskcache.Cache(str(cache_dir))) if cache_dir is not None else None
     return ModelCallPipeline(
         openai_client_factory(base_url=sim.base_url, api_key="sim", timeout=10),
         LocalRateLimiter({}),
-        RetryPolicy(max_attempts=max_attempts, base_delay=0.01, max_delay=0.05),
+        RetryPolicy(
+            max_attempts=max_attempts, base_delay=0.01, max_delay=0.05, hand_back_after=hand_back_after
+        ),
         cache_store=store,
     )
 
@@ -59,9 +64,10 @@ async def run_ids(
     max_deliveries: int = 6,
     cancel_check_interval: float = 1.0,
     refill_seconds: float = 0,
+    hand_back_after: float | None = None,
 ) -> ChunkReport:
     engine = make_engine(url)
-    pipeline = make_pipeline(sim, cache_dir)
+    pipeline = make_pipeline(sim, cache_dir, hand_back_after=hand_back_after)
     config = RunnerConfig(
         owner="test-owner",
         in_flight=in_flight,
@@ -134,6 +140,32 @@ async def test_429s_are_retried_honouring_retry_after(
     # Every attempt is counted, and only the results' attempts went upstream.
     assert attempts == stats["completions"]
     assert stats["by_status"].get("429", 0) == attempts - 60 > 0
+
+
+async def test_a_long_retry_after_hands_the_request_back_with_a_delay(
+    make_ledger: MakeLedger, database_url: str, simulator: SimulatorServer
+) -> None:
+    """A 429 whose Retry-After outlasts hand_back_after is not waited out in the slot: the
+    request goes back in line, not before the time it said, without counting as a failed
+    delivery; it runs again once that time has come."""
+    led = make_ledger(database_url)
+    batch_id, ids = add_batch(led, ["later [[status 429 retry_after=3 times=1]]", "now"])
+    handed = time.time()
+    report = await run_ids(database_url, simulator, ids, hand_back_after=1.0)
+    assert (report.succeeded, report.handed_back, report.failed) == (1, 1, 0)
+    with led.engine.connect() as conn:
+        row = conn.execute(sa.select(Request).where(Request.id == ids[0])).one()
+    assert row.status == RequestStatus.QUEUED
+    assert row.not_before is not None
+    assert handed + 3 <= row.not_before <= time.time() + 4
+    assert row.attempts == 0  # a hand-back is not a delivery that died
+    assert row.last_error.startswith("retry in")
+    assert claim_requests(led.engine, ids[:1], "too-early", lease_seconds=10) == []
+    await asyncio.sleep(row.not_before - time.time() + 0.05)  # until the time it was given
+    again = await run_ids(database_url, simulator, ids[:1], hand_back_after=1.0)
+    assert (again.succeeded, again.handed_back) == (1, 0)
+    assert statuses(led.engine, batch_id) == {"succeeded": 2}
+    assert simulator.stats()["by_status"] == {"429": 1, "200": 2}
 
 
 async def test_a_repeat_is_a_cache_hit_billed_nothing(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -23,9 +24,20 @@ from models.cancellation import CancellationToken
 from models.errors import ModelClientError, QuotaExceeded, RateLimited
 from models.events import Retry, emit
 
-__all__ = ["RetryLater", "RetryPolicy", "is_rate_limited", "sleep_unless_cancelled", "wait_or_cancel"]
+__all__ = [
+    "RATE_LIMIT_DEADLINE",
+    "RetryLater",
+    "RetryPolicy",
+    "is_rate_limited",
+    "sleep_unless_cancelled",
+    "wait_or_cancel",
+]
 
 T = TypeVar("T")
+
+RATE_LIMIT_DEADLINE: ContextVar[float | None] = ContextVar("tokenmill_rate_limit_deadline", default=None)
+"""When (epoch seconds) the calls made in this context stop retrying rate limits: the retry budget
+of the request a worker runs (None: no budget, the completion window bounds it)."""
 
 
 class RetryLater(Exception):
@@ -37,6 +49,7 @@ class RetryLater(Exception):
         self.delay = max(0.0, delay)
         self.reason = reason
         self.error = error
+        self.attempts = 0  # upstream attempts made before it was raised (filled in by the caller)
 
 
 def is_rate_limited(error: BaseException) -> bool:

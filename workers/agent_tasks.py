@@ -282,6 +282,7 @@ def agent_run_handler(engine: Engine, tools: ToolRegistry | None = None) -> Requ
         except AssistantRunError as e:
             cause = e.__cause__
             if isinstance(cause, RetryLater):
+                cause.attempts += tally.attempts  # the run's earlier calls count too
                 raise cause from None  # the runner hands the run back in line
             error = cause if isinstance(cause, ModelClientError) else ModelClientError(str(e))
             record = failed_record(request.id, error, attempts=tally.attempts)

@@ -38,7 +38,13 @@ from models.cache import CachedCompletion, CacheStore, ChatCompletionCache, Unca
 from models.cancellation import CancellationToken
 from models.errors import ModelClientError, QuotaExceeded, RateLimited
 from models.events import Retry, emit
-from models.retry import RetryLater, RetryPolicy, is_rate_limited, sleep_unless_cancelled
+from models.retry import (
+    RATE_LIMIT_DEADLINE,
+    RetryLater,
+    RetryPolicy,
+    is_rate_limited,
+    sleep_unless_cancelled,
+)
 from models.tokens import estimate_tokens
 from models.types import CreateResult, LLMMessage, Tool, ToolChoice, ToolSchema
 from workers.limiter import CallOutcome, RateLimiter
@@ -161,6 +167,9 @@ class GovernedClient(DelegatingClient):
         delay = retry.next_delay(attempt, error, counted=counted)
         if delay is None:
             raise error
+        deadline = RATE_LIMIT_DEADLINE.get()
+        if deadline is not None and is_rate_limited(error) and time.time() + delay > deadline:
+            raise error  # the request's retry budget for rate limits is spent
         hand_back_after = self._retry.hand_back_after
         if (
             hand_back_after is not None
@@ -392,6 +401,9 @@ class ModelCallPipeline:
                 error = None
             except ModelClientError as e:
                 result, error = None, e
+            except RetryLater as later:
+                later.attempts = stats.attempts  # counted in the result once the request ends
+                raise
         return CallResult(
             result=result,
             error=error,

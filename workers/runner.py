@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -41,7 +42,7 @@ from sqlalchemy.engine import Engine
 from models.cancellation import CancellationToken
 from models.errors import ModelClientError
 from models.openai import chat_completion_body, request_from_openai_body
-from models.retry import RetryLater
+from models.retry import RATE_LIMIT_DEADLINE, RetryLater
 from store import (
     STOPPED_BATCH_STATUSES,
     ClaimedRequest,
@@ -102,6 +103,9 @@ class RunnerConfig:
     # A request still running after this long is taken for stuck: cancelled here, its lease left
     # to expire so that another worker redoes it. None: no limit.
     max_request_seconds: float | None = None
+    # How long a request keeps retrying rate limits, from its first hand-back for one; past it a
+    # 429 fails it. None: until its batch's completion window ends.
+    rate_limit_retry_seconds: float | None = None
 
 
 @dataclass
@@ -319,6 +323,8 @@ class ChunkRunner:
                     error = ModelClientError(f"this worker has no handler for {request.kind.value} requests")
                     finish(failed_record(request.id, error, attempts=0))
                     return
+                # This task's own context: the budget applies to this request's calls only.
+                RATE_LIMIT_DEADLINE.set(request.retry_deadline)
                 try:
                     record = await handler(request, self.pipeline, token)
                 except RequestCancelled:
@@ -327,20 +333,31 @@ class ChunkRunner:
                 except RetryLater as later:
                     await hand_back(request.id, later)
                     return
+                if request.handed_back_attempts:
+                    record = dataclasses.replace(
+                        record, attempts=record.attempts + request.handed_back_attempts
+                    )
                 finish(record)
 
         async def hand_back(request_id: str, later: RetryLater) -> None:
             # Back in line for later; the slot serves other requests meanwhile.
             unfinished.pop(request_id, None)
-            not_before = math.ceil(time.time() + later.delay)
+            now = time.time()
+            budget = config.rate_limit_retry_seconds
+            # The budget starts with the provider's first "later", not with our own limiter's.
+            deadline = int(now + budget) if budget is not None and later.error is not None else None
             report.handed_back += await asyncio.to_thread(
-                release_requests,
-                self.engine,
-                [request_id],
-                config.owner,
-                str(later),
-                not_before,
-                handed_back=True,
+                functools.partial(
+                    release_requests,
+                    self.engine,
+                    [request_id],
+                    config.owner,
+                    str(later),
+                    math.ceil(now + later.delay),
+                    handed_back=True,
+                    upstream_attempts=later.attempts,
+                    retry_deadline=deadline,
+                )
             )
 
         async def heartbeat() -> None:

@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     # A worker slot waits at most this long in process (for a rate-limit slot, or between retries
     # of 429s); past it the request goes back in line with a not_before, freeing the slot.
     hand_back_after_seconds: float = Field(default=30.0, gt=0)
+    # How long a request keeps retrying 429s (from its first hand-back for one) before it fails:
+    # a storm passes, an account throttled for hours is an outage to look at. Within the batch's
+    # completion window, which ends it anyway.
+    rate_limit_retry_seconds: float = Field(default=6 * 3600.0, gt=0)
     lease_seconds: int = Field(default=300, ge=5)
     visibility_timeout_seconds: int = Field(default=3600, ge=10)
     unacked_restore_interval_seconds: float = Field(default=5.0, gt=0)

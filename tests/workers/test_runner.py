@@ -10,6 +10,7 @@ from pathlib import Path
 
 import diskcache
 import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 
 from models.cache import DiskCacheStore
 from models.cancellation import CancellationToken
@@ -65,6 +66,7 @@ async def run_ids(
     cancel_check_interval: float = 1.0,
     refill_seconds: float = 0,
     hand_back_after: float | None = None,
+    rate_limit_retry_seconds: float | None = None,
 ) -> ChunkReport:
     engine = make_engine(url)
     pipeline = make_pipeline(sim, cache_dir, hand_back_after=hand_back_after)
@@ -74,6 +76,7 @@ async def run_ids(
         max_deliveries=max_deliveries,
         cancel_check_interval=cancel_check_interval,
         refill_seconds=refill_seconds,
+        rate_limit_retry_seconds=rate_limit_retry_seconds,
     )
     try:
         return await ChunkRunner(engine, pipeline, config).run(ids)
@@ -142,30 +145,60 @@ async def test_429s_are_retried_honouring_retry_after(
     assert stats["by_status"].get("429", 0) == attempts - 60 > 0
 
 
+def request_row(engine: Engine, request_id: str) -> sa.Row[tuple[Request]]:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(Request).where(Request.id == request_id)).one()  # type: ignore[return-value]
+
+
 async def test_a_long_retry_after_hands_the_request_back_with_a_delay(
     make_ledger: MakeLedger, database_url: str, simulator: SimulatorServer
 ) -> None:
     """A 429 whose Retry-After outlasts hand_back_after is not waited out in the slot: the
     request goes back in line, not before the time it said, without counting as a failed
-    delivery; it runs again once that time has come."""
+    delivery; it runs again once that time has come, and its result counts every attempt."""
     led = make_ledger(database_url)
     batch_id, ids = add_batch(led, ["later [[status 429 retry_after=3 times=1]]", "now"])
     handed = time.time()
-    report = await run_ids(database_url, simulator, ids, hand_back_after=1.0)
+    report = await run_ids(database_url, simulator, ids, hand_back_after=1.0, rate_limit_retry_seconds=600)
     assert (report.succeeded, report.handed_back, report.failed) == (1, 1, 0)
-    with led.engine.connect() as conn:
-        row = conn.execute(sa.select(Request).where(Request.id == ids[0])).one()
+    row = request_row(led.engine, ids[0])
     assert row.status == RequestStatus.QUEUED
     assert row.not_before is not None
     assert handed + 3 <= row.not_before <= time.time() + 4
     assert row.attempts == 0  # a hand-back is not a delivery that died
+    assert row.handed_back_attempts == 1
+    assert row.retry_deadline is not None
+    assert int(handed) + 600 <= row.retry_deadline <= time.time() + 600
     assert row.last_error.startswith("retry in")
     assert claim_requests(led.engine, ids[:1], "too-early", lease_seconds=10) == []
     await asyncio.sleep(row.not_before - time.time() + 0.05)  # until the time it was given
-    again = await run_ids(database_url, simulator, ids[:1], hand_back_after=1.0)
+    again = await run_ids(database_url, simulator, ids[:1], hand_back_after=1.0, rate_limit_retry_seconds=600)
     assert (again.succeeded, again.handed_back) == (1, 0)
     assert statuses(led.engine, batch_id) == {"succeeded": 2}
-    assert simulator.stats()["by_status"] == {"429": 1, "200": 2}
+    stats = simulator.stats()
+    assert stats["by_status"] == {"429": 1, "200": 2}
+    # Every upstream attempt is counted, the handed-back delivery's included.
+    assert sum(r.attempts for r in results_of(led.engine, batch_id)) == stats["completions"] == 3
+
+
+async def test_a_rate_limit_past_the_retry_budget_fails_the_request(
+    make_ledger: MakeLedger, database_url: str, simulator: SimulatorServer
+) -> None:
+    """The budget runs from the first hand-back: a line still rate limited past it fails with
+    the provider's 429 (its attempts all counted) instead of going back in line again."""
+    led = make_ledger(database_url)
+    batch_id, ids = add_batch(led, ["never [[status 429 retry_after=2]]"])
+    first = await run_ids(database_url, simulator, ids, hand_back_after=1.0, rate_limit_retry_seconds=1)
+    assert first.handed_back == 1
+    row = request_row(led.engine, ids[0])
+    assert row.not_before is not None
+    await asyncio.sleep(row.not_before - time.time() + 0.05)
+    second = await run_ids(database_url, simulator, ids, hand_back_after=1.0, rate_limit_retry_seconds=1)
+    assert (second.failed, second.handed_back) == (1, 0)
+    [result] = results_of(led.engine, batch_id)
+    assert result.status_code == 429
+    assert result.error_code == "rate_limit_exceeded"
+    assert result.attempts == simulator.stats()["completions"] == 2
 
 
 async def test_a_repeat_is_a_cache_hit_billed_nothing(

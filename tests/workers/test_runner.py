@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import time
 from collections.abc import Callable
@@ -26,14 +27,17 @@ from store import (
     cancel_batch,
     claim_requests,
     get_batch,
+    ingest_batch,
     iter_output_lines,
     make_engine,
+    pending_request_ids,
 )
 from tests.workers.support import Ledger, add_batch, results_of, statuses
 from workers.clients import openai_client_factory
-from workers.limiter import LocalRateLimiter
+from workers.limiter import LimiterTuning, LocalRateLimiter
 from workers.pipeline import ModelCallPipeline
 from workers.runner import ChunkReport, ChunkRunner, RunnerConfig, complete_chat
+from workers.settings import ModelLimits
 
 MakeLedger = Callable[[str], Ledger]
 
@@ -285,6 +289,55 @@ async def test_a_cancel_lets_calls_in_flight_finish_into_the_output(
     assert sorted(line["custom_id"] for line in output) == sorted(
         f"r{ids.index(r.request_id)}" for r in succeeded
     )
+
+
+async def test_a_cancel_ends_a_wait_for_a_rate_limit_at_once(
+    make_ledger: MakeLedger, database_url: str, simulator: SimulatorServer
+) -> None:
+    """A request waiting behind a tpm limit that another booked (max_tokens=10**12) does not keep
+    its batch in ``cancelling``: the cancel ends its wait, the call in flight finishes, and the
+    batch is ``cancelled`` within seconds."""
+    led = make_ledger(database_url)
+    lines = [
+        {"custom_id": "huge", "prompt": "long answer [[delay 2]]", "max_tokens": 10**12},
+        {"custom_id": "behind", "prompt": "short answer"},
+    ]
+    report = ingest_batch(
+        led.engine,
+        io.BytesIO("\n".join(json.dumps(line) for line in lines).encode()),
+        tenant_id=led.tenant_id,
+        defaults={"model": "sim-model"},
+    )
+    batch_id = report.batch_id
+    ids = pending_request_ids(led.engine, batch_id)
+    engine = make_engine(database_url)
+    pipeline = ModelCallPipeline(
+        openai_client_factory(base_url=simulator.base_url, api_key="sim", timeout=10),
+        LocalRateLimiter({"sim-model": ModelLimits(tpm=1000)}, LimiterTuning(max_wait_seconds=600)),
+        RetryPolicy(),
+    )
+
+    async def cancel_while_waiting() -> None:
+        deadline = time.monotonic() + 30
+        while (await asyncio.to_thread(simulator.stats))["in_flight"] < 1:
+            assert time.monotonic() < deadline, "the huge request never reached the simulator"
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(cancel_batch, led.engine, batch_id)
+
+    canceller = asyncio.create_task(cancel_while_waiting())
+    started = time.monotonic()
+    config = RunnerConfig(owner="test-owner", cancel_check_interval=0.2)
+    try:
+        await asyncio.wait_for(ChunkRunner(engine, pipeline, config).run(ids), timeout=30)
+    finally:
+        await pipeline.close()
+        engine.dispose()
+    await canceller
+    assert time.monotonic() - started < 15
+    assert statuses(led.engine, batch_id) == {"succeeded": 1, "cancelled": 1}
+    batch = get_batch(led.engine, batch_id)
+    assert batch is not None
+    assert batch.status == BatchStatus.CANCELLED
 
 
 async def test_a_request_redelivered_too_often_fails_without_a_call(

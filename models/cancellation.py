@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -40,6 +41,12 @@ class CancellationToken:
                 self._callbacks.append(callback)
                 return
         callback()
+
+    def remove_callback(self, callback: Callable[[], None]) -> None:
+        """Forget ``callback`` (if still registered): a waiter that ended without a cancel, so that a
+        long-lived token does not collect one callback per wait."""
+        with self._lock, contextlib.suppress(ValueError):
+            self._callbacks.remove(callback)
 
     def link_future(self, future: asyncio.Future[Any]) -> asyncio.Future[Any]:
         """Cancel ``future`` (from its own loop's thread) when the token is cancelled."""

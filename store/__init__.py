@@ -42,7 +42,8 @@ Work (workers and the sweeper)::
     claim_requests(engine, request_ids, owner, lease_seconds, now=None) -> list[ClaimedRequest]
     claim_queued(engine, batch_ids, owner, lease_seconds, limit, now=None) -> list[ClaimedRequest]
     extend_leases(engine, request_ids, owner, lease_seconds, now=None) -> list[str]  # ids still held
-    release_requests(engine, request_ids, owner, error=None, not_before=None) -> int
+    release_requests(engine, request_ids, owner, error=None, not_before=None, *, handed_back=False,
+                     upstream_attempts=0, retry_deadline=None) -> int
     unsettled_dispatch_ids(engine, *, now, settled_before) -> list[str]      # the sweeper's two steps
     requests_to_redispatch(engine, *, now, settled_before, dead_dispatch_ids, limit) -> [(id, batch)]
     batch_statuses(engine, batch_ids) -> dict[str, BatchStatus]

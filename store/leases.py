@@ -47,6 +47,10 @@ class ClaimedRequest:
     attempts: int
     priority: int
     lease_expires_at: int
+    # Upstream attempts of earlier deliveries that handed it back, and when its rate-limit
+    # retries stop (epoch seconds; None: no budget started yet).
+    handed_back_attempts: int = 0
+    retry_deadline: int | None = None
 
 
 def _claimable(now: int) -> sa.ColumnElement[bool]:
@@ -162,6 +166,8 @@ def _lease(
                 Request.attempts,
                 Request.priority,
                 Request.line_number,
+                Request.handed_back_attempts,
+                Request.retry_deadline,
             )
         ).all()
     rows = sorted(rows, key=lambda row: row.line_number)
@@ -176,6 +182,8 @@ def _lease(
             attempts=row.attempts,
             priority=row.priority,
             lease_expires_at=expires,
+            handed_back_attempts=row.handed_back_attempts,
+            retry_deadline=row.retry_deadline,
         )
         for row in rows
     ]
@@ -210,9 +218,19 @@ def release_requests(
     owner: str,
     error: str | None = None,
     not_before: int | None = None,
+    *,
+    handed_back: bool = False,
+    upstream_attempts: int = 0,
+    retry_deadline: int | None = None,
 ) -> int:
     """Give requests back (status queued, lease cleared) so they run again, not before
-    ``not_before`` if given; ``error`` is kept as ``last_error``. Returns how many were released."""
+    ``not_before`` if given; ``error`` is kept as ``last_error``. Returns how many were released.
+
+    ``handed_back``: the worker chose to put them back in line (the provider or the rate limit
+    said "later"); that delivery ended cleanly, so it does not count towards the deliveries after
+    which a request is taken for poison (``attempts``). Its ``upstream_attempts`` are added to
+    ``handed_back_attempts``; ``retry_deadline`` is set unless one was set before (the budget runs
+    from the first hand-back)."""
     if not request_ids:
         return 0
     values: dict[str, Any] = {
@@ -223,6 +241,11 @@ def release_requests(
     }
     if error is not None:
         values["last_error"] = error
+    if handed_back:
+        values["attempts"] = Request.attempts - 1
+        values["handed_back_attempts"] = Request.handed_back_attempts + upstream_attempts
+        if retry_deadline is not None:
+            values["retry_deadline"] = sa.func.coalesce(Request.retry_deadline, retry_deadline)
     with write_transaction(engine) as conn:
         result = conn.execute(
             sa.update(Request)

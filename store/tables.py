@@ -203,6 +203,11 @@ class Request(Base):
     dispatch_id: Mapped[str | None] = mapped_column(sa.String(200))
     dispatched_at: Mapped[int | None] = mapped_column(sa.BigInteger)
     not_before: Mapped[int | None] = mapped_column(sa.BigInteger)
+    # Set when a worker hands the request back for rate limits: the upstream attempts made by such
+    # deliveries (the result's count adds them: every attempt is counted), and the time after which
+    # a rate limit fails it instead of being retried again.
+    handed_back_attempts: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    retry_deadline: Mapped[int | None] = mapped_column(sa.BigInteger)
     cache_key: Mapped[str | None] = mapped_column(sa.String(200))
     last_error: Mapped[str | None] = mapped_column(sa.Text)
     created_at: Mapped[int] = mapped_column(sa.BigInteger)

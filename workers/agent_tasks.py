@@ -44,6 +44,7 @@ from agents import (
 from models.cancellation import CancellationToken
 from models.errors import BadRequest, ModelClientError
 from models.openai import messages_from_openai
+from models.retry import RetryLater
 from models.types import CreateResult, LLMMessage, RequestUsage, SystemMessage, UserMessage
 from store import (
     ClaimedRequest,
@@ -280,6 +281,9 @@ def agent_run_handler(engine: Engine, tools: ToolRegistry | None = None) -> Requ
             return failed_record(request.id, e, attempts=tally.attempts)
         except AssistantRunError as e:
             cause = e.__cause__
+            if isinstance(cause, RetryLater):
+                cause.attempts += tally.attempts  # the run's earlier calls count too
+                raise cause from None  # the runner hands the run back in line
             error = cause if isinstance(cause, ModelClientError) else ModelClientError(str(e))
             record = failed_record(request.id, error, attempts=tally.attempts)
             # What the failed run spent before failing is still spent.

@@ -289,6 +289,7 @@ async def _run_embedded(
         lease_seconds=settings.lease_seconds,
         in_flight=concurrency,
         max_deliveries=settings.max_attempts,
+        rate_limit_retry_seconds=settings.rate_limit_retry_seconds,
     )
     runner = ChunkRunner(engine, pipeline, config, on_result=on_result)
     chunk = max(1000, concurrency * 20)

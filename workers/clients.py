@@ -44,7 +44,10 @@ def _local_limiter(settings: Settings, tuning: LimiterTuning) -> LocalRateLimite
 
 
 def limiter_for(settings: Settings, tuning: LimiterTuning | None = None) -> RateLimiter:
-    tuning = tuning or LimiterTuning(lease_seconds=settings.upstream_timeout_seconds + 30)
+    tuning = tuning or LimiterTuning(
+        lease_seconds=settings.upstream_timeout_seconds + 30,
+        max_wait_seconds=settings.hand_back_after_seconds,
+    )
     local = _local_limiter(settings, tuning)
     if settings.broker_url is None:
         return local
@@ -86,7 +89,7 @@ def build_pipeline(
     return ModelCallPipeline(
         factory,
         limiter or limiter_for(settings),
-        RetryPolicy(max_attempts=settings.max_attempts),
+        RetryPolicy(max_attempts=settings.max_attempts, hand_back_after=settings.hand_back_after_seconds),
         cache_store=store,
         cache_ttl=settings.cache_ttl_seconds,
     )

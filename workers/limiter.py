@@ -8,7 +8,9 @@ Three limits guard each upstream call, all checked and taken in one atomic step:
   out when a slot frees. Schedules are handed out at most ``horizon`` seconds ahead; beyond that the
   answer is "ask again in N seconds". Tokens are reserved from an estimate when the call is granted
   and corrected with the real usage when it ends (``release``): an excess is charged at once, a
-  refund never reaches into the past.
+  refund never reaches into the past. A reservation is clamped (``reservation``): its completion
+  part to the model's output limit, the whole to the tpm limit itself, so one request cannot book
+  the schedule far ahead; a prompt alone larger than the limit can never go (``RequestTooLarge``).
 * **in flight**: a lease per call in a sorted set scored by its expiry, so the slots of a killed
   worker come back after ``lease_seconds``. The cap is ``max_in_flight`` (none when the model has
   no entry) lowered by AIMD: a 429 multiplies it by ``decrease_factor`` (at most once per
@@ -17,6 +19,11 @@ Three limits guard each upstream call, all checked and taken in one atomic step:
   the last 429 the cap is dropped altogether. An unlimited model's first 429 starts the cap at the
   number of calls then in flight.
 
+Waiting is bounded (``acquire``): a denied caller asks again after at most ``recheck_seconds``
+(sooner when a call of this process gives tokens back), and after ``max_wait_seconds`` in all it
+gets ``RetryLater`` with the wait still ahead, to hand its request back to the queue instead of
+holding a worker slot. A cancelled token ends any of these waits at once.
+
 ``RedisRateLimiter`` runs each step as a Lua script with the Redis server's clock, so every worker
 on every machine shares one state. ``LocalRateLimiter`` is the same algorithm in process, for the
 embedded mode which has no Redis.
@@ -24,7 +31,8 @@ embedded mode which has no Redis.
 Exceptions::
 
     LimiterError
-     └── LimiterUnavailable     the limiter's Redis did not answer
+     ├── LimiterUnavailable     the limiter's Redis did not answer
+     └── RequestTooLarge        (also a ``BadRequest``) the prompt alone exceeds the tpm limit
 """
 
 from __future__ import annotations
@@ -43,6 +51,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from models.cancellation import CancellationToken
+from models.errors import BadRequest
+from models.openai import resolve_model_info
+from models.retry import RetryLater, sleep_unless_cancelled, wait_or_cancel
 from workers.constants import DEFAULT_KEY_PREFIX, limit_key, limit_leases_key
 from workers.settings import ModelLimits
 
@@ -56,6 +67,7 @@ __all__ = [
     "LocalRateLimiter",
     "RateLimiter",
     "RedisRateLimiter",
+    "RequestTooLarge",
     "Slot",
     "SplitRateLimiter",
 ]
@@ -67,6 +79,17 @@ class LimiterError(Exception):
 
 class LimiterUnavailable(LimiterError):
     """The Redis that holds the limits did not answer."""
+
+
+class RequestTooLarge(LimiterError, BadRequest):
+    """The request's prompt alone needs more tokens than the model's tokens-per-minute limit
+    allows: it can never be admitted, so it fails (permanently) instead of waiting for ever."""
+
+    def __init__(self, message: str, *, model: str) -> None:
+        super().__init__(message, model=model, status_code=400, code=REQUEST_TOO_LARGE)
+
+
+REQUEST_TOO_LARGE = "request_exceeds_token_limit"
 
 
 class CallOutcome(enum.Enum):
@@ -90,6 +113,10 @@ class LimiterTuning:
     decrease_factor: float = 0.5
     decrease_cooldown_seconds: float = 1.0
     recovery_seconds: float = 60.0
+    # A denied caller asks again at least this often: a refund by another process is seen soon.
+    recheck_seconds: float = 1.0
+    # The longest ``acquire`` waits in all before raising ``RetryLater``.
+    max_wait_seconds: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -132,6 +159,7 @@ class RateLimiter(ABC):
     def __init__(self, limits: Mapping[str, ModelLimits], tuning: LimiterTuning | None = None) -> None:
         self.limits = dict(limits)
         self.tuning = tuning or LimiterTuning()
+        self._waiters: dict[tuple[str, str], set[asyncio.Future[None]]] = {}
 
     def limits_for(self, model: str) -> ModelLimits | None:
         return self.limits.get(model)
@@ -149,6 +177,25 @@ class RateLimiter(ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the local limiter has none."""
 
+    def reservation(self, model: str, *, prompt_tokens: int, completion_budget: int) -> int:
+        """Tokens to reserve for one call of ``model``: the prompt plus its ``max_tokens`` clamped to
+        the model's output limit, and never more than the tpm limit itself (the excess a call
+        really uses is charged at ``release``). 0 when the model has no tpm limit. Raises
+        ``RequestTooLarge`` when the prompt alone exceeds the limit."""
+        limits = self.limits_for(model)
+        if limits is None or limits.tpm is None:
+            return 0
+        prompt = max(0, prompt_tokens)
+        if prompt > limits.tpm:
+            raise RequestTooLarge(
+                f"the request needs about {prompt} prompt tokens, more than the {limits.tpm} tokens "
+                f"per minute allowed for {model}: it can never be sent",
+                model=model,
+            )
+        output_limit = limits.max_output_tokens or resolve_model_info(model)["context_window"]
+        completion = min(max(0, completion_budget), output_limit)
+        return min(prompt + completion, limits.tpm)
+
     async def acquire(
         self,
         endpoint: str,
@@ -156,8 +203,15 @@ class RateLimiter(ABC):
         *,
         estimated_tokens: int,
         cancellation_token: CancellationToken | None = None,
+        max_wait: float | None = None,
     ) -> Slot:
-        """Wait until a call may go, then return its slot (the scheduled wait already slept)."""
+        """Wait until a call may go, then return its slot (the scheduled wait already slept).
+
+        Waits at most ``max_wait`` (default ``tuning.max_wait_seconds``) in all, then raises
+        ``RetryLater`` with the wait the limiter still announces; raises ``CancelledError`` as soon
+        as ``cancellation_token`` fires."""
+        budget = self.tuning.max_wait_seconds if max_wait is None else max_wait
+        deadline = time.monotonic() + budget
         while True:
             if cancellation_token is not None and cancellation_token.is_cancelled():
                 raise asyncio.CancelledError("cancelled while waiting for a rate-limit slot")
@@ -167,13 +221,43 @@ class RateLimiter(ABC):
                 slot = Slot(endpoint, model, decision.lease_id, estimated_tokens)
                 if decision.wait_seconds > 0:
                     try:
-                        await asyncio.sleep(decision.wait_seconds)
+                        await sleep_unless_cancelled(decision.wait_seconds, cancellation_token)
                     except BaseException:
                         await asyncio.shield(self.release(slot, outcome=CallOutcome.FAILED, actual_tokens=0))
                         raise
                 return slot
-            # Jitter so that waiters told the same time do not all come back at once.
-            await asyncio.sleep(decision.wait_seconds * (1.0 + random.random() * 0.25))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RetryLater(
+                    decision.wait_seconds,
+                    f"no rate-limit slot for {model} within {budget:.0f} s",
+                )
+            # Jitter so that waiters told the same time do not all come back at once; never longer
+            # than recheck_seconds, so a refund (which moves the schedule back) is noticed.
+            pause = min(decision.wait_seconds * (1.0 + random.random() * 0.25), self.tuning.recheck_seconds)
+            await self._pause(endpoint, model, min(pause, remaining), cancellation_token)
+
+    async def _pause(
+        self, endpoint: str, model: str, seconds: float, cancellation_token: CancellationToken | None
+    ) -> None:
+        """Sleep ``seconds``, or less if a call of this process releases a slot of the same model."""
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault((endpoint, model), set())
+        waiters.add(woken)
+        try:
+            if cancellation_token is None:
+                await asyncio.wait({woken}, timeout=seconds)
+            else:
+                await wait_or_cancel(woken, seconds, cancellation_token)
+        finally:
+            waiters.discard(woken)
+            woken.cancel()
+
+    def _wake(self, endpoint: str, model: str) -> None:
+        """A slot or tokens came back: let this process's waiters on the model ask again now."""
+        for waiter in self._waiters.pop((endpoint, model), set()):
+            if not waiter.done() and not waiter.get_loop().is_closed():
+                waiter.set_result(None)
 
 
 # KEYS[1] state hash, KEYS[2] leases sorted set.
@@ -184,6 +268,8 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local rpm, tpm, max_in_flight = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local tokens, lease_id, lease_seconds = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
 local horizon, poll = tonumber(ARGV[7]), tonumber(ARGV[8])
+-- No reservation books more than a minute of the limit (callers clamp too: see reservation).
+if tpm > 0 and tokens > tpm then tokens = tpm end
 
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local s = redis.call('HMGET', KEYS[1], 'tat_r', 'tat_t', 'cap', 'cap_until')
@@ -358,6 +444,7 @@ class RedisRateLimiter(RateLimiter):
                 tuning.recovery_seconds,
             ],
         )
+        self._wake(slot.endpoint, slot.model)
 
     async def state(self, endpoint: str, model: str) -> LimiterState:
         in_flight, cap = await self._run(self._state, self._keys(endpoint, model), [])
@@ -402,7 +489,9 @@ class LocalRateLimiter(RateLimiter):
             limit = state.cap
         if limit is not None and len(state.leases) >= max(1, int(limit)):
             return LimitDecision(False, self.tuning.poll_seconds)
-        tokens = max(0, estimated_tokens)
+        tokens: float = max(0, estimated_tokens)
+        if tpm:
+            tokens = min(tokens, tpm)  # no reservation books more than a minute of the limit
         start = now
         if rpm:
             start = max(start, state.tat_requests)
@@ -448,6 +537,7 @@ class LocalRateLimiter(RateLimiter):
             if max_in_flight and state.cap >= max_in_flight:
                 state.cap = None
                 state.decreased_at = float("-inf")
+        self._wake(slot.endpoint, slot.model)
 
     async def state(self, endpoint: str, model: str) -> LimiterState:
         state = self._state_of(endpoint, model, time.monotonic())
@@ -472,6 +562,7 @@ class SplitRateLimiter(RateLimiter):
 
     async def release(self, slot: Slot, *, outcome: CallOutcome, actual_tokens: int | None = None) -> None:
         await self._for(slot.model).release(slot, outcome=outcome, actual_tokens=actual_tokens)
+        self._wake(slot.endpoint, slot.model)
 
     async def state(self, endpoint: str, model: str) -> LimiterState:
         return await self._for(model).state(endpoint, model)

@@ -7,7 +7,11 @@
 * ``GovernedClient`` takes a global limiter slot before *every* upstream attempt (retries
   included, so the provider's view of our rate is what the limiter allows), gives it back with
   the outcome (a 429 shrinks the concurrency cap) and the real token usage, and retries
-  retryable errors with ``RetryPolicy`` (backoff with jitter, honouring ``Retry-After``).
+  retryable errors with ``RetryPolicy`` (backoff with jitter, honouring ``Retry-After``). A wait
+  that would pass the policy's ``hand_back_after`` raises ``RetryLater`` (the runner puts the
+  request back in line with that delay). A cancellation token stops the waits and the retries, not
+  an attempt already sent: the provider bills that one whether or not we hang up, so its answer
+  is kept.
 
 The chunk runner calls ``call`` once per request; an agent calls ``create`` (or ``client_for``
 to get a ``ChatCompletionClient`` it can hold), and so goes through the same path. A pipeline and
@@ -34,7 +38,13 @@ from models.cache import CachedCompletion, CacheStore, ChatCompletionCache, Unca
 from models.cancellation import CancellationToken
 from models.errors import ModelClientError, QuotaExceeded, RateLimited
 from models.events import Retry, emit
-from models.retry import RetryPolicy
+from models.retry import (
+    RATE_LIMIT_DEADLINE,
+    RetryLater,
+    RetryPolicy,
+    is_rate_limited,
+    sleep_unless_cancelled,
+)
 from models.tokens import estimate_tokens
 from models.types import CreateResult, LLMMessage, Tool, ToolChoice, ToolSchema
 from workers.limiter import CallOutcome, RateLimiter
@@ -78,9 +88,21 @@ def _completion_budget(extra_create_args: Mapping[str, Any]) -> int:
     # Providers count max_tokens against tokens-per-minute when the call is admitted.
     for name in ("max_completion_tokens", "max_tokens"):
         value = extra_create_args.get(name)
-        if isinstance(value, int) and value > 0:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # JSON's 1e12
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return value
     return 0
+
+
+@dataclass
+class _Tries:
+    """One logical call's attempts: ``number`` the current one (1-based), ``counted`` the failures
+    that count against ``max_attempts``, ``started`` when the call began (monotonic)."""
+
+    number: int = 1
+    counted: int = 0
+    started: float = field(default_factory=time.monotonic)
 
 
 class GovernedClient(DelegatingClient):
@@ -107,26 +129,54 @@ class GovernedClient(DelegatingClient):
         limits = self._limiter.limits_for(self._model)
         if limits is None or limits.tpm is None:
             return 0  # no token budget to reserve from: skip the tokenizer
-        return estimate_tokens(messages, tools) + _completion_budget(extra)
+        return self._limiter.reservation(
+            self._model,
+            prompt_tokens=estimate_tokens(messages, tools),
+            completion_budget=_completion_budget(extra),
+        )
 
     async def _acquire(self, estimate: int, cancellation_token: CancellationToken | None) -> Any:
         started = time.monotonic()
         slot = await self._limiter.acquire(
-            self._endpoint, self._model, estimated_tokens=estimate, cancellation_token=cancellation_token
+            self._endpoint,
+            self._model,
+            estimated_tokens=estimate,
+            cancellation_token=cancellation_token,
+            max_wait=self._retry.hand_back_after,
         )
         stats = _current_stats.get()
         if stats is not None:
             stats.waited_for_limits_s += time.monotonic() - started
         return slot
 
-    async def _after_failure(self, attempt: int, error: ModelClientError) -> None:
-        """Wait before the next attempt, or re-raise ``error`` if there is none."""
+    async def _after_failure(
+        self, tries: _Tries, error: ModelClientError, token: CancellationToken | None
+    ) -> None:
+        """Wait before the next attempt (and count it in ``tries``), or re-raise ``error`` if there
+        is none. Raises ``RetryLater`` rather than wait past ``hand_back_after``, and
+        ``CancelledError`` as soon as the token fires."""
         stats = _current_stats.get()
         if stats is not None:
             stats.last_error = error
-        delay = self._retry.next_delay(attempt, error)
+        retry = self._retry
+        attempt = tries.number
+        if retry.hand_back_after is not None and not is_rate_limited(error):
+            # Rate limits are bounded by time; only the other failures count against max_attempts.
+            tries.counted += 1
+        counted = tries.counted if retry.hand_back_after is not None else None
+        delay = retry.next_delay(attempt, error, counted=counted)
         if delay is None:
             raise error
+        deadline = RATE_LIMIT_DEADLINE.get()
+        if deadline is not None and is_rate_limited(error) and time.time() + delay > deadline:
+            raise error  # the request's retry budget for rate limits is spent
+        hand_back_after = self._retry.hand_back_after
+        if (
+            hand_back_after is not None
+            and is_rate_limited(error)
+            and time.monotonic() - tries.started + delay > hand_back_after
+        ):
+            raise RetryLater(delay, f"{self._model} is rate limited: {error.message}", error)
         emit(
             Retry(
                 model=self._model,
@@ -136,7 +186,8 @@ class GovernedClient(DelegatingClient):
                 retry_after=error.retry_after if isinstance(error, RateLimited) else None,
             )
         )
-        await asyncio.sleep(delay)
+        await sleep_unless_cancelled(delay, token)
+        tries.number += 1
 
     @staticmethod
     def _outcome_of(error: ModelClientError) -> CallOutcome:
@@ -161,24 +212,24 @@ class GovernedClient(DelegatingClient):
         cancellation_token: CancellationToken | None = None,
     ) -> CreateResult:
         estimate = self._estimate(messages, tools, extra_create_args)
-        attempt = 1
+        tries = _Tries()
         while True:
             slot = await self._acquire(estimate, cancellation_token)
             self._count_attempt()
             try:
+                # Not given the token: a cancel stops the waits and retries around this attempt,
+                # not the attempt itself, which the provider bills whether or not we hang up.
                 result = await self._client.create(
                     messages,
                     tools=tools,
                     tool_choice=tool_choice,
                     json_output=json_output,
                     extra_create_args=extra_create_args,
-                    cancellation_token=cancellation_token,
                 )
             except ModelClientError as error:
                 # A refused or failed call spent no tokens we can know of: refund the estimate.
                 await self._limiter.release(slot, outcome=self._outcome_of(error), actual_tokens=0)
-                await self._after_failure(attempt, error)
-                attempt += 1
+                await self._after_failure(tries, error, cancellation_token)
                 continue
             except BaseException:
                 await asyncio.shield(self._limiter.release(slot, outcome=CallOutcome.FAILED))
@@ -200,7 +251,7 @@ class GovernedClient(DelegatingClient):
     ) -> AsyncGenerator[str | CreateResult, None]:
         """Retried only while nothing was yielded: a caller cannot take back chunks it has seen."""
         estimate = self._estimate(messages, tools, extra_create_args)
-        attempt = 1
+        tries = _Tries()
         while True:
             slot = await self._acquire(estimate, cancellation_token)
             self._count_attempt()
@@ -227,8 +278,7 @@ class GovernedClient(DelegatingClient):
                     raise
                 await self._limiter.release(slot, outcome=outcome, actual_tokens=actual)
                 slot = None
-                await self._after_failure(attempt, error)
-                attempt += 1
+                await self._after_failure(tries, error, cancellation_token)
             finally:
                 await stream.aclose()
                 if slot is not None:
@@ -351,6 +401,9 @@ class ModelCallPipeline:
                 error = None
             except ModelClientError as e:
                 result, error = None, e
+            except RetryLater as later:
+                later.attempts = stats.attempts  # counted in the result once the request ends
+                raise
         return CallResult(
             result=result,
             error=error,

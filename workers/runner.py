@@ -9,8 +9,11 @@ first writer wins. Alongside:
 * a heartbeat extends the leases of what is still unfinished every third of the lease; a lease
   found lost (another worker took the request) cancels that request here;
 * a watcher reads the batches' status every ``cancel_check_interval``: a cancelled or expired
-  batch starts no new request and its pending ones are cancelled (calls in flight end; the token
-  passed to them stops their retries);
+  batch starts no new request and its pending ones are cancelled; a call already sent upstream
+  runs to its end and its result is recorded, as OpenAI's cancel does (the provider bills it
+  either way), while the token passed to it stops its waits and retries;
+* a request whose call says "later" (``RetryLater``: a long rate-limit wait, a 429 storm) is
+  handed back to the queue with a ``not_before`` delay rather than waited out in a slot;
 * a deadline (half the visibility timeout under Celery) stops starting requests, so a chunk
   never outlives its message's visibility; what was not started is released for the sweeper;
 * for ``refill_seconds`` from its start, the chunk claims more queued requests of its batches
@@ -25,8 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +42,7 @@ from sqlalchemy.engine import Engine
 from models.cancellation import CancellationToken
 from models.errors import ModelClientError
 from models.openai import chat_completion_body, request_from_openai_body
+from models.retry import RATE_LIMIT_DEADLINE, RetryLater
 from store import (
     STOPPED_BATCH_STATUSES,
     ClaimedRequest,
@@ -97,6 +103,9 @@ class RunnerConfig:
     # A request still running after this long is taken for stuck: cancelled here, its lease left
     # to expire so that another worker redoes it. None: no limit.
     max_request_seconds: float | None = None
+    # How long a request keeps retrying rate limits, from its first hand-back for one; past it a
+    # 429 fails it. None: until its batch's completion window ends.
+    rate_limit_retry_seconds: float | None = None
 
 
 @dataclass
@@ -110,6 +119,7 @@ class ChunkReport:
     cached: int = 0
     cancelled: int = 0
     released: int = 0
+    handed_back: int = 0  # put back in line with a delay (RetryLater)
     duplicates: int = 0
     upstream_attempts: int = 0
     billed_prompt_tokens: int = 0
@@ -313,12 +323,42 @@ class ChunkRunner:
                     error = ModelClientError(f"this worker has no handler for {request.kind.value} requests")
                     finish(failed_record(request.id, error, attempts=0))
                     return
+                # This task's own context: the budget applies to this request's calls only.
+                RATE_LIMIT_DEADLINE.set(request.retry_deadline)
                 try:
                     record = await handler(request, self.pipeline, token)
                 except RequestCancelled:
                     to_cancel.append(request.id)
                     return
+                except RetryLater as later:
+                    await hand_back(request.id, later)
+                    return
+                if request.handed_back_attempts:
+                    record = dataclasses.replace(
+                        record, attempts=record.attempts + request.handed_back_attempts
+                    )
                 finish(record)
+
+        async def hand_back(request_id: str, later: RetryLater) -> None:
+            # Back in line for later; the slot serves other requests meanwhile.
+            unfinished.pop(request_id, None)
+            now = time.time()
+            budget = config.rate_limit_retry_seconds
+            # The budget starts with the provider's first "later", not with our own limiter's.
+            deadline = int(now + budget) if budget is not None and later.error is not None else None
+            report.handed_back += await asyncio.to_thread(
+                functools.partial(
+                    release_requests,
+                    self.engine,
+                    [request_id],
+                    config.owner,
+                    str(later),
+                    math.ceil(now + later.delay),
+                    handed_back=True,
+                    upstream_attempts=later.attempts,
+                    retry_deadline=deadline,
+                )
+            )
 
         async def heartbeat() -> None:
             while True:

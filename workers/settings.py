@@ -22,6 +22,11 @@ class ModelLimits(BaseModel):
     rpm: int | None = Field(default=None, ge=1, description="requests per minute")
     tpm: int | None = Field(default=None, ge=1, description="tokens per minute (prompt + completion)")
     max_in_flight: int | None = Field(default=None, ge=1, description="concurrent upstream calls")
+    # A request's max_tokens is reserved from tpm when it is admitted; clamped to this (else to
+    # the model's context window) so that a huge max_tokens cannot book the limit years ahead.
+    max_output_tokens: int | None = Field(
+        default=None, ge=1, description="largest completion the model gives; caps a reservation"
+    )
 
 
 class Settings(BaseSettings):
@@ -59,6 +64,13 @@ class Settings(BaseSettings):
         ),
     )
     max_attempts: int = Field(default=6, ge=1, le=100)
+    # A worker slot waits at most this long in process (for a rate-limit slot, or between retries
+    # of 429s); past it the request goes back in line with a not_before, freeing the slot.
+    hand_back_after_seconds: float = Field(default=30.0, gt=0)
+    # How long a request keeps retrying 429s (from its first hand-back for one) before it fails:
+    # a storm passes, an account throttled for hours is an outage to look at. Within the batch's
+    # completion window, which ends it anyway.
+    rate_limit_retry_seconds: float = Field(default=6 * 3600.0, gt=0)
     lease_seconds: int = Field(default=300, ge=5)
     visibility_timeout_seconds: int = Field(default=3600, ge=10)
     unacked_restore_interval_seconds: float = Field(default=5.0, gt=0)

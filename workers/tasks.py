@@ -48,6 +48,7 @@ async def run_chunk(request_ids: list[str], owner: str) -> ChunkReport:
             refill_seconds=settings.chunk_refill_seconds,
             # Longer than any honest request (every attempt timing out, with backoff between).
             max_request_seconds=settings.max_attempts * (settings.upstream_timeout_seconds + 60),
+            rate_limit_retry_seconds=settings.rate_limit_retry_seconds,
         ),
         handlers=handlers_with_agents(context.engine()),
     )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
+import time
 
 import pytest
 
@@ -15,11 +17,14 @@ from models import (
     ModelClientError,
     OpenAIChatCompletionClient,
     ProviderUnavailable,
+    QuotaExceeded,
     RateLimited,
     Retry,
     RetryPolicy,
     UserMessage,
 )
+from models.cancellation import CancellationToken
+from models.retry import sleep_unless_cancelled
 from simulator import SimulatorServer
 
 KEY = "sk-test-retry-key"
@@ -124,3 +129,29 @@ async def test_client_recovers_from_injected_429s(simulator: SimulatorServer) ->
     assert len(results) == 10
     assert stats["requests"] > 10, "some attempts were refused and retried"
     assert stats["by_status"].get("429", 0) == stats["requests"] - 10
+
+
+def test_with_hand_back_rate_limits_are_bounded_by_time_not_by_a_count() -> None:
+    """A worker's policy retries 429s whatever their count and Retry-After (the caller hands the
+    call back past ``hand_back_after``); other retryable errors still stop after max_attempts."""
+    policy = RetryPolicy(max_attempts=3, base_delay=0.1, max_delay=0.2, hand_back_after=30.0)
+    storm = RateLimited("busy", retry_after=2.0)
+    assert policy.next_delay(50, storm) == 2.0, "a storm does not use the attempts up"
+    assert policy.next_delay(1, RateLimited("busy", retry_after=900.0)) == 900.0, "the caller hands it back"
+    down = ProviderUnavailable("down")
+    assert policy.next_delay(50, down, counted=2) is not None, "only counted failures count"
+    assert policy.next_delay(3, down, counted=3) is None
+    assert policy.next_delay(1, QuotaExceeded("no credit")) is None, "an empty account is not a storm"
+    assert policy.next_delay(1, BadRequest("bad")) is None
+    # Without hand_back_after the policy is the count-bound one.
+    assert RetryPolicy(max_attempts=3).next_delay(3, storm) is None
+
+
+async def test_a_cancel_ends_a_retry_wait_at_once() -> None:
+    token = CancellationToken()
+    asyncio.get_running_loop().call_later(0.1, token.cancel)
+    started = time.monotonic()
+    with pytest.raises(asyncio.CancelledError):
+        await sleep_unless_cancelled(30.0, token)
+    assert time.monotonic() - started < 2.0
+    await sleep_unless_cancelled(0.01, CancellationToken())  # an uncancelled wait just ends

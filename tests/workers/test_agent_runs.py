@@ -4,19 +4,23 @@ follow-ups on a stored conversation, redone runs costing nothing, usage summed i
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import diskcache
 import pytest
+import sqlalchemy as sa
 
 from models.cache import DiskCacheStore
 from models.retry import RetryPolicy
 from simulator.testing import SimulatorServer
 from store import (
+    Request,
     create_conversation,
     create_tenant,
     ingest_batch,
@@ -229,3 +233,33 @@ async def test_a_redone_run_repeats_no_model_call_and_appends_once(
     stored = load_conversation(led.engine, first.conversation_id, tenant_id=led.tenant_id)
     assert len(stored) == 8
     assert tool_call_violations(stored) == []
+
+
+async def test_a_rate_limited_agent_run_is_handed_back_and_counts_every_attempt(
+    led: Ledger, simulator: SimulatorServer
+) -> None:
+    """An agent run whose model call is told to come back in 3 s (past hand_back_after) goes back
+    in line like a batch line, instead of failing; it runs again once due, and its result counts
+    the refused attempt too."""
+    pipeline = ModelCallPipeline(
+        openai_client_factory(base_url=simulator.base_url, api_key="sim", timeout=10),
+        LocalRateLimiter({}),
+        RetryPolicy(base_delay=0.01, hand_back_after=1.0),
+    )
+    try:
+        batch_id, ids = add_agent_batch(
+            led, [{"prompt": "What is 2+2? [[status 429 retry_after=3 times=1]]"}]
+        )
+        first = await run(led, pipeline, ids)
+        assert (first.handed_back, first.failed, first.succeeded) == (1, 0, 0)
+        assert results_of(led.engine, batch_id) == []
+        with led.engine.connect() as conn:
+            not_before = conn.execute(sa.select(Request.not_before).where(Request.id == ids[0])).scalar_one()
+        assert not_before is not None
+        await asyncio.sleep(not_before - time.time() + 0.05)  # until the time it was given
+        again = await run(led, pipeline, ids)
+    finally:
+        await pipeline.close()
+    assert again.succeeded == 1
+    [row] = results_of(led.engine, batch_id)
+    assert row.attempts == simulator.stats()["completions"] == 2

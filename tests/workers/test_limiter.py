@@ -9,12 +9,16 @@ from collections.abc import Sequence
 
 import pytest
 
+from models.cancellation import CancellationToken
+from models.errors import BadRequest
+from models.retry import RetryLater
 from workers.limiter import (
     CallOutcome,
     LimiterTuning,
     LocalRateLimiter,
     RateLimiter,
     RedisRateLimiter,
+    RequestTooLarge,
     Slot,
     SplitRateLimiter,
 )
@@ -257,3 +261,107 @@ async def test_split_limiter_shares_only_configured_models(redis_url: str, redis
     finally:
         await probe.aclose()
         await split.close()
+
+
+async def test_a_huge_max_tokens_books_at_most_the_limit_and_its_refund_wakes_waiters(
+    kind: str, redis_url: str, redis_prefix: str
+) -> None:
+    """One request asking for 10**12 tokens must not move the token schedule years ahead: its
+    reservation is clamped to the limit, and when its call ends the unused part comes back and a
+    waiter on the same model goes at once (not after the minute it booked)."""
+    tpm = 6000
+    limits = {"m": ModelLimits(tpm=tpm)}
+    limiter = await build(kind, redis_url, redis_prefix, limits, recheck_seconds=5.0)
+    huge = limiter.reservation("m", prompt_tokens=10, completion_budget=10**12)
+    assert huge == tpm  # never more than the limit itself
+    capped = RedisRateLimiter.from_url(redis_url, {"m": ModelLimits(tpm=tpm, max_output_tokens=500)})
+    assert capped.reservation("m", prompt_tokens=10, completion_budget=10**12) == 510
+    await capped.close()
+    # Even a caller that skips the clamp books at most a minute of the limit.
+    unclamped = await limiter.try_acquire(ENDPOINT, "m", estimated_tokens=10**12)
+    assert unclamped.granted
+    assert unclamped.lease_id is not None
+    behind = await limiter.try_acquire(ENDPOINT, "m", estimated_tokens=10)
+    assert not behind.granted
+    assert behind.wait_seconds <= 60
+    waiter = asyncio.create_task(limiter.acquire(ENDPOINT, "m", estimated_tokens=10))
+    await asyncio.sleep(0.3)
+    assert not waiter.done()
+    released = time.monotonic()
+    await limiter.release(
+        Slot(ENDPOINT, "m", unclamped.lease_id, 10**12), outcome=CallOutcome.SUCCEEDED, actual_tokens=30
+    )
+    slot = await asyncio.wait_for(waiter, timeout=10)
+    # Woken by the refund, not by its 5 s recheck (nor by the minute booked).
+    assert time.monotonic() - released < 2.0
+    await limiter.release(slot, outcome=CallOutcome.SUCCEEDED, actual_tokens=10)
+    await limiter.close()
+
+
+async def test_a_refund_in_another_process_is_seen_within_recheck_seconds(
+    redis_url: str, redis_prefix: str
+) -> None:
+    limits = {"m": ModelLimits(tpm=6000)}
+    tuning = LimiterTuning(rate_headroom=1.0, recheck_seconds=0.5)
+    here = RedisRateLimiter.from_url(redis_url, limits, key_prefix=redis_prefix, tuning=tuning)
+    there = RedisRateLimiter.from_url(redis_url, limits, key_prefix=redis_prefix, tuning=tuning)
+    booked = await there.acquire(ENDPOINT, "m", estimated_tokens=6000)
+    waiter = asyncio.create_task(here.acquire(ENDPOINT, "m", estimated_tokens=10))
+    await asyncio.sleep(0.3)
+    released = time.monotonic()
+    await there.release(booked, outcome=CallOutcome.SUCCEEDED, actual_tokens=20)
+    slot = await asyncio.wait_for(waiter, timeout=10)
+    assert time.monotonic() - released < 0.5 + 0.5
+    await here.release(slot, outcome=CallOutcome.SUCCEEDED, actual_tokens=10)
+    await here.close()
+    await there.close()
+
+
+async def test_a_prompt_larger_than_the_limit_is_refused_by_name(
+    kind: str, redis_url: str, redis_prefix: str
+) -> None:
+    limiter = await build(kind, redis_url, redis_prefix, {"m": ModelLimits(tpm=1000)})
+    with pytest.raises(RequestTooLarge) as refused:
+        limiter.reservation("m", prompt_tokens=1001, completion_budget=0)
+    error = refused.value
+    assert isinstance(error, BadRequest)
+    assert not error.retryable
+    assert error.code == "request_exceeds_token_limit"
+    assert error.status_code == 400
+    assert "1000 tokens per minute" in error.message
+    assert limiter.reservation("m", prompt_tokens=1000, completion_budget=0) == 1000
+    assert limiter.reservation("free", prompt_tokens=10**9, completion_budget=10**12) == 0
+    await limiter.close()
+
+
+async def test_a_long_wait_is_handed_back_not_slept(kind: str, redis_url: str, redis_prefix: str) -> None:
+    """Past ``max_wait`` a caller gets ``RetryLater`` with the wait still ahead, instead of
+    sleeping in its worker slot."""
+    limiter = await build(kind, redis_url, redis_prefix, {"m": ModelLimits(tpm=6000)}, recheck_seconds=0.1)
+    booked = await limiter.acquire(ENDPOINT, "m", estimated_tokens=6000)  # the next minute is taken
+    started = time.monotonic()
+    with pytest.raises(RetryLater) as later:
+        await limiter.acquire(ENDPOINT, "m", estimated_tokens=10, max_wait=0.5)
+    assert 0.5 <= time.monotonic() - started < 3.0
+    assert 50 < later.value.delay <= 60
+    await limiter.release(booked, outcome=CallOutcome.SUCCEEDED, actual_tokens=6000)
+    await limiter.close()
+
+
+async def test_a_cancel_ends_a_wait_at_once(kind: str, redis_url: str, redis_prefix: str) -> None:
+    limiter = await build(
+        kind, redis_url, redis_prefix, {"m": ModelLimits(tpm=6000)}, recheck_seconds=30.0, max_wait_seconds=60
+    )
+    booked = await limiter.acquire(ENDPOINT, "m", estimated_tokens=6000)
+    token = CancellationToken()
+    waiter = asyncio.create_task(
+        limiter.acquire(ENDPOINT, "m", estimated_tokens=10, cancellation_token=token)
+    )
+    await asyncio.sleep(0.3)
+    cancelled = time.monotonic()
+    token.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiter, timeout=10)
+    assert time.monotonic() - cancelled < 1.0
+    await limiter.release(booked, outcome=CallOutcome.SUCCEEDED, actual_tokens=6000)
+    await limiter.close()

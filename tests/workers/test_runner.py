@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import diskcache
 import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 
 from models.cache import DiskCacheStore
 from models.cancellation import CancellationToken
@@ -23,25 +27,34 @@ from store import (
     cancel_batch,
     claim_requests,
     get_batch,
+    ingest_batch,
+    iter_output_lines,
     make_engine,
+    pending_request_ids,
 )
 from tests.workers.support import Ledger, add_batch, results_of, statuses
 from workers.clients import openai_client_factory
-from workers.limiter import LocalRateLimiter
+from workers.limiter import LimiterTuning, LocalRateLimiter
 from workers.pipeline import ModelCallPipeline
 from workers.runner import ChunkReport, ChunkRunner, RunnerConfig, complete_chat
+from workers.settings import ModelLimits
 
 MakeLedger = Callable[[str], Ledger]
 
 
 def make_pipeline(
-    sim: SimulatorServer, cache_dir: Path | None = None, max_attempts: int = 6
+    sim: SimulatorServer,
+    cache_dir: Path | None = None,
+    max_attempts: int = 6,
+    hand_back_after: float | None = None,
 ) -> ModelCallPipeline:
     store = DiskCacheStore(diskcache.Cache(str(cache_dir))) if cache_dir is not None else None
     return ModelCallPipeline(
         openai_client_factory(base_url=sim.base_url, api_key="sim", timeout=10),
         LocalRateLimiter({}),
-        RetryPolicy(max_attempts=max_attempts, base_delay=0.01, max_delay=0.05),
+        RetryPolicy(
+            max_attempts=max_attempts, base_delay=0.01, max_delay=0.05, hand_back_after=hand_back_after
+        ),
         cache_store=store,
     )
 
@@ -56,15 +69,18 @@ async def run_ids(
     max_deliveries: int = 6,
     cancel_check_interval: float = 1.0,
     refill_seconds: float = 0,
+    hand_back_after: float | None = None,
+    rate_limit_retry_seconds: float | None = None,
 ) -> ChunkReport:
     engine = make_engine(url)
-    pipeline = make_pipeline(sim, cache_dir)
+    pipeline = make_pipeline(sim, cache_dir, hand_back_after=hand_back_after)
     config = RunnerConfig(
         owner="test-owner",
         in_flight=in_flight,
         max_deliveries=max_deliveries,
         cancel_check_interval=cancel_check_interval,
         refill_seconds=refill_seconds,
+        rate_limit_retry_seconds=rate_limit_retry_seconds,
     )
     try:
         return await ChunkRunner(engine, pipeline, config).run(ids)
@@ -133,6 +149,62 @@ async def test_429s_are_retried_honouring_retry_after(
     assert stats["by_status"].get("429", 0) == attempts - 60 > 0
 
 
+def request_row(engine: Engine, request_id: str) -> sa.Row[tuple[Request]]:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(Request).where(Request.id == request_id)).one()  # type: ignore[return-value]
+
+
+async def test_a_long_retry_after_hands_the_request_back_with_a_delay(
+    make_ledger: MakeLedger, database_url: str, simulator: SimulatorServer
+) -> None:
+    """A 429 whose Retry-After outlasts hand_back_after is not waited out in the slot: the
+    request goes back in line, not before the time it said, without counting as a failed
+    delivery; it runs again once that time has come, and its result counts every attempt."""
+    led = make_ledger(database_url)
+    batch_id, ids = add_batch(led, ["later [[status 429 retry_after=3 times=1]]", "now"])
+    handed = time.time()
+    report = await run_ids(database_url, simulator, ids, hand_back_after=1.0, rate_limit_retry_seconds=600)
+    assert (report.succeeded, report.handed_back, report.failed) == (1, 1, 0)
+    row = request_row(led.engine, ids[0])
+    assert row.status == RequestStatus.QUEUED
+    assert row.not_before is not None
+    assert handed + 3 <= row.not_before <= time.time() + 4
+    assert row.attempts == 0  # a hand-back is not a delivery that died
+    assert row.handed_back_attempts == 1
+    assert row.retry_deadline is not None
+    assert int(handed) + 600 <= row.retry_deadline <= time.time() + 600
+    assert row.last_error.startswith("retry in")
+    assert claim_requests(led.engine, ids[:1], "too-early", lease_seconds=10) == []
+    await asyncio.sleep(row.not_before - time.time() + 0.05)  # until the time it was given
+    again = await run_ids(database_url, simulator, ids[:1], hand_back_after=1.0, rate_limit_retry_seconds=600)
+    assert (again.succeeded, again.handed_back) == (1, 0)
+    assert statuses(led.engine, batch_id) == {"succeeded": 2}
+    stats = simulator.stats()
+    assert stats["by_status"] == {"429": 1, "200": 2}
+    # Every upstream attempt is counted, the handed-back delivery's included.
+    assert sum(r.attempts for r in results_of(led.engine, batch_id)) == stats["completions"] == 3
+
+
+async def test_a_rate_limit_past_the_retry_budget_fails_the_request(
+    make_ledger: MakeLedger, database_url: str, simulator: SimulatorServer
+) -> None:
+    """The budget runs from the first hand-back: a line still rate limited past it fails with
+    the provider's 429 (its attempts all counted) instead of going back in line again."""
+    led = make_ledger(database_url)
+    batch_id, ids = add_batch(led, ["never [[status 429 retry_after=2]]"])
+    first = await run_ids(database_url, simulator, ids, hand_back_after=1.0, rate_limit_retry_seconds=1)
+    assert first.handed_back == 1
+    row = request_row(led.engine, ids[0])
+    assert row.not_before is not None
+    await asyncio.sleep(row.not_before - time.time() + 0.05)
+    second = await run_ids(database_url, simulator, ids, hand_back_after=1.0, rate_limit_retry_seconds=1)
+    assert (second.failed, second.handed_back) == (1, 0)
+    [result] = results_of(led.engine, batch_id)
+    assert result.status_code == 429
+    assert result.error_code == "rate_limit_exceeded"
+    assert result.attempts == simulator.stats()["completions"] == 2
+
+
 async def test_a_repeat_is_a_cache_hit_billed_nothing(
     make_ledger: MakeLedger, sqlite_url: str, simulator: SimulatorServer, tmp_path: Path
 ) -> None:
@@ -174,6 +246,95 @@ async def test_cancelling_stops_new_calls(
     assert calls <= 12
     counts = statuses(led.engine, batch_id)
     assert counts.get("cancelled", 0) == 40 - counts.get("succeeded", 0)
+    batch = get_batch(led.engine, batch_id)
+    assert batch is not None
+    assert batch.status == BatchStatus.CANCELLED
+
+
+async def test_a_cancel_lets_calls_in_flight_finish_into_the_output(
+    make_ledger: MakeLedger, database_url: str, simulator: SimulatorServer
+) -> None:
+    """As OpenAI's cancel does: requests already sent upstream (which the provider bills) finish
+    and are recorded, with their usage, in the ledger and the output file; the rest are cancelled
+    and the batch ends ``cancelled`` once the ones in flight have settled."""
+    simulator.configure(latency_ms=2000)
+    led = make_ledger(database_url)
+    batch_id, ids = add_batch(led, [f"in flight {i}" for i in range(100)])
+
+    async def cancel_while_in_flight() -> None:
+        deadline = time.monotonic() + 30
+        while (await asyncio.to_thread(simulator.stats))["in_flight"] < 16:
+            assert time.monotonic() < deadline, "the calls never reached the simulator"
+            await asyncio.sleep(0.05)
+        cancelling = await asyncio.to_thread(cancel_batch, led.engine, batch_id)
+        # Not ended while calls are in flight: their results are still to come.
+        assert cancelling.status == BatchStatus.CANCELLING
+
+    canceller = asyncio.create_task(cancel_while_in_flight())
+    report = await run_ids(database_url, simulator, ids, in_flight=16, cancel_check_interval=0.2)
+    await canceller
+    stats = simulator.stats()
+    answered = stats["completions"]
+    assert answered >= 16
+    assert stats["accepted"] == answered  # nobody hung up on a call the provider would bill
+    succeeded = [r for r in results_of(led.engine, batch_id) if r.status == RequestStatus.SUCCEEDED]
+    assert len(succeeded) == answered == report.succeeded
+    assert sum(r.prompt_tokens for r in succeeded) == stats["prompt_tokens"]
+    assert sum(r.completion_tokens for r in succeeded) == stats["completion_tokens"]
+    assert statuses(led.engine, batch_id) == {"succeeded": answered, "cancelled": 100 - answered}
+    batch = get_batch(led.engine, batch_id)
+    assert batch is not None
+    assert batch.status == BatchStatus.CANCELLED
+    output = [json.loads(line) for line in iter_output_lines(led.engine, batch_id)]
+    assert sorted(line["custom_id"] for line in output) == sorted(
+        f"r{ids.index(r.request_id)}" for r in succeeded
+    )
+
+
+async def test_a_cancel_ends_a_wait_for_a_rate_limit_at_once(
+    make_ledger: MakeLedger, database_url: str, simulator: SimulatorServer
+) -> None:
+    """A request waiting behind a tpm limit that another booked (max_tokens=10**12) does not keep
+    its batch in ``cancelling``: the cancel ends its wait, the call in flight finishes, and the
+    batch is ``cancelled`` within seconds."""
+    led = make_ledger(database_url)
+    lines = [
+        {"custom_id": "huge", "prompt": "long answer [[delay 2]]", "max_tokens": 10**12},
+        {"custom_id": "behind", "prompt": "short answer"},
+    ]
+    report = ingest_batch(
+        led.engine,
+        io.BytesIO("\n".join(json.dumps(line) for line in lines).encode()),
+        tenant_id=led.tenant_id,
+        defaults={"model": "sim-model"},
+    )
+    batch_id = report.batch_id
+    ids = pending_request_ids(led.engine, batch_id)
+    engine = make_engine(database_url)
+    pipeline = ModelCallPipeline(
+        openai_client_factory(base_url=simulator.base_url, api_key="sim", timeout=10),
+        LocalRateLimiter({"sim-model": ModelLimits(tpm=1000)}, LimiterTuning(max_wait_seconds=600)),
+        RetryPolicy(),
+    )
+
+    async def cancel_while_waiting() -> None:
+        deadline = time.monotonic() + 30
+        while (await asyncio.to_thread(simulator.stats))["in_flight"] < 1:
+            assert time.monotonic() < deadline, "the huge request never reached the simulator"
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(cancel_batch, led.engine, batch_id)
+
+    canceller = asyncio.create_task(cancel_while_waiting())
+    started = time.monotonic()
+    config = RunnerConfig(owner="test-owner", cancel_check_interval=0.2)
+    try:
+        await asyncio.wait_for(ChunkRunner(engine, pipeline, config).run(ids), timeout=30)
+    finally:
+        await pipeline.close()
+        engine.dispose()
+    await canceller
+    assert time.monotonic() - started < 15
+    assert statuses(led.engine, batch_id) == {"succeeded": 1, "cancelled": 1}
     batch = get_batch(led.engine, batch_id)
     assert batch is not None
     assert batch.status == BatchStatus.CANCELLED

@@ -1,6 +1,6 @@
 """idempotency_keys: POSTs sent with an Idempotency-Key, and their answers; tenants.webhook_secret
 
-Revision ID: 0006_api_hardening
+Revision ID: 0006
 Revises: 0005
 Create Date: 2026-12-01
 """
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0006_api_hardening"
+revision: str = "0006"
 down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

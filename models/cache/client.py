@@ -27,12 +27,14 @@ from models.cache.entry import CachedCompletion
 from models.cache.errors import CacheBackendError, CacheError, UncacheableRequestError
 from models.cache.keys import request_key
 from models.cache.memory import InMemoryStore
-from models.cache.single_flight import SingleFlight
+from models.cache.single_flight import DEFAULT_LOCK_TTL, SingleFlight
 from models.cancellation import CancellationToken
 from models.events import CacheHit, CacheStoreError, emit, event_logger, short_digest
 from models.types import CreateResult, LLMMessage, RequestUsage, Tool, ToolChoice, ToolSchema
 
 __all__ = ["ChatCompletionCache"]
+
+_SAVE_ATTEMPTS_ON_TIMEOUT = 3
 
 
 class ChatCompletionCache(DelegatingClient):
@@ -52,7 +54,7 @@ class ChatCompletionCache(DelegatingClient):
         ttl: float | None = None,
         *,
         single_flight_timeout: float = 120.0,
-        lock_ttl: float = 30.0,
+        lock_ttl: float = DEFAULT_LOCK_TTL,
     ) -> None:
         if ttl is not None and ttl <= 0:
             raise ValueError("ttl must be positive (or None for no expiry)")
@@ -133,10 +135,17 @@ class ChatCompletionCache(DelegatingClient):
             return None
 
     async def _save(self, key: str, entry: CachedCompletion) -> None:
-        try:
-            await self._store.set(key, entry, self._ttl)
-        except CacheError as e:
-            self._store_failed(e, "set", key)
+        # A set that timed out is tried again while we still hold the key's lock: an answer that
+        # never reaches a slow store sends every request waiting for it upstream again.
+        for attempt in range(1, _SAVE_ATTEMPTS_ON_TIMEOUT + 1):
+            try:
+                await self._store.set(key, entry, self._ttl)
+                return
+            except CacheError as e:
+                self._store_failed(e, "set", key)
+                slow = isinstance(e, CacheBackendError) and e.timed_out
+                if not slow or attempt == _SAVE_ATTEMPTS_ON_TIMEOUT:
+                    return
 
     def _served(self, entry: CachedCompletion, key: str, started: float) -> CreateResult:
         # Every get decodes a fresh entry for this call alone, so flagging its result in place

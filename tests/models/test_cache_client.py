@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Any
 
 import diskcache
 import pytest
+import redis
 import redis.asyncio
 
 from models.cache import (
@@ -30,6 +33,7 @@ from models.errors import ProviderUnavailable, StreamInterrupted
 from models.events import EVENT_LOGGER_NAME, CacheHit, CacheStoreError, ModelEvent, short_digest
 from models.types import CreateResult, RequestUsage, UserMessage
 from tests.models.counting_client import USAGE, CountingClient
+from tests.models.lock_holder import lock_holder_messages
 from tests.services import free_port
 
 MESSAGES = [UserMessage(content="what is the capital of France?", source="user")]
@@ -517,3 +521,88 @@ async def test_the_wrapper_delegates_to_its_client() -> None:
     assert cache.actual_usage() == cache.total_usage() == RequestUsage()
     await cache.close()
     assert inner.closed
+
+
+async def _until_redis_answers(store: RedisStore[CachedCompletion]) -> None:
+    for _ in range(200):
+        try:
+            await store.redis.ping()
+            return
+        except redis.exceptions.ConnectionError:
+            await asyncio.sleep(0.05)
+    raise AssertionError("the dedicated redis-server never answered")
+
+
+@pytest.mark.parametrize(
+    "store_timeout", [None, 0.3], ids=["default-timeout", "timeout-shorter-than-the-pause"]
+)
+async def test_a_paused_redis_makes_identical_requests_wait_not_pay_twice(
+    dedicated_redis: tuple[subprocess.Popen[bytes], str], events: EventLog, store_timeout: float | None
+) -> None:
+    """Redis stopped (SIGSTOP, as a loaded machine starves it) for longer than the 0.25 s the store
+    used to wait: two "processes" (stores and caches of their own) with ten identical requests each
+    still make one upstream call, because a store that is slow is waited for, not gone around."""
+    process, url = dedicated_redis
+    stores = [
+        RedisStore.from_url(url) if store_timeout is None else RedisStore.from_url(url, timeout=store_timeout)
+        for _ in range(2)
+    ]
+    inner = CountingClient(delay=0.2)
+    caches = [ChatCompletionCache(inner, store) for store in stores]
+    try:
+        for store in stores:
+            await _until_redis_answers(store)
+        process.send_signal(signal.SIGSTOP)
+        try:
+            calls = [asyncio.create_task(cache.create(MESSAGES)) for cache in caches for _ in range(10)]
+            await asyncio.sleep(1.5)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        results = await asyncio.wait_for(asyncio.gather(*calls), timeout=60)
+    finally:
+        for store in stores:
+            await store.close()
+    assert inner.calls == 1
+    assert sum(not result.cached for result in results) == 1
+    if store_timeout is not None:
+        # The pause was longer than the store's timeout: it did time out, and that cost no call.
+        assert any("Timeout" in event.error for event in events.of(CacheStoreError))
+
+
+def test_a_killed_holders_locks_are_taken_over_within_seconds(redis_url: str, redis_prefix: str) -> None:
+    """A process that holds single-flight locks is SIGKILLed mid-call (a killed ``tokenmill run``);
+    another process asking for the same keys gets going within the lock TTL (5 s), not the 30 s
+    the old locks lived."""
+    keys = 8
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "tests.models.lock_holder", redis_url, redis_prefix, str(keys)],
+        stdout=subprocess.DEVNULL,
+    )
+    client = redis.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(client.scan_iter(match=f"{redis_prefix}lock:*"))) < keys:
+            assert holder.poll() is None, "the lock holder exited early"
+            assert time.monotonic() < deadline, "the lock holder never took its locks"
+            time.sleep(0.05)
+        holder.kill()
+        holder.wait()
+        killed_at = time.monotonic()
+
+        async def rerun() -> list[CreateResult]:
+            store = RedisStore.from_url(redis_url, prefix=redis_prefix)
+            cache = ChatCompletionCache(CountingClient(), store)
+            try:
+                return await asyncio.gather(*(cache.create(lock_holder_messages(i)) for i in range(keys)))
+            finally:
+                await store.close()
+
+        results = asyncio.run(rerun())
+        took = time.monotonic() - killed_at
+    finally:
+        client.close()
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    assert [result.cached for result in results] == [False] * keys
+    assert took < 12.0, f"the rerun waited {took:.1f} s on a dead process's locks"

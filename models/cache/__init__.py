@@ -6,7 +6,7 @@ that single-flight uses. Errors are drawn in ``models.cache.errors``.
 """
 
 from models.cache.base import CacheStore
-from models.cache.client import ChatCompletionCache
+from models.cache.client import ChatCompletionCache, paying_as
 from models.cache.disk import DiskCacheStore
 from models.cache.entry import (
     CACHED_COMPLETION_CODEC,
@@ -42,5 +42,6 @@ __all__ = [
     "UncacheableRequestError",
     "ValueCodec",
     "canonical_json",
+    "paying_as",
     "request_key",
 ]

@@ -4,11 +4,16 @@ do not read each other's answers (invariant 9), and the bill follows the request
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+import redis
 
 from models.cache import CachedCompletion, RedisStore
 from models.retry import RetryPolicy
@@ -132,5 +137,74 @@ async def test_a_redo_bills_the_answer_its_own_killed_attempt_paid_for_and_other
     (usage,) = usage_report(led.engine, led.tenant_id, group_by=())
     assert usage.billed_requests == 1
     assert usage.cache_hits == 1
+    assert usage.billed_prompt_tokens == delivered["prompt_tokens"]
+    assert usage.billed_completion_tokens == delivered["completion_tokens"]
+
+
+def test_a_worker_killed_between_cache_and_ledger_loses_no_bill(
+    make_ledger: MakeLedger,
+    postgres_url: str,
+    redis_url: str,
+    redis_prefix: str,
+    simulator: SimulatorServer,
+) -> None:
+    """A worker gets and caches every answer of a batch, then is SIGKILLed before its buffered
+    results reach the ledger. The redo makes no upstream call, and the ledger bills exactly the
+    tokens the simulator delivered (it used to bill 0: every redo was a free hit)."""
+    led = make_ledger(postgres_url)
+    count = 12
+    # One request that does not answer keeps the chunk, and so its unflushed results, alive.
+    prompts = [f"paid once, billed once {i}" for i in range(count)] + ["keeps the chunk open [[delay 30]]"]
+    batch_id, all_ids = add_batch(led, led.tenant_id, prompts)
+    ids = all_ids[:count]
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.workers.crash_before_ledger",
+            postgres_url,
+            redis_url,
+            redis_prefix,
+            simulator.base_url,
+            ",".join(all_ids),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    cache = redis.Redis.from_url(redis_url)
+    try:
+        deadline = time.monotonic() + 60
+        while len([k for k in cache.scan_iter(match=f"{redis_prefix}*") if b":lock:" not in k]) < count:
+            assert worker.poll() is None, "the doomed worker exited early"
+            assert time.monotonic() < deadline, "the doomed worker never cached its answers"
+            time.sleep(0.05)
+        worker.kill()
+        worker.wait()
+    finally:
+        cache.close()
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert results_of(led.engine, batch_id) == []  # nothing reached the ledger
+    delivered = simulator.stats()
+    assert delivered["accepted"] == count
+
+    async def redo() -> None:
+        store = RedisStore.from_url(redis_url, redis_prefix)
+        pipeline = make_pipeline(simulator, store)
+        try:
+            deadline = time.monotonic() + 60
+            # Claimable once the killed worker's one-second leases have run out.
+            while len(results_of(led.engine, batch_id)) < count:
+                assert time.monotonic() < deadline, "the redo never claimed the killed worker's requests"
+                await run_chunk(led, pipeline, ids)
+                await asyncio.sleep(0.2)
+        finally:
+            await pipeline.close()
+
+    asyncio.run(redo())
+    rows = results_of(led.engine, batch_id)
+    assert simulator.stats()["accepted"] == count  # the redo paid for nothing again
+    assert [row.cached for row in rows] == [False] * count
+    (usage,) = usage_report(led.engine, led.tenant_id, group_by=())
     assert usage.billed_prompt_tokens == delivered["prompt_tokens"]
     assert usage.billed_completion_tokens == delivered["completion_tokens"]

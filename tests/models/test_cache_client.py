@@ -33,7 +33,7 @@ from models.errors import ProviderUnavailable, StreamInterrupted
 from models.events import EVENT_LOGGER_NAME, CacheHit, CacheStoreError, ModelEvent, short_digest
 from models.types import CreateResult, RequestUsage, UserMessage
 from tests.models.counting_client import USAGE, CountingClient
-from tests.models.lock_holder import lock_holder_messages
+from tests.models.lock_holder import lock_holder_messages, open_store
 from tests.services import free_port
 
 MESSAGES = [UserMessage(content="what is the capital of France?", source="user")]
@@ -569,40 +569,43 @@ async def test_a_paused_redis_makes_identical_requests_wait_not_pay_twice(
         assert any("Timeout" in event.error for event in events.of(CacheStoreError))
 
 
-def test_a_killed_holders_locks_are_taken_over_within_seconds(redis_url: str, redis_prefix: str) -> None:
-    """A process that holds single-flight locks is SIGKILLed mid-call (a killed ``tokenmill run``);
-    another process asking for the same keys gets going within the lock TTL (5 s), not the 30 s
-    the old locks lived."""
+@pytest.mark.parametrize("kind", ["redis", "disk"])
+def test_a_killed_holders_locks_are_taken_over_within_seconds(
+    kind: str, redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    """A process that holds single-flight locks is SIGKILLed mid-call (a killed ``tokenmill run``,
+    whose cache is a disk store, or a worker on the shared Redis); another process asking for the
+    same keys gets going within the lock TTL (5 s), not the 30 s the old locks lived."""
     keys = 8
+    location = redis_url if kind == "redis" else str(tmp_path / "cache")
     holder = subprocess.Popen(
-        [sys.executable, "-m", "tests.models.lock_holder", redis_url, redis_prefix, str(keys)],
-        stdout=subprocess.DEVNULL,
+        [sys.executable, "-m", "tests.models.lock_holder", kind, location, redis_prefix, str(keys)],
+        stdout=subprocess.PIPE,
+        text=True,
     )
-    client = redis.Redis.from_url(redis_url)
     try:
-        deadline = time.monotonic() + 60
-        while len(list(client.scan_iter(match=f"{redis_prefix}lock:*"))) < keys:
-            assert holder.poll() is None, "the lock holder exited early"
-            assert time.monotonic() < deadline, "the lock holder never took its locks"
-            time.sleep(0.05)
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "locked", "the lock holder never took its locks"
         holder.kill()
         holder.wait()
         killed_at = time.monotonic()
 
         async def rerun() -> list[CreateResult]:
-            store = RedisStore.from_url(redis_url, prefix=redis_prefix)
+            store = open_store(kind, location, redis_prefix)
             cache = ChatCompletionCache(CountingClient(), store)
             try:
                 return await asyncio.gather(*(cache.create(lock_holder_messages(i)) for i in range(keys)))
             finally:
-                await store.close()
+                if isinstance(store, RedisStore):
+                    await store.close()
 
         results = asyncio.run(rerun())
         took = time.monotonic() - killed_at
     finally:
-        client.close()
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
     assert [result.cached for result in results] == [False] * keys
     assert took < 12.0, f"the rerun waited {took:.1f} s on a dead process's locks"

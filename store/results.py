@@ -215,7 +215,9 @@ def record_results(engine: Engine, records: Sequence[ResultRecord], now: int | N
 
 
 def _paid_upstream(record: ResultRecord) -> bool:
-    return record.status == RequestStatus.SUCCEEDED and not record.cached
+    # A failure can carry spend too: an agent run that failed after some paid model calls.
+    usage = record.usage
+    return not record.cached and (usage.prompt_tokens > 0 or usage.completion_tokens > 0)
 
 
 def _keep_discarded_spend(

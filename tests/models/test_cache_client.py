@@ -4,6 +4,7 @@ store failures, against real stores (memory, a diskcache directory, Redis)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import signal
@@ -27,6 +28,7 @@ from models.cache import (
     DiskCacheStore,
     InMemoryStore,
     RedisStore,
+    paying_as,
 )
 from models.cancellation import CancellationToken
 from models.errors import ProviderUnavailable, StreamInterrupted
@@ -609,3 +611,49 @@ def test_a_killed_holders_locks_are_taken_over_within_seconds(
             holder.stdout.close()
     assert [result.cached for result in results] == [False] * keys
     assert took < 12.0, f"the rerun waited {took:.1f} s on a dead process's locks"
+
+
+async def test_the_payer_of_an_answer_gets_it_back_as_its_own_call_others_as_a_hit(
+    store: CacheStore[CachedCompletion],
+) -> None:
+    inner = CountingClient()
+    with paying_as("request-r"):
+        first = await ChatCompletionCache(inner, store).create(MESSAGES)
+    redo_cache = ChatCompletionCache(inner, store)  # a new process: nothing counted yet
+    with paying_as("request-r"):
+        redo = await redo_cache.create(MESSAGES)
+    other_cache = ChatCompletionCache(inner, store)
+    with paying_as("request-s"):
+        other = await other_cache.create(MESSAGES)
+    anonymous = await other_cache.create(MESSAGES)
+    assert inner.calls == 1
+    assert (first.cached, redo.cached, other.cached, anonymous.cached) == (False, False, True, True)
+    assert redo.usage == first.usage == USAGE
+    assert redo_cache.actual_usage() == USAGE  # billed as the payer's call
+    assert other_cache.actual_usage() == RequestUsage()
+
+
+async def test_caches_in_two_namespaces_share_neither_answers_nor_flights(
+    store: CacheStore[CachedCompletion],
+) -> None:
+    """Tenant A's call is in flight (holding its key's lock) when tenant B asks the same: B neither
+    waits for it nor gets its answer."""
+    hanging, fast = CountingClient(delay=60), CountingClient()  # same identity: same request
+    tenant_a = ChatCompletionCache(hanging, store, namespace="tenant:a")
+    tenant_b = ChatCompletionCache(fast, store, namespace="tenant:b")
+    in_flight = asyncio.create_task(tenant_a.create(MESSAGES))
+    try:
+        for _ in range(1000):  # until A's call went upstream, so A holds its key's lock
+            if hanging.calls:
+                break
+            await asyncio.sleep(0.01)
+        assert hanging.calls == 1
+        answer = await asyncio.wait_for(tenant_b.create(MESSAGES), timeout=10)
+    finally:
+        in_flight.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await in_flight
+    assert answer.cached is False
+    assert fast.calls == 1
+    assert (await tenant_b.create(MESSAGES)).cached
+    assert tenant_a.cache_key(MESSAGES) != tenant_b.cache_key(MESSAGES)

@@ -92,4 +92,5 @@ def build_pipeline(
         cache_store=store,
         cache_ttl=settings.cache_ttl_seconds,
         cache_scope=settings.cache_scope,
+        cache_lock_ttl=settings.cache_lock_ttl_seconds,
     )

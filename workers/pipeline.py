@@ -42,6 +42,7 @@ from pydantic import BaseModel
 
 from models.base import ChatCompletionClient, DelegatingClient
 from models.cache import (
+    DEFAULT_LOCK_TTL,
     CachedCompletion,
     CacheStore,
     ChatCompletionCache,
@@ -308,6 +309,7 @@ class ModelCallPipeline:
         cache_store: CacheStore[CachedCompletion] | None = None,
         cache_ttl: float | None = None,
         cache_scope: CacheScope = "tenant",
+        cache_lock_ttl: float = DEFAULT_LOCK_TTL,
     ) -> None:
         self._client_factory = client_factory
         self.limiter = limiter
@@ -315,6 +317,7 @@ class ModelCallPipeline:
         self._cache_store = cache_store
         self._cache_ttl = cache_ttl
         self._cache_scope: CacheScope = cache_scope
+        self._cache_lock_ttl = cache_lock_ttl
         self._governed: dict[str, GovernedClient] = {}
         # One cache per (model, namespace) over the model's one governed client.
         self._clients: dict[tuple[str, str], ChatCompletionClient] = {}
@@ -333,7 +336,13 @@ class ModelCallPipeline:
             client = (
                 governed
                 if self._cache_store is None
-                else ChatCompletionCache(governed, self._cache_store, self._cache_ttl, namespace=namespace)
+                else ChatCompletionCache(
+                    governed,
+                    self._cache_store,
+                    self._cache_ttl,
+                    lock_ttl=self._cache_lock_ttl,
+                    namespace=namespace,
+                )
             )
             self._clients[(model, namespace)] = client
         return client

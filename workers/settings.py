@@ -45,6 +45,15 @@ class Settings(BaseSettings):
             "they have in common, at the price of each seeing (and timing) the others' answers"
         ),
     )
+    cache_lock_ttl_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "how long a single-flight lock outlives its holder's last heartbeat (every third of it): "
+            "the wait a killed worker costs the requests identical to its own; raise it only if "
+            "event loops stall that long"
+        ),
+    )
     cache_timeout_seconds: float = Field(
         default=5.0,
         gt=0,

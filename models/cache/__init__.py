@@ -20,11 +20,12 @@ from models.cache.errors import CacheBackendError, CacheEntryError, CacheError, 
 from models.cache.keys import KEY_FORMAT_VERSION, canonical_json, request_key
 from models.cache.memory import InMemoryStore
 from models.cache.redis import RedisStore
-from models.cache.single_flight import Flight, SingleFlight
+from models.cache.single_flight import DEFAULT_LOCK_TTL, Flight, SingleFlight
 
 __all__ = [
     "CACHED_COMPLETION_CODEC",
     "CHAT_CACHE_VALUE_TYPE",
+    "DEFAULT_LOCK_TTL",
     "ENTRY_FORMAT_VERSION",
     "KEY_FORMAT_VERSION",
     "CacheBackendError",

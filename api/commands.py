@@ -220,7 +220,7 @@ def usage(
             str(row.requests),
             str(row.billed_prompt_tokens),
             str(row.billed_completion_tokens),
-            f"{row.cost_usd:.4f}",
+            str(row.cost_usd),  # exact: a rounded figure would not add up
             str(row.cache_hits),
             str(row.cache_hit_prompt_tokens + row.cache_hit_completion_tokens),
         )

@@ -11,6 +11,7 @@ import httpx
 import store
 from models.types import RequestUsage
 from tests.api.conftest import LiveAPI
+from tests.cluster import run_cli
 
 
 def test_usage_cost_is_the_exact_decimal(live_api: LiveAPI) -> None:
@@ -53,3 +54,7 @@ def test_usage_cost_is_the_exact_decimal(live_api: LiveAPI) -> None:
     (row,) = json.loads(reply.text, parse_float=Decimal)["data"]
     assert row["billed"]["cost_usd"] == Decimal("0.0001098")
     assert '"cost_usd":0.0001098' in reply.text.replace(" ", "")
+    # Wide enough that the table does not wrap the figure.
+    shown = run_cli({**live_api.env, "COLUMNS": "300"}, "usage", "--group-by", "", "--tenant", tenant.id)
+    assert shown.returncode == 0, shown.stderr
+    assert "0.0001098" in shown.stdout

@@ -31,7 +31,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from models.types import RequestUsage
 from store.batches import finalize_batches
-from store.engine import is_postgresql, write_transaction
+from store.engine import dialect_insert, is_postgresql, write_transaction
 from store.ids import now_seconds
 from store.prices import cost_usd, price_for
 from store.tables import Batch, DiscardedAnswer, ModelPrice, Request, RequestStatus, Result
@@ -265,9 +265,15 @@ def _keep_discarded_spend(
                 "created_at": now,
             }
         )
-    if rows:
-        conn.execute(sa.insert(DiscardedAnswer), rows)
-    return sorted(row["request_id"] for row in rows)
+    if not rows:
+        return []
+    written = conn.execute(
+        dialect_insert(conn, DiscardedAnswer)
+        .on_conflict_do_nothing(index_elements=["request_id", "upstream_request_id"])
+        .returning(DiscardedAnswer.request_id),
+        rows,
+    )
+    return sorted(written.scalars().all())
 
 
 def _cost_of(record: ResultRecord, prices: dict[str, ModelPrice]) -> Decimal | None:

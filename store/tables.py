@@ -263,10 +263,16 @@ class DiscardedAnswer(Base):
     provider's bill for every answer received, not only for the answers kept."""
 
     __tablename__ = "discarded_answers"
-    __table_args__ = (sa.Index("ix_discarded_answers_tenant_id_created_at", "tenant_id", "created_at"),)
+    __table_args__ = (
+        # One row per answer: writing the same records again adds nothing.
+        sa.UniqueConstraint(
+            "request_id", "upstream_request_id", name="uq_discarded_answers_request_id_upstream_request_id"
+        ),
+        sa.Index("ix_discarded_answers_tenant_id_created_at", "tenant_id", "created_at"),
+    )
 
     id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
-    request_id: Mapped[str] = mapped_column(sa.ForeignKey("requests.id", ondelete="CASCADE"), index=True)
+    request_id: Mapped[str] = mapped_column(sa.ForeignKey("requests.id", ondelete="CASCADE"))
     batch_id: Mapped[str] = mapped_column(sa.String(64))
     tenant_id: Mapped[str] = mapped_column(sa.String(64))
     reason: Mapped[str] = mapped_column(sa.String(32))  # "duplicate" | "cancelled"

@@ -64,9 +64,11 @@ def upgrade() -> None:
         sa.Column("created_at", sa.BigInteger(), nullable=False),
         sa.ForeignKeyConstraint(["request_id"], ["requests.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint(
+            "request_id", "upstream_request_id", name="uq_discarded_answers_request_id_upstream_request_id"
+        ),
     )
     with op.batch_alter_table("discarded_answers", schema=None) as batch_op:
-        batch_op.create_index("ix_discarded_answers_request_id", ["request_id"], unique=False)
         batch_op.create_index(
             "ix_discarded_answers_tenant_id_created_at", ["tenant_id", "created_at"], unique=False
         )
@@ -75,7 +77,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.batch_alter_table("discarded_answers", schema=None) as batch_op:
         batch_op.drop_index("ix_discarded_answers_tenant_id_created_at")
-        batch_op.drop_index("ix_discarded_answers_request_id")
     op.drop_table("discarded_answers")
     _back_to_float("results", ("cost_usd",), _COST, nullable=True)
     _back_to_float("model_prices", _PRICE_COLUMNS, _PRICE, nullable=False)

@@ -139,6 +139,9 @@ def test_a_paid_answer_no_result_kept_is_billed_once_as_discarded(
     second = store.record_results(engine, [paid(a, 100, 36, "answer-2"), paid(b, 10, 10, "answer-b")])
     assert sorted(second.duplicates) == sorted([a, b])
     assert second.discarded == [a]  # b's was the answer already recorded
+    # The same records written again (a flush retried): nothing more is billed.
+    again = store.record_results(engine, [paid(a, 100, 36, "answer-2")])
+    assert again.discarded == []
     store.cancel_batch(engine, batch.batch_id)
     late = store.record_results(engine, [paid(c, 200, 0, "answer-c")])
     assert late.skipped == [c]

@@ -240,7 +240,7 @@ def usage(
             str(row.requests),
             str(row.billed_prompt_tokens),
             str(row.billed_completion_tokens),
-            f"{row.cost_usd:.4f}",
+            str(row.cost_usd),  # exact: a rounded figure would not add up
             str(row.cache_hits),
             str(row.cache_hit_prompt_tokens + row.cache_hit_completion_tokens),
         )
@@ -277,7 +277,10 @@ def prices_set(
     Example: tokenmill prices set gpt-4o-mini --input 0.15 --cached-input 0.075 --output 0.6
     """
     cached = input_price if cached_input_price is None else cached_input_price
-    store.set_price(_engine(), model, input_price, cached, output_price)
+    try:
+        store.set_price(_engine(), model, input_price, cached, output_price)
+    except ValueError as e:  # e.g. finer than a micro-dollar: prices are kept exact
+        raise typer.BadParameter(str(e)) from None
     console.print(
         f"{model}: ${input_price:g} in, ${cached:g} cached in, ${output_price:g} out per million tokens"
     )

@@ -6,7 +6,15 @@ status and the batch counters, so a duplicate delivery (at-least-once Celery on 
 Batches whose last request ended are finalized in the same transaction.
 
 Cost: a cache hit costs 0; otherwise tokens times the price of the model that answered (see
-``store.prices.price_for``). A model with no price gets cost NULL; its tokens still count.
+``store.prices.price_for``), an exact decimal. A model with no price gets cost NULL; its tokens
+still count.
+
+Spend is never dropped with a result: a record that went upstream and is not kept (its request
+already has a result from another delivery's answer, or was cancelled meanwhile) becomes a
+``discarded_answers`` row with its tokens and cost, which usage counts as billed. It is told apart
+by the provider's id of the answer (``upstream_request_id``): a duplicate carrying the very answer
+already recorded (a redo that found its own earlier answer in the cache, a record written twice)
+was paid once, and is not counted again; nor is one without an id, which cannot be told apart.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,10 +31,10 @@ from sqlalchemy.engine import Connection, Engine
 
 from models.types import RequestUsage
 from store.batches import finalize_batches
-from store.engine import is_postgresql, write_transaction
+from store.engine import dialect_insert, is_postgresql, write_transaction
 from store.ids import now_seconds
 from store.prices import cost_usd, price_for
-from store.tables import Batch, ModelPrice, Request, RequestStatus, Result
+from store.tables import Batch, DiscardedAnswer, ModelPrice, Request, RequestStatus, Result
 
 __all__ = ["RecordOutcome", "ResultRecord", "record_results"]
 
@@ -62,12 +71,14 @@ class ResultRecord:
 class RecordOutcome:
     """``inserted``: results written now. ``duplicates``: the request already had a result (this
     write was a no-op). ``skipped``: unknown or cancelled requests. ``finalized_batches``: batches
-    this call ended."""
+    this call ended. ``discarded``: requests (among duplicates and skipped) whose record was a paid
+    answer, kept as a ``discarded_answers`` row."""
 
     inserted: list[str]
     duplicates: list[str]
     skipped: list[str]
     finalized_batches: list[str]
+    discarded: list[str] = field(default_factory=list)
 
 
 # (column, PostgreSQL array element type) of a result row, for the unnest() insert.
@@ -88,7 +99,7 @@ _RESULT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("cached_prompt_tokens", "integer"),
     ("reasoning_tokens", "integer"),
     ("cached", "boolean"),
-    ("cost_usd", "double precision"),
+    ("cost_usd", "numeric"),
     ("latency_ms", "double precision"),
     ("attempts", "integer"),
     ("cache_key", "varchar"),
@@ -160,14 +171,21 @@ def record_results(engine: Engine, records: Sequence[ResultRecord], now: int | N
         prices = {row.model: row for row in _load_prices(conn)}
         params: list[dict[str, Any]] = []
         skipped: list[str] = []
+        cancelled: list[ResultRecord] = []
         for record in ordered:
             owner = owners.get(record.request_id)
             if owner is None or owner.status == RequestStatus.CANCELLED:
                 skipped.append(record.request_id)
+                if owner is not None:
+                    cancelled.append(record)
                 continue
             params.append(_result_row(record, owner.batch_id, owner.tenant_id, prices, now))
         inserted_rows = _insert_results(conn, params)
         inserted = {request_id for request_id, _, _ in inserted_rows}
+        not_kept = [(record, "cancelled") for record in cancelled] + [
+            (unique[row["request_id"]], "duplicate") for row in params if row["request_id"] not in inserted
+        ]
+        discarded = _keep_discarded_spend(conn, not_kept, owners, prices, now)
         if inserted:
             _end_requests(conn, [unique[request_id] for request_id in sorted(inserted)], now)
             per_batch: dict[str, list[int]] = {}
@@ -193,7 +211,81 @@ def record_results(engine: Engine, records: Sequence[ResultRecord], now: int | N
     duplicates = [
         r.request_id for r in ordered if r.request_id not in inserted and r.request_id not in skipped_set
     ]
-    return RecordOutcome(sorted(inserted), duplicates, skipped, finalized)
+    return RecordOutcome(sorted(inserted), duplicates, skipped, finalized, discarded)
+
+
+def _paid_upstream(record: ResultRecord) -> bool:
+    # A failure can carry spend too: an agent run that failed after some paid model calls.
+    usage = record.usage
+    return not record.cached and (usage.prompt_tokens > 0 or usage.completion_tokens > 0)
+
+
+def _keep_discarded_spend(
+    conn: Connection,
+    not_kept: Sequence[tuple[ResultRecord, str]],
+    owners: dict[str, Any],
+    prices: dict[str, ModelPrice],
+    now: int,
+) -> list[str]:
+    """Write a ``discarded_answers`` row for each record not kept that was a paid answer, unless it
+    is the answer its request's result already records; returns their request ids."""
+    paid = [(record, reason) for record, reason in not_kept if _paid_upstream(record)]
+    if not paid:
+        return []
+    recorded_answers = dict(
+        conn.execute(
+            sa.select(Result.request_id, Result.upstream_request_id).where(
+                Result.request_id.in_([record.request_id for record, _ in paid])
+            )
+        ).all()
+    )
+    rows: list[dict[str, Any]] = []
+    for record, reason in paid:
+        answer = record.upstream_request_id
+        if answer is None or recorded_answers.get(record.request_id) == answer:
+            # The answer already billed on the result (a redo that found it in the cache, a
+            # record written twice), or one that cannot be told from it: counting it again
+            # would bill what was paid once.
+            continue
+        owner = owners[record.request_id]
+        usage = record.usage
+        rows.append(
+            {
+                "request_id": record.request_id,
+                "batch_id": owner.batch_id,
+                "tenant_id": owner.tenant_id,
+                "reason": reason,
+                "upstream_request_id": answer,
+                "model": record.model,
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "cached_prompt_tokens": usage.cached_prompt_tokens,
+                "reasoning_tokens": usage.reasoning_tokens,
+                "cost_usd": _cost_of(record, prices),
+                "created_at": now,
+            }
+        )
+    if not rows:
+        return []
+    written = conn.execute(
+        dialect_insert(conn, DiscardedAnswer)
+        .on_conflict_do_nothing(index_elements=["request_id", "upstream_request_id"])
+        .returning(DiscardedAnswer.request_id),
+        rows,
+    )
+    return sorted(written.scalars().all())
+
+
+def _cost_of(record: ResultRecord, prices: dict[str, ModelPrice]) -> Decimal | None:
+    if record.cached:
+        return Decimal(0)
+    usage = record.usage
+    return cost_usd(
+        price_for(prices, record.model),
+        usage.prompt_tokens,
+        usage.cached_prompt_tokens,
+        usage.completion_tokens,
+    )
 
 
 def _load_prices(conn: Connection) -> list[ModelPrice]:
@@ -214,15 +306,7 @@ def _result_row(
     record: ResultRecord, batch_id: str, tenant_id: str, prices: dict[str, ModelPrice], now: int
 ) -> dict[str, Any]:
     usage = record.usage
-    if record.cached:
-        cost: float | None = 0.0
-    else:
-        cost = cost_usd(
-            price_for(prices, record.model),
-            usage.prompt_tokens,
-            usage.cached_prompt_tokens,
-            usage.completion_tokens,
-        )
+    cost = _cost_of(record, prices)
     status_code = record.status_code
     if status_code is None and record.status == RequestStatus.SUCCEEDED:
         status_code = 200

@@ -1,21 +1,27 @@
 """The ledger's tables, as SQLAlchemy 2 typed mappings.
 
 Times are integer unix seconds (what the OpenAI API returns), so they compare and group the same
-way on SQLite and PostgreSQL (a day is ``created_at // 86400``). Money is US dollars as a float:
-prices are per million tokens, costs per request. Enums are stored as plain strings (no native
+way on SQLite and PostgreSQL (a day is ``created_at // 86400``). Money is US dollars as exact
+decimals (``Decimal``; NUMERIC on PostgreSQL): prices per million tokens to the micro-dollar
+(``PRICE_SCALE`` places), costs per request to ``COST_SCALE`` places, which holds any price times
+any token count exactly. (SQLite keeps NUMERIC as a double: there a sum is exact to about 15
+significant digits, read back rounded to ``COST_SCALE`` places.) Enums are stored as plain strings (no native
 PostgreSQL enum types), so adding a value needs no type migration.
 """
 
 from __future__ import annotations
 
 import enum
+from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
+    "COST_SCALE",
     "NO_TENANT",
+    "PRICE_SCALE",
     "AgentMessage",
     "AgentState",
     "ApiKey",
@@ -25,6 +31,7 @@ __all__ = [
     "Conversation",
     "ConversationMessage",
     "ConversationRun",
+    "DiscardedAnswer",
     "File",
     "FileKind",
     "IdempotencyKey",
@@ -81,6 +88,14 @@ def _str_enum(enum_class: type[enum.StrEnum]) -> sa.Enum:
         length=32,
         values_callable=lambda members: [member.value for member in members],
     )
+
+
+PRICE_SCALE = 6
+"""Decimal places of a price (US dollars per million tokens): to the micro-dollar."""
+COST_SCALE = PRICE_SCALE + 6
+"""Decimal places of a cost: a price per million tokens times a token count, divided by 10**6."""
+_PRICE = sa.Numeric(18, PRICE_SCALE)
+_COST = sa.Numeric(24, COST_SCALE)
 
 
 class Base(DeclarativeBase):
@@ -243,10 +258,40 @@ class Result(Base):
     cached_prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
     reasoning_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
     cached: Mapped[bool] = mapped_column(sa.Boolean, default=False)
-    cost_usd: Mapped[float | None] = mapped_column(sa.Float)
+    cost_usd: Mapped[Decimal | None] = mapped_column(_COST)
     latency_ms: Mapped[float | None] = mapped_column(sa.Float)
     attempts: Mapped[int] = mapped_column(sa.Integer, default=1)
     cache_key: Mapped[str | None] = mapped_column(sa.String(200))
+    created_at: Mapped[int] = mapped_column(sa.BigInteger)
+
+
+class DiscardedAnswer(Base):
+    """An upstream answer that arrived and was paid for but did not become its request's result:
+    the request already had one (a second delivery that also called upstream) or was cancelled
+    meanwhile. Its tokens and cost count as billed in usage, so the ledger's spend is the
+    provider's bill for every answer received, not only for the answers kept."""
+
+    __tablename__ = "discarded_answers"
+    __table_args__ = (
+        # One row per answer: writing the same records again adds nothing.
+        sa.UniqueConstraint(
+            "request_id", "upstream_request_id", name="uq_discarded_answers_request_id_upstream_request_id"
+        ),
+        sa.Index("ix_discarded_answers_tenant_id_created_at", "tenant_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(sa.ForeignKey("requests.id", ondelete="CASCADE"))
+    batch_id: Mapped[str] = mapped_column(sa.String(64))
+    tenant_id: Mapped[str] = mapped_column(sa.String(64))
+    reason: Mapped[str] = mapped_column(sa.String(32))  # "duplicate" | "cancelled"
+    upstream_request_id: Mapped[str | None] = mapped_column(sa.String(200))
+    model: Mapped[str | None] = mapped_column(sa.String(200))
+    prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
+    cached_prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
+    reasoning_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
+    cost_usd: Mapped[Decimal | None] = mapped_column(_COST)
     created_at: Mapped[int] = mapped_column(sa.BigInteger)
 
 
@@ -256,9 +301,9 @@ class ModelPrice(Base):
     __tablename__ = "model_prices"
 
     model: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
-    input_per_million: Mapped[float] = mapped_column(sa.Float)
-    cached_input_per_million: Mapped[float] = mapped_column(sa.Float)
-    output_per_million: Mapped[float] = mapped_column(sa.Float)
+    input_per_million: Mapped[Decimal] = mapped_column(_PRICE)
+    cached_input_per_million: Mapped[Decimal] = mapped_column(_PRICE)
+    output_per_million: Mapped[Decimal] = mapped_column(_PRICE)
     updated_at: Mapped[int] = mapped_column(sa.BigInteger)
 
 

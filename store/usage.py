@@ -1,8 +1,12 @@
 """Usage rollups by SQL aggregation over results: billed and cache-served kept apart.
 
-Billed columns sum results that called the provider (``cached`` false); cache-hit columns sum the
-tokens of answers served from the cache, which cost nothing. ``cost_usd`` sums billed costs;
-``unpriced_requests`` counts billed results whose model had no price (cost NULL).
+Billed columns sum results that called the provider (``cached`` false) and the paid answers no
+result kept (``discarded_answers``: a second delivery's, one that came back after a cancel), so
+that they add up to the provider's bill; cache-hit columns sum the tokens of answers served from
+the cache, which cost nothing. ``cost_usd`` sums billed costs, an exact ``Decimal``;
+``unpriced_requests`` counts billed results whose model had no price (cost NULL);
+``discarded_answers`` counts the paid answers no result kept (not requests: ``requests`` counts
+results).
 """
 
 from __future__ import annotations
@@ -10,12 +14,13 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from store.tables import Result
+from store.tables import DiscardedAnswer, Result
 
 __all__ = ["UsageGroup", "UsageRow", "usage_report"]
 
@@ -39,10 +44,45 @@ class UsageRow:
     billed_cached_prompt_tokens: int
     billed_completion_tokens: int
     billed_reasoning_tokens: int
-    cost_usd: float
+    cost_usd: Decimal
     unpriced_requests: int
     cache_hit_prompt_tokens: int
     cache_hit_completion_tokens: int
+    discarded_answers: int = 0
+
+
+def _exact(value: Any) -> Decimal:
+    """A sum as the shortest exact decimal (``0.0001098``, not ``0.000109800000``)."""
+    amount = Decimal(value)
+    return amount.quantize(Decimal(1)) if amount == amount.to_integral_value() else amount.normalize()
+
+
+_TOKEN_COLUMNS = ("prompt_tokens", "cached_prompt_tokens", "completion_tokens", "reasoning_tokens")
+
+
+def _spend() -> sa.Subquery:
+    """Every result and every discarded paid answer, in one shape (``kept`` tells them apart)."""
+    results = sa.select(
+        Result.tenant_id,
+        Result.model,
+        Result.batch_id,
+        Result.created_at,
+        Result.cached,
+        sa.literal(True, sa.Boolean).label("kept"),
+        *(getattr(Result, name) for name in _TOKEN_COLUMNS),
+        Result.cost_usd,
+    )
+    discarded = sa.select(
+        DiscardedAnswer.tenant_id,
+        DiscardedAnswer.model,
+        DiscardedAnswer.batch_id,
+        DiscardedAnswer.created_at,
+        sa.literal(False, sa.Boolean).label("cached"),
+        sa.literal(False, sa.Boolean).label("kept"),
+        *(getattr(DiscardedAnswer, name) for name in _TOKEN_COLUMNS),
+        DiscardedAnswer.cost_usd,
+    )
+    return sa.union_all(results, discarded).subquery("spend")
 
 
 def usage_report(
@@ -58,43 +98,49 @@ def usage_report(
     unknown = set(group_by) - {"model", "day", "batch"}
     if unknown:
         raise ValueError(f"cannot group usage by {sorted(unknown)}")
-    billed = sa.not_(Result.cached)
+    spend = _spend().c
+    billed = sa.not_(spend.cached)
+    kept = spend.kept
+
+    def count_of(condition: sa.ColumnElement[bool]) -> sa.ColumnElement[Any]:
+        return sa.func.coalesce(sa.func.sum(sa.case((condition, 1), else_=0)), 0)
 
     def billed_sum(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
         return sa.func.coalesce(sa.func.sum(sa.case((billed, column), else_=0)), 0)
 
     def cached_sum(column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
-        return sa.func.coalesce(sa.func.sum(sa.case((Result.cached, column), else_=0)), 0)
+        return sa.func.coalesce(sa.func.sum(sa.case((spend.cached, column), else_=0)), 0)
 
-    keys: list[sa.ColumnElement[Any]] = [Result.tenant_id.expression]
+    keys: list[sa.ColumnElement[Any]] = [spend.tenant_id]
     if "model" in group_by:
-        keys.append(Result.model.label("model"))
+        keys.append(spend.model.label("model"))
     if "day" in group_by:
-        keys.append((Result.created_at // _SECONDS_PER_DAY).label("day"))
+        keys.append((spend.created_at // _SECONDS_PER_DAY).label("day"))
     if "batch" in group_by:
-        keys.append(Result.batch_id.label("batch_id"))
+        keys.append(spend.batch_id.label("batch_id"))
     query = sa.select(
         *keys,
-        sa.func.count().label("requests"),
-        billed_sum(sa.literal(1)).label("billed_requests"),
-        cached_sum(sa.literal(1)).label("cache_hits"),
-        billed_sum(Result.prompt_tokens.expression).label("billed_prompt_tokens"),
-        billed_sum(Result.cached_prompt_tokens.expression).label("billed_cached_prompt_tokens"),
-        billed_sum(Result.completion_tokens.expression).label("billed_completion_tokens"),
-        billed_sum(Result.reasoning_tokens.expression).label("billed_reasoning_tokens"),
-        sa.func.coalesce(sa.func.sum(sa.case((billed, Result.cost_usd), else_=0.0)), 0.0).label("cost_usd"),
-        billed_sum(sa.case((Result.cost_usd.is_(None), 1), else_=0)).label("unpriced_requests"),
-        cached_sum(Result.prompt_tokens.expression).label("cache_hit_prompt_tokens"),
-        cached_sum(Result.completion_tokens.expression).label("cache_hit_completion_tokens"),
+        count_of(kept).label("requests"),
+        count_of(sa.and_(kept, billed)).label("billed_requests"),
+        count_of(spend.cached).label("cache_hits"),
+        billed_sum(spend.prompt_tokens).label("billed_prompt_tokens"),
+        billed_sum(spend.cached_prompt_tokens).label("billed_cached_prompt_tokens"),
+        billed_sum(spend.completion_tokens).label("billed_completion_tokens"),
+        billed_sum(spend.reasoning_tokens).label("billed_reasoning_tokens"),
+        billed_sum(spend.cost_usd).label("cost_usd"),
+        count_of(sa.and_(kept, billed, spend.cost_usd.is_(None))).label("unpriced_requests"),
+        cached_sum(spend.prompt_tokens).label("cache_hit_prompt_tokens"),
+        cached_sum(spend.completion_tokens).label("cache_hit_completion_tokens"),
+        count_of(sa.not_(kept)).label("discarded_answers"),
     )
     if tenant_id is not None:
-        query = query.where(Result.tenant_id == tenant_id)
+        query = query.where(spend.tenant_id == tenant_id)
     if batch_id is not None:
-        query = query.where(Result.batch_id == batch_id)
+        query = query.where(spend.batch_id == batch_id)
     if since is not None:
-        query = query.where(Result.created_at >= since)
+        query = query.where(spend.created_at >= since)
     if until is not None:
-        query = query.where(Result.created_at < until)
+        query = query.where(spend.created_at < until)
     query = query.group_by(*keys).order_by(*keys)
     with engine.connect() as conn:
         rows = conn.execute(query).mappings().all()
@@ -111,10 +157,11 @@ def usage_report(
             billed_cached_prompt_tokens=int(row["billed_cached_prompt_tokens"]),
             billed_completion_tokens=int(row["billed_completion_tokens"]),
             billed_reasoning_tokens=int(row["billed_reasoning_tokens"]),
-            cost_usd=float(row["cost_usd"]),
+            cost_usd=_exact(row["cost_usd"]),
             unpriced_requests=int(row["unpriced_requests"]),
             cache_hit_prompt_tokens=int(row["cache_hit_prompt_tokens"]),
             cache_hit_completion_tokens=int(row["cache_hit_completion_tokens"]),
+            discarded_answers=int(row["discarded_answers"]),
         )
         for row in rows
     ]

@@ -83,7 +83,7 @@ async def _run_handler(
     host = DistributedAgentRuntime(settings, tenant_id=tenant_id, celery=app, engine=context.engine())
     agent: BaseAgent | None = None
     try:
-        client = pipeline.client_for(registration.model or settings.default_model)
+        client = pipeline.client_for(registration.model or settings.default_model, tenant_id=tenant_id)
         with AgentInstantiationContext.populate_context(host, agent_id):
             built = registration.factory(client)
             agent = await built if inspect.isawaitable(built) else built

@@ -121,8 +121,15 @@ class CallTally:
     attempts: int = 0
 
 
-def pipeline_model_call(pipeline: ModelCallPipeline, tally: CallTally | None = None) -> ModelCall:
-    """An ``agents.ModelCall`` through ``pipeline`` (the model named by each request)."""
+def pipeline_model_call(
+    pipeline: ModelCallPipeline,
+    tally: CallTally | None = None,
+    *,
+    tenant_id: str | None = None,
+    payer: str | None = None,
+) -> ModelCall:
+    """An ``agents.ModelCall`` through ``pipeline`` (the model named by each request), in
+    ``tenant_id``'s cache namespace, paid for by ``payer`` (the run's request id)."""
 
     async def call(request: ModelRequest, cancellation_token: CancellationToken | None) -> CreateResult:
         outcome = await pipeline.call(
@@ -132,6 +139,8 @@ def pipeline_model_call(pipeline: ModelCallPipeline, tally: CallTally | None = N
             json_output=request.json_output,
             extra_create_args=request.extra_create_args,
             cancellation_token=cancellation_token,
+            tenant_id=tenant_id,
+            payer=payer,
         )
         if tally is not None:
             tally.attempts += outcome.attempts
@@ -227,7 +236,7 @@ async def run_agent(
         spec.config,
         spec.input,
         history,
-        model_call=pipeline_model_call(pipeline, tally),
+        model_call=pipeline_model_call(pipeline, tally, tenant_id=tenant_id, payer=run_id),
         tools=tools,
         cancellation_token=cancellation_token,
     )

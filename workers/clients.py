@@ -59,7 +59,9 @@ def limiter_for(settings: Settings, tuning: LimiterTuning | None = None) -> Rate
 
 def cache_store(settings: Settings) -> CacheStore[CachedCompletion]:
     if settings.cache_is_redis:
-        return RedisStore.from_url(settings.cache_url, settings.cache_prefix)
+        return RedisStore.from_url(
+            settings.cache_url, settings.cache_prefix, timeout=settings.cache_timeout_seconds
+        )
     return DiskCacheStore(diskcache.Cache(settings.cache_url), settings.cache_prefix, in_thread=True)
 
 
@@ -92,4 +94,6 @@ def build_pipeline(
         RetryPolicy(max_attempts=settings.max_attempts, hand_back_after=settings.hand_back_after_seconds),
         cache_store=store,
         cache_ttl=settings.cache_ttl_seconds,
+        cache_scope=settings.cache_scope,
+        cache_lock_ttl=settings.cache_lock_ttl_seconds,
     )

@@ -17,6 +17,17 @@ The chunk runner calls ``call`` once per request; an agent calls ``create`` (or 
 to get a ``ChatCompletionClient`` it can hold), and so goes through the same path. A pipeline and
 everything it holds belong to one event loop.
 
+Tenants apart (invariant 9): with ``cache_scope="tenant"`` (the default) each tenant's calls go
+through a cache of their own namespace, so no tenant is served, or kept waiting by, another's
+answer: otherwise the latency and the free bill of a hit would tell a tenant that someone sent that
+prompt, and give it the answer. ``"global"`` shares answers across tenants (fewer upstream calls for
+common prompts) for an operator who trusts every tenant with every other's prompts. Calls with no
+tenant (the embedded ``tokenmill run``) share the namespace of no tenant.
+
+Bills follow the payer (invariant 3): ``call(payer=request id)`` makes the cache name the request
+that paid for an answer, so a redo of that request after a crash bills the answer it finds in the
+cache as its call, and any other request gets it as a free hit.
+
 What one call cost (upstream attempts, time) is tallied in a ``CallStats`` kept in a context
 variable, so that the layers between the caller and ``GovernedClient`` need not carry it.
 """
@@ -29,12 +40,19 @@ from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequenc
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
 from models.base import ChatCompletionClient, DelegatingClient
-from models.cache import CachedCompletion, CacheStore, ChatCompletionCache, UncacheableRequestError
+from models.cache import (
+    DEFAULT_LOCK_TTL,
+    CachedCompletion,
+    CacheStore,
+    ChatCompletionCache,
+    UncacheableRequestError,
+    paying_as,
+)
 from models.cancellation import CancellationToken
 from models.errors import ModelClientError, QuotaExceeded, RateLimited
 from models.events import Retry, emit
@@ -49,7 +67,25 @@ from models.tokens import estimate_tokens
 from models.types import CreateResult, LLMMessage, Tool, ToolChoice, ToolSchema
 from workers.limiter import CallOutcome, RateLimiter
 
-__all__ = ["CallResult", "CallStats", "GovernedClient", "ModelCallPipeline", "limiter_endpoint"]
+__all__ = [
+    "CacheScope",
+    "CallResult",
+    "CallStats",
+    "GovernedClient",
+    "ModelCallPipeline",
+    "cache_namespace",
+    "limiter_endpoint",
+]
+
+CacheScope = Literal["tenant", "global"]
+"""Who shares cached answers and single-flight: each tenant alone, or every tenant."""
+
+
+def cache_namespace(scope: CacheScope, tenant_id: str | None) -> str:
+    """The cache namespace of a tenant's calls under ``scope`` ("" is shared)."""
+    if scope == "global" or tenant_id is None:
+        return ""
+    return f"tenant:{tenant_id}"
 
 
 @dataclass
@@ -310,7 +346,8 @@ class ModelCallPipeline:
     """cache -> limiter -> client+retry for any model, on one event loop.
 
     ``client_factory(model)`` makes the raw client (e.g. an OpenAI client with the SDK's own
-    retries off); ``cache_store`` None means no cache.
+    retries off); ``cache_store`` None means no cache; ``cache_scope`` says whether tenants share
+    cached answers (see the module's notes).
     """
 
     def __init__(
@@ -321,25 +358,43 @@ class ModelCallPipeline:
         *,
         cache_store: CacheStore[CachedCompletion] | None = None,
         cache_ttl: float | None = None,
+        cache_scope: CacheScope = "tenant",
+        cache_lock_ttl: float = DEFAULT_LOCK_TTL,
     ) -> None:
         self._client_factory = client_factory
         self.limiter = limiter
         self.retry = retry
         self._cache_store = cache_store
         self._cache_ttl = cache_ttl
-        self._clients: dict[str, ChatCompletionClient] = {}
+        self._cache_scope: CacheScope = cache_scope
+        self._cache_lock_ttl = cache_lock_ttl
+        self._governed: dict[str, GovernedClient] = {}
+        # One cache per (model, namespace) over the model's one governed client.
+        self._clients: dict[tuple[str, str], ChatCompletionClient] = {}
 
-    def client_for(self, model: str) -> ChatCompletionClient:
-        """The governed (and cached) client of ``model``, built on first use."""
-        client = self._clients.get(model)
+    def client_for(self, model: str, *, tenant_id: str | None = None) -> ChatCompletionClient:
+        """The governed (and cached) client of ``model`` for ``tenant_id``'s calls, built on first
+        use; the tenant decides the cache namespace."""
+        namespace = cache_namespace(self._cache_scope, tenant_id)
+        client = self._clients.get((model, namespace))
         if client is None:
-            governed = GovernedClient(self._client_factory(model), self.limiter, self.retry, model=model)
+            governed = self._governed.get(model)
+            if governed is None:
+                governed = self._governed[model] = GovernedClient(
+                    self._client_factory(model), self.limiter, self.retry, model=model
+                )
             client = (
                 governed
                 if self._cache_store is None
-                else ChatCompletionCache(governed, self._cache_store, self._cache_ttl)
+                else ChatCompletionCache(
+                    governed,
+                    self._cache_store,
+                    self._cache_ttl,
+                    lock_ttl=self._cache_lock_ttl,
+                    namespace=namespace,
+                )
             )
-            self._clients[model] = client
+            self._clients[(model, namespace)] = client
         return client
 
     def cache_key(
@@ -351,8 +406,9 @@ class ModelCallPipeline:
         tool_choice: ToolChoice = "auto",
         json_output: bool | type[BaseModel] | None = None,
         extra_create_args: Mapping[str, Any] = {},
+        tenant_id: str | None = None,
     ) -> str | None:
-        client = self.client_for(model)
+        client = self.client_for(model, tenant_id=tenant_id)
         if not isinstance(client, ChatCompletionCache):
             return None
         try:
@@ -376,9 +432,12 @@ class ModelCallPipeline:
         json_output: bool | type[BaseModel] | None = None,
         extra_create_args: Mapping[str, Any] = {},
         cancellation_token: CancellationToken | None = None,
+        tenant_id: str | None = None,
+        payer: str | None = None,
     ) -> CallResult:
-        """One call; a ``ModelClientError`` that ended it is returned, not raised."""
-        client = self.client_for(model)
+        """One call for ``tenant_id``, paid for by ``payer`` (the request's id: see the module's
+        notes); a ``ModelClientError`` that ended it is returned, not raised."""
+        client = self.client_for(model, tenant_id=tenant_id)
         key = self.cache_key(
             model,
             messages,
@@ -386,9 +445,10 @@ class ModelCallPipeline:
             tool_choice=tool_choice,
             json_output=json_output,
             extra_create_args=extra_create_args,
+            tenant_id=tenant_id,
         )
         started = time.perf_counter()
-        with _tally() as stats:
+        with _tally() as stats, paying_as(payer):
             try:
                 result = await client.create(
                     messages,
@@ -423,6 +483,8 @@ class ModelCallPipeline:
         json_output: bool | type[BaseModel] | None = None,
         extra_create_args: Mapping[str, Any] = {},
         cancellation_token: CancellationToken | None = None,
+        tenant_id: str | None = None,
+        payer: str | None = None,
     ) -> CreateResult:
         """Like ``call`` but raises the ``ModelClientError`` (the shape agents expect)."""
         outcome = await self.call(
@@ -433,6 +495,8 @@ class ModelCallPipeline:
             json_output=json_output,
             extra_create_args=extra_create_args,
             cancellation_token=cancellation_token,
+            tenant_id=tenant_id,
+            payer=payer,
         )
         if outcome.error is not None:
             raise outcome.error
@@ -440,8 +504,9 @@ class ModelCallPipeline:
         return outcome.result
 
     async def close(self) -> None:
-        clients, self._clients = list(self._clients.values()), {}
-        for client in clients:
+        # Closing a cache closes the governed client it wraps: close each governed client once.
+        governed, self._governed, self._clients = list(self._governed.values()), {}, {}
+        for client in governed:
             await client.close()
         await self.limiter.close()
         close_store = getattr(self._cache_store, "close", None)

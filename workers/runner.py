@@ -190,7 +190,12 @@ async def complete_chat(
         return failed_record(request.id, e, attempts=0)
     try:
         call = await pipeline.call(
-            chat.model, chat.messages, **chat.create_kwargs(), cancellation_token=token
+            chat.model,
+            chat.messages,
+            **chat.create_kwargs(),
+            cancellation_token=token,
+            tenant_id=request.tenant_id,
+            payer=request.id,
         )
     except asyncio.CancelledError:
         if token.is_cancelled():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +42,28 @@ class Settings(BaseSettings):
     cache_url: str = Field(default="./.tokenmill/cache", description="redis://... or a directory")
     cache_prefix: str = "tokenmill:cache:"
     cache_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=1)
+    cache_scope: Literal["tenant", "global"] = Field(
+        default="tenant",
+        description=(
+            "tenant: each tenant's cached answers and single-flight are its own (a hit cannot tell "
+            "one tenant what another asked); global: tenants share them, paying once for prompts "
+            "they have in common, at the price of each seeing (and timing) the others' answers"
+        ),
+    )
+    cache_lock_ttl_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "how long a single-flight lock outlives its holder's last heartbeat (every third of it): "
+            "the wait a killed worker costs the requests identical to its own; raise it only if "
+            "event loops stall that long"
+        ),
+    )
+    cache_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="a Redis cache reply later than this is a slow cache, waited for; a refused one is down",
+    )
 
     # Model defaults.
     default_model: str = "gpt-4o-mini"

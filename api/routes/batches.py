@@ -75,7 +75,7 @@ def _usage(engine: Engine, batch: store.Batch) -> dict[str, Any] | None:
         "output_tokens_details": {"reasoning_tokens": row.billed_reasoning_tokens},
         "total_tokens": row.billed_prompt_tokens + row.billed_completion_tokens,
         "cache_hits": row.cache_hits,
-        "cost_usd": row.cost_usd,
+        "cost_usd": float(row.cost_usd),  # a JSON number that prints as the exact decimal
     }
 
 

@@ -30,8 +30,11 @@ def usage_row(row: store.UsageRow) -> dict[str, Any]:
             "cached_prompt_tokens": row.billed_cached_prompt_tokens,
             "completion_tokens": row.billed_completion_tokens,
             "reasoning_tokens": row.billed_reasoning_tokens,
-            "cost_usd": row.cost_usd,
+            # A JSON number: the float of the exact decimal prints as that decimal (0.0001098).
+            "cost_usd": float(row.cost_usd),
             "unpriced_requests": row.unpriced_requests,
+            # Paid answers that no result kept (a second delivery's): in the sums above, not in requests.
+            "discarded_answers": row.discarded_answers,
         },
         "cache_hits": {
             "requests": row.cache_hits,

@@ -6,7 +6,7 @@ that single-flight uses. Errors are drawn in ``models.cache.errors``.
 """
 
 from models.cache.base import CacheStore
-from models.cache.client import ChatCompletionCache
+from models.cache.client import ChatCompletionCache, paying_as
 from models.cache.disk import DiskCacheStore
 from models.cache.entry import (
     CACHED_COMPLETION_CODEC,
@@ -20,11 +20,12 @@ from models.cache.errors import CacheBackendError, CacheEntryError, CacheError, 
 from models.cache.keys import KEY_FORMAT_VERSION, canonical_json, request_key
 from models.cache.memory import InMemoryStore
 from models.cache.redis import RedisStore
-from models.cache.single_flight import Flight, SingleFlight
+from models.cache.single_flight import DEFAULT_LOCK_TTL, Flight, SingleFlight
 
 __all__ = [
     "CACHED_COMPLETION_CODEC",
     "CHAT_CACHE_VALUE_TYPE",
+    "DEFAULT_LOCK_TTL",
     "ENTRY_FORMAT_VERSION",
     "KEY_FORMAT_VERSION",
     "CacheBackendError",
@@ -42,5 +43,6 @@ __all__ = [
     "UncacheableRequestError",
     "ValueCodec",
     "canonical_json",
+    "paying_as",
     "request_key",
 ]

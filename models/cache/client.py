@@ -6,6 +6,12 @@ served (what it cost when it was made); whoever bills reads ``cached`` and charg
 does). On this wrapper a hit moves ``total_usage()`` and never ``actual_usage()``, which counts
 only calls that went upstream through it.
 
+Who paid (invariant 3, "bill follows the payer"): calls made inside ``paying_as(payer)`` store
+their answers naming ``payer`` (an opaque id; workers use the request's). A later call by the same
+payer that finds that entry is a redo of a call it already paid for (say it crashed between the
+cache write and its bill): it gets the answer as a call, ``cached=False``, counted in
+``actual_usage``, so that its caller bills it once. Anyone else finding it gets a free hit.
+
 Every store failure (Redis down, a timeout, an unreadable or other-version entry) is a miss plus a
 ``CacheStoreError`` event, never a failed request; errors from upstream are never cached. A stream
 is stored only once it completed; one the consumer stops early, or that raises, stores nothing.
@@ -16,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 from pydantic import BaseModel
@@ -27,12 +34,28 @@ from models.cache.entry import CachedCompletion
 from models.cache.errors import CacheBackendError, CacheError, UncacheableRequestError
 from models.cache.keys import request_key
 from models.cache.memory import InMemoryStore
-from models.cache.single_flight import SingleFlight
+from models.cache.single_flight import DEFAULT_LOCK_TTL, SingleFlight
 from models.cancellation import CancellationToken
 from models.events import CacheHit, CacheStoreError, emit, event_logger, short_digest
 from models.types import CreateResult, LLMMessage, RequestUsage, Tool, ToolChoice, ToolSchema
 
-__all__ = ["ChatCompletionCache"]
+__all__ = ["ChatCompletionCache", "paying_as"]
+
+_SAVE_ATTEMPTS_ON_TIMEOUT = 3
+
+
+_payer: ContextVar[str | None] = ContextVar("tokenmill_cache_payer", default=None)
+
+
+@contextlib.contextmanager
+def paying_as(payer: str | None) -> Iterator[None]:
+    """Cache calls made in this block (and in tasks it starts) pay as ``payer``: the entries they
+    store name it, and an entry it paid for is served back to it as its own call, not as a hit."""
+    token = _payer.set(payer)
+    try:
+        yield
+    finally:
+        _payer.reset(token)
 
 
 class ChatCompletionCache(DelegatingClient):
@@ -43,6 +66,9 @@ class ChatCompletionCache(DelegatingClient):
     others wait up to ``single_flight_timeout`` seconds for its entry, then go upstream themselves;
     the caller's lock lives ``lock_ttl`` seconds unless refreshed, which it is while the caller is
     alive.
+
+    ``namespace`` partitions the store (see ``models.cache.keys``): caches with different
+    namespaces never serve each other's answers nor wait on each other's calls, even on one store.
     """
 
     def __init__(
@@ -52,13 +78,15 @@ class ChatCompletionCache(DelegatingClient):
         ttl: float | None = None,
         *,
         single_flight_timeout: float = 120.0,
-        lock_ttl: float = 30.0,
+        lock_ttl: float = DEFAULT_LOCK_TTL,
+        namespace: str = "",
     ) -> None:
         if ttl is not None and ttl <= 0:
             raise ValueError("ttl must be positive (or None for no expiry)")
         super().__init__(client)
         self._store: CacheStore[CachedCompletion] = store if store is not None else InMemoryStore()
         self._ttl = ttl
+        self._namespace = namespace
         self._flights = SingleFlight(
             self._store, timeout=single_flight_timeout, lock_ttl=lock_ttl, on_store_error=self._store_failed
         )
@@ -68,6 +96,10 @@ class ChatCompletionCache(DelegatingClient):
     @property
     def store(self) -> CacheStore[CachedCompletion]:
         return self._store
+
+    @property
+    def namespace(self) -> str:
+        return self._namespace
 
     def cache_key(
         self,
@@ -89,6 +121,7 @@ class ChatCompletionCache(DelegatingClient):
             tool_choice=tool_choice,
             json_output=json_output,
             extra_create_args=extra_create_args,
+            namespace=self._namespace,
         )
 
     request_key = cache_key
@@ -133,15 +166,27 @@ class ChatCompletionCache(DelegatingClient):
             return None
 
     async def _save(self, key: str, entry: CachedCompletion) -> None:
-        try:
-            await self._store.set(key, entry, self._ttl)
-        except CacheError as e:
-            self._store_failed(e, "set", key)
+        # A set that timed out is tried again while we still hold the key's lock: an answer that
+        # never reaches a slow store sends every request waiting for it upstream again.
+        for attempt in range(1, _SAVE_ATTEMPTS_ON_TIMEOUT + 1):
+            try:
+                await self._store.set(key, entry, self._ttl)
+                return
+            except CacheError as e:
+                self._store_failed(e, "set", key)
+                slow = isinstance(e, CacheBackendError) and e.timed_out
+                if not slow or attempt == _SAVE_ATTEMPTS_ON_TIMEOUT:
+                    return
 
     def _served(self, entry: CachedCompletion, key: str, started: float) -> CreateResult:
         # Every get decodes a fresh entry for this call alone, so flagging its result in place
         # shares nothing with the store or with any other caller.
         result = entry.result
+        if entry.paid_by is not None and entry.paid_by == _payer.get():
+            # The answer this payer's own earlier attempt paid for: its call, to be billed once.
+            result.cached = False
+            self._spent(result)
+            return result
         result.cached = True
         self._total_usage = self._total_usage + result.usage
         if event_logger.isEnabledFor(logging.INFO):  # skip building the event when nobody listens
@@ -194,7 +239,7 @@ class ChatCompletionCache(DelegatingClient):
             if flight.entry is not None:
                 return self._served(flight.entry, key, started)
             result = await upstream()
-            await self._save(key, CachedCompletion(result=result))
+            await self._save(key, CachedCompletion(result=result, paid_by=_payer.get()))
             return result
 
     async def create_stream(
@@ -250,7 +295,8 @@ class ChatCompletionCache(DelegatingClient):
                     if isinstance(item, CreateResult):
                         # The last item: the stream is complete, so it may be stored.
                         self._spent(item)
-                        await self._save(key, CachedCompletion(result=item, chunks=chunks))
+                        stored = CachedCompletion(result=item, chunks=chunks, paid_by=_payer.get())
+                        await self._save(key, stored)
                         yield item
                         return
                     chunks.append(item)

@@ -33,13 +33,16 @@ T = TypeVar("T")
 
 class CachedCompletion(BaseModel):
     """One cached answer. ``chunks`` is None when ``create`` stored it, the streamed chunks when
-    ``create_stream`` did."""
+    ``create_stream`` did. ``paid_by`` names who paid for the upstream call that made it (see
+    ``models.cache.client.paying_as``), None if nobody said; an optional field, so entries of
+    either shape are read by both versions."""
 
     model_config = ConfigDict(frozen=True)
 
     format: Literal[1] = 1  # ENTRY_FORMAT_VERSION
     result: CreateResult
     chunks: list[str] | None = None
+    paid_by: str | None = None
 
 
 CHAT_CACHE_VALUE_TYPE = CachedCompletion

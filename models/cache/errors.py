@@ -5,7 +5,8 @@ Exception hierarchy::
     CacheError                      base; never escapes ``ChatCompletionCache``, which turns it
     │                               into a ``CacheStoreError`` event and a miss
     ├── CacheBackendError           the store could not be reached or refused an operation
-    │                               (Redis down, timeout, a disk error); ``store``, ``operation``
+    │                               (Redis down, timeout, a disk error); ``store``, ``operation``,
+    │                               ``timed_out`` (slow, perhaps alive: worth waiting for)
     ├── CacheEntryError             an entry is unreadable: not JSON, wrong shape, or another
     │                               format version
     └── UncacheableRequestError     an argument has no canonical form, so no key can be made
@@ -24,12 +25,18 @@ class CacheError(Exception):
 
 
 class CacheBackendError(CacheError):
-    """A store operation failed for a reason outside the entry itself."""
+    """A store operation failed for a reason outside the entry itself.
 
-    def __init__(self, message: str, *, store: str, operation: str) -> None:
+    ``timed_out``: the store did not answer in time, which a loaded but live store does; single-flight
+    keeps waiting on such a store rather than going around it (and paying for a duplicate call). A
+    store that refused the connection is down, and a request goes upstream without it.
+    """
+
+    def __init__(self, message: str, *, store: str, operation: str, timed_out: bool = False) -> None:
         super().__init__(message)
         self.store = store
         self.operation = operation
+        self.timed_out = timed_out
 
 
 class CacheEntryError(CacheError):

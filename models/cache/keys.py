@@ -7,6 +7,10 @@ given as ``response_format`` likewise). Canonical JSON sorts keys and has no whi
 order of keys in a dict never changes a key, and integral floats are written as integers
 (``temperature=1`` and ``1.0`` mean the same to a provider).
 
+A ``namespace`` (empty by default) partitions the keys: the same request in two namespaces has two
+keys, so two callers that must not see each other's answers (tenants, say: the caller decides what a
+namespace means) share neither entries nor single-flight locks.
+
 What stays out: secrets and pure transport settings. Top-level ``extra_create_args`` and identity
 entries named like a credential (``api_key``, ``authorization``, ...), the same names inside header
 and query mappings (``extra_headers``, ``extra_query``, ...), and ``timeout``/``max_retries``.
@@ -171,12 +175,14 @@ def request_key(
     tool_choice: ToolChoice = "auto",
     json_output: bool | type[BaseModel] | None = None,
     extra_create_args: Mapping[str, Any] = {},
+    namespace: str = "",
 ) -> str:
     """The hex SHA-256 naming one request's answer (stores add their prefix to it).
 
     The hashed text is one JSON array of canonical JSON values: the format version, the client
-    identity, the messages, the tools, tool_choice, json_output and extra_create_args. Raises
-    ``UncacheableRequestError`` when an argument has no canonical JSON form.
+    identity, the messages, the tools, tool_choice, json_output and extra_create_args, then the
+    namespace if there is one (so the keys of the empty namespace are those it always had).
+    Raises ``UncacheableRequestError`` when an argument has no canonical JSON form.
     """
     parts = [
         str(KEY_FORMAT_VERSION),
@@ -187,4 +193,6 @@ def request_key(
         _simple_json(json_output) or canonical_json(json_output),
         canonical_json(_without_secrets(extra_create_args)) if extra_create_args else "{}",
     ]
+    if namespace:
+        parts.append(json.dumps(namespace, ensure_ascii=False))
     return hashlib.sha256(("[" + ",".join(parts) + "]").encode("utf-8")).hexdigest()

@@ -2,11 +2,16 @@
 
 Entries are ``prefix + key`` strings (``SET ... PX ttl``); the lock of a key is
 ``prefix + "lock:" + key`` taken with ``SET NX PX`` and an owner token, refreshed and released by
-small Lua scripts that compare the token first. A failed call raises ``CacheBackendError``; after a
-connection failure or timeout the store answers ``CacheBackendError`` at once for
-``outage_backoff`` seconds instead of trying again, so a Redis outage costs each request almost
-nothing. Build it with ``RedisStore.from_url`` to get short socket timeouts and no client-side
-retries; a ``Redis`` instance passed in is used as configured.
+small Lua scripts that compare the token first. A failed call raises ``CacheBackendError``.
+
+Down and slow are told apart, because they call for opposite answers. A Redis that refuses or drops
+the connection is down: the store answers ``CacheBackendError`` at once for ``outage_backoff``
+seconds instead of trying again, so an outage costs each request almost nothing, and requests go
+upstream without the cache. A Redis that does not answer within the timeout is taken for slow (a
+loaded machine), not down: the error says ``timed_out``, no backoff starts, and single-flight keeps
+waiting on it, since going around it would pay for the same answer many times. Build it with
+``RedisStore.from_url`` to get its timeouts and no client-side retries; a ``Redis`` instance passed
+in is used as configured.
 """
 
 from __future__ import annotations
@@ -39,7 +44,12 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-_OUTAGE_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, TimeoutError)
+# Timeouts first: the builtin TimeoutError is an OSError, and redis's is neither a ConnectionError
+# nor an OSError.
+_TIMEOUT_ERRORS = (redis.exceptions.TimeoutError, TimeoutError)
+_OUTAGE_ERRORS = (redis.exceptions.ConnectionError, OSError)
+DEFAULT_TIMEOUT_SECONDS = 5.0
+"""Per connect and per reply. Generous: a reply this late is a loaded Redis, which is waited for."""
 
 
 # The project may type-check against redis's own annotations or the older types-redis stubs,
@@ -97,11 +107,11 @@ class RedisStore(Generic[T]):
         url: str,
         prefix: str = "tokenmill:cache:",
         *,
-        timeout: float = 0.25,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
         outage_backoff: float = 1.0,
     ) -> RedisStore[CachedCompletion]:
         """A store on its own connection pool: ``timeout`` seconds per connect and per reply, and
-        no retries (the cache falls back to upstream instead)."""
+        no client-side retries (single-flight decides whether to wait or go around the store)."""
         client = redis.asyncio.Redis.from_url(
             url,
             socket_timeout=timeout,
@@ -136,9 +146,12 @@ class RedisStore(Generic[T]):
             )
 
     def _failed(self, operation: str, error: Exception) -> CacheBackendError:
-        if isinstance(error, _OUTAGE_ERRORS):
+        timed_out = isinstance(error, _TIMEOUT_ERRORS)
+        if not timed_out and isinstance(error, _OUTAGE_ERRORS):
             self._unreachable_until = time.monotonic() + self._outage_backoff
-        return CacheBackendError(f"redis {operation} failed: {error!r}", store=self.name, operation=operation)
+        return CacheBackendError(
+            f"redis {operation} failed: {error!r}", store=self.name, operation=operation, timed_out=timed_out
+        )
 
     async def _execute(self, operation: str, *args: Any, **kwargs: Any) -> Any:
         self._check_reachable(operation)

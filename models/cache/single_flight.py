@@ -8,10 +8,16 @@ upstream while a background task refreshes the lock every third of its TTL, and 
 loser retries the lock on every poll, so when the holder fails (it stores nothing, releases the
 lock) or crashes (its lock expires after ``lock_ttl``), one loser becomes the next leader.
 
+The lock's TTL is short (``DEFAULT_LOCK_TTL``, seconds) and the live holder's heartbeat keeps it:
+a holder that was killed (a SIGKILLed ``tokenmill run``, a worker lost with its machine) stops
+delaying everyone else within that TTL, instead of leaving requests it will never answer waited on.
+
 After ``timeout`` seconds of waiting a request stops waiting and goes upstream itself
 (``Flight.coordinated`` is False): a stuck holder can delay others, never block them. When the
-store fails while coordinating, the request goes upstream at once, also uncoordinated: the cache
-is an optimisation and never the reason a request fails.
+store is down (``CacheBackendError`` not ``timed_out``), the request goes upstream at once, also
+uncoordinated: the cache is an optimisation and never the reason a request fails. A store that only
+timed out is slow, not gone: the request keeps waiting for the lock or the entry (within
+``timeout``), because going around a loaded store turns load into duplicate upstream calls.
 """
 
 from __future__ import annotations
@@ -24,12 +30,16 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from models.cache.base import CacheStore
-from models.cache.errors import CacheError
+from models.cache.errors import CacheBackendError, CacheError
 from models.cancellation import CancellationToken
 
-__all__ = ["Flight", "SingleFlight"]
+__all__ = ["DEFAULT_LOCK_TTL", "Flight", "SingleFlight"]
 
 T = TypeVar("T")
+
+DEFAULT_LOCK_TTL = 5.0
+"""Seconds a holder's lock outlives its last heartbeat (every third of it): how long a killed
+holder can keep others waiting."""
 
 StoreErrorHandler = Callable[[CacheError, str, str], None]
 """Called with (error, operation, key) when the store fails; the flight goes on without it."""
@@ -162,7 +172,9 @@ class SingleFlight(Generic[T]):
                 token = await self._store.acquire_lock(key, self._lock_ttl)
             except CacheError as e:
                 self._on_store_error(e, "acquire_lock", key)
-                return None, None
+                if not _store_is_slow(e):
+                    return None, None
+                token = None  # slow, not down: wait on, and try the lock again
             if token is not None:
                 try:
                     # The previous holder may have stored the entry between our miss and our lock.
@@ -204,6 +216,10 @@ class SingleFlight(Generic[T]):
             await self._store.release_lock(key, token)
         except CacheError as e:
             self._on_store_error(e, "release_lock", key)
+
+
+def _store_is_slow(error: CacheError) -> bool:
+    return isinstance(error, CacheBackendError) and error.timed_out
 
 
 def _loop_deadline(deadline: float) -> float:

@@ -4,9 +4,12 @@ store failures, against real stores (memory, a diskcache directory, Redis)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,6 +17,7 @@ from typing import Any
 
 import diskcache
 import pytest
+import redis
 import redis.asyncio
 
 from models.cache import (
@@ -24,12 +28,14 @@ from models.cache import (
     DiskCacheStore,
     InMemoryStore,
     RedisStore,
+    paying_as,
 )
 from models.cancellation import CancellationToken
 from models.errors import ProviderUnavailable, StreamInterrupted
 from models.events import EVENT_LOGGER_NAME, CacheHit, CacheStoreError, ModelEvent, short_digest
 from models.types import CreateResult, RequestUsage, UserMessage
 from tests.models.counting_client import USAGE, CountingClient
+from tests.models.lock_holder import lock_holder_messages, open_store
 from tests.services import free_port
 
 MESSAGES = [UserMessage(content="what is the capital of France?", source="user")]
@@ -517,3 +523,137 @@ async def test_the_wrapper_delegates_to_its_client() -> None:
     assert cache.actual_usage() == cache.total_usage() == RequestUsage()
     await cache.close()
     assert inner.closed
+
+
+async def _until_redis_answers(store: RedisStore[CachedCompletion]) -> None:
+    for _ in range(200):
+        try:
+            await store.redis.ping()
+            return
+        except redis.exceptions.ConnectionError:
+            await asyncio.sleep(0.05)
+    raise AssertionError("the dedicated redis-server never answered")
+
+
+@pytest.mark.parametrize(
+    "store_timeout", [None, 0.3], ids=["default-timeout", "timeout-shorter-than-the-pause"]
+)
+async def test_a_paused_redis_makes_identical_requests_wait_not_pay_twice(
+    dedicated_redis: tuple[subprocess.Popen[bytes], str], events: EventLog, store_timeout: float | None
+) -> None:
+    """Redis stopped (SIGSTOP, as a loaded machine starves it) for longer than the 0.25 s the store
+    used to wait: two "processes" (stores and caches of their own) with ten identical requests each
+    still make one upstream call, because a store that is slow is waited for, not gone around."""
+    process, url = dedicated_redis
+    stores = [
+        RedisStore.from_url(url) if store_timeout is None else RedisStore.from_url(url, timeout=store_timeout)
+        for _ in range(2)
+    ]
+    inner = CountingClient(delay=0.2)
+    caches = [ChatCompletionCache(inner, store) for store in stores]
+    try:
+        for store in stores:
+            await _until_redis_answers(store)
+        process.send_signal(signal.SIGSTOP)
+        try:
+            calls = [asyncio.create_task(cache.create(MESSAGES)) for cache in caches for _ in range(10)]
+            await asyncio.sleep(1.5)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        results = await asyncio.wait_for(asyncio.gather(*calls), timeout=60)
+    finally:
+        for store in stores:
+            await store.close()
+    assert inner.calls == 1
+    assert sum(not result.cached for result in results) == 1
+    if store_timeout is not None:
+        # The pause was longer than the store's timeout: it did time out, and that cost no call.
+        assert any("Timeout" in event.error for event in events.of(CacheStoreError))
+
+
+@pytest.mark.parametrize("kind", ["redis", "disk"])
+def test_a_killed_holders_locks_are_taken_over_within_seconds(
+    kind: str, redis_url: str, redis_prefix: str, tmp_path: Path
+) -> None:
+    """A process that holds single-flight locks is SIGKILLed mid-call (a killed ``tokenmill run``,
+    whose cache is a disk store, or a worker on the shared Redis); another process asking for the
+    same keys gets going within the lock TTL (5 s), not the 30 s the old locks lived."""
+    keys = 8
+    location = redis_url if kind == "redis" else str(tmp_path / "cache")
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "tests.models.lock_holder", kind, location, redis_prefix, str(keys)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "locked", "the lock holder never took its locks"
+        holder.kill()
+        holder.wait()
+        killed_at = time.monotonic()
+
+        async def rerun() -> list[CreateResult]:
+            store = open_store(kind, location, redis_prefix)
+            cache = ChatCompletionCache(CountingClient(), store)
+            try:
+                return await asyncio.gather(*(cache.create(lock_holder_messages(i)) for i in range(keys)))
+            finally:
+                if isinstance(store, RedisStore):
+                    await store.close()
+
+        results = asyncio.run(rerun())
+        took = time.monotonic() - killed_at
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    assert [result.cached for result in results] == [False] * keys
+    assert took < 12.0, f"the rerun waited {took:.1f} s on a dead process's locks"
+
+
+async def test_the_payer_of_an_answer_gets_it_back_as_its_own_call_others_as_a_hit(
+    store: CacheStore[CachedCompletion],
+) -> None:
+    inner = CountingClient()
+    with paying_as("request-r"):
+        first = await ChatCompletionCache(inner, store).create(MESSAGES)
+    redo_cache = ChatCompletionCache(inner, store)  # a new process: nothing counted yet
+    with paying_as("request-r"):
+        redo = await redo_cache.create(MESSAGES)
+    other_cache = ChatCompletionCache(inner, store)
+    with paying_as("request-s"):
+        other = await other_cache.create(MESSAGES)
+    anonymous = await other_cache.create(MESSAGES)
+    assert inner.calls == 1
+    assert (first.cached, redo.cached, other.cached, anonymous.cached) == (False, False, True, True)
+    assert redo.usage == first.usage == USAGE
+    assert redo_cache.actual_usage() == USAGE  # billed as the payer's call
+    assert other_cache.actual_usage() == RequestUsage()
+
+
+async def test_caches_in_two_namespaces_share_neither_answers_nor_flights(
+    store: CacheStore[CachedCompletion],
+) -> None:
+    """Tenant A's call is in flight (holding its key's lock) when tenant B asks the same: B neither
+    waits for it nor gets its answer."""
+    hanging, fast = CountingClient(delay=60), CountingClient()  # same identity: same request
+    tenant_a = ChatCompletionCache(hanging, store, namespace="tenant:a")
+    tenant_b = ChatCompletionCache(fast, store, namespace="tenant:b")
+    in_flight = asyncio.create_task(tenant_a.create(MESSAGES))
+    try:
+        for _ in range(1000):  # until A's call went upstream, so A holds its key's lock
+            if hanging.calls:
+                break
+            await asyncio.sleep(0.01)
+        assert hanging.calls == 1
+        answer = await asyncio.wait_for(tenant_b.create(MESSAGES), timeout=10)
+    finally:
+        in_flight.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await in_flight
+    assert answer.cached is False
+    assert fast.calls == 1
+    assert (await tenant_b.create(MESSAGES)).cached
+    assert tenant_a.cache_key(MESSAGES) != tenant_b.cache_key(MESSAGES)

@@ -223,3 +223,11 @@ def test_an_unhashable_tool_can_be_the_tool_choice() -> None:
     tool = UnhashableTool(WEATHER)
     assert key(tools=[tool], tool_choice=tool) == key(tools=[WEATHER], tool_choice=NamedTool(WEATHER))
     assert key(tools=[tool], tool_choice=tool) != key(tools=[tool])
+
+
+def test_a_namespace_partitions_keys_and_the_empty_one_keeps_the_old_keys() -> None:
+    plain = request_key(IDENTITY, MESSAGES)
+    assert request_key(IDENTITY, MESSAGES, namespace="") == plain
+    tenant_a = request_key(IDENTITY, MESSAGES, namespace="tenant:a")
+    tenant_b = request_key(IDENTITY, MESSAGES, namespace="tenant:b")
+    assert len({plain, tenant_a, tenant_b}) == 3

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import threading
+from decimal import Decimal
 
 import pytest
 import sqlalchemy as sa
@@ -93,9 +94,9 @@ def test_cost_from_price_table_and_cache_hits_are_free(engine: Engine, ingest: I
         ],
     )
     costs = {row.request_id: row.cost_usd for row in result_rows(engine)}
-    expected = ((1000 - 400) * 2.0 + 400 * 1.0 + 200 * 8.0) / 1_000_000
-    assert costs[ids[0]] == pytest.approx(expected)
-    assert costs[ids[1]] == pytest.approx(expected)
+    expected = Decimal((1000 - 400) * 2 + 400 * 1 + 200 * 8) / 1_000_000
+    assert costs[ids[0]] == expected
+    assert costs[ids[1]] == expected
     assert costs[ids[2]] == 0
     assert costs[ids[3]] is None
 

@@ -222,12 +222,17 @@ async def test_a_redone_run_repeats_no_model_call_and_appends_once(
     upstream = simulator.stats()["completions"]
     redo = await run_agent(led.engine, pipeline, spec(TWO_CALLS), tenant_id=led.tenant_id, run_id="req_a")
     assert redo.conversation_id == first.conversation_id
-    assert redo.all_cached
+    # No call went upstream again, and the answers its first attempt paid for are billed as the
+    # run's own calls (invariant 3: the bill follows the payer), not as free hits.
+    assert simulator.stats()["completions"] == upstream
+    assert [call.cached for call in redo.run.model_calls] == [False] * len(first.run.model_calls)
+    assert redo.run.usage == first.run.usage
     follow_spec = spec("And the final number? [[recall]]", first.conversation_id)
     follow = await run_agent(led.engine, pipeline, follow_spec, tenant_id=led.tenant_id, run_id="req_b")
     follow_redo = await run_agent(led.engine, pipeline, follow_spec, tenant_id=led.tenant_id, run_id="req_b")
-    # The redo saw the conversation as the first attempt did: the same call, from the cache.
-    assert follow_redo.all_cached
+    # The redo saw the conversation as the first attempt did: the same call, from the cache,
+    # billed as its own.
+    assert [call.cached for call in follow_redo.run.model_calls] == [False]
     assert follow_redo.run.output == follow.run.output
     assert simulator.stats()["completions"] == upstream + 1
     stored = load_conversation(led.engine, first.conversation_id, tenant_id=led.tenant_id)

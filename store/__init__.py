@@ -29,6 +29,7 @@ Tenants, keys, files::
 Batches::
 
     ingest_batch(engine, source, *, tenant_id, endpoint, defaults, skip_invalid, ...) -> IngestReport
+    parse_json(data, prefix="") -> Any   # refuses NaN, depth > MAX_JSON_DEPTH, NUL, lone surrogates
     get_batch(engine, batch_id, tenant_id=None) -> Batch | None
     list_batches(engine, tenant_id, after=None, limit=20) -> BatchPage
     batch_progress(engine, batch_id) -> BatchProgress
@@ -84,6 +85,8 @@ Exceptions::
      ├── InvalidState
      │    └── AgentStateConflict
      └── InvalidArgument (also a ValueError): a bad endpoint, completion window or metadata
+
+    JSONRejected (a ValueError): input parse_json refuses; ``code`` names why, ``param`` where
 """
 
 from store.agent_messages import StoredAgentMessage, get_agent_message, record_agent_message
@@ -116,7 +119,8 @@ from store.errors import (
 )
 from store.export import iter_error_lines, iter_output_lines
 from store.files import create_file, delete_file, get_file, list_files
-from store.ingest import ENDPOINT_KINDS, IngestReport, LineError, ingest_batch
+from store.ingest import ENDPOINT_KINDS, MAX_STORED_ERRORS, IngestReport, LineError, ingest_batch
+from store.input_checks import MAX_JSON_DEPTH, JSONRejected, parse_json
 from store.leases import (
     ClaimedRequest,
     claim_queued,
@@ -163,6 +167,8 @@ from store.webhooks import ENDED_STATUSES, DueWebhook, due_webhooks, record_webh
 __all__ = [
     "ENDED_STATUSES",
     "ENDPOINT_KINDS",
+    "MAX_JSON_DEPTH",
+    "MAX_STORED_ERRORS",
     "STOPPED_BATCH_STATUSES",
     "AgentMessage",
     "AgentRunRecord",
@@ -186,6 +192,7 @@ __all__ = [
     "IngestReport",
     "InvalidArgument",
     "InvalidState",
+    "JSONRejected",
     "LineError",
     "ModelPrice",
     "NotFound",
@@ -238,6 +245,7 @@ __all__ = [
     "load_conversation",
     "make_engine",
     "mark_dispatched",
+    "parse_json",
     "pending_request_ids",
     "price_for",
     "record_agent_message",

@@ -10,21 +10,31 @@ Two line forms are accepted:
 
 Every bad line is reported (line number, code, message, param). Unless ``skip_invalid``, one bad
 line rejects the whole batch, as OpenAI does: the batch row is written with status ``failed`` and its
-errors, and no request rows. The file is read line by line and inserted in chunks inside one
-transaction, so a rejected batch leaves nothing behind and a large file is never in memory whole
-(only the set of custom_ids seen, which duplicate detection needs).
+errors, and no request rows. With ``skip_invalid`` the good lines run and the batch keeps the errors
+of the bad ones. A batch stores the first ``max_errors`` (100) errors and counts them all
+(``error_count``); an error message quotes at most 200 characters of any input value.
+
+Memory does not grow with the file nor with its lines: the file is read line by line (a line over
+``max_body_bytes`` is skipped in pieces, never held), each accepted body is kept only as its JSON
+text, and rows are sent in chunks of at most ``chunk_size`` rows and ``chunk_bytes`` bytes inside
+one transaction, so a rejected batch leaves nothing behind. Duplicate detection keeps 12 bytes per
+custom_id (a keyed 64-bit hash and the line number), not the ids themselves.
 
 Line error codes: ``invalid_json``, ``invalid_line`` (JSON but not an object), ``missing_field``,
 ``wrong_type``, ``invalid_value``, ``duplicate_custom_id``, ``unknown_endpoint``,
-``mismatched_endpoint``, ``invalid_method``, ``body_too_large``, ``too_many_lines``, and
-``empty_file`` (line None).
+``mismatched_endpoint``, ``invalid_method``, ``body_too_large``, ``too_many_lines``, ``empty_file``
+(line None), and those of :mod:`store.input_checks` for what the ledger cannot keep or a worker
+could not run: ``non_finite_number`` (NaN, Infinity, 1e999), ``nesting_too_deep`` (over 64 levels),
+``lone_surrogate`` and ``nul_character`` (in any string or key).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+from array import array
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -35,9 +45,17 @@ from sqlalchemy.engine import Connection, Engine
 from store.engine import is_postgresql, write_transaction
 from store.errors import InvalidArgument
 from store.ids import new_id, now_seconds
+from store.input_checks import JSONRejected, bounded_text, check_json_value, parse_json, quote_input
 from store.tables import Batch, BatchStatus, Request, RequestKind, RequestStatus
 
-__all__ = ["ENDPOINT_KINDS", "IngestReport", "LineError", "ingest_batch", "parse_completion_window"]
+__all__ = [
+    "ENDPOINT_KINDS",
+    "MAX_STORED_ERRORS",
+    "IngestReport",
+    "LineError",
+    "ingest_batch",
+    "parse_completion_window",
+]
 
 ENDPOINT_KINDS: dict[str, RequestKind] = {
     "/v1/chat/completions": RequestKind.CHAT_COMPLETION,
@@ -47,6 +65,10 @@ MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
 MAX_CUSTOM_ID_CHARS = 512
+# Errors kept on a batch (all are counted): what a producer needs to fix a file, and a batch
+# object that stays small however bad the file.
+MAX_STORED_ERRORS = 100
+MAX_ERROR_MESSAGE_CHARS = 500
 _WINDOW = re.compile(r"^([1-9][0-9]*)h$")
 _SHORT_FORM_KEYS = ("custom_id", "prompt", "messages")
 
@@ -59,6 +81,12 @@ class LineError:
     code: str
     message: str
     param: str | None = None
+
+    def __post_init__(self) -> None:
+        # Bounded and storable whatever the line held (messages quote input, params name its keys).
+        object.__setattr__(self, "message", bounded_text(self.message, MAX_ERROR_MESSAGE_CHARS))
+        if self.param is not None:
+            object.__setattr__(self, "param", bounded_text(self.param))
 
     def to_openai(self) -> dict[str, Any]:
         """The ``errors.data[]`` item of an OpenAI batch object."""
@@ -91,9 +119,19 @@ def parse_completion_window(window: str) -> int:
     return int(match.group(1)) * 3600
 
 
+def _check_storable(value: Any, prefix: str) -> None:
+    """A batch-level value (defaults, metadata) goes through the same checks as a line."""
+    try:
+        check_json_value(value, prefix=prefix)
+    except JSONRejected as e:
+        param = e.param or prefix.rstrip(".") or None
+        raise InvalidArgument(f"{param}: {e.message}" if param else e.message, param, code=e.code) from e
+
+
 def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
     if metadata is None:
         return None
+    _check_storable(dict(metadata), "metadata.")
     if len(metadata) > MAX_METADATA_PAIRS:
         raise InvalidArgument(f"metadata has {len(metadata)} pairs, at most {MAX_METADATA_PAIRS}", "metadata")
     for key, value in metadata.items():
@@ -169,22 +207,24 @@ def _parse_line(
 ) -> tuple[str, dict[str, Any]]:
     """(custom_id, body) of a valid line; raises _BadLine."""
     try:
-        obj = json.loads(raw)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise _BadLine("invalid_json", f"line is not valid JSON: {e}") from e
+        obj = parse_json(raw)
+    except JSONRejected as e:
+        raise _BadLine(e.code, e.message, e.param) from e
     if not isinstance(obj, dict):
         raise _BadLine("invalid_line", "line must be a JSON object")
     if "body" in obj or "url" in obj or "method" in obj:
         custom_id = _require(obj, "custom_id", str, "a string")
         method = _require(obj, "method", str, "a string")
         if method.upper() != "POST":
-            raise _BadLine("invalid_method", f"method must be POST, got {method!r}", "method")
+            raise _BadLine("invalid_method", f"method must be POST, got {quote_input(method)}", "method")
         url = _require(obj, "url", str, "a string")
         if url not in ENDPOINT_KINDS:
-            raise _BadLine("unknown_endpoint", f"unknown endpoint {url!r}", "url")
+            raise _BadLine("unknown_endpoint", f"unknown endpoint {quote_input(url)}", "url")
         if url != endpoint:
             raise _BadLine(
-                "mismatched_endpoint", f"url {url!r} differs from the batch endpoint {endpoint!r}", "url"
+                "mismatched_endpoint",
+                f"url {quote_input(url)} differs from the batch endpoint {endpoint!r}",
+                "url",
             )
         body = _require(obj, "body", dict, "an object")
         _check_body(kind, body, "body.")
@@ -210,8 +250,6 @@ def _parse_line(
         _check_body(kind, body, "")
     if not custom_id:
         raise _BadLine("invalid_value", "'custom_id' must not be empty", "custom_id")
-    if "\x00" in custom_id:  # PostgreSQL text cannot hold a NUL character
-        raise _BadLine("invalid_value", "'custom_id' must not contain a NUL character", "custom_id")
     if len(custom_id) > MAX_CUSTOM_ID_CHARS:
         raise _BadLine(
             "invalid_value", f"'custom_id' is longer than {MAX_CUSTOM_ID_CHARS} characters", "custom_id"
@@ -236,11 +274,12 @@ def ingest_batch(
     skip_invalid: bool = False,
     max_body_bytes: int = 1024 * 1024,
     max_lines: int | None = None,
-    max_errors: int = 1000,
+    max_errors: int = MAX_STORED_ERRORS,
     priority: int = 0,
     webhook_url: str | None = None,
     hidden: bool = False,
     chunk_size: int = 5000,
+    chunk_bytes: int = 4 * 1024 * 1024,
     postgres_copy: bool = True,
     now: int | None = None,
 ) -> IngestReport:
@@ -249,8 +288,10 @@ def ingest_batch(
     ``defaults`` fill the short form's body (e.g. ``{"model": "gpt-4o-mini", "temperature": 0}``).
     ``skip_invalid`` writes the good lines and reports the bad ones instead of rejecting the batch
     (a batch with no good line is still rejected). Raises ``InvalidArgument`` for a bad endpoint,
-    completion window or metadata (nothing written). ``postgres_copy=False`` inserts with
-    multi-row INSERT instead of COPY on PostgreSQL (for comparison in ``bench/ingest.py``).
+    completion window, metadata or defaults (nothing written). Rows are sent to the database
+    every ``chunk_size`` rows or ``chunk_bytes`` bytes of bodies, whichever comes first.
+    ``postgres_copy=False`` inserts with multi-row INSERT instead of COPY on PostgreSQL (for
+    comparison in ``bench/ingest.py``).
     """
     kind = ENDPOINT_KINDS.get(endpoint)
     if kind is None:
@@ -258,6 +299,7 @@ def ingest_batch(
     window_seconds = parse_completion_window(completion_window)
     batch_metadata = _check_metadata(metadata)
     defaults = dict(defaults or {})
+    _check_storable(defaults, "")
     created_at = now if now is not None else now_seconds()
     batch_id = new_id("batch_")
     batch_row: dict[str, Any] = {
@@ -293,10 +335,12 @@ def ingest_batch(
     try:
         with write_transaction(engine) as conn:
             conn.execute(sa.insert(Batch), batch_row)
-            seen: dict[str, int] = {}
+            seen = _CustomIdLines()
             request_ids = _request_ids()
             chunk: list[_NewRequest] = []
+            chunk_body_bytes = 0
             common = _RequestCommon(batch_id, tenant_id, kind, priority, created_at)
+            encode_body = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
             def insert(rows: list[_NewRequest]) -> None:
                 _insert_requests(conn, common, rows, postgres_copy)
@@ -317,22 +361,27 @@ def ingest_batch(
                 except _BadLine as e:
                     bad(line_number, e.code, str(e), e.param)
                     continue
-                first = seen.setdefault(custom_id, line_number)
+                first = seen.first_line(custom_id, line_number)
                 if first != line_number:
                     bad(
                         line_number,
                         "duplicate_custom_id",
-                        f"custom_id {custom_id!r} is already used on line {first}",
+                        f"custom_id {quote_input(custom_id)} is already used on line {first}",
                         "custom_id",
                     )
                     continue
                 if invalid and not skip_invalid:
                     continue  # rejected already: keep validating, stop writing
                 accepted += 1
-                chunk.append((next(request_ids), custom_id, line_number, body))
-                if len(chunk) >= chunk_size:
+                # Only the body's JSON text is kept until the chunk is sent: a parsed body can be
+                # many times the size of its line.
+                body_text = encode_body(body)
+                del body
+                chunk.append((next(request_ids), custom_id, line_number, body_text))
+                chunk_body_bytes += len(body_text)
+                if len(chunk) >= chunk_size or chunk_body_bytes >= chunk_bytes:
                     insert(chunk)
-                    chunk = []
+                    chunk, chunk_body_bytes = [], 0
             if lines == 0:
                 bad(None, "empty_file", "the file holds no requests")
             if (invalid and not skip_invalid) or accepted == 0:
@@ -341,7 +390,14 @@ def ingest_batch(
             conn.execute(
                 sa.update(Batch)
                 .where(Batch.id == batch_id)
-                .values(status=BatchStatus.IN_PROGRESS, in_progress_at=created_at, total_count=accepted)
+                .values(
+                    status=BatchStatus.IN_PROGRESS,
+                    in_progress_at=created_at,
+                    total_count=accepted,
+                    # The skipped lines' errors stay on the batch, as a rejected batch's do.
+                    errors=[error.to_openai() for error in errors] or None,
+                    error_count=invalid,
+                )
             )
     except _Rejected:
         failed_row = {
@@ -349,11 +405,62 @@ def ingest_batch(
             "status": BatchStatus.FAILED,
             "failed_at": created_at,
             "errors": [error.to_openai() for error in errors],
+            "error_count": invalid,
         }
         with write_transaction(engine) as conn:
             conn.execute(sa.insert(Batch), failed_row)
         return IngestReport(batch_id, BatchStatus.FAILED, lines, 0, invalid, errors)
     return IngestReport(batch_id, BatchStatus.IN_PROGRESS, lines, accepted, invalid, errors)
+
+
+class _CustomIdLines:
+    """custom_id -> the line it was first used on, in 12 bytes an id: an open-addressing table
+    of keyed 64-bit hashes (8 bytes) and line numbers (4 bytes). A dict of the ids themselves
+    held up to 512 characters a line, over 100 MB for a million lines. Two distinct ids share a
+    hash with odds about n^2 / 2^65 (3e-8 for a million lines); the key is drawn per batch, so a
+    producer cannot build such a pair on purpose."""
+
+    _INITIAL_SLOTS = 1024
+
+    def __init__(self) -> None:
+        self._key = os.urandom(16)
+        self._hashes = array("Q", bytes(8 * self._INITIAL_SLOTS))  # 0 marks a free slot
+        self._lines = array("I", bytes(4 * self._INITIAL_SLOTS))
+        self._used = 0
+
+    def first_line(self, custom_id: str, line_number: int) -> int:
+        """The line ``custom_id`` was first seen on, recording it at ``line_number`` if new."""
+        digest = hashlib.blake2b(custom_id.encode("utf-8", "surrogatepass"), digest_size=8, key=self._key)
+        hashed = int.from_bytes(digest.digest(), "little") or 1
+        slot = self._find(hashed)
+        if self._hashes[slot] == hashed:
+            return self._lines[slot]
+        self._hashes[slot] = hashed
+        self._lines[slot] = line_number
+        self._used += 1
+        if self._used * 4 > len(self._hashes) * 3:
+            self._grow()
+        return line_number
+
+    def _find(self, hashed: int) -> int:
+        """The slot holding ``hashed``, or the free slot where it goes (linear probing)."""
+        hashes = self._hashes
+        mask = len(hashes) - 1
+        slot = hashed & mask
+        while hashes[slot] != 0 and hashes[slot] != hashed:
+            slot = (slot + 1) & mask
+        return slot
+
+    def _grow(self) -> None:
+        old_hashes, old_lines = self._hashes, self._lines
+        size = 2 * len(old_hashes)
+        self._hashes = array("Q", bytes(8 * size))
+        self._lines = array("I", bytes(4 * size))
+        for hashed, line_number in zip(old_hashes, old_lines, strict=True):
+            if hashed:
+                slot = self._find(hashed)
+                self._hashes[slot] = hashed
+                self._lines[slot] = line_number
 
 
 def _request_ids() -> Iterator[str]:
@@ -376,8 +483,8 @@ class _RequestCommon:
     created_at: int
 
 
-# (id, custom_id, line_number, body) of one accepted line.
-_NewRequest = tuple[str, str, int, dict[str, Any]]
+# (id, custom_id, line_number, body as JSON text) of one accepted line.
+_NewRequest = tuple[str, str, int, str]
 
 
 def _insert_requests(
@@ -398,13 +505,13 @@ def _insert_requests(
                 "custom_id": custom_id,
                 "line_number": line_number,
                 "kind": common.kind,
-                "body": body,
+                "body": json.loads(body_text),
                 "status": RequestStatus.QUEUED,
                 "priority": common.priority,
                 "attempts": 0,
                 "created_at": common.created_at,
             }
-            for request_id, custom_id, line_number, body in rows
+            for request_id, custom_id, line_number, body_text in rows
         ],
     )
 
@@ -442,10 +549,9 @@ def _copy_requests(conn: Connection, common: _RequestCommon, rows: list[_NewRequ
             str(common.created_at),
         )
     )
-    dumps = json.JSONEncoder(separators=(",", ":")).encode
     text = "".join(
-        f"{prefix}\t{request_id}\t{_copy_text(custom_id)}\t{line_number}\t{_copy_json(dumps(body))}\n"
-        for request_id, custom_id, line_number, body in rows
+        f"{prefix}\t{request_id}\t{_copy_text(custom_id)}\t{line_number}\t{_copy_json(body_text)}\n"
+        for request_id, custom_id, line_number, body_text in rows
     )
     with (
         driver_connection.cursor() as cursor,

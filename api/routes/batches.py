@@ -66,7 +66,12 @@ def batch_object(engine: Engine, batch: store.Batch) -> dict[str, Any]:
         "id": batch.id,
         "object": "batch",
         "endpoint": batch.endpoint,
-        "errors": {"object": "list", "data": batch.errors} if batch.errors else None,
+        # tokenmill adds total_count: data holds the first errors (store.MAX_STORED_ERRORS).
+        "errors": (
+            {"object": "list", "data": batch.errors, "total_count": batch.error_count}
+            if batch.errors
+            else None
+        ),
         "input_file_id": batch.input_file_id,
         "completion_window": batch.completion_window,
         "status": str(batch.status),
@@ -124,7 +129,7 @@ def _create(
     except FileNotFoundError as e:
         raise NotFound(f"the content of {file.id} is no longer on this server", param="input_file_id") from e
     except store.InvalidArgument as e:
-        raise InvalidRequest(str(e), param=getattr(e, "param", None)) from e
+        raise InvalidRequest(str(e), param=e.param, code=e.code) from e
     return report.batch_id
 
 

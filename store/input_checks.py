@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 __all__ = [
@@ -98,83 +98,151 @@ def parse_json(data: bytes | str, *, prefix: str = "") -> Any:
             return value
         return constant(literal)
 
+    # Measured before parsing, so that its scratch memory is freed before the parsed value exists.
+    too_deep = text.count("[") + text.count("{") > MAX_JSON_DEPTH and _nests_too_deep(text)
     try:
         value = json.loads(text, parse_constant=constant, parse_float=number)
     except RecursionError as e:
-        raise JSONRejected(
-            "nesting_too_deep", f"JSON is nested more than {MAX_JSON_DEPTH} levels deep"
-        ) from e
+        raise JSONRejected("nesting_too_deep", _TOO_DEEP) from e
     except ValueError as e:
         raise JSONRejected("invalid_json", f"not valid JSON: {e}") from e
-    # Walking every value costs; it is only needed when one of the checks could fail: escapes
-    # (\u0000, lone surrogates; raw control characters and raw surrogates were refused above),
-    # enough brackets for too deep a nesting, or a non-finite number seen by the parser.
-    if odd_numbers or "\\u" in text or text.count("[") + text.count("{") > MAX_JSON_DEPTH:
-        check_json_value(value, prefix=prefix)
+    code = _refusal(text, value, odd_numbers, too_deep)
+    if code is not None:
+        # Only now walk the value, to name the path of what is refused.
+        raise _find_problem(value, prefix, budget=_WALK_BUDGET) or JSONRejected(code, _MESSAGES[code])
     return value
 
 
-# (value, depth, parent entry, key in parent): the path is rebuilt only for a refusal.
-_Entry = tuple[Any, int, Any, str | int | None]
-
-
 def check_json_value(value: Any, *, prefix: str = "") -> None:
-    """Raise :class:`JSONRejected` if ``value`` (parsed JSON, or a value about to be stored as
-    JSON) holds a non-finite number, a NUL or a lone surrogate in a string or key, or nests deeper
-    than :data:`MAX_JSON_DEPTH`. Walks without recursion, so any depth is safe to check."""
-    stack: list[_Entry] = [(value, 0, None, None)]
-    while stack:
-        entry = stack.pop()
-        node, depth, _, _ = entry
-        if isinstance(node, str):
-            _check_string(node, entry, prefix)
-        elif isinstance(node, float):
-            if not math.isfinite(node):
-                raise JSONRejected("non_finite_number", f"{node} is not a JSON number", _path(entry, prefix))
-        elif node is _NON_FINITE:
-            raise JSONRejected(
-                "non_finite_number",
-                "NaN, Infinity and numbers beyond a double's range are not JSON numbers",
-                _path(entry, prefix),
-            )
-        elif isinstance(node, Mapping | list):
-            if depth >= MAX_JSON_DEPTH:
-                raise JSONRejected(
-                    "nesting_too_deep",
-                    f"JSON is nested more than {MAX_JSON_DEPTH} levels deep",
-                    _path(entry, prefix),
-                )
-            items = list(node.items()) if isinstance(node, Mapping) else list(enumerate(node))
-            for key, child in reversed(items):  # reversed: the first bad value is found first
-                if isinstance(key, str):
-                    _check_string(key, (key, depth + 1, entry, None), prefix)
-                stack.append((child, depth + 1, entry, key))
+    """Raise :class:`JSONRejected` if ``value`` (a value about to be stored as JSON) holds a
+    non-finite number, a NUL or a lone surrogate in a string or key, or nests deeper than
+    :data:`MAX_JSON_DEPTH`."""
+    problem = _find_problem(value, prefix, budget=None)
+    if problem is not None:
+        raise problem
 
 
-def _check_string(text: str, entry: _Entry, prefix: str) -> None:
-    found = _UNSAFE_CHARACTER.search(text)
-    if found is None:
-        return
-    if found.group() == "\x00":
-        raise JSONRejected(
-            "nul_character", "strings must not contain a NUL character (\\u0000)", _path(entry, prefix)
+_TOO_DEEP = f"JSON is nested more than {MAX_JSON_DEPTH} levels deep"
+_NON_FINITE_MESSAGE = "NaN, Infinity and numbers beyond a double's range are not JSON numbers"
+# Values visited to name the path of a refused value; past it the refusal has no param.
+_WALK_BUDGET = 100_000
+# In valid JSON a backslash only starts an escape inside a string: an escape is a backslash
+# preceded by an even number of backslashes.
+_REAL_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# Outside its strings, JSON text is ASCII: brackets, and these (NaN and Infinity need no
+# deleting: the parser refuses them anyway).
+_NOT_BRACKETS = b" \t\n\r,:0123456789+-.eEtruefalsn"
+_OBJECTS_AS_ARRAYS = bytes.maketrans(b"{}", b"[]")
+
+
+def _nests_too_deep(text: str) -> bool:
+    """Whether JSON ``text`` nests more than MAX_JSON_DEPTH levels: its brackets outside strings,
+    ``{}`` turned into ``[]``, lose one level a pass (``replace`` removes the innermost pairs)."""
+    outside_strings = _STRING.sub("", text).encode("ascii", "replace")
+    brackets = outside_strings.translate(_OBJECTS_AS_ARRAYS, _NOT_BRACKETS)
+    for _ in range(MAX_JSON_DEPTH):
+        if not brackets:
+            return False
+        brackets = brackets.replace(b"[]", b"")
+    return bool(brackets)
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    # json.loads joins escaped pairs into one character: a surrogate left in a string is lone.
+    dumped = json.dumps(value, ensure_ascii=False, check_circular=False)
+    return _SURROGATE.search(dumped) is not None
+
+
+def _refusal(text: str, value: Any, odd_numbers: bool, too_deep: bool) -> str | None:
+    """The code to refuse the parsed ``text`` with, or None. Each check runs over the text at C
+    speed: walking the value in Python took a second for a 1 MB line of empty arrays."""
+    if odd_numbers:
+        return "non_finite_number"
+    if too_deep:
+        return "nesting_too_deep"
+    if _REAL_NUL_ESCAPE.search(text) is not None:
+        return "nul_character"
+    if _SURROGATE_ESCAPE.search(text) is not None and _has_lone_surrogate(value):
+        return "lone_surrogate"
+    return None
+
+
+_NUL_MESSAGE = "strings must not contain a NUL character (\\u0000)"
+_MESSAGES = {
+    "non_finite_number": _NON_FINITE_MESSAGE,
+    "nesting_too_deep": _TOO_DEEP,
+    "nul_character": _NUL_MESSAGE,
+    "lone_surrogate": "strings must not contain a lone surrogate (half of a pair)",
+}
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _scalar_problem(value: Any) -> tuple[str, str] | None:
+    if isinstance(value, str):
+        found = _UNSAFE_CHARACTER.search(value)
+        if found is None:
+            return None
+        if found.group() == "\x00":
+            return "nul_character", _NUL_MESSAGE
+        return (
+            "lone_surrogate",
+            f"strings must not contain a lone surrogate (\\u{ord(found.group()):04x} without its pair)",
         )
-    raise JSONRejected(
-        "lone_surrogate",
-        f"strings must not contain a lone surrogate (\\u{ord(found.group()):04x} without its pair)",
-        _path(entry, prefix),
-    )
+    if value is _NON_FINITE:
+        return "non_finite_number", _NON_FINITE_MESSAGE
+    if isinstance(value, float) and not math.isfinite(value):
+        return "non_finite_number", f"{value} is not a JSON number"
+    return None
 
 
-def _path(entry: _Entry, prefix: str) -> str | None:
-    keys: list[str | int] = []
-    current: _Entry | None = entry
-    while current is not None:
-        _, _, parent, key = current
-        if key is not None:
+def _children(value: Any) -> Iterator[tuple[str | int, Any]] | None:
+    if isinstance(value, Mapping):
+        return iter(value.items())
+    if isinstance(value, list | tuple):
+        return enumerate(value)
+    return None
+
+
+def _find_problem(value: Any, prefix: str, budget: int | None) -> JSONRejected | None:
+    """The first value refused, with its path; None when all is well (or ``budget`` values were
+    visited first). Holds one iterator a level, so any width and depth are safe to walk."""
+    problem = _scalar_problem(value)
+    if problem is not None:
+        return JSONRejected(*problem, _path(prefix, []))
+    root = _children(value)
+    if root is None:
+        return None
+    stack = [root]
+    keys: list[str | int] = []  # keys[i]: the key, in stack[i]'s container, of stack[i + 1]'s
+    visited = 0
+    while stack:
+        step = next(stack[-1], None)
+        if step is None:
+            stack.pop()
+            if keys:
+                keys.pop()
+            continue
+        key, child = step
+        visited += 1
+        if budget is not None and visited > budget:
+            return None
+        if isinstance(key, str) and (problem := _scalar_problem(key)) is not None:
+            return JSONRejected(*problem, _path(prefix, keys))
+        if (problem := _scalar_problem(child)) is not None:
+            return JSONRejected(*problem, _path(prefix, [*keys, key]))
+        children = _children(child)
+        if children is not None:
+            if len(stack) >= MAX_JSON_DEPTH:
+                return JSONRejected("nesting_too_deep", _TOO_DEEP, _path(prefix, [*keys, key]))
+            stack.append(children)
             keys.append(key)
-        current = parent
+    return None
+
+
+def _path(prefix: str, keys: list[str | int]) -> str | None:
     path = prefix.rstrip(".")
-    for key in reversed(keys):
+    for key in keys:
         path += f"[{key}]" if isinstance(key, int) else (f".{key}" if path else key)
     return bounded_text(path) if path else None

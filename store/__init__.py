@@ -30,6 +30,10 @@ Batches::
 
     ingest_batch(engine, source, *, tenant_id, endpoint, defaults, skip_invalid, ...) -> IngestReport
     parse_json(data, prefix="") -> Any   # refuses NaN, depth > MAX_JSON_DEPTH, NUL, lone surrogates
+    # the same in steps, for a file read after the create call answered (status "validating"):
+    prepare_batch(*, tenant_id, endpoint, ...) -> BatchSpec ; open_batch(engine, spec) -> BatchSpec
+    fill_batch(engine, spec, source, *, skip_invalid, ...) -> IngestReport
+    fail_batch(engine, batch_id, code, message) -> bool    # a validating batch whose file is gone
     get_batch(engine, batch_id, tenant_id=None) -> Batch | None
     list_batches(engine, tenant_id, after=None, limit=20) -> BatchPage
     batch_progress(engine, batch_id) -> BatchProgress
@@ -119,7 +123,18 @@ from store.errors import (
 )
 from store.export import iter_error_lines, iter_output_lines
 from store.files import create_file, delete_file, get_file, list_files
-from store.ingest import ENDPOINT_KINDS, MAX_STORED_ERRORS, IngestReport, LineError, ingest_batch
+from store.ingest import (
+    ENDPOINT_KINDS,
+    MAX_STORED_ERRORS,
+    BatchSpec,
+    IngestReport,
+    LineError,
+    fail_batch,
+    fill_batch,
+    ingest_batch,
+    open_batch,
+    prepare_batch,
+)
 from store.input_checks import MAX_JSON_DEPTH, JSONRejected, parse_json
 from store.leases import (
     ClaimedRequest,
@@ -180,6 +195,7 @@ __all__ = [
     "BatchNotFound",
     "BatchPage",
     "BatchProgress",
+    "BatchSpec",
     "BatchStatus",
     "ClaimedRequest",
     "Conversation",
@@ -228,6 +244,8 @@ __all__ = [
     "due_webhooks",
     "expire_batches",
     "extend_leases",
+    "fail_batch",
+    "fill_batch",
     "get_agent_message",
     "get_agent_run",
     "get_agent_state",
@@ -245,8 +263,10 @@ __all__ = [
     "load_conversation",
     "make_engine",
     "mark_dispatched",
+    "open_batch",
     "parse_json",
     "pending_request_ids",
+    "prepare_batch",
     "price_for",
     "record_agent_message",
     "record_results",

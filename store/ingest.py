@@ -51,10 +51,15 @@ from store.tables import Batch, BatchStatus, Request, RequestKind, RequestStatus
 __all__ = [
     "ENDPOINT_KINDS",
     "MAX_STORED_ERRORS",
+    "BatchSpec",
     "IngestReport",
     "LineError",
+    "fail_batch",
+    "fill_batch",
     "ingest_batch",
+    "open_batch",
     "parse_completion_window",
+    "prepare_batch",
 ]
 
 ENDPOINT_KINDS: dict[str, RequestKind] = {
@@ -261,6 +266,10 @@ class _Rejected(Exception):
     """Raised inside the ingest transaction to roll it back."""
 
 
+class _Stopped(Exception):
+    """Raised inside the ingest transaction of a batch that stopped while validating."""
+
+
 def ingest_batch(
     engine: Engine,
     source: IO[bytes],
@@ -291,19 +300,75 @@ def ingest_batch(
     completion window, metadata or defaults (nothing written). Rows are sent to the database
     every ``chunk_size`` rows or ``chunk_bytes`` bytes of bodies, whichever comes first.
     ``postgres_copy=False`` inserts with multi-row INSERT instead of COPY on PostgreSQL (for
-    comparison in ``bench/ingest.py``).
+    comparison in ``bench/ingest.py``). The same as :func:`prepare_batch` then :func:`fill_batch`
+    (without :func:`open_batch`: the batch row is written with its requests, in one transaction).
     """
+    spec = prepare_batch(
+        tenant_id=tenant_id,
+        endpoint=endpoint,
+        completion_window=completion_window,
+        metadata=metadata,
+        input_file_id=input_file_id,
+        defaults=defaults,
+        priority=priority,
+        webhook_url=webhook_url,
+        hidden=hidden,
+        now=now,
+    )
+    return fill_batch(
+        engine,
+        spec,
+        source,
+        skip_invalid=skip_invalid,
+        max_body_bytes=max_body_bytes,
+        max_lines=max_lines,
+        max_errors=max_errors,
+        chunk_size=chunk_size,
+        chunk_bytes=chunk_bytes,
+        postgres_copy=postgres_copy,
+    )
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """A new batch's checked batch-level values (from :func:`prepare_batch`); ``row`` is its
+    batch row, status ``validating``."""
+
+    row: Mapping[str, Any]
+    kind: RequestKind
+    defaults: Mapping[str, Any]
+    opened: bool = False  # the row is in the database already (open_batch)
+
+    @property
+    def batch_id(self) -> str:
+        batch_id: str = self.row["id"]
+        return batch_id
+
+
+def prepare_batch(
+    *,
+    tenant_id: str,
+    endpoint: str = "/v1/chat/completions",
+    completion_window: str = "24h",
+    metadata: Mapping[str, str] | None = None,
+    input_file_id: str | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    priority: int = 0,
+    webhook_url: str | None = None,
+    hidden: bool = False,
+    now: int | None = None,
+) -> BatchSpec:
+    """Check a new batch's own values (raises ``InvalidArgument``); writes nothing."""
     kind = ENDPOINT_KINDS.get(endpoint)
     if kind is None:
         raise InvalidArgument(f"unknown endpoint {endpoint!r}; known: {sorted(ENDPOINT_KINDS)}", "endpoint")
     window_seconds = parse_completion_window(completion_window)
     batch_metadata = _check_metadata(metadata)
-    defaults = dict(defaults or {})
-    _check_storable(defaults, "")
+    checked_defaults = dict(defaults or {})
+    _check_storable(checked_defaults, "")
     created_at = now if now is not None else now_seconds()
-    batch_id = new_id("batch_")
-    batch_row: dict[str, Any] = {
-        "id": batch_id,
+    row: dict[str, Any] = {
+        "id": new_id("batch_"),
         "tenant_id": tenant_id,
         "endpoint": endpoint,
         "kind": kind,
@@ -321,6 +386,55 @@ def ingest_batch(
         "created_at": created_at,
         "expires_at": created_at + window_seconds,
     }
+    return BatchSpec(row, kind, checked_defaults)
+
+
+def open_batch(engine: Engine, spec: BatchSpec) -> BatchSpec:
+    """Write the batch row, status ``validating``, before its lines are read (a large file is
+    read after the create call answered). Returns the spec to pass to :func:`fill_batch`."""
+    with write_transaction(engine) as conn:
+        conn.execute(sa.insert(Batch), dict(spec.row))
+    return BatchSpec(spec.row, spec.kind, spec.defaults, opened=True)
+
+
+def fail_batch(engine: Engine, batch_id: str, code: str, message: str) -> bool:
+    """End a batch still ``validating`` as ``failed`` with one file-level error (its file could
+    not be read); False if it is no longer validating."""
+    error = LineError(None, code, message)
+    with write_transaction(engine) as conn:
+        ended = conn.execute(
+            sa.update(Batch)
+            .where(Batch.id == batch_id, Batch.status == BatchStatus.VALIDATING)
+            .values(
+                status=BatchStatus.FAILED, failed_at=now_seconds(), errors=[error.to_openai()], error_count=1
+            )
+        )
+    return bool(ended.rowcount)
+
+
+def fill_batch(
+    engine: Engine,
+    spec: BatchSpec,
+    source: IO[bytes],
+    *,
+    skip_invalid: bool = False,
+    max_body_bytes: int = 1024 * 1024,
+    max_lines: int | None = None,
+    max_errors: int = MAX_STORED_ERRORS,
+    chunk_size: int = 5000,
+    chunk_bytes: int = 4 * 1024 * 1024,
+    postgres_copy: bool = True,
+) -> IngestReport:
+    """Validate ``source``'s lines and write them as the requests of the batch of ``spec``; the
+    batch becomes ``in_progress``, or ``failed`` with its errors (parameters as in
+    :func:`ingest_batch`). An opened batch cancelled or expired meanwhile gets no request: the
+    report then has its status."""
+    batch_row = dict(spec.row)
+    batch_id, kind, defaults = spec.batch_id, spec.kind, spec.defaults
+    endpoint: str = batch_row["endpoint"]
+    created_at: int = batch_row["created_at"]
+    tenant_id: str = batch_row["tenant_id"]
+    priority: int = batch_row["priority"]
     errors: list[LineError] = []
     invalid = 0
     accepted = 0
@@ -334,7 +448,8 @@ def ingest_batch(
 
     try:
         with write_transaction(engine) as conn:
-            conn.execute(sa.insert(Batch), batch_row)
+            if not spec.opened:
+                conn.execute(sa.insert(Batch), batch_row)
             seen = _CustomIdLines()
             request_ids = _request_ids()
             chunk: list[_NewRequest] = []
@@ -387,29 +502,41 @@ def ingest_batch(
             if (invalid and not skip_invalid) or accepted == 0:
                 raise _Rejected
             insert(chunk)
-            conn.execute(
+            started = conn.execute(
                 sa.update(Batch)
-                .where(Batch.id == batch_id)
+                .where(Batch.id == batch_id, Batch.status == BatchStatus.VALIDATING)
                 .values(
                     status=BatchStatus.IN_PROGRESS,
-                    in_progress_at=created_at,
+                    in_progress_at=now_seconds() if spec.opened else created_at,
                     total_count=accepted,
                     # The skipped lines' errors stay on the batch, as a rejected batch's do.
                     errors=[error.to_openai() for error in errors] or None,
                     error_count=invalid,
                 )
             )
+            if not started.rowcount:
+                raise _Stopped  # cancelled or expired while validating: roll the requests back
     except _Rejected:
-        failed_row = {
-            **batch_row,
+        failed = {
             "status": BatchStatus.FAILED,
-            "failed_at": created_at,
+            "failed_at": now_seconds() if spec.opened else created_at,
             "errors": [error.to_openai() for error in errors],
             "error_count": invalid,
         }
         with write_transaction(engine) as conn:
-            conn.execute(sa.insert(Batch), failed_row)
+            if spec.opened:
+                conn.execute(
+                    sa.update(Batch)
+                    .where(Batch.id == batch_id, Batch.status == BatchStatus.VALIDATING)
+                    .values(**failed)
+                )
+            else:
+                conn.execute(sa.insert(Batch), {**batch_row, **failed})
         return IngestReport(batch_id, BatchStatus.FAILED, lines, 0, invalid, errors)
+    except _Stopped:
+        with engine.connect() as conn:
+            status = conn.execute(sa.select(Batch.status).where(Batch.id == batch_id)).scalar_one()
+        return IngestReport(batch_id, BatchStatus(status), lines, 0, invalid, errors)
     return IngestReport(batch_id, BatchStatus.IN_PROGRESS, lines, accepted, invalid, errors)
 
 

@@ -379,3 +379,48 @@ def test_rows_are_sent_in_chunks_bounded_by_bytes(engine: Engine, ingest: Ingest
     assert report.accepted == 40, report.errors
     claimed = store.claim_requests(engine, store.pending_request_ids(engine, report.batch_id), "w", 60)
     assert [c.body["messages"][0]["content"] for c in claimed] == ["x" * (i * 100) for i in range(40)]
+
+
+def test_an_opened_batch_is_validating_until_its_lines_are_read(engine: Engine, tenant: store.Tenant) -> None:
+    spec = store.open_batch(engine, store.prepare_batch(tenant_id=tenant.id, metadata={"p": "q"}))
+    opened = store.get_batch(engine, spec.batch_id)
+    assert opened is not None
+    assert (opened.status, opened.total_count) == (store.BatchStatus.VALIDATING, 0)
+    assert store.pending_request_ids(engine, spec.batch_id) == []
+    report = store.fill_batch(engine, spec, jsonl([chat_line("a"), "bad", chat_line("b")]), skip_invalid=True)
+    assert (report.status, report.accepted) == (store.BatchStatus.IN_PROGRESS, 2)
+    batch = store.get_batch(engine, spec.batch_id)
+    assert batch is not None
+    assert (batch.status, batch.total_count, batch.error_count) == (store.BatchStatus.IN_PROGRESS, 2, 1)
+    assert batch.in_progress_at is not None
+    assert len(store.pending_request_ids(engine, spec.batch_id)) == 2
+
+    rejected = store.open_batch(engine, store.prepare_batch(tenant_id=tenant.id))
+    assert store.fill_batch(engine, rejected, jsonl([chat_line("a"), "bad"])).rejected
+    failed = store.get_batch(engine, rejected.batch_id)
+    assert failed is not None
+    assert failed.status == store.BatchStatus.FAILED
+    assert [(e["line"], e["code"]) for e in failed.errors or []] == [(2, "invalid_json")]
+
+
+def test_a_batch_cancelled_while_validating_gets_no_request(engine: Engine, tenant: store.Tenant) -> None:
+    spec = store.open_batch(engine, store.prepare_batch(tenant_id=tenant.id))
+    assert store.cancel_batch(engine, spec.batch_id).status == store.BatchStatus.CANCELLED
+    report = store.fill_batch(engine, spec, jsonl([chat_line("a"), chat_line("b")]))
+    assert report.status == store.BatchStatus.CANCELLED
+    assert count_requests(engine) == 0
+    batch = store.get_batch(engine, spec.batch_id)
+    assert batch is not None
+    assert batch.status == store.BatchStatus.CANCELLED
+    assert not store.fail_batch(engine, spec.batch_id, "file_not_found", "gone")
+
+
+def test_a_validating_batch_whose_file_is_gone_fails_by_name(engine: Engine, tenant: store.Tenant) -> None:
+    spec = store.open_batch(engine, store.prepare_batch(tenant_id=tenant.id))
+    assert store.fail_batch(engine, spec.batch_id, "file_not_found", "the input file is gone")
+    batch = store.get_batch(engine, spec.batch_id)
+    assert batch is not None
+    assert batch.status == store.BatchStatus.FAILED
+    assert batch.errors == [
+        {"line": None, "code": "file_not_found", "message": "the input file is gone", "param": None}
+    ]

@@ -7,11 +7,13 @@ passed in the create body (``extra_body`` in the openai SDK)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 from sqlalchemy.engine import Engine
@@ -20,10 +22,12 @@ from starlette.concurrency import run_in_threadpool
 import store
 from api.deps import ID_PATTERN, AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
 from api.errors import Conflict, InvalidRequest, NotFound
+from workers.settings import Settings
 
 __all__ = ["Dispatch", "batch_object", "router"]
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
+logger = logging.getLogger("tokenmill.api")
 
 # Sends a batch's queued requests to the workers (set on app.state by create_app).
 Dispatch = Callable[[Engine, str], None]
@@ -96,9 +100,11 @@ def batch_object(engine: Engine, batch: store.Batch) -> dict[str, Any]:
     }
 
 
-def _create(
-    engine: Engine, tenant: store.Tenant, body: BatchCreate, max_body_bytes: int, max_lines: int
-) -> str:
+def _prepare(
+    engine: Engine, tenant: store.Tenant, body: BatchCreate, settings: Settings
+) -> tuple[store.BatchSpec, Path, bool]:
+    """(the checked batch, its input file, whether to read it after answering). A batch read
+    later is written now, status ``validating``."""
     file = store.get_file(engine, body.input_file_id, tenant.id)
     if file is None:
         raise NotFound(f"No such File object: {body.input_file_id}", param="input_file_id")
@@ -108,46 +114,100 @@ def _create(
         raise InvalidRequest(
             f"{body.input_file_id} has purpose {file.purpose!r}, not 'batch'", param="input_file_id"
         )
-    defaults = {"model": body.model} if body.model else None
+    path = Path(file.storage_path)
+    if not path.exists():
+        raise NotFound(f"the content of {file.id} is no longer on this server", param="input_file_id")
     try:
-        with Path(file.storage_path).open("rb") as source:
-            report = store.ingest_batch(
-                engine,
-                source,
-                tenant_id=tenant.id,
-                endpoint=body.endpoint,
-                completion_window=body.completion_window,
-                metadata=body.metadata,
-                input_file_id=file.id,
-                defaults=defaults,
-                skip_invalid=body.skip_invalid,
-                max_body_bytes=max_body_bytes,
-                max_lines=max_lines,
-                priority=body.priority,
-                webhook_url=str(body.webhook_url) if body.webhook_url else None,
-            )
-    except FileNotFoundError as e:
-        raise NotFound(f"the content of {file.id} is no longer on this server", param="input_file_id") from e
+        spec = store.prepare_batch(
+            tenant_id=tenant.id,
+            endpoint=body.endpoint,
+            completion_window=body.completion_window,
+            metadata=body.metadata,
+            input_file_id=file.id,
+            defaults={"model": body.model} if body.model else None,
+            priority=body.priority,
+            webhook_url=str(body.webhook_url) if body.webhook_url else None,
+        )
     except store.InvalidArgument as e:
         raise InvalidRequest(str(e), param=e.param, code=e.code) from e
-    return report.batch_id
+    in_background = file.bytes > settings.background_ingest_bytes
+    if in_background:
+        spec = store.open_batch(engine, spec)
+    return spec, path, in_background
+
+
+def _fill(
+    engine: Engine, spec: store.BatchSpec, path: Path, body: BatchCreate, settings: Settings
+) -> store.IngestReport:
+    with path.open("rb") as source:
+        return store.fill_batch(
+            engine,
+            spec,
+            source,
+            skip_invalid=body.skip_invalid,
+            max_body_bytes=settings.max_request_body_bytes,
+            max_lines=settings.max_requests_per_batch,
+        )
+
+
+async def _fill_in_background(
+    app: Any, engine: Engine, spec: store.BatchSpec, path: Path, body: BatchCreate, settings: Settings
+) -> None:
+    """Read an opened batch's file after the create call answered, then dispatch it. At most
+    ``max_background_ingests`` run at once in this process (each holds up to ~64 MB); the rest
+    wait, still ``validating``."""
+    if getattr(app.state, "ingest_slots", None) is None:
+        app.state.ingest_slots = asyncio.Semaphore(settings.max_background_ingests)
+    slots: asyncio.Semaphore = app.state.ingest_slots
+    async with slots:
+        try:
+            report = await run_in_threadpool(_fill, engine, spec, path, body, settings)
+        except FileNotFoundError:
+            message = f"the content of {spec.row['input_file_id']} was deleted before it was read"
+            await run_in_threadpool(store.fail_batch, engine, spec.batch_id, "file_not_found", message)
+            return
+        except Exception:
+            logger.exception("validating batch %s failed", spec.batch_id)
+            message = "the input file could not be read; it has been logged"
+            await run_in_threadpool(store.fail_batch, engine, spec.batch_id, "internal_error", message)
+            return
+    if report.status == store.BatchStatus.IN_PROGRESS:
+        dispatch: Dispatch = app.state.dispatch
+        try:
+            await run_in_threadpool(dispatch, engine, spec.batch_id)
+        except Exception:  # the rows are committed; the sweeper sends what no message names
+            logger.exception("dispatching batch %s failed; the sweeper will", spec.batch_id)
 
 
 @router.post("")
 async def create_batch(
-    body: BatchCreate, request: Request, tenant: TenantDep, engine: EngineDep, settings: SettingsDep
+    body: BatchCreate,
+    request: Request,
+    background: BackgroundTasks,
+    tenant: TenantDep,
+    engine: EngineDep,
+    settings: SettingsDep,
 ) -> dict[str, Any]:
     """Validate the input file line by line and queue its requests. A file with bad lines gives a
-    batch in status ``failed`` whose ``errors`` name each line, unless ``skip_invalid``."""
-    batch_id = await run_in_threadpool(
-        _create, engine, tenant, body, settings.max_request_body_bytes, settings.max_requests_per_batch
-    )
-    batch = await run_in_threadpool(store.get_batch, engine, batch_id, tenant.id)
+    batch in status ``failed`` whose ``errors`` name each line, unless ``skip_invalid``. A file over
+    ``background_ingest_bytes`` is validated after this answers: the batch is ``validating``, then
+    ``in_progress`` or ``failed``."""
+    spec, path, in_background = await run_in_threadpool(_prepare, engine, tenant, body, settings)
+    if in_background:
+        background.add_task(_fill_in_background, request.app, engine, spec, path, body, settings)
+    else:
+        try:
+            report = await run_in_threadpool(_fill, engine, spec, path, body, settings)
+        except FileNotFoundError as e:
+            raise NotFound(
+                f"the content of {body.input_file_id} is no longer on this server", param="input_file_id"
+            ) from e
+        if report.status == store.BatchStatus.IN_PROGRESS:
+            dispatch: Dispatch = request.app.state.dispatch
+            # The rows are committed; a dispatch that fails here is redone by the sweeper.
+            await run_in_threadpool(dispatch, engine, spec.batch_id)
+    batch = await run_in_threadpool(store.get_batch, engine, spec.batch_id, tenant.id)
     assert batch is not None
-    if batch.status == store.BatchStatus.IN_PROGRESS:
-        dispatch: Dispatch = request.app.state.dispatch
-        # The rows are committed; a dispatch that fails here is redone by the sweeper.
-        await run_in_threadpool(dispatch, engine, batch_id)
     return batch_object(engine, batch)
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -66,13 +68,31 @@ def big_api(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         try:
             yield BigAPI(f"{root}/v1", env, process)
         finally:
-            process.terminate()
+            process.terminate()  # graceful: waits for validations still running
             try:
-                process.wait(timeout=10)
+                process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
             broker.flushdb()
             broker.close()
+
+
+def validated(big_api: BigAPI, api: openai.OpenAI, batch_id: str, seconds: float = 90) -> dict[str, Any]:
+    """The batch object once it is no longer ``validating`` (files over 1 MiB are read after the
+    create call answered)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        answer = httpx.get(
+            f"{big_api.base_url}/batches/{batch_id}", headers={"Authorization": f"Bearer {api.api_key}"}
+        )
+        assert answer.status_code == 200, answer.text[:500]
+        batch: dict[str, Any] = answer.json()
+        if batch["status"] != "validating":
+            batch["response_bytes"] = len(answer.content)
+            return batch
+        assert time.monotonic() < deadline, f"batch {batch_id} still validating after {seconds} s"
+        time.sleep(0.2)
 
 
 def chat_line(custom_id: str, content: str = "hi", url: str = "/v1/chat/completions") -> bytes:
@@ -93,9 +113,9 @@ def test_a_megabyte_url_is_not_echoed_into_the_batch(big_api: BigAPI) -> None:
             completion_window="24h",
             extra_body={"skip_invalid": skip_invalid},
         )
-        answer = httpx.get(f"{big_api.base_url}/batches/{created.id}", headers=headers)
-        assert len(answer.content) < 20_000, len(answer.content)  # was 20 MB: every url whole
-        batch = answer.json()
+        assert created.status == "validating"
+        batch = validated(big_api, api, created.id)
+        assert batch["response_bytes"] < 20_000, batch["response_bytes"]  # was 20 MB: every url whole
         assert batch["status"] == ("in_progress" if skip_invalid else "failed")
         assert [error["code"] for error in batch["errors"]["data"]] == ["unknown_endpoint"] * 20
         assert batch["errors"]["total_count"] == 20
@@ -114,12 +134,50 @@ def test_ingest_memory_does_not_grow_with_the_lines(big_api: BigAPI) -> None:
     del content
     big_api.reset_peak_rss()
     before = big_api.rss_mb("VmRSS")
-    batch = api.batches.create(
+    created = api.batches.create(
         input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
+    batch = validated(big_api, api, created.id)
     growth = big_api.rss_mb("VmHWM") - before
-    assert batch.status == "in_progress", batch.errors
-    assert batch.request_counts is not None
-    assert batch.request_counts.total == lines
+    assert batch["status"] == "in_progress", batch["errors"]
+    assert batch["request_counts"]["total"] == lines
     # 40 MB of lines: the old ingest held every body, its COPY text and their bytes (~4 x 40 MB)
     assert growth < 64, f"peak RSS grew {growth:.0f} MB creating a batch from {lines} MB of lines"
+
+
+def test_a_large_file_is_validated_after_the_create_call_answers(big_api: BigAPI) -> None:
+    # A 100k-line create held its request 44.6 s; now it answers "validating" at once.
+    api = big_api.client("later")
+    lines = [chat_line(f"r{i}", f"question {i}") for i in range(30_000)]
+    good = api.files.create(file=("good.jsonl", b"\n".join(lines)), purpose="batch")
+    created = api.batches.create(
+        input_file_id=good.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert created.status == "validating"
+    assert created.request_counts is not None
+    assert created.request_counts.total == 0
+    batch = validated(big_api, api, created.id)
+    assert batch["status"] == "in_progress"
+    assert batch["request_counts"]["total"] == 30_000
+    assert batch["in_progress_at"] is not None
+
+    lines[12_345] = b"{not json"
+    bad = api.files.create(file=("bad.jsonl", b"\n".join(lines)), purpose="batch")
+    created = api.batches.create(
+        input_file_id=bad.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert created.status == "validating"
+    batch = validated(big_api, api, created.id)
+    assert batch["status"] == "failed"
+    assert batch["failed_at"] is not None
+    assert [(error["line"], error["code"]) for error in batch["errors"]["data"]] == [(12_346, "invalid_json")]
+
+    # Cancelled while validating (or just after): cancelled, nothing left queued.
+    created = api.batches.create(
+        input_file_id=good.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    cancelled = api.batches.cancel(created.id)
+    assert cancelled.status in ("cancelling", "cancelled")
+    batch = validated(big_api, api, created.id)
+    assert batch["status"] == "cancelled"
+    assert batch["request_counts"]["total"] in (0, 30_000)

@@ -317,3 +317,18 @@ def test_a_batch_default_model_with_a_nul_is_refused_by_name(live_api: LiveAPI) 
         )
     assert raised.value.code == "nul_character"
     assert api.batches.list().data == []
+
+
+def test_a_validation_error_echoes_input_bounded_and_encodable(live_api: LiveAPI) -> None:
+    headers = {"Authorization": f"Bearer {live_api.new_key('echoes')}", "Content-Type": "application/json"}
+    long_key = "k" * 7000
+    for body in (
+        json.dumps({"input_file_id": "file-x", "endpoint": "/v1/chat/completions", long_key: 1}).encode(),
+        b'{"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "\\ud800": 1}',
+        b'{"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "metadata": {"\\udc00": 7}}',
+    ):
+        answer = httpx.post(f"{live_api.base_url}/batches", headers=headers, content=body)
+        assert answer.status_code == 400, answer.text[:300]
+        error = answer.json()["error"]
+        assert len(error["message"]) < 1200
+        assert error["param"] is None or len(error["param"]) < 250

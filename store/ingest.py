@@ -270,6 +270,10 @@ class _Stopped(Exception):
     """Raised inside the ingest transaction of a batch that stopped while validating."""
 
 
+def _status(conn: Connection, batch_id: str) -> BatchStatus:
+    return BatchStatus(conn.execute(sa.select(Batch.status).where(Batch.id == batch_id)).scalar_one())
+
+
 def ingest_batch(
     engine: Engine,
     source: IO[bytes],
@@ -459,6 +463,8 @@ def fill_batch(
 
             def insert(rows: list[_NewRequest]) -> None:
                 _insert_requests(conn, common, rows, postgres_copy)
+                if spec.opened and _status(conn, batch_id) != BatchStatus.VALIDATING:
+                    raise _Stopped  # cancelled or expired meanwhile: stop reading the file
 
             for line_number, raw in enumerate(_read_lines(source, max_body_bytes), start=1):
                 if raw is not None and not raw.strip():
@@ -535,8 +541,8 @@ def fill_batch(
         return IngestReport(batch_id, BatchStatus.FAILED, lines, 0, invalid, errors)
     except _Stopped:
         with engine.connect() as conn:
-            status = conn.execute(sa.select(Batch.status).where(Batch.id == batch_id)).scalar_one()
-        return IngestReport(batch_id, BatchStatus(status), lines, 0, invalid, errors)
+            status = _status(conn, batch_id)
+        return IngestReport(batch_id, status, lines, 0, invalid, errors)
     return IngestReport(batch_id, BatchStatus.IN_PROGRESS, lines, accepted, invalid, errors)
 
 

@@ -424,3 +424,29 @@ def test_a_validating_batch_whose_file_is_gone_fails_by_name(engine: Engine, ten
     assert batch.errors == [
         {"line": None, "code": "file_not_found", "message": "the input file is gone", "param": None}
     ]
+
+
+class CancelsWhileRead(io.BytesIO):
+    """A file that cancels its batch (from another connection) once ``after`` lines were read."""
+
+    def __init__(self, data: bytes, engine: Engine, batch_id: str, after: int) -> None:
+        super().__init__(data)
+        self.engine, self.batch_id, self.after, self.read_lines = engine, batch_id, after, 0
+
+    def readline(self, size: int | None = -1) -> bytes:
+        self.read_lines += 1
+        if self.read_lines == self.after:
+            store.cancel_batch(self.engine, self.batch_id)
+        return super().readline(size)
+
+
+def test_a_batch_cancelled_while_its_file_is_read_stops_reading(engine: Engine, tenant: store.Tenant) -> None:
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite has one writer: the cancel would wait for the ingest to end")
+    spec = store.open_batch(engine, store.prepare_batch(tenant_id=tenant.id))
+    data = jsonl([chat_line(f"c{i}") for i in range(1000)]).getvalue()
+    source = CancelsWhileRead(data, engine, spec.batch_id, after=10)
+    report = store.fill_batch(engine, spec, source, chunk_size=5)
+    assert report.status == store.BatchStatus.CANCELLED
+    assert report.lines < 20  # it stopped at the first chunk after the cancel
+    assert count_requests(engine) == 0

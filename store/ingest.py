@@ -20,6 +20,10 @@ text, and rows are sent in chunks of at most ``chunk_size`` rows and ``chunk_byt
 one transaction, so a rejected batch leaves nothing behind. Duplicate detection keeps 12 bytes per
 custom_id (a keyed 64-bit hash and the line number), not the ids themselves.
 
+:func:`ingest_batch` writes the batch row with its requests. For a file read after the create call
+answered: :func:`prepare_batch` (checks), :func:`open_batch` (the row, ``validating``), then
+:func:`fill_batch`; a batch cancelled or expired meanwhile stops the reading and gets no request.
+
 Line error codes: ``invalid_json``, ``invalid_line`` (JSON but not an object), ``missing_field``,
 ``wrong_type``, ``invalid_value``, ``duplicate_custom_id``, ``unknown_endpoint``,
 ``mismatched_endpoint``, ``invalid_method``, ``body_too_large``, ``too_many_lines``, ``empty_file``

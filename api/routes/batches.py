@@ -3,7 +3,12 @@
 Beyond OpenAI: ``GET /v1/batches/{id}/output`` and ``/errors`` stream the lines finished so
 far while the batch runs; ``model`` (default model for short-form lines), ``skip_invalid`` (write the good
 lines, report the bad ones instead of rejecting the batch), ``webhook_url`` and ``priority`` may be
-passed in the create body (``extra_body`` in the openai SDK)."""
+passed in the create body (``extra_body`` in the openai SDK).
+
+An input file over ``background_ingest_bytes`` (1 MiB) is read after the create call answers, as
+OpenAI does: the batch is ``validating``, then ``in_progress`` (and dispatched) or ``failed`` with
+its errors. A batch's ``errors`` hold the first 100 line errors; ``errors.total_count`` (tokenmill's)
+counts them all."""
 
 from __future__ import annotations
 

@@ -24,6 +24,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from store.ingest import MAX_ERROR_MESSAGE_CHARS
+from store.input_checks import bounded_text
+
 __all__ = [
     "APIError",
     "Conflict",
@@ -110,9 +113,10 @@ class ServiceUnavailable(APIError):
 
 
 def _describe_validation_error(error: dict[str, Any]) -> tuple[str, str | None]:
+    # A location holds the producer's own keys: bounded, and made encodable (lone surrogates).
     location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
-    param = ".".join(location) or None
-    message = str(error.get("msg", "invalid value"))
+    param = bounded_text(".".join(location)) or None
+    message = bounded_text(str(error.get("msg", "invalid value")), MAX_ERROR_MESSAGE_CHARS)
     return (f"{param}: {message}" if param else message), param
 
 
@@ -128,7 +132,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         messages = [_describe_validation_error(error) for error in errors[:10]]
-        message = "; ".join(text for text, _ in messages) or "invalid request"
+        message = bounded_text("; ".join(text for text, _ in messages), 2 * MAX_ERROR_MESSAGE_CHARS)
+        message = message or "invalid request"
         param = messages[0][1] if messages else None
         return JSONResponse(
             error_body(message, "invalid_request_error", param=param, code="invalid_value"), status_code=400

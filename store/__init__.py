@@ -29,6 +29,11 @@ Tenants, keys, files::
 Batches::
 
     ingest_batch(engine, source, *, tenant_id, endpoint, defaults, skip_invalid, ...) -> IngestReport
+    parse_json(data, prefix="") -> Any   # refuses NaN, depth > MAX_JSON_DEPTH, NUL, lone surrogates
+    # the same in steps, for a file read after the create call answered (status "validating"):
+    prepare_batch(*, tenant_id, endpoint, ...) -> BatchSpec ; open_batch(engine, spec) -> BatchSpec
+    fill_batch(engine, spec, source, *, skip_invalid, ...) -> IngestReport
+    fail_batch(engine, batch_id, code, message) -> bool    # a validating batch whose file is gone
     get_batch(engine, batch_id, tenant_id=None) -> Batch | None
     list_batches(engine, tenant_id, after=None, limit=20) -> BatchPage
     batch_progress(engine, batch_id) -> BatchProgress
@@ -85,6 +90,8 @@ Exceptions::
      ├── InvalidState
      │    └── AgentStateConflict
      └── InvalidArgument (also a ValueError): a bad endpoint, completion window or metadata
+
+    JSONRejected (a ValueError): input parse_json refuses; ``code`` names why, ``param`` where
 """
 
 from store.agent_messages import StoredAgentMessage, get_agent_message, record_agent_message
@@ -126,7 +133,19 @@ from store.idempotency import (
     purge_idempotency_keys,
     store_idempotent_response,
 )
-from store.ingest import ENDPOINT_KINDS, IngestReport, LineError, ingest_batch
+from store.ingest import (
+    ENDPOINT_KINDS,
+    MAX_STORED_ERRORS,
+    BatchSpec,
+    IngestReport,
+    LineError,
+    fail_batch,
+    fill_batch,
+    ingest_batch,
+    open_batch,
+    prepare_batch,
+)
+from store.input_checks import MAX_JSON_DEPTH, JSONRejected, parse_json
 from store.leases import (
     ClaimedRequest,
     claim_queued,
@@ -184,6 +203,8 @@ from store.webhooks import ENDED_STATUSES, DueWebhook, claim_due_webhooks, recor
 __all__ = [
     "ENDED_STATUSES",
     "ENDPOINT_KINDS",
+    "MAX_JSON_DEPTH",
+    "MAX_STORED_ERRORS",
     "STOPPED_BATCH_STATUSES",
     "WEBHOOK_SECRET_PREFIX",
     "AgentMessage",
@@ -196,6 +217,7 @@ __all__ = [
     "BatchNotFound",
     "BatchPage",
     "BatchProgress",
+    "BatchSpec",
     "BatchStatus",
     "ClaimedRequest",
     "Conversation",
@@ -212,6 +234,7 @@ __all__ = [
     "IngestReport",
     "InvalidArgument",
     "InvalidState",
+    "JSONRejected",
     "LineError",
     "ModelPrice",
     "NotFound",
@@ -250,6 +273,8 @@ __all__ = [
     "downgrade_to_base",
     "expire_batches",
     "extend_leases",
+    "fail_batch",
+    "fill_batch",
     "get_agent_message",
     "get_agent_run",
     "get_agent_state",
@@ -268,7 +293,10 @@ __all__ = [
     "make_engine",
     "mark_dispatched",
     "new_webhook_secret",
+    "open_batch",
+    "parse_json",
     "pending_request_ids",
+    "prepare_batch",
     "price_for",
     "purge_idempotency_keys",
     "record_agent_message",

@@ -61,6 +61,7 @@ class AgentStateConflict(InvalidState):
 
 
 class InvalidArgument(StoreError, ValueError):
-    def __init__(self, message: str, param: str | None = None) -> None:
+    def __init__(self, message: str, param: str | None = None, *, code: str | None = None) -> None:
         self.param = param
+        self.code = code
         super().__init__(message)

@@ -164,8 +164,10 @@ class Batch(Base):
     status: Mapped[BatchStatus] = mapped_column(_str_enum(BatchStatus), index=True)
     # ``metadata`` is reserved on declarative classes, hence the attribute name.
     batch_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", sa.JSON)
-    # Validation failures: [{"line", "code", "message", "param"}], capped (see ingest).
+    # Validation failures: [{"line", "code", "message", "param"}], the first MAX_STORED_ERRORS
+    # of them (see ingest); error_count counts them all.
     errors: Mapped[list[Any] | None] = mapped_column(sa.JSON)
+    error_count: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     priority: Mapped[int] = mapped_column(sa.Integer, default=0)
     # A one-request batch behind POST /v1/chat/completions or /v1/agent_runs: billed and
     # recorded like any batch, but not listed among the producer's batches.

@@ -117,6 +117,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
     max_request_body_bytes: int = Field(default=1024 * 1024, ge=1)
     max_requests_per_batch: int = Field(default=1_000_000, ge=1)
+    # An input file larger than this is validated after POST /v1/batches answered (status
+    # "validating"): a 100k-line file held the request 45 s. 0: every file.
+    background_ingest_bytes: int = Field(default=1024 * 1024, ge=0)
+    # Validations running at once in one API process (each holds up to ~64 MB); more wait.
+    max_background_ingests: int = Field(default=2, ge=1)
     sync_timeout_seconds: float = Field(default=600.0, gt=0, description="POST /v1/chat/completions wait")
     # How long a POST's answer is kept for a retry with the same Idempotency-Key.
     idempotency_retention_seconds: int = Field(default=24 * 3600, ge=60)

@@ -3,16 +3,22 @@
 Beyond OpenAI: ``GET /v1/batches/{id}/output`` and ``/errors`` stream the lines finished so
 far while the batch runs; ``model`` (default model for short-form lines), ``skip_invalid`` (write the good
 lines, report the bad ones instead of rejecting the batch), ``webhook_url`` and ``priority`` may be
-passed in the create body (``extra_body`` in the openai SDK)."""
+passed in the create body (``extra_body`` in the openai SDK).
+
+An input file over ``background_ingest_bytes`` (1 MiB) is read after the create call answers, as
+OpenAI does: the batch is ``validating``, then ``in_progress`` (and dispatched) or ``failed`` with
+its errors. A batch's ``errors`` hold the first 100 line errors; ``errors.total_count`` (tokenmill's)
+counts them all."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 from sqlalchemy.engine import Engine
@@ -38,7 +44,11 @@ async def dispatch_or_leave_to_sweeper(request: Request, engine: Engine, batch_i
     """Send the batch's requests to the workers; False when the broker could not take them. The
     rows are committed and stay queued: the sweeper sends them once the broker is back, so the
     caller answers with the id of what will run, never with an error for it."""
-    dispatch: Dispatch = request.app.state.dispatch
+    return await _dispatch_or_leave_to_sweeper(request.app, engine, batch_id)
+
+
+async def _dispatch_or_leave_to_sweeper(app: Any, engine: Engine, batch_id: str) -> bool:
+    dispatch: Dispatch = app.state.dispatch
     try:
         await run_in_threadpool(dispatch, engine, batch_id)
     except Exception as e:
@@ -84,7 +94,12 @@ def batch_object(engine: Engine, batch: store.Batch) -> dict[str, Any]:
         "id": batch.id,
         "object": "batch",
         "endpoint": batch.endpoint,
-        "errors": {"object": "list", "data": batch.errors} if batch.errors else None,
+        # tokenmill adds total_count: data holds the first errors (store.MAX_STORED_ERRORS).
+        "errors": (
+            {"object": "list", "data": batch.errors, "total_count": batch.error_count}
+            if batch.errors
+            else None
+        ),
         "input_file_id": batch.input_file_id,
         "completion_window": batch.completion_window,
         "status": str(batch.status),
@@ -134,8 +149,11 @@ def _checked_webhook_url(url: HttpUrl | None, settings: Settings) -> str | None:
     return str(url)
 
 
-def _create(engine: Engine, tenant: store.Tenant, body: BatchCreate, settings: Settings) -> str:
-    webhook_url = _checked_webhook_url(body.webhook_url, settings)
+def _prepare(
+    engine: Engine, tenant: store.Tenant, body: BatchCreate, settings: Settings
+) -> tuple[store.BatchSpec, Path, bool]:
+    """(the checked batch, its input file, whether to read it after answering). A batch read
+    later is written now, status ``validating``."""
     file = store.get_file(engine, body.input_file_id, tenant.id)
     if file is None:
         raise NotFound(f"No such File object: {body.input_file_id}", param="input_file_id")
@@ -145,42 +163,94 @@ def _create(engine: Engine, tenant: store.Tenant, body: BatchCreate, settings: S
         raise InvalidRequest(
             f"{body.input_file_id} has purpose {file.purpose!r}, not 'batch'", param="input_file_id"
         )
-    defaults = {"model": body.model} if body.model else None
+    path = Path(file.storage_path)
+    if not path.exists():
+        raise NotFound(f"the content of {file.id} is no longer on this server", param="input_file_id")
     try:
-        with Path(file.storage_path).open("rb") as source:
-            report = store.ingest_batch(
-                engine,
-                source,
-                tenant_id=tenant.id,
-                endpoint=body.endpoint,
-                completion_window=body.completion_window,
-                metadata=body.metadata,
-                input_file_id=file.id,
-                defaults=defaults,
-                skip_invalid=body.skip_invalid,
-                max_body_bytes=settings.max_request_body_bytes,
-                max_lines=settings.max_requests_per_batch,
-                priority=body.priority,
-                webhook_url=webhook_url,
-            )
-    except FileNotFoundError as e:
-        raise NotFound(f"the content of {file.id} is no longer on this server", param="input_file_id") from e
+        spec = store.prepare_batch(
+            tenant_id=tenant.id,
+            endpoint=body.endpoint,
+            completion_window=body.completion_window,
+            metadata=body.metadata,
+            input_file_id=file.id,
+            defaults={"model": body.model} if body.model else None,
+            priority=body.priority,
+            webhook_url=_checked_webhook_url(body.webhook_url, settings),
+        )
     except store.InvalidArgument as e:
-        raise InvalidRequest(str(e), param=getattr(e, "param", None)) from e
-    return report.batch_id
+        raise InvalidRequest(str(e), param=e.param, code=e.code) from e
+    in_background = file.bytes > settings.background_ingest_bytes
+    if in_background:
+        spec = store.open_batch(engine, spec)
+    return spec, path, in_background
+
+
+def _fill(
+    engine: Engine, spec: store.BatchSpec, path: Path, body: BatchCreate, settings: Settings
+) -> store.IngestReport:
+    with path.open("rb") as source:
+        return store.fill_batch(
+            engine,
+            spec,
+            source,
+            skip_invalid=body.skip_invalid,
+            max_body_bytes=settings.max_request_body_bytes,
+            max_lines=settings.max_requests_per_batch,
+        )
+
+
+async def _fill_in_background(
+    app: Any, engine: Engine, spec: store.BatchSpec, path: Path, body: BatchCreate, settings: Settings
+) -> None:
+    """Read an opened batch's file after the create call answered, then dispatch it. At most
+    ``max_background_ingests`` run at once in this process (each holds up to ~64 MB); the rest
+    wait, still ``validating``."""
+    if getattr(app.state, "ingest_slots", None) is None:
+        app.state.ingest_slots = asyncio.Semaphore(settings.max_background_ingests)
+    slots: asyncio.Semaphore = app.state.ingest_slots
+    async with slots:
+        try:
+            report = await run_in_threadpool(_fill, engine, spec, path, body, settings)
+        except FileNotFoundError:
+            message = f"the content of {spec.row['input_file_id']} was deleted before it was read"
+            await run_in_threadpool(store.fail_batch, engine, spec.batch_id, "file_not_found", message)
+            return
+        except Exception:
+            _logger.exception("validating batch %s failed", spec.batch_id)
+            message = "the input file could not be read; it has been logged"
+            await run_in_threadpool(store.fail_batch, engine, spec.batch_id, "internal_error", message)
+            return
+    if report.status == store.BatchStatus.IN_PROGRESS:
+        await _dispatch_or_leave_to_sweeper(app, engine, spec.batch_id)
 
 
 @router.post("")
 async def create_batch(
-    body: BatchCreate, request: Request, tenant: TenantDep, engine: EngineDep, settings: SettingsDep
+    body: BatchCreate,
+    request: Request,
+    background: BackgroundTasks,
+    tenant: TenantDep,
+    engine: EngineDep,
+    settings: SettingsDep,
 ) -> dict[str, Any]:
     """Validate the input file line by line and queue its requests. A file with bad lines gives a
-    batch in status ``failed`` whose ``errors`` name each line, unless ``skip_invalid``."""
-    batch_id = await run_in_threadpool(_create, engine, tenant, body, settings)
-    batch = await run_in_threadpool(store.get_batch, engine, batch_id, tenant.id)
+    batch in status ``failed`` whose ``errors`` name each line, unless ``skip_invalid``. A file over
+    ``background_ingest_bytes`` is validated after this answers: the batch is ``validating``, then
+    ``in_progress`` or ``failed``."""
+    spec, path, in_background = await run_in_threadpool(_prepare, engine, tenant, body, settings)
+    if in_background:
+        background.add_task(_fill_in_background, request.app, engine, spec, path, body, settings)
+    else:
+        try:
+            report = await run_in_threadpool(_fill, engine, spec, path, body, settings)
+        except FileNotFoundError as e:
+            raise NotFound(
+                f"the content of {body.input_file_id} is no longer on this server", param="input_file_id"
+            ) from e
+        if report.status == store.BatchStatus.IN_PROGRESS:
+            await dispatch_or_leave_to_sweeper(request, engine, spec.batch_id)
+    batch = await run_in_threadpool(store.get_batch, engine, spec.batch_id, tenant.id)
     assert batch is not None
-    if batch.status == store.BatchStatus.IN_PROGRESS:
-        await dispatch_or_leave_to_sweeper(request, engine, batch_id)
     return batch_object(engine, batch)
 
 

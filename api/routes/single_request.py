@@ -24,10 +24,12 @@ T = TypeVar("T")
 
 
 async def json_object_body(request: Request) -> dict[str, Any]:
+    """The body as a JSON object, through the checks every batch line gets
+    (``store.parse_json``): what a worker could not run is a 400 naming it, never a 500."""
     try:
-        body = await request.json()
-    except ValueError as e:
-        raise InvalidRequest(f"the request body is not valid JSON: {e}") from e
+        body = store.parse_json(await request.body())
+    except store.JSONRejected as e:
+        raise InvalidRequest(f"the request body is refused: {e.message}", param=e.param, code=e.code) from e
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return body

@@ -208,3 +208,127 @@ def test_usage_with_an_instant_past_year_9999_is_refused_by_name(live_api: LiveA
     )
     assert answer.status_code == 400
     assert "until" in json.dumps(answer.json()["error"])
+
+
+# Raw JSON bodies a worker could not run (json.dumps would not write most of them), with the
+# code the API names: each was a 500, or accepted and then failed every delivery.
+POISON_BODIES: list[tuple[bytes, str]] = [
+    (
+        b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+        "non_finite_number",
+    ),
+    (
+        b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}',
+        "non_finite_number",
+    ),
+    (
+        b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_p": -Infinity}',
+        "non_finite_number",
+    ),
+    (
+        b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}',
+        "non_finite_number",
+    ),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}', "lone_surrogate"),
+    (b'{"model": "m\\u0000", "messages": [{"role": "user", "content": "hi"}]}', "nul_character"),
+    (
+        b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "x": '
+        + b"[" * 100
+        + b"]" * 100
+        + b"}",
+        "nesting_too_deep",
+    ),
+    (b'{"model": "m", "x": ' + b"[" * 2000 + b"]" * 2000 + b"}", "nesting_too_deep"),
+]
+
+
+@pytest.mark.parametrize("path", ["/chat/completions", "/agent_runs"])
+def test_single_requests_refuse_what_a_worker_would_choke_on_by_name(live_api: LiveAPI, path: str) -> None:
+    key = live_api.new_key(f"poison{path.replace('/', '-')}")
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    for body, code in POISON_BODIES:
+        if path == "/agent_runs":
+            body = body.replace(b'"messages"', b'"input"', 1)
+        answer = httpx.post(f"{live_api.base_url}{path}", headers=headers, content=body, timeout=30)
+        assert answer.status_code == 400, (body[:80], answer.text[:300])
+        error = answer.json()["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", code), body[:80]
+    assert count_rows(live_api, store.Request, f"poison{path.replace('/', '-')}") == 0
+
+
+def test_a_poisoned_line_is_named_and_skip_invalid_runs_the_rest(live_api: LiveAPI) -> None:
+    api = client(live_api, live_api.new_key("poisoned-lines"))
+    good = json.dumps(batch_line("good-1")).encode()
+    content = b"\n".join(
+        [
+            good,
+            good.replace(b"good-1", b"surrogate").replace(b'"hi"', b'"\\udc00"'),
+            good.replace(b"good-1", b"nan").replace(b'"sim-model",', b'"sim-model", "temperature": NaN,'),
+            good.replace(b"good-1", b"big").replace(b'"sim-model",', b'"sim-model", "seed": 1e999,'),
+            good.replace(b"good-1", b"nul").replace(b'"sim-model"', b'"sim\\u0000model"'),
+            good.replace(b"good-1", b"deep").replace(b'"hi"', b"[" * 80 + b"]" * 80),
+            json.dumps(batch_line("good-2")).encode(),
+        ]
+    )
+    uploaded = api.files.create(file=("poison.jsonl", content), purpose="batch")
+    expected = [
+        (2, "lone_surrogate"),
+        (3, "non_finite_number"),
+        (4, "non_finite_number"),
+        (5, "nul_character"),
+        (6, "nesting_too_deep"),
+    ]
+    rejected = api.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert rejected.status == "failed"
+    assert rejected.errors is not None
+    assert rejected.errors.data is not None
+    assert [(error.line, error.code) for error in rejected.errors.data] == expected
+    assert rejected.errors.data[1].param == "body.temperature"
+    assert count_rows(live_api, store.Request, "poisoned-lines") == 0
+
+    skipped = api.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_body={"skip_invalid": True},
+    )
+    assert skipped.status == "in_progress"
+    assert skipped.request_counts is not None
+    assert skipped.request_counts.total == 2
+    assert skipped.errors is not None
+    assert skipped.errors.data is not None
+    assert [(error.line, error.code) for error in skipped.errors.data] == expected
+    assert (skipped.errors.model_extra or {}).get("total_count") == len(expected)
+    assert api.batches.retrieve(skipped.id).errors == skipped.errors
+    assert count_rows(live_api, store.Request, "poisoned-lines") == 2
+
+
+def test_a_batch_default_model_with_a_nul_is_refused_by_name(live_api: LiveAPI) -> None:
+    api = client(live_api, live_api.new_key("nul-model"))
+    uploaded = api.files.create(file=("in.jsonl", jsonl({"prompt": "hi"})), purpose="batch")
+    with pytest.raises(openai.BadRequestError) as raised:
+        api.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            extra_body={"model": "sim\u0000model"},
+        )
+    assert raised.value.code == "nul_character"
+    assert api.batches.list().data == []
+
+
+def test_a_validation_error_echoes_input_bounded_and_encodable(live_api: LiveAPI) -> None:
+    headers = {"Authorization": f"Bearer {live_api.new_key('echoes')}", "Content-Type": "application/json"}
+    long_key = "k" * 7000
+    for body in (
+        json.dumps({"input_file_id": "file-x", "endpoint": "/v1/chat/completions", long_key: 1}).encode(),
+        b'{"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "\\ud800": 1}',
+        b'{"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "metadata": {"\\udc00": 7}}',
+    ):
+        answer = httpx.post(f"{live_api.base_url}/batches", headers=headers, content=body)
+        assert answer.status_code == 400, answer.text[:300]
+        error = answer.json()["error"]
+        assert len(error["message"]) < 1200
+        assert error["param"] is None or len(error["param"]) < 250

@@ -196,6 +196,46 @@ def test_chat_completions_through_the_workers(deployment: Deployment, simulator:
         )
 
 
+def test_lines_a_worker_would_choke_on_never_reach_one(
+    deployment: Deployment, simulator: SimulatorServer
+) -> None:
+    # A lone surrogate was accepted, then failed every delivery (a 2-line batch took 270 s);
+    # NaN was a 500. Now they are line errors, and the good lines of the file run at once.
+    client = deployment.client
+    good = [line(f"ok-{i}", f"question {i}") for i in range(3)]
+    poisoned = [
+        line("surrogate", "half a pair: @").replace(b"@", b"\\ud800"),
+        line("nan", "n").replace(b'"max_tokens": 50', b'"max_tokens": 50, "temperature": NaN'),
+        line("nul", "z", model="gpt-4o-mini@").replace(b"@", b"\\u0000"),
+    ]
+    uploaded = client.files.create(file=("mixed.jsonl", b"\n".join([*good, *poisoned])), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        extra_body={"skip_invalid": True},
+    )
+    assert batch.errors is not None
+    assert batch.errors.data is not None
+    assert [(e.line, e.code) for e in batch.errors.data] == [
+        (4, "lone_surrogate"),
+        (5, "non_finite_number"),
+        (6, "nul_character"),
+    ]
+    done = wait_for(client, batch.id, {"completed"}, seconds=60)
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (3, 3, 0)
+    headers = {"Authorization": f"Bearer {deployment.key}", "Content-Type": "application/json"}
+    answer = httpx.post(
+        f"{deployment.root}/v1/chat/completions",
+        headers=headers,
+        content=b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "\\udfff"}]}',
+        timeout=30,
+    )
+    assert answer.status_code == 400
+    assert answer.json()["error"]["code"] == "lone_surrogate"
+
+
 def test_flower_shows_the_running_worker(deployment: Deployment) -> None:
     refused = deployment.cli("flower", "--port", str(services.free_port()))
     assert refused.returncode != 0

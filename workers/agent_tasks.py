@@ -321,8 +321,18 @@ def agent_run_handler(engine: Engine, tools: ToolRegistry | None = None) -> Requ
             record = failed_record(request.id, error, attempts=tally.attempts)
             # What the failed run spent before failing is still spent.
             spent = tally.spend_record(request.id, spec.config.model)
+            body = record.response_body
+            if e.partial.model_calls:
+                # The calls it made, answer ids included: a duplicate that reused those answers
+                # is then not billed for them again (see ``store.results``).
+                calls = [call.model_dump(mode="json") for call in e.partial.model_calls]
+                body = {**(body or {}), "model_calls": calls}
             return dataclasses.replace(
-                record, usage=spent.usage, model=spent.model, paid_answers=spent.paid_answers
+                record,
+                response_body=body,
+                usage=spent.usage,
+                model=spent.model,
+                paid_answers=spent.paid_answers,
             )
         run = outcome.run
         cached = outcome.all_cached

@@ -23,6 +23,7 @@ from simulator.testing import SimulatorServer
 from store import (
     Request,
     RequestKind,
+    RequestStatus,
     cancel_batch,
     claim_requests,
     create_conversation,
@@ -362,3 +363,49 @@ async def test_duplicate_deliveries_of_an_agent_run_bill_each_answer_once(
     assert discarded == 3
     [kept] = results_of(led.engine, batch_id)
     assert kept.upstream_request_id is not None
+
+
+async def test_a_failed_agent_runs_duplicates_bill_each_answer_once(
+    led: Ledger, pipeline: ModelCallPipeline, simulator: SimulatorServer, tmp_path: Path
+) -> None:
+    """A run whose first model call is answered and whose second fails for good (its prompt is over
+    the simulator's context limit) is kept as failed with the first call's spend. A duplicate that
+    finds that answer in the cache (its own call) bills nothing more; one from a worker with
+    another cache paid for it again, and bills that."""
+    probe = ModelCallPipeline(
+        openai_client_factory(base_url=simulator.base_url, api_key="sim", timeout=10),
+        LocalRateLimiter({}),
+        RetryPolicy(max_attempts=1),
+    )
+    other_worker = ModelCallPipeline(
+        openai_client_factory(base_url=simulator.base_url, api_key="sim", timeout=10),
+        LocalRateLimiter({}),
+        RetryPolicy(max_attempts=1),
+        cache_store=DiskCacheStore(diskcache.Cache(str(tmp_path / "other-cache"))),
+    )
+    try:
+        spec = parse_agent_run_body({**AGENT_DEFAULTS, "input": TWO_CALLS})
+        probed = await run_agent(led.engine, probe, spec, tenant_id=None, run_id="probe")
+        simulator.reset()
+        simulator.configure(max_context_tokens=probed.run.model_calls[0].usage.prompt_tokens)
+        batch_id, ids = add_agent_batch(led, [{"prompt": TWO_CALLS}])
+        [claimed] = claim_requests(led.engine, ids, "test", 300)
+        handler = handlers_with_agents(led.engine)[RequestKind.AGENT_RUN]
+        token = CancellationToken()
+        first = await handler(claimed, pipeline, token)
+        again = await handler(claimed, pipeline, token)
+        elsewhere = await handler(claimed, other_worker, token)
+    finally:
+        await probe.close()
+        await other_worker.close()
+    stats = await wait_for_simulator_idle(simulator)
+    assert stats["accepted"] == 2  # the first call, by the first delivery and the other worker
+    assert first.status is RequestStatus.FAILED
+    assert first.usage.prompt_tokens > 0
+    assert record_results(led.engine, [first]).inserted == ids
+    for duplicate in (again, elsewhere):
+        assert record_results(led.engine, [duplicate]).duplicates == ids
+    prompt, completion, discarded = billed_tokens(led)
+    assert (prompt, completion) == (stats["prompt_tokens"], stats["completion_tokens"])
+    assert discarded == 1
+    assert len(results_of(led.engine, batch_id)) == 1

@@ -243,6 +243,24 @@ async def test_a_waiter_waits_on_a_held_lock_past_the_single_flight_timeout(
     assert (await cache.create(MESSAGES)).cached
 
 
+class SilentLockStore(InMemoryStore[CachedCompletion]):
+    """A store whose lock calls all time out (loaded, not down): it never says whether a holder
+    is alive."""
+
+    async def acquire_lock(self, key: str, ttl: float) -> str | None:
+        raise CacheBackendError("lock timed out", store=self.name, operation="acquire_lock", timed_out=True)
+
+
+async def test_a_store_silent_for_the_single_flight_timeout_is_gone_around() -> None:
+    inner = CountingClient()
+    cache = ChatCompletionCache(inner, SilentLockStore(), single_flight_timeout=0.3)
+    started = time.perf_counter()
+    result = await asyncio.wait_for(cache.create(MESSAGES), timeout=10)
+    assert not result.cached
+    assert inner.calls == 1
+    assert 0.3 <= time.perf_counter() - started < 5
+
+
 async def test_a_crashed_holders_lock_expires(store: CacheStore[CachedCompletion]) -> None:
     inner = CountingClient()
     cache = ChatCompletionCache(inner, store, single_flight_timeout=30)

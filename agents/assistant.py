@@ -111,13 +111,15 @@ def client_model_call(client: ChatCompletionClient) -> ModelCall:
 
 class ModelCallRecord(BaseModel):
     """What one model call cost and how it went. A cache hit (``cached``) billed nothing: its
-    ``usage`` is what the cached answer represents, not what was spent."""
+    ``usage`` is what the cached answer represents, not what was spent. ``response_id`` is the
+    provider's id of the answer, which tells a bill for it apart from a bill for another."""
 
     model: str
     usage: RequestUsage
     cached: bool
     latency_seconds: float
     finish_reason: str
+    response_id: str | None = None
 
 
 class AssistantRunResult(BaseModel):
@@ -201,6 +203,7 @@ class _Run:
                 cached=result.cached,
                 latency_seconds=time.perf_counter() - started,
                 finish_reason=result.finish_reason,
+                response_id=result.response_id,
             )
         )
         return result

@@ -54,6 +54,7 @@ Work (workers and the sweeper)::
     batch_statuses(engine, batch_ids) -> dict[str, BatchStatus]
     cancel_claimed(engine, request_ids, owner) -> int    # a worker's requests of a cancelled batch
     record_results(engine, records: Sequence[ResultRecord], now=None) -> RecordOutcome
+    record_cancelled_spend(engine, records, now=None) -> list[str]   # paid calls of cancelled runs
 
 Output and usage::
 
@@ -158,7 +159,7 @@ from store.leases import (
     unsettled_dispatch_ids,
 )
 from store.prices import get_prices, price_for, set_price
-from store.results import RecordOutcome, ResultRecord, record_results
+from store.results import PaidAnswer, RecordOutcome, ResultRecord, record_cancelled_spend, record_results
 from store.schema import (
     current_revision,
     downgrade_to_base,
@@ -238,6 +239,7 @@ __all__ = [
     "LineError",
     "ModelPrice",
     "NotFound",
+    "PaidAnswer",
     "RecordOutcome",
     "Request",
     "RequestKind",
@@ -300,6 +302,7 @@ __all__ = [
     "price_for",
     "purge_idempotency_keys",
     "record_agent_message",
+    "record_cancelled_spend",
     "record_results",
     "record_webhook_attempt",
     "release_requests",

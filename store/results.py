@@ -36,9 +36,18 @@ from store.ids import now_seconds
 from store.prices import cost_usd, price_for
 from store.tables import Batch, DiscardedAnswer, ModelPrice, Request, RequestStatus, Result
 
-__all__ = ["RecordOutcome", "ResultRecord", "record_results"]
+__all__ = ["PaidAnswer", "RecordOutcome", "ResultRecord", "record_cancelled_spend", "record_results"]
 
 _ENDED = (RequestStatus.SUCCEEDED, RequestStatus.FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class PaidAnswer:
+    """One answer a request paid the provider for (an agent run pays for several)."""
+
+    upstream_request_id: str | None
+    model: str | None
+    usage: RequestUsage
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +58,9 @@ class ResultRecord:
     FAILED (``error_code`` / ``error_message``; ``status_code`` and ``response_body`` when the
     provider answered with an error). ``usage`` is what the answer used; with ``cached`` it is the
     usage of the cached answer served, billed as 0. ``attempts`` counts upstream calls made.
+    ``paid_answers``: for a request that paid for several answers (an agent run), each of them,
+    so that a record not kept bills each answer not already billed (empty: the record itself is
+    its one answer).
     """
 
     request_id: str
@@ -65,6 +77,16 @@ class ResultRecord:
     latency_ms: float | None = None
     attempts: int = 1
     cache_key: str | None = None
+    paid_answers: tuple[PaidAnswer, ...] = ()
+
+    def answers_paid(self) -> tuple[PaidAnswer, ...]:
+        if self.paid_answers:
+            return self.paid_answers
+        # A failure can carry spend too (an agent run that failed after paid model calls).
+        usage = self.usage
+        if self.cached or (usage.prompt_tokens <= 0 and usage.completion_tokens <= 0):
+            return ()
+        return (PaidAnswer(self.upstream_request_id, self.model, usage),)
 
 
 @dataclass(frozen=True)
@@ -214,10 +236,53 @@ def record_results(engine: Engine, records: Sequence[ResultRecord], now: int | N
     return RecordOutcome(sorted(inserted), duplicates, skipped, finalized, discarded)
 
 
-def _paid_upstream(record: ResultRecord) -> bool:
-    # A failure can carry spend too: an agent run that failed after some paid model calls.
-    usage = record.usage
-    return not record.cached and (usage.prompt_tokens > 0 or usage.completion_tokens > 0)
+def record_cancelled_spend(
+    engine: Engine, records: Sequence[ResultRecord], now: int | None = None
+) -> list[str]:
+    """Bill what cancelled requests paid for before they stopped (an agent run cancelled after
+    some model calls), as ``discarded_answers`` rows; returns the request ids billed. A request
+    that is not cancelled (another worker took it over) is skipped: its own result bills what it
+    reuses of these answers. Safe to call again with the same records."""
+    if not records:
+        return []
+    now = now if now is not None else now_seconds()
+    with write_transaction(engine) as conn:
+        owners = {
+            row.id: row
+            for row in conn.execute(
+                sa.select(Request.id, Request.batch_id, Request.tenant_id, Request.status).where(
+                    Request.id.in_(sorted({record.request_id for record in records}))
+                )
+            )
+        }
+        cancelled = [
+            (record, "cancelled")
+            for record in records
+            if record.request_id in owners and owners[record.request_id].status == RequestStatus.CANCELLED
+        ]
+        prices = {row.model: row for row in _load_prices(conn)}
+        return _keep_discarded_spend(conn, cancelled, owners, prices, now)
+
+
+def _recorded_answers(conn: Connection, request_ids: Sequence[str]) -> dict[str, set[str]]:
+    """The provider's ids of the answers each request's result already bills: its own, and, for an
+    agent run, those its body lists under ``model_calls``."""
+    recorded: dict[str, set[str]] = {}
+    rows = conn.execute(
+        sa.select(Result.request_id, Result.upstream_request_id, Result.response_body).where(
+            Result.request_id.in_(sorted(set(request_ids)))
+        )
+    )
+    for request_id, upstream_request_id, body in rows:
+        answers = recorded.setdefault(request_id, set())
+        if upstream_request_id is not None:
+            answers.add(upstream_request_id)
+        calls = body.get("model_calls") if isinstance(body, dict) else None
+        for call in calls if isinstance(calls, list) else ():
+            answer = call.get("response_id") if isinstance(call, dict) else None
+            if isinstance(answer, str):
+                answers.add(answer)
+    return recorded
 
 
 def _keep_discarded_spend(
@@ -227,44 +292,40 @@ def _keep_discarded_spend(
     prices: dict[str, ModelPrice],
     now: int,
 ) -> list[str]:
-    """Write a ``discarded_answers`` row for each record not kept that was a paid answer, unless it
-    is the answer its request's result already records; returns their request ids."""
-    paid = [(record, reason) for record, reason in not_kept if _paid_upstream(record)]
+    """Write a ``discarded_answers`` row for each answer paid by a record not kept, unless it is
+    an answer its request's result already bills; returns the ids of the requests billed."""
+    paid = [(record, reason, record.answers_paid()) for record, reason in not_kept]
+    paid = [(record, reason, answers) for record, reason, answers in paid if answers]
     if not paid:
         return []
-    recorded_answers = dict(
-        conn.execute(
-            sa.select(Result.request_id, Result.upstream_request_id).where(
-                Result.request_id.in_([record.request_id for record, _ in paid])
-            )
-        ).all()
-    )
+    recorded_answers = _recorded_answers(conn, [record.request_id for record, _, _ in paid])
     rows: list[dict[str, Any]] = []
-    for record, reason in paid:
-        answer = record.upstream_request_id
-        if answer is None or recorded_answers.get(record.request_id) == answer:
-            # The answer already billed on the result (a redo that found it in the cache, a
-            # record written twice), or one that cannot be told from it: counting it again
-            # would bill what was paid once.
-            continue
+    for record, reason, answers in paid:
+        already_billed = recorded_answers.get(record.request_id, set())
         owner = owners[record.request_id]
-        usage = record.usage
-        rows.append(
-            {
-                "request_id": record.request_id,
-                "batch_id": owner.batch_id,
-                "tenant_id": owner.tenant_id,
-                "reason": reason,
-                "upstream_request_id": answer,
-                "model": record.model,
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "cached_prompt_tokens": usage.cached_prompt_tokens,
-                "reasoning_tokens": usage.reasoning_tokens,
-                "cost_usd": _cost_of(record, prices),
-                "created_at": now,
-            }
-        )
+        for answer in answers:
+            if answer.upstream_request_id is None or answer.upstream_request_id in already_billed:
+                # The answer already billed on the result (a redo that found it in the cache, a
+                # record written twice), or one that cannot be told from it: counting it again
+                # would bill what was paid once.
+                continue
+            usage = answer.usage
+            rows.append(
+                {
+                    "request_id": record.request_id,
+                    "batch_id": owner.batch_id,
+                    "tenant_id": owner.tenant_id,
+                    "reason": reason,
+                    "upstream_request_id": answer.upstream_request_id,
+                    "model": answer.model,
+                    "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens,
+                    "cached_prompt_tokens": usage.cached_prompt_tokens,
+                    "reasoning_tokens": usage.reasoning_tokens,
+                    "cost_usd": _answer_cost(answer, prices),
+                    "created_at": now,
+                }
+            )
     if not rows:
         return []
     written = conn.execute(
@@ -273,19 +334,23 @@ def _keep_discarded_spend(
         .returning(DiscardedAnswer.request_id),
         rows,
     )
-    return sorted(written.scalars().all())
+    return sorted(set(written.scalars().all()))
+
+
+def _answer_cost(answer: PaidAnswer, prices: dict[str, ModelPrice]) -> Decimal | None:
+    usage = answer.usage
+    return cost_usd(
+        price_for(prices, answer.model),
+        usage.prompt_tokens,
+        usage.cached_prompt_tokens,
+        usage.completion_tokens,
+    )
 
 
 def _cost_of(record: ResultRecord, prices: dict[str, ModelPrice]) -> Decimal | None:
     if record.cached:
         return Decimal(0)
-    usage = record.usage
-    return cost_usd(
-        price_for(prices, record.model),
-        usage.prompt_tokens,
-        usage.cached_prompt_tokens,
-        usage.completion_tokens,
-    )
+    return _answer_cost(PaidAnswer(record.upstream_request_id, record.model, record.usage), prices)
 
 
 def _load_prices(conn: Connection) -> list[ModelPrice]:

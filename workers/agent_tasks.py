@@ -49,6 +49,7 @@ from models.types import CreateResult, LLMMessage, RequestUsage, SystemMessage, 
 from store import (
     ClaimedRequest,
     ConversationNotFound,
+    PaidAnswer,
     RequestKind,
     RequestStatus,
     ResultRecord,
@@ -116,9 +117,27 @@ def parse_agent_run_body(body: Mapping[str, Any]) -> AgentRunSpec:
 
 @dataclass
 class CallTally:
-    """Upstream attempts made by the model calls of one run (retries included)."""
+    """Upstream attempts made by the model calls of one run (retries included), and the answers
+    it paid for (not the cache hits), in order."""
 
     attempts: int = 0
+    paid: list[PaidAnswer] = dataclasses.field(default_factory=list)
+
+    def spend_record(self, request_id: str, model: str, **fields: Any) -> ResultRecord:
+        """A failed record of ``request_id`` carrying what the run paid for so far (a run that
+        failed or was cancelled after some model calls): its spend is billed either way."""
+        usage = RequestUsage()
+        for answer in self.paid:
+            usage = usage + answer.usage
+        return ResultRecord(
+            request_id=request_id,
+            status=RequestStatus.FAILED,
+            model=model,
+            usage=usage,
+            attempts=self.attempts,
+            paid_answers=tuple(self.paid),
+            **fields,
+        )
 
 
 def pipeline_model_call(
@@ -144,6 +163,9 @@ def pipeline_model_call(
         )
         if tally is not None:
             tally.attempts += outcome.attempts
+            result = outcome.result
+            if result is not None and not result.cached:
+                tally.paid.append(PaidAnswer(result.response_id, result.model or request.model, result.usage))
         if outcome.error is not None:
             raise outcome.error
         assert outcome.result is not None
@@ -284,7 +306,9 @@ def agent_run_handler(engine: Engine, tools: ToolRegistry | None = None) -> Requ
             )
         except asyncio.CancelledError:
             if token.is_cancelled():
-                raise RequestCancelled(request.id) from None
+                # Stopped between model calls: those it made are paid for, and billed.
+                spent = tally.spend_record(request.id, spec.config.model, error_code="cancelled")
+                raise RequestCancelled(request.id, spent if spent.paid_answers else None) from None
             raise
         except ModelClientError as e:  # an unknown tool, a bad conversation id
             return failed_record(request.id, e, attempts=tally.attempts)
@@ -296,7 +320,20 @@ def agent_run_handler(engine: Engine, tools: ToolRegistry | None = None) -> Requ
             error = cause if isinstance(cause, ModelClientError) else ModelClientError(str(e))
             record = failed_record(request.id, error, attempts=tally.attempts)
             # What the failed run spent before failing is still spent.
-            return dataclasses.replace(record, usage=e.partial.usage, model=spec.config.model)
+            spent = tally.spend_record(request.id, spec.config.model)
+            body = record.response_body
+            if e.partial.model_calls:
+                # The calls it made, answer ids included: a duplicate that reused those answers
+                # is then not billed for them again (see ``store.results``).
+                calls = [call.model_dump(mode="json") for call in e.partial.model_calls]
+                body = {**(body or {}), "model_calls": calls}
+            return dataclasses.replace(
+                record,
+                response_body=body,
+                usage=spent.usage,
+                model=spent.model,
+                paid_answers=spent.paid_answers,
+            )
         run = outcome.run
         cached = outcome.all_cached
         last_model = run.model_calls[-1].model if run.model_calls else spec.config.model
@@ -305,6 +342,8 @@ def agent_run_handler(engine: Engine, tools: ToolRegistry | None = None) -> Requ
             status=RequestStatus.SUCCEEDED,
             response_body=outcome.body,
             status_code=200,
+            # The final answer's id; every call's is in the body's model_calls (for the ledger).
+            upstream_request_id=run.model_calls[-1].response_id if run.model_calls else None,
             finish_reason=run.stop_reason,
             model=last_model,
             # A fully cached run records what it represents (billed 0 as a hit); otherwise what
@@ -313,6 +352,9 @@ def agent_run_handler(engine: Engine, tools: ToolRegistry | None = None) -> Requ
             cached=cached,
             latency_ms=sum(call.latency_seconds for call in run.model_calls) * 1000.0,
             attempts=tally.attempts,
+            # Each answer paid for, so a result not kept (a duplicate delivery) bills those of
+            # them the kept one does not.
+            paid_answers=tuple(tally.paid),
         )
 
     return complete_agent_run

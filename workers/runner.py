@@ -11,7 +11,8 @@ first writer wins. Alongside:
 * a watcher reads the batches' status every ``cancel_check_interval``: a cancelled or expired
   batch starts no new request and its pending ones are cancelled; a call already sent upstream
   runs to its end and its result is recorded, as OpenAI's cancel does (the provider bills it
-  either way), while the token passed to it stops its waits and retries;
+  either way), while the token passed to it stops its waits and retries; a request that stops
+  after paid calls (an agent run between model calls) has them billed as discarded answers;
 * a request whose call says "later" (``RetryLater``: a long rate-limit wait, a 429 storm) is
   handed back to the queue with a ``not_before`` delay rather than waited out in a slot;
 * a deadline (half the visibility timeout under Celery) stops starting requests, so a chunk
@@ -54,6 +55,7 @@ from store import (
     claim_queued,
     claim_requests,
     extend_leases,
+    record_cancelled_spend,
     record_results,
     release_requests,
 )
@@ -74,7 +76,14 @@ _logger = logging.getLogger(__name__)
 
 
 class RequestCancelled(Exception):
-    """A handler stopped because its batch was cancelled; the request ends as cancelled."""
+    """A handler stopped because its batch was cancelled; the request ends as cancelled.
+
+    ``spent``: what the request paid upstream before it stopped (an agent run's finished model
+    calls), billed as discarded answers once the request is cancelled; None if nothing."""
+
+    def __init__(self, request_id: str, spent: ResultRecord | None = None) -> None:
+        super().__init__(request_id)
+        self.spent = spent
 
 
 class RequestHandler(Protocol):
@@ -286,6 +295,7 @@ class ChunkRunner:
         overdue: set[str] = set()
         batch_tokens = {request.batch_id: CancellationToken() for request in claimed}
         to_cancel: list[str] = []
+        cancelled_spend: list[ResultRecord] = []  # paid calls of the requests in ``to_cancel``
         gate = asyncio.Semaphore(config.in_flight)
 
         def finish(record: ResultRecord) -> None:
@@ -332,8 +342,10 @@ class ChunkRunner:
                 RATE_LIMIT_DEADLINE.set(request.retry_deadline)
                 try:
                     record = await handler(request, self.pipeline, token)
-                except RequestCancelled:
+                except RequestCancelled as cancelled:
                     to_cancel.append(request.id)
+                    if cancelled.spent is not None:
+                        cancelled_spend.append(cancelled.spent)
                     return
                 except RetryLater as later:
                     await hand_back(request.id, later)
@@ -473,6 +485,9 @@ class ChunkRunner:
                 report.cancelled = await asyncio.to_thread(
                     cancel_claimed, self.engine, to_cancel, config.owner
                 )
+            if cancelled_spend:
+                # After the cancel: only a request that ended cancelled bills them this way.
+                await asyncio.to_thread(record_cancelled_spend, self.engine, cancelled_spend)
             if unfinished:
                 # Not started (deadline) or broken by a bug: hand back for another delivery.
                 report.released = await asyncio.to_thread(

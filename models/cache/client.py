@@ -63,9 +63,10 @@ class ChatCompletionCache(DelegatingClient):
 
     ``ttl`` is the entries' lifetime in seconds (None: the store keeps them until evicted).
     Concurrent identical requests make one upstream call (see ``models.cache.single_flight``): the
-    others wait up to ``single_flight_timeout`` seconds for its entry, then go upstream themselves;
-    the caller's lock lives ``lock_ttl`` seconds unless refreshed, which it is while the caller is
-    alive.
+    others wait for its entry as long as its lock is held, which is as long as the caller is alive
+    (the lock lives ``lock_ttl`` seconds unless refreshed, which it is while the caller is alive),
+    and go upstream themselves only when it lapses, when the store is down, or when a slow store
+    has not said the lock is held for ``single_flight_timeout`` seconds.
 
     ``namespace`` partitions the store (see ``models.cache.keys``): caches with different
     namespaces never serve each other's answers nor wait on each other's calls, even on one store.

@@ -12,12 +12,16 @@ The lock's TTL is short (``DEFAULT_LOCK_TTL``, seconds) and the live holder's he
 a holder that was killed (a SIGKILLed ``tokenmill run``, a worker lost with its machine) stops
 delaying everyone else within that TTL, instead of leaving requests it will never answer waited on.
 
-After ``timeout`` seconds of waiting a request stops waiting and goes upstream itself
-(``Flight.coordinated`` is False): a stuck holder can delay others, never block them. When the
-store is down (``CacheBackendError`` not ``timed_out``), the request goes upstream at once, also
-uncoordinated: the cache is an optimisation and never the reason a request fails. A store that only
-timed out is slow, not gone: the request keeps waiting for the lock or the entry (within
-``timeout``), because going around a loaded store turns load into duplicate upstream calls.
+A waiter waits as long as the key's lock is held, i.e. as long as its holder is alive (a live
+holder's heartbeat keeps it; a dead one's lapses within ``lock_ttl``): a holder that is slow (behind
+the rate limiter, or on a slow upstream) is waited for, however long, because going around it pays
+for the same answer twice. Only the waiter's own cancellation token ends that wait (the request's
+cancel or deadline). ``timeout`` bounds only the time a waiter goes without news of a live holder:
+when the store is down (``CacheBackendError`` not ``timed_out``), the request goes upstream at once,
+uncoordinated (``Flight.coordinated`` is False), as the cache is an optimisation and never the
+reason a request fails; a store that only timed out is slow, not gone, and is waited for until
+``timeout`` seconds have passed since it last said the lock was held, because going around a
+loaded store turns load into duplicate upstream calls.
 """
 
 from __future__ import annotations
@@ -97,7 +101,6 @@ class SingleFlight(Generic[T]):
         self, key: str, cancellation_token: CancellationToken | None = None
     ) -> AsyncIterator[Flight[T]]:
         """Wait for ``key``'s entry or for the right to fetch it; the lock is released on exit."""
-        deadline = time.monotonic() + self._timeout
         gate = self._gates.get(key)
         if gate is None:
             gate = self._gates[key] = _LocalGate()
@@ -105,7 +108,7 @@ class SingleFlight(Generic[T]):
         gate_held = False
         token: str | None = None
         try:
-            entry, gate_held, token = await self._join_cancellable(key, gate, deadline, cancellation_token)
+            entry, gate_held, token = await self._join_cancellable(key, gate, cancellation_token)
             if entry is not None or token is None:
                 yield Flight(entry=entry, coordinated=False)
                 return
@@ -127,12 +130,12 @@ class SingleFlight(Generic[T]):
                 del self._gates[key]
 
     async def _join_cancellable(
-        self, key: str, gate: _LocalGate, deadline: float, cancellation_token: CancellationToken | None
+        self, key: str, gate: _LocalGate, cancellation_token: CancellationToken | None
     ) -> tuple[T | None, bool, str | None]:
         if cancellation_token is None:
-            return await self._join(key, gate, deadline)
+            return await self._join(key, gate)
         # A task the token can cancel; if we are cancelled just as it finished, give back what it took.
-        waiting = asyncio.ensure_future(self._join(key, gate, deadline))
+        waiting = asyncio.ensure_future(self._join(key, gate))
         cancellation_token.link_future(waiting)
         try:
             return await waiting
@@ -145,29 +148,30 @@ class SingleFlight(Generic[T]):
                     await self._release(key, token)
             raise
 
-    async def _join(self, key: str, gate: _LocalGate, deadline: float) -> tuple[T | None, bool, str | None]:
+    async def _join(self, key: str, gate: _LocalGate) -> tuple[T | None, bool, str | None]:
         """(entry found, local gate held, store lock token). Leaves nothing held if cancelled."""
         waited_locally = gate.lock.locked()
-        try:
-            async with asyncio.timeout_at(_loop_deadline(deadline)):
-                await gate.lock.acquire()
-        except TimeoutError:
-            return None, False, None
+        # No deadline: the gate's holder is a live request of this process, and it leaves the
+        # gate once its own flight ends.
+        await gate.lock.acquire()
         try:
             if waited_locally:
                 # Another request of this process was fetching this key; its entry is likely there.
                 entry = await self._get(key)
                 if entry is not None:
                     return entry, True, None
-            entry, token = await self._lead_or_wait(key, deadline)
+            entry, token = await self._lead_or_wait(key)
             return entry, True, token
         except BaseException:
             gate.lock.release()
             raise
 
-    async def _lead_or_wait(self, key: str, deadline: float) -> tuple[T | None, str | None]:
+    async def _lead_or_wait(self, key: str) -> tuple[T | None, str | None]:
         delay = self._poll_initial
+        # Moved on each time the store says the lock is held: a live holder is waited for.
+        deadline = time.monotonic() + self._timeout
         while True:
+            holder_alive = False
             try:
                 token = await self._store.acquire_lock(key, self._lock_ttl)
             except CacheError as e:
@@ -175,6 +179,10 @@ class SingleFlight(Generic[T]):
                 if not _store_is_slow(e):
                     return None, None
                 token = None  # slow, not down: wait on, and try the lock again
+            else:
+                holder_alive = token is None
+            if holder_alive:
+                deadline = time.monotonic() + self._timeout
             if token is not None:
                 try:
                     # The previous holder may have stored the entry between our miss and our lock.
@@ -186,7 +194,7 @@ class SingleFlight(Generic[T]):
                     await self._release(key, token)
                     return entry, None
                 return None, token
-            remaining = deadline - time.monotonic()
+            remaining = delay if holder_alive else deadline - time.monotonic()
             if remaining <= 0:
                 return None, None
             await asyncio.sleep(min(delay, remaining))
@@ -220,9 +228,3 @@ class SingleFlight(Generic[T]):
 
 def _store_is_slow(error: CacheError) -> bool:
     return isinstance(error, CacheBackendError) and error.timed_out
-
-
-def _loop_deadline(deadline: float) -> float:
-    """``deadline`` (``time.monotonic``) on the running loop's clock."""
-    loop = asyncio.get_running_loop()
-    return loop.time() + (deadline - time.monotonic())

@@ -214,21 +214,51 @@ async def test_a_failed_call_is_not_cached_and_lets_a_waiter_go_upstream(
     assert (await cache.create(MESSAGES)).cached
 
 
-async def test_a_waiter_goes_upstream_after_the_single_flight_timeout(
+async def test_a_waiter_waits_on_a_held_lock_past_the_single_flight_timeout(
     store: CacheStore[CachedCompletion],
 ) -> None:
+    """A holder (another process) keeps the key's lock for 0.8 s, well past the 0.3 s timeout, then
+    lets go without an answer (its call failed): the waiter waited the whole time, then went
+    upstream itself, once."""
     inner = CountingClient()
     cache = ChatCompletionCache(inner, store, single_flight_timeout=0.3)
-    held = await store.acquire_lock(cache.cache_key(MESSAGES), ttl=30)
+    key = cache.cache_key(MESSAGES)
+    held = await store.acquire_lock(key, ttl=30)
     assert held is not None
-    started = time.perf_counter()
-    result = await cache.create(MESSAGES)
-    waited = time.perf_counter() - started
+    released = asyncio.get_running_loop().create_future()
+
+    async def release_later() -> None:
+        await asyncio.sleep(0.8)
+        await store.release_lock(key, held)
+        released.set_result(time.perf_counter())
+
+    releasing = asyncio.create_task(release_later())
+    result = await asyncio.wait_for(cache.create(MESSAGES), timeout=30)
+    done = time.perf_counter()
+    await releasing
     assert not result.cached
     assert inner.calls == 1
-    assert 0.3 <= waited < 1.5
+    assert done >= released.result()  # it went upstream only once the lock was let go
     # Its answer was stored all the same.
     assert (await cache.create(MESSAGES)).cached
+
+
+class SilentLockStore(InMemoryStore[CachedCompletion]):
+    """A store whose lock calls all time out (loaded, not down): it never says whether a holder
+    is alive."""
+
+    async def acquire_lock(self, key: str, ttl: float) -> str | None:
+        raise CacheBackendError("lock timed out", store=self.name, operation="acquire_lock", timed_out=True)
+
+
+async def test_a_store_silent_for_the_single_flight_timeout_is_gone_around() -> None:
+    inner = CountingClient()
+    cache = ChatCompletionCache(inner, SilentLockStore(), single_flight_timeout=0.3)
+    started = time.perf_counter()
+    result = await asyncio.wait_for(cache.create(MESSAGES), timeout=10)
+    assert not result.cached
+    assert inner.calls == 1
+    assert 0.3 <= time.perf_counter() - started < 5
 
 
 async def test_a_crashed_holders_lock_expires(store: CacheStore[CachedCompletion]) -> None:

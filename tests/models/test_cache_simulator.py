@@ -3,6 +3,7 @@ single-flight across two processes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -165,3 +166,34 @@ def test_fifty_requests_from_two_processes_make_one_upstream_call(
     assert sum(int(str(report["results"])) for report in reports) == 50
     assert sum(int(str(report["upstream"])) for report in reports) == 1
     assert len({content for report in reports for content in report["contents"]}) == 1  # type: ignore[attr-defined]
+
+
+async def test_a_waiter_waits_for_a_live_holder_past_the_single_flight_timeout(
+    simulator: SimulatorServer, redis_url: str, redis_prefix: str
+) -> None:
+    """The holder's call takes longer (1.5 s) than the waiter's ``single_flight_timeout`` (0.3 s)
+    and several lock TTLs (0.6 s): the waiter, another process's cache on the same Redis, keeps
+    waiting while the holder's lock is alive and is served its answer: one upstream call."""
+    simulator.configure(latency_ms=1500)
+    stores = [RedisStore[CHAT_CACHE_VALUE_TYPE].from_url(redis_url, prefix=redis_prefix) for _ in range(2)]
+    holder, waiter = (
+        ChatCompletionCache(client_for(simulator), store, single_flight_timeout=0.3, lock_ttl=0.6)
+        for store in stores
+    )
+    try:
+        holding = asyncio.create_task(holder.create(ask()))
+        deadline = time.monotonic() + 10
+        while simulator.stats()["in_flight"] == 0:  # the holder has its lock and is upstream
+            assert time.monotonic() < deadline, "the holder never went upstream"
+            await asyncio.sleep(0.01)
+        waited = await asyncio.wait_for(waiter.create(ask()), timeout=30)
+        held = await holding
+    finally:
+        await holder.close()
+        await waiter.close()
+        for store in stores:
+            await store.close()
+    assert held.cached is False
+    assert waited.cached is True
+    assert simulator.stats()["completions"] == 1
+    assert waiter.actual_usage().total_tokens == 0

@@ -17,15 +17,21 @@ import pytest
 import sqlalchemy as sa
 
 from models.cache import DiskCacheStore
+from models.cancellation import CancellationToken
 from models.retry import RetryPolicy
 from simulator.testing import SimulatorServer
 from store import (
     Request,
+    RequestKind,
+    RequestStatus,
+    cancel_batch,
+    claim_requests,
     create_conversation,
     create_tenant,
     ingest_batch,
     load_conversation,
     pending_request_ids,
+    record_results,
     usage_report,
 )
 from tests.agents.conversation_rules import tool_call_violations
@@ -268,3 +274,138 @@ async def test_a_rate_limited_agent_run_is_handed_back_and_counts_every_attempt(
     assert again.succeeded == 1
     [row] = results_of(led.engine, batch_id)
     assert row.attempts == simulator.stats()["completions"] == 2
+
+
+FOUR_CALLS = (
+    'What is ((2+3)*4)-1? [[call calculator {"expression": "2+3"}]] [[then]] '
+    '[[call calculator {"expression": "5*4"}]] [[then]] [[call calculator {"expression": "20-1"}]]'
+)
+
+
+def billed_tokens(led: Ledger) -> tuple[int, int, int]:
+    """(prompt, completion, discarded answers) the ledger bills the test's tenant."""
+    rows = usage_report(led.engine, led.tenant_id, group_by=())
+    return (
+        sum(row.billed_prompt_tokens for row in rows),
+        sum(row.billed_completion_tokens for row in rows),
+        sum(row.discarded_answers for row in rows),
+    )
+
+
+async def wait_for_simulator_idle(simulator: SimulatorServer) -> dict[str, Any]:
+    deadline = time.monotonic() + 30
+    while (stats := simulator.stats())["in_flight"]:
+        assert time.monotonic() < deadline, "the simulator still has calls in flight"
+        await asyncio.sleep(0.02)
+    return stats
+
+
+async def test_an_agent_run_cancelled_mid_run_bills_every_model_call_it_paid_for(
+    led: Ledger, pipeline: ModelCallPipeline, simulator: SimulatorServer
+) -> None:
+    """A four-call agent run (three tool rounds, 0.4 s a call) whose batch is cancelled after its
+    first call was answered: the run stops, the request ends cancelled, and every call the
+    simulator answered is billed to the tenant (as discarded answers: no result is kept)."""
+    simulator.configure(latency_ms=400)
+    batch_id, ids = add_agent_batch(led, [{"prompt": FOUR_CALLS}])
+    runner = ChunkRunner(
+        led.engine,
+        pipeline,
+        RunnerConfig(owner="test", cancel_check_interval=0.05),
+        handlers=handlers_with_agents(led.engine),
+    )
+    running = asyncio.create_task(runner.run(ids))
+    deadline = time.monotonic() + 30
+    while simulator.stats()["completions"] < 1:
+        assert time.monotonic() < deadline, "the run's first model call never finished"
+        await asyncio.sleep(0.01)
+    await asyncio.to_thread(cancel_batch, led.engine, batch_id)
+    report = await asyncio.wait_for(running, timeout=60)
+    stats = await wait_for_simulator_idle(simulator)
+    assert report.cancelled == 1
+    assert results_of(led.engine, batch_id) == []
+    assert 1 <= stats["completions"] < 4  # stopped mid-run
+    prompt, completion, discarded = billed_tokens(led)
+    assert (prompt, completion) == (stats["prompt_tokens"], stats["completion_tokens"])
+    assert discarded == stats["completions"]
+
+
+async def test_duplicate_deliveries_of_an_agent_run_bill_each_answer_once(
+    led: Ledger, pipeline: ModelCallPipeline, simulator: SimulatorServer, tmp_path: Path
+) -> None:
+    """Three deliveries of one agent run: the first pays for its three model calls and is kept;
+    the second (a worker with a cache of its own) pays for all three again and is not kept; the
+    third finds the first's answers in the cache (its own calls). The ledger bills exactly what
+    the simulator answered: the second delivery's calls as discarded answers, the third's nothing."""
+    batch_id, ids = add_agent_batch(led, [{"prompt": TWO_CALLS}])
+    [claimed] = claim_requests(led.engine, ids, "test", 300)
+    handler = handlers_with_agents(led.engine)[RequestKind.AGENT_RUN]
+    other_worker = ModelCallPipeline(
+        openai_client_factory(base_url=simulator.base_url, api_key="sim", timeout=10),
+        LocalRateLimiter({}),
+        RetryPolicy(max_attempts=2, base_delay=0.01),
+        cache_store=DiskCacheStore(diskcache.Cache(str(tmp_path / "other-cache"))),
+    )
+    token = CancellationToken()
+    try:
+        first = await handler(claimed, pipeline, token)
+        second = await handler(claimed, other_worker, token)
+        third = await handler(claimed, pipeline, token)
+    finally:
+        await other_worker.close()
+    stats = await wait_for_simulator_idle(simulator)
+    assert stats["completions"] == 6
+    assert record_results(led.engine, [first]).inserted == ids
+    for duplicate in (second, third, second):  # the second written twice: billed once
+        assert record_results(led.engine, [duplicate]).duplicates == ids
+    prompt, completion, discarded = billed_tokens(led)
+    assert (prompt, completion) == (stats["prompt_tokens"], stats["completion_tokens"])
+    assert discarded == 3
+    [kept] = results_of(led.engine, batch_id)
+    assert kept.upstream_request_id is not None
+
+
+async def test_a_failed_agent_runs_duplicates_bill_each_answer_once(
+    led: Ledger, pipeline: ModelCallPipeline, simulator: SimulatorServer, tmp_path: Path
+) -> None:
+    """A run whose first model call is answered and whose second fails for good (its prompt is over
+    the simulator's context limit) is kept as failed with the first call's spend. A duplicate that
+    finds that answer in the cache (its own call) bills nothing more; one from a worker with
+    another cache paid for it again, and bills that."""
+    probe = ModelCallPipeline(
+        openai_client_factory(base_url=simulator.base_url, api_key="sim", timeout=10),
+        LocalRateLimiter({}),
+        RetryPolicy(max_attempts=1),
+    )
+    other_worker = ModelCallPipeline(
+        openai_client_factory(base_url=simulator.base_url, api_key="sim", timeout=10),
+        LocalRateLimiter({}),
+        RetryPolicy(max_attempts=1),
+        cache_store=DiskCacheStore(diskcache.Cache(str(tmp_path / "other-cache"))),
+    )
+    try:
+        spec = parse_agent_run_body({**AGENT_DEFAULTS, "input": TWO_CALLS})
+        probed = await run_agent(led.engine, probe, spec, tenant_id=None, run_id="probe")
+        simulator.reset()
+        simulator.configure(max_context_tokens=probed.run.model_calls[0].usage.prompt_tokens)
+        batch_id, ids = add_agent_batch(led, [{"prompt": TWO_CALLS}])
+        [claimed] = claim_requests(led.engine, ids, "test", 300)
+        handler = handlers_with_agents(led.engine)[RequestKind.AGENT_RUN]
+        token = CancellationToken()
+        first = await handler(claimed, pipeline, token)
+        again = await handler(claimed, pipeline, token)
+        elsewhere = await handler(claimed, other_worker, token)
+    finally:
+        await probe.close()
+        await other_worker.close()
+    stats = await wait_for_simulator_idle(simulator)
+    assert stats["accepted"] == 2  # the first call, by the first delivery and the other worker
+    assert first.status is RequestStatus.FAILED
+    assert first.usage.prompt_tokens > 0
+    assert record_results(led.engine, [first]).inserted == ids
+    for duplicate in (again, elsewhere):
+        assert record_results(led.engine, [duplicate]).duplicates == ids
+    prompt, completion, discarded = billed_tokens(led)
+    assert (prompt, completion) == (stats["prompt_tokens"], stats["completion_tokens"])
+    assert discarded == 1
+    assert len(results_of(led.engine, batch_id)) == 1

@@ -254,7 +254,11 @@ class ChunkRunner:
         self.handlers = dict(handlers)
         self.on_result = on_result
 
-    async def run(self, request_ids: Sequence[str]) -> ChunkReport:
+    async def run(
+        self, request_ids: Sequence[str], *, on_claimed: Callable[[], None] | None = None
+    ) -> ChunkReport:
+        """Claim ``request_ids`` and run what was claimed; ``on_claimed`` is called (off the loop)
+        once the claim is committed, whatever it took."""
         config = self.config
         report = ChunkReport(requested=len(request_ids))
         started = time.monotonic()
@@ -262,6 +266,8 @@ class ChunkRunner:
             claim_requests, self.engine, list(request_ids), config.owner, config.lease_seconds
         )
         report.claimed = len(claimed)
+        if on_claimed is not None:
+            await asyncio.to_thread(on_claimed)
         if not claimed:
             return report
         writer = _Writer(self.engine, report, config.flush_size, config.flush_interval)

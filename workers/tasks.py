@@ -7,8 +7,11 @@ lives on it, so connections to the provider, Redis and the limiter's state carry
 
 from __future__ import annotations
 
+import functools
 import os
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from workers import context
@@ -33,7 +36,9 @@ def dispatcher() -> Dispatcher:
     )
 
 
-async def run_chunk(request_ids: list[str], owner: str) -> ChunkReport:
+async def run_chunk(
+    request_ids: list[str], owner: str, on_claimed: Callable[[], None] | None = None
+) -> ChunkReport:
     settings = context.settings()
     runner = ChunkRunner(
         context.engine(),
@@ -51,16 +56,48 @@ async def run_chunk(request_ids: list[str], owner: str) -> ChunkReport:
         ),
         handlers=handlers_with_agents(context.engine()),
     )
-    return await runner.run(request_ids)
+    return await runner.run(request_ids, on_claimed=on_claimed)
+
+
+class _FailureBackoff:
+    """Consecutive chunk failures of this process: the n-th waits 2**(n-1) s, at most
+    ``CHUNK_FAILURE_BACKOFF_MAX_SECONDS``."""
+
+    def __init__(self) -> None:
+        self.consecutive = 0
+
+    def failed(self) -> None:
+        self.consecutive += 1
+        time.sleep(min(CHUNK_FAILURE_BACKOFF_MAX_SECONDS, 2.0 ** (self.consecutive - 1)))
+
+    def succeeded(self) -> None:
+        self.consecutive = 0
+
+
+CHUNK_FAILURE_BACKOFF_MAX_SECONDS = 30.0
+_failure_backoff = _FailureBackoff()
 
 
 @app.task(name=COMPLETE_CHUNK_TASK, bind=True, ignore_result=True)  # type: ignore[untyped-decorator, unused-ignore]
 def complete_chunk(self: Any, request_ids: list[str], dispatch_id: str | None = None) -> dict[str, int]:
     # A lease owner per execution: a redelivered message is another owner, even in this process.
     owner = f"{self.request.hostname or 'worker'}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
-    report = context.run_in_loop(run_chunk(list(request_ids), owner))
-    if dispatch_id is not None:
-        dispatcher().finished(dispatch_id)
+    settle = None if dispatch_id is None else functools.partial(dispatcher().settle, dispatch_id)
+    try:
+        # Settled as soon as leases cover the claimed requests (workers.dispatch)...
+        report = context.run_in_loop(run_chunk(list(request_ids), owner, on_claimed=settle))
+    except Exception:
+        # A process whose chunks fail (its database out of reach, say) fails fast, and would take
+        # most messages from the queue: it waits before taking the next, so healthy ones get them.
+        _failure_backoff.failed()
+        raise
+    else:
+        _failure_backoff.succeeded()
+    finally:
+        # ...and whatever happened: a chunk that failed leaves its requests queued or handed
+        # back, for the sweeper to send again within its grace.
+        if settle is not None:
+            settle()
     return {
         "claimed": report.claimed,
         "succeeded": report.succeeded,

@@ -1,0 +1,74 @@
+"""Faults of the Hardening issue, each against real ``tokenmill worker`` / ``tokenmill beat``
+subprocesses, a real Redis broker, PostgreSQL and the simulator over HTTP: a worker that cannot
+reach the database, a SIGKILLed worker under production lease settings, a line that breaks the
+result writer, a broker gone at shutdown."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+import sqlalchemy as sa
+
+from simulator.testing import SimulatorServer
+from store import Request, RequestStatus, batch_progress
+from tests.cluster import Cluster
+from tests.workers.support import Ledger, add_batch, results_of
+
+pytestmark = pytest.mark.slow
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what()}")
+        time.sleep(0.2)
+
+
+def logs_of(c: Cluster) -> str:
+    return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in c.logs.glob("*.log"))
+
+
+def request_rows(led: Ledger, batch_ids: list[str]) -> list[dict[str, object]]:
+    with led.engine.connect() as conn:
+        rows = conn.execute(sa.select(Request).where(Request.batch_id.in_(batch_ids))).mappings().all()
+    return [{k: v for k, v in row.items() if k != "body"} for row in rows]
+
+
+def test_a_worker_that_cannot_reach_the_database_strands_nothing(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    simulator: SimulatorServer,
+) -> None:
+    """Its chunks fail at the claim; their requests go back to the sweeper within seconds (they
+    used to stay queued behind a 48 h "sent" marker)."""
+    c = cluster()
+    led = make_ledger(postgres_url)
+    good_env = dict(c.env)
+    c.env["TOKENMILL_DATABASE_URL"] = postgres_url.replace(":5432/", ":1/")
+    assert c.env["TOKENMILL_DATABASE_URL"] != postgres_url
+    c.worker("broken", concurrency=4)
+    c.env = good_env
+    c.worker("good", concurrency=4)
+    c.beat()
+    batches = [add_batch(led, [f"question {i}"]) for i in range(10)]
+    for _, ids in batches:
+        c.dispatcher.dispatch(ids)
+
+    def unfinished() -> list[str]:
+        return [b for b, _ in batches if batch_progress(led.engine, b).finished < 1]
+
+    wait_until(
+        lambda: not unfinished(),
+        60,
+        lambda: f"unfinished {unfinished()}: {request_rows(led, unfinished())}\n{logs_of(c)}",
+    )
+    for batch_id, ids in batches:
+        results = results_of(led.engine, batch_id)
+        assert [r.request_id for r in results] == ids
+        assert results[0].status == RequestStatus.SUCCEEDED
+    # The broken worker did take some of them (else this test proves nothing).
+    assert "OperationalError" in (c.logs / "broken.log").read_text(errors="replace")

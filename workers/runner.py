@@ -6,8 +6,9 @@ run``). For each request: claim with a lease, then the request's handler (for ch
 written to the ledger in batches (every ``flush_size`` results or ``flush_interval`` seconds),
 first writer wins. Alongside:
 
-* a heartbeat extends the leases of what is still unfinished every third of the lease; a lease
-  found lost (another worker took the request) cancels that request here;
+* a heartbeat (``LeaseKeeper``, on a thread of its own so that a busy event loop cannot starve
+  it) extends the leases of what is still unfinished four times per lease; a lease found lost
+  (another worker took the request) cancels that request here;
 * a watcher reads the batches' status every ``cancel_check_interval``: a cancelled or expired
   batch starts no new request and its pending ones are cancelled (calls in flight end; the token
   passed to them stops their retries);
@@ -27,6 +28,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +58,7 @@ from workers.pipeline import CallResult, ModelCallPipeline
 __all__ = [
     "ChunkReport",
     "ChunkRunner",
+    "LeaseKeeper",
     "RequestCancelled",
     "RequestHandler",
     "RunnerConfig",
@@ -82,7 +85,7 @@ class RequestHandler(Protocol):
 @dataclass
 class RunnerConfig:
     owner: str
-    lease_seconds: int = 300
+    lease_seconds: int = 20
     in_flight: int = 64
     max_deliveries: int = 6
     flush_size: int = 50
@@ -97,6 +100,12 @@ class RunnerConfig:
     # A request still running after this long is taken for stuck: cancelled here, its lease left
     # to expire so that another worker redoes it. None: no limit.
     max_request_seconds: float | None = None
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """Leases are extended four times per lease: a heartbeat or two may be late (a database
+        hiccup) before a live request loses its lease."""
+        return max(0.5, self.lease_seconds / 4)
 
 
 @dataclass
@@ -236,6 +245,52 @@ class _Writer:
             await self.flush()
 
 
+class LeaseKeeper:
+    """Extends the leases of a chunk's unfinished requests every ``interval`` from a thread of its
+    own: a request whose event loop is busy (a long synchronous step, a slow collection) must not
+    lose its lease, and with short leases a heartbeat on the loop would. ``leased()`` names what
+    to extend (called on this thread); ``on_lost(ids)`` hears of leases another worker now holds."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        owner: str,
+        lease_seconds: int,
+        interval: float,
+        leased: Callable[[], list[str]],
+        on_lost: Callable[[set[str]], object],
+    ) -> None:
+        self._engine = engine
+        self._owner = owner
+        self._lease_seconds = lease_seconds
+        self._interval = interval
+        self._leased = leased
+        self._on_lost = on_lost
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"leases {owner}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval):
+            ids = self._leased()
+            try:
+                held = set(extend_leases(self._engine, ids, self._owner, self._lease_seconds))
+            except Exception:
+                # The database may be restarting: try again next beat; the leases outlive a few.
+                _logger.exception("extending %d lease(s) failed", len(ids))
+                continue
+            lost = set(ids) - held
+            if lost:
+                self._on_lost(lost)
+
+
 class ChunkRunner:
     """Runs chunks of request ids through ``pipeline``; one runner per event loop."""
 
@@ -326,33 +381,44 @@ class ChunkRunner:
                     return
                 finish(record)
 
-        async def heartbeat() -> None:
+        def lose(lost: set[str]) -> None:
+            """On the loop: another worker took these over; stop ours, record nothing."""
+            for request_id in lost:
+                if unfinished.pop(request_id, None) is None:
+                    continue  # finished meanwhile: its result row ended the lease
+                task = running.get(request_id)
+                if task is not None:
+                    task.cancel()
+
+        def leased() -> list[str]:
+            # From the keeper's thread. ``list(dict)`` copies in C without letting the loop's
+            # thread run, so it never sees the dict change size.
+            return [request_id for request_id in list(unfinished) if request_id not in overdue]
+
+        loop = asyncio.get_running_loop()
+        keeper = LeaseKeeper(
+            self.engine,
+            config.owner,
+            config.lease_seconds,
+            config.heartbeat_interval,
+            leased,
+            lambda lost: loop.call_soon_threadsafe(lose, lost),
+        )
+
+        async def give_up_overdue() -> None:
+            assert config.max_request_seconds is not None
             while True:
                 await asyncio.sleep(max(1.0, config.lease_seconds / 3))
-                if config.max_request_seconds is not None:
-                    # A request running this long is stuck, not slow: its lease is left to expire
-                    # (the sweeper gives it to another worker; first writer wins) and it is cancelled.
-                    too_old = time.monotonic() - config.max_request_seconds
-                    for request_id in [i for i, t in started_at.items() if t < too_old and i in unfinished]:
-                        started_at.pop(request_id)
-                        overdue.add(request_id)
-                        _logger.error(
-                            "request %s ran over %.0f s: given up here",
-                            request_id,
-                            config.max_request_seconds,
-                        )
-                        task = running.get(request_id)
-                        if task is not None:
-                            task.cancel()
-                ids = [request_id for request_id in unfinished if request_id not in overdue]
-                held = set(
-                    await asyncio.to_thread(
-                        extend_leases, self.engine, ids, config.owner, config.lease_seconds
+                # A request running this long is stuck, not slow: its lease is left to expire
+                # (the sweeper gives it to another worker; first writer wins) and it is cancelled.
+                too_old = time.monotonic() - config.max_request_seconds
+                for request_id in [i for i, t in started_at.items() if t < too_old and i in unfinished]:
+                    started_at.pop(request_id)
+                    overdue.add(request_id)
+                    _logger.error(
+                        "request %s ran over %.0f s: given up here", request_id, config.max_request_seconds
                     )
-                )
-                for lost in set(ids) - held:
-                    unfinished.pop(lost, None)
-                    task = running.get(lost)
+                    task = running.get(request_id)
                     if task is not None:
                         task.cancel()
 
@@ -411,7 +477,10 @@ class ChunkRunner:
 
         writing = asyncio.create_task(writer.run())
         refilling = asyncio.create_task(refill())
-        helpers = [asyncio.create_task(heartbeat()), asyncio.create_task(watch_batches()), refilling]
+        helpers = [asyncio.create_task(watch_batches()), refilling]
+        if config.max_request_seconds is not None:
+            helpers.append(asyncio.create_task(give_up_overdue()))
+        keeper.start()
         try:
             start(list(unfinished.values()))
             while True:
@@ -425,6 +494,7 @@ class ChunkRunner:
         finally:
             for helper in helpers:
                 helper.cancel()
+            await asyncio.to_thread(keeper.stop)
             writer.stop()
             await asyncio.gather(*helpers, writing, return_exceptions=True)
             await writer.flush()

@@ -13,8 +13,9 @@ import sqlalchemy as sa
 
 from simulator.testing import SimulatorServer
 from store import Request, RequestStatus, batch_progress
-from tests.cluster import Cluster
+from tests.cluster import Cluster, kill_group
 from tests.workers.support import Ledger, add_batch, results_of
+from tests.workers.test_celery_workers import assert_recorded_once
 
 pytestmark = pytest.mark.slow
 
@@ -72,3 +73,60 @@ def test_a_worker_that_cannot_reach_the_database_strands_nothing(
         assert results[0].status == RequestStatus.SUCCEEDED
     # The broken worker did take some of them (else this test proves nothing).
     assert "OperationalError" in (c.logs / "broken.log").read_text(errors="replace")
+
+
+def test_a_killed_workers_requests_run_again_within_30_s(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    simulator: SimulatorServer,
+) -> None:
+    """SIGKILL of a worker (main and pool processes) mid-batch, under the default lease and sweep
+    settings: every request it held is running again (leased to another worker) within 30 s of
+    the kill, and in the end each is recorded once."""
+    simulator.configure(latency_ms=200)
+    c = cluster()
+    for name in ("LEASE_SECONDS", "SWEEP_INTERVAL_SECONDS", "SWEEP_GRACE_SECONDS"):
+        c.env.pop(f"TOKENMILL_{name}")  # the defaults are what is promised
+    led = make_ledger(postgres_url)
+    batch_id, ids = add_batch(led, [f"question {i}" for i in range(1500)])
+    victim = c.worker("victim", concurrency=32)
+    c.worker("survivor", processes=2, concurrency=32)
+    c.beat()
+    c.dispatcher.dispatch(ids)
+
+    def held_by_victim() -> int:
+        with led.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).where(
+                        Request.batch_id == batch_id,
+                        Request.status == RequestStatus.RUNNING,
+                        Request.lease_owner.like("victim@%"),
+                    )
+                ).scalar_one()
+            )
+
+    wait_until(
+        lambda: batch_progress(led.engine, batch_id).finished >= len(ids) // 4 and held_by_victim() > 0,
+        60,
+        lambda: f"victim holds {held_by_victim()}\n{logs_of(c)}",
+    )
+    kill_group(victim)
+    killed_at = time.monotonic()
+    stranded = held_by_victim()
+    assert stranded > 0
+    wait_until(lambda: held_by_victim() == 0, 60, lambda: f"victim still holds {held_by_victim()}")
+    all_running_again = time.monotonic() - killed_at
+    print(f"{stranded} request(s) stranded by the kill, all running again after {all_running_again:.1f} s")
+    assert all_running_again <= 30
+
+    wait_until(
+        lambda: batch_progress(led.engine, batch_id).finished == len(ids),
+        90,
+        lambda: f"{batch_progress(led.engine, batch_id)}\n{logs_of(c)}",
+    )
+    results = assert_recorded_once(led, batch_id, ids)
+    assert all(r.status == RequestStatus.SUCCEEDED for r in results)
+    # Usage counted once: one result per request, and every billed one was an upstream answer.
+    assert len([r for r in results if not r.cached]) <= simulator.stats()["accepted"]

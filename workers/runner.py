@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
 from models.cancellation import CancellationToken
@@ -42,6 +43,7 @@ from models.openai import chat_completion_body, request_from_openai_body
 from store import (
     STOPPED_BATCH_STATUSES,
     ClaimedRequest,
+    RecordOutcome,
     RequestKind,
     RequestStatus,
     ResultRecord,
@@ -56,6 +58,7 @@ from store import (
 from workers.pipeline import CallResult, ModelCallPipeline
 
 __all__ = [
+    "UNRECORDABLE",
     "ChunkReport",
     "ChunkRunner",
     "LeaseKeeper",
@@ -64,6 +67,7 @@ __all__ = [
     "RunnerConfig",
     "complete_chat",
     "failed_record",
+    "record_isolating_bad_rows",
     "record_of_call",
 ]
 
@@ -203,8 +207,77 @@ DEFAULT_HANDLERS: Mapping[RequestKind, RequestHandler] = {RequestKind.CHAT_COMPL
 ResultListener = Callable[[ResultRecord], None]
 
 
+UNRECORDABLE = "result_not_recordable"
+_ERROR_TEXT_LIMIT = 500
+
+
+def _error_text(error: BaseException) -> str:
+    """The database's own words, without the statement and parameters SQLAlchemy adds (they would
+    echo the row), printable and bounded."""
+    cause = error.orig if isinstance(error, sa_exc.DBAPIError) and error.orig is not None else error
+    text = f"{type(cause).__name__}: {cause}"
+    text = "".join(ch if ch.isprintable() else " " for ch in text).strip()
+    return text if len(text) <= _ERROR_TEXT_LIMIT else text[: _ERROR_TEXT_LIMIT - 3] + "..."
+
+
+def _unreachable(error: BaseException) -> bool:
+    """The database could not be asked at all: writing rows one by one would not help."""
+    return isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError) or (
+        isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated
+    )
+
+
+def record_isolating_bad_rows(
+    engine: Engine, records: Sequence[ResultRecord]
+) -> tuple[RecordOutcome, list[str]]:
+    """``record_results`` for many; when that fails for the data (not the connection), row by row,
+    so that a row the database refuses fails alone: its request is recorded as failed with the
+    database's error (``UNRECORDABLE``), the others as they are. Returns the outcome and the ids
+    recorded so instead. Raises when the database cannot be reached, or refuses even the failure."""
+    try:
+        return record_results(engine, records), []
+    except Exception as error:
+        if _unreachable(error):
+            raise
+        batch_error = error
+    inserted: list[str] = []
+    duplicates: list[str] = []
+    skipped: list[str] = []
+    finalized: list[str] = []
+    replaced: list[str] = []
+    for record in records:
+        try:
+            outcome = record_results(engine, [record])
+        except Exception as error:
+            if _unreachable(error):
+                raise
+            text = _error_text(error)
+            _logger.error(
+                "the result of request %s could not be recorded (%s); it fails alone", record.request_id, text
+            )
+            failure = ResultRecord(
+                request_id=record.request_id,
+                status=RequestStatus.FAILED,
+                error_code=UNRECORDABLE,
+                error_message=f"the result could not be recorded: {text}",
+                attempts=record.attempts,
+                latency_ms=record.latency_ms,
+            )
+            outcome = record_results(engine, [failure])
+            replaced.append(record.request_id)
+        inserted += outcome.inserted
+        duplicates += outcome.duplicates
+        skipped += outcome.skipped
+        finalized += outcome.finalized_batches
+    if not replaced:  # row by row, every one went in: the batch's failure was something else
+        _logger.warning("a batched result write failed, then each row went in: %s", _error_text(batch_error))
+    return RecordOutcome(inserted, duplicates, skipped, finalized), replaced
+
+
 class _Writer:
-    """Buffers records and writes them with ``record_results`` in batches, off the event loop."""
+    """Buffers records and writes them with ``record_isolating_bad_rows`` in batches, off the
+    event loop. A write that fails (the database out of reach) keeps its records for the next
+    flush and is logged; the last flush raises it."""
 
     def __init__(self, engine: Engine, report: ChunkReport, flush_size: int, flush_interval: float) -> None:
         self._engine = engine
@@ -226,9 +299,18 @@ class _Writer:
             records, self._buffer = self._buffer, []
             if not records:
                 return
-            outcome = await asyncio.to_thread(record_results, self._engine, records)
+            try:
+                outcome, replaced = await asyncio.to_thread(record_isolating_bad_rows, self._engine, records)
+            except BaseException:
+                self._buffer[:0] = records  # not written: kept for the next try
+                raise
         self._report.duplicates += len(outcome.duplicates)
         self._report.finalized_batches.extend(outcome.finalized_batches)
+        by_id = {record.request_id: record for record in records}
+        for request_id in replaced:
+            if by_id[request_id].status is RequestStatus.SUCCEEDED:
+                self._report.succeeded -= 1
+                self._report.failed += 1
 
     def stop(self) -> None:
         self._stopped = True
@@ -242,7 +324,10 @@ class _Writer:
                 async with asyncio.timeout(self._flush_interval):
                     await self._wake.wait()
             self._wake.clear()
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:
+                _logger.exception("writing %d result(s) failed; trying again", len(self._buffer))
 
 
 class LeaseKeeper:
@@ -497,16 +582,18 @@ class ChunkRunner:
             await asyncio.to_thread(keeper.stop)
             writer.stop()
             await asyncio.gather(*helpers, writing, return_exceptions=True)
-            await writer.flush()
-            for request_id in to_cancel:
-                unfinished.pop(request_id, None)
-            if to_cancel:
-                report.cancelled = await asyncio.to_thread(
-                    cancel_claimed, self.engine, to_cancel, config.owner
-                )
-            if unfinished:
-                # Not started (deadline) or broken by a bug: hand back for another delivery.
-                report.released = await asyncio.to_thread(
-                    release_requests, self.engine, list(unfinished), config.owner
-                )
+            try:
+                await writer.flush()  # raises what kept results from the ledger
+            finally:
+                for request_id in to_cancel:
+                    unfinished.pop(request_id, None)
+                if to_cancel:
+                    report.cancelled = await asyncio.to_thread(
+                        cancel_claimed, self.engine, to_cancel, config.owner
+                    )
+                if unfinished:
+                    # Not started (deadline) or broken by a bug: hand back for another delivery.
+                    report.released = await asyncio.to_thread(
+                        release_requests, self.engine, list(unfinished), config.owner
+                    )
         return report

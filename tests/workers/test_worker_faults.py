@@ -130,3 +130,43 @@ def test_a_killed_workers_requests_run_again_within_30_s(
     assert all(r.status == RequestStatus.SUCCEEDED for r in results)
     # Usage counted once: one result per request, and every billed one was an upstream answer.
     assert len([r for r in results if not r.cached]) <= simulator.stats()["accepted"]
+
+
+def test_a_line_that_breaks_the_result_writer_fails_alone_at_once(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    simulator: SimulatorServer,
+) -> None:
+    """A NUL in one line's model (written straight into the ledger: the API may refuse it) makes
+    its result row unwritable (PostgreSQL text holds no NUL). That line fails with the real error,
+    named and bounded; its ten chunk-mates succeed; nothing waits for max_deliveries."""
+    c = cluster()
+    led = make_ledger(postgres_url)
+    batch_id, ids = add_batch(led, [f"question {i}" for i in range(11)])
+    bad = ids[5]
+    with led.engine.begin() as conn:
+        body = conn.execute(sa.select(Request.body).where(Request.id == bad)).scalar_one()
+        conn.execute(
+            sa.update(Request).where(Request.id == bad).values(body={**body, "model": "sim\x00model"})
+        )
+    c.worker("w1", concurrency=16)
+    c.dispatcher.dispatch(ids)
+    wait_until(
+        lambda: batch_progress(led.engine, batch_id).finished == len(ids),
+        20,
+        lambda: f"{batch_progress(led.engine, batch_id)}: {request_rows(led, [batch_id])}\n{logs_of(c)}",
+    )
+    results = {r.request_id: r for r in results_of(led.engine, batch_id)}
+    assert sorted(results) == sorted(ids)
+    assert all(results[i].status == RequestStatus.SUCCEEDED for i in ids if i != bad)
+    failed = results[bad]
+    assert failed.status == RequestStatus.FAILED
+    assert failed.error_code == "result_not_recordable"
+    assert failed.error_message is not None
+    assert "NUL" in failed.error_message
+    assert "\x00" not in failed.error_message
+    assert len(failed.error_message) <= 500
+    assert failed.attempts == 1
+    # The writer's error is in the worker's log, not swallowed.
+    assert "could not be recorded" in (c.logs / "w1.log").read_text(errors="replace")

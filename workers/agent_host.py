@@ -12,6 +12,7 @@ redone, and the redo's model calls are cache hits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import json
@@ -20,6 +21,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from celery.signals import worker_process_init
+from redis.asyncio.lock import Lock
+from redis.exceptions import LockError
 from sqlalchemy.engine import Engine
 
 from agents import (
@@ -109,6 +112,16 @@ async def _run_handler(
         await host.close()
 
 
+async def _keep_lock(lock: Lock, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await lock.reacquire()
+        except LockError:
+            _logger.exception("the agent lock %s was lost", lock.name)
+            return
+
+
 async def handle_agent_message(
     settings: Settings,
     engine: Engine,
@@ -138,15 +151,23 @@ async def handle_agent_message(
                     UndeliverableException(f"no message {message_id!r} for {agent_id} in the ledger")
                 )
             else:
-                reply, state = await _run_handler(
-                    settings,
-                    agent_id,
-                    tenant_id,
-                    message_id,
-                    message.sender,
-                    message.payload,
-                    None if stored is None else stored.state,
-                )
+                # The lock lives ``lease_seconds`` (a killed worker's agent is free again soon);
+                # a live handler keeps it for as long as it runs.
+                keeper = asyncio.create_task(_keep_lock(lock, settings.lease_seconds / 4))
+                try:
+                    reply, state = await _run_handler(
+                        settings,
+                        agent_id,
+                        tenant_id,
+                        message_id,
+                        message.sender,
+                        message.payload,
+                        None if stored is None else stored.state,
+                    )
+                finally:
+                    keeper.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await keeper
                 try:
                     await asyncio.to_thread(
                         functools.partial(

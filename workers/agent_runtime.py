@@ -65,6 +65,8 @@ __all__ = [
 ]
 
 REPLY_TTL_SECONDS = 3600
+# Beyond the BLPOP's own timeout, how long its answer may take to arrive before the wait gives up.
+REPLY_WAIT_MARGIN_SECONDS = 10.0
 
 AgentT = TypeVar("AgentT", bound=BaseAgent)
 
@@ -199,7 +201,9 @@ class DistributedAgentRuntime:
     def _reply_redis(self) -> aioredis.Redis:
         if self._redis is None:
             assert self._settings.broker_url is not None
-            self._redis = aioredis.Redis.from_url(self._settings.broker_url)
+            # No socket timeout (redis-py's default is 5 s): a BLPOP is silent until its reply
+            # comes, for as long as the handler runs; ``send_message`` bounds the wait itself.
+            self._redis = aioredis.Redis.from_url(self._settings.broker_url, socket_timeout=None)
         return self._redis
 
     def _record_and_send(
@@ -255,7 +259,12 @@ class DistributedAgentRuntime:
             )
             if cancellation_token is not None:
                 cancellation_token.link_future(blpop)
-            popped = await blpop
+            # A connection that died silently must not hold the caller past its own timeout.
+            try:
+                async with asyncio.timeout(wait + REPLY_WAIT_MARGIN_SECONDS):
+                    popped = await blpop
+            except TimeoutError:
+                popped = None
             if popped is None:
                 raise AgentReplyTimeout(f"no reply from {recipient} within {wait:.0f} s", "timeout")
             return raise_for_reply(json.loads(popped[1]), self._codec)

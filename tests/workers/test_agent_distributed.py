@@ -141,3 +141,30 @@ async def test_the_broker_carries_ids_and_sql_the_message(
     await runtime.stop()
     await model_client.close()
     assert "noted" in reply.content
+
+
+async def test_a_handler_slower_than_the_redis_socket_timeout_still_replies(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    simulator: SimulatorServer,
+) -> None:
+    """The model answers in 6 s, beyond redis-py's default 5 s socket timeout: the reply wait is
+    bounded by the runtime's reply timeout only."""
+    make_ledger(postgres_url)
+    c = agent_cluster(cluster, workers=1)
+    runtime = DistributedAgentRuntime(c.settings, reply_timeout=60)
+    model_client = OpenAIChatCompletionClient(model="sim-model", base_url=simulator.base_url, api_key="sim")
+    await SimpleAgent.register(runtime, "simple_agent", lambda: SimpleAgent(model_client=model_client))
+    runtime.start()
+    started = time.monotonic()
+    try:
+        response = await runtime.send_message(
+            Message("Slow, please [[delay 6]] [[say patience]]"), AgentId("simple_agent", "default")
+        )
+    finally:
+        await runtime.stop()
+        await model_client.close()
+    assert isinstance(response, Message)
+    assert "patience" in response.content
+    assert time.monotonic() - started >= 6

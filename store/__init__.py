@@ -73,6 +73,11 @@ Agent conversations and agent state::
     record_agent_message(engine, message_id, *, agent_type, agent_key, payload, sender=None,
                          tenant_id=None) -> bool                                # False: id seen before
     get_agent_message(engine, message_id, tenant_id=None) -> StoredAgentMessage | None
+    claim_agent_message(engine, message_id, tenant_id, owner, lease_seconds) -> int | None  # deliveries
+    extend_agent_message_lease(engine, message_id, tenant_id, owner, lease_seconds) -> bool
+    answer_agent_message(engine, message_id, tenant_id) -> None
+    agent_messages_to_resend(engine, *, now, limit) -> list[AgentMessageToResend]   # lease expired
+    hold_for_resend(engine, message, hold_seconds) -> bool                   # False: taken meanwhile
 
 Exceptions::
 
@@ -86,7 +91,17 @@ Exceptions::
      └── InvalidArgument (also a ValueError): a bad endpoint, completion window or metadata
 """
 
-from store.agent_messages import StoredAgentMessage, get_agent_message, record_agent_message
+from store.agent_messages import (
+    AgentMessageToResend,
+    StoredAgentMessage,
+    agent_messages_to_resend,
+    answer_agent_message,
+    claim_agent_message,
+    extend_agent_message_lease,
+    get_agent_message,
+    hold_for_resend,
+    record_agent_message,
+)
 from store.agent_runs import AgentRunRecord, get_agent_run
 from store.agent_state import StoredAgentState, get_agent_state, load_agent_state, save_agent_state
 from store.batches import (
@@ -165,6 +180,7 @@ __all__ = [
     "ENDPOINT_KINDS",
     "STOPPED_BATCH_STATUSES",
     "AgentMessage",
+    "AgentMessageToResend",
     "AgentRunRecord",
     "AgentState",
     "AgentStateConflict",
@@ -202,6 +218,8 @@ __all__ = [
     "Tenant",
     "UsageGroup",
     "UsageRow",
+    "agent_messages_to_resend",
+    "answer_agent_message",
     "append_messages",
     "authenticate_api_key",
     "batch_file_ids",
@@ -209,6 +227,7 @@ __all__ = [
     "batch_statuses",
     "cancel_batch",
     "cancel_claimed",
+    "claim_agent_message",
     "claim_queued",
     "claim_requests",
     "create_api_key",
@@ -220,6 +239,7 @@ __all__ = [
     "downgrade_to_base",
     "due_webhooks",
     "expire_batches",
+    "extend_agent_message_lease",
     "extend_leases",
     "get_agent_message",
     "get_agent_run",
@@ -229,6 +249,7 @@ __all__ = [
     "get_prices",
     "get_tenant",
     "head_revision",
+    "hold_for_resend",
     "ingest_batch",
     "iter_error_lines",
     "iter_output_lines",

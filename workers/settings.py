@@ -70,6 +70,14 @@ class Settings(BaseSettings):
     )
     visibility_timeout_seconds: int = Field(default=3600, ge=10)
     unacked_restore_interval_seconds: float = Field(default=5.0, gt=0)
+    worker_shutdown_seconds: float = Field(
+        default=30.0,
+        ge=15,
+        description=(
+            "the longest a worker takes to exit after SIGTERM/SIGINT whatever its broker does (soft "
+            "shutdown is 10 s, then a cold one); past it the worker kills its pool and exits"
+        ),
+    )
     sweep_interval_seconds: float = Field(
         default=5.0, gt=0, description="how often beat looks for expired leases and lost messages"
     )

@@ -3,16 +3,26 @@
 Messages carry request ids and a dispatch id, never prompts or keys (invariant 1 and 8). Chunks
 run on the worker process's one event loop (``context.run_in_loop``), through the pipeline that
 lives on it, so connections to the provider, Redis and the limiter's state carry from chunk to chunk.
+
+A worker exits within ``worker_shutdown_seconds`` (30 s) of SIGTERM or SIGINT whatever its broker
+does: a watchdog started by the first shutdown signal ends it (and its pool) past that time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
+
+import billiard  # type: ignore[import-untyped]  # Celery's multiprocessing fork, untyped
+from celery.signals import worker_ready, worker_shutting_down
 
 from workers import context
 from workers.agent_tasks import handlers_with_agents
@@ -23,6 +33,8 @@ from workers.runner import ChunkReport, ChunkRunner, RunnerConfig
 from workers.sweeper import sweep
 
 __all__ = ["complete_chunk", "dispatcher", "run_chunk", "sweep_task"]
+
+_logger = logging.getLogger(__name__)
 
 
 def dispatcher() -> Dispatcher:
@@ -105,6 +117,60 @@ def complete_chunk(self: Any, request_ids: list[str], dispatch_id: str | None = 
         "cached": report.cached,
         "released": report.released,
     }
+
+
+class _ShutdownWatchdog:
+    """Started by the first shutdown signal of the worker's main process: if the process still
+    runs ``worker_shutdown_seconds`` later (a broker that stopped answering leaves Celery's cold
+    shutdown waiting on it for good), kill the pool processes and exit. Their chunks' requests
+    come back through their leases, like a SIGKILL's."""
+
+    def __init__(self) -> None:
+        self._started = False
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        seconds = context.settings().worker_shutdown_seconds
+        threading.Thread(
+            target=self._exit_after, args=(seconds,), name="shutdown watchdog", daemon=True
+        ).start()
+
+    @staticmethod
+    def _exit_after(seconds: float) -> None:
+        time.sleep(seconds)
+        _logger.critical("worker still running %.0f s after it was asked to stop: exiting now", seconds)
+        for child in billiard.active_children():
+            with contextlib.suppress(OSError):
+                os.kill(child.pid, signal.SIGKILL)
+        logging.shutdown()
+        os._exit(1)
+
+
+_shutdown_watchdog = _ShutdownWatchdog()
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator, unused-ignore]
+def _watch_shutdown_signals(**_: Any) -> None:
+    """Start the watchdog on the signal itself: Celery tells ``worker_shutting_down`` only after
+    its soft shutdown, and then only if nothing before hung."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        celerys = signal.getsignal(sig)
+        if callable(celerys):
+            signal.signal(sig, functools.partial(_start_watchdog_then, celerys))
+
+
+def _start_watchdog_then(handler: Callable[[int, Any], Any], signum: int, frame: Any) -> Any:
+    _shutdown_watchdog.start()
+    return handler(signum, frame)
+
+
+@worker_shutting_down.connect  # type: ignore[untyped-decorator, unused-ignore]
+def _exit_within_the_shutdown_bound(**_: Any) -> None:
+    _shutdown_watchdog.start()
 
 
 @app.task(name=SWEEP_TASK, ignore_result=True)  # type: ignore[untyped-decorator, unused-ignore]

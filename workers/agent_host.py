@@ -5,21 +5,30 @@ once), read the message and the agent's state from SQL, answer from SQL if this 
 already answered (a redelivery), else build the agent from its registered factory with a model
 client from the worker's pipeline (cache -> limiter -> retry), run the handler, save the state back
 version-checked together with the message id and the reply, and push the reply to the caller's
-Redis key. Acks are late (the app's setting): a worker killed mid-handler leaves the message to be
-redone, and the redo's model calls are cache hits.
+Redis key. The message is claimed in SQL (a lease this worker extends while the handler runs,
+with the agent's lock) and marked answered after: a worker killed mid-handler leaves an
+unanswered message under an expired lease, which the sweeper sends again within seconds
+(``workers.sweeper``); the redo's finished model calls are cache hits.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import json
 import logging
+import os
+import socket
+import uuid
+from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 from celery.signals import worker_process_init
+from redis.asyncio.lock import Lock
+from redis.exceptions import LockError
 from sqlalchemy.engine import Engine
 
 from agents import (
@@ -34,7 +43,17 @@ from agents import (
     load_tool_modules,
 )
 from models.cancellation import CancellationToken
-from store import AgentStateConflict, get_agent_message, get_agent_state, save_agent_state
+from store import (
+    AgentStateConflict,
+    StoredAgentMessage,
+    StoredAgentState,
+    answer_agent_message,
+    claim_agent_message,
+    extend_agent_message_lease,
+    get_agent_message,
+    get_agent_state,
+    save_agent_state,
+)
 from workers import context
 from workers.agent_runtime import (
     REPLY_TTL_SECONDS,
@@ -109,6 +128,21 @@ async def _run_handler(
         await host.close()
 
 
+async def _keep_held(lock: Lock, interval: float, extend_lease: Callable[[], bool]) -> None:
+    """While a handler runs: keep the agent's lock and the message's lease."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await lock.reacquire()
+        except LockError:
+            _logger.exception("the agent lock %s was lost", lock.name)
+        try:
+            if not await asyncio.to_thread(extend_lease):
+                _logger.error("the lease of agent message under lock %s was lost", lock.name)
+        except Exception:
+            _logger.exception("extending an agent message's lease failed; trying again")
+
+
 async def handle_agent_message(
     settings: Settings,
     engine: Engine,
@@ -117,12 +151,19 @@ async def handle_agent_message(
     agent_key: str,
     tenant_id: str | None,
     message_id: str,
-) -> dict[str, Any]:
+    owner: str | None = None,
+) -> dict[str, Any] | None:
     """Run one message, read from SQL, to its reply (pushed to the caller's reply key) and return
-    the reply."""
+    the reply; None when there was nothing to do (answered already, or another worker holds it).
+
+    ``owner`` names this delivery in the message's lease. A message delivered more than
+    ``max_attempts`` times (its handler keeps killing workers) is answered with an error."""
     agent_id = AgentId(agent_type, agent_key)
+    owner = owner or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
     redis = aioredis.Redis.from_url(settings.broker_url or "")
     try:
+        # The lock lives ``lease_seconds`` (a killed worker's agent is free again soon); a live
+        # handler keeps it, and the message's lease, for as long as it runs.
         lock = redis.lock(
             agent_lock_key(settings.key_prefix, tenant_id, agent_id),
             timeout=settings.lease_seconds,
@@ -138,31 +179,23 @@ async def handle_agent_message(
                     UndeliverableException(f"no message {message_id!r} for {agent_id} in the ledger")
                 )
             else:
-                reply, state = await _run_handler(
-                    settings,
-                    agent_id,
-                    tenant_id,
-                    message_id,
-                    message.sender,
-                    message.payload,
-                    None if stored is None else stored.state,
+                deliveries = await asyncio.to_thread(
+                    claim_agent_message, engine, message_id, tenant_id, owner, settings.lease_seconds
                 )
-                try:
-                    await asyncio.to_thread(
-                        functools.partial(
-                            save_agent_state,
-                            engine,
-                            agent_type,
-                            agent_key,
-                            state,
-                            tenant_id,
-                            expected_version=0 if stored is None else stored.version,
-                            message_id=message_id,
-                            reply=reply,
+                if deliveries is None:
+                    return None  # answered before (not as the agent's last message), or held
+                if deliveries > settings.max_attempts:
+                    reply = error_reply(
+                        UndeliverableException(
+                            f"gave up on message {message_id!r} after {deliveries - 1} "
+                            "deliveries that did not finish"
                         )
                     )
-                except AgentStateConflict as e:  # the lock expired under a slow handler
-                    reply = error_reply(e)
+                else:
+                    reply = await _run_and_save(
+                        settings, engine, lock, owner, agent_id, tenant_id, message_id, message, stored
+                    )
+            await asyncio.to_thread(answer_agent_message, engine, message_id, tenant_id)
         key = agent_reply_key(settings.key_prefix, message_id)
         async with redis.pipeline(transaction=True) as pipe:
             pipe.lpush(key, json.dumps(reply))
@@ -173,16 +206,66 @@ async def handle_agent_message(
         await redis.aclose()
 
 
-@app.task(name=AGENT_MESSAGE_TASK, ignore_result=True)  # type: ignore[untyped-decorator, unused-ignore]
+async def _run_and_save(
+    settings: Settings,
+    engine: Engine,
+    lock: Lock,
+    owner: str,
+    agent_id: AgentId,
+    tenant_id: str | None,
+    message_id: str,
+    message: StoredAgentMessage,
+    stored: StoredAgentState | None,
+) -> dict[str, Any]:
+    extend = functools.partial(
+        extend_agent_message_lease, engine, message_id, tenant_id, owner, settings.lease_seconds
+    )
+    keeper = asyncio.create_task(_keep_held(lock, settings.lease_seconds / 4, extend))
+    try:
+        reply, state = await _run_handler(
+            settings,
+            agent_id,
+            tenant_id,
+            message_id,
+            message.sender,
+            message.payload,
+            None if stored is None else stored.state,
+        )
+    finally:
+        keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeper
+    try:
+        await asyncio.to_thread(
+            functools.partial(
+                save_agent_state,
+                engine,
+                agent_id.type,
+                agent_id.key,
+                state,
+                tenant_id,
+                expected_version=0 if stored is None else stored.version,
+                message_id=message_id,
+                reply=reply,
+            )
+        )
+    except AgentStateConflict as e:  # the lock expired under a slow handler
+        reply = error_reply(e)
+    return reply
+
+
+@app.task(name=AGENT_MESSAGE_TASK, bind=True, ignore_result=True)  # type: ignore[untyped-decorator, unused-ignore]
 def agent_message(
+    self: Any,
     agent_type: str,
     agent_key: str,
     tenant_id: str | None,
     message_id: str,
 ) -> bool:
-    """The Celery task: True when the handler replied, False when it raised. It carries ids only;
-    the message itself is in SQL (``store.record_agent_message``)."""
+    """The Celery task: True when the handler replied, False when it raised (or there was nothing
+    to do). It carries ids only; the message itself is in SQL (``store.record_agent_message``)."""
     settings = context.settings()  # its modules were loaded at worker_process_init
+    owner = f"{self.request.hostname or 'worker'}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
     reply = context.run_in_loop(
         handle_agent_message(
             settings,
@@ -191,6 +274,7 @@ def agent_message(
             agent_key=agent_key,
             tenant_id=tenant_id,
             message_id=message_id,
+            owner=owner,
         )
     )
-    return bool(reply.get("ok"))
+    return reply is not None and bool(reply.get("ok"))

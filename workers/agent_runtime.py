@@ -10,11 +10,17 @@ for the runtime's class. What happens to one ``send_message(message, AgentId(typ
               BLPOP <key_prefix>agent_reply:<message id> (redis.asyncio), up to the timeout
     worker:   lock <key_prefix>agent_lock:<tenant>:<type>/<key>  (one handler per agent at a time)
               read the message and the agent's state from SQL; if the agent already answered this
-              message id (a redelivery), reply from SQL without running the handler again
+              message id (a redelivery), reply from SQL without running the handler again;
+              else claim the message in SQL (a lease, kept with the lock while the handler runs:
+              the sweeper sends again a message whose worker died, see workers.sweeper)
               build the agent from its registered factory, with a model client from the worker's
               pipeline (cache -> limiter -> retry), load_state, run the handler, save_state back
               (with the message id and the reply, version-checked), then
-              LPUSH the reply (or the handler's error) to the reply key, with a TTL
+              LPUSH the reply (or the handler's error) to the reply key, with a TTL, and mark
+              the message answered
+
+The caller's BLPOP connection has no socket timeout (redis-py's default 5 s would fail any handler
+slower than that); the wait is bounded by the reply timeout alone.
 
 The reply travels through Redis rather than Celery's result backend, which the workers keep off
 (results go to SQL). Agent types are registered by name in modules both sides import
@@ -65,6 +71,8 @@ __all__ = [
 ]
 
 REPLY_TTL_SECONDS = 3600
+# Beyond the BLPOP's own timeout, how long its answer may take to arrive before the wait gives up.
+REPLY_WAIT_MARGIN_SECONDS = 10.0
 
 AgentT = TypeVar("AgentT", bound=BaseAgent)
 
@@ -199,7 +207,9 @@ class DistributedAgentRuntime:
     def _reply_redis(self) -> aioredis.Redis:
         if self._redis is None:
             assert self._settings.broker_url is not None
-            self._redis = aioredis.Redis.from_url(self._settings.broker_url)
+            # No socket timeout (redis-py's default is 5 s): a BLPOP is silent until its reply
+            # comes, for as long as the handler runs; ``send_message`` bounds the wait itself.
+            self._redis = aioredis.Redis.from_url(self._settings.broker_url, socket_timeout=None)
         return self._redis
 
     def _record_and_send(
@@ -255,7 +265,12 @@ class DistributedAgentRuntime:
             )
             if cancellation_token is not None:
                 cancellation_token.link_future(blpop)
-            popped = await blpop
+            # A connection that died silently must not hold the caller past its own timeout.
+            try:
+                async with asyncio.timeout(wait + REPLY_WAIT_MARGIN_SECONDS):
+                    popped = await blpop
+            except TimeoutError:
+                popped = None
             if popped is None:
                 raise AgentReplyTimeout(f"no reply from {recipient} within {wait:.0f} s", "timeout")
             return raise_for_reply(json.loads(popped[1]), self._codec)

@@ -9,6 +9,8 @@ Layout under the prefix::
     limit:{endpoint}:{model}           hash: GCRA state (rpm / tpm) and the AIMD concurrency cap
     limit:{endpoint}:{model}:leases    sorted set: in-flight slots, scored by lease expiry
     dispatch:{dispatch_id}             string: marker of one chunk message in flight (see dispatch.py)
+    dispatch-seq:sent                  counter: sequence number of the last chunk message published
+    dispatch-seq:taken                 the highest sequence number a worker has taken from the queue
     sweep:lock                         the lock sweepers take turns with (sweeper.py)
     agent_reply:{message_id}           list: the reply to one distributed agent message (agent_runtime.py)
     agent_lock:{tenant}:{type}/{key}   lock: one handler per agent at a time (agent_host.py)
@@ -27,6 +29,7 @@ __all__ = [
     "agent_lock_key",
     "agent_reply_key",
     "dispatch_marker_key",
+    "dispatch_sequence_keys",
     "limit_key",
     "limit_leases_key",
     "sweep_lock_key",
@@ -53,6 +56,11 @@ def limit_leases_key(prefix: str, endpoint: str, model: str) -> str:
 
 def dispatch_marker_key(prefix: str, dispatch_id: str) -> str:
     return f"{prefix}{DISPATCH_MARKER_PREFIX}{dispatch_id}"
+
+
+def dispatch_sequence_keys(prefix: str) -> tuple[str, str]:
+    """(last sequence number published, highest sequence number taken by a worker)."""
+    return f"{prefix}dispatch-seq:sent", f"{prefix}dispatch-seq:taken"
 
 
 def agent_reply_key(prefix: str, message_id: str) -> str:

@@ -6,8 +6,9 @@ run``). For each request: claim with a lease, then the request's handler (for ch
 written to the ledger in batches (every ``flush_size`` results or ``flush_interval`` seconds),
 first writer wins. Alongside:
 
-* a heartbeat extends the leases of what is still unfinished every third of the lease; a lease
-  found lost (another worker took the request) cancels that request here;
+* a heartbeat (``LeaseKeeper``, on a thread of its own so that a busy event loop cannot starve
+  it) extends the leases of what is still unfinished four times per lease; a lease found lost
+  (another worker took the request) cancels that request here;
 * a watcher reads the batches' status every ``cancel_check_interval``: a cancelled or expired
   batch starts no new request and its pending ones are cancelled; a call already sent upstream
   runs to its end and its result is recorded, as OpenAI's cancel does (the provider bills it
@@ -33,11 +34,13 @@ import dataclasses
 import functools
 import logging
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
 from models.cancellation import CancellationToken
@@ -47,6 +50,7 @@ from models.retry import RATE_LIMIT_DEADLINE, RetryLater
 from store import (
     STOPPED_BATCH_STATUSES,
     ClaimedRequest,
+    RecordOutcome,
     RequestKind,
     RequestStatus,
     ResultRecord,
@@ -62,13 +66,16 @@ from store import (
 from workers.pipeline import CallResult, ModelCallPipeline
 
 __all__ = [
+    "UNRECORDABLE",
     "ChunkReport",
     "ChunkRunner",
+    "LeaseKeeper",
     "RequestCancelled",
     "RequestHandler",
     "RunnerConfig",
     "complete_chat",
     "failed_record",
+    "record_isolating_bad_rows",
     "record_of_call",
 ]
 
@@ -97,7 +104,7 @@ class RequestHandler(Protocol):
 @dataclass
 class RunnerConfig:
     owner: str
-    lease_seconds: int = 300
+    lease_seconds: int = 20
     in_flight: int = 64
     max_deliveries: int = 6
     flush_size: int = 50
@@ -115,6 +122,12 @@ class RunnerConfig:
     # How long a request keeps retrying rate limits, from its first hand-back for one; past it a
     # 429 fails it. None: until its batch's completion window ends.
     rate_limit_retry_seconds: float | None = None
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """Leases are extended four times per lease: a heartbeat or two may be late (a database
+        hiccup) before a live request loses its lease."""
+        return max(0.5, self.lease_seconds / 4)
 
 
 @dataclass
@@ -218,8 +231,77 @@ DEFAULT_HANDLERS: Mapping[RequestKind, RequestHandler] = {RequestKind.CHAT_COMPL
 ResultListener = Callable[[ResultRecord], None]
 
 
+UNRECORDABLE = "result_not_recordable"
+_ERROR_TEXT_LIMIT = 500
+
+
+def _error_text(error: BaseException) -> str:
+    """The database's own words, without the statement and parameters SQLAlchemy adds (they would
+    echo the row), printable and bounded."""
+    cause = error.orig if isinstance(error, sa_exc.DBAPIError) and error.orig is not None else error
+    text = f"{type(cause).__name__}: {cause}"
+    text = "".join(ch if ch.isprintable() else " " for ch in text).strip()
+    return text if len(text) <= _ERROR_TEXT_LIMIT else text[: _ERROR_TEXT_LIMIT - 3] + "..."
+
+
+def _unreachable(error: BaseException) -> bool:
+    """The database could not be asked at all: writing rows one by one would not help."""
+    return isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError) or (
+        isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated
+    )
+
+
+def record_isolating_bad_rows(
+    engine: Engine, records: Sequence[ResultRecord]
+) -> tuple[RecordOutcome, list[str]]:
+    """``record_results`` for many; when that fails for the data (not the connection), row by row,
+    so that a row the database refuses fails alone: its request is recorded as failed with the
+    database's error (``UNRECORDABLE``), the others as they are. Returns the outcome and the ids
+    recorded so instead. Raises when the database cannot be reached, or refuses even the failure."""
+    try:
+        return record_results(engine, records), []
+    except Exception as error:
+        if _unreachable(error):
+            raise
+        batch_error = error
+    inserted: list[str] = []
+    duplicates: list[str] = []
+    skipped: list[str] = []
+    finalized: list[str] = []
+    replaced: list[str] = []
+    for record in records:
+        try:
+            outcome = record_results(engine, [record])
+        except Exception as error:
+            if _unreachable(error):
+                raise
+            text = _error_text(error)
+            _logger.error(
+                "the result of request %s could not be recorded (%s); it fails alone", record.request_id, text
+            )
+            failure = ResultRecord(
+                request_id=record.request_id,
+                status=RequestStatus.FAILED,
+                error_code=UNRECORDABLE,
+                error_message=f"the result could not be recorded: {text}",
+                attempts=record.attempts,
+                latency_ms=record.latency_ms,
+            )
+            outcome = record_results(engine, [failure])
+            replaced.append(record.request_id)
+        inserted += outcome.inserted
+        duplicates += outcome.duplicates
+        skipped += outcome.skipped
+        finalized += outcome.finalized_batches
+    if not replaced:  # row by row, every one went in: the batch's failure was something else
+        _logger.warning("a batched result write failed, then each row went in: %s", _error_text(batch_error))
+    return RecordOutcome(inserted, duplicates, skipped, finalized), replaced
+
+
 class _Writer:
-    """Buffers records and writes them with ``record_results`` in batches, off the event loop."""
+    """Buffers records and writes them with ``record_isolating_bad_rows`` in batches, off the
+    event loop. A write that fails (the database out of reach) keeps its records for the next
+    flush and is logged; the last flush raises it."""
 
     def __init__(self, engine: Engine, report: ChunkReport, flush_size: int, flush_interval: float) -> None:
         self._engine = engine
@@ -241,9 +323,18 @@ class _Writer:
             records, self._buffer = self._buffer, []
             if not records:
                 return
-            outcome = await asyncio.to_thread(record_results, self._engine, records)
+            try:
+                outcome, replaced = await asyncio.to_thread(record_isolating_bad_rows, self._engine, records)
+            except BaseException:
+                self._buffer[:0] = records  # not written: kept for the next try
+                raise
         self._report.duplicates += len(outcome.duplicates)
         self._report.finalized_batches.extend(outcome.finalized_batches)
+        by_id = {record.request_id: record for record in records}
+        for request_id in replaced:
+            if by_id[request_id].status is RequestStatus.SUCCEEDED:
+                self._report.succeeded -= 1
+                self._report.failed += 1
 
     def stop(self) -> None:
         self._stopped = True
@@ -257,7 +348,56 @@ class _Writer:
                 async with asyncio.timeout(self._flush_interval):
                     await self._wake.wait()
             self._wake.clear()
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception:
+                _logger.exception("writing %d result(s) failed; trying again", len(self._buffer))
+
+
+class LeaseKeeper:
+    """Extends the leases of a chunk's unfinished requests every ``interval`` from a thread of its
+    own: a request whose event loop is busy (a long synchronous step, a slow collection) must not
+    lose its lease, and with short leases a heartbeat on the loop would. ``leased()`` names what
+    to extend (called on this thread); ``on_lost(ids)`` hears of leases another worker now holds."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        owner: str,
+        lease_seconds: int,
+        interval: float,
+        leased: Callable[[], list[str]],
+        on_lost: Callable[[set[str]], object],
+    ) -> None:
+        self._engine = engine
+        self._owner = owner
+        self._lease_seconds = lease_seconds
+        self._interval = interval
+        self._leased = leased
+        self._on_lost = on_lost
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"leases {owner}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval):
+            ids = self._leased()
+            try:
+                held = set(extend_leases(self._engine, ids, self._owner, self._lease_seconds))
+            except Exception:
+                # The database may be restarting: try again next beat; the leases outlive a few.
+                _logger.exception("extending %d lease(s) failed", len(ids))
+                continue
+            lost = set(ids) - held
+            if lost:
+                self._on_lost(lost)
 
 
 class ChunkRunner:
@@ -278,7 +418,11 @@ class ChunkRunner:
         self.handlers = dict(handlers)
         self.on_result = on_result
 
-    async def run(self, request_ids: Sequence[str]) -> ChunkReport:
+    async def run(
+        self, request_ids: Sequence[str], *, on_claimed: Callable[[], None] | None = None
+    ) -> ChunkReport:
+        """Claim ``request_ids`` and run what was claimed; ``on_claimed`` is called (off the loop)
+        once the claim is committed, whatever it took."""
         config = self.config
         report = ChunkReport(requested=len(request_ids))
         started = time.monotonic()
@@ -286,6 +430,8 @@ class ChunkRunner:
             claim_requests, self.engine, list(request_ids), config.owner, config.lease_seconds
         )
         report.claimed = len(claimed)
+        if on_claimed is not None:
+            await asyncio.to_thread(on_claimed)
         if not claimed:
             return report
         writer = _Writer(self.engine, report, config.flush_size, config.flush_interval)
@@ -377,33 +523,44 @@ class ChunkRunner:
                 )
             )
 
-        async def heartbeat() -> None:
+        def lose(lost: set[str]) -> None:
+            """On the loop: another worker took these over; stop ours, record nothing."""
+            for request_id in lost:
+                if unfinished.pop(request_id, None) is None:
+                    continue  # finished meanwhile: its result row ended the lease
+                task = running.get(request_id)
+                if task is not None:
+                    task.cancel()
+
+        def leased() -> list[str]:
+            # From the keeper's thread. ``list(dict)`` copies in C without letting the loop's
+            # thread run, so it never sees the dict change size.
+            return [request_id for request_id in list(unfinished) if request_id not in overdue]
+
+        loop = asyncio.get_running_loop()
+        keeper = LeaseKeeper(
+            self.engine,
+            config.owner,
+            config.lease_seconds,
+            config.heartbeat_interval,
+            leased,
+            lambda lost: loop.call_soon_threadsafe(lose, lost),
+        )
+
+        async def give_up_overdue() -> None:
+            assert config.max_request_seconds is not None
             while True:
                 await asyncio.sleep(max(1.0, config.lease_seconds / 3))
-                if config.max_request_seconds is not None:
-                    # A request running this long is stuck, not slow: its lease is left to expire
-                    # (the sweeper gives it to another worker; first writer wins) and it is cancelled.
-                    too_old = time.monotonic() - config.max_request_seconds
-                    for request_id in [i for i, t in started_at.items() if t < too_old and i in unfinished]:
-                        started_at.pop(request_id)
-                        overdue.add(request_id)
-                        _logger.error(
-                            "request %s ran over %.0f s: given up here",
-                            request_id,
-                            config.max_request_seconds,
-                        )
-                        task = running.get(request_id)
-                        if task is not None:
-                            task.cancel()
-                ids = [request_id for request_id in unfinished if request_id not in overdue]
-                held = set(
-                    await asyncio.to_thread(
-                        extend_leases, self.engine, ids, config.owner, config.lease_seconds
+                # A request running this long is stuck, not slow: its lease is left to expire
+                # (the sweeper gives it to another worker; first writer wins) and it is cancelled.
+                too_old = time.monotonic() - config.max_request_seconds
+                for request_id in [i for i, t in started_at.items() if t < too_old and i in unfinished]:
+                    started_at.pop(request_id)
+                    overdue.add(request_id)
+                    _logger.error(
+                        "request %s ran over %.0f s: given up here", request_id, config.max_request_seconds
                     )
-                )
-                for lost in set(ids) - held:
-                    unfinished.pop(lost, None)
-                    task = running.get(lost)
+                    task = running.get(request_id)
                     if task is not None:
                         task.cancel()
 
@@ -462,7 +619,10 @@ class ChunkRunner:
 
         writing = asyncio.create_task(writer.run())
         refilling = asyncio.create_task(refill())
-        helpers = [asyncio.create_task(heartbeat()), asyncio.create_task(watch_batches()), refilling]
+        helpers = [asyncio.create_task(watch_batches()), refilling]
+        if config.max_request_seconds is not None:
+            helpers.append(asyncio.create_task(give_up_overdue()))
+        keeper.start()
         try:
             start(list(unfinished.values()))
             while True:
@@ -476,21 +636,24 @@ class ChunkRunner:
         finally:
             for helper in helpers:
                 helper.cancel()
+            await asyncio.to_thread(keeper.stop)
             writer.stop()
             await asyncio.gather(*helpers, writing, return_exceptions=True)
-            await writer.flush()
-            for request_id in to_cancel:
-                unfinished.pop(request_id, None)
-            if to_cancel:
-                report.cancelled = await asyncio.to_thread(
-                    cancel_claimed, self.engine, to_cancel, config.owner
-                )
-            if cancelled_spend:
-                # After the cancel: only a request that ended cancelled bills them this way.
-                await asyncio.to_thread(record_cancelled_spend, self.engine, cancelled_spend)
-            if unfinished:
-                # Not started (deadline) or broken by a bug: hand back for another delivery.
-                report.released = await asyncio.to_thread(
-                    release_requests, self.engine, list(unfinished), config.owner
-                )
+            try:
+                await writer.flush()  # raises what kept results from the ledger
+            finally:
+                for request_id in to_cancel:
+                    unfinished.pop(request_id, None)
+                if to_cancel:
+                    report.cancelled = await asyncio.to_thread(
+                        cancel_claimed, self.engine, to_cancel, config.owner
+                    )
+                if cancelled_spend:
+                    # After the cancel: only a request that ended cancelled bills them this way.
+                    await asyncio.to_thread(record_cancelled_spend, self.engine, cancelled_spend)
+                if unfinished:
+                    # Not started (deadline) or broken by a bug: hand back for another delivery.
+                    report.released = await asyncio.to_thread(
+                        release_requests, self.engine, list(unfinished), config.owner
+                    )
         return report

@@ -94,10 +94,28 @@ class Settings(BaseSettings):
     # a storm passes, an account throttled for hours is an outage to look at. Within the batch's
     # completion window, which ends it anyway.
     rate_limit_retry_seconds: float = Field(default=6 * 3600.0, gt=0)
-    lease_seconds: int = Field(default=300, ge=5)
+    lease_seconds: int = Field(
+        default=20,
+        ge=2,
+        description=(
+            "how long a claimed request stays its worker's without a heartbeat (4 per lease, from "
+            "a thread of their own): a killed worker's requests run again within about this plus "
+            "sweep_interval_seconds"
+        ),
+    )
     visibility_timeout_seconds: int = Field(default=3600, ge=10)
     unacked_restore_interval_seconds: float = Field(default=5.0, gt=0)
-    sweep_interval_seconds: float = Field(default=15.0, gt=0)
+    worker_shutdown_seconds: float = Field(
+        default=30.0,
+        ge=15,
+        description=(
+            "the longest a worker takes to exit after SIGTERM/SIGINT whatever its broker does (soft "
+            "shutdown is 10 s, then a cold one); past it the worker kills its pool and exits"
+        ),
+    )
+    sweep_interval_seconds: float = Field(
+        default=5.0, gt=0, description="how often beat looks for expired leases and lost messages"
+    )
     # Workers' coordination keys (rate limits, dispatch markers) live in the broker's Redis under
     # key_prefix; broker_key_prefix is kombu's global_keyprefix for the broker's own keys. Both let
     # several deployments (or tests) share one Redis.

@@ -8,13 +8,21 @@ A request needs a new message when (see ``workers.dispatch`` for the markers):
 * it is queued (and past ``not_before``) and never dispatched, ``grace`` seconds after creation
   (the producer died between commit and publish);
 * it is queued, or running under an expired lease, and the marker of its last dispatch is gone
-  (the broker was flushed or restarted empty; the chunk finished but handed it back);
+  (the broker was flushed or restarted empty; the chunk claimed it, then handed it back or failed;
+  a sent marker not renewed because its message was taken but never claimed expired);
 * it is running under an expired lease and was last dispatched before that lease ran out (the
   worker holding it was killed: its message was consumed, no other one names it).
 
 After a re-dispatch ``dispatched_at`` is later than the expired lease and the new marker lives,
-so the next sweep leaves it alone. A duplicate message is harmless anyway: claims skip what is
-finished or leased to a live worker. Sweeps from several ``tokenmill beat`` processes take turns
+so the next sweep leaves it alone. With the default 20 s leases (extended 4 times a lease by a
+live worker) and a sweep every 5 s, a killed worker's requests run again about 25 s after it died.
+
+Agent messages of the distributed runtime are brought back the same way: one unanswered under an
+expired lease (its worker died mid-handler) is sent again, and held for ``MARKER_SENT_SECONDS``
+so that the following sweeps do not send it again while it waits in the queue.
+
+A duplicate message is harmless anyway: claims skip what is finished or leased to a live worker
+(an answered agent message is answered from SQL). Sweeps from several ``tokenmill beat`` processes take turns
 through a Redis lock.
 """
 
@@ -29,11 +37,17 @@ from dataclasses import dataclass
 from redis.exceptions import LockError
 from sqlalchemy.engine import Engine
 
-from store import expire_batches, requests_to_redispatch, unsettled_dispatch_ids
-from workers.constants import sweep_lock_key
-from workers.dispatch import MARKER_PENDING_SECONDS, Dispatcher
+from store import (
+    agent_messages_to_resend,
+    expire_batches,
+    hold_for_resend,
+    requests_to_redispatch,
+    unsettled_dispatch_ids,
+)
+from workers.constants import AGENT_MESSAGE_TASK, sweep_lock_key
+from workers.dispatch import MARKER_PENDING_SECONDS, MARKER_SENT_SECONDS, Dispatcher
 
-__all__ = ["SweepReport", "sweep", "sweep_forever"]
+__all__ = ["SweepReport", "resend_agent_messages", "sweep", "sweep_forever"]
 
 _logger = logging.getLogger(__name__)
 
@@ -45,6 +59,7 @@ class SweepReport:
     redispatched: int
     skipped: bool = False  # another sweeper held the lock
     expired_batches: int = 0
+    agent_messages_resent: int = 0
 
 
 def sweep(
@@ -71,12 +86,37 @@ def sweep(
             dispatcher.dispatch(ids)
         if rows:
             _logger.info("sweep: %d dispatch(es) lost, %d request(s) dispatched again", len(dead), len(rows))
+        resent = resend_agent_messages(dispatcher, now=now, limit=limit)
         # Batches past their completion window end as expired.
         expired = expire_batches(engine, now=now)
-        return SweepReport(len(dispatch_ids), len(dead), len(rows), False, len(expired))
+        return SweepReport(len(dispatch_ids), len(dead), len(rows), False, len(expired), resent)
     finally:
         with contextlib.suppress(LockError):
             lock.release()
+
+
+def resend_agent_messages(dispatcher: Dispatcher, *, now: int, limit: int) -> int:
+    """Send again the agent messages whose worker died mid-handler; returns how many."""
+    sent = 0
+    for message in agent_messages_to_resend(dispatcher.engine, now=now, limit=limit):
+        # Ledger first: held in SQL before the Celery message that names it.
+        if not hold_for_resend(dispatcher.engine, message, MARKER_SENT_SECONDS, now=now):
+            continue  # answered or claimed meanwhile
+        dispatcher.celery.send_task(
+            AGENT_MESSAGE_TASK,
+            kwargs={
+                "agent_type": message.agent_type,
+                "agent_key": message.agent_key,
+                "tenant_id": message.tenant_id,
+                "message_id": message.id,
+            },
+            queue=dispatcher.queue,
+            ignore_result=True,
+        )
+        sent += 1
+    if sent:
+        _logger.info("sweep: %d agent message(s) sent again", sent)
+    return sent
 
 
 def sweep_forever(

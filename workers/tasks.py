@@ -3,13 +3,26 @@
 Messages carry request ids and a dispatch id, never prompts or keys (invariant 1 and 8). Chunks
 run on the worker process's one event loop (``context.run_in_loop``), through the pipeline that
 lives on it, so connections to the provider, Redis and the limiter's state carry from chunk to chunk.
+
+A worker exits within ``worker_shutdown_seconds`` (30 s) of SIGTERM or SIGINT whatever its broker
+does: a watchdog started by the first shutdown signal ends it (and its pool) past that time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import os
+import signal
+import threading
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
+
+import billiard  # type: ignore[import-untyped]  # Celery's multiprocessing fork, untyped
+from celery.signals import worker_ready, worker_shutting_down
 
 from workers import context
 from workers.agent_tasks import handlers_with_agents
@@ -20,6 +33,8 @@ from workers.runner import ChunkReport, ChunkRunner, RunnerConfig
 from workers.sweeper import sweep
 
 __all__ = ["complete_chunk", "dispatcher", "run_chunk", "sweep_task"]
+
+_logger = logging.getLogger(__name__)
 
 
 def dispatcher() -> Dispatcher:
@@ -33,7 +48,9 @@ def dispatcher() -> Dispatcher:
     )
 
 
-async def run_chunk(request_ids: list[str], owner: str) -> ChunkReport:
+async def run_chunk(
+    request_ids: list[str], owner: str, on_claimed: Callable[[], None] | None = None
+) -> ChunkReport:
     settings = context.settings()
     runner = ChunkRunner(
         context.engine(),
@@ -52,16 +69,48 @@ async def run_chunk(request_ids: list[str], owner: str) -> ChunkReport:
         ),
         handlers=handlers_with_agents(context.engine()),
     )
-    return await runner.run(request_ids)
+    return await runner.run(request_ids, on_claimed=on_claimed)
+
+
+class _FailureBackoff:
+    """Consecutive chunk failures of this process: the n-th waits 2**(n-1) s, at most
+    ``CHUNK_FAILURE_BACKOFF_MAX_SECONDS``."""
+
+    def __init__(self) -> None:
+        self.consecutive = 0
+
+    def failed(self) -> None:
+        self.consecutive += 1
+        time.sleep(min(CHUNK_FAILURE_BACKOFF_MAX_SECONDS, 2.0 ** (self.consecutive - 1)))
+
+    def succeeded(self) -> None:
+        self.consecutive = 0
+
+
+CHUNK_FAILURE_BACKOFF_MAX_SECONDS = 30.0
+_failure_backoff = _FailureBackoff()
 
 
 @app.task(name=COMPLETE_CHUNK_TASK, bind=True, ignore_result=True)  # type: ignore[untyped-decorator, unused-ignore]
 def complete_chunk(self: Any, request_ids: list[str], dispatch_id: str | None = None) -> dict[str, int]:
     # A lease owner per execution: a redelivered message is another owner, even in this process.
     owner = f"{self.request.hostname or 'worker'}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
-    report = context.run_in_loop(run_chunk(list(request_ids), owner))
-    if dispatch_id is not None:
-        dispatcher().finished(dispatch_id)
+    settle = None if dispatch_id is None else functools.partial(dispatcher().settle, dispatch_id)
+    try:
+        # Settled as soon as leases cover the claimed requests (workers.dispatch)...
+        report = context.run_in_loop(run_chunk(list(request_ids), owner, on_claimed=settle))
+    except Exception:
+        # A process whose chunks fail (its database out of reach, say) fails fast, and would take
+        # most messages from the queue: it waits before taking the next, so healthy ones get them.
+        _failure_backoff.failed()
+        raise
+    else:
+        _failure_backoff.succeeded()
+    finally:
+        # ...and whatever happened: a chunk that failed leaves its requests queued or handed
+        # back, for the sweeper to send again within its grace.
+        if settle is not None:
+            settle()
     return {
         "claimed": report.claimed,
         "succeeded": report.succeeded,
@@ -69,6 +118,60 @@ def complete_chunk(self: Any, request_ids: list[str], dispatch_id: str | None = 
         "cached": report.cached,
         "released": report.released,
     }
+
+
+class _ShutdownWatchdog:
+    """Started by the first shutdown signal of the worker's main process: if the process still
+    runs ``worker_shutdown_seconds`` later (a broker that stopped answering leaves Celery's cold
+    shutdown waiting on it for good), kill the pool processes and exit. Their chunks' requests
+    come back through their leases, like a SIGKILL's."""
+
+    def __init__(self) -> None:
+        self._started = False
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        seconds = context.settings().worker_shutdown_seconds
+        threading.Thread(
+            target=self._exit_after, args=(seconds,), name="shutdown watchdog", daemon=True
+        ).start()
+
+    @staticmethod
+    def _exit_after(seconds: float) -> None:
+        time.sleep(seconds)
+        _logger.critical("worker still running %.0f s after it was asked to stop: exiting now", seconds)
+        for child in billiard.active_children():
+            with contextlib.suppress(OSError):
+                os.kill(child.pid, signal.SIGKILL)
+        logging.shutdown()
+        os._exit(1)
+
+
+_shutdown_watchdog = _ShutdownWatchdog()
+
+
+@worker_ready.connect  # type: ignore[untyped-decorator, unused-ignore]
+def _watch_shutdown_signals(**_: Any) -> None:
+    """Start the watchdog on the signal itself: Celery tells ``worker_shutting_down`` only after
+    its soft shutdown, and then only if nothing before hung."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        celerys = signal.getsignal(sig)
+        if callable(celerys):
+            signal.signal(sig, functools.partial(_start_watchdog_then, celerys))
+
+
+def _start_watchdog_then(handler: Callable[[int, Any], Any], signum: int, frame: Any) -> Any:
+    _shutdown_watchdog.start()
+    return handler(signum, frame)
+
+
+@worker_shutting_down.connect  # type: ignore[untyped-decorator, unused-ignore]
+def _exit_within_the_shutdown_bound(**_: Any) -> None:
+    _shutdown_watchdog.start()
 
 
 @app.task(name=SWEEP_TASK, ignore_result=True)  # type: ignore[untyped-decorator, unused-ignore]

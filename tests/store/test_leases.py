@@ -109,6 +109,16 @@ def test_claim_queued_takes_queued_requests_of_the_batches_in_line_order(
     assert store.batch_progress(engine, other).queued == 3
 
 
+def test_claim_queued_adopts_requests_whose_lease_expired(engine: Engine, ingest: IngestFn) -> None:
+    batch = ingest(3).batch_id
+    ids = store.pending_request_ids(engine, batch)
+    store.claim_requests(engine, ids, "dead-worker", 20, now=1000)
+    assert store.claim_queued(engine, [batch], "w2", 20, limit=10, now=1019) == []
+    adopted = store.claim_queued(engine, [batch], "w2", 20, limit=10, now=1021)
+    assert [c.id for c in adopted] == ids
+    assert all(c.attempts == 2 for c in adopted)
+
+
 def test_concurrent_claim_queued_never_share_a_request(engine: Engine, ingest: IngestFn) -> None:
     batch = ingest(200).batch_id
     start = threading.Barrier(2)

@@ -18,7 +18,7 @@ from models.openai import OpenAIChatCompletionClient
 from simulator.testing import SimulatorServer
 from store import AgentMessage, load_agent_state
 from tests.agents.seed_example import Message, SimpleAgent, SimpleAgentWithContext
-from tests.cluster import Cluster
+from tests.cluster import Cluster, kill_group
 from tests.workers.support import Ledger
 from workers.agent_runtime import DistributedAgentRuntime
 from workers.constants import DEFAULT_QUEUE
@@ -141,3 +141,89 @@ async def test_the_broker_carries_ids_and_sql_the_message(
     await runtime.stop()
     await model_client.close()
     assert "noted" in reply.content
+
+
+async def test_a_handler_slower_than_the_redis_socket_timeout_still_replies(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    simulator: SimulatorServer,
+) -> None:
+    """The model answers in 6 s, beyond redis-py's default 5 s socket timeout: the reply wait is
+    bounded by the runtime's reply timeout only."""
+    make_ledger(postgres_url)
+    c = agent_cluster(cluster, workers=1)
+    runtime = DistributedAgentRuntime(c.settings, reply_timeout=60)
+    model_client = OpenAIChatCompletionClient(model="sim-model", base_url=simulator.base_url, api_key="sim")
+    await SimpleAgent.register(runtime, "simple_agent", lambda: SimpleAgent(model_client=model_client))
+    runtime.start()
+    started = time.monotonic()
+    try:
+        response = await runtime.send_message(
+            Message("Slow, please [[delay 6]] [[say patience]]"), AgentId("simple_agent", "default")
+        )
+    finally:
+        await runtime.stop()
+        await model_client.close()
+    assert isinstance(response, Message)
+    assert "patience" in response.content
+    assert time.monotonic() - started >= 6
+
+
+async def test_a_killed_workers_agent_message_is_answered_by_another_within_30_s(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    simulator: SimulatorServer,
+) -> None:
+    """SIGKILL of the worker running a handler, under the default lease and sweep settings: the
+    sweeper sends the message again (Celery alone would wait out its visibility timeout) and
+    another worker answers the caller, still waiting."""
+    led = make_ledger(postgres_url)
+    c = cluster()
+    c.env["TOKENMILL_AGENT_MODULES"] = json.dumps([AGENT_MODULE])
+    c.env["TOKENMILL_DEFAULT_MODEL"] = "sim-model"
+    c.env["TOKENMILL_VISIBILITY_TIMEOUT_SECONDS"] = "3600"
+    for name in ("LEASE_SECONDS", "SWEEP_INTERVAL_SECONDS", "SWEEP_GRACE_SECONDS"):
+        c.env.pop(f"TOKENMILL_{name}")  # the defaults are what is promised
+    victim = c.worker("victim", concurrency=4)
+    c.beat()
+    model_client = OpenAIChatCompletionClient(model="sim-model", base_url=simulator.base_url, api_key="sim")
+    runtime = DistributedAgentRuntime(c.settings, reply_timeout=120)
+    await SimpleAgent.register(runtime, "simple_agent", lambda: SimpleAgent(model_client=model_client))
+    runtime.start()
+
+    def holder() -> str | None:
+        with led.engine.connect() as conn:
+            return conn.execute(sa.select(AgentMessage.lease_owner)).scalar_one_or_none()
+
+    try:
+        reply = asyncio.ensure_future(
+            runtime.send_message(
+                Message("Take your time [[delay 4]] [[say done]]"), AgentId("simple_agent", "k")
+            )
+        )
+        deadline = time.monotonic() + 60
+        while not (holder() or "").startswith("victim@"):
+            assert time.monotonic() < deadline
+            assert not reply.done()
+            await asyncio.sleep(0.1)
+        c.worker("survivor", concurrency=4)
+        kill_group(victim)
+        killed_at = time.monotonic()
+        while not (holder() or "").startswith("survivor@"):
+            assert time.monotonic() - killed_at < 60, holder()
+            await asyncio.sleep(0.1)
+        running_again = time.monotonic() - killed_at
+        response = await asyncio.wait_for(reply, 60)
+    finally:
+        await runtime.stop()
+        await model_client.close()
+    print(f"the agent message ran again {running_again:.1f} s after the kill")
+    assert running_again <= 30
+    assert isinstance(response, Message)
+    assert "done" in response.content
+    with led.engine.connect() as conn:
+        row = conn.execute(sa.select(AgentMessage.attempts, AgentMessage.answered_at)).one()
+    assert row.attempts == 2
+    assert row.answered_at is not None

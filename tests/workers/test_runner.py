@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -387,3 +388,43 @@ async def test_a_request_stuck_past_max_request_seconds_is_handed_back(
         engine.dispose()
     assert (report.succeeded, report.released) == (2, 1)
     assert statuses(led.engine, batch_id) == {"succeeded": 2, "queued": 1}
+
+
+async def test_a_busy_event_loop_does_not_lose_its_leases(
+    make_ledger: MakeLedger, postgres_url: str, simulator: SimulatorServer
+) -> None:
+    """A handler blocks the loop for three leases; meanwhile another worker tries to claim its
+    request after two: the lease must still be held (the heartbeat does not need the loop)."""
+    led = make_ledger(postgres_url)
+    batch_id, ids = add_batch(led, ["slow"])
+    lease = 2
+
+    async def blocking_handler(
+        request: ClaimedRequest, pipeline: ModelCallPipeline, token: CancellationToken
+    ) -> ResultRecord:
+        time.sleep(3 * lease)  # noqa: ASYNC251 - on purpose: nothing else on this loop runs meanwhile
+        return ResultRecord(request_id=request.id, status=RequestStatus.SUCCEEDED, response_body={})
+
+    stolen: list[ClaimedRequest] = []
+
+    def other_worker() -> None:
+        time.sleep(2 * lease)
+        stolen.extend(claim_requests(led.engine, ids, "other-worker", lease_seconds=30))
+
+    thief = threading.Thread(target=other_worker)
+    thief.start()
+    pipeline = make_pipeline(simulator)
+    try:
+        runner = ChunkRunner(
+            led.engine,
+            pipeline,
+            RunnerConfig(owner="slow-owner", lease_seconds=lease),
+            handlers={RequestKind.CHAT_COMPLETION: blocking_handler},
+        )
+        report = await runner.run(ids)
+    finally:
+        await asyncio.to_thread(thief.join)
+        await pipeline.close()
+    assert stolen == []
+    assert report.succeeded == 1
+    assert [r.request_id for r in results_of(led.engine, batch_id)] == ids

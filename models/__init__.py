@@ -22,7 +22,6 @@ from models.errors import (
     QuotaExceeded,
     RateLimited,
     StreamInterrupted,
-    from_openai_error,
     parse_retry_after,
 )
 from models.events import (
@@ -45,6 +44,7 @@ from models.openai import (
     OpenAIChatCompletionClient,
     ToolSpec,
     chat_completion_body,
+    from_openai_error,
     messages_from_openai,
     request_from_openai_body,
     to_openai_messages,

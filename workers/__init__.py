@@ -6,12 +6,13 @@ Importing ``workers`` is cheap: the Celery app lives in ``workers.app`` and its 
 
 Exceptions (one tree per concern)::
 
-    LimiterError                   workers.limiter
+    LimiterError                   workers.rate_limits
      └── LimiterUnavailable
     RequestCancelled               workers.runner: a handler stopped for its batch's cancellation
 """
 
-from workers.limiter import (
+from workers.pipeline import CallResult, CallStats, GovernedClient, ModelCallPipeline
+from workers.rate_limits import (
     CallOutcome,
     LimitDecision,
     LimiterError,
@@ -23,7 +24,6 @@ from workers.limiter import (
     RedisRateLimiter,
     Slot,
 )
-from workers.pipeline import CallResult, CallStats, GovernedClient, ModelCallPipeline
 from workers.runner import (
     ChunkReport,
     ChunkRunner,

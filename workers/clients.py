@@ -1,9 +1,10 @@
 """Building a worker's model-call pipeline from the settings, once per event loop.
 
-Upstream clients are OpenAI-protocol clients (``OPENAI_BASE_URL`` / ``OPENAI_API_KEY`` as the SDK
-reads them, or given here); the limiter is the shared Redis one when a broker is configured, else
-the in-process one; the cache is ``RedisStore`` for a ``redis://`` cache URL, else a ``diskcache``
-directory.
+Upstream clients come from the provider named by ``TOKENMILL_PROVIDER`` (``models.providers``),
+with credentials from that provider's own environment variables (``OPENAI_BASE_URL`` /
+``OPENAI_API_KEY`` for ``openai``, as the SDK reads them) or given here; the limiter is the shared
+Redis one when a broker is configured, else the in-process one; the cache is ``RedisStore`` for a
+``redis://`` cache URL, else a ``diskcache`` directory.
 """
 
 from __future__ import annotations
@@ -12,12 +13,17 @@ from collections.abc import Mapping
 
 import diskcache
 
-from models.base import ChatCompletionClient
 from models.cache import CachedCompletion, CacheStore, DiskCacheStore, RedisStore
-from models.openai import OpenAIChatCompletionClient
+from models.providers import ProviderOptions, provider_client_factory
 from models.retry import RetryPolicy
-from workers.limiter import LimiterTuning, LocalRateLimiter, RateLimiter, RedisRateLimiter, SplitRateLimiter
 from workers.pipeline import ClientFactory, ModelCallPipeline
+from workers.rate_limits import (
+    LimiterTuning,
+    LocalRateLimiter,
+    RateLimiter,
+    RedisRateLimiter,
+    SplitRateLimiter,
+)
 from workers.settings import Settings
 
 __all__ = ["build_pipeline", "cache_store", "limiter_for", "openai_client_factory"]
@@ -26,10 +32,10 @@ __all__ = ["build_pipeline", "cache_store", "limiter_for", "openai_client_factor
 def openai_client_factory(
     *, base_url: str | None = None, api_key: str | None = None, timeout: float = 600.0
 ) -> ClientFactory:
-    def make(model: str) -> ChatCompletionClient:
-        return OpenAIChatCompletionClient(model=model, base_url=base_url, api_key=api_key, timeout=timeout)
-
-    return make
+    """The ``openai`` provider's clients, at ``base_url`` with ``api_key`` when given."""
+    given = {"OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": api_key}
+    env = {name: value for name, value in given.items() if value is not None}
+    return provider_client_factory("openai", ProviderOptions(timeout=timeout, env=env))
 
 
 _process_limiter: LocalRateLimiter | None = None
@@ -74,12 +80,11 @@ def build_pipeline(
     client_env: Mapping[str, str] | None = None,
 ) -> ModelCallPipeline:
     """A pipeline for the running event loop. ``cache=False`` turns the cache off; ``client_env``
-    may carry ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY`` overrides."""
-    env = client_env or {}
-    factory = client_factory or openai_client_factory(
-        base_url=env.get("OPENAI_BASE_URL"),
-        api_key=env.get("OPENAI_API_KEY"),
-        timeout=settings.upstream_timeout_seconds,
+    may override the provider's environment variables (``OPENAI_BASE_URL`` / ``OPENAI_API_KEY``).
+    Raises ``UnknownProvider`` when ``settings.provider`` names none."""
+    factory = client_factory or provider_client_factory(
+        settings.provider,
+        ProviderOptions(timeout=settings.upstream_timeout_seconds, env=dict(client_env or {})),
     )
     store: CacheStore[CachedCompletion] | None
     if cache is True:

@@ -65,7 +65,7 @@ from models.retry import (
 )
 from models.tokens import estimate_tokens
 from models.types import CreateResult, LLMMessage, Tool, ToolChoice, ToolSchema
-from workers.limiter import CallOutcome, RateLimiter
+from workers.rate_limits import CallOutcome, RateLimiter
 
 __all__ = [
     "CacheScope",

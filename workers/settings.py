@@ -122,6 +122,11 @@ class Settings(BaseSettings):
     key_prefix: str = "tokenmill:"
     broker_key_prefix: str = ""
     upstream_timeout_seconds: float = Field(default=600.0, gt=0, description="one upstream call")
+    # Which registered provider (models.providers) serves model calls; its credentials stay in its
+    # own environment variables (see the module docstring).
+    provider: str = Field(
+        default="openai", description="openai (also Gemini and OpenAI-compatible servers) or azure"
+    )
     # A queued request with no live dispatch marker is re-sent once its dispatch is this old.
     sweep_grace_seconds: float = Field(default=30.0, ge=0)
 

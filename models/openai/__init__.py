@@ -7,6 +7,7 @@ from models.openai.client import (
     BaseOpenAIChatCompletionClient,
     OpenAIChatCompletionClient,
 )
+from models.openai.errors import from_openai_error
 from models.openai.messages import (
     ToolSpec,
     messages_from_openai,
@@ -29,6 +30,7 @@ __all__ = [
     "StreamAccumulator",
     "ToolSpec",
     "chat_completion_body",
+    "from_openai_error",
     "messages_from_openai",
     "request_from_openai_body",
     "resolve_model_info",

@@ -41,9 +41,9 @@ from models.errors import (
     ModelClientError,
     ProviderUnavailable,
     StreamInterrupted,
-    from_openai_error,
 )
 from models.events import LLMCall, LLMStreamEnd, LLMStreamStart, emit, event_logger
+from models.openai.errors import from_openai_error
 from models.openai.messages import to_openai_messages, to_openai_tool_choice, to_openai_tools
 from models.openai.model_info import resolve_model_info
 from models.openai.response_format import ResponseFormat, as_response_format, resolve_response_format

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from models import AuthenticationFailed, AzureOpenAIChatCompletionClient, UserMessage
+from models.providers import ProviderOptions, UnknownProvider, provider_client_factory, provider_names
 
 AZURE_KEY = "azure-test-key-1234"
 
@@ -124,3 +125,31 @@ async def test_azure_from_environment_and_token_provider(
         request["path"] == "/openai/deployments/gpt-4o-mini/chat/completions?api-version=2025-01-01-preview"
     )
     assert request["headers"]["authorization"] == "Bearer entra-token"
+
+
+async def test_the_azure_provider_builds_clients_from_its_variables(
+    azure_server: tuple[str, Recorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    endpoint, recorder = azure_server
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", "http://127.0.0.1:9/unused-when-overridden")
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", AZURE_KEY)
+    monkeypatch.delenv("OPENAI_API_VERSION", raising=False)
+    options = ProviderOptions(
+        timeout=30.0, env={"AZURE_OPENAI_ENDPOINT": endpoint, "OPENAI_API_VERSION": "2024-10-21"}
+    )
+    client = provider_client_factory("azure", options)("gpt-4o")
+    result = await client.create([UserMessage(content="hello", source="user")])
+    await client.close()
+
+    assert isinstance(client, AzureOpenAIChatCompletionClient)
+    assert result.content == "Hello from Azure."
+    [request] = recorder.requests
+    # The overrides win over the process environment; what they leave out comes from it.
+    assert request["path"] == "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+    assert request["headers"]["api-key"] == AZURE_KEY
+
+
+def test_an_unknown_provider_is_refused_with_the_known_ones() -> None:
+    with pytest.raises(UnknownProvider, match=r"'anthropic': known are azure, openai"):
+        provider_client_factory("anthropic", ProviderOptions())
+    assert provider_names() == ["azure", "openai"]

@@ -14,8 +14,8 @@ from models.cache import RedisStore
 from models.retry import RetryPolicy
 from store import make_engine
 from workers.clients import openai_client_factory
-from workers.limiter import LocalRateLimiter
 from workers.pipeline import ModelCallPipeline
+from workers.rate_limits import LocalRateLimiter
 from workers.runner import ChunkRunner, RunnerConfig
 
 LEASE_SECONDS = 1  # so that the redo may claim the requests a moment after the kill

@@ -38,8 +38,8 @@ from tests.agents.conversation_rules import tool_call_violations
 from tests.workers.support import Ledger, ledger, results_of
 from workers.agent_tasks import AgentRunSpec, handlers_with_agents, parse_agent_run_body, run_agent
 from workers.clients import openai_client_factory
-from workers.limiter import LocalRateLimiter
 from workers.pipeline import ModelCallPipeline
+from workers.rate_limits import LocalRateLimiter
 from workers.runner import ChunkReport, ChunkRunner, RunnerConfig
 
 AGENT_DEFAULTS = {"model": "gpt-4o-mini", "tools": ["calculator"]}

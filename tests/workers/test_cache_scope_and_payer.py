@@ -22,8 +22,8 @@ from simulator.testing import SimulatorServer
 from store import create_tenant, ingest_batch, pending_request_ids, usage_report
 from tests.workers.support import Ledger, results_of
 from workers.clients import openai_client_factory
-from workers.limiter import LocalRateLimiter
 from workers.pipeline import CacheScope, ModelCallPipeline
+from workers.rate_limits import LocalRateLimiter
 from workers.runner import ChunkRunner, RunnerConfig
 
 MakeLedger = Callable[[str], Ledger]

@@ -12,7 +12,7 @@ import pytest
 from models.cancellation import CancellationToken
 from models.errors import BadRequest
 from models.retry import RetryLater
-from workers.limiter import (
+from workers.rate_limits import (
     CallOutcome,
     LimiterTuning,
     LocalRateLimiter,

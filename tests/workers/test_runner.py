@@ -35,8 +35,8 @@ from store import (
 )
 from tests.workers.support import Ledger, add_batch, results_of, statuses
 from workers.clients import openai_client_factory
-from workers.limiter import LimiterTuning, LocalRateLimiter
 from workers.pipeline import ModelCallPipeline
+from workers.rate_limits import LimiterTuning, LocalRateLimiter
 from workers.runner import ChunkReport, ChunkRunner, RunnerConfig, complete_chat
 from workers.settings import ModelLimits
 

@@ -1,0 +1,166 @@
+"""The ``openai`` SDK's exceptions (and those of the ``httpx``/``httpx2`` transport below it)
+mapped onto tokenmill's one error tree (``models.errors``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import openai
+
+from models.errors import (
+    AuthenticationFailed,
+    BadRequest,
+    ContextWindowExceeded,
+    ModelClientError,
+    ModelNotFound,
+    ProviderTimeout,
+    ProviderUnavailable,
+    QuotaExceeded,
+    RateLimited,
+    StreamInterrupted,
+    parse_retry_after,
+)
+
+__all__ = ["from_openai_error"]
+
+
+_CONTEXT_CODES = frozenset({"context_length_exceeded", "string_above_max_length"})
+_CONTEXT_PHRASES = ("maximum context length", "context length", "context window", "too many tokens")
+
+
+def _error_code_and_message(body: object, fallback: str) -> tuple[str | None, str]:
+    """The provider's error code and message; OpenAI nests them under "error", some servers don't."""
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        if isinstance(inner, Mapping):
+            code = inner.get("code") or inner.get("type")
+            message = inner.get("message")
+            return (str(code) if code is not None else None, str(message) if message else fallback)
+        if isinstance(inner, str):
+            return None, inner
+    return None, fallback
+
+
+def _by_status(status: int, code: str | None, message: str) -> type[ModelClientError]:
+    if status == 429:
+        return QuotaExceeded if code == "insufficient_quota" else RateLimited
+    if status in (401, 403):
+        return AuthenticationFailed
+    if status == 404:
+        return ModelNotFound
+    if status in (408, 504):
+        return ProviderTimeout
+    if status == 409 or status >= 500:
+        return ProviderUnavailable
+    if status in (400, 413, 422):
+        lowered = message.lower()
+        if code in _CONTEXT_CODES or any(phrase in lowered for phrase in _CONTEXT_PHRASES):
+            return ContextWindowExceeded
+        return BadRequest
+    return BadRequest if 400 <= status < 500 else ProviderUnavailable
+
+
+def _is_transport_timeout(exc: BaseException) -> bool:
+    return any(cls.__name__ == "TimeoutException" for cls in type(exc).__mro__)
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    # httpx and httpx2 (which openai >= 3 uses) have parallel, unrelated class trees.
+    return any(
+        cls.__name__ in ("TransportError", "StreamError", "RemoteProtocolError")
+        and cls.__module__.split(".")[0] in ("httpx", "httpx2")
+        for cls in type(exc).__mro__
+    )
+
+
+def from_openai_error(exc: BaseException, *, provider: str | None, model: str | None) -> ModelClientError:
+    """Map an exception from the ``openai`` SDK or its HTTP transport onto our tree.
+
+    The caller raises the result ``from exc``. An unknown exception becomes a non-retryable
+    ``ModelClientError`` rather than being guessed retryable.
+    """
+    if isinstance(exc, ModelClientError):
+        return exc
+    where: dict[str, Any] = {"provider": provider, "model": model}
+    refused = (
+        _connection_failure_behind(exc)
+        if isinstance(exc, openai.APIConnectionError) or _is_transport_error(exc)
+        else None
+    )
+    if refused is not None:
+        return ProviderUnavailable(f"connection failed: {type(refused).__name__}: {refused}", **where)
+    if isinstance(exc, openai.APITimeoutError) or _is_transport_timeout(exc):
+        return ProviderTimeout(f"request timed out: {exc}", **where)
+    if isinstance(exc, openai.APIConnectionError):
+        return ProviderUnavailable(f"connection failed: {exc.__cause__ or exc}", **where)
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        headers = exc.response.headers
+        code, message = _error_code_and_message(exc.body, exc.message)
+        code = exc.code or code
+        cls = _by_status(status, code, message)
+        fields: dict[str, Any] = {
+            **where,
+            "status_code": status,
+            "request_id": exc.request_id,
+            "code": code,
+        }
+        if issubclass(cls, RateLimited):
+            return cls(message, retry_after=parse_retry_after(headers), **fields)
+        return cls(message, **fields)
+    if isinstance(exc, openai.APIResponseValidationError):
+        return ProviderUnavailable(f"malformed provider response: {exc.message}", **where)
+    if isinstance(exc, openai.APIError):
+        # A mid-stream error event (the SDK raises a bare APIError); the status was 200.
+        code, message = _error_code_and_message(exc.body, exc.message)
+        return StreamInterrupted(message, code=exc.code or code, **where)
+    status_error = _status_error_of(exc)
+    if status_error is not None:
+        status, status_headers, text = status_error
+        cls = _by_status(status, None, text)
+        fields = {**where, "status_code": status, "request_id": status_headers.get("x-request-id")}
+        if issubclass(cls, RateLimited):
+            return cls(text, retry_after=parse_retry_after(status_headers), **fields)
+        return cls(text, **fields)
+    if _is_transport_error(exc):
+        return ProviderUnavailable(f"connection failed: {type(exc).__name__}: {exc}", **where)
+    if isinstance(exc, openai.OpenAIError):
+        # e.g. the SDK's own "api_key must be set" check.
+        return (
+            AuthenticationFailed(str(exc), **where)
+            if "api_key" in str(exc)
+            else ModelClientError(str(exc), **where)
+        )
+    return ModelClientError(f"{type(exc).__name__}: {exc}", **where)
+
+
+def _connection_failure_behind(exc: BaseException) -> BaseException | None:
+    """The refused, reset or dropped connection that caused ``exc``, if that is what did.
+
+    The SDK's aiohttp transport reports every ``aiohttp.ClientConnectionError`` (a refused
+    connection, a server that hung up) as a connect *timeout*; the cause chain says what it was.
+    A real timeout anywhere in the chain wins.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc.__cause__ or exc.__context__
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, TimeoutError):
+            return None
+        if isinstance(current, OSError) or type(current).__name__ == "ServerDisconnectedError":
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _status_error_of(exc: BaseException) -> tuple[int, Mapping[str, str], str] | None:
+    """Status, headers and message of an ``httpx``/``httpx2`` ``HTTPStatusError``."""
+    if type(exc).__name__ != "HTTPStatusError":
+        return None
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if not isinstance(status, int):
+        return None
+    headers: Mapping[str, str] = getattr(response, "headers", {}) or {}
+    return status, headers, str(exc)

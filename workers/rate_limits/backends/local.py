@@ -1,0 +1,88 @@
+"""The limiter for one process (embedded mode, and models with no configured limit on a cluster):
+GCRA and AIMD on the monotonic clock, no Redis."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from workers.rate_limits.aimd import AimdCap, admits
+from workers.rate_limits.gcra import GcraSchedule, clamp_tokens
+from workers.rate_limits.limiter import (
+    CallOutcome,
+    LimitDecision,
+    LimiterState,
+    LimiterTuning,
+    RateLimiter,
+    Slot,
+)
+from workers.settings import ModelLimits
+
+__all__ = ["LocalRateLimiter"]
+
+
+@dataclass
+class _LocalLimit:
+    schedule: GcraSchedule = field(default_factory=GcraSchedule)
+    cap: AimdCap = field(default_factory=AimdCap)
+    leases: dict[str, float] = field(default_factory=dict)
+
+
+class LocalRateLimiter(RateLimiter):
+    """The same algorithm as ``RedisRateLimiter`` for one process: no Redis, the monotonic clock."""
+
+    def __init__(self, limits: Mapping[str, ModelLimits], tuning: LimiterTuning | None = None) -> None:
+        super().__init__(limits, tuning)
+        self._states: dict[tuple[str, str], _LocalLimit] = {}
+
+    def _state_of(self, endpoint: str, model: str, now: float) -> _LocalLimit:
+        state = self._states.setdefault((endpoint, model), _LocalLimit())
+        state.leases = {lease: expiry for lease, expiry in state.leases.items() if expiry > now}
+        state.cap.expire(now)
+        return state
+
+    async def try_acquire(self, endpoint: str, model: str, *, estimated_tokens: int) -> LimitDecision:
+        rpm, tpm, max_in_flight = self._paced_limits(model)
+        now = time.monotonic()
+        state = self._state_of(endpoint, model, now)
+        if not admits(len(state.leases), state.cap.limit(max_in_flight)):
+            return LimitDecision(False, self.tuning.poll_seconds)
+        granted, wait = state.schedule.try_schedule(
+            now,
+            rpm=rpm,
+            tpm=tpm,
+            tokens=clamp_tokens(estimated_tokens, tpm),
+            horizon=self.tuning.horizon_seconds,
+        )
+        if not granted:
+            return LimitDecision(False, wait)
+        lease_id = uuid.uuid4().hex
+        state.leases[lease_id] = now + wait + self.tuning.lease_seconds
+        return LimitDecision(True, wait, lease_id)
+
+    async def release(self, slot: Slot, *, outcome: CallOutcome, actual_tokens: int | None = None) -> None:
+        _, tpm, max_in_flight = self._paced_limits(slot.model)
+        now = time.monotonic()
+        state = self._state_of(slot.endpoint, slot.model, now)
+        in_flight = len(state.leases)
+        state.leases.pop(slot.lease_id, None)
+        state.schedule.correct_tokens(now, tpm=tpm, booked=slot.estimated_tokens, used=actual_tokens)
+        tuning = self.tuning
+        if outcome is CallOutcome.RATE_LIMITED:
+            state.cap.on_rate_limited(
+                now,
+                in_flight=in_flight,
+                max_in_flight=max_in_flight,
+                factor=tuning.decrease_factor,
+                cooldown=tuning.decrease_cooldown_seconds,
+                recovery=tuning.recovery_seconds,
+            )
+        elif outcome is CallOutcome.SUCCEEDED:
+            state.cap.on_success(max_in_flight=max_in_flight)
+        self._wake(slot.endpoint, slot.model)
+
+    async def state(self, endpoint: str, model: str) -> LimiterState:
+        state = self._state_of(endpoint, model, time.monotonic())
+        return LimiterState(len(state.leases), state.cap.cap)

@@ -37,6 +37,8 @@ Batches::
     get_batch(engine, batch_id, tenant_id=None) -> Batch | None
     list_batches(engine, tenant_id, after=None, limit=20) -> BatchPage
     batch_progress(engine, batch_id) -> BatchProgress
+    batch_object(engine, batch) -> dict      # the batch as the routes answer and webhooks carry it
+    ALLOWED_TRANSITIONS, ENDED_STATUSES      # the state machine (store.batch_lifecycle)
     cancel_batch(engine, batch_id, now=None) -> Batch
     expire_batches(engine, now=None) -> list[str]
 
@@ -113,11 +115,16 @@ from store.agent_messages import (
 )
 from store.agent_runs import AgentRunRecord, get_agent_run
 from store.agent_state import StoredAgentState, get_agent_state, load_agent_state, save_agent_state
-from store.batches import (
+from store.batch_lifecycle import (
+    ALLOWED_TRANSITIONS,
+    ENDED_STATUSES,
     STOPPED_BATCH_STATUSES,
+    batch_file_ids,
+    batch_object,
+)
+from store.batches import (
     BatchPage,
     BatchProgress,
-    batch_file_ids,
     batch_progress,
     batch_statuses,
     cancel_batch,
@@ -214,9 +221,10 @@ from store.tenants import (
     webhook_secret,
 )
 from store.usage import UsageGroup, UsageRow, usage_report
-from store.webhooks import ENDED_STATUSES, DueWebhook, claim_due_webhooks, record_webhook_attempt
+from store.webhooks import DueWebhook, claim_due_webhooks, record_webhook_attempt
 
 __all__ = [
+    "ALLOWED_TRANSITIONS",
     "ENDED_STATUSES",
     "ENDPOINT_KINDS",
     "MAX_JSON_DEPTH",
@@ -276,6 +284,7 @@ __all__ = [
     "append_messages",
     "authenticate_api_key",
     "batch_file_ids",
+    "batch_object",
     "batch_progress",
     "batch_statuses",
     "cancel_batch",

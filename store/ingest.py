@@ -46,6 +46,7 @@ from typing import IO, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from store.batch_lifecycle import move_batches
 from store.engine import is_postgresql, write_transaction
 from store.errors import InvalidArgument
 from store.ids import new_id, now_seconds
@@ -410,14 +411,31 @@ def fail_batch(engine: Engine, batch_id: str, code: str, message: str) -> bool:
     not be read); False if it is no longer validating."""
     error = LineError(None, code, message)
     with write_transaction(engine) as conn:
-        ended = conn.execute(
-            sa.update(Batch)
-            .where(Batch.id == batch_id, Batch.status == BatchStatus.VALIDATING)
-            .values(
-                status=BatchStatus.FAILED, failed_at=now_seconds(), errors=[error.to_openai()], error_count=1
-            )
-        )
-    return bool(ended.rowcount)
+        ended = _end_validation(conn, batch_id, BatchStatus.FAILED, now_seconds(), [error], 1)
+    return ended
+
+
+def _end_validation(
+    conn: Connection,
+    batch_id: str,
+    target: BatchStatus,
+    now: int,
+    errors: list[LineError],
+    error_count: int,
+    **values: Any,
+) -> bool:
+    """Move a batch still ``validating`` to ``target`` (``in_progress`` or ``failed``) with its line
+    errors; False when it is no longer validating (cancelled or expired meanwhile)."""
+    moved = move_batches(
+        conn,
+        target,
+        now,
+        Batch.id == batch_id,  # only a validating batch may become in_progress or failed
+        errors=[error.to_openai() for error in errors] or None,
+        error_count=error_count,
+        **values,
+    )
+    return bool(moved)
 
 
 def fill_batch(
@@ -512,36 +530,18 @@ def fill_batch(
             if (invalid and not skip_invalid) or accepted == 0:
                 raise _Rejected
             insert(chunk)
-            started = conn.execute(
-                sa.update(Batch)
-                .where(Batch.id == batch_id, Batch.status == BatchStatus.VALIDATING)
-                .values(
-                    status=BatchStatus.IN_PROGRESS,
-                    in_progress_at=now_seconds() if spec.opened else created_at,
-                    total_count=accepted,
-                    # The skipped lines' errors stay on the batch, as a rejected batch's do.
-                    errors=[error.to_openai() for error in errors] or None,
-                    error_count=invalid,
-                )
-            )
-            if not started.rowcount:
+            # The skipped lines' errors stay on the batch, as a rejected batch's do.
+            started_at = now_seconds() if spec.opened else created_at
+            if not _end_validation(
+                conn, batch_id, BatchStatus.IN_PROGRESS, started_at, errors, invalid, total_count=accepted
+            ):
                 raise _Stopped  # cancelled or expired while validating: roll the requests back
     except _Rejected:
-        failed = {
-            "status": BatchStatus.FAILED,
-            "failed_at": now_seconds() if spec.opened else created_at,
-            "errors": [error.to_openai() for error in errors],
-            "error_count": invalid,
-        }
         with write_transaction(engine) as conn:
-            if spec.opened:
-                conn.execute(
-                    sa.update(Batch)
-                    .where(Batch.id == batch_id, Batch.status == BatchStatus.VALIDATING)
-                    .values(**failed)
-                )
-            else:
-                conn.execute(sa.insert(Batch), {**batch_row, **failed})
+            if not spec.opened:
+                conn.execute(sa.insert(Batch), batch_row)  # rolled back with its requests: again
+            failed_at = now_seconds() if spec.opened else created_at
+            _end_validation(conn, batch_id, BatchStatus.FAILED, failed_at, errors, invalid)
         return IngestReport(batch_id, BatchStatus.FAILED, lines, 0, invalid, errors)
     except _Stopped:
         with engine.connect() as conn:

@@ -29,6 +29,7 @@ Tenants, keys, files::
 Batches::
 
     ingest_batch(engine, source, *, tenant_id, endpoint, defaults, skip_invalid, ...) -> IngestReport
+    REQUEST_KINDS: endpoint -> RequestKindSpec (kind, body check, short form); one entry per kind
     parse_json(data, prefix="") -> Any   # refuses NaN, depth > MAX_JSON_DEPTH, NUL, lone surrogates
     # the same in steps, for a file read after the create call answered (status "validating"):
     prepare_batch(*, tenant_id, endpoint, ...) -> BatchSpec ; open_batch(engine, spec) -> BatchSpec
@@ -157,7 +158,6 @@ from store.idempotency import (
     store_idempotent_response,
 )
 from store.ingest import (
-    ENDPOINT_KINDS,
     MAX_STORED_ERRORS,
     BatchSpec,
     IngestReport,
@@ -181,6 +181,7 @@ from store.leases import (
     unsettled_dispatch_ids,
 )
 from store.prices import get_prices, price_for, set_price
+from store.request_kinds import ENDPOINT_KINDS, REQUEST_KINDS, RequestKindSpec
 from store.results import PaidAnswer, RecordOutcome, ResultRecord, record_cancelled_spend, record_results
 from store.schema import (
     current_revision,
@@ -229,6 +230,7 @@ __all__ = [
     "ENDPOINT_KINDS",
     "MAX_JSON_DEPTH",
     "MAX_STORED_ERRORS",
+    "REQUEST_KINDS",
     "STOPPED_BATCH_STATUSES",
     "WEBHOOK_SECRET_PREFIX",
     "AgentMessage",
@@ -267,6 +269,7 @@ __all__ = [
     "RecordOutcome",
     "Request",
     "RequestKind",
+    "RequestKindSpec",
     "RequestStatus",
     "Result",
     "ResultRecord",

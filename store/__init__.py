@@ -29,6 +29,7 @@ Tenants, keys, files::
 Batches::
 
     ingest_batch(engine, source, *, tenant_id, endpoint, defaults, skip_invalid, ...) -> IngestReport
+    REQUEST_KINDS: endpoint -> RequestKindSpec (kind, body check, short form); one entry per kind
     parse_json(data, prefix="") -> Any   # refuses NaN, depth > MAX_JSON_DEPTH, NUL, lone surrogates
     # the same in steps, for a file read after the create call answered (status "validating"):
     prepare_batch(*, tenant_id, endpoint, ...) -> BatchSpec ; open_batch(engine, spec) -> BatchSpec
@@ -37,6 +38,8 @@ Batches::
     get_batch(engine, batch_id, tenant_id=None) -> Batch | None
     list_batches(engine, tenant_id, after=None, limit=20) -> BatchPage
     batch_progress(engine, batch_id) -> BatchProgress
+    batch_object(engine, batch) -> dict      # the batch as the routes answer and webhooks carry it
+    ALLOWED_TRANSITIONS, ENDED_STATUSES      # the state machine (store.batch_lifecycle)
     cancel_batch(engine, batch_id, now=None) -> Batch
     expire_batches(engine, now=None) -> list[str]
 
@@ -113,11 +116,16 @@ from store.agent_messages import (
 )
 from store.agent_runs import AgentRunRecord, get_agent_run
 from store.agent_state import StoredAgentState, get_agent_state, load_agent_state, save_agent_state
-from store.batches import (
+from store.batch_lifecycle import (
+    ALLOWED_TRANSITIONS,
+    ENDED_STATUSES,
     STOPPED_BATCH_STATUSES,
+    batch_file_ids,
+    batch_object,
+)
+from store.batches import (
     BatchPage,
     BatchProgress,
-    batch_file_ids,
     batch_progress,
     batch_statuses,
     cancel_batch,
@@ -150,7 +158,6 @@ from store.idempotency import (
     store_idempotent_response,
 )
 from store.ingest import (
-    ENDPOINT_KINDS,
     MAX_STORED_ERRORS,
     BatchSpec,
     IngestReport,
@@ -174,6 +181,7 @@ from store.leases import (
     unsettled_dispatch_ids,
 )
 from store.prices import get_prices, price_for, set_price
+from store.request_kinds import ENDPOINT_KINDS, REQUEST_KINDS, RequestKindSpec
 from store.results import PaidAnswer, RecordOutcome, ResultRecord, record_cancelled_spend, record_results
 from store.schema import (
     current_revision,
@@ -214,13 +222,15 @@ from store.tenants import (
     webhook_secret,
 )
 from store.usage import UsageGroup, UsageRow, usage_report
-from store.webhooks import ENDED_STATUSES, DueWebhook, claim_due_webhooks, record_webhook_attempt
+from store.webhooks import DueWebhook, claim_due_webhooks, record_webhook_attempt
 
 __all__ = [
+    "ALLOWED_TRANSITIONS",
     "ENDED_STATUSES",
     "ENDPOINT_KINDS",
     "MAX_JSON_DEPTH",
     "MAX_STORED_ERRORS",
+    "REQUEST_KINDS",
     "STOPPED_BATCH_STATUSES",
     "WEBHOOK_SECRET_PREFIX",
     "AgentMessage",
@@ -259,6 +269,7 @@ __all__ = [
     "RecordOutcome",
     "Request",
     "RequestKind",
+    "RequestKindSpec",
     "RequestStatus",
     "Result",
     "ResultRecord",
@@ -276,6 +287,7 @@ __all__ = [
     "append_messages",
     "authenticate_api_key",
     "batch_file_ids",
+    "batch_object",
     "batch_progress",
     "batch_statuses",
     "cancel_batch",

@@ -25,7 +25,6 @@ import billiard  # type: ignore[import-untyped]  # Celery's multiprocessing fork
 from celery.signals import worker_ready, worker_shutting_down
 
 from workers import context
-from workers.agent_tasks import handlers_with_agents
 from workers.app import app
 from workers.constants import COMPLETE_CHUNK_TASK, SWEEP_TASK
 from workers.dispatch import Dispatcher
@@ -67,7 +66,6 @@ async def run_chunk(
             max_request_seconds=settings.max_attempts * (settings.upstream_timeout_seconds + 60),
             rate_limit_retry_seconds=settings.rate_limit_retry_seconds,
         ),
-        handlers=handlers_with_agents(context.engine()),
     )
     return await runner.run(request_ids, on_claimed=on_claimed)
 

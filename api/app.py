@@ -12,7 +12,7 @@ from api.idempotency import IdempotencyKeys
 from api.limits import BodySizeLimit
 from api.routes import agent_runs, batches, chat, files, health, model_catalog, usage, webhook_secret
 from api.routes.batches import Dispatch
-from workers.settings import Settings, get_settings
+from config import Settings, get_settings
 
 __all__ = ["create_app", "dispatch_to_workers"]
 

@@ -19,7 +19,7 @@ from rich.table import Table
 from sqlalchemy.engine import Engine
 
 import store
-from workers.settings import get_settings
+from config import get_settings
 
 __all__ = ["api", "cancel", "keys_app", "prices_app", "results", "status", "submit", "usage"]
 

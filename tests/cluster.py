@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import redis
 
+from config import Settings
 from simulator.testing import SimulatorServer
 from tests import services
 from workers.app import make_celery
 from workers.dispatch import Dispatcher
-from workers.settings import Settings
 
 __all__ = ["BROKER_DB", "CLI", "ROOT", "Cluster", "cluster", "kill_group", "run_cli"]
 

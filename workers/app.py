@@ -17,9 +17,9 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown
 
+from config import Settings, get_settings
 from workers import context
 from workers.constants import DEFAULT_QUEUE
-from workers.settings import Settings, get_settings
 
 __all__ = ["app", "celery_config", "make_celery"]
 

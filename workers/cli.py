@@ -169,8 +169,8 @@ def run(
 ) -> None:
     """Run a batch and write its results; resumable. Here, or with TOKENMILL_BROKER_URL set, on the
     cluster's workers (this command then submits, follows and writes the output)."""
+    from config import get_settings
     from store import make_engine, upgrade_to_head
-    from workers.settings import get_settings
 
     settings = get_settings()
     on_cluster = settings.broker_url is not None and not (local or simulate)
@@ -224,11 +224,11 @@ def _run_on_cluster(engine: Any, batch_id: str, quiet: bool) -> None:
 
     import redis
 
+    from config import get_settings
     from store import batch_progress, pending_request_ids, usage_report
     from workers.app import make_celery
     from workers.dispatch import Dispatcher
     from workers.progress import RunProgress
-    from workers.settings import get_settings
 
     settings = get_settings()
     assert settings.broker_url is not None
@@ -270,11 +270,11 @@ def _run_on_cluster(engine: Any, batch_id: str, quiet: bool) -> None:
 async def _run_embedded(
     engine: Any, batch_id: str, client_env: dict[str, str], concurrency: int, quiet: bool
 ) -> None:
+    from config import get_settings
     from store import ResultRecord, batch_progress, pending_request_ids
     from workers.clients import build_pipeline
     from workers.progress import RunProgress
     from workers.runner import ChunkRunner, RunnerConfig
-    from workers.settings import get_settings
 
     settings = get_settings()
     progress = batch_progress(engine, batch_id)
@@ -328,7 +328,7 @@ def worker(
         os.environ["TOKENMILL_IN_FLIGHT_PER_PROCESS"] = str(concurrency)
     # SIGTERM does a soft shutdown: running chunks get worker_soft_shutdown_timeout, then requeue.
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
-    from workers.settings import get_settings
+    from config import get_settings
 
     get_settings.cache_clear()
     if get_settings().broker_url is None:
@@ -357,7 +357,7 @@ def beat(
     """Re-queue requests no message will run: expired leases, lost or never-sent messages."""
     import logging
 
-    from workers.settings import get_settings
+    from config import get_settings
 
     settings = get_settings()
     if settings.broker_url is None:

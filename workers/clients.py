@@ -12,13 +12,13 @@ from collections.abc import Mapping
 
 import diskcache
 
+from config import Settings
 from models.base import ChatCompletionClient
 from models.cache import CachedCompletion, CacheStore, DiskCacheStore, RedisStore
 from models.openai import OpenAIChatCompletionClient
 from models.retry import RetryPolicy
 from workers.limiter import LimiterTuning, LocalRateLimiter, RateLimiter, RedisRateLimiter, SplitRateLimiter
 from workers.pipeline import ClientFactory, ModelCallPipeline
-from workers.settings import Settings
 
 __all__ = ["build_pipeline", "cache_store", "limiter_for", "openai_client_factory"]
 

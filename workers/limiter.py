@@ -50,12 +50,12 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from config import ModelLimits
 from models.cancellation import CancellationToken
 from models.errors import BadRequest
 from models.openai import resolve_model_info
 from models.retry import RetryLater, sleep_unless_cancelled, wait_or_cancel
 from workers.constants import DEFAULT_KEY_PREFIX, limit_key, limit_leases_key
-from workers.settings import ModelLimits
 
 __all__ = [
     "CallOutcome",

@@ -29,7 +29,7 @@ __all__ = ["BROKER_DB", "CLI", "ROOT", "Cluster", "cluster", "kill_group", "run_
 BROKER_DB = 11
 ROOT = Path(__file__).resolve().parents[1]
 # ``tokenmill ARGS`` as a subprocess of the venv that runs the tests.
-CLI = [sys.executable, "-c", "from api.cli import main; main()"]
+CLI = [sys.executable, "-c", "from cli.main import main; main()"]
 
 
 def run_cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -60,9 +60,9 @@ def run(
 ) -> None:
     """Run one assistant (model + tools) on this machine and print its answer."""
     from agents import AssistantRunError
+    from cli.upstream import local_upstream
     from config import get_settings
     from models.errors import ModelClientError
-    from workers.cli import _upstream
 
     body: dict[str, Any] = {
         "model": model or get_settings().default_model,
@@ -75,7 +75,7 @@ def run(
         body["max_tool_iterations"] = max_tool_iterations
     if conversation is not None:
         body["conversation_id"] = conversation
-    with _upstream(simulate) as client_env:
+    with local_upstream(simulate) as client_env:
         try:
             result = asyncio.run(_run_once(body, client_env))
         except ModelClientError as e:

@@ -19,9 +19,9 @@ __all__ = ["create_app", "dispatch_to_workers"]
 
 def dispatch_to_workers(engine: Engine, batch_id: str) -> None:
     """Send a batch's queued requests to the Celery workers, in chunks of ids."""
-    from workers.tasks import dispatcher
+    from workers.enqueue import enqueue_batch, producer_dispatcher
 
-    dispatcher().dispatch(store.pending_request_ids(engine, batch_id))
+    enqueue_batch(producer_dispatcher(engine), batch_id)
 
 
 def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = None) -> FastAPI:

@@ -50,7 +50,7 @@ def submit(
 
     Example: BATCH=$(tokenmill submit prompts.jsonl --model gpt-4o-mini)
     """
-    from api.app import dispatch_to_workers
+    from workers.enqueue import BROKER_UNREACHABLE, enqueue_batch, producer_dispatcher
 
     settings = get_settings()
     if settings.broker_url is None:
@@ -76,7 +76,13 @@ def submit(
     if report.status != store.BatchStatus.IN_PROGRESS:
         console.print(f"[red]batch {report.batch_id} rejected: {report.invalid_lines} bad lines[/red]")
         raise typer.Exit(1)
-    dispatch_to_workers(engine, report.batch_id)
+    try:
+        enqueue_batch(producer_dispatcher(engine), report.batch_id)
+    except BROKER_UNREACHABLE as e:  # workers.enqueue: the batch waits in the ledger for the sweeper
+        console.print(
+            f"[yellow]the broker did not answer ({type(e).__name__}): {report.batch_id} is queued in the "
+            "ledger, and `tokenmill beat` sends it once the broker is back[/yellow]"
+        )
     typer.echo(report.batch_id)
 
 

@@ -204,9 +204,9 @@ def _run_on_cluster(engine: Any, batch_id: str, quiet: bool) -> None:
     import redis
 
     from config import get_settings
-    from store import batch_progress, pending_request_ids, usage_report
+    from store import batch_progress, usage_report
     from workers.app import make_celery
-    from workers.dispatch import Dispatcher
+    from workers.enqueue import BROKER_UNREACHABLE, enqueue_batch, make_dispatcher
     from workers.progress import RunProgress
 
     settings = get_settings()
@@ -215,12 +215,10 @@ def _run_on_cluster(engine: Any, batch_id: str, quiet: bool) -> None:
     broker = redis.Redis.from_url(settings.broker_url)
     try:
         # On a resume some may have messages still queued: a second one is a no-op (leases).
-        Dispatcher(celery, engine, broker, settings.key_prefix, settings.chunk_size).dispatch(
-            pending_request_ids(engine, batch_id)
-        )
+        enqueue_batch(make_dispatcher(celery, engine, broker, settings), batch_id)
         if not quiet and not celery.control.ping(timeout=1.0):
             typer.echo("no worker answered: the batch waits until `tokenmill worker` runs", err=True)
-    except redis.exceptions.ConnectionError as e:
+    except BROKER_UNREACHABLE as e:
         typer.echo(
             f"cannot reach the broker (TOKENMILL_BROKER_URL): {str(e).rstrip('.')}. The batch "
             f"{batch_id} is in the ledger: run again once the broker is up, or add --local to run it here.",

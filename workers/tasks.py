@@ -28,6 +28,7 @@ from workers import context
 from workers.app import app
 from workers.constants import COMPLETE_CHUNK_TASK, SWEEP_TASK
 from workers.dispatch import Dispatcher
+from workers.enqueue import make_dispatcher
 from workers.runner import ChunkReport, ChunkRunner, RunnerConfig
 from workers.sweeper import sweep
 
@@ -37,14 +38,7 @@ _logger = logging.getLogger(__name__)
 
 
 def dispatcher() -> Dispatcher:
-    settings = context.settings()
-    return Dispatcher(
-        celery=app,
-        engine=context.engine(),
-        redis_client=context.redis_client(),
-        key_prefix=settings.key_prefix,
-        chunk_size=settings.chunk_size,
-    )
+    return make_dispatcher(app, context.engine(), context.redis_client(), context.settings())
 
 
 async def run_chunk(

@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 import store
 from api.deps import ID_PATTERN, AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
 from api.errors import Conflict, InvalidRequest, NotFound
-from workers.settings import Settings
+from config import Settings
 from workers.webhooks import WebhookURLRefused, resolve_webhook_url
 
 __all__ = ["Dispatch", "dispatch_or_leave_to_sweeper", "router"]

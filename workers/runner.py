@@ -494,7 +494,7 @@ class ChunkRunner:
                         cancelled_spend.append(cancelled.spent)
                     return
                 except RetryLater as later:
-                    await hand_back(request.id, later)
+                    await hand_back(request, later)
                     return
                 if request.handed_back_attempts:
                     record = dataclasses.replace(
@@ -502,13 +502,19 @@ class ChunkRunner:
                     )
                 finish(record)
 
-        async def hand_back(request_id: str, later: RetryLater) -> None:
+        async def hand_back(request: ClaimedRequest, later: RetryLater) -> None:
             # Back in line for later; the slot serves other requests meanwhile.
+            request_id = request.id
             unfinished.pop(request_id, None)
             now = time.time()
             budget = config.rate_limit_retry_seconds
             # The budget starts with the provider's first "later", not with our own limiter's.
             deadline = int(now + budget) if budget is not None and later.error is not None else None
+            # Not back later than the budget's end: a longer wait would only fail it unseen.
+            not_before = math.ceil(now + later.delay)
+            budget_end = request.retry_deadline if request.retry_deadline is not None else deadline
+            if budget_end is not None:
+                not_before = min(not_before, budget_end)
             report.handed_back += await asyncio.to_thread(
                 functools.partial(
                     release_requests,
@@ -516,7 +522,7 @@ class ChunkRunner:
                     [request_id],
                     config.owner,
                     str(later),
-                    math.ceil(now + later.delay),
+                    not_before,
                     handed_back=True,
                     upstream_attempts=later.attempts,
                     retry_deadline=deadline,

@@ -186,6 +186,21 @@ async def test_a_long_retry_after_hands_the_request_back_with_a_delay(
     assert sum(r.attempts for r in results_of(led.engine, batch_id)) == stats["completions"] == 3
 
 
+async def test_a_huge_retry_after_hands_back_within_the_retry_budget(
+    make_ledger: MakeLedger, database_url: str, simulator: SimulatorServer
+) -> None:
+    """A provider asking for a wait of decades does not park the request past its retry budget:
+    it comes back in line no later than the budget's end (where it then fails or succeeds)."""
+    led = make_ledger(database_url)
+    _, ids = add_batch(led, ["ages [[status 429 retry_after=1e9 times=1]]"])
+    report = await run_ids(database_url, simulator, ids, hand_back_after=1.0, rate_limit_retry_seconds=30)
+    assert report.handed_back == 1
+    row = request_row(led.engine, ids[0])
+    assert row.retry_deadline is not None
+    assert row.not_before is not None
+    assert row.not_before <= row.retry_deadline <= time.time() + 30
+
+
 async def test_a_rate_limit_past_the_retry_budget_fails_the_request(
     make_ledger: MakeLedger, database_url: str, simulator: SimulatorServer
 ) -> None:

@@ -50,6 +50,7 @@ from models.retry import RATE_LIMIT_DEADLINE, RetryLater
 from store import (
     STOPPED_BATCH_STATUSES,
     ClaimedRequest,
+    PaidAnswer,
     RecordOutcome,
     RequestKind,
     RequestStatus,
@@ -63,6 +64,8 @@ from store import (
     record_results,
     release_requests,
 )
+from store.input_checks import bounded_text
+from store.log_redaction import redacted_error_text
 from workers.pipeline import CallResult, ModelCallPipeline
 
 __all__ = [
@@ -233,15 +236,42 @@ ResultListener = Callable[[ResultRecord], None]
 
 UNRECORDABLE = "result_not_recordable"
 _ERROR_TEXT_LIMIT = 500
+_COLUMN_LIMIT = 200  # the ledger's model and provider-id columns
 
 
 def _error_text(error: BaseException) -> str:
-    """The database's own words, without the statement and parameters SQLAlchemy adds (they would
-    echo the row), printable and bounded."""
+    """The database's own words for the request's error file, without the statement and parameters
+    SQLAlchemy adds (they would echo the row), on one line and bounded. Not for logs: the words may
+    quote the row (``redacted_error_text`` is the logs' version)."""
     cause = error.orig if isinstance(error, sa_exc.DBAPIError) and error.orig is not None else error
-    text = f"{type(cause).__name__}: {cause}"
-    text = "".join(ch if ch.isprintable() else " " for ch in text).strip()
-    return text if len(text) <= _ERROR_TEXT_LIMIT else text[: _ERROR_TEXT_LIMIT - 3] + "..."
+    text = "".join(ch if ch.isprintable() else " " for ch in f"{type(cause).__name__}: {cause}").strip()
+    return bounded_text(text, _ERROR_TEXT_LIMIT - 3)
+
+
+def _storable(text: str | None) -> str | None:
+    """``text`` as the ledger's short text columns hold it (no NUL, at most 200 characters)."""
+    return None if text is None else bounded_text(text, _COLUMN_LIMIT - 3)
+
+
+def _unrecordable(record: ResultRecord, error: BaseException) -> ResultRecord:
+    """The failure that stands for a ``record`` the database refused. It keeps what the provider
+    charged (usage, model, its answers' ids), made storable: the answer was paid either way."""
+    return ResultRecord(
+        request_id=record.request_id,
+        status=RequestStatus.FAILED,
+        error_code=UNRECORDABLE,
+        error_message=f"the result could not be recorded: {_error_text(error)}",
+        upstream_request_id=_storable(record.upstream_request_id),
+        model=_storable(record.model),
+        usage=record.usage,
+        cached=record.cached,
+        attempts=record.attempts,
+        latency_ms=record.latency_ms,
+        paid_answers=tuple(
+            PaidAnswer(_storable(answer.upstream_request_id), _storable(answer.model), answer.usage)
+            for answer in record.paid_answers
+        ),
+    )
 
 
 def _unreachable(error: BaseException) -> bool:
@@ -268,6 +298,7 @@ def record_isolating_bad_rows(
     duplicates: list[str] = []
     skipped: list[str] = []
     finalized: list[str] = []
+    discarded: list[str] = []
     replaced: list[str] = []
     for record in records:
         try:
@@ -275,27 +306,23 @@ def record_isolating_bad_rows(
         except Exception as error:
             if _unreachable(error):
                 raise
-            text = _error_text(error)
             _logger.error(
-                "the result of request %s could not be recorded (%s); it fails alone", record.request_id, text
+                "the result of request %s could not be recorded (%s); it fails alone",
+                record.request_id,
+                redacted_error_text(error),
             )
-            failure = ResultRecord(
-                request_id=record.request_id,
-                status=RequestStatus.FAILED,
-                error_code=UNRECORDABLE,
-                error_message=f"the result could not be recorded: {text}",
-                attempts=record.attempts,
-                latency_ms=record.latency_ms,
-            )
-            outcome = record_results(engine, [failure])
+            outcome = record_results(engine, [_unrecordable(record, error)])
             replaced.append(record.request_id)
         inserted += outcome.inserted
         duplicates += outcome.duplicates
         skipped += outcome.skipped
         finalized += outcome.finalized_batches
+        discarded += outcome.discarded
     if not replaced:  # row by row, every one went in: the batch's failure was something else
-        _logger.warning("a batched result write failed, then each row went in: %s", _error_text(batch_error))
-    return RecordOutcome(inserted, duplicates, skipped, finalized), replaced
+        _logger.warning(
+            "a batched result write failed, then each row went in: %s", redacted_error_text(batch_error)
+        )
+    return RecordOutcome(inserted, duplicates, skipped, finalized, discarded), replaced
 
 
 class _Writer:

@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import diskcache
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from models.cache import DiskCacheStore
 from models.cancellation import CancellationToken
 from models.retry import RetryPolicy
+from models.types import RequestUsage
 from simulator.testing import SimulatorServer
 from store import (
     BatchStatus,
@@ -32,12 +35,20 @@ from store import (
     iter_output_lines,
     make_engine,
     pending_request_ids,
+    record_results,
 )
 from tests.workers.support import Ledger, add_batch, results_of, statuses
 from workers.clients import openai_client_factory
 from workers.pipeline import ModelCallPipeline
 from workers.rate_limits import LimiterTuning, LocalRateLimiter
-from workers.runner import ChunkReport, ChunkRunner, RunnerConfig, complete_chat
+from workers.runner import (
+    UNRECORDABLE,
+    ChunkReport,
+    ChunkRunner,
+    RunnerConfig,
+    complete_chat,
+    record_isolating_bad_rows,
+)
 from workers.settings import ModelLimits
 
 MakeLedger = Callable[[str], Ledger]
@@ -443,3 +454,55 @@ async def test_a_busy_event_loop_does_not_lose_its_leases(
     assert stolen == []
     assert report.succeeded == 1
     assert [r.request_id for r in results_of(led.engine, batch_id)] == ids
+
+
+def answered(request_id: str, answer: str, content: str, *, model: str = "sim-model") -> ResultRecord:
+    """A succeeded record as the runner makes it: the provider's answer, paid for."""
+    return ResultRecord(
+        request_id=request_id,
+        status=RequestStatus.SUCCEEDED,
+        response_body={"object": "chat.completion", "choices": [{"message": {"content": content}}]},
+        status_code=200,
+        upstream_request_id=answer,
+        model=model,
+        usage=RequestUsage(prompt_tokens=70, completion_tokens=30),
+    )
+
+
+def test_a_result_the_database_refuses_still_bills_its_answer_and_logs_no_data(
+    make_ledger: MakeLedger, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Row by row after a refused batch write: each refused row (a provider id too long for its
+    column, a NUL in the model) fails alone but keeps its answer's bill; a duplicate paid answer in
+    the same write is still reported as discarded; the database's words are logged redacted."""
+    led = make_ledger(postgres_url)
+    batch_id, (dup, bad, bad_model, good) = add_batch(led, ["dup", "bad", "bad model", "good"])
+    record_results(led.engine, [answered(dup, "answer-dup-1", "first")])
+    secret = "secret-prompt-fragment"
+    records = [
+        answered(dup, "answer-dup-2", "second"),
+        answered(bad, "answer-" + "x" * 300, secret),
+        answered(bad_model, "answer-bad-model", "fine", model="sim\x00model"),
+        answered(good, "answer-good", "fine"),
+    ]
+    with caplog.at_level(logging.INFO):
+        outcome, replaced = record_isolating_bad_rows(led.engine, records)
+    assert replaced == [bad, bad_model]
+    assert outcome.discarded == [dup]
+    assert sorted(outcome.inserted) == sorted([bad, bad_model, good])
+    results = {r.request_id: r for r in results_of(led.engine, batch_id)}
+    for request_id in (bad, bad_model):
+        failed = results[request_id]
+        assert (failed.status, failed.error_code) == (RequestStatus.FAILED, UNRECORDABLE)
+        # The provider charged for the answer: the failure bills it.
+        assert (failed.prompt_tokens, failed.completion_tokens) == (70, 30)
+    bounded_id = results[bad].upstream_request_id
+    assert bounded_id is not None
+    assert bounded_id.startswith("answer-x")
+    assert len(bounded_id) <= 200
+    assert results[bad].model == "sim-model"
+    assert results[bad_model].model == "sim\ufffdmodel"  # as near the truth as a text column holds
+    assert "could not be recorded" in caplog.text
+    # Logged as the redaction helper words it: the database's DETAIL lines may quote the row.
+    assert "details withheld from logs" in caplog.text
+    assert secret not in caplog.text

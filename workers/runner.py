@@ -336,6 +336,7 @@ class _Writer:
         self._flush_size = flush_size
         self._flush_interval = flush_interval
         self._buffer: list[ResultRecord] = []
+        self._writing: list[ResultRecord] = []  # taken from the buffer, not yet committed
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._stopped = False
@@ -345,16 +346,25 @@ class _Writer:
         if len(self._buffer) >= self._flush_size:
             self._wake.set()
 
+    def unwritten_ids(self) -> list[str]:
+        """The requests whose result is not written yet: their leases must be kept meanwhile (a
+        stalled write must not let another worker adopt and pay for them again). Safe from any
+        thread: each list is copied whole (in C, under the GIL)."""
+        return [record.request_id for record in [*list(self._writing), *list(self._buffer)]]
+
     async def flush(self) -> None:
         async with self._lock:
             records, self._buffer = self._buffer, []
             if not records:
                 return
+            self._writing = records
             try:
                 outcome, replaced = await asyncio.to_thread(record_isolating_bad_rows, self._engine, records)
             except BaseException:
                 self._buffer[:0] = records  # not written: kept for the next try
                 raise
+            finally:
+                self._writing = []
         self._report.duplicates += len(outcome.duplicates)
         self._report.finalized_batches.extend(outcome.finalized_batches)
         by_id = {record.request_id: record for record in records}
@@ -568,7 +578,8 @@ class ChunkRunner:
         def leased() -> list[str]:
             # From the keeper's thread. ``list(dict)`` copies in C without letting the loop's
             # thread run, so it never sees the dict change size.
-            return [request_id for request_id in list(unfinished) if request_id not in overdue]
+            running_ids = [request_id for request_id in list(unfinished) if request_id not in overdue]
+            return running_ids + writer.unwritten_ids()
 
         loop = asyncio.get_running_loop()
         keeper = LeaseKeeper(
@@ -669,11 +680,14 @@ class ChunkRunner:
         finally:
             for helper in helpers:
                 helper.cancel()
-            await asyncio.to_thread(keeper.stop)
             writer.stop()
             await asyncio.gather(*helpers, writing, return_exceptions=True)
             try:
-                await writer.flush()  # raises what kept results from the ledger
+                try:
+                    await writer.flush()  # raises what kept results from the ledger
+                finally:
+                    # Not before: the results in that last write keep their leases while it lasts.
+                    await asyncio.to_thread(keeper.stop)
             finally:
                 for request_id in to_cancel:
                     unfinished.pop(request_id, None)

@@ -456,6 +456,41 @@ async def test_a_busy_event_loop_does_not_lose_its_leases(
     assert [r.request_id for r in results_of(led.engine, batch_id)] == ids
 
 
+async def test_a_result_whose_write_stalls_keeps_its_lease(
+    make_ledger: MakeLedger, postgres_url: str, simulator: SimulatorServer
+) -> None:
+    """The answer is in, but the ledger's results table is locked for three leases (a database
+    stall): the request's lease is still extended meanwhile, so no other worker adopts it (with the
+    cache off, that would be a second paid call); once the lock goes the result is written."""
+    led = make_ledger(postgres_url)
+    batch_id, ids = add_batch(led, ["answered, then stuck"])
+    lease = 2
+    blocker = led.engine.connect()
+    blocker.execute(sa.text("LOCK TABLE results IN EXCLUSIVE MODE"))  # reads pass, writes wait
+    pipeline = make_pipeline(simulator)
+    runner = ChunkRunner(led.engine, pipeline, RunnerConfig(owner="stalled-owner", lease_seconds=lease))
+    running = asyncio.create_task(runner.run(ids))
+    try:
+        deadline = time.monotonic() + 30
+        while simulator.stats()["completions"] < 1:
+            assert time.monotonic() < deadline, "the call was never made"
+            await asyncio.sleep(0.05)
+        stall_end = time.monotonic() + 3 * lease
+        while time.monotonic() < stall_end:
+            stolen = await asyncio.to_thread(claim_requests, led.engine, ids, "other-worker", 30)
+            assert stolen == [], "another worker adopted a request whose result was being written"
+            await asyncio.sleep(0.2)
+        assert not running.done()
+    finally:
+        blocker.rollback()
+        blocker.close()
+        report = await running
+        await pipeline.close()
+    assert report.succeeded == 1
+    assert [r.request_id for r in results_of(led.engine, batch_id)] == ids
+    assert simulator.stats()["completions"] == 1
+
+
 def answered(request_id: str, answer: str, content: str, *, model: str = "sim-model") -> ResultRecord:
     """A succeeded record as the runner makes it: the provider's answer, paid for."""
     return ResultRecord(

@@ -253,20 +253,26 @@ def _storable(text: str | None) -> str | None:
     return None if text is None else bounded_text(text, _COLUMN_LIMIT - 3)
 
 
-def _unrecordable(record: ResultRecord, error: BaseException) -> ResultRecord:
-    """The failure that stands for a ``record`` the database refused. It keeps what the provider
-    charged (usage, model, its answers' ids), made storable: the answer was paid either way."""
-    return ResultRecord(
+def _unrecordable(record: ResultRecord, error: BaseException, *, with_spend: bool = True) -> ResultRecord:
+    """The failure that stands for a ``record`` the database refused. ``with_spend``: it keeps what
+    the provider charged (usage, model, its answers' ids), made storable: the answer was paid
+    either way."""
+    failure = ResultRecord(
         request_id=record.request_id,
         status=RequestStatus.FAILED,
         error_code=UNRECORDABLE,
         error_message=f"the result could not be recorded: {_error_text(error)}",
+        attempts=record.attempts,
+        latency_ms=record.latency_ms,
+    )
+    if not with_spend:
+        return failure
+    return dataclasses.replace(
+        failure,
         upstream_request_id=_storable(record.upstream_request_id),
         model=_storable(record.model),
         usage=record.usage,
         cached=record.cached,
-        attempts=record.attempts,
-        latency_ms=record.latency_ms,
         paid_answers=tuple(
             PaidAnswer(_storable(answer.upstream_request_id), _storable(answer.model), answer.usage)
             for answer in record.paid_answers
@@ -311,7 +317,19 @@ def record_isolating_bad_rows(
                 record.request_id,
                 redacted_error_text(error),
             )
-            outcome = record_results(engine, [_unrecordable(record, error)])
+            try:
+                outcome = record_results(engine, [_unrecordable(record, error)])
+            except Exception as spend_error:
+                if _unreachable(spend_error):
+                    raise
+                # The spend itself is what the database refuses (usage past its integers): the
+                # request still ends, unbilled, rather than block every write after it.
+                _logger.error(
+                    "the spend of request %s could not be recorded either (%s); it is not billed",
+                    record.request_id,
+                    redacted_error_text(spend_error),
+                )
+                outcome = record_results(engine, [_unrecordable(record, error, with_spend=False)])
             replaced.append(record.request_id)
         inserted += outcome.inserted
         duplicates += outcome.duplicates

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import logging
@@ -511,7 +512,8 @@ def test_a_result_the_database_refuses_still_bills_its_answer_and_logs_no_data(
     column, a NUL in the model) fails alone but keeps its answer's bill; a duplicate paid answer in
     the same write is still reported as discarded; the database's words are logged redacted."""
     led = make_ledger(postgres_url)
-    batch_id, (dup, bad, bad_model, good) = add_batch(led, ["dup", "bad", "bad model", "good"])
+    prompts = ["dup", "bad", "bad model", "good", "absurd usage"]
+    batch_id, (dup, bad, bad_model, good, absurd) = add_batch(led, prompts)
     record_results(led.engine, [answered(dup, "answer-dup-1", "first")])
     secret = "secret-prompt-fragment"
     records = [
@@ -519,12 +521,15 @@ def test_a_result_the_database_refuses_still_bills_its_answer_and_logs_no_data(
         answered(bad, "answer-" + "x" * 300, secret),
         answered(bad_model, "answer-bad-model", "fine", model="sim\x00model"),
         answered(good, "answer-good", "fine"),
+        dataclasses.replace(
+            answered(absurd, "answer-absurd", "fine"), usage=RequestUsage(prompt_tokens=2**40)
+        ),
     ]
     with caplog.at_level(logging.INFO):
         outcome, replaced = record_isolating_bad_rows(led.engine, records)
-    assert replaced == [bad, bad_model]
+    assert replaced == [bad, bad_model, absurd]
     assert outcome.discarded == [dup]
-    assert sorted(outcome.inserted) == sorted([bad, bad_model, good])
+    assert sorted(outcome.inserted) == sorted([bad, bad_model, good, absurd])
     results = {r.request_id: r for r in results_of(led.engine, batch_id)}
     for request_id in (bad, bad_model):
         failed = results[request_id]
@@ -537,6 +542,8 @@ def test_a_result_the_database_refuses_still_bills_its_answer_and_logs_no_data(
     assert len(bounded_id) <= 200
     assert results[bad].model == "sim-model"
     assert results[bad_model].model == "sim\ufffdmodel"  # as near the truth as a text column holds
+    # Usage the database cannot hold fails the request unbilled, not every write after it.
+    assert (results[absurd].error_code, results[absurd].prompt_tokens) == (UNRECORDABLE, 0)
     assert "could not be recorded" in caplog.text
     # Logged as the redaction helper words it: the database's DETAIL lines may quote the row.
     assert "details withheld from logs" in caplog.text

@@ -50,6 +50,14 @@ class Settings(BaseSettings):
             "they have in common, at the price of each seeing (and timing) the others' answers"
         ),
     )
+    max_models_per_worker: int = Field(
+        default=64,
+        gt=0,
+        description=(
+            "upstream clients a worker process keeps, least recently used dropped first: model names "
+            "are whatever tenants send, so without a bound one tenant could grow every worker's set"
+        ),
+    )
     cache_lock_ttl_seconds: float = Field(
         default=5.0,
         gt=0,

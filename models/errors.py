@@ -22,11 +22,13 @@ beside itself (``models.openai.errors.from_openai_error`` for the ``openai`` SDK
 from __future__ import annotations
 
 import email.utils
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
+    "MAX_RETRY_AFTER_SECONDS",
     "AuthenticationFailed",
     "BadRequest",
     "ContextWindowExceeded",
@@ -153,26 +155,41 @@ class ModelNotFound(ModelClientError):
     retryable = False
 
 
+# The longest wait a provider's Retry-After is taken at: past an hour the header is more likely
+# broken than meant, and a wait without bound would overflow a timestamp or outlive any budget.
+MAX_RETRY_AFTER_SECONDS = 3600.0
+
+
+def _bounded_wait(seconds: float) -> float | None:
+    """``seconds`` as a wait: None when not finite (unreadable), else within 0 and the cap."""
+    if not math.isfinite(seconds):
+        return None
+    return min(MAX_RETRY_AFTER_SECONDS, max(0.0, seconds))
+
+
 def parse_retry_after(headers: Mapping[str, str] | None, *, now: float | None = None) -> float | None:
     """Seconds to wait from ``retry-after-ms`` (OpenAI/Azure) or ``Retry-After`` (seconds or an
-    HTTP date); None when absent or unreadable."""
+    HTTP date), at most ``MAX_RETRY_AFTER_SECONDS``; None when absent or unreadable (``inf`` and
+    ``nan`` included)."""
     if not headers:
         return None
     milliseconds = headers.get("retry-after-ms")
     if milliseconds is not None:
         try:
-            return max(0.0, float(milliseconds) / 1000.0)
+            wait = _bounded_wait(float(milliseconds) / 1000.0)
         except ValueError:
-            pass
+            wait = None
+        if wait is not None:
+            return wait
     value = headers.get("retry-after")
     if value is None:
         return None
     try:
-        return max(0.0, float(value))
+        return _bounded_wait(float(value))
     except ValueError:
         pass
     try:
         moment = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    return max(0.0, moment.timestamp() - (time.time() if now is None else now))
+    return _bounded_wait(moment.timestamp() - (time.time() if now is None else now))

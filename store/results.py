@@ -19,6 +19,7 @@ was paid once, and is not counted again; nor is one without an id, which cannot 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,9 +37,19 @@ from store.ids import now_seconds
 from store.prices import cost_usd, price_for
 from store.tables import Batch, DiscardedAnswer, ModelPrice, Request, RequestStatus, Result
 
-__all__ = ["PaidAnswer", "RecordOutcome", "ResultRecord", "record_cancelled_spend", "record_results"]
+__all__ = [
+    "UNIDENTIFIED_ANSWER_PREFIX",
+    "PaidAnswer",
+    "RecordOutcome",
+    "ResultRecord",
+    "record_cancelled_spend",
+    "record_results",
+]
 
 _ENDED = (RequestStatus.SUCCEEDED, RequestStatus.FAILED)
+# Starts the key a discarded answer that came without a provider id is stored under (never a
+# provider's id, so reports can tell the two apart).
+UNIDENTIFIED_ANSWER_PREFIX = "tokenmill-unidentified-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,17 +275,33 @@ def record_cancelled_spend(
         return _keep_discarded_spend(conn, cancelled, owners, prices, now)
 
 
-def _recorded_answers(conn: Connection, request_ids: Sequence[str]) -> dict[str, set[str]]:
-    """The provider's ids of the answers each request's result already bills: its own, and, for an
-    agent run, those its body lists under ``model_calls``."""
-    recorded: dict[str, set[str]] = {}
+@dataclass
+class _KeptResult:
+    """What a request's recorded result bills: the provider's ids of its answers (its own, and for
+    an agent run those its body lists under ``model_calls``), and which record it was written from
+    (its attempts and latency: an answer without a provider id is known by them)."""
+
+    answers: set[str]
+    attempts: int
+    latency_ms: float | None
+
+    def is_written_from(self, record: ResultRecord) -> bool:
+        return (self.attempts, self.latency_ms) == (record.attempts, record.latency_ms)
+
+
+def _kept_results(conn: Connection, request_ids: Sequence[str]) -> dict[str, _KeptResult]:
+    kept: dict[str, _KeptResult] = {}
     rows = conn.execute(
-        sa.select(Result.request_id, Result.upstream_request_id, Result.response_body).where(
-            Result.request_id.in_(sorted(set(request_ids)))
-        )
+        sa.select(
+            Result.request_id,
+            Result.upstream_request_id,
+            Result.response_body,
+            Result.attempts,
+            Result.latency_ms,
+        ).where(Result.request_id.in_(sorted(set(request_ids))))
     )
-    for request_id, upstream_request_id, body in rows:
-        answers = recorded.setdefault(request_id, set())
+    for request_id, upstream_request_id, body, attempts, latency_ms in rows:
+        answers: set[str] = set()
         if upstream_request_id is not None:
             answers.add(upstream_request_id)
         calls = body.get("model_calls") if isinstance(body, dict) else None
@@ -282,7 +309,24 @@ def _recorded_answers(conn: Connection, request_ids: Sequence[str]) -> dict[str,
             answer = call.get("response_id") if isinstance(call, dict) else None
             if isinstance(answer, str):
                 answers.add(answer)
-    return recorded
+        kept[request_id] = _KeptResult(answers, attempts, latency_ms)
+    return kept
+
+
+def _unidentified_answer_key(record: ResultRecord, index: int, answer: PaidAnswer) -> str:
+    """Stands in for the provider's id of an answer that came without one, in the discarded row's
+    ``upstream_request_id``: the same record written again gives the same key (so the row's unique
+    key bills it once), another call's answer (another latency, attempt count or usage) another."""
+    usage = answer.usage
+    fingerprint = [record.attempts, record.latency_ms, index, answer.model]
+    fingerprint += [
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        usage.cached_prompt_tokens,
+        usage.reasoning_tokens,
+    ]
+    digest = hashlib.sha256(json.dumps(fingerprint).encode()).hexdigest()[:40]
+    return f"{UNIDENTIFIED_ANSWER_PREFIX}{digest}"
 
 
 def _keep_discarded_spend(
@@ -298,16 +342,20 @@ def _keep_discarded_spend(
     paid = [(record, reason, answers) for record, reason, answers in paid if answers]
     if not paid:
         return []
-    recorded_answers = _recorded_answers(conn, [record.request_id for record, _, _ in paid])
+    kept_results = _kept_results(conn, [record.request_id for record, _, _ in paid])
     rows: list[dict[str, Any]] = []
     for record, reason, answers in paid:
-        already_billed = recorded_answers.get(record.request_id, set())
+        kept = kept_results.get(record.request_id)
         owner = owners[record.request_id]
-        for answer in answers:
-            if answer.upstream_request_id is None or answer.upstream_request_id in already_billed:
+        for index, answer in enumerate(answers):
+            answer_id = answer.upstream_request_id
+            if answer_id is None:
+                if kept is not None and kept.is_written_from(record):
+                    continue  # the kept result's own record, written again (a flush retried)
+                answer_id = _unidentified_answer_key(record, index, answer)
+            elif kept is not None and answer_id in kept.answers:
                 # The answer already billed on the result (a redo that found it in the cache, a
-                # record written twice), or one that cannot be told from it: counting it again
-                # would bill what was paid once.
+                # record written twice): counting it again would bill what was paid once.
                 continue
             usage = answer.usage
             rows.append(
@@ -316,7 +364,7 @@ def _keep_discarded_spend(
                     "batch_id": owner.batch_id,
                     "tenant_id": owner.tenant_id,
                     "reason": reason,
-                    "upstream_request_id": answer.upstream_request_id,
+                    "upstream_request_id": answer_id,
                     "model": answer.model,
                     "prompt_tokens": usage.prompt_tokens,
                     "completion_tokens": usage.completion_tokens,

@@ -101,4 +101,5 @@ def build_pipeline(
         cache_ttl=settings.cache_ttl_seconds,
         cache_scope=settings.cache_scope,
         cache_lock_ttl=settings.cache_lock_ttl_seconds,
+        max_models=settings.max_models_per_worker,
     )

@@ -35,8 +35,10 @@ variable, so that the layers between the caller and ``GovernedClient`` need not 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -158,6 +160,25 @@ class GovernedClient(DelegatingClient):
         self._retry = retry
         self._model = model
         self._endpoint = endpoint or limiter_endpoint(client)
+        self._calls_in_flight = 0
+        self._retired = False
+
+    async def retire(self) -> None:
+        """Close the client once no call of it is in flight: the pipeline dropped it (calls already
+        started finish on it; a holder that calls again reopens it, and it closes again after)."""
+        self._retired = True
+        if self._calls_in_flight == 0:
+            await self.close()
+
+    @contextlib.asynccontextmanager
+    async def _in_flight(self) -> AsyncIterator[None]:
+        self._calls_in_flight += 1
+        try:
+            yield
+        finally:
+            self._calls_in_flight -= 1
+            if self._retired and self._calls_in_flight == 0:
+                await asyncio.shield(self.close())
 
     def _estimate(
         self, messages: Sequence[LLMMessage], tools: Sequence[Tool | ToolSchema], extra: Mapping[str, Any]
@@ -247,6 +268,26 @@ class GovernedClient(DelegatingClient):
         extra_create_args: Mapping[str, Any] = {},
         cancellation_token: CancellationToken | None = None,
     ) -> CreateResult:
+        async with self._in_flight():
+            return await self._create(
+                messages,
+                tools=tools,
+                tool_choice=tool_choice,
+                json_output=json_output,
+                extra_create_args=extra_create_args,
+                cancellation_token=cancellation_token,
+            )
+
+    async def _create(
+        self,
+        messages: Sequence[LLMMessage],
+        *,
+        tools: Sequence[Tool | ToolSchema],
+        tool_choice: ToolChoice,
+        json_output: bool | type[BaseModel] | None,
+        extra_create_args: Mapping[str, Any],
+        cancellation_token: CancellationToken | None,
+    ) -> CreateResult:
         estimate = self._estimate(messages, tools, extra_create_args)
         tries = _Tries()
         while True:
@@ -286,6 +327,27 @@ class GovernedClient(DelegatingClient):
         cancellation_token: CancellationToken | None = None,
     ) -> AsyncGenerator[str | CreateResult, None]:
         """Retried only while nothing was yielded: a caller cannot take back chunks it has seen."""
+        async with self._in_flight():
+            async for item in self._create_stream(
+                messages,
+                tools=tools,
+                tool_choice=tool_choice,
+                json_output=json_output,
+                extra_create_args=extra_create_args,
+                cancellation_token=cancellation_token,
+            ):
+                yield item
+
+    async def _create_stream(
+        self,
+        messages: Sequence[LLMMessage],
+        *,
+        tools: Sequence[Tool | ToolSchema],
+        tool_choice: ToolChoice,
+        json_output: bool | type[BaseModel] | None,
+        extra_create_args: Mapping[str, Any],
+        cancellation_token: CancellationToken | None,
+    ) -> AsyncGenerator[str | CreateResult, None]:
         estimate = self._estimate(messages, tools, extra_create_args)
         tries = _Tries()
         while True:
@@ -338,6 +400,10 @@ class CallResult:
         return self.result is not None and self.result.cached
 
 
+DEFAULT_MAX_MODELS = 64
+# Cache wrappers kept per model, on average: one per tenant calling it lately.
+_NAMESPACES_PER_MODEL = 16
+
 ClientFactory = Callable[[str], ChatCompletionClient]
 """Builds the upstream client for a model name (called once per model per pipeline)."""
 
@@ -360,6 +426,7 @@ class ModelCallPipeline:
         cache_ttl: float | None = None,
         cache_scope: CacheScope = "tenant",
         cache_lock_ttl: float = DEFAULT_LOCK_TTL,
+        max_models: int = DEFAULT_MAX_MODELS,
     ) -> None:
         self._client_factory = client_factory
         self.limiter = limiter
@@ -368,21 +435,31 @@ class ModelCallPipeline:
         self._cache_ttl = cache_ttl
         self._cache_scope: CacheScope = cache_scope
         self._cache_lock_ttl = cache_lock_ttl
-        self._governed: dict[str, GovernedClient] = {}
+        # Least recently used first. Model names are any string a tenant sends: without a bound, one
+        # tenant could make every worker build (and keep) clients without end.
+        self._max_models = max_models
+        self._governed: OrderedDict[str, GovernedClient] = OrderedDict()
         # One cache per (model, namespace) over the model's one governed client.
-        self._clients: dict[tuple[str, str], ChatCompletionClient] = {}
+        self._clients: OrderedDict[tuple[str, str], ChatCompletionClient] = OrderedDict()
+        self._retiring: set[asyncio.Task[None]] = set()
 
     def client_for(self, model: str, *, tenant_id: str | None = None) -> ChatCompletionClient:
         """The governed (and cached) client of ``model`` for ``tenant_id``'s calls, built on first
         use; the tenant decides the cache namespace."""
         namespace = cache_namespace(self._cache_scope, tenant_id)
         client = self._clients.get((model, namespace))
-        if client is None:
+        if client is not None:
+            self._clients.move_to_end((model, namespace))
+            self._governed.move_to_end(model)
+        else:
             governed = self._governed.get(model)
             if governed is None:
                 governed = self._governed[model] = GovernedClient(
                     self._client_factory(model), self.limiter, self.retry, model=model
                 )
+                self._drop_least_used_models()
+            else:
+                self._governed.move_to_end(model)
             client = (
                 governed
                 if self._cache_store is None
@@ -395,7 +472,20 @@ class ModelCallPipeline:
                 )
             )
             self._clients[(model, namespace)] = client
+            while len(self._clients) > self._max_models * _NAMESPACES_PER_MODEL:
+                self._clients.popitem(last=False)  # a cache wrapper: nothing of its own to close
         return client
+
+    def _drop_least_used_models(self) -> None:
+        """Past ``max_models``, forget the least recently used model's clients; its governed client
+        closes once its calls in flight are done."""
+        while len(self._governed) > self._max_models:
+            model, governed = self._governed.popitem(last=False)
+            for key in [key for key in self._clients if key[0] == model]:
+                del self._clients[key]
+            task = asyncio.get_running_loop().create_task(governed.retire())
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
 
     def cache_key(
         self,
@@ -505,9 +595,11 @@ class ModelCallPipeline:
 
     async def close(self) -> None:
         # Closing a cache closes the governed client it wraps: close each governed client once.
-        governed, self._governed, self._clients = list(self._governed.values()), {}, {}
+        governed = list(self._governed.values())
+        self._governed, self._clients = OrderedDict(), OrderedDict()
         for client in governed:
             await client.close()
+        await asyncio.gather(*self._retiring)
         await self.limiter.close()
         close_store = getattr(self._cache_store, "close", None)
         if close_store is not None:

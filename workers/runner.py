@@ -50,6 +50,7 @@ from models.retry import RATE_LIMIT_DEADLINE, RetryLater
 from store import (
     STOPPED_BATCH_STATUSES,
     ClaimedRequest,
+    PaidAnswer,
     RecordOutcome,
     RequestKind,
     RequestStatus,
@@ -63,6 +64,8 @@ from store import (
     record_results,
     release_requests,
 )
+from store.input_checks import bounded_text
+from store.log_redaction import redacted_error_text
 from workers.pipeline import CallResult, ModelCallPipeline
 
 __all__ = [
@@ -231,15 +234,48 @@ ResultListener = Callable[[ResultRecord], None]
 
 UNRECORDABLE = "result_not_recordable"
 _ERROR_TEXT_LIMIT = 500
+_COLUMN_LIMIT = 200  # the ledger's model and provider-id columns
 
 
 def _error_text(error: BaseException) -> str:
-    """The database's own words, without the statement and parameters SQLAlchemy adds (they would
-    echo the row), printable and bounded."""
+    """The database's own words for the request's error file, without the statement and parameters
+    SQLAlchemy adds (they would echo the row), on one line and bounded. Not for logs: the words may
+    quote the row (``redacted_error_text`` is the logs' version)."""
     cause = error.orig if isinstance(error, sa_exc.DBAPIError) and error.orig is not None else error
-    text = f"{type(cause).__name__}: {cause}"
-    text = "".join(ch if ch.isprintable() else " " for ch in text).strip()
-    return text if len(text) <= _ERROR_TEXT_LIMIT else text[: _ERROR_TEXT_LIMIT - 3] + "..."
+    text = "".join(ch if ch.isprintable() else " " for ch in f"{type(cause).__name__}: {cause}").strip()
+    return bounded_text(text, _ERROR_TEXT_LIMIT - 3)
+
+
+def _storable(text: str | None) -> str | None:
+    """``text`` as the ledger's short text columns hold it (no NUL, at most 200 characters)."""
+    return None if text is None else bounded_text(text, _COLUMN_LIMIT - 3)
+
+
+def _unrecordable(record: ResultRecord, error: BaseException, *, with_spend: bool = True) -> ResultRecord:
+    """The failure that stands for a ``record`` the database refused. ``with_spend``: it keeps what
+    the provider charged (usage, model, its answers' ids), made storable: the answer was paid
+    either way."""
+    failure = ResultRecord(
+        request_id=record.request_id,
+        status=RequestStatus.FAILED,
+        error_code=UNRECORDABLE,
+        error_message=f"the result could not be recorded: {_error_text(error)}",
+        attempts=record.attempts,
+        latency_ms=record.latency_ms,
+    )
+    if not with_spend:
+        return failure
+    return dataclasses.replace(
+        failure,
+        upstream_request_id=_storable(record.upstream_request_id),
+        model=_storable(record.model),
+        usage=record.usage,
+        cached=record.cached,
+        paid_answers=tuple(
+            PaidAnswer(_storable(answer.upstream_request_id), _storable(answer.model), answer.usage)
+            for answer in record.paid_answers
+        ),
+    )
 
 
 def _unreachable(error: BaseException) -> bool:
@@ -266,6 +302,7 @@ def record_isolating_bad_rows(
     duplicates: list[str] = []
     skipped: list[str] = []
     finalized: list[str] = []
+    discarded: list[str] = []
     replaced: list[str] = []
     for record in records:
         try:
@@ -273,27 +310,35 @@ def record_isolating_bad_rows(
         except Exception as error:
             if _unreachable(error):
                 raise
-            text = _error_text(error)
             _logger.error(
-                "the result of request %s could not be recorded (%s); it fails alone", record.request_id, text
+                "the result of request %s could not be recorded (%s); it fails alone",
+                record.request_id,
+                redacted_error_text(error),
             )
-            failure = ResultRecord(
-                request_id=record.request_id,
-                status=RequestStatus.FAILED,
-                error_code=UNRECORDABLE,
-                error_message=f"the result could not be recorded: {text}",
-                attempts=record.attempts,
-                latency_ms=record.latency_ms,
-            )
-            outcome = record_results(engine, [failure])
+            try:
+                outcome = record_results(engine, [_unrecordable(record, error)])
+            except Exception as spend_error:
+                if _unreachable(spend_error):
+                    raise
+                # The spend itself is what the database refuses (usage past its integers): the
+                # request still ends, unbilled, rather than block every write after it.
+                _logger.error(
+                    "the spend of request %s could not be recorded either (%s); it is not billed",
+                    record.request_id,
+                    redacted_error_text(spend_error),
+                )
+                outcome = record_results(engine, [_unrecordable(record, error, with_spend=False)])
             replaced.append(record.request_id)
         inserted += outcome.inserted
         duplicates += outcome.duplicates
         skipped += outcome.skipped
         finalized += outcome.finalized_batches
+        discarded += outcome.discarded
     if not replaced:  # row by row, every one went in: the batch's failure was something else
-        _logger.warning("a batched result write failed, then each row went in: %s", _error_text(batch_error))
-    return RecordOutcome(inserted, duplicates, skipped, finalized), replaced
+        _logger.warning(
+            "a batched result write failed, then each row went in: %s", redacted_error_text(batch_error)
+        )
+    return RecordOutcome(inserted, duplicates, skipped, finalized, discarded), replaced
 
 
 class _Writer:
@@ -307,6 +352,7 @@ class _Writer:
         self._flush_size = flush_size
         self._flush_interval = flush_interval
         self._buffer: list[ResultRecord] = []
+        self._writing: list[ResultRecord] = []  # taken from the buffer, not yet committed
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._stopped = False
@@ -316,16 +362,25 @@ class _Writer:
         if len(self._buffer) >= self._flush_size:
             self._wake.set()
 
+    def unwritten_ids(self) -> list[str]:
+        """The requests whose result is not written yet: their leases must be kept meanwhile (a
+        stalled write must not let another worker adopt and pay for them again). Safe from any
+        thread: each list is copied whole (in C, under the GIL)."""
+        return [record.request_id for record in [*list(self._writing), *list(self._buffer)]]
+
     async def flush(self) -> None:
         async with self._lock:
             records, self._buffer = self._buffer, []
             if not records:
                 return
+            self._writing = records
             try:
                 outcome, replaced = await asyncio.to_thread(record_isolating_bad_rows, self._engine, records)
             except BaseException:
                 self._buffer[:0] = records  # not written: kept for the next try
                 raise
+            finally:
+                self._writing = []
         self._report.duplicates += len(outcome.duplicates)
         self._report.finalized_batches.extend(outcome.finalized_batches)
         by_id = {record.request_id: record for record in records}
@@ -497,7 +552,7 @@ class ChunkRunner:
                         cancelled_spend.append(cancelled.spent)
                     return
                 except RetryLater as later:
-                    await hand_back(request.id, later)
+                    await hand_back(request, later)
                     return
                 if request.handed_back_attempts:
                     record = dataclasses.replace(
@@ -505,13 +560,19 @@ class ChunkRunner:
                     )
                 finish(record)
 
-        async def hand_back(request_id: str, later: RetryLater) -> None:
+        async def hand_back(request: ClaimedRequest, later: RetryLater) -> None:
             # Back in line for later; the slot serves other requests meanwhile.
+            request_id = request.id
             unfinished.pop(request_id, None)
             now = time.time()
             budget = config.rate_limit_retry_seconds
             # The budget starts with the provider's first "later", not with our own limiter's.
             deadline = int(now + budget) if budget is not None and later.error is not None else None
+            # Not back later than the budget's end: a longer wait would only fail it unseen.
+            not_before = math.ceil(now + later.delay)
+            budget_end = request.retry_deadline if request.retry_deadline is not None else deadline
+            if budget_end is not None:
+                not_before = min(not_before, budget_end)
             report.handed_back += await asyncio.to_thread(
                 functools.partial(
                     release_requests,
@@ -519,7 +580,7 @@ class ChunkRunner:
                     [request_id],
                     config.owner,
                     str(later),
-                    math.ceil(now + later.delay),
+                    not_before,
                     handed_back=True,
                     upstream_attempts=later.attempts,
                     retry_deadline=deadline,
@@ -538,7 +599,8 @@ class ChunkRunner:
         def leased() -> list[str]:
             # From the keeper's thread. ``list(dict)`` copies in C without letting the loop's
             # thread run, so it never sees the dict change size.
-            return [request_id for request_id in list(unfinished) if request_id not in overdue]
+            running_ids = [request_id for request_id in list(unfinished) if request_id not in overdue]
+            return running_ids + writer.unwritten_ids()
 
         loop = asyncio.get_running_loop()
         keeper = LeaseKeeper(
@@ -639,11 +701,14 @@ class ChunkRunner:
         finally:
             for helper in helpers:
                 helper.cancel()
-            await asyncio.to_thread(keeper.stop)
             writer.stop()
             await asyncio.gather(*helpers, writing, return_exceptions=True)
             try:
-                await writer.flush()  # raises what kept results from the ledger
+                try:
+                    await writer.flush()  # raises what kept results from the ledger
+                finally:
+                    # Not before: the results in that last write keep their leases while it lasts.
+                    await asyncio.to_thread(keeper.stop)
             finally:
                 for request_id in to_cancel:
                     unfinished.pop(request_id, None)

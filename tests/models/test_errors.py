@@ -23,6 +23,7 @@ from models import (
     from_openai_error,
     parse_retry_after,
 )
+from models.errors import MAX_RETRY_AFTER_SECONDS
 from simulator import SimulatorServer
 
 KEY = "sk-test-errors-key"
@@ -122,6 +123,18 @@ def test_parse_retry_after_forms() -> None:
     assert parse_retry_after({"retry-after": "soon"}) is None
     assert parse_retry_after({}) is None
     assert parse_retry_after({"retry-after": "-4"}) == 0.0
+
+
+def test_parse_retry_after_refuses_non_finite_and_caps_huge_waits() -> None:
+    """``inf`` parses as a float; a wait past any budget or an overflow in ``now + wait`` would
+    follow. A non-finite value is unreadable; a finite one is capped."""
+    for value in ("inf", "Infinity", "-inf", "nan"):
+        assert parse_retry_after({"retry-after": value}) is None, value
+        assert parse_retry_after({"retry-after-ms": value}) is None, value
+    assert parse_retry_after({"retry-after": "1e300"}) == MAX_RETRY_AFTER_SECONDS
+    assert parse_retry_after({"retry-after-ms": "1e300"}) == MAX_RETRY_AFTER_SECONDS
+    far = email.utils.formatdate(2_000_000_000 + 10 * 365 * 86400, usegmt=True)
+    assert parse_retry_after({"retry-after": far}, now=2_000_000_000) == MAX_RETRY_AFTER_SECONDS
 
 
 def test_insufficient_quota_is_not_retried() -> None:

@@ -97,6 +97,38 @@ def paid(
     )
 
 
+def unidentified(request_id: str, prompt: int, latency_ms: float) -> store.ResultRecord:
+    """A paid answer whose provider sent no id (some OpenAI-compatible servers do not)."""
+    usage = RequestUsage(prompt_tokens=prompt, completion_tokens=prompt // 2)
+    return store.ResultRecord(
+        request_id, store.RequestStatus.SUCCEEDED, {}, model="exact-model", usage=usage, latency_ms=latency_ms
+    )
+
+
+def test_a_paid_answer_without_a_provider_id_is_billed_once_when_discarded(
+    engine: Engine, ingest: IngestFn, tenant: store.Tenant
+) -> None:
+    """With no provider id to tell answers apart: the kept result written again bills nothing more;
+    another delivery's answer (another call, so another latency) is billed as discarded, once
+    however often its record is written; so is one that arrives for a cancelled request."""
+    batch = ingest(2)
+    a, c = store.pending_request_ids(engine, batch.batch_id)
+    kept = unidentified(a, 100, latency_ms=12.5)
+    assert store.record_results(engine, [kept]).inserted == [a]
+    assert store.record_results(engine, [kept]).discarded == []  # the same record, flushed again
+    redo = unidentified(a, 90, latency_ms=40.25)
+    assert store.record_results(engine, [redo]).discarded == [a]
+    assert store.record_results(engine, [redo]).discarded == []
+    store.cancel_batch(engine, batch.batch_id)
+    late = unidentified(c, 200, latency_ms=7.0)
+    assert store.record_results(engine, [late]).discarded == [c]
+    assert store.record_results(engine, [late]).discarded == []
+    (total,) = store.usage_report(engine, tenant.id, group_by=())
+    assert total.discarded_answers == 2
+    assert total.billed_prompt_tokens == 100 + 90 + 200
+    assert total.billed_completion_tokens == 50 + 45 + 100
+
+
 def test_cost_is_an_exact_decimal_per_result_and_in_sums(
     engine: Engine, ingest: IngestFn, tenant: store.Tenant
 ) -> None:

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
+
 import pytest
 
 from config import Settings
+from models.base import ChatCompletionClient, DelegatingClient
 from models.providers import UnknownProvider
-from models.types import UserMessage
+from models.retry import RetryPolicy
+from models.types import CreateResult, LLMMessage, UserMessage
 from simulator.testing import SimulatorServer
-from workers.clients import build_pipeline
+from workers.clients import build_pipeline, openai_client_factory
+from workers.pipeline import ModelCallPipeline
+from workers.rate_limits import LocalRateLimiter
 
 
 async def test_the_default_provider_calls_the_openai_protocol_at_the_given_url() -> None:
@@ -52,3 +61,58 @@ async def test_the_azure_provider_is_chosen_by_name() -> None:
 def test_an_unknown_provider_fails_when_the_pipeline_is_built() -> None:
     with pytest.raises(UnknownProvider, match="known are azure, openai"):
         build_pipeline(Settings(broker_url=None, provider="anthropic"), cache=False)
+
+
+class ClosesCounted(DelegatingClient):
+    """A provider's client, counting the times it is closed."""
+
+    def __init__(self, client: ChatCompletionClient) -> None:
+        super().__init__(client)
+        self.closes = 0
+
+    async def create(self, messages: Sequence[LLMMessage], **options: Any) -> CreateResult:
+        return await self._client.create(messages, **options)
+
+    def create_stream(
+        self, messages: Sequence[LLMMessage], **options: Any
+    ) -> AsyncGenerator[str | CreateResult, None]:
+        return self._client.create_stream(messages, **options)
+
+    async def close(self) -> None:
+        self.closes += 1
+        await super().close()
+
+
+async def test_a_pipeline_keeps_clients_for_its_latest_models_only(simulator: SimulatorServer) -> None:
+    """Model names are any string a tenant sends: past ``max_models`` the least recently used
+    model's client is dropped and closed, but not under a call still in flight on it."""
+    provider = openai_client_factory(base_url=simulator.base_url, api_key="sim", timeout=10)
+    built: dict[str, list[ClosesCounted]] = {}
+
+    def factory(model: str) -> ChatCompletionClient:
+        client = ClosesCounted(provider(model))
+        built.setdefault(model, []).append(client)
+        return client
+
+    pipeline = ModelCallPipeline(factory, LocalRateLimiter({}), RetryPolicy(max_attempts=1), max_models=2)
+    try:
+        slow = asyncio.create_task(
+            pipeline.create("m0", [UserMessage(content="slow [[delay 2]]", source="u")])
+        )
+        deadline = time.monotonic() + 30
+        while simulator.stats()["in_flight"] < 1:
+            assert time.monotonic() < deadline, "the slow call never arrived"
+            await asyncio.sleep(0.02)
+        for model in ["m1", "m2", "m3"]:
+            await pipeline.create(model, [UserMessage(content="hi", source="u")])
+        assert built["m0"][0].closes == 0, "closed under its call in flight"
+        assert (await slow).content
+        assert built["m0"][0].closes == 1, "closed once its call ended"
+        while built["m1"][0].closes < 1:
+            assert time.monotonic() < deadline, "the dropped client was never closed"
+            await asyncio.sleep(0.02)
+        await pipeline.create("m0", [UserMessage(content="again", source="u")])
+        assert len(built["m0"]) == 2  # built anew: the pipeline held on to no more than two
+        assert [len(built[m]) for m in ("m1", "m2", "m3")] == [1, 1, 1]
+    finally:
+        await pipeline.close()

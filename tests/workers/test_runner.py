@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import diskcache
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
@@ -18,6 +21,7 @@ from config import ModelLimits
 from models.cache import DiskCacheStore
 from models.cancellation import CancellationToken
 from models.retry import RetryPolicy
+from models.types import RequestUsage
 from simulator.testing import SimulatorServer
 from store import (
     BatchStatus,
@@ -33,12 +37,20 @@ from store import (
     iter_output_lines,
     make_engine,
     pending_request_ids,
+    record_results,
 )
 from tests.workers.support import Ledger, add_batch, results_of, statuses
 from workers.clients import openai_client_factory
 from workers.pipeline import ModelCallPipeline
 from workers.rate_limits import LimiterTuning, LocalRateLimiter
-from workers.runner import ChunkReport, ChunkRunner, RunnerConfig, complete_chat
+from workers.runner import (
+    UNRECORDABLE,
+    ChunkReport,
+    ChunkRunner,
+    RunnerConfig,
+    complete_chat,
+    record_isolating_bad_rows,
+)
 
 MakeLedger = Callable[[str], Ledger]
 
@@ -184,6 +196,21 @@ async def test_a_long_retry_after_hands_the_request_back_with_a_delay(
     assert stats["by_status"] == {"429": 1, "200": 2}
     # Every upstream attempt is counted, the handed-back delivery's included.
     assert sum(r.attempts for r in results_of(led.engine, batch_id)) == stats["completions"] == 3
+
+
+async def test_a_huge_retry_after_hands_back_within_the_retry_budget(
+    make_ledger: MakeLedger, database_url: str, simulator: SimulatorServer
+) -> None:
+    """A provider asking for a wait of decades does not park the request past its retry budget:
+    it comes back in line no later than the budget's end (where it then fails or succeeds)."""
+    led = make_ledger(database_url)
+    _, ids = add_batch(led, ["ages [[status 429 retry_after=1e9 times=1]]"])
+    report = await run_ids(database_url, simulator, ids, hand_back_after=1.0, rate_limit_retry_seconds=30)
+    assert report.handed_back == 1
+    row = request_row(led.engine, ids[0])
+    assert row.retry_deadline is not None
+    assert row.not_before is not None
+    assert row.not_before <= row.retry_deadline <= time.time() + 30
 
 
 async def test_a_rate_limit_past_the_retry_budget_fails_the_request(
@@ -428,3 +455,96 @@ async def test_a_busy_event_loop_does_not_lose_its_leases(
     assert stolen == []
     assert report.succeeded == 1
     assert [r.request_id for r in results_of(led.engine, batch_id)] == ids
+
+
+async def test_a_result_whose_write_stalls_keeps_its_lease(
+    make_ledger: MakeLedger, postgres_url: str, simulator: SimulatorServer
+) -> None:
+    """The answer is in, but the ledger's results table is locked for three leases (a database
+    stall): the request's lease is still extended meanwhile, so no other worker adopts it (with the
+    cache off, that would be a second paid call); once the lock goes the result is written."""
+    led = make_ledger(postgres_url)
+    batch_id, ids = add_batch(led, ["answered, then stuck"])
+    lease = 2
+    blocker = led.engine.connect()
+    blocker.execute(sa.text("LOCK TABLE results IN EXCLUSIVE MODE"))  # reads pass, writes wait
+    pipeline = make_pipeline(simulator)
+    runner = ChunkRunner(led.engine, pipeline, RunnerConfig(owner="stalled-owner", lease_seconds=lease))
+    running = asyncio.create_task(runner.run(ids))
+    try:
+        deadline = time.monotonic() + 30
+        while simulator.stats()["completions"] < 1:
+            assert time.monotonic() < deadline, "the call was never made"
+            await asyncio.sleep(0.05)
+        stall_end = time.monotonic() + 3 * lease
+        while time.monotonic() < stall_end:
+            stolen = await asyncio.to_thread(claim_requests, led.engine, ids, "other-worker", 30)
+            assert stolen == [], "another worker adopted a request whose result was being written"
+            await asyncio.sleep(0.2)
+        assert not running.done()
+    finally:
+        blocker.rollback()
+        blocker.close()
+        report = await running
+        await pipeline.close()
+    assert report.succeeded == 1
+    assert [r.request_id for r in results_of(led.engine, batch_id)] == ids
+    assert simulator.stats()["completions"] == 1
+
+
+def answered(request_id: str, answer: str, content: str, *, model: str = "sim-model") -> ResultRecord:
+    """A succeeded record as the runner makes it: the provider's answer, paid for."""
+    return ResultRecord(
+        request_id=request_id,
+        status=RequestStatus.SUCCEEDED,
+        response_body={"object": "chat.completion", "choices": [{"message": {"content": content}}]},
+        status_code=200,
+        upstream_request_id=answer,
+        model=model,
+        usage=RequestUsage(prompt_tokens=70, completion_tokens=30),
+    )
+
+
+def test_a_result_the_database_refuses_still_bills_its_answer_and_logs_no_data(
+    make_ledger: MakeLedger, postgres_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Row by row after a refused batch write: each refused row (a provider id too long for its
+    column, a NUL in the model) fails alone but keeps its answer's bill; a duplicate paid answer in
+    the same write is still reported as discarded; the database's words are logged redacted."""
+    led = make_ledger(postgres_url)
+    prompts = ["dup", "bad", "bad model", "good", "absurd usage"]
+    batch_id, (dup, bad, bad_model, good, absurd) = add_batch(led, prompts)
+    record_results(led.engine, [answered(dup, "answer-dup-1", "first")])
+    secret = "secret-prompt-fragment"
+    records = [
+        answered(dup, "answer-dup-2", "second"),
+        answered(bad, "answer-" + "x" * 300, secret),
+        answered(bad_model, "answer-bad-model", "fine", model="sim\x00model"),
+        answered(good, "answer-good", "fine"),
+        dataclasses.replace(
+            answered(absurd, "answer-absurd", "fine"), usage=RequestUsage(prompt_tokens=2**40)
+        ),
+    ]
+    with caplog.at_level(logging.INFO):
+        outcome, replaced = record_isolating_bad_rows(led.engine, records)
+    assert replaced == [bad, bad_model, absurd]
+    assert outcome.discarded == [dup]
+    assert sorted(outcome.inserted) == sorted([bad, bad_model, good, absurd])
+    results = {r.request_id: r for r in results_of(led.engine, batch_id)}
+    for request_id in (bad, bad_model):
+        failed = results[request_id]
+        assert (failed.status, failed.error_code) == (RequestStatus.FAILED, UNRECORDABLE)
+        # The provider charged for the answer: the failure bills it.
+        assert (failed.prompt_tokens, failed.completion_tokens) == (70, 30)
+    bounded_id = results[bad].upstream_request_id
+    assert bounded_id is not None
+    assert bounded_id.startswith("answer-x")
+    assert len(bounded_id) <= 200
+    assert results[bad].model == "sim-model"
+    assert results[bad_model].model == "sim\ufffdmodel"  # as near the truth as a text column holds
+    # Usage the database cannot hold fails the request unbilled, not every write after it.
+    assert (results[absurd].error_code, results[absurd].prompt_tokens) == (UNRECORDABLE, 0)
+    assert "could not be recorded" in caplog.text
+    # Logged as the redaction helper words it: the database's DETAIL lines may quote the row.
+    assert "details withheld from logs" in caplog.text
+    assert secret not in caplog.text

@@ -7,17 +7,21 @@ simulator delivered (kept results plus discarded answers)."""
 from __future__ import annotations
 
 import signal
+import threading
+import time
 from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
 
 from simulator.testing import SimulatorServer
-from store import DiscardedAnswer, Request, RequestStatus, Result, batch_progress
+from store import DiscardedAnswer, Request, RequestStatus, Result, batch_progress, make_engine
 from tests.cluster import Cluster, kill_group
 from tests.workers.support import Ledger, add_batch
 from tests.workers.test_celery_workers import assert_recorded_once
 from tests.workers.test_worker_faults import logs_of, request_rows, wait_until
+from workers import sweeper
+from workers.constants import sweep_lock_key
 
 pytestmark = pytest.mark.slow
 
@@ -94,3 +98,165 @@ def test_a_frozen_worker_thawed_after_its_leases_bills_its_late_answers_once(
             Request.batch_id == batch_id, Request.lease_owner.is_not(None)
         )
         assert conn.execute(leased).scalar_one() == 0
+
+
+def test_database_connections_killed_again_and_again_under_running_chunks(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    simulator: SimulatorServer,
+) -> None:
+    """Every backend of the test database is terminated every ~0.3 s for 15 s while two workers
+    and the sweeper run a batch (claims, heartbeats, result writes and sweeps all lose their
+    connections, some mid-commit): every request is recorded once, nothing stays leased, and
+    the ledger bills exactly what the simulator delivered."""
+    simulator.configure(latency_ms=1000)
+    c = cluster()
+    led = make_ledger(postgres_url)
+    batch_id, ids = add_batch(led, [f"killed connections {i}" for i in range(800)])
+    c.worker("w1", processes=2, concurrency=16)
+    c.worker("w2", concurrency=16)
+    c.beat()
+    database = sa.make_url(postgres_url).database
+    killer = make_engine(postgres_url)
+    stop = threading.Event()
+    killed: list[int] = []
+
+    def kill_connections() -> None:
+        while not stop.wait(0.3):
+            try:
+                with killer.connect() as conn:
+                    terminated = conn.execute(
+                        sa.text(
+                            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                            "WHERE datname = :db AND pid <> pg_backend_pid()"
+                        ),
+                        {"db": database},
+                    ).scalar_one()
+                    killed.append(int(terminated))
+            except sa.exc.DBAPIError:
+                continue
+
+    c.dispatcher.dispatch(ids)
+    thread = threading.Thread(target=kill_connections, daemon=True)
+    wait_until(lambda: simulator.stats()["accepted"] > 0, 60, lambda: logs_of(c))
+    thread.start()
+    assert batch_progress(led.engine, batch_id).finished < len(ids) // 2
+    try:
+        time.sleep(15)  # the fault's duration, not a wait for a condition
+    finally:
+        stop.set()
+        thread.join()
+        killer.dispose()
+    assert sum(killed) > 20, killed
+    print(f"{sum(killed)} connection(s) killed; {batch_progress(led.engine, batch_id)} when it stopped")
+    wait_until(
+        lambda: batch_progress(led.engine, batch_id).finished == len(ids),
+        120,
+        lambda: f"{batch_progress(led.engine, batch_id)}\n{logs_of(c)}",
+    )
+    results = assert_recorded_once(led, batch_id, ids)
+    assert all(r.status == RequestStatus.SUCCEEDED for r in results), [
+        (r.error_code, r.error_message) for r in results if r.status != RequestStatus.SUCCEEDED
+    ][:5]
+    wait_until(
+        lambda: billed_tokens(led, batch_id) == delivered_tokens(simulator),
+        60,
+        lambda: f"billed {billed_tokens(led, batch_id)} != delivered {delivered_tokens(simulator)}",
+    )
+
+
+def test_a_sweeper_killed_mid_sweep_holds_no_other_sweeper_up(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    simulator: SimulatorServer,
+) -> None:
+    """``tokenmill beat`` SIGKILLed in the middle of a sweep (here: blocked on a table lock),
+    then a worker killed: a new beat sweeps at once, and the dead worker's requests run again
+    within 30 s (the killed beat's sweep lock used to keep every sweeper out for 120 s)."""
+    simulator.configure(latency_ms=30_000)  # the victim's calls are still upstream when it dies
+    c = cluster()
+    c.env["TOKENMILL_UPSTREAM_TIMEOUT_SECONDS"] = "120"
+    c.env.pop("TOKENMILL_VISIBILITY_TIMEOUT_SECONDS")  # its redelivery must not stand in for the sweep
+    led = make_ledger(postgres_url)
+    # One message, taken by the victim: no other message can adopt its requests.
+    batch_id, ids = add_batch(led, [f"sweeper killed {i}" for i in range(30)])
+    victim = c.worker("victim", concurrency=32)
+    c.dispatcher.dispatch(ids)
+
+    def held_by_victim() -> int:
+        with led.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.select(sa.func.count()).where(
+                        Request.batch_id == batch_id,
+                        Request.status == RequestStatus.RUNNING,
+                        Request.lease_owner.like("victim@%"),
+                    )
+                ).scalar_one()
+            )
+
+    def sweeps_waiting_on_a_lock() -> int:
+        with led.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock' AND query ILIKE '%agent_messages%'"
+                    )
+                ).scalar_one()
+            )
+
+    wait_until(lambda: held_by_victim() == len(ids), 60, lambda: logs_of(c))
+    # Only the sweep reads agent_messages here: locked, the sweep waits there holding its lock.
+    with led.engine.connect() as blocker:
+        blocker.execute(sa.text("LOCK TABLE agent_messages IN ACCESS EXCLUSIVE MODE"))
+        first_beat = c.beat()
+        wait_until(lambda: sweeps_waiting_on_a_lock() > 0, 60, lambda: logs_of(c))
+        kill_group(first_beat)
+        first_beat.wait(timeout=10)
+        blocker.rollback()
+    kill_group(victim)
+    killed_at = time.monotonic()
+    assert held_by_victim() == len(ids)
+    simulator.configure(latency_ms=100)
+    c.worker("survivor", concurrency=32)
+    c.beat()
+    wait_until(lambda: held_by_victim() == 0, 60, lambda: f"victim still holds {held_by_victim()}")
+    running_again = time.monotonic() - killed_at
+    print(f"the dead worker's requests ran again {running_again:.1f} s after it was killed")
+    assert running_again <= 30
+    wait_until(
+        lambda: batch_progress(led.engine, batch_id).finished == len(ids),
+        90,
+        lambda: f"{batch_progress(led.engine, batch_id)}\n{logs_of(c)}",
+    )
+    assert_recorded_once(led, batch_id, ids)
+
+
+def test_a_long_sweep_keeps_its_lock_past_the_lock_timeout(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The short sweep lock is renewed while a pass runs: a pass held up for several lock
+    timeouts (a table lock) still keeps a second sweeper out."""
+    monkeypatch.setattr(sweeper, "SWEEP_LOCK_SECONDS", 1.0)
+    c = cluster()
+    led = make_ledger(postgres_url)
+    reports: list[sweeper.SweepReport] = []
+    with led.engine.connect() as blocker:
+        blocker.execute(sa.text("LOCK TABLE agent_messages IN ACCESS EXCLUSIVE MODE"))
+        slow = threading.Thread(target=lambda: reports.append(sweeper.sweep(c.dispatcher)), daemon=True)
+        slow.start()
+        lock_key = sweep_lock_key(c.settings.key_prefix)
+        wait_until(lambda: bool(c.broker.exists(lock_key)), 30, lambda: "the slow sweep never started")
+        time.sleep(3)  # three lock timeouts
+        assert sweeper.sweep(c.dispatcher).skipped
+        blocker.rollback()
+    slow.join(timeout=60)
+    assert len(reports) == 1
+    assert not reports[0].skipped
+    assert not c.broker.exists(lock_key)

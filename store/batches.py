@@ -252,6 +252,28 @@ def _cancel_unfinished(
     _count_cancelled(conn, cancelled)
 
 
+def end_requeued_of_stopped_batches(conn: Connection, batch_ids: Iterable[str], now: int) -> None:
+    """Requests just put back in line (a hand-back, a release) whose batch was cancelled or
+    expired meanwhile end now, as that cancel or expiry ended its other queued requests:
+    otherwise they would wait out their ``not_before`` (an hour's Retry-After, say) and the batch
+    would sit in ``cancelling`` that long. Runs inside the caller's transaction."""
+    ids = sorted(set(batch_ids))
+    if not ids:
+        return
+    stopped = conn.execute(
+        sa.select(Batch.id, Batch.status).where(
+            Batch.id.in_(ids), Batch.status.in_((BatchStatus.CANCELLING, BatchStatus.EXPIRED))
+        )
+    ).all()
+    cancelling = [row.id for row in stopped if row.status == BatchStatus.CANCELLING]
+    expired = [row.id for row in stopped if row.status == BatchStatus.EXPIRED]
+    if cancelling:
+        _cancel_unfinished(conn, cancelling, now)
+        finalize_batches(conn, cancelling, now)
+    if expired:
+        _cancel_unfinished(conn, expired, now, EXPIRED_ERROR)
+
+
 def _count_cancelled(conn: Connection, batch_ids: Iterable[str]) -> list[str]:
     """Add each request just cancelled (one batch id per request) to its batch's count; returns
     the batches touched."""

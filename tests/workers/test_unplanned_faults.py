@@ -6,6 +6,7 @@ simulator delivered (kept results plus discarded answers)."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
@@ -15,10 +16,21 @@ import pytest
 import sqlalchemy as sa
 
 from simulator.testing import SimulatorServer
-from store import DiscardedAnswer, Request, RequestStatus, Result, batch_progress, make_engine
+from store import (
+    BatchStatus,
+    DiscardedAnswer,
+    Request,
+    RequestStatus,
+    Result,
+    batch_progress,
+    cancel_batch,
+    get_batch,
+    make_engine,
+)
 from tests.cluster import Cluster, kill_group
-from tests.workers.support import Ledger, add_batch
+from tests.workers.support import Ledger, add_batch, statuses
 from tests.workers.test_celery_workers import assert_recorded_once
+from tests.workers.test_runner import run_ids
 from tests.workers.test_worker_faults import logs_of, request_rows, wait_until
 from workers import sweeper
 from workers.constants import sweep_lock_key
@@ -260,3 +272,29 @@ def test_a_long_sweep_keeps_its_lock_past_the_lock_timeout(
     assert len(reports) == 1
     assert not reports[0].skipped
     assert not c.broker.exists(lock_key)
+
+
+async def test_a_request_handed_back_after_its_batch_was_cancelled_ends_cancelled(
+    make_ledger: Callable[[str], Ledger], database_url: str, simulator: SimulatorServer
+) -> None:
+    """The batch is cancelled while a request's call is upstream; before the worker sees the
+    cancel (it looks every ``cancel_check_interval``) the provider says 429, retry in an hour,
+    and the worker hands the request back. It must end cancelled at once with its batch (it
+    used to go back in line for an hour, the batch stuck in ``cancelling`` all that time)."""
+    led = make_ledger(database_url)
+    batch_id, ids = add_batch(led, ["later [[delay 1]] [[status 429 retry_after=3600]]"])
+    running = asyncio.create_task(
+        run_ids(database_url, simulator, ids, cancel_check_interval=60, hand_back_after=1.0)
+    )
+    deadline = time.monotonic() + 30
+    while (await asyncio.to_thread(simulator.stats))["in_flight"] == 0:
+        assert time.monotonic() < deadline, "the call never reached the simulator"
+        await asyncio.sleep(0.05)
+    assert (await asyncio.to_thread(cancel_batch, led.engine, batch_id)).status == BatchStatus.CANCELLING
+    report = await running
+    assert report.handed_back == 1  # the race this test is about did happen
+    assert statuses(led.engine, batch_id) == {"cancelled": 1}
+    batch = get_batch(led.engine, batch_id)
+    assert batch is not None
+    assert batch.status == BatchStatus.CANCELLED
+    assert batch.cancelled_count == 1

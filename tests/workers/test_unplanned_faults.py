@@ -298,3 +298,34 @@ async def test_a_request_handed_back_after_its_batch_was_cancelled_ends_cancelle
     assert batch is not None
     assert batch.status == BatchStatus.CANCELLED
     assert batch.cancelled_count == 1
+
+
+def test_a_broker_flushed_after_the_sweeper_has_published(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    simulator: SimulatorServer,
+) -> None:
+    """FLUSHDB of the broker mid-batch, after ``tokenmill beat`` has already sent messages (so
+    its connection believes the queue is declared) and with no refilling chunk to adopt work:
+    only the sweeper's new messages can finish the batch, and they must reach the queue."""
+    simulator.configure(latency_ms=50)
+    c = cluster()
+    c.env["TOKENMILL_CHUNK_REFILL_SECONDS"] = "0"
+    led = make_ledger(postgres_url)
+    c.worker("w1", concurrency=8)
+    c.beat()
+    # Never dispatched: the sweeper sends it, and so has published before the flush.
+    first_id, first_ids = add_batch(led, [f"before {i}" for i in range(5)])
+    first_done = lambda: batch_progress(led.engine, first_id).finished == len(first_ids)  # noqa: E731
+    wait_until(first_done, 60, lambda: logs_of(c))
+    batch_id, ids = add_batch(led, [f"flushed {i}" for i in range(400)])
+    c.dispatcher.dispatch(ids)
+    wait_until(lambda: batch_progress(led.engine, batch_id).finished >= 40, 60, lambda: logs_of(c))
+    c.broker.flushdb()  # queue, unacked messages, markers, and kombu's queue bindings
+    wait_until(
+        lambda: batch_progress(led.engine, batch_id).finished == len(ids),
+        90,
+        lambda: f"{batch_progress(led.engine, batch_id)}\n{logs_of(c)}",
+    )
+    assert_recorded_once(led, batch_id, ids)

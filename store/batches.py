@@ -322,10 +322,13 @@ def batch_statuses(engine: Engine, batch_ids: Collection[str]) -> dict[str, Batc
 
 
 def cancel_claimed(engine: Engine, request_ids: Sequence[str], owner: str, now: int | None = None) -> int:
-    """Cancel those of ``request_ids`` that ``owner`` still holds; returns how many."""
+    """Cancel those of ``request_ids`` that ``owner`` still holds; returns how many. One of an
+    expired batch is marked ``batch_expired``, as the expiry marks those it found queued, so that
+    it is in the batch's error file."""
     if not request_ids:
         return 0
     now = now if now is not None else now_seconds()
+    batch_status = sa.select(Batch.status).where(Batch.id == Request.batch_id).scalar_subquery()
     with write_transaction(engine) as conn:
         batch_ids = list(
             conn.execute(
@@ -340,6 +343,9 @@ def cancel_claimed(engine: Engine, request_ids: Sequence[str], owner: str, now: 
                     finished_at=now,
                     lease_owner=None,
                     lease_expires_at=None,
+                    last_error=sa.case(
+                        (batch_status == BatchStatus.EXPIRED, EXPIRED_ERROR), else_=Request.last_error
+                    ),
                 )
                 .returning(Request.batch_id)
             ).scalars()

@@ -7,6 +7,7 @@ simulator delivered (kept results plus discarded answers)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import threading
 import time
@@ -17,6 +18,7 @@ import sqlalchemy as sa
 
 from simulator.testing import SimulatorServer
 from store import (
+    Batch,
     BatchStatus,
     DiscardedAnswer,
     Request,
@@ -24,7 +26,10 @@ from store import (
     Result,
     batch_progress,
     cancel_batch,
+    expire_batches,
     get_batch,
+    iter_error_lines,
+    iter_output_lines,
     make_engine,
 )
 from tests.cluster import Cluster, kill_group
@@ -329,3 +334,33 @@ def test_a_broker_flushed_after_the_sweeper_has_published(
         lambda: f"{batch_progress(led.engine, batch_id)}\n{logs_of(c)}",
     )
     assert_recorded_once(led, batch_id, ids)
+
+
+async def test_every_line_of_a_batch_that_expires_while_leased_is_in_a_file(
+    make_ledger: Callable[[str], Ledger], database_url: str, simulator: SimulatorServer
+) -> None:
+    """The batch's window ends while a worker holds its requests (one upstream, the others
+    waiting for a slot): the one upstream finishes into the output file, and each one the
+    worker then stops is in the error file as ``batch_expired``, like those the expiry found
+    queued (they used to end cancelled with no line anywhere)."""
+    led = make_ledger(database_url)
+    batch_id, ids = add_batch(led, ["slow [[delay 2]]", "second", "third"])
+    running = asyncio.create_task(
+        run_ids(database_url, simulator, ids, in_flight=1, cancel_check_interval=0.2)
+    )
+    deadline = time.monotonic() + 30
+    while (await asyncio.to_thread(simulator.stats))["in_flight"] == 0:
+        assert time.monotonic() < deadline, "the call never reached the simulator"
+        await asyncio.sleep(0.05)
+    with led.engine.begin() as conn:
+        conn.execute(sa.update(Batch).where(Batch.id == batch_id).values(expires_at=int(time.time()) - 1))
+    assert await asyncio.to_thread(expire_batches, led.engine) == [batch_id]
+    report = await running
+    assert report.cancelled == 2  # stopped by the worker, not by the expiry
+    output = [json.loads(line) for line in iter_output_lines(led.engine, batch_id)]
+    errors = [json.loads(line) for line in iter_error_lines(led.engine, batch_id)]
+    assert [line["custom_id"] for line in output] == ["r0"]
+    assert [(line["custom_id"], line["error"]["code"]) for line in errors] == [
+        ("r1", "batch_expired"),
+        ("r2", "batch_expired"),
+    ]

@@ -36,7 +36,7 @@ from tests.cluster import Cluster, kill_group
 from tests.workers.support import Ledger, add_batch, statuses
 from tests.workers.test_celery_workers import assert_recorded_once
 from tests.workers.test_runner import run_ids
-from tests.workers.test_worker_faults import logs_of, request_rows, wait_until
+from tests.workers.test_worker_faults import logs_of, own_redis_server, request_rows, wait_until
 from workers import sweeper
 from workers.constants import sweep_lock_key
 
@@ -364,3 +364,47 @@ async def test_every_line_of_a_batch_that_expires_while_leased_is_in_a_file(
         ("r1", "batch_expired"),
         ("r2", "batch_expired"),
     ]
+
+
+def test_a_cache_redis_frozen_then_killed_mid_batch(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    simulator: SimulatorServer,
+) -> None:
+    """The cache's Redis stops answering for 8 s (SIGSTOP: slow, waited for), then dies (down:
+    calls go upstream without it) while a batch with repeated prompts runs: every request is
+    recorded once, and the ledger bills exactly what the simulator delivered."""
+    simulator.configure(latency_ms=300)
+    c = cluster()
+    led = make_ledger(postgres_url)
+    with own_redis_server() as (cache_server, cache_url):
+        c.env["TOKENMILL_CACHE_URL"] = cache_url
+        c.worker("w1", processes=2, concurrency=16)
+        c.beat()
+        batch_id, ids = add_batch(led, [f"cache fault {i % 300}" for i in range(1200)])
+        c.dispatcher.dispatch(ids)
+        wait_until(lambda: batch_progress(led.engine, batch_id).finished >= 60, 60, lambda: logs_of(c))
+        cache_server.send_signal(signal.SIGSTOP)
+        time.sleep(8)  # the fault's duration
+        cache_server.send_signal(signal.SIGCONT)
+        wait_until(
+            lambda: batch_progress(led.engine, batch_id).finished >= 400,
+            60,
+            lambda: f"{batch_progress(led.engine, batch_id)}\n{logs_of(c)}",
+        )
+        cache_server.kill()
+        cache_server.wait()
+        assert batch_progress(led.engine, batch_id).finished < len(ids)  # it dies mid-batch
+        wait_until(
+            lambda: batch_progress(led.engine, batch_id).finished == len(ids),
+            120,
+            lambda: f"{batch_progress(led.engine, batch_id)}\n{logs_of(c)}",
+        )
+    results = assert_recorded_once(led, batch_id, ids)
+    assert all(r.status == RequestStatus.SUCCEEDED for r in results)
+    wait_until(
+        lambda: billed_tokens(led, batch_id) == delivered_tokens(simulator),
+        30,
+        lambda: f"billed {billed_tokens(led, batch_id)} != delivered {delivered_tokens(simulator)}",
+    )

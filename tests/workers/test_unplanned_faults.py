@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 import pytest
+import redis
 import sqlalchemy as sa
 
 from simulator.testing import SimulatorServer
@@ -38,7 +39,10 @@ from tests.workers.test_celery_workers import assert_recorded_once
 from tests.workers.test_runner import run_ids
 from tests.workers.test_worker_faults import logs_of, own_redis_server, request_rows, wait_until
 from workers import sweeper
+from workers.app import make_celery
 from workers.constants import sweep_lock_key
+from workers.dispatch import Dispatcher
+from workers.settings import Settings
 
 pytestmark = pytest.mark.slow
 
@@ -408,3 +412,47 @@ def test_a_cache_redis_frozen_then_killed_mid_batch(
         30,
         lambda: f"billed {billed_tokens(led, batch_id)} != delivered {delivered_tokens(simulator)}",
     )
+
+
+def test_a_broker_frozen_mid_batch_under_a_shared_rate_limit(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    simulator: SimulatorServer,
+) -> None:
+    """The broker's Redis (queue, dispatch markers, sweep lock and the shared rate limiter)
+    stops answering for 10 s mid-batch, then comes back: the batch finishes, each request once,
+    billed equals delivered."""
+    simulator.configure(latency_ms=200)
+    led = make_ledger(postgres_url)
+    c = cluster(limits={"sim-model": {"rpm": 60_000, "tpm": 10_000_000}})
+    with own_redis_server() as (server, broker_url):
+        c.env["TOKENMILL_BROKER_URL"] = broker_url
+        broker = redis.Redis.from_url(broker_url)
+        dispatcher = Dispatcher(
+            make_celery(Settings(broker_url=broker_url)), led.engine, broker, c.settings.key_prefix, 50
+        )
+        try:
+            c.worker("w1", processes=2, concurrency=16)
+            c.beat()
+            batch_id, ids = add_batch(led, [f"broker frozen {i}" for i in range(800)])
+            dispatcher.dispatch(ids)
+            wait_until(lambda: batch_progress(led.engine, batch_id).finished >= 80, 60, lambda: logs_of(c))
+            server.send_signal(signal.SIGSTOP)
+            time.sleep(10)  # the fault's duration
+            server.send_signal(signal.SIGCONT)
+            assert batch_progress(led.engine, batch_id).finished < len(ids)
+            wait_until(
+                lambda: batch_progress(led.engine, batch_id).finished == len(ids),
+                120,
+                lambda: (
+                    f"{batch_progress(led.engine, batch_id)}\n{request_rows(led, [batch_id])[:3]}\n"
+                    f"{logs_of(c)}"
+                ),
+            )
+        finally:
+            dispatcher.celery.close()
+            broker.close()
+    results = assert_recorded_once(led, batch_id, ids)
+    assert all(r.status == RequestStatus.SUCCEEDED for r in results)
+    assert billed_tokens(led, batch_id) == delivered_tokens(simulator)

@@ -507,6 +507,17 @@ class ChunkRunner:
             except RetryLater as later:
                 await hand_back(request.id, later)
                 return
+            except Exception:
+                # A handler that broke (its rate limiter out of reach, a bug) does not keep its
+                # request leased, idle, until the chunk ends (minutes, behind a slow call): back
+                # in line now, as a delivery that did not finish (max_deliveries ends a request
+                # that always breaks).
+                _logger.exception("the handler of request %s failed; it goes back in line", request.id)
+                report.released += await asyncio.to_thread(
+                    release_requests, self.engine, [request.id], config.owner
+                )
+                unfinished.pop(request.id, None)
+                return
             if request.handed_back_attempts:
                 record = dataclasses.replace(record, attempts=record.attempts + request.handed_back_attempts)
             finish(record)

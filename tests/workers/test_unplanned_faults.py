@@ -17,14 +17,18 @@ import pytest
 import redis
 import sqlalchemy as sa
 
+from models.cancellation import CancellationToken
 from simulator.testing import SimulatorServer
 from store import (
     Batch,
     BatchStatus,
+    ClaimedRequest,
     DiscardedAnswer,
     Request,
+    RequestKind,
     RequestStatus,
     Result,
+    ResultRecord,
     batch_progress,
     cancel_batch,
     expire_batches,
@@ -36,12 +40,15 @@ from store import (
 from tests.cluster import Cluster, kill_group
 from tests.workers.support import Ledger, add_batch, statuses
 from tests.workers.test_celery_workers import assert_recorded_once
-from tests.workers.test_runner import run_ids
+from tests.workers.test_runner import make_pipeline, run_ids
 from tests.workers.test_worker_faults import logs_of, own_redis_server, request_rows, wait_until
 from workers import sweeper
 from workers.app import make_celery
 from workers.constants import sweep_lock_key
 from workers.dispatch import Dispatcher
+from workers.limiter import LimiterUnavailable
+from workers.pipeline import ModelCallPipeline
+from workers.runner import ChunkRunner, RunnerConfig, complete_chat
 from workers.settings import Settings
 
 pytestmark = pytest.mark.slow
@@ -456,3 +463,53 @@ def test_a_broker_frozen_mid_batch_under_a_shared_rate_limit(
     results = assert_recorded_once(led, batch_id, ids)
     assert all(r.status == RequestStatus.SUCCEEDED for r in results)
     assert billed_tokens(led, batch_id) == delivered_tokens(simulator)
+
+
+async def test_a_request_whose_handler_broke_goes_back_in_line_at_once(
+    make_ledger: Callable[[str], Ledger], database_url: str, simulator: SimulatorServer
+) -> None:
+    """A handler that raises (here: its rate limiter's Redis out of reach) puts its request back
+    in line at once, while the chunk still waits for a slow call of another request (it used to
+    stay leased, idle, until the chunk ended)."""
+    led = make_ledger(database_url)
+    _, ids = add_batch(led, ["breaks", "slow [[delay 6]]"])
+
+    async def limiter_gone_for_the_first(
+        request: ClaimedRequest, pipeline: ModelCallPipeline, token: CancellationToken
+    ) -> ResultRecord:
+        if request.id == ids[0]:
+            raise LimiterUnavailable("rate limiter Redis failed: Timeout reading")
+        return await complete_chat(request, pipeline, token)
+
+    def status_of(request_id: str) -> RequestStatus:
+        with led.engine.connect() as conn:
+            return RequestStatus(
+                conn.execute(sa.select(Request.status).where(Request.id == request_id)).scalar_one()
+            )
+
+    engine = make_engine(database_url)
+    pipeline = make_pipeline(simulator)
+    runner = ChunkRunner(
+        engine,
+        pipeline,
+        RunnerConfig(owner="test-owner"),
+        handlers={RequestKind.CHAT_COMPLETION: limiter_gone_for_the_first},
+    )
+    try:
+        running = asyncio.create_task(runner.run(ids))
+
+        async def slow_call_upstream() -> bool:
+            return bool((await asyncio.to_thread(simulator.stats))["in_flight"] == 1)
+
+        deadline = time.monotonic() + 30
+        while not await slow_call_upstream():
+            assert time.monotonic() < deadline, "the slow call never reached the simulator"
+            await asyncio.sleep(0.05)
+        while await asyncio.to_thread(status_of, ids[0]) != RequestStatus.QUEUED:
+            assert await slow_call_upstream(), "the slow call ended first: the broken request waited for it"
+            await asyncio.sleep(0.05)
+        report = await running
+    finally:
+        await pipeline.close()
+        engine.dispose()
+    assert (report.succeeded, report.released) == (1, 1)

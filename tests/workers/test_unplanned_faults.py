@@ -513,3 +513,44 @@ async def test_a_request_whose_handler_broke_goes_back_in_line_at_once(
         await pipeline.close()
         engine.dispose()
     assert (report.succeeded, report.released) == (1, 1)
+
+
+def test_a_sweeper_started_long_after_every_worker_died(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    simulator: SimulatorServer,
+) -> None:
+    """No beat runs while the only worker dies holding a batch; its leases have long expired
+    (and its message was taken) when a beat and a new worker start: the beat's first passes
+    send the requests again, and every one is recorded once."""
+    simulator.configure(latency_ms=30_000)  # still upstream when the worker dies
+    c = cluster()
+    c.env["TOKENMILL_UPSTREAM_TIMEOUT_SECONDS"] = "120"
+    c.env.pop("TOKENMILL_VISIBILITY_TIMEOUT_SECONDS")  # its redelivery must not stand in for the sweep
+    led = make_ledger(postgres_url)
+    batch_id, ids = add_batch(led, [f"no sweeper {i}" for i in range(30)])  # one message
+    victim = c.worker("victim", concurrency=32)
+    c.dispatcher.dispatch(ids)
+    wait_until(lambda: simulator.stats()["in_flight"] == len(ids), 60, lambda: logs_of(c))
+    kill_group(victim)
+
+    def leases_expired() -> bool:
+        with led.engine.connect() as conn:
+            latest = conn.execute(
+                sa.select(sa.func.max(Request.lease_expires_at)).where(Request.batch_id == batch_id)
+            ).scalar_one()
+        return latest is not None and latest < time.time() - 5
+
+    wait_until(leases_expired, 60, lambda: str(request_rows(led, [batch_id])[:2]))
+    simulator.configure(latency_ms=100)
+    c.worker("late", concurrency=32)
+    c.beat()
+    started = time.monotonic()
+    wait_until(
+        lambda: batch_progress(led.engine, batch_id).finished == len(ids),
+        60,
+        lambda: f"{batch_progress(led.engine, batch_id)}\n{logs_of(c)}",
+    )
+    print(f"all done {time.monotonic() - started:.1f} s after the beat started")
+    assert_recorded_once(led, batch_id, ids)

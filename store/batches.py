@@ -175,6 +175,28 @@ def _cancel_unfinished(
     _count_cancelled(conn, cancelled)
 
 
+def end_requeued_of_stopped_batches(conn: Connection, batch_ids: Iterable[str], now: int) -> None:
+    """Requests just put back in line (a hand-back, a release) whose batch was cancelled or
+    expired meanwhile end now, as that cancel or expiry ended its other queued requests:
+    otherwise they would wait out their ``not_before`` (an hour's Retry-After, say) and the batch
+    would sit in ``cancelling`` that long. Runs inside the caller's transaction."""
+    ids = sorted(set(batch_ids))
+    if not ids:
+        return
+    stopped = conn.execute(
+        sa.select(Batch.id, Batch.status).where(
+            Batch.id.in_(ids), Batch.status.in_((BatchStatus.CANCELLING, BatchStatus.EXPIRED))
+        )
+    ).all()
+    cancelling = [row.id for row in stopped if row.status == BatchStatus.CANCELLING]
+    expired = [row.id for row in stopped if row.status == BatchStatus.EXPIRED]
+    if cancelling:
+        _cancel_unfinished(conn, cancelling, now)
+        finalize_batches(conn, cancelling, now)
+    if expired:
+        _cancel_unfinished(conn, expired, now, EXPIRED_ERROR)
+
+
 def _count_cancelled(conn: Connection, batch_ids: Iterable[str]) -> list[str]:
     """Add each request just cancelled (one batch id per request) to its batch's count; returns
     the batches touched."""
@@ -209,10 +231,13 @@ def batch_statuses(engine: Engine, batch_ids: Collection[str]) -> dict[str, Batc
 
 
 def cancel_claimed(engine: Engine, request_ids: Sequence[str], owner: str, now: int | None = None) -> int:
-    """Cancel those of ``request_ids`` that ``owner`` still holds; returns how many."""
+    """Cancel those of ``request_ids`` that ``owner`` still holds; returns how many. One of an
+    expired batch is marked ``batch_expired``, as the expiry marks those it found queued, so that
+    it is in the batch's error file."""
     if not request_ids:
         return 0
     now = now if now is not None else now_seconds()
+    batch_status = sa.select(Batch.status).where(Batch.id == Request.batch_id).scalar_subquery()
     with write_transaction(engine) as conn:
         batch_ids = list(
             conn.execute(
@@ -227,6 +252,9 @@ def cancel_claimed(engine: Engine, request_ids: Sequence[str], owner: str, now: 
                     finished_at=now,
                     lease_owner=None,
                     lease_expires_at=None,
+                    last_error=sa.case(
+                        (batch_status == BatchStatus.EXPIRED, EXPIRED_ERROR), else_=Request.last_error
+                    ),
                 )
                 .returning(Request.batch_id)
             ).scalars()

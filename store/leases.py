@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from store.batches import end_requeued_of_stopped_batches
 from store.engine import is_postgresql, write_transaction
 from store.ids import now_seconds
 from store.tables import Request, RequestKind, RequestStatus
@@ -228,7 +229,8 @@ def release_requests(
     said "later"); that delivery ended cleanly, so it does not count towards the deliveries after
     which a request is taken for poison (``attempts``). Its ``upstream_attempts`` are added to
     ``handed_back_attempts``; ``retry_deadline`` is set unless one was set before (the budget runs
-    from the first hand-back)."""
+    from the first hand-back). A request whose batch was cancelled or expired meanwhile ends
+    cancelled instead (``end_requeued_of_stopped_batches``)."""
     if not request_ids:
         return 0
     values: dict[str, Any] = {
@@ -244,17 +246,22 @@ def release_requests(
         values["handed_back_attempts"] = Request.handed_back_attempts + upstream_attempts
         if retry_deadline is not None:
             values["retry_deadline"] = sa.func.coalesce(Request.retry_deadline, retry_deadline)
+    now = now_seconds()
     with write_transaction(engine) as conn:
-        result = conn.execute(
-            sa.update(Request)
-            .where(
-                Request.id.in_(request_ids),
-                Request.lease_owner == owner,
-                Request.status == RequestStatus.RUNNING,
-            )
-            .values(values)
+        batch_ids = list(
+            conn.execute(
+                sa.update(Request)
+                .where(
+                    Request.id.in_(request_ids),
+                    Request.lease_owner == owner,
+                    Request.status == RequestStatus.RUNNING,
+                )
+                .values(values)
+                .returning(Request.batch_id)
+            ).scalars()
         )
-        return result.rowcount
+        end_requeued_of_stopped_batches(conn, batch_ids, now)
+        return len(batch_ids)
 
 
 def unsettled_dispatch_ids(engine: Engine, *, now: int, settled_before: int) -> list[str]:

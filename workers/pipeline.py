@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -67,7 +68,7 @@ from models.retry import (
 )
 from models.tokens import estimate_tokens
 from models.types import CreateResult, LLMMessage, Tool, ToolChoice, ToolSchema
-from workers.rate_limits import CallOutcome, RateLimiter
+from workers.rate_limits import CallOutcome, LimiterUnavailable, RateLimiter, Slot
 
 __all__ = [
     "CacheScope",
@@ -78,6 +79,8 @@ __all__ = [
     "cache_namespace",
     "limiter_endpoint",
 ]
+
+_logger = logging.getLogger(__name__)
 
 CacheScope = Literal["tenant", "global"]
 """Who shares cached answers and single-flight: each tenant alone, or every tenant."""
@@ -258,6 +261,15 @@ class GovernedClient(DelegatingClient):
         if stats is not None:
             stats.attempts += 1
 
+    async def _release(self, slot: Slot, *, outcome: CallOutcome, actual_tokens: int | None = None) -> None:
+        """Give the slot back. A limiter out of reach (its Redis frozen or restarting) is no
+        failure of the call: an answer the provider sent, and billed, is kept rather than lost
+        with an exception, and the slot's lease in the limiter lapses on its own."""
+        try:
+            await self._limiter.release(slot, outcome=outcome, actual_tokens=actual_tokens)
+        except LimiterUnavailable as error:
+            _logger.warning("a rate-limit slot could not be given back: %s", error)
+
     async def create(
         self,
         messages: Sequence[LLMMessage],
@@ -305,15 +317,13 @@ class GovernedClient(DelegatingClient):
                 )
             except ModelClientError as error:
                 # A refused or failed call spent no tokens we can know of: refund the estimate.
-                await self._limiter.release(slot, outcome=self._outcome_of(error), actual_tokens=0)
+                await self._release(slot, outcome=self._outcome_of(error), actual_tokens=0)
                 await self._after_failure(tries, error, cancellation_token)
                 continue
             except BaseException:
-                await asyncio.shield(self._limiter.release(slot, outcome=CallOutcome.FAILED))
+                await asyncio.shield(self._release(slot, outcome=CallOutcome.FAILED))
                 raise
-            await self._limiter.release(
-                slot, outcome=CallOutcome.SUCCEEDED, actual_tokens=result.usage.total_tokens
-            )
+            await self._release(slot, outcome=CallOutcome.SUCCEEDED, actual_tokens=result.usage.total_tokens)
             return result
 
     async def create_stream(
@@ -374,13 +384,13 @@ class GovernedClient(DelegatingClient):
                 outcome, actual = self._outcome_of(error), 0
                 if yielded:
                     raise
-                await self._limiter.release(slot, outcome=outcome, actual_tokens=actual)
+                await self._release(slot, outcome=outcome, actual_tokens=actual)
                 slot = None
                 await self._after_failure(tries, error, cancellation_token)
             finally:
                 await stream.aclose()
                 if slot is not None:
-                    await asyncio.shield(self._limiter.release(slot, outcome=outcome, actual_tokens=actual))
+                    await asyncio.shield(self._release(slot, outcome=outcome, actual_tokens=actual))
 
 
 @dataclass

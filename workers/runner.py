@@ -498,6 +498,7 @@ class ChunkRunner:
         started_at: dict[str, float] = {}  # of the running ones, monotonic
         overdue: set[str] = set()
         batch_tokens = {request.batch_id: CancellationToken() for request in claimed}
+        request_tokens: dict[str, CancellationToken] = {}  # of the requests past the gate
         to_cancel: list[str] = []
         cancelled_spend: list[ResultRecord] = []  # paid calls of the requests in ``to_cancel``
         gate = asyncio.Semaphore(config.in_flight)
@@ -530,35 +531,54 @@ class ChunkRunner:
                     batch_tokens[batch_id].cancel()
 
         async def run_one(request: ClaimedRequest) -> None:
-            token = batch_tokens[request.batch_id]
+            batch_token = batch_tokens[request.batch_id]
             async with gate:
-                if token.is_cancelled():
+                if batch_token.is_cancelled():
                     to_cancel.append(request.id)
                     return
-                if past_deadline():
-                    return  # left in ``unfinished``: released below
-                handler = self.handlers.get(request.kind)
-                if handler is None:
-                    error = ModelClientError(f"this worker has no handler for {request.kind.value} requests")
-                    finish(failed_record(request.id, error, attempts=0))
-                    return
-                # This task's own context: the budget applies to this request's calls only.
-                RATE_LIMIT_DEADLINE.set(request.retry_deadline)
+                # Its own token, fired by its batch's cancel or by the loss of its lease.
+                token = request_tokens[request.id] = CancellationToken()
+                batch_token.add_callback(token.cancel)
                 try:
-                    record = await handler(request, self.pipeline, token)
-                except RequestCancelled as cancelled:
-                    to_cancel.append(request.id)
-                    if cancelled.spent is not None:
-                        cancelled_spend.append(cancelled.spent)
-                    return
-                except RetryLater as later:
-                    await hand_back(request, later)
-                    return
-                if request.handed_back_attempts:
-                    record = dataclasses.replace(
-                        record, attempts=record.attempts + request.handed_back_attempts
-                    )
-                finish(record)
+                    await run_claimed(request, token)
+                finally:
+                    batch_token.remove_callback(token.cancel)
+                    request_tokens.pop(request.id, None)
+
+        async def run_claimed(request: ClaimedRequest, token: CancellationToken) -> None:
+            if past_deadline():
+                return  # left in ``unfinished``: released below
+            handler = self.handlers.get(request.kind)
+            if handler is None:
+                error = ModelClientError(f"this worker has no handler for {request.kind.value} requests")
+                finish(failed_record(request.id, error, attempts=0))
+                return
+            # This task's own context: the budget applies to this request's calls only.
+            RATE_LIMIT_DEADLINE.set(request.retry_deadline)
+            try:
+                record = await handler(request, self.pipeline, token)
+            except RequestCancelled as cancelled:
+                to_cancel.append(request.id)
+                if cancelled.spent is not None:
+                    cancelled_spend.append(cancelled.spent)
+                return
+            except RetryLater as later:
+                await hand_back(request, later)
+                return
+            except Exception:
+                # A handler that broke (its rate limiter out of reach, a bug) does not keep its
+                # request leased, idle, until the chunk ends (minutes, behind a slow call): back
+                # in line now, as a delivery that did not finish (max_deliveries ends a request
+                # that always breaks).
+                _logger.exception("the handler of request %s failed; it goes back in line", request.id)
+                report.released += await asyncio.to_thread(
+                    release_requests, self.engine, [request.id], config.owner
+                )
+                unfinished.pop(request.id, None)
+                return
+            if request.handed_back_attempts:
+                record = dataclasses.replace(record, attempts=record.attempts + request.handed_back_attempts)
+            finish(record)
 
         async def hand_back(request: ClaimedRequest, later: RetryLater) -> None:
             # Back in line for later; the slot serves other requests meanwhile.
@@ -588,13 +608,18 @@ class ChunkRunner:
             )
 
         def lose(lost: set[str]) -> None:
-            """On the loop: another worker took these over; stop ours, record nothing."""
+            """On the loop: another worker took these over. Ours stop as a cancel stops them: no
+            more waits or retries, but a call already sent upstream runs to its end, because the
+            provider bills that answer; its record then loses to the other worker's (first writer
+            wins) and is billed as a discarded answer. Hanging up would lose a paid answer."""
             for request_id in lost:
                 if unfinished.pop(request_id, None) is None:
                     continue  # finished meanwhile: its result row ended the lease
-                task = running.get(request_id)
-                if task is not None:
-                    task.cancel()
+                token = request_tokens.get(request_id)
+                if token is not None:
+                    token.cancel()
+                elif (task := running.get(request_id)) is not None:
+                    task.cancel()  # not started: nothing paid yet
 
         def leased() -> list[str]:
             # From the keeper's thread. ``list(dict)`` copies in C without letting the loop's

@@ -23,18 +23,21 @@ so that the following sweeps do not send it again while it waits in the queue.
 
 A duplicate message is harmless anyway: claims skip what is finished or leased to a live worker
 (an answered agent message is answered from SQL). Sweeps from several ``tokenmill beat`` processes take turns
-through a Redis lock.
+through a Redis lock, renewed while a pass runs, so that one of a sweeper killed mid-pass lapses
+within ``SWEEP_LOCK_SECONDS``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from redis.exceptions import LockError
+from redis.exceptions import LockError, RedisError
+from redis.lock import Lock
 from sqlalchemy.engine import Engine
 
 from store import (
@@ -67,9 +70,13 @@ def sweep(
 ) -> SweepReport:
     """One pass; returns what it found and did."""
     engine: Engine = dispatcher.engine
-    lock = dispatcher.redis_client.lock(sweep_lock_key(dispatcher.key_prefix), timeout=120)
+    # Not thread-local: the keeper renews it from its own thread.
+    lock = dispatcher.redis_client.lock(
+        sweep_lock_key(dispatcher.key_prefix), timeout=SWEEP_LOCK_SECONDS, thread_local=False
+    )
     if not lock.acquire(blocking=False):
         return SweepReport(0, 0, 0, skipped=True)
+    keeper = _SweepLockKeeper(lock)
     try:
         now = int(time.time())
         settled_before = now - grace_seconds
@@ -91,8 +98,38 @@ def sweep(
         expired = expire_batches(engine, now=now)
         return SweepReport(len(dispatch_ids), len(dead), len(rows), False, len(expired), resent)
     finally:
+        keeper.stop()
         with contextlib.suppress(LockError):
             lock.release()
+
+
+# The sweep lock lives this long unless renewed: a sweeper killed mid-pass keeps the others out
+# at most this long (a dead worker's requests wait for the next sweep). A live pass renews it
+# every third of it, however long the pass takes.
+SWEEP_LOCK_SECONDS = 10.0
+
+
+class _SweepLockKeeper:
+    """Renews a held sweep lock from a thread of its own until stopped. A renewal that fails (the
+    lock lapsed while this process was frozen) is logged: another sweeper may then pass at the
+    same time, which only sends messages twice (claims make that harmless)."""
+
+    def __init__(self, lock: Lock) -> None:
+        self._lock = lock
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sweep lock", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(SWEEP_LOCK_SECONDS / 3):
+            try:
+                self._lock.reacquire()
+            except (LockError, RedisError):
+                _logger.warning("the sweep lock could not be renewed", exc_info=True)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
 
 
 def resend_agent_messages(dispatcher: Dispatcher, *, now: int, limit: int) -> int:

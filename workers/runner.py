@@ -34,7 +34,6 @@ import dataclasses
 import functools
 import logging
 import math
-import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +62,7 @@ from store import (
     record_results,
     release_requests,
 )
+from workers.leases import Heartbeat
 from workers.pipeline import CallResult, ModelCallPipeline
 
 __all__ = [
@@ -354,11 +354,10 @@ class _Writer:
                 _logger.exception("writing %d result(s) failed; trying again", len(self._buffer))
 
 
-class LeaseKeeper:
+class LeaseKeeper(Heartbeat):
     """Extends the leases of a chunk's unfinished requests every ``interval`` from a thread of its
-    own: a request whose event loop is busy (a long synchronous step, a slow collection) must not
-    lose its lease, and with short leases a heartbeat on the loop would. ``leased()`` names what
-    to extend (called on this thread); ``on_lost(ids)`` hears of leases another worker now holds."""
+    own (``workers.leases.Heartbeat``). ``leased()`` names what to extend (called on that thread);
+    ``on_lost(ids)`` hears of leases another worker now holds."""
 
     def __init__(
         self,
@@ -369,35 +368,19 @@ class LeaseKeeper:
         leased: Callable[[], list[str]],
         on_lost: Callable[[set[str]], object],
     ) -> None:
+        super().__init__(f"leases {owner}", interval, self._extend)
         self._engine = engine
         self._owner = owner
         self._lease_seconds = lease_seconds
-        self._interval = interval
         self._leased = leased
         self._on_lost = on_lost
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"leases {owner}", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stopped.wait(self._interval):
-            ids = self._leased()
-            try:
-                held = set(extend_leases(self._engine, ids, self._owner, self._lease_seconds))
-            except Exception:
-                # The database may be restarting: try again next beat; the leases outlive a few.
-                _logger.exception("extending %d lease(s) failed", len(ids))
-                continue
-            lost = set(ids) - held
-            if lost:
-                self._on_lost(lost)
+    def _extend(self) -> None:
+        ids = self._leased()
+        held = set(extend_leases(self._engine, ids, self._owner, self._lease_seconds))
+        lost = set(ids) - held
+        if lost:
+            self._on_lost(lost)
 
 
 class ChunkRunner:

@@ -55,6 +55,7 @@ Work (workers and the sweeper)::
     cancel_claimed(engine, request_ids, owner) -> int    # a worker's requests of a cancelled batch
     record_results(engine, records: Sequence[ResultRecord], now=None) -> RecordOutcome
     record_cancelled_spend(engine, records, now=None) -> list[str]   # paid calls of cancelled runs
+    record_handed_back_spend(engine, records, now=None) -> list[str] # paid calls of handed-back runs
 
 Output and usage::
 
@@ -174,7 +175,14 @@ from store.leases import (
     unsettled_dispatch_ids,
 )
 from store.prices import get_prices, price_for, set_price
-from store.results import PaidAnswer, RecordOutcome, ResultRecord, record_cancelled_spend, record_results
+from store.results import (
+    PaidAnswer,
+    RecordOutcome,
+    ResultRecord,
+    record_cancelled_spend,
+    record_handed_back_spend,
+    record_results,
+)
 from store.schema import (
     current_revision,
     downgrade_to_base,
@@ -324,6 +332,7 @@ __all__ = [
     "purge_idempotency_keys",
     "record_agent_message",
     "record_cancelled_spend",
+    "record_handed_back_spend",
     "record_results",
     "record_webhook_attempt",
     "release_requests",

@@ -59,6 +59,7 @@ from store import (
     claim_requests,
     extend_leases,
     record_cancelled_spend,
+    record_handed_back_spend,
     record_results,
     release_requests,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "ChunkRunner",
     "LeaseKeeper",
     "RequestCancelled",
+    "RequestHandedBack",
     "RequestHandler",
     "RunnerConfig",
     "complete_chat",
@@ -90,6 +92,17 @@ class RequestCancelled(Exception):
 
     def __init__(self, request_id: str, spent: ResultRecord | None = None) -> None:
         super().__init__(request_id)
+        self.spent = spent
+
+
+class RequestHandedBack(RetryLater):
+    """A handler's ``RetryLater`` with what the request paid upstream before it (an agent run's
+    finished model calls): billed once the request is back in line (``record_handed_back_spend``),
+    since a cancel or an expiry while it waits keeps no result that would bill it."""
+
+    def __init__(self, later: RetryLater, spent: ResultRecord | None) -> None:
+        super().__init__(later.delay, later.reason, later.error)
+        self.attempts = later.attempts
         self.spent = spent
 
 
@@ -492,7 +505,7 @@ class ChunkRunner:
             budget = config.rate_limit_retry_seconds
             # The budget starts with the provider's first "later", not with our own limiter's.
             deadline = int(now + budget) if budget is not None and later.error is not None else None
-            report.handed_back += await asyncio.to_thread(
+            released = await asyncio.to_thread(
                 functools.partial(
                     release_requests,
                     self.engine,
@@ -505,6 +518,10 @@ class ChunkRunner:
                     retry_deadline=deadline,
                 )
             )
+            report.handed_back += released
+            spent = later.spent if isinstance(later, RequestHandedBack) else None
+            if released and spent is not None:  # not when another worker holds it now: it bills them
+                await asyncio.to_thread(record_handed_back_spend, self.engine, [spent])
 
         def lose(lost: set[str]) -> None:
             """On the loop: another worker took these over; stop ours, record nothing."""

@@ -1,4 +1,5 @@
-"""The producers' side of tokenmill: the HTTP API (``create_app``) and the ``tokenmill`` CLI."""
+"""The producers' side of tokenmill over HTTP: the OpenAI-compatible API (``create_app``); the
+``tokenmill`` commands live in ``cli``."""
 
 from api.app import create_app
 from api.errors import (

@@ -12,16 +12,16 @@ from api.idempotency import IdempotencyKeys
 from api.limits import BodySizeLimit
 from api.routes import agent_runs, batches, chat, files, health, model_catalog, usage, webhook_secret
 from api.routes.batches import Dispatch
-from workers.settings import Settings, get_settings
+from config import Settings, get_settings
 
 __all__ = ["create_app", "dispatch_to_workers"]
 
 
 def dispatch_to_workers(engine: Engine, batch_id: str) -> None:
     """Send a batch's queued requests to the Celery workers, in chunks of ids."""
-    from workers.tasks import dispatcher
+    from workers.enqueue import enqueue_batch, producer_dispatcher
 
-    dispatcher().dispatch(store.pending_request_ids(engine, batch_id))
+    enqueue_batch(producer_dispatcher(engine), batch_id)
 
 
 def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = None) -> FastAPI:

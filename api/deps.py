@@ -9,7 +9,7 @@ from sqlalchemy.engine import Engine
 
 import store
 from api.errors import Unauthenticated
-from workers.settings import Settings
+from config import Settings
 
 __all__ = [
     "ID_PATTERN",

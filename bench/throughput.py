@@ -152,7 +152,7 @@ class Tokenmill:
         log = self.logs[command] = tempfile.TemporaryFile(prefix=f"tokenmill-bench-{command}-")  # noqa: SIM115
         self.processes.append(
             subprocess.Popen(
-                [sys.executable, "-c", "from api.cli import main; main()", command, *args],
+                [sys.executable, "-c", "from cli.main import main; main()", command, *args],
                 env=env,
                 cwd=ROOT,
                 stdout=log,

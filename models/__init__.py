@@ -1,77 +1,157 @@
 """tokenmill's model layer: AutoGen-shaped chat-completion clients, their errors, events, retry
 policy, token estimates, OpenAI conversions and the response cache."""
 
-from models.base import ChatCompletionClient, DelegatingClient
-from models.cache import (
-    CHAT_CACHE_VALUE_TYPE,
-    CacheStore,
-    ChatCompletionCache,
-    DiskCacheStore,
-    InMemoryStore,
-    RedisStore,
-)
-from models.cancellation import CancellationToken
-from models.errors import (
-    AuthenticationFailed,
-    BadRequest,
-    ContextWindowExceeded,
-    ModelClientError,
-    ModelNotFound,
-    ProviderTimeout,
-    ProviderUnavailable,
-    QuotaExceeded,
-    RateLimited,
-    StreamInterrupted,
-    parse_retry_after,
-)
-from models.events import (
-    EVENT_LOGGER_NAME,
-    CacheHit,
-    CacheStoreError,
-    LLMCall,
-    LLMStreamEnd,
-    LLMStreamStart,
-    ModelEvent,
-    Retry,
-    emit,
-    short_digest,
-)
-from models.openai import (
-    GEMINI_BASE_URL,
-    AzureOpenAIChatCompletionClient,
-    BaseOpenAIChatCompletionClient,
-    ChatRequest,
-    OpenAIChatCompletionClient,
-    ToolSpec,
-    chat_completion_body,
-    from_openai_error,
-    messages_from_openai,
-    request_from_openai_body,
-    to_openai_messages,
-)
-from models.replay import ReplayChatCompletionClient, ReplayExhausted
-from models.retry import RetryPolicy
-from models.tokens import count_text_tokens, estimate_tokens
-from models.types import (
-    AssistantMessage,
-    ChatCompletionTokenLogprob,
-    CreateResult,
-    FinishReasons,
-    FunctionCall,
-    FunctionExecutionResult,
-    FunctionExecutionResultMessage,
-    Image,
-    LLMMessage,
-    ModelFamily,
-    ModelInfo,
-    RequestUsage,
-    SystemMessage,
-    Tool,
-    ToolChoice,
-    ToolSchema,
-    TopLogprob,
-    UserMessage,
-)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from models.base import ChatCompletionClient, DelegatingClient
+    from models.cache import (
+        CHAT_CACHE_VALUE_TYPE,
+        CacheStore,
+        ChatCompletionCache,
+        DiskCacheStore,
+        InMemoryStore,
+        RedisStore,
+    )
+    from models.cancellation import CancellationToken
+    from models.errors import (
+        AuthenticationFailed,
+        BadRequest,
+        ContextWindowExceeded,
+        ModelClientError,
+        ModelNotFound,
+        ProviderTimeout,
+        ProviderUnavailable,
+        QuotaExceeded,
+        RateLimited,
+        StreamInterrupted,
+        parse_retry_after,
+    )
+    from models.events import (
+        EVENT_LOGGER_NAME,
+        CacheHit,
+        CacheStoreError,
+        LLMCall,
+        LLMStreamEnd,
+        LLMStreamStart,
+        ModelEvent,
+        Retry,
+        emit,
+        short_digest,
+    )
+    from models.openai import (
+        GEMINI_BASE_URL,
+        AzureOpenAIChatCompletionClient,
+        BaseOpenAIChatCompletionClient,
+        ChatRequest,
+        OpenAIChatCompletionClient,
+        ToolSpec,
+        chat_completion_body,
+        from_openai_error,
+        messages_from_openai,
+        request_from_openai_body,
+        to_openai_messages,
+    )
+    from models.replay import ReplayChatCompletionClient, ReplayExhausted
+    from models.retry import RetryPolicy
+    from models.tokens import count_text_tokens, estimate_tokens
+    from models.types import (
+        AssistantMessage,
+        ChatCompletionTokenLogprob,
+        CreateResult,
+        FinishReasons,
+        FunctionCall,
+        FunctionExecutionResult,
+        FunctionExecutionResultMessage,
+        Image,
+        LLMMessage,
+        ModelFamily,
+        ModelInfo,
+        RequestUsage,
+        SystemMessage,
+        Tool,
+        ToolChoice,
+        ToolSchema,
+        TopLogprob,
+        UserMessage,
+    )
+else:
+    import importlib
+
+    # Each public name's submodule, imported on the name's first use (PEP 562): importing
+    # ``models`` or one of its submodules stays cheap.
+    _SOURCES = {
+        "ChatCompletionClient": "models.base",
+        "DelegatingClient": "models.base",
+        "CHAT_CACHE_VALUE_TYPE": "models.cache",
+        "CacheStore": "models.cache",
+        "ChatCompletionCache": "models.cache",
+        "DiskCacheStore": "models.cache",
+        "InMemoryStore": "models.cache",
+        "RedisStore": "models.cache",
+        "CancellationToken": "models.cancellation",
+        "AuthenticationFailed": "models.errors",
+        "BadRequest": "models.errors",
+        "ContextWindowExceeded": "models.errors",
+        "ModelClientError": "models.errors",
+        "ModelNotFound": "models.errors",
+        "ProviderTimeout": "models.errors",
+        "ProviderUnavailable": "models.errors",
+        "QuotaExceeded": "models.errors",
+        "RateLimited": "models.errors",
+        "StreamInterrupted": "models.errors",
+        "from_openai_error": "models.openai",
+        "parse_retry_after": "models.errors",
+        "EVENT_LOGGER_NAME": "models.events",
+        "CacheHit": "models.events",
+        "CacheStoreError": "models.events",
+        "LLMCall": "models.events",
+        "LLMStreamEnd": "models.events",
+        "LLMStreamStart": "models.events",
+        "ModelEvent": "models.events",
+        "Retry": "models.events",
+        "emit": "models.events",
+        "short_digest": "models.events",
+        "GEMINI_BASE_URL": "models.openai",
+        "AzureOpenAIChatCompletionClient": "models.openai",
+        "BaseOpenAIChatCompletionClient": "models.openai",
+        "ChatRequest": "models.openai",
+        "OpenAIChatCompletionClient": "models.openai",
+        "ToolSpec": "models.openai",
+        "chat_completion_body": "models.openai",
+        "messages_from_openai": "models.openai",
+        "request_from_openai_body": "models.openai",
+        "to_openai_messages": "models.openai",
+        "ReplayChatCompletionClient": "models.replay",
+        "ReplayExhausted": "models.replay",
+        "RetryPolicy": "models.retry",
+        "count_text_tokens": "models.tokens",
+        "estimate_tokens": "models.tokens",
+        "AssistantMessage": "models.types",
+        "ChatCompletionTokenLogprob": "models.types",
+        "CreateResult": "models.types",
+        "FinishReasons": "models.types",
+        "FunctionCall": "models.types",
+        "FunctionExecutionResult": "models.types",
+        "FunctionExecutionResultMessage": "models.types",
+        "Image": "models.types",
+        "LLMMessage": "models.types",
+        "ModelFamily": "models.types",
+        "ModelInfo": "models.types",
+        "RequestUsage": "models.types",
+        "SystemMessage": "models.types",
+        "Tool": "models.types",
+        "ToolChoice": "models.types",
+        "ToolSchema": "models.types",
+        "TopLogprob": "models.types",
+        "UserMessage": "models.types",
+    }
+
+    def __getattr__(name: str) -> object:
+        if name not in _SOURCES:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(_SOURCES[name]), name)
+
 
 __all__ = [
     "CHAT_CACHE_VALUE_TYPE",

@@ -1,5 +1,5 @@
-"""``python -m simulator --help``."""
+"""``python -m simulator --help``: the ``tokenmill simulate`` command."""
 
-from simulator.cli import main
+from cli.simulate import main
 
 main()

@@ -29,6 +29,7 @@ Tenants, keys, files::
 Batches::
 
     ingest_batch(engine, source, *, tenant_id, endpoint, defaults, skip_invalid, ...) -> IngestReport
+    REQUEST_KINDS: endpoint -> RequestKindSpec (kind, body check, short form); one entry per kind
     parse_json(data, prefix="") -> Any   # refuses NaN, depth > MAX_JSON_DEPTH, NUL, lone surrogates
     # the same in steps, for a file read after the create call answered (status "validating"):
     prepare_batch(*, tenant_id, endpoint, ...) -> BatchSpec ; open_batch(engine, spec) -> BatchSpec
@@ -37,6 +38,8 @@ Batches::
     get_batch(engine, batch_id, tenant_id=None) -> Batch | None
     list_batches(engine, tenant_id, after=None, limit=20) -> BatchPage
     batch_progress(engine, batch_id) -> BatchProgress
+    batch_object(engine, batch) -> dict      # the batch as the routes answer and webhooks carry it
+    ALLOWED_TRANSITIONS, ENDED_STATUSES      # the state machine (store.batch_lifecycle)
     cancel_batch(engine, batch_id, now=None) -> Batch
     expire_batches(engine, now=None) -> list[str]
 
@@ -101,134 +104,282 @@ Exceptions::
     JSONRejected (a ValueError): input parse_json refuses; ``code`` names why, ``param`` where
 """
 
-from store.agent_messages import (
-    AgentMessageToResend,
-    StoredAgentMessage,
-    agent_messages_to_resend,
-    answer_agent_message,
-    claim_agent_message,
-    extend_agent_message_lease,
-    get_agent_message,
-    hold_for_resend,
-    record_agent_message,
-)
-from store.agent_runs import AgentRunRecord, get_agent_run
-from store.agent_state import StoredAgentState, get_agent_state, load_agent_state, save_agent_state
-from store.batches import (
-    STOPPED_BATCH_STATUSES,
-    BatchPage,
-    BatchProgress,
-    batch_file_ids,
-    batch_progress,
-    batch_statuses,
-    cancel_batch,
-    cancel_claimed,
-    expire_batches,
-    get_batch,
-    list_batches,
-)
-from store.conversations import append_messages, create_conversation, load_conversation
-from store.engine import make_engine
-from store.errors import (
-    AgentStateConflict,
-    BatchNotFound,
-    ConversationNotFound,
-    InvalidArgument,
-    InvalidState,
-    NotFound,
-    SchemaBehind,
-    StoreError,
-)
-from store.export import iter_error_lines, iter_output_lines
-from store.files import create_file, delete_file, get_file, list_files
-from store.idempotency import (
-    IdempotencyClaim,
-    IdempotencyOutcome,
-    StoredResponse,
-    abandon_idempotency_key,
-    claim_idempotency_key,
-    purge_idempotency_keys,
-    store_idempotent_response,
-)
-from store.ingest import (
-    ENDPOINT_KINDS,
-    MAX_STORED_ERRORS,
-    BatchSpec,
-    IngestReport,
-    LineError,
-    fail_batch,
-    fill_batch,
-    ingest_batch,
-    open_batch,
-    prepare_batch,
-)
-from store.input_checks import MAX_JSON_DEPTH, JSONRejected, parse_json
-from store.leases import (
-    ClaimedRequest,
-    claim_queued,
-    claim_requests,
-    extend_leases,
-    mark_dispatched,
-    pending_request_ids,
-    release_requests,
-    requests_to_redispatch,
-    unsettled_dispatch_ids,
-)
-from store.prices import get_prices, price_for, set_price
-from store.results import (
-    PaidAnswer,
-    RecordOutcome,
-    ResultRecord,
-    record_cancelled_spend,
-    record_handed_back_spend,
-    record_results,
-)
-from store.schema import (
-    current_revision,
-    downgrade_to_base,
-    head_revision,
-    require_schema_at_head,
-    upgrade_to_head,
-)
-from store.tables import (
-    AgentMessage,
-    AgentState,
-    ApiKey,
-    Base,
-    Batch,
-    BatchStatus,
-    Conversation,
-    ConversationMessage,
-    ConversationRun,
-    DiscardedAnswer,
-    File,
-    FileKind,
-    IdempotencyKey,
-    ModelPrice,
-    Request,
-    RequestKind,
-    RequestStatus,
-    Result,
-    Tenant,
-)
-from store.tenants import (
-    WEBHOOK_SECRET_PREFIX,
-    authenticate_api_key,
-    create_api_key,
-    create_tenant,
-    get_tenant,
-    new_webhook_secret,
-    revoke_api_key,
-    webhook_secret,
-)
-from store.usage import UsageGroup, UsageRow, usage_report
-from store.webhooks import ENDED_STATUSES, DueWebhook, claim_due_webhooks, record_webhook_attempt
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from store.agent_messages import (
+        AgentMessageToResend,
+        StoredAgentMessage,
+        agent_messages_to_resend,
+        answer_agent_message,
+        claim_agent_message,
+        extend_agent_message_lease,
+        get_agent_message,
+        hold_for_resend,
+        record_agent_message,
+    )
+    from store.agent_runs import AgentRunRecord, get_agent_run
+    from store.agent_state import StoredAgentState, get_agent_state, load_agent_state, save_agent_state
+    from store.batch_lifecycle import (
+        ALLOWED_TRANSITIONS,
+        ENDED_STATUSES,
+        STOPPED_BATCH_STATUSES,
+        batch_file_ids,
+        batch_object,
+    )
+    from store.batches import (
+        BatchPage,
+        BatchProgress,
+        batch_progress,
+        batch_statuses,
+        cancel_batch,
+        cancel_claimed,
+        expire_batches,
+        get_batch,
+        list_batches,
+    )
+    from store.conversations import append_messages, create_conversation, load_conversation
+    from store.engine import make_engine
+    from store.errors import (
+        AgentStateConflict,
+        BatchNotFound,
+        ConversationNotFound,
+        InvalidArgument,
+        InvalidState,
+        NotFound,
+        SchemaBehind,
+        StoreError,
+    )
+    from store.export import iter_error_lines, iter_output_lines
+    from store.files import create_file, delete_file, get_file, list_files
+    from store.idempotency import (
+        IdempotencyClaim,
+        IdempotencyOutcome,
+        StoredResponse,
+        abandon_idempotency_key,
+        claim_idempotency_key,
+        purge_idempotency_keys,
+        store_idempotent_response,
+    )
+    from store.ingest import (
+        MAX_STORED_ERRORS,
+        BatchSpec,
+        IngestReport,
+        LineError,
+        fail_batch,
+        fill_batch,
+        ingest_batch,
+        open_batch,
+        prepare_batch,
+    )
+    from store.input_checks import MAX_JSON_DEPTH, JSONRejected, parse_json
+    from store.leases import (
+        ClaimedRequest,
+        claim_queued,
+        claim_requests,
+        extend_leases,
+        mark_dispatched,
+        pending_request_ids,
+        release_requests,
+        requests_to_redispatch,
+        unsettled_dispatch_ids,
+    )
+    from store.prices import get_prices, price_for, set_price
+    from store.request_kinds import ENDPOINT_KINDS, REQUEST_KINDS, RequestKindSpec
+    from store.results import (
+        PaidAnswer,
+        RecordOutcome,
+        ResultRecord,
+        record_cancelled_spend,
+        record_handed_back_spend,
+        record_results,
+    )
+    from store.schema import (
+        current_revision,
+        downgrade_to_base,
+        head_revision,
+        require_schema_at_head,
+        upgrade_to_head,
+    )
+    from store.tables import (
+        AgentMessage,
+        AgentState,
+        ApiKey,
+        Base,
+        Batch,
+        BatchStatus,
+        Conversation,
+        ConversationMessage,
+        ConversationRun,
+        DiscardedAnswer,
+        File,
+        FileKind,
+        IdempotencyKey,
+        ModelPrice,
+        Request,
+        RequestKind,
+        RequestStatus,
+        Result,
+        Tenant,
+    )
+    from store.tenants import (
+        WEBHOOK_SECRET_PREFIX,
+        authenticate_api_key,
+        create_api_key,
+        create_tenant,
+        get_tenant,
+        new_webhook_secret,
+        revoke_api_key,
+        webhook_secret,
+    )
+    from store.usage import UsageGroup, UsageRow, usage_report
+    from store.webhooks import DueWebhook, claim_due_webhooks, record_webhook_attempt
+else:
+    import importlib
+
+    # Each public name's submodule, imported on the name's first use (PEP 562): importing
+    # ``store`` or one of its submodules stays cheap.
+    _SOURCES = {
+        "AgentMessageToResend": "store.agent_messages",
+        "StoredAgentMessage": "store.agent_messages",
+        "agent_messages_to_resend": "store.agent_messages",
+        "answer_agent_message": "store.agent_messages",
+        "claim_agent_message": "store.agent_messages",
+        "extend_agent_message_lease": "store.agent_messages",
+        "get_agent_message": "store.agent_messages",
+        "hold_for_resend": "store.agent_messages",
+        "record_agent_message": "store.agent_messages",
+        "AgentRunRecord": "store.agent_runs",
+        "get_agent_run": "store.agent_runs",
+        "StoredAgentState": "store.agent_state",
+        "get_agent_state": "store.agent_state",
+        "load_agent_state": "store.agent_state",
+        "save_agent_state": "store.agent_state",
+        "ALLOWED_TRANSITIONS": "store.batch_lifecycle",
+        "ENDED_STATUSES": "store.batch_lifecycle",
+        "STOPPED_BATCH_STATUSES": "store.batch_lifecycle",
+        "batch_file_ids": "store.batch_lifecycle",
+        "batch_object": "store.batch_lifecycle",
+        "BatchPage": "store.batches",
+        "BatchProgress": "store.batches",
+        "batch_progress": "store.batches",
+        "batch_statuses": "store.batches",
+        "cancel_batch": "store.batches",
+        "cancel_claimed": "store.batches",
+        "expire_batches": "store.batches",
+        "get_batch": "store.batches",
+        "list_batches": "store.batches",
+        "append_messages": "store.conversations",
+        "create_conversation": "store.conversations",
+        "load_conversation": "store.conversations",
+        "make_engine": "store.engine",
+        "AgentStateConflict": "store.errors",
+        "BatchNotFound": "store.errors",
+        "ConversationNotFound": "store.errors",
+        "InvalidArgument": "store.errors",
+        "InvalidState": "store.errors",
+        "NotFound": "store.errors",
+        "SchemaBehind": "store.errors",
+        "StoreError": "store.errors",
+        "iter_error_lines": "store.export",
+        "iter_output_lines": "store.export",
+        "create_file": "store.files",
+        "delete_file": "store.files",
+        "get_file": "store.files",
+        "list_files": "store.files",
+        "IdempotencyClaim": "store.idempotency",
+        "IdempotencyOutcome": "store.idempotency",
+        "StoredResponse": "store.idempotency",
+        "abandon_idempotency_key": "store.idempotency",
+        "claim_idempotency_key": "store.idempotency",
+        "purge_idempotency_keys": "store.idempotency",
+        "store_idempotent_response": "store.idempotency",
+        "MAX_STORED_ERRORS": "store.ingest",
+        "BatchSpec": "store.ingest",
+        "IngestReport": "store.ingest",
+        "LineError": "store.ingest",
+        "fail_batch": "store.ingest",
+        "fill_batch": "store.ingest",
+        "ingest_batch": "store.ingest",
+        "open_batch": "store.ingest",
+        "prepare_batch": "store.ingest",
+        "MAX_JSON_DEPTH": "store.input_checks",
+        "JSONRejected": "store.input_checks",
+        "parse_json": "store.input_checks",
+        "ClaimedRequest": "store.leases",
+        "claim_queued": "store.leases",
+        "claim_requests": "store.leases",
+        "extend_leases": "store.leases",
+        "mark_dispatched": "store.leases",
+        "pending_request_ids": "store.leases",
+        "release_requests": "store.leases",
+        "requests_to_redispatch": "store.leases",
+        "unsettled_dispatch_ids": "store.leases",
+        "get_prices": "store.prices",
+        "price_for": "store.prices",
+        "set_price": "store.prices",
+        "ENDPOINT_KINDS": "store.request_kinds",
+        "REQUEST_KINDS": "store.request_kinds",
+        "RequestKindSpec": "store.request_kinds",
+        "PaidAnswer": "store.results",
+        "RecordOutcome": "store.results",
+        "ResultRecord": "store.results",
+        "record_cancelled_spend": "store.results",
+        "record_handed_back_spend": "store.results",
+        "record_results": "store.results",
+        "current_revision": "store.schema",
+        "downgrade_to_base": "store.schema",
+        "head_revision": "store.schema",
+        "require_schema_at_head": "store.schema",
+        "upgrade_to_head": "store.schema",
+        "AgentMessage": "store.tables",
+        "AgentState": "store.tables",
+        "ApiKey": "store.tables",
+        "Base": "store.tables",
+        "Batch": "store.tables",
+        "BatchStatus": "store.tables",
+        "Conversation": "store.tables",
+        "ConversationMessage": "store.tables",
+        "ConversationRun": "store.tables",
+        "DiscardedAnswer": "store.tables",
+        "File": "store.tables",
+        "FileKind": "store.tables",
+        "IdempotencyKey": "store.tables",
+        "ModelPrice": "store.tables",
+        "Request": "store.tables",
+        "RequestKind": "store.tables",
+        "RequestStatus": "store.tables",
+        "Result": "store.tables",
+        "Tenant": "store.tables",
+        "WEBHOOK_SECRET_PREFIX": "store.tenants",
+        "authenticate_api_key": "store.tenants",
+        "create_api_key": "store.tenants",
+        "create_tenant": "store.tenants",
+        "get_tenant": "store.tenants",
+        "new_webhook_secret": "store.tenants",
+        "revoke_api_key": "store.tenants",
+        "webhook_secret": "store.tenants",
+        "UsageGroup": "store.usage",
+        "UsageRow": "store.usage",
+        "usage_report": "store.usage",
+        "DueWebhook": "store.webhooks",
+        "claim_due_webhooks": "store.webhooks",
+        "record_webhook_attempt": "store.webhooks",
+    }
+
+    def __getattr__(name: str) -> object:
+        if name not in _SOURCES:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(_SOURCES[name]), name)
+
 
 __all__ = [
+    "ALLOWED_TRANSITIONS",
     "ENDED_STATUSES",
     "ENDPOINT_KINDS",
     "MAX_JSON_DEPTH",
     "MAX_STORED_ERRORS",
+    "REQUEST_KINDS",
     "STOPPED_BATCH_STATUSES",
     "WEBHOOK_SECRET_PREFIX",
     "AgentMessage",
@@ -267,6 +418,7 @@ __all__ = [
     "RecordOutcome",
     "Request",
     "RequestKind",
+    "RequestKindSpec",
     "RequestStatus",
     "Result",
     "ResultRecord",
@@ -284,6 +436,7 @@ __all__ = [
     "append_messages",
     "authenticate_api_key",
     "batch_file_ids",
+    "batch_object",
     "batch_progress",
     "batch_statuses",
     "cancel_batch",

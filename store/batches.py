@@ -1,9 +1,8 @@
-"""Batches: reading, paging, progress, finalizing, cancelling and expiring.
+"""Batches: reading, paging, progress, cancelling and expiring.
 
-A batch is finalized in the same transaction that ends its last request: ``in_progress`` becomes
-``completed`` (``finalizing_at`` and ``completed_at`` set), ``cancelling`` becomes ``cancelled``.
-Its output and error files are then rows in ``files`` (ids from :func:`batch_file_ids`) whose
-content ``store.export`` generates from the results.
+Their statuses change only through ``store.batch_lifecycle``; a batch is finalized there, in the
+same transaction that ends its last request. Its output and error files are then rows in ``files``
+whose content ``store.export`` generates from the results.
 """
 
 from __future__ import annotations
@@ -16,35 +15,24 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
+from store.batch_lifecycle import attach_result_files, finalize_batches, move_batches
 from store.engine import write_transaction
 from store.errors import BatchNotFound
 from store.ids import now_seconds
-from store.tables import Batch, BatchStatus, File, FileKind, Request, RequestStatus
+from store.tables import Batch, BatchStatus, Request, RequestStatus
 
 __all__ = [
     "EXPIRED_ERROR",
-    "STOPPED_BATCH_STATUSES",
     "BatchPage",
     "BatchProgress",
-    "batch_file_ids",
     "batch_progress",
     "batch_statuses",
     "cancel_batch",
     "cancel_claimed",
     "expire_batches",
-    "finalize_batches",
     "get_batch",
     "list_batches",
 ]
-
-_OUTPUT_FILE_PREFIX = "file-out-"
-_ERROR_FILE_PREFIX = "file-err-"
-
-
-def batch_file_ids(batch_id: str) -> tuple[str, str]:
-    """(output file id, error file id) of a batch: ``file-out-<hex>`` and ``file-err-<hex>``."""
-    suffix = batch_id.removeprefix("batch_")
-    return _OUTPUT_FILE_PREFIX + suffix, _ERROR_FILE_PREFIX + suffix
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,81 +131,16 @@ def batch_progress(engine: Engine, batch_id: str) -> BatchProgress:
     )
 
 
-def _all_finished() -> sa.ColumnElement[bool]:
-    return Batch.completed_count + Batch.failed_count + Batch.cancelled_count >= Batch.total_count
-
-
-def finalize_batches(conn: Connection, batch_ids: Sequence[str], now: int) -> list[str]:
-    """End those of ``batch_ids`` whose requests have all finished; returns the ids ended.
-    Runs inside the caller's transaction."""
-    if not batch_ids:
-        return []
-    ids = sorted(set(batch_ids))
-    completed = conn.execute(
-        sa.update(Batch)
-        .where(Batch.id.in_(ids), Batch.status == BatchStatus.IN_PROGRESS, _all_finished())
-        .values(status=BatchStatus.COMPLETED, finalizing_at=now, completed_at=now)
-        .returning(Batch.id, Batch.tenant_id)
-    ).all()
-    cancelled = conn.execute(
-        sa.update(Batch)
-        .where(Batch.id.in_(ids), Batch.status == BatchStatus.CANCELLING, _all_finished())
-        .values(status=BatchStatus.CANCELLED, cancelled_at=now)
-        .returning(Batch.id, Batch.tenant_id)
-    ).all()
-    ended = [(row.id, row.tenant_id) for row in [*completed, *cancelled]]
-    _attach_result_files(conn, ended, now)
-    return [batch_id for batch_id, _ in ended]
-
-
-def _attach_result_files(conn: Connection, batches: Sequence[tuple[str, str]], now: int) -> None:
-    """Give ended batches their output / error file rows (content is generated on read)."""
-    if not batches:
-        return
-    files = []
-    for batch_id, tenant_id in batches:
-        output_id, error_id = batch_file_ids(batch_id)
-        for file_id, kind, purpose, name in (
-            (output_id, FileKind.BATCH_OUTPUT, "batch_output", "output"),
-            (error_id, FileKind.BATCH_ERROR, "batch_output", "errors"),
-        ):
-            files.append(
-                {
-                    "id": file_id,
-                    "tenant_id": tenant_id,
-                    "filename": f"{batch_id}_{name}.jsonl",
-                    "purpose": purpose,
-                    "bytes": 0,
-                    "created_at": now,
-                    "status": "processed",
-                    "kind": kind,
-                    "storage_path": None,
-                    "batch_id": batch_id,
-                }
-            )
-        conn.execute(
-            sa.update(Batch)
-            .where(Batch.id == batch_id)
-            .values(output_file_id=output_id, error_file_id=error_id)
-        )
-    conn.execute(sa.insert(File), files)
-
-
 def cancel_batch(engine: Engine, batch_id: str, now: int | None = None) -> Batch:
     """Cancel: queued requests (and running ones whose lease has expired) become cancelled at once;
     the batch becomes ``cancelling``, and ``cancelled`` as soon as nothing is running (possibly
     right here). Cancelling an ended batch changes nothing. Raises BatchNotFound."""
     now = now if now is not None else now_seconds()
     with write_transaction(engine) as conn:
-        status = conn.execute(sa.select(Batch.status).where(Batch.id == batch_id)).scalar_one_or_none()
-        if status is None:
+        exists = conn.execute(sa.select(Batch.id).where(Batch.id == batch_id)).scalar_one_or_none()
+        if exists is None:
             raise BatchNotFound(f"no batch {batch_id!r}")
-        if status in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS):
-            conn.execute(
-                sa.update(Batch)
-                .where(Batch.id == batch_id)
-                .values(status=BatchStatus.CANCELLING, cancelling_at=now)
-            )
+        if move_batches(conn, BatchStatus.CANCELLING, now, Batch.id == batch_id):
             _cancel_unfinished(conn, [batch_id], now)
             finalize_batches(conn, [batch_id], now)
     batch = get_batch(engine, batch_id)
@@ -269,26 +192,12 @@ def expire_batches(engine: Engine, now: int | None = None) -> list[str]:
     lists them); requests already running may still record results. Returns the expired ids."""
     now = now if now is not None else now_seconds()
     with write_transaction(engine) as conn:
-        expired = conn.execute(
-            sa.update(Batch)
-            .where(
-                Batch.status.in_((BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS, BatchStatus.FINALIZING)),
-                Batch.expires_at <= now,
-            )
-            .values(status=BatchStatus.EXPIRED, expired_at=now)
-            .returning(Batch.id, Batch.tenant_id)
-        ).all()
-        ids = sorted(row.id for row in expired)
+        expired = move_batches(conn, BatchStatus.EXPIRED, now, Batch.expires_at <= now)
+        ids = [batch_id for batch_id, _ in expired]
         if ids:
             _cancel_unfinished(conn, ids, now, EXPIRED_ERROR)
-            _attach_result_files(conn, [(row.id, row.tenant_id) for row in expired], now)
+            attach_result_files(conn, expired, now)
     return ids
-
-
-# Batch states in which a worker starts no new request of the batch.
-STOPPED_BATCH_STATUSES = frozenset(
-    {BatchStatus.CANCELLING, BatchStatus.CANCELLED, BatchStatus.EXPIRED, BatchStatus.FAILED}
-)
 
 
 def batch_statuses(engine: Engine, batch_ids: Collection[str]) -> dict[str, BatchStatus]:

@@ -16,7 +16,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from store.batches import EXPIRED_ERROR, batch_file_ids
+from store.batch_lifecycle import batch_file_ids
+from store.batches import EXPIRED_ERROR
 from store.tables import Request, RequestStatus, Result
 
 __all__ = ["batch_file_ids", "iter_error_lines", "iter_output_lines"]

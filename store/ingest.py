@@ -46,14 +46,15 @@ from typing import IO, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from store.batch_lifecycle import move_batches
 from store.engine import is_postgresql, write_transaction
 from store.errors import InvalidArgument
 from store.ids import new_id, now_seconds
 from store.input_checks import JSONRejected, bounded_text, check_json_value, parse_json, quote_input
+from store.request_kinds import REQUEST_KINDS, BadLine, RequestKindSpec, require_field
 from store.tables import Batch, BatchStatus, Request, RequestKind, RequestStatus
 
 __all__ = [
-    "ENDPOINT_KINDS",
     "MAX_STORED_ERRORS",
     "BatchSpec",
     "IngestReport",
@@ -66,10 +67,6 @@ __all__ = [
     "prepare_batch",
 ]
 
-ENDPOINT_KINDS: dict[str, RequestKind] = {
-    "/v1/chat/completions": RequestKind.CHAT_COMPLETION,
-    "/v1/agent_runs": RequestKind.AGENT_RUN,
-}
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
@@ -155,13 +152,6 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None
     return dict(metadata)
 
 
-class _BadLine(Exception):
-    def __init__(self, code: str, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.param = param
-
-
 def _read_lines(source: IO[bytes], max_body_bytes: int) -> Iterator[bytes | None]:
     """Physical lines without their ending; None for a line longer than ``max_body_bytes`` (read
     and dropped in pieces, so one huge line never sits in memory)."""
@@ -181,86 +171,46 @@ def _read_lines(source: IO[bytes], max_body_bytes: int) -> Iterator[bytes | None
         yield None if len(line) > max_body_bytes else line
 
 
-def _require(
-    obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], label: str, prefix: str = ""
-) -> Any:
-    if key not in obj or obj[key] is None:
-        raise _BadLine("missing_field", f"missing required field '{prefix}{key}'", prefix + key)
-    value = obj[key]
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise _BadLine("wrong_type", f"'{prefix}{key}' must be {label}", prefix + key)
-    return value
-
-
-def _check_body(kind: RequestKind, body: Mapping[str, Any], prefix: str) -> None:
-    model = _require(body, "model", str, "a string", prefix)
-    if not model:
-        raise _BadLine("invalid_value", f"'{prefix}model' must not be empty", prefix + "model")
-    if kind == RequestKind.CHAT_COMPLETION:
-        messages = _require(body, "messages", list, "a list of messages", prefix)
-        if not messages:
-            raise _BadLine("invalid_value", f"'{prefix}messages' must not be empty", prefix + "messages")
-        for index, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise _BadLine(
-                    "wrong_type",
-                    f"'{prefix}messages[{index}]' must be an object with a string 'role'",
-                    f"{prefix}messages[{index}]",
-                )
-    else:
-        _require(body, "input", (str, list), "a string or a list of messages", prefix)
-
-
 def _parse_line(
-    raw: bytes, line_number: int, endpoint: str, kind: RequestKind, defaults: Mapping[str, Any]
+    raw: bytes, line_number: int, request_kind: RequestKindSpec, defaults: Mapping[str, Any]
 ) -> tuple[str, dict[str, Any]]:
-    """(custom_id, body) of a valid line; raises _BadLine."""
+    """(custom_id, body) of a valid line; raises BadLine."""
     try:
         obj = parse_json(raw)
     except JSONRejected as e:
-        raise _BadLine(e.code, e.message, e.param) from e
+        raise BadLine(e.code, e.message, e.param) from e
     if not isinstance(obj, dict):
-        raise _BadLine("invalid_line", "line must be a JSON object")
+        raise BadLine("invalid_line", "line must be a JSON object")
     if "body" in obj or "url" in obj or "method" in obj:
-        custom_id = _require(obj, "custom_id", str, "a string")
-        method = _require(obj, "method", str, "a string")
+        custom_id = require_field(obj, "custom_id", str, "a string")
+        method = require_field(obj, "method", str, "a string")
         if method.upper() != "POST":
-            raise _BadLine("invalid_method", f"method must be POST, got {quote_input(method)}", "method")
-        url = _require(obj, "url", str, "a string")
-        if url not in ENDPOINT_KINDS:
-            raise _BadLine("unknown_endpoint", f"unknown endpoint {quote_input(url)}", "url")
-        if url != endpoint:
-            raise _BadLine(
+            raise BadLine("invalid_method", f"method must be POST, got {quote_input(method)}", "method")
+        url = require_field(obj, "url", str, "a string")
+        if url not in REQUEST_KINDS:
+            raise BadLine("unknown_endpoint", f"unknown endpoint {quote_input(url)}", "url")
+        if url != request_kind.endpoint:
+            raise BadLine(
                 "mismatched_endpoint",
-                f"url {quote_input(url)} differs from the batch endpoint {endpoint!r}",
+                f"url {quote_input(url)} differs from the batch endpoint {request_kind.endpoint!r}",
                 "url",
             )
-        body = _require(obj, "body", dict, "an object")
-        _check_body(kind, body, "body.")
+        body = require_field(obj, "body", dict, "an object")
+        request_kind.check_body(body, "body.")
     else:
         custom_id = obj.pop("custom_id", None)
         if custom_id is None:
             custom_id = f"line-{line_number}"
         elif not isinstance(custom_id, str):
-            raise _BadLine("wrong_type", "'custom_id' must be a string", "custom_id")
+            raise BadLine("wrong_type", "'custom_id' must be a string", "custom_id")
         prompt = obj.pop("prompt", None)
         body = {**defaults, **obj}
-        if kind == RequestKind.CHAT_COMPLETION:
-            if prompt is not None:
-                if not isinstance(prompt, str):
-                    raise _BadLine("wrong_type", "'prompt' must be a string", "prompt")
-                body["messages"] = [{"role": "user", "content": prompt}]
-            elif "messages" not in obj:
-                raise _BadLine(
-                    "missing_field", "a line needs 'prompt' or 'messages' (or OpenAI's 'body')", "prompt"
-                )
-        elif prompt is not None:
-            body["input"] = prompt
-        _check_body(kind, body, "")
+        request_kind.take_prompt(body, prompt, obj)
+        request_kind.check_body(body, "")
     if not custom_id:
-        raise _BadLine("invalid_value", "'custom_id' must not be empty", "custom_id")
+        raise BadLine("invalid_value", "'custom_id' must not be empty", "custom_id")
     if len(custom_id) > MAX_CUSTOM_ID_CHARS:
-        raise _BadLine(
+        raise BadLine(
             "invalid_value", f"'custom_id' is longer than {MAX_CUSTOM_ID_CHARS} characters", "custom_id"
         )
     return custom_id, body
@@ -367,9 +317,10 @@ def prepare_batch(
     now: int | None = None,
 ) -> BatchSpec:
     """Check a new batch's own values (raises ``InvalidArgument``); writes nothing."""
-    kind = ENDPOINT_KINDS.get(endpoint)
-    if kind is None:
-        raise InvalidArgument(f"unknown endpoint {endpoint!r}; known: {sorted(ENDPOINT_KINDS)}", "endpoint")
+    request_kind = REQUEST_KINDS.get(endpoint)
+    if request_kind is None:
+        raise InvalidArgument(f"unknown endpoint {endpoint!r}; known: {sorted(REQUEST_KINDS)}", "endpoint")
+    kind = request_kind.kind
     window_seconds = parse_completion_window(completion_window)
     batch_metadata = _check_metadata(metadata)
     checked_defaults = dict(defaults or {})
@@ -410,14 +361,31 @@ def fail_batch(engine: Engine, batch_id: str, code: str, message: str) -> bool:
     not be read); False if it is no longer validating."""
     error = LineError(None, code, message)
     with write_transaction(engine) as conn:
-        ended = conn.execute(
-            sa.update(Batch)
-            .where(Batch.id == batch_id, Batch.status == BatchStatus.VALIDATING)
-            .values(
-                status=BatchStatus.FAILED, failed_at=now_seconds(), errors=[error.to_openai()], error_count=1
-            )
-        )
-    return bool(ended.rowcount)
+        ended = _end_validation(conn, batch_id, BatchStatus.FAILED, now_seconds(), [error], 1)
+    return ended
+
+
+def _end_validation(
+    conn: Connection,
+    batch_id: str,
+    target: BatchStatus,
+    now: int,
+    errors: list[LineError],
+    error_count: int,
+    **values: Any,
+) -> bool:
+    """Move a batch still ``validating`` to ``target`` (``in_progress`` or ``failed``) with its line
+    errors; False when it is no longer validating (cancelled or expired meanwhile)."""
+    moved = move_batches(
+        conn,
+        target,
+        now,
+        Batch.id == batch_id,  # only a validating batch may become in_progress or failed
+        errors=[error.to_openai() for error in errors] or None,
+        error_count=error_count,
+        **values,
+    )
+    return bool(moved)
 
 
 def fill_batch(
@@ -439,7 +407,7 @@ def fill_batch(
     report then has its status."""
     batch_row = dict(spec.row)
     batch_id, kind, defaults = spec.batch_id, spec.kind, spec.defaults
-    endpoint: str = batch_row["endpoint"]
+    request_kind = REQUEST_KINDS[batch_row["endpoint"]]
     created_at: int = batch_row["created_at"]
     tenant_id: str = batch_row["tenant_id"]
     priority: int = batch_row["priority"]
@@ -482,8 +450,8 @@ def fill_batch(
                     bad(line_number, "body_too_large", f"line is larger than {max_body_bytes} bytes")
                     continue
                 try:
-                    custom_id, body = _parse_line(raw, line_number, endpoint, kind, defaults)
-                except _BadLine as e:
+                    custom_id, body = _parse_line(raw, line_number, request_kind, defaults)
+                except BadLine as e:
                     bad(line_number, e.code, str(e), e.param)
                     continue
                 first = seen.first_line(custom_id, line_number)
@@ -512,36 +480,18 @@ def fill_batch(
             if (invalid and not skip_invalid) or accepted == 0:
                 raise _Rejected
             insert(chunk)
-            started = conn.execute(
-                sa.update(Batch)
-                .where(Batch.id == batch_id, Batch.status == BatchStatus.VALIDATING)
-                .values(
-                    status=BatchStatus.IN_PROGRESS,
-                    in_progress_at=now_seconds() if spec.opened else created_at,
-                    total_count=accepted,
-                    # The skipped lines' errors stay on the batch, as a rejected batch's do.
-                    errors=[error.to_openai() for error in errors] or None,
-                    error_count=invalid,
-                )
-            )
-            if not started.rowcount:
+            # The skipped lines' errors stay on the batch, as a rejected batch's do.
+            started_at = now_seconds() if spec.opened else created_at
+            if not _end_validation(
+                conn, batch_id, BatchStatus.IN_PROGRESS, started_at, errors, invalid, total_count=accepted
+            ):
                 raise _Stopped  # cancelled or expired while validating: roll the requests back
     except _Rejected:
-        failed = {
-            "status": BatchStatus.FAILED,
-            "failed_at": now_seconds() if spec.opened else created_at,
-            "errors": [error.to_openai() for error in errors],
-            "error_count": invalid,
-        }
         with write_transaction(engine) as conn:
-            if spec.opened:
-                conn.execute(
-                    sa.update(Batch)
-                    .where(Batch.id == batch_id, Batch.status == BatchStatus.VALIDATING)
-                    .values(**failed)
-                )
-            else:
-                conn.execute(sa.insert(Batch), {**batch_row, **failed})
+            if not spec.opened:
+                conn.execute(sa.insert(Batch), batch_row)  # rolled back with its requests: again
+            failed_at = now_seconds() if spec.opened else created_at
+            _end_validation(conn, batch_id, BatchStatus.FAILED, failed_at, errors, invalid)
         return IngestReport(batch_id, BatchStatus.FAILED, lines, 0, invalid, errors)
     except _Stopped:
         with engine.connect() as conn:

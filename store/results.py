@@ -30,7 +30,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from models.types import RequestUsage
-from store.batches import finalize_batches
+from store.batch_lifecycle import finalize_batches
 from store.engine import dialect_insert, is_postgresql, write_transaction
 from store.ids import now_seconds
 from store.prices import cost_usd, price_for

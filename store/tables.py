@@ -45,7 +45,7 @@ __all__ = [
 
 
 class BatchStatus(enum.StrEnum):
-    """OpenAI's batch lifecycle."""
+    """OpenAI's batch lifecycle; which status may follow which is ``store.batch_lifecycle``'s."""
 
     VALIDATING = "validating"
     FAILED = "failed"

@@ -7,19 +7,19 @@ succeeds or ``max_attempts`` have failed; ``workers.webhooks`` retries with expo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from store.batch_lifecycle import ENDED_STATUSES, batch_object
 from store.engine import write_transaction
 from store.ids import now_seconds
-from store.tables import Batch, BatchStatus
+from store.tables import Batch
 from store.tenants import webhook_secret
 
-__all__ = ["ENDED_STATUSES", "DueWebhook", "claim_due_webhooks", "record_webhook_attempt"]
-
-ENDED_STATUSES = (BatchStatus.COMPLETED, BatchStatus.FAILED, BatchStatus.CANCELLED, BatchStatus.EXPIRED)
+__all__ = ["DueWebhook", "claim_due_webhooks", "record_webhook_attempt"]
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class DueWebhook:
     batch_id: str
     url: str
     attempts: int
-    batch: Batch  # the row as read, for the event the sender builds
+    batch: dict[str, Any]  # the batch object as read (store.batch_object): the event's data
     secret: str  # the tenant's webhook secret, which signs the delivery
 
 
@@ -46,7 +46,7 @@ def claim_due_webhooks(
         .where(
             Batch.webhook_url.is_not(None),
             Batch.webhook_delivered_at.is_(None),
-            Batch.status.in_(ENDED_STATUSES),
+            Batch.status.in_(sorted(ENDED_STATUSES)),
             Batch.webhook_attempts < max_attempts,
             _is_due(now),
         )
@@ -74,7 +74,10 @@ def claim_due_webhooks(
         )
     secrets = {tenant_id: webhook_secret(engine, tenant_id) for tenant_id in {b.tenant_id for b in batches}}
     return [
-        DueWebhook(b.id, b.webhook_url or "", b.webhook_attempts, b, secrets[b.tenant_id]) for b in batches
+        DueWebhook(
+            b.id, b.webhook_url or "", b.webhook_attempts, batch_object(engine, b), secrets[b.tenant_id]
+        )
+        for b in batches
     ]
 
 

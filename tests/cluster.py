@@ -18,18 +18,18 @@ from pathlib import Path
 import pytest
 import redis
 
+from config import Settings
 from simulator.testing import SimulatorServer
 from tests import services
 from workers.app import make_celery
 from workers.dispatch import Dispatcher
-from workers.settings import Settings
 
 __all__ = ["BROKER_DB", "CLI", "ROOT", "Cluster", "cluster", "kill_group", "run_cli"]
 
 BROKER_DB = 11
 ROOT = Path(__file__).resolve().parents[1]
 # ``tokenmill ARGS`` as a subprocess of the venv that runs the tests.
-CLI = [sys.executable, "-c", "from api.cli import main; main()"]
+CLI = [sys.executable, "-c", "from cli.main import main; main()"]
 
 
 def run_cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -40,6 +40,7 @@ from agents import (
     load_agent_modules,
     load_tool_modules,
 )
+from config import Settings
 from models.cancellation import CancellationToken
 from store import (
     AgentStateConflict,
@@ -61,7 +62,6 @@ from workers.agent_runtime import (
 from workers.app import app
 from workers.constants import AGENT_MESSAGE_TASK, agent_lock_key, agent_reply_key
 from workers.leases import Heartbeat, lease_owner
-from workers.settings import Settings
 
 __all__ = ["agent_message", "handle_agent_message", "load_worker_modules"]
 

@@ -59,10 +59,10 @@ from agents import (
     default_agent_types,
     default_message_types,
 )
+from config import Settings, get_settings
 from models.cancellation import CancellationToken
 from store import load_agent_state, make_engine, record_agent_message, save_agent_state
 from workers.constants import AGENT_MESSAGE_TASK, agent_reply_key
-from workers.settings import Settings, get_settings
 
 __all__ = [
     "DistributedAgentRuntime",

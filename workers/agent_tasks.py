@@ -50,7 +50,6 @@ from store import (
     ClaimedRequest,
     ConversationNotFound,
     PaidAnswer,
-    RequestKind,
     RequestStatus,
     ResultRecord,
     append_messages,
@@ -58,13 +57,7 @@ from store import (
     load_conversation,
 )
 from workers.pipeline import ModelCallPipeline
-from workers.runner import (
-    DEFAULT_HANDLERS,
-    RequestCancelled,
-    RequestHandedBack,
-    RequestHandler,
-    failed_record,
-)
+from workers.runner import RequestCancelled, RequestHandedBack, RequestHandler, failed_record
 
 __all__ = [
     "AgentRunOutcome",
@@ -72,7 +65,6 @@ __all__ = [
     "CallTally",
     "agent_run_handler",
     "conversation_id_for_run",
-    "handlers_with_agents",
     "parse_agent_run_body",
     "pipeline_model_call",
     "run_agent",
@@ -385,10 +377,3 @@ def _total(run: AssistantRunResult) -> RequestUsage:
     for call in run.model_calls:
         total = total + call.usage
     return total
-
-
-def handlers_with_agents(
-    engine: Engine, tools: ToolRegistry | None = None
-) -> dict[RequestKind, RequestHandler]:
-    """The runner's default handlers plus ``agent_run``: pass as ``ChunkRunner(handlers=...)``."""
-    return {**DEFAULT_HANDLERS, RequestKind.AGENT_RUN: agent_run_handler(engine, tools)}

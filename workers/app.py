@@ -17,9 +17,8 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from workers import context
+from config import Settings, get_settings
 from workers.constants import DEFAULT_QUEUE
-from workers.settings import Settings, get_settings
 
 __all__ = ["app", "celery_config", "make_celery"]
 
@@ -98,6 +97,10 @@ app = make_celery()
 
 @worker_process_init.connect  # type: ignore[untyped-decorator, unused-ignore]
 def _open_process_resources(**_: Any) -> None:
+    # Imported here, not at the top: producers (workers.enqueue) import this module for the app
+    # alone, without the worker's model clients.
+    from workers import context
+
     # The parent may have built an engine before forking; its pooled sockets are the parent's.
     context.reset_after_fork()
     # Everything loaded so far (Celery, SQLAlchemy, pydantic, the SDK) lives as long as the process:
@@ -108,4 +111,6 @@ def _open_process_resources(**_: Any) -> None:
 
 @worker_process_shutdown.connect  # type: ignore[untyped-decorator, unused-ignore]
 def _close_process_resources(**_: Any) -> None:
+    from workers import context
+
     context.close()

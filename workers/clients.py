@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import diskcache
 
+from config import Settings
 from models.cache import CachedCompletion, CacheStore, DiskCacheStore, RedisStore
 from models.providers import ProviderOptions, provider_client_factory
 from models.retry import RetryPolicy
@@ -24,7 +25,6 @@ from workers.rate_limits import (
     RedisRateLimiter,
     SplitRateLimiter,
 )
-from workers.settings import Settings
 
 __all__ = ["build_pipeline", "cache_store", "limiter_for", "openai_client_factory"]
 

@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 import redis
 from sqlalchemy.engine import Engine
 
+from config import Settings, get_settings
 from store import make_engine
 from workers.clients import build_pipeline
 from workers.pipeline import ModelCallPipeline
-from workers.settings import Settings, get_settings
 
 __all__ = ["close", "engine", "pipeline", "redis_client", "reset_after_fork", "run_in_loop", "settings"]
 

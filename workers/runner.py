@@ -23,7 +23,7 @@ first writer wins. Alongside:
   end of every message.
 
 A request delivered more than ``max_deliveries`` times (it keeps killing workers, say) is recorded
-as failed without another call. Handlers are per request kind: ``agents`` registers its own.
+as failed without another call. Handlers are per request kind (``workers.handlers``).
 """
 
 from __future__ import annotations
@@ -239,8 +239,6 @@ async def complete_chat(
     return record_of_call(request.id, chat.model, call)
 
 
-DEFAULT_HANDLERS: Mapping[RequestKind, RequestHandler] = {RequestKind.CHAT_COMPLETION: complete_chat}
-
 ResultListener = Callable[[ResultRecord], None]
 
 
@@ -405,12 +403,17 @@ class ChunkRunner:
         pipeline: ModelCallPipeline,
         config: RunnerConfig,
         *,
-        handlers: Mapping[RequestKind, RequestHandler] = DEFAULT_HANDLERS,
+        handlers: Mapping[RequestKind, RequestHandler] | None = None,
         on_result: ResultListener | None = None,
     ) -> None:
         self.engine = engine
         self.pipeline = pipeline
         self.config = config
+        if handlers is None:
+            # Every registered kind (deferred: the agent-run handler imports this module).
+            from workers.handlers import request_handlers
+
+            handlers = request_handlers(engine)
         self.handlers = dict(handlers)
         self.on_result = on_result
 

@@ -24,10 +24,10 @@ import billiard  # type: ignore[import-untyped]  # Celery's multiprocessing fork
 from celery.signals import worker_ready, worker_shutting_down
 
 from workers import context
-from workers.agent_tasks import handlers_with_agents
 from workers.app import app
 from workers.constants import COMPLETE_CHUNK_TASK, SWEEP_TASK
 from workers.dispatch import Dispatcher
+from workers.enqueue import make_dispatcher
 from workers.leases import lease_owner
 from workers.runner import ChunkReport, ChunkRunner, RunnerConfig
 from workers.sweeper import sweep
@@ -38,14 +38,7 @@ _logger = logging.getLogger(__name__)
 
 
 def dispatcher() -> Dispatcher:
-    settings = context.settings()
-    return Dispatcher(
-        celery=app,
-        engine=context.engine(),
-        redis_client=context.redis_client(),
-        key_prefix=settings.key_prefix,
-        chunk_size=settings.chunk_size,
-    )
+    return make_dispatcher(app, context.engine(), context.redis_client(), context.settings())
 
 
 async def run_chunk(
@@ -67,7 +60,6 @@ async def run_chunk(
             max_request_seconds=settings.max_attempts * (settings.upstream_timeout_seconds + 60),
             rate_limit_retry_seconds=settings.rate_limit_retry_seconds,
         ),
-        handlers=handlers_with_agents(context.engine()),
     )
     return await runner.run(request_ids, on_claimed=on_claimed)
 

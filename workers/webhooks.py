@@ -15,7 +15,8 @@ credentials are refused. ``TOKENMILL_WEBHOOK_ALLOW_PRIVATE`` lifts the address c
 deployments whose receivers are on a private network.
 
 The event follows OpenAI's webhook shape (``batch.completed``, ``batch.failed``,
-``batch.cancelled``, ``batch.expired``) and carries ids and counts, never results or keys. It is
+``batch.cancelled``, ``batch.expired``); its ``data`` is the batch object as ``GET /v1/batches/{id}``
+shows it when the attempt is claimed (ids, counts, usage, metadata), never results or keys. It is
 signed the Standard Webhooks way with the tenant's secret (``webhook-id``, ``webhook-timestamp``,
 ``webhook-signature``), so ``openai``'s ``client.webhooks.unwrap(body, headers, secret=...)``
 verifies it; ``webhook-id`` is the same on every attempt, so a receiver can drop a duplicate.
@@ -153,23 +154,15 @@ def signature_headers(secret: str, message_id: str, timestamp: int, body: bytes)
     }
 
 
-def webhook_event(batch: store.Batch) -> dict[str, Any]:
+def webhook_event(batch: dict[str, Any]) -> dict[str, Any]:
+    """The event for an ended batch, given as its batch object (``store.batch_object``, what
+    ``GET /v1/batches/{id}`` answers): that object is the event's ``data``."""
     return {
         "object": "event",
-        "id": f"evt_{batch.id}_{batch.status}",
-        "type": f"batch.{batch.status}",
+        "id": f"evt_{batch['id']}_{batch['status']}",
+        "type": f"batch.{batch['status']}",
         "created_at": int(time.time()),
-        "data": {
-            "id": batch.id,
-            "status": str(batch.status),
-            "request_counts": {
-                "total": batch.total_count,
-                "completed": batch.completed_count,
-                "failed": batch.failed_count,
-            },
-            "output_file_id": batch.output_file_id,
-            "error_file_id": batch.error_file_id,
-        },
+        "data": batch,
     }
 
 

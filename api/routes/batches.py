@@ -27,10 +27,10 @@ from starlette.concurrency import run_in_threadpool
 import store
 from api.deps import ID_PATTERN, AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
 from api.errors import Conflict, InvalidRequest, NotFound
-from workers.settings import Settings
+from config import Settings
 from workers.webhooks import WebhookURLRefused, resolve_webhook_url
 
-__all__ = ["Dispatch", "batch_object", "dispatch_or_leave_to_sweeper", "router"]
+__all__ = ["Dispatch", "dispatch_or_leave_to_sweeper", "router"]
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -69,73 +69,6 @@ class BatchCreate(BaseModel):
     skip_invalid: bool = False
     webhook_url: HttpUrl | None = Field(default=None, description="POSTed the batch object when it ends")
     priority: int = Field(default=0, ge=0, le=9)
-
-
-def _usage(engine: Engine, batch: store.Batch) -> dict[str, Any] | None:
-    """What the batch cost so far, in OpenAI's usage shape: billed tokens only (a cache hit is
-    free), plus tokenmill's ``cache_hits`` and ``cost_usd``."""
-    rows = store.usage_report(engine, tenant_id=batch.tenant_id, group_by=(), batch_id=batch.id)
-    if not rows:
-        return None
-    row = rows[0]
-    return {
-        "input_tokens": row.billed_prompt_tokens,
-        "input_tokens_details": {"cached_tokens": row.billed_cached_prompt_tokens},
-        "output_tokens": row.billed_completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": row.billed_reasoning_tokens},
-        "total_tokens": row.billed_prompt_tokens + row.billed_completion_tokens,
-        "cache_hits": row.cache_hits,
-        "cost_usd": float(row.cost_usd),  # a JSON number that prints as the exact decimal
-    }
-
-
-def batch_object(engine: Engine, batch: store.Batch) -> dict[str, Any]:
-    return {
-        "id": batch.id,
-        "object": "batch",
-        "endpoint": batch.endpoint,
-        # tokenmill adds total_count: data holds the first errors (store.MAX_STORED_ERRORS).
-        "errors": (
-            {"object": "list", "data": batch.errors, "total_count": batch.error_count}
-            if batch.errors
-            else None
-        ),
-        "input_file_id": batch.input_file_id,
-        "completion_window": batch.completion_window,
-        "status": str(batch.status),
-        "output_file_id": batch.output_file_id,
-        "error_file_id": batch.error_file_id,
-        "created_at": batch.created_at,
-        "in_progress_at": batch.in_progress_at,
-        "expires_at": batch.expires_at,
-        "finalizing_at": batch.finalizing_at,
-        "completed_at": batch.completed_at,
-        "failed_at": batch.failed_at,
-        "expired_at": batch.expired_at,
-        "cancelling_at": batch.cancelling_at,
-        "cancelled_at": batch.cancelled_at,
-        "request_counts": {
-            "total": batch.total_count,
-            "completed": batch.completed_count,
-            "failed": batch.failed_count,
-        },
-        "metadata": batch.batch_metadata,
-        "usage": _usage(engine, batch),
-        "webhook": _webhook(batch),
-    }
-
-
-def _webhook(batch: store.Batch) -> dict[str, Any] | None:
-    """Where the completion event goes and how its delivery went (the last error is bounded)."""
-    if batch.webhook_url is None:
-        return None
-    return {
-        "url": batch.webhook_url,
-        "attempts": batch.webhook_attempts,
-        "delivered_at": batch.webhook_delivered_at,
-        "next_attempt_at": None if batch.webhook_delivered_at else batch.webhook_next_at,
-        "last_error": batch.webhook_last_error,
-    }
 
 
 def _checked_webhook_url(url: HttpUrl | None, settings: Settings) -> str | None:
@@ -251,7 +184,7 @@ async def create_batch(
             await dispatch_or_leave_to_sweeper(request, engine, spec.batch_id)
     batch = await run_in_threadpool(store.get_batch, engine, spec.batch_id, tenant.id)
     assert batch is not None
-    return batch_object(engine, batch)
+    return store.batch_object(engine, batch)
 
 
 def _tenant_batch(engine: Engine, tenant: store.Tenant, batch_id: str) -> store.Batch:
@@ -263,7 +196,7 @@ def _tenant_batch(engine: Engine, tenant: store.Tenant, batch_id: str) -> store.
 
 @router.get("/{batch_id}")
 def retrieve_batch(batch_id: ObjectId, tenant: TenantDep, engine: EngineDep) -> dict[str, Any]:
-    return batch_object(engine, _tenant_batch(engine, tenant, batch_id))
+    return store.batch_object(engine, _tenant_batch(engine, tenant, batch_id))
 
 
 @router.get("")
@@ -271,7 +204,7 @@ def list_batches(
     tenant: TenantDep, engine: EngineDep, after: AfterCursor = None, limit: int = Query(20, ge=1, le=100)
 ) -> dict[str, Any]:
     page = store.list_batches(engine, tenant.id, after=after, limit=limit)
-    data = [batch_object(engine, batch) for batch in page.data]
+    data = [store.batch_object(engine, batch) for batch in page.data]
     return {
         "object": "list",
         "data": data,
@@ -288,7 +221,7 @@ def cancel_batch(batch_id: ObjectId, tenant: TenantDep, engine: EngineDep) -> di
         batch = store.cancel_batch(engine, batch_id)
     except store.InvalidState as e:
         raise Conflict(str(e), param="batch_id") from e
-    return batch_object(engine, batch)
+    return store.batch_object(engine, batch)
 
 
 @router.get("/{batch_id}/output", response_model=None)

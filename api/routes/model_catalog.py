@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 import store
 from api.deps import EngineDep, SettingsDep, TenantDep
 from api.errors import NotFound
-from workers.settings import Settings
+from config import Settings
 
 __all__ = ["router"]
 

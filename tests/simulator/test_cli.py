@@ -8,12 +8,12 @@ import sys
 import typer
 from typer.testing import CliRunner
 
-from api import cli
-from simulator.cli import simulate
+from cli import main as cli_main
+from cli.simulate import simulate
 
 
 def test_registered_as_tokenmill_simulate() -> None:
-    assert ("simulate", "simulator.cli:simulate") in cli._COMMANDS
+    assert ("simulate", "cli.simulate:simulate") in cli_main._COMMANDS
 
 
 def test_help_shows_the_example() -> None:

@@ -36,8 +36,9 @@ from store import (
 )
 from tests.agents.conversation_rules import tool_call_violations
 from tests.workers.support import Ledger, ledger, results_of
-from workers.agent_tasks import AgentRunSpec, handlers_with_agents, parse_agent_run_body, run_agent
+from workers.agent_tasks import AgentRunSpec, parse_agent_run_body, run_agent
 from workers.clients import openai_client_factory
+from workers.handlers import request_handlers
 from workers.pipeline import ModelCallPipeline
 from workers.rate_limits import LocalRateLimiter
 from workers.runner import ChunkReport, ChunkRunner, RunnerConfig
@@ -85,9 +86,22 @@ def add_agent_batch(
 
 async def run(led: Ledger, pipeline: ModelCallPipeline, ids: list[str]) -> ChunkReport:
     runner = ChunkRunner(
-        led.engine, pipeline, RunnerConfig(owner="test"), handlers=handlers_with_agents(led.engine)
+        led.engine, pipeline, RunnerConfig(owner="test"), handlers=request_handlers(led.engine)
     )
     return await runner.run(ids)
+
+
+async def test_a_runner_given_no_handlers_runs_every_registered_kind(
+    led: Ledger, pipeline: ModelCallPipeline
+) -> None:
+    """``workers.handlers`` is the one list of handlers: the default runner (``tokenmill run``, the
+    Celery task) runs agent runs as well as chat completions."""
+    batch_id, ids = add_agent_batch(led, [{"prompt": "What is 2+2?"}])
+    report = await ChunkRunner(led.engine, pipeline, RunnerConfig(owner="test")).run(ids)
+    assert (report.succeeded, report.failed) == (1, 0)
+    [row] = results_of(led.engine, batch_id)
+    assert row.response_body is not None
+    assert row.response_body["stop_reason"] == "answer"
 
 
 def bodies(led: Ledger, batch_id: str) -> dict[str, dict[str, Any]]:
@@ -312,7 +326,7 @@ async def test_an_agent_run_cancelled_mid_run_bills_every_model_call_it_paid_for
         led.engine,
         pipeline,
         RunnerConfig(owner="test", cancel_check_interval=0.05),
-        handlers=handlers_with_agents(led.engine),
+        handlers=request_handlers(led.engine),
     )
     running = asyncio.create_task(runner.run(ids))
     deadline = time.monotonic() + 30
@@ -339,7 +353,7 @@ async def test_duplicate_deliveries_of_an_agent_run_bill_each_answer_once(
     the simulator answered: the second delivery's calls as discarded answers, the third's nothing."""
     batch_id, ids = add_agent_batch(led, [{"prompt": TWO_CALLS}])
     [claimed] = claim_requests(led.engine, ids, "test", 300)
-    handler = handlers_with_agents(led.engine)[RequestKind.AGENT_RUN]
+    handler = request_handlers(led.engine)[RequestKind.AGENT_RUN]
     other_worker = ModelCallPipeline(
         openai_client_factory(base_url=simulator.base_url, api_key="sim", timeout=10),
         LocalRateLimiter({}),
@@ -390,7 +404,7 @@ async def test_a_failed_agent_runs_duplicates_bill_each_answer_once(
         simulator.configure(max_context_tokens=probed.run.model_calls[0].usage.prompt_tokens)
         batch_id, ids = add_agent_batch(led, [{"prompt": TWO_CALLS}])
         [claimed] = claim_requests(led.engine, ids, "test", 300)
-        handler = handlers_with_agents(led.engine)[RequestKind.AGENT_RUN]
+        handler = request_handlers(led.engine)[RequestKind.AGENT_RUN]
         token = CancellationToken()
         first = await handler(claimed, pipeline, token)
         again = await handler(claimed, pipeline, token)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from config import ModelLimits
 from models.cancellation import CancellationToken
 from models.errors import BadRequest
 from models.retry import RetryLater
@@ -22,7 +23,6 @@ from workers.rate_limits import (
     Slot,
     SplitRateLimiter,
 )
-from workers.settings import ModelLimits
 
 ENDPOINT = "sim"
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from config import Settings
 from models.providers import UnknownProvider
 from models.types import UserMessage
 from simulator.testing import SimulatorServer
 from workers.clients import build_pipeline
-from workers.settings import Settings
 
 
 async def test_the_default_provider_calls_the_openai_protocol_at_the_given_url() -> None:

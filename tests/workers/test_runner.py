@@ -14,6 +14,7 @@ import diskcache
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from config import ModelLimits
 from models.cache import DiskCacheStore
 from models.cancellation import CancellationToken
 from models.retry import RetryPolicy
@@ -38,7 +39,6 @@ from workers.clients import openai_client_factory
 from workers.pipeline import ModelCallPipeline
 from workers.rate_limits import LimiterTuning, LocalRateLimiter
 from workers.runner import ChunkReport, ChunkRunner, RunnerConfig, complete_chat
-from workers.settings import ModelLimits
 
 MakeLedger = Callable[[str], Ledger]
 

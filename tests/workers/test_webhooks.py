@@ -101,6 +101,22 @@ def test_an_ended_batch_posts_its_event_once(database_url: str, receiver: Receiv
     engine.dispose()
 
 
+def test_the_event_carries_the_batch_object_the_route_shows(database_url: str, receiver: Receiver) -> None:
+    """One serializer: the event's data is ``GET /v1/batches/{id}``'s object (store.batch_object),
+    usage included; only the delivery's own record (``webhook``) moves on once it is delivered."""
+    engine, batch_id = finished_batch(database_url, receiver.url)
+    assert deliver_due_webhooks(engine, allow_private=True) == (1, 0)
+    ((_, event),) = receiver.events
+    batch = store.get_batch(engine, batch_id)
+    assert batch is not None
+    shown = store.batch_object(engine, batch)
+    assert {**event["data"], "webhook": None} == {**shown, "webhook": None}
+    assert event["data"]["status"] == "completed"
+    assert event["data"]["usage"]["total_tokens"] == 5
+    assert event["data"]["webhook"]["url"] == receiver.url
+    engine.dispose()
+
+
 def test_a_failed_delivery_is_retried_after_its_backoff(database_url: str, receiver: Receiver) -> None:
     engine, batch_id = finished_batch(database_url, receiver.url)
     receiver.fail_next = 1

@@ -17,6 +17,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
+from config import Settings
 from simulator.testing import SimulatorServer, free_port
 from store import Request, RequestStatus, batch_progress
 from tests.cluster import Cluster, kill_group
@@ -24,7 +25,6 @@ from tests.workers.support import Ledger, add_batch, results_of
 from tests.workers.test_celery_workers import assert_recorded_once
 from workers.app import make_celery
 from workers.dispatch import Dispatcher
-from workers.settings import Settings
 
 pytestmark = pytest.mark.slow
 

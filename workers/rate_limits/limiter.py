@@ -25,11 +25,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from config import ModelLimits
 from models.cancellation import CancellationToken
 from models.errors import BadRequest
 from models.openai import resolve_model_info
 from models.retry import RetryLater, sleep_unless_cancelled, wait_or_cancel
-from workers.settings import ModelLimits
 
 __all__ = [
     "CallOutcome",

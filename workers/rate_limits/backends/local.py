@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from config import ModelLimits
 from workers.rate_limits.aimd import AimdCap, admits
 from workers.rate_limits.gcra import GcraSchedule, clamp_tokens
 from workers.rate_limits.limiter import (
@@ -18,7 +19,6 @@ from workers.rate_limits.limiter import (
     RateLimiter,
     Slot,
 )
-from workers.settings import ModelLimits
 
 __all__ = ["LocalRateLimiter"]
 

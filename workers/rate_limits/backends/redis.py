@@ -16,6 +16,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from config import ModelLimits
 from workers.constants import DEFAULT_KEY_PREFIX, limit_key, limit_leases_key
 from workers.rate_limits.limiter import (
     CallOutcome,
@@ -26,7 +27,6 @@ from workers.rate_limits.limiter import (
     RateLimiter,
     Slot,
 )
-from workers.settings import ModelLimits
 
 __all__ = ["RedisRateLimiter"]
 

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 import store
-from workers.settings import get_settings
+from config import get_settings
 
 __all__ = ["db_app"]
 

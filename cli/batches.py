@@ -1,5 +1,5 @@
-"""The producers' and operators' commands: ``api``, ``keys``, ``submit``, ``status``, ``results``,
-``cancel``, ``usage``, ``prices``.
+"""The producers' and operators' batch commands: ``submit``, ``status``, ``results``, ``cancel``,
+``usage``.
 
 They work on the ledger named by TOKENMILL_DATABASE_URL (and send work through
 TOKENMILL_BROKER_URL), as an operator on the same deployment; remote producers use the HTTP API
@@ -19,26 +19,12 @@ from rich.table import Table
 from sqlalchemy.engine import Engine
 
 import store
-from workers.settings import get_settings
+from cli.ledger import console, ensure_tenant, ledger_engine
+from config import get_settings
 
-__all__ = ["api", "cancel", "keys_app", "prices_app", "results", "status", "submit", "usage"]
+__all__ = ["cancel", "results", "status", "submit", "usage"]
 
-console = Console(stderr=True)
-keys_app = typer.Typer(
-    help="Create and revoke tenants' API keys; show or rotate their webhook secrets.", no_args_is_help=True
-)
-prices_app = typer.Typer(help="See and set the model prices usage is costed at.", no_args_is_help=True)
 TenantOption = Annotated[str, typer.Option("--tenant", help="tenant the batch belongs to")]
-
-
-def _engine() -> Engine:
-    engine = store.make_engine(get_settings().database_url)
-    try:
-        store.require_schema_at_head(engine)
-    except store.SchemaBehind as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(1) from e
-    return engine
 
 
 def _batch(engine: Engine, batch_id: str) -> store.Batch:
@@ -47,67 +33,6 @@ def _batch(engine: Engine, batch_id: str) -> store.Batch:
         console.print(f"[red]no batch {batch_id}[/red]")
         raise typer.Exit(1)
     return batch
-
-
-def _ensure_tenant(engine: Engine, name: str) -> store.Tenant:
-    return store.get_tenant(engine, name) or store.create_tenant(engine, name, tenant_id=name)
-
-
-def api(
-    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
-    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
-) -> None:
-    """Serve the HTTP API (OpenAI-compatible files, batches and chat completions, plus usage).
-
-    Example: tokenmill api --host 0.0.0.0 --port 8000, then
-    OpenAI(base_url="http://HOST:8000/v1", api_key=KEY).batches.create(...)
-    """
-    import uvicorn
-
-    _engine().dispose()  # refuse to start on a schema that is behind, with the reason
-    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="info")
-
-
-@keys_app.command("create")
-def keys_create(name: Annotated[str, typer.Argument(help="tenant name (created if new)")]) -> None:
-    """Create an API key for tenant NAME and print it, once, alone on stdout.
-
-    Example: KEY=$(tokenmill keys create acme)
-    """
-    engine = _engine()
-    tenant = _ensure_tenant(engine, name)
-    typer.echo(store.create_api_key(engine, tenant.id, name=name))
-
-
-@keys_app.command("webhook-secret")
-def keys_webhook_secret(
-    name: Annotated[str, typer.Argument(help="tenant name or id")],
-    rotate: Annotated[
-        bool, typer.Option("--rotate", help="replace it: deliveries from now on use the new one")
-    ] = False,
-) -> None:
-    """Print the secret that signs tenant NAME's webhooks (``whsec_...``), alone on stdout.
-
-    Example: tokenmill keys webhook-secret acme --rotate
-    """
-    try:
-        typer.echo(store.webhook_secret(_engine(), name, rotate=rotate))
-    except store.NotFound as e:
-        console.print(f"[red]{e}[/red]")
-        raise typer.Exit(1) from e
-
-
-@keys_app.command("revoke")
-def keys_revoke(key: Annotated[str, typer.Argument(help="the key, or its id")]) -> None:
-    """Revoke a key: requests with it are refused from now on.
-
-    Example: tokenmill keys revoke tm-...
-    """
-    if not store.revoke_api_key(_engine(), key):
-        console.print("[red]no such key[/red]")
-        raise typer.Exit(1)
-    console.print("revoked")
 
 
 def submit(
@@ -125,7 +50,7 @@ def submit(
 
     Example: BATCH=$(tokenmill submit prompts.jsonl --model gpt-4o-mini)
     """
-    from api.app import dispatch_to_workers
+    from workers.enqueue import BROKER_UNREACHABLE, enqueue_batch, producer_dispatcher
 
     settings = get_settings()
     if settings.broker_url is None:
@@ -133,8 +58,8 @@ def submit(
             "[red]TOKENMILL_BROKER_URL is not set; for a batch on this machine use `tokenmill run`[/red]"
         )
         raise typer.Exit(2)
-    engine = _engine()
-    owner = _ensure_tenant(engine, tenant)
+    engine = ledger_engine()
+    owner = ensure_tenant(engine, tenant)
     with file.open("rb") as source:
         report = store.ingest_batch(
             engine,
@@ -151,7 +76,13 @@ def submit(
     if report.status != store.BatchStatus.IN_PROGRESS:
         console.print(f"[red]batch {report.batch_id} rejected: {report.invalid_lines} bad lines[/red]")
         raise typer.Exit(1)
-    dispatch_to_workers(engine, report.batch_id)
+    try:
+        enqueue_batch(producer_dispatcher(engine), report.batch_id)
+    except BROKER_UNREACHABLE as e:  # workers.enqueue: the batch waits in the ledger for the sweeper
+        console.print(
+            f"[yellow]the broker did not answer ({type(e).__name__}): {report.batch_id} is queued in the "
+            "ledger, and `tokenmill beat` sends it once the broker is back[/yellow]"
+        )
     typer.echo(report.batch_id)
 
 
@@ -163,7 +94,7 @@ def status(
 
     Example: tokenmill status batch_abc --watch
     """
-    engine = _engine()
+    engine = ledger_engine()
     batch = _batch(engine, batch_id)
     if watch:
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -192,7 +123,7 @@ def results(
 
     Example: tokenmill results batch_abc -o out.jsonl --errors errors.jsonl
     """
-    engine = _engine()
+    engine = ledger_engine()
     _batch(engine, batch_id)
     with output.open("wb") as out:
         written = sum(out.write(line) > 0 for line in store.iter_output_lines(engine, batch_id))
@@ -208,7 +139,7 @@ def cancel(batch_id: Annotated[str, typer.Argument()]) -> None:
 
     Example: tokenmill cancel batch_abc
     """
-    engine = _engine()
+    engine = ledger_engine()
     _batch(engine, batch_id)
     try:
         batch = store.cancel_batch(engine, batch_id)
@@ -228,7 +159,7 @@ def usage(
     Example: tokenmill usage --group-by model,batch
     """
     groups = tuple(part.strip() for part in group_by.split(",") if part.strip())
-    rows = store.usage_report(_engine(), tenant_id=tenant, group_by=groups, batch_id=batch_id)  # type: ignore[arg-type]
+    rows = store.usage_report(ledger_engine(), tenant_id=tenant, group_by=groups, batch_id=batch_id)  # type: ignore[arg-type]
     table = Table(
         "tenant", *groups, "requests", "billed in", "billed out", "cost $", "cache hits", "hit tokens"
     )
@@ -245,42 +176,3 @@ def usage(
             str(row.cache_hit_prompt_tokens + row.cache_hit_completion_tokens),
         )
     Console().print(table)
-
-
-@prices_app.command("list")
-def prices_list() -> None:
-    """The prices ``usage`` and ``/v1/usage`` cost tokens at (US dollars per million tokens)."""
-    table = Table("model", "input", "cached input", "output", "set at (UTC)")
-    for name, price in sorted(store.get_prices(_engine()).items()):
-        table.add_row(
-            name,
-            f"{price.input_per_million:g}",
-            f"{price.cached_input_per_million:g}",
-            f"{price.output_per_million:g}",
-            time.strftime("%Y-%m-%d %H:%M", time.gmtime(price.updated_at)),
-        )
-    Console().print(table)
-
-
-@prices_app.command("set")
-def prices_set(
-    model: Annotated[str, typer.Argument(help="model name; also prices its dated versions")],
-    input_price: Annotated[float, typer.Option("--input", min=0, help="$ per million prompt tokens")],
-    output_price: Annotated[float, typer.Option("--output", min=0, help="$ per million completion tokens")],
-    cached_input_price: Annotated[
-        float | None,
-        typer.Option("--cached-input", min=0, help="$ per million cached prompt tokens (default: --input)"),
-    ] = None,
-) -> None:
-    """Set MODEL's price, e.g. from the provider's pricing page; the seeded ones may be dated.
-
-    Example: tokenmill prices set gpt-4o-mini --input 0.15 --cached-input 0.075 --output 0.6
-    """
-    cached = input_price if cached_input_price is None else cached_input_price
-    try:
-        store.set_price(_engine(), model, input_price, cached, output_price)
-    except ValueError as e:  # e.g. finer than a micro-dollar: prices are kept exact
-        raise typer.BadParameter(str(e)) from None
-    console.print(
-        f"{model}: ${input_price:g} in, ${cached:g} cached in, ${output_price:g} out per million tokens"
-    )

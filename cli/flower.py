@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from workers.settings import get_settings
+from config import get_settings
 
 __all__ = ["flower"]
 

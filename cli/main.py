@@ -1,6 +1,7 @@
 """The ``tokenmill`` command line.
 
-Each command lives in the module of the part it drives; this file only assembles them.
+Each command (or group) is a module of this package; this file only assembles them, importing a
+command's module only when the command line is parsed.
 """
 
 from __future__ import annotations
@@ -22,23 +23,23 @@ app = typer.Typer(
 
 # (command name, "module:function", or "module:typer_app" for a group). Add a line per command.
 _COMMANDS: list[tuple[str, str]] = [
-    ("simulate", "simulator.cli:simulate"),
-    ("run", "workers.cli:run"),
-    ("worker", "workers.cli:worker"),
-    ("beat", "workers.cli:beat"),
-    ("api", "api.commands:api"),
-    ("submit", "api.commands:submit"),
-    ("status", "api.commands:status"),
-    ("results", "api.commands:results"),
-    ("cancel", "api.commands:cancel"),
-    ("usage", "api.commands:usage"),
-    ("flower", "api.flower:flower"),
+    ("simulate", "cli.simulate:simulate"),
+    ("run", "cli.run:run"),
+    ("worker", "cli.worker:worker"),
+    ("beat", "cli.beat:beat"),
+    ("api", "cli.serve:api"),
+    ("submit", "cli.batches:submit"),
+    ("status", "cli.batches:status"),
+    ("results", "cli.batches:results"),
+    ("cancel", "cli.batches:cancel"),
+    ("usage", "cli.batches:usage"),
+    ("flower", "cli.flower:flower"),
 ]
 _GROUPS: list[tuple[str, str]] = [
-    ("db", "api.db_commands:db_app"),
-    ("keys", "api.commands:keys_app"),
-    ("prices", "api.commands:prices_app"),
-    ("agent", "api.agent_commands:agent_app"),
+    ("db", "cli.db:db_app"),
+    ("keys", "cli.keys:keys_app"),
+    ("prices", "cli.prices:prices_app"),
+    ("agent", "cli.agents:agent_app"),
 ]
 
 

@@ -21,10 +21,10 @@ agent_app = typer.Typer(help="Agent runs from the command line.", no_args_is_hel
 
 async def _run_once(body: dict[str, Any], client_env: dict[str, str]) -> dict[str, Any]:
     from agents import load_agent_modules, load_tool_modules
+    from config import get_settings
     from store import make_engine, upgrade_to_head
     from workers.agent_tasks import parse_agent_run_body, run_agent
     from workers.clients import build_pipeline
-    from workers.settings import get_settings
 
     settings = get_settings()
     load_tool_modules(settings.tool_modules)
@@ -60,9 +60,9 @@ def run(
 ) -> None:
     """Run one assistant (model + tools) on this machine and print its answer."""
     from agents import AssistantRunError
+    from cli.upstream import local_upstream
+    from config import get_settings
     from models.errors import ModelClientError
-    from workers.cli import _upstream
-    from workers.settings import get_settings
 
     body: dict[str, Any] = {
         "model": model or get_settings().default_model,
@@ -75,7 +75,7 @@ def run(
         body["max_tool_iterations"] = max_tool_iterations
     if conversation is not None:
         body["conversation_id"] = conversation
-    with _upstream(simulate) as client_env:
+    with local_upstream(simulate) as client_env:
         try:
             result = asyncio.run(_run_once(body, client_env))
         except ModelClientError as e:

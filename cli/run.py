@@ -1,6 +1,6 @@
-"""``tokenmill run``, ``tokenmill worker`` and ``tokenmill beat``.
+"""``tokenmill run``: a batch on this machine, or on the cluster's workers.
 
-``run`` with no broker configured (or with ``--local`` / ``--simulate``) is the embedded mode: the
+With no broker configured (or with ``--local`` / ``--simulate``) it runs embedded: the
 whole batch on this machine through the same chunk runner the workers use, with the settings'
 database (SQLite by default) and cache (a directory by default). With ``TOKENMILL_BROKER_URL`` set,
 it submits the batch to the cluster's ledger and broker instead, follows the workers' progress and
@@ -16,7 +16,6 @@ import contextlib
 import gc
 import hashlib
 import os
-import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,14 +23,13 @@ from typing import IO, Annotated, Any
 
 import typer
 
-__all__ = ["beat", "run", "worker"]
+from cli.upstream import local_upstream
+from cli.worker import CONCURRENCY_HELP
+
+__all__ = ["run"]
 
 _LOCAL_TENANT = "local"
 _RUN_METADATA_KEY = "tokenmill_run_input"
-_CONCURRENCY_HELP = (
-    "Requests in flight at once (per process for `worker`). Not Celery's -c, which sets the pool "
-    "size: that is --processes here."
-)
 
 
 def _input_digest(path: Path, model: str | None) -> str:
@@ -111,25 +109,6 @@ def _find_or_ingest(engine: Any, input_path: Path, model: str | None, default_mo
     return report.batch_id, False
 
 
-@contextlib.contextmanager
-def _upstream(simulate: bool) -> Iterator[dict[str, str]]:
-    """Where the model calls go: the bundled simulator, or what the SDK's variables say."""
-    if simulate:
-        from simulator.testing import SimulatorServer
-
-        with SimulatorServer() as server:
-            yield {"OPENAI_BASE_URL": server.base_url, "OPENAI_API_KEY": "simulated"}
-        return
-    if not os.environ.get("OPENAI_API_KEY"):
-        typer.echo(
-            "No provider key: set OPENAI_API_KEY (and OPENAI_BASE_URL for an OpenAI-compatible "
-            "server), or add --simulate to run against the bundled simulator (no key, no network).",
-            err=True,
-        )
-        raise typer.Exit(2)
-    yield {}
-
-
 def _write_lines(target: IO[bytes], lines: Iterator[bytes]) -> int:
     count = 0
     for line in lines:
@@ -157,7 +136,7 @@ def run(
     ] = None,
     concurrency: Annotated[
         int | None,
-        typer.Option("--concurrency", "-n", min=1, help=_CONCURRENCY_HELP + " Default 64 (local runs)."),
+        typer.Option("--concurrency", "-n", min=1, help=CONCURRENCY_HELP + " Default 64 (local runs)."),
     ] = None,
     simulate: Annotated[
         bool, typer.Option(help="Answer from the bundled simulator: no key, no network (a local run).")
@@ -169,8 +148,8 @@ def run(
 ) -> None:
     """Run a batch and write its results; resumable. Here, or with TOKENMILL_BROKER_URL set, on the
     cluster's workers (this command then submits, follows and writes the output)."""
+    from config import get_settings
     from store import make_engine, upgrade_to_head
-    from workers.settings import get_settings
 
     settings = get_settings()
     on_cluster = settings.broker_url is not None and not (local or simulate)
@@ -178,7 +157,7 @@ def run(
         typer.echo("--concurrency applies to local runs: the workers run with their own.", err=True)
     # On a cluster the workers hold the provider's key: none is needed here.
     upstream: contextlib.AbstractContextManager[dict[str, str]] = (
-        contextlib.nullcontext({}) if on_cluster else _upstream(simulate)
+        contextlib.nullcontext({}) if on_cluster else local_upstream(simulate)
     )
     with upstream as client_env:
         upgrade_to_head(settings.database_url)
@@ -224,11 +203,11 @@ def _run_on_cluster(engine: Any, batch_id: str, quiet: bool) -> None:
 
     import redis
 
-    from store import batch_progress, pending_request_ids, usage_report
+    from config import get_settings
+    from store import batch_progress, usage_report
     from workers.app import make_celery
-    from workers.dispatch import Dispatcher
+    from workers.enqueue import BROKER_UNREACHABLE, enqueue_batch, make_dispatcher
     from workers.progress import RunProgress
-    from workers.settings import get_settings
 
     settings = get_settings()
     assert settings.broker_url is not None
@@ -236,12 +215,10 @@ def _run_on_cluster(engine: Any, batch_id: str, quiet: bool) -> None:
     broker = redis.Redis.from_url(settings.broker_url)
     try:
         # On a resume some may have messages still queued: a second one is a no-op (leases).
-        Dispatcher(celery, engine, broker, settings.key_prefix, settings.chunk_size).dispatch(
-            pending_request_ids(engine, batch_id)
-        )
+        enqueue_batch(make_dispatcher(celery, engine, broker, settings), batch_id)
         if not quiet and not celery.control.ping(timeout=1.0):
             typer.echo("no worker answered: the batch waits until `tokenmill worker` runs", err=True)
-    except redis.exceptions.ConnectionError as e:
+    except BROKER_UNREACHABLE as e:
         typer.echo(
             f"cannot reach the broker (TOKENMILL_BROKER_URL): {str(e).rstrip('.')}. The batch "
             f"{batch_id} is in the ledger: run again once the broker is up, or add --local to run it here.",
@@ -270,11 +247,11 @@ def _run_on_cluster(engine: Any, batch_id: str, quiet: bool) -> None:
 async def _run_embedded(
     engine: Any, batch_id: str, client_env: dict[str, str], concurrency: int, quiet: bool
 ) -> None:
+    from config import get_settings
     from store import ResultRecord, batch_progress, pending_request_ids
     from workers.clients import build_pipeline
     from workers.progress import RunProgress
     from workers.runner import ChunkRunner, RunnerConfig
-    from workers.settings import get_settings
 
     settings = get_settings()
     progress = batch_progress(engine, batch_id)
@@ -308,104 +285,3 @@ async def _run_embedded(
                     await asyncio.sleep(0.5)
     finally:
         await pipeline.close()
-
-
-def worker(
-    processes: Annotated[
-        int | None, typer.Option("--processes", "-p", min=1, help="Worker processes (default: CPU count).")
-    ] = None,
-    concurrency: Annotated[
-        int | None, typer.Option("--concurrency", "-n", min=1, help=_CONCURRENCY_HELP + " Default 64.")
-    ] = None,
-    queues: Annotated[
-        str, typer.Option("--queues", "-Q", help="Comma-separated queues to consume.")
-    ] = "tokenmill",
-    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
-    hostname: Annotated[str | None, typer.Option(help="Celery node name (default: tokenmill@host).")] = None,
-) -> None:
-    """Start a Celery worker: P processes, each running N requests at once on its own event loop."""
-    if concurrency is not None:
-        os.environ["TOKENMILL_IN_FLIGHT_PER_PROCESS"] = str(concurrency)
-    # SIGTERM does a soft shutdown: running chunks get worker_soft_shutdown_timeout, then requeue.
-    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
-    from workers.settings import get_settings
-
-    get_settings.cache_clear()
-    if get_settings().broker_url is None:
-        typer.echo("No broker: set TOKENMILL_BROKER_URL=redis://... (or use `tokenmill run`).", err=True)
-        raise typer.Exit(2)
-    from workers.app import app
-
-    argv = [
-        "worker",
-        f"--concurrency={processes or os.cpu_count() or 1}",
-        "--pool=prefork",
-        f"--queues={queues}",
-        f"--loglevel={loglevel}",
-        "--task-events",
-        f"--hostname={hostname or 'tokenmill@%h'}",
-    ]
-    app.worker_main(argv)
-
-
-def beat(
-    interval: Annotated[
-        float | None, typer.Option(help="Seconds between sweeps (default: TOKENMILL_SWEEP_INTERVAL_SECONDS).")
-    ] = None,
-    once: Annotated[bool, typer.Option(help="Sweep once and exit.")] = False,
-) -> None:
-    """Re-queue requests no message will run: expired leases, lost or never-sent messages."""
-    import logging
-
-    from workers.settings import get_settings
-
-    settings = get_settings()
-    if settings.broker_url is None:
-        typer.echo(
-            "No broker: set TOKENMILL_BROKER_URL=redis://... (`tokenmill run` needs no sweeper).", err=True
-        )
-        raise typer.Exit(2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import threading
-
-    from workers.sweeper import sweep, sweep_forever
-    from workers.tasks import dispatcher
-    from workers.webhooks import deliver_due_webhooks, deliver_webhooks_forever
-
-    target = dispatcher()
-    grace = int(settings.sweep_grace_seconds)
-    allow_private, deadline_seconds = settings.webhook_allow_private, settings.webhook_timeout_seconds
-    if once:
-        report = sweep(target, grace_seconds=grace)
-        delivered, failed = deliver_due_webhooks(
-            target.engine, allow_private=allow_private, deadline_seconds=deadline_seconds
-        )
-        typer.echo(
-            f"{report.dead_dispatches} lost dispatch(es), {report.redispatched} request(s) re-queued, "
-            f"{delivered} webhook(s) delivered, {failed} failed"
-        )
-        return
-    stopping = False
-
-    def stop(*_: Any) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    interval_seconds = interval or settings.sweep_interval_seconds
-    # Webhooks on a thread of their own: a slow receiver never holds up the re-dispatch of work.
-    webhooks = threading.Thread(
-        target=deliver_webhooks_forever,
-        args=(target.engine, interval_seconds),
-        kwargs={
-            "allow_private": allow_private,
-            "deadline_seconds": deadline_seconds,
-            "should_stop": lambda: stopping,
-        },
-        name="webhooks",
-        daemon=True,
-    )
-    webhooks.start()
-    sweep_forever(target, interval_seconds, grace_seconds=grace, should_stop=lambda: stopping)
-    webhooks.join(timeout=settings.webhook_timeout_seconds + 5)

@@ -1,0 +1,27 @@
+"""``tokenmill api``: serve the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from cli.ledger import ledger_engine
+
+__all__ = ["api"]
+
+
+def api(
+    host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    workers: Annotated[int, typer.Option(help="uvicorn worker processes")] = 1,
+) -> None:
+    """Serve the HTTP API (OpenAI-compatible files, batches and chat completions, plus usage).
+
+    Example: tokenmill api --host 0.0.0.0 --port 8000, then
+    OpenAI(base_url="http://HOST:8000/v1", api_key=KEY).batches.create(...)
+    """
+    import uvicorn
+
+    ledger_engine().dispose()  # refuse to start on a schema that is behind, with the reason
+    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="info")

@@ -1,0 +1,53 @@
+"""``tokenmill worker``: a Celery worker on the broker named by TOKENMILL_BROKER_URL."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+__all__ = ["CONCURRENCY_HELP", "worker"]
+
+CONCURRENCY_HELP = (
+    "Requests in flight at once (per process for `worker`). Not Celery's -c, which sets the pool "
+    "size: that is --processes here."
+)
+
+
+def worker(
+    processes: Annotated[
+        int | None, typer.Option("--processes", "-p", min=1, help="Worker processes (default: CPU count).")
+    ] = None,
+    concurrency: Annotated[
+        int | None, typer.Option("--concurrency", "-n", min=1, help=CONCURRENCY_HELP + " Default 64.")
+    ] = None,
+    queues: Annotated[
+        str, typer.Option("--queues", "-Q", help="Comma-separated queues to consume.")
+    ] = "tokenmill",
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    hostname: Annotated[str | None, typer.Option(help="Celery node name (default: tokenmill@host).")] = None,
+) -> None:
+    """Start a Celery worker: P processes, each running N requests at once on its own event loop."""
+    if concurrency is not None:
+        os.environ["TOKENMILL_IN_FLIGHT_PER_PROCESS"] = str(concurrency)
+    # SIGTERM does a soft shutdown: running chunks get worker_soft_shutdown_timeout, then requeue.
+    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
+    from config import get_settings
+
+    get_settings.cache_clear()
+    if get_settings().broker_url is None:
+        typer.echo("No broker: set TOKENMILL_BROKER_URL=redis://... (or use `tokenmill run`).", err=True)
+        raise typer.Exit(2)
+    from workers.app import app
+
+    argv = [
+        "worker",
+        f"--concurrency={processes or os.cpu_count() or 1}",
+        "--pool=prefork",
+        f"--queues={queues}",
+        f"--loglevel={loglevel}",
+        "--task-events",
+        f"--hostname={hostname or 'tokenmill@%h'}",
+    ]
+    app.worker_main(argv)

@@ -1,0 +1,55 @@
+"""The enqueue side (``workers.enqueue``): producers send work without loading the worker, and a
+broker that does not answer leaves a submitted batch queued for the sweeper, its id given."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from store import batch_progress, make_engine
+from tests import services
+from tests.cluster import ROOT, run_cli
+
+WORKER_SIDE = ("workers.tasks", "workers.runner", "workers.context", "workers.clients", "openai", "agents")
+
+
+def test_the_enqueue_side_loads_no_task_runner_or_model_client() -> None:
+    statement = "import workers.enqueue, workers.app"
+    report = "print(json.dumps(sorted(sys.modules)))"
+    loaded = subprocess.run(
+        [sys.executable, "-c", f"import json, sys; {statement}; {report}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        cwd=ROOT,
+    ).stdout
+    assert set(json.loads(loaded)) & set(WORKER_SIDE) == set()
+
+
+def test_submit_with_the_broker_down_gives_the_id_of_a_batch_left_queued(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    dead_broker = f"redis://127.0.0.1:{services.free_port()}/0"
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "TOKENMILL_DATABASE_URL": postgres_url,
+        "TOKENMILL_BROKER_URL": dead_broker,
+    }
+    assert run_cli(env, "db", "upgrade").returncode == 0
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(3)))
+    submitted = run_cli(env, "submit", str(source), "--model", "sim-model")
+    assert submitted.returncode == 0, submitted.stderr
+    assert "`tokenmill beat` sends it" in " ".join(submitted.stderr.split())
+    batch_id = submitted.stdout.strip()
+    engine = make_engine(postgres_url)
+    try:
+        progress = batch_progress(engine, batch_id)
+    finally:
+        engine.dispose()
+    assert (progress.total, progress.queued) == (3, 3)

@@ -58,6 +58,7 @@ Work (workers and the sweeper)::
     cancel_claimed(engine, request_ids, owner) -> int    # a worker's requests of a cancelled batch
     record_results(engine, records: Sequence[ResultRecord], now=None) -> RecordOutcome
     record_cancelled_spend(engine, records, now=None) -> list[str]   # paid calls of cancelled runs
+    record_handed_back_spend(engine, records, now=None) -> list[str] # paid calls of handed-back runs
 
 Output and usage::
 
@@ -185,7 +186,14 @@ if TYPE_CHECKING:
     )
     from store.prices import get_prices, price_for, set_price
     from store.request_kinds import ENDPOINT_KINDS, REQUEST_KINDS, RequestKindSpec
-    from store.results import PaidAnswer, RecordOutcome, ResultRecord, record_cancelled_spend, record_results
+    from store.results import (
+        PaidAnswer,
+        RecordOutcome,
+        ResultRecord,
+        record_cancelled_spend,
+        record_handed_back_spend,
+        record_results,
+    )
     from store.schema import (
         current_revision,
         downgrade_to_base,
@@ -317,6 +325,7 @@ else:
         "RecordOutcome": "store.results",
         "ResultRecord": "store.results",
         "record_cancelled_spend": "store.results",
+        "record_handed_back_spend": "store.results",
         "record_results": "store.results",
         "current_revision": "store.schema",
         "downgrade_to_base": "store.schema",
@@ -476,6 +485,7 @@ __all__ = [
     "purge_idempotency_keys",
     "record_agent_message",
     "record_cancelled_spend",
+    "record_handed_back_spend",
     "record_results",
     "record_webhook_attempt",
     "release_requests",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from store.engine import dialect_insert, write_transaction
 from store.ids import now_seconds
@@ -142,13 +142,17 @@ def answer_agent_message(
     engine: Engine, message_id: str, tenant_id: str | None, now: int | None = None
 ) -> None:
     """The message was answered (its reply saved with the agent's state): nothing brings it back."""
-    now = now if now is not None else now_seconds()
     with write_transaction(engine) as conn:
-        conn.execute(
-            sa.update(AgentMessage)
-            .where(_this(message_id, tenant_id), AgentMessage.answered_at.is_(None))
-            .values(answered_at=now, lease_owner=None, lease_expires_at=None)
-        )
+        mark_answered(conn, message_id, tenant_id, now if now is not None else now_seconds())
+
+
+def mark_answered(conn: Connection, message_id: str, tenant_id: str | None, now: int) -> None:
+    """``answer_agent_message`` in the caller's transaction (the one that saves the reply)."""
+    conn.execute(
+        sa.update(AgentMessage)
+        .where(_this(message_id, tenant_id), AgentMessage.answered_at.is_(None))
+        .values(answered_at=now, lease_owner=None, lease_expires_at=None)
+    )
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from store.agent_messages import mark_answered
 from store.engine import dialect_insert, write_transaction
 from store.errors import AgentStateConflict
 from store.ids import now_seconds
@@ -78,7 +79,8 @@ def save_agent_state(
     """Insert or replace the agent's state; returns its new version (1 for the first save).
 
     ``expected_version``: the version that was loaded (0 = none was saved); a mismatch raises
-    ``AgentStateConflict`` and writes nothing.
+    ``AgentStateConflict`` and writes nothing. ``message_id`` (with its ``reply``) is the agent
+    message this save answers: it is marked answered in the same transaction.
     """
     now = now_seconds()
     values: dict[str, Any] = {
@@ -88,6 +90,10 @@ def save_agent_state(
         "updated_at": now,
     }
     with write_transaction(engine) as conn:
+        if message_id is not None:
+            # Answered with the save that holds its reply: no crash between the two can bring the
+            # message back to be run again. A conflict below rolls this back too.
+            mark_answered(conn, message_id, tenant_id, now)
         if expected_version is not None and expected_version > 0:
             updated = conn.execute(
                 sa.update(AgentState)

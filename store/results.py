@@ -43,6 +43,7 @@ __all__ = [
     "RecordOutcome",
     "ResultRecord",
     "record_cancelled_spend",
+    "record_handed_back_spend",
     "record_results",
 ]
 
@@ -254,6 +255,21 @@ def record_cancelled_spend(
     some model calls), as ``discarded_answers`` rows; returns the request ids billed. A request
     that is not cancelled (another worker took it over) is skipped: its own result bills what it
     reuses of these answers. Safe to call again with the same records."""
+    return _record_spend(engine, records, "cancelled", now)
+
+
+def record_handed_back_spend(
+    engine: Engine, records: Sequence[ResultRecord], now: int | None = None
+) -> list[str]:
+    """Bill what requests paid for before they were handed back (an agent run told "later" after
+    some model calls), as ``discarded_answers`` rows, whatever happens to them next (a cancel or
+    an expiry while they wait keeps no result that would). Their redo must not bill these answers
+    again: workers give it another cache payer (``workers.agent_tasks``), so they are free hits.
+    Returns the request ids billed; safe to call again with the same records."""
+    return _record_spend(engine, records, "handed_back", now)
+
+
+def _record_spend(engine: Engine, records: Sequence[ResultRecord], reason: str, now: int | None) -> list[str]:
     if not records:
         return []
     now = now if now is not None else now_seconds()
@@ -266,13 +282,14 @@ def record_cancelled_spend(
                 )
             )
         }
-        cancelled = [
-            (record, "cancelled")
+        billed = [
+            (record, reason)
             for record in records
-            if record.request_id in owners and owners[record.request_id].status == RequestStatus.CANCELLED
+            if record.request_id in owners
+            and (reason != "cancelled" or owners[record.request_id].status == RequestStatus.CANCELLED)
         ]
         prices = {row.model: row for row in _load_prices(conn)}
-        return _keep_discarded_spend(conn, cancelled, owners, prices, now)
+        return _keep_discarded_spend(conn, billed, owners, prices, now)
 
 
 @dataclass

@@ -286,7 +286,7 @@ class DiscardedAnswer(Base):
     request_id: Mapped[str] = mapped_column(sa.ForeignKey("requests.id", ondelete="CASCADE"))
     batch_id: Mapped[str] = mapped_column(sa.String(64))
     tenant_id: Mapped[str] = mapped_column(sa.String(64))
-    reason: Mapped[str] = mapped_column(sa.String(32))  # "duplicate" | "cancelled"
+    reason: Mapped[str] = mapped_column(sa.String(32))  # "duplicate" | "cancelled" | "handed_back"
     upstream_request_id: Mapped[str | None] = mapped_column(sa.String(200))
     model: Mapped[str | None] = mapped_column(sa.String(200))
     prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)

@@ -1,9 +1,10 @@
 """Usage rollups by SQL aggregation over results: billed and cache-served kept apart.
 
 Billed columns sum results that called the provider (``cached`` false) and the paid answers no
-result kept (``discarded_answers``: a second delivery's, one that came back after a cancel), so
-that they add up to the provider's bill; cache-hit columns sum the tokens of answers served from
-the cache, which cost nothing. ``cost_usd`` sums billed costs, an exact ``Decimal``;
+result kept (``discarded_answers``: a second delivery's, one that came back after a cancel, an
+agent run's answers paid before it was handed back), so that they add up to the provider's
+bill; cache-hit columns sum the tokens of answers served from the cache, which cost nothing.
+``cost_usd`` sums billed costs, an exact ``Decimal``;
 ``unpriced_requests`` counts billed results whose model had no price (cost NULL);
 ``discarded_answers`` counts the paid answers no result kept (not requests: ``requests`` counts
 results).

@@ -19,14 +19,12 @@ import functools
 import inspect
 import json
 import logging
-import os
-import socket
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
 from celery.signals import worker_process_init
+from redis import Redis
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 from sqlalchemy.engine import Engine
@@ -63,6 +61,7 @@ from workers.agent_runtime import (
 )
 from workers.app import app
 from workers.constants import AGENT_MESSAGE_TASK, agent_lock_key, agent_reply_key
+from workers.leases import Heartbeat, lease_owner
 
 __all__ = ["agent_message", "handle_agent_message", "load_worker_modules"]
 
@@ -128,19 +127,30 @@ async def _run_handler(
         await host.close()
 
 
-async def _keep_held(lock: Lock, interval: float, extend_lease: Callable[[], bool]) -> None:
-    """While a handler runs: keep the agent's lock and the message's lease."""
-    while True:
-        await asyncio.sleep(interval)
+@contextlib.contextmanager
+def _keep_held(settings: Settings, lock: Lock, name: str, extend_lease: Callable[[], bool]) -> Iterator[None]:
+    """While a handler runs: keep the agent's lock and the message's lease, from a thread (a
+    synchronous tool holding the loop past a lease must not let another worker run the message).
+    The thread renews the lock with a client of its own, by the token the loop's lock holds."""
+    client = Redis.from_url(settings.broker_url or "")
+    held = client.lock(name, timeout=settings.lease_seconds, thread_local=False)
+    held.local.token = lock.local.token
+
+    def beat() -> None:
         try:
-            await lock.reacquire()
+            held.reacquire()
         except LockError:
-            _logger.exception("the agent lock %s was lost", lock.name)
-        try:
-            if not await asyncio.to_thread(extend_lease):
-                _logger.error("the lease of agent message under lock %s was lost", lock.name)
-        except Exception:
-            _logger.exception("extending an agent message's lease failed; trying again")
+            _logger.exception("the agent lock %s was lost", name)
+        if not extend_lease():
+            _logger.error("the lease of agent message under lock %s was lost", name)
+
+    heartbeat = Heartbeat(f"agent lock {name}", settings.lease_seconds / 4, beat)
+    heartbeat.start()
+    try:
+        yield
+    finally:
+        heartbeat.stop()
+        client.close()
 
 
 async def handle_agent_message(
@@ -159,7 +169,7 @@ async def handle_agent_message(
     ``owner`` names this delivery in the message's lease. A message delivered more than
     ``max_attempts`` times (its handler keeps killing workers) is answered with an error."""
     agent_id = AgentId(agent_type, agent_key)
-    owner = owner or f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
+    owner = owner or lease_owner()
     redis = aioredis.Redis.from_url(settings.broker_url or "")
     try:
         # The lock lives ``lease_seconds`` (a killed worker's agent is free again soon); a live
@@ -220,8 +230,7 @@ async def _run_and_save(
     extend = functools.partial(
         extend_agent_message_lease, engine, message_id, tenant_id, owner, settings.lease_seconds
     )
-    keeper = asyncio.create_task(_keep_held(lock, settings.lease_seconds / 4, extend))
-    try:
+    with _keep_held(settings, lock, agent_lock_key(settings.key_prefix, tenant_id, agent_id), extend):
         reply, state = await _run_handler(
             settings,
             agent_id,
@@ -231,10 +240,6 @@ async def _run_and_save(
             message.payload,
             None if stored is None else stored.state,
         )
-    finally:
-        keeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await keeper
     try:
         await asyncio.to_thread(
             functools.partial(
@@ -265,7 +270,7 @@ def agent_message(
     """The Celery task: True when the handler replied, False when it raised (or there was nothing
     to do). It carries ids only; the message itself is in SQL (``store.record_agent_message``)."""
     settings = context.settings()  # its modules were loaded at worker_process_init
-    owner = f"{self.request.hostname or 'worker'}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
+    owner = lease_owner(self.request.hostname)
     reply = context.run_in_loop(
         handle_agent_message(
             settings,

@@ -57,7 +57,7 @@ from store import (
     load_conversation,
 )
 from workers.pipeline import ModelCallPipeline
-from workers.runner import RequestCancelled, RequestHandler, failed_record
+from workers.runner import RequestCancelled, RequestHandedBack, RequestHandler, failed_record
 
 __all__ = [
     "AgentRunOutcome",
@@ -220,6 +220,7 @@ async def run_agent(
     cancellation_token: CancellationToken | None = None,
     tally: CallTally | None = None,
     run_id: str | None = None,
+    payer: str | None = None,
 ) -> AgentRunOutcome:
     """Run one agent run through ``pipeline``, continuing and extending its conversation in SQL.
 
@@ -229,7 +230,7 @@ async def run_agent(
 
     ``run_id`` (the request id on workers) makes the run redoable: a redo reads the conversation
     as the first attempt did (so its model calls are the same calls, answered from the cache) and
-    appends or creates nothing twice.
+    appends or creates nothing twice. ``payer`` names who pays in the cache (default ``run_id``).
     """
     registry = tools if tools is not None else default_registry
     unknown = [name for name in spec.config.tools if name not in registry]
@@ -256,7 +257,7 @@ async def run_agent(
         spec.config,
         spec.input,
         history,
-        model_call=pipeline_model_call(pipeline, tally, tenant_id=tenant_id, payer=run_id),
+        model_call=pipeline_model_call(pipeline, tally, tenant_id=tenant_id, payer=payer or run_id),
         tools=tools,
         cancellation_token=cancellation_token,
     )
@@ -301,6 +302,7 @@ def agent_run_handler(engine: Engine, tools: ToolRegistry | None = None) -> Requ
                 cancellation_token=token,
                 tally=tally,
                 run_id=request.id,
+                payer=_payer(request),
             )
         except asyncio.CancelledError:
             if token.is_cancelled():
@@ -314,7 +316,9 @@ def agent_run_handler(engine: Engine, tools: ToolRegistry | None = None) -> Requ
             cause = e.__cause__
             if isinstance(cause, RetryLater):
                 cause.attempts += tally.attempts  # the run's earlier calls count too
-                raise cause from None  # the runner hands the run back in line
+                # The runner hands the run back in line and bills what it paid for so far.
+                spent = tally.spend_record(request.id, spec.config.model, error_code="handed_back")
+                raise RequestHandedBack(cause, spent if spent.paid_answers else None) from None
             error = cause if isinstance(cause, ModelClientError) else ModelClientError(str(e))
             record = failed_record(request.id, error, attempts=tally.attempts)
             # What the failed run spent before failing is still spent.
@@ -356,6 +360,16 @@ def agent_run_handler(engine: Engine, tools: ToolRegistry | None = None) -> Requ
         )
 
     return complete_agent_run
+
+
+def _payer(request: ClaimedRequest) -> str:
+    """Whom the run's model calls bill in the cache. A redo after a crash is the same payer: the
+    answers it finds of its own were never billed, so they are its calls. A redo after a hand-back
+    is another payer (each hand-back with paid answers adds upstream attempts): the answers paid
+    before it were billed at hand-back, so it gets them as free hits."""
+    if not request.handed_back_attempts:
+        return request.id
+    return f"{request.id}/after-{request.handed_back_attempts}"
 
 
 def _total(run: AssistantRunResult) -> RequestUsage:

@@ -34,7 +34,6 @@ import dataclasses
 import functools
 import logging
 import math
-import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,11 +60,13 @@ from store import (
     claim_requests,
     extend_leases,
     record_cancelled_spend,
+    record_handed_back_spend,
     record_results,
     release_requests,
 )
 from store.input_checks import bounded_text
 from store.log_redaction import redacted_error_text
+from workers.leases import Heartbeat
 from workers.pipeline import CallResult, ModelCallPipeline
 
 __all__ = [
@@ -74,6 +75,7 @@ __all__ = [
     "ChunkRunner",
     "LeaseKeeper",
     "RequestCancelled",
+    "RequestHandedBack",
     "RequestHandler",
     "RunnerConfig",
     "complete_chat",
@@ -93,6 +95,17 @@ class RequestCancelled(Exception):
 
     def __init__(self, request_id: str, spent: ResultRecord | None = None) -> None:
         super().__init__(request_id)
+        self.spent = spent
+
+
+class RequestHandedBack(RetryLater):
+    """A handler's ``RetryLater`` with what the request paid upstream before it (an agent run's
+    finished model calls): billed once the request is back in line (``record_handed_back_spend``),
+    since a cancel or an expiry while it waits keeps no result that would bill it."""
+
+    def __init__(self, later: RetryLater, spent: ResultRecord | None) -> None:
+        super().__init__(later.delay, later.reason, later.error)
+        self.attempts = later.attempts
         self.spent = spent
 
 
@@ -407,11 +420,10 @@ class _Writer:
                 _logger.exception("writing %d result(s) failed; trying again", len(self._buffer))
 
 
-class LeaseKeeper:
+class LeaseKeeper(Heartbeat):
     """Extends the leases of a chunk's unfinished requests every ``interval`` from a thread of its
-    own: a request whose event loop is busy (a long synchronous step, a slow collection) must not
-    lose its lease, and with short leases a heartbeat on the loop would. ``leased()`` names what
-    to extend (called on this thread); ``on_lost(ids)`` hears of leases another worker now holds."""
+    own (``workers.leases.Heartbeat``). ``leased()`` names what to extend (called on that thread);
+    ``on_lost(ids)`` hears of leases another worker now holds."""
 
     def __init__(
         self,
@@ -422,35 +434,19 @@ class LeaseKeeper:
         leased: Callable[[], list[str]],
         on_lost: Callable[[set[str]], object],
     ) -> None:
+        super().__init__(f"leases {owner}", interval, self._extend)
         self._engine = engine
         self._owner = owner
         self._lease_seconds = lease_seconds
-        self._interval = interval
         self._leased = leased
         self._on_lost = on_lost
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"leases {owner}", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stopped.wait(self._interval):
-            ids = self._leased()
-            try:
-                held = set(extend_leases(self._engine, ids, self._owner, self._lease_seconds))
-            except Exception:
-                # The database may be restarting: try again next beat; the leases outlive a few.
-                _logger.exception("extending %d lease(s) failed", len(ids))
-                continue
-            lost = set(ids) - held
-            if lost:
-                self._on_lost(lost)
+    def _extend(self) -> None:
+        ids = self._leased()
+        held = set(extend_leases(self._engine, ids, self._owner, self._lease_seconds))
+        lost = set(ids) - held
+        if lost:
+            self._on_lost(lost)
 
 
 class ChunkRunner:
@@ -593,7 +589,7 @@ class ChunkRunner:
             budget_end = request.retry_deadline if request.retry_deadline is not None else deadline
             if budget_end is not None:
                 not_before = min(not_before, budget_end)
-            report.handed_back += await asyncio.to_thread(
+            released = await asyncio.to_thread(
                 functools.partial(
                     release_requests,
                     self.engine,
@@ -606,6 +602,10 @@ class ChunkRunner:
                     retry_deadline=deadline,
                 )
             )
+            report.handed_back += released
+            spent = later.spent if isinstance(later, RequestHandedBack) else None
+            if released and spent is not None:  # not when another worker holds it now: it bills them
+                await asyncio.to_thread(record_handed_back_spend, self.engine, [spent])
 
         def lose(lost: set[str]) -> None:
             """On the loop: another worker took these over. Ours stop as a cancel stops them: no

@@ -17,7 +17,6 @@ import os
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +28,7 @@ from workers.app import app
 from workers.constants import COMPLETE_CHUNK_TASK, SWEEP_TASK
 from workers.dispatch import Dispatcher
 from workers.enqueue import make_dispatcher
+from workers.leases import lease_owner
 from workers.runner import ChunkReport, ChunkRunner, RunnerConfig
 from workers.sweeper import sweep
 
@@ -85,8 +85,7 @@ _failure_backoff = _FailureBackoff()
 
 @app.task(name=COMPLETE_CHUNK_TASK, bind=True, ignore_result=True)  # type: ignore[untyped-decorator, unused-ignore]
 def complete_chunk(self: Any, request_ids: list[str], dispatch_id: str | None = None) -> dict[str, int]:
-    # A lease owner per execution: a redelivered message is another owner, even in this process.
-    owner = f"{self.request.hostname or 'worker'}/{os.getpid()}/{uuid.uuid4().hex[:12]}"
+    owner = lease_owner(self.request.hostname)
     settle = None if dispatch_id is None else functools.partial(dispatcher().settle, dispatch_id)
     try:
         # Settled as soon as leases cover the claimed requests (workers.dispatch)...

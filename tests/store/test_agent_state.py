@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from sqlalchemy.engine import Engine
 
@@ -39,6 +41,28 @@ def test_a_save_based_on_a_stale_version_is_refused(engine: Engine) -> None:
         store.save_agent_state(engine, "a", "k", {"v": "lost update"}, expected_version=1)
     final = store.get_agent_state(engine, "a", "k")
     assert final == store.StoredAgentState({"v": "second"}, 2, "m1", {"ok": True})
+
+
+def test_the_save_that_answers_a_message_marks_it_answered(engine: Engine, tenant: store.Tenant) -> None:
+    """The reply is saved with the state and the message is answered in one transaction: a worker
+    killed right after the save leaves nothing to send again, even once a later message has
+    become the agent's last one (which would hide the first's reply from a redelivery)."""
+    for message_id in ("m1", "m2"):
+        store.record_agent_message(
+            engine, message_id, agent_type="a", agent_key="k", payload={}, tenant_id=tenant.id
+        )
+    assert store.claim_agent_message(engine, "m1", tenant.id, "w1", lease_seconds=-1) == 1
+    store.save_agent_state(
+        engine, "a", "k", {"n": 1}, tenant.id, expected_version=0, message_id="m1", reply={"ok": True}
+    )
+    # killed here, before any other write; then the agent answers m2
+    assert store.claim_agent_message(engine, "m2", tenant.id, "w2", lease_seconds=30) == 1
+    store.save_agent_state(
+        engine, "a", "k", {"n": 2}, tenant.id, expected_version=1, message_id="m2", reply={"ok": True}
+    )
+    now = int(time.time()) + 60
+    assert store.agent_messages_to_resend(engine, now=now, limit=10) == []
+    assert store.claim_agent_message(engine, "m1", tenant.id, "w3", lease_seconds=30, now=now) is None
 
 
 def test_a_redone_run_appends_once_and_reads_what_it_first_saw(engine: Engine, tenant: store.Tenant) -> None:

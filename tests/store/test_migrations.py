@@ -66,3 +66,39 @@ def test_make_engine_rewrites_postgres_urls_to_psycopg() -> None:
     for url in ("postgres://u@h/db", "postgresql://u@h/db", "postgresql+psycopg://u@h/db"):
         assert normalize_url(url).drivername == "postgresql+psycopg"
     assert normalize_url("sqlite:///x.db").drivername == "sqlite"
+
+
+def test_downgrade_and_upgrade_again_keep_every_tenants_data(database_url: str) -> None:
+    """SQLite rebuilds a table to drop a column; with foreign keys on, dropping the old table
+    would fire every ``ON DELETE CASCADE`` and wipe the rows that point at it."""
+    from alembic import command
+
+    from store.schema import alembic_config
+    from tests.store.conftest import chat_line, jsonl
+    from tests.store.test_results import success
+
+    store.upgrade_to_head(database_url)
+    engine = store.make_engine(database_url)
+    try:
+        tenant = store.create_tenant(engine, "acme")
+        store.create_api_key(engine, tenant.id)
+        batch = store.ingest_batch(engine, jsonl([chat_line("c0"), chat_line("c1")]), tenant_id=tenant.id)
+        ids = store.pending_request_ids(engine, batch.batch_id)
+        store.record_results(engine, [success(ids[0])])
+        tables = ("tenants", "api_keys", "batches", "requests", "results")
+
+        def counts() -> dict[str, int]:
+            with engine.connect() as conn:
+                return {t: conn.execute(sa.text(f"SELECT count(*) FROM {t}")).scalar_one() for t in tables}
+
+        before = counts()
+        assert before == {"tenants": 1, "api_keys": 1, "batches": 1, "requests": 2, "results": 1}
+        command.downgrade(alembic_config(engine), "0005")
+        assert counts() == before
+        store.upgrade_to_head(engine)
+        assert counts() == before
+        if engine.dialect.name == "sqlite":  # the pooled connection is handed back with its checks on
+            with engine.connect() as conn:
+                assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
+    finally:
+        engine.dispose()

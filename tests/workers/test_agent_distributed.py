@@ -17,6 +17,7 @@ from agents import AgentId, CantHandleException, UndeliverableException
 from models.openai import OpenAIChatCompletionClient
 from simulator.testing import SimulatorServer
 from store import AgentMessage, load_agent_state
+from tests.agents.distributed_agents import Block, BlockingAgent
 from tests.agents.seed_example import Message, SimpleAgent, SimpleAgentWithContext
 from tests.cluster import Cluster, kill_group
 from tests.workers.support import Ledger
@@ -226,4 +227,30 @@ async def test_a_killed_workers_agent_message_is_answered_by_another_within_30_s
     with led.engine.connect() as conn:
         row = conn.execute(sa.select(AgentMessage.attempts, AgentMessage.answered_at)).one()
     assert row.attempts == 2
+    assert row.answered_at is not None
+
+
+async def test_a_handler_blocking_its_loop_past_the_lease_keeps_its_message(
+    cluster: Callable[..., Cluster],
+    make_ledger: Callable[[str], Ledger],
+    postgres_url: str,
+    simulator: SimulatorServer,
+) -> None:
+    """A synchronous tool holds the worker's event loop for over two leases: the heartbeat (on a
+    thread of its own) keeps the agent's lock and the message's lease, so the sweeper does not send
+    the message again and no second worker runs the handler (and its tools' side effects)."""
+    led = make_ledger(postgres_url)
+    c = agent_cluster(cluster, workers=2)  # 5 s leases, a sweep every second
+    c.beat()
+    runtime = DistributedAgentRuntime(c.settings, reply_timeout=90)
+    await BlockingAgent.register(runtime, "blocking_agent", BlockingAgent)
+    runtime.start()
+    try:
+        reply = await runtime.send_message(Block(seconds=12), AgentId("blocking_agent", "k"))
+    finally:
+        await runtime.stop()
+    assert reply == Block(seconds=12)
+    with led.engine.connect() as conn:
+        row = conn.execute(sa.select(AgentMessage.attempts, AgentMessage.answered_at)).one()
+    assert row.attempts == 1
     assert row.answered_at is not None

@@ -423,3 +423,69 @@ async def test_a_failed_agent_runs_duplicates_bill_each_answer_once(
     assert (prompt, completion) == (stats["prompt_tokens"], stats["completion_tokens"])
     assert discarded == 1
     assert len(results_of(led.engine, batch_id)) == 1
+
+
+async def hand_back_after_a_paid_call(led: Ledger, pipeline: ModelCallPipeline) -> tuple[str, list[str]]:
+    """An agent run handed back twice: first its first call is refused (429, come back in 3 s);
+    then that call is answered (paid) and the next one is refused. Returns once it waits again."""
+    prompt = 'What is 2+3? [[call calculator {"expression": "2+3"}]] [[status 429 retry_after=3 times=1]]'
+    batch_id, ids = add_agent_batch(led, [{"prompt": prompt}])
+    for _ in range(2):
+        with led.engine.connect() as conn:
+            not_before = conn.execute(sa.select(Request.not_before).where(Request.id == ids[0])).scalar_one()
+        if not_before is not None:
+            await asyncio.sleep(max(0.0, not_before - time.time() + 0.05))  # until the time it was given
+        report = await run(led, pipeline, ids)
+        assert (report.handed_back, report.failed, report.succeeded) == (1, 0, 0)
+    return batch_id, ids
+
+
+def hand_back_pipeline(simulator: SimulatorServer, tmp_path: Path) -> ModelCallPipeline:
+    return ModelCallPipeline(
+        openai_client_factory(base_url=simulator.base_url, api_key="sim", timeout=10),
+        LocalRateLimiter({}),
+        RetryPolicy(base_delay=0.01, hand_back_after=1.0),
+        cache_store=DiskCacheStore(diskcache.Cache(str(tmp_path / "cache"))),
+    )
+
+
+async def test_a_handed_back_agent_run_cancelled_while_it_waits_bills_what_it_paid_for(
+    led: Ledger, simulator: SimulatorServer, tmp_path: Path
+) -> None:
+    """The answer the run paid for before it was handed back is billed (a discarded answer) when
+    its batch is cancelled while the run waits in line: no later result would bill it."""
+    pipeline = hand_back_pipeline(simulator, tmp_path)
+    try:
+        batch_id, _ = await hand_back_after_a_paid_call(led, pipeline)
+    finally:
+        await pipeline.close()
+    await asyncio.to_thread(cancel_batch, led.engine, batch_id)
+    stats = await wait_for_simulator_idle(simulator)
+    assert stats["accepted"] == 1
+    assert results_of(led.engine, batch_id) == []
+    prompt, completion, discarded = billed_tokens(led)
+    assert (prompt, completion) == (stats["prompt_tokens"], stats["completion_tokens"])
+    assert discarded == 1
+
+
+async def test_a_handed_back_agent_run_that_finishes_bills_each_answer_once(
+    led: Ledger, simulator: SimulatorServer, tmp_path: Path
+) -> None:
+    """The redo after the hand-back finds the answer billed at hand-back in the cache: a free hit,
+    not its own call billed a second time; the ledger bills exactly what the simulator answered."""
+    pipeline = hand_back_pipeline(simulator, tmp_path)
+    try:
+        batch_id, ids = await hand_back_after_a_paid_call(led, pipeline)
+        with led.engine.connect() as conn:
+            not_before = conn.execute(sa.select(Request.not_before).where(Request.id == ids[0])).scalar_one()
+        await asyncio.sleep(max(0.0, not_before - time.time() + 0.05))
+        assert (await run(led, pipeline, ids)).succeeded == 1
+    finally:
+        await pipeline.close()
+    stats = await wait_for_simulator_idle(simulator)
+    assert stats["accepted"] == 2
+    [row] = results_of(led.engine, batch_id)
+    assert [call["cached"] for call in (row.response_body or {})["model_calls"]] == [True, False]
+    prompt, completion, discarded = billed_tokens(led)
+    assert (prompt, completion) == (stats["prompt_tokens"], stats["completion_tokens"])
+    assert discarded == 1

@@ -39,7 +39,7 @@ import json
 import os
 import re
 from array import array
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -56,6 +56,7 @@ __all__ = [
     "ENDPOINT_KINDS",
     "MAX_STORED_ERRORS",
     "BatchSpec",
+    "BodyCheck",
     "IngestReport",
     "LineError",
     "fail_batch",
@@ -80,6 +81,11 @@ MAX_STORED_ERRORS = 100
 MAX_ERROR_MESSAGE_CHARS = 500
 _WINDOW = re.compile(r"^([1-9][0-9]*)h$")
 _SHORT_FORM_KEYS = ("custom_id", "prompt", "messages")
+
+# A check of a line's body that the ledger cannot make itself (e.g. that an agent run's tools
+# exist: ``store`` knows no tools); raises ``InvalidArgument`` whose ``code`` becomes the line's
+# error code and whose ``param`` is a path inside the body.
+BodyCheck = Callable[[Mapping[str, Any]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,8 +217,23 @@ def _check_body(kind: RequestKind, body: Mapping[str, Any], prefix: str) -> None
         _require(body, "input", (str, list), "a string or a list of messages", prefix)
 
 
+def _checked(check_body: BodyCheck | None, body: Mapping[str, Any], prefix: str) -> None:
+    if check_body is None:
+        return
+    try:
+        check_body(body)
+    except InvalidArgument as e:
+        param = None if e.param is None else prefix + e.param
+        raise _BadLine(e.code or "invalid_value", str(e), param) from e
+
+
 def _parse_line(
-    raw: bytes, line_number: int, endpoint: str, kind: RequestKind, defaults: Mapping[str, Any]
+    raw: bytes,
+    line_number: int,
+    endpoint: str,
+    kind: RequestKind,
+    defaults: Mapping[str, Any],
+    check_body: BodyCheck | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """(custom_id, body) of a valid line; raises _BadLine."""
     try:
@@ -237,6 +258,7 @@ def _parse_line(
             )
         body = _require(obj, "body", dict, "an object")
         _check_body(kind, body, "body.")
+        _checked(check_body, body, "body.")
     else:
         custom_id = obj.pop("custom_id", None)
         if custom_id is None:
@@ -257,6 +279,7 @@ def _parse_line(
         elif prompt is not None:
             body["input"] = prompt
         _check_body(kind, body, "")
+        _checked(check_body, body, "")
     if not custom_id:
         raise _BadLine("invalid_value", "'custom_id' must not be empty", "custom_id")
     if len(custom_id) > MAX_CUSTOM_ID_CHARS:
@@ -432,11 +455,12 @@ def fill_batch(
     chunk_size: int = 5000,
     chunk_bytes: int = 4 * 1024 * 1024,
     postgres_copy: bool = True,
+    check_body: BodyCheck | None = None,
 ) -> IngestReport:
     """Validate ``source``'s lines and write them as the requests of the batch of ``spec``; the
     batch becomes ``in_progress``, or ``failed`` with its errors (parameters as in
-    :func:`ingest_batch`). An opened batch cancelled or expired meanwhile gets no request: the
-    report then has its status."""
+    :func:`ingest_batch`; ``check_body`` checks each valid line's body further). An opened batch
+    cancelled or expired meanwhile gets no request: the report then has its status."""
     batch_row = dict(spec.row)
     batch_id, kind, defaults = spec.batch_id, spec.kind, spec.defaults
     endpoint: str = batch_row["endpoint"]
@@ -482,7 +506,7 @@ def fill_batch(
                     bad(line_number, "body_too_large", f"line is larger than {max_body_bytes} bytes")
                     continue
                 try:
-                    custom_id, body = _parse_line(raw, line_number, endpoint, kind, defaults)
+                    custom_id, body = _parse_line(raw, line_number, endpoint, kind, defaults, check_body)
                 except _BadLine as e:
                     bad(line_number, e.code, str(e), e.param)
                     continue

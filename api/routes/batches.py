@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,16 @@ from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
 
 import store
+from agents.exceptions import UnknownToolError
+from agents.tools import default_registry
 from api.deps import ID_PATTERN, AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
 from api.errors import Conflict, InvalidRequest, NotFound
+from models.errors import ModelClientError
+from workers.agent_tasks import parse_agent_run_body
 from workers.settings import Settings
 from workers.webhooks import WebhookURLRefused, resolve_webhook_url
 
-__all__ = ["Dispatch", "batch_object", "dispatch_or_leave_to_sweeper", "router"]
+__all__ = ["Dispatch", "batch_object", "check_agent_run_body", "dispatch_or_leave_to_sweeper", "router"]
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -55,6 +59,20 @@ async def _dispatch_or_leave_to_sweeper(app: Any, engine: Engine, batch_id: str)
         _logger.warning("dispatch of %s failed (%s); the sweeper will send it", batch_id, type(e).__name__)
         return False
     return True
+
+
+def check_agent_run_body(body: Mapping[str, Any]) -> None:
+    """Refuse an agent run a worker would fail before its first model call (``store.BodyCheck``):
+    a body that is not a run (``invalid_agent_run``) or names a tool the workers do not have
+    (``unknown_tool``). For ``POST /v1/agent_runs`` and every agent-run line of a batch alike."""
+    try:
+        spec = parse_agent_run_body(body)
+    except ModelClientError as e:
+        raise store.InvalidArgument(e.message, code=e.code) from e
+    try:
+        default_registry.select(spec.config.tools)
+    except UnknownToolError as e:
+        raise store.InvalidArgument(str(e), "tools", code="unknown_tool") from e
 
 
 class BatchCreate(BaseModel):
@@ -196,6 +214,7 @@ def _fill(
             skip_invalid=body.skip_invalid,
             max_body_bytes=settings.max_request_body_bytes,
             max_lines=settings.max_requests_per_batch,
+            check_body=check_agent_run_body if spec.kind == store.RequestKind.AGENT_RUN else None,
         )
 
 

@@ -59,6 +59,8 @@ __all__ = [
     "BodyCheck",
     "IngestReport",
     "LineError",
+    "extend_validation",
+    "fail_abandoned_validations",
     "fail_batch",
     "fill_batch",
     "ingest_batch",
@@ -420,12 +422,57 @@ def prepare_batch(
     return BatchSpec(row, kind, checked_defaults)
 
 
-def open_batch(engine: Engine, spec: BatchSpec) -> BatchSpec:
+def open_batch(engine: Engine, spec: BatchSpec, *, lease_seconds: int | None = None) -> BatchSpec:
     """Write the batch row, status ``validating``, before its lines are read (a large file is
-    read after the create call answered). Returns the spec to pass to :func:`fill_batch`."""
+    read after the create call answered). Returns the spec to pass to :func:`fill_batch`. With
+    ``lease_seconds`` the caller holds the batch that long and renews it
+    (:func:`extend_validation`); unrenewed, :func:`fail_abandoned_validations` ends it."""
+    row = dict(spec.row)
+    if lease_seconds is not None:
+        row["validating_until"] = now_seconds() + lease_seconds
     with write_transaction(engine) as conn:
-        conn.execute(sa.insert(Batch), dict(spec.row))
+        conn.execute(sa.insert(Batch), row)
     return BatchSpec(spec.row, spec.kind, spec.defaults, opened=True)
+
+
+def extend_validation(engine: Engine, batch_id: str, lease_seconds: int) -> bool:
+    """Renew the lease of a batch still validating; False once it is not."""
+    with write_transaction(engine) as conn:
+        renewed = conn.execute(
+            sa.update(Batch)
+            .where(Batch.id == batch_id, Batch.status == BatchStatus.VALIDATING)
+            .values(validating_until=now_seconds() + lease_seconds)
+        )
+    return bool(renewed.rowcount)
+
+
+VALIDATION_INTERRUPTED = "validation_interrupted"
+
+
+def fail_abandoned_validations(engine: Engine, now: int | None = None) -> list[str]:
+    """Fail the batches validating under a lease that ran out: the API process reading the file
+    died (its transaction rolled back, so no request of theirs exists). Failed rather than read
+    again: the file may be what killed it, and a new batch from the same file costs the tenant one
+    call. Returns their ids."""
+    now = now if now is not None else now_seconds()
+    error = LineError(
+        None,
+        VALIDATION_INTERRUPTED,
+        "the server validating the input file stopped before it finished; nothing of this batch "
+        "was queued or billed: create the batch again",
+    )
+    with write_transaction(engine) as conn:
+        failed = conn.execute(
+            sa.update(Batch)
+            .where(
+                Batch.status == BatchStatus.VALIDATING,
+                Batch.validating_until.is_not(None),
+                Batch.validating_until < now,
+            )
+            .values(status=BatchStatus.FAILED, failed_at=now, errors=[error.to_openai()], error_count=1)
+            .returning(Batch.id)
+        ).scalars()
+        return sorted(failed)
 
 
 def fail_batch(engine: Engine, batch_id: str, code: str, message: str) -> bool:

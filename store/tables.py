@@ -173,6 +173,9 @@ class Batch(Base):
     # recorded like any batch, but not listed among the producer's batches.
     hidden: Mapped[bool] = mapped_column(sa.Boolean, default=False, server_default=sa.false())
     webhook_url: Mapped[str | None] = mapped_column(sa.String(2000))
+    # While ``validating`` in the background: until when the API reading its file holds it (it
+    # renews this); past it the sweeper fails the batch (store.ingest.fail_abandoned_validations).
+    validating_until: Mapped[int | None] = mapped_column(sa.BigInteger)
     # Delivery of the completion webhook (at least once, retried by the sweeper with backoff).
     webhook_attempts: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     webhook_next_at: Mapped[int | None] = mapped_column(sa.BigInteger)

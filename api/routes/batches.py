@@ -199,7 +199,7 @@ def _prepare(
         raise InvalidRequest(str(e), param=e.param, code=e.code) from e
     in_background = file.bytes > settings.background_ingest_bytes
     if in_background:
-        spec = store.open_batch(engine, spec)
+        spec = store.open_batch(engine, spec, lease_seconds=settings.validation_lease_seconds)
     return spec, path, in_background
 
 
@@ -227,20 +227,40 @@ async def _fill_in_background(
     if getattr(app.state, "ingest_slots", None) is None:
         app.state.ingest_slots = asyncio.Semaphore(settings.max_background_ingests)
     slots: asyncio.Semaphore = app.state.ingest_slots
-    async with slots:
-        try:
-            report = await run_in_threadpool(_fill, engine, spec, path, body, settings)
-        except FileNotFoundError:
-            message = f"the content of {spec.row['input_file_id']} was deleted before it was read"
-            await run_in_threadpool(store.fail_batch, engine, spec.batch_id, "file_not_found", message)
-            return
-        except Exception:
-            _logger.exception("validating batch %s failed", spec.batch_id)
-            message = "the input file could not be read; it has been logged"
-            await run_in_threadpool(store.fail_batch, engine, spec.batch_id, "internal_error", message)
-            return
+    # The batch's lease is renewed while it waits for a slot and while it is read: a batch whose
+    # renewals stop (this process died) is failed by the sweeper.
+    renewing = asyncio.create_task(
+        _renew_validation(engine, spec.batch_id, settings.validation_lease_seconds)
+    )
+    try:
+        async with slots:
+            try:
+                report = await run_in_threadpool(_fill, engine, spec, path, body, settings)
+            except FileNotFoundError:
+                message = f"the content of {spec.row['input_file_id']} was deleted before it was read"
+                await run_in_threadpool(store.fail_batch, engine, spec.batch_id, "file_not_found", message)
+                return
+            except Exception:
+                _logger.exception("validating batch %s failed", spec.batch_id)
+                message = "the input file could not be read; it has been logged"
+                await run_in_threadpool(store.fail_batch, engine, spec.batch_id, "internal_error", message)
+                return
+    finally:
+        renewing.cancel()
     if report.status == store.BatchStatus.IN_PROGRESS:
         await _dispatch_or_leave_to_sweeper(app, engine, spec.batch_id)
+
+
+async def _renew_validation(engine: Engine, batch_id: str, lease_seconds: int) -> None:
+    """Renew a validating batch's lease every third of it, until cancelled or it is no longer
+    validating; a failed renewal is retried at the next turn."""
+    while True:
+        await asyncio.sleep(lease_seconds / 3)
+        try:
+            if not await run_in_threadpool(store.extend_validation, engine, batch_id, lease_seconds):
+                return
+        except Exception as e:
+            _logger.warning("renewing the validation of %s failed (%s)", batch_id, type(e).__name__)
 
 
 @router.post("")

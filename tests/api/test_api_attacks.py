@@ -4,10 +4,19 @@ answer)."""
 
 from __future__ import annotations
 
-import httpx
+import time
+from collections.abc import Callable
+from pathlib import Path
 
-from tests.api.conftest import LiveAPI
-from tests.api.test_api_input import client, jsonl
+import httpx
+import openai
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+import store
+from tests.api.conftest import LiveAPI, start_api
+from tests.api.test_api_input import batch_line, client, jsonl
+from tests.cluster import Cluster, run_cli
 
 
 def agent_line(custom_id: str, tools: list[str]) -> dict[str, object]:
@@ -55,3 +64,88 @@ def test_agent_run_lines_naming_an_unknown_tool_are_refused_at_ingest_by_line(li
         }, batch["errors"]
         assert "rm_rf" in batch["errors"]["data"][0]["message"]
         assert batch["request_counts"]["total"] == (1 if skip_invalid else 0)
+
+
+def batch_row(engine: sa.Engine, batch_id: str) -> store.Batch:
+    with Session(engine) as session:
+        batch = session.get(store.Batch, batch_id)
+        assert batch is not None
+        session.expunge(batch)
+        return batch
+
+
+def test_a_batch_left_validating_by_a_killed_api_is_failed_by_the_sweeper(
+    cluster: Callable[..., Cluster], postgres_url: str, tmp_path: Path
+) -> None:
+    """An API process killed while a batch waited for (or was in) background validation left it
+    ``validating`` until its completion window ended, 24 h later. Its lease, renewed by a live
+    API only, now runs out and the sweep fails it; a live validation longer than the lease is
+    left alone."""
+    c = cluster()
+    lease_seconds = 3
+    env = {
+        **c.env,
+        "TOKENMILL_FILES_DIR": str(tmp_path / "files"),
+        "TOKENMILL_MAX_UPLOAD_BYTES": str(64 * 1024 * 1024),
+        "TOKENMILL_BACKGROUND_INGEST_BYTES": "0",  # every file is read after the create call
+        "TOKENMILL_MAX_BACKGROUND_INGESTS": "1",
+        "TOKENMILL_VALIDATION_LEASE_SECONDS": str(lease_seconds),
+    }
+    migrated = run_cli(env, "db", "upgrade")
+    assert migrated.returncode == 0, migrated.stderr
+    created = run_cli(env, "keys", "create", "validating")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    engine = store.make_engine(postgres_url)
+    big = jsonl(*(batch_line(f"r{i}", "x" * 100) for i in range(120_000)))
+    process, root = start_api(env, tmp_path / "api-1.log")
+    try:
+        with openai.OpenAI(base_url=f"{root}/v1", api_key=key, max_retries=0, timeout=120) as sdk:
+            big_file = sdk.files.create(file=("big.jsonl", big), purpose="batch")
+            small_file = sdk.files.create(file=("small.jsonl", jsonl(batch_line("a"))), purpose="batch")
+            reading = sdk.batches.create(
+                input_file_id=big_file.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            waiting = sdk.batches.create(
+                input_file_id=small_file.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+    finally:
+        process.kill()
+        process.wait()
+    # The small file waits for the one slot the big file holds: nobody reads it any more.
+    assert batch_row(engine, waiting.id).status == store.BatchStatus.VALIDATING
+    c.beat()
+    deadline = time.monotonic() + 60
+    while batch_row(engine, waiting.id).status == store.BatchStatus.VALIDATING:
+        assert time.monotonic() < deadline, "the abandoned batch is still validating"
+        time.sleep(0.2)
+    abandoned = batch_row(engine, waiting.id)
+    assert abandoned.status == store.BatchStatus.FAILED
+    assert [e["code"] for e in abandoned.errors or []] == ["validation_interrupted"]
+    assert batch_row(engine, reading.id).status != store.BatchStatus.VALIDATING
+    with engine.connect() as conn:
+        count = sa.select(sa.func.count()).select_from(store.Request)
+        assert conn.execute(count.where(store.Request.batch_id == waiting.id)).scalar_one() == 0
+
+    # A live API renews the lease of what it reads, however long that takes.
+    process, root = start_api(env, tmp_path / "api-2.log")
+    try:
+        with openai.OpenAI(base_url=f"{root}/v1", api_key=key, max_retries=0, timeout=120) as sdk:
+            started = time.monotonic()
+            batch = sdk.batches.create(
+                input_file_id=big_file.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            while batch.status == "validating":
+                assert time.monotonic() - started < 110, "still validating"
+                time.sleep(0.2)
+                batch = sdk.batches.retrieve(batch.id)
+            took = time.monotonic() - started
+    finally:
+        process.kill()  # the sweeper dispatches what it had not yet
+        process.wait()
+    engine.dispose()
+    print(f"validating 120k lines took {took:.1f} s")
+    assert (batch.status, batch.errors) == ("in_progress", None)
+    assert batch.request_counts is not None
+    assert batch.request_counts.total == 120_000
+    assert took > lease_seconds + 1, f"validation took {took:.1f} s, not longer than its lease"

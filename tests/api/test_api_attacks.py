@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 import store
 from tests.api.conftest import LiveAPI, start_api
+from tests.api.test_api_hardening import post_batch
 from tests.api.test_api_input import batch_line, client, jsonl
 from tests.cluster import Cluster, run_cli
 
@@ -149,3 +150,19 @@ def test_a_batch_left_validating_by_a_killed_api_is_failed_by_the_sweeper(
     assert batch.request_counts is not None
     assert batch.request_counts.total == 120_000
     assert took > lease_seconds + 1, f"validation took {took:.1f} s, not longer than its lease"
+
+
+def test_webhook_urls_embedding_an_internal_ipv4_in_6to4_are_refused(live_api: LiveAPI) -> None:
+    """6to4 addresses (2002:AABB:CCDD::/48) carry an IPv4 address that a host with a 6to4 route
+    sends to: ``[2002:a9fe:a9fe::]`` is the cloud metadata address, and was accepted."""
+    key = live_api.new_key("webhook-6to4")
+    with client(live_api, key) as sdk:
+        uploaded = sdk.files.create(file=("in.jsonl", jsonl(batch_line("a"))), purpose="batch")
+    for url in ("http://[2002:7f00:1::]/hook", "http://[2002:a9fe:a9fe::1]/hook", "http://[2002:a00:1::]/"):
+        answer = post_batch(live_api, key, uploaded.id, webhook_url=url)
+        assert answer.status_code == 400, (url, answer.text)
+        error = answer.json()["error"]
+        assert (error["code"], error["param"]) == ("webhook_url_not_public", "webhook_url"), (url, error)
+    # 6to4 of a public IPv4 address is public.
+    public = post_batch(live_api, key, uploaded.id, webhook_url="http://[2002:5db8:d70e::]/hook")
+    assert public.status_code == 200, public.text

@@ -166,3 +166,27 @@ def test_webhook_urls_embedding_an_internal_ipv4_in_6to4_are_refused(live_api: L
     # 6to4 of a public IPv4 address is public.
     public = post_batch(live_api, key, uploaded.id, webhook_url="http://[2002:5db8:d70e::]/hook")
     assert public.status_code == 200, public.text
+
+
+def test_refused_upload_fields_and_query_values_are_echoed_bounded(live_api: LiveAPI) -> None:
+    """A refused ``purpose`` (a multipart field: up to 1 MB) and ``group_by`` (the query string)
+    were echoed whole into the error message."""
+    key = live_api.new_key("echo-bounds")
+    headers = {"Authorization": f"Bearer {key}"}
+    long_purpose = "p" * 50_000
+    refused = httpx.post(
+        f"{live_api.base_url}/files",
+        headers=headers,
+        files={"file": ("in.jsonl", jsonl(batch_line("a")))},
+        data={"purpose": long_purpose},
+    )
+    assert refused.status_code == 400, refused.text[:300]
+    error = refused.json()["error"]
+    assert error["param"] == "purpose"
+    assert len(error["message"]) < 400, len(error["message"])
+    assert "50000 characters" in error["message"]
+    grouped = httpx.get(f"{live_api.base_url}/usage", headers=headers, params={"group_by": "g" * 8000})
+    assert grouped.status_code == 400, grouped.text[:300]
+    error = grouped.json()["error"]
+    assert error["param"] == "group_by"
+    assert len(error["message"]) < 400, len(error["message"])

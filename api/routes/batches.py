@@ -30,6 +30,7 @@ from agents.tools import default_registry
 from api.deps import ID_PATTERN, AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
 from api.errors import Conflict, InvalidRequest, NotFound
 from models.errors import ModelClientError
+from store.tables import MAX_WEBHOOK_URL_CHARS
 from workers.agent_tasks import parse_agent_run_body
 from workers.settings import Settings
 from workers.webhooks import WebhookURLRefused, resolve_webhook_url
@@ -160,6 +161,12 @@ def _checked_webhook_url(url: HttpUrl | None, settings: Settings) -> str | None:
     """The URL, once its host resolves to public addresses only (``workers.webhooks``)."""
     if url is None:
         return None
+    if len(str(url)) > MAX_WEBHOOK_URL_CHARS:  # as normalised: "é" is kept as "%C3%A9"
+        raise InvalidRequest(
+            f"the webhook URL is longer than {MAX_WEBHOOK_URL_CHARS} characters once normalised",
+            param="webhook_url",
+            code="webhook_url_too_long",
+        )
     try:
         resolve_webhook_url(str(url), allow_private=settings.webhook_allow_private)
     except WebhookURLRefused as e:

@@ -190,3 +190,20 @@ def test_refused_upload_fields_and_query_values_are_echoed_bounded(live_api: Liv
     error = grouped.json()["error"]
     assert error["param"] == "group_by"
     assert len(error["message"]) < 400, len(error["message"])
+
+
+def test_a_webhook_url_longer_than_the_ledger_keeps_is_refused_by_name(live_api: LiveAPI) -> None:
+    """URLs are checked for 2083 characters as sent, but the ledger keeps 2000 of the URL as
+    normalised (``é`` becomes ``%C3%A9``): both overflowed into a 500."""
+    key = live_api.new_key("webhook-length")
+    with client(live_api, key) as sdk:
+        uploaded = sdk.files.create(file=("in.jsonl", jsonl(batch_line("a"))), purpose="batch")
+    for url in ("https://93.184.215.14/" + "a" * 2040, "https://93.184.215.14/" + "\u00e9" * 600):
+        answer = post_batch(live_api, key, uploaded.id, webhook_url=url)
+        assert answer.status_code == 400, (len(url), answer.text)
+        error = answer.json()["error"]
+        assert (error["code"], error["param"]) == ("webhook_url_too_long", "webhook_url"), error
+    longest = "https://93.184.215.14/" + "a" * (2000 - len("https://93.184.215.14/"))
+    accepted = post_batch(live_api, key, uploaded.id, webhook_url=longest)
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["webhook"]["url"] == longest

@@ -126,6 +126,7 @@ def submit(
     Example: BATCH=$(tokenmill submit prompts.jsonl --model gpt-4o-mini)
     """
     from api.app import dispatch_to_workers
+    from api.routes.batches import check_agent_run_body
 
     settings = get_settings()
     if settings.broker_url is None:
@@ -145,6 +146,8 @@ def submit(
             skip_invalid=skip_invalid,
             max_body_bytes=settings.max_request_body_bytes,
             max_lines=settings.max_requests_per_batch,
+            # What the API checks in each line of an agent-run batch (tool names included).
+            check_body=check_agent_run_body if endpoint == "/v1/agent_runs" else None,
         )
     for error in report.errors:
         console.print(f"line {error.line}: {error.code}: {error.message}")

@@ -324,6 +324,7 @@ def ingest_batch(
     chunk_bytes: int = 4 * 1024 * 1024,
     postgres_copy: bool = True,
     now: int | None = None,
+    check_body: BodyCheck | None = None,
 ) -> IngestReport:
     """Read ``source`` (a binary file object, read line by line) into a new batch.
 
@@ -359,6 +360,7 @@ def ingest_batch(
         chunk_size=chunk_size,
         chunk_bytes=chunk_bytes,
         postgres_copy=postgres_copy,
+        check_body=check_body,
     )
 
 

@@ -207,3 +207,17 @@ def test_a_webhook_url_longer_than_the_ledger_keeps_is_refused_by_name(live_api:
     accepted = post_batch(live_api, key, uploaded.id, webhook_url=longest)
     assert accepted.status_code == 200, accepted.text
     assert accepted.json()["webhook"]["url"] == longest
+
+
+def test_tokenmill_submit_refuses_agent_run_lines_naming_an_unknown_tool(
+    cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    """The CLI's submit wrote to the ledger without the check the API makes on each line."""
+    c = cluster()
+    migrated = run_cli(c.env, "db", "upgrade")
+    assert migrated.returncode == 0, migrated.stderr
+    source = tmp_path / "runs.jsonl"
+    source.write_bytes(jsonl(agent_line("good", ["calculator"]), agent_line("bad", ["rm_rf"])))
+    submitted = run_cli(c.env, "submit", str(source), "--endpoint", "/v1/agent_runs", "--model", "sim-model")
+    assert submitted.returncode == 1, (submitted.stdout, submitted.stderr)
+    assert "line 2: unknown_tool" in submitted.stderr, submitted.stderr

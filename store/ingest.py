@@ -39,7 +39,7 @@ import json
 import os
 import re
 from array import array
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -437,15 +437,15 @@ def open_batch(engine: Engine, spec: BatchSpec, *, lease_seconds: int | None = N
     return BatchSpec(spec.row, spec.kind, spec.defaults, opened=True)
 
 
-def extend_validation(engine: Engine, batch_id: str, lease_seconds: int) -> bool:
-    """Renew the lease of a batch still validating; False once it is not."""
+def extend_validation(engine: Engine, batch_ids: Sequence[str], lease_seconds: int) -> int:
+    """Renew the leases of those of ``batch_ids`` still validating; returns how many."""
     with write_transaction(engine) as conn:
         renewed = conn.execute(
             sa.update(Batch)
-            .where(Batch.id == batch_id, Batch.status == BatchStatus.VALIDATING)
+            .where(Batch.id.in_(batch_ids), Batch.status == BatchStatus.VALIDATING)
             .values(validating_until=now_seconds() + lease_seconds)
         )
-    return bool(renewed.rowcount)
+    return int(renewed.rowcount)
 
 
 VALIDATION_INTERRUPTED = "validation_interrupted"

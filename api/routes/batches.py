@@ -236,9 +236,8 @@ async def _fill_in_background(
     slots: asyncio.Semaphore = app.state.ingest_slots
     # The batch's lease is renewed while it waits for a slot and while it is read: a batch whose
     # renewals stop (this process died) is failed by the sweeper.
-    renewing = asyncio.create_task(
-        _renew_validation(engine, spec.batch_id, settings.validation_lease_seconds)
-    )
+    validating = _validations_held(app, engine, settings.validation_lease_seconds)
+    validating.add(spec.batch_id)
     try:
         async with slots:
             try:
@@ -253,21 +252,32 @@ async def _fill_in_background(
                 await run_in_threadpool(store.fail_batch, engine, spec.batch_id, "internal_error", message)
                 return
     finally:
-        renewing.cancel()
+        validating.discard(spec.batch_id)
     if report.status == store.BatchStatus.IN_PROGRESS:
         await _dispatch_or_leave_to_sweeper(app, engine, spec.batch_id)
 
 
-async def _renew_validation(engine: Engine, batch_id: str, lease_seconds: int) -> None:
-    """Renew a validating batch's lease every third of it, until cancelled or it is no longer
-    validating; a failed renewal is retried at the next turn."""
+def _validations_held(app: Any, engine: Engine, lease_seconds: int) -> set[str]:
+    """The ids of the batches this process validates (or will: waiting for a slot), whose
+    leases one task renews together, so that many waiting batches cost one UPDATE a turn."""
+    held: set[str] | None = getattr(app.state, "validations_held", None)
+    if held is None:
+        held = app.state.validations_held = set()
+        app.state.validation_renewer = asyncio.create_task(_renew_validations(engine, held, lease_seconds))
+    return held
+
+
+async def _renew_validations(engine: Engine, held: set[str], lease_seconds: int) -> None:
+    """Renew the leases of ``held`` every third of a lease, for the life of the process; a failed
+    renewal is retried at the next turn."""
     while True:
         await asyncio.sleep(lease_seconds / 3)
+        if not held:
+            continue
         try:
-            if not await run_in_threadpool(store.extend_validation, engine, batch_id, lease_seconds):
-                return
+            await run_in_threadpool(store.extend_validation, engine, sorted(held), lease_seconds)
         except Exception as e:
-            _logger.warning("renewing the validation of %s failed (%s)", batch_id, type(e).__name__)
+            _logger.warning("renewing %d validation lease(s) failed (%s)", len(held), type(e).__name__)
 
 
 @router.post("")

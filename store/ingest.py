@@ -59,6 +59,7 @@ __all__ = [
     "BodyCheck",
     "IngestReport",
     "LineError",
+    "count_validating",
     "extend_validation",
     "fail_abandoned_validations",
     "fail_batch",
@@ -446,6 +447,15 @@ def extend_validation(engine: Engine, batch_ids: Sequence[str], lease_seconds: i
             .values(validating_until=now_seconds() + lease_seconds)
         )
     return int(renewed.rowcount)
+
+
+def count_validating(engine: Engine, tenant_id: str) -> int:
+    """The tenant's batches still ``validating``."""
+    with engine.connect() as conn:
+        query = sa.select(sa.func.count()).where(
+            Batch.tenant_id == tenant_id, Batch.status == BatchStatus.VALIDATING
+        )
+        return int(conn.execute(query).scalar_one())
 
 
 VALIDATION_INTERRUPTED = "validation_interrupted"

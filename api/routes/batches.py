@@ -7,7 +7,10 @@ passed in the create body (``extra_body`` in the openai SDK).
 
 An input file over ``background_ingest_bytes`` (1 MiB) is read after the create call answers, as
 OpenAI does: the batch is ``validating``, then ``in_progress`` (and dispatched) or ``failed`` with
-its errors. A batch's ``errors`` hold the first 100 line errors; ``errors.total_count`` (tokenmill's)
+its errors. A tenant has at most ``max_validating_batches_per_tenant`` (4) validating at once (a
+429 ``too_many_validating_batches`` beyond), and the API renews their leases while it reads them
+(a batch whose API died is failed by the sweeper: ``validation_interrupted``). A batch's
+``errors`` hold the first 100 line errors; ``errors.total_count`` (tokenmill's)
 counts them all."""
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import store
 from agents.exceptions import UnknownToolError
 from agents.tools import default_registry
 from api.deps import ID_PATTERN, AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
-from api.errors import Conflict, InvalidRequest, NotFound
+from api.errors import Conflict, InvalidRequest, NotFound, RateLimitExceeded
 from models.errors import ModelClientError
 from store.tables import MAX_WEBHOOK_URL_CHARS
 from workers.agent_tasks import parse_agent_run_body
@@ -206,6 +209,13 @@ def _prepare(
         raise InvalidRequest(str(e), param=e.param, code=e.code) from e
     in_background = file.bytes > settings.background_ingest_bytes
     if in_background:
+        limit = settings.max_validating_batches_per_tenant
+        if store.count_validating(engine, tenant.id) >= limit:
+            raise RateLimitExceeded(
+                f"{limit} of your batches are still validating; create this one once one of them is "
+                "in_progress or failed",
+                code="too_many_validating_batches",
+            )
         spec = store.open_batch(engine, spec, lease_seconds=settings.validation_lease_seconds)
     return spec, path, in_background
 

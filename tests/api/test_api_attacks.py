@@ -221,3 +221,59 @@ def test_tokenmill_submit_refuses_agent_run_lines_naming_an_unknown_tool(
     submitted = run_cli(c.env, "submit", str(source), "--endpoint", "/v1/agent_runs", "--model", "sim-model")
     assert submitted.returncode == 1, (submitted.stdout, submitted.stderr)
     assert "line 2: unknown_tool" in submitted.stderr, submitted.stderr
+
+
+def test_one_tenant_cannot_queue_enough_validations_to_hold_up_another(
+    cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    """Files over ``background_ingest_bytes`` are validated a few at a time per API process, in
+    arrival order: a tenant that created hundreds of batches on a large file held every other
+    tenant's batches ``validating`` behind them for hours. Each tenant now has at most
+    ``max_validating_batches_per_tenant`` validating; more is a 429 that a retry with the same
+    Idempotency-Key gets past once they are done (a 429 is not kept for replay)."""
+    c = cluster()
+    env = {
+        **c.env,
+        "TOKENMILL_FILES_DIR": str(tmp_path / "files"),
+        "TOKENMILL_MAX_UPLOAD_BYTES": str(64 * 1024 * 1024),
+        "TOKENMILL_BACKGROUND_INGEST_BYTES": "0",
+        "TOKENMILL_MAX_BACKGROUND_INGESTS": "1",
+        "TOKENMILL_MAX_VALIDATING_BATCHES_PER_TENANT": "2",
+    }
+    migrated = run_cli(env, "db", "upgrade")
+    assert migrated.returncode == 0, migrated.stderr
+    keys = [run_cli(env, "keys", "create", name).stdout.strip() for name in ("hog", "other")]
+    big = jsonl(*(batch_line(f"r{i}", "x" * 100) for i in range(60_000)))
+    process, root = start_api(env, tmp_path / "api.log")
+    try:
+        hog, other = (openai.OpenAI(base_url=f"{root}/v1", api_key=key, max_retries=0) for key in keys)
+        big_file = hog.files.create(file=("big.jsonl", big), purpose="batch")
+        created = [
+            hog.batches.create(
+                input_file_id=big_file.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            for _ in range(2)
+        ]
+        headers = {"Authorization": f"Bearer {keys[0]}", "Idempotency-Key": "third"}
+        body = {"input_file_id": big_file.id, "endpoint": "/v1/chat/completions"}
+        third = httpx.post(f"{root}/v1/batches", headers=headers, json=body, timeout=60)
+        assert third.status_code == 429, third.text
+        assert third.json()["error"]["code"] == "too_many_validating_batches"
+        # Another tenant is not counted against the first one's validations.
+        small = other.files.create(file=("small.jsonl", jsonl(batch_line("a"))), purpose="batch")
+        theirs = other.batches.create(
+            input_file_id=small.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        assert theirs.status == "validating"
+        deadline = time.monotonic() + 100
+        while any(hog.batches.retrieve(b.id).status == "validating" for b in created):
+            assert time.monotonic() < deadline, "still validating"
+            time.sleep(0.5)
+        retried = httpx.post(f"{root}/v1/batches", headers=headers, json=body, timeout=60)
+        assert retried.status_code == 200, retried.text
+        assert "idempotent-replayed" not in retried.headers
+        hog.close()
+        other.close()
+    finally:
+        process.kill()
+        process.wait()

@@ -29,7 +29,10 @@ Line error codes: ``invalid_json``, ``invalid_line`` (JSON but not an object), `
 ``mismatched_endpoint``, ``invalid_method``, ``body_too_large``, ``too_many_lines``, ``empty_file``
 (line None), and those of :mod:`store.input_checks` for what the ledger cannot keep or a worker
 could not run: ``non_finite_number`` (NaN, Infinity, 1e999), ``nesting_too_deep`` (over 64 levels),
-``lone_surrogate`` and ``nul_character`` (in any string or key).
+``lone_surrogate`` and ``nul_character`` (in any string or key); and those of the caller's
+``check_body`` (the API's for agent runs: ``unknown_tool``, ``invalid_agent_run``). A batch left
+``validating`` by an API that died (its lease, ``validating_until``, not renewed) is failed by
+:func:`fail_abandoned_validations` with ``validation_interrupted``.
 """
 
 from __future__ import annotations

@@ -50,10 +50,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from store.engine import is_postgresql, write_transaction
-from store.errors import InvalidArgument
+from store.errors import InvalidArgument, InvalidState
 from store.ids import new_id, now_seconds
 from store.input_checks import JSONRejected, bounded_text, check_json_value, parse_json, quote_input
-from store.tables import Batch, BatchStatus, Request, RequestKind, RequestStatus
+from store.tables import Batch, BatchStatus, Request, RequestKind, RequestStatus, Tenant
 
 __all__ = [
     "ENDPOINT_KINDS",
@@ -62,7 +62,6 @@ __all__ = [
     "BodyCheck",
     "IngestReport",
     "LineError",
-    "count_validating",
     "extend_validation",
     "fail_abandoned_validations",
     "fail_batch",
@@ -428,15 +427,30 @@ def prepare_batch(
     return BatchSpec(row, kind, checked_defaults)
 
 
-def open_batch(engine: Engine, spec: BatchSpec, *, lease_seconds: int | None = None) -> BatchSpec:
+def open_batch(
+    engine: Engine, spec: BatchSpec, *, lease_seconds: int | None = None, max_validating: int | None = None
+) -> BatchSpec:
     """Write the batch row, status ``validating``, before its lines are read (a large file is
     read after the create call answered). Returns the spec to pass to :func:`fill_batch`. With
     ``lease_seconds`` the caller holds the batch that long and renews it
-    (:func:`extend_validation`); unrenewed, :func:`fail_abandoned_validations` ends it."""
+    (:func:`extend_validation`); unrenewed, :func:`fail_abandoned_validations` ends it. Raises
+    ``InvalidState`` when the tenant has ``max_validating`` batches validating already."""
     row = dict(spec.row)
     if lease_seconds is not None:
         row["validating_until"] = now_seconds() + lease_seconds
     with write_transaction(engine) as conn:
+        if max_validating is not None:
+            # The tenant's row locked: concurrent opens of one tenant count one after the other
+            # (NO KEY UPDATE: the foreign-key checks of the tenant's other inserts do not wait).
+            tenant_id = row["tenant_id"]
+            conn.execute(sa.select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
+            validating = conn.execute(
+                sa.select(sa.func.count()).where(
+                    Batch.tenant_id == tenant_id, Batch.status == BatchStatus.VALIDATING
+                )
+            ).scalar_one()
+            if validating >= max_validating:
+                raise InvalidState(f"{validating} batches of the tenant are validating already")
         conn.execute(sa.insert(Batch), row)
     return BatchSpec(spec.row, spec.kind, spec.defaults, opened=True)
 
@@ -450,15 +464,6 @@ def extend_validation(engine: Engine, batch_ids: Sequence[str], lease_seconds: i
             .values(validating_until=now_seconds() + lease_seconds)
         )
     return int(renewed.rowcount)
-
-
-def count_validating(engine: Engine, tenant_id: str) -> int:
-    """The tenant's batches still ``validating``."""
-    with engine.connect() as conn:
-        query = sa.select(sa.func.count()).where(
-            Batch.tenant_id == tenant_id, Batch.status == BatchStatus.VALIDATING
-        )
-        return int(conn.execute(query).scalar_one())
 
 
 VALIDATION_INTERRUPTED = "validation_interrupted"

@@ -210,13 +210,16 @@ def _prepare(
     in_background = file.bytes > settings.background_ingest_bytes
     if in_background:
         limit = settings.max_validating_batches_per_tenant
-        if store.count_validating(engine, tenant.id) >= limit:
+        try:
+            spec = store.open_batch(
+                engine, spec, lease_seconds=settings.validation_lease_seconds, max_validating=limit
+            )
+        except store.InvalidState as e:
             raise RateLimitExceeded(
                 f"{limit} of your batches are still validating; create this one once one of them is "
                 "in_progress or failed",
                 code="too_many_validating_batches",
-            )
-        spec = store.open_batch(engine, spec, lease_seconds=settings.validation_lease_seconds)
+            ) from e
     return spec, path, in_background
 
 

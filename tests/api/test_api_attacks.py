@@ -4,6 +4,7 @@ answer)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -248,14 +249,18 @@ def test_one_tenant_cannot_queue_enough_validations_to_hold_up_another(
     try:
         hog, other = (openai.OpenAI(base_url=f"{root}/v1", api_key=key, max_retries=0) for key in keys)
         big_file = hog.files.create(file=("big.jsonl", big), purpose="batch")
-        created = [
-            hog.batches.create(
-                input_file_id=big_file.id, endpoint="/v1/chat/completions", completion_window="24h"
-            )
-            for _ in range(2)
-        ]
-        headers = {"Authorization": f"Bearer {keys[0]}", "Idempotency-Key": "third"}
         body = {"input_file_id": big_file.id, "endpoint": "/v1/chat/completions"}
+        auth = {"Authorization": f"Bearer {keys[0]}"}
+        # Many at once get no further than one at a time.
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            burst = list(
+                pool.map(
+                    lambda _: httpx.post(f"{root}/v1/batches", headers=auth, json=body, timeout=60), range(12)
+                )
+            )
+        assert sorted(answer.status_code for answer in burst) == [200] * 2 + [429] * 10
+        created = [hog.batches.retrieve(answer.json()["id"]) for answer in burst if answer.status_code == 200]
+        headers = {**auth, "Idempotency-Key": "third"}
         third = httpx.post(f"{root}/v1/batches", headers=headers, json=body, timeout=60)
         assert third.status_code == 429, third.text
         assert third.json()["error"]["code"] == "too_many_validating_batches"

@@ -5,7 +5,7 @@ The key is scoped to the tenant. The request is identified by its method, path, 
 (a JSON body compared as parsed, a multipart body without its random boundary). The same key with
 another request is refused (422 ``idempotency_key_reused``); while the first request with a key is
 being answered, another one is refused (409 ``idempotency_key_in_use``: retry later). Answers
-below 500 are kept ``TOKENMILL_IDEMPOTENCY_RETENTION_SECONDS`` and replayed with the header
+below 500 (but 429) are kept ``TOKENMILL_IDEMPOTENCY_RETENTION_SECONDS`` and replayed with the header
 ``Idempotent-Replayed: true``; a 5xx answer means nothing was done that a retry would repeat at a
 cost (see ``api.routes.single_request.dispatch_or_cancel``), so the key is freed for the retry.
 """
@@ -107,8 +107,11 @@ class _CapturingSend:
         await self._send(message)
 
     def stored(self) -> store.StoredResponse | None:
-        """The answer to keep, or None (incomplete, too large, or a 5xx)."""
+        """The answer to keep, or None (incomplete, too large, a 429 or a 5xx: nothing was done
+        that a retry would repeat)."""
         if not self.complete or self.status_code is None or self.status_code >= 500:
+            return None
+        if self.status_code == 429:
             return None
         if self.size > _MAX_STORED_RESPONSE:
             return None

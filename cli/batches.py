@@ -50,6 +50,7 @@ def submit(
 
     Example: BATCH=$(tokenmill submit prompts.jsonl --model gpt-4o-mini)
     """
+    from workers.agent_tasks import check_agent_run_body
     from workers.enqueue import BROKER_UNREACHABLE, enqueue_batch, producer_dispatcher
 
     settings = get_settings()
@@ -70,6 +71,8 @@ def submit(
             skip_invalid=skip_invalid,
             max_body_bytes=settings.max_request_body_bytes,
             max_lines=settings.max_requests_per_batch,
+            # What the API checks in each line of an agent-run batch (tool names included).
+            check_body=check_agent_run_body if endpoint == "/v1/agent_runs" else None,
         )
     for error in report.errors:
         console.print(f"line {error.line}: {error.code}: {error.message}")

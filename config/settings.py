@@ -153,6 +153,13 @@ class Settings(BaseSettings):
     background_ingest_bytes: int = Field(default=1024 * 1024, ge=0)
     # Validations running at once in one API process (each holds up to ~64 MB); more wait.
     max_background_ingests: int = Field(default=2, ge=1)
+    # A validating batch's lease, renewed by the API process that reads its file (every third of
+    # it): the sweeper fails a batch whose lease ran out (that API died), instead of leaving it
+    # "validating" until its completion window ends.
+    validation_lease_seconds: int = Field(default=60, ge=3)
+    # Batches one tenant may have validating in the background at once (a 429 beyond): they are
+    # read a few at a time in arrival order, so more would hold up every other tenant's batches.
+    max_validating_batches_per_tenant: int = Field(default=4, ge=1)
     sync_timeout_seconds: float = Field(default=600.0, gt=0, description="POST /v1/chat/completions wait")
     # How long a POST's answer is kept for a retry with the same Idempotency-Key.
     idempotency_retention_seconds: int = Field(default=24 * 3600, ge=60)

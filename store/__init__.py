@@ -164,8 +164,11 @@ if TYPE_CHECKING:
     from store.ingest import (
         MAX_STORED_ERRORS,
         BatchSpec,
+        ExtraBodyCheck,
         IngestReport,
         LineError,
+        extend_validation,
+        fail_abandoned_validations,
         fail_batch,
         fill_batch,
         ingest_batch,
@@ -240,6 +243,9 @@ else:
     # Each public name's submodule, imported on the name's first use (PEP 562): importing
     # ``store`` or one of its submodules stays cheap.
     _SOURCES = {
+        "ExtraBodyCheck": "store.ingest",
+        "extend_validation": "store.ingest",
+        "fail_abandoned_validations": "store.ingest",
         "AgentMessageToResend": "store.agent_messages",
         "StoredAgentMessage": "store.agent_messages",
         "agent_messages_to_resend": "store.agent_messages",
@@ -402,6 +408,7 @@ __all__ = [
     "ConversationRun",
     "DiscardedAnswer",
     "DueWebhook",
+    "ExtraBodyCheck",
     "File",
     "FileKind",
     "IdempotencyClaim",
@@ -456,6 +463,8 @@ __all__ = [
     "expire_batches",
     "extend_agent_message_lease",
     "extend_leases",
+    "extend_validation",
+    "fail_abandoned_validations",
     "fail_batch",
     "fill_batch",
     "get_agent_message",

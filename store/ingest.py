@@ -29,7 +29,10 @@ Line error codes: ``invalid_json``, ``invalid_line`` (JSON but not an object), `
 ``mismatched_endpoint``, ``invalid_method``, ``body_too_large``, ``too_many_lines``, ``empty_file``
 (line None), and those of :mod:`store.input_checks` for what the ledger cannot keep or a worker
 could not run: ``non_finite_number`` (NaN, Infinity, 1e999), ``nesting_too_deep`` (over 64 levels),
-``lone_surrogate`` and ``nul_character`` (in any string or key).
+``lone_surrogate`` and ``nul_character`` (in any string or key); and those of the caller's
+``check_body`` (the API's for agent runs: ``unknown_tool``, ``invalid_agent_run``). A batch left
+``validating`` by an API that died (its lease, ``validating_until``, not renewed) is failed by
+:func:`fail_abandoned_validations` with ``validation_interrupted``.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import json
 import os
 import re
 from array import array
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -48,17 +51,20 @@ from sqlalchemy.engine import Connection, Engine
 
 from store.batch_lifecycle import move_batches
 from store.engine import is_postgresql, write_transaction
-from store.errors import InvalidArgument
+from store.errors import InvalidArgument, InvalidState
 from store.ids import new_id, now_seconds
 from store.input_checks import JSONRejected, bounded_text, check_json_value, parse_json, quote_input
 from store.request_kinds import REQUEST_KINDS, BadLine, RequestKindSpec, require_field
-from store.tables import Batch, BatchStatus, Request, RequestKind, RequestStatus
+from store.tables import Batch, BatchStatus, Request, RequestKind, RequestStatus, Tenant
 
 __all__ = [
     "MAX_STORED_ERRORS",
     "BatchSpec",
+    "ExtraBodyCheck",
     "IngestReport",
     "LineError",
+    "extend_validation",
+    "fail_abandoned_validations",
     "fail_batch",
     "fill_batch",
     "ingest_batch",
@@ -77,6 +83,11 @@ MAX_STORED_ERRORS = 100
 MAX_ERROR_MESSAGE_CHARS = 500
 _WINDOW = re.compile(r"^([1-9][0-9]*)h$")
 _SHORT_FORM_KEYS = ("custom_id", "prompt", "messages")
+
+# A check of a line's body that the ledger cannot make itself (e.g. that an agent run's tools
+# exist: ``store`` knows no tools); raises ``InvalidArgument`` whose ``code`` becomes the line's
+# error code and whose ``param`` is a path inside the body.
+ExtraBodyCheck = Callable[[Mapping[str, Any]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,8 +182,22 @@ def _read_lines(source: IO[bytes], max_body_bytes: int) -> Iterator[bytes | None
         yield None if len(line) > max_body_bytes else line
 
 
+def _checked(check_body: ExtraBodyCheck | None, body: Mapping[str, Any], prefix: str) -> None:
+    if check_body is None:
+        return
+    try:
+        check_body(body)
+    except InvalidArgument as e:
+        param = None if e.param is None else prefix + e.param
+        raise BadLine(e.code or "invalid_value", str(e), param) from e
+
+
 def _parse_line(
-    raw: bytes, line_number: int, request_kind: RequestKindSpec, defaults: Mapping[str, Any]
+    raw: bytes,
+    line_number: int,
+    request_kind: RequestKindSpec,
+    defaults: Mapping[str, Any],
+    check_body: ExtraBodyCheck | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """(custom_id, body) of a valid line; raises BadLine."""
     try:
@@ -197,6 +222,7 @@ def _parse_line(
             )
         body = require_field(obj, "body", dict, "an object")
         request_kind.check_body(body, "body.")
+        _checked(check_body, body, "body.")
     else:
         custom_id = obj.pop("custom_id", None)
         if custom_id is None:
@@ -207,6 +233,7 @@ def _parse_line(
         body = {**defaults, **obj}
         request_kind.take_prompt(body, prompt, obj)
         request_kind.check_body(body, "")
+        _checked(check_body, body, "")
     if not custom_id:
         raise BadLine("invalid_value", "'custom_id' must not be empty", "custom_id")
     if len(custom_id) > MAX_CUSTOM_ID_CHARS:
@@ -249,6 +276,7 @@ def ingest_batch(
     chunk_bytes: int = 4 * 1024 * 1024,
     postgres_copy: bool = True,
     now: int | None = None,
+    check_body: ExtraBodyCheck | None = None,
 ) -> IngestReport:
     """Read ``source`` (a binary file object, read line by line) into a new batch.
 
@@ -284,6 +312,7 @@ def ingest_batch(
         chunk_size=chunk_size,
         chunk_bytes=chunk_bytes,
         postgres_copy=postgres_copy,
+        check_body=check_body,
     )
 
 
@@ -348,12 +377,72 @@ def prepare_batch(
     return BatchSpec(row, kind, checked_defaults)
 
 
-def open_batch(engine: Engine, spec: BatchSpec) -> BatchSpec:
+def open_batch(
+    engine: Engine, spec: BatchSpec, *, lease_seconds: int | None = None, max_validating: int | None = None
+) -> BatchSpec:
     """Write the batch row, status ``validating``, before its lines are read (a large file is
-    read after the create call answered). Returns the spec to pass to :func:`fill_batch`."""
+    read after the create call answered). Returns the spec to pass to :func:`fill_batch`. With
+    ``lease_seconds`` the caller holds the batch that long and renews it
+    (:func:`extend_validation`); unrenewed, :func:`fail_abandoned_validations` ends it. Raises
+    ``InvalidState`` when the tenant has ``max_validating`` batches validating already."""
+    row = dict(spec.row)
+    if lease_seconds is not None:
+        row["validating_until"] = now_seconds() + lease_seconds
     with write_transaction(engine) as conn:
-        conn.execute(sa.insert(Batch), dict(spec.row))
+        if max_validating is not None:
+            # The tenant's row locked: concurrent opens of one tenant count one after the other
+            # (NO KEY UPDATE: the foreign-key checks of the tenant's other inserts do not wait).
+            tenant_id = row["tenant_id"]
+            conn.execute(sa.select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
+            validating = conn.execute(
+                sa.select(sa.func.count()).where(
+                    Batch.tenant_id == tenant_id, Batch.status == BatchStatus.VALIDATING
+                )
+            ).scalar_one()
+            if validating >= max_validating:
+                raise InvalidState(f"{validating} batches of the tenant are validating already")
+        conn.execute(sa.insert(Batch), row)
     return BatchSpec(spec.row, spec.kind, spec.defaults, opened=True)
+
+
+def extend_validation(engine: Engine, batch_ids: Sequence[str], lease_seconds: int) -> int:
+    """Renew the leases of those of ``batch_ids`` still validating; returns how many."""
+    with write_transaction(engine) as conn:
+        renewed = conn.execute(
+            sa.update(Batch)
+            .where(Batch.id.in_(batch_ids), Batch.status == BatchStatus.VALIDATING)
+            .values(validating_until=now_seconds() + lease_seconds)
+        )
+    return int(renewed.rowcount)
+
+
+VALIDATION_INTERRUPTED = "validation_interrupted"
+
+
+def fail_abandoned_validations(engine: Engine, now: int | None = None) -> list[str]:
+    """Fail the batches validating under a lease that ran out: the API process reading the file
+    died (its transaction rolled back, so no request of theirs exists). Failed rather than read
+    again: the file may be what killed it, and a new batch from the same file costs the tenant one
+    call. Returns their ids."""
+    now = now if now is not None else now_seconds()
+    error = LineError(
+        None,
+        VALIDATION_INTERRUPTED,
+        "the server validating the input file stopped before it finished; nothing of this batch "
+        "was queued or billed: create the batch again",
+    )
+    with write_transaction(engine) as conn:
+        failed = conn.execute(
+            sa.update(Batch)
+            .where(
+                Batch.status == BatchStatus.VALIDATING,
+                Batch.validating_until.is_not(None),
+                Batch.validating_until < now,
+            )
+            .values(status=BatchStatus.FAILED, failed_at=now, errors=[error.to_openai()], error_count=1)
+            .returning(Batch.id)
+        ).scalars()
+        return sorted(failed)
 
 
 def fail_batch(engine: Engine, batch_id: str, code: str, message: str) -> bool:
@@ -400,11 +489,12 @@ def fill_batch(
     chunk_size: int = 5000,
     chunk_bytes: int = 4 * 1024 * 1024,
     postgres_copy: bool = True,
+    check_body: ExtraBodyCheck | None = None,
 ) -> IngestReport:
     """Validate ``source``'s lines and write them as the requests of the batch of ``spec``; the
     batch becomes ``in_progress``, or ``failed`` with its errors (parameters as in
-    :func:`ingest_batch`). An opened batch cancelled or expired meanwhile gets no request: the
-    report then has its status."""
+    :func:`ingest_batch`; ``check_body`` checks each valid line's body further). An opened batch
+    cancelled or expired meanwhile gets no request: the report then has its status."""
     batch_row = dict(spec.row)
     batch_id, kind, defaults = spec.batch_id, spec.kind, spec.defaults
     request_kind = REQUEST_KINDS[batch_row["endpoint"]]
@@ -450,7 +540,7 @@ def fill_batch(
                     bad(line_number, "body_too_large", f"line is larger than {max_body_bytes} bytes")
                     continue
                 try:
-                    custom_id, body = _parse_line(raw, line_number, request_kind, defaults)
+                    custom_id, body = _parse_line(raw, line_number, request_kind, defaults, check_body)
                 except BadLine as e:
                     bad(line_number, e.code, str(e), e.param)
                     continue

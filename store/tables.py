@@ -20,6 +20,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "COST_SCALE",
+    "MAX_WEBHOOK_URL_CHARS",
     "NO_TENANT",
     "PRICE_SCALE",
     "AgentMessage",
@@ -77,6 +78,10 @@ class FileKind(enum.StrEnum):
     UPLOAD = "upload"
     BATCH_OUTPUT = "batch_output"
     BATCH_ERROR = "batch_error"
+
+
+# The longest webhook URL a batch keeps (as normalised: the API refuses longer ones by name).
+MAX_WEBHOOK_URL_CHARS = 2000
 
 
 def _str_enum(enum_class: type[enum.StrEnum]) -> sa.Enum:
@@ -172,7 +177,10 @@ class Batch(Base):
     # A one-request batch behind POST /v1/chat/completions or /v1/agent_runs: billed and
     # recorded like any batch, but not listed among the producer's batches.
     hidden: Mapped[bool] = mapped_column(sa.Boolean, default=False, server_default=sa.false())
-    webhook_url: Mapped[str | None] = mapped_column(sa.String(2000))
+    webhook_url: Mapped[str | None] = mapped_column(sa.String(MAX_WEBHOOK_URL_CHARS))
+    # While ``validating`` in the background: until when the API reading its file holds it (it
+    # renews this); past it the sweeper fails the batch (store.ingest.fail_abandoned_validations).
+    validating_until: Mapped[int | None] = mapped_column(sa.BigInteger)
     # Delivery of the completion webhook (at least once, retried by the sweeper with backoff).
     webhook_attempts: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     webhook_next_at: Mapped[int | None] = mapped_column(sa.BigInteger)

@@ -41,6 +41,7 @@ from agents import (
     default_registry,
     run_assistant,
 )
+from agents.exceptions import UnknownToolError
 from models.cancellation import CancellationToken
 from models.errors import BadRequest, ModelClientError
 from models.openai import messages_from_openai
@@ -49,6 +50,7 @@ from models.types import CreateResult, LLMMessage, RequestUsage, SystemMessage, 
 from store import (
     ClaimedRequest,
     ConversationNotFound,
+    InvalidArgument,
     PaidAnswer,
     RequestStatus,
     ResultRecord,
@@ -64,6 +66,7 @@ __all__ = [
     "AgentRunSpec",
     "CallTally",
     "agent_run_handler",
+    "check_agent_run_body",
     "conversation_id_for_run",
     "parse_agent_run_body",
     "pipeline_model_call",
@@ -377,3 +380,17 @@ def _total(run: AssistantRunResult) -> RequestUsage:
     for call in run.model_calls:
         total = total + call.usage
     return total
+
+
+def check_agent_run_body(body: Mapping[str, Any]) -> None:
+    """Refuse an agent run a worker would fail before its first model call (``store.ExtraBodyCheck``):
+    a body that is not a run (``invalid_agent_run``) or names a tool the workers do not have
+    (``unknown_tool``). For ``POST /v1/agent_runs`` and every agent-run line of a batch alike."""
+    try:
+        spec = parse_agent_run_body(body)
+    except ModelClientError as e:
+        raise InvalidArgument(e.message, code=e.code) from e
+    try:
+        default_registry.select(spec.config.tools)
+    except UnknownToolError as e:
+        raise InvalidArgument(str(e), "tools", code="unknown_tool") from e

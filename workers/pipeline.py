@@ -125,15 +125,26 @@ def limiter_endpoint(client: ChatCompletionClient) -> str:
     return "default"
 
 
+def _positive_int(value: Any) -> int | None:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON's 1e12
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    return None
+
+
 def _completion_budget(extra_create_args: Mapping[str, Any]) -> int:
     # Providers count max_tokens against tokens-per-minute when the call is admitted.
     for name in ("max_completion_tokens", "max_tokens"):
-        value = extra_create_args.get(name)
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)  # JSON's 1e12
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        value = _positive_int(extra_create_args.get(name))
+        if value is not None:
             return value
     return 0
+
+
+def _choices(extra_create_args: Mapping[str, Any]) -> int:
+    # Each of ``n`` choices may use the whole budget (providers count n * max_tokens too).
+    return _positive_int(extra_create_args.get("n")) or 1
 
 
 @dataclass
@@ -193,6 +204,7 @@ class GovernedClient(DelegatingClient):
             self._model,
             prompt_tokens=estimate_tokens(messages, tools),
             completion_budget=_completion_budget(extra),
+            choices=_choices(extra),
         )
 
     async def _acquire(self, estimate: int, cancellation_token: CancellationToken | None) -> Any:

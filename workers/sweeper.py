@@ -1,6 +1,8 @@
 """The sweep: find requests no message will run, and dispatch them again.
 
-Each pass also ends the batches whose completion window has passed (``expired``). Completion
+Each pass also ends the batches whose completion window has passed (``expired``), and fails the
+batches left ``validating`` by an API process that died while reading their file (their lease,
+renewed by a live API, ran out: ``store.fail_abandoned_validations``). Completion
 webhooks are delivered apart (``workers.webhooks``), so that no receiver can slow a sweep.
 
 A request needs a new message when (see ``workers.dispatch`` for the markers):
@@ -43,6 +45,7 @@ from sqlalchemy.engine import Engine
 from store import (
     agent_messages_to_resend,
     expire_batches,
+    fail_abandoned_validations,
     hold_for_resend,
     requests_to_redispatch,
     unsettled_dispatch_ids,
@@ -63,6 +66,7 @@ class SweepReport:
     skipped: bool = False  # another sweeper held the lock
     expired_batches: int = 0
     agent_messages_resent: int = 0
+    abandoned_validations: int = 0
 
 
 def sweep(
@@ -96,7 +100,12 @@ def sweep(
         resent = resend_agent_messages(dispatcher, now=now, limit=limit)
         # Batches past their completion window end as expired.
         expired = expire_batches(engine, now=now)
-        return SweepReport(len(dispatch_ids), len(dead), len(rows), False, len(expired), resent)
+        abandoned = fail_abandoned_validations(engine, now=now)
+        if abandoned:
+            _logger.warning("sweep: %d batch(es) failed, their validation was abandoned", len(abandoned))
+        return SweepReport(
+            len(dispatch_ids), len(dead), len(rows), False, len(expired), resent, len(abandoned)
+        )
     finally:
         keeper.stop()
         with contextlib.suppress(LockError):

@@ -8,11 +8,12 @@ longer). A failed attempt (refused address, no answer in time, a status other th
 with exponential backoff up to ``max_attempts``; the last error is kept on the batch.
 
 A webhook may only reach public addresses: the host is resolved and every address checked
-(loopback, private, link-local and cloud metadata, multicast, unspecified, reserved; IPv4-mapped
-IPv6 too) when the batch is created and again before each send, and the connection goes to the
-address that was checked (a DNS answer that changes in between cannot redirect it). URLs with
-credentials are refused. ``TOKENMILL_WEBHOOK_ALLOW_PRIVATE`` lifts the address check for
-deployments whose receivers are on a private network.
+(loopback, private, link-local and cloud metadata, multicast, unspecified, reserved; the IPv4
+address in a mapped, NAT64 or 6to4 IPv6 one too) when the batch is created and again before each
+send, and the connection goes to the address that was checked (a DNS answer that changes in
+between cannot redirect it). URLs with credentials are refused.
+``TOKENMILL_WEBHOOK_ALLOW_PRIVATE`` lifts the address check for deployments whose receivers are
+on a private network.
 
 The event follows OpenAI's webhook shape (``batch.completed``, ``batch.failed``,
 ``batch.cancelled``, ``batch.expired``); its ``data`` is the batch object as ``GET /v1/batches/{id}``
@@ -85,10 +86,13 @@ class WebhookTarget:
 
 
 def _embedded_ipv4(address: IPAddress) -> IPAddress:
-    """The IPv4 address an IPv6 one stands for (mapped ``::ffff:a.b.c.d``, NAT64), else itself."""
+    """The IPv4 address an IPv6 one stands for (mapped ``::ffff:a.b.c.d``, NAT64, 6to4
+    ``2002:AABB:CCDD::``: a host with a 6to4 route sends to it), else itself."""
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             return address.ipv4_mapped
+        if address.sixtofour is not None:
+            return address.sixtofour
         if address in _NAT64:
             return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return address

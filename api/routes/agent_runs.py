@@ -19,14 +19,11 @@ from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
 
 import store
-from agents.exceptions import UnknownToolError
-from agents.tools import default_registry
 from api.deps import ID_PATTERN, EngineDep, ObjectId, SettingsDep, TenantDep
 from api.errors import InvalidRequest, NotFound, ServiceUnavailable
 from api.routes.batches import dispatch_or_leave_to_sweeper
 from api.routes.single_request import ingest_single, json_object_body, wait_for
-from models.errors import ModelClientError
-from workers.agent_tasks import parse_agent_run_body
+from workers.agent_tasks import check_agent_run_body
 
 __all__ = ["agent_run_object", "router"]
 
@@ -105,14 +102,10 @@ async def create_agent_run(
     body = await json_object_body(request)
     body.setdefault("model", settings.default_model)
     try:
-        spec = parse_agent_run_body(body)
-    except ModelClientError as e:
-        raise InvalidRequest(e.message, code=e.code) from e
-    try:
-        # The workers would fail the run on an unknown name; say so now, before anything is queued.
-        default_registry.select(spec.config.tools)
-    except UnknownToolError as e:
-        raise InvalidRequest(str(e), param="tools", code="unknown_tool") from e
+        # The workers would fail the run on an unknown tool; say so now, before anything is queued.
+        check_agent_run_body(body)
+    except store.InvalidArgument as e:
+        raise InvalidRequest(str(e), param=e.param, code=e.code) from e
     if "conversation_id" in body:
         if not re.match(ID_PATTERN, str(body["conversation_id"])):
             raise InvalidRequest("'conversation_id' is not an id", param="conversation_id")

@@ -7,7 +7,10 @@ passed in the create body (``extra_body`` in the openai SDK).
 
 An input file over ``background_ingest_bytes`` (1 MiB) is read after the create call answers, as
 OpenAI does: the batch is ``validating``, then ``in_progress`` (and dispatched) or ``failed`` with
-its errors. A batch's ``errors`` hold the first 100 line errors; ``errors.total_count`` (tokenmill's)
+its errors. A tenant has at most ``max_validating_batches_per_tenant`` (4) validating at once (a
+429 ``too_many_validating_batches`` beyond), and the API renews their leases while it reads them
+(a batch whose API died is failed by the sweeper: ``validation_interrupted``). A batch's
+``errors`` hold the first 100 line errors; ``errors.total_count`` (tokenmill's)
 counts them all."""
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from starlette.concurrency import run_in_threadpool
 
 import store
 from api.deps import ID_PATTERN, AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
-from api.errors import Conflict, InvalidRequest, NotFound
+from api.errors import Conflict, InvalidRequest, NotFound, RateLimitExceeded
 from config import Settings
+from store.tables import MAX_WEBHOOK_URL_CHARS
+from workers.agent_tasks import check_agent_run_body
 from workers.webhooks import WebhookURLRefused, resolve_webhook_url
 
 __all__ = ["Dispatch", "dispatch_or_leave_to_sweeper", "router"]
@@ -75,6 +80,12 @@ def _checked_webhook_url(url: HttpUrl | None, settings: Settings) -> str | None:
     """The URL, once its host resolves to public addresses only (``workers.webhooks``)."""
     if url is None:
         return None
+    if len(str(url)) > MAX_WEBHOOK_URL_CHARS:  # as normalised: "é" is kept as "%C3%A9"
+        raise InvalidRequest(
+            f"the webhook URL is longer than {MAX_WEBHOOK_URL_CHARS} characters once normalised",
+            param="webhook_url",
+            code="webhook_url_too_long",
+        )
     try:
         resolve_webhook_url(str(url), allow_private=settings.webhook_allow_private)
     except WebhookURLRefused as e:
@@ -114,7 +125,17 @@ def _prepare(
         raise InvalidRequest(str(e), param=e.param, code=e.code) from e
     in_background = file.bytes > settings.background_ingest_bytes
     if in_background:
-        spec = store.open_batch(engine, spec)
+        limit = settings.max_validating_batches_per_tenant
+        try:
+            spec = store.open_batch(
+                engine, spec, lease_seconds=settings.validation_lease_seconds, max_validating=limit
+            )
+        except store.InvalidState as e:
+            raise RateLimitExceeded(
+                f"{limit} of your batches are still validating; create this one once one of them is "
+                "in_progress or failed",
+                code="too_many_validating_batches",
+            ) from e
     return spec, path, in_background
 
 
@@ -129,6 +150,7 @@ def _fill(
             skip_invalid=body.skip_invalid,
             max_body_bytes=settings.max_request_body_bytes,
             max_lines=settings.max_requests_per_batch,
+            check_body=check_agent_run_body if spec.kind == store.RequestKind.AGENT_RUN else None,
         )
 
 
@@ -141,20 +163,50 @@ async def _fill_in_background(
     if getattr(app.state, "ingest_slots", None) is None:
         app.state.ingest_slots = asyncio.Semaphore(settings.max_background_ingests)
     slots: asyncio.Semaphore = app.state.ingest_slots
-    async with slots:
-        try:
-            report = await run_in_threadpool(_fill, engine, spec, path, body, settings)
-        except FileNotFoundError:
-            message = f"the content of {spec.row['input_file_id']} was deleted before it was read"
-            await run_in_threadpool(store.fail_batch, engine, spec.batch_id, "file_not_found", message)
-            return
-        except Exception:
-            _logger.exception("validating batch %s failed", spec.batch_id)
-            message = "the input file could not be read; it has been logged"
-            await run_in_threadpool(store.fail_batch, engine, spec.batch_id, "internal_error", message)
-            return
+    # The batch's lease is renewed while it waits for a slot and while it is read: a batch whose
+    # renewals stop (this process died) is failed by the sweeper.
+    validating = _validations_held(app, engine, settings.validation_lease_seconds)
+    validating.add(spec.batch_id)
+    try:
+        async with slots:
+            try:
+                report = await run_in_threadpool(_fill, engine, spec, path, body, settings)
+            except FileNotFoundError:
+                message = f"the content of {spec.row['input_file_id']} was deleted before it was read"
+                await run_in_threadpool(store.fail_batch, engine, spec.batch_id, "file_not_found", message)
+                return
+            except Exception:
+                _logger.exception("validating batch %s failed", spec.batch_id)
+                message = "the input file could not be read; it has been logged"
+                await run_in_threadpool(store.fail_batch, engine, spec.batch_id, "internal_error", message)
+                return
+    finally:
+        validating.discard(spec.batch_id)
     if report.status == store.BatchStatus.IN_PROGRESS:
         await _dispatch_or_leave_to_sweeper(app, engine, spec.batch_id)
+
+
+def _validations_held(app: Any, engine: Engine, lease_seconds: int) -> set[str]:
+    """The ids of the batches this process validates (or will: waiting for a slot), whose
+    leases one task renews together, so that many waiting batches cost one UPDATE a turn."""
+    held: set[str] | None = getattr(app.state, "validations_held", None)
+    if held is None:
+        held = app.state.validations_held = set()
+        app.state.validation_renewer = asyncio.create_task(_renew_validations(engine, held, lease_seconds))
+    return held
+
+
+async def _renew_validations(engine: Engine, held: set[str], lease_seconds: int) -> None:
+    """Renew the leases of ``held`` every third of a lease, for the life of the process; a failed
+    renewal is retried at the next turn."""
+    while True:
+        await asyncio.sleep(lease_seconds / 3)
+        if not held:
+            continue
+        try:
+            await run_in_threadpool(store.extend_validation, engine, sorted(held), lease_seconds)
+        except Exception as e:
+            _logger.warning("renewing %d validation lease(s) failed (%s)", len(held), type(e).__name__)
 
 
 @router.post("")

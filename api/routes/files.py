@@ -18,6 +18,7 @@ from starlette.datastructures import UploadFile
 import store
 from api.deps import AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
 from api.errors import InvalidRequest, NotFound
+from store.input_checks import quote_input
 
 __all__ = ["file_object", "router"]
 
@@ -62,7 +63,7 @@ async def upload_file(
             raise InvalidRequest("missing the multipart field 'file' with the JSONL content", param="file")
         if not isinstance(purpose, str) or purpose not in PURPOSES:
             raise InvalidRequest(
-                f"purpose must be one of {', '.join(PURPOSES)}; got {purpose!r}", param="purpose"
+                f"purpose must be one of {', '.join(PURPOSES)}; got {quote_input(purpose)}", param="purpose"
             )
         filename = (upload.filename or "upload.jsonl")[:500]
         file_id = f"file-{secrets.token_hex(12)}"

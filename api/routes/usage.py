@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query
 import store
 from api.deps import ID_PATTERN, EngineDep, TenantDep
 from api.errors import InvalidRequest
+from store.input_checks import quote_input
 
 __all__ = ["router", "usage_row"]
 
@@ -60,7 +61,7 @@ def usage(
     unknown = [part for part in groups if part not in ("model", "day", "batch")]
     if unknown:
         raise InvalidRequest(
-            f"group_by accepts model, day and batch; got {', '.join(unknown)}", param="group_by"
+            f"group_by accepts model, day and batch; got {quote_input(', '.join(unknown))}", param="group_by"
         )
     rows = store.usage_report(
         engine,

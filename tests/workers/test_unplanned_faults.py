@@ -16,8 +16,8 @@ from collections.abc import Callable
 import pytest
 import redis
 import sqlalchemy as sa
-from workers.limiter import LimiterUnavailable
-from workers.settings import Settings
+from workers.rate_limits import LimiterUnavailable
+from config import Settings
 
 from models.cancellation import CancellationToken
 from simulator.testing import SimulatorServer

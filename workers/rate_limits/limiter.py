@@ -151,11 +151,11 @@ class RateLimiter(ABC):
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the local limiter has none."""
 
-    def reservation(self, model: str, *, prompt_tokens: int, completion_budget: int) -> int:
+    def reservation(self, model: str, *, prompt_tokens: int, completion_budget: int, choices: int = 1) -> int:
         """Tokens to reserve for one call of ``model``: the prompt plus its ``max_tokens`` clamped to
-        the model's output limit, and never more than the tpm limit itself (the excess a call
-        really uses is charged at ``release``). 0 when the model has no tpm limit. Raises
-        ``RequestTooLarge`` when the prompt alone exceeds the limit."""
+        the model's output limit, once per choice (``n``), and never more than the tpm limit itself
+        (the excess a call really uses is charged at ``release``). 0 when the model has no tpm
+        limit. Raises ``RequestTooLarge`` when the prompt alone exceeds the limit."""
         limits = self.limits_for(model)
         if limits is None or limits.tpm is None:
             return 0
@@ -167,7 +167,7 @@ class RateLimiter(ABC):
                 model=model,
             )
         output_limit = limits.max_output_tokens or resolve_model_info(model)["context_window"]
-        completion = min(max(0, completion_budget), output_limit)
+        completion = min(max(0, completion_budget), output_limit) * max(1, choices)
         return min(prompt + completion, limits.tpm)
 
     async def acquire(

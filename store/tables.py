@@ -381,7 +381,7 @@ class AgentState(Base):
 
 class AgentMessage(Base):
     """A message sent to an agent through the distributed runtime, written before the Celery
-    message that names it (invariant 1: the broker carries ids, never content). ``tenant_id`` is
+    message that names it ("ledger first": the broker carries ids, never content). ``tenant_id`` is
     ``""`` for none, as in ``agent_states``."""
 
     __tablename__ = "agent_messages"

@@ -26,7 +26,7 @@ The reply travels through Redis rather than Celery's result backend, which the w
 (results go to SQL). Agent types are registered by name in modules both sides import
 (``agents.agent_type``; workers import ``TOKENMILL_AGENT_MODULES``): the factory given to
 ``register_factory`` here is a producer's lambda and never leaves this process. The Celery message
-names the message by id (invariant 1: ids, never content, in the broker and in Flower).
+names the message by id ("ledger first": ids, never content, in the broker and in Flower).
 
 A handler on a worker that sends to another agent goes through this runtime too; it then holds
 its worker process while it waits, so such chains need more worker processes than their depth.
@@ -215,7 +215,7 @@ class DistributedAgentRuntime:
     def _record_and_send(
         self, recipient: AgentId, message_id: str, payload: dict[str, Any], sender: AgentId | None
     ) -> None:
-        """Ledger first (invariant 1): the message in SQL, then a Celery message naming it."""
+        """"Ledger first": the message in SQL, then a Celery message naming it."""
         record_agent_message(
             self._db(),
             message_id,

@@ -148,7 +148,7 @@ class Dispatcher:
 
     def dispatch(self, request_ids: Iterable[str]) -> list[str]:
         """Send the ids in chunks; returns the dispatch ids. The rows must be committed already
-        (invariant 1: a message never names a request the ledger does not hold)."""
+        ("ledger first": a message never names a request the ledger does not hold)."""
         ids = list(request_ids)
         size = chunk_length(len(ids), self.chunk_size)
         chunks = [(new_dispatch_id(), chunk) for chunk in chunked(ids, size)]

@@ -3,7 +3,7 @@
 ``ModelCallPipeline`` builds, per model, ``ChatCompletionCache(GovernedClient(client))``:
 
 * the cache (with single-flight) answers repeats without an upstream call, and stores an answer
-  before the caller records it (invariant 3: a redo after a crash is a hit);
+  before the caller records it ("bill follows the payer": a redo after a crash costs no second call);
 * ``GovernedClient`` takes a global limiter slot before *every* upstream attempt (retries
   included, so the provider's view of our rate is what the limiter allows), gives it back with
   the outcome (a 429 shrinks the concurrency cap) and the real token usage, and retries
@@ -17,14 +17,14 @@ The chunk runner calls ``call`` once per request; an agent calls ``create`` (or 
 to get a ``ChatCompletionClient`` it can hold), and so goes through the same path. A pipeline and
 everything it holds belong to one event loop.
 
-Tenants apart (invariant 9): with ``cache_scope="tenant"`` (the default) each tenant's calls go
+"Tenants apart" (docs/design.md): with ``cache_scope="tenant"`` (the default) each tenant's calls go
 through a cache of their own namespace, so no tenant is served, or kept waiting by, another's
 answer: otherwise the latency and the free bill of a hit would tell a tenant that someone sent that
 prompt, and give it the answer. ``"global"`` shares answers across tenants (fewer upstream calls for
 common prompts) for an operator who trusts every tenant with every other's prompts. Calls with no
 tenant (the embedded ``tokenmill run``) share the namespace of no tenant.
 
-Bills follow the payer (invariant 3): ``call(payer=request id)`` makes the cache name the request
+"Bill follows the payer": ``call(payer=request id)`` makes the cache name the request
 that paid for an answer, so a redo of that request after a crash bills the answer it finds in the
 cache as its call, and any other request gets it as a free hit.
 

@@ -1,12 +1,12 @@
 """``ChatCompletionCache``: any ``ChatCompletionClient`` with a response cache in front.
 
-Usage accounting (invariant 5, "a hit is free"): a hit returns a copy of the stored result with
+Usage accounting ("a hit is free", docs/design.md): a hit returns a copy of the stored result with
 ``cached=True`` and the *original* ``usage`` numbers, because they describe the answer being
 served (what it cost when it was made); whoever bills reads ``cached`` and charges 0 (the ledger
 does). On this wrapper a hit moves ``total_usage()`` and never ``actual_usage()``, which counts
 only calls that went upstream through it.
 
-Who paid (invariant 3, "bill follows the payer"): calls made inside ``paying_as(payer)`` store
+Who paid ("bill follows the payer"): calls made inside ``paying_as(payer)`` store
 their answers naming ``payer`` (an opaque id; workers use the request's). A later call by the same
 payer that finds that entry is a redo of a call it already paid for (say it crashed between the
 cache write and its bill): it gets the answer as a call, ``cached=False``, counted in

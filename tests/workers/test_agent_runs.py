@@ -243,7 +243,7 @@ async def test_a_redone_run_repeats_no_model_call_and_appends_once(
     redo = await run_agent(led.engine, pipeline, spec(TWO_CALLS), tenant_id=led.tenant_id, run_id="req_a")
     assert redo.conversation_id == first.conversation_id
     # No call went upstream again, and the answers its first attempt paid for are billed as the
-    # run's own calls (invariant 3: the bill follows the payer), not as free hits.
+    # run's own calls ("bill follows the payer"), not as free hits.
     assert simulator.stats()["completions"] == upstream
     assert [call.cached for call in redo.run.model_calls] == [False] * len(first.run.model_calls)
     assert redo.run.usage == first.run.usage

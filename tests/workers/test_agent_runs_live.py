@@ -199,7 +199,7 @@ def test_a_run_whose_worker_is_killed_finishes_elsewhere_without_repeating_calls
     assert "43" in done["output"]
     calls = done["model_calls"]
     # The first call's answer came from the cache, paid for by this run's killed attempt: billed
-    # as the run's call (invariant 3), not as a free hit; it was not asked upstream again.
+    # as the run's call ("bill follows the payer"), not as a free hit; it was not asked upstream again.
     assert [c["cached"] for c in calls] == [False, False, False]
     # Upstream: the first call once, the second twice at most (killed, redone), the third once.
     assert simulator.stats()["completions"] <= 4

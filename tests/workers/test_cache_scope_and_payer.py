@@ -1,6 +1,6 @@
 """The pipeline's shared cache against real Redis, PostgreSQL and the simulator over HTTP: tenants
-do not read each other's answers (invariant 9), and the bill follows the request that paid
-(invariant 3)."""
+do not read each other's answers ("tenants apart"), and the bill follows the request that paid
+("bill follows the payer")."""
 
 from __future__ import annotations
 

@@ -56,8 +56,8 @@ class APIError(Exception):
     default_code: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
-        # Bounded whatever a route quoted into it ("everything bounded", docs/design.md); callers quote input with
-        # store.quote_input, this is the backstop.
+        # Bounded whatever a route quoted into it ("everything bounded", docs/design.md); callers
+        # quote input with store.quote_input, this is the backstop.
         message = bounded_text(message, 2 * MAX_ERROR_MESSAGE_CHARS)
         super().__init__(message)
         self.message = message

@@ -215,7 +215,7 @@ class DistributedAgentRuntime:
     def _record_and_send(
         self, recipient: AgentId, message_id: str, payload: dict[str, Any], sender: AgentId | None
     ) -> None:
-        """"Ledger first": the message in SQL, then a Celery message naming it."""
+        """ "Ledger first": the message in SQL, then a Celery message naming it."""
         record_agent_message(
             self._db(),
             message_id,

@@ -109,7 +109,7 @@ async def test_the_broker_carries_ids_and_sql_the_message(
     postgres_url: str,
     simulator: SimulatorServer,
 ) -> None:
-    """"Ledger first" for agent messages: while a message waits for a worker, its text is in SQL and
+    """Ledger first, for agent messages: while a message waits for a worker, its text is in SQL and
     nowhere in the broker; a worker started later reads it from SQL and answers."""
     led = make_ledger(postgres_url)
     c = cluster()

@@ -4,15 +4,14 @@ charge at release caught up (and push the provider into 429s that slow every ten
 
 from __future__ import annotations
 
-from workers.rate_limits import LocalRateLimiter, Slot
 from config import ModelLimits
-
 from models.cancellation import CancellationToken
 from models.retry import RetryPolicy
 from models.types import UserMessage
 from simulator.testing import SimulatorServer
 from workers.clients import openai_client_factory
 from workers.pipeline import ModelCallPipeline
+from workers.rate_limits import LocalRateLimiter, Slot
 
 
 class BookingsSeen(LocalRateLimiter):

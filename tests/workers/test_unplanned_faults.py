@@ -16,9 +16,8 @@ from collections.abc import Callable
 import pytest
 import redis
 import sqlalchemy as sa
-from workers.rate_limits import LimiterUnavailable
-from config import Settings
 
+from config import Settings
 from models.cancellation import CancellationToken
 from simulator.testing import SimulatorServer
 from store import (
@@ -49,6 +48,7 @@ from workers.app import make_celery
 from workers.constants import sweep_lock_key
 from workers.dispatch import Dispatcher
 from workers.pipeline import ModelCallPipeline
+from workers.rate_limits import LimiterUnavailable
 from workers.runner import ChunkRunner, RunnerConfig, complete_chat
 
 pytestmark = pytest.mark.slow

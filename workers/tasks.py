@@ -2,7 +2,8 @@
 
 Messages carry request ids and a dispatch id, never prompts or keys ("ledger first", "secrets
 stay secret": docs/design.md). Chunks run on the worker process's one event loop
-(``context.run_in_loop``), through the pipeline that lives on it, so connections to the provider, Redis and the limiter's state carry from chunk to chunk.
+(``context.run_in_loop``), through the pipeline that lives on it, so connections to the
+provider, Redis and the limiter's state carry from chunk to chunk.
 
 A worker exits within ``worker_shutdown_seconds`` (30 s) of SIGTERM or SIGINT whatever its broker
 does: a watchdog started by the first shutdown signal ends it (and its pool) past that time.

@@ -22,12 +22,21 @@ __all__ = ["dispatch_or_cancel", "ingest_single", "json_object_body", "wait_for"
 
 T = TypeVar("T")
 
+# Bodies up to this size are parsed on the event loop (cheaper than a thread hop).
+_PARSE_ON_LOOP_BYTES = 64 * 1024
+
 
 async def json_object_body(request: Request) -> dict[str, Any]:
     """The body as a JSON object, through the checks every batch line gets
     (``store.parse_json``): what a worker could not run is a 400 naming it, never a 500."""
+    raw = await request.body()
     try:
-        body = store.parse_json(await request.body())
+        # A large body is parsed and checked off the event loop: a megabyte takes milliseconds
+        # to tens of them, which would stall every other request of this process meanwhile.
+        if len(raw) > _PARSE_ON_LOOP_BYTES:
+            body = await run_in_threadpool(store.parse_json, raw)
+        else:
+            body = store.parse_json(raw)
     except store.JSONRejected as e:
         raise InvalidRequest(f"the request body is refused: {e.message}", param=e.param, code=e.code) from e
     if not isinstance(body, dict):

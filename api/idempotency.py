@@ -6,8 +6,10 @@ The key is scoped to the tenant. The request is identified by its method, path, 
 another request is refused (422 ``idempotency_key_reused``); while the first request with a key is
 being answered, another one is refused (409 ``idempotency_key_in_use``: retry later). Answers
 below 500 are kept ``TOKENMILL_IDEMPOTENCY_RETENTION_SECONDS`` and replayed with the header
-``Idempotent-Replayed: true``; a 5xx answer means nothing was done that a retry would repeat at a
-cost (see ``api.routes.single_request.dispatch_or_cancel``), so the key is freed for the retry.
+``Idempotent-Replayed: true``, and so is a 5xx bound to work that goes on (it names it in
+``Tokenmill-Bound-To``: a wait that timed out, a cancel that could not stop a call already
+upstream). Any other 5xx means nothing was done that a retry would repeat at a cost (see
+``api.routes.single_request.dispatch_or_cancel``), so the key is freed for the retry.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import store
 from api.deps import current_tenant
-from api.errors import APIError, Conflict, InvalidRequest, Unauthenticated
+from api.errors import BOUND_TO_HEADER, APIError, Conflict, InvalidRequest, Unauthenticated
 
 __all__ = ["IdempotencyKeyReused", "IdempotencyKeys", "request_hash"]
 
@@ -107,8 +109,11 @@ class _CapturingSend:
         await self._send(message)
 
     def stored(self) -> store.StoredResponse | None:
-        """The answer to keep, or None (incomplete, too large, or a 5xx)."""
-        if not self.complete or self.status_code is None or self.status_code >= 500:
+        """The answer to keep, or None (incomplete, too large, or a 5xx not bound to work)."""
+        if not self.complete or self.status_code is None:
+            return None
+        bound = any(name.lower() == BOUND_TO_HEADER.lower() for name, _ in self.headers)
+        if self.status_code >= 500 and not bound:
             return None
         if self.size > _MAX_STORED_RESPONSE:
             return None

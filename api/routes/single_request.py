@@ -92,7 +92,9 @@ async def ingest_single(
 async def dispatch_or_cancel(request: Request, engine: Engine, batch_id: str) -> None:
     """For a request whose answer carries no id to come back for (a chat completion): when the
     broker cannot take it, cancel it so that nothing runs (and nothing is billed) on the strength of
-    a 503, which tells the client to retry. Raises ``ServiceUnavailable`` then."""
+    a 503, which tells the client to retry. Raises ``ServiceUnavailable`` then; returns when the
+    request was dispatched, or when a worker took it after all (the message left before the
+    failure): it runs (a cancel lets a call already upstream finish), so its answer is waited for."""
     if await dispatch_or_leave_to_sweeper(request, engine, batch_id):
         return
     batch = await run_in_threadpool(store.cancel_batch, engine, batch_id)
@@ -100,11 +102,6 @@ async def dispatch_or_cancel(request: Request, engine: Engine, batch_id: str) ->
         raise ServiceUnavailable(
             "could not reach the workers' broker; nothing was run, retry later", code="broker_unavailable"
         )
-    # A worker took it after all (the message left before the failure): it runs; name it.
-    raise ServiceUnavailable(
-        f"could not reach the workers' broker; batch {batch_id} was already running and is being cancelled",
-        code="broker_unavailable",
-    )
 
 
 async def wait_for(

@@ -19,6 +19,7 @@ import json
 import re
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from typing import IO, Any
 
 from starlette.concurrency import run_in_threadpool
@@ -85,10 +86,13 @@ def request_hash(method: str, path: str, query: bytes, content_type: str, body: 
 
 
 class _CapturingSend:
-    """Passes the answer on and keeps a copy of it (up to ``_MAX_STORED_RESPONSE``)."""
+    """Passes the answer on and keeps a copy of it (up to ``_MAX_STORED_RESPONSE``); hands it to
+    ``keep`` once complete, before its last chunk goes out."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, keep: Callable[[store.StoredResponse], Awaitable[None]]) -> None:
         self._send = send
+        self._keep = keep
+        self.kept = False
         self.status_code: int | None = None
         self.headers: list[tuple[str, str]] = []
         self.chunks: list[bytes] = []
@@ -106,6 +110,12 @@ class _CapturingSend:
                 self.chunks.append(chunk)
             # Complete before it is passed on: a client gone by now gets it on its retry.
             self.complete = not message.get("more_body", False)
+            answer = self.stored() if self.complete else None
+            if answer is not None:
+                # Kept now, not when the app returns: Starlette runs background tasks (a large
+                # file's validation) inside the response call, and a retry meanwhile must replay.
+                await self._keep(answer)
+                self.kept = True
         await self._send(message)
 
     def stored(self) -> store.StoredResponse | None:
@@ -196,14 +206,15 @@ class IdempotencyKeys:
             if refusal is not None:
                 await _answer_error(refusal, scope, receive, send)
                 return
-            capture = _CapturingSend(send)
+
+            async def keep(answer: store.StoredResponse) -> None:
+                await run_in_threadpool(store.store_idempotent_response, engine, tenant.id, key, answer)
+
+            capture = _CapturingSend(send, keep)
             try:
                 await self.app(scope, _replaying(body, size, receive), capture)
             finally:
-                answer = capture.stored()
-                if answer is not None:
-                    await run_in_threadpool(store.store_idempotent_response, engine, tenant.id, key, answer)
-                else:
+                if not capture.kept:
                     await run_in_threadpool(store.abandon_idempotency_key, engine, tenant.id, key)
 
 

@@ -326,3 +326,52 @@ def test_a_wait_that_timed_out_is_replayed_and_starts_no_second_run(live_api: Li
     finally:
         engine.dispose()
     assert runs == 1
+
+
+@pytest.mark.slow
+def test_a_chat_timeout_with_its_call_upstream_is_replayed_not_sent_again(
+    cluster: Callable[..., Cluster], simulator: SimulatorServer
+) -> None:
+    """The wait ends while a worker's call is with the provider: the cancel cannot stop that call
+    (it finishes and is billed), so the 503 names the batch and is kept for the key; the retry
+    replays it instead of sending (and billing) the request again."""
+    c = cluster()
+    assert run_cli(c.env, "db", "upgrade").returncode == 0
+    key = run_cli(c.env, "keys", "create", "chat-timeout").stdout.strip()
+    c.worker("w1")
+    api, root = start_api({**c.env, "TOKENMILL_SYNC_TIMEOUT_SECONDS": "3"}, c.logs / "api.log")
+    try:
+
+        def ask() -> httpx.Response:
+            return httpx.post(
+                f"{root}/v1/chat/completions",
+                headers={"Authorization": f"Bearer {key}", "Idempotency-Key": "slow-1"},
+                json={"model": "slow-model", "messages": [{"role": "user", "content": "[[delay 8]] hi"}]},
+                timeout=60,
+            )
+
+        deadline = time.monotonic() + 60
+        while (
+            warm := httpx.post(
+                f"{root}/v1/chat/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                json={"model": "warm-model", "messages": CHAT},
+                timeout=60,
+            )
+        ).status_code != 200:  # the worker is up and taking requests
+            assert time.monotonic() < deadline, warm.text
+        first = ask()
+        assert first.status_code == 503, first.text
+        assert first.json()["error"]["code"] == "timeout"
+        again = ask()
+        assert again.status_code == 503, again.text
+        assert again.headers.get("idempotent-replayed") == "true"
+        assert again.headers["tokenmill-bound-to"] == first.headers["tokenmill-bound-to"]
+    finally:
+        api.terminate()
+        api.wait(timeout=10)
+    deadline = time.monotonic() + 60
+    while simulator.stats()["in_flight"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert simulator.stats()["by_model"].get("slow-model") == 1

@@ -28,6 +28,7 @@ from store.ingest import MAX_ERROR_MESSAGE_CHARS
 from store.input_checks import bounded_text
 
 __all__ = [
+    "BOUND_TO_HEADER",
     "APIError",
     "Conflict",
     "InvalidRequest",
@@ -43,6 +44,11 @@ __all__ = [
 
 logger = logging.getLogger("tokenmill.api")
 
+# Names the batch or run a 5xx answer is bound to (work that goes on, or was billed): the
+# Idempotency-Key middleware keeps such an answer, so that a retry replays it instead of running
+# (and billing) the work again.
+BOUND_TO_HEADER = "Tokenmill-Bound-To"
+
 
 def error_body(
     message: str, type_: str, *, param: str | None = None, code: str | None = None
@@ -55,7 +61,9 @@ class APIError(Exception):
     type = "server_error"
     default_code: str | None = None
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, bound_to: str | None = None
+    ) -> None:
         # Bounded whatever a route quoted into it ("everything bounded", docs/design.md); callers
         # quote input with store.quote_input, this is the backstop.
         message = bounded_text(message, 2 * MAX_ERROR_MESSAGE_CHARS)
@@ -63,6 +71,7 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code or self.default_code
+        self.bound_to = bound_to  # see BOUND_TO_HEADER
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, param=self.param, code=self.code)
@@ -128,7 +137,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else {}
+        if exc.bound_to is not None:
+            headers[BOUND_TO_HEADER] = exc.bound_to
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -6,8 +6,10 @@ The key is scoped to the tenant. The request is identified by its method, path, 
 another request is refused (422 ``idempotency_key_reused``); while the first request with a key is
 being answered, another one is refused (409 ``idempotency_key_in_use``: retry later). Answers
 below 500 (but 429) are kept ``TOKENMILL_IDEMPOTENCY_RETENTION_SECONDS`` and replayed with the header
-``Idempotent-Replayed: true``; a 5xx answer means nothing was done that a retry would repeat at a
-cost (see ``api.routes.single_request.dispatch_or_cancel``), so the key is freed for the retry.
+``Idempotent-Replayed: true``, and so is a 5xx bound to work that goes on (it names it in
+``Tokenmill-Bound-To``: a wait that timed out, a cancel that could not stop a call already
+upstream). Any other 5xx means nothing was done that a retry would repeat at a cost (see
+``api.routes.single_request.dispatch_or_cancel``), so the key is freed for the retry.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import re
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from typing import IO, Any
 
 from starlette.concurrency import run_in_threadpool
@@ -26,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import store
 from api.deps import current_tenant
-from api.errors import APIError, Conflict, InvalidRequest, Unauthenticated
+from api.errors import BOUND_TO_HEADER, APIError, Conflict, InvalidRequest, Unauthenticated
 
 __all__ = ["IdempotencyKeyReused", "IdempotencyKeys", "request_hash"]
 
@@ -83,10 +86,13 @@ def request_hash(method: str, path: str, query: bytes, content_type: str, body: 
 
 
 class _CapturingSend:
-    """Passes the answer on and keeps a copy of it (up to ``_MAX_STORED_RESPONSE``)."""
+    """Passes the answer on and keeps a copy of it (up to ``_MAX_STORED_RESPONSE``); hands it to
+    ``keep`` once complete, before its last chunk goes out."""
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, keep: Callable[[store.StoredResponse], Awaitable[None]]) -> None:
         self._send = send
+        self._keep = keep
+        self.kept = False
         self.status_code: int | None = None
         self.headers: list[tuple[str, str]] = []
         self.chunks: list[bytes] = []
@@ -104,12 +110,20 @@ class _CapturingSend:
                 self.chunks.append(chunk)
             # Complete before it is passed on: a client gone by now gets it on its retry.
             self.complete = not message.get("more_body", False)
+            answer = self.stored() if self.complete else None
+            if answer is not None:
+                # Kept now, not when the app returns: Starlette runs background tasks (a large
+                # file's validation) inside the response call, and a retry meanwhile must replay.
+                await self._keep(answer)
+                self.kept = True
         await self._send(message)
 
     def stored(self) -> store.StoredResponse | None:
-        """The answer to keep, or None (incomplete, too large, a 429 or a 5xx: nothing was done
-        that a retry would repeat)."""
-        if not self.complete or self.status_code is None or self.status_code >= 500:
+        """The answer to keep, or None (incomplete, too large, a 429, or a 5xx not bound to work)."""
+        if not self.complete or self.status_code is None:
+            return None
+        bound = any(name.lower() == BOUND_TO_HEADER.lower() for name, _ in self.headers)
+        if self.status_code >= 500 and not bound:
             return None
         if self.status_code == 429:
             return None
@@ -194,14 +208,15 @@ class IdempotencyKeys:
             if refusal is not None:
                 await _answer_error(refusal, scope, receive, send)
                 return
-            capture = _CapturingSend(send)
+
+            async def keep(answer: store.StoredResponse) -> None:
+                await run_in_threadpool(store.store_idempotent_response, engine, tenant.id, key, answer)
+
+            capture = _CapturingSend(send, keep)
             try:
                 await self.app(scope, _replaying(body, size, receive), capture)
             finally:
-                answer = capture.stored()
-                if answer is not None:
-                    await run_in_threadpool(store.store_idempotent_response, engine, tenant.id, key, answer)
-                else:
+                if not capture.kept:
                     await run_in_threadpool(store.abandon_idempotency_key, engine, tenant.id, key)
 
 

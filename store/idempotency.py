@@ -68,28 +68,35 @@ def claim_idempotency_key(
         "created_at": now,
     }
     this_key = sa.and_(IdempotencyKey.tenant_id == tenant_id, IdempotencyKey.key == key)
-    with write_transaction(engine) as conn:
-        inserted = conn.execute(
-            dialect_insert(conn, IdempotencyKey)
-            .values(tenant_id=tenant_id, key=key, **fresh)
-            .on_conflict_do_nothing()
-            .returning(IdempotencyKey.key)
-        ).first()
-        if inserted is not None:
-            return IdempotencyClaim(IdempotencyOutcome.PROCEED)
-        row = conn.execute(sa.select(IdempotencyKey).where(this_key).with_for_update()).one()
-        answered = row.status_code is not None
-        if row.created_at < expired_before or (not answered and row.created_at < stale_before):
-            conn.execute(sa.update(IdempotencyKey).where(this_key).values(fresh))
-            return IdempotencyClaim(IdempotencyOutcome.PROCEED)
-        if row.request_hash != request_hash:
-            return IdempotencyClaim(IdempotencyOutcome.MISMATCH)
-        if not answered:
-            return IdempotencyClaim(IdempotencyOutcome.IN_PROGRESS)
-        headers = [(str(name), str(value)) for name, value in row.response_headers or []]
-        return IdempotencyClaim(
-            IdempotencyOutcome.REPLAY, StoredResponse(row.status_code, headers, row.response_body or b"")
-        )
+    # Two tries: the row the insert ran into may be deleted (``abandon_idempotency_key``) before
+    # it is locked; the key is then free and the second insert takes it (or meets a newer claim).
+    for _ in range(2):
+        with write_transaction(engine) as conn:
+            inserted = conn.execute(
+                dialect_insert(conn, IdempotencyKey)
+                .values(tenant_id=tenant_id, key=key, **fresh)
+                .on_conflict_do_nothing()
+                .returning(IdempotencyKey.key)
+            ).first()
+            if inserted is not None:
+                return IdempotencyClaim(IdempotencyOutcome.PROCEED)
+            row = conn.execute(sa.select(IdempotencyKey).where(this_key).with_for_update()).one_or_none()
+            if row is None:
+                continue
+            answered = row.status_code is not None
+            if row.created_at < expired_before or (not answered and row.created_at < stale_before):
+                conn.execute(sa.update(IdempotencyKey).where(this_key).values(fresh))
+                return IdempotencyClaim(IdempotencyOutcome.PROCEED)
+            if row.request_hash != request_hash:
+                return IdempotencyClaim(IdempotencyOutcome.MISMATCH)
+            if not answered:
+                return IdempotencyClaim(IdempotencyOutcome.IN_PROGRESS)
+            headers = [(str(name), str(value)) for name, value in row.response_headers or []]
+            return IdempotencyClaim(
+                IdempotencyOutcome.REPLAY, StoredResponse(row.status_code, headers, row.response_body or b"")
+            )
+    # Claimed and freed twice while this one looked: another request is busy with the key.
+    return IdempotencyClaim(IdempotencyOutcome.IN_PROGRESS)
 
 
 def store_idempotent_response(engine: Engine, tenant_id: str, key: str, response: StoredResponse) -> None:

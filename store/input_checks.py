@@ -98,14 +98,15 @@ def parse_json(data: bytes | str, *, prefix: str = "") -> Any:
             return value
         return constant(literal)
 
-    # Measured before parsing, so that its scratch memory is freed before the parsed value exists.
-    too_deep = text.count("[") + text.count("{") > MAX_JSON_DEPTH and _nests_too_deep(text)
     try:
         value = json.loads(text, parse_constant=constant, parse_float=number)
     except RecursionError as e:
         raise JSONRejected("nesting_too_deep", _TOO_DEEP) from e
     except ValueError as e:
         raise JSONRejected("invalid_json", f"not valid JSON: {e}") from e
+    # Measured only once the text is known to be JSON: on unclosed strings the string pattern
+    # retries from every quote (quadratic: an 80 KB body took 22 s).
+    too_deep = text.count("[") + text.count("{") > MAX_JSON_DEPTH and _nests_too_deep(text)
     code = _refusal(text, value, odd_numbers, too_deep)
     if code is not None:
         # Only now walk the value, to name the path of what is refused.
@@ -139,7 +140,8 @@ _OBJECTS_AS_ARRAYS = bytes.maketrans(b"{}", b"[]")
 
 def _nests_too_deep(text: str) -> bool:
     """Whether JSON ``text`` nests more than MAX_JSON_DEPTH levels: its brackets outside strings,
-    ``{}`` turned into ``[]``, lose one level a pass (``replace`` removes the innermost pairs)."""
+    ``{}`` turned into ``[]``, lose one level a pass (``replace`` removes the innermost pairs).
+    ``text`` must be valid JSON: then every string closes and ``_STRING`` matches each at once."""
     outside_strings = _STRING.sub("", text).encode("ascii", "replace")
     brackets = outside_strings.translate(_OBJECTS_AS_ARRAYS, _NOT_BRACKETS)
     for _ in range(MAX_JSON_DEPTH):

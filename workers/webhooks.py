@@ -188,17 +188,22 @@ async def _post_to_checked_address(
     unreachable: httpx.ConnectError | None = None
     for address in target.addresses:  # in the resolver's order, as a client connecting by name would
         try:
-            answer = await http.post(
+            # Streamed, and its body never read: the status is the answer, and a receiver may
+            # send an endless body (held in memory, for each concurrent delivery, until the
+            # deadline, had it been read).
+            async with http.stream(
+                "POST",
                 target.url.copy_with(host=str(address)),
                 content=body,
                 headers={"Host": host_header, "Content-Type": "application/json", **signed},
                 extensions={"sni_hostname": host},
-            )
+            ) as answer:
+                status_code = answer.status_code
         except httpx.ConnectError as e:
             unreachable = e
             continue
-        if not answer.is_success:
-            raise _NotDelivered(f"HTTP {answer.status_code}")
+        if not 200 <= status_code < 300:
+            raise _NotDelivered(f"HTTP {status_code}")
         return
     assert unreachable is not None
     raise unreachable
@@ -217,8 +222,10 @@ async def _attempt(
         return f"refused: {e}"
     except _NotDelivered as e:
         return str(e)
-    except httpx.HTTPError as e:
-        return f"{type(e).__name__}: {e}"
+    except Exception as e:  # an HTTP error, or any other: it fails this delivery only, recorded
+        if not isinstance(e, httpx.HTTPError):
+            _logger.exception("webhook delivery for batch %s failed unexpectedly", webhook.batch_id)
+        return f"{type(e).__name__}: {str(e)[:MAX_WEBHOOK_ERROR_CHARS]}"
     return None
 
 

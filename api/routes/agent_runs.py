@@ -143,6 +143,7 @@ async def create_agent_run(
                 f"run {run_id} did not finish within {settings.sync_timeout_seconds:.0f} s; "
                 f"GET /v1/agent_runs/{run_id} later",
                 code="timeout",
+                bound_to=run_id,  # it goes on running: a retry must not start a second one
             )
         run = done
     return agent_run_object(run)

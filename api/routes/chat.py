@@ -44,6 +44,27 @@ def _outcome(engine: Engine, batch_id: str) -> dict[str, Any] | None:
     return {"error": {"code": "cancelled", "message": f"the request was {batch.status}"}, "response": None}
 
 
+async def _cancel_after_timeout(engine: Engine, batch_id: str, seconds: float) -> dict[str, Any]:
+    """Cancel a request not answered in time. Raises ``ServiceUnavailable``: freeing the
+    Idempotency-Key when nothing ran, bound to the batch when a call already upstream goes on (and
+    is billed), so that a retry replays this answer rather than paying again. Returns the outcome
+    when the request ended by itself meanwhile."""
+    batch = await run_in_threadpool(store.cancel_batch, engine, batch_id)
+    if batch.status == store.BatchStatus.CANCELLED:
+        raise ServiceUnavailable(
+            f"no result within {seconds:.0f} s; the request was cancelled before it ran", code="timeout"
+        )
+    outcome = await run_in_threadpool(_outcome, engine, batch_id)
+    if outcome is None:
+        raise ServiceUnavailable(
+            f"no result within {seconds:.0f} s; batch {batch_id} is cancelled, but its call already sent "
+            "to the model provider finishes and is billed",
+            code="timeout",
+            bound_to=batch_id,
+        )
+    return outcome
+
+
 def _error_for(outcome: dict[str, Any]) -> APIError:
     error = outcome.get("error") or {}
     response = outcome.get("response") or {}
@@ -110,11 +131,7 @@ async def chat_completions(
         schedule=_POLL_SECONDS,
     )
     if outcome is None:
-        await run_in_threadpool(store.cancel_batch, engine, batch_id)
-        raise ServiceUnavailable(
-            f"no result within {settings.sync_timeout_seconds:.0f} s (batch {batch_id} cancelled)",
-            code="timeout",
-        )
+        outcome = await _cancel_after_timeout(engine, batch_id, settings.sync_timeout_seconds)
     response = outcome.get("response") or {}
     if outcome.get("error") is not None or response.get("status_code") != 200:
         raise _error_for(outcome)

@@ -10,10 +10,12 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import sqlalchemy as sa
 from openai.types.chat import ChatCompletionMessageParam
 
 import store
 from simulator.testing import SimulatorServer
+from store.tables import Request
 from tests import services
 from tests.api.conftest import LiveAPI, start_api
 from tests.api.test_api_input import batch_line, client, jsonl
@@ -288,3 +290,88 @@ def test_a_tenant_reads_and_rotates_its_webhook_secret_and_sees_its_delivery_sta
         "next_attempt_at": None,
         "last_error": None,
     }
+
+
+def test_a_wait_that_timed_out_is_replayed_and_starts_no_second_run(live_api: LiveAPI) -> None:
+    """No workers: a ``wait=true`` run times out with 503 while the run stays queued (it runs once
+    workers come). A retry with the key must get that answer again, not start (and bill) a second
+    run."""
+    key = live_api.new_key("idempotent-wait")
+    headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "run-wait-1"}
+
+    def start() -> httpx.Response:
+        return httpx.post(
+            f"{live_api.base_url}/agent_runs",
+            params={"wait": "true"},
+            headers=headers,
+            json={"model": "agent-model", "input": "hello"},
+            timeout=60,
+        )
+
+    first = start()
+    assert first.status_code == 503, first.text
+    assert first.json()["error"]["code"] == "timeout"
+    again = start()
+    assert again.status_code == 503, again.text
+    assert again.headers.get("idempotent-replayed") == "true"
+    run_id = first.headers["tokenmill-bound-to"]
+    assert again.headers["tokenmill-bound-to"] == run_id
+    engine = store.make_engine(live_api.database_url)
+    try:
+        with engine.connect() as conn:
+            tenant_id = conn.execute(sa.select(Request.tenant_id).where(Request.id == run_id)).scalar_one()
+            runs = conn.execute(
+                sa.select(sa.func.count()).select_from(Request).where(Request.tenant_id == tenant_id)
+            ).scalar_one()
+    finally:
+        engine.dispose()
+    assert runs == 1
+
+
+@pytest.mark.slow
+def test_a_chat_timeout_with_its_call_upstream_is_replayed_not_sent_again(
+    cluster: Callable[..., Cluster], simulator: SimulatorServer
+) -> None:
+    """The wait ends while a worker's call is with the provider: the cancel cannot stop that call
+    (it finishes and is billed), so the 503 names the batch and is kept for the key; the retry
+    replays it instead of sending (and billing) the request again."""
+    c = cluster()
+    assert run_cli(c.env, "db", "upgrade").returncode == 0
+    key = run_cli(c.env, "keys", "create", "chat-timeout").stdout.strip()
+    c.worker("w1")
+    api, root = start_api({**c.env, "TOKENMILL_SYNC_TIMEOUT_SECONDS": "3"}, c.logs / "api.log")
+    try:
+
+        def ask() -> httpx.Response:
+            return httpx.post(
+                f"{root}/v1/chat/completions",
+                headers={"Authorization": f"Bearer {key}", "Idempotency-Key": "slow-1"},
+                json={"model": "slow-model", "messages": [{"role": "user", "content": "[[delay 8]] hi"}]},
+                timeout=60,
+            )
+
+        deadline = time.monotonic() + 60
+        while (
+            warm := httpx.post(
+                f"{root}/v1/chat/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                json={"model": "warm-model", "messages": CHAT},
+                timeout=60,
+            )
+        ).status_code != 200:  # the worker is up and taking requests
+            assert time.monotonic() < deadline, warm.text
+        first = ask()
+        assert first.status_code == 503, first.text
+        assert first.json()["error"]["code"] == "timeout"
+        again = ask()
+        assert again.status_code == 503, again.text
+        assert again.headers.get("idempotent-replayed") == "true"
+        assert again.headers["tokenmill-bound-to"] == first.headers["tokenmill-bound-to"]
+    finally:
+        api.terminate()
+        api.wait(timeout=10)
+    deadline = time.monotonic() + 60
+    while simulator.stats()["in_flight"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert simulator.stats()["by_model"].get("slow-model") == 1

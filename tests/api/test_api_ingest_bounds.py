@@ -181,3 +181,37 @@ def test_a_large_file_is_validated_after_the_create_call_answers(big_api: BigAPI
     batch = validated(big_api, api, created.id)
     assert batch["status"] == "cancelled"
     assert batch["request_counts"]["total"] in (0, 30_000)
+
+
+def test_a_retry_during_background_validation_replays_the_batch(big_api: BigAPI) -> None:
+    """The create call has answered (``validating``) while its file is still being read: a retry
+    with its Idempotency-Key replays that answer (it was refused 409 until the validation ended,
+    and past the stale bound it created a second batch)."""
+    with big_api.client("idempotent-later") as api:
+        _retry_during_validation(big_api, api)
+
+
+def _retry_during_validation(big_api: BigAPI, api: openai.OpenAI) -> None:
+    lines = [chat_line(f"r{i}", f"question {i}") for i in range(30_000)]
+    uploaded = api.files.create(file=("big.jsonl", b"\n".join(lines)), purpose="batch")
+
+    def create() -> httpx.Response:
+        return httpx.post(
+            f"{big_api.base_url}/batches",
+            headers={"Authorization": f"Bearer {api.api_key}", "Idempotency-Key": "big-1"},
+            json={
+                "input_file_id": uploaded.id,
+                "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+            },
+            timeout=120,
+        )
+
+    first = create()
+    assert first.status_code == 200, first.text[:500]
+    assert first.json()["status"] == "validating"
+    again = create()
+    assert again.status_code == 200, again.text[:500]
+    assert again.headers.get("idempotent-replayed") == "true"
+    assert again.json()["id"] == first.json()["id"]
+    assert validated(big_api, api, first.json()["id"])["status"] == "in_progress"

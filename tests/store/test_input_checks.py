@@ -70,3 +70,24 @@ def test_quote_input_says_how_long_the_value_was() -> None:
     assert len(quoted) < 250
     assert "1000000 characters" in quoted
     assert quote_input("a\x00\ud800") == "'a\\x00\\ud800'"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # An unclosed string of escaped quotes behind enough brackets to start the depth check:
+        # the string pattern used to retry from every quote (80 KB took 22 s; 1 MiB hours).
+        "[" * (DEPTH + 1) + '"' + '\\"' * (512 * 1024),
+        "[" * (DEPTH + 1) + '"' * (1024 * 1024),
+        "[" * (DEPTH + 1) + '"\\' * (512 * 1024),
+    ],
+)
+def test_parse_json_is_linear_on_unclosed_strings(text: str) -> None:
+    import time
+
+    started = time.monotonic()
+    with pytest.raises(store.JSONRejected) as refused:
+        store.parse_json(text)
+    # Linear work here is milliseconds; the old quadratic scan took hours: a huge margin.
+    assert time.monotonic() - started < 2.0
+    assert refused.value.code == "invalid_json"

@@ -14,9 +14,11 @@ from typing import Any
 
 import openai
 import pytest
+import sqlalchemy as sa
 
 import store
 from models import RequestUsage
+from store.tables import Tenant
 from tests.cluster import Cluster
 from tests.workers.support import Ledger, add_batch
 from workers.webhooks import MAX_WEBHOOK_ERROR_CHARS, deliver_due_webhooks
@@ -275,4 +277,83 @@ def test_deliveries_are_signed_so_the_openai_sdk_verifies_them(database_url: str
     with pytest.raises(openai.InvalidWebhookSignatureError):
         sdk.webhooks.unwrap(receiver.raw[1], receiver.events[1][0], secret=secret)
     sdk.close()
+    engine.dispose()
+
+
+class EndlessReceiver:
+    """Answers 200 at once, then streams a body for as long as the sender reads it (a hostile
+    receiver filling the sender's memory)."""
+
+    def __init__(self) -> None:
+        self.closed = threading.Event()
+        self.sent = 0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.send_header("Content-Length", str(10**12))
+                self.end_headers()
+                chunk = b"x" * 65536
+                try:
+                    while not receiver.closed.is_set():
+                        self.wfile.write(chunk)
+                        receiver.sent += len(chunk)
+                except OSError:  # the sender hung up: what we want
+                    return
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.closed.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_receiver_answering_an_endless_body_is_delivered_without_reading_it(postgres_url: str) -> None:
+    """The status is the answer: the body is not read (it was read whole, up to the deadline, in
+    memory, for each of the concurrent deliveries)."""
+    endless = EndlessReceiver()
+    try:
+        engine, batch_id = finished_batch(postgres_url, endless.url)
+        assert deliver_due_webhooks(engine, allow_private=True, deadline_seconds=5) == (1, 0)
+        # Far less than what 5 s of a local stream carries (gigabytes); a socket buffer or two.
+        assert endless.sent < 64 * 1024 * 1024, endless.sent
+        batch = store.get_batch(engine, batch_id)
+        assert batch is not None
+        assert batch.webhook_last_error is None
+        engine.dispose()
+    finally:
+        endless.stop()
+
+
+def test_an_unexpected_failure_is_recorded_and_the_pass_goes_on(
+    postgres_url: str, receiver: Receiver
+) -> None:
+    """A secret that is not base64 (written past the API) fails its own delivery, with the error
+    recorded; the other batch of the pass is delivered (one exception aborted the whole pass, with
+    no attempt recorded, so it failed the same way forever)."""
+    engine, broken_batch = finished_batch(postgres_url, receiver.url)
+    broken = store.get_batch(engine, broken_batch)
+    assert broken is not None
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(Tenant).where(Tenant.id == broken.tenant_id).values(webhook_secret="whsec_not*base64")
+        )
+    _, fine_batch = finished_batch(postgres_url, receiver.url, engine=engine)
+    assert deliver_due_webhooks(engine, allow_private=True) == (1, 1)
+    assert [event["data"]["id"] for _, event in receiver.events] == [fine_batch]
+    broken = store.get_batch(engine, broken_batch)
+    assert broken is not None
+    assert broken.webhook_last_error is not None
+    assert broken.webhook_last_error.startswith("Error: "), broken.webhook_last_error
+    assert len(broken.webhook_last_error) <= MAX_WEBHOOK_ERROR_CHARS
     engine.dispose()

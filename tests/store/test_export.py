@@ -1,4 +1,4 @@
-"""Output and error files in the shape of /work/shared/notes/openai-batch-format.md."""
+"""Output and error files in the shape of docs/batch-format.md."""
 
 from __future__ import annotations
 

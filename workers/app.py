@@ -1,7 +1,7 @@
 """The Celery application: broker settings chosen for long, I/O-bound LLM work.
 
 ``celery -A workers.app worker`` and ``tokenmill worker`` load ``app`` from here. Every setting
-below carries one line of why; the measurements behind them are in
+below carries one line of why; the broker behaviour behind them is in
 ``docs/celery-on-redis.md``. Tasks live in ``workers.tasks`` (imported on worker
 start through ``include``), so importing this module stays cheap for producers.
 

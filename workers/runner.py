@@ -3,8 +3,8 @@
 Used by the Celery task (on the worker process's one event loop) and by the embedded mode (``tokenmill
 run``). For each request: claim with a lease, then the request's handler (for chat completions:
 ``ModelCallPipeline.call``, i.e. cache -> limiter -> client with retries), then a ``ResultRecord``
-written to the ledger in batches (every ``flush_size`` results or ``flush_interval`` seconds),
-first writer wins. Alongside:
+written to the ledger in batches (every ``flush_size`` results or ``flush_interval`` seconds,
+``workers.result_writer``), first writer wins. Alongside:
 
 * a heartbeat (``LeaseKeeper``, on a thread of its own so that a busy event loop cannot starve
   it) extends the leases of what is still unfinished four times per lease; a lease found lost
@@ -29,7 +29,6 @@ as failed without another call. Handlers are per request kind (``workers.handler
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -39,7 +38,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
 from models.cancellation import CancellationToken
@@ -49,8 +47,6 @@ from models.retry import RATE_LIMIT_DEADLINE, RetryLater
 from store import (
     STOPPED_BATCH_STATUSES,
     ClaimedRequest,
-    PaidAnswer,
-    RecordOutcome,
     RequestKind,
     RequestStatus,
     ResultRecord,
@@ -61,16 +57,13 @@ from store import (
     extend_leases,
     record_cancelled_spend,
     record_handed_back_spend,
-    record_results,
     release_requests,
 )
-from store.input_checks import bounded_text
-from store.log_redaction import redacted_error_text
 from workers.leases import Heartbeat
 from workers.pipeline import CallResult, ModelCallPipeline
+from workers.result_writer import ResultWriter
 
 __all__ = [
-    "UNRECORDABLE",
     "ChunkReport",
     "ChunkRunner",
     "LeaseKeeper",
@@ -80,7 +73,6 @@ __all__ = [
     "RunnerConfig",
     "complete_chat",
     "failed_record",
-    "record_isolating_bad_rows",
     "record_of_call",
 ]
 
@@ -245,181 +237,6 @@ async def complete_chat(
 ResultListener = Callable[[ResultRecord], None]
 
 
-UNRECORDABLE = "result_not_recordable"
-_ERROR_TEXT_LIMIT = 500
-_COLUMN_LIMIT = 200  # the ledger's model and provider-id columns
-
-
-def _error_text(error: BaseException) -> str:
-    """The database's own words for the request's error file, without the statement and parameters
-    SQLAlchemy adds (they would echo the row), on one line and bounded. Not for logs: the words may
-    quote the row (``redacted_error_text`` is the logs' version)."""
-    cause = error.orig if isinstance(error, sa_exc.DBAPIError) and error.orig is not None else error
-    text = "".join(ch if ch.isprintable() else " " for ch in f"{type(cause).__name__}: {cause}").strip()
-    return bounded_text(text, _ERROR_TEXT_LIMIT - 3)
-
-
-def _storable(text: str | None) -> str | None:
-    """``text`` as the ledger's short text columns hold it (no NUL, at most 200 characters)."""
-    return None if text is None else bounded_text(text, _COLUMN_LIMIT - 3)
-
-
-def _unrecordable(record: ResultRecord, error: BaseException, *, with_spend: bool = True) -> ResultRecord:
-    """The failure that stands for a ``record`` the database refused. ``with_spend``: it keeps what
-    the provider charged (usage, model, its answers' ids), made storable: the answer was paid
-    either way."""
-    failure = ResultRecord(
-        request_id=record.request_id,
-        status=RequestStatus.FAILED,
-        error_code=UNRECORDABLE,
-        error_message=f"the result could not be recorded: {_error_text(error)}",
-        attempts=record.attempts,
-        latency_ms=record.latency_ms,
-    )
-    if not with_spend:
-        return failure
-    return dataclasses.replace(
-        failure,
-        upstream_request_id=_storable(record.upstream_request_id),
-        model=_storable(record.model),
-        usage=record.usage,
-        cached=record.cached,
-        paid_answers=tuple(
-            PaidAnswer(_storable(answer.upstream_request_id), _storable(answer.model), answer.usage)
-            for answer in record.paid_answers
-        ),
-    )
-
-
-def _unreachable(error: BaseException) -> bool:
-    """The database could not be asked at all: writing rows one by one would not help."""
-    return isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError) or (
-        isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated
-    )
-
-
-def record_isolating_bad_rows(
-    engine: Engine, records: Sequence[ResultRecord]
-) -> tuple[RecordOutcome, list[str]]:
-    """``record_results`` for many; when that fails for the data (not the connection), row by row,
-    so that a row the database refuses fails alone: its request is recorded as failed with the
-    database's error (``UNRECORDABLE``), the others as they are. Returns the outcome and the ids
-    recorded so instead. Raises when the database cannot be reached, or refuses even the failure."""
-    try:
-        return record_results(engine, records), []
-    except Exception as error:
-        if _unreachable(error):
-            raise
-        batch_error = error
-    inserted: list[str] = []
-    duplicates: list[str] = []
-    skipped: list[str] = []
-    finalized: list[str] = []
-    discarded: list[str] = []
-    replaced: list[str] = []
-    for record in records:
-        try:
-            outcome = record_results(engine, [record])
-        except Exception as error:
-            if _unreachable(error):
-                raise
-            _logger.error(
-                "the result of request %s could not be recorded (%s); it fails alone",
-                record.request_id,
-                redacted_error_text(error),
-            )
-            try:
-                outcome = record_results(engine, [_unrecordable(record, error)])
-            except Exception as spend_error:
-                if _unreachable(spend_error):
-                    raise
-                # The spend itself is what the database refuses (usage past its integers): the
-                # request still ends, unbilled, rather than block every write after it.
-                _logger.error(
-                    "the spend of request %s could not be recorded either (%s); it is not billed",
-                    record.request_id,
-                    redacted_error_text(spend_error),
-                )
-                outcome = record_results(engine, [_unrecordable(record, error, with_spend=False)])
-            replaced.append(record.request_id)
-        inserted += outcome.inserted
-        duplicates += outcome.duplicates
-        skipped += outcome.skipped
-        finalized += outcome.finalized_batches
-        discarded += outcome.discarded
-    if not replaced:  # row by row, every one went in: the batch's failure was something else
-        _logger.warning(
-            "a batched result write failed, then each row went in: %s", redacted_error_text(batch_error)
-        )
-    return RecordOutcome(inserted, duplicates, skipped, finalized, discarded), replaced
-
-
-class _Writer:
-    """Buffers records and writes them with ``record_isolating_bad_rows`` in batches, off the
-    event loop. A write that fails (the database out of reach) keeps its records for the next
-    flush and is logged; the last flush raises it."""
-
-    def __init__(self, engine: Engine, report: ChunkReport, flush_size: int, flush_interval: float) -> None:
-        self._engine = engine
-        self._report = report
-        self._flush_size = flush_size
-        self._flush_interval = flush_interval
-        self._buffer: list[ResultRecord] = []
-        self._writing: list[ResultRecord] = []  # taken from the buffer, not yet committed
-        self._wake = asyncio.Event()
-        self._lock = asyncio.Lock()
-        self._stopped = False
-
-    def add(self, record: ResultRecord) -> None:
-        self._buffer.append(record)
-        if len(self._buffer) >= self._flush_size:
-            self._wake.set()
-
-    def unwritten_ids(self) -> list[str]:
-        """The requests whose result is not written yet: their leases must be kept meanwhile (a
-        stalled write must not let another worker adopt and pay for them again). Safe from any
-        thread: each list is copied whole (in C, under the GIL)."""
-        return [record.request_id for record in [*list(self._writing), *list(self._buffer)]]
-
-    async def flush(self) -> None:
-        async with self._lock:
-            records, self._buffer = self._buffer, []
-            if not records:
-                return
-            self._writing = records
-            try:
-                outcome, replaced = await asyncio.to_thread(record_isolating_bad_rows, self._engine, records)
-            except BaseException:
-                self._buffer[:0] = records  # not written: kept for the next try
-                raise
-            finally:
-                self._writing = []
-        self._report.duplicates += len(outcome.duplicates)
-        self._report.finalized_batches.extend(outcome.finalized_batches)
-        by_id = {record.request_id: record for record in records}
-        for request_id in replaced:
-            if by_id[request_id].status is RequestStatus.SUCCEEDED:
-                self._report.succeeded -= 1
-                self._report.failed += 1
-
-    def stop(self) -> None:
-        self._stopped = True
-        self._wake.set()
-
-    async def run(self) -> None:
-        # Stopped by a flag, not by cancellation: on 3.11 ``wait_for`` can swallow a cancel that
-        # lands as its timeout fires, and the loop would then never end.
-        while not self._stopped:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._flush_interval):
-                    await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self.flush()
-            except Exception:
-                _logger.exception("writing %d result(s) failed; trying again", len(self._buffer))
-
-
 class LeaseKeeper(Heartbeat):
     """Extends the leases of a chunk's unfinished requests every ``interval`` from a thread of its
     own (``workers.leases.Heartbeat``). ``leased()`` names what to extend (called on that thread);
@@ -488,265 +305,300 @@ class ChunkRunner:
             await asyncio.to_thread(on_claimed)
         if not claimed:
             return report
-        writer = _Writer(self.engine, report, config.flush_size, config.flush_interval)
-        unfinished: dict[str, ClaimedRequest] = {request.id: request for request in claimed}
-        running: dict[str, asyncio.Task[None]] = {}
-        started_at: dict[str, float] = {}  # of the running ones, monotonic
-        overdue: set[str] = set()
-        batch_tokens = {request.batch_id: CancellationToken() for request in claimed}
-        request_tokens: dict[str, CancellationToken] = {}  # of the requests past the gate
-        to_cancel: list[str] = []
-        cancelled_spend: list[ResultRecord] = []  # paid calls of the requests in ``to_cancel``
-        gate = asyncio.Semaphore(config.in_flight)
+        await _ChunkRun(self, claimed, report, started).run()
+        return report
 
-        def finish(record: ResultRecord) -> None:
-            unfinished.pop(record.request_id, None)
-            if record.status is RequestStatus.SUCCEEDED:
-                report.succeeded += 1
-                if record.cached:
-                    report.cached += 1
-                else:
-                    report.billed_prompt_tokens += record.usage.prompt_tokens
-                    report.billed_completion_tokens += record.usage.completion_tokens
-            else:
-                report.failed += 1
-            report.upstream_attempts += record.attempts
-            writer.add(record)
-            if self.on_result is not None:
-                self.on_result(record)
 
-        def past_deadline() -> bool:
-            return (
-                config.deadline_seconds is not None and time.monotonic() - started > config.deadline_seconds
-            )
+class _ChunkRun:
+    """One claimed chunk on its way through a ``ChunkRunner``: the state its requests share, and
+    one method per thing that happens to them (run, hand back, lose a lease, overrun, see their
+    batch stop, refill, finish, wind down)."""
 
-        async def stop_stopped_batches() -> None:
-            statuses = await asyncio.to_thread(batch_statuses, self.engine, list(batch_tokens))
-            for batch_id, status in statuses.items():
-                if status in STOPPED_BATCH_STATUSES:
-                    batch_tokens[batch_id].cancel()
-
-        async def run_one(request: ClaimedRequest) -> None:
-            batch_token = batch_tokens[request.batch_id]
-            async with gate:
-                if batch_token.is_cancelled():
-                    to_cancel.append(request.id)
-                    return
-                # Its own token, fired by its batch's cancel or by the loss of its lease.
-                token = request_tokens[request.id] = CancellationToken()
-                batch_token.add_callback(token.cancel)
-                try:
-                    await run_claimed(request, token)
-                finally:
-                    batch_token.remove_callback(token.cancel)
-                    request_tokens.pop(request.id, None)
-
-        async def run_claimed(request: ClaimedRequest, token: CancellationToken) -> None:
-            if past_deadline():
-                return  # left in ``unfinished``: released below
-            handler = self.handlers.get(request.kind)
-            if handler is None:
-                error = ModelClientError(f"this worker has no handler for {request.kind.value} requests")
-                finish(failed_record(request.id, error, attempts=0))
-                return
-            # This task's own context: the budget applies to this request's calls only.
-            RATE_LIMIT_DEADLINE.set(request.retry_deadline)
-            try:
-                record = await handler(request, self.pipeline, token)
-            except RequestCancelled as cancelled:
-                to_cancel.append(request.id)
-                if cancelled.spent is not None:
-                    cancelled_spend.append(cancelled.spent)
-                return
-            except RetryLater as later:
-                await hand_back(request, later)
-                return
-            except Exception:
-                # A handler that broke (its rate limiter out of reach, a bug) does not keep its
-                # request leased, idle, until the chunk ends (minutes, behind a slow call): back
-                # in line now, as a delivery that did not finish (max_deliveries ends a request
-                # that always breaks).
-                _logger.exception("the handler of request %s failed; it goes back in line", request.id)
-                report.released += await asyncio.to_thread(
-                    release_requests, self.engine, [request.id], config.owner
-                )
-                unfinished.pop(request.id, None)
-                return
-            if request.handed_back_attempts:
-                record = dataclasses.replace(record, attempts=record.attempts + request.handed_back_attempts)
-            finish(record)
-
-        async def hand_back(request: ClaimedRequest, later: RetryLater) -> None:
-            # Back in line for later; the slot serves other requests meanwhile.
-            request_id = request.id
-            unfinished.pop(request_id, None)
-            now = time.time()
-            budget = config.rate_limit_retry_seconds
-            # The budget starts with the provider's first "later", not with our own limiter's.
-            deadline = int(now + budget) if budget is not None and later.error is not None else None
-            # Not back later than the budget's end: a longer wait would only fail it unseen.
-            not_before = math.ceil(now + later.delay)
-            budget_end = request.retry_deadline if request.retry_deadline is not None else deadline
-            if budget_end is not None:
-                not_before = min(not_before, budget_end)
-            released = await asyncio.to_thread(
-                functools.partial(
-                    release_requests,
-                    self.engine,
-                    [request_id],
-                    config.owner,
-                    str(later),
-                    not_before,
-                    handed_back=True,
-                    upstream_attempts=later.attempts,
-                    retry_deadline=deadline,
-                )
-            )
-            report.handed_back += released
-            spent = later.spent if isinstance(later, RequestHandedBack) else None
-            if released and spent is not None:  # not when another worker holds it now: it bills them
-                await asyncio.to_thread(record_handed_back_spend, self.engine, [spent])
-
-        def lose(lost: set[str]) -> None:
-            """On the loop: another worker took these over. Ours stop as a cancel stops them: no
-            more waits or retries, but a call already sent upstream runs to its end, because the
-            provider bills that answer; its record then loses to the other worker's (first writer
-            wins) and is billed as a discarded answer. Hanging up would lose a paid answer."""
-            for request_id in lost:
-                if unfinished.pop(request_id, None) is None:
-                    continue  # finished meanwhile: its result row ended the lease
-                token = request_tokens.get(request_id)
-                if token is not None:
-                    token.cancel()
-                elif (task := running.get(request_id)) is not None:
-                    task.cancel()  # not started: nothing paid yet
-
-        def leased() -> list[str]:
-            # From the keeper's thread. ``list(dict)`` copies in C without letting the loop's
-            # thread run, so it never sees the dict change size.
-            running_ids = [request_id for request_id in list(unfinished) if request_id not in overdue]
-            return running_ids + writer.unwritten_ids()
-
+    def __init__(
+        self, runner: ChunkRunner, claimed: Sequence[ClaimedRequest], report: ChunkReport, started: float
+    ) -> None:
+        self.engine = runner.engine
+        self.pipeline = runner.pipeline
+        self.handlers = runner.handlers
+        self.on_result = runner.on_result
+        self.config = config = runner.config
+        self.report = report
+        self.started = started  # monotonic, before the claim
+        self.claimed = claimed
+        self.writer = ResultWriter(self.engine, report, config.flush_size, config.flush_interval)
+        self.unfinished: dict[str, ClaimedRequest] = {request.id: request for request in claimed}
+        # ``running`` holds only the tasks not yet settled: a chunk that refills for long starts
+        # tens of thousands, and nothing here may cost time in proportion to that.
+        self.running: dict[str, asyncio.Task[None]] = {}
+        self.all_settled = asyncio.Event()
+        self.started_at: dict[str, float] = {}  # of the running ones, monotonic
+        self.overdue: set[str] = set()
+        self.batch_tokens = {request.batch_id: CancellationToken() for request in claimed}
+        self.request_tokens: dict[str, CancellationToken] = {}  # of the requests past the gate
+        self.to_cancel: list[str] = []
+        self.cancelled_spend: list[ResultRecord] = []  # paid calls of the requests in ``to_cancel``
+        self.gate = asyncio.Semaphore(config.in_flight)
         loop = asyncio.get_running_loop()
-        keeper = LeaseKeeper(
+        self.keeper = LeaseKeeper(
             self.engine,
             config.owner,
             config.lease_seconds,
             config.heartbeat_interval,
-            leased,
-            lambda lost: loop.call_soon_threadsafe(lose, lost),
+            self.leased,
+            lambda lost: loop.call_soon_threadsafe(self.lose, lost),
         )
 
-        async def give_up_overdue() -> None:
-            assert config.max_request_seconds is not None
+    async def run(self) -> None:
+        config = self.config
+        self.fail_overdelivered()
+        await self.stop_stopped_batches()
+        writing = asyncio.create_task(self.writer.run())
+        refilling = asyncio.create_task(self.refill())
+        helpers = [asyncio.create_task(self.watch_batches()), refilling]
+        if config.max_request_seconds is not None:
+            helpers.append(asyncio.create_task(self.give_up_overdue()))
+        self.keeper.start()
+        try:
+            self.start(list(self.unfinished.values()))
             while True:
-                await asyncio.sleep(max(1.0, config.lease_seconds / 3))
-                # A request running this long is stuck, not slow: its lease is left to expire
-                # (the sweeper gives it to another worker; first writer wins) and it is cancelled.
-                too_old = time.monotonic() - config.max_request_seconds
-                for request_id in [i for i, t in started_at.items() if t < too_old and i in unfinished]:
-                    started_at.pop(request_id)
-                    overdue.add(request_id)
-                    _logger.error(
-                        "request %s ran over %.0f s: given up here", request_id, config.max_request_seconds
-                    )
-                    task = running.get(request_id)
-                    if task is not None:
-                        task.cancel()
+                if self.running:
+                    self.all_settled.clear()
+                    await self.all_settled.wait()
+                # All settled; the refill may still be claiming more.
+                await asyncio.wait({refilling}, timeout=max(0.2, 4 * config.refill_poll))
+                if not self.running and refilling.done():
+                    break
+        finally:
+            await self.wind_down(helpers, writing)
 
-        async def watch_batches() -> None:
-            while True:
-                await asyncio.sleep(config.cancel_check_interval)
-                await stop_stopped_batches()
-
-        for request in claimed:
+    def fail_overdelivered(self) -> None:
+        config = self.config
+        for request in self.claimed:
             if request.attempts > config.max_deliveries:
                 error = ModelClientError(
                     f"gave up after {request.attempts - 1} deliveries that did not finish",
                     code="max_deliveries",
                 )
-                finish(failed_record(request.id, error, attempts=0))
-        await stop_stopped_batches()
+                self.finish(failed_record(request.id, error, attempts=0))
 
-        # ``running`` holds only the tasks not yet settled: a chunk that refills for long starts tens
-        # of thousands, and nothing here may cost time in proportion to that.
-        all_settled = asyncio.Event()
+    def finish(self, record: ResultRecord) -> None:
+        report = self.report
+        self.unfinished.pop(record.request_id, None)
+        if record.status is RequestStatus.SUCCEEDED:
+            report.succeeded += 1
+            if record.cached:
+                report.cached += 1
+            else:
+                report.billed_prompt_tokens += record.usage.prompt_tokens
+                report.billed_completion_tokens += record.usage.completion_tokens
+        else:
+            report.failed += 1
+        report.upstream_attempts += record.attempts
+        self.writer.add(record)
+        if self.on_result is not None:
+            self.on_result(record)
 
-        def settled(request_id: str, task: asyncio.Task[None]) -> None:
-            running.pop(request_id, None)
-            started_at.pop(request_id, None)
-            outcome = None if task.cancelled() else task.exception()
-            if outcome is not None:
-                _logger.error("request handler failed", exc_info=outcome)
-            if not running:
-                all_settled.set()
+    def past_deadline(self) -> bool:
+        config = self.config
+        return (
+            config.deadline_seconds is not None and time.monotonic() - self.started > config.deadline_seconds
+        )
 
-        def start(requests: Sequence[ClaimedRequest]) -> None:
-            for request in requests:
-                unfinished[request.id] = request
-                started_at[request.id] = time.monotonic()
-                task = running[request.id] = asyncio.create_task(run_one(request))
-                task.add_done_callback(functools.partial(settled, request.id))
+    async def stop_stopped_batches(self) -> None:
+        statuses = await asyncio.to_thread(batch_statuses, self.engine, list(self.batch_tokens))
+        for batch_id, status in statuses.items():
+            if status in STOPPED_BATCH_STATUSES:
+                self.batch_tokens[batch_id].cancel()
 
-        async def refill() -> None:
-            def within_budget() -> bool:
-                return time.monotonic() - started < config.refill_seconds and not past_deadline()
+    def start(self, requests: Sequence[ClaimedRequest]) -> None:
+        for request in requests:
+            self.unfinished[request.id] = request
+            self.started_at[request.id] = time.monotonic()
+            task = self.running[request.id] = asyncio.create_task(self.run_one(request))
+            task.add_done_callback(functools.partial(self.settled, request.id))
 
-            while within_budget():
-                await asyncio.sleep(config.refill_poll)
-                if len(running) >= 2 * config.in_flight:
-                    continue  # a window's worth still waits behind the one in flight
-                live = [batch_id for batch_id, token in batch_tokens.items() if not token.is_cancelled()]
-                if not live:
-                    return
-                more = await asyncio.to_thread(
-                    claim_queued, self.engine, live, config.owner, config.lease_seconds, config.in_flight
-                )
-                if not more:
-                    return
-                report.claimed += len(more)
-                start(more)
+    def settled(self, request_id: str, task: asyncio.Task[None]) -> None:
+        self.running.pop(request_id, None)
+        self.started_at.pop(request_id, None)
+        outcome = None if task.cancelled() else task.exception()
+        if outcome is not None:
+            _logger.error("request handler failed", exc_info=outcome)
+        if not self.running:
+            self.all_settled.set()
 
-        writing = asyncio.create_task(writer.run())
-        refilling = asyncio.create_task(refill())
-        helpers = [asyncio.create_task(watch_batches()), refilling]
-        if config.max_request_seconds is not None:
-            helpers.append(asyncio.create_task(give_up_overdue()))
-        keeper.start()
-        try:
-            start(list(unfinished.values()))
-            while True:
-                if running:
-                    all_settled.clear()
-                    await all_settled.wait()
-                # All settled; the refill may still be claiming more.
-                await asyncio.wait({refilling}, timeout=max(0.2, 4 * config.refill_poll))
-                if not running and refilling.done():
-                    break
-        finally:
-            for helper in helpers:
-                helper.cancel()
-            writer.stop()
-            await asyncio.gather(*helpers, writing, return_exceptions=True)
+    async def run_one(self, request: ClaimedRequest) -> None:
+        batch_token = self.batch_tokens[request.batch_id]
+        async with self.gate:
+            if batch_token.is_cancelled():
+                self.to_cancel.append(request.id)
+                return
+            # Its own token, fired by its batch's cancel or by the loss of its lease.
+            token = self.request_tokens[request.id] = CancellationToken()
+            batch_token.add_callback(token.cancel)
             try:
-                try:
-                    await writer.flush()  # raises what kept results from the ledger
-                finally:
-                    # Not before: the results in that last write keep their leases while it lasts.
-                    await asyncio.to_thread(keeper.stop)
+                await self.run_claimed(request, token)
             finally:
-                for request_id in to_cancel:
-                    unfinished.pop(request_id, None)
-                if to_cancel:
-                    report.cancelled = await asyncio.to_thread(
-                        cancel_claimed, self.engine, to_cancel, config.owner
-                    )
-                if cancelled_spend:
-                    # After the cancel: only a request that ended cancelled bills them this way.
-                    await asyncio.to_thread(record_cancelled_spend, self.engine, cancelled_spend)
-                if unfinished:
-                    # Not started (deadline) or broken by a bug: hand back for another delivery.
-                    report.released = await asyncio.to_thread(
-                        release_requests, self.engine, list(unfinished), config.owner
-                    )
-        return report
+                batch_token.remove_callback(token.cancel)
+                self.request_tokens.pop(request.id, None)
+
+    async def run_claimed(self, request: ClaimedRequest, token: CancellationToken) -> None:
+        if self.past_deadline():
+            return  # left in ``unfinished``: released in ``wind_down``
+        handler = self.handlers.get(request.kind)
+        if handler is None:
+            error = ModelClientError(f"this worker has no handler for {request.kind.value} requests")
+            self.finish(failed_record(request.id, error, attempts=0))
+            return
+        # This task's own context: the budget applies to this request's calls only.
+        RATE_LIMIT_DEADLINE.set(request.retry_deadline)
+        try:
+            record = await handler(request, self.pipeline, token)
+        except RequestCancelled as cancelled:
+            self.to_cancel.append(request.id)
+            if cancelled.spent is not None:
+                self.cancelled_spend.append(cancelled.spent)
+            return
+        except RetryLater as later:
+            await self.hand_back(request, later)
+            return
+        except Exception:
+            # A handler that broke (its rate limiter out of reach, a bug) does not keep its
+            # request leased, idle, until the chunk ends (minutes, behind a slow call): back
+            # in line now, as a delivery that did not finish (max_deliveries ends a request
+            # that always breaks).
+            _logger.exception("the handler of request %s failed; it goes back in line", request.id)
+            self.report.released += await asyncio.to_thread(
+                release_requests, self.engine, [request.id], self.config.owner
+            )
+            self.unfinished.pop(request.id, None)
+            return
+        if request.handed_back_attempts:
+            record = dataclasses.replace(record, attempts=record.attempts + request.handed_back_attempts)
+        self.finish(record)
+
+    async def hand_back(self, request: ClaimedRequest, later: RetryLater) -> None:
+        # Back in line for later; the slot serves other requests meanwhile.
+        config = self.config
+        request_id = request.id
+        self.unfinished.pop(request_id, None)
+        now = time.time()
+        budget = config.rate_limit_retry_seconds
+        # The budget starts with the provider's first "later", not with our own limiter's.
+        deadline = int(now + budget) if budget is not None and later.error is not None else None
+        # Not back later than the budget's end: a longer wait would only fail it unseen.
+        not_before = math.ceil(now + later.delay)
+        budget_end = request.retry_deadline if request.retry_deadline is not None else deadline
+        if budget_end is not None:
+            not_before = min(not_before, budget_end)
+        released = await asyncio.to_thread(
+            functools.partial(
+                release_requests,
+                self.engine,
+                [request_id],
+                config.owner,
+                str(later),
+                not_before,
+                handed_back=True,
+                upstream_attempts=later.attempts,
+                retry_deadline=deadline,
+            )
+        )
+        self.report.handed_back += released
+        spent = later.spent if isinstance(later, RequestHandedBack) else None
+        if released and spent is not None:  # not when another worker holds it now: it bills them
+            await asyncio.to_thread(record_handed_back_spend, self.engine, [spent])
+
+    def lose(self, lost: set[str]) -> None:
+        """On the loop: another worker took these over. Ours stop as a cancel stops them: no
+        more waits or retries, but a call already sent upstream runs to its end, because the
+        provider bills that answer; its record then loses to the other worker's (first writer
+        wins) and is billed as a discarded answer. Hanging up would lose a paid answer."""
+        for request_id in lost:
+            if self.unfinished.pop(request_id, None) is None:
+                continue  # finished meanwhile: its result row ended the lease
+            token = self.request_tokens.get(request_id)
+            if token is not None:
+                token.cancel()
+            elif (task := self.running.get(request_id)) is not None:
+                task.cancel()  # not started: nothing paid yet
+
+    def leased(self) -> list[str]:
+        # From the keeper's thread. ``list(dict)`` copies in C without letting the loop's
+        # thread run, so it never sees the dict change size.
+        running_ids = [request_id for request_id in list(self.unfinished) if request_id not in self.overdue]
+        return running_ids + self.writer.unwritten_ids()
+
+    async def give_up_overdue(self) -> None:
+        config = self.config
+        assert config.max_request_seconds is not None
+        while True:
+            await asyncio.sleep(max(1.0, config.lease_seconds / 3))
+            # A request running this long is stuck, not slow: its lease is left to expire
+            # (the sweeper gives it to another worker; first writer wins) and it is cancelled.
+            too_old = time.monotonic() - config.max_request_seconds
+            for request_id in [i for i, t in self.started_at.items() if t < too_old and i in self.unfinished]:
+                self.started_at.pop(request_id)
+                self.overdue.add(request_id)
+                _logger.error(
+                    "request %s ran over %.0f s: given up here", request_id, config.max_request_seconds
+                )
+                task = self.running.get(request_id)
+                if task is not None:
+                    task.cancel()
+
+    async def watch_batches(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.cancel_check_interval)
+            await self.stop_stopped_batches()
+
+    def refilling_allowed(self) -> bool:
+        return time.monotonic() - self.started < self.config.refill_seconds and not self.past_deadline()
+
+    async def refill(self) -> None:
+        config = self.config
+        while self.refilling_allowed():
+            await asyncio.sleep(config.refill_poll)
+            if len(self.running) >= 2 * config.in_flight:
+                continue  # a window's worth still waits behind the one in flight
+            live = [batch_id for batch_id, token in self.batch_tokens.items() if not token.is_cancelled()]
+            if not live:
+                return
+            more = await asyncio.to_thread(
+                claim_queued, self.engine, live, config.owner, config.lease_seconds, config.in_flight
+            )
+            if not more:
+                return
+            self.report.claimed += len(more)
+            self.start(more)
+
+    async def wind_down(self, helpers: list[asyncio.Task[None]], writing: asyncio.Task[None]) -> None:
+        """Stop the helpers, write the last results, then settle what did not finish here."""
+        for helper in helpers:
+            helper.cancel()
+        self.writer.stop()
+        await asyncio.gather(*helpers, writing, return_exceptions=True)
+        try:
+            try:
+                await self.writer.flush()  # raises what kept results from the ledger
+            finally:
+                # Not before: the results in that last write keep their leases while it lasts.
+                await asyncio.to_thread(self.keeper.stop)
+        finally:
+            await self.settle_unfinished()
+
+    async def settle_unfinished(self) -> None:
+        config = self.config
+        for request_id in self.to_cancel:
+            self.unfinished.pop(request_id, None)
+        if self.to_cancel:
+            self.report.cancelled = await asyncio.to_thread(
+                cancel_claimed, self.engine, self.to_cancel, config.owner
+            )
+        if self.cancelled_spend:
+            # After the cancel: only a request that ended cancelled bills them this way.
+            await asyncio.to_thread(record_cancelled_spend, self.engine, self.cancelled_spend)
+        if self.unfinished:
+            # Not started (deadline) or broken by a bug: hand back for another delivery.
+            self.report.released = await asyncio.to_thread(
+                release_requests, self.engine, list(self.unfinished), config.owner
+            )

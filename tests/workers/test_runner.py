@@ -43,14 +43,8 @@ from tests.workers.support import Ledger, add_batch, results_of, statuses
 from workers.clients import openai_client_factory
 from workers.pipeline import ModelCallPipeline
 from workers.rate_limits import LimiterTuning, LocalRateLimiter
-from workers.runner import (
-    UNRECORDABLE,
-    ChunkReport,
-    ChunkRunner,
-    RunnerConfig,
-    complete_chat,
-    record_isolating_bad_rows,
-)
+from workers.result_writer import UNRECORDABLE, record_isolating_bad_rows
+from workers.runner import ChunkReport, ChunkRunner, RunnerConfig, complete_chat
 
 MakeLedger = Callable[[str], Ledger]
 

@@ -65,6 +65,11 @@ _WEBHOOKS_PER_PASS = 100
 MAX_WEBHOOK_ERROR_CHARS = 300
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+# Not public although ``is_global`` says so on some Python versions: IETF protocol assignments,
+# the retired 6to4 relay anycast, IPv6 site-local (deprecated, still routed inside networks).
+_NEVER_PUBLIC = tuple(
+    ipaddress.ip_network(network) for network in ("192.0.0.0/24", "192.88.99.0/24", "fec0::/10")
+)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -102,6 +107,8 @@ def is_public_address(address: IPAddress) -> bool:
     """Globally routable unicast: not loopback, private, link-local (cloud metadata lives at
     169.254.169.254), shared (100.64/10), multicast, unspecified or reserved."""
     address = _embedded_ipv4(address)
+    if any(address in network for network in _NEVER_PUBLIC):
+        return False
     return address.is_global and not (address.is_multicast or address.is_reserved or address.is_unspecified)
 
 

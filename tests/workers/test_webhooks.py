@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import threading
 import time
@@ -21,7 +22,7 @@ from models import RequestUsage
 from store.tables import Tenant
 from tests.cluster import Cluster
 from tests.workers.support import Ledger, add_batch
-from workers.webhooks import MAX_WEBHOOK_ERROR_CHARS, deliver_due_webhooks
+from workers.webhooks import MAX_WEBHOOK_ERROR_CHARS, deliver_due_webhooks, is_public_address
 
 
 class Receiver:
@@ -357,3 +358,16 @@ def test_an_unexpected_failure_is_recorded_and_the_pass_goes_on(
     assert broken.webhook_last_error.startswith("Error: "), broken.webhook_last_error
     assert len(broken.webhook_last_error) <= MAX_WEBHOOK_ERROR_CHARS
     engine.dispose()
+
+
+# Ranges Python 3.11's ``is_global`` still calls global although nothing public lives there: IETF
+# protocol assignments (192.0.0.0/24, e.g. 192.0.0.8), the retired 6to4 relay anycast
+# (192.88.99.0/24) and IPv6 site-local (fec0::/10, deprecated but routed inside some networks).
+@pytest.mark.parametrize("address", ["192.0.0.8", "192.0.0.170", "192.88.99.1", "fec0::1", "feff::1"])
+def test_addresses_python_calls_global_but_are_internal_are_refused(address: str) -> None:
+    assert not is_public_address(ipaddress.ip_address(address))
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "2606:4700::1111", "192.0.1.1"])
+def test_public_addresses_stay_public(address: str) -> None:
+    assert is_public_address(ipaddress.ip_address(address))

@@ -94,6 +94,10 @@ def complete_chunk(self: Any, request_ids: list[str], dispatch_id: str | None = 
     except Exception:
         # A process whose chunks fail (its database out of reach, say) fails fast, and would take
         # most messages from the queue: it waits before taking the next, so healthy ones get them.
+        # Settled before the wait, not after: the sweeper re-sends the requests while this process
+        # still waits (settled after, the re-sent message arrived just as this process was free).
+        if settle is not None:
+            settle()
         _failure_backoff.failed()
         raise
     else:

@@ -16,6 +16,7 @@ from sqlalchemy.engine import Engine
 
 from store import (
     Request,
+    RequestStatus,
     Result,
     create_tenant,
     ingest_batch,
@@ -107,3 +108,17 @@ def limiter_admissions(redis_url: str, key_prefix: str, model: str, rpm: float) 
             client.close()
         watcher.join(30)
         assert not watcher.is_alive(), "MONITOR did not see the end marker"
+
+
+def running_leased_by(engine: Engine, batch_id: str, worker: str) -> int:
+    """How many of the batch's requests run under a lease of the worker named ``worker``."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.select(sa.func.count()).where(
+                    Request.batch_id == batch_id,
+                    Request.status == RequestStatus.RUNNING,
+                    Request.lease_owner.like(f"{worker}@%"),
+                )
+            ).scalar_one()
+        )

@@ -39,7 +39,7 @@ from store import (
     make_engine,
 )
 from tests.cluster import Cluster, kill_group
-from tests.workers.support import Ledger, add_batch, statuses
+from tests.workers.support import Ledger, add_batch, running_leased_by, statuses
 from tests.workers.test_celery_workers import assert_recorded_once
 from tests.workers.test_runner import make_pipeline, run_ids
 from tests.workers.test_worker_faults import logs_of, own_redis_server, request_rows, wait_until
@@ -214,16 +214,7 @@ def test_a_sweeper_killed_mid_sweep_holds_no_other_sweeper_up(
     c.dispatcher.dispatch(ids)
 
     def held_by_victim() -> int:
-        with led.engine.connect() as conn:
-            return int(
-                conn.execute(
-                    sa.select(sa.func.count()).where(
-                        Request.batch_id == batch_id,
-                        Request.status == RequestStatus.RUNNING,
-                        Request.lease_owner.like("victim@%"),
-                    )
-                ).scalar_one()
-            )
+        return running_leased_by(led.engine, batch_id, "victim")
 
     def sweeps_waiting_on_a_lock() -> int:
         with led.engine.connect() as conn:

@@ -21,7 +21,7 @@ from config import Settings
 from simulator.testing import SimulatorServer, free_port
 from store import Request, RequestStatus, batch_progress
 from tests.cluster import Cluster, kill_group
-from tests.workers.support import Ledger, add_batch, results_of
+from tests.workers.support import Ledger, add_batch, results_of, running_leased_by
 from tests.workers.test_celery_workers import assert_recorded_once
 from workers.app import make_celery
 from workers.dispatch import Dispatcher
@@ -114,16 +114,7 @@ def test_a_killed_workers_requests_run_again_within_30_s(
     c.dispatcher.dispatch(ids)
 
     def held_by_victim() -> int:
-        with led.engine.connect() as conn:
-            return int(
-                conn.execute(
-                    sa.select(sa.func.count()).where(
-                        Request.batch_id == batch_id,
-                        Request.status == RequestStatus.RUNNING,
-                        Request.lease_owner.like("victim@%"),
-                    )
-                ).scalar_one()
-            )
+        return running_leased_by(led.engine, batch_id, "victim")
 
     wait_until(
         lambda: batch_progress(led.engine, batch_id).finished >= len(ids) // 4 and held_by_victim() > 0,

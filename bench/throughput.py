@@ -1,7 +1,7 @@
 """Throughput of tokenmill end to end against a raw asyncio + openai loop, on the same simulator.
 
     .venv/bin/python -m bench.throughput [--requests 5000] [--concurrency 128] [--processes 2]
-                                         [--rounds 2] [--zero-latency-only]
+                                         [--rounds 2] [--zero-latency-only] [--compare DIR ...]
 
 Prints, each measured here and now:
   (1) zero latency, in ``--rounds`` alternating rounds (so that load from elsewhere on the machine
@@ -222,7 +222,9 @@ class Tokenmill:
         *,
         redis_url: str,
         redis_pid: int | None = None,
+        root: Path = ROOT,
     ) -> None:
+        self.root_dir = root
         self.broker = redis.Redis.from_url(redis_url)
         self.broker.flushdb()
         self.redis_pid = redis_pid
@@ -238,7 +240,7 @@ class Tokenmill:
         self.files = tempfile.TemporaryDirectory(prefix="tokenmill-bench-files-")
         env = {
             **os.environ,
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": str(root),
             "TOKENMILL_BROKER_URL": redis_url,
             "TOKENMILL_DATABASE_URL": database_url,
             "TOKENMILL_CACHE_URL": redis_url,
@@ -278,7 +280,7 @@ class Tokenmill:
         process = subprocess.Popen(
             [sys.executable, "-c", "from cli.main import main; main()", command, *args],
             env=env,
-            cwd=ROOT,
+            cwd=self.root_dir,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -436,36 +438,56 @@ def zero_latency(
     and the targets."""
     per_process = max(1, args.concurrency // args.processes)
     in_flight = per_process * args.processes
+    compared = {str(root): root for root in args.compare}
     rounds: dict[str, list[Figures]] = {"sdk": [], "aiohttp": [], "tokenmill": []}
+    rounds.update({name: [] for name in compared})
     print(
         f"(1) zero latency, {args.requests} requests, {in_flight} in flight "
         f"(tokenmill: {args.processes} processes x {per_process}); CPU in ms per request"
     )
-    with scratch_database() as url:
-        mill = Tokenmill(
-            sim, url, args.processes, per_process, "{}", redis_url=redis_url, redis_pid=redis_pid
+
+    def tokenmill_line(name: str, figures: Figures) -> str:
+        return (
+            f"{name} {figures.per_second:7,.0f} req/s {figures.cpu_ms_per_request:5.2f} ms "
+            f"({figures.parts(figures.cpu)}; beside: {figures.parts(figures.services_cpu)})"
         )
-        try:
-            for number in range(1, args.rounds + 1):
-                rounds["sdk"].append(baseline(sim.base_url, args.requests, in_flight))
-                rounds["aiohttp"].append(baseline(sim.base_url, args.requests, in_flight, aiohttp=True))
-                rounds["tokenmill"].append(mill.run(args.requests, export=True))
-                sdk, aio, ours = (rounds[name][-1] for name in ("sdk", "aiohttp", "tokenmill"))
-                print(
-                    f"    round {number}: raw loop, SDK default transport {sdk.per_second:7,.0f} req/s "
-                    f"{sdk.cpu_ms_per_request:5.2f} ms | aiohttp transport {aio.per_second:7,.0f} req/s "
-                    f"{aio.cpu_ms_per_request:5.2f} ms | tokenmill {ours.per_second:7,.0f} req/s "
-                    f"{ours.cpu_ms_per_request:5.2f} ms ({ours.parts(ours.cpu)}; "
-                    f"beside: {ours.parts(ours.services_cpu)})"
-                )
-        finally:
-            mill.close()
+
+    with contextlib.ExitStack() as stack:
+        mills = {}
+        for index, (name, root) in enumerate([("tokenmill", ROOT), *compared.items()]):
+            url = stack.enter_context(scratch_database())
+            # A database of its own per checkout: each one's broker queue and keys apart.
+            mill = Tokenmill(
+                sim,
+                url,
+                args.processes,
+                per_process,
+                "{}",
+                redis_url=redis_url_with_db(redis_url, 14 - index),
+                redis_pid=redis_pid,
+                root=root,
+            )
+            stack.callback(mill.close)
+            mills[name] = mill
+        for number in range(1, args.rounds + 1):
+            rounds["sdk"].append(baseline(sim.base_url, args.requests, in_flight))
+            rounds["aiohttp"].append(baseline(sim.base_url, args.requests, in_flight, aiohttp=True))
+            for name, mill in mills.items():
+                rounds[name].append(mill.run(args.requests, export=True))
+            sdk, aio, ours = (rounds[name][-1] for name in ("sdk", "aiohttp", "tokenmill"))
+            print(
+                f"    round {number}: raw loop, SDK default transport {sdk.per_second:7,.0f} req/s "
+                f"{sdk.cpu_ms_per_request:5.2f} ms | aiohttp transport {aio.per_second:7,.0f} req/s "
+                f"{aio.cpu_ms_per_request:5.2f} ms | {tokenmill_line('tokenmill', ours)}"
+            )
+            for name in compared:
+                print(f"             {tokenmill_line(f'compared {name}', rounds[name][-1])}")
 
     def median(name: str, figure: str) -> float:
         return float(statistics.median(getattr(each, figure) for each in rounds[name]))
 
-    rate = {name: median(name, "per_second") for name in rounds}
-    cpu = {name: median(name, "cpu_ms_per_request") for name in rounds}
+    rate = {name: median(name, "per_second") for name in rounds if rounds[name]}
+    cpu = {name: median(name, "cpu_ms_per_request") for name in rounds if rounds[name]}
     fastest = max(rate["sdk"], rate["aiohttp"])
     label = f"median of {args.rounds}" if args.rounds > 1 else "one round"
     print(f"    {label}:")
@@ -474,6 +496,8 @@ def zero_latency(
     print(f"      | raw loop, SDK default transport | {rate['sdk']:,.0f} | {cpu['sdk']:.2f} ms |")
     print(f"      | raw loop, SDK aiohttp transport | {rate['aiohttp']:,.0f} | {cpu['aiohttp']:.2f} ms |")
     print(f"      | tokenmill end to end | {rate['tokenmill']:,.0f} | {cpu['tokenmill']:.2f} ms |")
+    for name in compared:
+        print(f"      | compared: {name} | {rate[name]:,.0f} | {cpu[name]:.2f} ms |")
     cpu_ratio = cpu["tokenmill"] / cpu["aiohttp"]
     rate_ratio = rate["tokenmill"] / fastest
     print(
@@ -496,6 +520,15 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of (1)")
     parser.add_argument("--zero-latency-only", action="store_true", help="(1) only")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        action="append",
+        default=[],
+        help="another checkout of tokenmill (`git archive` of an earlier commit, say) run in the "
+        "same rounds of (1) with this environment: before / after measured under the same load "
+        "(repeatable)",
+    )
     parser.add_argument("--latency-requests", type=int, default=10_000)
     parser.add_argument("--limited-requests", type=int, default=400)
     args = parser.parse_args()

@@ -13,9 +13,9 @@ and a ``CacheStoreError`` event.
 
 from __future__ import annotations
 
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
-__all__ = ["CacheStore"]
+__all__ = ["CacheStore", "LockingStore"]
 
 T = TypeVar("T")
 
@@ -44,4 +44,21 @@ class CacheStore(Protocol[T]):
 
     async def release_lock(self, key: str, token: str) -> None:
         """Drop the lock if ``token`` still owns it (an expired, retaken lock is left alone)."""
+        ...
+
+
+@runtime_checkable
+class LockingStore(CacheStore[T], Protocol[T]):
+    """A store that can read-or-lock and write-and-unlock in one round trip each (``RedisStore``,
+    by Lua scripts): a cache miss then costs two round trips instead of five (get, lock, get, set,
+    unlock). Single-flight and the cache use these when a store has them; their meaning is exactly
+    that of the calls they stand for, in order, with nothing between them."""
+
+    async def get_or_lock(self, key: str, ttl: float) -> tuple[T | None, str | None]:
+        """``key``'s value if there is one; else its lock for ``ttl`` seconds if free. Returns
+        (value, None), (None, owner token), or (None, None): no value, and the lock is held."""
+        ...
+
+    async def set_and_release_lock(self, key: str, value: T, ttl: float | None, token: str) -> None:
+        """``set(key, value, ttl)`` then ``release_lock(key, token)``."""
         ...

@@ -34,7 +34,7 @@ from models.cache.entry import CachedCompletion
 from models.cache.errors import CacheBackendError, CacheError, UncacheableRequestError
 from models.cache.keys import request_key
 from models.cache.memory import InMemoryStore
-from models.cache.single_flight import DEFAULT_LOCK_TTL, SingleFlight
+from models.cache.single_flight import DEFAULT_LOCK_TTL, Flight, SingleFlight
 from models.cancellation import CancellationToken
 from models.events import CacheHit, CacheStoreError, emit, event_logger, short_digest
 from models.types import CreateResult, LLMMessage, RequestUsage, Tool, ToolChoice, ToolSchema
@@ -166,12 +166,18 @@ class ChatCompletionCache(DelegatingClient):
             self._store_failed(e, "get", key)
             return None
 
-    async def _save(self, key: str, entry: CachedCompletion) -> None:
+    async def _save(self, key: str, entry: CachedCompletion, flight: Flight[CachedCompletion]) -> None:
         # A set that timed out is tried again while we still hold the key's lock: an answer that
         # never reaches a slow store sends every request waiting for it upstream again.
+        locking = self._flights.locking_store
         for attempt in range(1, _SAVE_ATTEMPTS_ON_TIMEOUT + 1):
             try:
-                await self._store.set(key, entry, self._ttl)
+                if locking is not None and flight.lock_token is not None:
+                    # The write and the unlock in one trip; the flight's end then drops nothing.
+                    await locking.set_and_release_lock(key, entry, self._ttl, flight.lock_token)
+                    flight.released = True
+                else:
+                    await self._store.set(key, entry, self._ttl)
                 return
             except CacheError as e:
                 self._store_failed(e, "set", key)
@@ -217,8 +223,10 @@ class ChatCompletionCache(DelegatingClient):
     ) -> CreateResult:
         started = time.perf_counter()
         key = self._key_or_none(messages, tools, tool_choice, json_output, extra_create_args)
-        if key is not None:
-            entry = await self._lookup(key)
+        lock_token = None
+        if key is not None and not self._flights.busy_here(key):
+            # One trip: the entry, or (on a store that can) the key's lock as well.
+            entry, lock_token = await self._flights.lookup(key)
             if entry is not None:
                 return self._served(entry, key, started)
 
@@ -236,11 +244,11 @@ class ChatCompletionCache(DelegatingClient):
 
         if key is None:
             return await upstream()
-        async with self._flights.flight(key, cancellation_token) as flight:
+        async with self._flights.flight(key, cancellation_token, lock_token=lock_token) as flight:
             if flight.entry is not None:
                 return self._served(flight.entry, key, started)
             result = await upstream()
-            await self._save(key, CachedCompletion(result=result, paid_by=_payer.get()))
+            await self._save(key, CachedCompletion(result=result, paid_by=_payer.get()), flight)
             return result
 
     async def create_stream(
@@ -297,7 +305,7 @@ class ChatCompletionCache(DelegatingClient):
                         # The last item: the stream is complete, so it may be stored.
                         self._spent(item)
                         stored = CachedCompletion(result=item, chunks=chunks, paid_by=_payer.get())
-                        await self._save(key, stored)
+                        await self._save(key, stored, flight)
                         yield item
                         return
                     chunks.append(item)

@@ -3,6 +3,9 @@
 Entries are ``prefix + key`` strings (``SET ... PX ttl``); the lock of a key is
 ``prefix + "lock:" + key`` taken with ``SET NX PX`` and an owner token, refreshed and released by
 small Lua scripts that compare the token first. A failed call raises ``CacheBackendError``.
+``get_or_lock`` and ``set_and_release_lock`` (``models.cache.base.LockingStore``) do a miss's
+get + lock and set + unlock in one script each (one round trip instead of two; the entry and its
+lock are two keys, so on a Redis Cluster the prefix would need a hash tag).
 
 Down and slow are told apart, because they call for opposite answers. A Redis that refuses or drops
 the connection is down: the store answers ``CacheBackendError`` at once for ``outage_backoff``
@@ -43,6 +46,29 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
     return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0
+"""
+# KEYS: entry, lock. ARGV: owner token, lock ttl (ms). {1, entry} | {2}: locked for us | {0}: held.
+_GET_OR_LOCK = """
+local entry = redis.call('GET', KEYS[1])
+if entry then
+    return {1, entry}
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return {2}
+end
+return {0}
+"""
+# KEYS: entry, lock. ARGV: value, owner token, entry ttl (ms, or "" for none).
+_SET_AND_RELEASE = """
+if ARGV[3] == '' then
+    redis.call('SET', KEYS[1], ARGV[1])
+else
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+end
+if redis.call('GET', KEYS[2]) == ARGV[2] then
+    redis.call('DEL', KEYS[2])
+end
+return 1
 """
 # Timeouts first: the builtin TimeoutError is an OSError, and redis's is neither a ConnectionError
 # nor an OSError.
@@ -100,6 +126,8 @@ class RedisStore(Generic[T]):
         self._unreachable_until = 0.0
         self._release_script = redis_client.register_script(_RELEASE)
         self._refresh_script = redis_client.register_script(_REFRESH)
+        self._get_or_lock_script = redis_client.register_script(_GET_OR_LOCK)
+        self._set_and_release_script = redis_client.register_script(_SET_AND_RELEASE)
 
     @classmethod
     def from_url(
@@ -160,12 +188,40 @@ class RedisStore(Generic[T]):
         except (redis.exceptions.RedisError, OSError, TimeoutError) as e:
             raise self._failed(operation, e) from e
 
-    async def get(self, key: str) -> T | None:
-        data = await self._execute("get", "GET", self.entry_key(key))
-        if data is None:
-            return None
+    async def _script(self, operation: str, script: Any, keys: list[str], args: list[Any]) -> Any:
+        self._check_reachable(operation)
+        try:
+            return await script(keys=keys, args=args)
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as e:
+            raise self._failed(operation, e) from e
+
+    def _decoded(self, data: bytes | str) -> T:
         # A client built with decode_responses=True hands back str.
         return self._codec.decode(data.encode("utf-8") if isinstance(data, str) else bytes(data))
+
+    async def get(self, key: str) -> T | None:
+        data = await self._execute("get", "GET", self.entry_key(key))
+        return None if data is None else self._decoded(data)
+
+    async def get_or_lock(self, key: str, ttl: float) -> tuple[T | None, str | None]:
+        token = uuid.uuid4().hex
+        reply = await self._script(
+            "get_or_lock",
+            self._get_or_lock_script,
+            [self.entry_key(key), self._lock_key(key)],
+            [token, _milliseconds(ttl)],
+        )
+        if reply[0] == 1:
+            return self._decoded(reply[1]), None
+        return None, token if reply[0] == 2 else None
+
+    async def set_and_release_lock(self, key: str, value: T, ttl: float | None, token: str) -> None:
+        await self._script(
+            "set_and_release_lock",
+            self._set_and_release_script,
+            [self.entry_key(key), self._lock_key(key)],
+            [self._codec.encode(value), token, "" if ttl is None else _milliseconds(ttl)],
+        )
 
     async def set(self, key: str, value: T, ttl: float | None = None) -> None:
         data = self._codec.encode(value)
@@ -182,18 +238,10 @@ class RedisStore(Generic[T]):
         return token if taken else None
 
     async def refresh_lock(self, key: str, token: str, ttl: float) -> bool:
-        self._check_reachable("refresh_lock")
-        try:
-            refreshed = await self._refresh_script(
-                keys=[self._lock_key(key)], args=[token, _milliseconds(ttl)]
-            )
-        except (redis.exceptions.RedisError, OSError, TimeoutError) as e:
-            raise self._failed("refresh_lock", e) from e
+        refreshed = await self._script(
+            "refresh_lock", self._refresh_script, [self._lock_key(key)], [token, _milliseconds(ttl)]
+        )
         return bool(refreshed)
 
     async def release_lock(self, key: str, token: str) -> None:
-        self._check_reachable("release_lock")
-        try:
-            await self._release_script(keys=[self._lock_key(key)], args=[token])
-        except (redis.exceptions.RedisError, OSError, TimeoutError) as e:
-            raise self._failed("release_lock", e) from e
+        await self._script("release_lock", self._release_script, [self._lock_key(key)], [token])

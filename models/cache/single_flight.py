@@ -22,6 +22,12 @@ uncoordinated (``Flight.coordinated`` is False), as the cache is an optimisation
 reason a request fails; a store that only timed out is slow, not gone, and is waited for until
 ``timeout`` seconds have passed since it last said the lock was held, because going around a
 loaded store turns load into duplicate upstream calls.
+
+A store that can read-or-lock and write-and-unlock in one round trip each
+(``models.cache.base.LockingStore``: ``RedisStore``) has them used: ``lookup`` answers the entry or
+the lock in one trip, a leader's ``Flight`` carries its lock token so that the answer is stored and
+the lock dropped in one more (``ChatCompletionCache``), and each poll is one trip. A miss then costs
+two round trips, not five; what is read, locked and written, and when, is the same.
 """
 
 from __future__ import annotations
@@ -33,8 +39,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from models.cache.base import CacheStore
-from models.cache.errors import CacheBackendError, CacheError
+from models.cache.base import CacheStore, LockingStore
+from models.cache.errors import CacheBackendError, CacheEntryError, CacheError
 from models.cancellation import CancellationToken
 
 __all__ = ["DEFAULT_LOCK_TTL", "Flight", "SingleFlight"]
@@ -52,10 +58,15 @@ StoreErrorHandler = Callable[[CacheError, str, str], None]
 @dataclass(slots=True)
 class Flight(Generic[T]):
     """What joining a flight gave: an ``entry`` another request stored while we waited, or none,
-    in which case this request calls upstream; ``coordinated`` says it holds the key's lock."""
+    in which case this request calls upstream; ``coordinated`` says it holds the key's lock,
+    ``lock_token`` is that lock's owner token; ``released`` is set by whoever dropped the lock
+    with the entry's write (``LockingStore.set_and_release_lock``), so the flight's end does not
+    drop it again."""
 
     entry: T | None
     coordinated: bool
+    lock_token: str | None = None
+    released: bool = False
 
 
 class _LocalGate:
@@ -88,6 +99,42 @@ class SingleFlight(Generic[T]):
         self._poll_initial = poll_initial
         self._poll_max = poll_max
         self._gates: dict[str, _LocalGate] = {}
+        # Checked once: a runtime protocol check costs more than the call it would choose.
+        self._locking: LockingStore[T] | None = store if isinstance(store, LockingStore) else None
+
+    @property
+    def locking_store(self) -> LockingStore[T] | None:
+        """The store, if it reads-or-locks and writes-and-unlocks in one trip each."""
+        return self._locking
+
+    def busy_here(self, key: str) -> bool:
+        """A request of this process is fetching ``key`` or waiting for it."""
+        return key in self._gates
+
+    async def lookup(self, key: str) -> tuple[T | None, str | None]:
+        """One round trip on a ``LockingStore``: (entry, None), or (None, lock token) when the
+        caller now holds ``key``'s lock (pass it to ``flight``), or (None, None): no entry, and
+        the lock is held elsewhere or the store failed (reported). Other stores: a ``get``."""
+        if self._locking is None:
+            return await self._get(key), None
+        try:
+            return await self._locking.get_or_lock(key, self._lock_ttl)
+        except CacheEntryError as e:
+            self._on_store_error(e, "get", key)  # an unreadable entry is a miss
+        except CacheError as e:
+            self._on_store_error(e, "get_or_lock", key)
+        return None, None
+
+    async def _get_or_lock(self, key: str) -> tuple[T | None, str | None, bool]:
+        """(entry, lock token, whether the entry was read in the same trip). Raises the store's
+        ``CacheError`` of the lock."""
+        if self._locking is not None:
+            try:
+                entry, token = await self._locking.get_or_lock(key, self._lock_ttl)
+                return entry, token, True
+            except CacheEntryError as e:
+                self._on_store_error(e, "get", key)  # unreadable: a miss; take the lock alone
+        return None, await self._store.acquire_lock(key, self._lock_ttl), False
 
     async def _get(self, key: str) -> T | None:
         try:
@@ -98,30 +145,44 @@ class SingleFlight(Generic[T]):
 
     @contextlib.asynccontextmanager
     async def flight(
-        self, key: str, cancellation_token: CancellationToken | None = None
+        self,
+        key: str,
+        cancellation_token: CancellationToken | None = None,
+        *,
+        lock_token: str | None = None,
     ) -> AsyncIterator[Flight[T]]:
-        """Wait for ``key``'s entry or for the right to fetch it; the lock is released on exit."""
+        """Wait for ``key``'s entry or for the right to fetch it; the lock is released on exit.
+        ``lock_token``: the caller already holds the store's lock (from ``lookup``) and leads."""
         gate = self._gates.get(key)
         if gate is None:
             gate = self._gates[key] = _LocalGate()
         gate.users += 1
         gate_held = False
-        token: str | None = None
+        token: str | None = lock_token
         try:
-            entry, gate_held, token = await self._join_cancellable(key, gate, cancellation_token)
+            if token is not None:
+                # Never wait for the gate while holding the store's lock: its holder may be
+                # waiting for that lock. A free gate is taken (at once) so local callers queue.
+                if not gate.lock.locked():
+                    gate_held = await gate.lock.acquire()
+                entry = None
+            else:
+                entry, gate_held, token = await self._join_cancellable(key, gate, cancellation_token)
             if entry is not None or token is None:
                 yield Flight(entry=entry, coordinated=False)
                 return
             done = asyncio.Event()
             heartbeat = asyncio.ensure_future(self._keep_lock(key, token, done))
+            flight: Flight[T] = Flight(entry=None, coordinated=True, lock_token=token)
             try:
-                yield Flight(entry=None, coordinated=True)
+                yield flight
             finally:
                 done.set()
                 heartbeat.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await heartbeat
-                await self._release(key, token)
+                if not flight.released:
+                    await self._release(key, token)
         finally:
             if gate_held:
                 gate.lock.release()
@@ -172,18 +233,23 @@ class SingleFlight(Generic[T]):
         deadline = time.monotonic() + self._timeout
         while True:
             holder_alive = False
+            read = False
             try:
-                token = await self._store.acquire_lock(key, self._lock_ttl)
+                entry, token, read = await self._get_or_lock(key)
             except CacheError as e:
                 self._on_store_error(e, "acquire_lock", key)
                 if not _store_is_slow(e):
                     return None, None
                 token = None  # slow, not down: wait on, and try the lock again
             else:
+                if entry is not None:
+                    return entry, None
                 holder_alive = token is None
             if holder_alive:
                 deadline = time.monotonic() + self._timeout
             if token is not None:
+                if read:
+                    return None, token  # read in the same trip as the lock: nothing in between
                 try:
                     # The previous holder may have stored the entry between our miss and our lock.
                     entry = await self._get(key)
@@ -199,6 +265,8 @@ class SingleFlight(Generic[T]):
                 return None, None
             await asyncio.sleep(min(delay, remaining))
             delay = min(delay * 2, self._poll_max)
+            if self._locking is not None:
+                continue  # the next get_or_lock reads the entry too
             entry = await self._get(key)
             if entry is not None:
                 return entry, None

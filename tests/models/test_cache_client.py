@@ -462,7 +462,9 @@ async def test_a_redis_store_on_a_closed_port_only_costs_misses(events: EventLog
     assert [result.cached for result in results] == [False] * 5
     assert inner.calls == 5
     operations = {event.operation for event in events.of(CacheStoreError)}
-    assert {"get", "acquire_lock", "set"} <= operations
+    # A Redis store reads and locks in one script (get_or_lock); the write of an uncoordinated
+    # call is a plain set.
+    assert {"get_or_lock", "set"} <= operations
     assert {event.store for event in events.of(CacheStoreError)} == {"redis"}
 
 
@@ -690,3 +692,39 @@ async def test_caches_in_two_namespaces_share_neither_answers_nor_flights(
     assert fast.calls == 1
     assert (await tenant_b.create(MESSAGES)).cached
     assert tenant_a.cache_key(MESSAGES) != tenant_b.cache_key(MESSAGES)
+
+
+class _CountingConnection(redis.asyncio.Connection):
+    """A real connection to the real server that counts what it sends (one send, one trip)."""
+
+    sent = 0
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        type(self).sent += 1
+        await super().send_packed_command(command, check_health)
+
+
+async def test_a_miss_on_redis_is_two_round_trips_and_a_hit_one(redis_url: str, redis_prefix: str) -> None:
+    pool = redis.asyncio.ConnectionPool.from_url(redis_url, connection_class=_CountingConnection)
+    client = redis.asyncio.Redis(connection_pool=pool)
+    try:
+        store = RedisStore(client, redis_prefix)
+        await client.ping()  # connected, and the scripts' SHA known after their first load below
+        inner = CountingClient()
+        cache = ChatCompletionCache(inner, store)
+        await cache.create([UserMessage(content="warm the scripts", source="user")])
+        _CountingConnection.sent = 0
+        miss = await cache.create(MESSAGES)
+        trips_of_a_miss = _CountingConnection.sent
+        _CountingConnection.sent = 0
+        hit = await cache.create(MESSAGES)
+        trips_of_a_hit = _CountingConnection.sent
+        # The lock went with the write: another caller takes it at once.
+        assert await store.acquire_lock(cache.cache_key(MESSAGES), ttl=5) is not None
+    finally:
+        await client.aclose()
+        await pool.aclose()
+    assert not miss.cached and hit.cached
+    assert inner.calls == 2
+    # get-or-lock, then set-and-unlock (was: get, lock, get, set, unlock).
+    assert (trips_of_a_miss, trips_of_a_hit) == (2, 1)

@@ -222,11 +222,38 @@ class ChatCompletionCache(DelegatingClient):
         cancellation_token: CancellationToken | None = None,
     ) -> CreateResult:
         started = time.perf_counter()
-        key = self._key_or_none(messages, tools, tool_choice, json_output, extra_create_args)
-        lock_token = None
-        if key is not None and not self._flights.busy_here(key):
-            # One trip: the entry, or (on a store that can) the key's lock as well.
-            entry, lock_token = await self._flights.lookup(key)
+        return await self.create_under(
+            self._key_or_none(messages, tools, tool_choice, json_output, extra_create_args),
+            messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            json_output=json_output,
+            extra_create_args=extra_create_args,
+            cancellation_token=cancellation_token,
+            started=started,
+        )
+
+    async def create_under(
+        self,
+        key: str | None,
+        messages: Sequence[LLMMessage],
+        *,
+        tools: Sequence[Tool | ToolSchema] = (),
+        tool_choice: ToolChoice = "auto",
+        json_output: bool | type[BaseModel] | None = None,
+        extra_create_args: Mapping[str, Any] = {},
+        cancellation_token: CancellationToken | None = None,
+        started: float | None = None,
+    ) -> CreateResult:
+        """``create`` for a caller that has the request's ``cache_key`` already (the worker's
+        pipeline records it in the ledger): the key is not computed twice. None: not cached."""
+        if started is None:
+            started = time.perf_counter()
+        if key is not None:
+            # A plain GET, not the read-or-lock script: a hit is the path that must cost least
+            # (a script costs Redis more than a GET; bench/cache_hits.py), and a miss's lock is
+            # taken with a second read in one trip by the flight.
+            entry = await self._lookup(key)
             if entry is not None:
                 return self._served(entry, key, started)
 
@@ -244,7 +271,7 @@ class ChatCompletionCache(DelegatingClient):
 
         if key is None:
             return await upstream()
-        async with self._flights.flight(key, cancellation_token, lock_token=lock_token) as flight:
+        async with self._flights.flight(key, cancellation_token) as flight:
             if flight.entry is not None:
                 return self._served(flight.entry, key, started)
             result = await upstream()

@@ -24,10 +24,11 @@ reason a request fails; a store that only timed out is slow, not gone, and is wa
 loaded store turns load into duplicate upstream calls.
 
 A store that can read-or-lock and write-and-unlock in one round trip each
-(``models.cache.base.LockingStore``: ``RedisStore``) has them used: ``lookup`` answers the entry or
-the lock in one trip, a leader's ``Flight`` carries its lock token so that the answer is stored and
-the lock dropped in one more (``ChatCompletionCache``), and each poll is one trip. A miss then costs
-two round trips, not five; what is read, locked and written, and when, is the same.
+(``models.cache.base.LockingStore``: ``RedisStore``) has them used: the lock is taken with the
+entry's second read in one trip, a leader's ``Flight`` carries its lock token so that the answer is
+stored and the lock dropped in one more (``ChatCompletionCache``), and each poll is one trip. With
+the cache's first read (a plain GET, the hit path), a miss costs three round trips, not five; what
+is read, locked and written, and when, is the same.
 """
 
 from __future__ import annotations
@@ -107,24 +108,6 @@ class SingleFlight(Generic[T]):
         """The store, if it reads-or-locks and writes-and-unlocks in one trip each."""
         return self._locking
 
-    def busy_here(self, key: str) -> bool:
-        """A request of this process is fetching ``key`` or waiting for it."""
-        return key in self._gates
-
-    async def lookup(self, key: str) -> tuple[T | None, str | None]:
-        """One round trip on a ``LockingStore``: (entry, None), or (None, lock token) when the
-        caller now holds ``key``'s lock (pass it to ``flight``), or (None, None): no entry, and
-        the lock is held elsewhere or the store failed (reported). Other stores: a ``get``."""
-        if self._locking is None:
-            return await self._get(key), None
-        try:
-            return await self._locking.get_or_lock(key, self._lock_ttl)
-        except CacheEntryError as e:
-            self._on_store_error(e, "get", key)  # an unreadable entry is a miss
-        except CacheError as e:
-            self._on_store_error(e, "get_or_lock", key)
-        return None, None
-
     async def _get_or_lock(self, key: str) -> tuple[T | None, str | None, bool]:
         """(entry, lock token, whether the entry was read in the same trip). Raises the store's
         ``CacheError`` of the lock."""
@@ -145,29 +128,17 @@ class SingleFlight(Generic[T]):
 
     @contextlib.asynccontextmanager
     async def flight(
-        self,
-        key: str,
-        cancellation_token: CancellationToken | None = None,
-        *,
-        lock_token: str | None = None,
+        self, key: str, cancellation_token: CancellationToken | None = None
     ) -> AsyncIterator[Flight[T]]:
-        """Wait for ``key``'s entry or for the right to fetch it; the lock is released on exit.
-        ``lock_token``: the caller already holds the store's lock (from ``lookup``) and leads."""
+        """Wait for ``key``'s entry or for the right to fetch it; the lock is released on exit."""
         gate = self._gates.get(key)
         if gate is None:
             gate = self._gates[key] = _LocalGate()
         gate.users += 1
         gate_held = False
-        token: str | None = lock_token
+        token: str | None = None
         try:
-            if token is not None:
-                # Never wait for the gate while holding the store's lock: its holder may be
-                # waiting for that lock. A free gate is taken (at once) so local callers queue.
-                if not gate.lock.locked():
-                    gate_held = await gate.lock.acquire()
-                entry = None
-            else:
-                entry, gate_held, token = await self._join_cancellable(key, gate, cancellation_token)
+            entry, gate_held, token = await self._join_cancellable(key, gate, cancellation_token)
             if entry is not None or token is None:
                 yield Flight(entry=entry, coordinated=False)
                 return

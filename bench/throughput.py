@@ -196,6 +196,8 @@ async def _baseline_loop(base_url: str, count: int, concurrency: int, *, aiohttp
         base_url=base_url,
         api_key="bench",
         max_retries=0,
+        # A loaded machine can take seconds to accept 128 connections at once: wait, not fail.
+        timeout=120,
         http_client=openai.DefaultAioHttpClient() if aiohttp else None,
     )
     gate = asyncio.Semaphore(concurrency)

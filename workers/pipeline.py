@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -560,9 +561,16 @@ class ModelCallPipeline:
             tenant_id=tenant_id,
         )
         started = time.perf_counter()
+        # The key is hashed once: the cache is handed the one just computed. An uncacheable
+        # request goes through ``create``, which reports it.
+        create = (
+            functools.partial(client.create_under, key)
+            if key is not None and isinstance(client, ChatCompletionCache)
+            else client.create
+        )
         with _tally() as stats, paying_as(payer):
             try:
-                result = await client.create(
+                result = await create(
                     messages,
                     tools=tools,
                     tool_choice=tool_choice,

@@ -150,10 +150,7 @@ def line_chart(
                 total_text=format_value(total, unit),
             )
         )
-    y_ticks = [
-        (y_of(ceiling * share), format_value(_tick_value(ceiling * share, unit), unit))
-        for share in (0, 0.5, 1)
-    ]
+    y_ticks = [(y_of(ceiling * share), _tick_label(ceiling * share, unit)) for share in (0, 0.5, 1)]
     every = max(1, len(starts) // _X_TICKS)
     x_ticks = [(x_of(index), _clock(start, activity.bucket_seconds)) for index, start in enumerate(starts)][
         ::every
@@ -177,5 +174,11 @@ def line_chart(
     )
 
 
-def _tick_value(value: float, unit: str) -> Any:
-    return Decimal(str(round(value, 6))) if unit == "USD" else round(value)
+def _tick_label(value: float, unit: str) -> str:
+    """An axis label, short enough for the margin: ``2.5k``, ``$0.0005`` (the unit is in the title)."""
+    if unit == "USD":
+        return f"${_plain(Decimal(str(round(value, 6))))}"
+    for size, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= size:
+            return f"{value / size:g}{suffix}"
+    return f"{value:g}"

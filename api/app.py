@@ -7,6 +7,7 @@ from sqlalchemy.engine import Engine
 
 import store
 from agents.tools import load_tool_modules
+from api.dashboard import router as dashboard_router
 from api.errors import install_error_handlers
 from api.idempotency import IdempotencyKeys
 from api.limits import BodySizeLimit
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
         agent_runs.router,
         model_catalog.router,
         webhook_secret.router,
+        dashboard_router,
     )
     for router in routers:
         app.include_router(router)

@@ -167,6 +167,16 @@ class Settings(BaseSettings):
 
     # Flower: no default password; ``tokenmill flower`` refuses to start without one.
     flower_basic_auth: SecretStr | None = None
+    flower_url: str | None = Field(
+        default=None, description="where operators open Flower (linked from the dashboard); unset: no link"
+    )
+
+    # The dashboard (/ui). Operators are tenants (ids, as `tokenmill keys create NAME` makes them)
+    # whose keys see every tenant's batches, the queue and the workers; any other key sees its own.
+    dashboard_operator_tenants: list[str] = Field(default_factory=list)
+    dashboard_session_seconds: int = Field(
+        default=8 * 3600, ge=60, le=30 * 24 * 3600, description="how long a dashboard login lasts"
+    )
 
     # Agents: modules whose tools are registered on import.
     tool_modules: list[str] = Field(default_factory=list)

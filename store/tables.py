@@ -32,6 +32,7 @@ __all__ = [
     "Conversation",
     "ConversationMessage",
     "ConversationRun",
+    "DashboardSession",
     "DiscardedAnswer",
     "File",
     "FileKind",
@@ -121,6 +122,22 @@ class Tenant(Base):
     webhook_secret: Mapped[str | None] = mapped_column(sa.String(100))
 
 
+class DashboardSession(Base):
+    """A login to the dashboard (``/ui``). The browser holds a random token in a cookie; only its
+    SHA-256 is kept here. A session lives until ``expires_at``, until logout deletes it, or until
+    its API key is revoked (then it is refused, and deleted with the key)."""
+
+    __tablename__ = "dashboard_sessions"
+
+    token_hash: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(sa.ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[str] = mapped_column(sa.String(64))
+    # Sent back in the logout form: a cross-site form cannot know it.
+    csrf_token: Mapped[str] = mapped_column(sa.String(64))
+    created_at: Mapped[int] = mapped_column(sa.BigInteger)
+    expires_at: Mapped[int] = mapped_column(sa.BigInteger, index=True)
+
+
 class ApiKey(Base):
     """A tenant's API key. Only the SHA-256 of the key is stored; ``prefix`` (its first characters)
     lets a person tell keys apart."""
@@ -156,7 +173,12 @@ class File(Base):
 
 class Batch(Base):
     __tablename__ = "batches"
-    __table_args__ = (sa.Index("ix_batches_tenant_id_id", "tenant_id", "id"),)
+    __table_args__ = (
+        sa.Index("ix_batches_tenant_id_id", "tenant_id", "id"),
+        # The dashboard's pages of batches, newest first: a tenant's, and every tenant's (operators).
+        sa.Index("ix_batches_tenant_id_created_at_id", "tenant_id", "created_at", "id"),
+        sa.Index("ix_batches_created_at_id", "created_at", "id"),
+    )
 
     id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id", ondelete="CASCADE"))
@@ -248,6 +270,8 @@ class Result(Base):
     __table_args__ = (
         sa.Index("ix_results_tenant_id_created_at", "tenant_id", "created_at"),
         sa.Index("ix_results_batch_id", "batch_id"),
+        # The dashboard's charts over every tenant: a bounded window of the newest results.
+        sa.Index("ix_results_created_at", "created_at"),
     )
 
     request_id: Mapped[str] = mapped_column(
@@ -288,6 +312,7 @@ class DiscardedAnswer(Base):
             "request_id", "upstream_request_id", name="uq_discarded_answers_request_id_upstream_request_id"
         ),
         sa.Index("ix_discarded_answers_tenant_id_created_at", "tenant_id", "created_at"),
+        sa.Index("ix_discarded_answers_created_at", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)

@@ -22,6 +22,7 @@ __all__ = [
     "authenticate_api_key",
     "create_api_key",
     "create_tenant",
+    "find_api_key",
     "get_tenant",
     "new_webhook_secret",
     "revoke_api_key",
@@ -107,6 +108,13 @@ def authenticate_api_key(engine: Engine, key: str) -> Tenant | None:
         .join(ApiKey, ApiKey.tenant_id == Tenant.id)
         .where(ApiKey.key_hash == _hash_key(key), ApiKey.revoked_at.is_(None))
     )
+    with Session(engine, expire_on_commit=False) as session:
+        return session.scalars(query).first()
+
+
+def find_api_key(engine: Engine, key: str) -> ApiKey | None:
+    """The live (not revoked) key row whose plaintext is ``key``, or None."""
+    query = sa.select(ApiKey).where(ApiKey.key_hash == _hash_key(key), ApiKey.revoked_at.is_(None))
     with Session(engine, expire_on_commit=False) as session:
         return session.scalars(query).first()
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
@@ -39,6 +40,12 @@ def worker(
     if get_settings().broker_url is None:
         typer.echo("No broker: set TOKENMILL_BROKER_URL=redis://... (or use `tokenmill run`).", err=True)
         raise typer.Exit(2)
+    settings = get_settings()
+    if settings.worker_metrics_port is not None:
+        # Before anything imports prometheus_client: it picks multiprocess mode on import.
+        from telemetry.multiprocess import prepare_multiprocess_dir
+
+        _serve_metrics_when_ready(prepare_multiprocess_dir())
     from workers.app import app
 
     argv = [
@@ -51,3 +58,20 @@ def worker(
         f"--hostname={hostname or 'tokenmill@%h'}",
     ]
     app.worker_main(argv)
+
+
+def _serve_metrics_when_ready(path: Path) -> None:
+    """Serve the pool's metrics from the main process once the pool runs (``telemetry.exporter``)."""
+    from celery.signals import worker_ready
+
+    from config import get_settings
+
+    def serve(**_: Any) -> None:
+        from telemetry.exporter import start_exporter
+
+        settings = get_settings()
+        assert settings.worker_metrics_port is not None
+        token = settings.metrics_token.get_secret_value() if settings.metrics_token is not None else None
+        start_exporter(settings.worker_metrics_host, settings.worker_metrics_port, token, path)
+
+    worker_ready.connect(serve, weak=False)

@@ -46,6 +46,7 @@ def worker(
         from telemetry.multiprocess import prepare_multiprocess_dir
 
         _serve_metrics_when_ready(prepare_multiprocess_dir())
+    _log_structured(settings.log_format)
     from workers.app import app
 
     argv = [
@@ -75,3 +76,16 @@ def _serve_metrics_when_ready(path: Path) -> None:
         start_exporter(settings.worker_metrics_host, settings.worker_metrics_port, token, path)
 
     worker_ready.connect(serve, weak=False)
+
+
+def _log_structured(log_format: str) -> None:
+    """Celery configures no logging of its own when ``setup_logging`` has a receiver: ours, at the
+    worker's ``--loglevel`` (``telemetry.logs``); the pool processes inherit it."""
+    from celery.signals import setup_logging
+
+    def configure(loglevel: Any = "INFO", **_: Any) -> None:
+        from telemetry.logs import configure_logging
+
+        configure_logging(loglevel or "INFO", log_format)  # type: ignore[arg-type]
+
+    setup_logging.connect(configure, weak=False)

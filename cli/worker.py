@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from telemetry.logs import LogFormat
 
 __all__ = ["CONCURRENCY_HELP", "worker"]
 
@@ -47,9 +50,12 @@ def worker(
 
         _serve_metrics_when_ready(prepare_multiprocess_dir())
     _log_structured(settings.log_format)
+    from telemetry.logs import wants_json
     from workers.app import app
 
+    # Celery's banner is loose text: left out where the logs are JSON lines (its "ready" line stays).
     argv = [
+        *(["--quiet"] if wants_json(settings.log_format) else []),
         "worker",
         f"--concurrency={processes or os.cpu_count() or 1}",
         "--pool=prefork",
@@ -78,7 +84,7 @@ def _serve_metrics_when_ready(path: Path) -> None:
     worker_ready.connect(serve, weak=False)
 
 
-def _log_structured(log_format: str) -> None:
+def _log_structured(log_format: LogFormat) -> None:
     """Celery configures no logging of its own when ``setup_logging`` has a receiver: ours, at the
     worker's ``--loglevel`` (``telemetry.logs``); the pool processes inherit it."""
     from celery.signals import setup_logging
@@ -86,6 +92,9 @@ def _log_structured(log_format: str) -> None:
     def configure(loglevel: Any = "INFO", **_: Any) -> None:
         from telemetry.logs import configure_logging
 
-        configure_logging(loglevel or "INFO", log_format)  # type: ignore[arg-type]
+        configure_logging(loglevel or "INFO", log_format)
 
     setup_logging.connect(configure, weak=False)
+    from telemetry.logs import configure_logging
+
+    configure_logging("WARNING", log_format)  # until Celery's signal: its start-up warnings too

@@ -26,7 +26,7 @@ from models.events import ModelEvent
 from store.log_redaction import install_log_redaction
 from telemetry.context import current_scope
 
-__all__ = ["LogFormat", "configure_logging", "formatter", "logging_config"]
+__all__ = ["LogFormat", "configure_logging", "formatter", "logging_config", "wants_json"]
 
 LogFormat = Literal["auto", "json", "text"]
 
@@ -66,10 +66,15 @@ def _shared_processors() -> list[Any]:
     ]
 
 
+def wants_json(log_format: LogFormat) -> bool:
+    """JSON lines unless asked for text, or on a terminal (stderr) by default."""
+    return log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+
+
 def formatter(log_format: LogFormat = "auto") -> logging.Formatter:
     """The formatter of every handler: JSON lines, or text when ``auto`` and stderr is a terminal."""
     install_log_redaction()
-    as_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
+    as_json = wants_json(log_format)
     renderer: Any
     if as_json:
         last: list[Any] = [
@@ -107,6 +112,7 @@ def logging_config(level: str | int = "INFO", log_format: LogFormat = "auto") ->
 def configure_logging(level: str | int = "INFO", log_format: LogFormat = "auto") -> None:
     """Configure this process's logging (``logging_config``) and structlog's own loggers alike."""
     logging.config.dictConfig(logging_config(level, log_format))
+    logging.captureWarnings(True)  # a library's warning is a log line too, not loose text
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

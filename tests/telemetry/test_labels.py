@@ -12,7 +12,7 @@ def test_only_configured_models_become_labels() -> None:
     assert labels("sim-model") == "sim-model"
     assert labels("gpt-4o-mini-2024-07-18") == "gpt-4o-mini"  # the longest priced prefix
     assert labels("gpt-4o-2024-08-06") == "gpt-4o"
-    assert labels("gpt-4o-minimal") == OTHER_MODEL  # a prefix only up to a dash
+    assert labels("gpt-4omni") == OTHER_MODEL  # a prefix counts only followed by a dash
     assert labels("made-up") == OTHER_MODEL
     assert labels(None) == OTHER_MODEL
     assert labels(12) == OTHER_MODEL

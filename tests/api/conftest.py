@@ -37,7 +37,7 @@ class LiveAPI:
         return key
 
 
-def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_api(env: dict[str, str], log: Path, timeout: float = 30) -> tuple[subprocess.Popen[bytes], str]:
     port = services.free_port()
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -49,7 +49,7 @@ def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], 
             stderr=subprocess.STDOUT,
         )
     root = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"tokenmill api exited with {process.returncode}: {log.read_text()[-2000:]}")
@@ -59,7 +59,7 @@ def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], 
         except httpx.TransportError:
             time.sleep(0.1)
     process.kill()
-    raise RuntimeError(f"tokenmill api did not answer within 30 s: {log.read_text()[-2000:]}")
+    raise RuntimeError(f"tokenmill api did not answer within {timeout:.0f} s: {log.read_text()[-2000:]}")
 
 
 def api_env(database_url: str, broker_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:

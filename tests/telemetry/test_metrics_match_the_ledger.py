@@ -29,6 +29,7 @@ from tests.workers.support import add_batch, ledger
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 TOKEN = "operator-metrics-token"
+API_START_SECONDS = 120  # a loaded machine takes far longer than the usual 30 s to import the API
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
@@ -97,7 +98,7 @@ def test_worker_and_api_metrics_equal_the_ledger_after_429s_hits_and_a_killed_pr
     # A tenant's invented model names: queued under "other", never as labels of their own.
     other_batch, _ = add_batch(led, ["invented 1", "invented 2"], model="made-up-model-xyz")
 
-    api, root = start_api(c.env, c.logs / "api.log")
+    api, root = start_api(c.env, c.logs / "api.log", timeout=API_START_SECONDS)
     try:
         queued = scrape(f"{root}/metrics")
         tenant = led.tenant_id
@@ -233,7 +234,7 @@ def test_metrics_are_closed_to_tenants_and_to_anyone_without_the_token(
     c.env["TOKENMILL_METRICS_TOKEN"] = TOKEN
     assert run_cli(c.env, "db", "upgrade").returncode == 0
     key = run_cli(c.env, "keys", "create", "acme").stdout.strip()
-    api, root = start_api(c.env, c.logs / "api.log")
+    api, root = start_api(c.env, c.logs / "api.log", timeout=API_START_SECONDS)
     try:
         assert httpx.get(f"{root}/metrics", timeout=10).status_code == 401
         tenant = httpx.get(f"{root}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=10)
@@ -247,7 +248,7 @@ def test_metrics_are_closed_to_tenants_and_to_anyone_without_the_token(
         api.terminate()
         api.wait(timeout=10)
     del c.env["TOKENMILL_METRICS_TOKEN"]
-    api, root = start_api(c.env, c.logs / "api2.log")
+    api, root = start_api(c.env, c.logs / "api2.log", timeout=API_START_SECONDS)
     try:
         assert (
             httpx.get(f"{root}/metrics", headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code

@@ -49,17 +49,18 @@ def _error_type(status_code: int | None, error: str | None) -> str:
 class ModelEventMetrics(logging.Handler):
     """Observes each model event; then hands the record to the loggers above if they log INFO."""
 
-    def __init__(self, parent: logging.Logger) -> None:
+    def __init__(self, events: logging.Logger) -> None:
         super().__init__(logging.INFO)
-        self._parent = parent
+        self._events = events
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
             observe_event(record.msg)
         except Exception:
             self.handleError(record)
-        if self._parent.isEnabledFor(record.levelno):
-            self._parent.handle(record)
+        parent = self._events.parent or logging.getLogger()  # read now: loggers made later insert themselves
+        if parent.isEnabledFor(record.levelno):
+            parent.handle(record)
 
 
 def observe_event(event: object) -> None:
@@ -91,7 +92,6 @@ def install_model_event_metrics() -> None:
     logger = logging.getLogger(EVENT_LOGGER_NAME)
     if any(isinstance(handler, ModelEventMetrics) for handler in logger.handlers):
         return
-    parent = logger.parent if logger.parent is not None else logging.getLogger()
-    logger.addHandler(ModelEventMetrics(parent))
+    logger.addHandler(ModelEventMetrics(logger))
     logger.setLevel(logging.INFO)
     logger.propagate = False  # passed on by the handler, when the loggers above log INFO

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 from sqlalchemy.engine import Engine
 
 import store
@@ -11,11 +12,13 @@ from api.dashboard import router as dashboard_router
 from api.errors import install_error_handlers
 from api.idempotency import IdempotencyKeys
 from api.limits import BodySizeLimit
-from api.routes import agent_runs, batches, chat, files, health, model_catalog, usage, webhook_secret
+from api.routes import agent_runs, batches, chat, files, health, metrics, model_catalog, usage, webhook_secret
 from api.routes.batches import Dispatch
 from config import Settings, get_settings
+from telemetry.known_models import KnownModels
+from telemetry.ledger_metrics import LedgerCollector
 
-__all__ = ["create_app", "dispatch_to_workers"]
+__all__ = ["create_app", "dispatch_to_workers", "metrics_registry"]
 
 
 def dispatch_to_workers(engine: Engine, batch_id: str) -> None:
@@ -23,6 +26,14 @@ def dispatch_to_workers(engine: Engine, batch_id: str) -> None:
     from workers.enqueue import enqueue_batch, producer_dispatcher
 
     enqueue_batch(producer_dispatcher(engine), batch_id)
+
+
+def metrics_registry(settings: Settings, engine: Engine) -> CollectorRegistry:
+    """What the API's ``/metrics`` serves: the ledger's figures (``telemetry.ledger_metrics``)."""
+    registry = CollectorRegistry()
+    known = KnownModels(settings, engine)
+    registry.register(LedgerCollector(engine, known.current, settings.metrics_ledger_cache_seconds))
+    return registry
 
 
 def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = None) -> FastAPI:
@@ -48,6 +59,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     app.state.settings = settings
     app.state.engine = engine
     app.state.dispatch = dispatch
+    app.state.metrics_registry = metrics_registry(settings, engine)
     install_error_handlers(app)
     # Added before the size limit, so that the limit wraps it: what it reads is bounded.
     app.add_middleware(IdempotencyKeys)
@@ -67,6 +79,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
         model_catalog.router,
         webhook_secret.router,
         dashboard_router,
+        metrics.router,
     )
     for router in routers:
         app.include_router(router)

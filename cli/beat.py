@@ -27,7 +27,9 @@ def beat(
             "No broker: set TOKENMILL_BROKER_URL=redis://... (`tokenmill run` needs no sweeper).", err=True
         )
         raise typer.Exit(2)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from telemetry.logs import configure_logging
+
+    configure_logging(logging.INFO, settings.log_format)
     import threading
 
     from workers.sweeper import sweep, sweep_forever

@@ -23,5 +23,17 @@ def api(
     """
     import uvicorn
 
+    from config import get_settings
+    from telemetry.logs import logging_config
+
     ledger_engine().dispose()  # refuse to start on a schema that is behind, with the reason
-    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers, log_level="info")
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+        # Applied in every uvicorn process: JSON lines (text on a terminal), request ids, redaction.
+        log_config=logging_config("INFO", get_settings().log_format),
+    )

@@ -165,6 +165,19 @@ class Settings(BaseSettings):
     idempotency_retention_seconds: int = Field(default=24 * 3600, ge=60)
     files_dir: Path = Field(default=Path("./.tokenmill/files"))
 
+    # Observability. /metrics names tenants and their spend: only the operator's token opens it
+    # (on the API it does not exist without one). A worker serves its /metrics only when given a
+    # port, on 127.0.0.1 unless the operator opens it (0.0.0.0 in a container network).
+    metrics_token: SecretStr | None = None
+    worker_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    worker_metrics_host: str = "127.0.0.1"
+    metrics_ledger_cache_seconds: float = Field(
+        default=5.0, ge=0, description="how long the API reuses its ledger query's answer across scrapes"
+    )
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto", description="auto: readable text on a terminal, one JSON object per line otherwise"
+    )
+
     # Flower: no default password; ``tokenmill flower`` refuses to start without one.
     flower_basic_auth: SecretStr | None = None
     flower_url: str | None = Field(

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 __all__ = [
     "EVENT_LOGGER_NAME",
     "CacheHit",
+    "CacheMiss",
     "CacheStoreError",
     "LLMCall",
     "LLMStreamEnd",
@@ -75,6 +76,7 @@ class LLMCall(ModelEvent):
     request_id: str | None = None
     finish_reason: str | None = None
     error: str | None = None
+    status_code: int | None = None  # the provider's HTTP status of a failed call (429: rate limited)
 
 
 @dataclass(slots=True)
@@ -107,6 +109,8 @@ class LLMStreamEnd(ModelEvent):
     finish_reason: str | None = None
     error: str | None = None
     chunks: int = 0
+    status_code: int | None = None
+    first_chunk_ms: float | None = None  # time to the first text chunk, None if none came
 
 
 @dataclass(slots=True)
@@ -117,6 +121,18 @@ class CacheHit(ModelEvent):
     key_digest: str  # short_digest(key), never the key itself
     store: str
     latency_ms: float = 0.0
+    joined: bool = False  # served by another request's call this one waited for (single-flight)
+
+
+@dataclass(slots=True)
+class CacheMiss(ModelEvent):
+    """A cacheable call found no entry and goes upstream itself (the single-flight leader)."""
+
+    kind: ClassVar[str] = "CacheMiss"
+
+    model: str | None
+    key_digest: str
+    store: str
 
 
 @dataclass(slots=True)

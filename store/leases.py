@@ -52,6 +52,8 @@ class ClaimedRequest:
     # retries stop (epoch seconds; None: no budget started yet).
     handed_back_attempts: int = 0
     retry_deadline: int | None = None
+    # Claimed from a lease that had run out (its worker died or froze): a reclaimed lease.
+    reclaimed: bool = False
 
 
 def _claimable(now: int) -> sa.ColumnElement[bool]:
@@ -140,11 +142,26 @@ def _lease(
         if is_postgresql(conn):
             # Rows another claimer holds are skipped, not waited for. A materialized CTE, because
             # PostgreSQL may evaluate an IN (... LIMIT n FOR UPDATE SKIP LOCKED) subquery more than
-            # once during the UPDATE and so lease more than n rows.
-            locked = candidates.with_for_update(skip_locked=True).cte("claimed").prefix_with("MATERIALIZED")
+            # once during the UPDATE and so lease more than n rows. It keeps each row's status
+            # before the claim: running means its lease ran out (reclaimed).
+            locked = (
+                candidates.add_columns(Request.status.label("previous_status"))
+                .with_for_update(skip_locked=True)
+                .cte("claimed")
+                .prefix_with("MATERIALIZED")
+            )
             chosen: sa.ColumnElement[bool] = Request.id == locked.c.id
+            previous: sa.ColumnElement[Any] = locked.c.previous_status
+            running: set[str] | None = None  # told by ``previous`` instead
         else:
             chosen = Request.id.in_(candidates.scalar_subquery())  # SQLite writers are serialized
+            # Read in this transaction, before the update: writers take turns, so it still holds.
+            running = set(
+                conn.execute(
+                    sa.select(Request.id).where(chosen, Request.status == RequestStatus.RUNNING)
+                ).scalars()
+            )
+            previous = sa.literal(None)
         rows = conn.execute(
             sa.update(Request)
             .where(chosen, _claimable(now))
@@ -167,6 +184,7 @@ def _lease(
                 Request.line_number,
                 Request.handed_back_attempts,
                 Request.retry_deadline,
+                previous.label("previous_status"),
             )
         ).all()
     rows = sorted(rows, key=lambda row: row.line_number)
@@ -183,6 +201,7 @@ def _lease(
             lease_expires_at=expires,
             handed_back_attempts=row.handed_back_attempts,
             retry_deadline=row.retry_deadline,
+            reclaimed=row.previous_status == RequestStatus.RUNNING if running is None else row.id in running,
         )
         for row in rows
     ]

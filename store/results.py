@@ -106,13 +106,15 @@ class RecordOutcome:
     """``inserted``: results written now. ``duplicates``: the request already had a result (this
     write was a no-op). ``skipped``: unknown or cancelled requests. ``finalized_batches``: batches
     this call ended. ``discarded``: requests (among duplicates and skipped) whose record was a paid
-    answer, kept as a ``discarded_answers`` row."""
+    answer, kept as a ``discarded_answers`` row. ``costs``: the cost written with each result
+    inserted now (those of priced models), for whoever counts spend as it is recorded."""
 
     inserted: list[str]
     duplicates: list[str]
     skipped: list[str]
     finalized_batches: list[str]
     discarded: list[str] = field(default_factory=list)
+    costs: dict[str, Decimal] = field(default_factory=dict)
 
 
 # (column, PostgreSQL array element type) of a result row, for the unnest() insert.
@@ -245,7 +247,12 @@ def record_results(engine: Engine, records: Sequence[ResultRecord], now: int | N
     duplicates = [
         r.request_id for r in ordered if r.request_id not in inserted and r.request_id not in skipped_set
     ]
-    return RecordOutcome(sorted(inserted), duplicates, skipped, finalized, discarded)
+    costs = {
+        row["request_id"]: row["cost_usd"]
+        for row in params
+        if row["request_id"] in inserted and row["cost_usd"] is not None
+    }
+    return RecordOutcome(sorted(inserted), duplicates, skipped, finalized, discarded, costs)
 
 
 def record_cancelled_spend(

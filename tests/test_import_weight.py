@@ -9,7 +9,17 @@ import sys
 
 import pytest
 
-HEAVY = ("celery", "kombu", "openai", "sqlalchemy", "fastapi", "redis", "alembic")
+HEAVY = (
+    "celery",
+    "kombu",
+    "openai",
+    "sqlalchemy",
+    "fastapi",
+    "redis",
+    "alembic",
+    "prometheus_client",
+    "structlog",
+)
 
 
 def modules_loaded_by(statement: str) -> set[str]:
@@ -29,6 +39,9 @@ def modules_loaded_by(statement: str) -> set[str]:
         "from config import Settings, get_settings; get_settings()",
         "import models",
         "import workers",
+        "import telemetry",
+        "import telemetry.context",
+        "import telemetry.multiprocess",  # before prometheus_client: it must not import it
     ],
 )
 def test_importing_loads_none_of_the_heavy_dependencies(statement: str) -> None:

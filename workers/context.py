@@ -20,6 +20,8 @@ from sqlalchemy.engine import Engine
 
 from config import Settings, get_settings
 from store import make_engine
+from telemetry.known_models import KnownModels, keep_fresh
+from telemetry.model_events import install_model_event_metrics
 from workers.clients import build_pipeline
 from workers.pipeline import ModelCallPipeline
 
@@ -88,7 +90,22 @@ def pipeline() -> ModelCallPipeline:
     global _pipeline
     if _pipeline is None:
         _pipeline = build_pipeline(settings())
+        _start_metrics()
     return _pipeline
+
+
+_metrics_started = False
+
+
+def _start_metrics() -> None:
+    """Once per process: count the model layer's events, and keep the metrics' model labels in
+    step with the price table."""
+    global _metrics_started
+    if _metrics_started:
+        return
+    _metrics_started = True
+    install_model_event_metrics()
+    keep_fresh(KnownModels(settings(), engine()))
 
 
 def _inside_a_loop() -> bool:
@@ -100,7 +117,7 @@ def _inside_a_loop() -> bool:
 
 
 def reset_after_fork() -> None:
-    global _engine, _redis, _loop, _pipeline, _close_when_idle
+    global _engine, _redis, _loop, _pipeline, _close_when_idle, _metrics_started
     with _lock:
         _close_when_idle = False
         if _engine is not None:
@@ -110,6 +127,7 @@ def reset_after_fork() -> None:
         # A parent's loop and clients hold the parent's sockets: left to it, never closed here.
         _loop = None
         _pipeline = None
+        _metrics_started = False  # the parent's label thread did not survive the fork
 
 
 def close() -> None:

@@ -69,6 +69,7 @@ from models.retry import (
 )
 from models.tokens import estimate_tokens
 from models.types import CreateResult, LLMMessage, Tool, ToolChoice, ToolSchema
+from telemetry.metrics import observe_limiter_wait
 from workers.rate_limits import CallOutcome, LimiterUnavailable, RateLimiter, Slot
 
 __all__ = [
@@ -217,9 +218,11 @@ class GovernedClient(DelegatingClient):
             cancellation_token=cancellation_token,
             max_wait=self._retry.hand_back_after,
         )
+        waited = time.monotonic() - started
+        observe_limiter_wait(self._model, waited)
         stats = _current_stats.get()
         if stats is not None:
-            stats.waited_for_limits_s += time.monotonic() - started
+            stats.waited_for_limits_s += waited
         return slot
 
     async def _after_failure(

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Sequence
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from sqlalchemy import exc as sa_exc
@@ -18,6 +19,7 @@ from sqlalchemy.engine import Engine
 from store import PaidAnswer, RecordOutcome, RequestStatus, ResultRecord, record_results
 from store.input_checks import bounded_text
 from store.log_redaction import redacted_error_text
+from telemetry.metrics import RecordedRequest, observe_recorded
 
 if TYPE_CHECKING:
     from workers.runner import ChunkReport
@@ -98,6 +100,7 @@ def record_isolating_bad_rows(
     skipped: list[str] = []
     finalized: list[str] = []
     discarded: list[str] = []
+    costs: dict[str, Decimal] = {}
     replaced: list[str] = []
     for record in records:
         try:
@@ -129,11 +132,12 @@ def record_isolating_bad_rows(
         skipped += outcome.skipped
         finalized += outcome.finalized_batches
         discarded += outcome.discarded
+        costs.update(outcome.costs)
     if not replaced:  # row by row, every one went in: the batch's failure was something else
         _logger.warning(
             "a batched result write failed, then each row went in: %s", redacted_error_text(batch_error)
         )
-    return RecordOutcome(inserted, duplicates, skipped, finalized, discarded), replaced
+    return RecordOutcome(inserted, duplicates, skipped, finalized, discarded, costs), replaced
 
 
 class ResultWriter:
@@ -147,13 +151,15 @@ class ResultWriter:
         self._flush_size = flush_size
         self._flush_interval = flush_interval
         self._buffer: list[ResultRecord] = []
+        self._requests: dict[str, RecordedRequest | None] = {}  # for the metrics, by request id
         self._writing: list[ResultRecord] = []  # taken from the buffer, not yet committed
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._stopped = False
 
-    def add(self, record: ResultRecord) -> None:
+    def add(self, record: ResultRecord, request: RecordedRequest | None = None) -> None:
         self._buffer.append(record)
+        self._requests[record.request_id] = request
         if len(self._buffer) >= self._flush_size:
             self._wake.set()
 
@@ -176,9 +182,19 @@ class ResultWriter:
                 raise
             finally:
                 self._writing = []
+        # Counted once committed, from what the ledger kept (a duplicate counts nothing); the
+        # ledger keeps the first record of a request written twice in one flush.
+        requests = {record.request_id: self._requests.pop(record.request_id, None) for record in records}
+        by_id: dict[str, ResultRecord] = {}
+        for record in records:
+            by_id.setdefault(record.request_id, record)
+        observe_recorded(
+            [(by_id[request_id], requests[request_id]) for request_id in outcome.inserted],
+            outcome.costs,
+            replaced=set(replaced),
+        )
         self._report.duplicates += len(outcome.duplicates)
         self._report.finalized_batches.extend(outcome.finalized_batches)
-        by_id = {record.request_id: record for record in records}
         for request_id in replaced:
             if by_id[request_id].status is RequestStatus.SUCCEEDED:
                 self._report.succeeded -= 1

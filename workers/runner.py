@@ -59,6 +59,7 @@ from store import (
     record_handed_back_spend,
     release_requests,
 )
+from workers import observe
 from workers.leases import Heartbeat
 from workers.pipeline import CallResult, ModelCallPipeline
 from workers.result_writer import ResultWriter
@@ -301,6 +302,7 @@ class ChunkRunner:
             claim_requests, self.engine, list(request_ids), config.owner, config.lease_seconds
         )
         report.claimed = len(claimed)
+        observe.claimed(claimed)
         if on_claimed is not None:
             await asyncio.to_thread(on_claimed)
         if not claimed:
@@ -383,7 +385,7 @@ class _ChunkRun:
 
     def finish(self, record: ResultRecord) -> None:
         report = self.report
-        self.unfinished.pop(record.request_id, None)
+        request = self.unfinished.pop(record.request_id, None)
         if record.status is RequestStatus.SUCCEEDED:
             report.succeeded += 1
             if record.cached:
@@ -394,7 +396,7 @@ class _ChunkRun:
         else:
             report.failed += 1
         report.upstream_attempts += record.attempts
-        self.writer.add(record)
+        self.writer.add(record, observe.recorded_request(request))
         if self.on_result is not None:
             self.on_result(record)
 
@@ -435,9 +437,11 @@ class _ChunkRun:
             # Its own token, fired by its batch's cancel or by the loss of its lease.
             token = self.request_tokens[request.id] = CancellationToken()
             batch_token.add_callback(token.cancel)
+            observe.started(request)
             try:
                 await self.run_claimed(request, token)
             finally:
+                observe.ended(request)
                 batch_token.remove_callback(token.cancel)
                 self.request_tokens.pop(request.id, None)
 
@@ -568,6 +572,7 @@ class _ChunkRun:
             )
             if not more:
                 return
+            observe.claimed(more)
             self.report.claimed += len(more)
             self.start(more)
 

@@ -36,7 +36,7 @@ from models.cache.keys import request_key
 from models.cache.memory import InMemoryStore
 from models.cache.single_flight import DEFAULT_LOCK_TTL, Flight, SingleFlight
 from models.cancellation import CancellationToken
-from models.events import CacheHit, CacheStoreError, emit, event_logger, short_digest
+from models.events import CacheHit, CacheMiss, CacheStoreError, emit, event_logger, short_digest
 from models.types import CreateResult, LLMMessage, RequestUsage, Tool, ToolChoice, ToolSchema
 
 __all__ = ["ChatCompletionCache", "paying_as"]
@@ -185,7 +185,9 @@ class ChatCompletionCache(DelegatingClient):
                 if not slow or attempt == _SAVE_ATTEMPTS_ON_TIMEOUT:
                     return
 
-    def _served(self, entry: CachedCompletion, key: str, started: float) -> CreateResult:
+    def _served(
+        self, entry: CachedCompletion, key: str, started: float, *, joined: bool = False
+    ) -> CreateResult:
         # Every get decodes a fresh entry for this call alone, so flagging its result in place
         # shares nothing with the store or with any other caller.
         result = entry.result
@@ -203,9 +205,18 @@ class ChatCompletionCache(DelegatingClient):
                     key_digest=short_digest(key),
                     store=self._store.name,
                     latency_ms=(time.perf_counter() - started) * 1000.0,
+                    joined=joined,
                 )
             )
         return result
+
+    def _missed(self, key: str) -> None:
+        if event_logger.isEnabledFor(logging.INFO):
+            emit(
+                CacheMiss(
+                    model=_identity_model(self._client), key_digest=short_digest(key), store=self._store.name
+                )
+            )
 
     def _spent(self, result: CreateResult) -> None:
         self._actual_usage = self._actual_usage + result.usage
@@ -273,7 +284,8 @@ class ChatCompletionCache(DelegatingClient):
             return await upstream()
         async with self._flights.flight(key, cancellation_token) as flight:
             if flight.entry is not None:
-                return self._served(flight.entry, key, started)
+                return self._served(flight.entry, key, started, joined=True)
+            self._missed(key)
             result = await upstream()
             await self._save(key, CachedCompletion(result=result, paid_by=_payer.get()), flight)
             return result
@@ -323,8 +335,9 @@ class ChatCompletionCache(DelegatingClient):
             if flight.entry is not None:
                 for chunk in _replayed_chunks(flight.entry):
                     yield chunk
-                yield self._served(flight.entry, key, started)
+                yield self._served(flight.entry, key, started, joined=True)
                 return
+            self._missed(key)
             chunks: list[str] = []
             async with contextlib.aclosing(upstream()) as stream:
                 async for item in stream:

@@ -319,6 +319,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                     attempt=attempt,
                     request_id=error.request_id,
                     error=f"{type(error).__name__}: {error.message}",
+                    status_code=error.status_code,
                 )
             )
 
@@ -384,6 +385,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             raise error from e
         accumulator = StreamAccumulator(self._model)
         request_id = stream.response.headers.get("x-request-id")
+        first_chunk_at: float | None = None
         try:
             iterator = stream.__aiter__()
             while True:
@@ -395,6 +397,8 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                     continue
                 text = accumulator.add(chunk)
                 if text:
+                    if first_chunk_at is None:
+                        first_chunk_at = time.perf_counter()
                     yield text
         except _TRANSPORT_ERRORS as e:
             mapped = self._error(e)
@@ -406,7 +410,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                 request_id=request_id,
                 code=mapped.code,
             )
-            self._emit_stream_end(started, accumulator, interrupted)
+            self._emit_stream_end(started, accumulator, interrupted, first_chunk_at=first_chunk_at)
             raise interrupted from e
         finally:
             await stream.close()
@@ -417,11 +421,11 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                 model=self._model,
                 request_id=request_id,
             )
-            self._emit_stream_end(started, accumulator, interrupted)
+            self._emit_stream_end(started, accumulator, interrupted, first_chunk_at=first_chunk_at)
             raise interrupted
         result = accumulator.result()
         self._count(result.usage)
-        self._emit_stream_end(started, accumulator, None, result, request_id)
+        self._emit_stream_end(started, accumulator, None, result, request_id, first_chunk_at=first_chunk_at)
         yield result
 
     def _emit_stream_end(
@@ -431,6 +435,8 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
         error: ModelClientError | None,
         result: CreateResult | None = None,
         request_id: str | None = None,
+        *,
+        first_chunk_at: float | None = None,
     ) -> None:
         if not event_logger.isEnabledFor(_INFO):
             return
@@ -449,6 +455,8 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                 finish_reason=result.finish_reason if result is not None else None,
                 error=f"{type(error).__name__}: {error.message}" if error is not None else None,
                 chunks=accumulator.chunks if accumulator is not None else 0,
+                status_code=error.status_code if error is not None else None,
+                first_chunk_ms=None if first_chunk_at is None else (first_chunk_at - started) * 1000.0,
             )
         )
 

@@ -37,7 +37,7 @@ class LiveAPI:
         return key
 
 
-def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_api(env: dict[str, str], log: Path, timeout: float = 60) -> tuple[subprocess.Popen[bytes], str]:
     port = services.free_port()
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -49,8 +49,8 @@ def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], 
             stderr=subprocess.STDOUT,
         )
     root = f"http://127.0.0.1:{port}"
-    # 60 s: on a machine busy with other suites, imports alone have taken 6 s and startup over 30.
-    deadline = time.monotonic() + 60
+    # 60 s by default: on a machine busy with other suites, imports alone have taken 6 s and startup over 30.
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"tokenmill api exited with {process.returncode}: {log.read_text()[-2000:]}")
@@ -61,7 +61,7 @@ def start_api(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], 
             time.sleep(0.1)
     process.kill()
     process.wait(timeout=10)  # reaped, or the Popen's ResourceWarning fails the next test
-    raise RuntimeError(f"tokenmill api did not answer within 60 s: {log.read_text()[-2000:]}")
+    raise RuntimeError(f"tokenmill api did not answer within {timeout:.0f} s: {log.read_text()[-2000:]}")
 
 
 def api_env(database_url: str, broker_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:

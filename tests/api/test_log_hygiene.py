@@ -98,3 +98,19 @@ def test_no_prompt_or_key_reaches_a_log_through_faults(
         for secret in (SECRET, key, webhook_secret):
             leaks = [line for line in text.splitlines() if secret in line]
             assert not leaks, (name, leaks[:3])
+    # Structured: one JSON object per log line (telemetry.logs); a worker's lines about a request
+    # name it and its batch, and the API's access lines are JSON too.
+    records = {
+        name: [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+        for name, text in logs.items()
+    }
+    assert any({"request_id", "batch_id", "tenant"} <= set(line) for line in records["w1.log"]), logs[
+        "w1.log"
+    ][-3000:]
+    assert any(line.get("logger") == "uvicorn.access" for line in records["api.log"]), logs["api.log"][-3000:]
+    for name, text in logs.items():
+        # Celery's direct prints at shutdown ("worker: Warm shutdown ...") are not log records.
+        loose = [
+            line for line in text.splitlines() if line.strip() and not line.startswith(("{", "worker: "))
+        ]
+        assert not loose, (name, loose[:5])

@@ -270,7 +270,9 @@ def _read_message(message: Mapping[str, Any], tool_names: Mapping[str, str]) -> 
             content=_text_of(content, "tool"), name=tool_names.get(call_id, ""), call_id=call_id
         )
     if role == "function":  # the legacy role: the result of a ``function_call``, by name
-        return FunctionExecutionResult(content=_text_of(content, "function"), name=str(name or ""), call_id="")
+        return FunctionExecutionResult(
+            content=_text_of(content, "function"), name=str(name or ""), call_id=""
+        )
     _unsupported(f"a message with role {role!r}")
 
 

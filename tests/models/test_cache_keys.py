@@ -259,4 +259,3 @@ def test_keys_of_messages_built_in_code_did_not_change() -> None:
     assert UserMessage(content="hi").model_dump_json(exclude={"openai_message"}) == (
         '{"content":"hi","source":"user","type":"UserMessage"}'
     )
-    assert key() == request_key(IDENTITY, [m.model_copy() for m in MESSAGES])

@@ -111,7 +111,13 @@ EVERY_FIELD: list[dict[str, Any]] = [
             {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "auto"}},
         ],
     },
-    {"role": "assistant", "name": "assistant", "content": None, "refusal": "I cannot.", "audio": {"id": "au_1"}},
+    {
+        "role": "assistant",
+        "name": "assistant",
+        "content": None,
+        "refusal": "I cannot.",
+        "audio": {"id": "au_1"},
+    },
     {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}, {"type": "text", "text": "Ok"}]},
     {
         "role": "assistant",

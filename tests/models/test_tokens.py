@@ -52,4 +52,6 @@ def test_estimates_grow_with_content_and_agree_across_forms() -> None:
     )
     read = messages_from_openai(as_openai)
     assert read[1].model_copy(update={"openai_message": None}) == conversation[1]
-    assert estimate_tokens(read, [TOOL]) == estimate_tokens(as_openai, [{"type": "function", "function": TOOL}])
+    assert estimate_tokens(read, [TOOL]) == estimate_tokens(
+        as_openai, [{"type": "function", "function": TOOL}]
+    )

@@ -1,0 +1,40 @@
+"""tenants' quotas (queued requests, queued tokens, daily budget) and what checking them reads
+
+Revision ID: 0012
+Revises: 0011
+Create Date: 2026-12-01
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0012"
+down_revision: str | None = "0011"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("tenants") as tenants:
+        tenants.add_column(sa.Column("max_queued_requests", sa.BigInteger(), nullable=True))
+        tenants.add_column(sa.Column("max_queued_tokens", sa.BigInteger(), nullable=True))
+        tenants.add_column(sa.Column("daily_budget_usd", sa.Numeric(18, 6), nullable=True))
+    with op.batch_alter_table("batches") as batches:
+        batches.add_column(
+            sa.Column("prompt_tokens_estimate", sa.BigInteger(), nullable=False, server_default="0")
+        )
+    op.create_index("ix_batches_tenant_id_status", "batches", ["tenant_id", "status"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_batches_tenant_id_status", table_name="batches")
+    with op.batch_alter_table("batches") as batches:
+        batches.drop_column("prompt_tokens_estimate")
+    with op.batch_alter_table("tenants") as tenants:
+        tenants.drop_column("daily_budget_usd")
+        tenants.drop_column("max_queued_tokens")
+        tenants.drop_column("max_queued_requests")

@@ -12,8 +12,8 @@ What they read is cheap whatever the tenant has queued: the queued figures come 
 each open batch already keeps in the transactions that end its requests (``total_count`` minus
 completed, failed and cancelled), one row per open batch (index ``ix_batches_tenant_id_status``),
 never from a count over the request rows; a batch's queued tokens are its ``prompt_tokens_estimate``
-times the share of its requests still open. The day's spend is a sum over the tenant's results of
-the day (index ``ix_results_tenant_id_created_at``); a tenant without a budget does not pay for it.
+times the share of its requests still open. The day's spend is one row of ``tenant_daily_spend``,
+added to (:func:`add_daily_spend`) in the transactions that write results and discarded answers.
 
 Race: :func:`enforce_tenant_quotas` runs in the transaction that queues the work, after its rows
 are written and before it commits, with the tenant's row locked (``FOR NO KEY UPDATE``): two
@@ -24,6 +24,7 @@ ones were cancelled by the expiry).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -31,10 +32,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from store.engine import write_transaction
+from store.engine import dialect_insert, write_transaction
 from store.errors import NotFound, QuotaExceeded
 from store.ids import now_seconds
-from store.tables import Batch, BatchStatus, DiscardedAnswer, Result, Tenant
+from store.tables import Batch, BatchStatus, Tenant, TenantDailySpend
 
 __all__ = [
     "DAILY_BUDGET_EXCEEDED",
@@ -43,6 +44,7 @@ __all__ = [
     "QUEUED_TOKENS_QUOTA_EXCEEDED",
     "QuotaStatus",
     "TenantQuotas",
+    "add_daily_spend",
     "check_tenant_quotas",
     "enforce_tenant_quotas",
     "estimate_prompt_tokens",
@@ -188,21 +190,38 @@ def _queued(conn: Connection, tenant_id: str, exclude_batch_id: str | None) -> t
     return int(requests), int(tokens)
 
 
-def _spent_since(conn: Connection, tenant_id: str, since: int) -> Decimal:
-    """The exact cost billed to the tenant since ``since``: kept results and discarded answers."""
-    total = Decimal(0)
-    for table in (Result, DiscardedAnswer):
-        spent = conn.execute(
-            sa.select(sa.func.coalesce(sa.func.sum(table.cost_usd), 0)).where(
-                table.tenant_id == tenant_id, table.created_at >= since
-            )
-        ).scalar_one()
-        total += Decimal(spent or 0)
-    return total
+def _spent_on(conn: Connection, tenant_id: str, day: int) -> Decimal:
+    """The exact cost billed to the tenant on UTC ``day`` (results and discarded answers)."""
+    spent = conn.execute(
+        sa.select(TenantDailySpend.cost_usd).where(
+            TenantDailySpend.tenant_id == tenant_id, TenantDailySpend.day == day
+        )
+    ).scalar_one_or_none()
+    return Decimal(spent or 0)
 
 
-def _utc_midnight(now: int) -> int:
-    return now - now % _SECONDS_PER_DAY
+def add_daily_spend(conn: Connection, costs: Iterable[tuple[str, int, Decimal | None]]) -> None:
+    """Add ``(tenant_id, created_at, cost_usd)`` of results and discarded answers just written to
+    their tenants' days, in the caller's transaction (the rows and their spend commit together).
+    Rows are touched in (tenant, day) order, so concurrent writers lock them in the same order."""
+    totals: dict[tuple[str, int], Decimal] = {}
+    for tenant_id, created_at, cost in costs:
+        if cost:
+            key = (tenant_id, created_at // _SECONDS_PER_DAY)
+            totals[key] = totals.get(key, Decimal(0)) + Decimal(cost)
+    if not totals:
+        return
+    insert = dialect_insert(conn, TenantDailySpend)
+    conn.execute(
+        insert.on_conflict_do_update(
+            index_elements=[TenantDailySpend.tenant_id, TenantDailySpend.day],
+            set_={"cost_usd": TenantDailySpend.cost_usd + insert.excluded.cost_usd},
+        ),
+        [
+            {"tenant_id": tenant_id, "day": day, "cost_usd": cost}
+            for (tenant_id, day), cost in sorted(totals.items())
+        ],
+    )
 
 
 def _check(
@@ -233,7 +252,7 @@ def _check(
             )
     budget = quotas.daily_budget_usd
     if budget is not None:
-        spent = _spent_since(conn, tenant_id, _utc_midnight(now))
+        spent = _spent_on(conn, tenant_id, now // _SECONDS_PER_DAY)
         if spent >= budget:
             raise QuotaExceeded(
                 f"your daily budget of {budget} USD is spent ({spent} USD since 00:00 UTC); new work is "
@@ -297,5 +316,5 @@ def quota_status(engine: Engine, tenant_id: str, now: int | None = None) -> Quot
     with engine.connect() as conn:
         quotas = _read_quotas(conn, tenant_id)
         requests, tokens = _queued(conn, tenant_id, None)
-        spent = _spent_since(conn, tenant_id, _utc_midnight(now))
+        spent = _spent_on(conn, tenant_id, now // _SECONDS_PER_DAY)
     return QuotaStatus(quotas, requests, tokens, spent)

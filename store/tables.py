@@ -42,6 +42,7 @@ __all__ = [
     "RequestStatus",
     "Result",
     "Tenant",
+    "TenantDailySpend",
 ]
 
 
@@ -123,6 +124,18 @@ class Tenant(Base):
     max_queued_requests: Mapped[int | None] = mapped_column(sa.BigInteger)
     max_queued_tokens: Mapped[int | None] = mapped_column(sa.BigInteger)
     daily_budget_usd: Mapped[Decimal | None] = mapped_column(_PRICE)
+
+
+class TenantDailySpend(Base):
+    """What a tenant was billed on a UTC day (``day``: days since 1970-01-01), added to in the
+    transactions that write its results and discarded answers: the daily budget reads one row,
+    not the day's results (``store.quotas``)."""
+
+    __tablename__ = "tenant_daily_spend"
+
+    tenant_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    day: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=False)
+    cost_usd: Mapped[Decimal] = mapped_column(_COST, default=0)
 
 
 class ApiKey(Base):

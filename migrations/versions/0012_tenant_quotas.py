@@ -7,6 +7,7 @@ Create Date: 2026-12-01
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -28,9 +29,27 @@ def upgrade() -> None:
             sa.Column("prompt_tokens_estimate", sa.BigInteger(), nullable=False, server_default="0")
         )
     op.create_index("ix_batches_tenant_id_status", "batches", ["tenant_id", "status"])
+    op.create_table(
+        "tenant_daily_spend",
+        sa.Column("tenant_id", sa.String(64), primary_key=True),
+        sa.Column("day", sa.Integer(), primary_key=True, autoincrement=False),
+        sa.Column("cost_usd", sa.Numeric(24, 12), nullable=False),
+    )
+    # Today's spend so far, so a budget set today counts what was billed before this upgrade.
+    today = int(time.time()) // 86_400
+    op.execute(
+        sa.text(
+            "INSERT INTO tenant_daily_spend (tenant_id, day, cost_usd) "
+            "SELECT tenant_id, :day, SUM(cost_usd) FROM ("
+            "SELECT tenant_id, cost_usd FROM results WHERE created_at >= :since AND cost_usd IS NOT NULL "
+            "UNION ALL SELECT tenant_id, cost_usd FROM discarded_answers "
+            "WHERE created_at >= :since AND cost_usd IS NOT NULL) AS spend GROUP BY tenant_id"
+        ).bindparams(day=today, since=today * 86_400)
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("tenant_daily_spend")
     op.drop_index("ix_batches_tenant_id_status", table_name="batches")
     with op.batch_alter_table("batches") as batches:
         batches.drop_column("prompt_tokens_estimate")

@@ -251,3 +251,31 @@ def test_many_concurrent_one_line_creates_fill_the_quota_exactly(postgres_url: s
         assert rows_of(engine, tenant.id) == (5, 5)
     finally:
         engine.dispose()
+
+
+def test_discarded_paid_answers_count_in_the_days_spend(
+    engine: Engine, tenant: store.Tenant, ingest: IngestFn
+) -> None:
+    """An answer paid after its request was cancelled is billed (discarded_answers) and spends
+    the budget like a kept result."""
+    from models.types import RequestUsage
+
+    store.set_price(engine, "budget-model", "1", "0.5", "2")
+    batch = ingest(1)
+    (request_id,) = store.pending_request_ids(engine, batch.batch_id)
+    store.cancel_batch(engine, batch.batch_id)
+    billed = store.record_cancelled_spend(
+        engine,
+        [
+            store.ResultRecord(
+                request_id,
+                store.RequestStatus.SUCCEEDED,
+                {},
+                model="budget-model",
+                usage=RequestUsage(prompt_tokens=100, completion_tokens=50),
+                upstream_request_id="late-answer",
+            )
+        ],
+    )
+    assert billed == [request_id]
+    assert store.quota_status(engine, tenant.id).spent_today_usd == Decimal("0.0002")

@@ -56,7 +56,8 @@ def fill(engine: Engine, tenant_id: str, queued: int, batches: int, results: int
                 ),
                 {"batch": batch_id, "tenant": tenant_id, "count": per_batch, "now": now},
             )
-            if index == 0 and results:
+            written = min(per_batch, results - index * per_batch)
+            if written > 0:  # results of requests of the first batches (a result names its request)
                 conn.execute(
                     sa.text(
                         "INSERT INTO results (request_id, batch_id, tenant_id, status, prompt_tokens, "
@@ -64,10 +65,10 @@ def fill(engine: Engine, tenant_id: str, queued: int, batches: int, results: int
                         "attempts, created_at) SELECT :batch || '-' || n, :batch, :tenant, 'succeeded', "
                         "10, 5, 0, 0, false, 0.000001, 1, :now FROM generate_series(1, :count) AS n"
                     ),
-                    {"batch": batch_id, "tenant": tenant_id, "count": min(results, per_batch), "now": now},
+                    {"batch": batch_id, "tenant": tenant_id, "count": written, "now": now},
                 )
                 # What record_results adds to the tenant's day as it writes results.
-                add_daily_spend(conn, [(tenant_id, now, Decimal("0.000001") * min(results, per_batch))])
+                add_daily_spend(conn, [(tenant_id, now, Decimal("0.000001") * written)])
         conn.execute(sa.text("ANALYZE"))
 
 

@@ -1,13 +1,15 @@
 """Our messages and tools to OpenAI's chat-completions JSON, and OpenAI messages back to ours.
 
 The two directions round-trip exactly: ``to_openai_messages(messages_from_openai(m)) == m`` for
-every message a chat-completions body may carry, because a message read from OpenAI's JSON keeps
-that JSON (``openai_message``) and is sent as it was: ``name`` on every role (AutoGen sends it; a
-system message's too), an assistant's ``refusal`` and ``audio``, audio and file parts, a
-``developer`` role, fields only some OpenAI-compatible servers know. Our typed fields are a view of
-it (a ``developer`` message is a ``SystemMessage``; parts our types cannot express are left out of
-the view); a message whose typed fields were changed after reading goes as those fields say.
-Messages built in code (AutoGen's shapes) are written from their fields as before. Only what is
+every message a chat-completions body may carry, because a message read from OpenAI's JSON that
+our typed fields do not say in full keeps that JSON (``openai_message``) and is sent as it was:
+``name`` on every role (AutoGen sends it, the default ones included; a system message's too), an
+assistant's ``refusal`` and ``audio``, audio and file parts, a ``developer`` role, fields only some
+OpenAI-compatible servers know. Our typed fields are a view of it (a ``developer`` message is a
+``SystemMessage``; parts our types cannot express are left out of the view); a message whose typed
+fields were changed after reading goes as those fields say. A message the typed fields say in full
+keeps none (and the cache key it always had); messages built in code (AutoGen's shapes) are
+written from their fields as before. Only what is
 not a chat message at all (an unknown role, content that is neither text nor a list of typed
 parts) raises ``BadRequest``.
 """
@@ -81,15 +83,15 @@ def openai_tool_call(call: FunctionCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
+def _tool_message(result: FunctionExecutionResult) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": result.call_id, "content": result.content}
+
+
 def to_openai_message(message: LLMMessage, *, include_name: bool = True) -> list[dict[str, Any]]:
     """One of our messages as OpenAI message dicts (a function-result message becomes one
     ``tool`` message per result). A message read from OpenAI's JSON goes as it was read."""
     if isinstance(message, FunctionExecutionResultMessage):
-        return [
-            _verbatim(result, include_name)
-            or {"role": "tool", "tool_call_id": result.call_id, "content": result.content}
-            for result in message.content
-        ]
+        return [_verbatim(result, include_name) or _tool_message(result) for result in message.content]
     verbatim = _verbatim(message, include_name)
     if verbatim is not None:
         return [verbatim]
@@ -314,7 +316,14 @@ def messages_from_openai(messages: Sequence[Mapping[str, Any]]) -> list[LLMMessa
         if not isinstance(message, Mapping):
             raise BadRequest(f"messages[{index}] is not an object", code="invalid_message")
         read = _read_message(message, tool_names)
-        read.openai_message = copy.deepcopy(dict(message))
+        written = (
+            [_tool_message(read)] if isinstance(read, FunctionExecutionResult) else to_openai_message(read)
+        )
+        if written != [message]:
+            # Something the typed fields do not say (a name equal to the role's default, a
+            # system message's name, a refusal, audio, another spelling): kept, sent verbatim and
+            # part of the cache key. A message they say in full keeps the key it always had.
+            read.openai_message = copy.deepcopy(dict(message))
         if isinstance(read, FunctionExecutionResult):
             previous = out[-1] if out else None
             if isinstance(previous, FunctionExecutionResultMessage):

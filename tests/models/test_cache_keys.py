@@ -254,6 +254,17 @@ def test_every_field_of_a_message_read_from_openai_is_in_the_key() -> None:
     assert read_key({"content": "x", "role": "system"}, {"content": "hi", "role": "user"}) == plain
 
 
+def test_a_message_its_typed_fields_say_in_full_keys_as_one_built_in_code() -> None:
+    """A request read from JSON whose messages our types say in full has the key the same
+    request built in code has (a redo of a line finds what an earlier attempt cached)."""
+    from models.openai import messages_from_openai
+
+    read = messages_from_openai(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    )
+    assert request_key(IDENTITY, read) == BASE
+
+
 def test_keys_of_messages_built_in_code_did_not_change() -> None:
     """Messages built in code carry no OpenAI message, and their keys are the ones already stored."""
     assert UserMessage(content="hi").model_dump_json(exclude={"openai_message"}) == (

@@ -279,3 +279,59 @@ def test_discarded_paid_answers_count_in_the_days_spend(
     )
     assert billed == [request_id]
     assert store.quota_status(engine, tenant.id).spent_today_usd == Decimal("0.0002")
+
+
+def test_the_upgrade_counts_what_was_billed_today_before_it(postgres_url: str) -> None:
+    """A budget set on the day of the upgrade counts the spend of that day before it."""
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    from store.schema import alembic_config
+
+    engine = store.make_engine(postgres_url)
+    try:
+        config = alembic_config(engine)
+        (quotas_revision,) = [
+            revision
+            for revision in ScriptDirectory.from_config(config).walk_revisions()
+            if (revision.doc or "").startswith("tenants' quotas")
+        ]
+        command.upgrade(config, str(quotas_revision.down_revision))
+        now = int(time.time())
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text("INSERT INTO tenants (id, name, created_at) VALUES ('old', 'old', :now)"),
+                {"now": now},
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO batches (id, tenant_id, endpoint, kind, completion_window, status, "
+                    "priority, total_count, completed_count, failed_count, cancelled_count, created_at, "
+                    "expires_at) "
+                    "VALUES ('b', 'old', '/v1/chat/completions', 'chat_completion', '24h', 'completed', 0, "
+                    "2, 2, 0, 0, :now, :now)"
+                ),
+                {"now": now},
+            )
+            for request_id, created_at in (("r-today", now), ("r-yesterday", now - 86_400)):
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO requests (id, batch_id, tenant_id, custom_id, line_number, kind, body, "
+                        "status, priority, attempts, created_at) VALUES (:id, 'b', 'old', :id, 1, "
+                        "'chat_completion', '{}', 'succeeded', 0, 1, :at)"
+                    ),
+                    {"id": request_id, "at": created_at},
+                )
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO results (request_id, batch_id, tenant_id, status, prompt_tokens, "
+                        "completion_tokens, cached_prompt_tokens, reasoning_tokens, cached, cost_usd, "
+                        "attempts, created_at) VALUES (:id, 'b', 'old', 'succeeded', 1, 1, 0, 0, false, "
+                        "0.25, 1, :at)"
+                    ),
+                    {"id": request_id, "at": created_at},
+                )
+        store.upgrade_to_head(engine)
+        assert store.quota_status(engine, "old").spent_today_usd == Decimal("0.25")
+    finally:
+        engine.dispose()

@@ -9,7 +9,7 @@ official ``openai`` SDK maps to its own exception classes, and a message that na
     ├── NotFound              404  (another tenant's id answers this too)
     ├── Conflict              409  (e.g. cancelling a finished batch)
     ├── PayloadTooLarge       413
-    ├── RateLimitExceeded     429
+    ├── RateLimitExceeded     429  (also a tenant's quota: ``over_quota``)
     ├── UpstreamFailed        502  (the model provider failed for a synchronous request)
     └── ServiceUnavailable    503  (database behind its schema, broker unreachable)
 """
@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from store.errors import QuotaExceeded
 from store.ingest import MAX_ERROR_MESSAGE_CHARS
 from store.input_checks import bounded_text
 
@@ -40,6 +41,7 @@ __all__ = [
     "UpstreamFailed",
     "error_body",
     "install_error_handlers",
+    "over_quota",
 ]
 
 logger = logging.getLogger("tokenmill.api")
@@ -110,6 +112,12 @@ class RateLimitExceeded(APIError):
     status_code = 429
     type = "rate_limit_error"
     default_code = "rate_limit_exceeded"
+
+
+def over_quota(error: QuotaExceeded) -> RateLimitExceeded:
+    """A create refused by the tenant's quotas (``store.quotas``): 429, the quota's code
+    (``queued_requests_quota_exceeded``, ``queued_tokens_quota_exceeded``, ``daily_budget_exceeded``)."""
+    return RateLimitExceeded(str(error), code=error.code)
 
 
 class UpstreamFailed(APIError):

@@ -61,19 +61,23 @@ def submit(
         raise typer.Exit(2)
     engine = ledger_engine()
     owner = ensure_tenant(engine, tenant)
-    with file.open("rb") as source:
-        report = store.ingest_batch(
-            engine,
-            source,
-            tenant_id=owner.id,
-            endpoint=endpoint,
-            defaults={"model": model or settings.default_model},
-            skip_invalid=skip_invalid,
-            max_body_bytes=settings.max_request_body_bytes,
-            max_lines=settings.max_requests_per_batch,
-            # What the API checks in each line of an agent-run batch (tool names included).
-            check_body=check_agent_run_body if endpoint == "/v1/agent_runs" else None,
-        )
+    try:
+        with file.open("rb") as source:
+            report = store.ingest_batch(
+                engine,
+                source,
+                tenant_id=owner.id,
+                endpoint=endpoint,
+                defaults={"model": model or settings.default_model},
+                skip_invalid=skip_invalid,
+                max_body_bytes=settings.max_request_body_bytes,
+                max_lines=settings.max_requests_per_batch,
+                # What the API checks in each line of an agent-run batch (tool names included).
+                check_body=check_agent_run_body if endpoint == "/v1/agent_runs" else None,
+            )
+    except store.QuotaExceeded as e:
+        console.print(f"[red]refused, nothing queued: {e.code}: {e}[/red]")
+        raise typer.Exit(1) from e
     for error in report.errors:
         console.print(f"line {error.line}: {error.code}: {error.message}")
     if report.status != store.BatchStatus.IN_PROGRESS:

@@ -72,6 +72,17 @@ def _image_tokens(detail: str | None) -> int:
 
 
 def _llm_message_tokens(message: LLMMessage) -> int:
+    if isinstance(message, FunctionExecutionResultMessage):
+        # One ``tool`` message per result goes upstream.
+        return sum(
+            _openai_message_tokens(result.openai_message)
+            if result.openai_message is not None
+            else _PER_MESSAGE + count_text_tokens(result.content)
+            for result in message.content
+        )
+    if message.openai_message is not None:
+        # What goes upstream is the message as read (its name, parts our types leave out).
+        return _openai_message_tokens(message.openai_message)
     tokens = _PER_MESSAGE
     if isinstance(message, SystemMessage):
         return tokens + count_text_tokens(message.content)
@@ -89,9 +100,6 @@ def _llm_message_tokens(message: LLMMessage) -> int:
         for call in message.content:
             tokens += _PER_MESSAGE + count_text_tokens(call.name) + count_text_tokens(call.arguments)
         return tokens + count_text_tokens(message.thought or "")
-    if isinstance(message, FunctionExecutionResultMessage):
-        # One ``tool`` message per result goes upstream.
-        return sum(_PER_MESSAGE + count_text_tokens(result.content) for result in message.content)
     raise TypeError(f"not a message: {type(message).__name__}")
 
 

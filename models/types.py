@@ -62,6 +62,12 @@ class FunctionCall(BaseModel):
     arguments: str
 
 
+# The OpenAI message a message was read from (``models.openai.messages_from_openai``), sent to the
+# provider verbatim while the typed fields still say what it says: every field the provider accepts
+# (``name`` on any role, ``refusal``, ``audio``, audio and file parts, fields of OpenAI-compatible
+# servers) reaches it unchanged, and the cache key covers them. None for messages built in code.
+
+
 class FunctionExecutionResult(BaseModel):
     """The outcome of running one ``FunctionCall``, sent back to the model."""
 
@@ -69,17 +75,20 @@ class FunctionExecutionResult(BaseModel):
     name: str
     call_id: str
     is_error: bool | None = None
+    openai_message: dict[str, Any] | None = Field(default=None, repr=False)
 
 
 class SystemMessage(BaseModel):
     content: str
     type: Literal["SystemMessage"] = "SystemMessage"
+    openai_message: dict[str, Any] | None = Field(default=None, repr=False)
 
 
 class UserMessage(BaseModel):
     content: str | list[str | Image]
     source: str = "user"
     type: Literal["UserMessage"] = "UserMessage"
+    openai_message: dict[str, Any] | None = Field(default=None, repr=False)
 
 
 class AssistantMessage(BaseModel):
@@ -87,6 +96,7 @@ class AssistantMessage(BaseModel):
     thought: str | None = None
     source: str = "assistant"
     type: Literal["AssistantMessage"] = "AssistantMessage"
+    openai_message: dict[str, Any] | None = Field(default=None, repr=False)
 
 
 class FunctionExecutionResultMessage(BaseModel):

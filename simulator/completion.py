@@ -275,6 +275,8 @@ def _content(request: ChatRequest, index: int, reply_words: int | None) -> str:
         parts.append("tool results: " + "; ".join(f"{name}={content}" for name, content in results))
     if directives.recall:
         parts.append("recall: " + " | ".join(_earlier_texts(request.messages)))
+    if directives.echo:
+        parts.append("messages: " + json.dumps(request.messages, sort_keys=True, separators=(",", ":")))
     if not parts:
         count = directives.words or reply_words or rng.randint(8, 40)
         parts.append(" ".join(words(rng, count)).capitalize() + ".")

@@ -26,6 +26,7 @@ _KEYWORDS = frozenset(
         "cached",
         "reasoning",
         "empty_chunks",
+        "echo",
     }
 )
 
@@ -59,6 +60,7 @@ class Directives:
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     empty_chunks: bool = False
+    echo: bool = False
     # Faults given ``times=N`` (by keyword: status, context_length, delay, break_stream) hit only the first
     # N times the same request is seen; the rest always.
     times: dict[str, int] = field(default_factory=dict)
@@ -119,6 +121,8 @@ def parse_directives(text: str) -> Directives:
             found.context_length = True
         elif keyword == "empty_chunks":
             found.empty_chunks = True
+        elif keyword == "echo":
+            found.echo = True
         elif keyword == "status":
             if len(args) != 1:
                 raise _invalid(whole, "expects a status code")

@@ -99,6 +99,7 @@ Exceptions::
      │    └── ConversationNotFound
      ├── InvalidState
      │    └── AgentStateConflict
+     ├── QuotaExceeded: a create over a tenant's quota (``code`` names which)
      └── InvalidArgument (also a ValueError): a bad endpoint, completion window or metadata
 
     JSONRejected (a ValueError): input parse_json refuses; ``code`` names why, ``param`` where
@@ -147,6 +148,7 @@ if TYPE_CHECKING:
         InvalidArgument,
         InvalidState,
         NotFound,
+        QuotaExceeded,
         SchemaBehind,
         StoreError,
     )
@@ -188,6 +190,15 @@ if TYPE_CHECKING:
         unsettled_dispatch_ids,
     )
     from store.prices import get_prices, price_for, set_price
+    from store.quotas import (
+        QuotaStatus,
+        TenantQuotas,
+        check_tenant_quotas,
+        enforce_tenant_quotas,
+        get_tenant_quotas,
+        quota_status,
+        set_tenant_quotas,
+    )
     from store.request_kinds import ENDPOINT_KINDS, REQUEST_KINDS, RequestKindSpec
     from store.results import (
         PaidAnswer,
@@ -286,6 +297,14 @@ else:
         "InvalidArgument": "store.errors",
         "InvalidState": "store.errors",
         "NotFound": "store.errors",
+        "QuotaExceeded": "store.errors",
+        "QuotaStatus": "store.quotas",
+        "TenantQuotas": "store.quotas",
+        "check_tenant_quotas": "store.quotas",
+        "enforce_tenant_quotas": "store.quotas",
+        "get_tenant_quotas": "store.quotas",
+        "quota_status": "store.quotas",
+        "set_tenant_quotas": "store.quotas",
         "SchemaBehind": "store.errors",
         "StoreError": "store.errors",
         "iter_error_lines": "store.export",
@@ -425,6 +444,8 @@ __all__ = [
     "ModelPrice",
     "NotFound",
     "PaidAnswer",
+    "QuotaExceeded",
+    "QuotaStatus",
     "RecordOutcome",
     "Request",
     "RequestKind",
@@ -438,6 +459,7 @@ __all__ = [
     "StoredAgentState",
     "StoredResponse",
     "Tenant",
+    "TenantQuotas",
     "UsageGroup",
     "UsageRow",
     "abandon_idempotency_key",
@@ -451,6 +473,7 @@ __all__ = [
     "batch_statuses",
     "cancel_batch",
     "cancel_claimed",
+    "check_tenant_quotas",
     "claim_agent_message",
     "claim_due_webhooks",
     "claim_idempotency_key",
@@ -463,6 +486,7 @@ __all__ = [
     "current_revision",
     "delete_file",
     "downgrade_to_base",
+    "enforce_tenant_quotas",
     "expire_batches",
     "extend_agent_message_lease",
     "extend_leases",
@@ -477,6 +501,7 @@ __all__ = [
     "get_file",
     "get_prices",
     "get_tenant",
+    "get_tenant_quotas",
     "head_revision",
     "hold_for_resend",
     "ingest_batch",
@@ -495,6 +520,7 @@ __all__ = [
     "prepare_batch",
     "price_for",
     "purge_idempotency_keys",
+    "quota_status",
     "record_agent_message",
     "record_cancelled_spend",
     "record_handed_back_spend",
@@ -506,6 +532,7 @@ __all__ = [
     "revoke_api_key",
     "save_agent_state",
     "set_price",
+    "set_tenant_quotas",
     "store_idempotent_response",
     "unsettled_dispatch_ids",
     "upgrade_to_head",

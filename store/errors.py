@@ -7,6 +7,7 @@ StoreError
  │    └── ConversationNotFound
  ├── InvalidState          the operation does not apply to the row's current status
  │    └── AgentStateConflict   an agent's state was saved by someone else since it was loaded
+ ├── QuotaExceeded         new work would take a tenant over a quota its operator set; ``code`` names it
  └── InvalidArgument       a batch-level parameter is wrong (also a ValueError); ``param`` names it
 """
 
@@ -19,6 +20,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidState",
     "NotFound",
+    "QuotaExceeded",
     "SchemaBehind",
     "StoreError",
 ]
@@ -63,5 +65,14 @@ class AgentStateConflict(InvalidState):
 class InvalidArgument(StoreError, ValueError):
     def __init__(self, message: str, param: str | None = None, *, code: str | None = None) -> None:
         self.param = param
+        self.code = code
+        super().__init__(message)
+
+
+class QuotaExceeded(StoreError):
+    """``code``: ``queued_requests_quota_exceeded``, ``queued_tokens_quota_exceeded`` or
+    ``daily_budget_exceeded`` (``store.quotas``)."""
+
+    def __init__(self, message: str, *, code: str) -> None:
         self.code = code
         super().__init__(message)

@@ -24,6 +24,12 @@ custom_id (a keyed 64-bit hash and the line number), not the ids themselves.
 answered: :func:`prepare_batch` (checks), :func:`open_batch` (the row, ``validating``), then
 :func:`fill_batch`; a batch cancelled or expired meanwhile stops the reading and gets no request.
 
+The tenant's quotas (``store.quotas``) are enforced in the same transaction, once the rows are
+written and before they commit: over one, a batch written with its requests raises
+``QuotaExceeded`` and leaves nothing behind; an opened one (``validating``) ends ``failed`` with
+the quota's code as its error (``queued_requests_quota_exceeded``, ``queued_tokens_quota_exceeded``,
+``daily_budget_exceeded``), no request queued.
+
 Line error codes: ``invalid_json``, ``invalid_line`` (JSON but not an object), ``missing_field``,
 ``wrong_type``, ``invalid_value``, ``duplicate_custom_id``, ``unknown_endpoint``,
 ``mismatched_endpoint``, ``invalid_method``, ``body_too_large``, ``too_many_lines``, ``empty_file``
@@ -51,9 +57,10 @@ from sqlalchemy.engine import Connection, Engine
 
 from store.batch_lifecycle import move_batches
 from store.engine import is_postgresql, write_transaction
-from store.errors import InvalidArgument, InvalidState
+from store.errors import InvalidArgument, InvalidState, QuotaExceeded
 from store.ids import new_id, now_seconds
 from store.input_checks import JSONRejected, bounded_text, check_json_value, parse_json, quote_input
+from store.quotas import enforce_tenant_quotas, estimate_prompt_tokens
 from store.request_kinds import REQUEST_KINDS, BadLine, RequestKindSpec, require_field
 from store.tables import Batch, BatchStatus, Request, RequestKind, RequestStatus, Tenant
 
@@ -504,6 +511,7 @@ def fill_batch(
     errors: list[LineError] = []
     invalid = 0
     accepted = 0
+    prompt_tokens = 0
     lines = 0
 
     def bad(line: int | None, code: str, message: str, param: str | None = None) -> None:
@@ -560,6 +568,7 @@ def fill_batch(
                 # many times the size of its line.
                 body_text = encode_body(body)
                 del body
+                prompt_tokens += estimate_prompt_tokens(body_text)
                 chunk.append((next(request_ids), custom_id, line_number, body_text))
                 chunk_body_bytes += len(body_text)
                 if len(chunk) >= chunk_size or chunk_body_bytes >= chunk_bytes:
@@ -570,10 +579,21 @@ def fill_batch(
             if (invalid and not skip_invalid) or accepted == 0:
                 raise _Rejected
             insert(chunk)
+            # Last, with the rows written: over a quota, they roll back and nothing is queued.
+            enforce_tenant_quotas(
+                conn, tenant_id, new_requests=accepted, new_tokens=prompt_tokens, exclude_batch_id=batch_id
+            )
             # The skipped lines' errors stay on the batch, as a rejected batch's do.
             started_at = now_seconds() if spec.opened else created_at
             if not _end_validation(
-                conn, batch_id, BatchStatus.IN_PROGRESS, started_at, errors, invalid, total_count=accepted
+                conn,
+                batch_id,
+                BatchStatus.IN_PROGRESS,
+                started_at,
+                errors,
+                invalid,
+                total_count=accepted,
+                prompt_tokens_estimate=prompt_tokens,
             ):
                 raise _Stopped  # cancelled or expired while validating: roll the requests back
     except _Rejected:
@@ -587,6 +607,14 @@ def fill_batch(
         with engine.connect() as conn:
             status = _status(conn, batch_id)
         return IngestReport(batch_id, status, lines, 0, invalid, errors)
+    except QuotaExceeded as e:
+        if not spec.opened:
+            raise  # nothing was written: the caller refuses the create
+        # Answered ``validating`` already: the batch fails with the quota's code, nothing queued.
+        quota_error = LineError(None, e.code, str(e))
+        with write_transaction(engine) as conn:
+            _end_validation(conn, batch_id, BatchStatus.FAILED, now_seconds(), [quota_error], 1)
+        return IngestReport(batch_id, BatchStatus.FAILED, lines, 0, invalid, [quota_error])
     return IngestReport(batch_id, BatchStatus.IN_PROGRESS, lines, accepted, invalid, errors)
 
 

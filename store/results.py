@@ -35,6 +35,7 @@ from store.batch_lifecycle import finalize_batches
 from store.engine import dialect_insert, is_postgresql, write_transaction
 from store.ids import now_seconds
 from store.prices import cost_usd, price_for
+from store.quotas import add_daily_spend
 from store.tables import Batch, DiscardedAnswer, ModelPrice, Request, RequestStatus, Result
 
 __all__ = [
@@ -221,7 +222,8 @@ def record_results(engine: Engine, records: Sequence[ResultRecord], now: int | N
         not_kept = [(record, "cancelled") for record in cancelled] + [
             (unique[row["request_id"]], "duplicate") for row in params if row["request_id"] not in inserted
         ]
-        discarded = _keep_discarded_spend(conn, not_kept, owners, prices, now)
+        spend: list[tuple[str, int, Decimal | None]] = []
+        discarded = _keep_discarded_spend(conn, not_kept, owners, prices, now, spend)
         if inserted:
             _end_requests(conn, [unique[request_id] for request_id in sorted(inserted)], now)
             per_batch: dict[str, list[int]] = {}
@@ -241,8 +243,13 @@ def record_results(engine: Engine, records: Sequence[ResultRecord], now: int | N
                 ],
             )
             finalized = finalize_batches(conn, list(per_batch), now)
+            spend.extend(
+                (row["tenant_id"], now, row["cost_usd"]) for row in params if row["request_id"] in inserted
+            )
         else:
             finalized = []
+        # Last: the tenant's day row is held from here to the commit only (store.quotas).
+        add_daily_spend(conn, spend)
     skipped_set = set(skipped)
     duplicates = [
         r.request_id for r in ordered if r.request_id not in inserted and r.request_id not in skipped_set
@@ -296,7 +303,10 @@ def _record_spend(engine: Engine, records: Sequence[ResultRecord], reason: str, 
             and (reason != "cancelled" or owners[record.request_id].status == RequestStatus.CANCELLED)
         ]
         prices = {row.model: row for row in _load_prices(conn)}
-        return _keep_discarded_spend(conn, billed, owners, prices, now)
+        spend: list[tuple[str, int, Decimal | None]] = []
+        billed_ids = _keep_discarded_spend(conn, billed, owners, prices, now, spend)
+        add_daily_spend(conn, spend)
+        return billed_ids
 
 
 @dataclass
@@ -359,9 +369,11 @@ def _keep_discarded_spend(
     owners: dict[str, Any],
     prices: dict[str, ModelPrice],
     now: int,
+    spend: list[tuple[str, int, Decimal | None]],
 ) -> list[str]:
     """Write a ``discarded_answers`` row for each answer paid by a record not kept, unless it is
-    an answer its request's result already bills; returns the ids of the requests billed."""
+    an answer its request's result already bills; returns the ids of the requests billed and
+    appends (tenant, time, cost) of each row written to ``spend``."""
     paid = [(record, reason, record.answers_paid()) for record, reason in not_kept]
     paid = [(record, reason, answers) for record, reason, answers in paid if answers]
     if not paid:
@@ -403,10 +415,11 @@ def _keep_discarded_spend(
     written = conn.execute(
         dialect_insert(conn, DiscardedAnswer)
         .on_conflict_do_nothing(index_elements=["request_id", "upstream_request_id"])
-        .returning(DiscardedAnswer.request_id),
+        .returning(DiscardedAnswer.request_id, DiscardedAnswer.tenant_id, DiscardedAnswer.cost_usd),
         rows,
-    )
-    return sorted(set(written.scalars().all()))
+    ).all()
+    spend.extend((row.tenant_id, now, row.cost_usd) for row in written)
+    return sorted({row.request_id for row in written})
 
 
 def _answer_cost(answer: PaidAnswer, prices: dict[str, ModelPrice]) -> Decimal | None:

@@ -43,6 +43,7 @@ __all__ = [
     "RequestStatus",
     "Result",
     "Tenant",
+    "TenantDailySpend",
 ]
 
 
@@ -120,6 +121,22 @@ class Tenant(Base):
     # Signs the tenant's webhook deliveries (Standard Webhooks: ``whsec_<base64>``); kept in
     # clear, since signing needs it, and shown only to the tenant (or an operator's CLI).
     webhook_secret: Mapped[str | None] = mapped_column(sa.String(100))
+    # Quotas the operator sets (``store.quotas``); None is no limit. Over one, a create is refused.
+    max_queued_requests: Mapped[int | None] = mapped_column(sa.BigInteger)
+    max_queued_tokens: Mapped[int | None] = mapped_column(sa.BigInteger)
+    daily_budget_usd: Mapped[Decimal | None] = mapped_column(_PRICE)
+
+
+class TenantDailySpend(Base):
+    """What a tenant was billed on a UTC day (``day``: days since 1970-01-01), added to in the
+    transactions that write its results and discarded answers: the daily budget reads one row,
+    not the day's results (``store.quotas``)."""
+
+    __tablename__ = "tenant_daily_spend"
+
+    tenant_id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    day: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=False)
+    cost_usd: Mapped[Decimal] = mapped_column(_COST, default=0)
 
 
 class DashboardSession(Base):
@@ -178,6 +195,8 @@ class Batch(Base):
         # The dashboard's pages of batches, newest first: a tenant's, and every tenant's (operators).
         sa.Index("ix_batches_tenant_id_created_at_id", "tenant_id", "created_at", "id"),
         sa.Index("ix_batches_created_at_id", "created_at", "id"),
+        # A tenant's open batches, found without reading its ended ones (store.quotas).
+        sa.Index("ix_batches_tenant_id_status", "tenant_id", "status"),
     )
 
     id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
@@ -209,6 +228,8 @@ class Batch(Base):
     webhook_delivered_at: Mapped[int | None] = mapped_column(sa.BigInteger)
     webhook_last_error: Mapped[str | None] = mapped_column(sa.Text)
     total_count: Mapped[int] = mapped_column(sa.Integer, default=0)
+    # The prompt tokens of its requests, estimated when they were written (store.quotas).
+    prompt_tokens_estimate: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
     completed_count: Mapped[int] = mapped_column(sa.Integer, default=0)
     failed_count: Mapped[int] = mapped_column(sa.Integer, default=0)
     # Not in OpenAI's request_counts; needed to know when a cancelled batch has nothing left.

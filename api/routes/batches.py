@@ -9,7 +9,9 @@ An input file over ``background_ingest_bytes`` (1 MiB) is read after the create 
 OpenAI does: the batch is ``validating``, then ``in_progress`` (and dispatched) or ``failed`` with
 its errors. A tenant has at most ``max_validating_batches_per_tenant`` (4) validating at once (a
 429 ``too_many_validating_batches`` beyond), and the API renews their leases while it reads them
-(a batch whose API died is failed by the sweeper: ``validation_interrupted``). A batch's
+(a batch whose API died is failed by the sweeper: ``validation_interrupted``). Over one of the
+tenant's quotas (``store.quotas``) a create is refused with 429 and the quota's code, nothing
+queued; a batch already answered ``validating`` ends ``failed`` with that code instead. A batch's
 ``errors`` hold the first 100 line errors; ``errors.total_count`` (tokenmill's)
 counts them all."""
 
@@ -29,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 
 import store
 from api.deps import ID_PATTERN, AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
-from api.errors import Conflict, InvalidRequest, NotFound, RateLimitExceeded
+from api.errors import Conflict, InvalidRequest, NotFound, RateLimitExceeded, over_quota
 from config import Settings
 from store.tables import MAX_WEBHOOK_URL_CHARS
 from workers.agent_tasks import check_agent_run_body
@@ -123,6 +125,12 @@ def _prepare(
         )
     except store.InvalidArgument as e:
         raise InvalidRequest(str(e), param=e.param, code=e.code) from e
+    try:
+        # A tenant already at a quota is refused before its file is read; the quota is enforced
+        # when the rows are written (store.quotas), which a background validation does too.
+        store.check_tenant_quotas(engine, tenant.id, new_requests=1, new_tokens=1)
+    except store.QuotaExceeded as e:
+        raise over_quota(e) from e
     in_background = file.bytes > settings.background_ingest_bytes
     if in_background:
         limit = settings.max_validating_batches_per_tenant
@@ -232,6 +240,8 @@ async def create_batch(
             raise NotFound(
                 f"the content of {body.input_file_id} is no longer on this server", param="input_file_id"
             ) from e
+        except store.QuotaExceeded as e:
+            raise over_quota(e) from e  # nothing of it was written
         if report.status == store.BatchStatus.IN_PROGRESS:
             await dispatch_or_leave_to_sweeper(request, engine, spec.batch_id)
     batch = await run_in_threadpool(store.get_batch, engine, spec.batch_id, tenant.id)

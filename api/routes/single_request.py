@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
 
 import store
-from api.errors import InvalidRequest, ServiceUnavailable
+from api.errors import InvalidRequest, ServiceUnavailable, over_quota
 from api.routes.batches import dispatch_or_leave_to_sweeper
 
 __all__ = ["dispatch_or_cancel", "ingest_single", "json_object_body", "wait_for"]
@@ -76,9 +76,13 @@ async def ingest_single(
     invalid_message: str,
 ) -> str:
     """Write the request as a hidden one-line batch; returns the batch id, or raises
-    ``InvalidRequest`` with the first validation error (``invalid_message`` if there is none)."""
+    ``InvalidRequest`` with the first validation error (``invalid_message`` if there is none), or
+    ``RateLimitExceeded`` over one of the tenant's quotas (nothing written)."""
     line = {"custom_id": custom_id, "method": "POST", "url": endpoint, "body": body}
-    report = await run_in_threadpool(_ingest, engine, tenant_id, line, metadata, max_body_bytes)
+    try:
+        report = await run_in_threadpool(_ingest, engine, tenant_id, line, metadata, max_body_bytes)
+    except store.QuotaExceeded as e:
+        raise over_quota(e) from e
     if report.status != store.BatchStatus.IN_PROGRESS:
         first = report.errors[0] if report.errors else None
         raise InvalidRequest(

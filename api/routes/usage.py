@@ -11,7 +11,7 @@ from api.deps import ID_PATTERN, EngineDep, TenantDep
 from api.errors import InvalidRequest
 from store.input_checks import quote_input
 
-__all__ = ["router", "usage_row"]
+__all__ = ["quotas_object", "router", "usage_row"]
 
 router = APIRouter(tags=["usage"])
 # 9999-12-31T23:59:59Z: later instants are no date, and overflow the ledger's BIGINT columns.
@@ -45,6 +45,26 @@ def usage_row(row: store.UsageRow) -> dict[str, Any]:
     }
 
 
+def quotas_object(status: store.QuotaStatus) -> dict[str, Any]:
+    """The tenant's quotas (null: none set), what they hold now and what is left of each."""
+    quotas = status.quotas
+
+    def money(amount: Any) -> float | None:
+        return None if amount is None else float(amount)  # prints as the exact decimal
+
+    return {
+        "max_queued_requests": quotas.max_queued_requests,
+        "queued_requests": status.queued_requests,
+        "remaining_queued_requests": status.remaining_requests,
+        "max_queued_tokens": quotas.max_queued_tokens,
+        "queued_tokens": status.queued_tokens,
+        "remaining_queued_tokens": status.remaining_tokens,
+        "daily_budget_usd": money(quotas.daily_budget_usd),
+        "spent_today_usd": money(status.spent_today_usd),
+        "remaining_budget_usd": money(status.remaining_budget_usd),
+    }
+
+
 @router.get("/v1/usage")
 def usage(
     tenant: TenantDep,
@@ -56,7 +76,9 @@ def usage(
     until: int | None = Query(None, ge=0, le=LATEST_SECONDS, description="unix seconds, exclusive"),
     batch_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
 ) -> dict[str, Any]:
-    """Your usage. Billed figures count what was paid upstream; cache hits are served free."""
+    """Your usage. Billed figures count what was paid upstream; cache hits are served free.
+    ``quotas`` (tokenmill's): your quotas, what they hold now and what is left (the daily budget
+    counts from 00:00 UTC)."""
     groups = [part.strip() for part in group_by.split(",") if part.strip()]
     unknown = [part for part in groups if part not in ("model", "day", "batch")]
     if unknown:
@@ -71,4 +93,5 @@ def usage(
         until=until,
         batch_id=batch_id,
     )
-    return {"object": "list", "data": [usage_row(row) for row in rows]}
+    quotas = quotas_object(store.quota_status(engine, tenant.id))
+    return {"object": "list", "data": [usage_row(row) for row in rows], "quotas": quotas}

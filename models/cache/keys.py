@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import BaseModel, SecretBytes, SecretStr
 
 from models.cache.errors import UncacheableRequestError
-from models.types import LLMMessage, Tool, ToolChoice, ToolSchema
+from models.types import FunctionExecutionResultMessage, LLMMessage, Tool, ToolChoice, ToolSchema
 
 __all__ = ["KEY_FORMAT_VERSION", "canonical_json", "request_key"]
 
@@ -159,11 +159,23 @@ def _tool_choice(choice: ToolChoice) -> Any:
     return {"function": choice.name} if isinstance(choice, Tool) else choice
 
 
+def _read_from_openai(message: LLMMessage) -> bool:
+    if isinstance(message, FunctionExecutionResultMessage):
+        return any(result.openai_message is not None for result in message.content)
+    return getattr(message, "openai_message", None) is not None
+
+
 def _message_json(message: LLMMessage) -> str:
-    # A message's fields come in its class's fixed order and hold no free-form dicts, so pydantic's
-    # own JSON is already canonical (and several times faster than re-sorting a dump).
+    # A message's fields come in its class's fixed order, so pydantic's own JSON is canonical (and
+    # several times faster than re-sorting a dump) unless it holds the free-form OpenAI message it
+    # was read from: that one is sorted, and every field of it (``name``, ``refusal``, ...) is in the
+    # key. Built in code, it has none, and its key is the one it always had.
     if isinstance(message, BaseModel):
-        return message.model_dump_json()
+        if _read_from_openai(message):
+            return canonical_json(message)
+        if isinstance(message, FunctionExecutionResultMessage):
+            return message.model_dump_json(exclude={"content": {"__all__": {"openai_message"}}})
+        return message.model_dump_json(exclude={"openai_message"})
     return canonical_json(message)
 
 

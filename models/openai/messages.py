@@ -1,17 +1,27 @@
 """Our messages and tools to OpenAI's chat-completions JSON, and OpenAI messages back to ours.
 
-The two directions round-trip: ``to_openai_messages(messages_from_openai(m)) == m`` for every
-message a chat-completions body may carry that our types can express, up to spellings the API
-treats as equal (a ``developer`` message becomes a ``SystemMessage``; ``detail: "auto"`` and a
-user's ``name`` of ``"user"`` are left out). What our types cannot express (audio or file parts,
-the legacy ``function`` role) raises ``BadRequest`` instead of being dropped.
+The two directions round-trip exactly: ``to_openai_messages(messages_from_openai(m)) == m`` for
+every message a chat-completions body may carry, because a message read from OpenAI's JSON that
+our typed fields do not say in full keeps that JSON (``openai_message``) and is sent as it was:
+``name`` on every role (AutoGen sends it, the default ones included; a system message's too), an
+assistant's ``refusal`` and ``audio``, audio and file parts, a ``developer`` role, fields only some
+OpenAI-compatible servers know. Our typed fields are a view of it (a ``developer`` message is a
+``SystemMessage``; parts our types cannot express are left out of the view); a message whose typed
+fields were changed after reading goes as those fields say. A message the typed fields say in full
+keeps none (and the cache key it always had); messages built in code (AutoGen's shapes) are
+written from their fields as before. Only what is
+not a chat message at all (an unknown role, content that is neither text nor a list of typed
+parts) raises ``BadRequest``.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
+
+from pydantic import BaseModel
 
 from models.errors import BadRequest
 from models.types import (
@@ -73,9 +83,18 @@ def openai_tool_call(call: FunctionCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
+def _tool_message(result: FunctionExecutionResult) -> dict[str, Any]:
+    return {"role": "tool", "tool_call_id": result.call_id, "content": result.content}
+
+
 def to_openai_message(message: LLMMessage, *, include_name: bool = True) -> list[dict[str, Any]]:
     """One of our messages as OpenAI message dicts (a function-result message becomes one
-    ``tool`` message per result)."""
+    ``tool`` message per result). A message read from OpenAI's JSON goes as it was read."""
+    if isinstance(message, FunctionExecutionResultMessage):
+        return [_verbatim(result, include_name) or _tool_message(result) for result in message.content]
+    verbatim = _verbatim(message, include_name)
+    if verbatim is not None:
+        return [verbatim]
     if isinstance(message, UserMessage):
         content = message.content
         out: dict[str, Any] = {"role": "user"}
@@ -103,11 +122,6 @@ def to_openai_message(message: LLMMessage, *, include_name: bool = True) -> list
         if include_name and message.source and message.source != _DEFAULT_ASSISTANT_SOURCE:
             out["name"] = message.source
         return [out]
-    if isinstance(message, FunctionExecutionResultMessage):
-        return [
-            {"role": "tool", "tool_call_id": result.call_id, "content": result.content}
-            for result in message.content
-        ]
     raise TypeError(f"not a message: {type(message).__name__}")
 
 
@@ -156,34 +170,39 @@ def _unsupported(what: str) -> NoReturn:
     raise BadRequest(f"cannot represent {what} in tokenmill's message types", code="unsupported_message")
 
 
+def _parts(content: list[Any], role: str) -> list[Mapping[str, Any]]:
+    for part in content:
+        if not isinstance(part, Mapping) or not isinstance(part.get("type"), str):
+            _unsupported(f"a content part without a type in a {role} message")
+    return content
+
+
 def _text_of(content: Any, role: str) -> str:
-    """A system/developer/tool message's content, a string or a list of text parts."""
+    """The text of a message's content: a string, or its text parts joined (other parts, such as
+    an assistant's ``refusal`` parts, travel in the verbatim message only)."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        texts: list[str] = []
-        for part in content:
-            if (
-                not isinstance(part, Mapping)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
-                _unsupported(f"a non-text content part in a {role} message")
-            texts.append(part["text"])
-        return "".join(texts)
+        return "".join(
+            part["text"]
+            for part in _parts(content, role)
+            if part["type"] == "text" and isinstance(part.get("text"), str)
+        )
     _unsupported(f"{role} content of type {type(content).__name__}")
 
 
 def _user_content(content: Any) -> str | list[str | Image]:
+    """Text and image parts as ours; parts our types cannot express (``input_audio``, ``file``,
+    a provider's own) travel in the verbatim message only."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         _unsupported(f"user content of type {type(content).__name__}")
     parts: list[str | Image] = []
-    for part in content:
-        kind = part.get("type") if isinstance(part, Mapping) else None
+    for part in _parts(content, "user"):
+        kind = part["type"]
         if kind == "text" and isinstance(part.get("text"), str):
             parts.append(part["text"])
         elif kind == "image_url":
@@ -194,64 +213,125 @@ def _user_content(content: Any) -> str | list[str | Image]:
                 parts.append(Image(url=image["url"], detail=image.get("detail") or "auto"))
             else:
                 _unsupported("an image_url part without a url")
-        else:
-            _unsupported(f"a user content part of type {kind!r}")
     return parts
 
 
 def _function_calls(tool_calls: Any) -> list[FunctionCall]:
+    if not isinstance(tool_calls, list):
+        _unsupported("tool_calls that are not a list")
     calls: list[FunctionCall] = []
     for call in tool_calls:
-        function = call.get("function") if isinstance(call, Mapping) else None
-        if not isinstance(function, Mapping) or call.get("type", "function") != "function":
-            _unsupported("a tool call that is not a function call")
-        arguments = function.get("arguments", "")
+        if not isinstance(call, Mapping):
+            _unsupported("a tool call that is not an object")
+        kind = call.get("type", "function")
+        if kind == "custom" and isinstance(call.get("custom"), Mapping):
+            custom = call["custom"]
+            name, arguments = custom.get("name", ""), custom.get("input", "")
+        elif kind == "function" and isinstance(call.get("function"), Mapping):
+            function = call["function"]
+            name, arguments = function.get("name", ""), function.get("arguments", "")
+        else:
+            _unsupported(f"a tool call of type {kind!r}")
         calls.append(
             FunctionCall(
                 id=str(call.get("id", "")),
-                name=str(function.get("name", "")),
+                name=str(name),
                 arguments=arguments if isinstance(arguments, str) else str(arguments),
             )
         )
     return calls
 
 
+_ReadMessage = SystemMessage | UserMessage | AssistantMessage | FunctionExecutionResult
+
+
+def _read_message(message: Mapping[str, Any], tool_names: Mapping[str, str]) -> _ReadMessage:
+    """One OpenAI message as our typed fields (no ``openai_message`` yet); a ``tool`` or legacy
+    ``function`` message is one ``FunctionExecutionResult``."""
+    role = message.get("role")
+    content = message.get("content")
+    name = message.get("name")
+    if role in ("system", "developer"):
+        return SystemMessage(content=_text_of(content, str(role)))
+    if role == "user":
+        source = name if isinstance(name, str) and name else _DEFAULT_USER_SOURCE
+        return UserMessage(content=_user_content(content), source=source)
+    if role == "assistant":
+        source = name if isinstance(name, str) and name else _DEFAULT_ASSISTANT_SOURCE
+        tool_calls = message.get("tool_calls")
+        legacy_call = message.get("function_call")
+        if not tool_calls and isinstance(legacy_call, Mapping):
+            tool_calls = [{"type": "function", "function": legacy_call}]
+        if tool_calls:
+            thought = None if content is None else _text_of(content, "assistant")
+            return AssistantMessage(content=_function_calls(tool_calls), thought=thought, source=source)
+        return AssistantMessage(content=_text_of(content, "assistant"), source=source)
+    if role == "tool":
+        call_id = str(message.get("tool_call_id", ""))
+        return FunctionExecutionResult(
+            content=_text_of(content, "tool"), name=tool_names.get(call_id, ""), call_id=call_id
+        )
+    if role == "function":  # the legacy role: the result of a ``function_call``, by name
+        return FunctionExecutionResult(
+            content=_text_of(content, "function"), name=str(name or ""), call_id=""
+        )
+    _unsupported(f"a message with role {role!r}")
+
+
+# The typed fields a verbatim message must still agree with to be sent as it is.
+_SAID: dict[type[BaseModel], tuple[str, ...]] = {
+    SystemMessage: ("content",),
+    UserMessage: ("content", "source"),
+    AssistantMessage: ("content", "thought", "source"),
+    FunctionExecutionResult: ("content", "call_id"),
+}
+
+
+def _verbatim(message: _ReadMessage, include_name: bool) -> dict[str, Any] | None:
+    """The message as the provider's request had it, unless its typed fields were changed since
+    it was read (a copy with other content then goes as its typed fields say)."""
+    original = message.openai_message
+    if original is None:
+        return None
+    try:
+        read = _read_message(original, {})
+    except BadRequest:
+        return None
+    if type(read) is not type(message) or any(
+        getattr(read, field) != getattr(message, field) for field in _SAID[type(message)]
+    ):
+        return None
+    if not include_name and "name" in original and original.get("role") != "function":
+        return {key: value for key, value in original.items() if key != "name"}
+    return original
+
+
 def messages_from_openai(messages: Sequence[Mapping[str, Any]]) -> list[LLMMessage]:
-    """OpenAI chat messages as ours; consecutive ``tool`` messages become one
-    ``FunctionExecutionResultMessage``."""
+    """OpenAI chat messages as ours, each keeping the message it was read from
+    (``openai_message``), which is what ``to_openai_messages`` sends; consecutive ``tool``
+    messages become one ``FunctionExecutionResultMessage``."""
     out: list[LLMMessage] = []
     tool_names: dict[str, str] = {}
     for index, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise BadRequest(f"messages[{index}] is not an object", code="invalid_message")
-        role = message.get("role")
-        content = message.get("content")
-        name = message.get("name")
-        if role in ("system", "developer"):
-            out.append(SystemMessage(content=_text_of(content, str(role))))
-        elif role == "user":
-            source = name if isinstance(name, str) and name else _DEFAULT_USER_SOURCE
-            out.append(UserMessage(content=_user_content(content), source=source))
-        elif role == "assistant":
-            source = name if isinstance(name, str) and name else _DEFAULT_ASSISTANT_SOURCE
-            tool_calls = message.get("tool_calls")
-            if tool_calls:
-                calls = _function_calls(tool_calls)
-                tool_names.update((call.id, call.name) for call in calls)
-                thought = None if content is None else _text_of(content, "assistant")
-                out.append(AssistantMessage(content=calls, thought=thought, source=source))
-            else:
-                out.append(AssistantMessage(content=_text_of(content, "assistant"), source=source))
-        elif role == "tool":
-            call_id = str(message.get("tool_call_id", ""))
-            result = FunctionExecutionResult(
-                content=_text_of(content, "tool"), name=tool_names.get(call_id, ""), call_id=call_id
-            )
+        read = _read_message(message, tool_names)
+        written = (
+            [_tool_message(read)] if isinstance(read, FunctionExecutionResult) else to_openai_message(read)
+        )
+        if written != [message]:
+            # Something the typed fields do not say (a name equal to the role's default, a
+            # system message's name, a refusal, audio, another spelling): kept, sent verbatim and
+            # part of the cache key. A message they say in full keeps the key it always had.
+            read.openai_message = copy.deepcopy(dict(message))
+        if isinstance(read, FunctionExecutionResult):
             previous = out[-1] if out else None
             if isinstance(previous, FunctionExecutionResultMessage):
-                previous.content.append(result)
+                previous.content.append(read)
             else:
-                out.append(FunctionExecutionResultMessage(content=[result]))
-        else:
-            _unsupported(f"a message with role {role!r}")
+                out.append(FunctionExecutionResultMessage(content=[read]))
+            continue
+        if isinstance(read, AssistantMessage) and not isinstance(read.content, str):
+            tool_names.update((call.id, call.name) for call in read.content)
+        out.append(read)
     return out

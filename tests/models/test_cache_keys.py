@@ -231,3 +231,42 @@ def test_a_namespace_partitions_keys_and_the_empty_one_keeps_the_old_keys() -> N
     tenant_a = request_key(IDENTITY, MESSAGES, namespace="tenant:a")
     tenant_b = request_key(IDENTITY, MESSAGES, namespace="tenant:b")
     assert len({plain, tenant_a, tenant_b}) == 3
+
+
+def test_every_field_of_a_message_read_from_openai_is_in_the_key() -> None:
+    """Two requests that differ only in a field our types leave to the verbatim message (a
+    system message's ``name``, a user's ``name`` of "user", an assistant's ``refusal``) are two
+    answers; the order of a message's keys is not."""
+    from models.openai import messages_from_openai
+
+    def read_key(*messages: dict[str, Any]) -> str:
+        return request_key(IDENTITY, messages_from_openai(list(messages)))
+
+    plain = read_key({"role": "system", "content": "x"}, {"role": "user", "content": "hi"})
+    keys = {
+        plain,
+        read_key({"role": "system", "content": "x", "name": "a"}, {"role": "user", "content": "hi"}),
+        read_key({"role": "system", "content": "x"}, {"role": "user", "content": "hi", "name": "user"}),
+        read_key({"role": "system", "content": "x"}, {"role": "assistant", "content": None, "refusal": "no"}),
+        read_key({"role": "system", "content": "x"}, {"role": "assistant", "content": None, "refusal": "No"}),
+    }
+    assert len(keys) == 5
+    assert read_key({"content": "x", "role": "system"}, {"content": "hi", "role": "user"}) == plain
+
+
+def test_a_message_its_typed_fields_say_in_full_keys_as_one_built_in_code() -> None:
+    """A request read from JSON whose messages our types say in full has the key the same
+    request built in code has (a redo of a line finds what an earlier attempt cached)."""
+    from models.openai import messages_from_openai
+
+    read = messages_from_openai(
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    )
+    assert request_key(IDENTITY, read) == BASE
+
+
+def test_keys_of_messages_built_in_code_did_not_change() -> None:
+    """Messages built in code carry no OpenAI message, and their keys are the ones already stored."""
+    assert UserMessage(content="hi").model_dump_json(exclude={"openai_message"}) == (
+        '{"content":"hi","source":"user","type":"UserMessage"}'
+    )

@@ -85,29 +85,99 @@ def test_messages_round_trip() -> None:
     assert to_openai_messages(ours) == CONVERSATION
 
 
-def test_developer_role_and_text_parts() -> None:
-    ours = messages_from_openai(
-        [
-            {"role": "developer", "content": [{"type": "text", "text": "Rules."}]},
-            {"role": "user", "content": "hi"},
-        ]
-    )
-    assert ours == [SystemMessage(content="Rules."), UserMessage(content="hi", source="user")]
-    assert to_openai_messages(ours) == [
-        {"role": "system", "content": "Rules."},
+def test_developer_role_and_text_parts_are_read_and_sent_as_they_were() -> None:
+    sent = [
+        {"role": "developer", "content": [{"type": "text", "text": "Rules."}]},
         {"role": "user", "content": "hi"},
     ]
+    ours = messages_from_openai(sent)
+    assert [(type(m), m.content) for m in ours] == [(SystemMessage, "Rules."), (UserMessage, "hi")]
+    assert to_openai_messages(ours) == sent
+
+
+# Every field a provider accepts on a message, on every role (was: names equal to the role's default
+# and a system message's name dropped, audio/file/refusal parts and the legacy function role refused).
+EVERY_FIELD: list[dict[str, Any]] = [
+    {"role": "system", "name": "rules", "content": "Be brief."},
+    {"role": "developer", "name": "ops", "content": [{"type": "text", "text": "Cite."}]},
+    {"role": "user", "name": "user", "content": "hello"},
+    {
+        "role": "user",
+        "name": "bob",
+        "content": [
+            {"type": "text", "text": "Listen"},
+            {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+            {"type": "file", "file": {"file_id": "file-abc", "filename": "a.pdf"}},
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "auto"}},
+        ],
+    },
+    {
+        "role": "assistant",
+        "name": "assistant",
+        "content": None,
+        "refusal": "I cannot.",
+        "audio": {"id": "au_1"},
+    },
+    {"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}, {"type": "text", "text": "Ok"}]},
+    {
+        "role": "assistant",
+        "name": "planner",
+        "content": None,
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+    },
+    {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "42"}]},
+    {"role": "assistant", "content": None, "function_call": {"name": "g", "arguments": "{}"}},
+    {"role": "function", "name": "g", "content": "7"},
+    {"role": "assistant", "content": "Prefix", "prefix": True},
+]
+
+
+def test_every_message_field_reaches_the_provider_unchanged() -> None:
+    request = request_from_openai_body({"model": "m", "messages": EVERY_FIELD})
+    client = OpenAIChatCompletionClient(model="m", api_key="k", base_url="http://127.0.0.1:9/v1")
+    assert client.request_body(request.messages, **request.create_kwargs())["messages"] == EVERY_FIELD
+    system = request.messages[0]
+    assert isinstance(system, SystemMessage)
+    assert system.content == "Be brief."
+
+
+def test_messages_built_in_code_keep_autogens_shape() -> None:
+    built = [
+        SystemMessage(content="Be brief."),
+        UserMessage(content="hi", source="alice"),
+        AssistantMessage(content="hello", source="helper"),
+        UserMessage(content="again", source="user"),
+    ]
+    assert to_openai_messages(built) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi", "name": "alice"},
+        {"role": "assistant", "content": "hello", "name": "helper"},
+        {"role": "user", "content": "again"},
+    ]
+    assert to_openai_messages(built, include_name=False)[1] == {"role": "user", "content": "hi"}
+
+
+def test_a_read_message_changed_in_code_goes_as_its_fields_say() -> None:
+    (read,) = messages_from_openai([{"role": "user", "name": "bob", "content": "old", "x_vendor": 1}])
+    changed = read.model_copy(update={"content": "new"})
+    assert to_openai_messages([changed]) == [{"role": "user", "content": "new", "name": "bob"}]
+    assert to_openai_messages([read]) == [{"role": "user", "name": "bob", "content": "old", "x_vendor": 1}]
+
+
+def test_include_name_false_drops_names_of_read_messages_too() -> None:
+    ours = messages_from_openai([{"role": "system", "name": "rules", "content": "x"}])
+    assert to_openai_messages(ours, include_name=False) == [{"role": "system", "content": "x"}]
 
 
 @pytest.mark.parametrize(
     "message",
     [
-        {"role": "function", "name": "f", "content": "x"},
-        {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]},
+        {"role": "narrator", "content": "x"},
         {"role": "user", "content": 5},
+        {"role": "user", "content": ["not a part"]},
     ],
 )
-def test_what_we_cannot_express_is_refused(message: dict[str, Any]) -> None:
+def test_what_is_not_a_chat_message_is_refused(message: dict[str, Any]) -> None:
     with pytest.raises(BadRequest):
         messages_from_openai([message])
 

@@ -50,4 +50,8 @@ def test_estimates_grow_with_content_and_agree_across_forms() -> None:
     assert estimate_tokens(conversation, [TOOL]) == estimate_tokens(
         as_openai, [{"type": "function", "function": TOOL}]
     )
-    assert messages_from_openai(as_openai)[1] == conversation[1]
+    read = messages_from_openai(as_openai)
+    assert read[1].model_copy(update={"openai_message": None}) == conversation[1]
+    assert estimate_tokens(read, [TOOL]) == estimate_tokens(
+        as_openai, [{"type": "function", "function": TOOL}]
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -160,3 +161,14 @@ def test_models_list(client: openai.OpenAI, simulator: SimulatorServer) -> None:
     assert "sim-small" in {m.id for m in client.models.list()}
     simulator.configure(known_models=["only-this"])
     assert [m.id for m in client.models.list()] == ["only-this"]
+
+
+def test_echo_quotes_the_messages_as_received(client: openai.OpenAI) -> None:
+    messages: list[Any] = [
+        {"role": "system", "name": "rules", "content": "Be brief."},
+        {"role": "user", "name": "bob", "content": [{"type": "text", "text": "hi [[echo]]"}]},
+    ]
+    reply = client.chat.completions.create(model="sim-small", messages=messages)
+    content = reply.choices[0].message.content or ""
+    (line,) = [part for part in content.split("\n") if part.startswith("messages: ")]
+    assert json.loads(line.removeprefix("messages: ")) == messages

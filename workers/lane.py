@@ -143,6 +143,10 @@ class LaneConsumer:
             claimed = await asyncio.to_thread(
                 claim_requests, self.engine, [request_id], self.owner, self.lease_seconds
             )
+        except Exception:
+            # The ledger out of reach: the settled marker below lets the sweeper send it again.
+            _logger.exception("the lane could not claim request %s", request_id)
+            claimed = []
         finally:
             with contextlib.suppress(RedisError, OSError):
                 await self.transport.settle(request_id)

@@ -211,13 +211,17 @@ def test_the_sweeper_reruns_a_single_call_whose_worker_died(lane: Lane, simulato
     answers: list[Any] = []
 
     def call() -> None:
-        answers.append(lane.sdk.chat.completions.create(**ask("[[delay 3]] stranded")))
+        body = {**ask("[[delay 10]] stranded"), "model": "stranded-model"}
+        answers.append(lane.sdk.chat.completions.create(**body))
 
     import threading
 
     caller = threading.Thread(target=call)
     caller.start()
-    wait_until(lambda: simulator.stats()["in_flight"] == 1, "the call never reached the provider")
+    # By model: an earlier test's stream may still be winding down in the simulator.
+    wait_until(
+        lambda: simulator.stats()["by_model"].get("stranded-model") == 1, "the call never went upstream"
+    )
     kill_group(worker)
     lane.cluster.worker("w2")
     caller.join(120)
@@ -227,3 +231,4 @@ def test_the_sweeper_reruns_a_single_call_whose_worker_died(lane: Lane, simulato
     [row] = lane.requests()
     assert row.status == store.RequestStatus.SUCCEEDED
     assert row.attempts == 2
+    assert simulator.stats()["by_model"]["stranded-model"] == 2  # the killed call, then the rerun

@@ -9,7 +9,7 @@ below 500 (but 429) are kept ``TOKENMILL_IDEMPOTENCY_RETENTION_SECONDS`` and rep
 ``Idempotent-Replayed: true``, and so is a 5xx bound to work that goes on (it names it in
 ``Tokenmill-Bound-To``: a wait that timed out, a cancel that could not stop a call already
 upstream). Any other 5xx means nothing was done that a retry would repeat at a cost (see
-``api.routes.single_request.dispatch_or_cancel``), so the key is freed for the retry.
+``api.routes.chat``, which cancels a call the broker could not take), so the key is freed for the retry.
 """
 
 from __future__ import annotations

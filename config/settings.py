@@ -85,6 +85,9 @@ class Settings(BaseSettings):
         description="most request ids per Celery message (see dispatch.chunk_length)",
     )
     in_flight_per_process: int = Field(default=64, ge=1, le=10_000)
+    # Single calls (POST /v1/chat/completions) each worker process runs at once on its interactive
+    # lane, apart from its chunks' window (workers.lane); 0 turns the lane off.
+    lane_in_flight_per_process: int = Field(default=64, ge=0, le=10_000)
     chunk_refill_seconds: float = Field(
         default=30.0,
         ge=0,

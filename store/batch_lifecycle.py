@@ -127,7 +127,16 @@ def batch_file_ids(batch_id: str) -> tuple[str, str]:
 
 def attach_result_files(conn: Connection, batches: Sequence[tuple[str, str]], now: int) -> None:
     """Give ending batches (id, tenant id) their output / error file rows (content is generated
-    on read)."""
+    on read). Hidden batches (single calls) get none: their one answer went to the caller, and
+    nothing of theirs is listed among the tenant's files."""
+    if not batches:
+        return
+    hidden = set(
+        conn.execute(
+            sa.select(Batch.id).where(Batch.id.in_([batch_id for batch_id, _ in batches]), Batch.hidden)
+        ).scalars()
+    )
+    batches = [(batch_id, tenant_id) for batch_id, tenant_id in batches if batch_id not in hidden]
     if not batches:
         return
     files = []

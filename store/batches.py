@@ -131,17 +131,18 @@ def batch_progress(engine: Engine, batch_id: str) -> BatchProgress:
     )
 
 
-def cancel_batch(engine: Engine, batch_id: str, now: int | None = None) -> Batch:
+def cancel_batch(engine: Engine, batch_id: str, now: int | None = None, *, error: str | None = None) -> Batch:
     """Cancel: queued requests (and running ones whose lease has expired) become cancelled at once;
     the batch becomes ``cancelling``, and ``cancelled`` as soon as nothing is running (possibly
-    right here). Cancelling an ended batch changes nothing. Raises BatchNotFound."""
+    right here). Cancelling an ended batch changes nothing. ``error``: why, kept as the cancelled
+    requests' ``last_error``. Raises BatchNotFound."""
     now = now if now is not None else now_seconds()
     with write_transaction(engine) as conn:
         exists = conn.execute(sa.select(Batch.id).where(Batch.id == batch_id)).scalar_one_or_none()
         if exists is None:
             raise BatchNotFound(f"no batch {batch_id!r}")
         if move_batches(conn, BatchStatus.CANCELLING, now, Batch.id == batch_id):
-            _cancel_unfinished(conn, [batch_id], now)
+            _cancel_unfinished(conn, [batch_id], now, error)
             finalize_batches(conn, [batch_id], now)
     batch = get_batch(engine, batch_id)
     assert batch is not None

@@ -103,6 +103,11 @@ def _open_process_resources(**_: Any) -> None:
 
     # The parent may have built an engine before forking; its pooled sockets are the parent's.
     context.reset_after_fork()
+    # Single calls get capacity of their own in every process (workers.lane): a process busy
+    # with a chunk takes no other Celery message until it ends.
+    from workers import lane
+
+    lane.start_in_background()
     # Everything loaded so far (Celery, SQLAlchemy, pydantic, the SDK) lives as long as the process:
     # out of the collector's sight, a full collection scans only what chunks allocate. Measured on
     # the throughput bench, full collections stalled the event loop ~180 ms every few seconds.
@@ -111,6 +116,7 @@ def _open_process_resources(**_: Any) -> None:
 
 @worker_process_shutdown.connect  # type: ignore[untyped-decorator, unused-ignore]
 def _close_process_resources(**_: Any) -> None:
-    from workers import context
+    from workers import context, lane
 
+    lane.stop()
     context.close()

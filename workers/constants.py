@@ -14,6 +14,9 @@ Layout under the prefix::
     sweep:lock                         the lock sweepers take turns with (sweeper.py)
     agent_reply:{message_id}           list: the reply to one distributed agent message (agent_runtime.py)
     agent_lock:{tenant}:{type}/{key}   lock: one handler per agent at a time (agent_host.py)
+    lane:queue                         list: single calls waiting for a worker's interactive lane
+    lane:reply:{request_id}            list: the outcome of one single call, for the API that waits
+    lane:stream:{request_id}           stream: one streamed single call's chunks, then its outcome
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ __all__ = [
     "agent_reply_key",
     "dispatch_marker_key",
     "dispatch_sequence_keys",
+    "lane_queue_key",
+    "lane_reply_key",
+    "lane_stream_key",
     "limit_key",
     "limit_leases_key",
     "sweep_lock_key",
@@ -73,3 +79,15 @@ def agent_lock_key(prefix: str, tenant_id: str | None, agent_id: object) -> str:
 
 def sweep_lock_key(prefix: str) -> str:
     return f"{prefix}sweep:lock"
+
+
+def lane_queue_key(prefix: str) -> str:
+    return f"{prefix}lane:queue"
+
+
+def lane_reply_key(prefix: str, request_id: str) -> str:
+    return f"{prefix}lane:reply:{request_id}"
+
+
+def lane_stream_key(prefix: str, request_id: str) -> str:
+    return f"{prefix}lane:stream:{request_id}"

@@ -40,7 +40,15 @@ import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -55,6 +63,7 @@ from models.cache import (
     CacheStore,
     ChatCompletionCache,
     UncacheableRequestError,
+    announcing_hits,
     paying_as,
 )
 from models.cancellation import CancellationToken
@@ -587,6 +596,76 @@ class ModelCallPipeline:
             except RetryLater as later:
                 later.attempts = stats.attempts  # counted in the result once the request ends
                 raise
+        return CallResult(
+            result=result,
+            error=error,
+            attempts=stats.attempts,
+            latency_ms=(time.perf_counter() - started) * 1000.0,
+            cache_key=key,
+            waited_for_limits_s=stats.waited_for_limits_s,
+        )
+
+    async def call_stream(
+        self,
+        model: str,
+        messages: Sequence[LLMMessage],
+        on_chunk: Callable[[str, bool], Awaitable[None]],
+        *,
+        tools: Sequence[Tool | ToolSchema] = (),
+        tool_choice: ToolChoice = "auto",
+        json_output: bool | type[BaseModel] | None = None,
+        extra_create_args: Mapping[str, Any] = {},
+        cancellation_token: CancellationToken | None = None,
+        tenant_id: str | None = None,
+        payer: str | None = None,
+    ) -> CallResult:
+        """``call`` as a stream: ``on_chunk(text, cached)`` is awaited for each chunk of text as the
+        provider sends it (``cached``: served from the cache, known before the first chunk). The
+        upstream is asked for its usage whatever the caller wants, so the call is billed as any.
+        Retried only until a chunk was handed on (``GovernedClient.create_stream``)."""
+        client = self.client_for(model, tenant_id=tenant_id)
+        extra = {**extra_create_args, "stream_options": {"include_usage": True}}
+        key = self.cache_key(
+            model,
+            messages,
+            tools=tools,
+            tool_choice=tool_choice,
+            json_output=json_output,
+            extra_create_args=extra,
+            tenant_id=tenant_id,
+        )
+        hit = False
+
+        def announced() -> None:
+            nonlocal hit
+            hit = True
+
+        started = time.perf_counter()
+        result: CreateResult | None = None
+        error: ModelClientError | None = None
+        with _tally() as stats, paying_as(payer), announcing_hits(announced):
+            try:
+                stream = client.create_stream(
+                    messages,
+                    tools=tools,
+                    tool_choice=tool_choice,
+                    json_output=json_output,
+                    extra_create_args=extra,
+                    cancellation_token=cancellation_token,
+                )
+                async with contextlib.aclosing(stream):
+                    async for item in stream:
+                        if isinstance(item, CreateResult):
+                            result = item
+                        else:
+                            await on_chunk(item, hit)
+            except ModelClientError as e:
+                result, error = None, e
+            except RetryLater as later:
+                later.attempts = stats.attempts
+                raise
+        if result is None and error is None:
+            error = ModelClientError("the stream ended without a result", model=model)
         return CallResult(
             result=result,
             error=error,

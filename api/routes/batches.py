@@ -251,7 +251,8 @@ async def create_batch(
 
 def _tenant_batch(engine: Engine, tenant: store.Tenant, batch_id: str) -> store.Batch:
     batch = store.get_batch(engine, batch_id, tenant.id)
-    if batch is None:
+    # A single call's batch (hidden) is a ledger detail, not a batch of the producer's.
+    if batch is None or batch.hidden:
         raise NotFound(f"No such Batch object: {batch_id}", param="batch_id")
     return batch
 

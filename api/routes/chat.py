@@ -1,107 +1,172 @@
-"""``POST /v1/chat/completions``: OpenAI-compatible and synchronous, served by the workers.
+"""``POST /v1/chat/completions``: OpenAI-compatible, served by the workers' interactive lane.
 
-The request becomes a one-line batch: it goes through the same ledger, cache, rate limits and
-retries as any batch line and its usage is recorded the same way; this route waits for its result.
-``stream: true`` is answered as a stream once the result is in (the chunks replay the finished
-completion), so streaming clients work unchanged.
+The call is one request row (``store.interactive``: a hidden batch of its own, no files, never
+listed), committed before its id goes on the lane's queue ("ledger first", docs/design.md). A
+worker's lane (``workers.lane``) runs it through the same cache, limits, retries and ledger as a
+batch line and pushes the outcome here through Redis (``workers.lane_transport``) once the ledger
+holds it; with ``stream: true`` each chunk is relayed as the provider sends it. The ledger stays
+the truth: when no answer comes (the message was lost, the sweeper ran the request elsewhere), it
+is read there. Cache hits say so: ``tokenmill-cache: hit`` and the body's (or the last chunk's)
+``tokenmill`` object.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
+import redis.asyncio as aioredis
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from redis.exceptions import RedisError
 from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
 
 import store
 from api.deps import EngineDep, SettingsDep, TenantDep
-from api.errors import APIError, ServiceUnavailable, UpstreamFailed
-from api.routes.single_request import dispatch_or_cancel, ingest_single, json_object_body, wait_for
+from api.errors import APIError, InvalidRequest, ServiceUnavailable, UpstreamFailed, over_quota
+from api.routes.single_request import json_object_body
+from config import Settings
+from store.ids import new_id
+from store.interactive import (
+    InteractiveOutcome,
+    InteractiveRequest,
+    interactive_outcome,
+    lease_lapsed,
+    submit_interactive,
+)
+from workers.lane_transport import LaneMessage, LaneTransport, StreamEntry, lane_dispatch_id
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["chat"])
 SYNC_METADATA = {"tokenmill_source": "chat.completions"}
-_POLL_SECONDS = (0.01, 0.02, 0.05, 0.1, 0.2)
+CACHE_HEADER = "tokenmill-cache"
+# How long one wait on Redis lasts before the ledger (and the client's connection) is looked at.
+_WAIT_SLICE_SECONDS = 1.0
+WORKER_LOST = "worker_lost"
 
 
-def _outcome(engine: Engine, batch_id: str) -> dict[str, Any] | None:
-    """The finished request's output or error line, or None while it runs."""
-    batch = store.get_batch(engine, batch_id)
-    if batch is None or batch.status not in store.ENDED_STATUSES:
-        return None
-    for line in store.iter_output_lines(engine, batch_id):
-        outcome: dict[str, Any] = json.loads(line)
-        return outcome
-    for line in store.iter_error_lines(engine, batch_id):
-        outcome = json.loads(line)
-        return outcome
-    return {"error": {"code": "cancelled", "message": f"the request was {batch.status}"}, "response": None}
+def _transport(request: Request, settings: Settings) -> LaneTransport:
+    """This API process's lane transport (one connection pool to the broker)."""
+    state = request.app.state
+    transport: LaneTransport | None = getattr(state, "lane_transport", None)
+    if transport is None:
+        if settings.broker_url is None:
+            raise ServiceUnavailable("no workers: TOKENMILL_BROKER_URL is not set", code="broker_unavailable")
+        client = aioredis.Redis.from_url(settings.broker_url, socket_connect_timeout=5)
+        transport = state.lane_transport = LaneTransport(client, settings.key_prefix)
+    return transport
 
 
-async def _cancel_after_timeout(engine: Engine, batch_id: str, seconds: float) -> dict[str, Any]:
-    """Cancel a request not answered in time. Raises ``ServiceUnavailable``: freeing the
-    Idempotency-Key when nothing ran, bound to the batch when a call already upstream goes on (and
-    is billed), so that a retry replays this answer rather than paying again. Returns the outcome
-    when the request ended by itself meanwhile."""
-    batch = await run_in_threadpool(store.cancel_batch, engine, batch_id)
+def _error_for(outcome: InteractiveOutcome) -> APIError:
+    status_code = outcome.status_code or 0
+    message = outcome.error_message or "the request failed"
+    if 400 <= status_code < 500 and status_code != 429:
+        failure = APIError(message, code=outcome.error_code)
+        failure.status_code = status_code
+        failure.type = "invalid_request_error"
+        return failure
+    return UpstreamFailed(f"the model provider failed: {message}", code=outcome.error_code)
+
+
+def _succeeded(outcome: InteractiveOutcome) -> bool:
+    return (
+        outcome.status is store.RequestStatus.SUCCEEDED and outcome.status_code == 200 and bool(outcome.body)
+    )
+
+
+def _headers(outcome_id: str, cached: bool) -> dict[str, str]:
+    return {"x-request-id": outcome_id, CACHE_HEADER: "hit" if cached else "miss"}
+
+
+async def _submit(
+    request: Request,
+    engine: Engine,
+    transport: LaneTransport,
+    tenant_id: str,
+    body: dict[str, Any],
+    stream: bool,
+) -> InteractiveRequest:
+    request_id = new_id("batch_req_")
+    try:
+        submitted = await run_in_threadpool(
+            functools.partial(
+                submit_interactive,
+                engine,
+                tenant_id,
+                body,
+                endpoint="/v1/chat/completions",
+                dispatch_id=lane_dispatch_id(request_id),
+                metadata=SYNC_METADATA,
+                request_id=request_id,
+            )
+        )
+    except store.InvalidArgument as e:
+        raise InvalidRequest(str(e), param=e.param, code=e.code) from e
+    except store.QuotaExceeded as e:
+        raise over_quota(e) from e
+    try:
+        await transport.send(LaneMessage(request_id, stream))
+    except (RedisError, OSError) as e:
+        # Its answer carries no id to come back for: cancel it, so that nothing runs (and nothing
+        # is billed) on the strength of a 503 that tells the client to retry.
+        batch = await run_in_threadpool(store.cancel_batch, engine, submitted.batch_id)
+        if batch.status == store.BatchStatus.CANCELLED:
+            raise ServiceUnavailable(
+                "could not reach the workers' broker; nothing was run, retry later", code="broker_unavailable"
+            ) from e
+    return submitted
+
+
+async def _cancel_after_timeout(
+    engine: Engine, submitted: InteractiveRequest, seconds: float
+) -> InteractiveOutcome:
+    """Cancel a call not answered in time. Raises ``ServiceUnavailable``: freeing the
+    Idempotency-Key when nothing ran, bound to the call when one already upstream goes on (and is
+    billed), so that a retry replays this answer rather than paying again. Returns the outcome
+    when the call ended by itself meanwhile."""
+    batch = await run_in_threadpool(store.cancel_batch, engine, submitted.batch_id)
     if batch.status == store.BatchStatus.CANCELLED:
+        outcome = await run_in_threadpool(interactive_outcome, engine, submitted.request_id)
+        if outcome is not None and outcome.status is not store.RequestStatus.CANCELLED:
+            return outcome
         raise ServiceUnavailable(
             f"no result within {seconds:.0f} s; the request was cancelled before it ran", code="timeout"
         )
-    outcome = await run_in_threadpool(_outcome, engine, batch_id)
+    outcome = await run_in_threadpool(interactive_outcome, engine, submitted.request_id)
     if outcome is None:
         raise ServiceUnavailable(
-            f"no result within {seconds:.0f} s; batch {batch_id} is cancelled, but its call already sent "
-            "to the model provider finishes and is billed",
+            f"no result within {seconds:.0f} s; request {submitted.request_id} is cancelled, but its call "
+            "already sent to the model provider finishes and is billed",
             code="timeout",
-            bound_to=batch_id,
+            bound_to=submitted.batch_id,
         )
     return outcome
 
 
-def _error_for(outcome: dict[str, Any]) -> APIError:
-    error = outcome.get("error") or {}
-    response = outcome.get("response") or {}
-    status_code = int(response.get("status_code") or 0)
-    message = str(error.get("message") or "the request failed")
-    code = error.get("code")
-    if 400 <= status_code < 500 and status_code != 429:
-        failure = APIError(message, code=code)
-        failure.status_code = status_code
-        failure.type = "invalid_request_error"
-        return failure
-    return UpstreamFailed(f"the model provider failed: {message}", code=code)
-
-
-def _stream(completion: dict[str, Any]) -> Iterator[bytes]:
-    """SSE chunks replaying a finished completion, ending with usage and ``[DONE]``."""
-    base = {
-        "id": completion.get("id"),
-        "object": "chat.completion.chunk",
-        "created": completion.get("created", int(time.time())),
-        "model": completion.get("model"),
-    }
-    for choice in completion.get("choices", []):
-        message = choice.get("message") or {}
-        delta: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
-        if message.get("tool_calls"):
-            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
-        chunk = {
-            **base,
-            "choices": [{"index": choice.get("index", 0), "delta": delta, "finish_reason": None}],
-        }
-        yield f"data: {json.dumps(chunk)}\n\n".encode()
-        end = {"index": choice.get("index", 0), "delta": {}, "finish_reason": choice.get("finish_reason")}
-        yield f"data: {json.dumps({**base, 'choices': [end]})}\n\n".encode()
-    if completion.get("usage") is not None:
-        yield f"data: {json.dumps({**base, 'choices': [], 'usage': completion['usage']})}\n\n".encode()
-    yield b"data: [DONE]\n\n"
+async def _wait(
+    request: Request, engine: Engine, transport: LaneTransport, request_id: str, seconds: float
+) -> InteractiveOutcome | None:
+    """The call's outcome as pushed by its worker, or read from the ledger; None when ``seconds``
+    pass or the client goes away first."""
+    deadline = time.monotonic() + seconds
+    while (remaining := deadline - time.monotonic()) > 0:
+        try:
+            reply = await transport.wait_reply(request_id, min(_WAIT_SLICE_SECONDS, remaining))
+        except (RedisError, OSError):
+            reply = None  # the ledger below says what happened
+        if reply is not None and not reply.get("ledger"):
+            return InteractiveOutcome.from_json(reply)
+        outcome = await run_in_threadpool(interactive_outcome, engine, request_id)
+        if outcome is not None:
+            return outcome
+        if await request.is_disconnected():
+            return None
+    return None
 
 
 @router.post("/v1/chat/completions", response_model=None)
@@ -111,32 +176,244 @@ async def chat_completions(
     """A chat completion, exactly as OpenAI's endpoint takes and answers it."""
     body = await json_object_body(request)
     stream = bool(body.pop("stream", False))
-    body.pop("stream_options", None)
+    stream_options = body.pop("stream_options", None)
+    include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
     body.setdefault("model", settings.default_model)
-    batch_id = await ingest_single(
-        engine,
-        tenant.id,
-        endpoint="/v1/chat/completions",
-        custom_id="request",
-        body=body,
-        metadata=SYNC_METADATA,
-        max_body_bytes=settings.max_request_body_bytes,
-        invalid_message="the request is invalid",
-    )
-    await dispatch_or_cancel(request, engine, batch_id)
-    outcome = await wait_for(
-        lambda: run_in_threadpool(_outcome, engine, batch_id),
-        request=request,
-        seconds=settings.sync_timeout_seconds,
-        schedule=_POLL_SECONDS,
-    )
-    if outcome is None:
-        outcome = await _cancel_after_timeout(engine, batch_id, settings.sync_timeout_seconds)
-    response = outcome.get("response") or {}
-    if outcome.get("error") is not None or response.get("status_code") != 200:
-        raise _error_for(outcome)
-    completion: dict[str, Any] = response["body"]
-    headers = {"x-request-id": str(outcome.get("id"))}
+    transport = _transport(request, settings)
+    submitted = await _submit(request, engine, transport, tenant.id, body, stream)
     if stream:
-        return StreamingResponse(_stream(completion), media_type="text/event-stream", headers=headers)
-    return JSONResponse(completion, headers=headers)
+        writer = _ChunkWriter(submitted.request_id, str(body["model"]), include_usage)
+        return await _streamed(request, engine, transport, submitted, settings, writer)
+    outcome = await _wait(request, engine, transport, submitted.request_id, settings.sync_timeout_seconds)
+    if outcome is None:
+        outcome = await _cancel_after_timeout(engine, submitted, settings.sync_timeout_seconds)
+    if not _succeeded(outcome):
+        raise _error_for(outcome)
+    assert outcome.body is not None
+    return JSONResponse(outcome.body, headers=_headers(outcome.request_id, outcome.cached))
+
+
+# --- streaming -----------------------------------------------------------------------------------
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(data)}\n\n".encode()
+
+
+class _ChunkWriter:
+    """``chat.completion.chunk`` events for one call: text deltas as they come, then the end (tool
+    calls, finish reason and the ``tokenmill`` object), the usage chunk only when asked for."""
+
+    def __init__(self, request_id: str, model: str, include_usage: bool) -> None:
+        self.base = {
+            "id": f"chatcmpl-{request_id}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+        }
+        self.request_id = request_id
+        self.include_usage = include_usage
+        self.sent_text = ""
+        self.started = False
+
+    def text(self, text: str) -> bytes:
+        delta: dict[str, Any] = {"content": text}
+        if not self.started:
+            delta = {"role": "assistant", **delta}
+            self.started = True
+        self.sent_text += text
+        return _sse({**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+
+    def end(self, outcome: InteractiveOutcome) -> list[bytes]:
+        """The last events of a call that succeeded; the text the ledger holds beyond what was
+        relayed (a call run elsewhere, whose chunks never came) is sent first."""
+        completion = outcome.body or {}
+        self.base["model"] = completion.get("model") or self.base["model"]
+        events: list[bytes] = []
+        choices = completion.get("choices") or [{}]
+        for choice in choices:
+            message = choice.get("message") or {}
+            index = choice.get("index", 0)
+            content = message.get("content")
+            delta: dict[str, Any] = {} if self.started else {"role": "assistant"}
+            if index == 0 and isinstance(content, str) and content != self.sent_text:
+                delta["content"] = content.removeprefix(self.sent_text)
+            elif index != 0:
+                delta = {"role": "assistant", "content": content}
+            if message.get("tool_calls"):
+                delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
+            self.started = True
+            end = {"index": index, "delta": delta, "finish_reason": choice.get("finish_reason") or "stop"}
+            last = index == choices[-1].get("index", 0) if choices else True
+            event: dict[str, Any] = {**self.base, "choices": [end]}
+            if last:
+                event["tokenmill"] = {"cached": outcome.cached, "request_id": self.request_id}
+            events.append(_sse(event))
+        if self.include_usage and completion.get("usage") is not None:
+            events.append(_sse({**self.base, "choices": [], "usage": completion["usage"]}))
+        events.append(b"data: [DONE]\n\n")
+        return events
+
+    def resumable(self, outcome: InteractiveOutcome) -> bool:
+        """Whether the ledger's answer continues what was relayed (else the relay ends in error)."""
+        choices = (outcome.body or {}).get("choices") or [{}]
+        content = (choices[0].get("message") or {}).get("content")
+        return not self.sent_text or (isinstance(content, str) and content.startswith(self.sent_text))
+
+
+def _error_event(message: str, code: str) -> bytes:
+    return _sse({"error": {"message": message, "type": "server_error", "param": None, "code": code}})
+
+
+class _StreamRelay:
+    """Reads a call's Redis stream; falls back on the ledger when it stays silent."""
+
+    def __init__(
+        self,
+        request: Request,
+        engine: Engine,
+        transport: LaneTransport,
+        submitted: InteractiveRequest,
+        seconds: float,
+    ) -> None:
+        self.request = request
+        self.engine = engine
+        self.transport = transport
+        self.submitted = submitted
+        self.deadline = time.monotonic() + seconds
+        self.seconds = seconds
+        self.after = "0"
+
+    async def next_entries(self) -> list[StreamEntry] | InteractiveOutcome | None:
+        """The next entries; else the ledger's outcome (the stream will say nothing more); None
+        when the wait is over (deadline, or the client gone)."""
+        request_id = self.submitted.request_id
+        while (remaining := self.deadline - time.monotonic()) > 0:
+            try:
+                block = int(1000 * min(_WAIT_SLICE_SECONDS, remaining)) or 1
+                entries = await self.transport.read_stream(request_id, self.after, block)
+            except (RedisError, OSError):
+                entries = []
+            if entries:
+                self.after = entries[-1].entry_id
+                return entries
+            outcome = await run_in_threadpool(interactive_outcome, self.engine, request_id)
+            if outcome is not None:
+                # Ended in the ledger: whatever the stream still holds came before (ledger first).
+                try:
+                    entries = await self.transport.read_stream(request_id, self.after, 1)
+                except (RedisError, OSError):
+                    entries = []
+                if entries:
+                    self.after = entries[-1].entry_id
+                    return entries
+                return outcome
+            if await run_in_threadpool(_lost, self.engine, self.submitted):
+                return InteractiveOutcome(
+                    request_id,
+                    store.RequestStatus.CANCELLED,
+                    None,
+                    None,
+                    WORKER_LOST,
+                    "the worker running this request stopped mid-stream; the request was cancelled",
+                    False,
+                )
+            if await self.request.is_disconnected():
+                return None
+        return None
+
+
+def _lost(engine: Engine, submitted: InteractiveRequest) -> bool:
+    """The call's worker died (its lease ran out unrenewed): cancel it, saying so in the ledger."""
+    if not lease_lapsed(engine, submitted.request_id):
+        return False
+    batch = store.cancel_batch(
+        engine, submitted.batch_id, error=f"{WORKER_LOST}: its worker stopped renewing its lease mid-stream"
+    )
+    return batch.status == store.BatchStatus.CANCELLED
+
+
+async def _ended(engine: Engine, request_id: str, reply: dict[str, Any]) -> InteractiveOutcome:
+    """The outcome an end entry carries, or (``{"ledger": true}``) the ledger's."""
+    if not reply.get("ledger"):
+        return InteractiveOutcome.from_json(reply)
+    outcome = await run_in_threadpool(interactive_outcome, engine, request_id)
+    if outcome is not None:
+        return outcome
+    return InteractiveOutcome(
+        request_id,
+        store.RequestStatus.FAILED,
+        None,
+        None,
+        "request_failed",
+        "the request ended unanswered",
+        False,
+    )
+
+
+async def _streamed(
+    request: Request,
+    engine: Engine,
+    transport: LaneTransport,
+    submitted: InteractiveRequest,
+    settings: Settings,
+    writer: _ChunkWriter,
+) -> JSONResponse | StreamingResponse:
+    """Waits for the first entry before answering: a call that fails before its first chunk is
+    an HTTP error, as OpenAI answers it; the header says whether the answer is a cache hit."""
+    relay = _StreamRelay(request, engine, transport, submitted, settings.sync_timeout_seconds)
+    first = await relay.next_entries()
+    if first is None:
+        first = await _cancel_after_timeout(engine, submitted, settings.sync_timeout_seconds)
+    if isinstance(first, list) and first[0].outcome is not None:
+        first = await _ended(engine, submitted.request_id, first[0].outcome)
+    if isinstance(first, InteractiveOutcome):
+        if not _succeeded(first):
+            raise _error_for(first)
+        return StreamingResponse(
+            _replay(writer, first),
+            media_type="text/event-stream",
+            headers=_headers(first.request_id, first.cached),
+        )
+    return StreamingResponse(
+        _relay(writer, relay, first),
+        media_type="text/event-stream",
+        headers=_headers(submitted.request_id, bool(first[0].cached)),
+    )
+
+
+async def _replay(writer: _ChunkWriter, outcome: InteractiveOutcome) -> AsyncIterator[bytes]:
+    for event in writer.end(outcome):
+        yield event
+
+
+async def _relay(writer: _ChunkWriter, relay: _StreamRelay, first: list[StreamEntry]) -> AsyncIterator[bytes]:
+    """Relays entries until the call's end, then ends the stream: in full, or with an error event."""
+    entries: list[StreamEntry] | InteractiveOutcome | None = first
+    outcome: InteractiveOutcome | None = None
+    while outcome is None:
+        if entries is None:
+            # The wait is over (or the client went away): cancelled as a plain call would be.
+            try:
+                outcome = await _cancel_after_timeout(relay.engine, relay.submitted, relay.seconds)
+            except ServiceUnavailable as e:
+                yield _error_event(e.message, e.code or "timeout")
+                return
+        elif isinstance(entries, InteractiveOutcome):
+            outcome = entries
+        else:
+            for entry in entries:
+                if entry.text is not None:
+                    yield writer.text(entry.text)
+                if entry.outcome is not None:
+                    outcome = await _ended(relay.engine, relay.submitted.request_id, entry.outcome)
+            if outcome is None:
+                entries = await relay.next_entries()
+    if _succeeded(outcome) and writer.resumable(outcome):
+        for event in writer.end(outcome):
+            yield event
+    elif _succeeded(outcome):
+        message = f"the stream was interrupted; request {outcome.request_id} was answered in full elsewhere"
+        yield _error_event(message, "stream_interrupted")
+    else:
+        yield _error_event(outcome.error_message or "the request failed", outcome.error_code or "failed")

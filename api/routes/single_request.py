@@ -1,5 +1,6 @@
-"""What the single-request routes share (``/v1/chat/completions``, ``/v1/agent_runs``): a request
-becomes a hidden one-line batch, is dispatched to the workers, and may be waited for."""
+"""What the single-request routes share: the body's checks (``/v1/chat/completions``,
+``/v1/agent_runs``); for agent runs, a hidden one-line batch dispatched to the workers and waited
+for (chat completions take the interactive lane: ``api.routes.chat``)."""
 
 from __future__ import annotations
 
@@ -15,10 +16,9 @@ from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
 
 import store
-from api.errors import InvalidRequest, ServiceUnavailable, over_quota
-from api.routes.batches import dispatch_or_leave_to_sweeper
+from api.errors import InvalidRequest, over_quota
 
-__all__ = ["dispatch_or_cancel", "ingest_single", "json_object_body", "wait_for"]
+__all__ = ["ingest_single", "json_object_body", "wait_for"]
 
 T = TypeVar("T")
 
@@ -91,21 +91,6 @@ async def ingest_single(
             code=first.code if first else None,
         )
     return report.batch_id
-
-
-async def dispatch_or_cancel(request: Request, engine: Engine, batch_id: str) -> None:
-    """For a request whose answer carries no id to come back for (a chat completion): when the
-    broker cannot take it, cancel it so that nothing runs (and nothing is billed) on the strength of
-    a 503, which tells the client to retry. Raises ``ServiceUnavailable`` then; returns when the
-    request was dispatched, or when a worker took it after all (the message left before the
-    failure): it runs (a cancel lets a call already upstream finish), so its answer is waited for."""
-    if await dispatch_or_leave_to_sweeper(request, engine, batch_id):
-        return
-    batch = await run_in_threadpool(store.cancel_batch, engine, batch_id)
-    if batch.status == store.BatchStatus.CANCELLED:
-        raise ServiceUnavailable(
-            "could not reach the workers' broker; nothing was run, retry later", code="broker_unavailable"
-        )
 
 
 async def wait_for(

@@ -6,7 +6,7 @@ that single-flight uses. Errors are drawn in ``models.cache.errors``.
 """
 
 from models.cache.base import CacheStore
-from models.cache.client import ChatCompletionCache, paying_as
+from models.cache.client import ChatCompletionCache, announcing_hits, paying_as
 from models.cache.disk import DiskCacheStore
 from models.cache.entry import (
     CACHED_COMPLETION_CODEC,
@@ -42,6 +42,7 @@ __all__ = [
     "SingleFlight",
     "UncacheableRequestError",
     "ValueCodec",
+    "announcing_hits",
     "canonical_json",
     "paying_as",
     "request_key",

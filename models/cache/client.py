@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
 
@@ -39,12 +39,27 @@ from models.cancellation import CancellationToken
 from models.events import CacheHit, CacheMiss, CacheStoreError, emit, event_logger, short_digest
 from models.types import CreateResult, LLMMessage, RequestUsage, Tool, ToolChoice, ToolSchema
 
-__all__ = ["ChatCompletionCache", "paying_as"]
+__all__ = ["ChatCompletionCache", "announcing_hits", "paying_as"]
 
 _SAVE_ATTEMPTS_ON_TIMEOUT = 3
 
 
 _payer: ContextVar[str | None] = ContextVar("tokenmill_cache_payer", default=None)
+_hit_listener: ContextVar[Callable[[], None] | None] = ContextVar(
+    "tokenmill_cache_hit_listener", default=None
+)
+
+
+@contextlib.contextmanager
+def announcing_hits(listener: Callable[[], None]) -> Iterator[None]:
+    """Cache calls made in this block call ``listener()`` as soon as they serve a hit: for a
+    stream, before its first replayed chunk (a caller relaying chunks can say "from the cache"
+    before it relays any)."""
+    token = _hit_listener.set(listener)
+    try:
+        yield
+    finally:
+        _hit_listener.reset(token)
 
 
 @contextlib.contextmanager
@@ -197,6 +212,9 @@ class ChatCompletionCache(DelegatingClient):
             self._spent(result)
             return result
         result.cached = True
+        listener = _hit_listener.get()
+        if listener is not None:
+            listener()
         self._total_usage = self._total_usage + result.usage
         if event_logger.isEnabledFor(logging.INFO):  # skip building the event when nobody listens
             emit(
@@ -308,9 +326,10 @@ class ChatCompletionCache(DelegatingClient):
         if key is not None:
             entry = await self._lookup(key)
             if entry is not None:
+                served = self._served(entry, key, started)  # before the chunks: it announces a hit
                 for chunk in _replayed_chunks(entry):
                     yield chunk
-                yield self._served(entry, key, started)
+                yield served
                 return
 
         def upstream() -> AsyncGenerator[str | CreateResult, None]:
@@ -333,9 +352,10 @@ class ChatCompletionCache(DelegatingClient):
 
         async with self._flights.flight(key, cancellation_token) as flight:
             if flight.entry is not None:
+                served = self._served(flight.entry, key, started, joined=True)
                 for chunk in _replayed_chunks(flight.entry):
                     yield chunk
-                yield self._served(flight.entry, key, started, joined=True)
+                yield served
                 return
             self._missed(key)
             chunks: list[str] = []

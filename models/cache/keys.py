@@ -55,7 +55,9 @@ _SECRET_NAMES = frozenset(
     }
 )
 # Arguments that shape the HTTP exchange, not the answer.
-_TRANSPORT_NAMES = frozenset({"timeout", "max_retries", "http_client"})
+# ``stream_options`` says what a stream carries besides the answer (a usage chunk), not the answer:
+# a streamed call and a plain one share their cache entry.
+_TRANSPORT_NAMES = frozenset({"timeout", "max_retries", "http_client", "stream_options"})
 # Mappings whose entries are HTTP headers or query parameters: filtered by name too.
 _HEADER_MAPPINGS = frozenset({"extra_headers", "headers", "default_headers", "extra_query", "default_query"})
 

@@ -1,0 +1,276 @@
+"""Latency of one chat completion through tokenmill against the same call made to the upstream directly.
+
+    .venv/bin/python -m bench.sync_latency [--requests 400] [--latency-ms 50] [--processes 2]
+
+The upstream is the simulator answering in --latency-ms; both paths are driven by the official
+openai SDK (AsyncOpenAI, distinct prompts, so nothing is a cache hit), measured here and now:
+
+  (1) non-streamed, one call at a time and 16 at once: p50 and p99 of the direct calls and of the
+      calls through ``tokenmill api`` + ``tokenmill worker`` (its interactive lane), and what
+      tokenmill adds (targets: +5 ms p50 alone; +15 ms p50 and +60 ms p99 at 16);
+  (2) streamed, one at a time: time to the first content chunk, direct and through tokenmill
+      (target: within 20 ms of the upstream's).
+
+Needs Redis and PostgreSQL: TOKENMILL_BENCH_REDIS_URL (default redis://127.0.0.1:6379/12; every
+key of a run is under its own prefixes, deleted afterwards) and TOKENMILL_BENCH_PG_URL (a scratch
+database is created and dropped). The machine may be shared: run it more than once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import contextlib
+import functools
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import IO
+
+import httpx
+import openai
+import redis
+from openai.types.chat import ChatCompletionMessageParam
+
+from bench.throughput import scratch_database
+from simulator.testing import SimulatorServer, free_port
+from store import create_api_key, create_tenant, make_engine, upgrade_to_head
+
+ROOT = Path(__file__).resolve().parents[1]
+REDIS_URL = os.environ.get("TOKENMILL_BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
+MODEL = "bench-model"
+
+
+class Stack:
+    """``tokenmill api`` and ``tokenmill worker`` subprocesses on a scratch database, with key
+    prefixes of their own on the bench's Redis."""
+
+    def __init__(self, sim: SimulatorServer, database_url: str, processes: int) -> None:
+        upgrade_to_head(database_url)
+        engine = make_engine(database_url)
+        try:
+            self.api_key = create_api_key(engine, create_tenant(engine, "bench").id, "bench")
+        finally:
+            engine.dispose()
+        self.prefix = f"tmlatency:{uuid.uuid4().hex[:8]}:"
+        self.files = tempfile.TemporaryDirectory(prefix="tokenmill-bench-files-")
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "TOKENMILL_BROKER_URL": REDIS_URL,
+            "TOKENMILL_BROKER_KEY_PREFIX": f"{self.prefix}broker:",
+            "TOKENMILL_DATABASE_URL": database_url,
+            "TOKENMILL_CACHE_URL": REDIS_URL,
+            "TOKENMILL_CACHE_PREFIX": f"{self.prefix}cache:",
+            "TOKENMILL_KEY_PREFIX": self.prefix,
+            "TOKENMILL_FILES_DIR": self.files.name,
+            "OPENAI_BASE_URL": sim.base_url,
+            "OPENAI_API_KEY": "bench",
+        }
+        self.logs: dict[str, IO[bytes]] = {}
+        self.processes: list[subprocess.Popen[bytes]] = []
+        atexit.register(self._kill)
+        try:
+            self._start(env, "worker", f"--processes={processes}", "--loglevel=WARNING")
+            port = free_port()
+            self._start(env, "api", "--host", "127.0.0.1", "--port", str(port))
+            self.base_url = f"http://127.0.0.1:{port}/v1"
+            self._wait_for_api(f"http://127.0.0.1:{port}")
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, env: dict[str, str], command: str, *args: str) -> None:
+        log = self.logs[command] = tempfile.TemporaryFile(prefix=f"tokenmill-bench-{command}-")  # noqa: SIM115
+        self.processes.append(
+            subprocess.Popen(
+                [sys.executable, "-c", "from cli.main import main; main()", command, *args],
+                env=env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+
+    def _kill(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+
+    def failed(self, what: str) -> RuntimeError:
+        tails = []
+        for name, log in self.logs.items():
+            log.seek(0)
+            tails.append(f"--- {name} log:\n{log.read()[-4000:].decode(errors='replace')}")
+        return RuntimeError("\n".join([what, *tails]))
+
+    def _wait_for_api(self, root: str) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{root}/readyz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise self.failed("tokenmill api did not answer within 60 s")
+
+    def close(self) -> None:
+        atexit.unregister(self._kill)
+        for process in self.processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            keys = list(client.scan_iter(match=f"{self.prefix}*", count=1000))
+            for start in range(0, len(keys), 1000):
+                client.delete(*keys[start : start + 1000])
+        finally:
+            client.close()
+        for log in self.logs.values():
+            log.close()
+        self.files.cleanup()
+
+
+def _prompt() -> list[ChatCompletionMessageParam]:
+    return [{"role": "user", "content": f"latency {uuid.uuid4().hex}"}]
+
+
+async def timed_calls(client: openai.AsyncOpenAI, count: int, concurrency: int) -> list[float]:
+    """Seconds per call, ``concurrency`` callers each making calls one after another."""
+    latencies: list[float] = []
+
+    async def caller(calls: int) -> None:
+        for _ in range(calls):
+            started = time.perf_counter()
+            await client.chat.completions.create(model=MODEL, messages=_prompt())
+            latencies.append(time.perf_counter() - started)
+
+    share = max(1, count // concurrency)
+    await asyncio.gather(*(caller(share) for _ in range(concurrency)))
+    return latencies
+
+
+async def time_to_first_token(client: openai.AsyncOpenAI, count: int) -> list[float]:
+    """Seconds to the first content chunk of streamed calls, one at a time."""
+    firsts: list[float] = []
+    for _ in range(count):
+        started = time.perf_counter()
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=_prompt(),
+            stream=True,
+        )
+        first: float | None = None
+        async for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - started
+        assert first is not None
+        firsts.append(first)
+    return firsts
+
+
+async def _timed(client: openai.AsyncOpenAI, *, count: int, concurrency: int) -> list[float]:
+    return await timed_calls(client, count, concurrency)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:7.1f} ms"
+
+
+def run(
+    make: Callable[[], openai.AsyncOpenAI], job: Callable[[openai.AsyncOpenAI], Awaitable[list[float]]]
+) -> list[float]:
+    async def go() -> list[float]:
+        client = make()
+        try:
+            return await job(client)
+        finally:
+            await client.close()
+
+    return asyncio.run(go())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=400, help="calls per measurement")
+    parser.add_argument("--latency-ms", type=float, default=50.0)
+    parser.add_argument("--processes", type=int, default=2, help="worker processes")
+    parser.add_argument("--stream-requests", type=int, default=60)
+    parser.add_argument("--chunk-delay-ms", type=float, default=20.0, help="between streamed chunks")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    with SimulatorServer(latency_ms=args.latency_ms) as sim, scratch_database() as url:
+        stack = Stack(sim, url, args.processes)
+        try:
+
+            def direct() -> openai.AsyncOpenAI:
+                return openai.AsyncOpenAI(base_url=sim.base_url, api_key="bench", max_retries=0)
+
+            def through() -> openai.AsyncOpenAI:
+                return openai.AsyncOpenAI(
+                    base_url=stack.base_url, api_key=stack.api_key, max_retries=0, timeout=60
+                )
+
+            # Warm both paths up: connections, worker processes, the lane.
+            run(direct, lambda c: timed_calls(c, 20, 4))
+            run(through, lambda c: timed_calls(c, 40, 8))
+            print(
+                f"upstream: simulator at {args.latency_ms:.0f} ms; {args.requests} calls per row; "
+                f"{args.processes} worker processes"
+            )
+            print(f"{'':28}{'p50':>10} {'p99':>10}   {'added p50':>10} {'added p99':>10}")
+            for concurrency in (1, 16):
+                job = functools.partial(_timed, count=args.requests, concurrency=concurrency)
+                base = run(direct, job)
+                ours = run(through, job)
+                b50, b99 = percentile(base, 50), percentile(base, 99)
+                o50, o99 = percentile(ours, 50), percentile(ours, 99)
+                print(f"direct,      concurrency {concurrency:2}  {_ms(b50)} {_ms(b99)}")
+                print(
+                    f"tokenmill,   concurrency {concurrency:2}  {_ms(o50)} {_ms(o99)}   "
+                    f"{_ms(o50 - b50)} {_ms(o99 - b99)}"
+                )
+            print("targets: added p50 <= 5 ms alone; added p50 <= 15 ms and p99 <= 60 ms at 16")
+
+            sim.configure(stream_chunk_delay_ms=args.chunk_delay_ms)
+            base = run(direct, lambda c: time_to_first_token(c, args.stream_requests))
+            ours = run(through, lambda c: time_to_first_token(c, args.stream_requests))
+            print(
+                f"time to first token, streamed, one at a time ({args.stream_requests} calls, "
+                f"{args.chunk_delay_ms:.0f} ms between chunks):"
+            )
+            print(f"direct                      {_ms(percentile(base, 50))} {_ms(percentile(base, 99))}")
+            print(
+                f"tokenmill                   {_ms(percentile(ours, 50))} {_ms(percentile(ours, 99))}   "
+                f"{_ms(statistics.median(ours) - statistics.median(base))}"
+                "  (target: within 20 ms)"
+            )
+        finally:
+            stack.close()
+
+
+if __name__ == "__main__":
+    main()

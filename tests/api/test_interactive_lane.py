@@ -1,0 +1,234 @@
+"""``POST /v1/chat/completions`` on the workers' interactive lane, against a live API, real worker
+and beat processes, Redis, PostgreSQL and the simulator over HTTP: single calls leave no files nor
+batches behind, do not wait behind a busy chunk, stream as the provider streams, say when they are
+cache hits, and survive (or report) the death of their worker."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import sqlalchemy as sa
+
+import store
+from simulator.testing import SimulatorServer
+from store.tables import Request
+from tests.api.conftest import start_api
+from tests.cluster import Cluster, kill_group, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Lane:
+    cluster: Cluster
+    root: str
+    key: str
+    engine: sa.Engine
+
+    @property
+    def sdk(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.root}/v1", api_key=self.key, max_retries=0, timeout=120)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+    def requests(self) -> list[Any]:
+        with self.engine.connect() as conn:
+            return list(conn.execute(sa.select(Request).order_by(Request.created_at)).all())
+
+
+@pytest.fixture
+def lane(cluster: Callable[..., Cluster], tmp_path: Path) -> Iterator[Lane]:
+    c = cluster()
+    c.env["TOKENMILL_FILES_DIR"] = str(tmp_path / "files")
+    assert run_cli(c.env, "db", "upgrade").returncode == 0
+    created = run_cli(c.env, "keys", "create", "lane")
+    assert created.returncode == 0, created.stderr
+    process, root = start_api(c.env, tmp_path / "api.log")
+    engine = store.make_engine(c.env["TOKENMILL_DATABASE_URL"])
+    try:
+        yield Lane(c, root, created.stdout.strip(), engine)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        engine.dispose()
+
+
+def ask(content: str, **extra: Any) -> dict[str, Any]:
+    return {"model": "lane-model", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def wait_until(condition: Callable[[], object], what: str, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def sse_events(response: httpx.Response) -> Iterator[dict[str, Any]]:
+    for line in response.iter_lines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            yield json.loads(line.removeprefix("data: "))
+
+
+def test_a_single_call_leaves_no_file_and_no_batch_and_is_billed(lane: Lane) -> None:
+    lane.cluster.worker("w1")
+    sdk = lane.sdk
+    answer = sdk.chat.completions.with_raw_response.create(**ask("no files please"))
+    completion = answer.parse()
+    assert completion.choices[0].message.content
+    assert answer.headers["tokenmill-cache"] == "miss"
+    assert sdk.files.list().data == []
+    assert sdk.batches.list().data == []
+    [row] = lane.requests()
+    with pytest.raises(openai.NotFoundError):
+        sdk.batches.retrieve(row.batch_id)
+    with pytest.raises(openai.NotFoundError):
+        sdk.batches.cancel(row.batch_id)
+    usage = httpx.get(f"{lane.root}/v1/usage", headers=lane.headers, params={"group_by": "model"}).json()
+    [billed] = usage["data"]
+    assert completion.usage is not None
+    assert billed["billed"]["prompt_tokens"] == completion.usage.prompt_tokens > 0
+    assert billed["billed"]["completion_tokens"] == completion.usage.completion_tokens > 0
+
+
+def test_a_single_call_does_not_wait_behind_a_busy_chunk(lane: Lane, simulator: SimulatorServer) -> None:
+    """One worker process, its chunk busy with slow batch lines: the single call is answered
+    while they are still with the provider."""
+    lane.cluster.worker("w1", processes=1, concurrency=4)
+    sdk = lane.sdk
+    lines = [
+        json.dumps(
+            {
+                "custom_id": f"slow-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": ask(f"[[delay 20]] slow {i}"),
+            }
+        )
+        for i in range(4)
+    ]
+    uploaded = sdk.files.create(file=("slow.jsonl", "\n".join(lines).encode()), purpose="batch")
+    batch = sdk.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    wait_until(lambda: simulator.stats()["in_flight"] == 4, "the batch lines never reached the provider")
+    completion = sdk.chat.completions.create(**ask("quick one"))
+    assert completion.choices[0].message.content
+    assert simulator.stats()["in_flight"] == 4  # the batch's calls are still upstream
+    assert sdk.batches.retrieve(batch.id).status == "in_progress"
+
+
+def test_a_stream_is_relayed_as_the_provider_sends_it(lane: Lane, simulator: SimulatorServer) -> None:
+    lane.cluster.worker("w1")
+    simulator.configure(stream_chunk_delay_ms=200, stream_chunk_chars=8)
+    with httpx.stream(
+        "POST",
+        f"{lane.root}/v1/chat/completions",
+        headers=lane.headers,
+        json=ask("[[words 30]] stream me", stream=True),
+        timeout=120,
+    ) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["tokenmill-cache"] == "miss"
+        events = sse_events(response)
+        first = next(events)
+        # The first chunk is here while the provider is still sending the rest.
+        assert simulator.stats()["in_flight"] == 1
+        assert first["choices"][0]["delta"]["content"]
+        rest = list(events)
+    text = first["choices"][0]["delta"]["content"] + "".join(
+        event["choices"][0]["delta"].get("content") or "" for event in rest if event.get("choices")
+    )
+    assert len(rest) > 3
+    assert all("usage" not in event or event["usage"] is None for event in rest)  # not asked for
+    assert rest[-1]["tokenmill"] == {"cached": False, "request_id": lane.requests()[0].id}
+    plain = lane.sdk.chat.completions.create(**ask("[[words 30]] stream me"))
+    assert plain.choices[0].message.content == text
+
+
+def test_usage_chunk_only_when_asked_and_cache_hits_are_marked(
+    lane: Lane, simulator: SimulatorServer
+) -> None:
+    lane.cluster.worker("w1")
+    sdk = lane.sdk
+    first = sdk.chat.completions.with_raw_response.create(**ask("twice"))
+    again = sdk.chat.completions.with_raw_response.create(**ask("twice"))
+    assert (first.headers["tokenmill-cache"], again.headers["tokenmill-cache"]) == ("miss", "hit")
+    assert json.loads(again.text)["tokenmill"]["cached"] is True
+    assert simulator.stats()["completions"] == 1
+    plain = list(sdk.chat.completions.create(**ask("twice"), stream=True))
+    assert all(chunk.usage is None for chunk in plain)
+    assert plain[-1].model_extra is not None
+    assert plain[-1].model_extra["tokenmill"]["cached"] is True
+    with_usage = list(
+        sdk.chat.completions.create(**ask("twice"), stream=True, stream_options={"include_usage": True})
+    )
+    assert with_usage[-1].choices == []
+    assert with_usage[-1].usage is not None
+    assert with_usage[-1].usage.prompt_tokens == first.parse().usage.prompt_tokens  # type: ignore[union-attr]
+    with httpx.stream(
+        "POST",
+        f"{lane.root}/v1/chat/completions",
+        headers=lane.headers,
+        json=ask("twice", stream=True),
+        timeout=60,
+    ) as streamed:
+        assert streamed.headers["tokenmill-cache"] == "hit"
+        streamed.read()
+    assert simulator.stats()["completions"] == 1
+
+
+def test_a_worker_killed_mid_stream_ends_the_stream_with_an_error_and_the_ledger_says_so(
+    lane: Lane, simulator: SimulatorServer
+) -> None:
+    worker = lane.cluster.worker("w1")
+    simulator.configure(stream_chunk_delay_ms=500, stream_chunk_chars=4)
+    stream = lane.sdk.chat.completions.create(**ask("[[words 40]] long", stream=True))
+    chunks = iter(stream)
+    assert next(chunks).choices[0].delta.content
+    kill_group(worker)
+    with pytest.raises(openai.APIError, match="stopped mid-stream"):
+        for _ in chunks:
+            pass
+    [row] = lane.requests()
+    assert row.status == store.RequestStatus.CANCELLED
+    assert row.last_error.startswith("worker_lost")
+
+
+def test_the_sweeper_reruns_a_single_call_whose_worker_died(lane: Lane, simulator: SimulatorServer) -> None:
+    worker = lane.cluster.worker("w1")
+    lane.cluster.beat()
+    answers: list[Any] = []
+
+    def call() -> None:
+        body = {**ask("[[delay 10]] stranded"), "model": "stranded-model"}
+        answers.append(lane.sdk.chat.completions.create(**body))
+
+    import threading
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    # By model: an earlier test's stream may still be winding down in the simulator.
+    wait_until(
+        lambda: simulator.stats()["by_model"].get("stranded-model") == 1, "the call never went upstream"
+    )
+    kill_group(worker)
+    lane.cluster.worker("w2")
+    caller.join(120)
+    assert not caller.is_alive()
+    [completion] = answers
+    assert completion.choices[0].message.content
+    [row] = lane.requests()
+    assert row.status == store.RequestStatus.SUCCEEDED
+    assert row.attempts == 2
+    assert simulator.stats()["by_model"]["stranded-model"] == 2  # the killed call, then the rerun

@@ -53,15 +53,21 @@ RUN if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
     fi \
     && python3 -m venv /opt/tokenmill
 
+# The runtime dependencies alone, so that editing the rest of pyproject.toml (the dev extra, a
+# tool's settings) does not reinstall them.
+FROM python AS requirements
+COPY pyproject.toml /src/
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" \
+      > /requirements.txt
+
 # Dependencies first, in a layer of their own: a change to the code does not reinstall them.
 FROM python AS build
 COPY deploy/wheelhouse/ /wheels/
-COPY pyproject.toml README.md /src/
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" \
-      > /tmp/requirements.txt \
-    && if ls /wheels/*.whl >/dev/null 2>&1; then set -- --no-index --find-links /wheels; fi \
+COPY --from=requirements /requirements.txt /tmp/requirements.txt
+RUN if ls /wheels/*.whl >/dev/null 2>&1; then set -- --no-index --find-links /wheels; fi \
     && pip install "$@" --upgrade pip \
     && pip install "$@" -r /tmp/requirements.txt
+COPY pyproject.toml README.md /src/
 COPY cli /src/cli
 COPY config /src/config
 COPY models /src/models

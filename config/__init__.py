@@ -2,6 +2,6 @@
 the API, the workers, the store's callers and the commands all import cheaply (it loads pydantic
 and nothing of Celery, SQLAlchemy or the openai SDK)."""
 
-from config.settings import ModelLimits, Settings, get_settings
+from config.settings import ModelLimits, Settings, get_settings, url_with_password
 
-__all__ = ["ModelLimits", "Settings", "get_settings"]
+__all__ = ["ModelLimits", "Settings", "get_settings", "url_with_password"]

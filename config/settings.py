@@ -9,12 +9,30 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
+from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ModelLimits", "Settings", "get_settings"]
+__all__ = ["ModelLimits", "Settings", "get_settings", "url_with_password"]
+
+
+def url_with_password(url: str, password: str) -> str:
+    """``url`` with its user's password set to ``password``, percent-escaped.
+
+    A password pasted into a URL as it is breaks the URL on ``@``, ``/``, ``:``, ``#``, ``?`` or
+    ``%``; escaped, SQLAlchemy's URL parser gives the driver the password back unchanged.
+    """
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    if not at or not user or not hostport:
+        raise ValueError(
+            "TOKENMILL_DATABASE_PASSWORD is set but TOKENMILL_DATABASE_URL names no user and host "
+            "to give it to (expected e.g. postgresql+psycopg://USER@HOST:5432/DB)"
+        )
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{hostport}"))
 
 
 class ModelLimits(BaseModel):
@@ -36,6 +54,13 @@ class Settings(BaseSettings):
     # Storage. The defaults are the embedded mode: a SQLite file and a disk cache in the
     # working directory, no server needed.
     database_url: str = "sqlite:///./tokenmill.db"
+    database_password: SecretStr | None = Field(
+        default=None,
+        description=(
+            "the password of database_url's user, given apart so that any character works: it is "
+            "percent-escaped into database_url (replacing a password written there)"
+        ),
+    )
     broker_url: str | None = Field(
         default=None, description="Redis URL of the Celery broker; unset = embedded"
     )
@@ -205,6 +230,14 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_broker_is_embedded(cls, value: str | None) -> str | None:
         return value or None
+
+    @model_validator(mode="after")
+    def _password_into_url(self) -> Self:
+        if self.database_password is not None:
+            self.database_url = url_with_password(
+                self.database_url, self.database_password.get_secret_value()
+            )
+        return self
 
     @property
     def cache_is_redis(self) -> bool:

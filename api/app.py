@@ -15,6 +15,7 @@ from api.limits import BodySizeLimit
 from api.routes import agent_runs, batches, chat, files, health, metrics, model_catalog, usage, webhook_secret
 from api.routes.batches import Dispatch
 from config import Settings, get_settings
+from telemetry import tracing
 from telemetry.known_models import KnownModels
 from telemetry.ledger_metrics import LedgerCollector
 
@@ -42,6 +43,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     ``dispatch`` sends a batch's queued requests to the workers; by default the Celery dispatch of
     ``workers``."""
     settings = settings or get_settings()
+    tracing.configure(settings, "tokenmill-api")
     engine = store.make_engine(settings.database_url)
     store.require_schema_at_head(engine)
     # The same tools as the workers, so that an agent run naming an unknown one is refused at create.

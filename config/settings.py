@@ -205,6 +205,13 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "text"] = Field(
         default="auto", description="auto: readable text on a terminal, one JSON object per line otherwise"
     )
+    tracing: bool = Field(
+        default=False,
+        description=(
+            "OpenTelemetry spans (API, worker, model call, ledger write), exported over OTLP/HTTP as "
+            "the OTEL_* variables say; needs the tracing extra. Off: opentelemetry is never imported"
+        ),
+    )
 
     # Flower: no default password; ``tokenmill flower`` refuses to start without one.
     flower_basic_auth: SecretStr | None = None

@@ -19,7 +19,7 @@ from models.events import (
     LLMStreamEnd,
     Retry,
 )
-from telemetry import metrics
+from telemetry import metrics, tracing
 from telemetry.context import current_scope
 from telemetry.labels import model_labels, tenant_label
 
@@ -76,6 +76,9 @@ def observe_event(event: object) -> None:
             metrics.TIME_TO_FIRST_CHUNK.labels(metrics.CHAT, model, tenant).observe(
                 event.first_chunk_ms / 1000.0
             )
+        if tracing.enabled():  # a child of the request's span: the event is emitted in its task
+            scope = current_scope()
+            tracing.model_call(event, scope.model if scope is not None else None)
     elif isinstance(event, CacheHit):
         model, tenant = _request_labels(event.model)
         metrics.CACHE_LOOKUPS.labels(model, tenant, "join" if event.joined else "hit").inc()

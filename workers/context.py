@@ -20,6 +20,7 @@ from sqlalchemy.engine import Engine
 
 from config import Settings, get_settings
 from store import make_engine
+from telemetry import tracing
 from telemetry.known_models import KnownModels, keep_fresh
 from telemetry.model_events import install_model_event_metrics
 from workers.clients import build_pipeline
@@ -105,6 +106,7 @@ def _start_metrics() -> None:
         return
     _metrics_started = True
     install_model_event_metrics()
+    tracing.configure(settings(), "tokenmill-worker")  # here: after the prefork pool's fork
     keep_fresh(KnownModels(settings(), engine()))
 
 

@@ -48,6 +48,7 @@ from sqlalchemy.engine import Engine
 
 from store import mark_dispatched
 from store.ids import new_id
+from telemetry import tracing
 from workers.constants import (
     COMPLETE_CHUNK_TASK,
     DEFAULT_QUEUE,
@@ -169,6 +170,9 @@ class Dispatcher:
             pipe.execute()
         for dispatch_id, chunk, _ in numbered:
             mark_dispatched(self.engine, chunk, dispatch_id)
+        # The dispatch's span (the batch's trace), for the chunks' spans to continue; never a prompt.
+        traceparent = tracing.current_traceparent()
+        headers = None if traceparent is None else {tracing.TRACEPARENT: traceparent}
         with self.celery.producer_or_acquire() as producer:
             for dispatch_id, chunk, _ in numbered:
                 self.celery.send_task(
@@ -180,6 +184,7 @@ class Dispatcher:
                     queue=self.queue,
                     producer=producer,
                     ignore_result=True,
+                    headers=headers,
                 )
         self.published(numbered)
 

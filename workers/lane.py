@@ -49,6 +49,7 @@ from store import (
     release_requests,
 )
 from store.interactive import InteractiveOutcome
+from telemetry import tracing
 from workers.lane_transport import LaneMessage, LaneTransport
 from workers.pipeline import ModelCallPipeline
 from workers.result_writer import record_isolating_bad_rows
@@ -138,6 +139,15 @@ class LaneConsumer:
             await asyncio.to_thread(keeper.stop)
 
     async def serve(self, message: LaneMessage) -> None:
+        # A child of the API's span across the lane (telemetry.tracing): one trace per call.
+        attributes: tracing.Attributes = {
+            "tokenmill.request_id": message.request_id,
+            "tokenmill.stream": message.stream,
+        }
+        with tracing.span("tokenmill lane request", attributes, traceparent=message.traceparent):
+            await self._serve_one(message)
+
+    async def _serve_one(self, message: LaneMessage) -> None:
         request_id = message.request_id
         try:
             claimed = await asyncio.to_thread(
@@ -195,7 +205,8 @@ class LaneConsumer:
         if request.handed_back_attempts:
             record = dataclasses.replace(record, attempts=record.attempts + request.handed_back_attempts)
         # Ledger first, then the answer: what the caller gets is what the ledger keeps.
-        outcome, replaced = await asyncio.to_thread(record_isolating_bad_rows, self.engine, [record])
+        with tracing.span("tokenmill ledger write", {"tokenmill.ledger.records": 1}):
+            outcome, replaced = await asyncio.to_thread(record_isolating_bad_rows, self.engine, [record])
         kept = request.id in outcome.inserted and request.id not in replaced
         await self._answer(request.id, outcome_of(record) if kept else None, stream)
 
@@ -329,6 +340,7 @@ async def _serve(ready: threading.Event) -> None:
 
     settings = context.settings()
     assert settings.broker_url is not None
+    tracing.configure(settings, "tokenmill-worker")
     in_flight = settings.lane_in_flight_per_process
     loop = asyncio.get_running_loop()
     # Ledger calls run on threads: enough of them (and of connections) that the lane's calls do

@@ -34,6 +34,7 @@ __all__ = ["REPLY_SECONDS", "LaneMessage", "LaneTransport", "StreamEntry", "lane
 
 REPLY_SECONDS = 300
 _STREAM_FLAG = ":stream"
+_TRACE_SEPARATOR = ";"  # neither in a request id nor in a traceparent (hex digits and dashes)
 
 
 def lane_dispatch_id(request_id: str) -> str:
@@ -43,18 +44,24 @@ def lane_dispatch_id(request_id: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class LaneMessage:
+    """A request id, whether its caller streams, and (tracing on) the W3C ``traceparent`` of the
+    API's span, under which the worker's spans go (``telemetry.tracing``)."""
+
     request_id: str
     stream: bool
+    traceparent: str | None = None
 
     def encode(self) -> str:
-        return self.request_id + (_STREAM_FLAG if self.stream else "")
+        text = self.request_id + (_STREAM_FLAG if self.stream else "")
+        return text if self.traceparent is None else f"{text}{_TRACE_SEPARATOR}{self.traceparent}"
 
     @classmethod
     def decode(cls, raw: bytes | str) -> LaneMessage:
         text = raw.decode() if isinstance(raw, bytes) else raw
+        text, _, traceparent = text.partition(_TRACE_SEPARATOR)
         if text.endswith(_STREAM_FLAG):
-            return cls(text.removesuffix(_STREAM_FLAG), True)
-        return cls(text, False)
+            return cls(text.removesuffix(_STREAM_FLAG), True, traceparent or None)
+        return cls(text, False, traceparent or None)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,13 +10,22 @@ write: what the ledger kept (``telemetry.metrics.observe_recorded``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 from store import ClaimedRequest
-from telemetry import metrics
+from telemetry import metrics, tracing
 from telemetry.context import RequestScope, enter_request
 
-__all__ = ["claimed", "ended", "recorded_request", "requested_model", "started"]
+__all__ = [
+    "chunk_span",
+    "claimed",
+    "ended",
+    "recorded_request",
+    "request_span",
+    "requested_model",
+    "started",
+]
 
 
 def requested_model(body: dict[str, Any]) -> str | None:
@@ -46,3 +55,21 @@ def recorded_request(request: ClaimedRequest | None) -> metrics.RecordedRequest 
     if request is None:
         return None
     return metrics.RecordedRequest(requested_model(request.body), request.tenant_id)
+
+
+def chunk_span(size: int, traceparent: str | None) -> AbstractContextManager[Any]:
+    """A chunk's span, continuing its dispatch's trace (``telemetry.tracing``)."""
+    return tracing.span("tokenmill chunk", {"tokenmill.chunk.requests": size}, traceparent=traceparent)
+
+
+def request_span(request: ClaimedRequest) -> AbstractContextManager[Any]:
+    """One request's run: its model calls' spans are its children; ids and kind, never its body."""
+    if not tracing.enabled():
+        return tracing.span("")  # the shared null context
+    attributes = {
+        "tokenmill.request_id": request.id,
+        "tokenmill.batch_id": request.batch_id,
+        "tokenmill.request.kind": request.kind.value,
+        "tokenmill.request.attempts": request.attempts,
+    }
+    return tracing.span("tokenmill request", attributes)

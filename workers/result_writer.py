@@ -11,7 +11,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from store import PaidAnswer, RecordOutcome, RequestStatus, ResultRecord, record_results
 from store.input_checks import bounded_text
 from store.log_redaction import redacted_error_text
+from telemetry import tracing
 from telemetry.metrics import RecordedRequest, observe_recorded
 
 if TYPE_CHECKING:
@@ -152,6 +153,7 @@ class ResultWriter:
         self._flush_interval = flush_interval
         self._buffer: list[ResultRecord] = []
         self._requests: dict[str, RecordedRequest | None] = {}  # for the metrics, by request id
+        self._spans: dict[str, Any] = {}  # tracing on: each request's span, linked from its flush
         self._writing: list[ResultRecord] = []  # taken from the buffer, not yet committed
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -160,6 +162,9 @@ class ResultWriter:
     def add(self, record: ResultRecord, request: RecordedRequest | None = None) -> None:
         self._buffer.append(record)
         self._requests[record.request_id] = request
+        span = tracing.current_span_context()  # added from the request's task: its span
+        if span is not None:
+            self._spans[record.request_id] = span
         if len(self._buffer) >= self._flush_size:
             self._wake.set()
 
@@ -175,8 +180,16 @@ class ResultWriter:
             if not records:
                 return
             self._writing = records
+            # One flush carries many requests: one span, a child of the chunk's, linked to each
+            # request's (telemetry.tracing).
+            links = [self._spans[r.request_id] for r in records if r.request_id in self._spans]
             try:
-                outcome, replaced = await asyncio.to_thread(record_isolating_bad_rows, self._engine, records)
+                with tracing.span(
+                    "tokenmill ledger write", {"tokenmill.ledger.records": len(records)}, links=links
+                ):
+                    outcome, replaced = await asyncio.to_thread(
+                        record_isolating_bad_rows, self._engine, records
+                    )
             except BaseException:
                 self._buffer[:0] = records  # not written: kept for the next try
                 raise
@@ -185,6 +198,8 @@ class ResultWriter:
         # Counted once committed, from what the ledger kept (a duplicate counts nothing); the
         # ledger keeps the first record of a request written twice in one flush.
         requests = {record.request_id: self._requests.pop(record.request_id, None) for record in records}
+        for record in records:
+            self._spans.pop(record.request_id, None)
         by_id: dict[str, ResultRecord] = {}
         for record in records:
             by_id.setdefault(record.request_id, record)

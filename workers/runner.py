@@ -291,10 +291,19 @@ class ChunkRunner:
         self.on_result = on_result
 
     async def run(
-        self, request_ids: Sequence[str], *, on_claimed: Callable[[], None] | None = None
+        self,
+        request_ids: Sequence[str],
+        *,
+        on_claimed: Callable[[], None] | None = None,
+        traceparent: str | None = None,
     ) -> ChunkReport:
         """Claim ``request_ids`` and run what was claimed; ``on_claimed`` is called (off the loop)
-        once the claim is committed, whatever it took."""
+        once the claim is committed, whatever it took. ``traceparent``: the span of the dispatch
+        that sent the chunk, to continue (``telemetry.tracing``)."""
+        with observe.chunk_span(len(request_ids), traceparent):
+            return await self._run(request_ids, on_claimed)
+
+    async def _run(self, request_ids: Sequence[str], on_claimed: Callable[[], None] | None) -> ChunkReport:
         config = self.config
         report = ChunkReport(requested=len(request_ids))
         started = time.monotonic()
@@ -439,7 +448,8 @@ class _ChunkRun:
             batch_token.add_callback(token.cancel)
             observe.started(request)
             try:
-                await self.run_claimed(request, token)
+                with observe.request_span(request):
+                    await self.run_claimed(request, token)
             finally:
                 observe.ended(request)
                 batch_token.remove_callback(token.cancel)

@@ -24,6 +24,7 @@ from typing import Any
 import billiard  # type: ignore[import-untyped]  # Celery's multiprocessing fork, untyped
 from celery.signals import worker_ready, worker_shutting_down
 
+from telemetry import tracing
 from workers import context
 from workers.app import app
 from workers.constants import COMPLETE_CHUNK_TASK, SWEEP_TASK
@@ -43,7 +44,10 @@ def dispatcher() -> Dispatcher:
 
 
 async def run_chunk(
-    request_ids: list[str], owner: str, on_claimed: Callable[[], None] | None = None
+    request_ids: list[str],
+    owner: str,
+    on_claimed: Callable[[], None] | None = None,
+    traceparent: str | None = None,
 ) -> ChunkReport:
     settings = context.settings()
     runner = ChunkRunner(
@@ -62,7 +66,7 @@ async def run_chunk(
             rate_limit_retry_seconds=settings.rate_limit_retry_seconds,
         ),
     )
-    return await runner.run(request_ids, on_claimed=on_claimed)
+    return await runner.run(request_ids, on_claimed=on_claimed, traceparent=traceparent)
 
 
 class _FailureBackoff:
@@ -90,7 +94,9 @@ def complete_chunk(self: Any, request_ids: list[str], dispatch_id: str | None = 
     settle = None if dispatch_id is None else functools.partial(dispatcher().settle, dispatch_id)
     try:
         # Settled as soon as leases cover the claimed requests (workers.dispatch)...
-        report = context.run_in_loop(run_chunk(list(request_ids), owner, on_claimed=settle))
+        report = context.run_in_loop(
+            run_chunk(list(request_ids), owner, on_claimed=settle, traceparent=_traceparent(self.request))
+        )
     except Exception:
         # A process whose chunks fail (its database out of reach, say) fails fast, and would take
         # most messages from the queue: it waits before taking the next, so healthy ones get them.
@@ -114,6 +120,15 @@ def complete_chunk(self: Any, request_ids: list[str], dispatch_id: str | None = 
         "cached": report.cached,
         "released": report.released,
     }
+
+
+def _traceparent(request: Any) -> str | None:
+    """The ``traceparent`` header the dispatch put on the message (``workers.dispatch``): Celery
+    gives a message's custom headers as attributes of the task's request."""
+    value = getattr(request, tracing.TRACEPARENT, None)
+    if value is None:
+        value = (getattr(request, "headers", None) or {}).get(tracing.TRACEPARENT)
+    return value if isinstance(value, str) else None
 
 
 class _ShutdownWatchdog:

@@ -34,6 +34,7 @@ from api.deps import ID_PATTERN, AfterCursor, EngineDep, ObjectId, SettingsDep, 
 from api.errors import Conflict, InvalidRequest, NotFound, RateLimitExceeded, over_quota
 from config import Settings
 from store.tables import MAX_WEBHOOK_URL_CHARS
+from telemetry import tracing
 from workers.agent_tasks import check_agent_run_body
 from workers.webhooks import WebhookURLRefused, resolve_webhook_url
 
@@ -57,7 +58,9 @@ async def dispatch_or_leave_to_sweeper(request: Request, engine: Engine, batch_i
 async def _dispatch_or_leave_to_sweeper(app: Any, engine: Engine, batch_id: str) -> bool:
     dispatch: Dispatch = app.state.dispatch
     try:
-        await run_in_threadpool(dispatch, engine, batch_id)
+        # The root of the batch's trace: its chunk messages carry this span (telemetry.tracing).
+        with tracing.span("tokenmill batch dispatch", {"tokenmill.batch_id": batch_id}):
+            await run_in_threadpool(dispatch, engine, batch_id)
     except Exception as e:
         _logger.warning("dispatch of %s failed (%s); the sweeper will send it", batch_id, type(e).__name__)
         return False

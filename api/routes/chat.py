@@ -38,6 +38,7 @@ from store.interactive import (
     lease_lapsed,
     submit_interactive,
 )
+from telemetry import tracing
 from workers.lane_transport import LaneMessage, LaneTransport, StreamEntry, lane_dispatch_id
 
 __all__ = ["router"]
@@ -110,7 +111,7 @@ async def _submit(
     except store.QuotaExceeded as e:
         raise over_quota(e) from e
     try:
-        await transport.send(LaneMessage(request_id, stream))
+        await transport.send(LaneMessage(request_id, stream, tracing.current_traceparent()))
     except (RedisError, OSError) as e:
         # Its answer carries no id to come back for: cancel it, so that nothing runs (and nothing
         # is billed) on the strength of a 503 that tells the client to retry.
@@ -175,12 +176,22 @@ async def chat_completions(
 ) -> JSONResponse | StreamingResponse:
     """A chat completion, exactly as OpenAI's endpoint takes and answers it."""
     body = await json_object_body(request)
+    # The root of the call's trace (telemetry.tracing); a stream's span ends at its first entry.
+    with tracing.span("tokenmill chat.completions", {"gen_ai.operation.name": "chat"}) as span:
+        return await _chat_completion(request, tenant.id, engine, settings, body, span)
+
+
+async def _chat_completion(
+    request: Request, tenant_id: str, engine: Engine, settings: Settings, body: dict[str, Any], span: Any
+) -> JSONResponse | StreamingResponse:
     stream = bool(body.pop("stream", False))
     stream_options = body.pop("stream_options", None)
     include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
     body.setdefault("model", settings.default_model)
     transport = _transport(request, settings)
-    submitted = await _submit(request, engine, transport, tenant.id, body, stream)
+    submitted = await _submit(request, engine, transport, tenant_id, body, stream)
+    if span is not None:
+        span.set_attribute("tokenmill.request_id", submitted.request_id)
     if stream:
         writer = _ChunkWriter(submitted.request_id, str(body["model"]), include_usage)
         return await _streamed(request, engine, transport, submitted, settings, writer)

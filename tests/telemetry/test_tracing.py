@@ -37,7 +37,7 @@ from store.tables import Result
 from telemetry import tracing
 from telemetry.model_events import install_model_event_metrics
 from tests import services
-from tests.workers.support import add_batch, ledger
+from tests.workers.support import Ledger, add_batch, ledger
 from workers.app import make_celery
 from workers.clients import build_pipeline
 from workers.constants import DEFAULT_QUEUE
@@ -71,6 +71,15 @@ def spans() -> Iterator[InMemorySpanExporter]:
     finally:
         tracing.uninstall()
         provider.shutdown()
+
+
+@pytest.fixture
+def led(postgres_url: str) -> Iterator[Ledger]:
+    made = ledger(postgres_url)
+    try:
+        yield made
+    finally:
+        made.engine.dispose()
 
 
 def settings_for(postgres_url: str, redis_url: str, redis_prefix: str) -> Settings:
@@ -127,13 +136,13 @@ def ledger_tokens(engine: sa.Engine, request_id: str) -> tuple[int, int]:
 
 async def test_a_chat_completion_is_one_trace_from_the_api_to_the_ledger(
     spans: InMemorySpanExporter,
+    led: Ledger,
     postgres_url: str,
     redis_url: str,
     redis_prefix: str,
     simulator: SimulatorServer,
 ) -> None:
     settings = settings_for(postgres_url, redis_url, redis_prefix)
-    led = ledger(postgres_url)
     key = store.create_api_key(led.engine, led.tenant_id)
     app = create_app(settings, dispatch=lambda engine, batch_id: None)
     pipeline = build_pipeline(
@@ -168,6 +177,7 @@ async def test_a_chat_completion_is_one_trace_from_the_api_to_the_ledger(
         await pipeline.close()
         await broker.aclose()
         await app.state.lane_transport.client.aclose()
+        app.state.engine.dispose()
     finished = spans.get_finished_spans()
 
     assert len(trace_ids(finished)) == 1  # one trace for the call
@@ -196,7 +206,9 @@ async def test_a_chat_completion_is_one_trace_from_the_api_to_the_ledger(
 
 
 async def test_a_batch_line_has_its_spans_under_the_batch_trace(
+    request: pytest.FixtureRequest,
     spans: InMemorySpanExporter,
+    led: Ledger,
     postgres_url: str,
     redis_url: str,
     redis_prefix: str,
@@ -205,8 +217,8 @@ async def test_a_batch_line_has_its_spans_under_the_batch_trace(
     broker_url = services.private_database_url(redis_url, "cluster")
     broker = redis.Redis.from_url(broker_url)
     broker.flushdb()
+    request.addfinalizer(broker.close)
     settings = Settings(database_url=postgres_url, broker_url=broker_url, key_prefix=redis_prefix)
-    led = ledger(postgres_url)
     prompts = [f"secret line {n} {uuid.uuid4().hex}" for n in range(3)]
     batch_id, ids = add_batch(led, prompts)
     dispatcher = Dispatcher(

@@ -50,6 +50,7 @@ from store import (
 )
 from store.interactive import InteractiveOutcome
 from telemetry import tracing
+from telemetry.model_events import install_model_event_metrics
 from workers.lane_transport import LaneMessage, LaneTransport
 from workers.pipeline import ModelCallPipeline
 from workers.result_writer import record_isolating_bad_rows
@@ -341,6 +342,9 @@ async def _serve(ready: threading.Event) -> None:
     settings = context.settings()
     assert settings.broker_url is not None
     tracing.configure(settings, "tokenmill-worker")
+    # The model events of its calls (metrics, and their spans): on before its first call, which may
+    # come before any chunk's (workers.context installs it at the first chunk). Idempotent.
+    install_model_event_metrics()
     in_flight = settings.lane_in_flight_per_process
     loop = asyncio.get_running_loop()
     # Ledger calls run on threads: enough of them (and of connections) that the lane's calls do

@@ -186,7 +186,8 @@ def fill(engine: Engine, rows: int) -> dict[str, Any]:
                 "'chat_completion', '24h', 'completed', 0, 0, false, 0, :size, :size * 98 / 100, "
                 ":size - :size * 98 / 100, 0, c, c + 86400, c, c + 600, c + 600, "
                 "'file-out-e' || b, 'file-err-e' || b "
-                "FROM generate_series(0, :n - 1) b, LATERAL (SELECT :now - :month + b::bigint * :month / :n AS c) t"
+                "FROM generate_series(0, :n - 1) b, "
+                "LATERAL (SELECT :now - :month + b::bigint * :month / :n AS c) t"
             ),
             {"tenants": TENANTS, "size": ENDED_BATCH_LINES, "n": ended_batches, "now": NOW, "month": month},
         )

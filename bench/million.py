@@ -21,7 +21,6 @@ TOKENMILL_BENCH_REDIS_URL to a logical database no other bench run uses at the s
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import signal
 import sys
@@ -32,25 +31,35 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
 from bench.throughput import MODEL, Tokenmill, _only_one_bench, scratch_database
 from simulator.testing import SimulatorServer
 
 MB = 1024 * 1024
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (0 once it is gone)."""
+def _status(pid: int) -> dict[str, str]:
     try:
-        root = psutil.Process(pid)
-        processes = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
-    total = 0
-    for process in processes:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            total += process.memory_info().rss
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # gone
+        return {}
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (0 once it is gone; Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            parent = _status(int(entry.name)).get("PPid")
+            if parent is not None:
+                children.setdefault(int(parent), []).append(int(entry.name))
+    total, pending = 0, [pid]
+    while pending:
+        current = pending.pop()
+        rss = _status(current).get("VmRSS")
+        if rss is not None:
+            total += int(rss.split()[0]) * 1024  # "1234 kB"
+        pending.extend(children.get(current, ()))
     return total
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 import uuid
@@ -29,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg.sql
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
@@ -103,21 +105,9 @@ def explain(engine: Engine, statement: str, parameters: Any) -> Plan:
             conn.rollback()
     document = json.loads(document) if isinstance(document, str) else document
     root = document[0]
-    scans: list[str] = []
-    seq_scans: list[str] = []
-
-    def walk(node: dict[str, Any]) -> None:
-        kind = node["Node Type"]
-        relation = node.get("Relation Name")
-        if relation is not None:
-            index = node.get("Index Name")
-            scans.append(f"{kind} on {relation}" + (f" using {index}" if index else ""))
-            if kind == "Seq Scan" and relation in GROWING_TABLES:
-                seq_scans.append(relation)
-        for child in node.get("Plans", ()):
-            walk(child)
-
-    walk(root["Plan"])
+    scans = plan_scans(root["Plan"])
+    seq_scans = [scan.removeprefix("Seq Scan on ") for scan in scans if scan.startswith("Seq Scan on ")]
+    seq_scans = [relation for relation in seq_scans if relation in GROWING_TABLES]
     top = root["Plan"]
     return Plan(
         top=f"{top['Node Type']} (rows {top.get('Actual Rows')}, loops {top.get('Actual Loops')})",
@@ -128,6 +118,47 @@ def explain(engine: Engine, statement: str, parameters: Any) -> Plan:
         shared_hit=int(top.get("Shared Hit Blocks", 0)),
         shared_read=int(top.get("Shared Read Blocks", 0)),
     )
+
+
+def generic_plan_scans(engine: Engine, statement: str, parameters: Any) -> list[str]:
+    """The scans of the generic plan of the statement prepared (parameters as unknowns): what a
+    statement psycopg prepares (one run five times on a connection) may run with."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    text = re.sub(r"%\((\w+)\)s", number, statement).replace("%%", "%")
+    with engine.connect() as conn:
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(f"PREPARE tokenmill_generic AS {text}")
+            cursor.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+            # Literals, untyped as a parameter's value is: each takes the type PREPARE inferred.
+            arguments = psycopg.sql.SQL(", ").join(psycopg.sql.Literal(parameters[name]) for name in names)
+            query = psycopg.sql.SQL("EXPLAIN (FORMAT JSON) EXECUTE tokenmill_generic({})").format(arguments)
+            cursor.execute(query)
+            [[document]] = cursor.fetchall()
+        finally:
+            cursor.close()
+            conn.invalidate()  # the prepared statement goes with the connection
+    document = json.loads(document) if isinstance(document, str) else document
+    return plan_scans(document[0]["Plan"])
+
+
+def plan_scans(node: dict[str, Any]) -> list[str]:
+    """Every scan of a plan (EXPLAIN's JSON), as "<node> on <table> using <index>"; a bitmap
+    index scan names its index only (its heap scan, the node above it, names the table)."""
+    scans: list[str] = []
+    relation, index = node.get("Relation Name"), node.get("Index Name")
+    if relation is not None or index is not None:
+        where = f" on {relation}" if relation is not None else ""
+        scans.append(f"{node['Node Type']}{where}" + (f" using {index}" if index else ""))
+    for child in node.get("Plans", ()):
+        scans.extend(plan_scans(child))
+    return scans
 
 
 # ---- filling the scratch database ---------------------------------------------------------

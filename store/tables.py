@@ -193,6 +193,16 @@ class Batch(Base):
     failed_count: Mapped[int] = mapped_column(sa.Integer, default=0)
     # Not in OpenAI's request_counts; needed to know when a cancelled batch has nothing left.
     cancelled_count: Mapped[int] = mapped_column(sa.Integer, default=0)
+    # What its results and discarded answers billed so far, as ``store.usage`` sums them, moved in
+    # the transactions that write those rows: reading a batch (its ``usage``) costs this row, not
+    # a sum over a million results.
+    billed_prompt_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    billed_cached_prompt_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    billed_completion_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    billed_reasoning_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    billed_cost_usd: Mapped[Decimal] = mapped_column(_COST, default=Decimal(0), server_default="0")
+    cache_hits: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    discarded_answer_count: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     created_at: Mapped[int] = mapped_column(sa.BigInteger)
     expires_at: Mapped[int] = mapped_column(sa.BigInteger)
     in_progress_at: Mapped[int | None] = mapped_column(sa.BigInteger)

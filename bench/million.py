@@ -14,6 +14,9 @@ Celery parent and its pool children). Then the two targets, each against its own
 run: the last tenth's throughput over the first tenth's (target within 10%: >= 0.90), and the RSS
 growth of the API and of the workers from the end of the first tenth to the end (target flat).
 
+A server whose autovacuum is off (a shared dev machine's) gets a VACUUM (ANALYZE) of the ledger's
+tables every ``--vacuum-seconds`` from here, as autovacuum would give a deployment; the run says so.
+
 Needs Redis and PostgreSQL as ``bench.throughput`` (its URLs, its scratch database; set
 TOKENMILL_BENCH_REDIS_URL to a logical database no other bench run uses at the same time).
 """
@@ -30,6 +33,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import sqlalchemy as sa
 
 from bench.throughput import MODEL, Tokenmill, _only_one_bench, scratch_database
 from simulator.testing import SimulatorServer
@@ -112,6 +117,35 @@ def write_input(path: Path, lines: int) -> int:
     return path.stat().st_size
 
 
+class VacuumStandIn:
+    """When the server's autovacuum is off (as on a shared dev machine), VACUUM (ANALYZE) the
+    ledger's tables every ``interval`` seconds on a thread, as autovacuum would in a deployment:
+    otherwise every request's dead row versions stay in the tables and indexes, and the planner
+    never learns the tables grew. Does nothing when autovacuum is on."""
+
+    def __init__(self, database_url: str, interval: float) -> None:
+        self.engine = sa.create_engine(database_url, isolation_level="AUTOCOMMIT")
+        with self.engine.connect() as conn:
+            self.active = conn.execute(sa.text("SHOW autovacuum")).scalar_one() == "off"
+        self.passes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        if self.active:
+            self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("VACUUM (ANALYZE) requests, results, batches, discarded_answers"))
+            self.passes += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.active:
+            self._thread.join()
+        self.engine.dispose()
+
+
 @dataclass
 class Row:
     done: int
@@ -120,7 +154,7 @@ class Row:
     worker_rss: int
 
 
-def run(lines: int, processes: int, concurrency: int, poll: float) -> None:
+def run(lines: int, processes: int, concurrency: int, poll: float, vacuum_seconds: float) -> None:
     per_process = max(1, concurrency // processes)
     with tempfile.TemporaryDirectory(prefix="tokenmill-million-") as scratch:
         source = Path(scratch) / "input.jsonl"
@@ -129,6 +163,9 @@ def run(lines: int, processes: int, concurrency: int, poll: float) -> None:
         with SimulatorServer() as sim, scratch_database() as url:
             mill = Tokenmill(sim, url, processes, per_process, "{}")
             watch = MemoryWatch(api_pid=mill.processes[1].pid, worker_pid=mill.processes[0].pid)
+            vacuum = VacuumStandIn(url, vacuum_seconds)
+            if vacuum.active:
+                print(f"autovacuum is off on this server: VACUUM (ANALYZE) every {vacuum_seconds:.0f} s here")
             try:
                 baseline_api, baseline_workers = watch.take_peaks()
                 print(
@@ -136,6 +173,7 @@ def run(lines: int, processes: int, concurrency: int, poll: float) -> None:
                 )
                 rows, output_lines = drive(mill, watch, source, lines, poll, Path(scratch) / "output.jsonl")
             finally:
+                vacuum.stop()
                 watch.stop()
                 mill.close()
     report(rows, lines, output_lines)
@@ -242,10 +280,13 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=128, help="requests in flight in total")
     parser.add_argument("--poll", type=float, default=1.0, help="seconds between batch polls")
+    parser.add_argument(
+        "--vacuum-seconds", type=float, default=30.0, help="VACUUM interval when autovacuum is off"
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     _only_one_bench()
-    run(args.lines, args.processes, args.concurrency, args.poll)
+    run(args.lines, args.processes, args.concurrency, args.poll, args.vacuum_seconds)
 
 
 if __name__ == "__main__":

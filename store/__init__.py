@@ -46,6 +46,7 @@ Batches::
 Work (workers and the sweeper)::
 
     pending_request_ids(engine, batch_id, limit=None) -> list[str]     # queued, in line order
+    pending_request_pages(engine, batch_id, page) -> Iterator[list[str]]  # the same, a page at a time
     mark_dispatched(engine, request_ids, dispatch_id, now=None) -> int
     claim_requests(engine, request_ids, owner, lease_seconds, now=None) -> list[ClaimedRequest]
     claim_queued(engine, batch_ids, owner, lease_seconds, limit, now=None) -> list[ClaimedRequest]
@@ -185,6 +186,7 @@ if TYPE_CHECKING:
         extend_leases,
         mark_dispatched,
         pending_request_ids,
+        pending_request_pages,
         release_requests,
         requests_to_redispatch,
         unsettled_dispatch_ids,
@@ -338,6 +340,7 @@ else:
         "extend_leases": "store.leases",
         "mark_dispatched": "store.leases",
         "pending_request_ids": "store.leases",
+        "pending_request_pages": "store.leases",
         "release_requests": "store.leases",
         "requests_to_redispatch": "store.leases",
         "unsettled_dispatch_ids": "store.leases",
@@ -517,6 +520,7 @@ __all__ = [
     "open_batch",
     "parse_json",
     "pending_request_ids",
+    "pending_request_pages",
     "prepare_batch",
     "price_for",
     "purge_idempotency_keys",

@@ -10,7 +10,7 @@ RETURNING`` in a ``BEGIN IMMEDIATE`` transaction, which writers take one at a ti
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 from store.batches import end_requeued_of_stopped_batches
 from store.engine import is_postgresql, write_transaction
 from store.ids import now_seconds
-from store.tables import Request, RequestKind, RequestStatus
+from store.tables import Request, RequestKind, RequestStatus, status_is
 
 __all__ = [
     "ClaimedRequest",
@@ -29,6 +29,7 @@ __all__ = [
     "extend_leases",
     "mark_dispatched",
     "pending_request_ids",
+    "pending_request_pages",
     "release_requests",
     "requests_to_redispatch",
     "unsettled_dispatch_ids",
@@ -59,10 +60,10 @@ class ClaimedRequest:
 def _claimable(now: int) -> sa.ColumnElement[bool]:
     return sa.or_(
         sa.and_(
-            Request.status == RequestStatus.QUEUED,
+            status_is(RequestStatus.QUEUED),
             sa.or_(Request.not_before.is_(None), Request.not_before <= now),
         ),
-        sa.and_(Request.status == RequestStatus.RUNNING, Request.lease_expires_at < now),
+        sa.and_(status_is(RequestStatus.RUNNING), Request.lease_expires_at < now),
     )
 
 
@@ -70,12 +71,33 @@ def pending_request_ids(engine: Engine, batch_id: str, limit: int | None = None)
     """Ids of the batch's queued requests, in input line order."""
     query = (
         sa.select(Request.id)
-        .where(Request.batch_id == batch_id, Request.status == RequestStatus.QUEUED)
+        .where(Request.batch_id == batch_id, status_is(RequestStatus.QUEUED))
         .order_by(Request.line_number)
         .limit(limit)
     )
     with engine.connect() as conn:
         return list(conn.execute(query).scalars())
+
+
+def pending_request_pages(engine: Engine, batch_id: str, page: int) -> Iterator[list[str]]:
+    """Ids of the batch's queued requests in input line order, ``page`` at a time, each page one
+    short read (keyset on the line number): a million-line batch is never a million ids in
+    memory, nor one long transaction."""
+    after = -1
+    while True:
+        query = (
+            sa.select(Request.id, Request.line_number)
+            .where(Request.batch_id == batch_id, status_is(RequestStatus.QUEUED), Request.line_number > after)
+            .order_by(Request.line_number)
+            .limit(page)
+        )
+        with engine.connect() as conn:
+            rows = conn.execute(query).all()
+        if rows:
+            yield [row.id for row in rows]
+        if len(rows) < page:
+            return
+        after = rows[-1].line_number
 
 
 def mark_dispatched(

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from bench.throughput import MODEL, Tokenmill, _only_one_bench, scratch_database
+from bench.throughput import MODEL, Tokenmill, own_redis, scratch_database
 from simulator.testing import SimulatorServer
 
 MB = 1024 * 1024
@@ -160,8 +160,8 @@ def run(lines: int, processes: int, concurrency: int, poll: float, vacuum_second
         source = Path(scratch) / "input.jsonl"
         size = write_input(source, lines)
         print(f"{lines:,} lines, {size / MB:,.0f} MB of JSONL; {processes} worker processes x {per_process}")
-        with SimulatorServer() as sim, scratch_database() as url:
-            mill = Tokenmill(sim, url, processes, per_process, "{}")
+        with own_redis() as (redis_url, _), SimulatorServer() as sim, scratch_database() as url:
+            mill = Tokenmill(sim, url, processes, per_process, "{}", redis_url=redis_url)
             watch = MemoryWatch(api_pid=mill.processes[1].pid, worker_pid=mill.processes[0].pid)
             vacuum = VacuumStandIn(url, vacuum_seconds)
             if vacuum.active:
@@ -285,7 +285,6 @@ def main() -> None:
     )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    _only_one_bench()
     run(args.lines, args.processes, args.concurrency, args.poll, args.vacuum_seconds)
 
 

@@ -10,7 +10,7 @@ and what the shared services did per request: Redis commands (broker, cache and 
 one server here), PostgreSQL transactions and rows written, and those per second, which say when
 the broker, the cache or the ledger becomes the limit (see the report's README text).
 
-Redis is a private ``redis-server`` started for the run (so that other clients of the machine's
+Redis is ``bench.throughput``'s own ``redis-server`` (so that other clients of the machine's
 Redis do not count); PostgreSQL is the one of ``bench.throughput`` (a scratch database per run;
 its ``pg_stat_database`` row is read before and after).
 """
@@ -19,49 +19,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import redis
 import sqlalchemy as sa
 
-from simulator.testing import SimulatorServer, free_port
-
-
-@contextmanager
-def private_redis() -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("bench.scaleout needs redis-server on the PATH")
-    port = free_port()
-    with tempfile.TemporaryDirectory(prefix="tokenmill-scaleout-redis-") as workdir:
-        process = subprocess.Popen(
-            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", workdir],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        url = f"redis://127.0.0.1:{port}/0"
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    redis.Redis.from_url(url).ping()
-                    break
-                except redis.ConnectionError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
-            yield url
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
+from bench.throughput import Tokenmill, own_redis, scratch_database
+from simulator.testing import SimulatorServer
 
 
 @dataclass(frozen=True)
@@ -108,11 +75,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     process_counts = [int(n) for n in args.processes.split(",")]
     latencies = [float(ms) for ms in args.latencies.split(",")]
-    with private_redis() as redis_url:
-        # bench.throughput reads its Redis URL when imported.
-        os.environ["TOKENMILL_BENCH_REDIS_URL"] = redis_url
-        from bench.throughput import Tokenmill, scratch_database
-
+    with own_redis() as (redis_url, _):
         print(
             f"{args.requests:,} requests per run, {args.per_process} in flight per process; "
             f"{os.cpu_count()} CPUs (shared: only ratios within this run mean much)"
@@ -128,11 +91,11 @@ def main() -> None:
                 for processes in process_counts:
                     sim.configure(latency_ms=latency)
                     with scratch_database() as url:
-                        mill = Tokenmill(sim, url, processes, args.per_process, "{}")
+                        mill = Tokenmill(sim, url, processes, args.per_process, "{}", redis_url=redis_url)
                         try:
                             before = counters(redis_url, url)
                             started = time.perf_counter()
-                            rate = mill.run(args.requests)
+                            rate = mill.run(args.requests).per_second
                             elapsed = time.perf_counter() - started
                             spent = counters(redis_url, url).minus(before)
                         finally:

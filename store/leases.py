@@ -20,10 +20,12 @@ from sqlalchemy.engine import Engine
 from store.batches import end_requeued_of_stopped_batches
 from store.engine import is_postgresql, write_transaction
 from store.ids import now_seconds
-from store.tables import Request, RequestKind, RequestStatus
+from store.tables import Batch, BatchStatus, Request, RequestKind, RequestStatus, Tenant
 
 __all__ = [
     "ClaimedRequest",
+    "TenantQueue",
+    "claim_in_order",
     "claim_queued",
     "claim_requests",
     "extend_leases",
@@ -31,6 +33,7 @@ __all__ = [
     "pending_request_ids",
     "release_requests",
     "requests_to_redispatch",
+    "tenant_queues",
     "unsettled_dispatch_ids",
 ]
 
@@ -133,42 +136,108 @@ def claim_queued(
     return _lease(engine, candidates, owner, now + lease_seconds, now)
 
 
+@dataclass(frozen=True, slots=True)
+class TenantQueue:
+    """A tenant with runnable batches: its weight, and its batches in the order their work is
+    taken (higher ``priority`` first, then the earliest end of the completion window)."""
+
+    tenant_id: str
+    weight: float
+    batch_ids: tuple[str, ...]
+
+
+def tenant_queues(engine: Engine) -> list[TenantQueue]:
+    """Every tenant with a batch in progress (one small query on ``batches.status``: a tenant's
+    batches may have nothing claimable left, which only a claim tells)."""
+    query = (
+        sa.select(Batch.id, Batch.tenant_id, Tenant.weight)
+        .join(Tenant, Tenant.id == Batch.tenant_id)
+        .where(Batch.status == BatchStatus.IN_PROGRESS)
+        .order_by(Batch.tenant_id, Batch.priority.desc(), Batch.expires_at, Batch.id)
+    )
+    queues: dict[str, tuple[float, list[str]]] = {}
+    with engine.connect() as conn:
+        for row in conn.execute(query):
+            queues.setdefault(row.tenant_id, (float(row.weight), []))[1].append(row.id)
+    return [TenantQueue(tenant, weight, tuple(ids)) for tenant, (weight, ids) in queues.items()]
+
+
+def claim_in_order(
+    engine: Engine,
+    batch_ids: Sequence[str],
+    owner: str,
+    lease_seconds: int,
+    limit: int,
+    now: int | None = None,
+) -> list[ClaimedRequest]:
+    """Lease up to ``limit`` claimable requests, taking the batches in the order given (one
+    tenant's ``TenantQueue.batch_ids``) and each batch in line order. Each batch's look-up walks
+    only its unfinished rows (a partial index), so it stays cheap when most of a batch is done."""
+    if not batch_ids or limit <= 0:
+        return []
+    now = now if now is not None else now_seconds()
+    claimed: list[ClaimedRequest] = []
+    with write_transaction(engine) as conn:
+        for batch_id in batch_ids:
+            candidates = (
+                sa.select(Request.id)
+                .where(
+                    Request.batch_id == batch_id,
+                    # The partial index's own predicate, so that the planner may use it.
+                    Request.status.in_((RequestStatus.QUEUED, RequestStatus.RUNNING)),
+                    _claimable(now),
+                )
+                .order_by(Request.line_number)
+                .limit(limit - len(claimed))
+            )
+            claimed += _lease_in(conn, candidates, owner, now + lease_seconds, now)
+            if len(claimed) >= limit:
+                break
+    return claimed
+
+
 def _lease(
     engine: Engine, candidates: sa.Select[Any], owner: str, expires: int, now: int
 ) -> list[ClaimedRequest]:
     with write_transaction(engine) as conn:
-        if is_postgresql(conn):
-            # Rows another claimer holds are skipped, not waited for. A materialized CTE, because
-            # PostgreSQL may evaluate an IN (... LIMIT n FOR UPDATE SKIP LOCKED) subquery more than
-            # once during the UPDATE and so lease more than n rows.
-            locked = candidates.with_for_update(skip_locked=True).cte("claimed").prefix_with("MATERIALIZED")
-            chosen: sa.ColumnElement[bool] = Request.id == locked.c.id
-        else:
-            chosen = Request.id.in_(candidates.scalar_subquery())  # SQLite writers are serialized
-        rows = conn.execute(
-            sa.update(Request)
-            .where(chosen, _claimable(now))
-            .values(
-                status=RequestStatus.RUNNING,
-                lease_owner=owner,
-                lease_expires_at=expires,
-                attempts=Request.attempts + 1,
-                not_before=None,
-            )
-            .returning(
-                Request.id,
-                Request.batch_id,
-                Request.tenant_id,
-                Request.custom_id,
-                Request.kind,
-                Request.body,
-                Request.attempts,
-                Request.priority,
-                Request.line_number,
-                Request.handed_back_attempts,
-                Request.retry_deadline,
-            )
-        ).all()
+        return _lease_in(conn, candidates, owner, expires, now)
+
+
+def _lease_in(
+    conn: sa.Connection, candidates: sa.Select[Any], owner: str, expires: int, now: int
+) -> list[ClaimedRequest]:
+    if is_postgresql(conn):
+        # Rows another claimer holds are skipped, not waited for. A materialized CTE, because
+        # PostgreSQL may evaluate an IN (... LIMIT n FOR UPDATE SKIP LOCKED) subquery more than
+        # once during the UPDATE and so lease more than n rows.
+        locked = candidates.with_for_update(skip_locked=True).cte("claimed").prefix_with("MATERIALIZED")
+        chosen: sa.ColumnElement[bool] = Request.id == locked.c.id
+    else:
+        chosen = Request.id.in_(candidates.scalar_subquery())  # SQLite writers are serialized
+    rows = conn.execute(
+        sa.update(Request)
+        .where(chosen, _claimable(now))
+        .values(
+            status=RequestStatus.RUNNING,
+            lease_owner=owner,
+            lease_expires_at=expires,
+            attempts=Request.attempts + 1,
+            not_before=None,
+        )
+        .returning(
+            Request.id,
+            Request.batch_id,
+            Request.tenant_id,
+            Request.custom_id,
+            Request.kind,
+            Request.body,
+            Request.attempts,
+            Request.priority,
+            Request.line_number,
+            Request.handed_back_attempts,
+            Request.retry_deadline,
+        )
+    ).all()
     rows = sorted(rows, key=lambda row: row.line_number)
     return [
         ClaimedRequest(

@@ -119,6 +119,9 @@ class Tenant(Base):
     # Signs the tenant's webhook deliveries (Standard Webhooks: ``whsec_<base64>``); kept in
     # clear, since signing needs it, and shown only to the tenant (or an operator's CLI).
     webhook_secret: Mapped[str | None] = mapped_column(sa.String(100))
+    # Its share of the workers while tenants' work waits (workers.fair_share): weight 2 is served
+    # twice as fast as weight 1.
+    weight: Mapped[float] = mapped_column(sa.Float, default=1.0, server_default="1")
 
 
 class ApiKey(Base):
@@ -202,6 +205,9 @@ class Batch(Base):
     cancelled_at: Mapped[int | None] = mapped_column(sa.BigInteger)
 
 
+_UNFINISHED = sa.text("status IN ('queued', 'running')")
+
+
 class Request(Base):
     """One input line of a batch. ``attempts`` counts claims (deliveries to a worker)."""
 
@@ -211,6 +217,14 @@ class Request(Base):
         sa.Index("ix_requests_batch_id_line_number", "batch_id", "line_number"),
         sa.Index("ix_requests_status_lease_expires_at", "status", "lease_expires_at"),
         sa.Index("ix_requests_status_dispatched_at", "status", "dispatched_at"),
+        # Fair claims walk a batch's unfinished rows in line order, never its finished ones.
+        sa.Index(
+            "ix_requests_unfinished_batch_id_line_number",
+            "batch_id",
+            "line_number",
+            postgresql_where=_UNFINISHED,
+            sqlite_where=_UNFINISHED,
+        ),
     )
 
     id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)

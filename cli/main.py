@@ -40,6 +40,7 @@ _GROUPS: list[tuple[str, str]] = [
     ("keys", "cli.keys:keys_app"),
     ("prices", "cli.prices:prices_app"),
     ("agent", "cli.agents:agent_app"),
+    ("tenants", "cli.tenants:tenants_app"),
 ]
 
 

@@ -170,29 +170,41 @@ def claim_in_order(
     limit: int,
     now: int | None = None,
 ) -> list[ClaimedRequest]:
-    """Lease up to ``limit`` claimable requests, taking the batches in the order given (one
-    tenant's ``TenantQueue.batch_ids``) and each batch in line order. Each batch's look-up walks
-    only its unfinished rows (a partial index), so it stays cheap when most of a batch is done."""
+    """Lease up to ``limit`` claimable requests of ``batch_ids`` (one tenant's
+    ``TenantQueue.batch_ids``): first those whose worker died (running under an expired lease),
+    then queued ones, the batches in the order given and each in line order. Every look-up is an
+    index range that stops at its limit: the expired leases through ``(status,
+    lease_expires_at)``, a batch's queued rows through a partial index of queued rows only, so
+    neither the finished rows of a big batch nor other tenants' queued rows are read."""
     if not batch_ids or limit <= 0:
         return []
     now = now if now is not None else now_seconds()
-    claimed: list[ClaimedRequest] = []
+    expires = now + lease_seconds
     with write_transaction(engine) as conn:
+        orphans = (
+            sa.select(Request.id)
+            .where(
+                Request.status == RequestStatus.RUNNING,
+                Request.lease_expires_at < now,
+                Request.batch_id.in_(list(batch_ids)),
+            )
+            .limit(limit)
+        )
+        claimed = _lease_in(conn, orphans, owner, expires, now)
         for batch_id in batch_ids:
-            candidates = (
+            if len(claimed) >= limit:
+                break
+            queued = (
                 sa.select(Request.id)
                 .where(
                     Request.batch_id == batch_id,
-                    # The partial index's own predicate, so that the planner may use it.
-                    Request.status.in_((RequestStatus.QUEUED, RequestStatus.RUNNING)),
-                    _claimable(now),
+                    Request.status == RequestStatus.QUEUED,
+                    sa.or_(Request.not_before.is_(None), Request.not_before <= now),
                 )
                 .order_by(Request.line_number)
                 .limit(limit - len(claimed))
             )
-            claimed += _lease_in(conn, candidates, owner, now + lease_seconds, now)
-            if len(claimed) >= limit:
-                break
+            claimed += _lease_in(conn, queued, owner, expires, now)
     return claimed
 
 

@@ -205,7 +205,7 @@ class Batch(Base):
     cancelled_at: Mapped[int | None] = mapped_column(sa.BigInteger)
 
 
-_UNFINISHED = sa.text("status IN ('queued', 'running')")
+_QUEUED = sa.text("status = 'queued'")
 
 
 class Request(Base):
@@ -217,13 +217,13 @@ class Request(Base):
         sa.Index("ix_requests_batch_id_line_number", "batch_id", "line_number"),
         sa.Index("ix_requests_status_lease_expires_at", "status", "lease_expires_at"),
         sa.Index("ix_requests_status_dispatched_at", "status", "dispatched_at"),
-        # Fair claims walk a batch's unfinished rows in line order, never its finished ones.
+        # Fair claims walk a batch's queued rows in line order, never its finished ones.
         sa.Index(
-            "ix_requests_unfinished_batch_id_line_number",
+            "ix_requests_queued_batch_id_line_number",
             "batch_id",
             "line_number",
-            postgresql_where=_UNFINISHED,
-            sqlite_where=_UNFINISHED,
+            postgresql_where=_QUEUED,
+            sqlite_where=_QUEUED,
         ),
     )
 

@@ -64,7 +64,7 @@ from store import (
     release_requests,
     tenant_queues,
 )
-from workers.fair_share import FairShare
+from workers.fair_share import FairGate, FairShare
 from workers.leases import Heartbeat
 from workers.pipeline import CallResult, ModelCallPipeline
 from workers.result_writer import ResultWriter
@@ -333,13 +333,12 @@ class ChunkRunner:
             claim_requests, self.engine, first, config.owner, config.lease_seconds
         )
         report.claimed = len(claimed)
-        for request in claimed:
-            self.fair_share.charge(request.tenant_id, 1)
+        tags = {request.id: self.fair_share.charge(request.tenant_id, 1)[0] for request in claimed}
         if on_claimed is not None:
             await asyncio.to_thread(on_claimed)
         if not claimed and not refilling:
             return report
-        await _ChunkRun(self, claimed, report, started, keep_alive).run()
+        await _ChunkRun(self, claimed, report, started, tags, keep_alive).run()
         return report
 
 
@@ -354,6 +353,7 @@ class _ChunkRun:
         claimed: Sequence[ClaimedRequest],
         report: ChunkReport,
         started: float,
+        tags: dict[str, float],
         keep_alive: Callable[[], None] | None = None,
     ) -> None:
         self.engine = runner.engine
@@ -377,7 +377,9 @@ class _ChunkRun:
         self.request_tokens: dict[str, CancellationToken] = {}  # of the requests past the gate
         self.to_cancel: list[str] = []
         self.cancelled_spend: list[ResultRecord] = []  # paid calls of the requests in ``to_cancel``
-        self.gate = asyncio.Semaphore(config.in_flight)
+        # Requests waiting for a slot go in by their fair-share tags (``workers.fair_share``).
+        self.gate = FairGate(config.in_flight, self.fair_share)
+        self.tags = tags  # of the claimed requests not yet let in
         loop = asyncio.get_running_loop()
         self.keeper = LeaseKeeper(
             self.engine,
@@ -479,18 +481,24 @@ class _ChunkRun:
 
     async def run_one(self, request: ClaimedRequest) -> None:
         batch_token = self.batch_tokens.setdefault(request.batch_id, CancellationToken())
-        async with self.gate:
-            if batch_token.is_cancelled():
-                self.to_cancel.append(request.id)
-                return
-            # Its own token, fired by its batch's cancel or by the loss of its lease.
-            token = self.request_tokens[request.id] = CancellationToken()
-            batch_token.add_callback(token.cancel)
-            try:
-                await self.run_claimed(request, token)
-            finally:
-                batch_token.remove_callback(token.cancel)
-                self.request_tokens.pop(request.id, None)
+        await self.gate.acquire(self.tags.pop(request.id, 0.0))
+        try:
+            await self.run_admitted(request, batch_token)
+        finally:
+            self.gate.release()
+
+    async def run_admitted(self, request: ClaimedRequest, batch_token: CancellationToken) -> None:
+        if batch_token.is_cancelled():
+            self.to_cancel.append(request.id)
+            return
+        # Its own token, fired by its batch's cancel or by the loss of its lease.
+        token = self.request_tokens[request.id] = CancellationToken()
+        batch_token.add_callback(token.cancel)
+        try:
+            await self.run_claimed(request, token)
+        finally:
+            batch_token.remove_callback(token.cancel)
+            self.request_tokens.pop(request.id, None)
 
     async def run_claimed(self, request: ClaimedRequest, token: CancellationToken) -> None:
         if self.past_deadline():
@@ -655,12 +663,11 @@ class _ChunkRun:
             for tenant_id, share in shares.items():
                 queue = queues[tenant_id]
                 got = claim_in_order(self.engine, queue.batch_ids, config.owner, config.lease_seconds, share)
-                fair.charge(tenant_id, len(got))
+                self.tags.update(zip((r.id for r in got), fair.charge(tenant_id, len(got)), strict=True))
                 claimed += got
                 free -= len(got)
                 if len(got) < share:
                     del queues[tenant_id]  # nothing more of theirs waits
-        fair.settle({tenant_id: queue.weight for tenant_id, queue in queues.items()})
         return claimed
 
     async def wind_down(self, helpers: list[asyncio.Task[None]], writing: asyncio.Task[None]) -> None:

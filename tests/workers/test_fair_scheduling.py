@@ -30,7 +30,7 @@ from store import (
 from tests.cluster import Cluster, run_cli
 from tests.workers.support import Ledger, results_of, statuses
 from tests.workers.test_runner import make_pipeline
-from workers.fair_share import FairShare
+from workers.fair_share import FairGate, FairShare
 from workers.runner import ChunkReport, ChunkRunner, RunnerConfig
 
 MakeLedger = Callable[[str], Ledger]
@@ -181,12 +181,34 @@ def test_fair_share_gives_slots_by_weight_and_no_credit_for_idle_time() -> None:
     assert shares == {"a": 10, "b": 20}
     for tenant, n in shares.items():
         fair.charge(tenant, n)
-    fair.settle({"b": 2.0})  # a has nothing more waiting; b runs alone for a while
-    for _ in range(50):
-        fair.charge("b", fair.shares({"b": 2.0}, 10)["b"])
-        fair.settle({"b": 2.0})
+    for _ in range(50):  # a has nothing more waiting; b runs alone for a while
+        for tag in fair.charge("b", fair.shares({"b": 2.0}, 10)["b"]):
+            fair.admitted(tag)
     # a comes back: an equal turn from now on, not the 500 slots b had meanwhile.
-    assert fair.shares({"a": 1.0, "b": 1.0}, 10) in ({"a": 5, "b": 5}, {"a": 6, "b": 4}, {"a": 4, "b": 6})
+    assert fair.shares({"a": 1.0, "b": 1.0}, 10) in ({"a": 5, "b": 5}, {"a": 6, "b": 4})
+
+
+async def test_the_gate_lets_the_lowest_tag_in_first_and_skips_a_cancelled_waiter() -> None:
+    """A newcomer tenant's request does not wait behind another tenant's backlog."""
+    fair = FairShare()
+    gate = FairGate(1, fair)
+    await gate.acquire(0.0)
+    order: list[str] = []
+
+    async def wait(name: str, tag: float) -> None:
+        await gate.acquire(tag)
+        order.append(name)
+
+    backlog = [asyncio.create_task(wait(f"b{n}", 5.0 + n)) for n in range(3)]
+    newcomer = asyncio.create_task(wait("a", 1.0))
+    await asyncio.sleep(0)
+    backlog[0].cancel()
+    for _ in range(3):
+        gate.release()
+        await asyncio.sleep(0)
+    await asyncio.gather(*backlog[1:], newcomer)
+    assert order == ["a", "b1", "b2"]
+    assert backlog[0].cancelled()
 
 
 def test_a_weight_out_of_range_is_refused_by_name(make_ledger: MakeLedger, postgres_url: str) -> None:

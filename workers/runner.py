@@ -632,11 +632,11 @@ class _ChunkRun:
         while self.refilling_allowed():
             await asyncio.sleep(wait)
             # A window in flight and up to one more claimed behind it, so that a slot that frees
-            # starts the next request at once rather than after a poll and a claim; claimed half
-            # a window or more at a time. The order behind is fair already: shares are decided
-            # when claiming.
+            # starts the next request at once rather than after a poll and a claim. Claimed as
+            # soon as there is room, however little: a tenant that just arrived is claimed within
+            # a poll and let in first (``FairGate``), not after half a window of completions.
             room = 2 * config.in_flight - len(self.running)
-            if room < max(1, config.in_flight // 2):
+            if room < 1:
                 wait = config.refill_poll
                 continue
             more = await asyncio.to_thread(self.claim_fairly, room)

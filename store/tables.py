@@ -127,6 +127,9 @@ class Tenant(Base):
     max_queued_requests: Mapped[int | None] = mapped_column(sa.BigInteger)
     max_queued_tokens: Mapped[int | None] = mapped_column(sa.BigInteger)
     daily_budget_usd: Mapped[Decimal | None] = mapped_column(_PRICE)
+    # Its share of the workers while tenants' work waits (workers.fair_share): weight 2 is served
+    # twice as fast as weight 1.
+    weight: Mapped[float] = mapped_column(sa.Float, default=1.0, server_default="1")
 
 
 class TenantDailySpend(Base):

@@ -63,7 +63,8 @@ def _show(name: str) -> None:
         f"  spent today:     {status.spent_today_usd} USD of {limit(quotas.daily_budget_usd)}"
         f" (left: {limit(status.remaining_budget_usd)}; the day starts at 00:00 UTC)"
     )
-    typer.echo(f"  weight:          {store.tenant_weight(ledger_engine(), name):g} (its share of the workers)")
+    weight = store.tenant_weight(ledger_engine(), name)
+    typer.echo(f"  weight:          {weight:g} (its share of the workers)")
 
 
 def _status_of(name: str) -> store.QuotaStatus:

@@ -204,7 +204,7 @@ def _run_on_cluster(engine: Any, batch_id: str, quiet: bool) -> None:
     import redis
 
     from config import get_settings
-    from store import batch_progress, usage_report
+    from store import batch_progress, get_batch
     from workers.app import make_celery
     from workers.enqueue import BROKER_UNREACHABLE, enqueue_batch, make_dispatcher
     from workers.progress import RunProgress
@@ -232,12 +232,14 @@ def _run_on_cluster(engine: Any, batch_id: str, quiet: bool) -> None:
     with display:
         while True:
             progress = batch_progress(engine, batch_id)
-            usage = usage_report(engine, group_by=(), batch_id=batch_id)
+            # The batch's own counters: a sum over its results each second slowed as it ran.
+            batch = get_batch(engine, batch_id)
+            assert batch is not None
             display.show(
                 done=progress.finished,
                 failed=progress.failed,
-                cached=sum(row.cache_hits for row in usage),
-                tokens=sum(row.billed_prompt_tokens + row.billed_completion_tokens for row in usage),
+                cached=batch.cache_hits,
+                tokens=batch.billed_prompt_tokens + batch.billed_completion_tokens,
             )
             if progress.queued == 0 and progress.running == 0:
                 return

@@ -1,4 +1,4 @@
-"""``tokenmill tenants``: what an operator sets per tenant (quotas)."""
+"""``tokenmill tenants``: what an operator sets per tenant (quotas and shares of the workers)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from cli.ledger import console, ledger_engine
 
 __all__ = ["tenants_app"]
 
-tenants_app = typer.Typer(help="Set and show tenants' quotas.", no_args_is_help=True)
+tenants_app = typer.Typer(
+    help="Set and show tenants' quotas and shares of the workers.", no_args_is_help=True
+)
 
 _CLEAR = "none"
 
@@ -41,7 +43,8 @@ def _amount(value: str, option: str) -> Decimal | None:
     return amount
 
 
-def _show(name: str, status: store.QuotaStatus) -> None:
+def _show(name: str) -> None:
+    status = _status_of(name)
     quotas = status.quotas
 
     def limit(value: object) -> str:
@@ -60,6 +63,8 @@ def _show(name: str, status: store.QuotaStatus) -> None:
         f"  spent today:     {status.spent_today_usd} USD of {limit(quotas.daily_budget_usd)}"
         f" (left: {limit(status.remaining_budget_usd)}; the day starts at 00:00 UTC)"
     )
+    weight = store.tenant_weight(ledger_engine(), name)
+    typer.echo(f"  weight:          {weight:g} (its share of the workers)")
 
 
 def _status_of(name: str) -> store.QuotaStatus:
@@ -85,11 +90,21 @@ def tenants_set(
         str | None,
         typer.Option(help="US dollars billed per UTC day; 'none' for no limit", metavar="USD|none"),
     ] = None,
+    weight: Annotated[
+        float | None,
+        typer.Option(
+            "--weight",
+            help=(
+                "its share of the workers while several tenants' work waits: weight 2 is served twice "
+                f"as fast as weight 1 (default 1; above 0, at most {store.MAX_TENANT_WEIGHT:g})"
+            ),
+        ),
+    ] = None,
 ) -> None:
-    """Set tenant NAME's quotas; options not given keep their value. Over a quota, creating a
-    batch, chat completion or agent run is refused (429, nothing queued).
+    """Set tenant NAME's quotas and weight; options not given keep their value. Over a quota,
+    creating a batch, chat completion or agent run is refused (429, nothing queued).
 
-    Example: tokenmill tenants set acme --max-queued-requests 100000 --daily-budget-usd 50
+    Example: tokenmill tenants set acme --max-queued-requests 100000 --daily-budget-usd 50 --weight 2
     """
     changes: dict[str, Any] = {}
     if max_queued_requests is not None:
@@ -98,12 +113,17 @@ def tenants_set(
         changes["max_queued_tokens"] = _count(max_queued_tokens, "--max-queued-tokens")
     if daily_budget_usd is not None:
         changes["daily_budget_usd"] = _amount(daily_budget_usd, "--daily-budget-usd")
+    engine = ledger_engine()
     try:
-        store.set_tenant_quotas(ledger_engine(), name, **changes)
+        if weight is not None:
+            store.set_tenant_weight(engine, name, weight)
+        store.set_tenant_quotas(engine, name, **changes)
+    except store.InvalidArgument as e:
+        raise typer.BadParameter(str(e), param_hint="--weight") from None
     except store.NotFound as e:
         console.print(f"[red]no tenant {name!r} (`tokenmill keys create {name}` makes one)[/red]")
         raise typer.Exit(1) from e
-    _show(name, _status_of(name))
+    _show(name)
 
 
 @tenants_app.command("show")
@@ -112,4 +132,4 @@ def tenants_show(name: Annotated[str, typer.Argument(help="tenant name or id")])
 
     Example: tokenmill tenants show acme
     """
-    _show(name, _status_of(name))
+    _show(name)

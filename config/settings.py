@@ -117,9 +117,11 @@ class Settings(BaseSettings):
         default=30.0,
         ge=0,
         description=(
-            "how long a chunk keeps taking more queued requests of its batches from the ledger, so "
-            "the process's window stays full instead of draining at every chunk's end; bounded, so "
-            "that one batch cannot hold a process for long while other batches' messages wait"
+            "how long a chunk keeps filling its window's free slots with queued requests of every "
+            "tenant, shared by weight (workers.fair_share), so the process's window stays full "
+            "instead of draining at every chunk's end; past it, free slots are still filled while a "
+            "request started before it runs (no slot idles behind a slow call); bounded, so that "
+            "the process takes its next message (an agent message, say) now and then"
         ),
     )
     max_attempts: int = Field(default=6, ge=1, le=100)

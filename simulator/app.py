@@ -73,7 +73,10 @@ class SimulatorApp:
         self.faults = random.Random(self.config.seed)
         self.recent.clear()
         self.seen.clear()
-        self.stats.reset()
+        # A fresh Stats, not the old one zeroed: a request still running from before the reset
+        # (its client gone, say, after a long latency) counts in the Stats it arrived in, so it can
+        # neither add an answer to the new period nor take one off its in_flight.
+        self.stats = Stats()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -162,7 +165,7 @@ class SimulatorApp:
         stats.completions += 1
         status: int | str = 500
         try:
-            status = await self._complete(scope, receive, send, arrival)
+            status = await self._complete(scope, receive, send, arrival, stats)
         except ApiError as e:
             status = e.status
             await _send_error(send, e)
@@ -179,7 +182,9 @@ class SimulatorApp:
         finally:
             stats.finished(status)
 
-    async def _complete(self, scope: Scope, receive: Receive, send: Send, arrival: float) -> int:
+    async def _complete(
+        self, scope: Scope, receive: Receive, send: Send, arrival: float, stats: Stats
+    ) -> int:
         config = self.config
         if config.require_api_key is not None and _bearer(scope) != config.require_api_key:
             raise ApiError(
@@ -192,7 +197,7 @@ class SimulatorApp:
         except ValueError as e:
             raise ApiError(400, f"We could not parse the JSON body of your request: {e}") from e
         request = parse_request(body)
-        self.stats.by_model[request.model] += 1
+        stats.by_model[request.model] += 1
         if config.known_models is not None and request.model not in config.known_models:
             raise _model_not_found(request.model)
         directives = request.directives
@@ -213,10 +218,10 @@ class SimulatorApp:
         if delay_ms > 0:
             await asyncio.sleep(delay_ms / 1000)
         if request.stream:
-            return await self._stream(request, reply, send, arrival)
+            return await self._stream(request, reply, send, arrival, stats)
         usage = reply.usage()
         await _send_json(send, 200, reply.to_json(), _request_headers())
-        self.stats.accepted(arrival, usage)
+        stats.accepted(arrival, usage)
         return 200
 
     def _hits(self, request: ChatRequest, fault: str) -> bool:
@@ -247,9 +252,11 @@ class SimulatorApp:
                 raise _status_error(429, round(wait, 3))
             self.recent.append(arrival)
 
-    async def _stream(self, request: ChatRequest, reply: Reply, send: Send, arrival: float) -> int:
+    async def _stream(
+        self, request: ChatRequest, reply: Reply, send: Send, arrival: float, stats: Stats
+    ) -> int:
         config = self.config
-        self.stats.streams += 1
+        stats.streams += 1
         directives = request.directives
         break_after = directives.break_stream_after
         if break_after is not None and not self._hits(request, "break_stream"):
@@ -274,7 +281,7 @@ class SimulatorApp:
             await send(
                 {"type": "http.response.body", "body": b"".join(events[:break_after]), "more_body": True}
             )
-            self.stats.broken_streams += 1
+            stats.broken_streams += 1
             return 200
         gap = config.stream_chunk_delay_ms + config.latency_per_token_ms * reply.completion_tokens / max(
             1, len(events)
@@ -286,7 +293,7 @@ class SimulatorApp:
             await send({"type": "http.response.body", "body": events[-1]})
         else:
             await send({"type": "http.response.body", "body": b"".join(events)})
-        self.stats.accepted(arrival, reply.usage())
+        stats.accepted(arrival, reply.usage())
         return 200
 
 

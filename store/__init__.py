@@ -18,6 +18,7 @@ engine in the child): pooled connections must not cross a fork.
 Tenants, keys, files::
 
     create_tenant(engine, name, tenant_id=None) -> Tenant
+    set_tenant_weight(engine, tenant_id, weight) ; tenant_weight(engine, tenant_id) -> float
     create_api_key(engine, tenant_id, name=None) -> str            # plaintext, returned once
     authenticate_api_key(engine, key) -> Tenant | None             # None when unknown or revoked
     revoke_api_key(engine, key_or_id) -> bool
@@ -46,9 +47,12 @@ Batches::
 Work (workers and the sweeper)::
 
     pending_request_ids(engine, batch_id, limit=None) -> list[str]     # queued, in line order
+    pending_request_pages(engine, batch_id, page) -> Iterator[list[str]]  # the same, a page at a time
     mark_dispatched(engine, request_ids, dispatch_id, now=None) -> int
     claim_requests(engine, request_ids, owner, lease_seconds, now=None) -> list[ClaimedRequest]
     claim_queued(engine, batch_ids, owner, lease_seconds, limit, now=None) -> list[ClaimedRequest]
+    tenant_queues(engine) -> list[TenantQueue]     # tenants with batches in progress, their weights
+    claim_in_order(engine, batch_ids, owner, lease_seconds, limit, now=None) -> list[ClaimedRequest]
     extend_leases(engine, request_ids, owner, lease_seconds, now=None) -> list[str]  # ids still held
     release_requests(engine, request_ids, owner, error=None, not_before=None, *, handed_back=False,
                      upstream_attempts=0, retry_deadline=None) -> int
@@ -180,13 +184,17 @@ if TYPE_CHECKING:
     from store.input_checks import MAX_JSON_DEPTH, JSONRejected, parse_json
     from store.leases import (
         ClaimedRequest,
+        TenantQueue,
+        claim_in_order,
         claim_queued,
         claim_requests,
         extend_leases,
         mark_dispatched,
         pending_request_ids,
+        pending_request_pages,
         release_requests,
         requests_to_redispatch,
+        tenant_queues,
         unsettled_dispatch_ids,
     )
     from store.prices import get_prices, price_for, set_price
@@ -238,6 +246,7 @@ if TYPE_CHECKING:
         Tenant,
     )
     from store.tenants import (
+        MAX_TENANT_WEIGHT,
         WEBHOOK_SECRET_PREFIX,
         authenticate_api_key,
         create_api_key,
@@ -245,6 +254,8 @@ if TYPE_CHECKING:
         get_tenant,
         new_webhook_secret,
         revoke_api_key,
+        set_tenant_weight,
+        tenant_weight,
         webhook_secret,
     )
     from store.usage import UsageGroup, UsageRow, usage_report
@@ -333,13 +344,17 @@ else:
         "JSONRejected": "store.input_checks",
         "parse_json": "store.input_checks",
         "ClaimedRequest": "store.leases",
+        "TenantQueue": "store.leases",
+        "claim_in_order": "store.leases",
         "claim_queued": "store.leases",
         "claim_requests": "store.leases",
         "extend_leases": "store.leases",
         "mark_dispatched": "store.leases",
         "pending_request_ids": "store.leases",
+        "pending_request_pages": "store.leases",
         "release_requests": "store.leases",
         "requests_to_redispatch": "store.leases",
+        "tenant_queues": "store.leases",
         "unsettled_dispatch_ids": "store.leases",
         "get_prices": "store.prices",
         "price_for": "store.prices",
@@ -383,6 +398,9 @@ else:
         "create_api_key": "store.tenants",
         "create_tenant": "store.tenants",
         "get_tenant": "store.tenants",
+        "MAX_TENANT_WEIGHT": "store.tenants",
+        "set_tenant_weight": "store.tenants",
+        "tenant_weight": "store.tenants",
         "new_webhook_secret": "store.tenants",
         "revoke_api_key": "store.tenants",
         "webhook_secret": "store.tenants",
@@ -406,6 +424,7 @@ __all__ = [
     "ENDPOINT_KINDS",
     "MAX_JSON_DEPTH",
     "MAX_STORED_ERRORS",
+    "MAX_TENANT_WEIGHT",
     "REQUEST_KINDS",
     "STOPPED_BATCH_STATUSES",
     "WEBHOOK_SECRET_PREFIX",
@@ -459,6 +478,7 @@ __all__ = [
     "StoredAgentState",
     "StoredResponse",
     "Tenant",
+    "TenantQueue",
     "TenantQuotas",
     "UsageGroup",
     "UsageRow",
@@ -477,6 +497,7 @@ __all__ = [
     "claim_agent_message",
     "claim_due_webhooks",
     "claim_idempotency_key",
+    "claim_in_order",
     "claim_queued",
     "claim_requests",
     "create_api_key",
@@ -517,6 +538,7 @@ __all__ = [
     "open_batch",
     "parse_json",
     "pending_request_ids",
+    "pending_request_pages",
     "prepare_batch",
     "price_for",
     "purge_idempotency_keys",
@@ -533,7 +555,10 @@ __all__ = [
     "save_agent_state",
     "set_price",
     "set_tenant_quotas",
+    "set_tenant_weight",
     "store_idempotent_response",
+    "tenant_queues",
+    "tenant_weight",
     "unsettled_dispatch_ids",
     "upgrade_to_head",
     "usage_report",

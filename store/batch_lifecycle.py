@@ -28,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from store.tables import Batch, BatchStatus, File, FileKind
-from store.usage import usage_report
+from store.usage import exact_decimal as _exact
 
 __all__ = [
     "ALLOWED_TRANSITIONS",
@@ -201,26 +201,28 @@ def batch_object(engine: Engine, batch: Batch) -> dict[str, Any]:
             "failed": batch.failed_count,
         },
         "metadata": batch.batch_metadata,
-        "usage": _usage(engine, batch),
+        "usage": _usage(batch),
         "webhook": _webhook(batch),
     }
 
 
-def _usage(engine: Engine, batch: Batch) -> dict[str, Any] | None:
+def _usage(batch: Batch) -> dict[str, Any] | None:
     """What the batch cost so far, in OpenAI's usage shape: billed tokens only (a cache hit is
-    free), plus tokenmill's ``cache_hits`` and ``cost_usd``."""
-    rows = usage_report(engine, tenant_id=batch.tenant_id, group_by=(), batch_id=batch.id)
-    if not rows:
+    free), plus tokenmill's ``cache_hits`` and ``cost_usd``. From the batch's own counters, which
+    the transactions writing its results and discarded answers move (they sum what
+    ``store.usage.usage_report`` sums for the batch): a poll costs one row, not the batch's
+    results. None until it has a result or a discarded answer."""
+    if batch.completed_count + batch.failed_count + batch.discarded_answer_count == 0:
         return None
-    row = rows[0]
     return {
-        "input_tokens": row.billed_prompt_tokens,
-        "input_tokens_details": {"cached_tokens": row.billed_cached_prompt_tokens},
-        "output_tokens": row.billed_completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": row.billed_reasoning_tokens},
-        "total_tokens": row.billed_prompt_tokens + row.billed_completion_tokens,
-        "cache_hits": row.cache_hits,
-        "cost_usd": float(row.cost_usd),  # a JSON number that prints as the exact decimal
+        "input_tokens": batch.billed_prompt_tokens,
+        "input_tokens_details": {"cached_tokens": batch.billed_cached_prompt_tokens},
+        "output_tokens": batch.billed_completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": batch.billed_reasoning_tokens},
+        "total_tokens": batch.billed_prompt_tokens + batch.billed_completion_tokens,
+        "cache_hits": batch.cache_hits,
+        # A JSON number that prints as the exact decimal.
+        "cost_usd": float(_exact(batch.billed_cost_usd)),
     }
 
 

@@ -19,7 +19,7 @@ from store.batch_lifecycle import attach_result_files, finalize_batches, move_ba
 from store.engine import write_transaction
 from store.errors import BatchNotFound
 from store.ids import now_seconds
-from store.tables import Batch, BatchStatus, Request, RequestStatus
+from store.tables import Batch, BatchStatus, Request, RequestStatus, status_is
 
 __all__ = [
     "EXPIRED_ERROR",
@@ -99,35 +99,42 @@ def list_batches(
 
 
 def batch_progress(engine: Engine, batch_id: str) -> BatchProgress:
-    """Counts by request status. Raises BatchNotFound."""
+    """Counts by request status. Raises BatchNotFound.
+
+    Those that ended come from the batch's counters (moved in the transactions that end
+    requests), those still to run from the partial index on unfinished requests: the query
+    costs what is left to run, not what the batch already did."""
 
     def count(status: RequestStatus) -> sa.ScalarSelect[int]:
         return (
             sa.select(sa.func.count())
-            .where(Request.batch_id == batch_id, Request.status == status)
+            .where(Request.batch_id == batch_id, status_is(status))
             .scalar_subquery()
         )
 
     query = sa.select(
         Batch.status,
         Batch.total_count,
-        *(count(status) for status in RequestStatus),
+        Batch.completed_count,
+        Batch.failed_count,
+        Batch.cancelled_count,
+        count(RequestStatus.QUEUED),
+        count(RequestStatus.RUNNING),
     ).where(Batch.id == batch_id)
     with engine.connect() as conn:
         row = conn.execute(query).first()
     if row is None:
         raise BatchNotFound(f"no batch {batch_id!r}")
-    status, total, *counts = row
-    by_status = dict(zip(RequestStatus, counts, strict=True))
+    status, total, succeeded, failed, cancelled, queued, running = row
     return BatchProgress(
         batch_id,
         BatchStatus(status),
         total,
-        queued=int(by_status[RequestStatus.QUEUED]),
-        running=int(by_status[RequestStatus.RUNNING]),
-        succeeded=int(by_status[RequestStatus.SUCCEEDED]),
-        failed=int(by_status[RequestStatus.FAILED]),
-        cancelled=int(by_status[RequestStatus.CANCELLED]),
+        queued=int(queued),
+        running=int(running),
+        succeeded=int(succeeded),
+        failed=int(failed),
+        cancelled=int(cancelled),
     )
 
 
@@ -160,8 +167,8 @@ def _cancel_unfinished(
         .where(
             Request.batch_id.in_(batch_ids),
             sa.or_(
-                Request.status == RequestStatus.QUEUED,
-                sa.and_(Request.status == RequestStatus.RUNNING, Request.lease_expires_at < now),
+                status_is(RequestStatus.QUEUED),
+                sa.and_(status_is(RequestStatus.RUNNING), Request.lease_expires_at < now),
             ),
         )
         .values(

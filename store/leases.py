@@ -10,7 +10,7 @@ RETURNING`` in a ``BEGIN IMMEDIATE`` transaction, which writers take one at a ti
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,17 +20,21 @@ from sqlalchemy.engine import Engine
 from store.batches import end_requeued_of_stopped_batches
 from store.engine import is_postgresql, write_transaction
 from store.ids import now_seconds
-from store.tables import Request, RequestKind, RequestStatus
+from store.tables import Batch, BatchStatus, Request, RequestKind, RequestStatus, Tenant, status_is
 
 __all__ = [
     "ClaimedRequest",
+    "TenantQueue",
+    "claim_in_order",
     "claim_queued",
     "claim_requests",
     "extend_leases",
     "mark_dispatched",
     "pending_request_ids",
+    "pending_request_pages",
     "release_requests",
     "requests_to_redispatch",
+    "tenant_queues",
     "unsettled_dispatch_ids",
 ]
 
@@ -59,10 +63,10 @@ class ClaimedRequest:
 def _claimable(now: int) -> sa.ColumnElement[bool]:
     return sa.or_(
         sa.and_(
-            Request.status == RequestStatus.QUEUED,
+            status_is(RequestStatus.QUEUED),
             sa.or_(Request.not_before.is_(None), Request.not_before <= now),
         ),
-        sa.and_(Request.status == RequestStatus.RUNNING, Request.lease_expires_at < now),
+        sa.and_(status_is(RequestStatus.RUNNING), Request.lease_expires_at < now),
     )
 
 
@@ -70,12 +74,33 @@ def pending_request_ids(engine: Engine, batch_id: str, limit: int | None = None)
     """Ids of the batch's queued requests, in input line order."""
     query = (
         sa.select(Request.id)
-        .where(Request.batch_id == batch_id, Request.status == RequestStatus.QUEUED)
+        .where(Request.batch_id == batch_id, status_is(RequestStatus.QUEUED))
         .order_by(Request.line_number)
         .limit(limit)
     )
     with engine.connect() as conn:
         return list(conn.execute(query).scalars())
+
+
+def pending_request_pages(engine: Engine, batch_id: str, page: int) -> Iterator[list[str]]:
+    """Ids of the batch's queued requests in input line order, ``page`` at a time, each page one
+    short read (keyset on the line number): a million-line batch is never a million ids in
+    memory, nor one long transaction."""
+    after = -1
+    while True:
+        query = (
+            sa.select(Request.id, Request.line_number)
+            .where(Request.batch_id == batch_id, status_is(RequestStatus.QUEUED), Request.line_number > after)
+            .order_by(Request.line_number)
+            .limit(page)
+        )
+        with engine.connect() as conn:
+            rows = conn.execute(query).all()
+        if rows:
+            yield [row.id for row in rows]
+        if len(rows) < page:
+            return
+        after = rows[-1].line_number
 
 
 def mark_dispatched(
@@ -135,58 +160,140 @@ def claim_queued(
     return _lease(engine, candidates, owner, now + lease_seconds, now)
 
 
+@dataclass(frozen=True, slots=True)
+class TenantQueue:
+    """A tenant with runnable batches: its weight, and its batches in the order their work is
+    taken (higher ``priority`` first, then the earliest end of the completion window)."""
+
+    tenant_id: str
+    weight: float
+    batch_ids: tuple[str, ...]
+
+
+def tenant_queues(engine: Engine) -> list[TenantQueue]:
+    """Every tenant with a batch in progress (one small query on ``batches.status``: a tenant's
+    batches may have nothing claimable left, which only a claim tells). Hidden batches (single
+    calls: a chat completion on the interactive lane, an agent run) are left out: each has a
+    message of its own naming it, and a chunk refilling from them would race the lane that
+    answers the waiting caller."""
+    query = (
+        sa.select(Batch.id, Batch.tenant_id, Tenant.weight)
+        .join(Tenant, Tenant.id == Batch.tenant_id)
+        .where(Batch.status == BatchStatus.IN_PROGRESS, Batch.hidden.is_(False))
+        .order_by(Batch.tenant_id, Batch.priority.desc(), Batch.expires_at, Batch.id)
+    )
+    queues: dict[str, tuple[float, list[str]]] = {}
+    with engine.connect() as conn:
+        for row in conn.execute(query):
+            queues.setdefault(row.tenant_id, (float(row.weight), []))[1].append(row.id)
+    return [TenantQueue(tenant, weight, tuple(ids)) for tenant, (weight, ids) in queues.items()]
+
+
+def claim_in_order(
+    engine: Engine,
+    batch_ids: Sequence[str],
+    owner: str,
+    lease_seconds: int,
+    limit: int,
+    now: int | None = None,
+) -> list[ClaimedRequest]:
+    """Lease up to ``limit`` claimable requests of ``batch_ids`` (one tenant's
+    ``TenantQueue.batch_ids``): first those whose worker died (running under an expired lease),
+    then queued ones, the batches in the order given and each in line order. Every look-up is an
+    index range that stops at its limit: the expired leases through ``(status,
+    lease_expires_at)``, a batch's queued rows through the partial index of unfinished rows
+    (``status_is``), so neither the finished rows of a big batch nor other tenants' queued rows
+    are read."""
+    if not batch_ids or limit <= 0:
+        return []
+    now = now if now is not None else now_seconds()
+    expires = now + lease_seconds
+    with write_transaction(engine) as conn:
+        orphans = (
+            sa.select(Request.id)
+            .where(
+                status_is(RequestStatus.RUNNING),
+                Request.lease_expires_at < now,
+                Request.batch_id.in_(list(batch_ids)),
+            )
+            .limit(limit)
+        )
+        claimed = _lease_in(conn, orphans, owner, expires, now)
+        for batch_id in batch_ids:
+            if len(claimed) >= limit:
+                break
+            queued = (
+                sa.select(Request.id)
+                .where(
+                    Request.batch_id == batch_id,
+                    status_is(RequestStatus.QUEUED),
+                    sa.or_(Request.not_before.is_(None), Request.not_before <= now),
+                )
+                .order_by(Request.line_number)
+                .limit(limit - len(claimed))
+            )
+            claimed += _lease_in(conn, queued, owner, expires, now)
+    return claimed
+
+
 def _lease(
     engine: Engine, candidates: sa.Select[Any], owner: str, expires: int, now: int
 ) -> list[ClaimedRequest]:
     with write_transaction(engine) as conn:
-        if is_postgresql(conn):
-            # Rows another claimer holds are skipped, not waited for. A materialized CTE, because
-            # PostgreSQL may evaluate an IN (... LIMIT n FOR UPDATE SKIP LOCKED) subquery more than
-            # once during the UPDATE and so lease more than n rows. It keeps each row's status
-            # before the claim: running means its lease ran out (reclaimed).
-            locked = (
-                candidates.add_columns(Request.status.label("previous_status"))
-                .with_for_update(skip_locked=True)
-                .cte("claimed")
-                .prefix_with("MATERIALIZED")
-            )
-            chosen: sa.ColumnElement[bool] = Request.id == locked.c.id
-            previous: sa.ColumnElement[Any] = locked.c.previous_status
-            running: set[str] | None = None  # told by ``previous`` instead
-        else:
-            chosen = Request.id.in_(candidates.scalar_subquery())  # SQLite writers are serialized
-            # Read in this transaction, before the update: writers take turns, so it still holds.
-            running = set(
-                conn.execute(
-                    sa.select(Request.id).where(chosen, Request.status == RequestStatus.RUNNING)
-                ).scalars()
-            )
-            previous = sa.literal(None)
-        rows = conn.execute(
-            sa.update(Request)
-            .where(chosen, _claimable(now))
-            .values(
-                status=RequestStatus.RUNNING,
-                lease_owner=owner,
-                lease_expires_at=expires,
-                attempts=Request.attempts + 1,
-                not_before=None,
-            )
-            .returning(
-                Request.id,
-                Request.batch_id,
-                Request.tenant_id,
-                Request.custom_id,
-                Request.kind,
-                Request.body,
-                Request.attempts,
-                Request.priority,
-                Request.line_number,
-                Request.handed_back_attempts,
-                Request.retry_deadline,
-                previous.label("previous_status"),
-            )
-        ).all()
+        return _lease_in(conn, candidates, owner, expires, now)
+
+
+def _lease_in(
+    conn: sa.Connection, candidates: sa.Select[Any], owner: str, expires: int, now: int
+) -> list[ClaimedRequest]:
+    if is_postgresql(conn):
+        # Rows another claimer holds are skipped, not waited for. A materialized CTE, because
+        # PostgreSQL may evaluate an IN (... LIMIT n FOR UPDATE SKIP LOCKED) subquery more than
+        # once during the UPDATE and so lease more than n rows. It keeps each row's status
+        # before the claim: running means its lease ran out (reclaimed).
+        locked = (
+            candidates.add_columns(Request.status.label("previous_status"))
+            .with_for_update(skip_locked=True)
+            .cte("claimed")
+            .prefix_with("MATERIALIZED")
+        )
+        chosen: sa.ColumnElement[bool] = Request.id == locked.c.id
+        previous: sa.ColumnElement[Any] = locked.c.previous_status
+        running: set[str] | None = None  # told by ``previous`` instead
+    else:
+        chosen = Request.id.in_(candidates.scalar_subquery())  # SQLite writers are serialized
+        # Read in this transaction, before the update: writers take turns, so it still holds.
+        running = set(
+            conn.execute(
+                sa.select(Request.id).where(chosen, Request.status == RequestStatus.RUNNING)
+            ).scalars()
+        )
+        previous = sa.literal(None)
+    rows = conn.execute(
+        sa.update(Request)
+        .where(chosen, _claimable(now))
+        .values(
+            status=RequestStatus.RUNNING,
+            lease_owner=owner,
+            lease_expires_at=expires,
+            attempts=Request.attempts + 1,
+            not_before=None,
+        )
+        .returning(
+            Request.id,
+            Request.batch_id,
+            Request.tenant_id,
+            Request.custom_id,
+            Request.kind,
+            Request.body,
+            Request.attempts,
+            Request.priority,
+            Request.line_number,
+            Request.handed_back_attempts,
+            Request.retry_deadline,
+            previous.label("previous_status"),
+        )
+    ).all()
     rows = sorted(rows, key=lambda row: row.line_number)
     return [
         ClaimedRequest(

@@ -222,32 +222,19 @@ def record_results(engine: Engine, records: Sequence[ResultRecord], now: int | N
         not_kept = [(record, "cancelled") for record in cancelled] + [
             (unique[row["request_id"]], "duplicate") for row in params if row["request_id"] not in inserted
         ]
+        per_batch: dict[str, _BatchTotals] = {}
         spend: list[tuple[str, int, Decimal | None]] = []
-        discarded = _keep_discarded_spend(conn, not_kept, owners, prices, now, spend)
+        discarded = _keep_discarded_spend(conn, not_kept, owners, prices, now, per_batch, spend)
         if inserted:
             _end_requests(conn, [unique[request_id] for request_id in sorted(inserted)], now)
-            per_batch: dict[str, list[int]] = {}
-            for _, batch_id, status in inserted_rows:
-                counts = per_batch.setdefault(batch_id, [0, 0])
-                counts[0 if status == RequestStatus.SUCCEEDED else 1] += 1
-            conn.execute(
-                sa.update(Batch)
-                .where(Batch.id == sa.bindparam("b_id"))
-                .values(
-                    completed_count=Batch.completed_count + sa.bindparam("b_completed"),
-                    failed_count=Batch.failed_count + sa.bindparam("b_failed"),
-                ),
-                [
-                    {"b_id": batch_id, "b_completed": counts[0], "b_failed": counts[1]}
-                    for batch_id, counts in sorted(per_batch.items())
-                ],
-            )
-            finalized = finalize_batches(conn, list(per_batch), now)
-            spend.extend(
-                (row["tenant_id"], now, row["cost_usd"]) for row in params if row["request_id"] in inserted
-            )
-        else:
-            finalized = []
+            rows_by_id = {row["request_id"]: row for row in params}
+            for request_id, batch_id, status in inserted_rows:
+                row = rows_by_id[request_id]
+                per_batch.setdefault(batch_id, _BatchTotals()).add_result(status, row)
+                spend.append((row["tenant_id"], now, row["cost_usd"]))
+        # The batches' rows last, as before: requests are locked before their batch.
+        _add_to_batches(conn, per_batch)
+        finalized = finalize_batches(conn, sorted({batch_id for _, batch_id, _ in inserted_rows}), now)
         # Last: the tenant's day row is held from here to the commit only (store.quotas).
         add_daily_spend(conn, spend)
     skipped_set = set(skipped)
@@ -303,8 +290,10 @@ def _record_spend(engine: Engine, records: Sequence[ResultRecord], reason: str, 
             and (reason != "cancelled" or owners[record.request_id].status == RequestStatus.CANCELLED)
         ]
         prices = {row.model: row for row in _load_prices(conn)}
+        per_batch: dict[str, _BatchTotals] = {}
         spend: list[tuple[str, int, Decimal | None]] = []
-        billed_ids = _keep_discarded_spend(conn, billed, owners, prices, now, spend)
+        billed_ids = _keep_discarded_spend(conn, billed, owners, prices, now, per_batch, spend)
+        _add_to_batches(conn, per_batch)
         add_daily_spend(conn, spend)
         return billed_ids
 
@@ -369,11 +358,13 @@ def _keep_discarded_spend(
     owners: dict[str, Any],
     prices: dict[str, ModelPrice],
     now: int,
+    per_batch: dict[str, _BatchTotals],
     spend: list[tuple[str, int, Decimal | None]],
 ) -> list[str]:
     """Write a ``discarded_answers`` row for each answer paid by a record not kept, unless it is
-    an answer its request's result already bills; returns the ids of the requests billed and
-    appends (tenant, time, cost) of each row written to ``spend``."""
+    an answer its request's result already bills; returns the ids of the requests billed, adds
+    what the rows written bill to ``per_batch`` and appends their (tenant, time, cost) to
+    ``spend``."""
     paid = [(record, reason, record.answers_paid()) for record, reason in not_kept]
     paid = [(record, reason, answers) for record, reason, answers in paid if answers]
     if not paid:
@@ -415,11 +406,84 @@ def _keep_discarded_spend(
     written = conn.execute(
         dialect_insert(conn, DiscardedAnswer)
         .on_conflict_do_nothing(index_elements=["request_id", "upstream_request_id"])
-        .returning(DiscardedAnswer.request_id, DiscardedAnswer.tenant_id, DiscardedAnswer.cost_usd),
+        .returning(DiscardedAnswer.request_id, DiscardedAnswer.upstream_request_id),
         rows,
     ).all()
-    spend.extend((row.tenant_id, now, row.cost_usd) for row in written)
-    return sorted({row.request_id for row in written})
+    kept_rows = {(row["request_id"], row["upstream_request_id"]): row for row in rows}
+    for request_id, answer_id in written:
+        row = kept_rows[(request_id, answer_id)]
+        per_batch.setdefault(row["batch_id"], _BatchTotals()).add_discarded(row)
+        spend.append((row["tenant_id"], now, row["cost_usd"]))
+    return sorted({request_id for request_id, _ in written})
+
+
+def _add_to_batches(conn: Connection, per_batch: dict[str, _BatchTotals]) -> None:
+    """Raise the batches' request counts and billed counters, in id order (no deadlock between
+    writers)."""
+    if not per_batch:
+        return
+    conn.execute(
+        sa.update(Batch)
+        .where(Batch.id == sa.bindparam("b_id"))
+        .values(
+            completed_count=Batch.completed_count + sa.bindparam("b_completed"),
+            failed_count=Batch.failed_count + sa.bindparam("b_failed"),
+            **_BILLED_INCREMENTS,
+        ),
+        [totals.parameters(batch_id) for batch_id, totals in sorted(per_batch.items())],
+    )
+
+
+_BILLED_COLUMNS = (
+    "billed_prompt_tokens",
+    "billed_cached_prompt_tokens",
+    "billed_completion_tokens",
+    "billed_reasoning_tokens",
+    "billed_cost_usd",
+    "cache_hits",
+    "discarded_answer_count",
+)
+# The batch's billed counters, each raised by its ``b_<column>`` parameter.
+_BILLED_INCREMENTS: dict[str, Any] = {
+    name: getattr(Batch, name) + sa.bindparam(f"b_{name}") for name in _BILLED_COLUMNS
+}
+
+
+@dataclass
+class _BatchTotals:
+    """What rows written now add to one batch's counters, summed as ``store.usage`` sums them:
+    billed tokens and cost from results not served from the cache and from discarded answers;
+    cache hits counted apart."""
+
+    completed: int = 0
+    failed: int = 0
+    billed: dict[str, Any] = field(default_factory=lambda: dict.fromkeys(_BILLED_COLUMNS, 0))
+
+    def add_result(self, status: RequestStatus, row: dict[str, Any]) -> None:
+        if status == RequestStatus.SUCCEEDED:
+            self.completed += 1
+        else:
+            self.failed += 1
+        if row["cached"]:
+            self.billed["cache_hits"] += 1
+        else:
+            self._bill(row)
+
+    def add_discarded(self, row: dict[str, Any]) -> None:
+        self.billed["discarded_answer_count"] += 1
+        self._bill(row)
+
+    def _bill(self, row: dict[str, Any]) -> None:
+        billed = self.billed
+        for name in ("prompt_tokens", "cached_prompt_tokens", "completion_tokens", "reasoning_tokens"):
+            billed[f"billed_{name}"] += row[name] or 0
+        if row["cost_usd"] is not None:
+            billed["billed_cost_usd"] += row["cost_usd"]
+
+    def parameters(self, batch_id: str) -> dict[str, Any]:
+        billed = {f"b_{name}": value for name, value in self.billed.items()}
+        billed["b_billed_cost_usd"] = Decimal(billed["b_billed_cost_usd"])
+        return {"b_id": batch_id, "b_completed": self.completed, "b_failed": self.failed, **billed}
 
 
 def _answer_cost(answer: PaidAnswer, prices: dict[str, ModelPrice]) -> Decimal | None:

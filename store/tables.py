@@ -23,6 +23,7 @@ __all__ = [
     "MAX_WEBHOOK_URL_CHARS",
     "NO_TENANT",
     "PRICE_SCALE",
+    "UNFINISHED_PREDICATE",
     "AgentMessage",
     "AgentState",
     "ApiKey",
@@ -44,6 +45,7 @@ __all__ = [
     "Result",
     "Tenant",
     "TenantDailySpend",
+    "status_is",
 ]
 
 
@@ -125,6 +127,9 @@ class Tenant(Base):
     max_queued_requests: Mapped[int | None] = mapped_column(sa.BigInteger)
     max_queued_tokens: Mapped[int | None] = mapped_column(sa.BigInteger)
     daily_budget_usd: Mapped[Decimal | None] = mapped_column(_PRICE)
+    # Its share of the workers while tenants' work waits (workers.fair_share): weight 2 is served
+    # twice as fast as weight 1.
+    weight: Mapped[float] = mapped_column(sa.Float, default=1.0, server_default="1")
 
 
 class TenantDailySpend(Base):
@@ -234,6 +239,16 @@ class Batch(Base):
     failed_count: Mapped[int] = mapped_column(sa.Integer, default=0)
     # Not in OpenAI's request_counts; needed to know when a cancelled batch has nothing left.
     cancelled_count: Mapped[int] = mapped_column(sa.Integer, default=0)
+    # What its results and discarded answers billed so far, as ``store.usage`` sums them, moved in
+    # the transactions that write those rows: reading a batch (its ``usage``) costs this row, not
+    # a sum over a million results.
+    billed_prompt_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    billed_cached_prompt_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    billed_completion_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    billed_reasoning_tokens: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
+    billed_cost_usd: Mapped[Decimal] = mapped_column(_COST, default=Decimal(0), server_default="0")
+    cache_hits: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
+    discarded_answer_count: Mapped[int] = mapped_column(sa.Integer, default=0, server_default="0")
     created_at: Mapped[int] = mapped_column(sa.BigInteger)
     expires_at: Mapped[int] = mapped_column(sa.BigInteger)
     in_progress_at: Mapped[int | None] = mapped_column(sa.BigInteger)
@@ -245,6 +260,10 @@ class Batch(Base):
     cancelled_at: Mapped[int | None] = mapped_column(sa.BigInteger)
 
 
+# The predicate of the partial indexes on requests still to run (queued or running).
+UNFINISHED_PREDICATE = "status IN ('queued', 'running')"
+
+
 class Request(Base):
     """One input line of a batch. ``attempts`` counts claims (deliveries to a worker)."""
 
@@ -254,6 +273,22 @@ class Request(Base):
         sa.Index("ix_requests_batch_id_line_number", "batch_id", "line_number"),
         sa.Index("ix_requests_status_lease_expires_at", "status", "lease_expires_at"),
         sa.Index("ix_requests_status_dispatched_at", "status", "dispatched_at"),
+        # Only the requests still to run, so that what reads them (claims, enqueue, progress,
+        # the sweeper) costs what is left, not what the ledger ever ran; the store's queries
+        # spell these statuses as SQL literals, which is what lets PostgreSQL use these indexes.
+        sa.Index(
+            "ix_requests_unfinished_batch_id_line_number",
+            "batch_id",
+            "line_number",
+            postgresql_where=sa.text(UNFINISHED_PREDICATE),
+            sqlite_where=sa.text(UNFINISHED_PREDICATE),
+        ),
+        sa.Index(
+            "ix_requests_unfinished_dispatch_id",
+            "dispatch_id",
+            postgresql_where=sa.text(UNFINISHED_PREDICATE),
+            sqlite_where=sa.text(UNFINISHED_PREDICATE),
+        ),
     )
 
     id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
@@ -334,6 +369,7 @@ class DiscardedAnswer(Base):
         ),
         sa.Index("ix_discarded_answers_tenant_id_created_at", "tenant_id", "created_at"),
         sa.Index("ix_discarded_answers_created_at", "created_at"),
+        sa.Index("ix_discarded_answers_batch_id", "batch_id"),
     )
 
     id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
@@ -461,3 +497,12 @@ class IdempotencyKey(Base):
     response_headers: Mapped[list[Any] | None] = mapped_column(sa.JSON)
     response_body: Mapped[bytes | None] = mapped_column(sa.LargeBinary)
     created_at: Mapped[int] = mapped_column(sa.BigInteger, index=True)
+
+
+def status_is(status: RequestStatus) -> sa.ColumnElement[bool]:
+    """``requests.status = '<status>'`` with the status as an SQL literal, not a parameter: only
+    from a literal can PostgreSQL tell that the partial indexes on unfinished requests
+    (``UNFINISHED_PREDICATE``) cover a query, and a statement psycopg prepares (run five times on
+    a connection) may get a generic plan, which sees parameters only as unknowns. Without them,
+    claims and counts step over every line a batch already finished."""
+    return Request.status == sa.literal_column(f"'{status.value}'", Request.status.type)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import secrets
 
 import sqlalchemy as sa
@@ -12,12 +13,13 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from store.engine import write_transaction
-from store.errors import NotFound
+from store.errors import InvalidArgument, NotFound
 from store.ids import new_id, now_seconds
 from store.tables import ApiKey, Tenant
 
 __all__ = [
     "API_KEY_PREFIX",
+    "MAX_TENANT_WEIGHT",
     "WEBHOOK_SECRET_PREFIX",
     "authenticate_api_key",
     "create_api_key",
@@ -26,6 +28,8 @@ __all__ = [
     "get_tenant",
     "new_webhook_secret",
     "revoke_api_key",
+    "set_tenant_weight",
+    "tenant_weight",
     "webhook_secret",
 ]
 
@@ -48,6 +52,7 @@ def create_tenant(engine: Engine, name: str, tenant_id: str | None = None) -> Te
         name=name,
         created_at=now_seconds(),
         webhook_secret=new_webhook_secret(),
+        weight=1.0,
     )
     with write_transaction(engine) as conn:
         conn.execute(
@@ -76,6 +81,37 @@ def webhook_secret(engine: Engine, tenant_id: str, *, rotate: bool = False) -> s
         secret = new_webhook_secret()
         conn.execute(sa.update(Tenant).where(Tenant.id == tenant_id).values(webhook_secret=secret))
     return secret
+
+
+# Bounded so that no share rounds to nothing next to another: 1,000 to 1 is already a tenant that
+# waits while the other has work.
+MAX_TENANT_WEIGHT = 1000.0
+
+
+def set_tenant_weight(engine: Engine, tenant_id: str, weight: float) -> None:
+    """Set the tenant's share of the workers (``workers.fair_share``): a tenant of weight 2 gets
+    twice the requests started of a tenant of weight 1 while both have work waiting. Raises
+    ``InvalidArgument`` (code ``invalid_weight``) unless 0 < weight <= ``MAX_TENANT_WEIGHT``, and
+    ``NotFound`` for an unknown tenant."""
+    if not (math.isfinite(weight) and 0 < weight <= MAX_TENANT_WEIGHT):
+        raise InvalidArgument(
+            f"a tenant's weight is a number above 0 and at most {MAX_TENANT_WEIGHT:g}, not {weight!r}",
+            "weight",
+            code="invalid_weight",
+        )
+    with write_transaction(engine) as conn:
+        updated = conn.execute(sa.update(Tenant).where(Tenant.id == tenant_id).values(weight=weight))
+        if updated.rowcount == 0:
+            raise NotFound(f"no tenant {tenant_id!r}")
+
+
+def tenant_weight(engine: Engine, tenant_id: str) -> float:
+    """The tenant's weight; raises ``NotFound`` for an unknown tenant."""
+    with engine.connect() as conn:
+        weight = conn.execute(sa.select(Tenant.weight).where(Tenant.id == tenant_id)).scalar_one_or_none()
+    if weight is None:
+        raise NotFound(f"no tenant {tenant_id!r}")
+    return float(weight)
 
 
 def get_tenant(engine: Engine, tenant_id: str) -> Tenant | None:

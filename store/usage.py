@@ -23,7 +23,7 @@ from sqlalchemy.engine import Engine
 
 from store.tables import DiscardedAnswer, Result
 
-__all__ = ["UsageGroup", "UsageRow", "usage_report"]
+__all__ = ["UsageGroup", "UsageRow", "exact_decimal", "usage_report"]
 
 UsageGroup = Literal["model", "day", "batch"]
 _EPOCH = dt.date(1970, 1, 1)
@@ -52,7 +52,7 @@ class UsageRow:
     discarded_answers: int = 0
 
 
-def _exact(value: Any) -> Decimal:
+def exact_decimal(value: Any) -> Decimal:
     """A sum as the shortest exact decimal (``0.0001098``, not ``0.000109800000``)."""
     amount = Decimal(value)
     return amount.quantize(Decimal(1)) if amount == amount.to_integral_value() else amount.normalize()
@@ -158,7 +158,7 @@ def usage_report(
             billed_cached_prompt_tokens=int(row["billed_cached_prompt_tokens"]),
             billed_completion_tokens=int(row["billed_completion_tokens"]),
             billed_reasoning_tokens=int(row["billed_reasoning_tokens"]),
-            cost_usd=_exact(row["cost_usd"]),
+            cost_usd=exact_decimal(row["cost_usd"]),
             unpriced_requests=int(row["unpriced_requests"]),
             cache_hit_prompt_tokens=int(row["cache_hit_prompt_tokens"]),
             cache_hit_completion_tokens=int(row["cache_hit_completion_tokens"]),

@@ -12,7 +12,12 @@ sequence number ``s`` (``INCRBY dispatch-seq:sent``: the broker's queue is first
    ``MARKER_SENT_SECONDS``.
 
 A worker that takes the message claims its requests (leases now cover them) and then *settles*
-the marker: deletes it and raises ``dispatch-seq:taken`` to ``s``. A chunk that fails for any
+the marker: deletes it and raises ``dispatch-seq:taken`` to ``s``. A worker that refills (fair
+scheduling, ``workers.runner``) claims only a window's worth of them at first and the rest in
+turn with every tenant's work: it *holds* the marker instead (raises ``taken`` to ``s`` and keeps
+the marker ``MARKER_HELD_SECONDS`` at a time, renewed from its lease heartbeat) and settles it
+when the chunk ends; a worker killed meanwhile stops renewing it, so the ids it named and nobody
+claimed are sent again within that time. A chunk that fails for any
 reason (the database unreachable, a bug) settles it too, in a ``finally``: its requests, still
 queued or handed back, are then seen by the sweeper within its grace. Because step 4 is a
 compare-and-set, a marker once settled is never brought back by a late ``sent`` write (a dispatcher
@@ -57,6 +62,7 @@ from workers.constants import (
 )
 
 __all__ = [
+    "MARKER_HELD_SECONDS",
     "MARKER_PENDING_SECONDS",
     "MARKER_SENT_SECONDS",
     "Dispatcher",
@@ -68,6 +74,8 @@ __all__ = [
 MARKER_PENDING_SECONDS = 60
 # Renewed by every sweep while the message provably waits in the queue (module docstring).
 MARKER_SENT_SECONDS = 300
+# A marker held by the worker running its message lives this long past the worker's last renewal.
+MARKER_HELD_SECONDS = 60
 # Chunks whose markers are written and published together: the pending markers of a group expire
 # long after its last message is published, however many chunks one dispatch makes.
 PUBLISH_GROUP = 64
@@ -79,6 +87,19 @@ for i, key in ipairs(KEYS) do
   if redis.call('GET', key) == 'pending:' .. seq then
     redis.call('SET', key, 'sent:' .. seq, 'EX', ARGV[1])
   end
+end
+return 0
+"""
+# A worker took the message and runs it for a while: remember its number as taken, and keep the
+# marker only as long as the worker renews it.
+_HOLD = """
+local marker = redis.call('GET', KEYS[1])
+if marker then
+  local seq = tonumber(string.match(marker, ':(%d+)$'))
+  if seq and seq > tonumber(redis.call('GET', KEYS[2]) or '0') then
+    redis.call('SET', KEYS[2], seq)
+  end
+  redis.call('EXPIRE', KEYS[1], ARGV[1])
 end
 return 0
 """
@@ -196,6 +217,14 @@ class Dispatcher:
             *[self._marker(dispatch_id) for dispatch_id, _, _ in numbered],
             MARKER_SENT_SECONDS,
             *[seq for _, _, seq in numbered],
+        )
+
+    def hold(self, dispatch_id: str) -> None:
+        """A worker runs the message and has not claimed all of its requests yet: its number
+        counts as taken, and the marker lives ``MARKER_HELD_SECONDS`` more. Idempotent; nothing
+        once settled."""
+        self.redis_client.eval(
+            _HOLD, 2, self._marker(dispatch_id), self._sequence_keys[1], MARKER_HELD_SECONDS
         )
 
     def settle(self, dispatch_id: str) -> None:

@@ -22,8 +22,8 @@ from celery import Celery
 from sqlalchemy.engine import Engine
 
 from config import Settings, get_settings
-from store import pending_request_ids
-from workers.dispatch import Dispatcher
+from store import pending_request_pages
+from workers.dispatch import PUBLISH_GROUP, Dispatcher
 
 __all__ = ["BROKER_UNREACHABLE", "enqueue_batch", "make_dispatcher", "producer_dispatcher"]
 
@@ -73,4 +73,10 @@ def enqueue_batch(dispatcher: Dispatcher, batch_id: str) -> list[str]:
     """Send the batch's queued requests (committed rows, in line order) to the workers; returns the
     dispatch ids. Raises one of ``BROKER_UNREACHABLE`` when the broker does not answer: the requests
     then stay queued for the sweeper. Sending twice is harmless (a claim skips what is taken)."""
-    return dispatcher.dispatch(pending_request_ids(dispatcher.engine, batch_id))
+    # A page of ids at a time (a group of full chunks): memory stays a page for any batch.
+    page = dispatcher.chunk_size * PUBLISH_GROUP
+    return [
+        dispatch_id
+        for ids in pending_request_pages(dispatcher.engine, batch_id, page)
+        for dispatch_id in dispatcher.dispatch(ids)
+    ]

@@ -18,9 +18,13 @@ written to the ledger in batches (every ``flush_size`` results or ``flush_interv
   handed back to the queue with a ``not_before`` delay rather than waited out in a slot;
 * a deadline (half the visibility timeout under Celery) stops starting requests, so a chunk
   never outlives its message's visibility; what was not started is released for the sweeper;
-* for ``refill_seconds`` from its start, the chunk claims more queued requests of its batches
-  (``store.claim_queued``) as its window empties, so a process does not drain its window at the
-  end of every message.
+* for ``refill_seconds`` from its start, the chunk fills the free slots of its window with
+  queued requests of any tenant, shared by the tenants' weights (``workers.fair_share``; within a
+  tenant by priority, then completion deadline: ``store.claim_in_order``), so a process does not
+  drain its window at the end of every message and no tenant's big batch holds every worker.
+  A message's own ids are claimed a window's worth at a time like the rest; past
+  ``refill_seconds`` the free slots are still filled while a request started within it runs (a
+  slow upstream call holds its own slot, never the others: no head-of-line blocking).
 
 A request delivered more than ``max_deliveries`` times (it keeps killing workers, say) is recorded
 as failed without another call. Handlers are per request kind (``workers.handlers``).
@@ -52,14 +56,16 @@ from store import (
     ResultRecord,
     batch_statuses,
     cancel_claimed,
-    claim_queued,
+    claim_in_order,
     claim_requests,
     extend_leases,
     record_cancelled_spend,
     record_handed_back_spend,
     release_requests,
+    tenant_queues,
 )
 from workers import observe
+from workers.fair_share import FairGate, FairShare
 from workers.leases import Heartbeat
 from workers.pipeline import CallResult, ModelCallPipeline
 from workers.result_writer import ResultWriter
@@ -120,9 +126,10 @@ class RunnerConfig:
     flush_interval: float = 0.1
     cancel_check_interval: float = 1.0
     deadline_seconds: float | None = None
-    # For this many seconds from the chunk's start, keep taking queued requests of the same
-    # batches (``store.claim_queued``) as the window empties, so it stays full; 0 = never. Time,
-    # not a count: a count drains the window every few seconds when replies are fast.
+    # For this many seconds from the chunk's start, fill the window's free slots with queued
+    # requests of every tenant, by weight (``workers.fair_share``), so it stays full; 0 = never
+    # (the chunk runs its message's ids alone). Time, not a count: a count drains the window every
+    # few seconds when replies are fast.
     refill_seconds: float = 0
     refill_poll: float = 0.05
     # A request still running after this long is taken for stuck: cancelled here, its lease left
@@ -237,6 +244,9 @@ async def complete_chat(
 
 ResultListener = Callable[[ResultRecord], None]
 
+# The longest wait between two looks for work while a chunk has free slots but nothing waits.
+MAX_IDLE_REFILL_POLL = 1.0
+
 
 class LeaseKeeper(Heartbeat):
     """Extends the leases of a chunk's unfinished requests every ``interval`` from a thread of its
@@ -251,6 +261,7 @@ class LeaseKeeper(Heartbeat):
         interval: float,
         leased: Callable[[], list[str]],
         on_lost: Callable[[set[str]], object],
+        also: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(f"leases {owner}", interval, self._extend)
         self._engine = engine
@@ -258,6 +269,7 @@ class LeaseKeeper(Heartbeat):
         self._lease_seconds = lease_seconds
         self._leased = leased
         self._on_lost = on_lost
+        self._also = also
 
     def _extend(self) -> None:
         ids = self._leased()
@@ -265,6 +277,12 @@ class LeaseKeeper(Heartbeat):
         lost = set(ids) - held
         if lost:
             self._on_lost(lost)
+        if self._also is not None:
+            try:
+                self._also()
+            except Exception:
+                # Not the leases' business: they were extended; the next beat tries again.
+                _logger.exception("a chunk's keep-alive failed; trying again")
 
 
 class ChunkRunner:
@@ -277,6 +295,7 @@ class ChunkRunner:
         config: RunnerConfig,
         *,
         handlers: Mapping[RequestKind, RequestHandler] | None = None,
+        fair_share: FairShare | None = None,
         on_result: ResultListener | None = None,
     ) -> None:
         self.engine = engine
@@ -289,34 +308,51 @@ class ChunkRunner:
             handlers = request_handlers(engine)
         self.handlers = dict(handlers)
         self.on_result = on_result
+        # The tenants' shares of this runner's slots; pass one per process to carry them from
+        # chunk to chunk.
+        self.fair_share = fair_share if fair_share is not None else FairShare()
 
     async def run(
         self,
         request_ids: Sequence[str],
         *,
         on_claimed: Callable[[], None] | None = None,
+        keep_alive: Callable[[], None] | None = None,
         traceparent: str | None = None,
     ) -> ChunkReport:
         """Claim ``request_ids`` and run what was claimed; ``on_claimed`` is called (off the loop)
-        once the claim is committed, whatever it took. ``traceparent``: the span of the dispatch
-        that sent the chunk, to continue (``telemetry.tracing``)."""
-        with observe.chunk_span(len(request_ids), traceparent):
-            return await self._run(request_ids, on_claimed)
+        once the claim is committed, whatever it took, and ``keep_alive`` (from the lease
+        heartbeat's thread) every heartbeat while the chunk runs.
 
-    async def _run(self, request_ids: Sequence[str], on_claimed: Callable[[], None] | None) -> ChunkReport:
+        A refilling chunk claims a window's worth of its ids at first and the rest with every
+        tenant's work, fairly; with nothing of its own to claim it still serves what waits.
+        ``traceparent``: the span of the dispatch that sent the chunk, to continue
+        (``telemetry.tracing``)."""
+        with observe.chunk_span(len(request_ids), traceparent):
+            return await self._run(request_ids, on_claimed, keep_alive)
+
+    async def _run(
+        self,
+        request_ids: Sequence[str],
+        on_claimed: Callable[[], None] | None,
+        keep_alive: Callable[[], None] | None,
+    ) -> ChunkReport:
         config = self.config
         report = ChunkReport(requested=len(request_ids))
         started = time.monotonic()
+        refilling = config.refill_seconds > 0
+        first = list(request_ids)[: config.in_flight] if refilling else list(request_ids)
         claimed = await asyncio.to_thread(
-            claim_requests, self.engine, list(request_ids), config.owner, config.lease_seconds
+            claim_requests, self.engine, first, config.owner, config.lease_seconds
         )
         report.claimed = len(claimed)
         observe.claimed(claimed)
+        tags = {request.id: self.fair_share.charge(request.tenant_id, 1)[0] for request in claimed}
         if on_claimed is not None:
             await asyncio.to_thread(on_claimed)
-        if not claimed:
+        if not claimed and not refilling:
             return report
-        await _ChunkRun(self, claimed, report, started).run()
+        await _ChunkRun(self, claimed, report, started, tags, keep_alive).run()
         return report
 
 
@@ -326,9 +362,16 @@ class _ChunkRun:
     batch stop, refill, finish, wind down)."""
 
     def __init__(
-        self, runner: ChunkRunner, claimed: Sequence[ClaimedRequest], report: ChunkReport, started: float
+        self,
+        runner: ChunkRunner,
+        claimed: Sequence[ClaimedRequest],
+        report: ChunkReport,
+        started: float,
+        tags: dict[str, float],
+        keep_alive: Callable[[], None] | None = None,
     ) -> None:
         self.engine = runner.engine
+        self.fair_share = runner.fair_share
         self.pipeline = runner.pipeline
         self.handlers = runner.handlers
         self.on_result = runner.on_result
@@ -348,7 +391,9 @@ class _ChunkRun:
         self.request_tokens: dict[str, CancellationToken] = {}  # of the requests past the gate
         self.to_cancel: list[str] = []
         self.cancelled_spend: list[ResultRecord] = []  # paid calls of the requests in ``to_cancel``
-        self.gate = asyncio.Semaphore(config.in_flight)
+        # Requests waiting for a slot go in by their fair-share tags (``workers.fair_share``).
+        self.gate = FairGate(config.in_flight, self.fair_share)
+        self.tags = tags  # of the claimed requests not yet let in
         loop = asyncio.get_running_loop()
         self.keeper = LeaseKeeper(
             self.engine,
@@ -357,6 +402,7 @@ class _ChunkRun:
             config.heartbeat_interval,
             self.leased,
             lambda lost: loop.call_soon_threadsafe(self.lose, lost),
+            also=keep_alive,
         )
 
     async def run(self) -> None:
@@ -383,14 +429,22 @@ class _ChunkRun:
             await self.wind_down(helpers, writing)
 
     def fail_overdelivered(self) -> None:
+        self.deliverable(self.claimed)
+
+    def deliverable(self, requests: Sequence[ClaimedRequest]) -> list[ClaimedRequest]:
+        """Those of ``requests`` to run; the ones delivered too often end failed here."""
         config = self.config
-        for request in self.claimed:
+        to_run = []
+        for request in requests:
             if request.attempts > config.max_deliveries:
                 error = ModelClientError(
                     f"gave up after {request.attempts - 1} deliveries that did not finish",
                     code="max_deliveries",
                 )
                 self.finish(failed_record(request.id, error, attempts=0))
+            else:
+                to_run.append(request)
+        return to_run
 
     def finish(self, record: ResultRecord) -> None:
         report = self.report
@@ -423,6 +477,8 @@ class _ChunkRun:
 
     def start(self, requests: Sequence[ClaimedRequest]) -> None:
         for request in requests:
+            if request.batch_id not in self.batch_tokens:  # refilled from another batch
+                self.batch_tokens[request.batch_id] = CancellationToken()
             self.unfinished[request.id] = request
             self.started_at[request.id] = time.monotonic()
             task = self.running[request.id] = asyncio.create_task(self.run_one(request))
@@ -438,22 +494,28 @@ class _ChunkRun:
             self.all_settled.set()
 
     async def run_one(self, request: ClaimedRequest) -> None:
-        batch_token = self.batch_tokens[request.batch_id]
-        async with self.gate:
-            if batch_token.is_cancelled():
-                self.to_cancel.append(request.id)
-                return
-            # Its own token, fired by its batch's cancel or by the loss of its lease.
-            token = self.request_tokens[request.id] = CancellationToken()
-            batch_token.add_callback(token.cancel)
-            observe.started(request)
-            try:
-                with observe.request_span(request):
-                    await self.run_claimed(request, token)
-            finally:
-                observe.ended(request)
-                batch_token.remove_callback(token.cancel)
-                self.request_tokens.pop(request.id, None)
+        batch_token = self.batch_tokens.setdefault(request.batch_id, CancellationToken())
+        await self.gate.acquire(self.tags.pop(request.id, 0.0))
+        try:
+            await self.run_admitted(request, batch_token)
+        finally:
+            self.gate.release()
+
+    async def run_admitted(self, request: ClaimedRequest, batch_token: CancellationToken) -> None:
+        if batch_token.is_cancelled():
+            self.to_cancel.append(request.id)
+            return
+        # Its own token, fired by its batch's cancel or by the loss of its lease.
+        token = self.request_tokens[request.id] = CancellationToken()
+        batch_token.add_callback(token.cancel)
+        observe.started(request)
+        try:
+            with observe.request_span(request):
+                await self.run_claimed(request, token)
+        finally:
+            observe.ended(request)
+            batch_token.remove_callback(token.cancel)
+            self.request_tokens.pop(request.id, None)
 
     async def run_claimed(self, request: ClaimedRequest, token: CancellationToken) -> None:
         if self.past_deadline():
@@ -563,28 +625,68 @@ class _ChunkRun:
     async def watch_batches(self) -> None:
         while True:
             await asyncio.sleep(self.config.cancel_check_interval)
+            # A long refilling chunk meets many batches (every single call is one): watch only
+            # those it still runs requests of.
+            current = {request.batch_id for request in list(self.unfinished.values())}
+            for batch_id in [b for b in self.batch_tokens if b not in current]:
+                del self.batch_tokens[batch_id]
             await self.stop_stopped_batches()
 
     def refilling_allowed(self) -> bool:
-        return time.monotonic() - self.started < self.config.refill_seconds and not self.past_deadline()
+        if self.past_deadline():
+            return False
+        window_end = self.started + self.config.refill_seconds
+        if time.monotonic() < window_end:
+            return True
+        # Past the window the chunk drains; while a request started within it still runs (a slow
+        # upstream call), the slots it does not use are filled all the same: they never idle
+        # behind it.
+        return any(started < window_end for started in list(self.started_at.values()))
 
     async def refill(self) -> None:
         config = self.config
+        wait = config.refill_poll
         while self.refilling_allowed():
-            await asyncio.sleep(config.refill_poll)
-            if len(self.running) >= 2 * config.in_flight:
-                continue  # a window's worth still waits behind the one in flight
-            live = [batch_id for batch_id, token in self.batch_tokens.items() if not token.is_cancelled()]
-            if not live:
-                return
-            more = await asyncio.to_thread(
-                claim_queued, self.engine, live, config.owner, config.lease_seconds, config.in_flight
-            )
-            if not more:
-                return
-            observe.claimed(more)
-            self.report.claimed += len(more)
-            self.start(more)
+            await asyncio.sleep(wait)
+            # A window in flight and up to one more claimed behind it, so that a slot that frees
+            # starts the next request at once rather than after a poll and a claim. Claimed as
+            # soon as there is room, however little: a tenant that just arrived is claimed within
+            # a poll and let in first (``FairGate``), not after half a window of completions.
+            room = 2 * config.in_flight - len(self.running)
+            if room < 1:
+                wait = config.refill_poll
+                continue
+            more = await asyncio.to_thread(self.claim_fairly, room)
+            if more:
+                observe.claimed(more)
+                self.report.claimed += len(more)
+                self.start(self.deliverable(more))
+                wait = config.refill_poll
+            elif not self.running:
+                return  # nothing waits anywhere and nothing of ours runs: the chunk ends
+            else:
+                # Nothing waits now: ask less often while the requests of ours still run.
+                wait = min(MAX_IDLE_REFILL_POLL, 2 * wait)
+
+    def claim_fairly(self, free: int) -> list[ClaimedRequest]:
+        """Claim up to ``free`` requests of the tenants with work waiting, shared by their weights
+        (``workers.fair_share``); a tenant with less waiting than its share leaves the rest of
+        the slots to the others. Off the loop (the claims are SQL)."""
+        config = self.config
+        fair = self.fair_share
+        queues = {queue.tenant_id: queue for queue in tenant_queues(self.engine)}
+        claimed: list[ClaimedRequest] = []
+        while free > 0 and queues:
+            shares = fair.shares({tenant_id: queue.weight for tenant_id, queue in queues.items()}, free)
+            for tenant_id, share in shares.items():
+                queue = queues[tenant_id]
+                got = claim_in_order(self.engine, queue.batch_ids, config.owner, config.lease_seconds, share)
+                self.tags.update(zip((r.id for r in got), fair.charge(tenant_id, len(got)), strict=True))
+                claimed += got
+                free -= len(got)
+                if len(got) < share:
+                    del queues[tenant_id]  # nothing more of theirs waits
+        return claimed
 
     async def wind_down(self, helpers: list[asyncio.Task[None]], writing: asyncio.Task[None]) -> None:
         """Stop the helpers, write the last results, then settle what did not finish here."""

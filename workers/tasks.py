@@ -30,6 +30,7 @@ from workers.app import app
 from workers.constants import COMPLETE_CHUNK_TASK, SWEEP_TASK
 from workers.dispatch import Dispatcher
 from workers.enqueue import make_dispatcher
+from workers.fair_share import FairShare
 from workers.leases import lease_owner
 from workers.runner import ChunkReport, ChunkRunner, RunnerConfig
 from workers.sweeper import sweep
@@ -43,10 +44,15 @@ def dispatcher() -> Dispatcher:
     return make_dispatcher(app, context.engine(), context.redis_client(), context.settings())
 
 
+# The tenants' shares of this process's slots, carried from chunk to chunk (a fork starts empty).
+_fair_share = FairShare()
+
+
 async def run_chunk(
     request_ids: list[str],
     owner: str,
     on_claimed: Callable[[], None] | None = None,
+    keep_alive: Callable[[], None] | None = None,
     traceparent: str | None = None,
 ) -> ChunkReport:
     settings = context.settings()
@@ -65,8 +71,11 @@ async def run_chunk(
             max_request_seconds=settings.max_attempts * (settings.upstream_timeout_seconds + 60),
             rate_limit_retry_seconds=settings.rate_limit_retry_seconds,
         ),
+        fair_share=_fair_share,
     )
-    return await runner.run(request_ids, on_claimed=on_claimed, traceparent=traceparent)
+    return await runner.run(
+        request_ids, on_claimed=on_claimed, keep_alive=keep_alive, traceparent=traceparent
+    )
 
 
 class _FailureBackoff:
@@ -92,10 +101,13 @@ _failure_backoff = _FailureBackoff()
 def complete_chunk(self: Any, request_ids: list[str], dispatch_id: str | None = None) -> dict[str, int]:
     owner = lease_owner(self.request.hostname)
     settle = None if dispatch_id is None else functools.partial(dispatcher().settle, dispatch_id)
+    hold = None if dispatch_id is None else functools.partial(dispatcher().hold, dispatch_id)
     try:
-        # Settled as soon as leases cover the claimed requests (workers.dispatch)...
+        # Held while the chunk runs: it claims the message's ids a window at a time, fairly with
+        # every tenant's work (workers.dispatch)...
+        traceparent = _traceparent(self.request)
         report = context.run_in_loop(
-            run_chunk(list(request_ids), owner, on_claimed=settle, traceparent=_traceparent(self.request))
+            run_chunk(list(request_ids), owner, on_claimed=hold, keep_alive=hold, traceparent=traceparent)
         )
     except Exception:
         # A process whose chunks fail (its database out of reach, say) fails fast, and would take

@@ -33,6 +33,7 @@ import store
 from api.deps import ID_PATTERN, AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
 from api.errors import Conflict, InvalidRequest, NotFound, RateLimitExceeded, over_quota
 from config import Settings
+from store.export import in_chunks
 from store.tables import MAX_WEBHOOK_URL_CHARS
 from telemetry import tracing
 from workers.agent_tasks import check_agent_run_body
@@ -294,11 +295,15 @@ def cancel_batch(batch_id: ObjectId, tenant: TenantDep, engine: EngineDep) -> di
 def batch_output_so_far(batch_id: ObjectId, tenant: TenantDep, engine: EngineDep) -> StreamingResponse:
     """The output lines finished so far (OpenAI's output format), while the batch still runs."""
     _tenant_batch(engine, tenant, batch_id)
-    return StreamingResponse(store.iter_output_lines(engine, batch_id), media_type="application/jsonl")
+    return StreamingResponse(
+        in_chunks(store.iter_output_lines(engine, batch_id)), media_type="application/jsonl"
+    )
 
 
 @router.get("/{batch_id}/errors", response_model=None)
 def batch_errors_so_far(batch_id: ObjectId, tenant: TenantDep, engine: EngineDep) -> StreamingResponse:
     """The error lines so far, while the batch still runs."""
     _tenant_batch(engine, tenant, batch_id)
-    return StreamingResponse(store.iter_error_lines(engine, batch_id), media_type="application/jsonl")
+    return StreamingResponse(
+        in_chunks(store.iter_error_lines(engine, batch_id)), media_type="application/jsonl"
+    )

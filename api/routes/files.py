@@ -18,6 +18,7 @@ from starlette.datastructures import UploadFile
 import store
 from api.deps import AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
 from api.errors import InvalidRequest, NotFound
+from store.export import in_chunks
 from store.input_checks import quote_input
 
 __all__ = ["file_object", "router"]
@@ -128,7 +129,7 @@ def file_content(file_id: ObjectId, tenant: TenantDep, engine: EngineDep) -> Fil
         if file.kind == store.FileKind.BATCH_OUTPUT
         else store.iter_error_lines(engine, file.batch_id)
     )
-    return StreamingResponse(lines, media_type="application/jsonl")
+    return StreamingResponse(in_chunks(lines), media_type="application/jsonl")
 
 
 @router.delete("/{file_id}")

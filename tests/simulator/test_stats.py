@@ -57,6 +57,35 @@ def test_reset_zeroes_stats_and_restores_config(client: openai.OpenAI, simulator
     assert simulator.stats()["by_status"] == {"200": 1}
 
 
+def test_a_request_running_across_a_reset_counts_in_neither_period(
+    client: openai.OpenAI, simulator: SimulatorServer
+) -> None:
+    """An answer to a request that arrived before a reset (an earlier test's call, its client gone,
+    still sleeping out a long latency) is not the new period's: counted there, it made a later
+    test's ledger look one answer short per straggler of what the simulator delivered
+    (``test_a_cache_redis_frozen_then_killed_mid_batch`` after a test with 60 s latency)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(
+            client.chat.completions.create,
+            model="m",
+            messages=[{"role": "user", "content": "from before the reset [[delay 3]]"}],
+        )
+        deadline = time.monotonic() + 10
+        while simulator.stats()["in_flight"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert simulator.stats()["in_flight"] == 1, "the request never reached the simulator"
+        simulator.reset()
+        assert not answer.done(), "the reset came after the reply; nothing was tested"
+        reply = answer.result()
+    assert reply.usage is not None
+    assert reply.usage.total_tokens > 0  # it was answered in full
+    stats = simulator.stats()
+    assert stats["accepted"] == stats["requests"] == 0
+    assert stats["prompt_tokens"] == stats["completion_tokens"] == 0
+    assert stats["in_flight"] == 0
+    assert stats["by_status"] == {}
+
+
 def test_peak_in_flight_sees_concurrency(client: openai.OpenAI, simulator: SimulatorServer) -> None:
     simulator.configure(latency_ms=300)
     with concurrent.futures.ThreadPoolExecutor(4) as pool:

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from store import Request, claim_requests, release_requests
 from tests.cluster import Cluster
 from tests.workers.support import Ledger, add_batch, statuses
-from workers.dispatch import MARKER_SENT_SECONDS, Dispatcher
+from workers.dispatch import MARKER_HELD_SECONDS, MARKER_SENT_SECONDS, Dispatcher
 from workers.sweeper import sweep
 
 
@@ -88,3 +88,31 @@ def test_markers_are_not_renewed_when_the_queue_is_empty(
     c.broker.expire(marker_key, 5)
     assert d.live_dispatches([dispatch_id]) == {dispatch_id}
     assert c.broker.ttl(marker_key) <= 5
+
+
+def test_a_held_marker_lives_while_renewed_and_a_settled_one_stays_settled(
+    cluster: Callable[..., Cluster], make_ledger: Callable[[str], Ledger], postgres_url: str
+) -> None:
+    """A refilling chunk holds its message's marker (its ids are claimed a window at a time): its
+    number counts as taken, the marker lives MARKER_HELD_SECONDS past each renewal, so the
+    sweeper re-sends nothing of it; its ids come back once the holder stops renewing (killed),
+    and a hold after the settle does not bring the marker back."""
+    c = cluster()
+    led = make_ledger(postgres_url)
+    _, ids = add_batch(led, ["held"])
+    d = c.dispatcher
+    [held] = d.dispatch(ids)
+    key = f"{d.key_prefix}dispatch:{held}"
+    seq = int((d.marker(held) or "").split(":")[1])
+    d.hold(held)
+    assert 0 < c.broker.ttl(key) <= MARKER_HELD_SECONDS
+    assert int(c.broker.get(f"{d.key_prefix}dispatch-seq:taken") or 0) >= seq
+    with led.engine.begin() as conn:
+        conn.execute(sa.update(Request).values(dispatched_at=Request.dispatched_at - 60))
+    assert sweep(d, grace_seconds=30).redispatched == 0, "held: its chunk claims it in turn"
+    c.broker.delete(key)  # the holder died and its last renewal ran out
+    assert sweep(d, grace_seconds=30).redispatched == 1
+    [settled] = d.dispatch(ids)
+    d.settle(settled)
+    d.hold(settled)
+    assert d.marker(settled) is None

@@ -1,0 +1,250 @@
+"""What must not grow with the ledger: the hot queries read what is left to run (their plans on
+PostgreSQL, ANALYZEd), a batch is read from its own row, and exports and enqueues go a page at a
+time, holding no connection between pages (bench/million.py and bench/query_plans.py measure
+the same at a million lines)."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+import store
+import store.export
+from bench.query_plans import capture, explain, generic_plan_scans
+from models.types import RequestUsage
+from store.schema import alembic_config
+from tests.store.conftest import IngestFn, chat_line
+
+UNFINISHED_INDEXES = ("ix_requests_unfinished_batch_id_line_number", "ix_requests_unfinished_dispatch_id")
+
+
+def answer(request_id: str, *, cached: bool = False, upstream: str | None = None) -> store.ResultRecord:
+    usage = RequestUsage(prompt_tokens=12, completion_tokens=30, cached_prompt_tokens=4, reasoning_tokens=2)
+    return store.ResultRecord(
+        request_id,
+        store.RequestStatus.SUCCEEDED,
+        {"id": f"chatcmpl-{request_id}", "choices": [{"message": {"content": "answer"}}]},
+        upstream_request_id=upstream or f"up-{request_id}",
+        model="m1",
+        usage=usage,
+        cached=cached,
+    )
+
+
+@pytest.fixture
+def pg_engine(postgres_url: str) -> Iterator[Engine]:
+    store.upgrade_to_head(postgres_url)
+    engine = store.make_engine(postgres_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def test_hot_queries_read_only_the_requests_left_to_run(pg_engine: Engine) -> None:
+    """A batch mostly done: claims, enqueue pages and progress counts scan the partial indexes
+    of unfinished requests, in the plan PostgreSQL picks with the parameters and in the generic
+    plan of a prepared statement (psycopg prepares a statement run five times), where a status
+    sent as a parameter could not use them."""
+    engine = pg_engine
+    tenant = store.create_tenant(engine, "acme")
+    lines = [chat_line(f"c{i}") for i in range(3000)]
+    batch_id = store.ingest_batch(engine, _jsonl(lines), tenant_id=tenant.id).batch_id
+    ids = store.pending_request_ids(engine, batch_id)
+    store.record_results(engine, [answer(request_id) for request_id in ids[:2900]])
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("VACUUM ANALYZE requests"))
+    calls: dict[str, Any] = {
+        "claim_queued": lambda: store.claim_queued(engine, [batch_id], "w", 20, 64),
+        "pending_request_pages": lambda: next(store.pending_request_pages(engine, batch_id, 64)),
+        "batch_progress": lambda: store.batch_progress(engine, batch_id),
+    }
+    for name, call in calls.items():
+        statement, parameters = capture(engine, call, lambda _statement: True)
+        custom = explain(engine, statement, parameters).scans
+        generic = generic_plan_scans(engine, statement, parameters)
+        for plan in (custom, generic):
+            assert _reads_only_unfinished(plan), (name, plan)
+
+
+def _reads_only_unfinished(scans: list[str]) -> bool:
+    """Requests found through an index that holds only unfinished ones, or one led by the
+    status looked up as 'queued' or 'running'; never through the index of every request of a
+    batch (stepping over its finished lines) nor by a sequential scan."""
+    indexes = [scan.split(" using ")[1] for scan in scans if " using " in scan]
+    return (
+        bool(indexes)
+        and "ix_requests_batch_id_line_number" not in indexes
+        and "Seq Scan on requests" not in scans
+    )
+
+
+def test_reading_a_batch_sums_nothing(engine: Engine, ingest: IngestFn) -> None:
+    """GET /v1/batches/{id} (its usage included) reads the batch's row, not its results: a poll
+    of a million-line batch cost a sum over a million rows."""
+    batch_id = ingest(3).batch_id
+    ids = store.pending_request_ids(engine, batch_id)
+    store.record_results(engine, [answer(ids[0]), answer(ids[1], cached=True)])
+    batch = store.get_batch(engine, batch_id)
+    assert batch is not None
+    sent: list[str] = []
+
+    def hook(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(statement)
+
+    event.listen(engine, "before_cursor_execute", hook)
+    try:
+        usage = store.batch_object(engine, batch)["usage"]
+    finally:
+        event.remove(engine, "before_cursor_execute", hook)
+    assert [s for s in sent if "results" in s or "discarded_answers" in s] == []
+    assert (usage["input_tokens"], usage["cache_hits"]) == (12, 1)
+
+
+def test_a_batch_counts_what_the_usage_report_sums(engine: Engine, ingest: IngestFn) -> None:
+    """Results billed and served from the cache, failures, a duplicate delivery with another
+    answer, spend of cancelled and handed-back requests: the batch's counters equal the rollup."""
+    store.set_price(engine, "m1", 1.0, 0.5, 2.0)
+    batch_id = ingest(6).batch_id
+    ids = store.pending_request_ids(engine, batch_id)
+    store.record_results(engine, [answer(ids[0]), answer(ids[1], cached=True)])
+    failed = store.ResultRecord(ids[2], store.RequestStatus.FAILED, error_code="x", model="m1")
+    store.record_results(engine, [failed, answer(ids[0], upstream="second-answer")])  # a duplicate
+    store.record_results(engine, [answer(ids[0], upstream="second-answer")])  # written again: once
+    store.record_handed_back_spend(engine, [answer(ids[3], upstream="before-hand-back")])
+    claimed = store.claim_requests(engine, [ids[4]], "w", 30)
+    assert claimed
+    assert store.cancel_claimed(engine, [ids[4]], "w") == 1
+    store.record_cancelled_spend(engine, [answer(ids[4], upstream="before-cancel")])
+    batch = store.get_batch(engine, batch_id)
+    assert batch is not None
+    usage = store.batch_object(engine, batch)["usage"]
+    [row] = store.usage_report(engine, group_by=(), batch_id=batch_id)
+    assert row.discarded_answers == 3
+    assert usage == {
+        "input_tokens": row.billed_prompt_tokens,
+        "input_tokens_details": {"cached_tokens": row.billed_cached_prompt_tokens},
+        "output_tokens": row.billed_completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": row.billed_reasoning_tokens},
+        "total_tokens": row.billed_prompt_tokens + row.billed_completion_tokens,
+        "cache_hits": row.cache_hits,
+        "cost_usd": float(row.cost_usd),
+    }
+
+
+def test_the_migration_fills_the_counters_of_batches_written_before_it(database_url: str) -> None:
+    engine = store.make_engine(database_url)
+    try:
+        command.upgrade(alembic_config(engine), "0013")
+        with engine.begin() as conn:
+            conn.execute(sa.text("INSERT INTO tenants (id, name, created_at) VALUES ('t', 't', 0)"))
+            conn.execute(
+                sa.text(
+                    "INSERT INTO batches (id, tenant_id, endpoint, kind, completion_window, status, "
+                    "priority, total_count, completed_count, failed_count, cancelled_count, created_at, "
+                    "expires_at) VALUES ('b', 't', '/v1/chat/completions', 'chat_completion', '24h', "
+                    "'in_progress', 0, 3, 2, 0, 0, 0, 86400)"
+                )
+            )
+            for i in range(3):
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO requests (id, batch_id, tenant_id, custom_id, line_number, kind, "
+                        "body, status, priority, attempts, created_at) VALUES (:id, 'b', 't', :id, :n, "
+                        "'chat_completion', '{}', 'succeeded', 0, 1, 0)"
+                    ),
+                    {"id": f"r{i}", "n": i},
+                )
+            for i, cached in ((0, False), (1, True)):
+                conn.execute(
+                    sa.text(
+                        "INSERT INTO results (request_id, batch_id, tenant_id, status, model, "
+                        "prompt_tokens, completion_tokens, cached_prompt_tokens, reasoning_tokens, "
+                        "cached, cost_usd, attempts, created_at) VALUES (:id, 'b', 't', 'succeeded', 'm', "
+                        "10, 20, 3, 1, :cached, :cost, 1, 0)"
+                    ),
+                    {"id": f"r{i}", "cached": cached, "cost": 0 if cached else "0.000123"},
+                )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO discarded_answers (request_id, batch_id, tenant_id, reason, "
+                    "upstream_request_id, model, prompt_tokens, completion_tokens, cached_prompt_tokens, "
+                    "reasoning_tokens, cost_usd, created_at) VALUES ('r0', 'b', 't', 'duplicate', 'x', 'm', "
+                    "5, 6, 0, 0, '0.000007', 0)"
+                )
+            )
+        store.upgrade_to_head(engine)
+        batch = store.get_batch(engine, "b")
+        assert batch is not None
+        usage = store.batch_object(engine, batch)["usage"]
+        [row] = store.usage_report(engine, group_by=(), batch_id="b")
+        assert (usage["input_tokens"], usage["output_tokens"], usage["cache_hits"]) == (15, 26, 1)
+        assert (row.billed_prompt_tokens, row.billed_completion_tokens, row.cache_hits) == (15, 26, 1)
+        assert usage["cost_usd"] == float(row.cost_usd) == 0.00013
+        assert batch.discarded_answer_count == 1
+    finally:
+        engine.dispose()
+
+
+def _jsonl(lines: list[dict[str, Any]]) -> Any:
+    from tests.store.conftest import jsonl
+
+    return jsonl(lines)
+
+
+def test_an_export_holds_no_connection_between_pages_and_a_page_of_memory(
+    engine: Engine, ingest: IngestFn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The output file is read a page at a time, each page a short read: a slow download held
+    one connection and one transaction for its whole length. Memory is a page, not the file."""
+    monkeypatch.setattr(store.export, "PAGE_LINES", 20)
+    lines = [chat_line(f"c{i}", content="x" * 2000) for i in range(400)]
+    batch_id = ingest(lines).batch_id
+    ids = store.pending_request_ids(engine, batch_id)
+    big = {"choices": [{"message": {"content": "y" * 4000}}]}
+    records = [store.ResultRecord(i, store.RequestStatus.SUCCEEDED, big) for i in ids]
+    store.record_results(engine, records)
+
+    exported = store.iter_output_lines(engine, batch_id)
+    first = next(exported)
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    rest = list(exported)
+    assert [json.loads(line)["custom_id"] for line in [first, *rest]] == [f"c{i}" for i in range(400)]
+
+    def peak_of_export(count: int) -> int:
+        tracemalloc.start()
+        try:
+            written = sum(
+                len(line)
+                for line, _ in zip(store.iter_output_lines(engine, batch_id), range(count), strict=False)
+            )
+            assert written > 0
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak_of_export(40), peak_of_export(400)
+    file_bytes = sum(len(line) for line in [first, *rest])
+    assert large < 2 * small < file_bytes, (small, large, file_bytes)
+
+
+def test_enqueue_pages_cover_every_queued_request_once_in_line_order(
+    engine: Engine, ingest: IngestFn
+) -> None:
+    batch_id = ingest(250).batch_id
+    ids = store.pending_request_ids(engine, batch_id)
+    store.claim_requests(engine, ids[100:110], "w", 30)  # running: not queued, not paged
+    pages = []
+    for page in store.pending_request_pages(engine, batch_id, 64):
+        assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+        pages.append(page)
+    assert all(len(page) <= 64 for page in pages)
+    assert [i for page in pages for i in page] == ids[:100] + ids[110:]

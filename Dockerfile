@@ -77,6 +77,7 @@ COPY agents /src/agents
 COPY api /src/api
 COPY migrations /src/migrations
 COPY simulator /src/simulator
+COPY telemetry /src/telemetry
 RUN if ls /wheels/*.whl >/dev/null 2>&1; then set -- --no-index --find-links /wheels; fi \
     && pip wheel "$@" --no-deps --wheel-dir /dist /src
 

@@ -9,6 +9,7 @@ import re
 import subprocess
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -244,3 +245,13 @@ def test_a_full_cache_drops_old_entries_and_keeps_answering(start_redis: Any) ->
     assert cache.exists("answer:1999")
     assert cache.dbsize() < 2000
     assert cache.info("stats")["evicted_keys"] > 0
+
+
+def test_the_image_holds_every_package_the_project_installs() -> None:
+    """The build stage copies package folders one by one (to keep the build context lean): a
+    package added to pyproject.toml but not copied made every worker container die at start with
+    ModuleNotFoundError (found by compose-check after telemetry/ was added)."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {name.rstrip("*") for name in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    copied = set(re.findall(r"^COPY (\w+) /src/\1$", (ROOT / "Dockerfile").read_text(), flags=re.M))
+    assert packages <= copied, f"not copied into the image: {sorted(packages - copied)}"

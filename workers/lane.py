@@ -222,10 +222,21 @@ class LaneConsumer:
         try:
             if stream:
                 relayed = False
+                relay_lost = False
 
                 async def relay(text: str, cached: bool) -> None:
-                    nonlocal relayed
-                    await self.transport.append(request.id, text=text, cached=None if relayed else cached)
+                    nonlocal relayed, relay_lost
+                    if relay_lost:
+                        return
+                    try:
+                        await self.transport.append(request.id, text=text, cached=None if relayed else cached)
+                    except (RedisError, OSError):
+                        # The caller's relay is lost, not the call: it is read to its end and
+                        # recorded (raising here would cut off a paid call and run it again);
+                        # the API, hearing nothing, reads the answer from the ledger.
+                        relay_lost = True
+                        _logger.warning("the stream of request %s lost its relay", request.id, exc_info=True)
+                        return
                     relayed = True
 
                 call = await self.pipeline.call_stream(

@@ -390,13 +390,14 @@ class GovernedClient(DelegatingClient):
             self._count_attempt()
             yielded = False
             outcome, actual = CallOutcome.FAILED, None
+            # Not given the token, as ``_create``'s attempt: a cancel stops the waits and retries
+            # around it, not the stream itself, which the provider bills whether or not we hang up.
             stream = self._client.create_stream(
                 messages,
                 tools=tools,
                 tool_choice=tool_choice,
                 json_output=json_output,
                 extra_create_args=extra_create_args,
-                cancellation_token=cancellation_token,
             )
             try:
                 async for item in stream:

@@ -232,3 +232,45 @@ def test_the_sweeper_reruns_a_single_call_whose_worker_died(lane: Lane, simulato
     assert row.status == store.RequestStatus.SUCCEEDED
     assert row.attempts == 2
     assert simulator.stats()["by_model"]["stranded-model"] == 2  # the killed call, then the rerun
+
+
+def test_a_stream_cancelled_mid_call_is_read_to_its_end_and_billed(
+    lane: Lane, simulator: SimulatorServer, tmp_path: Path
+) -> None:
+    """The API's wait runs out while the provider is still streaming: the request is cancelled,
+    but the call already with the provider is read to its end (the provider bills it whether or
+    not we hang up) and recorded and billed, as a batch line's call is after a cancel (invariant
+    "bill follows the payer"). It used to be cut off mid-stream and billed nothing."""
+    lane.cluster.worker("w1")
+    simulator.configure(stream_chunk_delay_ms=100, stream_chunk_chars=8)
+    process, root = start_api(
+        {**lane.cluster.env, "TOKENMILL_SYNC_TIMEOUT_SECONDS": "2"}, tmp_path / "api2.log"
+    )
+    try:
+        with httpx.stream(
+            "POST",
+            f"{root}/v1/chat/completions",
+            headers=lane.headers,
+            json=ask("[[words 60]] a long one", stream=True),
+            timeout=120,
+        ) as response:
+            assert response.status_code == 200, response.read()
+            events = list(sse_events(response))
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert "error" in events[-1]  # the stream ended with the timeout's error event
+    wait_until(lambda: lane.requests()[0].status in ("succeeded", "cancelled"), "the request never ended")
+    wait_until(lambda: simulator.stats()["in_flight"] == 0, "the provider never finished the call")
+    stats = simulator.stats()
+    delivered = (stats["prompt_tokens"], stats["completion_tokens"])
+    assert delivered[1] > 0  # the call was read to its end, not cut off
+
+    def billed() -> tuple[int, int]:
+        rows = store.usage_report(lane.engine, lane.requests()[0].tenant_id, group_by=())
+        return (
+            sum(row.billed_prompt_tokens for row in rows),
+            sum(row.billed_completion_tokens for row in rows),
+        )
+
+    wait_until(lambda: billed() == delivered, f"billed {billed()} != delivered {delivered}", seconds=60)

@@ -1,0 +1,97 @@
+"""A chat body the API admits but the workers cannot read (ingest checks only ``model`` and the
+messages' roles) is the client's mistake: a 400 naming it, at once, from one delivery. Before, a
+body whose ``tool_choice.function`` was a string, or whose image part had an odd ``detail``, broke
+the handler with an AttributeError or a pydantic error: its request went back in line, was run
+again on every sweep until ``max_deliveries`` failed it, and its caller got a 502 ("the model
+provider failed") minutes later; a body the handler did refuse (a ``tool_choice`` naming no tool
+offered) was a 502 as well, since the refusal carried no status. Live API, worker and beat
+processes, PostgreSQL, Redis and the simulator over HTTP."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+
+import store
+from store.tables import Request, Result
+from tests.api.conftest import start_api
+from tests.cluster import Cluster, run_cli
+
+pytestmark = pytest.mark.slow
+
+# Short enough that a body stuck in redeliveries fails the test in reasonable time.
+_SYNC_TIMEOUT_SECONDS = 30
+
+
+@pytest.fixture
+def lane_api(cluster: Callable[..., Cluster], tmp_path: Path) -> Iterator[tuple[Cluster, str, str]]:
+    c = cluster()
+    c.env["TOKENMILL_FILES_DIR"] = str(tmp_path / "files")
+    c.env["TOKENMILL_SYNC_TIMEOUT_SECONDS"] = str(_SYNC_TIMEOUT_SECONDS)
+    assert run_cli(c.env, "db", "upgrade").returncode == 0
+    created = run_cli(c.env, "keys", "create", "bad-bodies")
+    assert created.returncode == 0, created.stderr
+    process, root = start_api(c.env, tmp_path / "api.log")
+    try:
+        yield c, root, created.stdout.strip()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _user(content: Any) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": content}]
+
+
+_TOOL = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
+
+BAD_BODIES: dict[str, dict[str, Any]] = {
+    "tool_choice_function_not_an_object": {
+        "messages": _user("hi"),
+        "tools": [_TOOL],
+        "tool_choice": {"type": "function", "function": "lookup"},
+    },
+    "image_detail_not_a_detail": {
+        "messages": _user([{"type": "image_url", "image_url": {"url": "https://x.test/a.png", "detail": 5}}]),
+    },
+    "tool_choice_names_no_tool_offered": {
+        "messages": _user("hi"),
+        "tools": [_TOOL],
+        "tool_choice": {"type": "function", "function": {"name": "elsewhere"}},
+    },
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BODIES))
+def test_a_body_the_workers_cannot_read_is_a_400_from_one_delivery(
+    lane_api: tuple[Cluster, str, str], case: str
+) -> None:
+    c, root, key = lane_api
+    c.worker("w1")
+    c.beat()
+    body = {"model": "lane-model", **BAD_BODIES[case]}
+    answer = httpx.post(
+        f"{root}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json=body,
+        timeout=_SYNC_TIMEOUT_SECONDS + 30,
+    )
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["code"]
+    engine = store.make_engine(c.env["TOKENMILL_DATABASE_URL"])
+    try:
+        with engine.connect() as conn:
+            [row] = conn.execute(sa.select(Request.status, Request.attempts)).all()
+            [result] = conn.execute(sa.select(Result.status, Result.status_code)).all()
+    finally:
+        engine.dispose()
+    # Failed by its first delivery, not redelivered until max_deliveries.
+    assert row.attempts == 1
+    assert (result.status, result.status_code) == (store.RequestStatus.FAILED, 400)

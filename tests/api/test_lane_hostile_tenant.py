@@ -1,14 +1,20 @@
-"""A chat body the API admits but the workers cannot read (ingest checks only ``model`` and the
-messages' roles) is the client's mistake: a 400 naming it, at once, from one delivery. Before, a
-body whose ``tool_choice.function`` was a string, or whose image part had an odd ``detail``, broke
-the handler with an AttributeError or a pydantic error: its request went back in line, was run
-again on every sweep until ``max_deliveries`` failed it, and its caller got a 502 ("the model
-provider failed") minutes later; a body the handler did refuse (a ``tool_choice`` naming no tool
-offered) was a 502 as well, since the refusal carried no status. Live API, worker and beat
-processes, PostgreSQL, Redis and the simulator over HTTP."""
+"""``POST /v1/chat/completions`` against a tenant who sends what the lane did not expect. Live
+API, worker and beat processes, PostgreSQL, Redis and the simulator over HTTP.
+
+- A chat body the API admits but the workers cannot read (ingest checks only ``model`` and the
+  messages' roles) is the client's mistake: a 400 naming it, from one delivery. Before, a body whose
+  ``tool_choice.function`` was a string, or whose image part had an odd ``detail``, broke the
+  handler (AttributeError, pydantic error): its request went back in line, ran again on every sweep
+  until ``max_deliveries`` failed it, and its caller got a 502 ("the model provider failed")
+  minutes later; a body the handler did refuse was a 502 as well (its refusal carried no status).
+- A streamed call whose client goes away mid-stream goes on upstream and is billed; before, its
+  Idempotency-Key was freed (only complete answers were kept), so the retry the key exists for ran
+  and billed the call again.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +24,7 @@ import pytest
 import sqlalchemy as sa
 
 import store
+from simulator.testing import SimulatorServer
 from store.tables import Request, Result
 from tests.api.conftest import start_api
 from tests.cluster import Cluster, run_cli
@@ -95,3 +102,43 @@ def test_a_body_the_workers_cannot_read_is_a_400_from_one_delivery(
     # Failed by its first delivery, not redelivered until max_deliveries.
     assert row.attempts == 1
     assert (result.status, result.status_code) == (store.RequestStatus.FAILED, 400)
+
+
+def test_a_retried_stream_whose_client_went_away_is_not_run_and_billed_twice(
+    lane_api: tuple[Cluster, str, str], simulator: SimulatorServer
+) -> None:
+    c, root, key = lane_api
+    c.worker("w1")
+    simulator.configure(stream_chunk_delay_ms=200, stream_chunk_chars=8)
+    headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "stream-once"}
+    body = {"model": "lane-model", "messages": _user("[[words 30]] stream me"), "stream": True}
+    with httpx.stream(
+        "POST", f"{root}/v1/chat/completions", headers=headers, json=body, timeout=60
+    ) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break  # the first chunk came: the call is upstream; the client goes away
+    engine = store.make_engine(c.env["TOKENMILL_DATABASE_URL"])
+
+    def ended() -> list[Any]:
+        with engine.connect() as conn:
+            return list(conn.execute(sa.select(Result.request_id)).all())
+
+    try:
+        deadline = time.monotonic() + 60
+        while not ended():
+            assert time.monotonic() < deadline, "the abandoned stream's call never ended"
+            time.sleep(0.05)
+        retry = httpx.post(f"{root}/v1/chat/completions", headers=headers, json=body, timeout=60)
+        with engine.connect() as conn:
+            calls = conn.execute(sa.select(sa.func.count()).select_from(Request)).scalar_one()
+    finally:
+        engine.dispose()
+    assert calls == 1, f"the retry ran the call again ({retry.status_code})"
+    # The retry is told what became of its call, bound to it, as a timed-out wait is.
+    assert retry.status_code == 503, retry.text
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert retry.json()["error"]["code"] == "stream_interrupted"
+    assert retry.headers["tokenmill-bound-to"] == response.headers["x-request-id"]
+    assert simulator.stats()["completions"] == 1

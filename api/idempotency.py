@@ -8,8 +8,10 @@ being answered, another one is refused (409 ``idempotency_key_in_use``: retry la
 below 500 (but 429) are kept ``TOKENMILL_IDEMPOTENCY_RETENTION_SECONDS`` and replayed with the header
 ``Idempotent-Replayed: true``, and so is a 5xx bound to work that goes on (it names it in
 ``Tokenmill-Bound-To``: a wait that timed out, a cancel that could not stop a call already
-upstream). Any other 5xx means nothing was done that a retry would repeat at a cost (see
-``api.routes.chat``, which cancels a call the broker could not take), so the key is freed for the retry.
+upstream), and so is a stream cut off mid-way (its client gone, its call goes on: a bound 503
+is kept in its place, ``_CapturingSend.interrupted``). Any other 5xx means nothing was done that a
+retry would repeat at a cost (see ``api.routes.chat``, which cancels a call the broker could not
+take), so the key is freed for the retry.
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import store
 from api.deps import current_tenant
-from api.errors import BOUND_TO_HEADER, APIError, Conflict, InvalidRequest, Unauthenticated
+from api.errors import (
+    BOUND_TO_HEADER,
+    APIError,
+    Conflict,
+    InvalidRequest,
+    ServiceUnavailable,
+    Unauthenticated,
+)
 
 __all__ = ["IdempotencyKeyReused", "IdempotencyKeys", "request_hash"]
 
@@ -131,6 +140,24 @@ class _CapturingSend:
             return None
         return store.StoredResponse(self.status_code, self.headers, b"".join(self.chunks))
 
+    def interrupted(self) -> store.StoredResponse | None:
+        """For an answer that started, bound to work (a streamed chat call), but never completed
+        (its client went away mid-stream): a 503 bound to that work to keep in its place, since
+        the work goes on and is billed, and a retry must not run it again. None otherwise."""
+        if self.complete or self.status_code is None or self.status_code >= 300:
+            return None
+        bound = next((value for name, value in self.headers if name.lower() == BOUND_TO_HEADER.lower()), None)
+        if bound is None:
+            return None
+        error = ServiceUnavailable(
+            f"the answer was interrupted before it was complete; {bound} went on and is billed, "
+            "and is not run again for this Idempotency-Key",
+            code="stream_interrupted",
+            bound_to=bound,
+        )
+        headers = [("content-type", "application/json"), (BOUND_TO_HEADER, bound)]
+        return store.StoredResponse(error.status_code, headers, json.dumps(error.body()).encode())
+
 
 class IdempotencyKeys:
     """ASGI middleware; runs inside the body size limit, so what it reads is bounded."""
@@ -216,7 +243,10 @@ class IdempotencyKeys:
             try:
                 await self.app(scope, _replaying(body, size, receive), capture)
             finally:
-                if not capture.kept:
+                interrupted = None if capture.kept else capture.interrupted()
+                if interrupted is not None:
+                    await keep(interrupted)
+                elif not capture.kept:
                     await run_in_threadpool(store.abandon_idempotency_key, engine, tenant.id, key)
 
 

@@ -27,7 +27,14 @@ from starlette.concurrency import run_in_threadpool
 
 import store
 from api.deps import EngineDep, SettingsDep, TenantDep
-from api.errors import APIError, InvalidRequest, ServiceUnavailable, UpstreamFailed, over_quota
+from api.errors import (
+    BOUND_TO_HEADER,
+    APIError,
+    InvalidRequest,
+    ServiceUnavailable,
+    UpstreamFailed,
+    over_quota,
+)
 from api.routes.single_request import json_object_body
 from config import Settings
 from store.ids import new_id
@@ -82,6 +89,13 @@ def _succeeded(outcome: InteractiveOutcome) -> bool:
 
 def _headers(outcome_id: str, cached: bool) -> dict[str, str]:
     return {"x-request-id": outcome_id, CACHE_HEADER: "hit" if cached else "miss"}
+
+
+def _stream_headers(outcome_id: str, cached: bool) -> dict[str, str]:
+    """A stream is bound to its call from its first byte: a client gone mid-stream leaves the
+    call running (and billed), so its Idempotency-Key must not be freed for a rerun
+    (``api.idempotency`` keeps a bound 503 in its place)."""
+    return {**_headers(outcome_id, cached), BOUND_TO_HEADER: outcome_id}
 
 
 async def _submit(
@@ -384,12 +398,12 @@ async def _streamed(
         return StreamingResponse(
             _replay(writer, first),
             media_type="text/event-stream",
-            headers=_headers(first.request_id, first.cached),
+            headers=_stream_headers(first.request_id, first.cached),
         )
     return StreamingResponse(
         _relay(writer, relay, first),
         media_type="text/event-stream",
-        headers=_headers(submitted.request_id, bool(first[0].cached)),
+        headers=_stream_headers(submitted.request_id, bool(first[0].cached)),
     )
 
 

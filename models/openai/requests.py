@@ -50,7 +50,10 @@ def _tool_choice(value: Any, tools: list[ToolSchema]) -> ToolChoice:
     if value in ("auto", "required", "none"):
         return value  # type: ignore[no-any-return]
     if isinstance(value, Mapping) and value.get("type") == "function":
-        name = (value.get("function") or {}).get("name")
+        function = value.get("function")
+        if not isinstance(function, Mapping):
+            raise BadRequest("tool_choice.function must be an object", code="invalid_tool_choice")
+        name = function.get("name")
         for tool in tools:
             if tool.get("name") == name:
                 return ToolSpec(tool)
@@ -76,10 +79,32 @@ def _tools(value: Any) -> list[ToolSchema]:
     return tools
 
 
+# The status of a body refused here: the client's mistake, as the provider would answer it.
+_BAD_BODY_STATUS = 400
+
+
 def request_from_openai_body(body: Mapping[str, Any]) -> ChatRequest:
     """Split an OpenAI chat-completions body; every key that is not a message, tool or format
     (temperature, n, seed, max_tokens, logprobs, ...) lands in ``extra_create_args`` unchanged.
-    ``stream`` and ``stream_options`` are dropped."""
+    ``stream`` and ``stream_options`` are dropped.
+
+    Raises ``BadRequest`` (status 400) for any body it cannot read, whatever breaks on it: the
+    body is the client's, so reading it again cannot succeed, and an error of another type would
+    send its request back in line to break again on every delivery."""
+    try:
+        return _split(body)
+    except BadRequest as e:
+        if e.status_code is not None:
+            raise
+        raise BadRequest(e.message, code=e.code or "invalid_request", status_code=_BAD_BODY_STATUS) from e
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
+        # pydantic's ValidationError is a ValueError: a field of a message our types refuse.
+        raise BadRequest(
+            f"the body cannot be read: {e}", code="invalid_body", status_code=_BAD_BODY_STATUS
+        ) from e
+
+
+def _split(body: Mapping[str, Any]) -> ChatRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise BadRequest("the body has no model", code="invalid_request")

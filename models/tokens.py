@@ -127,13 +127,30 @@ def _openai_message_tokens(message: Mapping[str, Any]) -> int:
     if isinstance(message.get("name"), str):
         tokens += _PER_NAME + count_text_tokens(message["name"])
     for call in message.get("tool_calls") or ():
-        function = (call.get("function") if isinstance(call, Mapping) else None) or {}
-        tokens += (
-            _PER_MESSAGE
-            + count_text_tokens(str(function.get("name", "")))
-            + count_text_tokens(str(function.get("arguments", "")))
-        )
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if isinstance(function, Mapping):
+            tokens += (
+                _PER_MESSAGE
+                + count_text_tokens(str(function.get("name", "")))
+                + count_text_tokens(str(function.get("arguments", "")))
+            )
+        else:  # a custom tool call's ``input``, or any other shape: as its JSON
+            tokens += _PER_MESSAGE + _json_tokens(call)
+    # Every other field reaches the provider verbatim (``function_call``, ``refusal``, ``audio``,
+    # a server's own fields): counted as its JSON, so that no field rides past the tpm limit.
+    for key, value in message.items():
+        if key not in _COUNTED_FIELDS and value is not None:
+            tokens += _json_tokens(value)
     return tokens
+
+
+_COUNTED_FIELDS = frozenset({"role", "content", "name", "tool_calls"})
+
+
+def _json_tokens(value: Any) -> int:
+    return count_text_tokens(
+        value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
+    )
 
 
 def _tool_tokens(tool: Tool | ToolSchema | Mapping[str, Any]) -> int:

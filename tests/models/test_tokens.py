@@ -55,3 +55,22 @@ def test_estimates_grow_with_content_and_agree_across_forms() -> None:
     assert estimate_tokens(read, [TOOL]) == estimate_tokens(
         as_openai, [{"type": "function", "function": TOOL}]
     )
+
+
+def test_fields_passed_verbatim_are_counted_for_the_rate_limiter() -> None:
+    """Fields the provider receives as the caller wrote them (a legacy ``function_call``, a custom
+    tool call's ``input``, ``refusal``, a server's own fields) used to count nothing: a 200 KB
+    ``function_call`` was estimated at a few tokens and rode past the tpm limit."""
+    big = "x " * 100_000
+    plain = estimate_tokens([{"role": "assistant", "content": None}])
+    for message in (
+        {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": big}},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": "c", "type": "custom", "custom": {"name": "g", "input": big}}],
+        },
+        {"role": "assistant", "content": None, "refusal": big},
+        {"role": "user", "content": "hi", "vendor_field": {"blob": big}},
+    ):
+        assert estimate_tokens([message]) > plain + 50_000, message

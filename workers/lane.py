@@ -50,7 +50,9 @@ from store import (
 )
 from store.interactive import InteractiveOutcome
 from telemetry import tracing
+from telemetry.metrics import observe_recorded
 from telemetry.model_events import install_model_event_metrics
+from workers import observe
 from workers.lane_transport import LaneMessage, LaneTransport
 from workers.pipeline import ModelCallPipeline
 from workers.result_writer import record_isolating_bad_rows
@@ -164,14 +166,17 @@ class LaneConsumer:
         if not claimed:
             return  # finished, cancelled or run elsewhere: its caller reads the ledger
         request = claimed[0]
+        observe.claimed(claimed)
         self.running[request_id] = request
         token = self.tokens[request_id] = CancellationToken()
+        observe.started(request)  # as a chunk's request task: its scope, and one more in flight
         try:
             await self._run(request, token, message.stream)
         except Exception:
             _logger.exception("the lane failed request %s; it goes back in line", request_id)
             await asyncio.to_thread(release_requests, self.engine, [request_id], self.owner)
         finally:
+            observe.ended(request)
             self.running.pop(request_id, None)
             self.tokens.pop(request_id, None)
 
@@ -209,6 +214,10 @@ class LaneConsumer:
         with tracing.span("tokenmill ledger write", {"tokenmill.ledger.records": 1}):
             outcome, replaced = await asyncio.to_thread(record_isolating_bad_rows, self.engine, [record])
         kept = request.id in outcome.inserted and request.id not in replaced
+        if request.id in outcome.inserted:  # counted once committed, as the result writer counts
+            observe_recorded(
+                [(record, observe.recorded_request(request))], outcome.costs, replaced=set(replaced)
+            )
         await self._answer(request.id, outcome_of(record) if kept else None, stream)
 
     async def _call(self, request: ClaimedRequest, token: CancellationToken, stream: bool) -> ResultRecord:

@@ -274,3 +274,37 @@ def test_a_stream_cancelled_mid_call_is_read_to_its_end_and_billed(
         )
 
     wait_until(lambda: billed() == delivered, f"billed {billed()} != delivered {delivered}", seconds=60)
+
+
+def test_single_calls_are_counted_in_the_workers_metrics_as_the_ledger_bills_them(lane: Lane) -> None:
+    """The lane's calls reach the metrics as a chunk's requests do, counted once the ledger kept
+    them: one paid call and one cache hit (they used to count nothing: found in review)."""
+    from tests import services
+    from tests.telemetry.test_metrics_match_the_ledger import TOKEN, scrape, total
+
+    port = services.free_port()
+    lane.cluster.env.update({"TOKENMILL_METRICS_TOKEN": TOKEN, "TOKENMILL_WORKER_METRICS_PORT": str(port)})
+    lane.cluster.worker("w1")
+    sdk = lane.sdk
+    paid = sdk.chat.completions.create(**ask("count me"))
+    sdk.chat.completions.create(**ask("count me"))  # the same prompt: a hit
+    assert paid.usage is not None
+
+    def finished(outcome: str) -> float:
+        try:
+            samples = scrape(f"http://127.0.0.1:{port}/metrics")
+        except httpx.TransportError:
+            return -1  # the exporter is not serving yet
+        return total(samples, "tokenmill_requests_finished_total", outcome=outcome)
+
+    wait_until(
+        lambda: finished("succeeded") == 1 and finished("cache_hit") == 1, "the calls were not counted"
+    )
+    samples = scrape(f"http://127.0.0.1:{port}/metrics")
+    assert (
+        total(samples, "gen_ai_client_token_usage_sum", gen_ai_token_type="input") == paid.usage.prompt_tokens
+    )
+    assert (
+        total(samples, "gen_ai_client_token_usage_sum", gen_ai_token_type="output")
+        == paid.usage.completion_tokens
+    )

@@ -119,7 +119,8 @@ def tenants_set(
             store.set_tenant_weight(engine, name, weight)
         store.set_tenant_quotas(engine, name, **changes)
     except store.InvalidArgument as e:
-        raise typer.BadParameter(str(e), param_hint="--weight") from None
+        option = "--" + (e.param or "weight").replace("_", "-")
+        raise typer.BadParameter(str(e), param_hint=option) from None
     except store.NotFound as e:
         console.print(f"[red]no tenant {name!r} (`tokenmill keys create {name}` makes one)[/red]")
         raise typer.Exit(1) from e

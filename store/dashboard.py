@@ -141,7 +141,8 @@ def batch_summaries(engine: Engine, batch_ids: Sequence[str], tenant_id: str | N
         raise InvalidArgument(f"at most {MAX_PAGE} batches at once, not {len(batch_ids)}")
     if not batch_ids:
         return []
-    query = sa.select(*_SUMMARY_COLUMNS).where(Batch.id.in_(list(batch_ids)))
+    # Hidden batches (single calls) are never shown, as the API never lists nor retrieves them.
+    query = sa.select(*_SUMMARY_COLUMNS).where(Batch.id.in_(list(batch_ids)), Batch.hidden.is_(False))
     if tenant_id is not None:
         query = query.where(Batch.tenant_id == tenant_id)
     with engine.connect() as conn:

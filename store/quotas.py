@@ -33,7 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from store.engine import dialect_insert, write_transaction
-from store.errors import NotFound, QuotaExceeded
+from store.errors import InvalidArgument, NotFound, QuotaExceeded
 from store.ids import now_seconds
 from store.tables import Batch, BatchStatus, Tenant, TenantDailySpend
 
@@ -144,6 +144,10 @@ def get_tenant_quotas(engine: Engine, tenant_id: str) -> TenantQuotas:
         return _read_quotas(conn, tenant_id)
 
 
+_MAX_COUNT = 2**63 - 1  # BIGINT
+_MAX_BUDGET = Decimal(10) ** 12  # NUMERIC(18, 6)
+
+
 def set_tenant_quotas(
     engine: Engine,
     tenant_id: str,
@@ -159,13 +163,19 @@ def set_tenant_quotas(
     for name, value in counts:
         if value is _UNSET:
             continue
-        if value is not None and (not isinstance(value, int) or value < 0):
-            raise ValueError(f"{name} must be a whole number >= 0 or None, not {value!r}")
+        if value is not None and (not isinstance(value, int) or not 0 <= value <= _MAX_COUNT):
+            raise InvalidArgument(
+                f"{name} must be a whole number from 0 to {_MAX_COUNT} or None, not {value!r}", name
+            )
         values[name] = value
     if daily_budget_usd is not _UNSET:
         budget = None if daily_budget_usd is None else Decimal(daily_budget_usd)
-        if budget is not None and (not budget.is_finite() or budget < 0):
-            raise ValueError(f"daily_budget_usd must be a finite amount >= 0 or None, not {budget!r}")
+        if budget is not None and (not budget.is_finite() or not 0 <= budget < _MAX_BUDGET):
+            # Bounded by the column (NUMERIC(18, 6)): past it the database would refuse the row.
+            raise InvalidArgument(
+                f"daily_budget_usd must be an amount from 0 to under {_MAX_BUDGET} or None, not {budget}",
+                "daily_budget_usd",
+            )
         values["daily_budget_usd"] = budget
     with write_transaction(engine) as conn:
         if values:

@@ -335,3 +335,19 @@ def test_logging_in_in_a_loop_keeps_a_bounded_number_of_sessions(
     assert count == MAX_SESSIONS_PER_KEY
     assert dashboard_session(engine, tokens[0], now=NOW + 30) is None  # the oldest went first
     assert dashboard_session(engine, tokens[-1], now=NOW + 30) is not None
+
+
+def test_a_single_calls_hidden_batch_is_not_shown(engine: Engine, tenant: store.Tenant) -> None:
+    """A chat completion's batch exists only because every request has one: the dashboard's
+    progress view shows it no more than the API does (found in review)."""
+    from store.interactive import submit_interactive
+
+    call = submit_interactive(
+        engine,
+        tenant.id,
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        endpoint="/v1/chat/completions",
+    )
+    assert dashboard.batch_summaries(engine, [call.batch_id], tenant.id) == []
+    assert dashboard.batch_summaries(engine, [call.batch_id], None) == []
+    assert call.batch_id not in [b.id for b in dashboard.page_of_batches(engine, None, limit=10).data]

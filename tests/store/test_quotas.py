@@ -138,6 +138,13 @@ def test_quotas_are_set_cleared_and_kept(engine: Engine, tenant: store.Tenant) -
         store.set_tenant_quotas(engine, tenant.id, max_queued_requests=-1)
     with pytest.raises(store.NotFound):
         store.set_tenant_quotas(engine, "nobody", max_queued_requests=1)
+    # Beyond what the columns hold: a named error, not the database's (found in review).
+    with pytest.raises(store.InvalidArgument, match="daily_budget_usd") as refused:
+        store.set_tenant_quotas(engine, tenant.id, daily_budget_usd="1e30")
+    assert refused.value.param == "daily_budget_usd"
+    with pytest.raises(store.InvalidArgument, match="max_queued_tokens"):
+        store.set_tenant_quotas(engine, tenant.id, max_queued_tokens=2**64)
+    assert store.get_tenant_quotas(engine, tenant.id) == store.TenantQuotas(None, 10, None)
 
 
 def test_a_batch_validated_after_the_create_answered_fails_by_the_quota_and_queues_nothing(

@@ -56,7 +56,7 @@ from workers import observe
 from workers.lane_transport import LaneMessage, LaneTransport
 from workers.pipeline import ModelCallPipeline
 from workers.result_writer import record_isolating_bad_rows
-from workers.runner import LeaseKeeper, RequestCancelled, failed_record, record_of_call
+from workers.runner import LeaseKeeper, RequestCancelled, complete_chat, failed_record, record_of_call
 
 __all__ = ["LaneConsumer", "start_in_background", "stop"]
 
@@ -224,48 +224,40 @@ class LaneConsumer:
         if request.kind is not RequestKind.CHAT_COMPLETION:
             error = ModelClientError(f"the interactive lane runs no {request.kind.value} requests")
             return failed_record(request.id, error, attempts=0)
+        if not stream:
+            return await complete_chat(request, self.pipeline, token)  # as a batch line's
         try:
             chat = request_from_openai_body(request.body)
         except ModelClientError as e:
             return failed_record(request.id, e, attempts=0)
+        relayed = False
+        relay_lost = False
+
+        async def relay(text: str, cached: bool) -> None:
+            nonlocal relayed, relay_lost
+            if relay_lost:
+                return
+            try:
+                await self.transport.append(request.id, text=text, cached=None if relayed else cached)
+            except (RedisError, OSError):
+                # The caller's relay is lost, not the call: it is read to its end and recorded
+                # (raising here would cut off a paid call and run it again); the API, hearing
+                # nothing, reads the answer from the ledger.
+                relay_lost = True
+                _logger.warning("the stream of request %s lost its relay", request.id, exc_info=True)
+                return
+            relayed = True
+
         try:
-            if stream:
-                relayed = False
-                relay_lost = False
-
-                async def relay(text: str, cached: bool) -> None:
-                    nonlocal relayed, relay_lost
-                    if relay_lost:
-                        return
-                    try:
-                        await self.transport.append(request.id, text=text, cached=None if relayed else cached)
-                    except (RedisError, OSError):
-                        # The caller's relay is lost, not the call: it is read to its end and
-                        # recorded (raising here would cut off a paid call and run it again);
-                        # the API, hearing nothing, reads the answer from the ledger.
-                        relay_lost = True
-                        _logger.warning("the stream of request %s lost its relay", request.id, exc_info=True)
-                        return
-                    relayed = True
-
-                call = await self.pipeline.call_stream(
-                    chat.model,
-                    chat.messages,
-                    relay,
-                    **chat.create_kwargs(),
-                    cancellation_token=token,
-                    tenant_id=request.tenant_id,
-                    payer=request.id,
-                )
-            else:
-                call = await self.pipeline.call(
-                    chat.model,
-                    chat.messages,
-                    **chat.create_kwargs(),
-                    cancellation_token=token,
-                    tenant_id=request.tenant_id,
-                    payer=request.id,
-                )
+            call = await self.pipeline.call_stream(
+                chat.model,
+                chat.messages,
+                relay,
+                **chat.create_kwargs(),
+                cancellation_token=token,
+                tenant_id=request.tenant_id,
+                payer=request.id,
+            )
         except asyncio.CancelledError:
             if token.is_cancelled():
                 raise RequestCancelled(request.id) from None

@@ -33,14 +33,12 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import IO
 
-import httpx
 import openai
 import redis
 from openai.types.chat import ChatCompletionMessageParam
 
-from bench.throughput import scratch_database
+from bench.throughput import ServiceProcesses, scratch_database
 from simulator.testing import SimulatorServer, free_port
 from store import create_api_key, create_tenant, make_engine, upgrade_to_head
 
@@ -49,11 +47,12 @@ REDIS_URL = os.environ.get("TOKENMILL_BENCH_REDIS_URL", "redis://127.0.0.1:6379/
 MODEL = "bench-model"
 
 
-class Stack:
+class Stack(ServiceProcesses):
     """``tokenmill api`` and ``tokenmill worker`` subprocesses on a scratch database, with key
     prefixes of their own on the bench's Redis."""
 
     def __init__(self, sim: SimulatorServer, database_url: str, processes: int) -> None:
+        super().__init__()
         upgrade_to_head(database_url)
         engine = make_engine(database_url)
         try:
@@ -75,53 +74,15 @@ class Stack:
             "OPENAI_BASE_URL": sim.base_url,
             "OPENAI_API_KEY": "bench",
         }
-        self.logs: dict[str, IO[bytes]] = {}
-        self.processes: list[subprocess.Popen[bytes]] = []
-        atexit.register(self._kill)
         try:
             self._start(env, "worker", f"--processes={processes}", "--loglevel=WARNING")
             port = free_port()
             self._start(env, "api", "--host", "127.0.0.1", "--port", str(port))
             self.base_url = f"http://127.0.0.1:{port}/v1"
-            self._wait_for_api(f"http://127.0.0.1:{port}")
+            self._wait_for_api(f"http://127.0.0.1:{port}", 60)
         except BaseException:
             self.close()
             raise
-
-    def _start(self, env: dict[str, str], command: str, *args: str) -> None:
-        log = self.logs[command] = tempfile.TemporaryFile(prefix=f"tokenmill-bench-{command}-")  # noqa: SIM115
-        self.processes.append(
-            subprocess.Popen(
-                [sys.executable, "-c", "from cli.main import main; main()", command, *args],
-                env=env,
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )
-
-    def _kill(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-
-    def failed(self, what: str) -> RuntimeError:
-        tails = []
-        for name, log in self.logs.items():
-            log.seek(0)
-            tails.append(f"--- {name} log:\n{log.read()[-4000:].decode(errors='replace')}")
-        return RuntimeError("\n".join([what, *tails]))
-
-    def _wait_for_api(self, root: str) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{root}/readyz", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise self.failed("tokenmill api did not answer within 60 s")
 
     def close(self) -> None:
         atexit.unregister(self._kill)

@@ -211,7 +211,54 @@ async def _baseline_loop(base_url: str, count: int, concurrency: int, *, aiohttp
     await client.close()
 
 
-class Tokenmill:
+class ServiceProcesses:
+    """``tokenmill`` subprocesses, each leading a session of its own (its CPU is the session's),
+    their output kept to show if the bench fails, and killed with this script whatever happens."""
+
+    def __init__(self, cwd: Path = ROOT) -> None:
+        self.cwd = cwd
+        self.logs: dict[str, IO[bytes]] = {}
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.sessions: dict[str, int] = {}
+        atexit.register(self._kill)
+
+    def _start(self, env: dict[str, str], command: str, *args: str) -> None:
+        log = self.logs[command] = tempfile.TemporaryFile(prefix=f"tokenmill-bench-{command}-")  # noqa: SIM115
+        process = subprocess.Popen(
+            [sys.executable, "-c", "from cli.main import main; main()", command, *args],
+            env=env,
+            cwd=self.cwd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.processes.append(process)
+        self.sessions[command] = process.pid
+
+    def _kill(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+
+    def _failed(self, what: str) -> RuntimeError:
+        tails = []
+        for name, log in self.logs.items():
+            log.seek(0)
+            tails.append(f"--- {name} log:\n{log.read()[-4000:].decode(errors='replace')}")
+        return RuntimeError("\n".join([what, *tails]))
+
+    def _wait_for_api(self, root: str, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{root}/readyz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise self._failed(f"tokenmill api did not answer within {seconds:.0f} s")
+
+
+class Tokenmill(ServiceProcesses):
     """``tokenmill api`` and ``tokenmill worker`` subprocesses on a scratch database and broker,
     driven through the official openai SDK."""
 
@@ -227,7 +274,7 @@ class Tokenmill:
         redis_pid: int | None = None,
         root: Path = ROOT,
     ) -> None:
-        self.root_dir = root
+        super().__init__(root)
         self.broker = redis.Redis.from_url(redis_url)
         self.broker.flushdb()
         self.redis_pid = redis_pid
@@ -254,12 +301,6 @@ class Tokenmill:
             "OPENAI_BASE_URL": sim.base_url,
             "OPENAI_API_KEY": "bench",
         }
-        # Each process's output, shown if the bench fails.
-        self.logs: dict[str, IO[bytes]] = {}
-        self.processes: list[subprocess.Popen[bytes]] = []
-        self.sessions: dict[str, int] = {}  # each process leads a session: its CPU is the session's
-        # Whatever happens to this script, its subprocesses go with it.
-        atexit.register(self._kill)
         try:
             self._start(
                 env,
@@ -272,46 +313,11 @@ class Tokenmill:
             self._start(env, "api", "--host", "127.0.0.1", "--port", str(port))
             self.root = f"http://127.0.0.1:{port}"
             self.client = openai.OpenAI(base_url=f"{self.root}/v1", api_key=api_key, max_retries=0)
-            self._wait_for_api()
+            self._wait_for_api(self.root, 30)
             self.warm_up()
         except BaseException:
             self.close()
             raise
-
-    def _start(self, env: dict[str, str], command: str, *args: str) -> None:
-        log = self.logs[command] = tempfile.TemporaryFile(prefix=f"tokenmill-bench-{command}-")  # noqa: SIM115
-        process = subprocess.Popen(
-            [sys.executable, "-c", "from cli.main import main; main()", command, *args],
-            env=env,
-            cwd=self.root_dir,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.processes.append(process)
-        self.sessions[command] = process.pid
-
-    def _kill(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-
-    def _failed(self, what: str) -> RuntimeError:
-        tails = []
-        for name, log in self.logs.items():
-            log.seek(0)
-            tails.append(f"--- {name} log:\n{log.read()[-4000:].decode(errors='replace')}")
-        return RuntimeError("\n".join([what, *tails]))
-
-    def _wait_for_api(self) -> None:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{self.root}/readyz", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise self._failed("tokenmill api did not answer within 30 s")
 
     def _backends(self) -> list[int]:
         """The PostgreSQL backends serving the scratch database (readable in /proc if local)."""

@@ -64,12 +64,21 @@ def test_a_worker_that_cannot_reach_the_database_strands_nothing(
     c.env["TOKENMILL_DATABASE_URL"] = postgres_url.replace(":5432/", ":1/")
     assert c.env["TOKENMILL_DATABASE_URL"] != postgres_url
     c.worker("broken", concurrency=4)
-    c.env = good_env
-    c.worker("good", concurrency=4)
-    c.beat()
     batches = [add_batch(led, [f"question {i}"]) for i in range(10)]
     for _, ids in batches:
         c.dispatcher.dispatch(ids)
+    # The broken worker alone first, so that it surely takes messages (else this test proves
+    # nothing: a healthy worker that refills from every batch can take them all first). Celery
+    # logs the failure once the task raised, after the process's back-off.
+    broken_log = c.logs / "broken.log"
+    wait_until(
+        lambda: "OperationalError" in broken_log.read_text(errors="replace"),
+        60,
+        lambda: f"the broken worker took no message\n{logs_of(c)}",
+    )
+    c.env = good_env
+    c.worker("good", concurrency=4)
+    c.beat()
 
     def unfinished() -> list[str]:
         return [b for b, _ in batches if batch_progress(led.engine, b).finished < 1]
@@ -83,14 +92,6 @@ def test_a_worker_that_cannot_reach_the_database_strands_nothing(
         results = results_of(led.engine, batch_id)
         assert [r.request_id for r in results] == ids
         assert results[0].status == RequestStatus.SUCCEEDED
-    # The broken worker did take some of them (else this test proves nothing). Celery logs the
-    # failure once the task raised, after the process's back-off: the batches may end before.
-    broken_log = c.logs / "broken.log"
-    wait_until(
-        lambda: "OperationalError" in broken_log.read_text(errors="replace"),
-        60,
-        lambda: f"the broken worker took no message\n{logs_of(c)}",
-    )
 
 
 def test_a_killed_workers_requests_run_again_within_30_s(

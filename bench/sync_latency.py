@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
-import contextlib
 import functools
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -85,16 +82,7 @@ class Stack(ServiceProcesses):
             raise
 
     def close(self) -> None:
-        atexit.unregister(self._kill)
-        for process in self.processes:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        self._stop()
         client = redis.Redis.from_url(REDIS_URL)
         try:
             keys = list(client.scan_iter(match=f"{self.prefix}*", count=1000))

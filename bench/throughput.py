@@ -241,6 +241,19 @@ class ServiceProcesses:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(process.pid, signal.SIGKILL)
 
+    def _stop(self) -> None:
+        """SIGTERM each process's session, SIGKILL what has not exited within 30 s."""
+        atexit.unregister(self._kill)
+        for process in self.processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
     def _failed(self, what: str) -> RuntimeError:
         tails = []
         for name, log in self.logs.items():
@@ -401,16 +414,7 @@ class Tokenmill(ServiceProcesses):
         self.run(20)
 
     def close(self) -> None:
-        atexit.unregister(self._kill)
-        for process in self.processes:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        self._stop()
         self.broker.flushdb()
         self.broker.close()
         self.database.dispose()

@@ -56,7 +56,14 @@ from workers import observe
 from workers.lane_transport import LaneMessage, LaneTransport
 from workers.pipeline import ModelCallPipeline
 from workers.result_writer import record_isolating_bad_rows
-from workers.runner import LeaseKeeper, RequestCancelled, complete_chat, failed_record, record_of_call
+from workers.runner import (
+    LeaseKeeper,
+    RequestCancelled,
+    cancelled_means_request_cancelled,
+    complete_chat,
+    failed_record,
+    record_of_call,
+)
 
 __all__ = ["LaneConsumer", "start_in_background", "stop"]
 
@@ -248,7 +255,7 @@ class LaneConsumer:
                 return
             relayed = True
 
-        try:
+        with cancelled_means_request_cancelled(request.id, token):
             call = await self.pipeline.call_stream(
                 chat.model,
                 chat.messages,
@@ -258,10 +265,6 @@ class LaneConsumer:
                 tenant_id=request.tenant_id,
                 payer=request.id,
             )
-        except asyncio.CancelledError:
-            if token.is_cancelled():
-                raise RequestCancelled(request.id) from None
-            raise
         return record_of_call(request.id, chat.model, call)
 
     async def _answer(self, request_id: str, outcome: InteractiveOutcome | None, stream: bool) -> None:

@@ -33,12 +33,13 @@ as failed without another call. Handlers are per request kind (``workers.handler
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -78,6 +79,7 @@ __all__ = [
     "RequestHandedBack",
     "RequestHandler",
     "RunnerConfig",
+    "cancelled_means_request_cancelled",
     "complete_chat",
     "failed_record",
     "record_of_call",
@@ -226,7 +228,7 @@ async def complete_chat(
         chat = request_from_openai_body(request.body)
     except ModelClientError as e:
         return failed_record(request.id, e, attempts=0)
-    try:
+    with cancelled_means_request_cancelled(request.id, token):
         call = await pipeline.call(
             chat.model,
             chat.messages,
@@ -235,11 +237,19 @@ async def complete_chat(
             tenant_id=request.tenant_id,
             payer=request.id,
         )
+    return record_of_call(request.id, chat.model, call)
+
+
+@contextlib.contextmanager
+def cancelled_means_request_cancelled(request_id: str, token: CancellationToken) -> Iterator[None]:
+    """A cancel that came through the request's own token ends the request (``RequestCancelled``);
+    any other cancel (the process stopping) goes on as it is."""
+    try:
+        yield
     except asyncio.CancelledError:
         if token.is_cancelled():
-            raise RequestCancelled(request.id) from None
+            raise RequestCancelled(request_id) from None
         raise
-    return record_of_call(request.id, chat.model, call)
 
 
 ResultListener = Callable[[ResultRecord], None]

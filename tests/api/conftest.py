@@ -64,6 +64,16 @@ def start_api(env: dict[str, str], log: Path, timeout: float = 60) -> tuple[subp
     raise RuntimeError(f"tokenmill api did not answer within {timeout:.0f} s: {log.read_text()[-2000:]}")
 
 
+def stop_api(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (a graceful stop), then SIGKILL if it has not exited within 10 s; reaped either way."""
+    process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
 def api_env(database_url: str, broker_url: str, tmp_path: Path, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
@@ -101,10 +111,6 @@ def _serve(postgres_url: str, redis_url: str, tmp_path: Path) -> Iterator[LiveAP
     try:
         yield LiveAPI(base_url=f"{root}/v1", root=root, env=env, database_url=postgres_url)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_api(process)
         broker.flushdb()
         broker.close()

@@ -20,7 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 import store
-from tests.api.conftest import start_api
+from tests.api.conftest import start_api, stop_api
 from tests.cluster import ROOT, Cluster, run_cli
 
 pytestmark = pytest.mark.slow
@@ -104,8 +104,7 @@ def deployment(cluster: Callable[..., Cluster], tmp_path: Path) -> Iterator[Depl
     try:
         yield Deployment(root, keys, c.settings.database_url)
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        stop_api(process)
 
 
 @pytest.fixture

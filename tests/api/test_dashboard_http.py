@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ import pytest
 import redis
 
 from tests import services
-from tests.api.conftest import api_env, start_api
+from tests.api.conftest import api_env, start_api, stop_api
 from tests.cluster import run_cli
 
 COOKIE = "__Host-tokenmill-session"
@@ -106,11 +105,7 @@ def dashboard(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         try:
             yield Dashboard(root, keys)
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            stop_api(process)
             broker.flushdb()
             broker.close()
             log = (tmp_path / "api.log").read_text()

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 import store
 from simulator.testing import SimulatorServer
 from store.tables import Request
-from tests.api.conftest import start_api
+from tests.api.conftest import start_api, stop_api
 from tests.cluster import Cluster, kill_group, run_cli
 
 pytestmark = pytest.mark.slow
@@ -58,8 +58,7 @@ def lane(cluster: Callable[..., Cluster], tmp_path: Path) -> Iterator[Lane]:
     try:
         yield Lane(c, root, created.stdout.strip(), engine)
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        stop_api(process)
         engine.dispose()
 
 
@@ -257,8 +256,7 @@ def test_a_stream_cancelled_mid_call_is_read_to_its_end_and_billed(
             assert response.status_code == 200, response.read()
             events = list(sse_events(response))
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        stop_api(process)
     assert "error" in events[-1]  # the stream ended with the timeout's error event
     wait_until(lambda: lane.requests()[0].status in ("succeeded", "cancelled"), "the request never ended")
     wait_until(lambda: simulator.stats()["in_flight"] == 0, "the provider never finished the call")

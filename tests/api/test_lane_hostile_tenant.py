@@ -27,7 +27,7 @@ import sqlalchemy as sa
 import store
 from simulator.testing import SimulatorServer
 from store.tables import Request, Result
-from tests.api.conftest import start_api
+from tests.api.conftest import start_api, stop_api
 from tests.cluster import Cluster, run_cli
 
 pytestmark = pytest.mark.slow
@@ -48,8 +48,7 @@ def lane_api(cluster: Callable[..., Cluster], tmp_path: Path) -> Iterator[tuple[
     try:
         yield c, root, created.stdout.strip()
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        stop_api(process)
 
 
 def _user(content: Any) -> list[dict[str, Any]]:

@@ -214,45 +214,65 @@ def _acquire_in_process(
     rpm: int,
     calls: int,
     concurrency: int,
-    out: multiprocessing.Queue[list[float]],
+    out: multiprocessing.Queue[list[tuple[float, float]]],
 ) -> None:
-    async def main() -> list[float]:
+    """Take ``calls`` grants as ``acquire`` does (ask, sleep the answer, ask again), and put when
+    each grant may call by the limiter's own answer: between ``asked + wait`` and ``answered + wait``
+    (the script's clock read falls somewhere inside the round trip)."""
+
+    async def main() -> list[tuple[float, float]]:
         limiter = RedisRateLimiter.from_url(redis_url, {"m": ModelLimits(rpm=rpm)}, key_prefix=prefix)
-        stamps: list[float] = []
+        schedule: list[tuple[float, float]] = []
         gate = asyncio.Semaphore(concurrency)
 
         async def call() -> None:
             async with gate:
-                slot = await limiter.acquire(ENDPOINT, "m", estimated_tokens=5)
-                stamps.append(time.time())
-                await limiter.release(slot, outcome=CallOutcome.SUCCEEDED, actual_tokens=5)
+                while True:
+                    asked = time.time()
+                    decision = await limiter.try_acquire(ENDPOINT, "m", estimated_tokens=5)
+                    answered = time.time()
+                    await asyncio.sleep(decision.wait_seconds)
+                    if decision.granted:
+                        schedule.append((asked + decision.wait_seconds, answered + decision.wait_seconds))
+                        return
 
         await asyncio.gather(*(call() for _ in range(calls)))
         await limiter.close()
-        return stamps
+        return schedule
 
     out.put(asyncio.run(main()))
+
+
+def max_surely_in_window(bounds: Sequence[tuple[float, float]], window: float) -> int:
+    """Most grants certainly inside one window ``[t, t + window)``: those whose whole
+    (earliest, latest) range lies inside it. A limiter that over-admits shows here however late
+    a loaded machine delivers its answers; late answers alone cannot."""
+    return max(
+        sum(1 for low, high in bounds if start <= low and high < start + window) for start, _ in bounds
+    )
 
 
 def test_many_processes_share_one_rate(redis_url: str, redis_prefix: str) -> None:
     rpm, processes, calls = 1800, 4, 20  # 30 a second shared by 4 processes
     context = multiprocessing.get_context("spawn")
-    out: multiprocessing.Queue[list[float]] = context.Queue()
+    out: multiprocessing.Queue[list[tuple[float, float]]] = context.Queue()
     workers = [
         context.Process(target=_acquire_in_process, args=(redis_url, redis_prefix, rpm, calls, 8, out))
         for _ in range(processes)
     ]
     for worker in workers:
         worker.start()
-    stamps = [stamp for _ in workers for stamp in out.get(timeout=60)]
+    schedule = [grant for _ in workers for grant in out.get(timeout=60)]
     for worker in workers:
         worker.join(timeout=10)
         assert worker.exitcode == 0
-    assert len(stamps) == processes * calls
-    # Every process alone would go at full speed; together they never pass the shared rate.
-    assert max_in_window(stamps, 1.0) <= rpm / 60 + 1
-    span = max(stamps) - min(stamps)
-    assert span >= (processes * calls - 1) * 60 / rpm * 0.95
+    assert len(schedule) == processes * calls
+    # Every process alone would go at full speed; together they never pass the shared rate. Read
+    # by the limiter's schedule, not by wake-ups: a loaded event loop bunches those (seen in a
+    # clean-clone run: 34 wake-ups in one second against 31 allowed).
+    assert max_surely_in_window(schedule, 1.0) <= rpm / 60 + 1
+    earliest = [low for low, _ in schedule]
+    assert max(earliest) - min(earliest) >= (processes * calls - 1) * 60 / rpm * 0.95
 
 
 async def test_split_limiter_shares_only_configured_models(redis_url: str, redis_prefix: str) -> None:

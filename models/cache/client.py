@@ -20,6 +20,7 @@ is stored only once it completed; one the consumer stops early, or that raises, 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
@@ -32,7 +33,7 @@ from models.base import ChatCompletionClient, DelegatingClient
 from models.cache.base import CacheStore
 from models.cache.entry import CachedCompletion
 from models.cache.errors import CacheBackendError, CacheError, UncacheableRequestError
-from models.cache.keys import request_key
+from models.cache.keys import identity_json, request_key_of_identity_json
 from models.cache.memory import InMemoryStore
 from models.cache.single_flight import DEFAULT_LOCK_TTL, Flight, SingleFlight
 from models.cancellation import CancellationToken
@@ -108,6 +109,10 @@ class ChatCompletionCache(DelegatingClient):
         )
         self._actual_usage = RequestUsage()
         self._total_usage = RequestUsage()
+        # The inner client's identity as last rendered: a deep copy of it, and its JSON (see
+        # _identity_json). None: not rendered yet.
+        self._identity_snapshot: dict[str, Any] | None = None
+        self._identity_rendered = ""
 
     @property
     def store(self) -> CacheStore[CachedCompletion]:
@@ -130,8 +135,8 @@ class ChatCompletionCache(DelegatingClient):
 
         Raises ``UncacheableRequestError`` if an argument has no canonical JSON form.
         """
-        return request_key(
-            self._client.cache_identity,
+        return request_key_of_identity_json(
+            self._identity_json(),
             messages,
             tools=tools,
             tool_choice=tool_choice,
@@ -141,6 +146,21 @@ class ChatCompletionCache(DelegatingClient):
         )
 
     request_key = cache_key
+
+    def _identity_json(self) -> str:
+        # A client's identity does not change once it is built, and rendering it was most of a
+        # key's cost: it is rendered again only when it differs (in a type-strict comparison,
+        # since True and 1 render differently) from a deep copy of the one last rendered.
+        identity = self._client.cache_identity
+        if _strictly_equal_mappings(identity, self._identity_snapshot):
+            return self._identity_rendered
+        rendered = identity_json(identity)
+        try:
+            snapshot = copy.deepcopy(dict(identity))
+        except Exception:  # an identity that cannot be copied is simply rendered every time
+            return rendered
+        self._identity_snapshot, self._identity_rendered = snapshot, rendered
+        return rendered
 
     def _key_or_none(
         self,
@@ -383,6 +403,30 @@ def _replayed_chunks(entry: CachedCompletion) -> list[str]:
         return list(entry.chunks)
     content = entry.result.content
     return [content] if isinstance(content, str) and content else []
+
+
+def _strictly_equal_mappings(mapping: Mapping[str, Any], snapshot: dict[str, Any] | None) -> bool:
+    if snapshot is None or len(mapping) != len(snapshot):
+        return False
+    for name, value in mapping.items():
+        if name not in snapshot or not _strictly_equal(value, snapshot[name]):
+            return False
+    return True
+
+
+def _strictly_equal(value: object, other: object) -> bool:
+    """Equal, and of the same types all the way down (``1 == 1.0 == True`` are not)."""
+    kind = type(value)
+    if kind is not type(other):
+        return False
+    if kind is dict:
+        return _strictly_equal_mappings(value, other)  # type: ignore[arg-type]
+    if kind is list or kind is tuple:
+        return len(value) == len(other) and all(  # type: ignore[arg-type]
+            _strictly_equal(item, other_item)
+            for item, other_item in zip(value, other)  # type: ignore[call-overload]
+        )
+    return value == other
 
 
 def _identity_model(client: ChatCompletionClient) -> str | None:

@@ -43,6 +43,7 @@ from models.types import CreateResult, LLMMessage, RequestUsage, Tool, ToolChoic
 __all__ = ["ChatCompletionCache", "announcing_hits", "paying_as"]
 
 _SAVE_ATTEMPTS_ON_TIMEOUT = 3
+_ABSENT = object()
 
 
 _payer: ContextVar[str | None] = ContextVar("tokenmill_cache_payer", default=None)
@@ -299,9 +300,10 @@ class ChatCompletionCache(DelegatingClient):
         if started is None:
             started = time.perf_counter()
         if key is not None:
-            # A plain GET, not the read-or-lock script: a hit is the path that must cost least
-            # (a script costs Redis more than a GET; bench/cache_hits.py), and a miss's lock is
-            # taken with a second read in one trip by the flight.
+            # A plain read (a GET, or part of the MGET of concurrent lookups), not the
+            # read-or-lock script: a hit is the path that must cost least (a script costs Redis
+            # more than a GET; bench/cache_hits.py), and a miss's lock is taken with a second
+            # read in one trip by the flight.
             entry = await self._lookup(key)
             if entry is not None:
                 return self._served(entry, key, started)
@@ -409,22 +411,24 @@ def _strictly_equal_mappings(mapping: Mapping[str, Any], snapshot: dict[str, Any
     if snapshot is None or len(mapping) != len(snapshot):
         return False
     for name, value in mapping.items():
-        if name not in snapshot or not _strictly_equal(value, snapshot[name]):
+        other = snapshot.get(name, _ABSENT)
+        if type(value) is str:  # the usual entry (provider, endpoint, model): compared inline
+            if type(other) is not str or value != other:
+                return False
+        elif not _strictly_equal(value, other):
             return False
     return True
 
 
 def _strictly_equal(value: object, other: object) -> bool:
     """Equal, and of the same types all the way down (``1 == 1.0 == True`` are not)."""
-    kind = type(value)
-    if kind is not type(other):
+    if type(value) is not type(other):
         return False
-    if kind is dict:
-        return _strictly_equal_mappings(value, other)  # type: ignore[arg-type]
-    if kind is list or kind is tuple:
-        return len(value) == len(other) and all(  # type: ignore[arg-type]
-            _strictly_equal(item, other_item)
-            for item, other_item in zip(value, other)  # type: ignore[call-overload]
+    if isinstance(value, dict) and isinstance(other, dict):
+        return _strictly_equal_mappings(value, other)
+    if isinstance(value, list | tuple) and isinstance(other, list | tuple):
+        return len(value) == len(other) and all(
+            _strictly_equal(item, other_item) for item, other_item in zip(value, other, strict=True)
         )
     return value == other
 

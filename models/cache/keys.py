@@ -32,7 +32,13 @@ from pydantic import BaseModel, SecretBytes, SecretStr
 from models.cache.errors import UncacheableRequestError
 from models.types import FunctionExecutionResultMessage, LLMMessage, Tool, ToolChoice, ToolSchema
 
-__all__ = ["KEY_FORMAT_VERSION", "canonical_json", "identity_json", "request_key", "request_key_of_identity_json"]
+__all__ = [
+    "KEY_FORMAT_VERSION",
+    "canonical_json",
+    "identity_json",
+    "request_key",
+    "request_key_of_identity_json",
+]
 
 KEY_FORMAT_VERSION = 1
 """Bumped when the key's recipe changes, so old entries are simply never found again."""

@@ -7,6 +7,13 @@ small Lua scripts that compare the token first. A failed call raises ``CacheBack
 get + lock and set + unlock in one script each (one round trip instead of two; the entry and its
 lock are two keys, so on a Redis Cluster the prefix would need a hash tag).
 
+Reads are batched: the ``get``s made in one turn of the event loop (a worker's concurrent lookups)
+go out as one ``MGET`` (at most ``MAX_KEYS_PER_READ`` keys; a lone one as a plain ``GET``), since
+redis-py's CPU per command, not Redis, is what limits cache hits per second in one process
+(``bench/cache_hits.py``). Each caller still decodes its own value (an unreadable entry fails only
+its own ``get``), and a failed ``MGET`` fails each of its ``get``s with a ``CacheBackendError`` of
+its own. ``batch_reads=False`` sends a ``GET`` per call.
+
 Down and slow are told apart, because they call for opposite answers. A Redis that refuses or drops
 the connection is down: the store answers ``CacheBackendError`` at once for ``outage_backoff``
 seconds instead of trying again, so an outage costs each request almost nothing, and requests go

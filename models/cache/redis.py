@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar, overload
 
 import redis.asyncio
@@ -100,8 +100,8 @@ class _PendingReads:
     """The ``get``s made in one turn of the event loop, answered together by one ``MGET``."""
 
     loop: asyncio.AbstractEventLoop
-    keys: list[str] = field(default_factory=list)
-    waiters: list[asyncio.Future[Any]] = field(default_factory=list)
+    keys: list[str]
+    waiters: list[asyncio.Future[Any]]
 
 
 def _milliseconds(seconds: float) -> int:
@@ -246,21 +246,24 @@ class RedisStore(Generic[T]):
         Why: redis-py spends far more CPU per command (a pooled connection, packing, parsing)
         than a cache hit spends on its own work, so per-call GETs cap hits well below what
         Redis answers; concurrent lookups (a worker's many requests in flight) share one.
-        A lone ``get`` waits for nothing: its ``MGET`` of one key leaves at the next turn.
+        A lone ``get`` waits for nothing: its read (a plain ``GET``) leaves at the next turn.
         """
         self._check_reachable("get")
         loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
         pending = self._pending
-        if pending is None or pending.loop is not loop:
-            pending = self._pending = _PendingReads(loop)
+        if pending is not None and pending.loop is loop:
+            pending.keys.append(redis_key)
+            pending.waiters.append(waiter)
+            if len(pending.keys) >= MAX_KEYS_PER_READ:
+                self._pending = None  # full: the next get starts the next MGET
+        else:
+            pending = self._pending = _PendingReads(loop, [redis_key], [waiter])
+            # The key is in before the task exists: under an eager task factory the task runs
+            # (and closes the batch) at once, reading one key per MGET, correctly if unbatched.
             reading = loop.create_task(self._read_pending(pending))
             self._reads_in_flight.add(reading)
             reading.add_done_callback(self._reads_in_flight.discard)
-        waiter: asyncio.Future[Any] = loop.create_future()
-        pending.keys.append(redis_key)
-        pending.waiters.append(waiter)
-        if len(pending.keys) >= MAX_KEYS_PER_READ:
-            self._pending = None  # full: the next get starts the next MGET
         try:
             return await waiter
         except asyncio.CancelledError:

@@ -173,6 +173,10 @@ def _read_from_openai(message: LLMMessage) -> bool:
     return getattr(message, "openai_message", None) is not None
 
 
+_EXCLUDE_OWN = {"openai_message"}
+_EXCLUDE_NESTED = {"content": {"__all__": {"openai_message"}}}
+
+
 def _message_json(message: LLMMessage) -> str:
     # A message's fields come in its class's fixed order, so pydantic's own JSON is canonical (and
     # several times faster than re-sorting a dump) unless it holds the free-form OpenAI message it
@@ -181,9 +185,10 @@ def _message_json(message: LLMMessage) -> str:
     if isinstance(message, BaseModel):
         if _read_from_openai(message):
             return canonical_json(message)
-        if isinstance(message, FunctionExecutionResultMessage):
-            return message.model_dump_json(exclude={"content": {"__all__": {"openai_message"}}})
-        return message.model_dump_json(exclude={"openai_message"})
+        # The serializer itself, not model_dump_json: the same JSON without the wrapper's
+        # argument handling, which cost as much as the serializing (one key per cache lookup).
+        exclude = _EXCLUDE_NESTED if isinstance(message, FunctionExecutionResultMessage) else _EXCLUDE_OWN
+        return message.__pydantic_serializer__.to_json(message, exclude=exclude).decode("utf-8")
     return canonical_json(message)
 
 

@@ -6,10 +6,10 @@ Stores one realistic entry (a ~1 KB answer plus the provider's raw body) through
 ``ChatCompletionCache`` on a ``RedisStore``, then for ``--seconds`` each:
 
 - baseline: raw ``GET`` of the same stored bytes through the same ``redis.asyncio`` client;
-- hits: ``ChatCompletionCache.create`` of the cached request (key hashing, GET, decode, copy,
-  usage tally, ``CacheHit`` event with its logger off), on a ``RedisStore`` as workers build it
-  (its concurrent gets share one ``MGET`` per event-loop turn), and for comparison on one built
-  with ``batch_reads=False`` (a ``GET`` per lookup, as before);
+- hits: ``ChatCompletionCache.create`` of the cached request (key hashing, the read, decode,
+  copy, usage tally, ``CacheHit`` event with its logger off), on a ``RedisStore`` as workers build
+  it (the lookups in flight together share one ``MGET`` per event-loop turn), and for comparison on
+  one built with ``batch_reads=False`` (a ``GET`` per lookup, as before);
 
 each with ``--concurrency`` coroutines in flight, in alternating rounds (the median is printed,
 so load from elsewhere on the machine falls on both), and prints both rates and their ratio. Then the

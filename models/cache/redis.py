@@ -12,7 +12,8 @@ go out as one ``MGET`` (at most ``MAX_KEYS_PER_READ`` keys; a lone one as a plai
 redis-py's CPU per command, not Redis, is what limits cache hits per second in one process
 (``bench/cache_hits.py``). Each caller still decodes its own value (an unreadable entry fails only
 its own ``get``), and a failed ``MGET`` fails each of its ``get``s with a ``CacheBackendError`` of
-its own. ``batch_reads=False`` sends a ``GET`` per call.
+its own. ``batch_reads=False`` sends a ``GET`` per call. (An ``MGET``, like the scripts, reads
+keys of one hash slot only: on a Redis Cluster the prefix would need a hash tag for it too.)
 
 Down and slow are told apart, because they call for opposite answers. A Redis that refuses or drops
 the connection is down: the store answers ``CacheBackendError`` at once for ``outage_backoff``

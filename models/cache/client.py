@@ -20,6 +20,7 @@ is stored only once it completed; one the consumer stops early, or that raises, 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import AsyncGenerator, Callable, Iterator, Mapping, Sequence
@@ -32,7 +33,7 @@ from models.base import ChatCompletionClient, DelegatingClient
 from models.cache.base import CacheStore
 from models.cache.entry import CachedCompletion
 from models.cache.errors import CacheBackendError, CacheError, UncacheableRequestError
-from models.cache.keys import request_key
+from models.cache.keys import identity_json, request_key_of_identity_json
 from models.cache.memory import InMemoryStore
 from models.cache.single_flight import DEFAULT_LOCK_TTL, Flight, SingleFlight
 from models.cancellation import CancellationToken
@@ -42,6 +43,7 @@ from models.types import CreateResult, LLMMessage, RequestUsage, Tool, ToolChoic
 __all__ = ["ChatCompletionCache", "announcing_hits", "paying_as"]
 
 _SAVE_ATTEMPTS_ON_TIMEOUT = 3
+_ABSENT = object()
 
 
 _payer: ContextVar[str | None] = ContextVar("tokenmill_cache_payer", default=None)
@@ -108,6 +110,10 @@ class ChatCompletionCache(DelegatingClient):
         )
         self._actual_usage = RequestUsage()
         self._total_usage = RequestUsage()
+        # The inner client's identity as last rendered: a deep copy of it, and its JSON (see
+        # _identity_json). None: not rendered yet.
+        self._identity_snapshot: dict[str, Any] | None = None
+        self._identity_rendered = ""
 
     @property
     def store(self) -> CacheStore[CachedCompletion]:
@@ -130,8 +136,8 @@ class ChatCompletionCache(DelegatingClient):
 
         Raises ``UncacheableRequestError`` if an argument has no canonical JSON form.
         """
-        return request_key(
-            self._client.cache_identity,
+        return request_key_of_identity_json(
+            self._identity_json(),
             messages,
             tools=tools,
             tool_choice=tool_choice,
@@ -141,6 +147,21 @@ class ChatCompletionCache(DelegatingClient):
         )
 
     request_key = cache_key
+
+    def _identity_json(self) -> str:
+        # A client's identity does not change once it is built, and rendering it was most of a
+        # key's cost: it is rendered again only when it differs (in a type-strict comparison,
+        # since True and 1 render differently) from a deep copy of the one last rendered.
+        identity = self._client.cache_identity
+        if _strictly_equal_mappings(identity, self._identity_snapshot):
+            return self._identity_rendered
+        rendered = identity_json(identity)
+        try:
+            snapshot = copy.deepcopy(dict(identity))
+        except Exception:  # an identity that cannot be copied is simply rendered every time
+            return rendered
+        self._identity_snapshot, self._identity_rendered = snapshot, rendered
+        return rendered
 
     def _key_or_none(
         self,
@@ -279,9 +300,10 @@ class ChatCompletionCache(DelegatingClient):
         if started is None:
             started = time.perf_counter()
         if key is not None:
-            # A plain GET, not the read-or-lock script: a hit is the path that must cost least
-            # (a script costs Redis more than a GET; bench/cache_hits.py), and a miss's lock is
-            # taken with a second read in one trip by the flight.
+            # A plain read (a GET, or part of the MGET of concurrent lookups), not the
+            # read-or-lock script: a hit is the path that must cost least (a script costs Redis
+            # more than a GET; bench/cache_hits.py), and a miss's lock is taken with a second
+            # read in one trip by the flight.
             entry = await self._lookup(key)
             if entry is not None:
                 return self._served(entry, key, started)
@@ -383,6 +405,32 @@ def _replayed_chunks(entry: CachedCompletion) -> list[str]:
         return list(entry.chunks)
     content = entry.result.content
     return [content] if isinstance(content, str) and content else []
+
+
+def _strictly_equal_mappings(mapping: Mapping[str, Any], snapshot: dict[str, Any] | None) -> bool:
+    if snapshot is None or len(mapping) != len(snapshot):
+        return False
+    for name, value in mapping.items():
+        other = snapshot.get(name, _ABSENT)
+        if type(value) is str:  # the usual entry (provider, endpoint, model): compared inline
+            if type(other) is not str or value != other:
+                return False
+        elif not _strictly_equal(value, other):
+            return False
+    return True
+
+
+def _strictly_equal(value: object, other: object) -> bool:
+    """Equal, and of the same types all the way down (``1 == 1.0 == True`` are not)."""
+    if type(value) is not type(other):
+        return False
+    if isinstance(value, dict) and isinstance(other, dict):
+        return _strictly_equal_mappings(value, other)
+    if isinstance(value, list | tuple) and isinstance(other, list | tuple):
+        return len(value) == len(other) and all(
+            _strictly_equal(item, other_item) for item, other_item in zip(value, other, strict=True)
+        )
+    return value == other
 
 
 def _identity_model(client: ChatCompletionClient) -> str | None:

@@ -32,7 +32,13 @@ from pydantic import BaseModel, SecretBytes, SecretStr
 from models.cache.errors import UncacheableRequestError
 from models.types import FunctionExecutionResultMessage, LLMMessage, Tool, ToolChoice, ToolSchema
 
-__all__ = ["KEY_FORMAT_VERSION", "canonical_json", "request_key"]
+__all__ = [
+    "KEY_FORMAT_VERSION",
+    "canonical_json",
+    "identity_json",
+    "request_key",
+    "request_key_of_identity_json",
+]
 
 KEY_FORMAT_VERSION = 1
 """Bumped when the key's recipe changes, so old entries are simply never found again."""
@@ -167,6 +173,10 @@ def _read_from_openai(message: LLMMessage) -> bool:
     return getattr(message, "openai_message", None) is not None
 
 
+_EXCLUDE_OWN = {"openai_message"}
+_EXCLUDE_NESTED = {"content": {"__all__": {"openai_message"}}}
+
+
 def _message_json(message: LLMMessage) -> str:
     # A message's fields come in its class's fixed order, so pydantic's own JSON is canonical (and
     # several times faster than re-sorting a dump) unless it holds the free-form OpenAI message it
@@ -175,10 +185,16 @@ def _message_json(message: LLMMessage) -> str:
     if isinstance(message, BaseModel):
         if _read_from_openai(message):
             return canonical_json(message)
-        if isinstance(message, FunctionExecutionResultMessage):
-            return message.model_dump_json(exclude={"content": {"__all__": {"openai_message"}}})
-        return message.model_dump_json(exclude={"openai_message"})
+        # The serializer itself, not model_dump_json: the same JSON without the wrapper's
+        # argument handling, which cost as much as the serializing (one key per cache lookup).
+        exclude = _EXCLUDE_NESTED if isinstance(message, FunctionExecutionResultMessage) else _EXCLUDE_OWN
+        return message.__pydantic_serializer__.to_json(message, exclude=exclude).decode("utf-8")
     return canonical_json(message)
+
+
+def identity_json(identity: Mapping[str, Any]) -> str:
+    """A client identity as ``request_key`` writes it into the key (secrets left out)."""
+    return canonical_json(_without_secrets(identity))
 
 
 def request_key(
@@ -198,11 +214,34 @@ def request_key(
     namespace if there is one (so the keys of the empty namespace are those it always had).
     Raises ``UncacheableRequestError`` when an argument has no canonical JSON form.
     """
+    return request_key_of_identity_json(
+        identity_json(identity),
+        messages,
+        tools=tools,
+        tool_choice=tool_choice,
+        json_output=json_output,
+        extra_create_args=extra_create_args,
+        namespace=namespace,
+    )
+
+
+def request_key_of_identity_json(
+    identity: str,
+    messages: Sequence[LLMMessage],
+    *,
+    tools: Sequence[Tool | ToolSchema] = (),
+    tool_choice: ToolChoice = "auto",
+    json_output: bool | type[BaseModel] | None = None,
+    extra_create_args: Mapping[str, Any] = {},
+    namespace: str = "",
+) -> str:
+    """``request_key`` for a caller that rendered the identity already (``identity_json``): a
+    client's identity is fixed, and rendering it was most of a key's cost."""
     parts = [
         str(KEY_FORMAT_VERSION),
-        canonical_json(_without_secrets(identity)),
+        identity,
         "[" + ",".join(_message_json(message) for message in messages) + "]",
-        "[" + ",".join(_tool_schema(tool) for tool in tools) + "]",
+        "[" + ",".join(_tool_schema(tool) for tool in tools) + "]" if tools else "[]",
         _simple_json(tool_choice) or canonical_json(_tool_choice(tool_choice)),
         _simple_json(json_output) or canonical_json(json_output),
         canonical_json(_without_secrets(extra_create_args)) if extra_create_args else "{}",

@@ -29,12 +29,14 @@ from models.cache import (
     InMemoryStore,
     RedisStore,
     paying_as,
+    request_key,
 )
 from models.cancellation import CancellationToken
 from models.errors import ProviderUnavailable, StreamInterrupted
 from models.events import EVENT_LOGGER_NAME, CacheHit, CacheStoreError, ModelEvent, short_digest
 from models.types import CreateResult, RequestUsage, UserMessage
 from tests.models.counting_client import USAGE, CountingClient
+from tests.models.counting_connection import CountingConnection
 from tests.models.lock_holder import lock_holder_messages, open_store
 from tests.services import free_port
 
@@ -694,18 +696,8 @@ async def test_caches_in_two_namespaces_share_neither_answers_nor_flights(
     assert tenant_a.cache_key(MESSAGES) != tenant_b.cache_key(MESSAGES)
 
 
-class _CountingConnection(redis.asyncio.Connection):
-    """A real connection to the real server that counts what it sends (one send, one trip)."""
-
-    sent = 0
-
-    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        type(self).sent += 1
-        await super().send_packed_command(command, check_health)
-
-
 async def test_a_miss_on_redis_is_three_round_trips_and_a_hit_one(redis_url: str, redis_prefix: str) -> None:
-    pool = redis.asyncio.ConnectionPool.from_url(redis_url, connection_class=_CountingConnection)
+    pool = redis.asyncio.ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
     client = redis.asyncio.Redis(connection_pool=pool)
     try:
         store = RedisStore(client, redis_prefix)
@@ -713,12 +705,12 @@ async def test_a_miss_on_redis_is_three_round_trips_and_a_hit_one(redis_url: str
         inner = CountingClient()
         cache = ChatCompletionCache(inner, store)
         await cache.create([UserMessage(content="warm the scripts", source="user")])
-        _CountingConnection.sent = 0
+        CountingConnection.sent = 0
         miss = await cache.create(MESSAGES)
-        trips_of_a_miss = _CountingConnection.sent
-        _CountingConnection.sent = 0
+        trips_of_a_miss = CountingConnection.sent
+        CountingConnection.sent = 0
         hit = await cache.create(MESSAGES)
-        trips_of_a_hit = _CountingConnection.sent
+        trips_of_a_hit = CountingConnection.sent
         # The lock went with the write: another caller takes it at once.
         assert await store.acquire_lock(cache.cache_key(MESSAGES), ttl=5) is not None
     finally:
@@ -729,3 +721,109 @@ async def test_a_miss_on_redis_is_three_round_trips_and_a_hit_one(redis_url: str
     assert inner.calls == 2
     # get, get-or-lock, set-and-unlock (was: get, lock, get, set, unlock); a hit is one GET.
     assert (trips_of_a_miss, trips_of_a_hit) == (3, 1)
+
+
+@pytest.fixture
+async def counted_redis(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    """A client on the real server whose connections count the commands they send."""
+    pool = redis.asyncio.ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
+    client = redis.asyncio.Redis(connection_pool=pool)
+    await client.ping()
+    yield client
+    await client.aclose()
+    await pool.aclose()
+
+
+async def test_concurrent_hits_on_redis_share_one_round_trip(
+    counted_redis: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    """Thirty-two lookups in flight at once (a worker's concurrent requests) are answered by one
+    MGET, not thirty-two GETs; each still gets a result of its own, marked and counted as a hit."""
+    inner = CountingClient()
+    cache = ChatCompletionCache(inner, RedisStore(counted_redis, redis_prefix))
+    await cache.create(MESSAGES)
+    CountingConnection.sent = 0
+    hits = await asyncio.gather(*(cache.create(MESSAGES) for _ in range(32)))
+    trips = CountingConnection.sent
+    assert trips == 1
+    assert inner.calls == 1
+    assert all(hit.cached for hit in hits)
+    assert len({id(hit) for hit in hits}) == 32
+    assert hits[0].raw_response is not None
+    hits[0].raw_response["nested"]["values"].clear()
+    assert hits[1].raw_response == {"id": "resp-1", "nested": {"values": [1, 2, 3]}}
+    assert cache.total_usage() == RequestUsage(prompt_tokens=11 * 33, completion_tokens=7 * 33)
+    assert cache.actual_usage() == USAGE
+
+
+async def test_a_corrupt_entry_read_with_good_ones_misses_alone(
+    redis_client: redis.asyncio.Redis, redis_prefix: str, events: EventLog
+) -> None:
+    inner = CountingClient()
+    cache = ChatCompletionCache(inner, RedisStore(redis_client, redis_prefix))
+    questions = [[UserMessage(content=f"question {i}", source="user")] for i in range(4)]
+    for question in questions:
+        await cache.create(question)
+    corrupt_key = cache.cache_key(questions[2])
+    await RedisStore(redis_client, redis_prefix, codec=RawBytes()).set(corrupt_key, b"{not json")
+    again = await asyncio.gather(*(cache.create(question) for question in questions))
+    assert [result.cached for result in again] == [True, True, False, True]
+    assert [result.content for result in again] == [f"echo: question {i}" for i in range(4)]
+    assert inner.calls == 5
+    assert {(e.operation, e.key_digest) for e in events.of(CacheStoreError)} == {
+        ("get", short_digest(corrupt_key))
+    }
+
+
+async def test_concurrent_lookups_on_a_closed_port_all_go_upstream(events: EventLog) -> None:
+    store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0")
+    inner = CountingClient()
+    cache = ChatCompletionCache(inner, store)
+    questions = [[UserMessage(content=f"question {i}", source="user")] for i in range(8)]
+    try:
+        results = await asyncio.gather(*(cache.create(question) for question in questions))
+        streamed = [item async for item in cache.create_stream(questions[0])]
+    finally:
+        await store.close()
+    assert [result.cached for result in results] == [False] * 8
+    assert isinstance(streamed[-1], CreateResult)
+    assert not streamed[-1].cached
+    assert inner.calls == 9
+    assert {event.store for event in events.of(CacheStoreError)} == {"redis"}
+
+
+class _IdentityClient(CountingClient):
+    """A client whose identity is one mapping, handed back as is, that the test changes in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.identity: dict[str, Any] = {"provider": "p", "model": "m", "defaults": {"temperature": 1}}
+
+    @property
+    def cache_identity(self) -> dict[str, Any]:
+        return self.identity
+
+
+def test_a_client_identity_changed_in_place_changes_the_key() -> None:
+    """Keys render the client's identity once and reuse it while it stays the same; changed in
+    place (even from 1 to True, which compare equal), it is rendered again."""
+    inner = _IdentityClient()
+    cache = ChatCompletionCache(inner)
+
+    def key_checked() -> str:
+        key = cache.cache_key(MESSAGES)
+        assert key == request_key(inner.identity, MESSAGES)
+        return key
+
+    keys = [key_checked(), key_checked()]
+    inner.identity["model"] = "m2"
+    keys.append(key_checked())
+    inner.identity["defaults"]["temperature"] = True
+    keys.append(key_checked())
+    inner.identity["defaults"]["top_p"] = 0.5
+    keys.append(key_checked())
+    inner.identity = {**inner.identity, "api_key": "sk-secret"}  # a new object, keyed without it
+    keys.append(key_checked())
+    assert keys[0] == keys[1]
+    assert keys[-1] == keys[-2]
+    assert len(set(keys)) == 4

@@ -12,6 +12,8 @@ from models.cache import UncacheableRequestError, request_key
 from models.types import (
     AssistantMessage,
     FunctionCall,
+    FunctionExecutionResult,
+    FunctionExecutionResultMessage,
     Image,
     LLMMessage,
     SystemMessage,
@@ -270,3 +272,31 @@ def test_keys_of_messages_built_in_code_did_not_change() -> None:
     assert UserMessage(content="hi").model_dump_json(exclude={"openai_message"}) == (
         '{"content":"hi","source":"user","type":"UserMessage"}'
     )
+
+
+def test_keys_of_a_conversation_with_tool_calls_did_not_change() -> None:
+    """Keys as the entries already stored were written under (pinned from the code before the key
+    was derived with a pre-rendered identity and pydantic's serializer called directly)."""
+    conversation: list[LLMMessage] = [
+        SystemMessage(content="be brief"),
+        UserMessage(content="hi ü", source="user"),
+        AssistantMessage(content=[FunctionCall(id="c1", name="weather", arguments='{"city":"Paris"}')]),
+        FunctionExecutionResultMessage(
+            content=[FunctionExecutionResult(content="sunny", name="weather", call_id="c1")]
+        ),
+        AssistantMessage(content="It is sunny.", thought="easy"),
+    ]
+    pinned: list[tuple[dict[str, Any], str]] = [
+        ({}, "a5b16a128bbc7a44fdcbb5c587bae8f16150d83ac782932a760838f7d318bd7f"),
+        (
+            {"tools": [WEATHER], "tool_choice": "required"},
+            "e50ee8557326c775ae88732a02e8ea2564af895101c93c35b1e9be3fbf92b30f",
+        ),
+        (
+            {"extra_create_args": {"temperature": 1.0, "api_key": "x"}},
+            "d3f7f170dbb30eadea233851d9cccf4fe29bbc592d6bb638e6d96c4175dc65ba",
+        ),
+        ({"namespace": "t"}, "7e1309cebd261ec9a54db4a3e6c553b583a507c217952fb54b852484e02424af"),
+    ]
+    for arguments, key in pinned:
+        assert request_key(IDENTITY, conversation, **arguments) == key

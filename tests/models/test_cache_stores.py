@@ -21,7 +21,9 @@ from models.cache import (
     InMemoryStore,
     RedisStore,
 )
+from models.cache.redis import MAX_KEYS_PER_READ
 from models.types import CreateResult, RequestUsage
+from tests.models.counting_connection import CountingConnection
 from tests.services import free_port
 
 ENTRY = CachedCompletion(
@@ -229,3 +231,72 @@ async def test_memory_store_evicts_the_least_recently_used() -> None:
     assert await store.get("b") is None
     assert await store.get("a") is not None
     assert await store.get("c") is not None
+
+
+@pytest.fixture
+async def counted_redis(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
+    pool = redis.asyncio.ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
+    client = redis.asyncio.Redis(connection_pool=pool)
+    yield client
+    await client.aclose()
+    await pool.aclose()
+
+
+def _reads(commands: list[str]) -> list[str]:
+    return [name for name in commands if name.upper() in ("GET", "MGET")]
+
+
+async def test_redis_store_answers_the_gets_of_one_turn_with_one_mget(
+    counted_redis: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    """Gets made together are read together, up to MAX_KEYS_PER_READ keys an MGET; each caller
+    gets its own key's value (or None), decoded for it alone."""
+    store = RedisStore(counted_redis, prefix=redis_prefix)
+    present = {f"k{i}" for i in range(0, 300, 3)}
+    for key in sorted(present):
+        await store.set(key, ENTRY)
+    CountingConnection.commands = []
+    values = await asyncio.gather(*(store.get(f"k{i}") for i in range(300)))
+    assert [value is not None for value in values] == [f"k{i}" in present for i in range(300)]
+    assert all(value == ENTRY for value in values if value is not None)
+    assert len({id(value) for value in values if value is not None}) == len(present)
+    assert _reads(CountingConnection.commands) == ["MGET"] * -(-300 // MAX_KEYS_PER_READ)
+    CountingConnection.commands = []
+    assert await store.get("k0") == ENTRY  # alone: a plain GET
+    assert _reads(CountingConnection.commands) == ["GET"]
+
+
+async def test_redis_store_reads_one_get_at_a_time_when_asked(
+    counted_redis: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    store = RedisStore(counted_redis, prefix=redis_prefix, batch_reads=False)
+    await store.set("k", ENTRY)
+    CountingConnection.commands = []
+    assert await asyncio.gather(*(store.get("k") for _ in range(4))) == [ENTRY] * 4
+    assert _reads(CountingConnection.commands) == ["GET"] * 4
+
+
+async def test_a_get_cancelled_while_its_read_is_out_leaves_the_others_their_values(
+    redis_client: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    store = RedisStore(redis_client, prefix=redis_prefix)
+    await store.set("k", ENTRY)
+    gets = [asyncio.ensure_future(store.get("k")) for _ in range(3)]
+    for _ in range(3):  # every get joins the read, which is then sent
+        await asyncio.sleep(0)
+    gets[1].cancel()
+    done = await asyncio.gather(*gets, return_exceptions=True)
+    assert done[0] == done[2] == ENTRY
+    assert isinstance(done[1], asyncio.CancelledError)
+    assert await store.get("k") == ENTRY
+
+
+async def test_every_get_of_a_failed_read_gets_its_own_backend_error() -> None:
+    store = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", outage_backoff=0.2)
+    try:
+        errors = await asyncio.gather(*(store.get(f"k{i}") for i in range(5)), return_exceptions=True)
+    finally:
+        await store.close()
+    assert all(isinstance(error, CacheBackendError) for error in errors)
+    assert {error.operation for error in errors if isinstance(error, CacheBackendError)} == {"get"}
+    assert len({id(error) for error in errors}) == 5

@@ -171,13 +171,14 @@ def test_fifty_requests_from_two_processes_make_one_upstream_call(
 async def test_a_waiter_waits_for_a_live_holder_past_the_single_flight_timeout(
     simulator: SimulatorServer, redis_url: str, redis_prefix: str
 ) -> None:
-    """The holder's call takes longer (1.5 s) than the waiter's ``single_flight_timeout`` (0.3 s)
-    and several lock TTLs (0.6 s): the waiter, another process's cache on the same Redis, keeps
-    waiting while the holder's lock is alive and is served its answer: one upstream call."""
-    simulator.configure(latency_ms=1500)
+    """The holder's call takes longer (4 s) than the waiter's ``single_flight_timeout`` (0.3 s)
+    and several lock TTLs (1.5 s): the waiter, another process's cache on the same Redis, keeps
+    waiting while the holder's lock is alive and is served its answer: one upstream call. (A TTL
+    of 0.6 s lapsed at load 25, when the holder's event loop stalled past it before a refresh.)"""
+    simulator.configure(latency_ms=4000)
     stores = [RedisStore[CHAT_CACHE_VALUE_TYPE].from_url(redis_url, prefix=redis_prefix) for _ in range(2)]
     holder, waiter = (
-        ChatCompletionCache(client_for(simulator), store, single_flight_timeout=0.3, lock_ttl=0.6)
+        ChatCompletionCache(client_for(simulator), store, single_flight_timeout=0.3, lock_ttl=1.5)
         for store in stores
     )
     try:

@@ -18,6 +18,8 @@ Layout under the prefix::
     lane:tenants                       hash: tenants that sent single calls lately -> weight|sent at
     lane:arrivals                      list: tenants newly in lane:tenants (wakes the lanes)
     lane:wake:{owner}                  list: wakes one lane consumer's blocked take (a slot freed)
+    lane:busy                          string: lives a while after each single call is sent; chunks
+                                       start fewer requests while it does (lane_pressure.py)
     lane:reply:{request_id}            list: the outcome of one single call, for the API that waits
     lane:stream:{request_id}           stream: one streamed single call's chunks, then its outcome
 """
@@ -37,6 +39,7 @@ __all__ = [
     "dispatch_marker_key",
     "dispatch_sequence_keys",
     "lane_arrivals_key",
+    "lane_busy_key",
     "lane_queue_key",
     "lane_reply_key",
     "lane_stream_key",
@@ -97,6 +100,10 @@ def lane_tenants_key(prefix: str) -> str:
 
 def lane_arrivals_key(prefix: str) -> str:
     return f"{prefix}lane:arrivals"
+
+
+def lane_busy_key(prefix: str) -> str:
+    return f"{prefix}lane:busy"
 
 
 def lane_wake_key(prefix: str, owner: str) -> str:

@@ -13,6 +13,8 @@ Both sides use it: the API (``send``, ``wait_reply``, ``read_stream``) and a wor
   lately, so that the lanes know whose lists to block on; a tenant new to it is also pushed on
   ``lane:arrivals``, which every take blocks on first, so that a blocked lane learns of it at once.
   A lane forgets a tenant (``tenants``) once its list is empty and it sent nothing for a while.
+* ``lane:busy`` lives ``LANE_BUSY_MS`` after each call sent: while it does, the chunks start fewer
+  requests (``workers.lane_pressure``).
 * ``lane:wake:{owner}`` wakes one consumer's blocked take when the order it blocked with is stale
   (a slot of a tenant it had left out freed).
 * Each message has a dispatch marker (``workers.dispatch``), written with it and removed when a
@@ -40,6 +42,7 @@ import redis.asyncio as aioredis
 from workers.constants import (
     dispatch_marker_key,
     lane_arrivals_key,
+    lane_busy_key,
     lane_queue_key,
     lane_reply_key,
     lane_stream_key,
@@ -47,6 +50,7 @@ from workers.constants import (
     lane_wake_key,
 )
 from workers.dispatch import MARKER_PENDING_SECONDS
+from workers.lane_pressure import LANE_BUSY_MS
 
 __all__ = ["REPLY_SECONDS", "LaneMessage", "LaneTake", "LaneTransport", "StreamEntry", "lane_dispatch_id"]
 
@@ -54,14 +58,15 @@ REPLY_SECONDS = 300
 # A wake left for a consumer that died before reading it is gone after this.
 _WAKE_SECONDS = 60
 
-# KEYS: the marker, the tenant's list, lane:tenants, lane:arrivals.
-# ARGV: the marker's seconds, the message, the tenant id, "weight|sent at".
+# KEYS: the marker, the tenant's list, lane:tenants, lane:arrivals, lane:busy.
+# ARGV: the marker's seconds, the message, the tenant id, "weight|sent at", lane:busy's ms.
 _SEND = """
 redis.call('SET', KEYS[1], 'lane', 'EX', ARGV[1])
 redis.call('LPUSH', KEYS[2], ARGV[2])
 if redis.call('HSET', KEYS[3], ARGV[3], ARGV[4]) == 1 then
   redis.call('LPUSH', KEYS[4], ARGV[3])
 end
+redis.call('SET', KEYS[5], '1', 'PX', ARGV[5])
 """
 
 # KEYS: lane:tenants. ARGV: the tenants' lists' key prefix, forget those idle since before this.
@@ -155,12 +160,14 @@ class LaneTransport:
             lane_queue_key(self.key_prefix, tenant_id),
             lane_tenants_key(self.key_prefix),
             lane_arrivals_key(self.key_prefix),
+            lane_busy_key(self.key_prefix),
         ]
         args: list[str | int] = [
             MARKER_PENDING_SECONDS,
             message.encode(),
             tenant_id,
             f"{weight!r}|{time.time():.0f}",
+            LANE_BUSY_MS,
         ]
         await self._send(keys=keys, args=args)
 

@@ -1,6 +1,7 @@
 """Fair scheduling between tenants, end to end through the public API.
 
     .venv/bin/python -m bench.fairness [--lines 5000] [--big 20000] [--calls 100] [--processes 2]
+                                       [--only-chat]
 
 Prints, each measured here and now against a baseline measured in the same run (``tokenmill api``
 and ``tokenmill worker`` subprocesses on a scratch database, the simulator answering in
@@ -11,7 +12,8 @@ and ``tokenmill worker`` subprocesses on a scratch database, the simulator answe
       the ratio of the later to the earlier (target <= 1.10), next to twice the baseline (the
       finish time of both if they share the workers evenly);
   (b) tenant A's ``POST /v1/chat/completions`` p50/p99 over ``--calls`` sequential calls alone,
-      then while tenant B's ``--big``-line batch runs, and the ratio of the p99s (target <= 2).
+      then while tenant B's ``--big``-line batch runs, and the ratio of the p99s (target <= 2);
+      B's batch is cancelled once A's calls are done (``--only-chat``: (b) alone).
 
 Needs Redis and PostgreSQL as ``bench.throughput`` does (its own redis-server, or
 TOKENMILL_BENCH_REDIS_URL, whose logical database is flushed; TOKENMILL_BENCH_PG_URL).
@@ -125,6 +127,20 @@ def p99(values: Sequence[float]) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[98] if len(values) > 1 else values[0]
 
 
+def shares(mill: Tokenmill, client_a: openai.OpenAI, client_b: openai.OpenAI, lines: int) -> None:
+    """Part (a)."""
+    started, ids = create_batches([client_a], lines)
+    (alone,) = finish_times(mill, [client_a], ids, started, lines)
+    print(f"(a) one tenant's {lines}-line batch alone: {alone:.1f} s (baseline)")
+    started, ids = create_batches([client_a, client_b], lines)
+    a_time, b_time = finish_times(mill, [client_a, client_b], ids, started, lines)
+    ratio = max(a_time, b_time) / min(a_time, b_time)
+    print(
+        f"    two equal-weight tenants' {lines}-line batches together: A {a_time:.1f} s, "
+        f"B {b_time:.1f} s; later/earlier = {ratio:.3f} (target <= 1.10); 2 x baseline = {2 * alone:.1f} s"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -135,6 +151,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=128, help="requests in flight in total")
     parser.add_argument("--latency-ms", type=float, default=50)
+    parser.add_argument("--only-chat", action="store_true", help="part (b) only")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     per_process = max(1, args.concurrency // args.processes)
@@ -158,17 +175,8 @@ def main() -> None:
                 f"upstream {args.latency_ms:g} ms"
             )
 
-            started, ids = create_batches([client_a], args.lines)
-            (alone,) = finish_times(mill, [client_a], ids, started, args.lines)
-            print(f"(a) one tenant's {args.lines}-line batch alone: {alone:.1f} s (baseline)")
-            started, ids = create_batches([client_a, client_b], args.lines)
-            a_time, b_time = finish_times(mill, [client_a, client_b], ids, started, args.lines)
-            ratio = max(a_time, b_time) / min(a_time, b_time)
-            print(
-                f"    two equal-weight tenants' {args.lines}-line batches together: A {a_time:.1f} s, "
-                f"B {b_time:.1f} s; later/earlier = {ratio:.3f} (target <= 1.10); "
-                f"2 x baseline = {2 * alone:.1f} s"
-            )
+            if not args.only_chat:
+                shares(mill, client_a, client_b, args.lines)
 
             quiet = chat_latencies(client_a, args.calls)
             print(
@@ -193,6 +201,8 @@ def main() -> None:
                 f"p99 {p99(loaded) * 1000:.0f} ms; p99 loaded/alone = {p99(loaded) / p99(quiet):.2f} "
                 "(target <= 2)"
             )
+            if not ended.is_set():  # what was to be measured is measured
+                client_b.batches.cancel(big_id)
             ended.wait(1800)
         finally:
             mill.close()

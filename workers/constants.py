@@ -14,7 +14,12 @@ Layout under the prefix::
     sweep:lock                         the lock sweepers take turns with (sweeper.py)
     agent_reply:{message_id}           list: the reply to one distributed agent message (agent_runtime.py)
     agent_lock:{tenant}:{type}/{key}   lock: one handler per agent at a time (agent_host.py)
-    lane:queue                         list: single calls waiting for a worker's interactive lane
+    lane:queue:{tenant_id}             list: one tenant's single calls waiting for a worker's lane
+    lane:tenants                       hash: tenants that sent single calls lately -> weight|sent at
+    lane:arrivals                      list: tenants newly in lane:tenants (wakes the lanes)
+    lane:wake:{owner}                  list: wakes one lane consumer's blocked take (a slot freed)
+    lane:busy                          string: lives a while after each single call is sent; chunks
+                                       start fewer requests while it does (lane_pressure.py)
     lane:reply:{request_id}            list: the outcome of one single call, for the API that waits
     lane:stream:{request_id}           stream: one streamed single call's chunks, then its outcome
 """
@@ -33,9 +38,13 @@ __all__ = [
     "agent_reply_key",
     "dispatch_marker_key",
     "dispatch_sequence_keys",
+    "lane_arrivals_key",
+    "lane_busy_key",
     "lane_queue_key",
     "lane_reply_key",
     "lane_stream_key",
+    "lane_tenants_key",
+    "lane_wake_key",
     "limit_key",
     "limit_leases_key",
     "sweep_lock_key",
@@ -81,8 +90,24 @@ def sweep_lock_key(prefix: str) -> str:
     return f"{prefix}sweep:lock"
 
 
-def lane_queue_key(prefix: str) -> str:
-    return f"{prefix}lane:queue"
+def lane_queue_key(prefix: str, tenant_id: str) -> str:
+    return f"{prefix}lane:queue:{tenant_id}"
+
+
+def lane_tenants_key(prefix: str) -> str:
+    return f"{prefix}lane:tenants"
+
+
+def lane_arrivals_key(prefix: str) -> str:
+    return f"{prefix}lane:arrivals"
+
+
+def lane_busy_key(prefix: str) -> str:
+    return f"{prefix}lane:busy"
+
+
+def lane_wake_key(prefix: str, owner: str) -> str:
+    return f"{prefix}lane:wake:{owner}"
 
 
 def lane_reply_key(prefix: str, request_id: str) -> str:

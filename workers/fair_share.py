@@ -10,10 +10,10 @@ weights, within one request. A tenant with nothing waiting banks no credit: its 
 again at the tag of the request last let in (the service's virtual time, as DRR resets an
 emptied queue's deficit), so it cannot take a burst of slots for the time it was idle.
 
-Each worker process shares its own slots this way (``workers.runner``); since every process
-does, the workers together share by weight too. Within a tenant the order is the ledger's
-(``store.claim_in_order``): higher ``priority`` first, then the earliest end of the completion
-window, then line order.
+Each worker process shares its own slots this way (``workers.runner``; its interactive lane's in
+``workers.lane_scheduler``); since every process does, the workers together share by weight too.
+Within a tenant the order is the ledger's (``store.claim_in_order``): higher ``priority`` first,
+then the earliest end of the completion window, then line order.
 """
 
 from __future__ import annotations
@@ -51,6 +51,12 @@ class FairShare:
             given[tenant_id] = given.get(tenant_id, 0) + 1
             heapq.heappush(heap, (clock + 1 / weights[tenant_id], tenant_id))
         return given
+
+    def order(self, weights: Mapping[str, float]) -> list[str]:
+        """The tenants of ``weights`` (those whose work may be waiting, and their weights), the one
+        the next free slot should go to first; nothing is charged until ``charge``."""
+        self._weights.update(weights)
+        return sorted(weights, key=lambda tenant_id: (self._clock(tenant_id), tenant_id))
 
     def charge(self, tenant_id: str, claimed: int) -> list[float]:
         """``claimed`` requests of the tenant were claimed (at its last weight seen, else 1);

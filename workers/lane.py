@@ -3,8 +3,9 @@ on an event loop and a thread of its own, apart from its Celery chunks.
 
 A prefork process busy with a chunk takes no other Celery message until the chunk ends (minutes,
 behind a rate limit), so single calls get capacity of their own: ``LaneConsumer`` takes their ids
-from ``lane:queue`` (``workers.lane_transport``), up to ``lane_in_flight_per_process`` at once,
-each through the same path as a batch line:
+from the tenants' lane queues (``workers.lane_transport``), up to ``lane_in_flight_per_process``
+at once, shared between tenants by weight with a cap per tenant (``workers.lane_scheduler``), each
+through the same path as a batch line:
 
 * claim with a lease ("leases, not trust"), kept alive by a ``LeaseKeeper`` thread; a consumer
   that dies leaves its requests to the sweeper, which sends them again once their leases lapse;
@@ -53,6 +54,7 @@ from telemetry import tracing
 from telemetry.metrics import observe_recorded
 from telemetry.model_events import install_model_event_metrics
 from workers import observe
+from workers.lane_scheduler import LaneScheduler
 from workers.lane_transport import LaneMessage, LaneTransport
 from workers.pipeline import ModelCallPipeline
 from workers.result_writer import record_isolating_bad_rows
@@ -108,6 +110,7 @@ class LaneConsumer:
         self.max_deliveries = max_deliveries
         self.running: dict[str, ClaimedRequest] = {}
         self.tokens: dict[str, CancellationToken] = {}
+        self.scheduler = LaneScheduler(transport, owner, in_flight)
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -127,16 +130,16 @@ class LaneConsumer:
             while not stop.is_set():
                 await gate.acquire()
                 try:
-                    message = await self.transport.take(_TAKE_TIMEOUT_SECONDS)
+                    taken = await self.scheduler.take(_TAKE_TIMEOUT_SECONDS)
                 except (RedisError, OSError):
                     gate.release()
                     _logger.warning("the lane cannot read its queue; trying again", exc_info=True)
                     await asyncio.sleep(_TAKE_TIMEOUT_SECONDS)
                     continue
-                if message is None:
+                if taken is None:
                     gate.release()
                     continue
-                task = asyncio.create_task(self.serve(message))
+                task = asyncio.create_task(self._serve_for(*taken))
                 serving.add(task)
                 task.add_done_callback(serving.discard)
                 task.add_done_callback(lambda _: gate.release())
@@ -147,6 +150,12 @@ class LaneConsumer:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
             await asyncio.to_thread(keeper.stop)
+
+    async def _serve_for(self, tenant_id: str, message: LaneMessage) -> None:
+        try:
+            await self.serve(message)
+        finally:
+            await self.scheduler.done(tenant_id)
 
     async def serve(self, message: LaneMessage) -> None:
         # A child of the API's span across the lane (telemetry.tracing): one trace per call.

@@ -4,9 +4,19 @@ answers and their streamed chunks back to the API that waits.
 Both sides use it: the API (``send``, ``wait_reply``, ``read_stream``) and a worker's lane consumer
 (``take``, ``settle``, ``reply``, ``append``). Like ``workers.enqueue`` it imports no worker code.
 
-* ``lane:queue`` (a list, LPUSH / BRPOP: first in, first out) carries request ids, and whether
-  the caller streams, never prompts ("ledger first", "secrets stay secret": docs/design.md): the
-  request's row is committed before ``send``.
+* ``lane:queue:{tenant_id}`` (a list per tenant, LPUSH / BRPOP: first in, first out within the
+  tenant) carries request ids, and whether the caller streams, never prompts ("ledger first",
+  "secrets stay secret": docs/design.md): the request's row is committed before ``send``. Which
+  tenant's call a lane takes next is its ``workers.lane_scheduler``'s choice: ``take`` blocks on the
+  tenants' lists in the order it gives (one BRPOP: a call to an idle lane is taken at once).
+* ``lane:tenants`` (a hash: tenant id -> ``weight|sent at``) names the tenants that sent calls
+  lately, so that the lanes know whose lists to block on; a tenant new to it is also pushed on
+  ``lane:arrivals``, which every take blocks on first, so that a blocked lane learns of it at once.
+  A lane forgets a tenant (``tenants``) once its list is empty and it sent nothing for a while.
+* ``lane:busy`` lives ``LANE_BUSY_MS`` after each call sent: while it does, the chunks start fewer
+  requests (``workers.lane_pressure``).
+* ``lane:wake:{owner}`` wakes one consumer's blocked take when the order it blocked with is stale
+  (a slot of a tenant it had left out freed).
 * Each message has a dispatch marker (``workers.dispatch``), written with it and removed when a
   worker claims the request: while it lives, the sweeper leaves the queued request alone; once it
   is gone (a consumer died between take and claim, the broker was flushed) the sweeper sends the
@@ -22,17 +32,61 @@ Both sides use it: the API (``send``, ``wait_reply``, ``read_stream``) and a wor
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from workers.constants import dispatch_marker_key, lane_queue_key, lane_reply_key, lane_stream_key
+from workers.constants import (
+    dispatch_marker_key,
+    lane_arrivals_key,
+    lane_busy_key,
+    lane_queue_key,
+    lane_reply_key,
+    lane_stream_key,
+    lane_tenants_key,
+    lane_wake_key,
+)
 from workers.dispatch import MARKER_PENDING_SECONDS
+from workers.lane_pressure import LANE_BUSY_MS
 
-__all__ = ["REPLY_SECONDS", "LaneMessage", "LaneTransport", "StreamEntry", "lane_dispatch_id"]
+__all__ = ["REPLY_SECONDS", "LaneMessage", "LaneTake", "LaneTransport", "StreamEntry", "lane_dispatch_id"]
 
 REPLY_SECONDS = 300
+# A wake left for a consumer that died before reading it is gone after this.
+_WAKE_SECONDS = 60
+
+# KEYS: the marker, the tenant's list, lane:tenants, lane:arrivals, lane:busy.
+# ARGV: the marker's seconds, the message, the tenant id, "weight|sent at", lane:busy's ms.
+_SEND = """
+redis.call('SET', KEYS[1], 'lane', 'EX', ARGV[1])
+redis.call('LPUSH', KEYS[2], ARGV[2])
+if redis.call('HSET', KEYS[3], ARGV[3], ARGV[4]) == 1 then
+  redis.call('LPUSH', KEYS[4], ARGV[3])
+end
+redis.call('SET', KEYS[5], '1', 'PX', ARGV[5])
+"""
+
+# KEYS: lane:tenants. ARGV: the tenants' lists' key prefix, forget those idle since before this.
+# Atomic with _SEND: a tenant is never forgotten with a call in its list.
+_TENANTS = """
+local found = {}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local tenant, value = all[i], all[i + 1]
+  local weight, sent = string.match(value, '^([^|]*)|(.*)$')
+  if (sent == nil or tonumber(sent) < tonumber(ARGV[2]))
+      and redis.call('LLEN', ARGV[1] .. tenant) == 0 then
+    redis.call('HDEL', KEYS[1], tenant)
+  else
+    found[#found + 1] = tenant
+    found[#found + 1] = weight or '1'
+  end
+end
+return found
+"""
 _STREAM_FLAG = ":stream"
 _TRACE_SEPARATOR = ";"  # neither in a request id nor in a traceparent (hex digits and dashes)
 
@@ -75,22 +129,47 @@ class StreamEntry:
     outcome: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class LaneTake:
+    """What a take brought: a tenant's message, or (``message`` None) news that the order it
+    blocked with is stale: a tenant arrived (``arrived``), or its consumer was woken."""
+
+    tenant_id: str | None = None
+    message: LaneMessage | None = None
+    arrived: bool = False
+
+
 class LaneTransport:
     """The lane's keys under ``key_prefix`` on ``client`` (an asyncio Redis client of the broker)."""
 
     def __init__(self, client: aioredis.Redis, key_prefix: str) -> None:
         self.client = client
         self.key_prefix = key_prefix
+        self._send = client.register_script(_SEND)
+        self._tenants = client.register_script(_TENANTS)
+        self._queue_prefix = lane_queue_key(key_prefix, "")
 
     # --- the API's side ---------------------------------------------------------------------
 
-    async def send(self, message: LaneMessage) -> None:
-        """Queue ``message`` with its marker, in one round trip. Raises Redis errors."""
+    async def send(self, message: LaneMessage, tenant_id: str, weight: float = 1.0) -> None:
+        """Queue ``message`` on ``tenant_id``'s list with its marker, in one round trip; ``weight``
+        is the tenant's share of the lanes (``workers.fair_share``). Raises Redis errors."""
         marker = dispatch_marker_key(self.key_prefix, lane_dispatch_id(message.request_id))
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(marker, "lane", ex=MARKER_PENDING_SECONDS)
-            pipe.lpush(lane_queue_key(self.key_prefix), message.encode())
-            await pipe.execute()
+        keys = [
+            marker,
+            lane_queue_key(self.key_prefix, tenant_id),
+            lane_tenants_key(self.key_prefix),
+            lane_arrivals_key(self.key_prefix),
+            lane_busy_key(self.key_prefix),
+        ]
+        args: list[str | int] = [
+            MARKER_PENDING_SECONDS,
+            message.encode(),
+            tenant_id,
+            f"{weight!r}|{time.time():.0f}",
+            LANE_BUSY_MS,
+        ]
+        await self._send(keys=keys, args=args)
 
     async def wait_reply(self, request_id: str, wait_seconds: float) -> dict[str, Any] | None:
         """The reply of ``request_id``, waiting up to ``wait_seconds``; None if none came."""
@@ -119,9 +198,38 @@ class LaneTransport:
 
     # --- a worker's side ----------------------------------------------------------------------
 
-    async def take(self, wait_seconds: float) -> LaneMessage | None:
-        answer = await self.client.brpop([lane_queue_key(self.key_prefix)], timeout=wait_seconds)
-        return None if answer is None else LaneMessage.decode(answer[1])
+    async def tenants(self, forget_idle_seconds: float) -> dict[str, float]:
+        """The tenants that sent calls lately, and their weights; forgets those whose list is
+        empty and who sent nothing for ``forget_idle_seconds``."""
+        found: list[bytes] = await self._tenants(
+            keys=[lane_tenants_key(self.key_prefix)],
+            args=[self._queue_prefix, f"{time.time() - forget_idle_seconds:.0f}"],
+        )
+        return {found[n].decode(): _weight(found[n + 1].decode()) for n in range(0, len(found), 2)}
+
+    async def take(self, tenant_order: Sequence[str], owner: str, wait_seconds: float) -> LaneTake | None:
+        """The first message of the first tenant in ``tenant_order`` with one, waiting up to
+        ``wait_seconds`` for one; news first (an arrival, a wake of ``owner``'s), None if none."""
+        arrivals = lane_arrivals_key(self.key_prefix)
+        wake = lane_wake_key(self.key_prefix, owner)
+        keys = [wake, arrivals, *(self._queue_prefix + tenant_id for tenant_id in tenant_order)]
+        answer = await self.client.brpop(keys, timeout=wait_seconds)
+        if answer is None:
+            return None
+        key, value = _text(answer[0]), answer[1]
+        if key == arrivals:
+            return LaneTake(_text(value), arrived=True)
+        if key == wake:
+            return LaneTake()
+        return LaneTake(key.removeprefix(self._queue_prefix), LaneMessage.decode(value))
+
+    async def wake(self, owner: str) -> None:
+        """Wake ``owner``'s blocked take."""
+        key = lane_wake_key(self.key_prefix, owner)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.lpush(key, "1")
+            pipe.expire(key, _WAKE_SECONDS)
+            await pipe.execute()
 
     async def settle(self, request_id: str) -> None:
         """The request is claimed (or was not claimable): its marker covers nothing any more."""
@@ -154,6 +262,18 @@ class LaneTransport:
             pipe.xadd(key, fields)  # type: ignore[arg-type]
             pipe.expire(key, REPLY_SECONDS)
             await pipe.execute()
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _weight(text: str) -> float:
+    try:
+        weight = float(text)
+    except ValueError:
+        return 1.0
+    return weight if weight > 0 else 1.0
 
 
 def _entry(entry_id: bytes | str, fields: dict[bytes, bytes]) -> StreamEntry:

@@ -67,6 +67,7 @@ from store import (
 )
 from workers import observe
 from workers.fair_share import FairGate, FairShare
+from workers.lane_pressure import busy_window
 from workers.leases import Heartbeat
 from workers.pipeline import CallResult, ModelCallPipeline
 from workers.result_writer import ResultWriter
@@ -307,8 +308,12 @@ class ChunkRunner:
         handlers: Mapping[RequestKind, RequestHandler] | None = None,
         fair_share: FairShare | None = None,
         on_result: ResultListener | None = None,
+        lane_busy: Callable[[], bool] | None = None,
     ) -> None:
         self.engine = engine
+        # Whether single calls were sent lately: the refill then keeps a smaller window
+        # (``workers.lane_pressure``).
+        self.lane_busy = lane_busy
         self.pipeline = pipeline
         self.config = config
         if handlers is None:
@@ -351,7 +356,10 @@ class ChunkRunner:
         report = ChunkReport(requested=len(request_ids))
         started = time.monotonic()
         refilling = config.refill_seconds > 0
-        first = list(request_ids)[: config.in_flight] if refilling else list(request_ids)
+        window = config.in_flight
+        if refilling and self.lane_busy is not None and self.lane_busy():
+            window = busy_window(window)  # single calls waiting: the batch gives way
+        first = list(request_ids)[:window] if refilling else list(request_ids)
         claimed = await asyncio.to_thread(
             claim_requests, self.engine, first, config.owner, config.lease_seconds
         )
@@ -385,6 +393,7 @@ class _ChunkRun:
         self.pipeline = runner.pipeline
         self.handlers = runner.handlers
         self.on_result = runner.on_result
+        self.lane_busy = runner.lane_busy
         self.config = config = runner.config
         self.report = report
         self.started = started  # monotonic, before the claim
@@ -662,7 +671,10 @@ class _ChunkRun:
             # starts the next request at once rather than after a poll and a claim. Claimed as
             # soon as there is room, however little: a tenant that just arrived is claimed within
             # a poll and let in first (``FairGate``), not after half a window of completions.
-            room = 2 * config.in_flight - len(self.running)
+            window = config.in_flight
+            if self.lane_busy is not None and self.lane_busy():
+                window = busy_window(window)  # single calls waiting: the batch gives way
+            room = 2 * window - len(self.running)
             if room < 1:
                 wait = config.refill_poll
                 continue

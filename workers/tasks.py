@@ -31,6 +31,7 @@ from workers.constants import COMPLETE_CHUNK_TASK, SWEEP_TASK
 from workers.dispatch import Dispatcher
 from workers.enqueue import make_dispatcher
 from workers.fair_share import FairShare
+from workers.lane_pressure import LaneBusy
 from workers.leases import lease_owner
 from workers.runner import ChunkReport, ChunkRunner, RunnerConfig
 from workers.sweeper import sweep
@@ -46,6 +47,21 @@ def dispatcher() -> Dispatcher:
 
 # The tenants' shares of this process's slots, carried from chunk to chunk (a fork starts empty).
 _fair_share = FairShare()
+
+
+_lane_busy_reader: LaneBusy | None = None
+
+
+def _lane_busy() -> LaneBusy | None:
+    """This process's reader of the lane's busy mark (after a fork, a new one on the new client);
+    None without a broker (embedded mode has no lane)."""
+    global _lane_busy_reader
+    if context.settings().broker_url is None:
+        return None
+    client = context.redis_client()
+    if _lane_busy_reader is None or _lane_busy_reader.client is not client:
+        _lane_busy_reader = LaneBusy(client, context.settings().key_prefix)
+    return _lane_busy_reader
 
 
 async def run_chunk(
@@ -72,6 +88,7 @@ async def run_chunk(
             rate_limit_retry_seconds=settings.rate_limit_retry_seconds,
         ),
         fair_share=_fair_share,
+        lane_busy=_lane_busy(),
     )
     return await runner.run(
         request_ids, on_claimed=on_claimed, keep_alive=keep_alive, traceparent=traceparent

@@ -105,6 +105,8 @@ async def _submit(
     tenant_id: str,
     body: dict[str, Any],
     stream: bool,
+    *,
+    weight: float = 1.0,
 ) -> InteractiveRequest:
     request_id = new_id("batch_req_")
     try:
@@ -125,7 +127,9 @@ async def _submit(
     except store.QuotaExceeded as e:
         raise over_quota(e) from e
     try:
-        await transport.send(LaneMessage(request_id, stream, tracing.current_traceparent()))
+        message = LaneMessage(request_id, stream, tracing.current_traceparent())
+        # The tenant's weight travels with its calls: the lanes share their slots by it.
+        await transport.send(message, tenant_id, weight)
     except (RedisError, OSError) as e:
         # Its answer carries no id to come back for: cancel it, so that nothing runs (and nothing
         # is billed) on the strength of a 503 that tells the client to retry.
@@ -192,18 +196,25 @@ async def chat_completions(
     body = await json_object_body(request)
     # The root of the call's trace (telemetry.tracing); a stream's span ends at its first entry.
     with tracing.span("tokenmill chat.completions", {"gen_ai.operation.name": "chat"}) as span:
-        return await _chat_completion(request, tenant.id, engine, settings, body, span)
+        return await _chat_completion(request, tenant.id, engine, settings, body, span, weight=tenant.weight)
 
 
 async def _chat_completion(
-    request: Request, tenant_id: str, engine: Engine, settings: Settings, body: dict[str, Any], span: Any
+    request: Request,
+    tenant_id: str,
+    engine: Engine,
+    settings: Settings,
+    body: dict[str, Any],
+    span: Any,
+    *,
+    weight: float = 1.0,
 ) -> JSONResponse | StreamingResponse:
     stream = bool(body.pop("stream", False))
     stream_options = body.pop("stream_options", None)
     include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
     body.setdefault("model", settings.default_model)
     transport = _transport(request, settings)
-    submitted = await _submit(request, engine, transport, tenant_id, body, stream)
+    submitted = await _submit(request, engine, transport, tenant_id, body, stream, weight=weight)
     if span is not None:
         span.set_attribute("tokenmill.request_id", submitted.request_id)
     if stream:

@@ -7,6 +7,7 @@ taking Celery messages. Orders are read from the results as they finish, never f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -14,6 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 
 import pytest
+import redis
+import redis.asyncio as aioredis
 import sqlalchemy as sa
 
 import store
@@ -31,6 +34,8 @@ from tests.cluster import Cluster, run_cli
 from tests.workers.support import Ledger, results_of, statuses
 from tests.workers.test_runner import make_pipeline
 from workers.fair_share import FairGate, FairShare
+from workers.lane_pressure import LANE_BUSY_MS, LaneBusy, busy_window
+from workers.lane_transport import LaneMessage, LaneTransport
 from workers.runner import ChunkReport, ChunkRunner, RunnerConfig
 
 MakeLedger = Callable[[str], Ledger]
@@ -273,3 +278,47 @@ def _status(engine: sa.Engine, request_id: str) -> RequestStatus:
         return RequestStatus(
             conn.execute(sa.select(Request.status).where(Request.id == request_id)).scalar_one()
         )
+
+
+async def test_a_chunk_keeps_a_smaller_window_while_single_calls_are_sent(
+    make_ledger: MakeLedger, postgres_url: str, redis_url: str, redis_prefix: str, simulator: SimulatorServer
+) -> None:
+    """Batch work gives way to single calls (``workers.lane_pressure``): a call sent to the lane
+    marks it busy, and while the mark lives a chunk keeps no more than two of its smaller windows
+    claimed or running. Before, it kept its whole window going whatever the lane had waiting."""
+    led = make_ledger(postgres_url)
+    _, ids = add_batch(led, led.tenant_id, [f"batch {i}" for i in range(60)])
+    simulator.configure(latency_ms=20)
+    broker = aioredis.Redis.from_url(redis_url)
+    sync_broker = redis.Redis.from_url(redis_url)
+    transport = LaneTransport(broker, redis_prefix)
+    chunk_ended = asyncio.Event()
+
+    async def send_single_calls() -> None:
+        # A caller sending one call after another, each well within the mark's life.
+        n = 0
+        while not chunk_ended.is_set():
+            await transport.send(LaneMessage(f"req_single_{n}", stream=False), "someone")
+            n += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(chunk_ended.wait(), LANE_BUSY_MS / 4000)
+
+    await transport.send(LaneMessage("req_single", stream=False), "someone")
+    sending = asyncio.create_task(send_single_calls())
+    try:
+        engine = make_engine(postgres_url)
+        pipeline = make_pipeline(simulator)
+        config = RunnerConfig(owner="busy-lane-test", in_flight=16, refill_seconds=60)
+        runner = ChunkRunner(engine, pipeline, config, lane_busy=LaneBusy(sync_broker, redis_prefix))
+        try:
+            report = await runner.run(ids[:30])
+        finally:
+            await pipeline.close()
+            engine.dispose()
+    finally:
+        chunk_ended.set()
+        await sending
+        await broker.aclose()
+        sync_broker.close()
+    assert report.succeeded == 60
+    assert simulator.stats()["peak_in_flight"] <= 2 * busy_window(16)

@@ -113,6 +113,17 @@ class Settings(BaseSettings):
     # Single calls (POST /v1/chat/completions) each worker process runs at once on its interactive
     # lane, apart from its chunks' window (workers.lane); 0 turns the lane off.
     lane_in_flight_per_process: int = Field(default=64, ge=0, le=10_000)
+    lane_busy_batch_share: float = Field(
+        default=0.125,
+        gt=0,
+        le=1,
+        description=(
+            "the share of its window a chunk keeps claimed or running while single calls are being "
+            "sent (one in the last 2 s, workers.lane_pressure), so that batch work leaves the cores, "
+            "PostgreSQL and Redis to them; 1 turns the give-way off (batch throughput kept whatever "
+            "single calls wait)"
+        ),
+    )
     chunk_refill_seconds: float = Field(
         default=30.0,
         ge=0,

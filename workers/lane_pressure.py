@@ -6,8 +6,10 @@ busy, and a single call then waits its turn at each of them: tenant A's chat p99
 alone while tenant B's 20,000-line batch ran (``bench/fairness.py``). So every call sent to the
 lane marks ``lane:busy`` for ``LANE_BUSY_MS`` (in the same round trip as the call,
 ``workers.lane_transport``), and while the mark lives every chunk runner keeps no more than
-``busy_window(in_flight)`` of its requests claimed or running (``workers.runner``): the batch
-goes on, slower, until single calls stop coming.
+``LaneBusy.window(in_flight)`` of its requests claimed or running (``workers.runner``): the batch
+goes on, slower, until single calls stop coming. Any tenant's single calls slow every tenant's
+batches this way, so the share kept is the operator's (``Settings.lane_busy_batch_share``; 1 turns
+it off).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from redis.exceptions import RedisError
 
 from workers.constants import lane_busy_key
 
-__all__ = ["LANE_BUSY_MS", "LaneBusy", "busy_window"]
+__all__ = ["LANE_BUSY_MS", "LaneBusy"]
 
 _logger = logging.getLogger(__name__)
 
@@ -29,20 +31,16 @@ _logger = logging.getLogger(__name__)
 LANE_BUSY_MS = 2000
 # How often a process reads the mark: a chunk's refill asks every poll (50 ms).
 _READ_EVERY_SECONDS = 0.1
-# While the lane is busy a chunk keeps 1/this of its window going.
-BUSY_WINDOW_DIVISOR = 8
-
-
-def busy_window(in_flight: int) -> int:
-    return max(1, in_flight // BUSY_WINDOW_DIVISOR)
 
 
 class LaneBusy:
     """Whether single calls were sent lately, read from ``client`` (a sync Redis client of the
-    broker) at most every ``_READ_EVERY_SECONDS``; a broker out of reach reads as not busy."""
+    broker) at most every ``_READ_EVERY_SECONDS``; a broker out of reach reads as not busy. While
+    busy, a chunk's window is cut to ``batch_share`` of itself."""
 
-    def __init__(self, client: Any, key_prefix: str) -> None:
+    def __init__(self, client: Any, key_prefix: str, batch_share: float) -> None:
         self.client = client
+        self.batch_share = batch_share
         self._key = lane_busy_key(key_prefix)
         self._busy = False
         self._read_at = -_READ_EVERY_SECONDS
@@ -57,3 +55,9 @@ class LaneBusy:
                 _logger.warning("could not read whether the lane is busy", exc_info=True)
                 self._busy = False
         return self._busy
+
+    def window(self, in_flight: int) -> int:
+        """The window a chunk keeps now: all of ``in_flight``, or its share while the lane is busy."""
+        if self():
+            return max(1, int(in_flight * self.batch_share))
+        return in_flight

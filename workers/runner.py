@@ -67,7 +67,7 @@ from store import (
 )
 from workers import observe
 from workers.fair_share import FairGate, FairShare
-from workers.lane_pressure import busy_window
+from workers.lane_pressure import LaneBusy
 from workers.leases import Heartbeat
 from workers.pipeline import CallResult, ModelCallPipeline
 from workers.result_writer import ResultWriter
@@ -308,7 +308,7 @@ class ChunkRunner:
         handlers: Mapping[RequestKind, RequestHandler] | None = None,
         fair_share: FairShare | None = None,
         on_result: ResultListener | None = None,
-        lane_busy: Callable[[], bool] | None = None,
+        lane_busy: LaneBusy | None = None,
     ) -> None:
         self.engine = engine
         # Whether single calls were sent lately: the refill then keeps a smaller window
@@ -357,8 +357,8 @@ class ChunkRunner:
         started = time.monotonic()
         refilling = config.refill_seconds > 0
         window = config.in_flight
-        if refilling and self.lane_busy is not None and self.lane_busy():
-            window = busy_window(window)  # single calls waiting: the batch gives way
+        if refilling and self.lane_busy is not None:
+            window = self.lane_busy.window(window)  # single calls waiting: the batch gives way
         first = list(request_ids)[:window] if refilling else list(request_ids)
         claimed = await asyncio.to_thread(
             claim_requests, self.engine, first, config.owner, config.lease_seconds
@@ -672,8 +672,8 @@ class _ChunkRun:
             # soon as there is room, however little: a tenant that just arrived is claimed within
             # a poll and let in first (``FairGate``), not after half a window of completions.
             window = config.in_flight
-            if self.lane_busy is not None and self.lane_busy():
-                window = busy_window(window)  # single calls waiting: the batch gives way
+            if self.lane_busy is not None:
+                window = self.lane_busy.window(window)  # single calls waiting: the batch gives way
             room = 2 * window - len(self.running)
             if room < 1:
                 wait = config.refill_poll

@@ -54,13 +54,14 @@ _lane_busy_reader: LaneBusy | None = None
 
 def _lane_busy() -> LaneBusy | None:
     """This process's reader of the lane's busy mark (after a fork, a new one on the new client);
-    None without a broker (embedded mode has no lane)."""
+    None without a broker (embedded mode has no lane) or when batch work never gives way."""
     global _lane_busy_reader
-    if context.settings().broker_url is None:
+    settings = context.settings()
+    if settings.broker_url is None or settings.lane_busy_batch_share >= 1:
         return None
     client = context.redis_client()
     if _lane_busy_reader is None or _lane_busy_reader.client is not client:
-        _lane_busy_reader = LaneBusy(client, context.settings().key_prefix)
+        _lane_busy_reader = LaneBusy(client, settings.key_prefix, settings.lane_busy_batch_share)
     return _lane_busy_reader
 
 

@@ -18,8 +18,10 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 import sqlalchemy as sa
+from pydantic import ValidationError
 
 import store
+from config import Settings
 from simulator.testing import SimulatorServer
 from store import (
     Request,
@@ -33,8 +35,9 @@ from store import (
 from tests.cluster import Cluster, run_cli
 from tests.workers.support import Ledger, results_of, statuses
 from tests.workers.test_runner import make_pipeline
+from workers.constants import lane_busy_key
 from workers.fair_share import FairGate, FairShare
-from workers.lane_pressure import LANE_BUSY_MS, LaneBusy, busy_window
+from workers.lane_pressure import LANE_BUSY_MS, LaneBusy
 from workers.lane_transport import LaneMessage, LaneTransport
 from workers.runner import ChunkReport, ChunkRunner, RunnerConfig
 
@@ -309,7 +312,9 @@ async def test_a_chunk_keeps_a_smaller_window_while_single_calls_are_sent(
         engine = make_engine(postgres_url)
         pipeline = make_pipeline(simulator)
         config = RunnerConfig(owner="busy-lane-test", in_flight=16, refill_seconds=60)
-        runner = ChunkRunner(engine, pipeline, config, lane_busy=LaneBusy(sync_broker, redis_prefix))
+        runner = ChunkRunner(
+            engine, pipeline, config, lane_busy=LaneBusy(sync_broker, redis_prefix, batch_share=0.125)
+        )
         try:
             report = await runner.run(ids[:30])
         finally:
@@ -321,4 +326,25 @@ async def test_a_chunk_keeps_a_smaller_window_while_single_calls_are_sent(
         await broker.aclose()
         sync_broker.close()
     assert report.succeeded == 60
-    assert simulator.stats()["peak_in_flight"] <= 2 * busy_window(16)
+    assert simulator.stats()["peak_in_flight"] <= 2 * 2  # two claimed per slot of 16 x 0.125
+
+
+def test_the_window_kept_while_the_lane_is_busy_is_the_operators_share(
+    redis_url: str, redis_prefix: str
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    try:
+        readers = {share: LaneBusy(client, redis_prefix, batch_share=share) for share in (0.125, 0.5, 1.0)}
+        assert {share: reader.window(64) for share, reader in readers.items()} == {
+            0.125: 64,
+            0.5: 64,
+            1.0: 64,
+        }
+        client.set(lane_busy_key(redis_prefix), 1, px=LANE_BUSY_MS)
+        readers = {share: LaneBusy(client, redis_prefix, batch_share=share) for share in (0.125, 0.5, 1.0)}
+        assert {share: reader.window(64) for share, reader in readers.items()} == {0.125: 8, 0.5: 32, 1.0: 64}
+        assert LaneBusy(client, redis_prefix, batch_share=0.001).window(64) == 1  # never none at all
+    finally:
+        client.close()
+    with pytest.raises(ValidationError, match="lane_busy_batch_share"):
+        Settings(lane_busy_batch_share=0)

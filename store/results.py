@@ -142,9 +142,20 @@ _RESULT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("cache_key", "varchar"),
     ("created_at", "bigint"),
 )
+# The bodies travel as one JSON array, not as a json[] parameter: psycopg escapes every quote of
+# every element of a text array with a regex callback (a JSON body is full of them), which was
+# 4-6% of a worker's busy time (py-spy, bench/throughput.py). Each element keeps its text as sent
+# (the json type does not normalize it; the export streams that text); a JSON null stands for a
+# NULL body.
+_NULLABLE_BODY = "CASE WHEN json_typeof(b.body) = 'null' THEN NULL ELSE b.body END"
+_ARRAY_COLUMNS = tuple((name, kind) for name, kind in _RESULT_COLUMNS if name != "response_body")
 _UNNEST_INSERT = sa.text(
     f"INSERT INTO results ({', '.join(name for name, _ in _RESULT_COLUMNS)}) "
-    f"SELECT * FROM unnest({', '.join(f'CAST(:{name} AS {kind}[])' for name, kind in _RESULT_COLUMNS)}) "
+    "SELECT "
+    + ", ".join(_NULLABLE_BODY if name == "response_body" else f"u.{name}" for name, _ in _RESULT_COLUMNS)
+    + f" FROM unnest({', '.join(f'CAST(:{name} AS {kind}[])' for name, kind in _ARRAY_COLUMNS)}) "
+    f"WITH ORDINALITY AS u({', '.join(name for name, _ in _ARRAY_COLUMNS)}, n) "
+    "JOIN json_array_elements(CAST(:response_bodies AS json)) WITH ORDINALITY AS b(body, n) USING (n) "
     "ON CONFLICT (request_id) DO NOTHING RETURNING request_id, batch_id, status"
 )
 _UNNEST_END_REQUESTS = sa.text(
@@ -163,14 +174,13 @@ def _insert_results(conn: Connection, params: list[dict[str, Any]]) -> list[Any]
     if is_postgresql(conn):
         # One statement with one array per column: a multi-row VALUES of thousands of
         # parameters costs more to build and parse than the insert itself (bench/ingest.py).
-        columns: dict[str, list[Any]] = {name: [] for name, _ in _RESULT_COLUMNS}
+        columns: dict[str, Any] = {name: [] for name, _ in _ARRAY_COLUMNS}
         for row in params:
             for name, values in columns.items():
                 values.append(row[name])
         columns["status"] = [status.value for status in columns["status"]]
-        columns["response_body"] = [
-            None if body is None else json.dumps(body) for body in columns["response_body"]
-        ]
+        bodies = (row["response_body"] for row in params)
+        columns["response_bodies"] = f"[{','.join('null' if b is None else json.dumps(b) for b in bodies)}]"
         rows = conn.execute(_UNNEST_INSERT, columns).all()
         return [(row.request_id, row.batch_id, RequestStatus(row.status)) for row in rows]
     statement = (

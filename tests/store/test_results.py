@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import threading
 from decimal import Decimal
 
@@ -176,3 +177,44 @@ def test_expired_batches_cancel_their_queued_requests(engine: Engine, ingest: In
     assert got is not None
     assert (got.status, got.expired_at, got.cancelled_count) == (store.BatchStatus.EXPIRED, 4600, 2)
     assert got.output_file_id is not None
+
+
+def test_each_result_keeps_its_own_body_text_and_a_missing_body_stays_null(
+    engine: Engine, ingest: IngestFn
+) -> None:
+    """The bodies of a write travel together (one JSON array, not an array parameter): each row
+    still gets its own body, byte for byte as serialized (quotes, backslashes, non-ASCII, nested
+    JSON in a string), and a failure without a body is NULL on PostgreSQL, not a JSON null."""
+    ids = store.pending_request_ids(engine, ingest(4).batch_id)
+    bodies: list[dict[str, object] | None] = [
+        {"id": "a", "content": 'say "hi" \\ back', "nested": '{"k": ["v"]}'},
+        None,
+        {"id": "c", "content": "héllo ✓ \u2028 \x01", "n": [1, 2.5, None, True]},
+        {"id": "d", "content": ""},
+    ]
+    records = [
+        store.ResultRecord(
+            request_id,
+            store.RequestStatus.SUCCEEDED if body is not None else store.RequestStatus.FAILED,
+            response_body=body,
+            error_code=None if body is not None else "boom",
+            error_message=None if body is not None else 'it "broke"',
+        )
+        for request_id, body in zip(ids, bodies, strict=True)
+    ]
+    assert store.record_results(engine, records).inserted == sorted(ids)
+    with engine.connect() as conn:
+        stored = dict(
+            conn.execute(
+                sa.select(store.Result.request_id, sa.cast(store.Result.response_body, sa.Text))
+            ).all()
+        )
+    expected = {request_id: body for request_id, body in zip(ids, bodies, strict=True)}
+    if engine.dialect.name == "postgresql":  # SQLite's JSON column writes None as a JSON null
+        assert stored[ids[1]] is None
+    for request_id, body in expected.items():
+        if body is not None:
+            assert json.loads(stored[request_id]) == body
+    rows = {row.request_id: row for row in result_rows(engine)}
+    assert rows[ids[1]].response_body is None
+    assert rows[ids[1]].error_message == 'it "broke"'

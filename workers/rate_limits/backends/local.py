@@ -4,6 +4,7 @@ GCRA and AIMD on the monotonic clock, no Redis."""
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ class _LocalLimit:
     schedule: GcraSchedule = field(default_factory=GcraSchedule)
     cap: AimdCap = field(default_factory=AimdCap)
     leases: dict[str, float] = field(default_factory=dict)
+    # No lease expires before this: until then a look at the state need not sweep every lease
+    # (which it did on each acquire and release, O(calls in flight) each).
+    soonest_expiry: float = math.inf
 
 
 class LocalRateLimiter(RateLimiter):
@@ -42,7 +46,9 @@ class LocalRateLimiter(RateLimiter):
 
     def _state_of(self, endpoint: str, model: str, now: float) -> _LocalLimit:
         state = self._states.setdefault((endpoint, model), _LocalLimit())
-        state.leases = {lease: expiry for lease, expiry in state.leases.items() if expiry > now}
+        if state.soonest_expiry <= now:
+            state.leases = {lease: expiry for lease, expiry in state.leases.items() if expiry > now}
+            state.soonest_expiry = min(state.leases.values(), default=math.inf)
         state.cap.expire(now)
         return state
 
@@ -62,7 +68,8 @@ class LocalRateLimiter(RateLimiter):
         if not granted:
             return LimitDecision(False, wait)
         lease_id = f"local-{next(self._lease_numbers)}"
-        state.leases[lease_id] = now + wait + self.tuning.lease_seconds
+        expiry = state.leases[lease_id] = now + wait + self.tuning.lease_seconds
+        state.soonest_expiry = min(state.soonest_expiry, expiry)
         return LimitDecision(True, wait, lease_id)
 
     async def release(self, slot: Slot, *, outcome: CallOutcome, actual_tokens: int | None = None) -> None:

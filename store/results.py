@@ -244,7 +244,8 @@ def record_results(engine: Engine, records: Sequence[ResultRecord], now: int | N
                 spend.append((row["tenant_id"], now, row["cost_usd"]))
         # The batches' rows last, as before: requests are locked before their batch.
         _add_to_batches(conn, per_batch)
-        finalized = finalize_batches(conn, sorted({batch_id for _, batch_id, _ in inserted_rows}), now)
+        done = _all_done(conn, {batch_id for _, batch_id, _ in inserted_rows})
+        finalized = finalize_batches(conn, done, now)
         # Last: the tenant's day row is held from here to the commit only (store.quotas).
         add_daily_spend(conn, spend)
     skipped_set = set(skipped)
@@ -425,6 +426,18 @@ def _keep_discarded_spend(
         per_batch.setdefault(row["batch_id"], _BatchTotals()).add_discarded(row)
         spend.append((row["tenant_id"], now, row["cost_usd"]))
     return sorted({request_id for request_id, _ in written})
+
+
+def _all_done(conn: Connection, batch_ids: set[str]) -> list[str]:
+    """Those of ``batch_ids`` with every request finished, by id: the only ones to finalize. One
+    read, where finalizing asked with two UPDATEs (to finalizing, to cancelled) that move nothing
+    in all but a batch's last write. Called after ``_add_to_batches``, whose UPDATE holds these
+    rows' locks: the counts read are the latest."""
+    if not batch_ids:
+        return []
+    finished = Batch.completed_count + Batch.failed_count + Batch.cancelled_count >= Batch.total_count
+    query = sa.select(Batch.id).where(Batch.id.in_(sorted(batch_ids)), finished).order_by(Batch.id)
+    return list(conn.execute(query).scalars())
 
 
 def _add_to_batches(conn: Connection, per_batch: dict[str, _BatchTotals]) -> None:

@@ -108,8 +108,12 @@ def finalize_batches(conn: Connection, batch_ids: Sequence[str], now: int) -> li
         return []
     ids = sorted(set(batch_ids))
     finalizing = move_batches(conn, _S.FINALIZING, now, Batch.id.in_(ids), _all_finished())
-    attach_result_files(conn, finalizing, now)
-    completed = move_batches(conn, _S.COMPLETED, now, Batch.id.in_([batch_id for batch_id, _ in finalizing]))
+    completed: list[tuple[str, str]] = []
+    if finalizing:  # most calls (a window of results mid-batch) end none: no UPDATE of nothing
+        attach_result_files(conn, finalizing, now)
+        completed = move_batches(
+            conn, _S.COMPLETED, now, Batch.id.in_([batch_id for batch_id, _ in finalizing])
+        )
     cancelled = move_batches(conn, _S.CANCELLED, now, Batch.id.in_(ids), _all_finished())
     attach_result_files(conn, cancelled, now)
     return [batch_id for batch_id, _ in [*completed, *cancelled]]

@@ -142,9 +142,20 @@ _RESULT_COLUMNS: tuple[tuple[str, str], ...] = (
     ("cache_key", "varchar"),
     ("created_at", "bigint"),
 )
+# The bodies travel as one JSON array, not as a json[] parameter: psycopg escapes every quote of
+# every element of a text array with a regex callback (a JSON body is full of them), which was
+# 4-6% of a worker's busy time (py-spy, bench/throughput.py). Each element keeps its text as sent
+# (the json type does not normalize it; the export streams that text); a JSON null stands for a
+# NULL body.
+_NULLABLE_BODY = "CASE WHEN json_typeof(b.body) = 'null' THEN NULL ELSE b.body END"
+_ARRAY_COLUMNS = tuple((name, kind) for name, kind in _RESULT_COLUMNS if name != "response_body")
 _UNNEST_INSERT = sa.text(
     f"INSERT INTO results ({', '.join(name for name, _ in _RESULT_COLUMNS)}) "
-    f"SELECT * FROM unnest({', '.join(f'CAST(:{name} AS {kind}[])' for name, kind in _RESULT_COLUMNS)}) "
+    "SELECT "
+    + ", ".join(_NULLABLE_BODY if name == "response_body" else f"u.{name}" for name, _ in _RESULT_COLUMNS)
+    + f" FROM unnest({', '.join(f'CAST(:{name} AS {kind}[])' for name, kind in _ARRAY_COLUMNS)}) "
+    f"WITH ORDINALITY AS u({', '.join(name for name, _ in _ARRAY_COLUMNS)}, n) "
+    "JOIN json_array_elements(CAST(:response_bodies AS json)) WITH ORDINALITY AS b(body, n) USING (n) "
     "ON CONFLICT (request_id) DO NOTHING RETURNING request_id, batch_id, status"
 )
 _UNNEST_END_REQUESTS = sa.text(
@@ -163,14 +174,13 @@ def _insert_results(conn: Connection, params: list[dict[str, Any]]) -> list[Any]
     if is_postgresql(conn):
         # One statement with one array per column: a multi-row VALUES of thousands of
         # parameters costs more to build and parse than the insert itself (bench/ingest.py).
-        columns: dict[str, list[Any]] = {name: [] for name, _ in _RESULT_COLUMNS}
+        columns: dict[str, Any] = {name: [] for name, _ in _ARRAY_COLUMNS}
         for row in params:
             for name, values in columns.items():
                 values.append(row[name])
         columns["status"] = [status.value for status in columns["status"]]
-        columns["response_body"] = [
-            None if body is None else json.dumps(body) for body in columns["response_body"]
-        ]
+        bodies = (row["response_body"] for row in params)
+        columns["response_bodies"] = f"[{','.join('null' if b is None else json.dumps(b) for b in bodies)}]"
         rows = conn.execute(_UNNEST_INSERT, columns).all()
         return [(row.request_id, row.batch_id, RequestStatus(row.status)) for row in rows]
     statement = (
@@ -234,7 +244,8 @@ def record_results(engine: Engine, records: Sequence[ResultRecord], now: int | N
                 spend.append((row["tenant_id"], now, row["cost_usd"]))
         # The batches' rows last, as before: requests are locked before their batch.
         _add_to_batches(conn, per_batch)
-        finalized = finalize_batches(conn, sorted({batch_id for _, batch_id, _ in inserted_rows}), now)
+        done = _all_done(conn, {batch_id for _, batch_id, _ in inserted_rows})
+        finalized = finalize_batches(conn, done, now)
         # Last: the tenant's day row is held from here to the commit only (store.quotas).
         add_daily_spend(conn, spend)
     skipped_set = set(skipped)
@@ -415,6 +426,18 @@ def _keep_discarded_spend(
         per_batch.setdefault(row["batch_id"], _BatchTotals()).add_discarded(row)
         spend.append((row["tenant_id"], now, row["cost_usd"]))
     return sorted({request_id for request_id, _ in written})
+
+
+def _all_done(conn: Connection, batch_ids: set[str]) -> list[str]:
+    """Those of ``batch_ids`` with every request finished, by id: the only ones to finalize. One
+    read, where finalizing asked with two UPDATEs (to finalizing, to cancelled) that move nothing
+    in all but a batch's last write. Called after ``_add_to_batches``, whose UPDATE holds these
+    rows' locks: the counts read are the latest."""
+    if not batch_ids:
+        return []
+    finished = Batch.completed_count + Batch.failed_count + Batch.cancelled_count >= Batch.total_count
+    query = sa.select(Batch.id).where(Batch.id.in_(sorted(batch_ids)), finished).order_by(Batch.id)
+    return list(conn.execute(query).scalars())
 
 
 def _add_to_batches(conn: Connection, per_batch: dict[str, _BatchTotals]) -> None:

@@ -1,34 +1,38 @@
 """Chat-completion clients for OpenAI, Azure OpenAI, Gemini and any OpenAI-compatible server.
 
 One ``create`` is one upstream attempt (the SDK's own retries are off) unless the client was given
-a ``retry_policy``. The SDK's ``AsyncOpenAI`` is made lazily inside the running event loop and
-remade when the loop changes (an async HTTP client must not cross loops; a worker process keeps one
-loop, but embedded runs and tests may use several). Requests go through the SDK (auth, headers,
-Azure URLs, errors) but the reply is read as plain JSON: the provider's body is ``raw_response``
-and no SDK model is built.
+a ``retry_policy``.
 
-The SDK's HTTP transport is its aiohttp one (``openai[aiohttp]``, ``DefaultAioHttpClient``) unless
-an ``http_client`` is given: measured here it costs half the CPU per request of the default httpx2
-pool, whose per-request scan of every pooled connection grows with the requests in flight
-(``bench/throughput.py``). Proxies from the environment (``HTTP_PROXY``, ``NO_PROXY``, ...) apply
-as with the SDK's default client.
+``create`` POSTs over the clients' own aiohttp transport (``models.openai.transport``): the URL
+and headers the SDK would send (auth, organization, project, ``default_headers``, its
+``User-Agent``; Azure's deployment URL, ``api-version`` and ``api-key`` or AD token), the body
+serialized with orjson, the reply read with orjson into the dict kept as ``raw_response``, every
+failure mapped as the SDK's was (``models.openai.errors``). The SDK's request building and
+response handling were 41% of a worker's CPU per request (``bench/throughput.py``).
+
+``create_stream``, and ``create`` when an ``http_client`` is given, go through the SDK's
+``AsyncOpenAI``, made lazily inside the running event loop and remade when the loop changes (an
+async HTTP client must not cross loops; a worker process keeps one loop, but embedded runs and
+tests may use several), on its aiohttp transport (``DefaultAioHttpClient``) unless that
+``http_client`` is given. Proxies from the environment (``HTTP_PROXY``, ``NO_PROXY``, ...) apply
+on both paths as with the SDK's default client.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
 from abc import abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 import httpx2
 import openai
+import orjson
 from openai import AsyncAzureOpenAI, AsyncOpenAI, AsyncStream, DefaultAioHttpClient
 from openai._base_client import make_request_options
 from pydantic import BaseModel
@@ -48,6 +52,7 @@ from models.openai.messages import to_openai_messages, to_openai_tool_choice, to
 from models.openai.model_info import resolve_model_info
 from models.openai.response_format import ResponseFormat, as_response_format, resolve_response_format
 from models.openai.results import StreamAccumulator, result_from_completion
+from models.openai.transport import SDK_USER_AGENT, ChatTransport
 from models.retry import RetryPolicy
 from models.tokens import estimate_tokens
 from models.types import (
@@ -141,6 +146,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
         self._given_http_client = http_client
         self._sdk_client: AsyncOpenAI | None = None
         self._sdk_loop: asyncio.AbstractEventLoop | None = None
+        self._transport: ChatTransport | None = None
         self._usage = RequestUsage()
         default_args = dict(self._create_args)
         if self._response_format is not None:
@@ -171,7 +177,22 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             self._sdk_loop = loop
         return self._sdk_client
 
+    @abstractmethod
+    def _make_transport(self) -> ChatTransport:
+        """The transport ``create`` POSTs with when no ``http_client`` was given: the SDK's URL and
+        headers for this client."""
+
+    def _direct(self) -> ChatTransport | None:
+        """The own transport, or None when the caller's ``http_client`` must carry the call."""
+        if self._given_http_client is not None:
+            return None
+        if self._transport is None:
+            self._transport = self._make_transport()
+        return self._transport
+
     async def close(self) -> None:
+        if self._transport is not None:
+            await self._transport.close()
         client, self._sdk_client = self._sdk_client, None
         loop, self._sdk_loop = self._sdk_loop, None
         if client is not None and loop is asyncio.get_running_loop():
@@ -261,21 +282,29 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
     def _error(self, exc: BaseException) -> ModelClientError:
         return from_openai_error(exc, provider=self.provider, model=self._model)
 
-    async def _post(self, body: dict[str, Any]) -> httpx2.Response:
+    async def _post(self, body: dict[str, Any]) -> tuple[bytes, Mapping[str, str]]:
+        """The 2xx answer's body and headers, through the own transport unless an
+        ``http_client`` was given (then the SDK's, whose exceptions the caller maps)."""
+        transport = self._direct()
+        if transport is not None:
+            return await transport.post(orjson.dumps(body))
         response: httpx2.Response = await self._sdk().post(
             _CHAT_PATH, cast_to=httpx2.Response, body=body, options=self._options
         )
-        return response
+        return response.content, response.headers
 
     async def _create_once(
         self, body: dict[str, Any], attempt: int, cancellation_token: CancellationToken | None
     ) -> CreateResult:
         started = time.perf_counter()
         try:
-            response = await _cancellable(self._post(body), cancellation_token)
-            data = json.loads(response.content)
+            content, headers = await _cancellable(self._post(body), cancellation_token)
+            data = orjson.loads(content)
             if not isinstance(data, dict):
                 raise ValueError("the body is not a JSON object")
+        except ModelClientError as mapped:  # the own transport's, mapped already
+            self._emit_failure(started, attempt, mapped)
+            raise
         except _TRANSPORT_ERRORS as e:
             error = self._error(e)
             self._emit_failure(started, attempt, error)
@@ -302,7 +331,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                     reasoning_tokens=usage.reasoning_tokens,
                     cached=False,
                     attempt=attempt,
-                    request_id=response.headers.get("x-request-id"),
+                    request_id=headers.get("x-request-id"),
                     finish_reason=result.finish_reason,
                 )
             )
@@ -563,6 +592,25 @@ class OpenAIChatCompletionClient(BaseOpenAIChatCompletionClient):
             http_client=http_client,
         )
 
+    def _make_transport(self) -> ChatTransport:
+        # As AsyncOpenAI would: organization and project fall back to their variables, and the
+        # caller's default_headers override the SDK's own.
+        organization = self._organization or os.environ.get("OPENAI_ORG_ID")
+        project = os.environ.get("OPENAI_PROJECT_ID")
+        headers = {"User-Agent": SDK_USER_AGENT, "Authorization": f"Bearer {self._api_key}"}
+        if organization is not None:
+            headers["OpenAI-Organization"] = organization
+        if project is not None:
+            headers["OpenAI-Project"] = project
+        headers.update(self._default_headers or {})
+        return ChatTransport(
+            f"{self._base_url.rstrip('/')}{_CHAT_PATH}",
+            headers,
+            timeout=self._timeout,
+            provider=self.provider,
+            model=self._model,
+        )
+
     def _make_sdk_client(self) -> AsyncOpenAI:
         return AsyncOpenAI(
             api_key=self._api_key,
@@ -632,6 +680,28 @@ class AzureOpenAIChatCompletionClient(BaseOpenAIChatCompletionClient):
             http_client=http_client,
             identity_extra={"azure_deployment": self._azure_deployment, "api_version": version},
         )
+
+    def _make_transport(self) -> ChatTransport:
+        headers = {"User-Agent": SDK_USER_AGENT}
+        if self._api_key is not None:
+            headers["api-key"] = self._api_key
+        headers.update(self._default_headers or {})
+        return ChatTransport(
+            f"{self._base_url.rstrip('/')}{_CHAT_PATH}?{urlencode({'api-version': self._api_version})}",
+            headers,
+            timeout=self._timeout,
+            provider=self.provider,
+            model=self._model,
+            extra_headers=self._ad_token_header if self._token_provider is not None else None,
+        )
+
+    async def _ad_token_header(self) -> Mapping[str, str]:
+        """The AD token, asked of its provider per request as the SDK did (the provider caches)."""
+        assert self._token_provider is not None
+        token = self._token_provider()
+        if not isinstance(token, str):
+            token = await token
+        return {"Authorization": f"Bearer {token}"}
 
     def _make_sdk_client(self) -> AsyncOpenAI:
         return AsyncAzureOpenAI(

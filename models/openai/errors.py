@@ -1,12 +1,15 @@
-"""The ``openai`` SDK's exceptions (and those of the ``httpx``/``httpx2`` transport below it)
-mapped onto tokenmill's one error tree (``models.errors``)."""
+"""The ``openai`` SDK's exceptions (and those of the ``httpx``/``httpx2`` transport below it), and
+what the clients' own aiohttp transport meets (a status, an ``aiohttp`` exception), mapped onto
+tokenmill's one error tree (``models.errors``) alike."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
+import aiohttp
 import openai
+import orjson
 
 from models.errors import (
     AuthenticationFailed,
@@ -22,7 +25,7 @@ from models.errors import (
     parse_retry_after,
 )
 
-__all__ = ["from_openai_error"]
+__all__ = ["from_aiohttp_error", "from_openai_error", "from_status"]
 
 
 _CONTEXT_CODES = frozenset({"context_length_exceeded", "string_above_max_length"})
@@ -74,6 +77,73 @@ def _is_transport_error(exc: BaseException) -> bool:
     )
 
 
+def _from_status(
+    status: int,
+    headers: Mapping[str, str],
+    body: object,
+    fallback: str,
+    sdk_code: str | None,
+    request_id: str | None,
+    where: dict[str, Any],
+) -> ModelClientError:
+    code, message = _error_code_and_message(body, fallback)
+    code = sdk_code or code
+    cls = _by_status(status, code, message)
+    fields: dict[str, Any] = {**where, "status_code": status, "request_id": request_id, "code": code}
+    if issubclass(cls, RateLimited):
+        return cls(message, retry_after=parse_retry_after(headers), **fields)
+    return cls(message, **fields)
+
+
+def _body_of(content: bytes) -> object:
+    """An error body as the SDK keeps it: its JSON if it is JSON, else its stripped text."""
+    text = content.decode("utf-8", errors="replace").strip()
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+
+
+def from_status(
+    status: int, headers: Mapping[str, str], content: bytes, *, provider: str | None, model: str | None
+) -> ModelClientError:
+    """A non-2xx answer (status, headers, body bytes) mapped as ``from_openai_error`` maps the
+    SDK's ``APIStatusError`` for the same answer: code and message from the body's ``error``
+    object (or the body itself), ``retry-after`` read for a 429, the ``x-request-id`` kept."""
+    body = _body_of(content)
+    fallback = f"Error code: {status}"
+    sdk_code: str | None = None
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        message = inner.get("message") if isinstance(inner, Mapping) else None
+        if isinstance(message, str) and message:
+            fallback += f" - {message}"
+        top_code = body.get("code")  # the SDK's ``APIError.code`` reads the top level only
+        sdk_code = str(top_code) if top_code is not None else None
+    return _from_status(
+        status,
+        headers,
+        body,
+        fallback,
+        sdk_code,
+        headers.get("x-request-id"),
+        {"provider": provider, "model": model},
+    )
+
+
+def from_aiohttp_error(exc: BaseException, *, provider: str | None, model: str | None) -> ModelClientError:
+    """What the clients' aiohttp transport raises, mapped as the SDK's aiohttp transport's
+    exceptions are: a timeout (connect or read) is ``ProviderTimeout``; a refused, reset or
+    dropped connection, a proxy that failed, a body cut short or a URL it cannot reach is
+    ``ProviderUnavailable``; anything else a non-retryable ``ModelClientError``."""
+    where: dict[str, Any] = {"provider": provider, "model": model}
+    if isinstance(exc, TimeoutError):  # aiohttp's ServerTimeoutError is one
+        return ProviderTimeout(f"request timed out: {type(exc).__name__}: {exc}", **where)
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        return ProviderUnavailable(f"connection failed: {type(exc).__name__}: {exc}", **where)
+    return ModelClientError(f"{type(exc).__name__}: {exc}", **where)
+
+
 def from_openai_error(exc: BaseException, *, provider: str | None, model: str | None) -> ModelClientError:
     """Map an exception from the ``openai`` SDK or its HTTP transport onto our tree.
 
@@ -95,20 +165,9 @@ def from_openai_error(exc: BaseException, *, provider: str | None, model: str | 
     if isinstance(exc, openai.APIConnectionError):
         return ProviderUnavailable(f"connection failed: {exc.__cause__ or exc}", **where)
     if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        headers = exc.response.headers
-        code, message = _error_code_and_message(exc.body, exc.message)
-        code = exc.code or code
-        cls = _by_status(status, code, message)
-        fields: dict[str, Any] = {
-            **where,
-            "status_code": status,
-            "request_id": exc.request_id,
-            "code": code,
-        }
-        if issubclass(cls, RateLimited):
-            return cls(message, retry_after=parse_retry_after(headers), **fields)
-        return cls(message, **fields)
+        return _from_status(
+            exc.status_code, exc.response.headers, exc.body, exc.message, exc.code, exc.request_id, where
+        )
     if isinstance(exc, openai.APIResponseValidationError):
         return ProviderUnavailable(f"malformed provider response: {exc.message}", **where)
     if isinstance(exc, openai.APIError):
@@ -119,7 +178,11 @@ def from_openai_error(exc: BaseException, *, provider: str | None, model: str | 
     if status_error is not None:
         status, status_headers, text = status_error
         cls = _by_status(status, None, text)
-        fields = {**where, "status_code": status, "request_id": status_headers.get("x-request-id")}
+        fields: dict[str, Any] = {
+            **where,
+            "status_code": status,
+            "request_id": status_headers.get("x-request-id"),
+        }
         if issubclass(cls, RateLimited):
             return cls(text, retry_after=parse_retry_after(status_headers), **fields)
         return cls(text, **fields)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import threading
 from decimal import Decimal
 
@@ -176,3 +177,74 @@ def test_expired_batches_cancel_their_queued_requests(engine: Engine, ingest: In
     assert got is not None
     assert (got.status, got.expired_at, got.cancelled_count) == (store.BatchStatus.EXPIRED, 4600, 2)
     assert got.output_file_id is not None
+
+
+def test_each_result_keeps_its_own_body_text_and_a_missing_body_stays_null(
+    engine: Engine, ingest: IngestFn
+) -> None:
+    """The bodies of a write travel together (one JSON array, not an array parameter): each row
+    still gets its own body, byte for byte as serialized (quotes, backslashes, non-ASCII, nested
+    JSON in a string), and a failure without a body is NULL on PostgreSQL, not a JSON null."""
+    ids = store.pending_request_ids(engine, ingest(4).batch_id)
+    bodies: list[dict[str, object] | None] = [
+        {"id": "a", "content": 'say "hi" \\ back', "nested": '{"k": ["v"]}'},
+        None,
+        {"id": "c", "content": "héllo ✓ \u2028 \x01", "n": [1, 2.5, None, True]},
+        {"id": "d", "content": ""},
+    ]
+    records = [
+        store.ResultRecord(
+            request_id,
+            store.RequestStatus.SUCCEEDED if body is not None else store.RequestStatus.FAILED,
+            response_body=body,
+            error_code=None if body is not None else "boom",
+            error_message=None if body is not None else 'it "broke"',
+        )
+        for request_id, body in zip(ids, bodies, strict=True)
+    ]
+    assert store.record_results(engine, records).inserted == sorted(ids)
+    with engine.connect() as conn:
+        stored = dict(
+            conn.execute(
+                sa.select(store.Result.request_id, sa.cast(store.Result.response_body, sa.Text))
+            ).all()
+        )
+    expected = {request_id: body for request_id, body in zip(ids, bodies, strict=True)}
+    if engine.dialect.name == "postgresql":  # SQLite's JSON column writes None as a JSON null
+        assert stored[ids[1]] is None
+    for request_id, body in expected.items():
+        if body is not None:
+            assert json.loads(stored[request_id]) == body
+    rows = {row.request_id: row for row in result_rows(engine)}
+    assert rows[ids[1]].response_body is None
+    assert rows[ids[1]].error_message == 'it "broke"'
+
+
+def test_a_write_that_ends_no_batch_sends_no_update_to_end_one(engine: Engine, ingest: IngestFn) -> None:
+    """Mid-batch (most writes), no batch has all its requests done: the write reads that once and
+    sends no UPDATE to move batches to finalizing, completed or cancelled (statements per window of
+    results saved); the batch's last write still completes it."""
+    batch_id = ingest(2).batch_id
+    ids = store.pending_request_ids(engine, batch_id)
+    statements: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_args: object) -> None:
+        statements.append(statement)
+
+    def ending(sent: list[str]) -> list[str]:
+        stamps = ("finalizing_at", "completed_at", "cancelled_at")
+        return [s for s in sent if s.lstrip().upper().startswith("UPDATE") and any(t in s for t in stamps)]
+
+    sa.event.listen(engine, "before_cursor_execute", seen)
+    try:
+        store.record_results(engine, [success(ids[0])])
+        mid_batch = list(statements)
+        statements.clear()
+        store.record_results(engine, [success(ids[1])])
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", seen)
+    assert ending(mid_batch) == [], "no batch was done: nothing to move"
+    assert ending(statements), "the last write moves its batch to finalizing and completed"
+    batch = store.get_batch(engine, batch_id)
+    assert batch is not None
+    assert batch.status == store.BatchStatus.COMPLETED

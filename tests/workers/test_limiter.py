@@ -402,3 +402,19 @@ async def test_a_cancel_ends_a_wait_at_once(kind: str, redis_url: str, redis_pre
     assert time.monotonic() - cancelled < 1.0
     await limiter.release(booked, outcome=CallOutcome.SUCCEEDED, actual_tokens=6000)
     await limiter.close()
+
+
+async def test_local_leases_have_distinct_ids_and_release_frees_only_its_own() -> None:
+    """The in-process limiter numbers its leases (no uuid4 per call): every grant still holds a
+    lease of its own, and giving one back frees that one only."""
+    limiter = LocalRateLimiter({"m": ModelLimits(max_in_flight=200)})
+    granted = [await limiter.try_acquire(ENDPOINT, "m", estimated_tokens=0) for _ in range(200)]
+    ids = [decision.lease_id for decision in granted]
+    assert all(decision.granted for decision in granted)
+    assert None not in ids
+    assert len(set(ids)) == 200
+    assert ids[0] is not None
+    await limiter.release(Slot(ENDPOINT, "m", ids[0], 0), outcome=CallOutcome.SUCCEEDED)
+    await limiter.release(Slot(ENDPOINT, "m", ids[0], 0), outcome=CallOutcome.SUCCEEDED)
+    state = await limiter.state(ENDPOINT, "m")
+    assert state.in_flight == 199, "a second release of one id frees nothing more"

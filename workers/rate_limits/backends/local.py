@@ -3,8 +3,9 @@ GCRA and AIMD on the monotonic clock, no Redis."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -28,6 +29,9 @@ class _LocalLimit:
     schedule: GcraSchedule = field(default_factory=GcraSchedule)
     cap: AimdCap = field(default_factory=AimdCap)
     leases: dict[str, float] = field(default_factory=dict)
+    # No lease expires before this: until then a look at the state need not sweep every lease
+    # (which it did on each acquire and release, O(calls in flight) each).
+    soonest_expiry: float = math.inf
 
 
 class LocalRateLimiter(RateLimiter):
@@ -36,10 +40,15 @@ class LocalRateLimiter(RateLimiter):
     def __init__(self, limits: Mapping[str, ModelLimits], tuning: LimiterTuning | None = None) -> None:
         super().__init__(limits, tuning)
         self._states: dict[tuple[str, str], _LocalLimit] = {}
+        # Lease ids only need to be unique in this limiter: a counter, not uuid4 (whose urandom
+        # call was most of an unlimited model's acquire, 3.6% of a worker's busy samples).
+        self._lease_numbers = itertools.count(1)
 
     def _state_of(self, endpoint: str, model: str, now: float) -> _LocalLimit:
         state = self._states.setdefault((endpoint, model), _LocalLimit())
-        state.leases = {lease: expiry for lease, expiry in state.leases.items() if expiry > now}
+        if state.soonest_expiry <= now:
+            state.leases = {lease: expiry for lease, expiry in state.leases.items() if expiry > now}
+            state.soonest_expiry = min(state.leases.values(), default=math.inf)
         state.cap.expire(now)
         return state
 
@@ -58,8 +67,9 @@ class LocalRateLimiter(RateLimiter):
         )
         if not granted:
             return LimitDecision(False, wait)
-        lease_id = uuid.uuid4().hex
-        state.leases[lease_id] = now + wait + self.tuning.lease_seconds
+        lease_id = f"local-{next(self._lease_numbers)}"
+        expiry = state.leases[lease_id] = now + wait + self.tuning.lease_seconds
+        state.soonest_expiry = min(state.soonest_expiry, expiry)
         return LimitDecision(True, wait, lease_id)
 
     async def release(self, slot: Slot, *, outcome: CallOutcome, actual_tokens: int | None = None) -> None:

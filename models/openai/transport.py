@@ -1,0 +1,135 @@
+"""The chat clients' own HTTP transport for ``create``: JSON POSTed over aiohttp, read as bytes.
+
+Through the SDK, each call built a request-options model, an ``httpx2.Request`` (headers merged,
+URL joined, the body serialized by the stdlib), wrapped aiohttp's answer in an ``httpx2.Response``
+and checked it: 41% of a worker's CPU at zero latency (py-spy, ``bench/throughput.py``). Here the
+URL and headers are made once per client, the body is ``orjson.dumps`` of the dict, and the reply
+is its bytes, status and headers; ``models.openai.errors`` maps a failed answer or an aiohttp
+exception exactly as it maps what the SDK raised for the same event.
+
+What the SDK's aiohttp transport did is kept: proxies from the environment (``HTTP_PROXY``,
+``HTTPS_PROXY``, ``NO_PROXY``), the SDK's trust store (``httpx2``'s SSL context),
+its timeout read as connect, pool and per-read limits (not a total: a long answer that keeps
+arriving is not cut), its pool size, redirects followed, and its ``User-Agent``. The session is the
+client's, one per event loop (an aiohttp session must not cross loops); cancelling the awaiting
+task aborts the request. The proxy for the client's one URL is read from the environment when
+the session is made, not per request: aiohttp's ``trust_env`` reads the proxy variables and
+``~/.netrc`` on every request, in a thread (13% of a worker's busy time, py-spy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
+
+import aiohttp
+import httpx2
+import openai
+from aiohttp.helpers import get_env_proxy_for_url
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from models.errors import ModelClientError
+from models.openai.errors import from_aiohttp_error, from_status
+
+__all__ = ["SDK_USER_AGENT", "ChatTransport", "UpstreamStatus"]
+
+# What the SDK sent, so that an upstream's logs and allow-lists see the same client.
+SDK_USER_AGENT = f"AsyncOpenAI/Python {openai.__version__}"
+_POOL_SIZE = 1000  # the SDK's DEFAULT_CONNECTION_LIMITS.max_connections
+_KEEPALIVE_SECONDS = 5.0  # httpx2's keepalive_expiry, which the SDK kept
+
+HeaderSource = Callable[[], Awaitable[Mapping[str, str]]]
+
+
+class UpstreamStatus(Exception):
+    """A non-2xx answer, the cause a mapped error is raised from (the SDK's ``APIStatusError``
+    was): its status and request id, for tracebacks."""
+
+    def __init__(self, status: int, request_id: str | None) -> None:
+        super().__init__(f"the upstream answered {status} (request id {request_id})")
+        self.status = status
+        self.request_id = request_id
+
+
+class ChatTransport:
+    """POSTs JSON bodies to one URL: ``post`` returns the 2xx answer's body and headers, or raises
+    a ``ModelClientError`` mapped from the status or the connection failure.
+
+    ``headers`` are sent with every request; ``extra_headers``, if given, is awaited per request
+    for those that change (an Azure AD token)."""
+
+    def __init__(
+        self,
+        url: str,
+        headers: Mapping[str, str],
+        *,
+        timeout: float | None,
+        provider: str,
+        model: str,
+        extra_headers: HeaderSource | None = None,
+    ) -> None:
+        self.url = url
+        self._url = URL(url)  # parsed once, not per request
+        self.headers = {"Accept": "application/json", "Content-Type": "application/json", **headers}
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=timeout, sock_connect=timeout, sock_read=timeout
+        )
+        self._provider = provider
+        self._model = model
+        self._extra_headers = extra_headers
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._proxy: URL | None = None
+        self._proxy_auth: aiohttp.BasicAuth | None = None
+
+    def _session_for_loop(self) -> aiohttp.ClientSession:
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._loop is not loop or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=_POOL_SIZE,
+                keepalive_timeout=_KEEPALIVE_SECONDS,
+                ssl=httpx2.create_ssl_context(),
+            )
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
+            self._loop = loop
+            self._proxy, self._proxy_auth = _proxy_from_environment(self._url)
+        return self._session
+
+    async def post(self, body: bytes) -> tuple[bytes, CIMultiDictProxy[str]]:
+        session = self._session_for_loop()
+        headers = self.headers
+        if self._extra_headers is not None:
+            headers = {**headers, **await self._extra_headers()}
+        try:
+            async with session.post(
+                self._url, data=body, headers=headers, proxy=self._proxy, proxy_auth=self._proxy_auth
+            ) as response:
+                content = await response.read()
+                status = response.status
+                answer_headers = response.headers
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            raise from_aiohttp_error(e, provider=self._provider, model=self._model) from e
+        if not 200 <= status < 300:
+            error: ModelClientError = from_status(
+                status, answer_headers, content, provider=self._provider, model=self._model
+            )
+            raise error from UpstreamStatus(status, error.request_id)
+        return content, answer_headers
+
+    async def close(self) -> None:
+        """Close this loop's session (one made on another loop cannot be closed from here; its
+        loop is gone or not ours)."""
+        session, self._session = self._session, None
+        loop, self._loop = self._loop, None
+        if session is not None and loop is asyncio.get_running_loop():
+            await session.close()
+
+
+def _proxy_from_environment(url: URL) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+    """The proxy (and its credentials) the environment names for ``url``, as aiohttp's
+    ``trust_env`` would pick it, or none (``NO_PROXY`` exempts the host, or no proxy is set)."""
+    try:
+        return get_env_proxy_for_url(url)
+    except LookupError:
+        return None, None

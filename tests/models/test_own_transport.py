@@ -1,0 +1,272 @@
+"""``create`` POSTs over the clients' own aiohttp transport, not the SDK, and behaves as the SDK
+path did: for every failure the simulator can produce over real HTTP, the error is the one the SDK
+path maps the same answer to; the headers and body that reach the upstream are the SDK's."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from openai import DefaultAioHttpClient
+
+from models import (
+    ModelClientError,
+    OpenAIChatCompletionClient,
+    ProviderTimeout,
+    ProviderUnavailable,
+    RateLimited,
+    UserMessage,
+)
+from models.openai.transport import SDK_USER_AGENT
+from simulator import SimulatorServer
+
+KEY = "sk-test-transport-key"
+
+
+def client_at(base_url: str, *, through_sdk: bool, **kwargs: Any) -> OpenAIChatCompletionClient:
+    """A client on the own transport, or (``through_sdk``) one whose ``create`` the SDK carries:
+    a given ``http_client`` keeps the SDK path, the reference every mapping here is held to."""
+    return OpenAIChatCompletionClient(
+        model="gpt-4o",
+        api_key=KEY,
+        base_url=base_url,
+        http_client=DefaultAioHttpClient() if through_sdk else None,
+        **kwargs,
+    )
+
+
+async def failure_of(client: OpenAIChatCompletionClient, text: str) -> ModelClientError:
+    try:
+        with pytest.raises(ModelClientError) as caught:
+            await client.create([UserMessage(content=text, source="user")])
+    finally:
+        await client.close()
+    return caught.value
+
+
+def described(error: ModelClientError) -> dict[str, Any]:
+    """What a caller can see of an error (the request id differs per request: present or not)."""
+    return {
+        "type": type(error),
+        "message": error.message,
+        "status_code": error.status_code,
+        "code": error.code,
+        "retryable": error.retryable,
+        "has_request_id": error.request_id is not None,
+        "retry_after": getattr(error, "retry_after", None),
+        "provider": error.provider,
+        "model": error.model,
+    }
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[[status 400]]",
+        "[[context_length]]",
+        "[[status 401]]",
+        "[[status 403]]",
+        "[[status 404]]",
+        "[[status 408]]",
+        "[[status 409]]",
+        "[[status 413]]",
+        "[[status 422]]",
+        "[[status 429]]",
+        "[[status 429 retry_after=2.5]]",
+        "[[status 500]]",
+        "[[status 502]]",
+        "[[status 503]]",
+        "[[status 504]]",
+    ],
+)
+async def test_each_status_maps_as_through_the_sdk(simulator: SimulatorServer, text: str) -> None:
+    own = await failure_of(client_at(simulator.base_url, through_sdk=False), text)
+    sdk = await failure_of(client_at(simulator.base_url, through_sdk=True), text)
+    assert described(own) == described(sdk)
+    assert isinstance(own.__cause__, Exception), "raised from the answer it maps"
+    assert simulator.stats()["requests"] == 2, "one attempt each: no hidden retries"
+
+
+async def test_retry_after_of_a_429_is_kept(simulator: SimulatorServer) -> None:
+    client = client_at(simulator.base_url, through_sdk=False)
+    error = await failure_of(client, "[[status 429 retry_after=2.5]]")
+    assert isinstance(error, RateLimited)
+    assert error.retry_after == pytest.approx(2.5)
+
+
+async def test_an_unknown_model_and_a_wrong_key_map_as_through_the_sdk(simulator: SimulatorServer) -> None:
+    simulator.configure(known_models=["gpt-4o-mini"])
+    own = await failure_of(client_at(simulator.base_url, through_sdk=False), "hello")
+    sdk = await failure_of(client_at(simulator.base_url, through_sdk=True), "hello")
+    assert described(own) == described(sdk)
+    assert own.code == "model_not_found"
+    simulator.configure(known_models=None, require_api_key="sk-the-right-one")
+    own = await failure_of(client_at(simulator.base_url, through_sdk=False), "hello")
+    sdk = await failure_of(client_at(simulator.base_url, through_sdk=True), "hello")
+    assert described(own) == described(sdk)
+    assert own.status_code == 401
+
+
+async def test_a_connection_dropped_after_the_headers_is_unavailable_on_both_paths(
+    simulator: SimulatorServer,
+) -> None:
+    simulator.configure(rate_timeout=1.0, timeout_s=0.0)
+    own = await failure_of(client_at(simulator.base_url, through_sdk=False), "hello")
+    sdk = await failure_of(client_at(simulator.base_url, through_sdk=True), "hello")
+    assert type(own) is type(sdk) is ProviderUnavailable
+    assert own.retryable
+
+
+async def test_a_refused_connection_is_unavailable_on_both_paths() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again before the call: nobody listens there
+    url = f"http://127.0.0.1:{port}/v1"
+    own = await failure_of(client_at(url, through_sdk=False), "hello")
+    sdk = await failure_of(client_at(url, through_sdk=True), "hello")
+    assert type(own) is type(sdk) is ProviderUnavailable
+    assert own.status_code is None
+
+
+async def test_a_slow_answer_times_out_on_both_paths(simulator: SimulatorServer) -> None:
+    own = await failure_of(client_at(simulator.base_url, through_sdk=False, timeout=0.3), "[[delay 3]]")
+    sdk = await failure_of(client_at(simulator.base_url, through_sdk=True, timeout=0.3), "[[delay 3]]")
+    assert type(own) is type(sdk) is ProviderTimeout
+
+
+async def test_create_never_builds_the_sdk_client(simulator: SimulatorServer) -> None:
+    """The point of the transport: a plain ``create`` makes no SDK client (whose per-request
+    request building cost 41% of a worker's CPU); one client session serves every call."""
+    client = client_at(simulator.base_url, through_sdk=False)
+    for number in range(3):
+        result = await client.create([UserMessage(content=f"hello {number}", source="user")])
+        assert isinstance(result.content, str)
+    assert client._sdk_client is None
+    await client.close()
+    assert simulator.stats()["connections"] == 1, "one pooled connection for three calls in a row"
+
+
+# --- what reaches the upstream: a recording server, since the simulator keeps no headers ---------
+
+REPLY = {
+    "id": "chatcmpl-1",
+    "object": "chat.completion",
+    "created": 1_700_000_000,
+    "model": "gpt-4o",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.reply = json.dumps(REPLY).encode()
+
+
+@pytest.fixture
+def recording_server() -> Iterator[tuple[str, Recorder]]:
+    recorder = Recorder()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("content-length", "0"))
+            recorder.requests.append(
+                {
+                    "path": self.path,
+                    "headers": {k.lower(): v for k, v in self.headers.items()},
+                    "body": json.loads(self.rfile.read(length)),
+                }
+            )
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(recorder.reply)))
+            self.send_header("x-request-id", "req-recorded")
+            self.end_headers()
+            self.wfile.write(recorder.reply)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", recorder
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+# Headers the SDK adds for its own telemetry (x-stainless-*) or that transports set differently
+# (connection handling, compression): not part of what an upstream needs.
+_TRANSPORT_OWN = ("x-stainless-", "host", "content-length", "accept-encoding", "connection")
+
+
+def _sent_headers(request: dict[str, Any]) -> dict[str, str]:
+    return {name: value for name, value in request["headers"].items() if not name.startswith(_TRANSPORT_OWN)}
+
+
+async def test_headers_path_and_body_are_the_sdks(
+    recording_server: tuple[str, Recorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base_url, recorder = recording_server
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-from-env")
+    monkeypatch.delenv("OPENAI_ORG_ID", raising=False)
+    settings: dict[str, Any] = {
+        "organization": "org-given",
+        "default_headers": {"X-Team": "batch", "User-Agent": "tokenmill-test/1"},
+        "temperature": 0.25,
+    }
+    for through_sdk in (False, True):
+        client = client_at(base_url, through_sdk=through_sdk, **settings)
+        result = await client.create(
+            [UserMessage(content="héllo \u2028 wörld", source="user")], extra_create_args={"seed": 7}
+        )
+        await client.close()
+        assert result.content == "hi"
+    own, sdk = recorder.requests
+    assert own["path"] == sdk["path"] == "/v1/chat/completions"
+    assert own["body"] == sdk["body"]
+    assert _sent_headers(own) == _sent_headers(sdk)
+    assert own["headers"]["authorization"] == f"Bearer {KEY}"
+    assert own["headers"]["openai-organization"] == "org-given"
+    assert own["headers"]["openai-project"] == "proj-from-env"
+    assert own["headers"]["user-agent"] == "tokenmill-test/1", "default_headers override the SDK's"
+    assert own["headers"]["x-team"] == "batch"
+
+
+async def test_the_sdks_user_agent_and_the_org_from_the_environment(
+    recording_server: tuple[str, Recorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base_url, recorder = recording_server
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-from-env")
+    monkeypatch.delenv("OPENAI_PROJECT_ID", raising=False)
+    client = client_at(base_url, through_sdk=False)
+    await client.create([UserMessage(content="hello", source="user")])
+    await client.close()
+    [request] = recorder.requests
+    assert request["headers"]["user-agent"] == SDK_USER_AGENT
+    assert request["headers"]["openai-organization"] == "org-from-env"
+    assert "openai-project" not in request["headers"]
+    assert request["headers"]["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize("reply", [b"not json", b"[1, 2]", b'"a string"'])
+async def test_a_2xx_that_is_no_json_object_is_unavailable(
+    recording_server: tuple[str, Recorder], reply: bytes
+) -> None:
+    base_url, recorder = recording_server
+    recorder.reply = reply
+    own = await failure_of(client_at(base_url, through_sdk=False), "hello")
+    sdk = await failure_of(client_at(base_url, through_sdk=True), "hello")
+    assert type(own) is type(sdk) is ProviderUnavailable
+    assert own.message.startswith("malformed provider response")

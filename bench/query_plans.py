@@ -86,6 +86,7 @@ def capture(engine: Engine, call: Callable[[], Any], match: Callable[[str], bool
 class Plan:
     top: str
     scans: list[str]
+    outer_scans: list[str]  # outside the statement's CTEs
     seq_scans: list[str]
     execution_ms: float
     planning_ms: float
@@ -112,6 +113,7 @@ def explain(engine: Engine, statement: str, parameters: Any) -> Plan:
     return Plan(
         top=f"{top['Node Type']} (rows {top.get('Actual Rows')}, loops {top.get('Actual Loops')})",
         scans=scans,
+        outer_scans=plan_scans(root["Plan"], outside_ctes=True),
         seq_scans=seq_scans,
         execution_ms=float(root["Execution Time"]),
         planning_ms=float(root["Planning Time"]),
@@ -120,7 +122,9 @@ def explain(engine: Engine, statement: str, parameters: Any) -> Plan:
     )
 
 
-def generic_plan_scans(engine: Engine, statement: str, parameters: Any) -> list[str]:
+def generic_plan_scans(
+    engine: Engine, statement: str, parameters: Any, *, outside_ctes: bool = False
+) -> list[str]:
     """The scans of the generic plan of the statement prepared (parameters as unknowns): what a
     statement psycopg prepares (one run five times on a connection) may run with."""
     names: list[str] = []
@@ -145,19 +149,23 @@ def generic_plan_scans(engine: Engine, statement: str, parameters: Any) -> list[
             cursor.close()
             conn.invalidate()  # the prepared statement goes with the connection
     document = json.loads(document) if isinstance(document, str) else document
-    return plan_scans(document[0]["Plan"])
+    return plan_scans(document[0]["Plan"], outside_ctes=outside_ctes)
 
 
-def plan_scans(node: dict[str, Any]) -> list[str]:
+def plan_scans(node: dict[str, Any], *, outside_ctes: bool = False) -> list[str]:
     """Every scan of a plan (EXPLAIN's JSON), as "<node> on <table> using <index>"; a bitmap
-    index scan names its index only (its heap scan, the node above it, names the table)."""
+    index scan names its index only (its heap scan, the node above it, names the table).
+    ``outside_ctes``: leave out the scans of the plan's CTEs (a claim's UPDATE, not the rows it
+    locked first)."""
     scans: list[str] = []
+    if outside_ctes and str(node.get("Subplan Name", "")).startswith("CTE "):
+        return scans
     relation, index = node.get("Relation Name"), node.get("Index Name")
     if relation is not None or index is not None:
         where = f" on {relation}" if relation is not None else ""
         scans.append(f"{node['Node Type']}{where}" + (f" using {index}" if index else ""))
     for child in node.get("Plans", ()):
-        scans.extend(plan_scans(child))
+        scans.extend(plan_scans(child, outside_ctes=outside_ctes))
     return scans
 
 

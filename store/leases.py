@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 
 from store.batches import end_requeued_of_stopped_batches
@@ -257,7 +258,22 @@ def _lease_in(
             .cte("claimed")
             .prefix_with("MATERIALIZED")
         )
-        chosen: sa.ColumnElement[bool] = Request.id == locked.c.id
+        # The locked rows are found again by primary key, and by nothing else: their
+        # claimability was rechecked on their newest versions as they were locked, and the
+        # ids as one array (an index condition on the key) keep the planner from either walking
+        # the partial index of unfinished requests (every line of a new batch, while its
+        # statistics still say that index is empty: 2 s a claim at 50k lines) or scanning the
+        # table to join it to the locked rows.
+        chosen: sa.ColumnElement[bool] = sa.and_(
+            Request.id
+            == sa.any_(
+                sa.cast(
+                    sa.select(sa.func.array_agg(locked.c.id)).scalar_subquery(), postgresql.ARRAY(sa.String)
+                )
+            ),
+            Request.id == locked.c.id,
+        )
+        recheck: sa.ColumnElement[bool] = sa.true()
         previous: sa.ColumnElement[Any] = locked.c.previous_status
         running: set[str] | None = None  # told by ``previous`` instead
     else:
@@ -269,9 +285,10 @@ def _lease_in(
             ).scalars()
         )
         previous = sa.literal(None)
+        recheck = _claimable(now)
     rows = conn.execute(
         sa.update(Request)
-        .where(chosen, _claimable(now))
+        .where(chosen, recheck)
         .values(
             status=RequestStatus.RUNNING,
             lease_owner=owner,

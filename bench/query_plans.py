@@ -87,6 +87,7 @@ class Plan:
     top: str
     scans: list[str]
     outer_scans: list[str]  # outside the statement's CTEs
+    rows_read: int  # rows the scans of the growing tables returned, over all their loops
     seq_scans: list[str]
     execution_ms: float
     planning_ms: float
@@ -114,6 +115,7 @@ def explain(engine: Engine, statement: str, parameters: Any) -> Plan:
         top=f"{top['Node Type']} (rows {top.get('Actual Rows')}, loops {top.get('Actual Loops')})",
         scans=scans,
         outer_scans=plan_scans(root["Plan"], outside_ctes=True),
+        rows_read=rows_read(root["Plan"]),
         seq_scans=seq_scans,
         execution_ms=float(root["Execution Time"]),
         planning_ms=float(root["Planning Time"]),
@@ -167,6 +169,15 @@ def plan_scans(node: dict[str, Any], *, outside_ctes: bool = False) -> list[str]
     for child in node.get("Plans", ()):
         scans.extend(plan_scans(child, outside_ctes=outside_ctes))
     return scans
+
+
+def rows_read(node: dict[str, Any]) -> int:
+    """Rows the scans of ``GROWING_TABLES`` returned in an EXPLAIN ANALYZE (each scan's rows times
+    its loops): what a query costs in the ledger's rows, whatever the machine's speed."""
+    own = 0
+    if node.get("Relation Name") in GROWING_TABLES and "Scan" in node["Node Type"]:
+        own = int(node.get("Actual Rows", 0)) * int(node.get("Actual Loops", 1))
+    return own + sum(rows_read(child) for child in node.get("Plans", ()))
 
 
 # ---- filling the scratch database ---------------------------------------------------------
@@ -458,7 +469,7 @@ def report(engine: Engine, ids: dict[str, Any]) -> int:
         flagged += bool(plan.seq_scans)
         print(
             f"\n{name}: {plan.execution_ms:,.1f} ms (planning {plan.planning_ms:.1f} ms), "
-            f"buffers hit {plan.shared_hit:,} read {plan.shared_read:,}{flag}\n"
+            f"buffers hit {plan.shared_hit:,} read {plan.shared_read:,}, {plan.rows_read:,} rows read{flag}\n"
             f"    top: {plan.top}\n" + "".join(f"    {scan}\n" for scan in plan.scans).rstrip("\n")
         )
     print(f"\n{flagged} hot quer{'y' if flagged == 1 else 'ies'} with a sequential scan of a growing table")

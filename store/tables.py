@@ -23,6 +23,7 @@ __all__ = [
     "MAX_WEBHOOK_URL_CHARS",
     "NO_TENANT",
     "PRICE_SCALE",
+    "REQUESTS_AUTOVACUUM",
     "UNFINISHED_PREDICATE",
     "AgentMessage",
     "AgentState",
@@ -262,6 +263,15 @@ class Batch(Base):
 
 # The predicate of the partial indexes on requests still to run (queued or running).
 UNFINISHED_PREDICATE = "status IN ('queued', 'running')"
+# The autovacuum settings of ``requests`` on PostgreSQL (migration 0016): vacuumed and analyzed
+# after a fixed number of changed rows, so that the dead row versions claims step over and the
+# age of the statistics stay bounded however large the ledger grows.
+REQUESTS_AUTOVACUUM = {
+    "autovacuum_vacuum_scale_factor": "0",
+    "autovacuum_vacuum_threshold": "20000",
+    "autovacuum_analyze_scale_factor": "0",
+    "autovacuum_analyze_threshold": "50000",
+}
 
 
 class Request(Base):

@@ -172,11 +172,16 @@ def plan_scans(node: dict[str, Any], *, outside_ctes: bool = False) -> list[str]
 
 
 def rows_read(node: dict[str, Any]) -> int:
-    """Rows the scans of ``GROWING_TABLES`` returned in an EXPLAIN ANALYZE (each scan's rows times
-    its loops): what a query costs in the ledger's rows, whatever the machine's speed."""
+    """Rows the scans of ``GROWING_TABLES`` read in an EXPLAIN ANALYZE, those a filter then
+    dropped included (EXPLAIN gives each per loop: times the loops): what a query costs in the
+    ledger's rows, whatever the machine's speed."""
     own = 0
     if node.get("Relation Name") in GROWING_TABLES and "Scan" in node["Node Type"]:
-        own = int(node.get("Actual Rows", 0)) * int(node.get("Actual Loops", 1))
+        per_loop = sum(
+            int(node.get(key, 0))
+            for key in ("Actual Rows", "Rows Removed by Filter", "Rows Removed by Index Recheck")
+        )
+        own = per_loop * int(node.get("Actual Loops", 1))
     return own + sum(rows_read(child) for child in node.get("Plans", ()))
 
 
@@ -387,6 +392,16 @@ def hot_queries(
             "claim_queued (refill: next 64 of a running batch)",
             lambda: store.claim_queued(engine, [running], "bench", 20, 64, now=NOW),
             first,
+        ),
+        (
+            "claim_in_order (fair refill: leases run out in a tenant's batches)",
+            lambda: store.claim_in_order(engine, [running], "bench", 20, 64, now=NOW),
+            lambda statement: "lease_expires_at <" in statement,
+        ),
+        (
+            "claim_in_order (fair refill: a batch's next 64 queued)",
+            lambda: store.claim_in_order(engine, [running], "bench", 20, 64, now=NOW),
+            lambda statement: "line_number" in statement,
         ),
         (
             "claim_requests (a message's 512 ids)",

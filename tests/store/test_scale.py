@@ -131,6 +131,33 @@ def test_a_claim_updates_the_rows_it_locked_by_id_while_the_statistics_lag(pg_en
             assert all(scan.endswith("using requests_pkey") for scan in requests_scans), (name, plan)
 
 
+def test_a_refill_finds_run_out_leases_without_reading_a_new_batch(pg_engine: Engine) -> None:
+    """Right after a big batch lands, before ANALYZE has seen it: a refill's first look-up (the
+    requests running under a lease that ran out, in the tenant's batches) reads the running
+    requests only, not every line of the batch through the index of unfinished requests."""
+    engine = pg_engine
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("ALTER TABLE requests SET (autovacuum_enabled = false)"))  # never analyzed
+    tenant = store.create_tenant(engine, "acme")
+    batch_id = store.ingest_batch(
+        engine, _jsonl([chat_line(f"c{i}") for i in range(3000)]), tenant_id=tenant.id
+    ).batch_id
+    now = 1_000_000
+    store.claim_in_order(engine, [batch_id], "live-worker", 3600, 64, now=now)
+
+    statement, parameters = capture(
+        engine,
+        lambda: store.claim_in_order(engine, [batch_id], "w", 20, 64, now=now),
+        lambda statement: "lease_expires_at <" in statement,
+    )
+    plan = explain(engine, statement, parameters)
+    generic = generic_plan_scans(engine, statement, parameters)
+
+    assert plan.rows_read <= 64, plan
+    for scans in (plan.scans, generic):
+        assert "ix_requests_unfinished_batch_id_line_number" not in " ".join(scans), scans
+
+
 def test_the_sweeper_reads_open_dispatches_not_every_queued_request(pg_engine: Engine) -> None:
     """A batch dispatched long ago and still queued: the sweeper's look for dispatches that still
     name work (every pass, every few seconds) reads a few rows per open dispatch, not every queued

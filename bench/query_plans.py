@@ -86,6 +86,8 @@ def capture(engine: Engine, call: Callable[[], Any], match: Callable[[str], bool
 class Plan:
     top: str
     scans: list[str]
+    outer_scans: list[str]  # outside the statement's CTEs
+    rows_read: int  # rows the scans of the growing tables returned, over all their loops
     seq_scans: list[str]
     execution_ms: float
     planning_ms: float
@@ -112,6 +114,8 @@ def explain(engine: Engine, statement: str, parameters: Any) -> Plan:
     return Plan(
         top=f"{top['Node Type']} (rows {top.get('Actual Rows')}, loops {top.get('Actual Loops')})",
         scans=scans,
+        outer_scans=plan_scans(root["Plan"], outside_ctes=True),
+        rows_read=rows_read(root["Plan"]),
         seq_scans=seq_scans,
         execution_ms=float(root["Execution Time"]),
         planning_ms=float(root["Planning Time"]),
@@ -120,7 +124,9 @@ def explain(engine: Engine, statement: str, parameters: Any) -> Plan:
     )
 
 
-def generic_plan_scans(engine: Engine, statement: str, parameters: Any) -> list[str]:
+def generic_plan_scans(
+    engine: Engine, statement: str, parameters: Any, *, outside_ctes: bool = False
+) -> list[str]:
     """The scans of the generic plan of the statement prepared (parameters as unknowns): what a
     statement psycopg prepares (one run five times on a connection) may run with."""
     names: list[str] = []
@@ -145,20 +151,38 @@ def generic_plan_scans(engine: Engine, statement: str, parameters: Any) -> list[
             cursor.close()
             conn.invalidate()  # the prepared statement goes with the connection
     document = json.loads(document) if isinstance(document, str) else document
-    return plan_scans(document[0]["Plan"])
+    return plan_scans(document[0]["Plan"], outside_ctes=outside_ctes)
 
 
-def plan_scans(node: dict[str, Any]) -> list[str]:
+def plan_scans(node: dict[str, Any], *, outside_ctes: bool = False) -> list[str]:
     """Every scan of a plan (EXPLAIN's JSON), as "<node> on <table> using <index>"; a bitmap
-    index scan names its index only (its heap scan, the node above it, names the table)."""
+    index scan names its index only (its heap scan, the node above it, names the table).
+    ``outside_ctes``: leave out the scans of the plan's CTEs (a claim's UPDATE, not the rows it
+    locked first)."""
     scans: list[str] = []
+    if outside_ctes and str(node.get("Subplan Name", "")).startswith("CTE "):
+        return scans
     relation, index = node.get("Relation Name"), node.get("Index Name")
     if relation is not None or index is not None:
         where = f" on {relation}" if relation is not None else ""
         scans.append(f"{node['Node Type']}{where}" + (f" using {index}" if index else ""))
     for child in node.get("Plans", ()):
-        scans.extend(plan_scans(child))
+        scans.extend(plan_scans(child, outside_ctes=outside_ctes))
     return scans
+
+
+def rows_read(node: dict[str, Any]) -> int:
+    """Rows the scans of ``GROWING_TABLES`` read in an EXPLAIN ANALYZE, those a filter then
+    dropped included (EXPLAIN gives each per loop: times the loops): what a query costs in the
+    ledger's rows, whatever the machine's speed."""
+    own = 0
+    if node.get("Relation Name") in GROWING_TABLES and "Scan" in node["Node Type"]:
+        per_loop = sum(
+            int(node.get(key, 0))
+            for key in ("Actual Rows", "Rows Removed by Filter", "Rows Removed by Index Recheck")
+        )
+        own = per_loop * int(node.get("Actual Loops", 1))
+    return own + sum(rows_read(child) for child in node.get("Plans", ()))
 
 
 # ---- filling the scratch database ---------------------------------------------------------
@@ -370,6 +394,16 @@ def hot_queries(
             first,
         ),
         (
+            "claim_in_order (fair refill: leases run out in a tenant's batches)",
+            lambda: store.claim_in_order(engine, [running], "bench", 20, 64, now=NOW),
+            lambda statement: "lease_expires_at <" in statement,
+        ),
+        (
+            "claim_in_order (fair refill: a batch's next 64 queued)",
+            lambda: store.claim_in_order(engine, [running], "bench", 20, 64, now=NOW),
+            lambda statement: "line_number" in statement,
+        ),
+        (
             "claim_requests (a message's 512 ids)",
             lambda: store.claim_requests(engine, ids["queued_ids"], "bench", 20, now=NOW),
             first,
@@ -450,7 +484,7 @@ def report(engine: Engine, ids: dict[str, Any]) -> int:
         flagged += bool(plan.seq_scans)
         print(
             f"\n{name}: {plan.execution_ms:,.1f} ms (planning {plan.planning_ms:.1f} ms), "
-            f"buffers hit {plan.shared_hit:,} read {plan.shared_read:,}{flag}\n"
+            f"buffers hit {plan.shared_hit:,} read {plan.shared_read:,}, {plan.rows_read:,} rows read{flag}\n"
             f"    top: {plan.top}\n" + "".join(f"    {scan}\n" for scan in plan.scans).rstrip("\n")
         )
     print(f"\n{flagged} hot quer{'y' if flagged == 1 else 'ies'} with a sequential scan of a growing table")

@@ -314,6 +314,7 @@ class Tokenmill(ServiceProcesses):
             "OPENAI_BASE_URL": sim.base_url,
             "OPENAI_API_KEY": "bench",
         }
+        self.env = env  # for a bench that starts more processes (bench.million: the beat)
         try:
             self._start(
                 env,

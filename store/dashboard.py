@@ -6,7 +6,7 @@ Every query is bounded whatever the ledger holds: batch pages walk an index on
 results and discarded answers inside one window (at most ``MAX_WINDOW_SECONDS``) through an index
 on ``created_at`` (with ``tenant_id`` first for a tenant) and groups them in SQL, never more than
 ``top_models`` models plus "other"; queue depth sums the counters of the active batches (index on
-``status``) and counts running requests (index on ``(status, lease_expires_at)``), which are
+``status``) and counts running requests (an index of the running ones), which are
 bounded by the workers' capacity, not by the ledger. ``tenant_id=None`` means every tenant: the
 caller decides who may ask for that (an operator).
 """

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 
 from store.batches import end_requeued_of_stopped_batches
@@ -257,7 +258,22 @@ def _lease_in(
             .cte("claimed")
             .prefix_with("MATERIALIZED")
         )
-        chosen: sa.ColumnElement[bool] = Request.id == locked.c.id
+        # The locked rows are found again by primary key, and by nothing else: their
+        # claimability was rechecked on their newest versions as they were locked, and the
+        # ids as one array (an index condition on the key) keep the planner from either walking
+        # the partial index of unfinished requests (every line of a new batch, while its
+        # statistics still say that index is empty: 2 s a claim at 50k lines) or scanning the
+        # table to join it to the locked rows.
+        chosen: sa.ColumnElement[bool] = sa.and_(
+            Request.id
+            == sa.any_(
+                sa.cast(
+                    sa.select(sa.func.array_agg(locked.c.id)).scalar_subquery(), postgresql.ARRAY(sa.String)
+                )
+            ),
+            Request.id == locked.c.id,
+        )
+        recheck: sa.ColumnElement[bool] = sa.true()
         previous: sa.ColumnElement[Any] = locked.c.previous_status
         running: set[str] | None = None  # told by ``previous`` instead
     else:
@@ -269,9 +285,10 @@ def _lease_in(
             ).scalars()
         )
         previous = sa.literal(None)
+        recheck = _claimable(now)
     rows = conn.execute(
         sa.update(Request)
-        .where(chosen, _claimable(now))
+        .where(chosen, recheck)
         .values(
             status=RequestStatus.RUNNING,
             lease_owner=owner,
@@ -392,12 +409,32 @@ def release_requests(
 
 def unsettled_dispatch_ids(engine: Engine, *, now: int, settled_before: int) -> list[str]:
     """Dispatches (sent before ``settled_before``) that still name a request needing work: queued,
-    or running under an expired lease. The sweeper asks the broker which of them are alive."""
-    query = (
-        sa.select(Request.dispatch_id)
-        .where(_claimable(now), Request.dispatch_id.is_not(None), Request.dispatched_at < settled_before)
-        .group_by(Request.dispatch_id)
+    or running under an expired lease. The sweeper asks the broker which of them are alive.
+
+    Read one dispatch at a time (a loose index scan: each step the next dispatch id after the
+    last in the partial index of unfinished requests, then whether one of its rows needs work),
+    so that a pass costs the dispatches still open, a few index probes each, not a read of every
+    request still queued (a freshly dispatched million-line batch is 2,000 messages but a million
+    rows, and the sweeper passes every few seconds)."""
+    unfinished = sa.or_(status_is(RequestStatus.QUEUED), status_is(RequestStatus.RUNNING))
+    first = sa.select(sa.func.min(Request.dispatch_id).label("dispatch_id")).where(unfinished)
+    dispatches = first.cte("open_dispatches", recursive=True)
+    after = sa.select(sa.func.min(Request.dispatch_id)).where(
+        unfinished, Request.dispatch_id > dispatches.c.dispatch_id
     )
+    dispatches = dispatches.union_all(
+        sa.select(after.scalar_subquery()).where(dispatches.c.dispatch_id.is_not(None))
+    )
+    needs_work = (
+        sa.select(Request.id)
+        .where(
+            Request.dispatch_id == dispatches.c.dispatch_id,
+            _claimable(now),
+            Request.dispatched_at < settled_before,
+        )
+        .exists()
+    )
+    query = sa.select(dispatches.c.dispatch_id).where(dispatches.c.dispatch_id.is_not(None), needs_work)
     with engine.connect() as conn:
         return [dispatch_id for dispatch_id in conn.execute(query).scalars() if dispatch_id is not None]
 

@@ -21,6 +21,7 @@ import store.export
 from bench.query_plans import capture, explain, generic_plan_scans
 from models.types import RequestUsage
 from store.schema import alembic_config
+from store.tables import REQUESTS_AUTOVACUUM
 from tests.store.conftest import IngestFn, chat_line
 
 UNFINISHED_INDEXES = ("ix_requests_unfinished_batch_id_line_number", "ix_requests_unfinished_dispatch_id")
@@ -85,6 +86,123 @@ def _reads_only_unfinished(scans: list[str]) -> bool:
         and "ix_requests_batch_id_line_number" not in indexes
         and "Seq Scan on requests" not in scans
     )
+
+
+def test_a_claim_updates_the_rows_it_locked_by_id_while_the_statistics_lag(pg_engine: Engine) -> None:
+    """A new batch's lines are in the partial index of unfinished requests before any ANALYZE
+    has seen them (autovacuum analyzes a big table long after a batch lands): a claim's UPDATE
+    must still find the rows its CTE locked through the primary key, not by walking that index
+    (every line of the batch, each joined to the locked rows: 2 s a claim at 50k lines), in the
+    custom and in the generic plan."""
+    engine = pg_engine
+    tenant = store.create_tenant(engine, "acme")
+    ended = store.ingest_batch(engine, _jsonl([chat_line(f"e{i}") for i in range(500)]), tenant_id=tenant.id)
+    store.record_results(
+        engine, [answer(request_id) for request_id in store.pending_request_ids(engine, ended.batch_id)]
+    )
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("VACUUM ANALYZE requests"))  # no unfinished request in the statistics
+    batch_id = store.ingest_batch(
+        engine, _jsonl([chat_line(f"c{i}") for i in range(3000)]), tenant_id=tenant.id
+    ).batch_id
+    now = 1_000_000
+    # Leases already run out: the refill's first look-up (expired leases) finds rows to claim.
+    store.claim_in_order(engine, [batch_id], "dead-worker", 20, 64, now=now - 100)
+    queued = store.pending_request_ids(engine, batch_id, 512)
+    calls: dict[str, tuple[Any, Any]] = {
+        "claim_in_order: expired leases": (
+            lambda: store.claim_in_order(engine, [batch_id], "w", 20, 64, now=now),
+            lambda statement: "lease_expires_at <" in statement,
+        ),
+        "claim_in_order: queued": (
+            lambda: store.claim_in_order(engine, [batch_id], "w", 20, 64, now=now),
+            lambda statement: "line_number" in statement,
+        ),
+        "claim_queued": (lambda: store.claim_queued(engine, [batch_id], "w", 20, 64, now=now), _any),
+        "claim_requests": (lambda: store.claim_requests(engine, queued, "w", 20, now=now), _any),
+    }
+    for name, (call, match) in calls.items():
+        statement, parameters = capture(engine, call, match)
+        custom = explain(engine, statement, parameters).outer_scans
+        generic = generic_plan_scans(engine, statement, parameters, outside_ctes=True)
+        for plan in (custom, generic):
+            requests_scans = [scan for scan in plan if "Scan on requests" in scan]
+            assert requests_scans, (name, plan)
+            assert all(scan.endswith("using requests_pkey") for scan in requests_scans), (name, plan)
+
+
+def test_a_refill_finds_run_out_leases_without_reading_a_new_batch(pg_engine: Engine) -> None:
+    """Right after a big batch lands, before ANALYZE has seen it: a refill's first look-up (the
+    requests running under a lease that ran out, in the tenant's batches) reads the running
+    requests only, not every line of the batch through the index of unfinished requests."""
+    engine = pg_engine
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("ALTER TABLE requests SET (autovacuum_enabled = false)"))  # never analyzed
+    tenant = store.create_tenant(engine, "acme")
+    batch_id = store.ingest_batch(
+        engine, _jsonl([chat_line(f"c{i}") for i in range(3000)]), tenant_id=tenant.id
+    ).batch_id
+    now = 1_000_000
+    store.claim_in_order(engine, [batch_id], "live-worker", 3600, 64, now=now)
+
+    statement, parameters = capture(
+        engine,
+        lambda: store.claim_in_order(engine, [batch_id], "w", 20, 64, now=now),
+        lambda statement: "lease_expires_at <" in statement,
+    )
+    plan = explain(engine, statement, parameters)
+    generic = generic_plan_scans(engine, statement, parameters)
+
+    assert plan.rows_read <= 64, plan
+    for scans in (plan.scans, generic):
+        assert "ix_requests_unfinished_batch_id_line_number" not in " ".join(scans), scans
+
+
+def test_the_sweeper_reads_open_dispatches_not_every_queued_request(pg_engine: Engine) -> None:
+    """A batch dispatched long ago and still queued: the sweeper's look for dispatches that still
+    name work (every pass, every few seconds) reads a few rows per open dispatch, not every queued
+    request (a million at the start of a million-line batch); and it still finds each of them,
+    and no dispatch whose requests all ended or run under live leases."""
+    engine = pg_engine
+    tenant = store.create_tenant(engine, "acme")
+    batch_id = store.ingest_batch(
+        engine, _jsonl([chat_line(f"c{i}") for i in range(3000)]), tenant_id=tenant.id
+    ).batch_id
+    ids = store.pending_request_ids(engine, batch_id)
+    now = 1_000_000
+    chunks = [ids[start : start + 100] for start in range(0, len(ids), 100)]
+    for number, chunk in enumerate(chunks):
+        store.mark_dispatched(engine, chunk, f"dsp_{number:03}", now=now - 600)
+    store.record_results(engine, [answer(request_id) for request_id in chunks[0]])  # dsp_000 ended
+    store.claim_requests(engine, chunks[1], "live-worker", 3600, now=now)  # dsp_001 in flight
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("VACUUM ANALYZE requests"))
+
+    found = store.unsettled_dispatch_ids(engine, now=now, settled_before=now - 60)
+
+    assert sorted(found) == [f"dsp_{number:03}" for number in range(2, len(chunks))]
+    statement, parameters = capture(
+        engine, lambda: store.unsettled_dispatch_ids(engine, now=now, settled_before=now - 60), _any
+    )
+    plan = explain(engine, statement, parameters)
+    # Per dispatch: the step to it, and the first of its rows that needs work (dsp_001's hundred
+    # running rows are all looked at: none does).
+    assert plan.rows_read <= 3 * len(chunks) + 100, plan
+
+
+def test_requests_are_vacuumed_after_a_fixed_number_of_changes(pg_engine: Engine) -> None:
+    """``requests`` is vacuumed and analyzed after a fixed number of changed rows, not after a
+    fraction of the table (PostgreSQL's default: 20%, 2M dead row versions on a 10M-row ledger
+    before claims stop stepping over them)."""
+    with pg_engine.connect() as conn:
+        options = conn.execute(
+            sa.text("SELECT reloptions FROM pg_class WHERE relname = 'requests' AND relkind = 'r'")
+        ).scalar_one()
+    assert dict(option.split("=", 1) for option in options or []) == REQUESTS_AUTOVACUUM
+
+
+def _any(_statement: str) -> bool:
+    return True
 
 
 def test_reading_a_batch_sums_nothing(engine: Engine, ingest: IngestFn) -> None:

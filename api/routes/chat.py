@@ -209,7 +209,11 @@ async def _chat_completion(
     *,
     weight: float = 1.0,
 ) -> JSONResponse | StreamingResponse:
-    stream = bool(body.pop("stream", False))
+    stream = body.pop("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):  # "false" is truthy: never guess which the caller meant
+        raise InvalidRequest("'stream' must be true or false", param="stream", code="invalid_type")
     stream_options = body.pop("stream_options", None)
     include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
     body.setdefault("model", settings.default_model)

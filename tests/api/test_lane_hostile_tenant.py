@@ -178,3 +178,28 @@ def test_one_tenants_slow_calls_do_not_hold_another_tenants_call(
         # The hog's call left waiting runs once a slot of its own frees: none is lost.
         for hog in hogs:
             assert hog.result().status_code == 200
+
+
+@pytest.mark.parametrize("stream", ["false", "true", 0, 1, [], {}])
+def test_a_stream_flag_that_is_not_a_boolean_is_a_400_and_queues_nothing(
+    lane_api: tuple[Cluster, str, str], stream: Any
+) -> None:
+    """``"stream": "false"`` was truthy: the caller who meant no stream got one (and a client
+    library reading JSON got an event stream). OpenAI refuses a non-boolean; so do we, first."""
+    c, root, key = lane_api
+    answer = httpx.post(
+        f"{root}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "lane-model", "messages": _user("hi"), "stream": stream},
+        timeout=30,
+    )
+    assert answer.status_code == 400, answer.text
+    error = answer.json()["error"]
+    assert (error["type"], error["param"]) == ("invalid_request_error", "stream")
+    assert error["code"] == "invalid_type"
+    engine = store.make_engine(c.env["TOKENMILL_DATABASE_URL"])
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(Request)).scalar_one() == 0
+    finally:
+        engine.dispose()

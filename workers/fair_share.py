@@ -23,7 +23,19 @@ import heapq
 import itertools
 from collections.abc import Mapping
 
-__all__ = ["FairGate", "FairShare"]
+__all__ = ["MIN_STEP_WEIGHT", "FairGate", "FairShare"]
+
+# The least weight a clock steps by. The ledger takes any weight above 0 (``store.tenants``), but
+# a clock steps by ``1 / weight``: a weight of 1e-300 steps the service's virtual time to 1e300
+# (5e-324, to infinity), where every other tenant's step rounds to nothing, and every clock then
+# compares equal for the process's life (the order falls back to tenant ids, whatever the
+# weights). At 1 / 1000 of weight 1 (the ratio ``MAX_TENANT_WEIGHT`` already allows the other
+# way), the time stays where the steps of weight 1000 still count for billions of requests.
+MIN_STEP_WEIGHT = 0.001
+
+
+def _step(weight: float) -> float:
+    return 1 / max(weight, MIN_STEP_WEIGHT)
 
 
 class FairShare:
@@ -49,7 +61,7 @@ class FairShare:
         for _ in range(slots if heap else 0):
             clock, tenant_id = heapq.heappop(heap)
             given[tenant_id] = given.get(tenant_id, 0) + 1
-            heapq.heappush(heap, (clock + 1 / weights[tenant_id], tenant_id))
+            heapq.heappush(heap, (clock + _step(weights[tenant_id]), tenant_id))
         return given
 
     def order(self, weights: Mapping[str, float]) -> list[str]:
@@ -61,7 +73,7 @@ class FairShare:
     def charge(self, tenant_id: str, claimed: int) -> list[float]:
         """``claimed`` requests of the tenant were claimed (at its last weight seen, else 1);
         returns their tags, in order."""
-        step = 1 / self._weights.get(tenant_id, 1.0)
+        step = _step(self._weights.get(tenant_id, 1.0))
         start = self._clock(tenant_id)
         tags = [start + n * step for n in range(claimed)]
         if claimed:

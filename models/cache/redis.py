@@ -39,7 +39,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from models.cache.entry import CACHED_COMPLETION_CODEC, CachedCompletion, ValueCodec
-from models.cache.errors import CacheBackendError
+from models.cache.errors import CacheBackendError, CacheEntryError
 
 __all__ = ["RedisStore"]
 
@@ -86,6 +86,8 @@ _TIMEOUT_ERRORS = (redis.exceptions.TimeoutError, TimeoutError)
 _OUTAGE_ERRORS = (redis.exceptions.ConnectionError, OSError)
 DEFAULT_TIMEOUT_SECONDS = 5.0
 """Per connect and per reply. Generous: a reply this late is a loaded Redis, which is waited for."""
+# Answers a batched get whose MGET failed to parse: read the key again by itself.
+_READ_ALONE = object()
 MAX_KEYS_PER_READ = 256
 """The most ``get``s one ``MGET`` answers (a reply of a few hundred entries of a few KB each)."""
 
@@ -234,10 +236,15 @@ class RedisStore(Generic[T]):
         return self._codec.decode(data.encode("utf-8") if isinstance(data, str) else bytes(data))
 
     async def get(self, key: str) -> T | None:
-        if self._batch_reads:
-            data = await self._read(self.entry_key(key))
-        else:
-            data = await self._execute("get", "GET", self.entry_key(key))
+        try:
+            if self._batch_reads:
+                data = await self._read(self.entry_key(key))
+            else:
+                data = await self._execute("get", "GET", self.entry_key(key))
+        except UnicodeDecodeError as e:
+            # A client that decodes its replies (decode_responses=True) met an entry of no UTF-8:
+            # the entry is unreadable, as one the codec cannot parse (a miss, not an outage).
+            raise CacheEntryError(f"the entry of {key!r} is not UTF-8 text: {e}") from e
         return None if data is None else self._decoded(data)
 
     async def _read(self, redis_key: str) -> Any:
@@ -266,7 +273,10 @@ class RedisStore(Generic[T]):
             self._reads_in_flight.add(reading)
             reading.add_done_callback(self._reads_in_flight.discard)
         try:
-            return await waiter
+            value = await waiter
+            if value is _READ_ALONE:
+                return await self._execute("get", "GET", redis_key)
+            return value
         except asyncio.CancelledError:
             # Cancelled just after the answer came: retrieve it so that asyncio does not report
             # an error nobody read.
@@ -290,6 +300,17 @@ class RedisStore(Generic[T]):
                     error = self._error("get", e)
                     error.__cause__ = e
                     waiter.set_exception(error)
+            return
+        except Exception as e:
+            # Not the backend: its reply would not parse (a client that decodes replies, and an
+            # entry of no UTF-8). Whose entry is to blame is unknown, so each get reads its key
+            # again alone and the bad one fails only its own, not every lookup of its turn.
+            for waiter in pending.waiters:
+                if not waiter.done():
+                    if len(pending.waiters) == 1:
+                        waiter.set_exception(e)
+                    else:
+                        waiter.set_result(_READ_ALONE)
             return
         except BaseException:
             for waiter in pending.waiters:

@@ -96,7 +96,8 @@ def tenants_set(
             "--weight",
             help=(
                 "its share of the workers while several tenants' work waits: weight 2 is served twice "
-                f"as fast as weight 1 (default 1; above 0, at most {store.MAX_TENANT_WEIGHT:g})"
+                f"as fast as weight 1 (default 1; from {store.MIN_TENANT_WEIGHT:g} to "
+                f"{store.MAX_TENANT_WEIGHT:g})"
             ),
         ),
     ] = None,

@@ -247,6 +247,7 @@ if TYPE_CHECKING:
     )
     from store.tenants import (
         MAX_TENANT_WEIGHT,
+        MIN_TENANT_WEIGHT,
         WEBHOOK_SECRET_PREFIX,
         authenticate_api_key,
         create_api_key,
@@ -399,6 +400,7 @@ else:
         "create_tenant": "store.tenants",
         "get_tenant": "store.tenants",
         "MAX_TENANT_WEIGHT": "store.tenants",
+        "MIN_TENANT_WEIGHT": "store.tenants",
         "set_tenant_weight": "store.tenants",
         "tenant_weight": "store.tenants",
         "new_webhook_secret": "store.tenants",
@@ -425,6 +427,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "MAX_STORED_ERRORS",
     "MAX_TENANT_WEIGHT",
+    "MIN_TENANT_WEIGHT",
     "REQUEST_KINDS",
     "STOPPED_BATCH_STATUSES",
     "WEBHOOK_SECRET_PREFIX",

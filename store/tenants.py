@@ -20,6 +20,7 @@ from store.tables import ApiKey, Tenant
 __all__ = [
     "API_KEY_PREFIX",
     "MAX_TENANT_WEIGHT",
+    "MIN_TENANT_WEIGHT",
     "WEBHOOK_SECRET_PREFIX",
     "authenticate_api_key",
     "create_api_key",
@@ -86,16 +87,21 @@ def webhook_secret(engine: Engine, tenant_id: str, *, rotate: bool = False) -> s
 # Bounded so that no share rounds to nothing next to another: 1,000 to 1 is already a tenant that
 # waits while the other has work.
 MAX_TENANT_WEIGHT = 1000.0
+# Shares go by 1 / weight: a far smaller weight pushes the schedulers' clocks to where every other
+# tenant's step rounds to nothing (workers.fair_share steps by at most 1 / this, for rows older
+# than the check).
+MIN_TENANT_WEIGHT = 0.001
 
 
 def set_tenant_weight(engine: Engine, tenant_id: str, weight: float) -> None:
     """Set the tenant's share of the workers (``workers.fair_share``): a tenant of weight 2 gets
     twice the requests started of a tenant of weight 1 while both have work waiting. Raises
-    ``InvalidArgument`` (code ``invalid_weight``) unless 0 < weight <= ``MAX_TENANT_WEIGHT``, and
-    ``NotFound`` for an unknown tenant."""
-    if not (math.isfinite(weight) and 0 < weight <= MAX_TENANT_WEIGHT):
+    ``InvalidArgument`` (code ``invalid_weight``) unless ``MIN_TENANT_WEIGHT`` <= weight <=
+    ``MAX_TENANT_WEIGHT``, and ``NotFound`` for an unknown tenant."""
+    if not (math.isfinite(weight) and MIN_TENANT_WEIGHT <= weight <= MAX_TENANT_WEIGHT):
         raise InvalidArgument(
-            f"a tenant's weight is a number above 0 and at most {MAX_TENANT_WEIGHT:g}, not {weight!r}",
+            f"a tenant's weight is a number from {MIN_TENANT_WEIGHT:g} to {MAX_TENANT_WEIGHT:g}, "
+            f"not {weight!r}",
             "weight",
             code="invalid_weight",
         )

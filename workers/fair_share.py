@@ -23,15 +23,16 @@ import heapq
 import itertools
 from collections.abc import Mapping
 
+from store.tenants import MIN_TENANT_WEIGHT
+
 __all__ = ["MIN_STEP_WEIGHT", "FairGate", "FairShare"]
 
-# The least weight a clock steps by. The ledger takes any weight above 0 (``store.tenants``), but
-# a clock steps by ``1 / weight``: a weight of 1e-300 steps the service's virtual time to 1e300
-# (5e-324, to infinity), where every other tenant's step rounds to nothing, and every clock then
-# compares equal for the process's life (the order falls back to tenant ids, whatever the
-# weights). At 1 / 1000 of weight 1 (the ratio ``MAX_TENANT_WEIGHT`` already allows the other
-# way), the time stays where the steps of weight 1000 still count for billions of requests.
-MIN_STEP_WEIGHT = 0.001
+# The least weight a clock steps by: the ledger's least (``store.tenants``), also for rows written
+# before it was checked. A clock steps by ``1 / weight``: a weight of 1e-300 stepped the service's
+# virtual time to 1e300 (5e-324, to infinity), where every other tenant's step rounds to nothing,
+# and every clock then compared equal for the process's life (the order fell back to tenant ids,
+# whatever the weights).
+MIN_STEP_WEIGHT = MIN_TENANT_WEIGHT
 
 
 def _step(weight: float) -> float:

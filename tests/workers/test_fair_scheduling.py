@@ -221,7 +221,7 @@ async def test_the_gate_lets_the_lowest_tag_in_first_and_skips_a_cancelled_waite
 
 def test_a_weight_out_of_range_is_refused_by_name(make_ledger: MakeLedger, postgres_url: str) -> None:
     led = make_ledger(postgres_url)
-    for weight in (0.0, -1.0, float("nan"), float("inf"), 1001.0):
+    for weight in (0.0, -1.0, 1e-300, 0.000_999, float("nan"), float("inf"), 1001.0):
         with pytest.raises(store.InvalidArgument) as refused:
             store.set_tenant_weight(led.engine, led.tenant_id, weight)
         assert refused.value.code == "invalid_weight"

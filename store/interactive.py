@@ -21,7 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from store.engine import write_transaction
+from store.engine import flush_with_next_durable_commit, write_transaction
 from store.errors import InvalidArgument
 from store.ids import new_id, now_seconds
 from store.quotas import enforce_tenant_quotas, estimate_prompt_tokens
@@ -77,6 +77,11 @@ def submit_interactive(
     batch_id = new_id("batch_")
     request_id = request_id or new_id("batch_req_")
     with write_transaction(engine) as conn:
+        # Committed for every session to see before any message names it ("ledger first"), but
+        # not waited onto the disk: the caller hears of the call only through a durable commit
+        # after this one (its result's; a streamed call's claim, before its first chunk), which
+        # flushes this one too. A crash of PostgreSQL in between loses a call nobody was told of.
+        flush_with_next_durable_commit(conn)
         conn.execute(
             sa.insert(Batch),
             {

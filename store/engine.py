@@ -25,7 +25,7 @@ from store.log_redaction import install_log_redaction
 __all__ = [
     "IDLE_PING_SECONDS",
     "SQLITE_BUSY_TIMEOUT_MS",
-    "autocommit_read",
+    "autocommit_connection",
     "dialect_insert",
     "flush_with_next_durable_commit",
     "is_postgresql",
@@ -150,10 +150,11 @@ def flush_with_next_durable_commit(conn: Connection) -> None:
 
 
 @contextmanager
-def autocommit_read(engine: Engine) -> Iterator[Connection]:
-    """A connection for one read statement outside any transaction: no ``BEGIN`` before it and no
-    ``ROLLBACK`` after it, the round trips that would double the cost of a one-row lookup made on
-    every API request (the caller's key). Only for reads that need no snapshot across statements."""
+def autocommit_connection(engine: Engine) -> Iterator[Connection]:
+    """A connection on which each statement is a transaction of its own: no ``BEGIN`` before it
+    and no ``COMMIT`` / ``ROLLBACK`` after it, two round trips that would cost as much again as a
+    one-statement read or write (the API key look-up of every request; a claim). Only for work
+    that is one statement, or needs no snapshot or atomicity across its statements."""
     with engine.connect() as conn:
         yield conn.execution_options(isolation_level="AUTOCOMMIT")
 

@@ -16,7 +16,7 @@ import store
 from store.interactive import submit_interactive
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-NO_FLUSH_WAIT = "SET LOCAL synchronous_commit TO OFF"
+NO_FLUSH_WAIT = "set_config('synchronous_commit', 'off', true)"
 
 
 @pytest.fixture
@@ -50,10 +50,14 @@ def test_a_single_calls_row_and_plain_claim_do_not_wait_for_the_disk_its_result_
     tenant = store.create_tenant(pg_engine, "acme")
     statements = Statements(pg_engine)
     submitted = submit_interactive(pg_engine, tenant.id, dict(CHAT), endpoint="/v1/chat/completions")
-    assert statements.take()[0] == NO_FLUSH_WAIT
+    # Both rows, the commit told not to wait, and the tenant's quotas read: one statement.
+    (submit,) = statements.take()
+    assert NO_FLUSH_WAIT in submit
     claimed = store.claim_requests(pg_engine, [submitted.request_id], "lane", 60, durable=False)
     assert [request.id for request in claimed] == [submitted.request_id]
-    assert statements.take()[0] == NO_FLUSH_WAIT
+    # One statement, its own transaction, set from within not to wait.
+    (claim,) = statements.take()
+    assert NO_FLUSH_WAIT in claim
     # Visible to every session at once ("ledger first" is about what others see).
     with pg_engine.connect() as other:
         status = other.execute(

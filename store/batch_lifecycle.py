@@ -107,14 +107,25 @@ def finalize_batches(conn: Connection, batch_ids: Sequence[str], now: int) -> li
     if not batch_ids:
         return []
     ids = sorted(set(batch_ids))
-    finalizing = move_batches(conn, _S.FINALIZING, now, Batch.id.in_(ids), _all_finished())
-    completed: list[tuple[str, str]] = []
-    if finalizing:  # most calls (a window of results mid-batch) end none: no UPDATE of nothing
-        attach_result_files(conn, finalizing, now)
-        completed = move_batches(
-            conn, _S.COMPLETED, now, Batch.id.in_([batch_id for batch_id, _ in finalizing])
-        )
-    cancelled = move_batches(conn, _S.CANCELLED, now, Batch.id.in_(ids), _all_finished())
+    # On the path of every single call's result: the statement that moves a batch to finalizing
+    # says whether it is hidden (no files to attach, no look-up for it), and a batch that moved
+    # was in progress, not cancelling (no cancel to look for when every batch moved).
+    rows = conn.execute(
+        sa.update(Batch)
+        .where(Batch.status.in_(_sources(_S.FINALIZING)), Batch.id.in_(ids), _all_finished())
+        .values({_ENTERED_AT[_S.FINALIZING]: now, "status": _S.FINALIZING})
+        .returning(Batch.id, Batch.tenant_id, Batch.hidden)
+    ).all()
+    finalizing = sorted((row.id, row.tenant_id) for row in rows)
+    _insert_result_files(conn, sorted((row.id, row.tenant_id) for row in rows if not row.hidden), now)
+    completed = (
+        move_batches(conn, _S.COMPLETED, now, Batch.id.in_([batch_id for batch_id, _ in finalizing]))
+        if finalizing
+        else []
+    )
+    moved = {row.id for row in rows}
+    rest = [batch_id for batch_id in ids if batch_id not in moved]
+    cancelled = move_batches(conn, _S.CANCELLED, now, Batch.id.in_(rest), _all_finished()) if rest else []
     attach_result_files(conn, cancelled, now)
     return [batch_id for batch_id, _ in [*completed, *cancelled]]
 
@@ -140,7 +151,13 @@ def attach_result_files(conn: Connection, batches: Sequence[tuple[str, str]], no
             sa.select(Batch.id).where(Batch.id.in_([batch_id for batch_id, _ in batches]), Batch.hidden)
         ).scalars()
     )
-    batches = [(batch_id, tenant_id) for batch_id, tenant_id in batches if batch_id not in hidden]
+    _insert_result_files(
+        conn, [(batch_id, tenant_id) for batch_id, tenant_id in batches if batch_id not in hidden], now
+    )
+
+
+def _insert_result_files(conn: Connection, batches: Sequence[tuple[str, str]], now: int) -> None:
+    """The output / error file rows of batches known not to be hidden."""
     if not batches:
         return
     files = []

@@ -10,6 +10,7 @@ Fork safety: pooled connections must not cross a fork. In a Celery prefork child
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,8 +23,11 @@ from sqlalchemy.engine import Connection, Engine
 from store.log_redaction import install_log_redaction
 
 __all__ = [
+    "IDLE_PING_SECONDS",
     "SQLITE_BUSY_TIMEOUT_MS",
+    "autocommit_connection",
     "dialect_insert",
+    "flush_with_next_durable_commit",
     "is_postgresql",
     "make_engine",
     "normalize_url",
@@ -32,6 +36,9 @@ __all__ = [
 
 # Long enough to wait out a large ingest chunk or another process's result batch.
 SQLITE_BUSY_TIMEOUT_MS = 60_000
+# A pooled PostgreSQL connection idle this long is pinged before use (``make_engine``).
+IDLE_PING_SECONDS = 1.0
+_CHECKED_IN_AT = "tokenmill_checked_in_at"
 _WRITE_OPTION = "tokenmill_write"
 
 
@@ -55,8 +62,10 @@ def dialect_insert(conn: Connection, table: Any) -> postgresql.Insert | sqlite.I
     return postgresql.insert(table) if is_postgresql(conn) else sqlite.insert(table)
 
 
-def make_engine(url: str | sa.URL, **kwargs: Any) -> Engine:
-    """An engine for ``url``; extra keyword arguments go to ``sqlalchemy.create_engine``.
+def make_engine(url: str | sa.URL, *, idle_ping_seconds: float = IDLE_PING_SECONDS, **kwargs: Any) -> Engine:
+    """An engine for ``url``; extra keyword arguments go to ``sqlalchemy.create_engine``. A pooled
+    PostgreSQL connection is pinged before use once idle ``idle_ping_seconds`` (unless
+    ``pool_pre_ping=True`` pings it at every checkout).
 
     Statement parameters (prompts, among others) are kept out of error messages, and every log
     record of the process is cleaned of database errors' quoted data (``store.log_redaction``):
@@ -69,8 +78,42 @@ def make_engine(url: str | sa.URL, **kwargs: Any) -> Engine:
         engine = sa.create_engine(parsed, connect_args=connect_args, **kwargs)
         _configure_sqlite(engine)
         return engine
-    kwargs.setdefault("pool_pre_ping", True)
-    return sa.create_engine(parsed, **kwargs)
+    ping_every_checkout = kwargs.pop("pool_pre_ping", False)
+    engine = sa.create_engine(parsed, pool_pre_ping=ping_every_checkout, **kwargs)
+    if not ping_every_checkout:
+        _ping_connections_idle_since(engine, idle_ping_seconds)
+    return engine
+
+
+def _ping_connections_idle_since(engine: Engine, seconds: float) -> None:
+    """Ping a pooled connection before use only when it sat idle ``seconds`` or more.
+
+    A ping on every checkout is one more round trip per transaction, a third of a one-statement
+    read's (the ping, the statement, the rollback). A connection handed back a moment ago is alive
+    but for a server restart or a killed backend within that moment: then the statement fails,
+    SQLAlchemy sees the disconnect and renews the whole pool, and the caller's retry (the next
+    request, the sweeper) finds fresh connections. A connection idle longer is pinged, and
+    replaced if dead, before anything runs on it."""
+
+    @event.listens_for(engine, "checkin")
+    def _on_checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info[_CHECKED_IN_AT] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        checked_in_at = record.info.get(_CHECKED_IN_AT)
+        if checked_in_at is None or time.monotonic() - checked_in_at < seconds:
+            return  # new (just connected), or used a moment ago
+        dbapi_error: type[Exception] = engine.dialect.loaded_dbapi.Error
+        try:
+            alive = engine.dialect.do_ping(dbapi_connection)
+        except dbapi_error as error:
+            if not engine.dialect.is_disconnect(error, dbapi_connection, None):  # type: ignore[arg-type]
+                raise
+            alive = False
+        if not alive:
+            # The pool discards this connection and checks out (or opens) another.
+            raise sa.exc.DisconnectionError("a pooled connection idle since its last use is gone")
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -90,6 +133,30 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_begin(conn: Connection) -> None:
         immediate = conn.get_execution_options().get(_WRITE_OPTION, False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def flush_with_next_durable_commit(conn: Connection) -> None:
+    """Let the transaction open on ``conn`` commit without waiting for its WAL to reach the disk
+    (PostgreSQL's ``synchronous_commit = off`` for this transaction only; SQLite: nothing).
+
+    Its rows are visible to every other session at once; only a crash of PostgreSQL itself (not
+    of our processes) in the next few hundred milliseconds can take it back. The next durable
+    commit of any session flushes the WAL up to its own record, this one's included: a write
+    whose loss could only be seen after a later durable commit (a single call's row and claim,
+    whose caller hears of them only through the durable commit of the result) saves a disk flush
+    without ever telling anyone of a row that a crash could take back."""
+    if is_postgresql(conn):
+        conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+
+
+@contextmanager
+def autocommit_connection(engine: Engine) -> Iterator[Connection]:
+    """A connection on which each statement is a transaction of its own: no ``BEGIN`` before it
+    and no ``COMMIT`` / ``ROLLBACK`` after it, two round trips that would cost as much again as a
+    one-statement read or write (the API key look-up of every request; a claim). Only for work
+    that is one statement, or needs no snapshot or atomicity across its statements."""
+    with engine.connect() as conn:
+        yield conn.execution_options(isolation_level="AUTOCOMMIT")
 
 
 @contextmanager

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
-from store.engine import write_transaction
+from store.engine import flush_with_next_durable_commit, is_postgresql, write_transaction
 from store.errors import InvalidArgument
 from store.ids import new_id, now_seconds
 from store.quotas import enforce_tenant_quotas, estimate_prompt_tokens
 from store.request_kinds import REQUEST_KINDS, BadLine
-from store.tables import Batch, BatchStatus, Request, RequestStatus, Result
+from store.tables import Batch, BatchStatus, Request, RequestStatus, Result, Tenant
 
 __all__ = [
     "INTERACTIVE_PRIORITY",
@@ -76,52 +76,95 @@ def submit_interactive(
     prompt_tokens = estimate_prompt_tokens(json.dumps(body, separators=(",", ":"), ensure_ascii=False))
     batch_id = new_id("batch_")
     request_id = request_id or new_id("batch_req_")
+    batch_row = {
+        "id": batch_id,
+        "tenant_id": tenant_id,
+        "endpoint": endpoint,
+        "kind": kind_spec.kind,
+        "completion_window": "24h",
+        "status": BatchStatus.IN_PROGRESS,
+        "metadata": dict(metadata) if metadata else None,
+        "priority": INTERACTIVE_PRIORITY,
+        "hidden": True,
+        "total_count": 1,
+        "prompt_tokens_estimate": prompt_tokens,
+        "completed_count": 0,
+        "failed_count": 0,
+        "cancelled_count": 0,
+        "created_at": now,
+        "in_progress_at": now,
+        "expires_at": now + _WINDOW_SECONDS,
+    }
+    request_row = {
+        "id": request_id,
+        "batch_id": batch_id,
+        "tenant_id": tenant_id,
+        "custom_id": "request",
+        "line_number": 1,
+        "kind": kind_spec.kind,
+        "body": body,
+        "status": RequestStatus.QUEUED,
+        "priority": INTERACTIVE_PRIORITY,
+        "attempts": 0,
+        "dispatch_id": dispatch_id,
+        "dispatched_at": now if dispatch_id is not None else None,
+        "created_at": now,
+    }
     with write_transaction(engine) as conn:
-        conn.execute(
-            sa.insert(Batch),
-            {
-                "id": batch_id,
-                "tenant_id": tenant_id,
-                "endpoint": endpoint,
-                "kind": kind_spec.kind,
-                "completion_window": "24h",
-                "status": BatchStatus.IN_PROGRESS,
-                "metadata": dict(metadata) if metadata else None,
-                "priority": INTERACTIVE_PRIORITY,
-                "hidden": True,
-                "total_count": 1,
-                "prompt_tokens_estimate": prompt_tokens,
-                "completed_count": 0,
-                "failed_count": 0,
-                "cancelled_count": 0,
-                "created_at": now,
-                "in_progress_at": now,
-                "expires_at": now + _WINDOW_SECONDS,
-            },
-        )
-        conn.execute(
-            sa.insert(Request),
-            {
-                "id": request_id,
-                "batch_id": batch_id,
-                "tenant_id": tenant_id,
-                "custom_id": "request",
-                "line_number": 1,
-                "kind": kind_spec.kind,
-                "body": body,
-                "status": RequestStatus.QUEUED,
-                "priority": INTERACTIVE_PRIORITY,
-                "attempts": 0,
-                "dispatch_id": dispatch_id,
-                "dispatched_at": now if dispatch_id is not None else None,
-                "created_at": now,
-            },
-        )
-        # Over a quota: raises QuotaExceeded and the two rows roll back (nothing queued).
-        enforce_tenant_quotas(
-            conn, tenant_id, new_requests=1, new_tokens=prompt_tokens, exclude_batch_id=batch_id, now=now
-        )
+        # Committed for every session to see before any message names it ("ledger first"), but
+        # not waited onto the disk: the caller hears of the call only through a durable commit
+        # after this one (its result's; a streamed call's claim, before its first chunk), which
+        # flushes this one too. A crash of PostgreSQL in between loses a call nobody was told of.
+        if is_postgresql(conn):
+            quotas_set = _insert_in_one_statement(conn, tenant_id, batch_row, request_row)
+        else:
+            flush_with_next_durable_commit(conn)
+            conn.execute(sa.insert(Batch), batch_row)
+            conn.execute(sa.insert(Request), request_row)
+            quotas_set = True  # enforce_tenant_quotas reads them
+        if quotas_set:
+            # Over a quota: raises QuotaExceeded and the two rows roll back (nothing queued).
+            enforce_tenant_quotas(
+                conn, tenant_id, new_requests=1, new_tokens=prompt_tokens, exclude_batch_id=batch_id, now=now
+            )
     return InteractiveRequest(request_id, batch_id)
+
+
+def _with_defaults(table: Any, row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with the columns' Python-side scalar defaults filled in: an INSERT inside a WITH
+    is rendered with their parameters but given no values for them."""
+    filled = dict(row)
+    for column in table.__table__.columns:
+        default = column.default
+        if column.key not in filled and default is not None and default.is_scalar:
+            filled[column.key] = default.arg
+    return filled
+
+
+def _insert_in_one_statement(
+    conn: Connection, tenant_id: str, batch_row: dict[str, Any], request_row: dict[str, Any]
+) -> bool:
+    """PostgreSQL: both rows, the commit told not to wait for the disk, and whether the tenant has
+    a quota to enforce, in one round trip (the request row's foreign key to its batch is checked
+    at the end of the statement, once both are in). A tenant with no quota takes no lock."""
+    new_batch = sa.insert(Batch).values(_with_defaults(Batch, batch_row)).returning(Batch.id)
+    new_request = sa.insert(Request).values(_with_defaults(Request, request_row)).returning(Request.id)
+    no_flush_wait = sa.func.set_config(
+        sa.literal_column("'synchronous_commit'"), sa.literal_column("'off'"), sa.true()
+    )
+    quota_set = sa.or_(
+        Tenant.max_queued_requests.is_not(None),
+        Tenant.max_queued_tokens.is_not(None),
+        Tenant.daily_budget_usd.is_not(None),
+    )
+    query = (
+        sa.select(quota_set.label("quota_set"), no_flush_wait.label("no_flush_wait"))
+        .where(Tenant.id == tenant_id)
+        .add_cte(new_batch.cte("new_batch"))
+        .add_cte(new_request.cte("new_request"))
+    )
+    row = conn.execute(query).one()
+    return bool(row.quota_set)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,12 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 
 from store.batches import end_requeued_of_stopped_batches
-from store.engine import is_postgresql, write_transaction
+from store.engine import (
+    autocommit_connection,
+    flush_with_next_durable_commit,
+    is_postgresql,
+    write_transaction,
+)
 from store.ids import now_seconds
 from store.tables import Batch, BatchStatus, Request, RequestKind, RequestStatus, Tenant, status_is
 
@@ -124,16 +129,27 @@ def mark_dispatched(
 
 
 def claim_requests(
-    engine: Engine, request_ids: Sequence[str], owner: str, lease_seconds: int, now: int | None = None
+    engine: Engine,
+    request_ids: Sequence[str],
+    owner: str,
+    lease_seconds: int,
+    now: int | None = None,
+    *,
+    durable: bool = True,
 ) -> list[ClaimedRequest]:
     """Lease those of ``request_ids`` that are claimable (queued and past ``not_before``, or running
     under an expired lease) to ``owner``; the rest (finished, cancelled, leased by a live worker)
-    are left out. Status becomes running and ``attempts`` goes up by one."""
+    are left out. Status becomes running and ``attempts`` goes up by one.
+
+    ``durable=False`` commits without waiting for the disk (``flush_with_next_durable_commit``):
+    for a claim whose effects nobody hears of before a later durable commit (a single call
+    answered only once its result is committed). A claim a crash of PostgreSQL takes back leaves
+    the request queued, as if that worker had never taken it."""
     if not request_ids:
         return []
     now = now if now is not None else now_seconds()
     candidates = sa.select(Request.id).where(Request.id.in_(request_ids), _claimable(now))
-    return _lease(engine, candidates, owner, now + lease_seconds, now)
+    return _lease(engine, candidates, owner, now + lease_seconds, now, durable=durable)
 
 
 def claim_queued(
@@ -238,15 +254,36 @@ def claim_in_order(
 
 
 def _lease(
-    engine: Engine, candidates: sa.Select[Any], owner: str, expires: int, now: int
+    engine: Engine, candidates: sa.Select[Any], owner: str, expires: int, now: int, *, durable: bool = True
 ) -> list[ClaimedRequest]:
+    if is_postgresql(engine):
+        # One statement there: a transaction of its own, without BEGIN / COMMIT round trips.
+        with autocommit_connection(engine) as conn:
+            return _lease_in(conn, candidates, owner, expires, now, durable=durable)
     with write_transaction(engine) as conn:
+        if not durable:
+            flush_with_next_durable_commit(conn)
         return _lease_in(conn, candidates, owner, expires, now)
 
 
 def _lease_in(
-    conn: sa.Connection, candidates: sa.Select[Any], owner: str, expires: int, now: int
+    conn: sa.Connection,
+    candidates: sa.Select[Any],
+    owner: str,
+    expires: int,
+    now: int,
+    *,
+    durable: bool = True,
 ) -> list[ClaimedRequest]:
+    """One statement on PostgreSQL. ``durable=False`` (PostgreSQL) sets the statement's own
+    transaction to commit without waiting for the disk (``flush_with_next_durable_commit``), from
+    within the statement: nothing to set when no row is claimed, and nothing to write then."""
+    no_flush_wait: list[sa.ColumnElement[Any]] = []
+    if not durable and is_postgresql(conn):
+        setting = sa.func.set_config(
+            sa.literal_column("'synchronous_commit'"), sa.literal_column("'off'"), sa.true()
+        )
+        no_flush_wait = [setting.label("no_flush_wait")]
     if is_postgresql(conn):
         # Rows another claimer holds are skipped, not waited for. A materialized CTE, because
         # PostgreSQL may evaluate an IN (... LIMIT n FOR UPDATE SKIP LOCKED) subquery more than
@@ -309,6 +346,7 @@ def _lease_in(
             Request.handed_back_attempts,
             Request.retry_deadline,
             previous.label("previous_status"),
+            *no_flush_wait,
         )
     ).all()
     rows = sorted(rows, key=lambda row: row.line_number)

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from store.engine import write_transaction
+from store.engine import autocommit_connection, write_transaction
 from store.errors import InvalidArgument, NotFound
 from store.ids import new_id, now_seconds
 from store.tables import ApiKey, Tenant
@@ -150,7 +150,8 @@ def authenticate_api_key(engine: Engine, key: str) -> Tenant | None:
         .join(ApiKey, ApiKey.tenant_id == Tenant.id)
         .where(ApiKey.key_hash == _hash_key(key), ApiKey.revoked_at.is_(None))
     )
-    with Session(engine, expire_on_commit=False) as session:
+    # On every API request: one statement, no transaction around it.
+    with autocommit_connection(engine) as conn, Session(conn, expire_on_commit=False) as session:
         return session.scalars(query).first()
 
 

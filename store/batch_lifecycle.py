@@ -34,6 +34,7 @@ __all__ = [
     "ALLOWED_TRANSITIONS",
     "ENDED_STATUSES",
     "STOPPED_BATCH_STATUSES",
+    "all_finished",
     "attach_result_files",
     "batch_file_ids",
     "batch_object",
@@ -96,7 +97,8 @@ def move_batches(
     return sorted((row.id, row.tenant_id) for row in moved)
 
 
-def _all_finished() -> sa.ColumnElement[bool]:
+def all_finished() -> sa.ColumnElement[bool]:
+    """A batch's condition: every one of its requests has finished."""
     return Batch.completed_count + Batch.failed_count + Batch.cancelled_count >= Batch.total_count
 
 
@@ -112,7 +114,7 @@ def finalize_batches(conn: Connection, batch_ids: Sequence[str], now: int) -> li
     # was in progress, not cancelling (no cancel to look for when every batch moved).
     rows = conn.execute(
         sa.update(Batch)
-        .where(Batch.status.in_(_sources(_S.FINALIZING)), Batch.id.in_(ids), _all_finished())
+        .where(Batch.status.in_(_sources(_S.FINALIZING)), Batch.id.in_(ids), all_finished())
         .values({_ENTERED_AT[_S.FINALIZING]: now, "status": _S.FINALIZING})
         .returning(Batch.id, Batch.tenant_id, Batch.hidden)
     ).all()
@@ -125,7 +127,7 @@ def finalize_batches(conn: Connection, batch_ids: Sequence[str], now: int) -> li
     )
     moved = {row.id for row in rows}
     rest = [batch_id for batch_id in ids if batch_id not in moved]
-    cancelled = move_batches(conn, _S.CANCELLED, now, Batch.id.in_(rest), _all_finished()) if rest else []
+    cancelled = move_batches(conn, _S.CANCELLED, now, Batch.id.in_(rest), all_finished()) if rest else []
     attach_result_files(conn, cancelled, now)
     return [batch_id for batch_id, _ in [*completed, *cancelled]]
 

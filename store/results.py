@@ -31,7 +31,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.engine import Connection, Engine
 
 from models.types import RequestUsage
-from store.batch_lifecycle import finalize_batches
+from store.batch_lifecycle import all_finished, finalize_batches
 from store.engine import dialect_insert, is_postgresql, write_transaction
 from store.ids import now_seconds
 from store.prices import cost_usd, price_for
@@ -243,8 +243,9 @@ def record_results(engine: Engine, records: Sequence[ResultRecord], now: int | N
                 per_batch.setdefault(batch_id, _BatchTotals()).add_result(status, row)
                 spend.append((row["tenant_id"], now, row["cost_usd"]))
         # The batches' rows last, as before: requests are locked before their batch.
-        _add_to_batches(conn, per_batch)
-        done = _all_done(conn, {batch_id for _, batch_id, _ in inserted_rows})
+        finished = _add_to_batches(conn, per_batch)
+        # Only a batch that gained results can have just finished (a discarded answer ends nothing).
+        done = sorted(finished & {batch_id for _, batch_id, _ in inserted_rows})
         finalized = finalize_batches(conn, done, now)
         # Last: the tenant's day row is held from here to the commit only (store.quotas).
         add_daily_spend(conn, spend)
@@ -428,33 +429,32 @@ def _keep_discarded_spend(
     return sorted({request_id for request_id, _ in written})
 
 
-def _all_done(conn: Connection, batch_ids: set[str]) -> list[str]:
-    """Those of ``batch_ids`` with every request finished, by id: the only ones to finalize. One
-    read, where finalizing asked with two UPDATEs (to finalizing, to cancelled) that move nothing
-    in all but a batch's last write. Called after ``_add_to_batches``, whose UPDATE holds these
-    rows' locks: the counts read are the latest."""
-    if not batch_ids:
-        return []
-    finished = Batch.completed_count + Batch.failed_count + Batch.cancelled_count >= Batch.total_count
-    query = sa.select(Batch.id).where(Batch.id.in_(sorted(batch_ids)), finished).order_by(Batch.id)
-    return list(conn.execute(query).scalars())
-
-
-def _add_to_batches(conn: Connection, per_batch: dict[str, _BatchTotals]) -> None:
+def _add_to_batches(conn: Connection, per_batch: dict[str, _BatchTotals]) -> set[str]:
     """Raise the batches' request counts and billed counters, in id order (no deadlock between
-    writers)."""
+    writers), and return those of them with every request finished: the only ones to finalize.
+    One batch (a single call's, or a window from one batch) says so in its UPDATE's RETURNING;
+    several take one read after, under the locks the UPDATE holds, so the counts are the latest."""
     if not per_batch:
-        return
-    conn.execute(
+        return set()
+    increments = (
         sa.update(Batch)
         .where(Batch.id == sa.bindparam("b_id"))
         .values(
             completed_count=Batch.completed_count + sa.bindparam("b_completed"),
             failed_count=Batch.failed_count + sa.bindparam("b_failed"),
             **_BILLED_INCREMENTS,
-        ),
+        )
+    )
+    if len(per_batch) == 1:
+        [(batch_id, totals)] = per_batch.items()
+        statement = increments.returning(all_finished())
+        return {batch_id} if conn.execute(statement, totals.parameters(batch_id)).scalar_one() else set()
+    conn.execute(
+        increments,
         [totals.parameters(batch_id) for batch_id, totals in sorted(per_batch.items())],
     )
+    query = sa.select(Batch.id).where(Batch.id.in_(sorted(per_batch)), all_finished())
+    return set(conn.execute(query).scalars())
 
 
 _BILLED_COLUMNS = (

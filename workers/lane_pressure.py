@@ -18,11 +18,12 @@ import logging
 import time
 from typing import Any
 
+import redis
 from redis.exceptions import RedisError
 
 from workers.constants import lane_busy_key
 
-__all__ = ["LANE_BUSY_MS", "LaneBusy"]
+__all__ = ["LANE_BUSY_MS", "READ_TIMEOUT_SECONDS", "LaneBusy"]
 
 _logger = logging.getLogger(__name__)
 
@@ -31,12 +32,21 @@ _logger = logging.getLogger(__name__)
 LANE_BUSY_MS = 2000
 # How often a process reads the mark: a chunk's refill asks every poll (50 ms).
 _READ_EVERY_SECONDS = 0.1
+# The longest one read may hold the chunk's event loop, and how long a failed read is not retried.
+READ_TIMEOUT_SECONDS = 0.25
+_RETRY_AFTER_FAILURE_SECONDS = 5.0
 
 
 class LaneBusy:
-    """Whether single calls were sent lately, read from ``client`` (a sync Redis client of the
-    broker) at most every ``_READ_EVERY_SECONDS``; a broker out of reach reads as not busy. While
-    busy, a chunk's window is cut to ``batch_share`` of itself."""
+    """Whether single calls were sent lately, read from the broker at most every
+    ``_READ_EVERY_SECONDS``; a broker out of reach reads as not busy. While busy, a chunk's window
+    is cut to ``batch_share`` of itself.
+
+    The read is a synchronous command on the chunk's event loop (one small reply, every 100 ms at
+    most), so its client is its own, with short socket timeouts: a broker that accepts and never
+    answers blocks the loop for ``READ_TIMEOUT_SECONDS`` once, then is not asked again for
+    ``_RETRY_AFTER_FAILURE_SECONDS``, instead of freezing every upstream call of the chunk while
+    its leases, kept by another thread, stay alive."""
 
     def __init__(self, client: Any, key_prefix: str, batch_share: float) -> None:
         self.client = client
@@ -44,16 +54,25 @@ class LaneBusy:
         self._key = lane_busy_key(key_prefix)
         self._busy = False
         self._read_at = -_READ_EVERY_SECONDS
+        self._next_read_at = 0.0
+
+    @classmethod
+    def from_url(cls, broker_url: str, key_prefix: str, batch_share: float) -> LaneBusy:
+        client = redis.Redis.from_url(
+            broker_url, socket_timeout=READ_TIMEOUT_SECONDS, socket_connect_timeout=READ_TIMEOUT_SECONDS
+        )
+        return cls(client, key_prefix, batch_share)
 
     def __call__(self) -> bool:
         now = time.monotonic()
-        if now - self._read_at >= _READ_EVERY_SECONDS:
-            self._read_at = now
+        if now >= self._next_read_at:
+            self._next_read_at = now + _READ_EVERY_SECONDS
             try:
                 self._busy = bool(self.client.exists(self._key))
             except (RedisError, OSError):
                 _logger.warning("could not read whether the lane is busy", exc_info=True)
                 self._busy = False
+                self._next_read_at = time.monotonic() + _RETRY_AFTER_FAILURE_SECONDS
         return self._busy
 
     def window(self, in_flight: int) -> int:

@@ -50,18 +50,21 @@ _fair_share = FairShare()
 
 
 _lane_busy_reader: LaneBusy | None = None
+_lane_busy_pid = 0
 
 
 def _lane_busy() -> LaneBusy | None:
     """This process's reader of the lane's busy mark (after a fork, a new one on the new client);
     None without a broker (embedded mode has no lane) or when batch work never gives way."""
-    global _lane_busy_reader
+    global _lane_busy_reader, _lane_busy_pid
     settings = context.settings()
     if settings.broker_url is None or settings.lane_busy_batch_share >= 1:
         return None
-    client = context.redis_client()
-    if _lane_busy_reader is None or _lane_busy_reader.client is not client:
-        _lane_busy_reader = LaneBusy(client, settings.key_prefix, settings.lane_busy_batch_share)
+    if _lane_busy_reader is None or _lane_busy_pid != os.getpid():
+        _lane_busy_reader = LaneBusy.from_url(
+            settings.broker_url, settings.key_prefix, settings.lane_busy_batch_share
+        )
+        _lane_busy_pid = os.getpid()
     return _lane_busy_reader
 
 

@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 
@@ -37,7 +38,7 @@ from tests.workers.support import Ledger, results_of, statuses
 from tests.workers.test_runner import make_pipeline
 from workers.constants import lane_busy_key
 from workers.fair_share import FairGate, FairShare
-from workers.lane_pressure import LANE_BUSY_MS, LaneBusy
+from workers.lane_pressure import LANE_BUSY_MS, READ_TIMEOUT_SECONDS, LaneBusy
 from workers.lane_transport import LaneMessage, LaneTransport
 from workers.runner import ChunkReport, ChunkRunner, RunnerConfig
 
@@ -348,3 +349,27 @@ def test_the_window_kept_while_the_lane_is_busy_is_the_operators_share(
         client.close()
     with pytest.raises(ValidationError, match="lane_busy_batch_share"):
         Settings(lane_busy_batch_share=0)
+
+
+def test_a_broker_that_never_answers_holds_a_chunks_loop_once_briefly() -> None:
+    """The busy mark is read on the chunk's event loop: against a broker that accepts and never
+    answers, the broker's own client (no socket timeout) blocked it for good while the lease
+    thread kept the chunk's leases alive. Now one read waits its short timeout, reads as not busy,
+    and the broker is left alone for a while."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    port = silent.getsockname()[1]
+    reader = LaneBusy.from_url(f"redis://127.0.0.1:{port}/0", "tmtest:silent:", batch_share=0.125)
+    try:
+        started = time.monotonic()
+        assert reader.window(64) == 64
+        first = time.monotonic() - started
+        started = time.monotonic()
+        assert [reader.window(64) for _ in range(20)] == [64] * 20  # not asked again meanwhile
+        again = time.monotonic() - started
+    finally:
+        reader.client.close()
+        silent.close()
+    assert first < 20 * READ_TIMEOUT_SECONDS  # bounded (connect, then one read), however loaded
+    assert again < READ_TIMEOUT_SECONDS

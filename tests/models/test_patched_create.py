@@ -7,6 +7,7 @@ with ``ProviderUnavailable`` (connection refused).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections.abc import AsyncGenerator, Iterator
@@ -33,6 +34,7 @@ from openai.types.completion_usage import CompletionUsage
 from models import (
     EVENT_LOGGER_NAME,
     AzureOpenAIChatCompletionClient,
+    CancellationToken,
     CreateResult,
     FunctionCall,
     LLMCall,
@@ -373,3 +375,40 @@ async def test_a_stub_stream_breaking_midway_is_interrupted(monkeypatch: pytest.
     with pytest.raises(StreamInterrupted):
         await anext(stream)
     await client.close()
+
+
+async def test_a_cancelled_stub_stream_stops_and_closes_the_stub(monkeypatch: pytest.MonkeyPatch) -> None:
+    closed: list[bool] = []
+
+    async def endless(*args: Any, **kwargs: Any) -> AsyncGenerator[ChatCompletionChunk, None]:
+        async def chunks() -> AsyncGenerator[ChatCompletionChunk, None]:
+            try:
+                while True:
+                    yield chunk(ChoiceDelta(content="more"))
+            finally:
+                closed.append(True)
+
+        return chunks()
+
+    monkeypatch.setattr(AsyncCompletions, "create", endless)
+    client = OpenAIChatCompletionClient(model="gpt-4o", api_key=KEY, base_url=unreachable_url())
+    token = CancellationToken()
+    stream = client.create_stream(HELLO, cancellation_token=token)
+    assert await anext(stream) == "more"
+    token.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await anext(stream)
+    await client.close()
+    assert closed == [True]
+
+
+async def test_create_cancelled_before_the_stub_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    stub = StubCreate(answer=completion(ChatCompletionMessage(content="late", role="assistant")))
+    patch_create(monkeypatch, stub)
+    client = OpenAIChatCompletionClient(model="gpt-4o", api_key=KEY, base_url=unreachable_url())
+    token = CancellationToken()
+    token.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await client.create(HELLO, cancellation_token=token)
+    await client.close()
+    assert stub.calls == []

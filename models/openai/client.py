@@ -16,11 +16,17 @@ async HTTP client must not cross loops; a worker process keeps one loop, but emb
 tests may use several), on its aiohttp transport (``DefaultAioHttpClient``) unless that
 ``http_client`` is given. Proxies from the environment (``HTTP_PROXY``, ``NO_PROXY``, ...) apply
 on both paths as with the SDK's default client.
+
+When ``AsyncCompletions.create`` is no longer the SDK's own function (a test suite written for
+AutoGen's clients stubbed it with ``monkeypatch.setattr``), both calls go through the SDK client's
+``chat.completions.create`` instead, so the stub answers: its ``ChatCompletion`` (or chunks) are
+read as the JSON the provider would have sent, its exceptions mapped as the SDK's are.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import time
@@ -35,6 +41,7 @@ import openai
 import orjson
 from openai import AsyncAzureOpenAI, AsyncOpenAI, AsyncStream, DefaultAioHttpClient
 from openai._base_client import make_request_options
+from openai.resources.chat.completions import AsyncCompletions
 from pydantic import BaseModel
 
 from models.base import ChatCompletionClient
@@ -82,6 +89,19 @@ _CHAT_PATH = "/chat/completions"
 _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (openai.OpenAIError, httpx2.HTTPError, httpx.HTTPError)
 _INFO = logging.INFO
 
+# The SDK's own ``AsyncCompletions.create``, as imported. Test suites written for AutoGen's clients
+# (and their users') stub the provider by replacing it on the class; when it is not this function
+# any more, calls go through the SDK client's ``chat.completions.create`` so the stub answers
+# instead of the network. One identity check per call when nothing is patched.
+_SDK_CREATE = AsyncCompletions.create
+_SDK_CREATE_PARAMETERS = frozenset(inspect.signature(_SDK_CREATE).parameters) - {
+    "self",
+    "extra_headers",
+    "extra_query",
+    "extra_body",
+    "timeout",
+}
+
 
 def _normalize_url(url: str) -> str:
     parts = urlsplit(url.strip())
@@ -98,6 +118,35 @@ def _json_ready(value: Any) -> Any:
     if isinstance(value, type) and issubclass(value, BaseModel):
         return as_response_format(value)
     return value
+
+
+def _sdk_create_kwargs(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The body as ``chat.completions.create`` keyword arguments: the parameters its signature
+    names, the rest (provider extensions) in ``extra_body``."""
+    kwargs: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in body.items():
+        (kwargs if key in _SDK_CREATE_PARAMETERS else extra)[key] = value
+    if extra:
+        kwargs["extra_body"] = extra
+    return kwargs
+
+
+def _as_dict(value: Any) -> Any:
+    """An SDK model (what a stub of ``AsyncCompletions.create`` returns) as the JSON dict the
+    provider would have sent; anything else as it is."""
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return value
+
+
+async def _close_stream(stream: Any) -> None:
+    if isinstance(stream, AsyncStream):
+        await stream.close()
+        return
+    aclose = getattr(stream, "aclose", None)  # a stub's async generator
+    if aclose is not None:
+        await aclose()
 
 
 async def _cancellable(awaitable: Awaitable[T], token: CancellationToken | None) -> T:
@@ -293,13 +342,26 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
         )
         return response.content, response.headers
 
+    async def _sdk_create(self, body: Mapping[str, Any]) -> Any:
+        """What ``chat.completions.create`` returns for this body: only called when
+        ``AsyncCompletions.create`` was replaced (a test's stub), which then answers."""
+        create: Callable[..., Any] = self._sdk().chat.completions.create
+        answer = create(**_sdk_create_kwargs(body))
+        if inspect.isawaitable(answer):  # stubs are coroutines, or return an async generator
+            answer = await answer
+        return answer
+
     async def _create_once(
         self, body: dict[str, Any], attempt: int, cancellation_token: CancellationToken | None
     ) -> CreateResult:
         started = time.perf_counter()
         try:
-            content, headers = await _cancellable(self._post(body), cancellation_token)
-            data = orjson.loads(content)
+            if AsyncCompletions.create is _SDK_CREATE:
+                content, headers = await _cancellable(self._post(body), cancellation_token)
+                data = orjson.loads(content)
+            else:
+                data = _as_dict(await _cancellable(self._sdk_create(body), cancellation_token))
+                headers = {}
             if not isinstance(data, dict):
                 raise ValueError("the body is not a JSON object")
         except ModelClientError as mapped:  # the own transport's, mapped already
@@ -396,24 +458,29 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
         started = time.perf_counter()
         if event_logger.isEnabledFor(_INFO):
             emit(LLMStreamStart(model=self._model, provider=self.provider, endpoint=self._endpoint))
+        stream: Any
+        request_id: str | None = None
         try:
-            stream = await _cancellable(
-                self._sdk().post(
-                    _CHAT_PATH,
-                    cast_to=object,
-                    body=body,
-                    options=self._options,
-                    stream=True,
-                    stream_cls=AsyncStream[object],
-                ),
-                cancellation_token,
-            )
+            if AsyncCompletions.create is _SDK_CREATE:
+                stream = await _cancellable(
+                    self._sdk().post(
+                        _CHAT_PATH,
+                        cast_to=object,
+                        body=body,
+                        options=self._options,
+                        stream=True,
+                        stream_cls=AsyncStream[object],
+                    ),
+                    cancellation_token,
+                )
+                request_id = stream.response.headers.get("x-request-id")
+            else:  # a stub's async iterable of chunks (models, or dicts)
+                stream = await _cancellable(self._sdk_create(body), cancellation_token)
         except _TRANSPORT_ERRORS as e:
             error = self._error(e)
             self._emit_stream_end(started, None, error)
             raise error from e
         accumulator = StreamAccumulator(self._model)
-        request_id = stream.response.headers.get("x-request-id")
         first_chunk_at: float | None = None
         try:
             iterator = stream.__aiter__()
@@ -423,7 +490,9 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                 except StopAsyncIteration:
                     break
                 if not isinstance(chunk, Mapping):
-                    continue
+                    if not isinstance(chunk, BaseModel):
+                        continue
+                    chunk = chunk.model_dump(mode="json")  # a stub's ChatCompletionChunk
                 text = accumulator.add(chunk)
                 if text:
                     if first_chunk_at is None:
@@ -442,7 +511,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             self._emit_stream_end(started, accumulator, interrupted, first_chunk_at=first_chunk_at)
             raise interrupted from e
         finally:
-            await stream.close()
+            await _close_stream(stream)
         if accumulator.finish_reason is None:
             interrupted = StreamInterrupted(
                 f"stream ended after {accumulator.chunks} chunks without a finish_reason",

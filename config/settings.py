@@ -118,10 +118,10 @@ class Settings(BaseSettings):
         gt=0,
         le=1,
         description=(
-            "the share of its window a chunk keeps claimed or running while single calls are being "
-            "sent (one in the last 2 s, workers.lane_pressure), so that batch work leaves the cores, "
-            "PostgreSQL and Redis to them; 1 turns the give-way off (batch throughput kept whatever "
-            "single calls wait)"
+            "the share of its window a chunk keeps running (nothing claimed ahead) while single calls "
+            "are being sent (one in the last 2 s, workers.lane_pressure), so that batch work leaves "
+            "the cores, PostgreSQL and Redis to them; 1 turns the give-way off (batch throughput "
+            "kept whatever single calls wait)"
         ),
     )
     chunk_refill_seconds: float = Field(

@@ -6,7 +6,7 @@ busy, and a single call then waits its turn at each of them: tenant A's chat p99
 alone while tenant B's 20,000-line batch ran (``bench/fairness.py``). So every call sent to the
 lane marks ``lane:busy`` for ``LANE_BUSY_MS`` (in the same round trip as the call,
 ``workers.lane_transport``), and while the mark lives every chunk runner keeps no more than
-``LaneBusy.window(in_flight)`` of its requests claimed or running (``workers.runner``): the batch
+``LaneBusy.window(in_flight)`` of its requests running, nothing claimed ahead (``workers.runner``): the batch
 goes on, slower, until single calls stop coming. Any tenant's single calls slow every tenant's
 batches this way, so the share kept is the operator's (``Settings.lane_busy_batch_share``; 1 turns
 it off).

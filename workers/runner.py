@@ -671,10 +671,11 @@ class _ChunkRun:
             # starts the next request at once rather than after a poll and a claim. Claimed as
             # soon as there is room, however little: a tenant that just arrived is claimed within
             # a poll and let in first (``FairGate``), not after half a window of completions.
-            window = config.in_flight
+            room = 2 * config.in_flight - len(self.running)
             if self.lane_busy is not None:
-                window = self.lane_busy.window(window)  # single calls waiting: the batch gives way
-            room = 2 * window - len(self.running)
+                window = self.lane_busy.window(config.in_flight)
+                if window < config.in_flight:  # single calls waiting: the batch gives way, and
+                    room = window - len(self.running)  # claims nothing ahead (the share is what runs)
             if room < 1:
                 wait = config.refill_poll
                 continue

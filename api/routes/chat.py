@@ -106,7 +106,7 @@ async def _submit(
     body: dict[str, Any],
     stream: bool,
     *,
-    weight: float = 1.0,
+    weight: float,
 ) -> InteractiveRequest:
     request_id = new_id("batch_req_")
     try:
@@ -207,7 +207,7 @@ async def _chat_completion(
     body: dict[str, Any],
     span: Any,
     *,
-    weight: float = 1.0,
+    weight: float,
 ) -> JSONResponse | StreamingResponse:
     stream = body.pop("stream", False)
     if stream is None:

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import pytest
 from pydantic import BaseModel
 
 from models import (
-    EVENT_LOGGER_NAME,
     AssistantMessage,
     AuthenticationFailed,
     BadRequest,
@@ -25,7 +22,6 @@ from models import (
     LLMCall,
     LLMStreamEnd,
     LLMStreamStart,
-    ModelEvent,
     OpenAIChatCompletionClient,
     ProviderUnavailable,
     RequestUsage,
@@ -36,6 +32,7 @@ from models import (
 )
 from models.openai import ToolSpec
 from simulator import SimulatorServer
+from tests.models.event_capture import Captured
 
 KEY = "sk-test-client-key"
 
@@ -49,32 +46,6 @@ WEATHER: ToolSchema = {
 class AgentResponse(BaseModel):
     thoughts: str
     response: Literal["happy", "sad", "neutral"]
-
-
-class Captured(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.events: list[ModelEvent] = []
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if isinstance(record.msg, ModelEvent):
-            self.events.append(record.msg)
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def events() -> Iterator[Captured]:
-    logger = logging.getLogger(EVENT_LOGGER_NAME)
-    handler = Captured()
-    logger.addHandler(handler)
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
 
 
 def client_for(simulator: SimulatorServer, **kwargs: Any) -> OpenAIChatCompletionClient:

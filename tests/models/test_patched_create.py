@@ -8,9 +8,8 @@ with ``ProviderUnavailable`` (connection refused).
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
-from collections.abc import AsyncGenerator, Iterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx2
@@ -32,14 +31,12 @@ from openai.types.chat.chat_completion_message_function_tool_call import (
 from openai.types.completion_usage import CompletionUsage
 
 from models import (
-    EVENT_LOGGER_NAME,
     AzureOpenAIChatCompletionClient,
     CancellationToken,
     CreateResult,
     FunctionCall,
     LLMCall,
     LLMStreamEnd,
-    ModelEvent,
     OpenAIChatCompletionClient,
     ProviderUnavailable,
     RateLimited,
@@ -48,6 +45,7 @@ from models import (
     ToolSchema,
     UserMessage,
 )
+from tests.models.event_capture import Captured
 
 KEY = "sk-test-patched-create"
 HELLO = [UserMessage(content="Hello", source="user")]
@@ -63,30 +61,6 @@ def unreachable_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # closed again before the call: nobody listens there
     return f"http://127.0.0.1:{port}"
-
-
-class Captured(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.events: list[ModelEvent] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if isinstance(record.msg, ModelEvent):
-            self.events.append(record.msg)
-
-
-@pytest.fixture
-def events() -> Iterator[Captured]:
-    logger = logging.getLogger(EVENT_LOGGER_NAME)
-    handler = Captured()
-    logger.addHandler(handler)
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
 
 
 def completion(message: ChatCompletionMessage, finish_reason: Any = "stop") -> ChatCompletion:

@@ -56,3 +56,15 @@ def ingest(engine: Engine, tenant: store.Tenant) -> IngestFn:
         return store.ingest_batch(engine, jsonl(rows), tenant_id=tenant.id, **kwargs)
 
     return run
+
+
+@pytest.fixture
+def pg_engine(postgres_url: str) -> Iterator[Engine]:
+    """An engine on a PostgreSQL database of the test's own, at the head revision (for what only
+    PostgreSQL shows: plans, commit settings)."""
+    store.upgrade_to_head(postgres_url)
+    engine = store.make_engine(postgres_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()

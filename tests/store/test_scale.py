@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import tracemalloc
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -38,16 +37,6 @@ def answer(request_id: str, *, cached: bool = False, upstream: str | None = None
         usage=usage,
         cached=cached,
     )
-
-
-@pytest.fixture
-def pg_engine(postgres_url: str) -> Iterator[Engine]:
-    store.upgrade_to_head(postgres_url)
-    engine = store.make_engine(postgres_url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 def test_hot_queries_read_only_the_requests_left_to_run(pg_engine: Engine) -> None:

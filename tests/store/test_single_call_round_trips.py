@@ -5,8 +5,6 @@ connection used a moment ago goes to work without a ping (PostgreSQL)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -17,16 +15,6 @@ from store.interactive import submit_interactive
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 NO_FLUSH_WAIT = "set_config('synchronous_commit', 'off', true)"
-
-
-@pytest.fixture
-def pg_engine(postgres_url: str) -> Iterator[Engine]:
-    store.upgrade_to_head(postgres_url)
-    engine = store.make_engine(postgres_url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 class Statements:

@@ -12,10 +12,8 @@ before the others', and every free slot of every chunk, whatever the weights."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator
 
 import pytest
-import redis.asyncio as aioredis
 
 from workers.fair_share import FairShare
 from workers.lane_scheduler import LaneScheduler
@@ -24,15 +22,6 @@ from workers.lane_transport import LaneMessage, LaneTransport
 # Accepted by store.set_tenant_weight. A step of 1e20 is already past where a step of 1 counts
 # (2 ** 53); the smallest float above 0 makes 1 / weight infinite.
 TINY_WEIGHTS = [1e-20, 1e-300, 5e-324]
-
-
-@pytest.fixture
-async def transport(redis_url: str, redis_prefix: str) -> AsyncIterator[LaneTransport]:
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        yield LaneTransport(client, redis_prefix)
-    finally:
-        await client.aclose()
 
 
 async def send(transport: LaneTransport, tenant_id: str, count: int, weight: float) -> None:

@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
-
-import pytest
-import redis.asyncio as aioredis
 
 from workers.lane_scheduler import LaneScheduler, tenant_cap
 from workers.lane_transport import LaneMessage, LaneTransport
@@ -21,15 +17,6 @@ from workers.lane_transport import LaneMessage, LaneTransport
 # Long: a take that should return at once but waits for its timeout fails the test (it returns
 # None) rather than passing late.
 _BLOCKED_TAKE_SECONDS = 30.0
-
-
-@pytest.fixture
-async def transport(redis_url: str, redis_prefix: str) -> AsyncIterator[LaneTransport]:
-    client = aioredis.Redis.from_url(redis_url)
-    try:
-        yield LaneTransport(client, redis_prefix)
-    finally:
-        await client.aclose()
 
 
 async def send(transport: LaneTransport, tenant_id: str, count: int, weight: float = 1.0) -> None:

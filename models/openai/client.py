@@ -21,6 +21,7 @@ on both paths as with the SDK's default client.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -35,6 +36,7 @@ import openai
 import orjson
 from openai import AsyncAzureOpenAI, AsyncOpenAI, AsyncStream, DefaultAioHttpClient
 from openai._base_client import make_request_options
+from openai._utils._json import openapi_dumps
 from pydantic import BaseModel
 
 from models.base import ChatCompletionClient
@@ -287,11 +289,26 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
         ``http_client`` was given (then the SDK's, whose exceptions the caller maps)."""
         transport = self._direct()
         if transport is not None:
-            return await transport.post(orjson.dumps(body))
+            return await transport.post(self._encoded(body))
         response: httpx2.Response = await self._sdk().post(
             _CHAT_PATH, cast_to=httpx2.Response, body=body, options=self._options
         )
         return response.content, response.headers
+
+    def _encoded(self, body: dict[str, Any]) -> bytes:
+        """``body`` as JSON bytes: orjson's, or, for what orjson refuses (an int beyond 64 bits, a
+        pydantic object in ``extra_create_args``), the SDK's own encoding of it; what neither can
+        encode is the caller's ``BadRequest``, never a bare TypeError (a handler bug, redelivered)."""
+        try:
+            return orjson.dumps(body)
+        except orjson.JSONEncodeError:
+            pass
+        try:
+            return openapi_dumps(body)
+        except (TypeError, ValueError) as e:
+            raise BadRequest(
+                f"the request body cannot be sent as JSON: {e}", provider=self.provider, model=self._model
+            ) from e
 
     async def _create_once(
         self, body: dict[str, Any], attempt: int, cancellation_token: CancellationToken | None
@@ -299,7 +316,12 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
         started = time.perf_counter()
         try:
             content, headers = await _cancellable(self._post(body), cancellation_token)
-            data = orjson.loads(content)
+            try:
+                data = orjson.loads(content)
+            except orjson.JSONDecodeError:
+                # What orjson refuses and the stdlib takes (NaN, Infinity, a lone surrogate
+                # escape): the SDK read it, and the provider billed for it.
+                data = json.loads(content)
             if not isinstance(data, dict):
                 raise ValueError("the body is not a JSON object")
         except ModelClientError as mapped:  # the own transport's, mapped already

@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 from openai import DefaultAioHttpClient
+from pydantic import BaseModel
 
 from models import (
+    BadRequest,
     ModelClientError,
     OpenAIChatCompletionClient,
     ProviderTimeout,
@@ -167,6 +169,7 @@ class Recorder:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.reply = json.dumps(REPLY).encode()
+        self.status = 200
 
 
 @pytest.fixture
@@ -185,7 +188,7 @@ def recording_server() -> Iterator[tuple[str, Recorder]]:
                     "body": json.loads(self.rfile.read(length)),
                 }
             )
-            self.send_response(200)
+            self.send_response(recorder.status)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(recorder.reply)))
             self.send_header("x-request-id", "req-recorded")
@@ -270,3 +273,97 @@ async def test_a_2xx_that_is_no_json_object_is_unavailable(
     sdk = await failure_of(client_at(base_url, through_sdk=True), "hello")
     assert type(own) is type(sdk) is ProviderUnavailable
     assert own.message.startswith("malformed provider response")
+
+
+# The SDK builds its error from ``data = body.get("error", body)`` and reads code and type from
+# ``data`` only: a bare-string ``error`` has no code and is not the message; a top-level ``code``
+# beside an ``error`` object is not read. Both paths must land on the same error for the same bytes.
+@pytest.mark.parametrize(
+    ("status", "reply"),
+    [
+        (400, b'{"error": "This model\'s maximum context length is 8192 tokens"}'),
+        (429, b'{"error": {"type": "insufficient_quota"}, "code": "rate_limit_exceeded"}'),
+        (429, b'{"error": {"message": "slow down", "code": "insufficient_quota"}, "code": null}'),
+        (429, b'{"error": {"error": {"code": "insufficient_quota"}}}'),
+        (400, b'{"message": "too many tokens", "code": "context_length_exceeded"}'),
+        (400, b'{"error": {"message": "half \\ud83d", "code": "invalid_value", "param": NaN}}'),
+        (500, b'{"error": {"message": "", "type": "server_error"}}'),
+        (503, b"upstream overloaded"),
+        (429, b'["rate", "limited"]'),
+    ],
+)
+async def test_error_bodies_map_as_through_the_sdk(
+    recording_server: tuple[str, Recorder], status: int, reply: bytes
+) -> None:
+    base_url, recorder = recording_server
+    recorder.status, recorder.reply = status, reply
+    own = await failure_of(client_at(base_url, through_sdk=False), "hello")
+    sdk = await failure_of(client_at(base_url, through_sdk=True), "hello")
+    assert described(own) == described(sdk)
+    assert len(recorder.requests) == 2
+
+
+class Metadata(BaseModel):
+    team: str
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"seed": 10**30}, {"seed": -(2**64)}, {"metadata": Metadata(team="batch")}],
+    ids=["int-beyond-64-bits", "negative-int-beyond-64-bits", "pydantic-object"],
+)
+async def test_what_orjson_cannot_encode_is_sent_as_the_sdk_sends_it(
+    recording_server: tuple[str, Recorder], extra: dict[str, Any]
+) -> None:
+    base_url, recorder = recording_server
+    for through_sdk in (False, True):
+        client = client_at(base_url, through_sdk=through_sdk)
+        result = await client.create([UserMessage(content="hello", source="user")], extra_create_args=extra)
+        await client.close()
+        assert result.content == "hi"
+    own, sdk = recorder.requests
+    assert own["body"] == sdk["body"]
+    assert own["body"].get("seed") == extra.get("seed")
+
+
+async def test_a_body_nothing_can_encode_is_a_bad_request_not_a_type_error(
+    recording_server: tuple[str, Recorder],
+) -> None:
+    base_url, recorder = recording_server
+    for unencodable in (object(), "half \ud83d"):
+        client = client_at(base_url, through_sdk=False)
+        with pytest.raises(BadRequest) as caught:
+            await client.create(
+                [UserMessage(content="hello", source="user")], extra_create_args={"user": unencodable}
+            )
+        await client.close()
+        assert not caught.value.retryable
+    assert recorder.requests == [], "refused before anything is sent"
+
+
+@pytest.mark.parametrize(
+    "extra_json",
+    [b'"x_score": NaN', b'"x_score": Infinity', b'"x_score": -Infinity'],
+)
+async def test_a_2xx_the_stdlib_reads_is_a_result_on_both_paths(
+    recording_server: tuple[str, Recorder], extra_json: bytes
+) -> None:
+    """orjson refuses NaN, +-Infinity and a lone surrogate escape that ``json.loads`` (the SDK's
+    reader) takes; the provider billed for the answer, so it is a result, not a retry."""
+    base_url, recorder = recording_server
+    reply = dict(REPLY, choices=[dict(REPLY["choices"][0], message={"role": "assistant", "content": "X"})])
+    recorder.reply = (
+        json.dumps(reply).encode().replace(b'"content": "X"', b'"content": "half \\ud83d"')[:-1]
+        + b", "
+        + extra_json
+        + b"}"
+    )
+    results = []
+    for through_sdk in (False, True):
+        client = client_at(base_url, through_sdk=through_sdk)
+        results.append(await client.create([UserMessage(content="hello", source="user")]))
+        await client.close()
+    own, sdk = results
+    assert own.content == sdk.content == "half \ud83d"
+    assert own.usage == sdk.usage
+    assert len(recorder.requests) == 2

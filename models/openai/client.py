@@ -4,18 +4,23 @@ One ``create`` is one upstream attempt (the SDK's own retries are off) unless th
 a ``retry_policy``.
 
 ``create`` POSTs over the clients' own aiohttp transport (``models.openai.transport``): the URL
-and headers the SDK would send (auth, organization, project, ``default_headers``, its
-``User-Agent``; Azure's deployment URL, ``api-version`` and ``api-key`` or AD token), the body
-serialized with orjson, the reply read with orjson into the dict kept as ``raw_response``, every
-failure mapped as the SDK's was (``models.openai.errors``). The SDK's request building and
-response handling were 41% of a worker's CPU per request (``bench/throughput.py``).
+and the headers an upstream acts on that the SDK sends (auth, organization, project,
+``default_headers``, its ``User-Agent``; Azure's deployment URL, ``api-version`` and ``api-key`` or
+AD token), but not the SDK's ``X-Stainless-*`` telemetry headers; the body serialized with orjson
+(with the SDK's own encoder for what orjson refuses: ints beyond 64 bits, pydantic objects), the
+reply read with orjson (the stdlib for what orjson refuses: NaN, Infinity, lone surrogate escapes)
+into the dict kept as ``raw_response``, every failure mapped by the same functions as the SDK's
+(``models.openai.errors``). The SDK's request building and response handling were 41% of a
+worker's CPU per request (``bench/throughput.py``).
 
-``create_stream``, and ``create`` when an ``http_client`` is given, go through the SDK's
-``AsyncOpenAI``, made lazily inside the running event loop and remade when the loop changes (an
-async HTTP client must not cross loops; a worker process keeps one loop, but embedded runs and
-tests may use several), on its aiohttp transport (``DefaultAioHttpClient``) unless that
-``http_client`` is given. Proxies from the environment (``HTTP_PROXY``, ``NO_PROXY``, ...) apply
-on both paths as with the SDK's default client.
+``create_stream``, and ``create`` when an ``http_client`` is given or the environment's proxy for
+the client's URL is not an ``http://`` one (aiohttp cannot speak TLS to an ``https://`` proxy), go
+through the SDK's ``AsyncOpenAI``, made lazily inside the running event loop and remade when the
+loop changes (an async HTTP client must not cross loops; a worker process keeps one loop, but
+embedded runs and tests may use several), on its aiohttp transport (``DefaultAioHttpClient``)
+unless that ``http_client`` is given. Proxies from the environment (``HTTP_PROXY``,
+``HTTPS_PROXY``, ``ALL_PROXY``, lower or upper case, and ``NO_PROXY``) are chosen for the client's
+URL by ``httpx2``'s rules on both paths, as with the SDK's default client.
 """
 
 from __future__ import annotations
@@ -182,7 +187,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
     @abstractmethod
     def _make_transport(self) -> ChatTransport:
         """The transport ``create`` POSTs with when no ``http_client`` was given: the SDK's URL and
-        headers for this client."""
+        headers for this client (less its ``X-Stainless-*`` telemetry)."""
 
     def _direct(self) -> ChatTransport | None:
         """The own transport, or None when the caller's ``http_client`` must carry the call."""
@@ -190,7 +195,9 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             return None
         if self._transport is None:
             self._transport = self._make_transport()
-        return self._transport
+        # A proxy aiohttp cannot speak to (https://, socks5://) goes by the SDK's client, as
+        # streams do, rather than around the proxy.
+        return self._transport if self._transport.carries_its_proxy else None
 
     async def close(self) -> None:
         if self._transport is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import warnings
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -367,3 +368,107 @@ async def test_a_2xx_the_stdlib_reads_is_a_result_on_both_paths(
     assert own.content == sdk.content == "half \ud83d"
     assert own.usage == sdk.usage
     assert len(recorder.requests) == 2
+
+
+# --- proxies from the environment: the recording server stands in for a forward proxy ------------
+
+_PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "REQUEST_METHOD")
+
+
+def _proxy_environment(monkeypatch: pytest.MonkeyPatch, settings: dict[str, str]) -> None:
+    for name in _PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port  # closed again: nobody listens there
+
+
+@pytest.mark.parametrize(
+    ("settings", "through_proxy"),
+    [
+        ({"ALL_PROXY": "{proxy}"}, True),
+        ({"all_proxy": "{proxy}"}, True),
+        ({"HTTP_PROXY": "{proxy}"}, True),
+        ({"http_proxy": "{proxy}", "HTTPS_PROXY": "http://127.0.0.1:{dead}"}, True),
+        ({"ALL_PROXY": "http://127.0.0.1:{dead}", "HTTP_PROXY": "{proxy}"}, True),
+        ({"ALL_PROXY": "http://127.0.0.1:{dead}", "NO_PROXY": "127.0.0.1"}, False),
+        ({"ALL_PROXY": "http://127.0.0.1:{dead}", "no_proxy": "example.org, 127.0.0.0/8"}, False),
+        ({"HTTPS_PROXY": "http://127.0.0.1:{dead}"}, False),
+    ],
+)
+async def test_the_environments_proxy_is_chosen_as_by_the_sdk(
+    recording_server: tuple[str, Recorder],
+    monkeypatch: pytest.MonkeyPatch,
+    settings: dict[str, str],
+    through_proxy: bool,
+) -> None:
+    """The recording server is either the proxy (the request line then carries the upstream's
+    absolute URL) or, where the environment exempts it or names no proxy for http, the upstream."""
+    base_url, recorder = recording_server
+    proxy_url = base_url.removesuffix("/v1")
+    dead = _closed_port()
+    _proxy_environment(
+        monkeypatch, {name: value.format(proxy=proxy_url, dead=dead) for name, value in settings.items()}
+    )
+    # Through the proxy, the upstream's name is never resolved here: only the proxy is dialled.
+    target = "http://upstream.invalid/v1" if through_proxy else base_url
+    for through_sdk in (False, True):
+        client = client_at(target, through_sdk=through_sdk)
+        result = await client.create([UserMessage(content="hello", source="user")])
+        await client.close()
+        assert result.content == "hi"
+    own, sdk = recorder.requests
+    expected = "http://upstream.invalid/v1/chat/completions" if through_proxy else "/v1/chat/completions"
+    assert own["path"] == sdk["path"] == expected
+
+
+async def test_proxy_credentials_in_the_url_are_sent_to_the_proxy(
+    recording_server: tuple[str, Recorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base_url, recorder = recording_server
+    _proxy_environment(monkeypatch, {"all_proxy": base_url.replace("http://", "http://egress:s3cret@")})
+    own_client = client_at("http://upstream.invalid/v1", through_sdk=False)
+    await own_client.create([UserMessage(content="hello", source="user")])
+    await own_client.close()
+    sdk_client = client_at("http://upstream.invalid/v1", through_sdk=True)
+    with warnings.catch_warnings():
+        # The SDK's vendored aiohttp transport still passes aiohttp's deprecated BasicAuth.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        await sdk_client.create([UserMessage(content="hello", source="user")])
+    await sdk_client.close()
+    own, sdk = recorder.requests
+    assert own["headers"]["proxy-authorization"] == sdk["headers"]["proxy-authorization"]
+    assert own["headers"]["proxy-authorization"].startswith("Basic ")
+
+
+async def test_an_https_proxy_is_left_to_the_sdk_path(
+    recording_server: tuple[str, Recorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp cannot speak TLS to a proxy: rather than going around it (direct, where an egress
+    proxy is the only way out), ``create`` goes through the SDK's client, as streams do, and
+    fails or succeeds as that path does."""
+    base_url, _ = recording_server
+    _proxy_environment(
+        monkeypatch, {"ALL_PROXY": base_url.replace("http://", "https://").removesuffix("/v1")}
+    )
+    own_client = client_at(base_url, through_sdk=False)
+    outcomes = []
+    for client in (own_client, client_at(base_url, through_sdk=True)):
+        try:
+            await client.create([UserMessage(content="hello", source="user")])
+            outcomes.append(("result", None))
+        except ModelClientError as error:
+            outcomes.append(("error", type(error)))
+        finally:
+            if client is own_client:
+                assert client._sdk_client is not None, "create went through the SDK's client"
+            await client.close()
+    own, sdk = outcomes
+    assert own == sdk

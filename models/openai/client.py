@@ -26,6 +26,7 @@ URL by ``httpx2``'s rules on both paths, as with the SDK's default client.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
@@ -726,11 +727,32 @@ class AzureOpenAIChatCompletionClient(BaseOpenAIChatCompletionClient):
 
     async def _ad_token_header(self) -> Mapping[str, str]:
         """The AD token, asked of its provider per request as the SDK did (the provider caches)."""
+        return {"Authorization": f"Bearer {await self._ad_token()}"}
+
+    async def _ad_token(self) -> str:
+        """The token provider's answer; one that fails or is no non-empty string is a credentials
+        failure (``AuthenticationFailed``), not a provider's malformed answer nor a bare exception
+        the runner would take for a handler bug. Both paths ask through here."""
         assert self._token_provider is not None
-        token = self._token_provider()
-        if not isinstance(token, str):
-            token = await token
-        return {"Authorization": f"Bearer {token}"}
+        try:
+            token = self._token_provider()
+            if inspect.isawaitable(token):
+                token = await token
+        except ModelClientError:
+            raise
+        except Exception as e:
+            raise AuthenticationFailed(
+                f"azure_ad_token_provider failed: {type(e).__name__}: {e}",
+                provider=self.provider,
+                model=self._model,
+            ) from e
+        if not isinstance(token, str) or not token:
+            raise AuthenticationFailed(
+                f"azure_ad_token_provider returned {type(token).__name__} {token!r}, not a token string",
+                provider=self.provider,
+                model=self._model,
+            )
+        return token
 
     def _make_sdk_client(self) -> AsyncOpenAI:
         return AsyncAzureOpenAI(
@@ -738,7 +760,7 @@ class AzureOpenAIChatCompletionClient(BaseOpenAIChatCompletionClient):
             azure_deployment=self._azure_deployment,
             api_version=self._api_version,
             api_key=self._api_key,
-            azure_ad_token_provider=self._token_provider,
+            azure_ad_token_provider=self._ad_token if self._token_provider is not None else None,
             timeout=self._timeout,
             max_retries=0,
             default_headers=self._default_headers,

@@ -1,6 +1,7 @@
 """``create`` POSTs over the clients' own aiohttp transport, not the SDK, and behaves as the SDK
 path did: for every failure the simulator can produce over real HTTP, the error is the one the SDK
-path maps the same answer to; the headers and body that reach the upstream are the SDK's."""
+path maps the same answer to; the headers (less the SDK's X-Stainless-* telemetry) and body that
+reach the upstream are the SDK's."""
 
 from __future__ import annotations
 

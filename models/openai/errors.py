@@ -117,7 +117,7 @@ def _sdk_error_data(status: int, content: bytes) -> tuple[object, str]:
     text = content.decode("utf-8", errors="replace").strip()
     try:
         body: object = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # what the SDK's bare `except Exception` meets here
         return text, err_msg
     data = body.get("error", body) if isinstance(body, Mapping) else body
     message = data.get("message") if isinstance(data, Mapping) else None

@@ -4,18 +4,23 @@ One ``create`` is one upstream attempt (the SDK's own retries are off) unless th
 a ``retry_policy``.
 
 ``create`` POSTs over the clients' own aiohttp transport (``models.openai.transport``): the URL
-and headers the SDK would send (auth, organization, project, ``default_headers``, its
-``User-Agent``; Azure's deployment URL, ``api-version`` and ``api-key`` or AD token), the body
-serialized with orjson, the reply read with orjson into the dict kept as ``raw_response``, every
-failure mapped as the SDK's was (``models.openai.errors``). The SDK's request building and
-response handling were 41% of a worker's CPU per request (``bench/throughput.py``).
+and the headers an upstream acts on that the SDK sends (auth, organization, project,
+``default_headers``, its ``User-Agent``; Azure's deployment URL, ``api-version`` and ``api-key`` or
+AD token), but not the SDK's ``X-Stainless-*`` telemetry headers; the body serialized with orjson
+(with the SDK's own encoder for what orjson refuses: ints beyond 64 bits, pydantic objects), the
+reply read with orjson (the stdlib for what orjson refuses: NaN, Infinity, lone surrogate escapes)
+into the dict kept as ``raw_response``, every failure mapped by the same functions as the SDK's
+(``models.openai.errors``). The SDK's request building and response handling were 41% of a
+worker's CPU per request (``bench/throughput.py``).
 
-``create_stream``, and ``create`` when an ``http_client`` is given, go through the SDK's
-``AsyncOpenAI``, made lazily inside the running event loop and remade when the loop changes (an
-async HTTP client must not cross loops; a worker process keeps one loop, but embedded runs and
-tests may use several), on its aiohttp transport (``DefaultAioHttpClient``) unless that
-``http_client`` is given. Proxies from the environment (``HTTP_PROXY``, ``NO_PROXY``, ...) apply
-on both paths as with the SDK's default client.
+``create_stream``, and ``create`` when an ``http_client`` is given or the environment's proxy for
+the client's URL is not an ``http://`` one (aiohttp cannot speak TLS to an ``https://`` proxy), go
+through the SDK's ``AsyncOpenAI``, made lazily inside the running event loop and remade when the
+loop changes (an async HTTP client must not cross loops; a worker process keeps one loop, but
+embedded runs and tests may use several), on its aiohttp transport (``DefaultAioHttpClient``)
+unless that ``http_client`` is given. Proxies from the environment (``HTTP_PROXY``,
+``HTTPS_PROXY``, ``ALL_PROXY``, lower or upper case, and ``NO_PROXY``) are chosen for the client's
+URL by ``httpx2``'s rules on both paths, as with the SDK's default client.
 
 When ``AsyncCompletions.create`` is no longer the SDK's own function (a test suite written for
 AutoGen's clients stubbed it with ``monkeypatch.setattr``), both calls go through the SDK client's
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import os
 import time
@@ -41,6 +47,7 @@ import openai
 import orjson
 from openai import AsyncAzureOpenAI, AsyncOpenAI, AsyncStream, DefaultAioHttpClient
 from openai._base_client import make_request_options
+from openai._utils._json import openapi_dumps
 from openai.resources.chat.completions import AsyncCompletions
 from pydantic import BaseModel
 
@@ -229,7 +236,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
     @abstractmethod
     def _make_transport(self) -> ChatTransport:
         """The transport ``create`` POSTs with when no ``http_client`` was given: the SDK's URL and
-        headers for this client."""
+        headers for this client (less its ``X-Stainless-*`` telemetry)."""
 
     def _direct(self) -> ChatTransport | None:
         """The own transport, or None when the caller's ``http_client`` must carry the call."""
@@ -237,7 +244,9 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             return None
         if self._transport is None:
             self._transport = self._make_transport()
-        return self._transport
+        # A proxy aiohttp cannot speak to (https://, socks5://) goes by the SDK's client, as
+        # streams do, rather than around the proxy.
+        return self._transport if self._transport.carries_its_proxy else None
 
     async def close(self) -> None:
         if self._transport is not None:
@@ -336,7 +345,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
         ``http_client`` was given (then the SDK's, whose exceptions the caller maps)."""
         transport = self._direct()
         if transport is not None:
-            return await transport.post(orjson.dumps(body))
+            return await transport.post(self._encoded(body))
         response: httpx2.Response = await self._sdk().post(
             _CHAT_PATH, cast_to=httpx2.Response, body=body, options=self._options
         )
@@ -351,6 +360,21 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             answer = await answer
         return answer
 
+    def _encoded(self, body: dict[str, Any]) -> bytes:
+        """``body`` as JSON bytes: orjson's, or, for what orjson refuses (an int beyond 64 bits, a
+        pydantic object in ``extra_create_args``), the SDK's own encoding of it; what neither can
+        encode is the caller's ``BadRequest``, never a bare TypeError (a handler bug, redelivered)."""
+        try:
+            return orjson.dumps(body)
+        except orjson.JSONEncodeError:
+            pass
+        try:
+            return openapi_dumps(body)
+        except (TypeError, ValueError) as e:
+            raise BadRequest(
+                f"the request body cannot be sent as JSON: {e}", provider=self.provider, model=self._model
+            ) from e
+
     async def _create_once(
         self, body: dict[str, Any], attempt: int, cancellation_token: CancellationToken | None
     ) -> CreateResult:
@@ -358,7 +382,12 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
         try:
             if AsyncCompletions.create is _SDK_CREATE:
                 content, headers = await _cancellable(self._post(body), cancellation_token)
-                data = orjson.loads(content)
+                try:
+                    data = orjson.loads(content)
+                except orjson.JSONDecodeError:
+                    # What orjson refuses and the stdlib takes (NaN, Infinity, a lone surrogate
+                    # escape): the SDK read it, and the provider billed for it.
+                    data = json.loads(content)
             else:
                 data = _as_dict(await _cancellable(self._sdk_create(body), cancellation_token))
                 headers = {}
@@ -766,11 +795,32 @@ class AzureOpenAIChatCompletionClient(BaseOpenAIChatCompletionClient):
 
     async def _ad_token_header(self) -> Mapping[str, str]:
         """The AD token, asked of its provider per request as the SDK did (the provider caches)."""
+        return {"Authorization": f"Bearer {await self._ad_token()}"}
+
+    async def _ad_token(self) -> str:
+        """The token provider's answer; one that fails or is no non-empty string is a credentials
+        failure (``AuthenticationFailed``), not a provider's malformed answer nor a bare exception
+        the runner would take for a handler bug. Both paths ask through here."""
         assert self._token_provider is not None
-        token = self._token_provider()
-        if not isinstance(token, str):
-            token = await token
-        return {"Authorization": f"Bearer {token}"}
+        try:
+            token = self._token_provider()
+            if inspect.isawaitable(token):
+                token = await token
+        except ModelClientError:
+            raise
+        except Exception as e:
+            raise AuthenticationFailed(
+                f"azure_ad_token_provider failed: {type(e).__name__}: {e}",
+                provider=self.provider,
+                model=self._model,
+            ) from e
+        if not isinstance(token, str) or not token:
+            raise AuthenticationFailed(
+                f"azure_ad_token_provider returned {type(token).__name__} {token!r}, not a token string",
+                provider=self.provider,
+                model=self._model,
+            )
+        return token
 
     def _make_sdk_client(self) -> AsyncOpenAI:
         return AsyncAzureOpenAI(
@@ -778,7 +828,7 @@ class AzureOpenAIChatCompletionClient(BaseOpenAIChatCompletionClient):
             azure_deployment=self._azure_deployment,
             api_version=self._api_version,
             api_key=self._api_key,
-            azure_ad_token_provider=self._token_provider,
+            azure_ad_token_provider=self._ad_token if self._token_provider is not None else None,
             timeout=self._timeout,
             max_retries=0,
             default_headers=self._default_headers,

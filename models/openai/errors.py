@@ -4,12 +4,12 @@ tokenmill's one error tree (``models.errors``) alike."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
 import openai
-import orjson
 
 from models.errors import (
     AuthenticationFailed,
@@ -77,17 +77,30 @@ def _is_transport_error(exc: BaseException) -> bool:
     )
 
 
-def _from_status(
+def _from_error_data(
     status: int,
     headers: Mapping[str, str],
-    body: object,
-    fallback: str,
-    sdk_code: str | None,
+    data: object,
+    err_msg: str,
     request_id: str | None,
     where: dict[str, Any],
 ) -> ModelClientError:
-    code, message = _error_code_and_message(body, fallback)
-    code = sdk_code or code
+    """The one mapping of a non-2xx answer, on what the SDK's ``APIStatusError`` is built from:
+    ``data`` is the body's ``error`` member (or the body itself when it has none, or its text when
+    it is no JSON) and ``err_msg`` the SDK's exception text. Code and type are read from ``data``
+    only, as ``APIError`` reads them: a top-level ``code`` beside an ``error`` object is ignored,
+    and an ``error`` that is a bare string has neither (its text is not the message either)."""
+    code: str | None = None
+    message = err_msg
+    if isinstance(data, Mapping):
+        raw_code = data.get("code")
+        raw_type = data.get("type")
+        code = (str(raw_code) if raw_code is not None else None) or (
+            str(raw_type) if raw_type is not None else None
+        )
+        raw_message = data.get("message")
+        if raw_message:
+            message = str(raw_message)
     cls = _by_status(status, code, message)
     fields: dict[str, Any] = {**where, "status_code": status, "request_id": request_id, "code": code}
     if issubclass(cls, RateLimited):
@@ -95,39 +108,34 @@ def _from_status(
     return cls(message, **fields)
 
 
-def _body_of(content: bytes) -> object:
-    """An error body as the SDK keeps it: its JSON if it is JSON, else its stripped text."""
+def _sdk_error_data(status: int, content: bytes) -> tuple[object, str]:
+    """``data`` and ``err_msg`` as the SDK's ``_make_status_error_from_response`` builds them from
+    the same bytes: the stripped text parsed with the stdlib (which, unlike orjson, takes NaN and
+    lone surrogates), the ``error`` member if the body is an object, the message appended to
+    ``Error code: N`` only when it is a non-empty string."""
+    err_msg = f"Error code: {status}"
     text = content.decode("utf-8", errors="replace").strip()
     try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return text
+        body: object = json.loads(text)
+    except (ValueError, RecursionError):  # what the SDK's bare `except Exception` meets here
+        return text, err_msg
+    data = body.get("error", body) if isinstance(body, Mapping) else body
+    message = data.get("message") if isinstance(data, Mapping) else None
+    if isinstance(message, str) and message:
+        err_msg += f" - {message}"
+    return data, err_msg
 
 
 def from_status(
     status: int, headers: Mapping[str, str], content: bytes, *, provider: str | None, model: str | None
 ) -> ModelClientError:
-    """A non-2xx answer (status, headers, body bytes) mapped as ``from_openai_error`` maps the
-    SDK's ``APIStatusError`` for the same answer: code and message from the body's ``error``
-    object (or the body itself), ``retry-after`` read for a 429, the ``x-request-id`` kept."""
-    body = _body_of(content)
-    fallback = f"Error code: {status}"
-    sdk_code: str | None = None
-    if isinstance(body, Mapping):
-        inner = body.get("error", body)
-        message = inner.get("message") if isinstance(inner, Mapping) else None
-        if isinstance(message, str) and message:
-            fallback += f" - {message}"
-        top_code = body.get("code")  # the SDK's ``APIError.code`` reads the top level only
-        sdk_code = str(top_code) if top_code is not None else None
-    return _from_status(
-        status,
-        headers,
-        body,
-        fallback,
-        sdk_code,
-        headers.get("x-request-id"),
-        {"provider": provider, "model": model},
+    """A non-2xx answer (status, headers, body bytes) mapped by the same function that maps the
+    SDK's ``APIStatusError`` for the same answer (``from_openai_error``): code, type and message
+    from the body's ``error`` member as the SDK reads them, ``retry-after`` read for a 429, the
+    ``x-request-id`` kept."""
+    data, err_msg = _sdk_error_data(status, content)
+    return _from_error_data(
+        status, headers, data, err_msg, headers.get("x-request-id"), {"provider": provider, "model": model}
     )
 
 
@@ -165,8 +173,10 @@ def from_openai_error(exc: BaseException, *, provider: str | None, model: str | 
     if isinstance(exc, openai.APIConnectionError):
         return ProviderUnavailable(f"connection failed: {exc.__cause__ or exc}", **where)
     if isinstance(exc, openai.APIStatusError):
-        return _from_status(
-            exc.status_code, exc.response.headers, exc.body, exc.message, exc.code, exc.request_id, where
+        # ``exc.body`` is the SDK's ``data`` and ``exc.message`` its ``err_msg``: the same inputs
+        # ``from_status`` derives from the bytes, through the same mapping.
+        return _from_error_data(
+            exc.status_code, exc.response.headers, exc.body, exc.message, exc.request_id, where
         )
     if isinstance(exc, openai.APIResponseValidationError):
         return ProviderUnavailable(f"malformed provider response: {exc.message}", **where)

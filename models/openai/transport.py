@@ -7,14 +7,20 @@ URL and headers are made once per client, the body is ``orjson.dumps`` of the di
 is its bytes, status and headers; ``models.openai.errors`` maps a failed answer or an aiohttp
 exception exactly as it maps what the SDK raised for the same event.
 
-What the SDK's aiohttp transport did is kept: proxies from the environment (``HTTP_PROXY``,
-``HTTPS_PROXY``, ``NO_PROXY``), the SDK's trust store (``httpx2``'s SSL context),
+What the SDK's aiohttp transport did is kept: the proxy from the environment, chosen for the
+client's URL by ``httpx2``'s own rules (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY`` in either
+case, ``NO_PROXY`` with its domain, IP and CIDR forms; ``environment_proxy``), the SDK's trust store
+(``httpx2``'s SSL context),
 its timeout read as connect, pool and per-read limits (not a total: a long answer that keeps
-arriving is not cut), its pool size, redirects followed, and its ``User-Agent``. The session is the
-client's, one per event loop (an aiohttp session must not cross loops); cancelling the awaiting
-task aborts the request. The proxy for the client's one URL is read from the environment when
-the session is made, not per request: aiohttp's ``trust_env`` reads the proxy variables and
-``~/.netrc`` on every request, in a thread (13% of a worker's busy time, py-spy).
+arriving is not cut), its pool size, redirects followed, and its ``User-Agent``. The SDK's own
+``X-Stainless-*`` telemetry headers (OS, arch, runtime, retry count) are not sent. The session is
+the client's, one per event loop (an aiohttp session must not cross loops); cancelling the awaiting
+task aborts the request. The proxy for the client's one URL is read from the environment once,
+when the transport is made, not per request: aiohttp's ``trust_env`` reads the proxy variables and
+``~/.netrc`` on every request, in a thread (13% of a worker's busy time, py-spy). A proxy that is
+not ``http://`` (an ``https://`` one needs TLS to the proxy, which aiohttp's proxy support does
+not give; ``socks5://``) is one this transport cannot carry: ``carries_its_proxy`` is then False
+and the client sends through the SDK instead.
 """
 
 from __future__ import annotations
@@ -25,14 +31,14 @@ from collections.abc import Awaitable, Callable, Mapping
 import aiohttp
 import httpx2
 import openai
-from aiohttp.helpers import get_env_proxy_for_url
+from httpx2._utils import URLPattern, get_environment_proxies
 from multidict import CIMultiDictProxy
 from yarl import URL
 
 from models.errors import ModelClientError
 from models.openai.errors import from_aiohttp_error, from_status
 
-__all__ = ["SDK_USER_AGENT", "ChatTransport", "UpstreamStatus"]
+__all__ = ["SDK_USER_AGENT", "ChatTransport", "UpstreamStatus", "environment_proxy"]
 
 # What the SDK sent, so that an upstream's logs and allow-lists see the same client.
 SDK_USER_AGENT = f"AsyncOpenAI/Python {openai.__version__}"
@@ -69,7 +75,6 @@ class ChatTransport:
         model: str,
         extra_headers: HeaderSource | None = None,
     ) -> None:
-        self.url = url
         self._url = URL(url)  # parsed once, not per request
         self.headers = {"Accept": "application/json", "Content-Type": "application/json", **headers}
         self._timeout = aiohttp.ClientTimeout(
@@ -80,8 +85,18 @@ class ChatTransport:
         self._extra_headers = extra_headers
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._proxy: URL | None = None
-        self._proxy_auth: aiohttp.BasicAuth | None = None
+        proxy = environment_proxy(url)
+        self.proxy_url = None if proxy is None else str(proxy.url)
+        self.carries_its_proxy = proxy is None or proxy.url.scheme == "http"
+        # Credentials in the proxy's URL, sent as aiohttp's deprecated BasicAuth sent them: on the
+        # request itself to a plain-http URL (the proxy reads it), on the CONNECT to an https one.
+        self._proxy_headers: dict[str, str] | None = None
+        if proxy is not None and proxy.auth is not None:
+            authorization = {"Proxy-Authorization": aiohttp.encode_basic_auth(*proxy.auth)}
+            if self._url.scheme == "http":
+                self.headers.update(authorization)
+            else:
+                self._proxy_headers = authorization
 
     def _session_for_loop(self) -> aiohttp.ClientSession:
         loop = asyncio.get_running_loop()
@@ -93,7 +108,6 @@ class ChatTransport:
             )
             self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
             self._loop = loop
-            self._proxy, self._proxy_auth = _proxy_from_environment(self._url)
         return self._session
 
     async def post(self, body: bytes) -> tuple[bytes, CIMultiDictProxy[str]]:
@@ -103,7 +117,7 @@ class ChatTransport:
             headers = {**headers, **await self._extra_headers()}
         try:
             async with session.post(
-                self._url, data=body, headers=headers, proxy=self._proxy, proxy_auth=self._proxy_auth
+                self._url, data=body, headers=headers, proxy=self.proxy_url, proxy_headers=self._proxy_headers
             ) as response:
                 content = await response.read()
                 status = response.status
@@ -126,10 +140,15 @@ class ChatTransport:
             await session.close()
 
 
-def _proxy_from_environment(url: URL) -> tuple[URL | None, aiohttp.BasicAuth | None]:
-    """The proxy (and its credentials) the environment names for ``url``, as aiohttp's
-    ``trust_env`` would pick it, or none (``NO_PROXY`` exempts the host, or no proxy is set)."""
-    try:
-        return get_env_proxy_for_url(url)
-    except LookupError:
-        return None, None
+def environment_proxy(url: str) -> httpx2.Proxy | None:
+    """The proxy the environment names for ``url``, chosen as ``httpx2.AsyncClient`` (the SDK's
+    client) chooses it: its own reading of the variables (``get_environment_proxies``) and its
+    mount patterns, the most specific matching pattern first; None for no proxy or a
+    ``NO_PROXY`` exemption."""
+    target = httpx2.URL(url)
+    mounts = {URLPattern(pattern): proxy for pattern, proxy in get_environment_proxies().items()}
+    for pattern in sorted(mounts):
+        if pattern.matches(target):
+            proxy = mounts[pattern]
+            return None if proxy is None else httpx2.Proxy(url=proxy)
+    return None

@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from openai import DefaultAioHttpClient
 
 from models import AuthenticationFailed, AzureOpenAIChatCompletionClient, UserMessage
 from models.providers import ProviderOptions, UnknownProvider, provider_client_factory, provider_names
@@ -153,3 +154,56 @@ def test_an_unknown_provider_is_refused_with_the_known_ones() -> None:
     with pytest.raises(UnknownProvider, match=r"'anthropic': known are azure, openai"):
         provider_client_factory("anthropic", ProviderOptions())
     assert provider_names() == ["azure", "openai"]
+
+
+def _failing_provider() -> str:
+    raise ValueError("no cached token and the identity endpoint said no")
+
+
+async def _async_provider_of_nothing() -> object:
+    return None
+
+
+@pytest.mark.parametrize(
+    "token_provider",
+    [_failing_provider, lambda: 42, lambda: "", _async_provider_of_nothing],
+    ids=["raises-ValueError", "returns-int", "returns-empty", "async-returns-None"],
+)
+@pytest.mark.parametrize("through_sdk", [False, True])
+async def test_a_token_provider_that_fails_is_a_credentials_error(
+    azure_server: tuple[str, Recorder], token_provider: Any, through_sdk: bool
+) -> None:
+    """Not "malformed provider response" (retried, as if the provider had answered) nor a bare
+    exception: nothing was sent, and the credentials are what is wrong."""
+    endpoint, recorder = azure_server
+    client = AzureOpenAIChatCompletionClient(
+        model="gpt-4o-mini",
+        azure_endpoint=endpoint,
+        api_version="2024-10-21",
+        azure_ad_token_provider=token_provider,
+        http_client=DefaultAioHttpClient() if through_sdk else None,
+    )
+    with pytest.raises(AuthenticationFailed, match="azure_ad_token_provider") as caught:
+        await client.create([UserMessage(content="hi", source="user")])
+    await client.close()
+    assert not caught.value.retryable
+    assert recorder.requests == []
+
+
+async def test_an_async_token_provider_is_awaited_on_both_paths(azure_server: tuple[str, Recorder]) -> None:
+    endpoint, recorder = azure_server
+
+    async def provider() -> str:
+        return "entra-async-token"
+
+    for through_sdk in (False, True):
+        client = AzureOpenAIChatCompletionClient(
+            model="gpt-4o-mini",
+            azure_endpoint=endpoint,
+            api_version="2024-10-21",
+            azure_ad_token_provider=provider,
+            http_client=DefaultAioHttpClient() if through_sdk else None,
+        )
+        await client.create([UserMessage(content="hi", source="user")])
+        await client.close()
+    assert [r["headers"]["authorization"] for r in recorder.requests] == ["Bearer entra-async-token"] * 2

@@ -1,20 +1,24 @@
 """``create`` POSTs over the clients' own aiohttp transport, not the SDK, and behaves as the SDK
 path did: for every failure the simulator can produce over real HTTP, the error is the one the SDK
-path maps the same answer to; the headers and body that reach the upstream are the SDK's."""
+path maps the same answer to; the headers (less the SDK's X-Stainless-* telemetry) and body that
+reach the upstream are the SDK's."""
 
 from __future__ import annotations
 
 import json
 import socket
 import threading
+import warnings
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 from openai import DefaultAioHttpClient
+from pydantic import BaseModel
 
 from models import (
+    BadRequest,
     ModelClientError,
     OpenAIChatCompletionClient,
     ProviderTimeout,
@@ -167,6 +171,7 @@ class Recorder:
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
         self.reply = json.dumps(REPLY).encode()
+        self.status = 200
 
 
 @pytest.fixture
@@ -185,7 +190,7 @@ def recording_server() -> Iterator[tuple[str, Recorder]]:
                     "body": json.loads(self.rfile.read(length)),
                 }
             )
-            self.send_response(200)
+            self.send_response(recorder.status)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(recorder.reply)))
             self.send_header("x-request-id", "req-recorded")
@@ -270,3 +275,201 @@ async def test_a_2xx_that_is_no_json_object_is_unavailable(
     sdk = await failure_of(client_at(base_url, through_sdk=True), "hello")
     assert type(own) is type(sdk) is ProviderUnavailable
     assert own.message.startswith("malformed provider response")
+
+
+# The SDK builds its error from ``data = body.get("error", body)`` and reads code and type from
+# ``data`` only: a bare-string ``error`` has no code and is not the message; a top-level ``code``
+# beside an ``error`` object is not read. Both paths must land on the same error for the same bytes.
+@pytest.mark.parametrize(
+    ("status", "reply"),
+    [
+        (400, b'{"error": "This model\'s maximum context length is 8192 tokens"}'),
+        (429, b'{"error": {"type": "insufficient_quota"}, "code": "rate_limit_exceeded"}'),
+        (429, b'{"error": {"message": "slow down", "code": "insufficient_quota"}, "code": null}'),
+        (429, b'{"error": {"error": {"code": "insufficient_quota"}}}'),
+        (400, b'{"message": "too many tokens", "code": "context_length_exceeded"}'),
+        (400, b'{"error": {"message": "half \\ud83d", "code": "invalid_value", "param": NaN}}'),
+        (500, b'{"error": {"message": "", "type": "server_error"}}'),
+        (503, b"upstream overloaded"),
+        (429, b'["rate", "limited"]'),
+    ],
+)
+async def test_error_bodies_map_as_through_the_sdk(
+    recording_server: tuple[str, Recorder], status: int, reply: bytes
+) -> None:
+    base_url, recorder = recording_server
+    recorder.status, recorder.reply = status, reply
+    own = await failure_of(client_at(base_url, through_sdk=False), "hello")
+    sdk = await failure_of(client_at(base_url, through_sdk=True), "hello")
+    assert described(own) == described(sdk)
+    assert len(recorder.requests) == 2
+
+
+class Metadata(BaseModel):
+    team: str
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"seed": 10**30}, {"seed": -(2**64)}, {"metadata": Metadata(team="batch")}],
+    ids=["int-beyond-64-bits", "negative-int-beyond-64-bits", "pydantic-object"],
+)
+async def test_what_orjson_cannot_encode_is_sent_as_the_sdk_sends_it(
+    recording_server: tuple[str, Recorder], extra: dict[str, Any]
+) -> None:
+    base_url, recorder = recording_server
+    for through_sdk in (False, True):
+        client = client_at(base_url, through_sdk=through_sdk)
+        result = await client.create([UserMessage(content="hello", source="user")], extra_create_args=extra)
+        await client.close()
+        assert result.content == "hi"
+    own, sdk = recorder.requests
+    assert own["body"] == sdk["body"]
+    assert own["body"].get("seed") == extra.get("seed")
+
+
+async def test_a_body_nothing_can_encode_is_a_bad_request_not_a_type_error(
+    recording_server: tuple[str, Recorder],
+) -> None:
+    base_url, recorder = recording_server
+    for unencodable in (object(), "half \ud83d"):
+        client = client_at(base_url, through_sdk=False)
+        with pytest.raises(BadRequest) as caught:
+            await client.create(
+                [UserMessage(content="hello", source="user")], extra_create_args={"user": unencodable}
+            )
+        await client.close()
+        assert not caught.value.retryable
+    assert recorder.requests == [], "refused before anything is sent"
+
+
+@pytest.mark.parametrize(
+    "extra_json",
+    [b'"x_score": NaN', b'"x_score": Infinity', b'"x_score": -Infinity'],
+)
+async def test_a_2xx_the_stdlib_reads_is_a_result_on_both_paths(
+    recording_server: tuple[str, Recorder], extra_json: bytes
+) -> None:
+    """orjson refuses NaN, +-Infinity and a lone surrogate escape that ``json.loads`` (the SDK's
+    reader) takes; the provider billed for the answer, so it is a result, not a retry."""
+    base_url, recorder = recording_server
+    reply = dict(REPLY, choices=[dict(REPLY["choices"][0], message={"role": "assistant", "content": "X"})])
+    recorder.reply = (
+        json.dumps(reply).encode().replace(b'"content": "X"', b'"content": "half \\ud83d"')[:-1]
+        + b", "
+        + extra_json
+        + b"}"
+    )
+    results = []
+    for through_sdk in (False, True):
+        client = client_at(base_url, through_sdk=through_sdk)
+        results.append(await client.create([UserMessage(content="hello", source="user")]))
+        await client.close()
+    own, sdk = results
+    assert own.content == sdk.content == "half \ud83d"
+    assert own.usage == sdk.usage
+    assert len(recorder.requests) == 2
+
+
+# --- proxies from the environment: the recording server stands in for a forward proxy ------------
+
+_PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "REQUEST_METHOD")
+
+
+def _proxy_environment(monkeypatch: pytest.MonkeyPatch, settings: dict[str, str]) -> None:
+    for name in _PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port  # closed again: nobody listens there
+
+
+@pytest.mark.parametrize(
+    ("settings", "through_proxy"),
+    [
+        ({"ALL_PROXY": "{proxy}"}, True),
+        ({"all_proxy": "{proxy}"}, True),
+        ({"HTTP_PROXY": "{proxy}"}, True),
+        ({"http_proxy": "{proxy}", "HTTPS_PROXY": "http://127.0.0.1:{dead}"}, True),
+        ({"ALL_PROXY": "http://127.0.0.1:{dead}", "HTTP_PROXY": "{proxy}"}, True),
+        ({"ALL_PROXY": "http://127.0.0.1:{dead}", "NO_PROXY": "127.0.0.1"}, False),
+        ({"ALL_PROXY": "http://127.0.0.1:{dead}", "no_proxy": "example.org, 127.0.0.0/8"}, False),
+        ({"HTTPS_PROXY": "http://127.0.0.1:{dead}"}, False),
+    ],
+)
+async def test_the_environments_proxy_is_chosen_as_by_the_sdk(
+    recording_server: tuple[str, Recorder],
+    monkeypatch: pytest.MonkeyPatch,
+    settings: dict[str, str],
+    through_proxy: bool,
+) -> None:
+    """The recording server is either the proxy (the request line then carries the upstream's
+    absolute URL) or, where the environment exempts it or names no proxy for http, the upstream."""
+    base_url, recorder = recording_server
+    proxy_url = base_url.removesuffix("/v1")
+    dead = _closed_port()
+    _proxy_environment(
+        monkeypatch, {name: value.format(proxy=proxy_url, dead=dead) for name, value in settings.items()}
+    )
+    # Through the proxy, the upstream's name is never resolved here: only the proxy is dialled.
+    target = "http://upstream.invalid/v1" if through_proxy else base_url
+    for through_sdk in (False, True):
+        client = client_at(target, through_sdk=through_sdk)
+        result = await client.create([UserMessage(content="hello", source="user")])
+        await client.close()
+        assert result.content == "hi"
+    own, sdk = recorder.requests
+    expected = "http://upstream.invalid/v1/chat/completions" if through_proxy else "/v1/chat/completions"
+    assert own["path"] == sdk["path"] == expected
+
+
+async def test_proxy_credentials_in_the_url_are_sent_to_the_proxy(
+    recording_server: tuple[str, Recorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base_url, recorder = recording_server
+    _proxy_environment(monkeypatch, {"all_proxy": base_url.replace("http://", "http://egress:s3cret@")})
+    own_client = client_at("http://upstream.invalid/v1", through_sdk=False)
+    await own_client.create([UserMessage(content="hello", source="user")])
+    await own_client.close()
+    sdk_client = client_at("http://upstream.invalid/v1", through_sdk=True)
+    with warnings.catch_warnings():
+        # The SDK's vendored aiohttp transport still passes aiohttp's deprecated BasicAuth.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        await sdk_client.create([UserMessage(content="hello", source="user")])
+    await sdk_client.close()
+    own, sdk = recorder.requests
+    assert own["headers"]["proxy-authorization"] == sdk["headers"]["proxy-authorization"]
+    assert own["headers"]["proxy-authorization"].startswith("Basic ")
+
+
+async def test_an_https_proxy_is_left_to_the_sdk_path(
+    recording_server: tuple[str, Recorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp cannot speak TLS to a proxy: rather than going around it (direct, where an egress
+    proxy is the only way out), ``create`` goes through the SDK's client, as streams do, and
+    fails or succeeds as that path does."""
+    base_url, _ = recording_server
+    _proxy_environment(
+        monkeypatch, {"ALL_PROXY": base_url.replace("http://", "https://").removesuffix("/v1")}
+    )
+    own_client = client_at(base_url, through_sdk=False)
+    outcomes = []
+    for client in (own_client, client_at(base_url, through_sdk=True)):
+        try:
+            await client.create([UserMessage(content="hello", source="user")])
+            outcomes.append(("result", None))
+        except ModelClientError as error:
+            outcomes.append(("error", type(error)))
+        finally:
+            if client is own_client:
+                assert client._sdk_client is not None, "create went through the SDK's client"
+            await client.close()
+    own, sdk = outcomes
+    assert own == sdk

@@ -6,9 +6,8 @@ The simulator serves OpenAI's paths only, so a tiny local HTTP server records wh
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
@@ -16,6 +15,7 @@ from openai import DefaultAioHttpClient
 
 from models import AuthenticationFailed, AzureOpenAIChatCompletionClient, UserMessage
 from models.providers import ProviderOptions, UnknownProvider, provider_client_factory, provider_names
+from tests.models.local_http import serving
 
 AZURE_KEY = "azure-test-key-1234"
 
@@ -68,15 +68,8 @@ def make_handler(recorder: Recorder) -> type[BaseHTTPRequestHandler]:
 @pytest.fixture
 def azure_server() -> Iterator[tuple[str, Recorder]]:
     recorder = Recorder()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(recorder))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", recorder
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serving(make_handler(recorder)) as root:
+        yield root, recorder
 
 
 async def test_azure_deployment_url_and_api_key_header(azure_server: tuple[str, Recorder]) -> None:

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import warnings
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
@@ -28,6 +27,7 @@ from models import (
 )
 from models.openai.transport import SDK_USER_AGENT
 from simulator import SimulatorServer
+from tests.models.local_http import serving
 
 KEY = "sk-test-transport-key"
 
@@ -200,15 +200,8 @@ def recording_server() -> Iterator[tuple[str, Recorder]]:
         def log_message(self, format: str, *args: Any) -> None:
             return None
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", recorder
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serving(Handler) as root:
+        yield f"{root}/v1", recorder
 
 
 # Headers the SDK adds for its own telemetry (x-stainless-*) or that transports set differently

@@ -1,6 +1,6 @@
 """A single call's result in one statement (``store.results.record_single_call_result``): the
 ledger it leaves is the one ``record_results`` leaves (result, request, batch, its end, the
-tenant's day and usage), in two round trips and no BEGIN / COMMIT; what it does not apply to
+tenant's day and usage), in one round trip and no BEGIN / COMMIT; what it does not apply to
 (duplicates, cancelled requests, batch requests) it leaves untouched for ``record_results``."""
 
 from __future__ import annotations
@@ -104,13 +104,18 @@ def _spent_today(engine: Engine, tenant_id: str) -> Any:
             "error_message": "bad",
             "usage": RequestUsage(),
         },
+        {"model": f"{MODEL}-2024-07-18"},
+        {"model": "unpriced-model"},
+        {"status": store.RequestStatus.FAILED, "model": None, "usage": RequestUsage(), "response_body": None},
     ],
-    ids=["succeeded", "cache-hit", "failed"],
+    ids=["succeeded", "cache-hit", "failed", "priced-by-prefix", "unpriced", "no-model"],
 )
 def test_the_one_statement_leaves_the_ledger_record_results_leaves(
     pg_engine: Engine, changes: dict[str, Any]
 ) -> None:
     store.set_price(pg_engine, MODEL, "2", "1", "8")
+    store.set_price(pg_engine, "priced", "100", "100", "100")  # a shorter prefix: not this model's
+    store.set_price(pg_engine, f"{MODEL}-2024", "3", "3", "3")  # the longest prefix of the dated name
     general_tenant = store.create_tenant(pg_engine, "general")
     fast_tenant = store.create_tenant(pg_engine, "fast")
     general_call = _call(pg_engine, general_tenant.id)
@@ -122,7 +127,7 @@ def test_the_one_statement_leaves_the_ledger_record_results_leaves(
     assert fast is not None
     assert (fast.inserted, fast.duplicates, fast.skipped) == ([fast_call[0]], [], [])
     assert fast.finalized_batches == [fast_call[1]]
-    assert list(fast.costs.values()) == list(general.costs.values())
+    assert list(fast.costs.items()) == [(fast_call[0], cost) for cost in general.costs.values()]
     assert general.finalized_batches == [general_call[1]]
     assert _ledger(pg_engine, *fast_call) == _ledger(pg_engine, *general_call)
     assert _spent_today(pg_engine, fast_tenant.id) == _spent_today(pg_engine, general_tenant.id)
@@ -147,9 +152,9 @@ def test_a_batch_being_cancelled_ends_cancelled_as_record_results_ends_it(pg_eng
     assert _ledger(pg_engine, *fast_call)["batch"]["status"] == store.BatchStatus.CANCELLED
 
 
-def test_a_single_calls_result_is_two_statements_and_no_transaction_around_them(pg_engine: Engine) -> None:
-    """The prices read, then the one statement (its own transaction, committed durably as any
-    autocommit statement is): no BEGIN, no COMMIT, nothing told not to wait for the disk."""
+def test_a_single_calls_result_is_one_statement_and_no_transaction_around_it(pg_engine: Engine) -> None:
+    """One statement, its own transaction (committed durably, as any autocommit statement is): no
+    prices read apart, no BEGIN, no COMMIT, nothing told not to wait for the disk."""
     tenant = store.create_tenant(pg_engine, "acme")
     request_id, batch_id = _call(pg_engine, tenant.id)
     sent: list[str] = []
@@ -172,7 +177,7 @@ def test_a_single_calls_result_is_two_statements_and_no_transaction_around_them(
         event.remove(pg_engine, "before_cursor_execute", statement)
         event.remove(pg_engine, "begin", began)
     assert (outcome.inserted, outcome.finalized_batches, replaced) == ([request_id], [batch_id], [])
-    assert len(sent) == 2, sent
+    assert len(sent) == 1, sent
     assert not begun
     assert not any("synchronous_commit" in text for text in sent)
 

@@ -29,6 +29,14 @@ def dispatch_to_workers(engine: Engine, batch_id: str) -> None:
     enqueue_batch(producer_dispatcher(engine), batch_id)
 
 
+# As many pooled connections as the threads that may use one at once (Starlette's
+# run_in_threadpool and sync dependencies share AnyIO's default limiter of 40): with fewer (5, the
+# default) every burst past them opened overflow connections and closed them again at check-in, a
+# backend started and torn down per request at 16 concurrent single calls (py-spy: the API's
+# threads spent 4% of their time connecting). Opened only as the peak needs them.
+API_POOL_SIZE = 40
+
+
 def metrics_registry(settings: Settings, engine: Engine) -> CollectorRegistry:
     """What the API's ``/metrics`` serves: the ledger's figures (``telemetry.ledger_metrics``)."""
     registry = CollectorRegistry()
@@ -44,7 +52,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     ``workers``."""
     settings = settings or get_settings()
     tracing.configure(settings, "tokenmill-api")
-    engine = store.make_engine(settings.database_url)
+    engine = store.make_engine(settings.database_url, pool_size=API_POOL_SIZE)
     store.require_schema_at_head(engine)
     # The same tools as the workers, so that an agent run naming an unknown one is refused at create.
     load_tool_modules(settings.tool_modules)

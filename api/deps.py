@@ -18,9 +18,11 @@ __all__ = [
     "ObjectId",
     "SettingsDep",
     "TenantDep",
+    "bearer_key",
     "current_tenant",
     "get_engine",
     "get_settings",
+    "tenant_of_key",
 ]
 
 # Our ids (file-…, batch_…) and OpenAI's are short ASCII; anything else is refused before it
@@ -46,8 +48,8 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 
 
-def current_tenant(engine: EngineDep, authorization: Annotated[str | None, Header()] = None) -> store.Tenant:
-    """The tenant whose key is in ``Authorization: Bearer <key>``; 401 otherwise."""
+def bearer_key(authorization: str | None) -> str:
+    """The key in ``Authorization: Bearer <key>``; 401 when there is none (no look-up)."""
     if not authorization:
         raise Unauthenticated(
             "You didn't provide an API key: send it as 'Authorization: Bearer <key>' "
@@ -58,11 +60,21 @@ def current_tenant(engine: EngineDep, authorization: Annotated[str | None, Heade
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
         raise Unauthenticated("The Authorization header must be 'Bearer <key>'.")
+    return key
+
+
+def tenant_of_key(engine: Engine, key: str) -> store.Tenant:
+    """The tenant owning ``key`` (a ledger look-up: call it off the event loop); 401 otherwise."""
     tenant = store.authenticate_api_key(engine, key)
     if tenant is None:
         # Never echo the key back: a log or a proxy may keep the response.
         raise Unauthenticated("Incorrect API key provided, or the key was revoked.")
     return tenant
+
+
+def current_tenant(engine: EngineDep, authorization: Annotated[str | None, Header()] = None) -> store.Tenant:
+    """The tenant whose key is in ``Authorization: Bearer <key>``; 401 otherwise."""
+    return tenant_of_key(engine, bearer_key(authorization))
 
 
 TenantDep = Annotated[store.Tenant, Depends(current_tenant)]

@@ -32,7 +32,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from models.types import RequestUsage
 from store.batch_lifecycle import all_finished, finalize_batches
-from store.engine import dialect_insert, is_postgresql, write_transaction
+from store.engine import autocommit_connection, dialect_insert, is_postgresql, write_transaction
 from store.ids import now_seconds
 from store.prices import cost_usd, price_for
 from store.quotas import add_daily_spend
@@ -46,12 +46,14 @@ __all__ = [
     "record_cancelled_spend",
     "record_handed_back_spend",
     "record_results",
+    "record_single_call_result",
 ]
 
 _ENDED = (RequestStatus.SUCCEEDED, RequestStatus.FAILED)
 # Starts the key a discarded answer that came without a provider id is stored under (never a
 # provider's id, so reports can tell the two apart).
 UNIDENTIFIED_ANSWER_PREFIX = "tokenmill-unidentified-"
+_SECONDS_PER_DAY = 86_400  # tenant_daily_spend's day: store.quotas
 
 
 @dataclass(frozen=True, slots=True)
@@ -596,3 +598,120 @@ def _end_requests(conn: Connection, records: Sequence[ResultRecord], now: int) -
         ),
         [{"r_id": r.request_id, "r_status": r.status, "r_cache_key": r.cache_key} for r in records],
     )
+
+
+# A single call's result in one statement (``record_single_call_result``): its request locked
+# (still not cancelled, of a hidden batch), the result inserted (first writer wins), the request
+# ended, its batch's counters raised and, once all finished, the batch ended in the same UPDATE
+# (a hidden batch has no files: in_progress -> completed through finalizing, cancelling ->
+# cancelled, as finalize_batches moves it), the tenant's day raised by a non-zero cost. Every
+# step after the insert hangs on its RETURNING: nothing inserted, nothing changed.
+_BATCH_DONE = (
+    "(batches.completed_count + :b_completed + batches.failed_count + :b_failed"
+    " + batches.cancelled_count >= batches.total_count)"
+)
+_SINGLE_CALL_RESULT = sa.text(
+    # The price as store.prices.price_for picks it (the exact name, else the longest priced name
+    # the model starts with followed by "-"), the cost as cost_usd computes it: exact (times
+    # 0.000001, where a numeric division would round), a cache hit's 0.
+    "WITH price AS ("
+    " SELECT input_per_million, cached_input_per_million, output_per_million FROM model_prices"
+    " WHERE model = :model OR left(:model, length(model) + 1) = model || '-'"
+    " ORDER BY model = :model DESC, length(model) DESC LIMIT 1"
+    "), cost AS ("
+    " SELECT CASE WHEN CAST(:cached AS boolean) THEN CAST(0 AS numeric) ELSE ("
+    " SELECT (GREATEST(:prompt_tokens - :cached_prompt_tokens, 0) * input_per_million"
+    " + :cached_prompt_tokens * cached_input_per_million + :completion_tokens * output_per_million)"
+    " * 0.000001 FROM price) END AS usd"
+    "), owner AS ("
+    " SELECT requests.id, requests.batch_id, requests.tenant_id FROM requests"
+    " JOIN batches ON batches.id = requests.batch_id"
+    " WHERE requests.id = :request_id AND requests.status <> 'cancelled' AND batches.hidden"
+    " FOR UPDATE OF requests"
+    "), inserted AS ("
+    f" INSERT INTO results ({', '.join(name for name, _ in _RESULT_COLUMNS)})"
+    " SELECT "
+    + ", ".join(
+        "owner.id"
+        if name == "request_id"
+        else f"owner.{name}"
+        if name in ("batch_id", "tenant_id")
+        else "(SELECT usd FROM cost)"
+        if name == "cost_usd"
+        else f"CAST(:{name} AS {kind})"
+        for name, kind in _RESULT_COLUMNS
+    )
+    + " FROM owner ON CONFLICT (request_id) DO NOTHING RETURNING request_id, batch_id, tenant_id, cost_usd"
+    "), ended AS ("
+    " UPDATE requests SET status = :status, cache_key = :cache_key, finished_at = :created_at,"
+    " lease_owner = NULL, lease_expires_at = NULL"
+    " FROM inserted WHERE requests.id = inserted.request_id RETURNING requests.id"
+    "), counted AS ("
+    " UPDATE batches SET completed_count = batches.completed_count + :b_completed,"
+    " failed_count = batches.failed_count + :b_failed, "
+    + ", ".join(
+        f"{name} = batches.{name} + COALESCE(inserted.cost_usd, 0)"
+        if name == "billed_cost_usd"
+        else f"{name} = batches.{name} + :b_{name}"
+        for name in _BILLED_COLUMNS
+    )
+    + f", finalizing_at = CASE WHEN {_BATCH_DONE} AND batches.status = 'in_progress'"
+    " THEN :created_at ELSE batches.finalizing_at END,"
+    f" completed_at = CASE WHEN {_BATCH_DONE} AND batches.status = 'in_progress'"
+    " THEN :created_at ELSE batches.completed_at END,"
+    f" cancelled_at = CASE WHEN {_BATCH_DONE} AND batches.status = 'cancelling'"
+    " THEN :created_at ELSE batches.cancelled_at END,"
+    f" status = CASE WHEN NOT {_BATCH_DONE} THEN batches.status"
+    " WHEN batches.status = 'in_progress' THEN 'completed'"
+    " WHEN batches.status = 'cancelling' THEN 'cancelled' ELSE batches.status END"
+    " FROM inserted WHERE batches.id = inserted.batch_id"
+    " RETURNING batches.id, batches.status, batches.completed_at, batches.cancelled_at"
+    "), spent AS ("
+    " INSERT INTO tenant_daily_spend (tenant_id, day, cost_usd)"
+    " SELECT inserted.tenant_id, :day, inserted.cost_usd FROM inserted WHERE inserted.cost_usd <> 0"
+    " ON CONFLICT (tenant_id, day) DO UPDATE SET cost_usd = tenant_daily_spend.cost_usd + excluded.cost_usd"
+    " RETURNING 1"
+    ") SELECT inserted.request_id, inserted.cost_usd, counted.id AS batch_id, counted.status AS batch_status,"
+    " counted.completed_at, counted.cancelled_at,"
+    " (SELECT count(*) FROM ended) AS ended, (SELECT count(*) FROM spent) AS spent"
+    " FROM inserted JOIN counted ON counted.id = inserted.batch_id"
+)
+
+
+_FILLED_BY_THE_STATEMENT = ("batch_id", "tenant_id", "cost_usd")
+
+
+def record_single_call_result(
+    engine: Engine, record: ResultRecord, now: int | None = None
+) -> RecordOutcome | None:
+    """``record_results`` for one single call's record (a request of a hidden batch, the
+    interactive lane's), on PostgreSQL in one statement that is its own transaction (durable at
+    its commit, as ``record_results``'s) instead of BEGIN, seven statements and COMMIT. Returns
+    None, having written nothing, when that statement does not apply (SQLite; the request
+    unknown, cancelled, of a batch not hidden, or already recorded): then ``record_results``
+    decides (duplicates, discarded answers), as it would have alone."""
+    if record.status not in _ENDED:
+        raise ValueError(f"a result's status is succeeded or failed, not {record.status!r}")
+    if not is_postgresql(engine):
+        return None
+    now = now if now is not None else now_seconds()
+    # The owner's columns and the cost are the statement's to fill: placeholders here.
+    row = _result_row(record, "", "", {}, now)
+    totals = _BatchTotals()
+    totals.add_result(record.status, row)
+    parameters = {
+        **{name: row[name] for name, _ in _RESULT_COLUMNS if name not in _FILLED_BY_THE_STATEMENT},
+        **totals.parameters(""),
+        "status": record.status.value,
+        "response_body": None if record.response_body is None else json.dumps(record.response_body),
+        "day": now // _SECONDS_PER_DAY,  # as store.quotas counts a day
+    }
+    with autocommit_connection(engine) as conn:
+        written = conn.execute(_SINGLE_CALL_RESULT, parameters).one_or_none()
+    if written is None:
+        return None
+    ended_now = (written.batch_status == "completed" and written.completed_at == now) or (
+        written.batch_status == "cancelled" and written.cancelled_at == now
+    )
+    costs = {} if written.cost_usd is None else {record.request_id: written.cost_usd}
+    return RecordOutcome([record.request_id], [], [], [written.batch_id] if ended_now else [], [], costs)

@@ -58,7 +58,7 @@ from workers import observe
 from workers.lane_scheduler import LaneScheduler
 from workers.lane_transport import LaneMessage, LaneTransport
 from workers.pipeline import ModelCallPipeline
-from workers.result_writer import record_isolating_bad_rows
+from workers.result_writer import record_single_call
 from workers.runner import (
     LeaseKeeper,
     RequestCancelled,
@@ -251,7 +251,7 @@ class LaneConsumer:
             record = dataclasses.replace(record, attempts=record.attempts + request.handed_back_attempts)
         # Ledger first, then the answer: what the caller gets is what the ledger keeps.
         with tracing.span("tokenmill ledger write", {"tokenmill.ledger.records": 1}):
-            outcome, replaced = await asyncio.to_thread(record_isolating_bad_rows, self.engine, [record])
+            outcome, replaced = await asyncio.to_thread(record_single_call, self.engine, record)
         kept = request.id in outcome.inserted and request.id not in replaced
         if request.id in outcome.inserted:  # counted once committed, as the result writer counts
             observe_recorded(

@@ -19,13 +19,14 @@ from sqlalchemy.engine import Engine
 from store import PaidAnswer, RecordOutcome, RequestStatus, ResultRecord, record_results
 from store.input_checks import bounded_text
 from store.log_redaction import redacted_error_text
+from store.results import record_single_call_result
 from telemetry import tracing
 from telemetry.metrics import RecordedRequest, observe_recorded
 
 if TYPE_CHECKING:
     from workers.runner import ChunkReport
 
-__all__ = ["UNRECORDABLE", "ResultWriter", "record_isolating_bad_rows"]
+__all__ = ["UNRECORDABLE", "ResultWriter", "record_isolating_bad_rows", "record_single_call"]
 
 _logger = logging.getLogger(__name__)
 
@@ -81,6 +82,22 @@ def _unreachable(error: BaseException) -> bool:
     return isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError) or (
         isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated
     )
+
+
+def record_single_call(engine: Engine, record: ResultRecord) -> tuple[RecordOutcome, list[str]]:
+    """``record_isolating_bad_rows`` for one single call's record (the interactive lane's), in
+    one statement when it applies (``store.results.record_single_call_result``); whatever that
+    statement leaves to it (a duplicate, a cancelled request, a row the database refuses) goes
+    the general way, which decides as it always did."""
+    try:
+        outcome = record_single_call_result(engine, record)
+    except Exception as error:
+        if _unreachable(error):
+            raise
+        outcome = None  # the general way isolates what the database refuses
+    if outcome is not None:
+        return outcome, []
+    return record_isolating_bad_rows(engine, [record])
 
 
 def record_isolating_bad_rows(

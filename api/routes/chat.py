@@ -12,21 +12,20 @@ is read there. Cache hits say so: ``tokenmill-cache: hit`` and the body's (or th
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import redis.asyncio as aioredis
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from redis.exceptions import RedisError
 from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
 
 import store
-from api.deps import EngineDep, SettingsDep, TenantDep
+from api.deps import EngineDep, SettingsDep, bearer_key, tenant_of_key
 from api.errors import (
     BOUND_TO_HEADER,
     APIError,
@@ -98,34 +97,41 @@ def _stream_headers(outcome_id: str, cached: bool) -> dict[str, str]:
     return {**_headers(outcome_id, cached), BOUND_TO_HEADER: outcome_id}
 
 
+def _authenticated_submit(
+    engine: Engine, key: str, body: dict[str, Any], request_id: str
+) -> tuple[store.Tenant, InteractiveRequest]:
+    """The key's tenant, then its call's rows: one thread hop for both (each hop costs the event
+    loop a thread wake-up and a GIL hand-over, which at 16 concurrent calls was a millisecond of
+    the loop's time apiece: py-spy, bench/sync_latency.py)."""
+    tenant = tenant_of_key(engine, key)
+    submitted = submit_interactive(
+        engine,
+        tenant.id,
+        body,
+        endpoint="/v1/chat/completions",
+        dispatch_id=lane_dispatch_id(request_id),
+        metadata=SYNC_METADATA,
+        request_id=request_id,
+    )
+    return tenant, submitted
+
+
 async def _submit(
     request: Request,
     engine: Engine,
     transport: LaneTransport,
-    tenant_id: str,
+    key: str,
     body: dict[str, Any],
     stream: bool,
-    *,
-    weight: float,
 ) -> InteractiveRequest:
     request_id = new_id("batch_req_")
     try:
-        submitted = await run_in_threadpool(
-            functools.partial(
-                submit_interactive,
-                engine,
-                tenant_id,
-                body,
-                endpoint="/v1/chat/completions",
-                dispatch_id=lane_dispatch_id(request_id),
-                metadata=SYNC_METADATA,
-                request_id=request_id,
-            )
-        )
+        tenant, submitted = await run_in_threadpool(_authenticated_submit, engine, key, body, request_id)
     except store.InvalidArgument as e:
         raise InvalidRequest(str(e), param=e.param, code=e.code) from e
     except store.QuotaExceeded as e:
         raise over_quota(e) from e
+    tenant_id, weight = tenant.id, tenant.weight
     try:
         message = LaneMessage(request_id, stream, tracing.current_traceparent())
         # The tenant's weight travels with its calls: the lanes share their slots by it.
@@ -190,25 +196,29 @@ async def _wait(
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(
-    request: Request, tenant: TenantDep, engine: EngineDep, settings: SettingsDep
+    request: Request,
+    engine: EngineDep,
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header()] = None,
 ) -> JSONResponse | StreamingResponse:
     """A chat completion, exactly as OpenAI's endpoint takes and answers it."""
-    body = await json_object_body(request)
+    # The key is looked up with the call's submit, in one thread hop (_authenticated_submit); a
+    # missing or malformed one is refused here, before the body is read, as on every route.
+    key = bearer_key(authorization)
+    try:
+        body = await json_object_body(request)
+        stream, include_usage = _stream_options(body)
+    except APIError:
+        # An unknown key hears 401, not what is wrong with its body, as on every route.
+        await run_in_threadpool(tenant_of_key, engine, key)
+        raise
     # The root of the call's trace (telemetry.tracing); a stream's span ends at its first entry.
     with tracing.span("tokenmill chat.completions", {"gen_ai.operation.name": "chat"}) as span:
-        return await _chat_completion(request, tenant.id, engine, settings, body, span, weight=tenant.weight)
+        return await _chat_completion(request, key, engine, settings, body, span, stream, include_usage)
 
 
-async def _chat_completion(
-    request: Request,
-    tenant_id: str,
-    engine: Engine,
-    settings: Settings,
-    body: dict[str, Any],
-    span: Any,
-    *,
-    weight: float,
-) -> JSONResponse | StreamingResponse:
+def _stream_options(body: dict[str, Any]) -> tuple[bool, bool]:
+    """Whether the caller streams, and asks for the usage chunk; both taken out of ``body``."""
     stream = body.pop("stream", False)
     if stream is None:
         stream = False
@@ -216,9 +226,22 @@ async def _chat_completion(
         raise InvalidRequest("'stream' must be true or false", param="stream", code="invalid_type")
     stream_options = body.pop("stream_options", None)
     include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+    return stream, include_usage
+
+
+async def _chat_completion(
+    request: Request,
+    key: str,
+    engine: Engine,
+    settings: Settings,
+    body: dict[str, Any],
+    span: Any,
+    stream: bool,
+    include_usage: bool,
+) -> JSONResponse | StreamingResponse:
     body.setdefault("model", settings.default_model)
     transport = _transport(request, settings)
-    submitted = await _submit(request, engine, transport, tenant_id, body, stream, weight=weight)
+    submitted = await _submit(request, engine, transport, key, body, stream)
     if span is not None:
         span.set_attribute("tokenmill.request_id", submitted.request_id)
     if stream:

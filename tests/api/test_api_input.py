@@ -332,3 +332,24 @@ def test_a_validation_error_echoes_input_bounded_and_encodable(live_api: LiveAPI
         error = answer.json()["error"]
         assert len(error["message"]) < 1200
         assert error["param"] is None or len(error["param"]) < 250
+
+
+def test_a_chat_completion_checks_its_key_before_its_body(live_api: LiveAPI) -> None:
+    """The key is looked up with the call's submit (one thread hop): a body refused before that
+    still hears 401 when the key is unknown, as on every route."""
+    url = f"{live_api.base_url}/chat/completions"
+    wrong = {"Authorization": "Bearer tm-not-a-key"}
+    right = {"Authorization": f"Bearer {live_api.new_key('key-first')}"}
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    bodies: list[dict[str, object]] = [
+        {"content": b"[not json"},
+        {"json": {**chat, "stream": "yes"}},
+        {"json": {"model": "gpt-4o-mini", "messages": "hi"}},
+    ]
+    for body in bodies:
+        answer = httpx.post(url, headers=wrong, **body)  # type: ignore[arg-type]
+        assert answer.status_code == 401, (body, answer.text)
+        assert "Incorrect API key" in answer.json()["error"]["message"]
+        assert httpx.post(url, **body).status_code == 401  # type: ignore[arg-type]
+    refused = [httpx.post(url, headers=right, **body).status_code for body in bodies]  # type: ignore[arg-type]
+    assert refused == [400, 400, 400]

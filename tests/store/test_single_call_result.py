@@ -6,7 +6,6 @@ tenant's day and usage), in one round trip and no BEGIN / COMMIT; what it does n
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,16 +22,6 @@ from workers.result_writer import record_single_call
 
 MODEL = "priced-model"
 NOW = 1_800_000_000
-
-
-@pytest.fixture
-def pg_engine(postgres_url: str) -> Iterator[Engine]:
-    store.upgrade_to_head(postgres_url)
-    engine = store.make_engine(postgres_url)
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 def _call(engine: Engine, tenant_id: str) -> tuple[str, str]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -114,3 +116,33 @@ def _serve(postgres_url: str, redis_url: str, tmp_path: Path) -> Iterator[LiveAP
         stop_api(process)
         broker.flushdb()
         broker.close()
+
+
+def submit_batch(
+    root: str, key: str, lines: list[dict[str, Any]], metadata: dict[str, str] | None = None
+) -> str:
+    """Upload ``lines`` as a JSONL file and create a chat-completions batch of it over plain HTTP, as
+    a client would; returns the batch id."""
+    auth = {"Authorization": f"Bearer {key}"}
+    content = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+    uploaded = httpx.post(
+        f"{root}/v1/files",
+        headers=auth,
+        files={"file": ("in.jsonl", content)},
+        data={"purpose": "batch"},
+        timeout=30,
+    )
+    assert uploaded.status_code == 200, uploaded.text
+    created = httpx.post(
+        f"{root}/v1/batches",
+        headers=auth,
+        json={
+            "input_file_id": uploaded.json()["id"],
+            "endpoint": "/v1/chat/completions",
+            "completion_window": "24h",
+            "metadata": metadata or {},
+        },
+        timeout=30,
+    )
+    assert created.status_code == 200, created.text
+    return str(created.json()["id"])

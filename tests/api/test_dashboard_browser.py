@@ -15,12 +15,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import sqlalchemy as sa
 
 import store
-from tests.api.conftest import start_api, stop_api
+from tests.api.conftest import start_api, stop_api, submit_batch
 from tests.cluster import ROOT, Cluster, run_cli
 
 pytestmark = pytest.mark.slow
@@ -51,29 +50,7 @@ class Deployment:
     database_url: str
 
     def submit(self, tenant: str, lines: list[dict[str, Any]], metadata: dict[str, str] | None = None) -> str:
-        auth = {"Authorization": f"Bearer {self.keys[tenant]}"}
-        content = b"".join(json.dumps(line).encode() + b"\n" for line in lines)
-        uploaded = httpx.post(
-            f"{self.root}/v1/files",
-            headers=auth,
-            files={"file": ("in.jsonl", content)},
-            data={"purpose": "batch"},
-            timeout=30,
-        )
-        assert uploaded.status_code == 200, uploaded.text
-        created = httpx.post(
-            f"{self.root}/v1/batches",
-            headers=auth,
-            json={
-                "input_file_id": uploaded.json()["id"],
-                "endpoint": "/v1/chat/completions",
-                "completion_window": "24h",
-                "metadata": metadata or {},
-            },
-            timeout=30,
-        )
-        assert created.status_code == 200, created.text
-        return str(created.json()["id"])
+        return submit_batch(self.root, self.keys[tenant], lines, metadata)
 
 
 def chat(custom_id: str, content: str, model: str = MODEL) -> dict[str, Any]:

@@ -5,7 +5,6 @@ security headers, tenants apart and what an operator sees. The browser test
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ import pytest
 import redis
 
 from tests import services
-from tests.api.conftest import api_env, start_api, stop_api
+from tests.api.conftest import api_env, start_api, stop_api, submit_batch
 from tests.cluster import run_cli
 
 COOKIE = "__Host-tokenmill-session"
@@ -41,38 +40,17 @@ class Dashboard:
         return {"Cookie": f"{COOKIE}={cookie_value(answer)}"}
 
     def batch(self, tenant: str, metadata: dict[str, str], lines: int = 2) -> str:
-        auth = {"Authorization": f"Bearer {self.keys[tenant]}"}
-        content = b"".join(
-            json.dumps(
-                {
-                    "custom_id": f"{HOSTILE}-{i}",
-                    "method": "POST",
-                    "url": "/v1/chat/completions",
-                    "body": {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]},
-                }
-            ).encode()
-            + b"\n"
-            for i in range(lines)
+        line = {
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]},
+        }
+        return submit_batch(
+            self.root,
+            self.keys[tenant],
+            [{"custom_id": f"{HOSTILE}-{i}", **line} for i in range(lines)],
+            metadata,
         )
-        uploaded = httpx.post(
-            f"{self.root}/v1/files",
-            headers=auth,
-            files={"file": ("in.jsonl", content)},
-            data={"purpose": "batch"},
-        )
-        assert uploaded.status_code == 200, uploaded.text
-        created = httpx.post(
-            f"{self.root}/v1/batches",
-            headers=auth,
-            json={
-                "input_file_id": uploaded.json()["id"],
-                "endpoint": "/v1/chat/completions",
-                "completion_window": "24h",
-                "metadata": metadata,
-            },
-        )
-        assert created.status_code == 200, created.text
-        return str(created.json()["id"])
 
 
 def cookie_value(answer: httpx.Response) -> str:

@@ -10,6 +10,7 @@ RETURNING`` in a ``BEGIN IMMEDIATE`` transaction, which writers take one at a ti
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -66,7 +67,7 @@ class ClaimedRequest:
     reclaimed: bool = False
 
 
-def _claimable(now: int) -> sa.ColumnElement[bool]:
+def _claimable(now: int | sa.BindParameter[int]) -> sa.ColumnElement[bool]:
     return sa.or_(
         sa.and_(
             status_is(RequestStatus.QUEUED),
@@ -148,8 +149,9 @@ def claim_requests(
     if not request_ids:
         return []
     now = now if now is not None else now_seconds()
-    candidates = sa.select(Request.id).where(Request.id.in_(request_ids), _claimable(now))
-    return _lease(engine, candidates, owner, now + lease_seconds, now, durable=durable)
+    candidates = _claim_by_id()
+    parameters = {"claim_ids": list(request_ids), "claim_now": now}
+    return _lease(engine, candidates, owner, now + lease_seconds, now, durable=durable, parameters=parameters)
 
 
 def claim_queued(
@@ -254,16 +256,23 @@ def claim_in_order(
 
 
 def _lease(
-    engine: Engine, candidates: sa.Select[Any], owner: str, expires: int, now: int, *, durable: bool = True
+    engine: Engine,
+    candidates: sa.Select[Any],
+    owner: str,
+    expires: int,
+    now: int,
+    *,
+    durable: bool = True,
+    parameters: dict[str, Any] | None = None,
 ) -> list[ClaimedRequest]:
     if is_postgresql(engine):
         # One statement there: a transaction of its own, without BEGIN / COMMIT round trips.
         with autocommit_connection(engine) as conn:
-            return _lease_in(conn, candidates, owner, expires, now, durable=durable)
+            return _lease_in(conn, candidates, owner, expires, now, durable=durable, parameters=parameters)
     with write_transaction(engine) as conn:
         if not durable:
             flush_with_next_durable_commit(conn)
-        return _lease_in(conn, candidates, owner, expires, now)
+        return _lease_in(conn, candidates, owner, expires, now, parameters=parameters)
 
 
 def _lease_in(
@@ -274,82 +283,26 @@ def _lease_in(
     now: int,
     *,
     durable: bool = True,
+    parameters: dict[str, Any] | None = None,
 ) -> list[ClaimedRequest]:
-    """One statement on PostgreSQL. ``durable=False`` (PostgreSQL) sets the statement's own
+    """Lease the rows ``candidates`` selects (its bound ``parameters``, if any): one statement on
+    PostgreSQL (``_postgresql_lease``). ``durable=False`` (PostgreSQL) sets the statement's own
     transaction to commit without waiting for the disk (``flush_with_next_durable_commit``), from
     within the statement: nothing to set when no row is claimed, and nothing to write then."""
-    no_flush_wait: list[sa.ColumnElement[Any]] = []
-    if not durable and is_postgresql(conn):
-        setting = sa.func.set_config(
-            sa.literal_column("'synchronous_commit'"), sa.literal_column("'off'"), sa.true()
-        )
-        no_flush_wait = [setting.label("no_flush_wait")]
+    values = {**(parameters or {}), "lease_owner": owner, "lease_expires": expires}
+    running: set[str] | None = None  # on PostgreSQL, told by each row's previous status instead
     if is_postgresql(conn):
-        # Rows another claimer holds are skipped, not waited for. A materialized CTE, because
-        # PostgreSQL may evaluate an IN (... LIMIT n FOR UPDATE SKIP LOCKED) subquery more than
-        # once during the UPDATE and so lease more than n rows. It keeps each row's status
-        # before the claim: running means its lease ran out (reclaimed).
-        locked = (
-            candidates.add_columns(Request.status.label("previous_status"))
-            .with_for_update(skip_locked=True)
-            .cte("claimed")
-            .prefix_with("MATERIALIZED")
-        )
-        # The locked rows are found again by primary key, and by nothing else: their
-        # claimability was rechecked on their newest versions as they were locked, and the
-        # ids as one array (an index condition on the key) keep the planner from either walking
-        # the partial index of unfinished requests (every line of a new batch, while its
-        # statistics still say that index is empty: 2 s a claim at 50k lines) or scanning the
-        # table to join it to the locked rows.
-        chosen: sa.ColumnElement[bool] = sa.and_(
-            Request.id
-            == sa.any_(
-                sa.cast(
-                    sa.select(sa.func.array_agg(locked.c.id)).scalar_subquery(), postgresql.ARRAY(sa.String)
-                )
-            ),
-            Request.id == locked.c.id,
-        )
-        recheck: sa.ColumnElement[bool] = sa.true()
-        previous: sa.ColumnElement[Any] = locked.c.previous_status
-        running: set[str] | None = None  # told by ``previous`` instead
+        statement = _postgresql_lease(candidates, durable=durable)
     else:
         chosen = Request.id.in_(candidates.scalar_subquery())  # SQLite writers are serialized
         # Read in this transaction, before the update: writers take turns, so it still holds.
         running = set(
             conn.execute(
-                sa.select(Request.id).where(chosen, Request.status == RequestStatus.RUNNING)
+                sa.select(Request.id).where(chosen, Request.status == RequestStatus.RUNNING), values
             ).scalars()
         )
-        previous = sa.literal(None)
-        recheck = _claimable(now)
-    rows = conn.execute(
-        sa.update(Request)
-        .where(chosen, recheck)
-        .values(
-            status=RequestStatus.RUNNING,
-            lease_owner=owner,
-            lease_expires_at=expires,
-            attempts=Request.attempts + 1,
-            not_before=None,
-        )
-        .returning(
-            Request.id,
-            Request.batch_id,
-            Request.tenant_id,
-            Request.custom_id,
-            Request.kind,
-            Request.body,
-            Request.attempts,
-            Request.priority,
-            Request.line_number,
-            Request.handed_back_attempts,
-            Request.retry_deadline,
-            previous.label("previous_status"),
-            *no_flush_wait,
-        )
-    ).all()
-    rows = sorted(rows, key=lambda row: row.line_number)
+        statement = _leased(chosen, _claimable(now), sa.literal(None))
+    rows = sorted(conn.execute(statement, values).all(), key=lambda row: row.line_number)
     return [
         ClaimedRequest(
             id=row.id,
@@ -367,6 +320,91 @@ def _lease_in(
         )
         for row in rows
     ]
+
+
+# Keyed by the candidates' identity: ``claim_requests`` passes one object every time, so its
+# statement is built once (building and hashing it cost a worker more CPU than PostgreSQL spends
+# on the claim of a single call: py-spy, bench/sync_latency.py); other claims' fresh candidates
+# only pass through.
+@functools.lru_cache(maxsize=16)
+def _postgresql_lease(candidates: sa.Select[Any], *, durable: bool) -> sa.Update:
+    """The claim of the rows ``candidates`` selects as one PostgreSQL statement."""
+    # Rows another claimer holds are skipped, not waited for. A materialized CTE, because
+    # PostgreSQL may evaluate an IN (... LIMIT n FOR UPDATE SKIP LOCKED) subquery more than
+    # once during the UPDATE and so lease more than n rows. It keeps each row's status
+    # before the claim: running means its lease ran out (reclaimed).
+    locked = (
+        candidates.add_columns(Request.status.label("previous_status"))
+        .with_for_update(skip_locked=True)
+        .cte("claimed")
+        .prefix_with("MATERIALIZED")
+    )
+    # The locked rows are found again by primary key, and by nothing else: their
+    # claimability was rechecked on their newest versions as they were locked, and the
+    # ids as one array (an index condition on the key) keep the planner from either walking
+    # the partial index of unfinished requests (every line of a new batch, while its
+    # statistics still say that index is empty: 2 s a claim at 50k lines) or scanning the
+    # table to join it to the locked rows.
+    chosen: sa.ColumnElement[bool] = sa.and_(
+        Request.id
+        == sa.any_(
+            sa.cast(sa.select(sa.func.array_agg(locked.c.id)).scalar_subquery(), postgresql.ARRAY(sa.String))
+        ),
+        Request.id == locked.c.id,
+    )
+    no_flush_wait: list[sa.ColumnElement[Any]] = []
+    if not durable:
+        setting = sa.func.set_config(
+            sa.literal_column("'synchronous_commit'"), sa.literal_column("'off'"), sa.true()
+        )
+        no_flush_wait = [setting.label("no_flush_wait")]
+    return _leased(chosen, sa.true(), locked.c.previous_status, *no_flush_wait)
+
+
+def _leased(
+    chosen: sa.ColumnElement[bool],
+    recheck: sa.ColumnElement[bool],
+    previous: sa.ColumnElement[Any],
+    *extra: sa.ColumnElement[Any],
+) -> sa.Update:
+    """The UPDATE that leases the ``chosen`` rows to ``lease_owner`` until ``lease_expires``
+    (parameters), returning what a worker needs of each."""
+    return (
+        sa.update(Request)
+        .where(chosen, recheck)
+        .values(
+            status=RequestStatus.RUNNING,
+            lease_owner=sa.bindparam("lease_owner", type_=Request.lease_owner.type),
+            lease_expires_at=sa.bindparam("lease_expires", type_=Request.lease_expires_at.type),
+            attempts=Request.attempts + 1,
+            not_before=None,
+        )
+        .returning(
+            Request.id,
+            Request.batch_id,
+            Request.tenant_id,
+            Request.custom_id,
+            Request.kind,
+            Request.body,
+            Request.attempts,
+            Request.priority,
+            Request.line_number,
+            Request.handed_back_attempts,
+            Request.retry_deadline,
+            previous.label("previous_status"),
+            *extra,
+        )
+    )
+
+
+@functools.cache
+def _claim_by_id() -> sa.Select[Any]:
+    """``claim_requests``' candidates (parameters ``claim_ids``, ``claim_now``): one object, so
+    that its claim statement is built once (``_postgresql_lease``)."""
+    return sa.select(Request.id).where(
+        Request.id.in_(sa.bindparam("claim_ids", expanding=True)),
+        _claimable(sa.bindparam("claim_now", type_=sa.BigInteger)),
+    )
 
 
 def extend_leases(

@@ -7,7 +7,10 @@ openai SDK (AsyncOpenAI, distinct prompts, so nothing is a cache hit), measured 
 
   (1) non-streamed, one call at a time and 16 at once: p50 and p99 of the direct calls and of the
       calls through ``tokenmill api`` + ``tokenmill worker`` (its interactive lane), and what
-      tokenmill adds (targets: +5 ms p50 alone; +15 ms p50 and +60 ms p99 at 16);
+      tokenmill adds (targets: +5 ms p50 alone; +15 ms p50 and +60 ms p99 at 16), and the CPU
+      each call through tokenmill cost its API, its workers and PostgreSQL (the SDK's own CPU in
+      this script on either path beside them): on a machine the upstream and its callers share,
+      CPU per call is what latency under concurrency is made of;
   (2) streamed, one at a time: time to the first content chunk, direct and through tokenmill
       (target: within 20 ms of the upstream's).
 
@@ -33,9 +36,10 @@ from pathlib import Path
 
 import openai
 import redis
+import sqlalchemy as sa
 from openai.types.chat import ChatCompletionMessageParam
 
-from bench.throughput import ServiceProcesses, scratch_database
+from bench.throughput import ServiceProcesses, pid_cpu_seconds, scratch_database, session_cpu_seconds
 from simulator.testing import SimulatorServer, free_port
 from store import create_api_key, create_tenant, make_engine, upgrade_to_head
 
@@ -58,6 +62,8 @@ class Stack(ServiceProcesses):
             engine.dispose()
         self.prefix = f"tmlatency:{uuid.uuid4().hex[:8]}:"
         self.files = tempfile.TemporaryDirectory(prefix="tokenmill-bench-files-")
+        # NullPool: looking up the backends keeps none of its own alive.
+        self.database = sa.create_engine(database_url, poolclass=sa.NullPool)
         env = {
             **os.environ,
             "PYTHONPATH": str(ROOT),
@@ -81,8 +87,24 @@ class Stack(ServiceProcesses):
             self.close()
             raise
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds so far of the API's and the worker's process trees and of each PostgreSQL
+        backend serving the scratch database (by pid: ``pg-<pid>``)."""
+        by_session = session_cpu_seconds(self.sessions.values())
+        seconds = {name: by_session[pid] for name, pid in self.sessions.items()}
+        with self.database.connect() as conn:
+            backends = conn.execute(
+                sa.text(
+                    "SELECT pid FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalars()
+            seconds.update({f"pg-{pid}": cpu for pid, cpu in pid_cpu_seconds(backends).items()})
+        return seconds
+
     def close(self) -> None:
         self._stop()
+        self.database.dispose()
         client = redis.Redis.from_url(REDIS_URL)
         try:
             keys = list(client.scan_iter(match=f"{self.prefix}*", count=1000))
@@ -137,6 +159,21 @@ async def _timed(client: openai.AsyncOpenAI, *, count: int, concurrency: int) ->
     return await timed_calls(client, count, concurrency)
 
 
+def _cpu_per_call(
+    before: dict[str, float], after: dict[str, float], calls: int, driver_through: float, driver_direct: float
+) -> dict[str, float]:
+    """Milliseconds of CPU per call: API, workers, PostgreSQL (backends that started meanwhile
+    count whole), and this script's SDK on each path."""
+    spent = {name: seconds - before.get(name, 0.0) for name, seconds in after.items()}
+    return {
+        "api": 1000 * spent["api"] / calls,
+        "workers": 1000 * spent["worker"] / calls,
+        "postgresql": 1000 * sum(v for k, v in spent.items() if k.startswith("pg-")) / calls,
+        "sdk direct": 1000 * driver_direct / calls,
+        "sdk through": 1000 * driver_through / calls,
+    }
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
@@ -186,6 +223,7 @@ def main() -> None:
             # Warm both paths up: connections, worker processes, the lane.
             run(direct, lambda c: timed_calls(c, 20, 4))
             run(through, lambda c: timed_calls(c, 40, 8))
+            cpu_per_call: dict[int, dict[str, float]] = {}
             print(
                 f"upstream: simulator at {args.latency_ms:.0f} ms; {args.requests} calls per row; "
                 f"{args.processes} worker processes"
@@ -193,8 +231,18 @@ def main() -> None:
             print(f"{'':28}{'p50':>10} {'p99':>10}   {'added p50':>10} {'added p99':>10}")
             for concurrency in (1, 16):
                 job = functools.partial(_timed, count=args.requests, concurrency=concurrency)
+                driver_started = time.process_time()
                 base = run(direct, job)
+                driver_direct = time.process_time() - driver_started
+                cpu_before, driver_started = stack.cpu_seconds(), time.process_time()
                 ours = run(through, job)
+                cpu_per_call[concurrency] = _cpu_per_call(
+                    cpu_before,
+                    stack.cpu_seconds(),
+                    len(ours),
+                    time.process_time() - driver_started,
+                    driver_direct,
+                )
                 b50, b99 = percentile(base, 50), percentile(base, 99)
                 o50, o99 = percentile(ours, 50), percentile(ours, 99)
                 print(f"direct,      concurrency {concurrency:2}  {_ms(b50)} {_ms(b99)}")
@@ -203,6 +251,12 @@ def main() -> None:
                     f"{_ms(o50 - b50)} {_ms(o99 - b99)}"
                 )
             print("targets: added p50 <= 5 ms alone; added p50 <= 15 ms and p99 <= 60 ms at 16")
+            print("CPU per call through tokenmill (the SDK in this script: direct / through):")
+            for concurrency, parts in cpu_per_call.items():
+                print(
+                    f"  concurrency {concurrency:2}  "
+                    + ", ".join(f"{k} {v:.2f} ms" for k, v in parts.items())
+                )
 
             sim.configure(stream_chunk_delay_ms=args.chunk_delay_ms)
             base = run(direct, lambda c: time_to_first_token(c, args.stream_requests))

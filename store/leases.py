@@ -116,11 +116,12 @@ def mark_dispatched(
 
     The rows are found by primary key alone, whatever the statistics say. "Unfinished" is spelled
     as "not finished" (``_FINISHED``), which no index can serve: spelled ``status IN ('queued',
-    'running')`` it let PostgreSQL drive the update from an index on ``status`` whenever its
-    statistics had not seen the new batch (a batch is dispatched right after its ingest, long
-    before an ANALYZE), reading every unfinished request of the ledger to pick out the chunk's
-    few hundred: each chunk cost as much as the whole batch, the dispatch of a batch grew with
-    the square of its lines (tests/store/test_leases.py reads the plan)."""
+    'running')`` it let PostgreSQL drive the update from ``(status, lease_expires_at)`` or from a
+    partial index of unfinished requests whenever its statistics had not seen the new batch (a
+    batch is dispatched right after its ingest, long before an ANALYZE), reading every unfinished
+    request of the ledger to pick out the chunk's few hundred: each chunk cost as much as the
+    whole batch, and the dispatch of a batch grew with the square of its lines (the plan is read
+    by tests/store/test_scale.py; bench.dispatch times it)."""
     if not request_ids:
         return 0
     now = now if now is not None else now_seconds()

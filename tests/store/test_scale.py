@@ -120,6 +120,44 @@ def test_a_claim_updates_the_rows_it_locked_by_id_while_the_statistics_lag(pg_en
             assert all(scan.endswith("using requests_pkey") for scan in requests_scans), (name, plan)
 
 
+def test_a_dispatch_marks_its_chunk_by_id_while_the_statistics_lag(pg_engine: Engine) -> None:
+    """A batch is dispatched right after its ingest, before any ANALYZE has seen its lines: the
+    UPDATE that names a chunk's message must find the chunk's rows through the primary key, not
+    walk every unfinished request through an index of ``status`` to pick out the chunk's few
+    hundred (each chunk then cost the whole batch: the dispatch of a batch grew with the square
+    of its lines), in the custom and in the generic plan. It still skips finished requests."""
+    engine = pg_engine
+    tenant = store.create_tenant(engine, "acme")
+    ended = store.ingest_batch(engine, _jsonl([chat_line(f"e{i}") for i in range(500)]), tenant_id=tenant.id)
+    store.record_results(
+        engine, [answer(request_id) for request_id in store.pending_request_ids(engine, ended.batch_id)]
+    )
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("VACUUM ANALYZE requests"))  # no unfinished request in the statistics
+    batch_id = store.ingest_batch(
+        engine, _jsonl([chat_line(f"c{i}") for i in range(20_000)]), tenant_id=tenant.id
+    ).batch_id
+    # A chunk small beside the batch, as 512 ids are at a million lines (a sequential scan would
+    # be the cheapest plan of a bigger chunk of a table this small).
+    chunk = store.pending_request_ids(engine, batch_id, 64)
+
+    statement, parameters = capture(
+        engine,
+        lambda: store.mark_dispatched(engine, chunk, "dsp_1", now=1_000_000),
+        lambda statement: statement.startswith("UPDATE requests"),
+    )
+    plan = explain(engine, statement, parameters)
+    generic = generic_plan_scans(engine, statement, parameters)
+
+    assert plan.rows_read <= 2 * len(chunk), plan
+    for scans in (plan.scans, generic):
+        indexes = [scan.split(" using ")[1] for scan in scans if " using " in scan]
+        assert indexes == ["requests_pkey"], scans
+        assert "Seq Scan on requests" not in scans, scans
+    store.record_results(engine, [answer(chunk[0])])
+    assert store.mark_dispatched(engine, chunk, "dsp_1", now=1_000_000) == len(chunk) - 1
+
+
 def test_a_refill_finds_run_out_leases_without_reading_a_new_batch(pg_engine: Engine) -> None:
     """Right after a big batch lands, before ANALYZE has seen it: a refill's first look-up (the
     requests running under a lease that ran out, in the tenant's batches) reads the running

@@ -187,22 +187,31 @@ class LaneConsumer:
             # The ledger out of reach: the settled marker lets the sweeper send it again.
             _logger.exception("the lane could not claim request %s", request_id)
             claimed = []
-        # Claimed or not, the marker covers nothing any more. Removed alongside the call rather
-        # than before it: one round trip fewer ahead of the upstream call.
-        settling = asyncio.create_task(self._settle(request_id))
         if not claimed:
-            await settling
+            # The marker covers nothing any more.
+            await self._settle(request_id)
             return  # finished, cancelled or run elsewhere: its caller reads the ledger
+        # Claimed, the marker covers nothing any more either: a plain call's goes with its
+        # reply, in the same round trip (``LaneTransport.reply``); while it runs, its lease is
+        # what tells the sweeper (a request running under an expired lease is sent again,
+        # whatever its marker). A streamed call's goes alongside the call, as its answer is
+        # many round trips.
+        settling = asyncio.create_task(self._settle(request_id)) if message.stream else None
+        settled = False
         try:
-            await self._serve_claimed(claimed, message)
+            settled = await self._serve_claimed(claimed, message)
         finally:
-            await settling
+            if settling is not None:
+                await settling
+            elif not settled:  # handed back, released, or its answer lost
+                await self._settle(request_id)
 
     async def _settle(self, request_id: str) -> None:
         with contextlib.suppress(RedisError, OSError):
             await self.transport.settle(request_id)
 
-    async def _serve_claimed(self, claimed: list[ClaimedRequest], message: LaneMessage) -> None:
+    async def _serve_claimed(self, claimed: list[ClaimedRequest], message: LaneMessage) -> bool:
+        """Run the claimed request; whether its answer (which settles a plain call) was pushed."""
         request_id = message.request_id
         request = claimed[0]
         observe.claimed(claimed)
@@ -210,16 +219,18 @@ class LaneConsumer:
         token = self.tokens[request_id] = CancellationToken()
         observe.started(request)  # as a chunk's request task: its scope, and one more in flight
         try:
-            await self._run(request, token, message.stream)
+            return await self._run(request, token, message.stream)
         except Exception:
             _logger.exception("the lane failed request %s; it goes back in line", request_id)
             await asyncio.to_thread(release_requests, self.engine, [request_id], self.owner)
+            return False
         finally:
             observe.ended(request)
             self.running.pop(request_id, None)
             self.tokens.pop(request_id, None)
 
-    async def _run(self, request: ClaimedRequest, token: CancellationToken, stream: bool) -> None:
+    async def _run(self, request: ClaimedRequest, token: CancellationToken, stream: bool) -> bool:
+        """Run and record the request, then answer; whether the answer was pushed."""
         RATE_LIMIT_DEADLINE.set(request.retry_deadline)
         if request.attempts > self.max_deliveries:
             error = ModelClientError(
@@ -231,8 +242,7 @@ class LaneConsumer:
                 record = await self._call(request, token, stream)
             except RequestCancelled:
                 await asyncio.to_thread(cancel_claimed, self.engine, [request.id], self.owner)
-                await self._answer(request.id, None, stream)
-                return
+                return await self._answer(request.id, None, stream)
             except RetryLater as later:
                 # Back in line with its delay, as a chunk hands a request back; the sweeper
                 # sends it on (the API keeps waiting for the ledger).
@@ -246,7 +256,7 @@ class LaneConsumer:
                     handed_back=True,
                     upstream_attempts=later.attempts,
                 )
-                return
+                return False
         if request.handed_back_attempts:
             record = dataclasses.replace(record, attempts=record.attempts + request.handed_back_attempts)
         # Ledger first, then the answer: what the caller gets is what the ledger keeps.
@@ -257,14 +267,16 @@ class LaneConsumer:
             observe_recorded(
                 [(record, observe.recorded_request(request))], outcome.costs, replaced=set(replaced)
             )
-        await self._answer(request.id, outcome_of(record) if kept else None, stream)
+        return await self._answer(request.id, outcome_of(record) if kept else None, stream)
 
     async def _call(self, request: ClaimedRequest, token: CancellationToken, stream: bool) -> ResultRecord:
         if request.kind is not RequestKind.CHAT_COMPLETION:
             error = ModelClientError(f"the interactive lane runs no {request.kind.value} requests")
             return failed_record(request.id, error, attempts=0)
         if not stream:
-            return await complete_chat(request, self.pipeline, token)  # as a batch line's
+            # As a batch line's, but the cache read and locked in one trip: a single call is
+            # rarely a repeat, and a miss then costs one round trip fewer.
+            return await complete_chat(request, self.pipeline, token, lookup_first=False)
         try:
             chat = request_from_openai_body(request.body)
         except ModelClientError as e:
@@ -299,8 +311,9 @@ class LaneConsumer:
             )
         return record_of_call(request.id, chat.model, call)
 
-    async def _answer(self, request_id: str, outcome: InteractiveOutcome | None, stream: bool) -> None:
-        """Tell the waiting API: the outcome, or (None) to read the ledger's."""
+    async def _answer(self, request_id: str, outcome: InteractiveOutcome | None, stream: bool) -> bool:
+        """Tell the waiting API: the outcome, or (None) to read the ledger's; a plain call's
+        reply settles its message too. Whether it was pushed."""
         reply: dict[str, Any] = outcome.to_json() if outcome is not None else {"ledger": True}
         try:
             if stream:
@@ -310,6 +323,8 @@ class LaneConsumer:
         except (RedisError, OSError):
             # The API reads the ledger when no answer comes.
             _logger.warning("the answer of request %s could not be pushed", request_id, exc_info=True)
+            return False
+        return True
 
     def _lose(self, lost: set[str]) -> None:
         """Another worker took these over (our lease lapsed): stop their waits and retries; a call

@@ -20,6 +20,7 @@ __all__ = [
     "CacheHit",
     "CacheMiss",
     "CacheStoreError",
+    "EventSink",
     "LLMCall",
     "LLMStreamEnd",
     "LLMStreamStart",
@@ -158,7 +159,43 @@ class Retry(ModelEvent):
     retry_after: float | None = None
 
 
+class EventSink(logging.Handler):
+    """A handler of the event logger that takes the events themselves (``observe``) and passes
+    them on to the loggers above when ``passes_on()``. While it is the event logger's only
+    handler, neither filtered nor passing on, ``emit`` hands it each event directly: no log
+    record is built (a worker's every call emits two or three events, to count them)."""
+
+    def observe(self, event: object) -> None:
+        """Take one event (a ``ModelEvent``, or what else was logged on the event logger)."""
+        raise NotImplementedError
+
+    def passes_on(self) -> bool:
+        raise NotImplementedError
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.observe(record.msg)
+        except Exception:
+            self.handleError(record)
+
+
 def emit(event: ModelEvent) -> None:
     """Log ``event`` at INFO on the event logger; nothing is formatted if nobody listens."""
     if event_logger.isEnabledFor(_INFO):
+        handlers = event_logger.handlers
+        if len(handlers) == 1 and not event_logger.filters:
+            sink = handlers[0]
+            if (
+                isinstance(sink, EventSink)
+                and not sink.filters
+                and sink.level <= _INFO
+                and not sink.passes_on()
+            ):
+                try:
+                    sink.observe(event)
+                except Exception:  # as a handler's failure: reported, never the caller's
+                    sink.handleError(
+                        event_logger.makeRecord(EVENT_LOGGER_NAME, _INFO, "", 0, event, (), None)
+                    )
+                return
         event_logger.info(event)

@@ -15,6 +15,7 @@ from models.events import (
     EVENT_LOGGER_NAME,
     CacheHit,
     CacheMiss,
+    EventSink,
     LLMCall,
     LLMStreamEnd,
     Retry,
@@ -46,19 +47,26 @@ def _error_type(status_code: int | None, error: str | None) -> str:
     return kind if kind.isidentifier() and len(kind) <= 40 else "error"
 
 
-class ModelEventMetrics(logging.Handler):
-    """Observes each model event; then hands the record to the loggers above if they log INFO."""
+class ModelEventMetrics(EventSink):
+    """Observes each model event; then hands the record to the loggers above if they log INFO
+    (if none does, ``models.events.emit`` hands it the events without a log record)."""
 
     def __init__(self, events: logging.Logger) -> None:
         super().__init__(logging.INFO)
         self._events = events
 
+    def observe(self, event: object) -> None:
+        observe_event(event)
+
+    def passes_on(self) -> bool:
+        return self._parent().isEnabledFor(logging.INFO)
+
+    def _parent(self) -> logging.Logger:
+        return self._events.parent or logging.getLogger()  # read now: loggers made later insert themselves
+
     def emit(self, record: logging.LogRecord) -> None:
-        try:
-            observe_event(record.msg)
-        except Exception:
-            self.handleError(record)
-        parent = self._events.parent or logging.getLogger()  # read now: loggers made later insert themselves
+        super().emit(record)
+        parent = self._parent()
         if parent.isEnabledFor(record.levelno):
             parent.handle(record)
 

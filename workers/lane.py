@@ -26,11 +26,11 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
-import functools
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -56,6 +56,7 @@ from telemetry.metrics import observe_recorded
 from telemetry.model_events import install_model_event_metrics
 from workers import observe
 from workers.lane_scheduler import LaneScheduler
+from workers.lane_threads import LaneThreads
 from workers.lane_transport import LaneMessage, LaneTransport
 from workers.pipeline import ModelCallPipeline
 from workers.result_writer import record_single_call
@@ -71,6 +72,8 @@ from workers.runner import (
 __all__ = ["LaneConsumer", "start_in_background", "stop"]
 
 _logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _TAKE_TIMEOUT_SECONDS = 1.0
 _CANCEL_CHECK_SECONDS = 0.5
@@ -112,6 +115,14 @@ class LaneConsumer:
         self.running: dict[str, ClaimedRequest] = {}
         self.tokens: dict[str, CancellationToken] = {}
         self.scheduler = LaneScheduler(transport, owner, in_flight)
+        # The ledger's threads while ``run`` runs (``workers.lane_threads``); else asyncio's.
+        self._threads: LaneThreads | None = None
+
+    async def _ledger(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """``function(*args, **kwargs)`` (a ledger call) on a thread."""
+        if self._threads is not None:
+            return await self._threads.run(function, *args, **kwargs)
+        return await asyncio.to_thread(function, *args, **kwargs)
 
     async def run(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -124,6 +135,8 @@ class LaneConsumer:
             lambda lost: loop.call_soon_threadsafe(self._lose, lost),
         )
         keeper.start()
+        # Enough threads that the lane's ledger calls do not queue behind each other.
+        self._threads = LaneThreads(min(32, self.in_flight + 4), "lane ledger")
         watcher = asyncio.create_task(self._watch_cancels())
         gate = asyncio.Semaphore(self.in_flight)
         serving: set[asyncio.Task[None]] = set()
@@ -151,6 +164,10 @@ class LaneConsumer:
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
             await asyncio.to_thread(keeper.stop)
+            threads, self._threads = self._threads, None
+            # A ledger call still running (the watcher's, cancelled) ends on its own: not waited
+            # for past a few seconds.
+            await asyncio.to_thread(threads.stop, 5.0)
 
     async def _serve_for(self, tenant_id: str, message: LaneMessage) -> None:
         try:
@@ -173,36 +190,43 @@ class LaneConsumer:
             # A plain call's claim need not wait for the disk: its caller hears of it only through
             # the durable commit of its result. A streamed call's must: its first chunk reaches
             # the caller before any result, and this commit makes the request's row durable too.
-            claimed = await asyncio.to_thread(
-                functools.partial(
-                    claim_requests,
-                    self.engine,
-                    [request_id],
-                    self.owner,
-                    self.lease_seconds,
-                    durable=message.stream,
-                )
+            claimed = await self._ledger(
+                claim_requests,
+                self.engine,
+                [request_id],
+                self.owner,
+                self.lease_seconds,
+                durable=message.stream,
             )
         except Exception:
             # The ledger out of reach: the settled marker lets the sweeper send it again.
             _logger.exception("the lane could not claim request %s", request_id)
             claimed = []
-        # Claimed or not, the marker covers nothing any more. Removed alongside the call rather
-        # than before it: one round trip fewer ahead of the upstream call.
-        settling = asyncio.create_task(self._settle(request_id))
         if not claimed:
-            await settling
+            # The marker covers nothing any more.
+            await self._settle(request_id)
             return  # finished, cancelled or run elsewhere: its caller reads the ledger
+        # Claimed, the marker covers nothing any more either: a plain call's goes with its
+        # reply, in the same round trip (``LaneTransport.reply``); while it runs, its lease is
+        # what tells the sweeper (a request running under an expired lease is sent again,
+        # whatever its marker). A streamed call's goes alongside the call, as its answer is
+        # many round trips.
+        settling = asyncio.create_task(self._settle(request_id)) if message.stream else None
+        settled = False
         try:
-            await self._serve_claimed(claimed, message)
+            settled = await self._serve_claimed(claimed, message)
         finally:
-            await settling
+            if settling is not None:
+                await settling
+            elif not settled:  # handed back, released, or its answer lost
+                await self._settle(request_id)
 
     async def _settle(self, request_id: str) -> None:
         with contextlib.suppress(RedisError, OSError):
             await self.transport.settle(request_id)
 
-    async def _serve_claimed(self, claimed: list[ClaimedRequest], message: LaneMessage) -> None:
+    async def _serve_claimed(self, claimed: list[ClaimedRequest], message: LaneMessage) -> bool:
+        """Run the claimed request; whether its answer (which settles a plain call) was pushed."""
         request_id = message.request_id
         request = claimed[0]
         observe.claimed(claimed)
@@ -210,16 +234,18 @@ class LaneConsumer:
         token = self.tokens[request_id] = CancellationToken()
         observe.started(request)  # as a chunk's request task: its scope, and one more in flight
         try:
-            await self._run(request, token, message.stream)
+            return await self._run(request, token, message.stream)
         except Exception:
             _logger.exception("the lane failed request %s; it goes back in line", request_id)
-            await asyncio.to_thread(release_requests, self.engine, [request_id], self.owner)
+            await self._ledger(release_requests, self.engine, [request_id], self.owner)
+            return False
         finally:
             observe.ended(request)
             self.running.pop(request_id, None)
             self.tokens.pop(request_id, None)
 
-    async def _run(self, request: ClaimedRequest, token: CancellationToken, stream: bool) -> None:
+    async def _run(self, request: ClaimedRequest, token: CancellationToken, stream: bool) -> bool:
+        """Run and record the request, then answer; whether the answer was pushed."""
         RATE_LIMIT_DEADLINE.set(request.retry_deadline)
         if request.attempts > self.max_deliveries:
             error = ModelClientError(
@@ -230,13 +256,12 @@ class LaneConsumer:
             try:
                 record = await self._call(request, token, stream)
             except RequestCancelled:
-                await asyncio.to_thread(cancel_claimed, self.engine, [request.id], self.owner)
-                await self._answer(request.id, None, stream)
-                return
+                await self._ledger(cancel_claimed, self.engine, [request.id], self.owner)
+                return await self._answer(request.id, None, stream)
             except RetryLater as later:
                 # Back in line with its delay, as a chunk hands a request back; the sweeper
                 # sends it on (the API keeps waiting for the ledger).
-                await asyncio.to_thread(
+                await self._ledger(
                     release_requests,
                     self.engine,
                     [request.id],
@@ -246,25 +271,27 @@ class LaneConsumer:
                     handed_back=True,
                     upstream_attempts=later.attempts,
                 )
-                return
+                return False
         if request.handed_back_attempts:
             record = dataclasses.replace(record, attempts=record.attempts + request.handed_back_attempts)
         # Ledger first, then the answer: what the caller gets is what the ledger keeps.
         with tracing.span("tokenmill ledger write", {"tokenmill.ledger.records": 1}):
-            outcome, replaced = await asyncio.to_thread(record_single_call, self.engine, record)
+            outcome, replaced = await self._ledger(record_single_call, self.engine, record)
         kept = request.id in outcome.inserted and request.id not in replaced
         if request.id in outcome.inserted:  # counted once committed, as the result writer counts
             observe_recorded(
                 [(record, observe.recorded_request(request))], outcome.costs, replaced=set(replaced)
             )
-        await self._answer(request.id, outcome_of(record) if kept else None, stream)
+        return await self._answer(request.id, outcome_of(record) if kept else None, stream)
 
     async def _call(self, request: ClaimedRequest, token: CancellationToken, stream: bool) -> ResultRecord:
         if request.kind is not RequestKind.CHAT_COMPLETION:
             error = ModelClientError(f"the interactive lane runs no {request.kind.value} requests")
             return failed_record(request.id, error, attempts=0)
         if not stream:
-            return await complete_chat(request, self.pipeline, token)  # as a batch line's
+            # As a batch line's, but the cache read and locked in one trip: a single call is
+            # rarely a repeat, and a miss then costs one round trip fewer.
+            return await complete_chat(request, self.pipeline, token, lookup_first=False)
         try:
             chat = request_from_openai_body(request.body)
         except ModelClientError as e:
@@ -299,8 +326,9 @@ class LaneConsumer:
             )
         return record_of_call(request.id, chat.model, call)
 
-    async def _answer(self, request_id: str, outcome: InteractiveOutcome | None, stream: bool) -> None:
-        """Tell the waiting API: the outcome, or (None) to read the ledger's."""
+    async def _answer(self, request_id: str, outcome: InteractiveOutcome | None, stream: bool) -> bool:
+        """Tell the waiting API: the outcome, or (None) to read the ledger's; a plain call's
+        reply settles its message too. Whether it was pushed."""
         reply: dict[str, Any] = outcome.to_json() if outcome is not None else {"ledger": True}
         try:
             if stream:
@@ -310,6 +338,8 @@ class LaneConsumer:
         except (RedisError, OSError):
             # The API reads the ledger when no answer comes.
             _logger.warning("the answer of request %s could not be pushed", request_id, exc_info=True)
+            return False
+        return True
 
     def _lose(self, lost: set[str]) -> None:
         """Another worker took these over (our lease lapsed): stop their waits and retries; a call
@@ -326,7 +356,7 @@ class LaneConsumer:
                 continue
             batches = {request.batch_id: request.id for request in list(self.running.values())}
             try:
-                statuses = await asyncio.to_thread(batch_statuses, self.engine, list(batches))
+                statuses = await self._ledger(batch_statuses, self.engine, list(batches))
             except Exception:
                 _logger.warning("the lane could not read its batches' statuses", exc_info=True)
                 continue

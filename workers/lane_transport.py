@@ -17,13 +17,18 @@ Both sides use it: the API (``send``, ``wait_reply``, ``read_stream``) and a wor
   requests (``workers.lane_pressure``).
 * ``lane:wake:{owner}`` wakes one consumer's blocked take when the order it blocked with is stale
   (a slot of a tenant it had left out freed).
-* Each message has a dispatch marker (``workers.dispatch``), written with it and removed when a
-  worker claims the request: while it lives, the sweeper leaves the queued request alone; once it
-  is gone (a consumer died between take and claim, the broker was flushed) the sweeper sends the
-  request again, through the chunk queue. It lives ``MARKER_PENDING_SECONDS``, so a message waiting
-  longer than that (every lane busy) gets a copy on the chunk queue too: harmless, a claim decides.
+* Each message has a dispatch marker (``workers.dispatch``), written with it and removed once a
+  worker claimed the request (a streamed call's at once, a plain call's with its reply, or as
+  soon as the claim fails or the request goes back in line): while it lives, the sweeper leaves
+  the queued request alone; once it is gone (a consumer died between take and claim, the broker
+  was flushed) the sweeper sends the request again, through the chunk queue. It lives
+  ``MARKER_PENDING_SECONDS``, so a message waiting longer than that (every lane busy) gets a copy
+  on the chunk queue too: harmless, a claim decides.
 * ``lane:reply:{id}`` (a list the API BLPOPs) gets the outcome once it is in the ledger, or
-  ``{"ledger": true}`` when the ledger holds another outcome than this worker's (read it there).
+  ``{"ledger": true}`` when the ledger holds another outcome than this worker's (read it there);
+  the reply settles the message too (its marker goes in the same round trip), so a plain call's
+  marker lives while it runs: harmless, as the sweeper sends a request running under an expired
+  lease again whatever its marker (the worker died), and a live lease keeps it from claims.
 * ``lane:stream:{id}`` (a Redis stream the API XREADs) gets each chunk as the provider sends it,
   then the outcome. Replies and streams expire after ``REPLY_SECONDS``: a caller gone leaves
   nothing behind for long.
@@ -87,6 +92,13 @@ for i = 1, #all, 2 do
 end
 return found
 """
+# KEYS: the reply's list, the message's dispatch marker. ARGV: the reply, its seconds.
+# The answer and the settle in one round trip: the marker of a plain call is removed only here.
+_REPLY = """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('DEL', KEYS[2])
+"""
 _STREAM_FLAG = ":stream"
 _TRACE_SEPARATOR = ";"  # neither in a request id nor in a traceparent (hex digits and dashes)
 
@@ -147,6 +159,7 @@ class LaneTransport:
         self.key_prefix = key_prefix
         self._send = client.register_script(_SEND)
         self._tenants = client.register_script(_TENANTS)
+        self._reply = client.register_script(_REPLY)
         self._queue_prefix = lane_queue_key(key_prefix, "")
 
     # --- the API's side ---------------------------------------------------------------------
@@ -236,11 +249,12 @@ class LaneTransport:
         await self.client.delete(dispatch_marker_key(self.key_prefix, lane_dispatch_id(request_id)))
 
     async def reply(self, request_id: str, reply: dict[str, Any]) -> None:
-        key = lane_reply_key(self.key_prefix, request_id)
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.rpush(key, json.dumps(reply))
-            pipe.expire(key, REPLY_SECONDS)
-            await pipe.execute()
+        """Push ``reply`` for the waiting API and settle the request (``settle``), in one trip."""
+        keys = [
+            lane_reply_key(self.key_prefix, request_id),
+            dispatch_marker_key(self.key_prefix, lane_dispatch_id(request_id)),
+        ]
+        await self._reply(keys=keys, args=[json.dumps(reply), REPLY_SECONDS])
 
     async def append(
         self,

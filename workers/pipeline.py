@@ -560,9 +560,11 @@ class ModelCallPipeline:
         cancellation_token: CancellationToken | None = None,
         tenant_id: str | None = None,
         payer: str | None = None,
+        lookup_first: bool = True,
     ) -> CallResult:
         """One call for ``tenant_id``, paid for by ``payer`` (the request's id: see the module's
-        notes); a ``ModelClientError`` that ended it is returned, not raised."""
+        notes); a ``ModelClientError`` that ended it is returned, not raised. ``lookup_first``
+        False: the cache is read and locked in one trip (``ChatCompletionCache.create_under``)."""
         client = self.client_for(model, tenant_id=tenant_id)
         key = self.cache_key(
             model,
@@ -577,7 +579,7 @@ class ModelCallPipeline:
         # The key is hashed once: the cache is handed the one just computed. An uncacheable
         # request goes through ``create``, which reports it.
         create = (
-            functools.partial(client.create_under, key)
+            functools.partial(client.create_under, key, lookup_first=lookup_first)
             if key is not None and isinstance(client, ChatCompletionCache)
             else client.create
         )

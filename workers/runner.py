@@ -222,9 +222,13 @@ def record_of_call(request_id: str, model: str, call: CallResult) -> ResultRecor
 
 
 async def complete_chat(
-    request: ClaimedRequest, pipeline: ModelCallPipeline, token: CancellationToken
+    request: ClaimedRequest,
+    pipeline: ModelCallPipeline,
+    token: CancellationToken,
+    *,
+    lookup_first: bool = True,
 ) -> ResultRecord:
-    """The handler of ``/v1/chat/completions`` lines."""
+    """The handler of ``/v1/chat/completions`` lines (``lookup_first``: ``ModelCallPipeline.call``'s)."""
     try:
         chat = request_from_openai_body(request.body)
     except ModelClientError as e:
@@ -237,6 +241,7 @@ async def complete_chat(
             cancellation_token=token,
             tenant_id=request.tenant_id,
             payer=request.id,
+            lookup_first=lookup_first,
         )
     return record_of_call(request.id, chat.model, call)
 

@@ -294,12 +294,17 @@ class ChatCompletionCache(DelegatingClient):
         extra_create_args: Mapping[str, Any] = {},
         cancellation_token: CancellationToken | None = None,
         started: float | None = None,
+        lookup_first: bool = True,
     ) -> CreateResult:
         """``create`` for a caller that has the request's ``cache_key`` already (the worker's
-        pipeline records it in the ledger): the key is not computed twice. None: not cached."""
+        pipeline records it in the ledger): the key is not computed twice. None: not cached.
+
+        ``lookup_first`` False skips the plain read and goes straight to the flight's
+        read-or-lock: a miss costs one round trip fewer, a hit one script instead of a GET (for
+        callers whose requests rarely repeat, such as single calls)."""
         if started is None:
             started = time.perf_counter()
-        if key is not None:
+        if key is not None and lookup_first:
             # A plain read (a GET, or part of the MGET of concurrent lookups), not the
             # read-or-lock script: a hit is the path that must cost least (a script costs Redis
             # more than a GET; bench/cache_hits.py), and a miss's lock is taken with a second
@@ -324,7 +329,9 @@ class ChatCompletionCache(DelegatingClient):
             return await upstream()
         async with self._flights.flight(key, cancellation_token) as flight:
             if flight.entry is not None:
-                return self._served(flight.entry, key, started, joined=True)
+                # Without the plain read first, an entry may be the flight's first read: not
+                # told apart from one waited for, so only a read after a miss counts as joined.
+                return self._served(flight.entry, key, started, joined=lookup_first)
             self._missed(key)
             result = await upstream()
             await self._save(key, CachedCompletion(result=result, paid_by=_payer.get()), flight)

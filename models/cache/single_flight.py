@@ -142,16 +142,25 @@ class SingleFlight(Generic[T]):
             if entry is not None or token is None:
                 yield Flight(entry=entry, coordinated=False)
                 return
+            # The heartbeat's task starts at its first beat: a call that ends sooner (most do: a
+            # beat is every third of the lock's TTL, seconds) costs one timer, not a task.
             done = asyncio.Event()
-            heartbeat = asyncio.ensure_future(self._keep_lock(key, token, done))
+            beats: list[asyncio.Future[None]] = []
+
+            def first_beat() -> None:
+                beats.append(asyncio.ensure_future(self._keep_lock(key, token, done, first=True)))
+
+            timer = asyncio.get_running_loop().call_later(self._lock_ttl / 3, first_beat)
             flight: Flight[T] = Flight(entry=None, coordinated=True, lock_token=token)
             try:
                 yield flight
             finally:
                 done.set()
-                heartbeat.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await heartbeat
+                timer.cancel()
+                for heartbeat in beats:
+                    heartbeat.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await heartbeat
                 if not flight.released:
                     await self._release(key, token)
         finally:
@@ -242,14 +251,17 @@ class SingleFlight(Generic[T]):
             if entry is not None:
                 return entry, None
 
-    async def _keep_lock(self, key: str, token: str, done: asyncio.Event) -> None:
+    async def _keep_lock(self, key: str, token: str, done: asyncio.Event, *, first: bool = False) -> None:
         # Ended by ``done``, not by cancellation alone: on 3.11 a cancel that lands as a store
         # call's own timeout fires comes out as that timeout (then a CacheError, survived below),
         # and a heartbeat that missed its cancel would hold the lock, and its flight, forever.
+        # ``first``: started by its first beat's timer, it beats at once.
         while not done.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._lock_ttl / 3):
-                    await done.wait()
+            if not first:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._lock_ttl / 3):
+                        await done.wait()
+            first = False
             if done.is_set():
                 return
             try:

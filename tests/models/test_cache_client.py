@@ -827,3 +827,47 @@ def test_a_client_identity_changed_in_place_changes_the_key() -> None:
     assert keys[0] == keys[1]
     assert keys[-1] == keys[-2]
     assert len(set(keys)) == 4
+
+
+async def test_a_miss_read_and_locked_in_one_trip_is_two_round_trips_and_a_hit_one(
+    counted_redis: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    """``create_under(lookup_first=False)`` (the interactive lane's single calls) skips the plain
+    read: the read-or-lock script, then the write-and-unlock; a hit is the script alone."""
+    inner = CountingClient()
+    cache = ChatCompletionCache(inner, RedisStore(counted_redis, redis_prefix))
+    await cache.create([UserMessage(content="warm the scripts", source="user")])
+    key = cache.cache_key(MESSAGES)
+    CountingConnection.sent = 0
+    miss = await cache.create_under(key, MESSAGES, lookup_first=False)
+    trips_of_a_miss = CountingConnection.sent
+    CountingConnection.sent = 0
+    hit = await cache.create_under(key, MESSAGES, lookup_first=False)
+    trips_of_a_hit = CountingConnection.sent
+    assert (miss.cached, hit.cached) == (False, True)
+    assert inner.calls == 2
+    assert (trips_of_a_miss, trips_of_a_hit) == (2, 1)
+    assert cache.actual_usage() == USAGE + USAGE  # the warm-up and the miss, not the hit
+
+
+class _TaskCountingClient(CountingClient):
+    """Records how many tasks the loop runs while its call is upstream."""
+
+    tasks_seen: list[int]
+
+    async def create(self, messages: Any, **kwargs: Any) -> CreateResult:
+        self.tasks_seen = [*getattr(self, "tasks_seen", []), len(asyncio.all_tasks())]
+        return await super().create(messages, **kwargs)
+
+
+async def test_a_flight_shorter_than_its_first_heartbeat_starts_no_task(
+    counted_redis: redis.asyncio.Redis, redis_prefix: str
+) -> None:
+    """The lock's heartbeat is a timer until its first beat: a call that ends before it (a
+    single call, tens of ms, against beats every third of a 5 s TTL) starts no task for it."""
+    inner = _TaskCountingClient()
+    cache = ChatCompletionCache(inner, RedisStore(counted_redis, redis_prefix), lock_ttl=5)
+    answer = await cache.create(MESSAGES)
+    assert not answer.cached
+    assert inner.tasks_seen == [1]  # the test's own, alone
+    assert await cache.store.acquire_lock(cache.cache_key(MESSAGES), ttl=5) is not None

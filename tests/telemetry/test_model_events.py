@@ -63,3 +63,42 @@ def test_events_are_counted_for_their_request_and_logged_only_at_info(
     emit(limited)
     assert limited in [r.msg for r in caplog.records if r.name == EVENT_LOGGER_NAME]
     assert sample("tokenmill_upstream_rate_limited_total") == before + 2
+
+
+@pytest.mark.usefixtures("counted")
+def test_events_nobody_logs_are_counted_without_a_log_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With only the metrics listening (a worker at WARNING), an event is counted without a log
+    record built for it (two or three per call); a handler of the log's own still gets records."""
+    enter_request(RequestScope("batch_e", "req_e", "tenant_events", "sim-model"))
+    made: list[logging.LogRecord] = []
+    factory = logging.getLogRecordFactory()
+
+    def counting_factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        made.append(record)
+        return record
+
+    monkeypatch.setattr(logging, "_logRecordFactory", counting_factory)
+    logging.getLogger().setLevel(logging.WARNING)
+    logger = logging.getLogger(EVENT_LOGGER_NAME)
+    # pytest's capture handlers (on this logger, which does not propagate) off: the metrics alone.
+    monkeypatch.setattr(logger, "handlers", [h for h in logger.handlers if isinstance(h, ModelEventMetrics)])
+    misses = sample("tokenmill_cache_lookups_total", result="join")
+    emit(CacheHit(model="sim-model", key_digest="0" * 16, store="redis", joined=True))
+    assert sample("tokenmill_cache_lookups_total", result="join") == misses + 1
+    assert [r for r in made if r.name == EVENT_LOGGER_NAME] == []
+    seen: list[object] = []
+
+    class Listener(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.msg)
+
+    listener = Listener()
+    logger.addHandler(listener)
+    try:
+        event = CacheHit(model="sim-model", key_digest="1" * 16, store="redis", joined=True)
+        emit(event)
+    finally:
+        logger.removeHandler(listener)
+    assert seen == [event]
+    assert sample("tokenmill_cache_lookups_total", result="join") == misses + 2

@@ -11,8 +11,12 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
+import redis.asyncio as aioredis
+
+from tests.models.counting_connection import CountingConnection
+from workers.constants import dispatch_marker_key, lane_reply_key
 from workers.lane_scheduler import LaneScheduler, tenant_cap
-from workers.lane_transport import LaneMessage, LaneTransport
+from workers.lane_transport import REPLY_SECONDS, LaneMessage, LaneTransport, lane_dispatch_id
 
 # Long: a take that should return at once but waits for its timeout fails the test (it returns
 # None) rather than passing late.
@@ -107,3 +111,27 @@ async def test_a_call_taken_by_another_process_is_not_taken_twice(transport: Lan
         assert taken is not None
         ids.append(taken[1].request_id)
     assert sorted(ids) == sorted([f"a-{n}" for n in range(5)] + [f"b-{n}" for n in range(5)])
+
+
+async def test_a_reply_settles_its_message_in_the_same_round_trip(redis_url: str, redis_prefix: str) -> None:
+    """A plain call's answer removes its dispatch marker with it: one round trip, not two."""
+    pool = aioredis.ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
+    client = aioredis.Redis(connection_pool=pool)
+    try:
+        transport = LaneTransport(client, redis_prefix)
+        await transport.send(LaneMessage("req-1", stream=False), "tenant-a")
+        marker = dispatch_marker_key(redis_prefix, lane_dispatch_id("req-1"))
+        assert await client.exists(marker)
+        await transport.reply("req-1", {"warm": True})  # the script loaded
+        await transport.send(LaneMessage("req-2", stream=False), "tenant-a")
+        CountingConnection.sent = 0
+        await transport.reply("req-2", {"status": "succeeded"})
+        trips = CountingConnection.sent
+        marker_2 = dispatch_marker_key(redis_prefix, lane_dispatch_id("req-2"))
+        assert not await client.exists(marker, marker_2)
+        assert await transport.wait_reply("req-2", 1) == {"status": "succeeded"}
+        assert 0 < await client.ttl(lane_reply_key(redis_prefix, "req-1")) <= REPLY_SECONDS
+    finally:
+        await client.aclose()
+        await pool.aclose()
+    assert trips == 1

@@ -162,8 +162,8 @@ class Retry(ModelEvent):
 class EventSink(logging.Handler):
     """A handler of the event logger that takes the events themselves (``observe``) and passes
     them on to the loggers above when ``passes_on()``. While it is the event logger's only
-    handler, neither filtered nor passing on, ``emit`` hands it each event directly: no log
-    record is built (a worker's every call emits two or three events, to count them)."""
+    handler, neither filtered nor passing on, ``models.events.emit`` hands it each event
+    directly: no log record is built (a worker's every call emits two or three events, to count them)."""
 
     def observe(self, event: object) -> None:
         """Take one event (a ``ModelEvent``, or what else was logged on the event logger)."""

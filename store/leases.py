@@ -110,6 +110,13 @@ def pending_request_pages(engine: Engine, batch_id: str, page: int) -> Iterator[
         after = rows[-1].line_number
 
 
+# Every status but queued and running: ``status NOT IN`` these is "unfinished" for each value the
+# column takes, in a form no index (of ``status`` or partial on the unfinished rows) can serve.
+_FINISHED = tuple(
+    status for status in RequestStatus if status not in (RequestStatus.QUEUED, RequestStatus.RUNNING)
+)
+
+
 def mark_dispatched(
     engine: Engine, request_ids: Sequence[str], dispatch_id: str, now: int | None = None
 ) -> int:
@@ -133,13 +140,6 @@ def mark_dispatched(
             .values(dispatch_id=dispatch_id, dispatched_at=now)
         )
         return result.rowcount
-
-
-# Every status but queued and running: ``status NOT IN`` these is "unfinished" for each value the
-# column takes, in a form no index (of ``status`` or partial on the unfinished rows) can serve.
-_FINISHED = tuple(
-    status for status in RequestStatus if status not in (RequestStatus.QUEUED, RequestStatus.RUNNING)
-)
 
 
 def claim_requests(
@@ -305,7 +305,8 @@ def _lease_in(
     values = {**(parameters or {}), "lease_owner": owner, "lease_expires": expires}
     running: set[str] | None = None  # on PostgreSQL, told by each row's previous status instead
     if is_postgresql(conn):
-        statement = _postgresql_lease(candidates, durable=durable)
+        by_id = candidates is _claim_by_id()
+        statement = _claim_by_id_lease(durable) if by_id else _postgresql_lease(candidates, durable=durable)
     else:
         chosen = Request.id.in_(candidates.scalar_subquery())  # SQLite writers are serialized
         # Read in this transaction, before the update: writers take turns, so it still holds.
@@ -335,11 +336,6 @@ def _lease_in(
     ]
 
 
-# Keyed by the candidates' identity: ``claim_requests`` passes one object every time, so its
-# statement is built once (building and hashing it cost a worker more CPU than PostgreSQL spends
-# on the claim of a single call: py-spy, bench/sync_latency.py); other claims' fresh candidates
-# only pass through.
-@functools.lru_cache(maxsize=16)
 def _postgresql_lease(candidates: sa.Select[Any], *, durable: bool) -> sa.Update:
     """The claim of the rows ``candidates`` selects as one PostgreSQL statement."""
     # Rows another claimer holds are skipped, not waited for. A materialized CTE, because
@@ -412,12 +408,20 @@ def _leased(
 
 @functools.cache
 def _claim_by_id() -> sa.Select[Any]:
-    """``claim_requests``' candidates (parameters ``claim_ids``, ``claim_now``): one object, so
-    that its claim statement is built once (``_postgresql_lease``)."""
+    """``claim_requests``' candidates (parameters ``claim_ids``, ``claim_now``), one object for
+    ``_claim_by_id_lease`` to recognise."""
     return sa.select(Request.id).where(
         Request.id.in_(sa.bindparam("claim_ids", expanding=True)),
         _claimable(sa.bindparam("claim_now", type_=sa.BigInteger)),
     )
+
+
+@functools.cache
+def _claim_by_id_lease(durable: bool) -> sa.Update:
+    """``claim_requests``' statement on PostgreSQL, built once: building and hashing it cost a
+    worker more CPU than PostgreSQL spends on the claim of a single call (py-spy,
+    bench/sync_latency.py). Other claims' statements carry their values and are built each time."""
+    return _postgresql_lease(_claim_by_id(), durable=durable)
 
 
 def extend_leases(

@@ -158,8 +158,9 @@ def _key_owner_query() -> sa.Select[Any]:
 
 
 def authenticate_api_key(engine: Engine, key: str) -> Tenant | None:
-    """The tenant owning ``key`` (a detached row: nothing loads lazily from it), or None when the
-    key is unknown or revoked."""
+    """The tenant owning ``key``, or None when the key is unknown or revoked. A transient
+    ``Tenant`` made from the row (no session, nothing loads lazily): read it, never add it to a
+    session."""
     # On every API request: one statement, no transaction around it, no ORM session.
     with autocommit_connection(engine) as conn:
         row = conn.execute(_key_owner_query(), {"key_hash": _hash_key(key)}).first()

@@ -212,13 +212,13 @@ class LaneConsumer:
         # whatever its marker). A streamed call's goes alongside the call, as its answer is
         # many round trips.
         settling = asyncio.create_task(self._settle(request_id)) if message.stream else None
-        settled = False
+        answered = False
         try:
-            settled = await self._serve_claimed(claimed, message)
+            answered = await self._serve_claimed(claimed, message)
         finally:
             if settling is not None:
                 await settling
-            elif not settled:  # handed back, released, or its answer lost
+            elif not answered:  # handed back, released, or its answer lost
                 await self._settle(request_id)
 
     async def _settle(self, request_id: str) -> None:
@@ -424,9 +424,9 @@ async def _serve(ready: threading.Event) -> None:
     install_model_event_metrics()
     in_flight = settings.lane_in_flight_per_process
     loop = asyncio.get_running_loop()
-    # Ledger calls run on threads: enough of them (and of connections) that the lane's calls do
-    # not queue behind each other, nor behind the chunks' (they have their own engine).
-    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(min(32, in_flight + 4), "lane"))
+    # Ledger calls run on the consumer's own threads (``LaneThreads``); asyncio's default pool
+    # serves only the odd blocking call (stopping, a disk cache store): a few threads do.
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(4, "lane"))
     stop_event = asyncio.Event()
     _stopping = (loop, stop_event)
     engine = make_engine(settings.database_url, pool_size=min(16, in_flight), max_overflow=16)

@@ -7,8 +7,8 @@ a Python-level semaphore and builds a ``concurrent.futures.Future`` (a ``Conditi
 notified under a lock), which ``run_in_executor`` then chains to an asyncio future. Here a call is
 one ``SimpleQueue.put`` (C, no Python lock) to threads started up front, and its outcome comes
 back with one ``call_soon_threadsafe`` onto the asyncio future the caller awaits. The function
-runs in a copy of the caller's context, as with ``to_thread``; a caller cancelled meanwhile does
-not stop it (nor did it ``to_thread``'s), its outcome is dropped.
+runs in a copy of the caller's context; a caller cancelled meanwhile does not stop it, its outcome
+is dropped (both as with ``to_thread``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import contextvars
 import functools
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -29,7 +30,7 @@ T = TypeVar("T")
 _Work = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[[], Any]] | None
 
 
-def _settle(future: asyncio.Future[Any], error: BaseException | None, result: Any) -> None:
+def _resolve(future: asyncio.Future[Any], error: BaseException | None, result: Any) -> None:
     if future.cancelled():
         return
     if error is not None:
@@ -43,6 +44,7 @@ class LaneThreads:
 
     def __init__(self, count: int, name: str) -> None:
         self._work: queue.SimpleQueue[_Work] = queue.SimpleQueue()
+        self._stopped = False
         self._threads = [
             threading.Thread(target=self._serve, name=f"{name}_{n}", daemon=True) for n in range(count)
         ]
@@ -50,6 +52,8 @@ class LaneThreads:
             thread.start()
 
     async def run(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        if self._stopped:  # no thread would ever take it: its caller would wait forever
+            raise RuntimeError("LaneThreads.run after stop")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         context = contextvars.copy_context()
@@ -67,11 +71,16 @@ class LaneThreads:
             except BaseException as e:  # handed to the caller, as to_thread does
                 result, error = None, e
             with contextlib.suppress(RuntimeError):  # its loop closed: nobody waits
-                loop.call_soon_threadsafe(_settle, future, error, result)
+                loop.call_soon_threadsafe(_resolve, future, error, result)
+            # An idle thread must not keep its last call's arguments, result or traceback alive.
+            del work, loop, future, call, result, error
 
     def stop(self, timeout: float | None = None) -> None:
-        """Let the threads end once the calls queued before this one ran."""
+        """Let the threads end once the calls queued before this one ran; wait at most
+        ``timeout`` seconds in all for them."""
+        self._stopped = True
         for _ in self._threads:
             self._work.put(None)
+        deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))

@@ -329,9 +329,9 @@ class ChatCompletionCache(DelegatingClient):
             return await upstream()
         async with self._flights.flight(key, cancellation_token) as flight:
             if flight.entry is not None:
-                # Without the plain read first, an entry may be the flight's first read: not
-                # told apart from one waited for, so only a read after a miss counts as joined.
-                return self._served(flight.entry, key, started, joined=lookup_first)
+                # Joined: found after a plain read missed, or after waiting on another's flight
+                # (without the plain read, the flight's first read may simply hit).
+                return self._served(flight.entry, key, started, joined=lookup_first or flight.waited)
             self._missed(key)
             result = await upstream()
             await self._save(key, CachedCompletion(result=result, paid_by=_payer.get()), flight)

@@ -62,12 +62,14 @@ class Flight(Generic[T]):
     in which case this request calls upstream; ``coordinated`` says it holds the key's lock,
     ``lock_token`` is that lock's owner token; ``released`` is set by whoever dropped the lock
     with the entry's write (``LockingStore.set_and_release_lock``), so the flight's end does not
-    drop it again."""
+    drop it again; ``waited`` says the entry came after waiting on another request's flight (of
+    this process or another), not from the first read."""
 
     entry: T | None
     coordinated: bool
     lock_token: str | None = None
     released: bool = False
+    waited: bool = False
 
 
 class _LocalGate:
@@ -138,9 +140,9 @@ class SingleFlight(Generic[T]):
         gate_held = False
         token: str | None = None
         try:
-            entry, gate_held, token = await self._join_cancellable(key, gate, cancellation_token)
+            entry, gate_held, token, waited = await self._join_cancellable(key, gate, cancellation_token)
             if entry is not None or token is None:
-                yield Flight(entry=entry, coordinated=False)
+                yield Flight(entry=entry, coordinated=False, waited=waited)
                 return
             # The heartbeat's task starts at its first beat: a call that ends sooner (most do: a
             # beat is every third of the lock's TTL, seconds) costs one timer, not a task.
@@ -172,7 +174,7 @@ class SingleFlight(Generic[T]):
 
     async def _join_cancellable(
         self, key: str, gate: _LocalGate, cancellation_token: CancellationToken | None
-    ) -> tuple[T | None, bool, str | None]:
+    ) -> tuple[T | None, bool, str | None, bool]:
         if cancellation_token is None:
             return await self._join(key, gate)
         # A task the token can cancel; if we are cancelled just as it finished, give back what it took.
@@ -182,15 +184,16 @@ class SingleFlight(Generic[T]):
             return await waiting
         except BaseException:
             if waiting.done() and not waiting.cancelled() and waiting.exception() is None:
-                _, gate_held, token = waiting.result()
+                _, gate_held, token, _ = waiting.result()
                 if gate_held:
                     gate.lock.release()
                 if token is not None:
                     await self._release(key, token)
             raise
 
-    async def _join(self, key: str, gate: _LocalGate) -> tuple[T | None, bool, str | None]:
-        """(entry found, local gate held, store lock token). Leaves nothing held if cancelled."""
+    async def _join(self, key: str, gate: _LocalGate) -> tuple[T | None, bool, str | None, bool]:
+        """(entry found, local gate held, store lock token, whether it waited on another's
+        flight). Leaves nothing held if cancelled."""
         waited_locally = gate.lock.locked()
         # No deadline: the gate's holder is a live request of this process, and it leaves the
         # gate once its own flight ends.
@@ -200,15 +203,17 @@ class SingleFlight(Generic[T]):
                 # Another request of this process was fetching this key; its entry is likely there.
                 entry = await self._get(key)
                 if entry is not None:
-                    return entry, True, None
-            entry, token = await self._lead_or_wait(key)
-            return entry, True, token
+                    return entry, True, None, True
+            entry, token, waited = await self._lead_or_wait(key)
+            return entry, True, token, waited or waited_locally
         except BaseException:
             gate.lock.release()
             raise
 
-    async def _lead_or_wait(self, key: str) -> tuple[T | None, str | None]:
+    async def _lead_or_wait(self, key: str) -> tuple[T | None, str | None, bool]:
+        """(entry, lock token, whether it waited for another holder of the lock)."""
         delay = self._poll_initial
+        waited = False
         # Moved on each time the store says the lock is held: a live holder is waited for.
         deadline = time.monotonic() + self._timeout
         while True:
@@ -219,17 +224,17 @@ class SingleFlight(Generic[T]):
             except CacheError as e:
                 self._on_store_error(e, "acquire_lock", key)
                 if not _store_is_slow(e):
-                    return None, None
+                    return None, None, waited
                 token = None  # slow, not down: wait on, and try the lock again
             else:
                 if entry is not None:
-                    return entry, None
+                    return entry, None, waited
                 holder_alive = token is None
             if holder_alive:
                 deadline = time.monotonic() + self._timeout
             if token is not None:
                 if read:
-                    return None, token  # read in the same trip as the lock: nothing in between
+                    return None, token, waited  # read in the same trip as the lock: nothing in between
                 try:
                     # The previous holder may have stored the entry between our miss and our lock.
                     entry = await self._get(key)
@@ -238,18 +243,19 @@ class SingleFlight(Generic[T]):
                     raise
                 if entry is not None:
                     await self._release(key, token)
-                    return entry, None
-                return None, token
+                    return entry, None, waited
+                return None, token, waited
             remaining = delay if holder_alive else deadline - time.monotonic()
             if remaining <= 0:
-                return None, None
+                return None, None, waited
             await asyncio.sleep(min(delay, remaining))
+            waited = True
             delay = min(delay * 2, self._poll_max)
             if self._locking is not None:
                 continue  # the next get_or_lock reads the entry too
             entry = await self._get(key)
             if entry is not None:
-                return entry, None
+                return entry, None, waited
 
     async def _keep_lock(self, key: str, token: str, done: asyncio.Event, *, first: bool = False) -> None:
         # Ended by ``done``, not by cancellation alone: on 3.11 a cancel that lands as a store

@@ -871,3 +871,26 @@ async def test_a_flight_shorter_than_its_first_heartbeat_starts_no_task(
     assert not answer.cached
     assert inner.tasks_seen == [1]  # the test's own, alone
     assert await cache.store.acquire_lock(cache.cache_key(MESSAGES), ttl=5) is not None
+
+
+async def test_callers_that_waited_on_a_flight_are_joined_without_the_plain_read_too(
+    redis_client: redis.asyncio.Redis, redis_prefix: str, events: EventLog
+) -> None:
+    """``lookup_first=False`` (single calls): identical calls that wait on one flight, in this
+    process (its gate) or in another (the store's lock), are hits that joined it; a later call's
+    first read that finds the entry is a hit that did not."""
+    here = ChatCompletionCache(CountingClient(delay=0.2), RedisStore(redis_client, redis_prefix))
+    elsewhere = ChatCompletionCache(CountingClient(delay=0.2), RedisStore(redis_client, redis_prefix))
+    key = here.cache_key(MESSAGES)
+    assert elsewhere.cache_key(MESSAGES) == key
+    leader = asyncio.ensure_future(here.create_under(key, MESSAGES, lookup_first=False))
+    await asyncio.sleep(0.05)  # the leader holds the lock
+    waiters = [
+        here.create_under(key, MESSAGES, lookup_first=False),
+        elsewhere.create_under(key, MESSAGES, lookup_first=False),
+    ]
+    answers = await asyncio.gather(leader, *waiters)
+    assert [answer.cached for answer in answers] == [False, True, True]
+    assert [hit.joined for hit in events.of(CacheHit)] == [True, True]
+    await here.create_under(key, MESSAGES, lookup_first=False)
+    assert [hit.joined for hit in events.of(CacheHit)] == [True, True, False]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
+import time
 
 import pytest
 
@@ -58,3 +59,20 @@ async def test_a_cancelled_caller_leaves_its_call_to_finish_and_the_threads_serv
         assert finished.is_set()
     finally:
         threads.stop(5)
+
+
+async def test_stop_waits_its_timeout_in_all_and_a_call_after_it_is_refused() -> None:
+    threads = LaneThreads(4, "test ledger")
+    release = threading.Event()
+    busy = [asyncio.ensure_future(threads.run(release.wait, 10)) for _ in range(4)]
+    try:
+        await asyncio.sleep(0.05)  # every thread holds a call
+        started = time.monotonic()
+        await asyncio.to_thread(threads.stop, 0.3)
+        # One deadline for all four stuck threads, not 0.3 s each.
+        assert time.monotonic() - started < 0.9
+        with pytest.raises(RuntimeError, match="after stop"):
+            await threads.run(lambda: "never taken")
+    finally:
+        release.set()
+        await asyncio.gather(*busy)

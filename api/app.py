@@ -71,6 +71,8 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     app.state.dispatch = dispatch
     app.state.metrics_registry = metrics_registry(settings, engine)
     install_error_handlers(app)
+    # Innermost: what it serves passes the size limit and Idempotency-Key as any route does.
+    app.add_middleware(chat.ChatCompletionsFastPath)
     # Added before the size limit, so that the limit wraps it: what it reads is bounded.
     app.add_middleware(IdempotencyKeys)
     app.add_middleware(

@@ -119,6 +119,14 @@ def _authenticated_submit(
     return tenant, submitted
 
 
+class _NotWaited:
+    """No wait for the reply was made yet (``_submit`` without ``wait_seconds``)."""
+
+
+_NOT_WAITED = _NotWaited()
+FirstReply = dict[str, Any] | None | _NotWaited
+
+
 async def _submit(
     request: Request,
     engine: Engine,
@@ -126,7 +134,10 @@ async def _submit(
     key: str,
     body: dict[str, Any],
     stream: bool,
-) -> InteractiveRequest:
+    wait_seconds: float | None = None,
+) -> tuple[InteractiveRequest, FirstReply]:
+    """The call's rows, then its lane message; with ``wait_seconds``, the message and the first
+    wait for its reply in one round trip to the broker (the reply, or None: none came)."""
     request_id = new_id("batch_req_")
     try:
         tenant, submitted = await run_in_threadpool(_authenticated_submit, engine, key, body, request_id)
@@ -135,10 +146,14 @@ async def _submit(
     except store.QuotaExceeded as e:
         raise over_quota(e) from e
     tenant_id, weight = tenant.id, tenant.weight
+    reply: FirstReply = _NOT_WAITED
     try:
         message = LaneMessage(request_id, stream, tracing.current_traceparent())
         # The tenant's weight travels with its calls: the lanes share their slots by it.
-        await transport.send(message, tenant_id, weight)
+        if wait_seconds is None:
+            await transport.send(message, tenant_id, weight)
+        else:
+            reply = await transport.send_and_wait_reply(message, tenant_id, weight, wait_seconds)
     except (RedisError, OSError) as e:
         # Its answer carries no id to come back for: cancel it, so that nothing runs (and nothing
         # is billed) on the strength of a 503 that tells the client to retry.
@@ -147,7 +162,8 @@ async def _submit(
             raise ServiceUnavailable(
                 "could not reach the workers' broker; nothing was run, retry later", code="broker_unavailable"
             ) from e
-    return submitted
+        reply = _NOT_WAITED  # sent after all, and taken: its outcome comes as any call's
+    return submitted, reply
 
 
 async def _cancel_after_timeout(
@@ -177,16 +193,25 @@ async def _cancel_after_timeout(
 
 
 async def _wait(
-    request: Request, engine: Engine, transport: LaneTransport, request_id: str, seconds: float
+    request: Request,
+    engine: Engine,
+    transport: LaneTransport,
+    request_id: str,
+    deadline: float,
+    reply: FirstReply = _NOT_WAITED,
 ) -> InteractiveOutcome | None:
-    """The call's outcome as pushed by its worker, or read from the ledger; None when ``seconds``
-    pass or the client goes away first."""
-    deadline = time.monotonic() + seconds
-    while (remaining := deadline - time.monotonic()) > 0:
-        try:
-            reply = await transport.wait_reply(request_id, min(_WAIT_SLICE_SECONDS, remaining))
-        except (RedisError, OSError):
-            reply = None  # the ledger below says what happened
+    """The call's outcome as pushed by its worker, or read from the ledger; None when the
+    ``deadline`` (``time.monotonic()``) passes or the client goes away first. ``reply``: what a
+    first wait already brought (``_submit``)."""
+    while True:
+        if isinstance(reply, _NotWaited):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            try:
+                reply = await transport.wait_reply(request_id, min(_WAIT_SLICE_SECONDS, remaining))
+            except (RedisError, OSError):
+                reply = None  # the ledger below says what happened
         if reply is not None and not reply.get("ledger"):
             return InteractiveOutcome.from_json(reply)
         outcome = await run_in_threadpool(interactive_outcome, engine, request_id)
@@ -194,7 +219,7 @@ async def _wait(
             return outcome
         if await request.is_disconnected():
             return None
-    return None
+        reply = _NOT_WAITED
 
 
 CHAT_COMPLETIONS_PATH = "/v1/chat/completions"
@@ -285,13 +310,16 @@ async def _chat_completion(
 ) -> Response:
     body.setdefault("model", settings.default_model)
     transport = _transport(request, settings)
-    submitted = await _submit(request, engine, transport, key, body, stream)
+    seconds = settings.sync_timeout_seconds
+    deadline = time.monotonic() + seconds
+    first_wait = None if stream else min(_WAIT_SLICE_SECONDS, seconds)
+    submitted, reply = await _submit(request, engine, transport, key, body, stream, first_wait)
     if span is not None:
         span.set_attribute("tokenmill.request_id", submitted.request_id)
     if stream:
         writer = _ChunkWriter(submitted.request_id, str(body["model"]), include_usage)
         return await _streamed(request, engine, transport, submitted, settings, writer)
-    outcome = await _wait(request, engine, transport, submitted.request_id, settings.sync_timeout_seconds)
+    outcome = await _wait(request, engine, transport, submitted.request_id, deadline, reply)
     if outcome is None:
         outcome = await _cancel_after_timeout(engine, submitted, settings.sync_timeout_seconds)
     if not _succeeded(outcome):

@@ -34,12 +34,14 @@ AfterCursor = Annotated[
 ]
 
 
-def get_settings(request: Request) -> Settings:
+# Async, though they only read the app's state: FastAPI runs a plain function dependency on the
+# threadpool, a thread hop (a wake-up and a GIL hand-over) per dependency per request.
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     return engine
 

@@ -39,6 +39,7 @@ __all__ = [
     "ServiceUnavailable",
     "Unauthenticated",
     "UpstreamFailed",
+    "api_error_response",
     "error_body",
     "install_error_handlers",
     "over_quota",
@@ -132,6 +133,15 @@ class ServiceUnavailable(APIError):
     default_code = "service_unavailable"
 
 
+def api_error_response(exc: APIError) -> JSONResponse:
+    """The answer to an ``APIError``: its body, its status, ``WWW-Authenticate`` on a 401 and the
+    work a 5xx is bound to (``BOUND_TO_HEADER``)."""
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else {}
+    if exc.bound_to is not None:
+        headers[BOUND_TO_HEADER] = exc.bound_to
+    return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
+
+
 def _describe_validation_error(error: dict[str, Any]) -> tuple[str, str | None]:
     # A location holds the producer's own keys: bounded, and made encodable (lone surrogates).
     location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path", "header")]
@@ -145,10 +155,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else {}
-        if exc.bound_to is not None:
-            headers[BOUND_TO_HEADER] = exc.bound_to
-        return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
+        return api_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -8,7 +8,9 @@ import typer
 
 from cli.ledger import ledger_engine
 
-__all__ = ["api"]
+__all__ = ["APP_FACTORY", "api"]
+
+APP_FACTORY = "api.app:create_served_app"  # uvicorn's factory, called in each of its processes
 
 
 def api(
@@ -28,7 +30,7 @@ def api(
 
     ledger_engine().dispose()  # refuse to start on a schema that is behind, with the reason
     uvicorn.run(
-        "api.app:create_app",
+        APP_FACTORY,
         factory=True,
         host=host,
         port=port,

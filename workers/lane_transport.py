@@ -164,9 +164,9 @@ class LaneTransport:
 
     # --- the API's side ---------------------------------------------------------------------
 
-    async def send(self, message: LaneMessage, tenant_id: str, weight: float = 1.0) -> None:
-        """Queue ``message`` on ``tenant_id``'s list with its marker, in one round trip; ``weight``
-        is the tenant's share of the lanes (``workers.fair_share``). Raises Redis errors."""
+    def _send_keys_and_args(
+        self, message: LaneMessage, tenant_id: str, weight: float
+    ) -> tuple[list[str], list[str | int]]:
         marker = dispatch_marker_key(self.key_prefix, lane_dispatch_id(message.request_id))
         keys = [
             marker,
@@ -182,7 +182,32 @@ class LaneTransport:
             f"{weight!r}|{time.time():.0f}",
             LANE_BUSY_MS,
         ]
+        return keys, args
+
+    async def send(self, message: LaneMessage, tenant_id: str, weight: float = 1.0) -> None:
+        """Queue ``message`` on ``tenant_id``'s list with its marker, in one round trip; ``weight``
+        is the tenant's share of the lanes (``workers.fair_share``). Raises Redis errors."""
+        keys, args = self._send_keys_and_args(message, tenant_id, weight)
         await self._send(keys=keys, args=args)
+
+    async def send_and_wait_reply(
+        self, message: LaneMessage, tenant_id: str, weight: float, wait_seconds: float
+    ) -> dict[str, Any] | None:
+        """``send``, then ``wait_reply`` up to ``wait_seconds``, both in one round trip (one write
+        and one wake-up of the API's event loop fewer per call). Raises Redis errors when the
+        message may not have been sent; an error of the wait alone is None, as no reply is."""
+        keys, args = self._send_keys_and_args(message, tenant_id, weight)
+        pipe = self.client.pipeline(transaction=False)
+        # EVAL, not EVALSHA: a script the server lost (restarted, flushed) would fail the send
+        # while the wait queued behind it blocked for nothing. The server caches it by its SHA.
+        pipe.eval(_SEND, len(keys), *keys, *args)
+        pipe.blpop([lane_reply_key(self.key_prefix, message.request_id)], timeout=wait_seconds)
+        sent, answer = await pipe.execute(raise_on_error=False)
+        if isinstance(sent, Exception):
+            raise sent
+        if answer is None or isinstance(answer, Exception):
+            return None
+        return _reply(answer[1])
 
     async def wait_reply(self, request_id: str, wait_seconds: float) -> dict[str, Any] | None:
         """The reply of ``request_id``, waiting up to ``wait_seconds``; None if none came."""
@@ -190,8 +215,7 @@ class LaneTransport:
         answer = await self.client.blpop([key], timeout=wait_seconds)
         if answer is None:
             return None
-        reply: dict[str, Any] = json.loads(answer[1])
-        return reply
+        return _reply(answer[1])
 
     async def read_stream(self, request_id: str, after: str, block_ms: int) -> list[StreamEntry]:
         """The stream's entries after ``after`` ("0" from the start), waiting up to ``block_ms``."""
@@ -276,6 +300,11 @@ class LaneTransport:
             pipe.xadd(key, fields)  # type: ignore[arg-type]
             pipe.expire(key, REPLY_SECONDS)
             await pipe.execute()
+
+
+def _reply(raw: bytes | str) -> dict[str, Any]:
+    reply: dict[str, Any] = json.loads(raw)
+    return reply
 
 
 def _text(raw: bytes | str) -> str:

@@ -79,6 +79,12 @@ def make_engine(url: str | sa.URL, *, idle_ping_seconds: float = IDLE_PING_SECON
         _configure_sqlite(engine)
         return engine
     ping_every_checkout = kwargs.pop("pool_pre_ping", False)
+    if "poolclass" not in kwargs:
+        # The connection handed back last is the next one out: a first-in-first-out pool walks
+        # every connection a burst opened, so between bursts each sits idle long enough to be
+        # pinged (one more round trip) and none stays warm (psycopg prepares a statement on a
+        # connection only at its fifth run there).
+        kwargs.setdefault("pool_use_lifo", True)
     engine = sa.create_engine(parsed, pool_pre_ping=ping_every_checkout, **kwargs)
     if not ping_every_checkout:
         _ping_connections_idle_since(engine, idle_ping_seconds)

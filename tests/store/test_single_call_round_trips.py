@@ -133,3 +133,17 @@ def test_a_connection_idle_past_the_threshold_is_pinged_and_replaced_if_dead(pos
         assert _backend_pid(engine) != pid  # no error: the ping found it dead
     finally:
         engine.dispose()
+
+
+def test_the_connection_handed_back_last_is_the_next_one_out(postgres_url: str) -> None:
+    """Between bursts one warm connection serves: a first-in-first-out pool walked every
+    connection a burst opened, each idle long enough to be pinged before its next use."""
+    engine = store.make_engine(postgres_url)
+    try:
+        burst = [engine.connect() for _ in range(4)]
+        pids = [conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one() for conn in burst]
+        for conn in burst:
+            conn.close()
+        assert [_backend_pid(engine) for _ in range(3)] == [pids[-1]] * 3
+    finally:
+        engine.dispose()

@@ -6,7 +6,6 @@ loop: at 16 concurrent calls on 2 cores they were the API's latency (bench/sync_
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -23,9 +22,7 @@ import store
 from api.app import create_app
 from config import Settings
 from simulator.testing import SimulatorServer
-from tests.workers.support import ledger
-from workers.clients import build_pipeline
-from workers.lane import LaneConsumer
+from tests.workers.support import ledger, serving_lane
 from workers.lane_transport import LaneTransport
 
 T = TypeVar("T")
@@ -64,31 +61,15 @@ async def in_process(
     # The API's own transport, on connections that count their writes.
     api_broker = aioredis.Redis.from_url(redis_url, connection_class=CountingConnection)
     app.state.lane_transport = LaneTransport(api_broker, redis_prefix)
-    pipeline = build_pipeline(
-        settings, cache=False, client_env={"OPENAI_BASE_URL": simulator.base_url, "OPENAI_API_KEY": "sim"}
-    )
-    broker = aioredis.Redis.from_url(redis_url)
-    consumer = LaneConsumer(
-        led.engine,
-        pipeline,
-        LaneTransport(broker, redis_prefix),
-        owner="fast-path-lane",
-        lease_seconds=30,
-        in_flight=4,
-        max_deliveries=3,
-    )
-    stop = asyncio.Event()
-    serving = asyncio.create_task(consumer.run(stop))
     try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://api", timeout=60
-        ) as client:
+        async with (
+            serving_lane(led.engine, settings, simulator, "fast-path-lane"),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://api", timeout=60
+            ) as client,
+        ):
             yield InProcess(app, store.create_api_key(led.engine, led.tenant_id), client)
     finally:
-        stop.set()
-        await serving
-        await pipeline.close()
-        await broker.aclose()
         await api_broker.aclose()
         app.state.engine.dispose()
         led.engine.dispose()

@@ -77,13 +77,9 @@ def _reads_only_unfinished(scans: list[str]) -> bool:
     )
 
 
-def test_a_claim_updates_the_rows_it_locked_by_id_while_the_statistics_lag(pg_engine: Engine) -> None:
-    """A new batch's lines are in the partial index of unfinished requests before any ANALYZE
-    has seen them (autovacuum analyzes a big table long after a batch lands): a claim's UPDATE
-    must still find the rows its CTE locked through the primary key, not by walking that index
-    (every line of the batch, each joined to the locked rows: 2 s a claim at 50k lines), in the
-    custom and in the generic plan."""
-    engine = pg_engine
+def _a_batch_the_statistics_have_not_seen(engine: Engine, lines: int) -> str:
+    """A new batch of ``lines`` queued requests, after an ANALYZE that saw only finished ones
+    (autovacuum analyzes a big table long after a batch lands); returns its id."""
     tenant = store.create_tenant(engine, "acme")
     ended = store.ingest_batch(engine, _jsonl([chat_line(f"e{i}") for i in range(500)]), tenant_id=tenant.id)
     store.record_results(
@@ -91,9 +87,19 @@ def test_a_claim_updates_the_rows_it_locked_by_id_while_the_statistics_lag(pg_en
     )
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(sa.text("VACUUM ANALYZE requests"))  # no unfinished request in the statistics
-    batch_id = store.ingest_batch(
-        engine, _jsonl([chat_line(f"c{i}") for i in range(3000)]), tenant_id=tenant.id
+    return store.ingest_batch(
+        engine, _jsonl([chat_line(f"c{i}") for i in range(lines)]), tenant_id=tenant.id
     ).batch_id
+
+
+def test_a_claim_updates_the_rows_it_locked_by_id_while_the_statistics_lag(pg_engine: Engine) -> None:
+    """A new batch's lines are in the partial index of unfinished requests before any ANALYZE
+    has seen them (autovacuum analyzes a big table long after a batch lands): a claim's UPDATE
+    must still find the rows its CTE locked through the primary key, not by walking that index
+    (every line of the batch, each joined to the locked rows: 2 s a claim at 50k lines), in the
+    custom and in the generic plan."""
+    engine = pg_engine
+    batch_id = _a_batch_the_statistics_have_not_seen(engine, 3000)
     now = 1_000_000
     # Leases already run out: the refill's first look-up (expired leases) finds rows to claim.
     store.claim_in_order(engine, [batch_id], "dead-worker", 20, 64, now=now - 100)
@@ -127,16 +133,7 @@ def test_a_dispatch_marks_its_chunk_by_id_while_the_statistics_lag(pg_engine: En
     hundred (each chunk then cost the whole batch: the dispatch of a batch grew with the square
     of its lines), in the custom and in the generic plan. It still skips finished requests."""
     engine = pg_engine
-    tenant = store.create_tenant(engine, "acme")
-    ended = store.ingest_batch(engine, _jsonl([chat_line(f"e{i}") for i in range(500)]), tenant_id=tenant.id)
-    store.record_results(
-        engine, [answer(request_id) for request_id in store.pending_request_ids(engine, ended.batch_id)]
-    )
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(sa.text("VACUUM ANALYZE requests"))  # no unfinished request in the statistics
-    batch_id = store.ingest_batch(
-        engine, _jsonl([chat_line(f"c{i}") for i in range(20_000)]), tenant_id=tenant.id
-    ).batch_id
+    batch_id = _a_batch_the_statistics_have_not_seen(engine, 20_000)
     # A chunk small beside the batch, as 512 ids are at a million lines (a sequential scan would
     # be the cheapest plan of a bigger chunk of a table this small).
     chunk = store.pending_request_ids(engine, batch_id, 64)

@@ -12,7 +12,6 @@ is what crosses in production: a Redis lane message, a Celery message on the Red
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import uuid
@@ -22,7 +21,6 @@ from typing import Any
 import httpx
 import pytest
 import redis
-import redis.asyncio as aioredis
 import sqlalchemy as sa
 from celery.app.task import Context
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -37,14 +35,13 @@ from store.tables import Result
 from telemetry import tracing
 from telemetry.model_events import install_model_event_metrics
 from tests import services
-from tests.workers.support import Ledger, add_batch, ledger
+from tests.workers.support import Ledger, add_batch, ledger, serving_lane
 from workers.app import make_celery
 from workers.clients import build_pipeline
 from workers.constants import DEFAULT_QUEUE
 from workers.dispatch import Dispatcher
 from workers.enqueue import enqueue_batch
-from workers.lane import LaneConsumer
-from workers.lane_transport import LaneMessage, LaneTransport
+from workers.lane_transport import LaneMessage
 from workers.runner import ChunkRunner, RunnerConfig
 from workers.tasks import _traceparent
 
@@ -145,26 +142,15 @@ async def test_a_chat_completion_is_one_trace_from_the_api_to_the_ledger(
     settings = settings_for(postgres_url, redis_url, redis_prefix)
     key = store.create_api_key(led.engine, led.tenant_id)
     app = create_app(settings, dispatch=lambda engine, batch_id: None)
-    pipeline = build_pipeline(
-        settings, cache=False, client_env={"OPENAI_BASE_URL": simulator.base_url, "OPENAI_API_KEY": "sim"}
-    )
-    broker = aioredis.Redis.from_url(redis_url)
-    consumer = LaneConsumer(
-        led.engine,
-        pipeline,
-        LaneTransport(broker, redis_prefix),
-        owner="tracing-lane",
-        lease_seconds=30,
-        in_flight=4,
-        max_deliveries=3,
-    )
-    stop = asyncio.Event()
-    serving = asyncio.create_task(consumer.run(stop))
     prompt = f"a secret prompt {uuid.uuid4().hex}"
     try:
-        async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://api", timeout=60
-        ) as client:
+        # The consumer ends once the calls it serves have ended (their spans too).
+        async with (
+            serving_lane(led.engine, settings, simulator, "tracing-lane"),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://api", timeout=60
+            ) as client,
+        ):
             response = await client.post(
                 "/v1/chat/completions",
                 json={"model": "sim-model", "messages": [{"role": "user", "content": prompt}]},
@@ -172,10 +158,6 @@ async def test_a_chat_completion_is_one_trace_from_the_api_to_the_ledger(
             )
         assert response.status_code == 200, response.text
     finally:
-        stop.set()
-        await serving  # the consumer ends once the calls it serves have ended (their spans too)
-        await pipeline.close()
-        await broker.aclose()
         await app.state.lane_transport.client.aclose()
         app.state.engine.dispose()
     finished = spans.get_finished_spans()

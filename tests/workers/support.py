@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import threading
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import redis
+import redis.asyncio as aioredis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from config import Settings
+from simulator.testing import SimulatorServer
 from store import (
     Request,
     RequestStatus,
@@ -24,7 +28,10 @@ from store import (
     pending_request_ids,
     upgrade_to_head,
 )
+from workers.clients import build_pipeline
 from workers.constants import LIMIT_PREFIX
+from workers.lane import LaneConsumer
+from workers.lane_transport import LaneTransport
 
 
 @dataclass
@@ -122,3 +129,34 @@ def running_leased_by(engine: Engine, batch_id: str, worker: str) -> int:
                 )
             ).scalar_one()
         )
+
+
+@asynccontextmanager
+async def serving_lane(
+    engine: Engine, settings: Settings, simulator: SimulatorServer, owner: str
+) -> AsyncIterator[LaneConsumer]:
+    """A lane consumer on this event loop (4 slots, the simulator upstream, no cache) serving the
+    broker and key prefix of ``settings`` until the block ends; it ends once its calls have."""
+    assert settings.broker_url is not None
+    pipeline = build_pipeline(
+        settings, cache=False, client_env={"OPENAI_BASE_URL": simulator.base_url, "OPENAI_API_KEY": "sim"}
+    )
+    broker = aioredis.Redis.from_url(settings.broker_url)
+    consumer = LaneConsumer(
+        engine,
+        pipeline,
+        LaneTransport(broker, settings.key_prefix),
+        owner=owner,
+        lease_seconds=30,
+        in_flight=4,
+        max_deliveries=3,
+    )
+    stop = asyncio.Event()
+    serving = asyncio.create_task(consumer.run(stop))
+    try:
+        yield consumer
+    finally:
+        stop.set()
+        await serving
+        await pipeline.close()
+        await broker.aclose()

@@ -157,6 +157,9 @@ class LaneConsumer:
                 serving.add(task)
                 task.add_done_callback(serving.discard)
                 task.add_done_callback(lambda _: gate.release())
+                # The call's claim goes to the ledger before the next take goes to Redis: one
+                # turn of the loop, which the waiting caller would otherwise wait out.
+                await asyncio.sleep(0)
         finally:
             if serving:
                 await asyncio.wait(serving)

@@ -22,7 +22,6 @@ from telemetry.known_models import KnownModels
 from telemetry.ledger_metrics import LedgerCollector
 
 __all__ = [
-    "SERVING_GC_THRESHOLDS",
     "create_app",
     "create_served_app",
     "dispatch_to_workers",
@@ -106,24 +105,17 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     return app
 
 
-# The collector's thresholds in a serving process: a young collection once 20 000 more objects are
-# alive than at the last one (Python's default is 700), the older generations as by default.
-SERVING_GC_THRESHOLDS = (20_000, 10, 10)
-
-
 def create_served_app() -> FastAPI:
     """``create_app()`` as ``tokenmill api`` serves it (uvicorn's factory, run in each of its
     processes), with the garbage collector set for serving.
 
     What startup made (modules, the app, its routes and schemas: some 200 000 objects, alive as
-    long as the process) is frozen out of the collector's passes (``gc.freeze``), and young
-    collections wait for ``SERVING_GC_THRESHOLDS``. Measured at 16 concurrent chat completions on
-    2 cores (bench/sync_latency.py): each full collection walked the startup objects for 400 ms,
-    the whole API stopped (every call in flight took it on its latency), three in 40 s; the young
-    collections, set off 700 times in those 40 s by the transient objects of a request's
-    statements, took 0.4 ms apiece. With both: 4 ms of collections in all, the API's CPU per call
-    a tenth lower."""
+    long as the process) is frozen out of the collector's passes (``gc.freeze``). Measured at 16
+    concurrent chat completions on 2 cores (bench/sync_latency.py): each full collection walked
+    the startup objects for 400 ms, the whole API stopped (every call in flight took it on its
+    latency), three in 40 s. Young collections keep Python's default threshold: a refused request
+    leaves a cycle (its exception, traceback and frames) holding its body, and a threshold of
+    20 000 let any client, keyless, pile up hundreds of MB of such bodies between collections."""
     app = create_app()
     gc.freeze()
-    gc.set_threshold(*SERVING_GC_THRESHOLDS)
     return app

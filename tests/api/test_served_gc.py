@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import store
-from api.app import SERVING_GC_THRESHOLDS
 from tests.cluster import ROOT
 
 # In a process of its own: the collector's settings are the process's.
@@ -43,6 +42,49 @@ def test_the_served_app_freezes_its_startup_objects_out_of_the_collectors_passes
     assert done.returncode == 0, done.stderr[-3000:]
     probe = json.loads(done.stdout.strip().splitlines()[-1])
     assert probe["frozen"] > 100_000
-    assert tuple(probe["thresholds"]) == SERVING_GC_THRESHOLDS
+    assert tuple(probe["thresholds"]) == (700, 10, 10)  # Python's: see the test below
     # The startup objects alone took most of a full collection (200 ms on a busy machine).
     assert probe["after"] < probe["before"] / 5, probe
+
+
+# Refused requests, each leaving a cycle (exception, traceback, frames) that holds its 1 MB body.
+REFUSED = """
+import asyncio, gc, json, tracemalloc
+import httpx
+from uvicorn.importer import import_from_string
+from cli.serve import APP_FACTORY
+
+app = import_from_string(APP_FACTORY)()
+
+async def refuse(count: int) -> set[int]:
+    body = b'{"junk": "' + b"x" * 1_000_000  # unclosed: not JSON
+    statuses = set()
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
+        for _ in range(count):
+            answer = await client.post(
+                "/v1/chat/completions", content=body, headers={"Authorization": "Bearer not-a-key"}
+            )
+            statuses.add(answer.status_code)
+    return statuses
+
+tracemalloc.start()
+statuses = asyncio.run(refuse(150))
+_, peak = tracemalloc.get_traced_memory()
+app.state.engine.dispose()
+print(json.dumps({"statuses": sorted(statuses), "peak": peak}))
+"""
+
+
+def test_a_keyless_client_cannot_pile_up_refused_bodies_between_collections(postgres_url: str) -> None:
+    """150 refused 1 MB bodies: what the served API holds at its peak stays a few bodies' worth
+    (a young-collection threshold of 20 000 held over a hundred of them, 200+ MB)."""
+    store.upgrade_to_head(postgres_url)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENMILL_DATABASE_URL": postgres_url}
+    done = subprocess.run(
+        [sys.executable, "-c", REFUSED], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    assert probe["statuses"] == [401], probe
+    assert probe["peak"] < 40 * 1024 * 1024, probe

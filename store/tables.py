@@ -20,6 +20,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "COST_SCALE",
+    "MAX_MODEL_CHARS",
     "MAX_WEBHOOK_URL_CHARS",
     "NO_TENANT",
     "PRICE_SCALE",
@@ -88,6 +89,9 @@ class FileKind(enum.StrEnum):
 
 # The longest webhook URL a batch keeps (as normalised: the API refuses longer ones by name).
 MAX_WEBHOOK_URL_CHARS = 2000
+# A model name as the ledger keeps it (results, discarded answers, prices): a request naming a longer
+# one is refused before it is queued or sent (``store.request_kinds``).
+MAX_MODEL_CHARS = 200
 
 
 def _str_enum(enum_class: type[enum.StrEnum]) -> sa.Enum:
@@ -364,7 +368,7 @@ class Result(Base):
     error_code: Mapped[str | None] = mapped_column(sa.String(100))
     error_message: Mapped[str | None] = mapped_column(sa.Text)
     finish_reason: Mapped[str | None] = mapped_column(sa.String(32))
-    model: Mapped[str | None] = mapped_column(sa.String(200))
+    model: Mapped[str | None] = mapped_column(sa.String(MAX_MODEL_CHARS))
     prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
     cached_prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
@@ -400,7 +404,7 @@ class DiscardedAnswer(Base):
     tenant_id: Mapped[str] = mapped_column(sa.String(64))
     reason: Mapped[str] = mapped_column(sa.String(32))  # "duplicate" | "cancelled" | "handed_back"
     upstream_request_id: Mapped[str | None] = mapped_column(sa.String(200))
-    model: Mapped[str | None] = mapped_column(sa.String(200))
+    model: Mapped[str | None] = mapped_column(sa.String(MAX_MODEL_CHARS))
     prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
     cached_prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
@@ -414,7 +418,7 @@ class ModelPrice(Base):
 
     __tablename__ = "model_prices"
 
-    model: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    model: Mapped[str] = mapped_column(sa.String(MAX_MODEL_CHARS), primary_key=True)
     input_per_million: Mapped[Decimal] = mapped_column(_PRICE)
     cached_input_per_million: Mapped[Decimal] = mapped_column(_PRICE)
     output_per_million: Mapped[Decimal] = mapped_column(_PRICE)

@@ -20,6 +20,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "COST_SCALE",
+    "MAX_CUSTOM_ID_CHARS",
+    "MAX_FILENAME_CHARS",
     "MAX_MODEL_CHARS",
     "MAX_WEBHOOK_URL_CHARS",
     "NO_TENANT",
@@ -92,6 +94,9 @@ MAX_WEBHOOK_URL_CHARS = 2000
 # A model name as the ledger keeps it (results, discarded answers, prices): a request naming a longer
 # one is refused before it is queued or sent (``store.request_kinds``).
 MAX_MODEL_CHARS = 200
+# A line's custom_id (refused longer at ingest) and an upload's file name (cut to it), as kept.
+MAX_CUSTOM_ID_CHARS = 512
+MAX_FILENAME_CHARS = 500
 
 
 def _str_enum(enum_class: type[enum.StrEnum]) -> sa.Enum:
@@ -189,7 +194,7 @@ class File(Base):
 
     id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
-    filename: Mapped[str] = mapped_column(sa.String(500))
+    filename: Mapped[str] = mapped_column(sa.String(MAX_FILENAME_CHARS))
     purpose: Mapped[str] = mapped_column(sa.String(32))
     bytes: Mapped[int] = mapped_column(sa.BigInteger)
     created_at: Mapped[int] = mapped_column(sa.BigInteger)
@@ -320,7 +325,7 @@ class Request(Base):
     id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     batch_id: Mapped[str] = mapped_column(sa.ForeignKey("batches.id", ondelete="CASCADE"))
     tenant_id: Mapped[str] = mapped_column(sa.String(64))
-    custom_id: Mapped[str] = mapped_column(sa.String(512))
+    custom_id: Mapped[str] = mapped_column(sa.String(MAX_CUSTOM_ID_CHARS))
     line_number: Mapped[int] = mapped_column(sa.Integer)
     kind: Mapped[RequestKind] = mapped_column(_str_enum(RequestKind))
     body: Mapped[dict[str, Any]] = mapped_column(sa.JSON)

@@ -10,14 +10,30 @@ from sqlalchemy.engine import Engine
 
 import store
 from store.request_kinds import REQUEST_KINDS, BadLine
-from store.tables import MAX_MODEL_CHARS, DiscardedAnswer, ModelPrice, Result
+from store.tables import (
+    MAX_CUSTOM_ID_CHARS,
+    MAX_FILENAME_CHARS,
+    MAX_MODEL_CHARS,
+    DiscardedAnswer,
+    File,
+    ModelPrice,
+    Request,
+    Result,
+)
 from tests.store.conftest import IngestFn, chat_line
 
 
-def test_the_model_bound_is_the_ledger_columns() -> None:
-    for column in (Result.__table__.c.model, DiscardedAnswer.__table__.c.model, ModelPrice.__table__.c.model):
+def test_the_bounds_checked_are_the_ledger_columns() -> None:
+    bounded = [
+        (Result.__table__.c.model, MAX_MODEL_CHARS),
+        (DiscardedAnswer.__table__.c.model, MAX_MODEL_CHARS),
+        (ModelPrice.__table__.c.model, MAX_MODEL_CHARS),
+        (Request.__table__.c.custom_id, MAX_CUSTOM_ID_CHARS),
+        (File.__table__.c.filename, MAX_FILENAME_CHARS),
+    ]
+    for column, bound in bounded:
         assert isinstance(column.type, sa.String)
-        assert column.type.length == MAX_MODEL_CHARS
+        assert column.type.length == bound
 
 
 @pytest.mark.parametrize("endpoint", sorted(REQUEST_KINDS))

@@ -31,6 +31,7 @@ from store.input_checks import bounded_text
 
 __all__ = [
     "BOUND_TO_HEADER",
+    "CLIENT_CLOSED_REQUEST",
     "APIError",
     "Conflict",
     "InvalidRequest",

@@ -33,6 +33,7 @@ import store
 from api.deps import current_tenant
 from api.errors import (
     BOUND_TO_HEADER,
+    CLIENT_CLOSED_REQUEST,
     APIError,
     Conflict,
     InvalidRequest,
@@ -137,9 +138,9 @@ class _CapturingSend:
             return None
         if self.status_code == 429:
             return None
-        if 300 <= self.status_code < 400:
+        if 300 <= self.status_code < 400 or self.status_code == CLIENT_CLOSED_REQUEST:
             # A redirect (a trailing slash's 307) is not the operation's outcome: kept, it would
-            # burn the key for the very request it points to.
+            # burn the key for the very request it points to. Nor is a client gone mid-body.
             return None
         if self.size > _MAX_STORED_RESPONSE:
             return None

@@ -21,8 +21,9 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from store.errors import QuotaExceeded
 from store.ingest import MAX_ERROR_MESSAGE_CHARS
@@ -30,6 +31,7 @@ from store.input_checks import bounded_text
 
 __all__ = [
     "BOUND_TO_HEADER",
+    "CLIENT_CLOSED_REQUEST",
     "APIError",
     "Conflict",
     "InvalidRequest",
@@ -48,6 +50,10 @@ __all__ = [
 logger = logging.getLogger("tokenmill.api")
 
 # Names the batch or run a 5xx answer is bound to (work that goes on, or was billed): the
+# The status answered (to nobody) when the client went away before its request's body was read
+# (nginx's "client closed request"): below 500, so not a failure of ours in any count or log.
+CLIENT_CLOSED_REQUEST = 499
+
 # Idempotency-Key middleware keeps such an answer, so that a retry replays it instead of running
 # (and billing) the work again.
 BOUND_TO_HEADER = "Tokenmill-Bound-To"
@@ -174,6 +180,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(
             error_body(str(exc.detail), type_, code=None), status_code=exc.status_code, headers=exc.headers
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(_: Request, exc: ClientDisconnect) -> Response:
+        # A client gone mid-body (a route reading it itself: an upload's form) is no error of
+        # ours: logged as one, any client could flood the error log. Nothing was done for it.
+        # (An Idempotency-Key's middleware reads the body first, and stores nothing then.)
+        logger.debug("client disconnected before its request body was read")
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -5,8 +5,8 @@ The key is scoped to the tenant. The request is identified by its method, path, 
 (a JSON body compared as parsed, a multipart body without its random boundary). The same key with
 another request is refused (422 ``idempotency_key_reused``); while the first request with a key is
 being answered, another one is refused (409 ``idempotency_key_in_use``: retry later). Answers
-below 500 (but 429) are kept ``TOKENMILL_IDEMPOTENCY_RETENTION_SECONDS`` and replayed with the header
-``Idempotent-Replayed: true``, and so is a 5xx bound to work that goes on (it names it in
+below 500 (but 429 and redirects) are kept ``TOKENMILL_IDEMPOTENCY_RETENTION_SECONDS`` and replayed
+with the header ``Idempotent-Replayed: true``, and so is a 5xx bound to work that goes on (it names it in
 ``Tokenmill-Bound-To``: a wait that timed out, a cancel that could not stop a call already
 upstream), and so is a stream cut off mid-way (its client gone, its call goes on: a bound 503
 is kept in its place, ``_CapturingSend.interrupted``). Any other 5xx means nothing was done that a
@@ -33,6 +33,7 @@ import store
 from api.deps import current_tenant
 from api.errors import (
     BOUND_TO_HEADER,
+    CLIENT_CLOSED_REQUEST,
     APIError,
     Conflict,
     InvalidRequest,
@@ -128,13 +129,18 @@ class _CapturingSend:
         await self._send(message)
 
     def stored(self) -> store.StoredResponse | None:
-        """The answer to keep, or None (incomplete, too large, a 429, or a 5xx not bound to work)."""
+        """The answer to keep, or None (incomplete, too large, a 429, a redirect, or a 5xx not bound
+        to work)."""
         if not self.complete or self.status_code is None:
             return None
         bound = any(name.lower() == BOUND_TO_HEADER.lower() for name, _ in self.headers)
         if self.status_code >= 500 and not bound:
             return None
         if self.status_code == 429:
+            return None
+        if 300 <= self.status_code < 400 or self.status_code == CLIENT_CLOSED_REQUEST:
+            # A redirect (a trailing slash's 307) is not the operation's outcome: kept, it would
+            # burn the key for the very request it points to. Nor is a client gone mid-body.
             return None
         if self.size > _MAX_STORED_RESPONSE:
             return None

@@ -62,7 +62,15 @@ from store.ids import new_id, now_seconds
 from store.input_checks import JSONRejected, bounded_text, check_json_value, parse_json, quote_input
 from store.quotas import enforce_tenant_quotas, estimate_prompt_tokens
 from store.request_kinds import REQUEST_KINDS, BadLine, RequestKindSpec, require_field
-from store.tables import Batch, BatchStatus, Request, RequestKind, RequestStatus, Tenant
+from store.tables import (
+    MAX_CUSTOM_ID_CHARS,
+    Batch,
+    BatchStatus,
+    Request,
+    RequestKind,
+    RequestStatus,
+    Tenant,
+)
 
 __all__ = [
     "MAX_STORED_ERRORS",
@@ -83,7 +91,6 @@ __all__ = [
 MAX_METADATA_PAIRS = 16
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
-MAX_CUSTOM_ID_CHARS = 512
 # Errors kept on a batch (all are counted): what a producer needs to fix a file, and a batch
 # object that stays small however bad the file.
 MAX_STORED_ERRORS = 100

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from store.tables import RequestKind
+from store.tables import MAX_MODEL_CHARS, RequestKind
 
 __all__ = ["ENDPOINT_KINDS", "REQUEST_KINDS", "BadLine", "RequestKindSpec", "require_field"]
 
@@ -61,6 +61,12 @@ def _check_model(body: Mapping[str, Any], prefix: str) -> None:
     model = require_field(body, "model", str, "a string", prefix)
     if not model:
         raise BadLine("invalid_value", f"'{prefix}model' must not be empty", prefix + "model")
+    if len(model) > MAX_MODEL_CHARS:
+        # The ledger keeps the model's name (results, prices): a longer one would be sent upstream,
+        # paid for, and then fail to be recorded.
+        raise BadLine(
+            "invalid_value", f"'{prefix}model' is longer than {MAX_MODEL_CHARS} characters", prefix + "model"
+        )
 
 
 def _check_chat_body(body: Mapping[str, Any], prefix: str) -> None:

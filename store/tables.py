@@ -20,6 +20,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "COST_SCALE",
+    "MAX_CUSTOM_ID_CHARS",
+    "MAX_FILENAME_CHARS",
+    "MAX_MODEL_CHARS",
     "MAX_WEBHOOK_URL_CHARS",
     "NO_TENANT",
     "PRICE_SCALE",
@@ -88,6 +91,12 @@ class FileKind(enum.StrEnum):
 
 # The longest webhook URL a batch keeps (as normalised: the API refuses longer ones by name).
 MAX_WEBHOOK_URL_CHARS = 2000
+# A model name as the ledger keeps it (results, discarded answers, prices): a request naming a longer
+# one is refused before it is queued or sent (``store.request_kinds``).
+MAX_MODEL_CHARS = 200
+# A line's custom_id (refused longer at ingest) and an upload's file name (cut to it), as kept.
+MAX_CUSTOM_ID_CHARS = 512
+MAX_FILENAME_CHARS = 500
 
 
 def _str_enum(enum_class: type[enum.StrEnum]) -> sa.Enum:
@@ -185,7 +194,7 @@ class File(Base):
 
     id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
-    filename: Mapped[str] = mapped_column(sa.String(500))
+    filename: Mapped[str] = mapped_column(sa.String(MAX_FILENAME_CHARS))
     purpose: Mapped[str] = mapped_column(sa.String(32))
     bytes: Mapped[int] = mapped_column(sa.BigInteger)
     created_at: Mapped[int] = mapped_column(sa.BigInteger)
@@ -316,7 +325,7 @@ class Request(Base):
     id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     batch_id: Mapped[str] = mapped_column(sa.ForeignKey("batches.id", ondelete="CASCADE"))
     tenant_id: Mapped[str] = mapped_column(sa.String(64))
-    custom_id: Mapped[str] = mapped_column(sa.String(512))
+    custom_id: Mapped[str] = mapped_column(sa.String(MAX_CUSTOM_ID_CHARS))
     line_number: Mapped[int] = mapped_column(sa.Integer)
     kind: Mapped[RequestKind] = mapped_column(_str_enum(RequestKind))
     body: Mapped[dict[str, Any]] = mapped_column(sa.JSON)
@@ -364,7 +373,7 @@ class Result(Base):
     error_code: Mapped[str | None] = mapped_column(sa.String(100))
     error_message: Mapped[str | None] = mapped_column(sa.Text)
     finish_reason: Mapped[str | None] = mapped_column(sa.String(32))
-    model: Mapped[str | None] = mapped_column(sa.String(200))
+    model: Mapped[str | None] = mapped_column(sa.String(MAX_MODEL_CHARS))
     prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
     cached_prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
@@ -400,7 +409,7 @@ class DiscardedAnswer(Base):
     tenant_id: Mapped[str] = mapped_column(sa.String(64))
     reason: Mapped[str] = mapped_column(sa.String(32))  # "duplicate" | "cancelled" | "handed_back"
     upstream_request_id: Mapped[str | None] = mapped_column(sa.String(200))
-    model: Mapped[str | None] = mapped_column(sa.String(200))
+    model: Mapped[str | None] = mapped_column(sa.String(MAX_MODEL_CHARS))
     prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
     completion_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
     cached_prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
@@ -414,7 +423,7 @@ class ModelPrice(Base):
 
     __tablename__ = "model_prices"
 
-    model: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    model: Mapped[str] = mapped_column(sa.String(MAX_MODEL_CHARS), primary_key=True)
     input_per_million: Mapped[Decimal] = mapped_column(_PRICE)
     cached_input_per_million: Mapped[Decimal] = mapped_column(_PRICE)
     output_per_million: Mapped[Decimal] = mapped_column(_PRICE)

@@ -13,6 +13,7 @@ is read there. Cache hits say so: ``tokenmill-cache: hit`` and the body's (or th
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -24,6 +25,7 @@ from fastapi.responses import Response, StreamingResponse
 from redis.exceptions import RedisError
 from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import store
@@ -52,6 +54,7 @@ from workers.lane_transport import LaneMessage, LaneTransport, StreamEntry, lane
 
 __all__ = ["CHAT_COMPLETIONS_PATH", "ChatCompletionsFastPath", "router"]
 
+logger = logging.getLogger("tokenmill.api")
 router = APIRouter(tags=["chat"])
 SYNC_METADATA = {"tokenmill_source": "chat.completions"}
 CACHE_HEADER = "tokenmill-cache"
@@ -72,9 +75,31 @@ def _transport(request: Request, settings: Settings) -> LaneTransport:
     return transport
 
 
+# The provider's refusal of tokenmill's own credentials (its key, its access to the model): the
+# operator's to fix, never the tenant's key. Relayed as such it would read as "your key is invalid"
+# (a 401 raises AuthenticationError in OpenAI's SDK), so it is a 502 naming the provider.
+UPSTREAM_AUTHENTICATION_FAILED = "upstream_authentication_failed"
+_UPSTREAM_AUTH_STATUSES = (401, 403)
+
+
+def _upstream_refused(outcome: InteractiveOutcome) -> UpstreamFailed | None:
+    """The 502 for a call the provider refused on tokenmill's credentials (401/403), else None."""
+    if outcome.status_code not in _UPSTREAM_AUTH_STATUSES:
+        return None
+    message = outcome.error_message or "the request was refused"
+    return UpstreamFailed(
+        f"the model provider refused tokenmill's credentials (HTTP {outcome.status_code}); your API key "
+        f"is not in question, the operator's access to the provider is: {message}",
+        code=UPSTREAM_AUTHENTICATION_FAILED,
+    )
+
+
 def _error_for(outcome: InteractiveOutcome) -> APIError:
     status_code = outcome.status_code or 0
     message = outcome.error_message or "the request failed"
+    refused = _upstream_refused(outcome)
+    if refused is not None:
+        return refused
     if 400 <= status_code < 500 and status_code != 429:
         failure = APIError(message, code=outcome.error_code)
         failure.status_code = status_code
@@ -267,6 +292,11 @@ class ChatCompletionsFastPath:
             response = await _serve(request, state.engine, state.settings, authorization)
         except APIError as e:
             response = api_error_response(e)
+        except ClientDisconnect:
+            # Gone before its body was read: nothing was queued, and nobody is left to answer.
+            # Not an error of ours (any client could flood the error log with them).
+            logger.debug("client disconnected before its chat completion body was read")
+            return
         await response(scope, receive, send)
 
 
@@ -562,5 +592,7 @@ async def _relay(writer: _ChunkWriter, relay: _StreamRelay, first: list[StreamEn
     elif _succeeded(outcome):
         message = f"the stream was interrupted; request {outcome.request_id} was answered in full elsewhere"
         yield _error_event(message, "stream_interrupted")
+    elif (refused := _upstream_refused(outcome)) is not None:
+        yield _error_event(refused.message, refused.code or UPSTREAM_AUTHENTICATION_FAILED)
     else:
         yield _error_event(outcome.error_message or "the request failed", outcome.error_code or "failed")

@@ -20,6 +20,7 @@ from api.deps import AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
 from api.errors import InvalidRequest, NotFound
 from store.export import in_chunks
 from store.input_checks import quote_input
+from store.tables import MAX_FILENAME_CHARS
 
 __all__ = ["file_object", "router"]
 
@@ -66,7 +67,7 @@ async def upload_file(
             raise InvalidRequest(
                 f"purpose must be one of {', '.join(PURPOSES)}; got {quote_input(purpose)}", param="purpose"
             )
-        filename = (upload.filename or "upload.jsonl")[:500]
+        filename = (upload.filename or "upload.jsonl")[:MAX_FILENAME_CHARS]
         file_id = f"file-{secrets.token_hex(12)}"
         path, size = await run_in_threadpool(_save, upload.file, settings.files_dir, tenant.id, file_id)
         if size == 0:

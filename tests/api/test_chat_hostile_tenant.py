@@ -1,0 +1,190 @@
+"""What a hostile tenant tried on ``POST /v1/chat/completions`` (and the routes beside it), on the
+real thing: PostgreSQL, Redis, the simulator over HTTP, a lane consumer in this process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+import sqlalchemy as sa
+from fastapi import FastAPI
+from starlette.types import Message
+
+import store
+from api.app import create_app
+from config import Settings
+from simulator.testing import SimulatorServer
+from store.tables import MAX_MODEL_CHARS, Request
+from tests.workers.support import ledger, serving_lane
+from workers.lane_transport import LaneTransport
+
+
+@dataclass
+class InProcess:
+    app: FastAPI
+    key: str
+    tenant_id: str
+    client: httpx.AsyncClient
+
+
+@pytest.fixture
+async def api(
+    postgres_url: str, redis_url: str, redis_prefix: str, simulator: SimulatorServer
+) -> AsyncIterator[InProcess]:
+    led = ledger(postgres_url)
+    settings = Settings(
+        database_url=postgres_url,
+        broker_url=redis_url,
+        cache_url=redis_url,
+        cache_prefix=f"{redis_prefix}cache:",
+        key_prefix=redis_prefix,
+    )
+    app = create_app(settings, dispatch=lambda engine, batch_id: None)
+    api_broker = aioredis.Redis.from_url(redis_url)
+    app.state.lane_transport = LaneTransport(api_broker, redis_prefix)
+    try:
+        async with (
+            serving_lane(led.engine, settings, simulator, "hostile-tenant-lane"),
+            httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://api", timeout=60
+            ) as client,
+        ):
+            key = store.create_api_key(led.engine, led.tenant_id)
+            yield InProcess(app, key, led.tenant_id, client)
+    finally:
+        await api_broker.aclose()
+        app.state.engine.dispose()
+        led.engine.dispose()
+
+
+def requests_of(api: InProcess) -> int:
+    with api.app.state.engine.connect() as connection:
+        count = connection.execute(
+            sa.select(sa.func.count()).select_from(Request).where(Request.tenant_id == api.tenant_id)
+        ).scalar_one()
+    return int(count)
+
+
+def body(content: str, **extra: Any) -> dict[str, Any]:
+    return {"model": "sim-model", "messages": [{"role": "user", "content": content}], **extra}
+
+
+async def cut_off(
+    app: FastAPI, path: str, headers: list[tuple[bytes, bytes]], start: bytes = b'{"model": "x'
+) -> list[Message]:
+    """A POST announcing 1000 bytes, of which the first few come before the client goes; what was
+    sent back."""
+    incoming: list[Message] = [
+        {"type": "http.request", "body": start, "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"api"), (b"content-length", b"1000"), *headers],
+        "client": ("127.0.0.1", 5000),
+        "server": ("api", 80),
+    }
+    await app(scope, receive, send)
+    return sent
+
+
+@pytest.mark.parametrize("valid_key", [True, False])
+async def test_a_client_gone_mid_body_is_dropped_quietly(
+    api: InProcess, valid_key: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = api.key if valid_key else "sk-not-a-key"
+    auth = (b"authorization", f"Bearer {key}".encode())
+    before = requests_of(api)
+    with caplog.at_level(logging.DEBUG):
+        chat = await cut_off(api.app, "/v1/chat/completions", [auth, (b"content-type", b"application/json")])
+        upload = await cut_off(
+            api.app,
+            "/v1/files",
+            [auth, (b"content-type", b"multipart/form-data; boundary=xyz")],
+            b"--xyz\r\nContent-Disposition: form-data; na",
+        )
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert errors == [], [r.getMessage() for r in errors]
+    for sent in (chat, upload):
+        assert all(m.get("status", 0) < 500 for m in sent if m["type"] == "http.response.start"), sent
+    assert requests_of(api) == before
+
+
+async def test_a_trailing_slash_does_not_burn_the_idempotency_key(api: InProcess) -> None:
+    headers = {"Authorization": f"Bearer {api.key}", "Idempotency-Key": f"k-{uuid.uuid4().hex}"}
+    payload = body(f"hi {uuid.uuid4().hex}")
+    redirected = await api.client.post("/v1/chat/completions/", json=payload, headers=headers)
+    assert redirected.status_code == 307
+    answered = await api.client.post("/v1/chat/completions", json=payload, headers=headers)
+    assert answered.status_code == 200, answered.text
+    again = await api.client.post("/v1/chat/completions", json=payload, headers=headers)
+    assert again.status_code == 200
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == answered.json()
+
+
+def assert_upstream_refusal(answer: httpx.Response, status: int) -> None:
+    assert answer.status_code == 502, answer.text
+    assert "www-authenticate" not in answer.headers
+    error = answer.json()["error"]
+    assert error["code"] == "upstream_authentication_failed"
+    assert error["type"] == "upstream_error"
+    assert "provider" in error["message"]
+    assert f"HTTP {status}" in error["message"]
+    assert error["code"] != "invalid_api_key"
+
+
+@pytest.mark.parametrize("status", [401, 403])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_upstream_credentials_refusal_is_a_502_not_the_tenants_401(
+    api: InProcess, status: int, stream: bool
+) -> None:
+    headers = {"Authorization": f"Bearer {api.key}", "Idempotency-Key": f"k-{uuid.uuid4().hex}"}
+    payload = body(f"[[status {status}]] {uuid.uuid4().hex}", stream=stream)
+    answer = await api.client.post("/v1/chat/completions", json=payload, headers=headers)
+    assert_upstream_refusal(answer, status)
+    # The tenant's own key still answers as valid.
+    listed = await api.client.get("/v1/batches", headers={"Authorization": f"Bearer {api.key}"})
+    assert listed.status_code == 200
+
+
+async def test_a_model_longer_than_the_ledger_keeps_is_refused_before_anything_is_queued(
+    api: InProcess,
+) -> None:
+    before = requests_of(api)
+    for stream in (False, True):
+        answer = await api.client.post(
+            "/v1/chat/completions",
+            json=body("hi", model="m" * 5000, stream=stream),
+            headers={"Authorization": f"Bearer {api.key}"},
+        )
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error["type"] == "invalid_request_error"
+        assert error["param"] == "model"
+        assert str(MAX_MODEL_CHARS) in error["message"]
+        assert len(json.dumps(error)) < 1000
+    assert requests_of(api) == before

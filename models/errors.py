@@ -11,7 +11,9 @@ Exception hierarchy::
     ├── BadRequest                   400/413/422, the request itself is wrong; permanent
     │   └── ContextWindowExceeded    the prompt (plus max_tokens) does not fit the model
     ├── AuthenticationFailed         401/403 or no API key configured; permanent
-    └── ModelNotFound                404, unknown model or deployment; permanent
+    ├── ModelNotFound                404, unknown model or deployment; permanent
+    └── InvalidProviderResponse      a 2xx answer whose figures cannot be taken (token usage
+                                     beyond what the ledger holds): it was billed; permanent
 
 ``retryable`` is a class default that an instance may override; ``RetryPolicy`` only retries
 errors whose ``retryable`` is true. Each provider's client maps what its SDK raises onto this tree
@@ -32,6 +34,7 @@ __all__ = [
     "AuthenticationFailed",
     "BadRequest",
     "ContextWindowExceeded",
+    "InvalidProviderResponse",
     "ModelClientError",
     "ModelNotFound",
     "ProviderTimeout",
@@ -152,6 +155,13 @@ class AuthenticationFailed(ModelClientError):
 
 
 class ModelNotFound(ModelClientError):
+    retryable = False
+
+
+class InvalidProviderResponse(ModelClientError):
+    """The provider answered (2xx, so it billed) with figures that cannot be taken as they are,
+    e.g. ``usage`` beyond what the ledger can hold: never retried, asking again pays again."""
+
     retryable = False
 
 

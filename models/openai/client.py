@@ -56,6 +56,7 @@ from models.cancellation import CancellationToken
 from models.errors import (
     AuthenticationFailed,
     BadRequest,
+    InvalidProviderResponse,
     ModelClientError,
     ProviderUnavailable,
     StreamInterrupted,
@@ -337,6 +338,17 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
     def _count(self, usage: RequestUsage) -> None:
         self._usage = self._usage + usage
 
+    def _answered_invalid(self, error: InvalidProviderResponse, request_id: Any) -> InvalidProviderResponse:
+        """``error`` (raised where the answer is read, which knows no client) naming this client's
+        provider and model, and the answer's request id."""
+        return InvalidProviderResponse(
+            error.message,
+            provider=self.provider,
+            model=self._model,
+            request_id=request_id if isinstance(request_id, str) and request_id else None,
+            code=error.code,
+        )
+
     def _error(self, exc: BaseException) -> ModelClientError:
         return from_openai_error(exc, provider=self.provider, model=self._model)
 
@@ -406,7 +418,12 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             )
             self._emit_failure(started, attempt, error)
             raise error from e
-        result = result_from_completion(data, model=self._model)
+        try:
+            result = result_from_completion(data, model=self._model)
+        except InvalidProviderResponse as e:  # answered and billed: ends the call, not retried
+            invalid = self._answered_invalid(e, data.get("id") or headers.get("x-request-id"))
+            self._emit_failure(started, attempt, invalid)
+            raise invalid from None
         self._count(result.usage)
         if event_logger.isEnabledFor(_INFO):
             usage = result.usage
@@ -550,7 +567,12 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             )
             self._emit_stream_end(started, accumulator, interrupted, first_chunk_at=first_chunk_at)
             raise interrupted
-        result = accumulator.result()
+        try:
+            result = accumulator.result()
+        except InvalidProviderResponse as e:  # answered and billed: ends the call, not retried
+            invalid = self._answered_invalid(e, accumulator.response_id or request_id)
+            self._emit_stream_end(started, accumulator, invalid, first_chunk_at=first_chunk_at)
+            raise invalid from None
         self._count(result.usage)
         self._emit_stream_end(started, accumulator, None, result, request_id, first_chunk_at=first_chunk_at)
         yield result

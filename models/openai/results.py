@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from models.errors import InvalidProviderResponse
 from models.openai.messages import openai_tool_call
 from models.types import (
     ChatCompletionTokenLogprob,
@@ -20,7 +21,14 @@ from models.types import (
     RequestUsage,
 )
 
-__all__ = ["StreamAccumulator", "chat_completion_body", "result_from_completion", "usage_from_openai"]
+__all__ = [
+    "MAX_USAGE_TOKENS",
+    "USAGE_INVALID",
+    "StreamAccumulator",
+    "chat_completion_body",
+    "result_from_completion",
+    "usage_from_openai",
+]
 
 _FINISH_REASONS: Mapping[str | None, FinishReasons] = {
     "stop": "stop",
@@ -35,20 +43,64 @@ _THINK_CLOSE = "</think>"
 _EMPTY_USAGE = RequestUsage()
 
 
+# The most tokens one call may report, in any field and in prompt + completion + cached together:
+# the ledger keeps a result's tokens in INTEGER columns (``results``, ``discarded_answers``:
+# int4, not BIGINT) and adds them up per row (the dashboard's prompt + completion), so past this
+# a usage cannot be recorded, and no model's call comes near it.
+MAX_USAGE_TOKENS = 2**31 - 1
+USAGE_INVALID = "upstream_usage_invalid"
+
+
+def _usage_field(usage: Mapping[str, Any], name: str, where: str = "usage") -> int:
+    """``usage[name]`` as a count of tokens (absent or null is 0); anything else (a negative,
+    a fraction, a string, a boolean, past ``MAX_USAGE_TOKENS``: all the provider's error) raises
+    ``InvalidProviderResponse``."""
+    value = usage.get(name)
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():  # 12.0; a huge int orjson read as float
+        value = int(value) if abs(value) <= MAX_USAGE_TOKENS else value
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_USAGE_TOKENS:
+        shown = repr(value)
+        raise InvalidProviderResponse(
+            f"the provider's {where}.{name} is not a token count of at most {MAX_USAGE_TOKENS}: "
+            f"{shown[:40]}{'...' if len(shown) > 40 else ''}",
+            code=USAGE_INVALID,
+        )
+    return value
+
+
 def usage_from_openai(usage: Any) -> RequestUsage:
+    """The one place a provider's ``usage`` becomes a ``RequestUsage`` (``create`` over the own
+    transport or the SDK, ``create_stream``): every figure is checked here, and one beyond what
+    the ledger holds raises ``InvalidProviderResponse`` (not retryable: the answer was billed)."""
     if not isinstance(usage, Mapping):
         return _EMPTY_USAGE
     prompt_details = usage.get("prompt_tokens_details")
     completion_details = usage.get("completion_tokens_details")
-    return RequestUsage.model_construct(
-        prompt_tokens=usage.get("prompt_tokens") or 0,
-        completion_tokens=usage.get("completion_tokens") or 0,
-        cached_prompt_tokens=(prompt_details.get("cached_tokens") or 0)
+    prompt = _usage_field(usage, "prompt_tokens")
+    completion = _usage_field(usage, "completion_tokens")
+    cached = (
+        _usage_field(prompt_details, "cached_tokens", "usage.prompt_tokens_details")
         if isinstance(prompt_details, Mapping)
-        else 0,
-        reasoning_tokens=(completion_details.get("reasoning_tokens") or 0)
+        else 0
+    )
+    reasoning = (
+        _usage_field(completion_details, "reasoning_tokens", "usage.completion_tokens_details")
         if isinstance(completion_details, Mapping)
-        else 0,
+        else 0
+    )
+    if prompt + completion + cached > MAX_USAGE_TOKENS:
+        raise InvalidProviderResponse(
+            f"the provider's usage adds up past {MAX_USAGE_TOKENS} tokens: prompt_tokens {prompt}"
+            f" + completion_tokens {completion} + cached_tokens {cached}",
+            code=USAGE_INVALID,
+        )
+    return RequestUsage.model_construct(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        cached_prompt_tokens=cached,
+        reasoning_tokens=reasoning,
     )
 
 

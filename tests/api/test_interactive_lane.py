@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 import store
 from simulator.testing import SimulatorServer
-from store.tables import Request
+from store.tables import Request, Result
 from tests.api.conftest import start_api, stop_api
 from tests.cluster import Cluster, kill_group, run_cli
 
@@ -306,3 +306,41 @@ def test_single_calls_are_counted_in_the_workers_metrics_as_the_ledger_bills_the
         total(samples, "gen_ai_client_token_usage_sum", gen_ai_token_type="output")
         == paid.usage.completion_tokens
     )
+
+
+@pytest.mark.parametrize(
+    "reasoning",
+    [2**64 - 1, 9223372036854775000],  # past any integer column; past int64 once summed
+    ids=["2^64-1", "just-under-2^63"],
+)
+def test_absurd_usage_fails_the_call_once_and_is_not_run_again(
+    lane: Lane, simulator: SimulatorServer, reasoning: int
+) -> None:
+    """The provider answered (and billed) with usage the ledger cannot hold: a 502 naming the
+    field, once; the ledger keeps the failure with 0 tokens; the provider saw one request. It
+    used to fail the client's usage check, go back in line and be paid again until it timed out
+    (503) or ended as result_not_recordable."""
+    lane.cluster.worker("w1")
+    lane.cluster.beat()
+    model = f"absurd-usage-{reasoning}"
+    answer = httpx.post(
+        f"{lane.root}/v1/chat/completions",
+        headers=lane.headers,
+        json={**ask(f"count this [[reasoning {reasoning}]]"), "model": model},
+        timeout=90,
+    )
+    assert answer.status_code == 502, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "upstream_error"
+    assert error["code"] == "upstream_usage_invalid"
+    assert "usage.completion_tokens" in error["message"]
+    [row] = lane.requests()
+    assert row.status == store.RequestStatus.FAILED
+    assert row.attempts == 1
+    with lane.engine.connect() as conn:
+        [result] = conn.execute(sa.select(Result).where(Result.request_id == row.id)).all()
+    assert result.status == store.RequestStatus.FAILED
+    assert result.error_code == "upstream_usage_invalid"
+    assert (result.prompt_tokens, result.completion_tokens, result.reasoning_tokens) == (0, 0, 0)
+    time.sleep(3)  # a rerun (the sweeper's) would reach the provider again by now
+    assert simulator.stats()["by_model"][model] == 1

@@ -542,3 +542,27 @@ def test_a_result_the_database_refuses_still_bills_its_answer_and_logs_no_data(
     # Logged as the redaction helper words it: the database's DETAIL lines may quote the row.
     assert "details withheld from logs" in caplog.text
     assert secret not in caplog.text
+
+
+async def test_a_line_answered_with_absurd_usage_fails_once(
+    make_ledger: MakeLedger, database_url: str, simulator: SimulatorServer
+) -> None:
+    """Usage the ledger cannot hold (2^64-1; just under 2^63, past int64 once summed) is the
+    provider's error: the line fails once with 0 tokens, never goes back in line to be paid again
+    (it used to fail the client's usage check, a handler crash, redelivered up to max_deliveries)."""
+    led = make_ledger(database_url)
+    prompts = ["fine", f"absurd [[reasoning {2**64 - 1}]]", "absurd [[reasoning 9223372036854775000]]"]
+    batch_id, ids = add_batch(led, prompts)
+    await run_ids(database_url, simulator, ids, max_deliveries=3)
+    results = {r.request_id: r for r in results_of(led.engine, batch_id)}
+    assert statuses(led.engine, batch_id) == {"succeeded": 1, "failed": 2}
+    for request_id in ids[1:]:
+        failed = results[request_id]
+        assert failed.status == RequestStatus.FAILED
+        assert failed.error_code == "upstream_usage_invalid"
+        assert failed.error_message and "usage.completion_tokens" in failed.error_message
+        assert (failed.prompt_tokens, failed.completion_tokens, failed.reasoning_tokens) == (0, 0, 0)
+    assert simulator.stats()["completions"] == len(prompts), "one upstream call per line, none retried"
+    with led.engine.connect() as conn:
+        attempts = conn.execute(sa.select(Request.attempts).where(Request.id.in_(ids))).scalars().all()
+    assert sorted(attempts) == [1, 1, 1]

@@ -74,7 +74,8 @@ async def test_absurd_usage_fails_once_not_retryable(
     error = caught.value
     assert error.retryable is False
     assert error.code == USAGE_INVALID
-    assert error.provider and error.model == "gpt-4o"
+    assert error.provider
+    assert error.model == "gpt-4o"
     assert error.request_id, "the billed answer's id, to trace it upstream"
     if case == "2^64-1":
         assert "usage.completion_tokens" in error.message

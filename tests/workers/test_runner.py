@@ -560,7 +560,8 @@ async def test_a_line_answered_with_absurd_usage_fails_once(
         failed = results[request_id]
         assert failed.status == RequestStatus.FAILED
         assert failed.error_code == "upstream_usage_invalid"
-        assert failed.error_message and "usage.completion_tokens" in failed.error_message
+        assert failed.error_message
+        assert "usage.completion_tokens" in failed.error_message
         assert (failed.prompt_tokens, failed.completion_tokens, failed.reasoning_tokens) == (0, 0, 0)
     assert simulator.stats()["completions"] == len(prompts), "one upstream call per line, none retried"
     with led.engine.connect() as conn:

@@ -344,3 +344,27 @@ def test_absurd_usage_fails_the_call_once_and_is_not_run_again(
     assert (result.prompt_tokens, result.completion_tokens, result.reasoning_tokens) == (0, 0, 0)
     time.sleep(3)  # a rerun (the sweeper's) would reach the provider again by now
     assert simulator.stats()["by_model"][model] == 1
+
+
+def test_a_stream_with_absurd_usage_ends_in_an_error_once(lane: Lane, simulator: SimulatorServer) -> None:
+    """The streamed twin: the text already relayed, the stream ends with the error, the ledger
+    keeps the failure, and the provider saw one request."""
+    lane.cluster.worker("w1")
+    lane.cluster.beat()
+    model = "absurd-usage-stream"
+    with httpx.stream(
+        "POST",
+        f"{lane.root}/v1/chat/completions",
+        headers=lane.headers,
+        json={**ask(f"stream me [[reasoning {2**64 - 1}]]", stream=True), "model": model},
+        timeout=90,
+    ) as response:
+        assert response.status_code == 200, response.read()
+        events = list(sse_events(response))
+    errors = [event["error"] for event in events if "error" in event]
+    assert [error["code"] for error in errors] == ["upstream_usage_invalid"], events
+    [row] = lane.requests()
+    assert row.status == store.RequestStatus.FAILED
+    assert row.attempts == 1
+    time.sleep(3)  # a rerun (the sweeper's) would reach the provider again by now
+    assert simulator.stats()["by_model"][model] == 1

@@ -46,7 +46,10 @@ _EMPTY_USAGE = RequestUsage()
 # The most tokens one call may report, in any field and in prompt + completion + cached together:
 # the ledger keeps a result's tokens in INTEGER columns (``results``, ``discarded_answers``:
 # int4, not BIGINT) and adds them up per row (the dashboard's prompt + completion), so past this
-# a usage cannot be recorded, and no model's call comes near it.
+# a usage cannot be recorded, and no model's call comes near it. Such a call is recorded failed
+# with 0 tokens: not NULL (the token columns are NOT NULL, and every sum over them would need to
+# skip it), nor the provider's figure (unstorable, and no measure of anything); what it really
+# billed is for the provider's invoice, traced by the answer's id kept on the row.
 MAX_USAGE_TOKENS = 2**31 - 1
 USAGE_INVALID = "upstream_usage_invalid"
 

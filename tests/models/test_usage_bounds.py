@@ -11,7 +11,7 @@ import pytest
 from openai import DefaultAioHttpClient
 
 from models import InvalidProviderResponse, OpenAIChatCompletionClient, RequestUsage, UserMessage
-from models.openai.results import MAX_USAGE_TOKENS, USAGE_INVALID
+from models.openai.results import MAX_USAGE_TOKENS, USAGE_INVALID, usage_from_openai
 from models.retry import RetryPolicy
 from simulator import SimulatorServer
 
@@ -107,3 +107,37 @@ async def test_sane_usage_is_untouched(simulator: SimulatorServer) -> None:
     assert result.usage.reasoning_tokens == 1234567
     assert result.usage.completion_tokens > 1234567
     assert client.total_usage() == result.usage
+
+
+@pytest.mark.parametrize(
+    ("usage", "field"),
+    [
+        ({"prompt_tokens": -1}, "usage.prompt_tokens"),
+        ({"prompt_tokens": True}, "usage.prompt_tokens"),
+        ({"completion_tokens": "12"}, "usage.completion_tokens"),
+        ({"completion_tokens": 1.5}, "usage.completion_tokens"),
+        ({"completion_tokens": float("inf")}, "usage.completion_tokens"),
+        ({"completion_tokens": MAX_USAGE_TOKENS + 1}, "usage.completion_tokens"),
+        ({"prompt_tokens_details": {"cached_tokens": 2**63}}, "usage.prompt_tokens_details.cached_tokens"),
+        (
+            {"completion_tokens_details": {"reasoning_tokens": -5}},
+            "usage.completion_tokens_details.reasoning_tokens",
+        ),
+        ({"prompt_tokens": MAX_USAGE_TOKENS, "completion_tokens": 1}, "adds up past"),
+    ],
+)
+def test_usage_figures_the_ledger_cannot_hold_are_refused(usage: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidProviderResponse) as caught:
+        usage_from_openai(usage)
+    assert field in caught.value.message
+    assert caught.value.retryable is False
+
+
+def test_usage_at_the_bound_and_absent_fields_are_kept() -> None:
+    assert usage_from_openai({"prompt_tokens": MAX_USAGE_TOKENS, "completion_tokens": None}) == RequestUsage(
+        prompt_tokens=MAX_USAGE_TOKENS
+    )
+    assert usage_from_openai({"prompt_tokens": 12.0, "completion_tokens": 3}) == RequestUsage(
+        prompt_tokens=12, completion_tokens=3
+    )
+    assert usage_from_openai(None) == RequestUsage()

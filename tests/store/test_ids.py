@@ -22,3 +22,11 @@ def test_ids_made_in_successive_milliseconds_sort_in_the_order_they_were_made() 
     assert made == sorted(made)  # random ids: right one time in 20!
     assert all(re.fullmatch(r"batch_[0-9a-f]{32}", made_id) for made_id in made)
     assert len(set(made)) == len(made)
+
+
+def test_ids_made_within_one_millisecond_sort_in_the_order_they_were_made() -> None:
+    """A fast SQLite ingest made two batches in one millisecond: they listed in random order."""
+    made = [new_id("batch_") for _ in range(1000)]  # most of them share their millisecond
+    assert made == sorted(made)
+    assert len(set(made)) == len(made)
+    assert all(re.fullmatch(r"batch_[0-9a-f]{32}", made_id) for made_id in made)

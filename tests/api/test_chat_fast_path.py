@@ -8,22 +8,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio.to_thread
 import httpx
 import pytest
-import redis.asyncio as aioredis
-from fastapi import FastAPI
 from redis.asyncio.connection import Connection
 
-import store
-from api.app import create_app
-from config import Settings
 from simulator.testing import SimulatorServer
-from tests.workers.support import ledger, serving_lane
-from workers.lane_transport import LaneTransport
+from tests.api.in_process import InProcess, in_process_api
 
 T = TypeVar("T")
 
@@ -38,41 +31,20 @@ class CountingConnection(Connection):
         await super().send_packed_command(command, check_health)
 
 
-@dataclass
-class InProcess:
-    app: FastAPI
-    key: str
-    client: httpx.AsyncClient
-
-
 @pytest.fixture
 async def in_process(
     postgres_url: str, redis_url: str, redis_prefix: str, simulator: SimulatorServer
 ) -> AsyncIterator[InProcess]:
-    led = ledger(postgres_url)
-    settings = Settings(
-        database_url=postgres_url,
-        broker_url=redis_url,
-        cache_url=redis_url,
-        cache_prefix=f"{redis_prefix}cache:",
-        key_prefix=redis_prefix,
-    )
-    app = create_app(settings, dispatch=lambda engine, batch_id: None)
-    # The API's own transport, on connections that count their writes.
-    api_broker = aioredis.Redis.from_url(redis_url, connection_class=CountingConnection)
-    app.state.lane_transport = LaneTransport(api_broker, redis_prefix)
-    try:
-        async with (
-            serving_lane(led.engine, settings, simulator, "fast-path-lane"),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://api", timeout=60
-            ) as client,
-        ):
-            yield InProcess(app, store.create_api_key(led.engine, led.tenant_id), client)
-    finally:
-        await api_broker.aclose()
-        app.state.engine.dispose()
-        led.engine.dispose()
+    # The API's own broker connections count their writes.
+    async with in_process_api(
+        postgres_url,
+        redis_url,
+        redis_prefix,
+        simulator,
+        "fast-path-lane",
+        api_connection_class=CountingConnection,
+    ) as api:
+        yield api
 
 
 async def chat(api: InProcess, key: str | None = None) -> httpx.Response:

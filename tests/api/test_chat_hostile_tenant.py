@@ -7,61 +7,25 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
-import redis.asyncio as aioredis
 import sqlalchemy as sa
 from fastapi import FastAPI
 from starlette.types import Message
 
-import store
-from api.app import create_app
-from config import Settings
 from simulator.testing import SimulatorServer
 from store.tables import MAX_MODEL_CHARS, Request
-from tests.workers.support import ledger, serving_lane
-from workers.lane_transport import LaneTransport
-
-
-@dataclass
-class InProcess:
-    app: FastAPI
-    key: str
-    tenant_id: str
-    client: httpx.AsyncClient
+from tests.api.in_process import InProcess, in_process_api
 
 
 @pytest.fixture
 async def api(
     postgres_url: str, redis_url: str, redis_prefix: str, simulator: SimulatorServer
 ) -> AsyncIterator[InProcess]:
-    led = ledger(postgres_url)
-    settings = Settings(
-        database_url=postgres_url,
-        broker_url=redis_url,
-        cache_url=redis_url,
-        cache_prefix=f"{redis_prefix}cache:",
-        key_prefix=redis_prefix,
-    )
-    app = create_app(settings, dispatch=lambda engine, batch_id: None)
-    api_broker = aioredis.Redis.from_url(redis_url)
-    app.state.lane_transport = LaneTransport(api_broker, redis_prefix)
-    try:
-        async with (
-            serving_lane(led.engine, settings, simulator, "hostile-tenant-lane"),
-            httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://api", timeout=60
-            ) as client,
-        ):
-            key = store.create_api_key(led.engine, led.tenant_id)
-            yield InProcess(app, key, led.tenant_id, client)
-    finally:
-        await api_broker.aclose()
-        app.state.engine.dispose()
-        led.engine.dispose()
+    async with in_process_api(postgres_url, redis_url, redis_prefix, simulator, "hostile-tenant-lane") as api:
+        yield api
 
 
 def requests_of(api: InProcess) -> int:

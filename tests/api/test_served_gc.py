@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import store
 from tests.cluster import ROOT
@@ -33,14 +34,20 @@ print(json.dumps({"before": before, "after": after, "frozen": gc.get_freeze_coun
 """
 
 
-def test_the_served_app_freezes_its_startup_objects_out_of_the_collectors_passes(postgres_url: str) -> None:
+def _run(script: str, postgres_url: str) -> dict[str, Any]:
+    """What ``script`` printed last (JSON), run in a process of its own against a migrated ledger."""
     store.upgrade_to_head(postgres_url)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENMILL_DATABASE_URL": postgres_url}
     done = subprocess.run(
-        [sys.executable, "-c", PROBE], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_the_served_app_freezes_its_startup_objects_out_of_the_collectors_passes(postgres_url: str) -> None:
+    probe = _run(PROBE, postgres_url)
     assert probe["frozen"] > 100_000
     assert tuple(probe["thresholds"]) == (700, 10, 10)  # Python's: see the test below
     # The startup objects alone took most of a full collection (200 ms on a busy machine).
@@ -79,12 +86,6 @@ print(json.dumps({"statuses": sorted(statuses), "peak": peak}))
 def test_a_keyless_client_cannot_pile_up_refused_bodies_between_collections(postgres_url: str) -> None:
     """150 refused 1 MB bodies: what the served API holds at its peak stays a few bodies' worth
     (a young-collection threshold of 20 000 held over a hundred of them, 200+ MB)."""
-    store.upgrade_to_head(postgres_url)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENMILL_DATABASE_URL": postgres_url}
-    done = subprocess.run(
-        [sys.executable, "-c", REFUSED], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    probe = _run(REFUSED, postgres_url)
     assert probe["statuses"] == [401], probe
     assert probe["peak"] < 40 * 1024 * 1024, probe

@@ -16,7 +16,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from store.batch_lifecycle import attach_result_files, finalize_batches, move_batches
-from store.engine import write_transaction
+from store.engine import autocommit_connection, write_transaction
 from store.errors import BatchNotFound
 from store.ids import now_seconds
 from store.tables import Batch, BatchStatus, Request, RequestStatus, status_is
@@ -233,7 +233,9 @@ def expire_batches(engine: Engine, now: int | None = None) -> list[str]:
 def batch_statuses(engine: Engine, batch_ids: Collection[str]) -> dict[str, BatchStatus]:
     if not batch_ids:
         return {}
-    with engine.connect() as conn:
+    # Autocommit: the lane reads this every half second while calls run, and a pooled read's
+    # rollback would drop the statements psycopg prepared on the connection (claims, results).
+    with autocommit_connection(engine) as conn:
         rows = conn.execute(sa.select(Batch.id, Batch.status).where(Batch.id.in_(sorted(batch_ids)))).all()
     return {row.id: BatchStatus(row.status) for row in rows}
 

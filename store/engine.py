@@ -159,7 +159,9 @@ def flush_with_next_durable_commit(conn: Connection) -> None:
 def autocommit_connection(engine: Engine) -> Iterator[Connection]:
     """A connection on which each statement is a transaction of its own: no ``BEGIN`` before it
     and no ``COMMIT`` / ``ROLLBACK`` after it, two round trips that would cost as much again as a
-    one-statement read or write (the API key look-up of every request; a claim). Only for work
+    one-statement read or write (the API key look-up of every request; a claim). Nor does it end
+    in a rollback, which makes psycopg drop every statement it prepared on the connection: a
+    read that runs often on connections that also claim and record belongs here. Only for work
     that is one statement, or needs no snapshot or atomicity across its statements."""
     with engine.connect() as conn:
         yield conn.execution_options(isolation_level="AUTOCOMMIT")

@@ -22,7 +22,12 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from store.engine import flush_with_next_durable_commit, is_postgresql, write_transaction
+from store.engine import (
+    autocommit_connection,
+    flush_with_next_durable_commit,
+    is_postgresql,
+    write_transaction,
+)
 from store.errors import InvalidArgument
 from store.ids import new_id, now_seconds
 from store.quotas import enforce_tenant_quotas, estimate_prompt_tokens
@@ -239,7 +244,7 @@ def interactive_outcome(engine: Engine, request_id: str) -> InteractiveOutcome |
         .outerjoin(Result, Result.request_id == Request.id)
         .where(Request.id == request_id)
     )
-    with engine.connect() as conn:
+    with autocommit_connection(engine) as conn:  # one statement; no rollback (store.batch_statuses)
         row = conn.execute(query).first()
     if row is None:
         return None
@@ -267,5 +272,5 @@ def lease_lapsed(engine: Engine, request_id: str, now: int | None = None) -> boo
     query = sa.select(Request.id).where(
         Request.id == request_id, Request.status == RequestStatus.RUNNING, Request.lease_expires_at < now
     )
-    with engine.connect() as conn:
+    with autocommit_connection(engine) as conn:
         return conn.execute(query).first() is not None

@@ -11,7 +11,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 import store
-from store.interactive import submit_interactive
+from store.engine import autocommit_connection
+from store.interactive import interactive_outcome, lease_lapsed, submit_interactive
 
 CHAT = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
 NO_FLUSH_WAIT = "set_config('synchronous_commit', 'off', true)"
@@ -145,5 +146,34 @@ def test_the_connection_handed_back_last_is_the_next_one_out(postgres_url: str) 
         for conn in burst:
             conn.close()
         assert [_backend_pid(engine) for _ in range(3)] == [pids[-1]] * 3
+    finally:
+        engine.dispose()
+
+
+def test_the_reads_made_while_calls_run_keep_the_connections_prepared_statements(postgres_url: str) -> None:
+    """psycopg drops every statement it prepared on a connection when that connection rolls back,
+    and a pooled read's end is a rollback unless it ran in autocommit. The lane reads its calls'
+    batches' statuses every half second while any runs: each such read made the next claims and
+    results on that connection parsed and planned again (and sent a ``DEALLOCATE ALL``)."""
+    store.upgrade_to_head(postgres_url)
+    engine = store.make_engine(postgres_url, pool_size=1, max_overflow=0)
+    try:
+        tenant = store.create_tenant(engine, "acme")
+        submitted = submit_interactive(engine, tenant.id, dict(CHAT), endpoint="/v1/chat/completions")
+        prepared = sa.text("SELECT count(*) FROM pg_prepared_statements")
+        with engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            for _ in range(6):  # psycopg prepares a statement at its sixth run on a connection
+                conn.execute(prepared)
+            assert conn.execute(prepared).scalar_one() >= 1
+        reads = {
+            "batch_statuses": lambda: store.batch_statuses(engine, [submitted.batch_id]),
+            "interactive_outcome": lambda: interactive_outcome(engine, submitted.request_id),
+            "lease_lapsed": lambda: lease_lapsed(engine, submitted.request_id),
+        }
+        for name, read in reads.items():
+            read()
+            with autocommit_connection(engine) as conn:
+                assert conn.execute(prepared).scalar_one() >= 1, f"{name} dropped them"
     finally:
         engine.dispose()

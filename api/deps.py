@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 from fastapi import Depends, Header, Path, Query, Request
 from sqlalchemy.engine import Engine
@@ -22,6 +22,7 @@ __all__ = [
     "current_tenant",
     "get_engine",
     "get_settings",
+    "raise_unknown_key",
     "tenant_of_key",
 ]
 
@@ -69,9 +70,14 @@ def tenant_of_key(engine: Engine, key: str) -> store.Tenant:
     """The tenant owning ``key`` (a ledger look-up: call it off the event loop); 401 otherwise."""
     tenant = store.authenticate_api_key(engine, key)
     if tenant is None:
-        # Never echo the key back: a log or a proxy may keep the response.
-        raise Unauthenticated("Incorrect API key provided, or the key was revoked.")
+        raise_unknown_key()
     return tenant
+
+
+def raise_unknown_key() -> NoReturn:
+    """The 401 of a key the ledger does not know (or revoked)."""
+    # Never echo the key back: a log or a proxy may keep the response.
+    raise Unauthenticated("Incorrect API key provided, or the key was revoked.")
 
 
 def current_tenant(engine: EngineDep, authorization: Annotated[str | None, Header()] = None) -> store.Tenant:

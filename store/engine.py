@@ -30,6 +30,7 @@ __all__ = [
     "flush_with_next_durable_commit",
     "is_postgresql",
     "make_engine",
+    "no_flush_wait_column",
     "normalize_url",
     "write_transaction",
 ]
@@ -153,6 +154,14 @@ def flush_with_next_durable_commit(conn: Connection) -> None:
     without ever telling anyone of a row that a crash could take back."""
     if is_postgresql(conn):
         conn.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+
+
+def no_flush_wait_column() -> sa.ColumnElement[Any]:
+    """``flush_with_next_durable_commit`` from within a statement, as a column to select: a
+    statement that is its own transaction (autocommit) sets it for itself, without a round trip."""
+    return sa.func.set_config(
+        sa.literal_column("'synchronous_commit'"), sa.literal_column("'off'"), sa.true()
+    )
 
 
 @contextmanager

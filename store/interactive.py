@@ -26,21 +26,25 @@ from store.engine import (
     autocommit_connection,
     flush_with_next_durable_commit,
     is_postgresql,
+    no_flush_wait_column,
     write_transaction,
 )
 from store.errors import InvalidArgument
 from store.ids import new_id, now_seconds
 from store.quotas import enforce_tenant_quotas, estimate_prompt_tokens
 from store.request_kinds import REQUEST_KINDS, BadLine
-from store.tables import Batch, BatchStatus, Request, RequestStatus, Result, Tenant
+from store.tables import ApiKey, Batch, BatchStatus, Request, RequestStatus, Result, Tenant
+from store.tenants import api_key_hash, authenticate_api_key
 
 __all__ = [
     "INTERACTIVE_PRIORITY",
     "InteractiveOutcome",
     "InteractiveRequest",
+    "KeyedSubmission",
     "interactive_outcome",
     "lease_lapsed",
     "submit_interactive",
+    "submit_interactive_for_key",
 ]
 
 # The highest a batch may have too (the sweeper re-sends higher priorities first).
@@ -70,70 +74,182 @@ def submit_interactive(
     line check's code and param) and commit it as a queued request of a hidden batch of its own,
     unless it takes the tenant over a quota (raises ``QuotaExceeded``; nothing is written).
     ``dispatch_id`` is the message that will carry it (``dispatched_at`` is now)."""
-    kind_spec = REQUEST_KINDS.get(endpoint)
-    if kind_spec is None:
-        raise InvalidArgument(f"unknown endpoint {endpoint!r}", "endpoint")
-    try:
-        kind_spec.check_body(body, "")
-    except BadLine as e:
-        raise InvalidArgument(str(e), e.param, code=e.code) from e
-    now = now if now is not None else now_seconds()
-    # Encoded as ingest encodes a batch line's body, so both lanes count a quota alike.
-    prompt_tokens = estimate_prompt_tokens(json.dumps(body, separators=(",", ":"), ensure_ascii=False))
-    batch_id = new_id("batch_")
-    request_id = request_id or new_id("batch_req_")
-    batch_row = {
-        "id": batch_id,
-        "tenant_id": tenant_id,
-        "endpoint": endpoint,
-        "kind": kind_spec.kind,
-        "completion_window": "24h",
-        "status": BatchStatus.IN_PROGRESS,
-        "metadata": dict(metadata) if metadata else None,
-        "priority": INTERACTIVE_PRIORITY,
-        "hidden": True,
-        "total_count": 1,
-        "prompt_tokens_estimate": prompt_tokens,
-        "completed_count": 0,
-        "failed_count": 0,
-        "cancelled_count": 0,
-        "created_at": now,
-        "in_progress_at": now,
-        "expires_at": now + _WINDOW_SECONDS,
-    }
-    request_row = {
-        "id": request_id,
-        "batch_id": batch_id,
-        "tenant_id": tenant_id,
-        "custom_id": "request",
-        "line_number": 1,
-        "kind": kind_spec.kind,
-        "body": body,
-        "status": RequestStatus.QUEUED,
-        "priority": INTERACTIVE_PRIORITY,
-        "attempts": 0,
-        "dispatch_id": dispatch_id,
-        "dispatched_at": now if dispatch_id is not None else None,
-        "created_at": now,
-    }
+    rows = _CallRows.of(tenant_id, body, endpoint, dispatch_id, metadata, request_id, now)
     with write_transaction(engine) as conn:
         # Committed for every session to see before any message names it ("ledger first"), but
         # not waited onto the disk: the caller hears of the call only through a durable commit
         # after this one (its result's; a streamed call's claim, before its first chunk), which
         # flushes this one too. A crash of PostgreSQL in between loses a call nobody was told of.
         if is_postgresql(conn):
-            quotas_set = _insert_in_one_statement(conn, tenant_id, batch_row, request_row)
+            quotas_set = _insert_in_one_statement(conn, tenant_id, rows.batch, rows.request)
         else:
             flush_with_next_durable_commit(conn)
-            conn.execute(sa.insert(Batch), batch_row)
-            conn.execute(sa.insert(Request), request_row)
+            conn.execute(sa.insert(Batch), rows.batch)
+            conn.execute(sa.insert(Request), rows.request)
             quotas_set = True  # enforce_tenant_quotas reads them
         if quotas_set:
             # Over a quota: raises QuotaExceeded and the two rows roll back (nothing queued).
             enforce_tenant_quotas(
-                conn, tenant_id, new_requests=1, new_tokens=prompt_tokens, exclude_batch_id=batch_id, now=now
+                conn,
+                tenant_id,
+                new_requests=1,
+                new_tokens=rows.prompt_tokens,
+                exclude_batch_id=rows.batch["id"],
+                now=rows.now,
             )
-    return InteractiveRequest(request_id, batch_id)
+    return InteractiveRequest(rows.request["id"], rows.batch["id"])
+
+
+@dataclass(frozen=True, slots=True)
+class KeyedSubmission:
+    """What ``submit_interactive_for_key`` did: the key's tenant (its id and lane weight) and
+    the call it queued."""
+
+    tenant_id: str
+    weight: float
+    submitted: InteractiveRequest
+
+
+def submit_interactive_for_key(
+    engine: Engine,
+    key: str,
+    body: dict[str, Any],
+    *,
+    endpoint: str,
+    dispatch_id: str | None = None,
+    metadata: Mapping[str, str] | None = None,
+    request_id: str | None = None,
+) -> KeyedSubmission | None:
+    """The owner of API key ``key`` and ``submit_interactive`` for it; None, having written
+    nothing, when the key is unknown or revoked (whatever the body: a bad key hears so before
+    anything about its body). Raises as ``submit_interactive`` does.
+
+    On PostgreSQL, for a tenant with no quota (most), the key's look-up and both rows are one
+    statement that is its own transaction: one round trip where a look-up, then BEGIN, the rows
+    and COMMIT were four. A tenant with a quota finds its rows left out by that statement and goes
+    through ``submit_interactive`` (its quotas are checked under the tenant's lock there); a quota
+    set while the statement runs applies from the next call, as if this one came first."""
+    try:
+        rows = _CallRows.of(_OWNER, body, endpoint, dispatch_id, metadata, request_id, None)
+    except InvalidArgument:
+        if authenticate_api_key(engine, key) is None:
+            return None
+        raise
+    if not is_postgresql(engine):
+        tenant = authenticate_api_key(engine, key)
+        if tenant is None:
+            return None
+        return KeyedSubmission(
+            tenant.id,
+            tenant.weight,
+            submit_interactive(
+                engine,
+                tenant.id,
+                body,
+                endpoint=endpoint,
+                dispatch_id=dispatch_id,
+                metadata=metadata,
+                request_id=rows.request["id"],
+            ),
+        )
+    batch_row, request_row = _with_defaults(Batch, rows.batch), _with_defaults(Request, rows.request)
+    parameters = {
+        "key_hash": api_key_hash(key),
+        **{f"batch_{name}": value for name, value in batch_row.items() if name != "tenant_id"},
+        **{f"request_{name}": value for name, value in request_row.items() if name != "tenant_id"},
+    }
+    with autocommit_connection(engine) as conn:
+        owner = conn.execute(
+            _keyed_insert_statement(tuple(batch_row), tuple(request_row)), parameters
+        ).first()
+    if owner is None:
+        return None
+    if owner.quota_set:  # nothing written: the quotas' way
+        submitted = submit_interactive(
+            engine,
+            owner.tenant_id,
+            body,
+            endpoint=endpoint,
+            dispatch_id=dispatch_id,
+            metadata=metadata,
+            request_id=rows.request["id"],
+        )
+    else:
+        submitted = InteractiveRequest(rows.request["id"], rows.batch["id"])
+    return KeyedSubmission(owner.tenant_id, float(owner.weight), submitted)
+
+
+# The tenant id of rows whose owner the statement itself finds (``_keyed_insert_statement``).
+_OWNER = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _CallRows:
+    """A single call's two rows (its hidden batch's and its request's), as inserted."""
+
+    batch: dict[str, Any]
+    request: dict[str, Any]
+    prompt_tokens: int
+    now: int
+
+    @classmethod
+    def of(
+        cls,
+        tenant_id: str,
+        body: dict[str, Any],
+        endpoint: str,
+        dispatch_id: str | None,
+        metadata: Mapping[str, str] | None,
+        request_id: str | None,
+        now: int | None,
+    ) -> _CallRows:
+        """Raises ``InvalidArgument`` for a body ingest would refuse as a line of ``endpoint``."""
+        kind_spec = REQUEST_KINDS.get(endpoint)
+        if kind_spec is None:
+            raise InvalidArgument(f"unknown endpoint {endpoint!r}", "endpoint")
+        try:
+            kind_spec.check_body(body, "")
+        except BadLine as e:
+            raise InvalidArgument(str(e), e.param, code=e.code) from e
+        now = now if now is not None else now_seconds()
+        # Encoded as ingest encodes a batch line's body, so both lanes count a quota alike.
+        prompt_tokens = estimate_prompt_tokens(json.dumps(body, separators=(",", ":"), ensure_ascii=False))
+        batch_id = new_id("batch_")
+        batch = {
+            "id": batch_id,
+            "tenant_id": tenant_id,
+            "endpoint": endpoint,
+            "kind": kind_spec.kind,
+            "completion_window": "24h",
+            "status": BatchStatus.IN_PROGRESS,
+            "metadata": dict(metadata) if metadata else None,
+            "priority": INTERACTIVE_PRIORITY,
+            "hidden": True,
+            "total_count": 1,
+            "prompt_tokens_estimate": prompt_tokens,
+            "completed_count": 0,
+            "failed_count": 0,
+            "cancelled_count": 0,
+            "created_at": now,
+            "in_progress_at": now,
+            "expires_at": now + _WINDOW_SECONDS,
+        }
+        request = {
+            "id": request_id or new_id("batch_req_"),
+            "batch_id": batch_id,
+            "tenant_id": tenant_id,
+            "custom_id": "request",
+            "line_number": 1,
+            "kind": kind_spec.kind,
+            "body": body,
+            "status": RequestStatus.QUEUED,
+            "priority": INTERACTIVE_PRIORITY,
+            "attempts": 0,
+            "dispatch_id": dispatch_id,
+            "dispatched_at": now if dispatch_id is not None else None,
+            "created_at": now,
+        }
+        return cls(batch, request, prompt_tokens, now)
 
 
 def _with_defaults(table: Any, row: dict[str, Any]) -> dict[str, Any]:
@@ -169,26 +285,64 @@ def _insert_statement(batch_columns: tuple[str, ...], request_columns: tuple[str
     ``request_<column>``, ``tenant_id``): built once, since building and hashing it cost more
     CPU than PostgreSQL spends running it (py-spy, bench/sync_latency.py)."""
 
-    def parameters(table: Any, prefix: str, columns: tuple[str, ...]) -> dict[str, Any]:
-        return {name: sa.bindparam(f"{prefix}{name}", type_=table.__table__.c[name].type) for name in columns}
-
-    new_batch = sa.insert(Batch).values(parameters(Batch, "batch_", batch_columns)).returning(Batch.id)
+    new_batch = sa.insert(Batch).values(_typed_parameters(Batch, "batch_", batch_columns)).returning(Batch.id)
     new_request = (
-        sa.insert(Request).values(parameters(Request, "request_", request_columns)).returning(Request.id)
+        sa.insert(Request)
+        .values(_typed_parameters(Request, "request_", request_columns))
+        .returning(Request.id)
     )
-    no_flush_wait = sa.func.set_config(
-        sa.literal_column("'synchronous_commit'"), sa.literal_column("'off'"), sa.true()
-    )
-    quota_set = sa.or_(
-        Tenant.max_queued_requests.is_not(None),
-        Tenant.max_queued_tokens.is_not(None),
-        Tenant.daily_budget_usd.is_not(None),
-    )
+    quota_set, no_flush_wait = _quota_set(), no_flush_wait_column()
     return (
         sa.select(quota_set.label("quota_set"), no_flush_wait.label("no_flush_wait"))
         .where(Tenant.id == sa.bindparam("tenant_id"))
         .add_cte(new_batch.cte("new_batch"))
         .add_cte(new_request.cte("new_request"))
+    )
+
+
+def _typed_parameters(table: Any, prefix: str, columns: tuple[str, ...]) -> dict[str, Any]:
+    return {name: sa.bindparam(f"{prefix}{name}", type_=table.__table__.c[name].type) for name in columns}
+
+
+def _quota_set() -> sa.ColumnElement[bool]:
+    return sa.or_(
+        Tenant.max_queued_requests.is_not(None),
+        Tenant.max_queued_tokens.is_not(None),
+        Tenant.daily_budget_usd.is_not(None),
+    )
+
+
+@functools.cache
+def _keyed_insert_statement(
+    batch_columns: tuple[str, ...], request_columns: tuple[str, ...]
+) -> sa.Select[Any]:
+    """``submit_interactive_for_key``'s statement: the live key's owner (parameter ``key_hash``)
+    with its weight and whether it has a quota, both rows inserted for it when it has none
+    (``batch_<column>``, ``request_<column>``; their ``tenant_id`` is the owner's), the commit
+    told not to wait for the disk (as ``_insert_in_one_statement``'s). No owner: no row."""
+    owner = (
+        sa.select(Tenant.id.label("tenant_id"), Tenant.weight, _quota_set().label("quota_set"))
+        .join(ApiKey, ApiKey.tenant_id == Tenant.id)
+        .where(ApiKey.key_hash == sa.bindparam("key_hash"), ApiKey.revoked_at.is_(None))
+        .limit(1)
+        .cte("owner")
+    )
+
+    def for_owner(table: Any, prefix: str, columns: tuple[str, ...]) -> Any:
+        values = _typed_parameters(table, prefix, columns)
+        values["tenant_id"] = owner.c.tenant_id
+        chosen = sa.select(*(values[name] for name in columns)).where(sa.not_(owner.c.quota_set))
+        return sa.insert(table).from_select(list(columns), chosen).returning(table.id)
+
+    return (
+        sa.select(
+            owner.c.tenant_id,
+            owner.c.weight,
+            owner.c.quota_set,
+            no_flush_wait_column().label("no_flush_wait"),
+        )
+        .add_cte(for_owner(Batch, "batch_", batch_columns).cte("new_batch"))
+        .add_cte(for_owner(Request, "request_", request_columns).cte("new_request"))
     )
 
 

@@ -24,6 +24,7 @@ from store.engine import (
     autocommit_connection,
     flush_with_next_durable_commit,
     is_postgresql,
+    no_flush_wait_column,
     write_transaction,
 )
 from store.ids import now_seconds
@@ -363,10 +364,7 @@ def _postgresql_lease(candidates: sa.Select[Any], *, durable: bool) -> sa.Update
     )
     no_flush_wait: list[sa.ColumnElement[Any]] = []
     if not durable:
-        setting = sa.func.set_config(
-            sa.literal_column("'synchronous_commit'"), sa.literal_column("'off'"), sa.true()
-        )
-        no_flush_wait = [setting.label("no_flush_wait")]
+        no_flush_wait = [no_flush_wait_column().label("no_flush_wait")]
     return _leased(chosen, sa.true(), locked.c.previous_status, *no_flush_wait)
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "MAX_TENANT_WEIGHT",
     "MIN_TENANT_WEIGHT",
     "WEBHOOK_SECRET_PREFIX",
+    "api_key_hash",
     "authenticate_api_key",
     "create_api_key",
     "create_tenant",
@@ -40,7 +41,8 @@ API_KEY_PREFIX = "tm-"
 WEBHOOK_SECRET_PREFIX = "whsec_"
 
 
-def _hash_key(key: str) -> str:
+def api_key_hash(key: str) -> str:
+    """What the ledger keeps of an API key (``api_keys.key_hash``): never the key itself."""
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
@@ -136,7 +138,7 @@ def create_api_key(engine: Engine, tenant_id: str, name: str | None = None) -> s
             {
                 "id": new_id("key_"),
                 "tenant_id": tenant_id,
-                "key_hash": _hash_key(key),
+                "key_hash": api_key_hash(key),
                 "prefix": key[:10],
                 "name": name,
                 "created_at": now_seconds(),
@@ -163,13 +165,13 @@ def authenticate_api_key(engine: Engine, key: str) -> Tenant | None:
     session."""
     # On every API request: one statement, no transaction around it, no ORM session.
     with autocommit_connection(engine) as conn:
-        row = conn.execute(_key_owner_query(), {"key_hash": _hash_key(key)}).first()
+        row = conn.execute(_key_owner_query(), {"key_hash": api_key_hash(key)}).first()
     return None if row is None else Tenant(**row._mapping)
 
 
 def find_api_key(engine: Engine, key: str) -> ApiKey | None:
     """The live (not revoked) key row whose plaintext is ``key``, or None."""
-    query = sa.select(ApiKey).where(ApiKey.key_hash == _hash_key(key), ApiKey.revoked_at.is_(None))
+    query = sa.select(ApiKey).where(ApiKey.key_hash == api_key_hash(key), ApiKey.revoked_at.is_(None))
     with Session(engine, expire_on_commit=False) as session:
         return session.scalars(query).first()
 
@@ -180,7 +182,7 @@ def revoke_api_key(engine: Engine, key_or_id: str) -> bool:
         result = conn.execute(
             sa.update(ApiKey)
             .where(
-                sa.or_(ApiKey.key_hash == _hash_key(key_or_id), ApiKey.id == key_or_id),
+                sa.or_(ApiKey.key_hash == api_key_hash(key_or_id), ApiKey.id == key_or_id),
                 ApiKey.revoked_at.is_(None),
             )
             .values(revoked_at=now_seconds())

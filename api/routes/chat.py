@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import store
-from api.deps import EngineDep, SettingsDep, bearer_key, tenant_of_key
+from api.deps import EngineDep, SettingsDep, bearer_key, raise_unknown_key, tenant_of_key
 from api.errors import (
     BOUND_TO_HEADER,
     APIError,
@@ -45,9 +45,10 @@ from store.ids import new_id
 from store.interactive import (
     InteractiveOutcome,
     InteractiveRequest,
+    KeyedSubmission,
     interactive_outcome,
     lease_lapsed,
-    submit_interactive,
+    submit_interactive_for_key,
 )
 from telemetry import tracing
 from workers.lane_transport import LaneMessage, LaneTransport, StreamEntry, lane_dispatch_id
@@ -125,23 +126,23 @@ def _stream_headers(outcome_id: str, cached: bool) -> dict[str, str]:
     return {**_headers(outcome_id, cached), BOUND_TO_HEADER: outcome_id}
 
 
-def _authenticated_submit(
-    engine: Engine, key: str, body: dict[str, Any], request_id: str
-) -> tuple[store.Tenant, InteractiveRequest]:
-    """The key's tenant, then its call's rows: one thread hop for both (each hop costs the event
+def _authenticated_submit(engine: Engine, key: str, body: dict[str, Any], request_id: str) -> KeyedSubmission:
+    """The key's tenant and its call's rows: one thread hop for both (each hop costs the event
     loop a thread wake-up and a GIL hand-over, which at 16 concurrent calls was a millisecond of
-    the loop's time apiece: py-spy, bench/sync_latency.py)."""
-    tenant = tenant_of_key(engine, key)
-    submitted = submit_interactive(
+    the loop's time apiece: py-spy, bench/sync_latency.py), and one statement for a tenant
+    without a quota (``store.submit_interactive_for_key``)."""
+    keyed = submit_interactive_for_key(
         engine,
-        tenant.id,
+        key,
         body,
         endpoint="/v1/chat/completions",
         dispatch_id=lane_dispatch_id(request_id),
         metadata=SYNC_METADATA,
         request_id=request_id,
     )
-    return tenant, submitted
+    if keyed is None:
+        raise_unknown_key()
+    return keyed
 
 
 class _NotWaited:
@@ -165,12 +166,12 @@ async def _submit(
     wait for its reply in one round trip to the broker (the reply, or None: none came)."""
     request_id = new_id("batch_req_")
     try:
-        tenant, submitted = await run_in_threadpool(_authenticated_submit, engine, key, body, request_id)
+        keyed = await run_in_threadpool(_authenticated_submit, engine, key, body, request_id)
     except store.InvalidArgument as e:
         raise InvalidRequest(str(e), param=e.param, code=e.code) from e
     except store.QuotaExceeded as e:
         raise over_quota(e) from e
-    tenant_id, weight = tenant.id, tenant.weight
+    tenant_id, weight, submitted = keyed.tenant_id, keyed.weight, keyed.submitted
     reply: FirstReply = _NOT_WAITED
     try:
         message = LaneMessage(request_id, stream, tracing.current_traceparent())

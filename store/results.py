@@ -607,8 +607,7 @@ def _end_requests(conn: Connection, records: Sequence[ResultRecord], now: int) -
 # cancelled, as finalize_batches moves it), the tenant's day raised by a non-zero cost. Every
 # step after the insert hangs on its RETURNING: nothing inserted, nothing changed.
 _BATCH_DONE = (
-    "(batches.completed_count + :b_completed + batches.failed_count + :b_failed"
-    " + batches.cancelled_count >= batches.total_count)"
+    "(b.completed_count + :b_completed + b.failed_count + :b_failed + b.cancelled_count >= b.total_count)"
 )
 _SINGLE_CALL_RESULT = sa.text(
     # The price as store.prices.price_for picks it (the exact name, else the longest priced name
@@ -647,25 +646,26 @@ _SINGLE_CALL_RESULT = sa.text(
     " lease_owner = NULL, lease_expires_at = NULL"
     " FROM inserted WHERE requests.id = inserted.request_id RETURNING requests.id"
     "), counted AS ("
-    " UPDATE batches SET completed_count = batches.completed_count + :b_completed,"
-    " failed_count = batches.failed_count + :b_failed, "
+    " UPDATE batches AS b SET completed_count = b.completed_count + :b_completed,"
+    " failed_count = b.failed_count + :b_failed, "
     + ", ".join(
-        f"{name} = batches.{name} + COALESCE(inserted.cost_usd, 0)"
+        f"{name} = b.{name} + COALESCE(inserted.cost_usd, 0)"
         if name == "billed_cost_usd"
-        else f"{name} = batches.{name} + :b_{name}"
+        else f"{name} = b.{name} + :b_{name}"
         for name in _BILLED_COLUMNS
     )
-    + f", finalizing_at = CASE WHEN {_BATCH_DONE} AND batches.status = 'in_progress'"
-    " THEN :created_at ELSE batches.finalizing_at END,"
-    f" completed_at = CASE WHEN {_BATCH_DONE} AND batches.status = 'in_progress'"
-    " THEN :created_at ELSE batches.completed_at END,"
-    f" cancelled_at = CASE WHEN {_BATCH_DONE} AND batches.status = 'cancelling'"
-    " THEN :created_at ELSE batches.cancelled_at END,"
-    f" status = CASE WHEN NOT {_BATCH_DONE} THEN batches.status"
-    " WHEN batches.status = 'in_progress' THEN 'completed'"
-    " WHEN batches.status = 'cancelling' THEN 'cancelled' ELSE batches.status END"
-    " FROM inserted WHERE batches.id = inserted.batch_id"
-    " RETURNING batches.id, batches.status, batches.completed_at, batches.cancelled_at"
+    # Whether the batch is done, worked out once on the row being updated (a sub-select may read
+    # it): written out in each of the four, the statement outgrew the 4,096 characters under
+    # which psycopg keeps a statement's conversion rather than redoing it at every call.
+    + ", (finalizing_at, completed_at, cancelled_at, status) = (SELECT"
+    " CASE WHEN done AND b.status = 'in_progress' THEN :created_at ELSE b.finalizing_at END,"
+    " CASE WHEN done AND b.status = 'in_progress' THEN :created_at ELSE b.completed_at END,"
+    " CASE WHEN done AND b.status = 'cancelling' THEN :created_at ELSE b.cancelled_at END,"
+    " CASE WHEN NOT done THEN b.status WHEN b.status = 'in_progress' THEN 'completed'"
+    " WHEN b.status = 'cancelling' THEN 'cancelled' ELSE b.status END"
+    f" FROM (SELECT {_BATCH_DONE} AS done) AS batch_done)"
+    " FROM inserted WHERE b.id = inserted.batch_id"
+    " RETURNING b.id, b.status, b.completed_at, b.cancelled_at"
     "), spent AS ("
     " INSERT INTO tenant_daily_spend (tenant_id, day, cost_usd)"
     " SELECT inserted.tenant_id, :day, inserted.cost_usd FROM inserted WHERE inserted.cost_usd <> 0"

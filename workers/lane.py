@@ -406,8 +406,13 @@ def stop(timeout: float = 10.0) -> None:
 
 
 def _serve_forever(ready: threading.Event) -> None:
+    from workers.context import new_event_loop
+
     try:
-        asyncio.run(_serve(ready))
+        # uvloop's loop, as the chunks' (workers.context): asyncio's own transports and scheduling
+        # are Python code on every step of every call.
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(_serve(ready))
     except Exception:
         _logger.exception("the interactive lane stopped")
 

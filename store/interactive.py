@@ -13,6 +13,7 @@ sends it again only when that marker is gone.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Mapping
@@ -74,7 +75,12 @@ def submit_interactive(
     line check's code and param) and commit it as a queued request of a hidden batch of its own,
     unless it takes the tenant over a quota (raises ``QuotaExceeded``; nothing is written).
     ``dispatch_id`` is the message that will carry it (``dispatched_at`` is now)."""
-    rows = _CallRows.of(tenant_id, body, endpoint, dispatch_id, metadata, request_id, now)
+    return _commit(engine, _CallRows.of(tenant_id, body, endpoint, dispatch_id, metadata, request_id, now))
+
+
+def _commit(engine: Engine, rows: _CallRows) -> InteractiveRequest:
+    """``submit_interactive``'s transaction: ``rows`` written, the owner's quotas enforced."""
+    tenant_id = rows.batch["tenant_id"]
     with write_transaction(engine) as conn:
         # Committed for every session to see before any message names it ("ledger first"), but
         # not waited onto the disk: the caller hears of the call only through a durable commit
@@ -139,19 +145,7 @@ def submit_interactive_for_key(
         tenant = authenticate_api_key(engine, key)
         if tenant is None:
             return None
-        return KeyedSubmission(
-            tenant.id,
-            tenant.weight,
-            submit_interactive(
-                engine,
-                tenant.id,
-                body,
-                endpoint=endpoint,
-                dispatch_id=dispatch_id,
-                metadata=metadata,
-                request_id=rows.request["id"],
-            ),
-        )
+        return KeyedSubmission(tenant.id, tenant.weight, _commit(engine, rows.owned_by(tenant.id)))
     batch_row, request_row = _with_defaults(Batch, rows.batch), _with_defaults(Request, rows.request)
     parameters = {
         "key_hash": api_key_hash(key),
@@ -165,15 +159,7 @@ def submit_interactive_for_key(
     if owner is None:
         return None
     if owner.quota_set:  # nothing written: the quotas' way
-        submitted = submit_interactive(
-            engine,
-            owner.tenant_id,
-            body,
-            endpoint=endpoint,
-            dispatch_id=dispatch_id,
-            metadata=metadata,
-            request_id=rows.request["id"],
-        )
+        submitted = _commit(engine, rows.owned_by(owner.tenant_id))
     else:
         submitted = InteractiveRequest(rows.request["id"], rows.batch["id"])
     return KeyedSubmission(owner.tenant_id, float(owner.weight), submitted)
@@ -250,6 +236,11 @@ class _CallRows:
             "created_at": now,
         }
         return cls(batch, request, prompt_tokens, now)
+
+    def owned_by(self, tenant_id: str) -> _CallRows:
+        """These rows, their owner ``tenant_id``."""
+        batch, request = {**self.batch, "tenant_id": tenant_id}, {**self.request, "tenant_id": tenant_id}
+        return dataclasses.replace(self, batch=batch, request=request)
 
 
 def _with_defaults(table: Any, row: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from store.driver import DriverStatement
 from store.engine import (
     autocommit_connection,
     flush_with_next_durable_commit,
@@ -152,10 +153,8 @@ def submit_interactive_for_key(
         **{f"batch_{name}": value for name, value in batch_row.items() if name != "tenant_id"},
         **{f"request_{name}": value for name, value in request_row.items() if name != "tenant_id"},
     }
-    with autocommit_connection(engine) as conn:
-        owner = conn.execute(
-            _keyed_insert_statement(tuple(batch_row), tuple(request_row)), parameters
-        ).first()
+    found = _keyed_insert_statement(tuple(batch_row), tuple(request_row)).run(engine, parameters)
+    owner = found[0] if found else None
     if owner is None:
         return None
     if owner.quota_set:  # nothing written: the quotas' way
@@ -306,7 +305,7 @@ def _quota_set() -> sa.ColumnElement[bool]:
 @functools.cache
 def _keyed_insert_statement(
     batch_columns: tuple[str, ...], request_columns: tuple[str, ...]
-) -> sa.Select[Any]:
+) -> DriverStatement:
     """``submit_interactive_for_key``'s statement: the live key's owner (parameter ``key_hash``)
     with its weight and whether it has a quota, both rows inserted for it when it has none
     (``batch_<column>``, ``request_<column>``; their ``tenant_id`` is the owner's), the commit
@@ -325,7 +324,7 @@ def _keyed_insert_statement(
         chosen = sa.select(*(values[name] for name in columns)).where(sa.not_(owner.c.quota_set))
         return sa.insert(table).from_select(list(columns), chosen).returning(table.id)
 
-    return (
+    return DriverStatement(
         sa.select(
             owner.c.tenant_id,
             owner.c.weight,

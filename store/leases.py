@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 
 from store.batches import end_requeued_of_stopped_batches
+from store.driver import DriverStatement
 from store.engine import (
     autocommit_connection,
     flush_with_next_durable_commit,
@@ -163,9 +164,19 @@ def claim_requests(
     if not request_ids:
         return []
     now = now if now is not None else now_seconds()
-    candidates = _claim_by_id()
+    expires = now + lease_seconds
+    if is_postgresql(engine):
+        # One statement, its own transaction, run on the driver (store.driver): a single call's
+        # claim is on the path of every call.
+        values = {
+            "claim_ids": list(request_ids),
+            "claim_now": now,
+            "lease_owner": owner,
+            "lease_expires": expires,
+        }
+        return _claimed(_claim_by_id_lease(durable).run(engine, values), expires, None)
     parameters = {"claim_ids": list(request_ids), "claim_now": now}
-    return _lease(engine, candidates, owner, now + lease_seconds, now, durable=durable, parameters=parameters)
+    return _lease(engine, _claim_by_id(), owner, expires, now, durable=durable, parameters=parameters)
 
 
 def claim_queued(
@@ -306,8 +317,7 @@ def _lease_in(
     values = {**(parameters or {}), "lease_owner": owner, "lease_expires": expires}
     running: set[str] | None = None  # on PostgreSQL, told by each row's previous status instead
     if is_postgresql(conn):
-        by_id = candidates is _claim_by_id()
-        statement = _claim_by_id_lease(durable) if by_id else _postgresql_lease(candidates, durable=durable)
+        statement = _postgresql_lease(candidates, durable=durable)
     else:
         chosen = Request.id.in_(candidates.scalar_subquery())  # SQLite writers are serialized
         # Read in this transaction, before the update: writers take turns, so it still holds.
@@ -317,14 +327,19 @@ def _lease_in(
             ).scalars()
         )
         statement = _leased(chosen, _claimable(now), sa.literal(None))
-    rows = sorted(conn.execute(statement, values).all(), key=lambda row: row.line_number)
+    return _claimed(conn.execute(statement, values).all(), expires, running)
+
+
+def _claimed(rows: Sequence[Any], expires: int, running: set[str] | None) -> list[ClaimedRequest]:
+    """The claimed requests of the lease statement's ``rows``, in line order; ``running``: the
+    ids that were running before (None: each row says so in ``previous_status``)."""
     return [
         ClaimedRequest(
             id=row.id,
             batch_id=row.batch_id,
             tenant_id=row.tenant_id,
             custom_id=row.custom_id,
-            kind=row.kind,
+            kind=RequestKind(row.kind),
             body=row.body,
             attempts=row.attempts,
             priority=row.priority,
@@ -333,7 +348,7 @@ def _lease_in(
             retry_deadline=row.retry_deadline,
             reclaimed=row.previous_status == RequestStatus.RUNNING if running is None else row.id in running,
         )
-        for row in rows
+        for row in sorted(rows, key=lambda row: row.line_number)
     ]
 
 
@@ -406,8 +421,7 @@ def _leased(
 
 @functools.cache
 def _claim_by_id() -> sa.Select[Any]:
-    """``claim_requests``' candidates (parameters ``claim_ids``, ``claim_now``), one object for
-    ``_claim_by_id_lease`` to recognise."""
+    """``claim_requests``' candidates on SQLite (parameters ``claim_ids``, ``claim_now``)."""
     return sa.select(Request.id).where(
         Request.id.in_(sa.bindparam("claim_ids", expanding=True)),
         _claimable(sa.bindparam("claim_now", type_=sa.BigInteger)),
@@ -415,11 +429,17 @@ def _claim_by_id() -> sa.Select[Any]:
 
 
 @functools.cache
-def _claim_by_id_lease(durable: bool) -> sa.Update:
-    """``claim_requests``' statement on PostgreSQL, built once: building and hashing it cost a
-    worker more CPU than PostgreSQL spends on the claim of a single call (py-spy,
-    bench/sync_latency.py). Other claims' statements carry their values and are built each time."""
-    return _postgresql_lease(_claim_by_id(), durable=durable)
+def _claim_by_id_lease(durable: bool) -> DriverStatement:
+    """``claim_requests``' statement on PostgreSQL (parameters ``claim_ids``, an array, one
+    statement whatever their number; ``claim_now``, ``lease_owner``, ``lease_expires``), built and
+    compiled once: building, hashing and executing it through SQLAlchemy cost a worker more CPU
+    than PostgreSQL spends on the claim of a single call (py-spy, bench/sync_latency.py). Other
+    claims' statements carry their values and are built each time."""
+    candidates = sa.select(Request.id).where(
+        Request.id == sa.any_(sa.bindparam("claim_ids", type_=postgresql.ARRAY(sa.String))),
+        _claimable(sa.bindparam("claim_now", type_=sa.BigInteger)),
+    )
+    return DriverStatement(_postgresql_lease(candidates, durable=durable))
 
 
 def extend_leases(

@@ -19,6 +19,7 @@ was paid once, and is not counted again; nor is one without an id, which cannot 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -32,7 +33,8 @@ from sqlalchemy.engine import Connection, Engine
 
 from models.types import RequestUsage
 from store.batch_lifecycle import all_finished, finalize_batches
-from store.engine import autocommit_connection, dialect_insert, is_postgresql, write_transaction
+from store.driver import DriverStatement
+from store.engine import dialect_insert, is_postgresql, write_transaction
 from store.ids import now_seconds
 from store.prices import cost_usd, price_for
 from store.quotas import add_daily_spend
@@ -681,6 +683,13 @@ _SINGLE_CALL_RESULT = sa.text(
 _FILLED_BY_THE_STATEMENT = ("batch_id", "tenant_id", "cost_usd")
 
 
+@functools.cache
+def _single_call_result() -> DriverStatement:
+    """``_SINGLE_CALL_RESULT`` compiled once, run on the driver (``store.driver``): the statement
+    every single call's answer waits for."""
+    return DriverStatement(_SINGLE_CALL_RESULT)
+
+
 def record_single_call_result(
     engine: Engine, record: ResultRecord, now: int | None = None
 ) -> RecordOutcome | None:
@@ -706,10 +715,10 @@ def record_single_call_result(
         "response_body": None if record.response_body is None else json.dumps(record.response_body),
         "day": now // _SECONDS_PER_DAY,  # as store.quotas counts a day
     }
-    with autocommit_connection(engine) as conn:
-        written = conn.execute(_SINGLE_CALL_RESULT, parameters).one_or_none()
-    if written is None:
+    rows = _single_call_result().run(engine, parameters)
+    if not rows:
         return None
+    (written,) = rows
     ended_now = (written.batch_status == "completed" and written.completed_at == now) or (
         written.batch_status == "cancelled" and written.cancelled_at == now
     )

@@ -1,0 +1,105 @@
+"""``store.driver.DriverStatement``: a statement run on psycopg's cursor keeps what SQLAlchemy's
+way gives its callers: SQLAlchemy's errors without the parameters in them, a dead connection
+invalidated rather than pooled again, the pooled connection handed back transactional, and the
+engine's statement listeners (PostgreSQL)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+
+import store
+from store.driver import DriverStatement
+from store.engine import normalize_url, write_transaction
+
+SECRET = "the prompt nobody may read in a log"
+
+
+@pytest.fixture
+def one_connection(postgres_url: str) -> Iterator[Engine]:
+    """An engine whose pool holds one connection: every run takes the same one."""
+    store.upgrade_to_head(postgres_url)
+    engine = store.make_engine(postgres_url, pool_size=1, max_overflow=0)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def tenant_named() -> DriverStatement:
+    return DriverStatement(
+        sa.insert(store.Tenant)
+        .values(id=sa.bindparam("id"), name=sa.bindparam("name"), created_at=0, weight=1.0)
+        .returning(store.Tenant.id, store.Tenant.name)
+    )
+
+
+def test_it_runs_its_own_transaction_and_returns_its_rows(one_connection: Engine) -> None:
+    [row] = tenant_named().run(one_connection, {"id": "t1", "name": "acme"})
+    assert (row.id, row.name) == ("t1", "acme")
+    tenant = store.get_tenant(one_connection, "t1")  # committed
+    assert tenant is not None
+    assert tenant.name == "acme"
+
+
+def test_a_refused_statement_raises_sqlalchemys_error_without_its_parameters(one_connection: Engine) -> None:
+    tenant_named().run(one_connection, {"id": "t1", "name": "acme"})
+    with pytest.raises(sa.exc.IntegrityError) as refused:
+        tenant_named().run(one_connection, {"id": "t1", "name": SECRET})
+    assert SECRET not in str(refused.value)
+    assert not refused.value.connection_invalidated
+    # The connection is fine and goes on serving.
+    assert tenant_named().run(one_connection, {"id": "t2", "name": "other"})
+
+
+def test_a_dead_connection_is_invalidated_and_the_next_run_gets_a_live_one(
+    one_connection: Engine, postgres_url: str
+) -> None:
+    tenant_named().run(one_connection, {"id": "t1", "name": "acme"})
+    [pid] = DriverStatement(sa.select(sa.func.pg_backend_pid().label("pid"))).run(one_connection, {})
+    killer = sa.create_engine(normalize_url(postgres_url), poolclass=sa.NullPool)
+    with killer.connect() as conn:
+        conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid.pid})
+    killer.dispose()
+    with pytest.raises(sa.exc.OperationalError) as lost:
+        tenant_named().run(one_connection, {"id": "t2", "name": "other"})
+    assert lost.value.connection_invalidated
+    [row] = tenant_named().run(one_connection, {"id": "t3", "name": "third"})
+    assert row.id == "t3"
+
+
+def test_the_connection_goes_back_to_the_pool_transactional(one_connection: Engine) -> None:
+    """Run in autocommit, handed back as it came: a transaction on it afterwards still rolls back."""
+    tenant_named().run(one_connection, {"id": "t1", "name": "acme"})
+
+    def rename_then_fail() -> None:
+        with write_transaction(one_connection) as conn:
+            conn.execute(sa.update(store.Tenant).where(store.Tenant.id == "t1").values(name="renamed"))
+            raise RuntimeError("changed my mind")
+
+    with pytest.raises(RuntimeError):
+        rename_then_fail()
+    tenant = store.get_tenant(one_connection, "t1")
+    assert tenant is not None
+    assert tenant.name == "acme"
+
+
+def test_the_engines_statement_listeners_see_it(one_connection: Engine) -> None:
+    seen: list[str] = []
+    event.listen(
+        one_connection, "before_cursor_execute", lambda _c, _k, statement, *_: seen.append(statement)
+    )
+    statement = tenant_named()
+    statement.run(one_connection, {"id": "t1", "name": "acme"})
+    assert seen == [statement.sql]
+
+
+def test_a_statement_whose_sql_depends_on_its_values_is_refused() -> None:
+    with pytest.raises(ValueError, match="must not depend"):
+        DriverStatement(
+            sa.select(store.Tenant.id).where(store.Tenant.id.in_(sa.bindparam("ids", expanding=True)))
+        )

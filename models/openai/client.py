@@ -58,7 +58,6 @@ from models.errors import (
     BadRequest,
     InvalidProviderResponse,
     ModelClientError,
-    ProviderUnavailable,
     StreamInterrupted,
 )
 from models.events import LLMCall, LLMStreamEnd, LLMStreamStart, emit, event_logger
@@ -66,7 +65,7 @@ from models.openai.errors import from_openai_error
 from models.openai.messages import to_openai_messages, to_openai_tool_choice, to_openai_tools
 from models.openai.model_info import resolve_model_info
 from models.openai.response_format import ResponseFormat, as_response_format, resolve_response_format
-from models.openai.results import StreamAccumulator, result_from_completion
+from models.openai.results import StreamAccumulator, result_from_completion, unreadable_answer
 from models.openai.transport import SDK_USER_AGENT, ChatTransport
 from models.retry import RetryPolicy
 from models.tokens import estimate_tokens
@@ -349,6 +348,11 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             code=error.code,
         )
 
+    def _unreadable(self, reason: str, request_id: Any) -> InvalidProviderResponse:
+        """A 2xx answer that cannot be read (billed: not retried), naming this client and the
+        answer's request id."""
+        return self._answered_invalid(unreadable_answer(reason), request_id)
+
     def _error(self, exc: BaseException) -> ModelClientError:
         return from_openai_error(exc, provider=self.provider, model=self._model)
 
@@ -391,6 +395,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
         self, body: dict[str, Any], attempt: int, cancellation_token: CancellationToken | None
     ) -> CreateResult:
         started = time.perf_counter()
+        headers: Mapping[str, str] = {}
         try:
             if AsyncCompletions.create is _SDK_CREATE:
                 content, headers = await _cancellable(self._post(body), cancellation_token)
@@ -402,7 +407,6 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                     data = json.loads(content)
             else:
                 data = _as_dict(await _cancellable(self._sdk_create(body), cancellation_token))
-                headers = {}
             if not isinstance(data, dict):
                 raise ValueError("the body is not a JSON object")
         except ModelClientError as mapped:  # the own transport's, mapped already
@@ -412,12 +416,10 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             error = self._error(e)
             self._emit_failure(started, attempt, error)
             raise error from e
-        except ValueError as e:  # unreadable JSON with a 2xx status
-            error = ProviderUnavailable(
-                f"malformed provider response: {e}", provider=self.provider, model=self._model
-            )
-            self._emit_failure(started, attempt, error)
-            raise error from e
+        except ValueError as e:  # a 2xx whose body arrived whole but is no JSON object: billed
+            invalid = self._unreadable(str(e), headers.get("x-request-id"))
+            self._emit_failure(started, attempt, invalid)
+            raise invalid from e
         try:
             result = result_from_completion(data, model=self._model)
         except InvalidProviderResponse as e:  # answered and billed: ends the call, not retried
@@ -535,6 +537,15 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                     chunk = await _cancellable(iterator.__anext__(), cancellation_token)
                 except StopAsyncIteration:
                     break
+                except ValueError as e:
+                    # An event that arrived whole (a cut connection is a transport error, below)
+                    # with data that is no JSON: the 2xx answer cannot be read, and was billed.
+                    invalid = self._unreadable(
+                        f"stream event {accumulator.chunks + 1} is not JSON: {e}",
+                        accumulator.response_id or request_id,
+                    )
+                    self._emit_stream_end(started, accumulator, invalid, first_chunk_at=first_chunk_at)
+                    raise invalid from e
                 if not isinstance(chunk, Mapping):
                     if not isinstance(chunk, BaseModel):
                         continue

@@ -498,7 +498,10 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
         """Yield text chunks, then one ``CreateResult``. Usage is zero unless asked for with
         ``include_usage=True`` or ``extra_create_args={"stream_options": {"include_usage": True}}``.
         A stream that breaks after it started raises ``StreamInterrupted`` (retryable); the
-        ``Retry`` of a stream is the caller's, since chunks were already handed out."""
+        ``Retry`` of a stream is the caller's, since chunks were already handed out. A 2xx stream
+        that arrived but cannot be read (an event whose data is no JSON; no event at all and no
+        ``text/event-stream`` content type) raises ``InvalidProviderResponse`` (billed: not
+        retryable)."""
         body = self._build_body(messages, tools, tool_choice, json_output, extra_create_args)
         body["stream"] = True
         if include_usage is not None:
@@ -508,6 +511,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             emit(LLMStreamStart(model=self._model, provider=self.provider, endpoint=self._endpoint))
         stream: Any
         request_id: str | None = None
+        content_type: str | None = None  # the answer's, when it came over HTTP (not a stub's)
         try:
             if AsyncCompletions.create is _SDK_CREATE:
                 stream = await _cancellable(
@@ -522,6 +526,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                     cancellation_token,
                 )
                 request_id = stream.response.headers.get("x-request-id")
+                content_type = stream.response.headers.get("content-type", "")
             else:  # a stub's async iterable of chunks (models, or dicts)
                 stream = await _cancellable(self._sdk_create(body), cancellation_token)
         except _TRANSPORT_ERRORS as e:
@@ -569,6 +574,20 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             raise interrupted from e
         finally:
             await _close_stream(stream)
+        if (
+            accumulator.chunks == 0
+            and content_type is not None
+            and not content_type.lower().startswith("text/event-stream")
+        ):
+            # The body arrived whole (a cut one raises above) with not one event in it, and it
+            # says it is no event stream (an HTML page, a completion that ignored "stream"):
+            # the 2xx answer cannot be read, and was billed.
+            invalid = self._unreadable(
+                f"the answer to a stream request is no event stream (content-type {content_type!r})",
+                request_id,
+            )
+            self._emit_stream_end(started, accumulator, invalid, first_chunk_at=first_chunk_at)
+            raise invalid
         if accumulator.finish_reason is None:
             interrupted = StreamInterrupted(
                 f"stream ended after {accumulator.chunks} chunks without a finish_reason",

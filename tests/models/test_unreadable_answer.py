@@ -7,6 +7,11 @@ so every retry paid the provider again. A connection cut mid-body is no answer: 
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
 import httpx2
 import openai
 import pytest
@@ -24,6 +29,7 @@ from models.openai.errors import from_openai_error
 from models.openai.results import RESPONSE_INVALID
 from models.retry import RetryPolicy
 from simulator import SimulatorServer
+from tests.models.local_http import serving
 
 
 def client_for(simulator: SimulatorServer, *, through_sdk: bool = False) -> OpenAIChatCompletionClient:
@@ -115,3 +121,81 @@ def test_the_sdks_response_validation_error_is_invalid_not_unavailable() -> None
     assert error.code == RESPONSE_INVALID
     assert (error.provider, error.model, error.request_id) == ("openai", "gpt-4o", "req-sdk")
     assert "not a completion" in error.message
+
+
+class _Plain:
+    """A stream request answered 200 with a whole body that is no event stream."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.reply = b"<html><body>Service temporarily available</body></html>"
+        self.content_type = "text/html"
+
+
+@pytest.fixture
+def plain_server() -> Iterator[tuple[str, _Plain]]:
+    state = _Plain()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            state.requests += 1
+            self.send_response(200)
+            self.send_header("content-type", state.content_type)
+            self.send_header("content-length", str(len(state.reply)))
+            self.send_header("x-request-id", "req-plain")
+            self.end_headers()
+            self.wfile.write(state.reply)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    with serving(Handler) as root:
+        yield f"{root}/v1", state
+
+
+@pytest.mark.parametrize(
+    ("content_type", "reply"),
+    [
+        ("text/html", b"<html><body>Service temporarily available</body></html>"),
+        ("application/json", b"not json"),
+        ("application/json", json.dumps({"id": "chatcmpl-x", "object": "chat.completion"}).encode()),
+    ],
+    ids=["html", "no-json", "a-completion-not-a-stream"],
+)
+async def test_a_stream_answered_with_no_event_stream_fails_once(
+    plain_server: tuple[str, _Plain], content_type: str, reply: bytes
+) -> None:
+    """No event at all, and not ``text/event-stream``: the 2xx answer cannot be read as a stream;
+    it used to end as the retryable "stream ended after 0 chunks", asked again by a retry."""
+    base_url, state = plain_server
+    state.content_type, state.reply = content_type, reply
+    client = OpenAIChatCompletionClient(model="gpt-4o", api_key="sk-test-garbage", base_url=base_url)
+    try:
+        with pytest.raises(InvalidProviderResponse) as caught:
+            async for _ in client.create_stream([user("hello")]):
+                pass
+    finally:
+        await client.close()
+    error = caught.value
+    assert error.retryable is False
+    assert error.code == RESPONSE_INVALID
+    assert error.request_id == "req-plain"
+    assert content_type in error.message
+    assert state.requests == 1
+
+
+async def test_an_event_stream_that_ends_empty_is_still_interrupted(plain_server: tuple[str, _Plain]) -> None:
+    """An event stream with no chunk (just ``[DONE]``) is what it was: interrupted, retryable."""
+    base_url, state = plain_server
+    state.content_type, state.reply = "text/event-stream", b"data: [DONE]\n\n"
+    client = OpenAIChatCompletionClient(model="gpt-4o", api_key="sk-test-garbage", base_url=base_url)
+    try:
+        with pytest.raises(StreamInterrupted) as caught:
+            async for _ in client.create_stream([user("hello")]):
+                pass
+    finally:
+        await client.close()
+    assert caught.value.retryable

@@ -12,8 +12,12 @@ Exception hierarchy::
     │   └── ContextWindowExceeded    the prompt (plus max_tokens) does not fit the model
     ├── AuthenticationFailed         401/403 or no API key configured; permanent
     ├── ModelNotFound                404, unknown model or deployment; permanent
-    └── InvalidProviderResponse      a 2xx answer whose figures cannot be taken (token usage
-                                     beyond what the ledger holds): it was billed; permanent
+    └── InvalidProviderResponse      a 2xx answer that cannot be taken: token usage beyond what
+                                     the ledger holds (code ``upstream_usage_invalid``), or a body
+                                     that arrived whole but is no JSON object, a stream event
+                                     that is no JSON (``upstream_response_invalid``); it was
+                                     billed; permanent (a body cut short by the connection is
+                                     ``ProviderUnavailable`` / ``StreamInterrupted``: retryable)
 
 ``retryable`` is a class default that an instance may override; ``RetryPolicy`` only retries
 errors whose ``retryable`` is true. Each provider's client maps what its SDK raises onto this tree
@@ -159,8 +163,9 @@ class ModelNotFound(ModelClientError):
 
 
 class InvalidProviderResponse(ModelClientError):
-    """The provider answered (2xx, so it billed) with figures that cannot be taken as they are,
-    e.g. ``usage`` beyond what the ledger can hold: never retried, asking again pays again."""
+    """The provider answered (2xx, so it billed) with what cannot be taken as it is: ``usage``
+    beyond what the ledger can hold, a body that is no JSON object: never retried, asking again
+    pays again."""
 
     retryable = False
 

@@ -41,9 +41,14 @@ Directives, read from the last user message only (``[[...]]`` with another word 
     ``[[context_length]]``          400, code ``context_length_exceeded``, as OpenAI does.
     ``[[delay SECONDS]]``           wait before answering (before any fault above, too).
     ``[[break_stream N]]``          a stream sends N events then the connection drops.
-    ``times=N``                     on status, context_length, delay, break_stream: the fault hits only
-                                    the first N times this same request arrives (``[[status 500
-                                    times=2]]`` fails twice, then answers), to script retry-then-succeed.
+    ``[[garbage]]``                 answer 200 with a body that arrives whole but is no JSON: the reply's
+                                    JSON cut in half, as ``application/json`` (a stream: a first event of
+                                    such data, then ``[DONE]``). Counted in ``requests``, ``by_model`` and
+                                    ``by_status`` ("200"), not in ``accepted`` nor the token sums.
+    ``times=N``                     on status, context_length, delay, break_stream, garbage: the fault
+                                    hits only the first N times this same request arrives (``[[status
+                                    500 times=2]]`` fails twice, then answers), to script
+                                    retry-then-succeed.
     ``[[empty_chunks]]``            this stream interleaves empty chunks.
     ``[[cached N]]``                usage reports N cached prompt tokens (at most the prompt's).
     ``[[reasoning N]]``             usage adds N reasoning tokens to the completion tokens.

@@ -217,6 +217,8 @@ class SimulatorApp:
             delay_ms += config.latency_per_token_ms * reply.completion_tokens
         if delay_ms > 0:
             await asyncio.sleep(delay_ms / 1000)
+        if directives.garbage and self._hits(request, "garbage"):
+            return await _send_garbage(send, request, reply, stats)
         if request.stream:
             return await self._stream(request, reply, send, arrival, stats)
         usage = reply.usage()
@@ -295,6 +297,24 @@ class SimulatorApp:
             await send({"type": "http.response.body", "body": b"".join(events)})
         stats.accepted(arrival, reply.usage())
         return 200
+
+
+async def _send_garbage(send: Send, request: ChatRequest, reply: Reply, stats: Stats) -> int:
+    """``[[garbage]]``: a 200 whose body arrives whole (its Content-Length, or a stream's last
+    event) but cannot be read: the reply's JSON cut in half, as ``application/json``; for a stream,
+    a first event of such data, then ``[DONE]``. Not ``accepted`` (no usage can be read from it)."""
+    whole = json.dumps(reply.to_json()).encode()
+    cut = whole[: len(whole) // 2]
+    if request.stream:
+        stats.streams += 1
+        body = b"data: " + cut + b"\n\ndata: [DONE]\n\n"
+        content_type = (b"content-type", b"text/event-stream; charset=utf-8")
+    else:
+        body, content_type = cut, _JSON
+    headers = [content_type, (b"content-length", str(len(body)).encode()), *_request_headers()]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+    return 200
 
 
 def app_from_environment() -> SimulatorApp:

@@ -27,6 +27,7 @@ _KEYWORDS = frozenset(
         "reasoning",
         "empty_chunks",
         "echo",
+        "garbage",
     }
 )
 
@@ -35,6 +36,7 @@ _OPTIONS = {
     "context_length": {"times"},
     "delay": {"times"},
     "break_stream": {"times"},
+    "garbage": {"times"},
 }
 
 
@@ -61,8 +63,9 @@ class Directives:
     reasoning_tokens: int = 0
     empty_chunks: bool = False
     echo: bool = False
-    # Faults given ``times=N`` (by keyword: status, context_length, delay, break_stream) hit only the first
-    # N times the same request is seen; the rest always.
+    garbage: bool = False
+    # Faults given ``times=N`` (by keyword: status, context_length, delay, break_stream, garbage) hit
+    # only the first N times the same request is seen; the rest always.
     times: dict[str, int] = field(default_factory=dict)
 
 
@@ -123,6 +126,8 @@ def parse_directives(text: str) -> Directives:
             found.empty_chunks = True
         elif keyword == "echo":
             found.echo = True
+        elif keyword == "garbage":
+            found.garbage = True
         elif keyword == "status":
             if len(args) != 1:
                 raise _invalid(whole, "expects a status code")

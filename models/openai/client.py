@@ -58,7 +58,6 @@ from models.errors import (
     BadRequest,
     InvalidProviderResponse,
     ModelClientError,
-    ProviderUnavailable,
     StreamInterrupted,
 )
 from models.events import LLMCall, LLMStreamEnd, LLMStreamStart, emit, event_logger
@@ -66,7 +65,7 @@ from models.openai.errors import from_openai_error
 from models.openai.messages import to_openai_messages, to_openai_tool_choice, to_openai_tools
 from models.openai.model_info import resolve_model_info
 from models.openai.response_format import ResponseFormat, as_response_format, resolve_response_format
-from models.openai.results import StreamAccumulator, result_from_completion
+from models.openai.results import StreamAccumulator, result_from_completion, unreadable_answer
 from models.openai.transport import SDK_USER_AGENT, ChatTransport
 from models.retry import RetryPolicy
 from models.tokens import estimate_tokens
@@ -349,6 +348,11 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             code=error.code,
         )
 
+    def _unreadable(self, reason: str, request_id: Any) -> InvalidProviderResponse:
+        """A 2xx answer that cannot be read (billed: not retried), naming this client and the
+        answer's request id."""
+        return self._answered_invalid(unreadable_answer(reason), request_id)
+
     def _error(self, exc: BaseException) -> ModelClientError:
         return from_openai_error(exc, provider=self.provider, model=self._model)
 
@@ -391,6 +395,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
         self, body: dict[str, Any], attempt: int, cancellation_token: CancellationToken | None
     ) -> CreateResult:
         started = time.perf_counter()
+        headers: Mapping[str, str] = {}
         try:
             if AsyncCompletions.create is _SDK_CREATE:
                 content, headers = await _cancellable(self._post(body), cancellation_token)
@@ -402,7 +407,6 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                     data = json.loads(content)
             else:
                 data = _as_dict(await _cancellable(self._sdk_create(body), cancellation_token))
-                headers = {}
             if not isinstance(data, dict):
                 raise ValueError("the body is not a JSON object")
         except ModelClientError as mapped:  # the own transport's, mapped already
@@ -412,12 +416,10 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             error = self._error(e)
             self._emit_failure(started, attempt, error)
             raise error from e
-        except ValueError as e:  # unreadable JSON with a 2xx status
-            error = ProviderUnavailable(
-                f"malformed provider response: {e}", provider=self.provider, model=self._model
-            )
-            self._emit_failure(started, attempt, error)
-            raise error from e
+        except ValueError as e:  # a 2xx whose body arrived whole but is no JSON object: billed
+            invalid = self._unreadable(str(e), headers.get("x-request-id"))
+            self._emit_failure(started, attempt, invalid)
+            raise invalid from e
         try:
             result = result_from_completion(data, model=self._model)
         except InvalidProviderResponse as e:  # answered and billed: ends the call, not retried
@@ -496,7 +498,10 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
         """Yield text chunks, then one ``CreateResult``. Usage is zero unless asked for with
         ``include_usage=True`` or ``extra_create_args={"stream_options": {"include_usage": True}}``.
         A stream that breaks after it started raises ``StreamInterrupted`` (retryable); the
-        ``Retry`` of a stream is the caller's, since chunks were already handed out."""
+        ``Retry`` of a stream is the caller's, since chunks were already handed out. A 2xx stream
+        that arrived but cannot be read (an event whose data is no JSON; no event at all and no
+        ``text/event-stream`` content type) raises ``InvalidProviderResponse`` (billed: not
+        retryable)."""
         body = self._build_body(messages, tools, tool_choice, json_output, extra_create_args)
         body["stream"] = True
         if include_usage is not None:
@@ -506,6 +511,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             emit(LLMStreamStart(model=self._model, provider=self.provider, endpoint=self._endpoint))
         stream: Any
         request_id: str | None = None
+        content_type: str | None = None  # the answer's, when it came over HTTP (not a stub's)
         try:
             if AsyncCompletions.create is _SDK_CREATE:
                 stream = await _cancellable(
@@ -520,6 +526,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                     cancellation_token,
                 )
                 request_id = stream.response.headers.get("x-request-id")
+                content_type = stream.response.headers.get("content-type", "")
             else:  # a stub's async iterable of chunks (models, or dicts)
                 stream = await _cancellable(self._sdk_create(body), cancellation_token)
         except _TRANSPORT_ERRORS as e:
@@ -535,6 +542,15 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                     chunk = await _cancellable(iterator.__anext__(), cancellation_token)
                 except StopAsyncIteration:
                     break
+                except ValueError as e:
+                    # An event that arrived whole (a cut connection is a transport error, below)
+                    # with data that is no JSON: the 2xx answer cannot be read, and was billed.
+                    invalid = self._unreadable(
+                        f"stream event {accumulator.chunks + 1} is not JSON: {e}",
+                        accumulator.response_id or request_id,
+                    )
+                    self._emit_stream_end(started, accumulator, invalid, first_chunk_at=first_chunk_at)
+                    raise invalid from e
                 if not isinstance(chunk, Mapping):
                     if not isinstance(chunk, BaseModel):
                         continue
@@ -558,6 +574,20 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             raise interrupted from e
         finally:
             await _close_stream(stream)
+        if (
+            accumulator.chunks == 0
+            and content_type is not None
+            and not content_type.lower().startswith("text/event-stream")
+        ):
+            # The body arrived whole (a cut one raises above) with not one event in it, and it
+            # says it is no event stream (an HTML page, a completion that ignored "stream"):
+            # the 2xx answer cannot be read, and was billed.
+            invalid = self._unreadable(
+                f"the answer to a stream request is no event stream (content-type {content_type!r})",
+                request_id,
+            )
+            self._emit_stream_end(started, accumulator, invalid, first_chunk_at=first_chunk_at)
+            raise invalid
         if accumulator.finish_reason is None:
             interrupted = StreamInterrupted(
                 f"stream ended after {accumulator.chunks} chunks without a finish_reason",

@@ -15,6 +15,7 @@ from models.errors import (
     AuthenticationFailed,
     BadRequest,
     ContextWindowExceeded,
+    InvalidProviderResponse,
     ModelClientError,
     ModelNotFound,
     ProviderTimeout,
@@ -24,6 +25,7 @@ from models.errors import (
     StreamInterrupted,
     parse_retry_after,
 )
+from models.openai.results import unreadable_answer
 
 __all__ = ["from_aiohttp_error", "from_openai_error", "from_status"]
 
@@ -179,7 +181,15 @@ def from_openai_error(exc: BaseException, *, provider: str | None, model: str | 
             exc.status_code, exc.response.headers, exc.body, exc.message, exc.request_id, where
         )
     if isinstance(exc, openai.APIResponseValidationError):
-        return ProviderUnavailable(f"malformed provider response: {exc.message}", **where)
+        # A 2xx the SDK could not read: answered, so billed; asking again would pay again (the
+        # SDK itself never retries it). The own transport's reading of such a body says the same.
+        unreadable = unreadable_answer(exc.message)
+        return InvalidProviderResponse(
+            unreadable.message,
+            code=unreadable.code,
+            request_id=exc.response.headers.get("x-request-id"),
+            **where,
+        )
     if isinstance(exc, openai.APIError):
         # A mid-stream error event (the SDK raises a bare APIError); the status was 200.
         code, message = _error_code_and_message(exc.body, exc.message)

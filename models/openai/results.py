@@ -23,10 +23,12 @@ from models.types import (
 
 __all__ = [
     "MAX_USAGE_TOKENS",
+    "RESPONSE_INVALID",
     "USAGE_INVALID",
     "StreamAccumulator",
     "chat_completion_body",
     "result_from_completion",
+    "unreadable_answer",
     "usage_from_openai",
 ]
 
@@ -52,6 +54,18 @@ _EMPTY_USAGE = RequestUsage()
 # billed is for the provider's invoice, traced by the answer's id kept on the row.
 MAX_USAGE_TOKENS = 2**31 - 1
 USAGE_INVALID = "upstream_usage_invalid"
+# A 2xx answer (so billed) whose body arrived whole but is no JSON object, or a stream event whose
+# data is no JSON: ``InvalidProviderResponse`` with this code, never asked again.
+RESPONSE_INVALID = "upstream_response_invalid"
+
+
+def unreadable_answer(reason: str) -> InvalidProviderResponse:
+    """The error for a 2xx answer that cannot be read (``reason``: why), code
+    ``RESPONSE_INVALID``; the caller names its provider, model and the answer's request id."""
+    return InvalidProviderResponse(
+        f"the provider answered 2xx with a body that cannot be read (billed, so not asked again): {reason}",
+        code=RESPONSE_INVALID,
+    )
 
 
 def _usage_field(usage: Mapping[str, Any], name: str, where: str = "usage") -> int:

@@ -368,3 +368,65 @@ def test_a_stream_with_absurd_usage_ends_in_an_error_once(lane: Lane, simulator:
     assert row.attempts == 1
     time.sleep(3)  # a rerun (the sweeper's) would reach the provider again by now
     assert simulator.stats()["by_model"][model] == 1
+
+
+def test_an_unreadable_answer_fails_the_call_once_and_is_not_run_again(
+    lane: Lane, simulator: SimulatorServer
+) -> None:
+    """The provider answered 200 (and billed) with a body that arrived whole but is no JSON: a 502
+    ``upstream_response_invalid``, once; the ledger keeps the failure; the provider saw one
+    request. It used to be the retryable "malformed provider response": the worker asked again,
+    and paid again, for every retry."""
+    lane.cluster.worker("w1")
+    lane.cluster.beat()
+    model = "unreadable-answer"
+    answer = httpx.post(
+        f"{lane.root}/v1/chat/completions",
+        headers=lane.headers,
+        json={**ask("answer me [[garbage]]"), "model": model},
+        timeout=90,
+    )
+    assert answer.status_code == 502, answer.text
+    error = answer.json()["error"]
+    assert error["type"] == "upstream_error"
+    assert error["code"] == "upstream_response_invalid"
+    assert "cannot be read" in error["message"]
+    [row] = lane.requests()
+    assert row.status == store.RequestStatus.FAILED
+    assert row.attempts == 1
+    with lane.engine.connect() as conn:
+        [result] = conn.execute(sa.select(Result).where(Result.request_id == row.id)).all()
+    assert result.status == store.RequestStatus.FAILED
+    assert result.error_code == "upstream_response_invalid"
+    assert (result.upstream_request_id or "").startswith("req_"), "the answer's id, to trace it upstream"
+    assert (result.prompt_tokens, result.completion_tokens) == (0, 0)
+    time.sleep(3)  # a rerun (the sweeper's) would reach the provider again by now
+    assert simulator.stats()["by_model"][model] == 1
+
+
+def test_a_stream_whose_first_event_is_unreadable_ends_in_an_error_once(
+    lane: Lane, simulator: SimulatorServer
+) -> None:
+    """The streamed twin: a 200 stream whose first event is no JSON, nothing relayed yet: the same
+    502 as a plain call (as any stream failing before its first chunk), the ledger keeps the
+    failure, and the provider saw one request."""
+    lane.cluster.worker("w1")
+    lane.cluster.beat()
+    model = "unreadable-stream"
+    with httpx.stream(
+        "POST",
+        f"{lane.root}/v1/chat/completions",
+        headers=lane.headers,
+        json={**ask("stream me [[garbage]]", stream=True), "model": model},
+        timeout=90,
+    ) as response:
+        body = response.read()
+    assert response.status_code == 502, body
+    error = json.loads(body)["error"]
+    assert (error["type"], error["code"]) == ("upstream_error", "upstream_response_invalid")
+    assert "stream event 1 is not JSON" in error["message"]
+    [row] = lane.requests()
+    assert row.status == store.RequestStatus.FAILED
+    assert row.attempts == 1
+    time.sleep(3)  # a rerun (the sweeper's) would reach the provider again by now
+    assert simulator.stats()["by_model"][model] == 1

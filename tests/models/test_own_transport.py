@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from models import (
     BadRequest,
+    InvalidProviderResponse,
     ModelClientError,
     OpenAIChatCompletionClient,
     ProviderTimeout,
@@ -25,7 +26,9 @@ from models import (
     RateLimited,
     UserMessage,
 )
+from models.openai.results import RESPONSE_INVALID
 from models.openai.transport import SDK_USER_AGENT
+from models.retry import RetryPolicy
 from simulator import SimulatorServer
 from tests.models.local_http import serving
 
@@ -258,16 +261,31 @@ async def test_the_sdks_user_agent_and_the_org_from_the_environment(
     assert request["headers"]["content-type"] == "application/json"
 
 
-@pytest.mark.parametrize("reply", [b"not json", b"[1, 2]", b'"a string"'])
-async def test_a_2xx_that_is_no_json_object_is_unavailable(
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"not json",
+        b"[1, 2]",
+        b'"a string"',
+        b"<html><body>502 Bad Gateway</body></html>",
+        json.dumps(REPLY).encode()[:60],  # truncated, yet whole per its Content-Length
+    ],
+)
+async def test_a_2xx_that_is_no_json_object_is_invalid_and_not_retried(
     recording_server: tuple[str, Recorder], reply: bytes
 ) -> None:
+    """Answered 2xx, so billed: the same non-retryable error on both paths, naming the answer."""
     base_url, recorder = recording_server
     recorder.reply = reply
-    own = await failure_of(client_at(base_url, through_sdk=False), "hello")
-    sdk = await failure_of(client_at(base_url, through_sdk=True), "hello")
-    assert type(own) is type(sdk) is ProviderUnavailable
-    assert own.message.startswith("malformed provider response")
+    policy = RetryPolicy(max_attempts=3, base_delay=0.0, max_delay=0.0)
+    own = await failure_of(client_at(base_url, through_sdk=False, retry_policy=policy), "hello")
+    sdk = await failure_of(client_at(base_url, through_sdk=True, retry_policy=policy), "hello")
+    assert described(own) == described(sdk)
+    assert type(own) is InvalidProviderResponse
+    assert own.retryable is False
+    assert own.code == RESPONSE_INVALID
+    assert (own.provider, own.model, own.request_id) == ("openai-compatible", "gpt-4o", "req-recorded")
+    assert len(recorder.requests) == 2, "one request per path, none retried"
 
 
 # The SDK builds its error from ``data = body.get("error", body)`` and reads code and type from

@@ -34,6 +34,14 @@ def test_options_and_values() -> None:
     assert found.context_length
     assert found.empty_chunks
     assert found.say == ["hello there"]
+    assert not found.garbage
+
+
+def test_garbage() -> None:
+    found = parse_directives("hello [[garbage]]")
+    assert found.garbage
+    assert found.times == {}
+    assert parse_directives("[[garbage times=2]]").times == {"garbage": 2}
 
 
 def test_unknown_words_are_plain_text() -> None:

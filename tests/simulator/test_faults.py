@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -273,3 +274,36 @@ def test_client_hanging_up_mid_stream_leaves_the_server_clean(simulator: Simulat
     assert simulator.stats()["in_flight"] == 0
     with openai.OpenAI(base_url=simulator.base_url, api_key="sim", max_retries=0) as client:
         assert ask(client, "still fine").choices[0].message.content
+
+
+def test_garbage_answers_200_with_a_whole_body_that_is_no_json(simulator: SimulatorServer) -> None:
+    """``[[garbage]]``: a 200, ``application/json``, the body complete per its Content-Length and
+    unreadable; a stream's first event likewise. Counted as a request of its model, not accepted."""
+    request = {"model": "garbage-model", "messages": [{"role": "user", "content": "hi [[garbage]]"}]}
+    answer = httpx.post(f"{simulator.base_url}/chat/completions", json=request, timeout=10)
+    assert answer.status_code == 200
+    assert answer.headers["content-type"] == "application/json"
+    assert int(answer.headers["content-length"]) == len(answer.content) > 0
+    assert answer.headers["x-request-id"].startswith("req_")
+    with pytest.raises(ValueError, match=r"Unterminated|Expecting"):
+        json.loads(answer.content)
+    streamed = httpx.post(
+        f"{simulator.base_url}/chat/completions", json={**request, "stream": True}, timeout=10
+    )
+    assert streamed.status_code == 200
+    first, done = streamed.text.split("\n\n")[:2]
+    assert first.startswith("data: {")
+    assert done == "data: [DONE]"
+    with pytest.raises(ValueError, match=r"Unterminated|Expecting"):
+        json.loads(first.removeprefix("data: "))
+    stats = simulator.stats()
+    assert stats["by_model"] == {"garbage-model": 2}
+    assert stats["by_status"] == {"200": 2}
+    assert (stats["requests"], stats["accepted"], stats["completion_tokens"]) == (2, 0, 0)
+
+
+def test_garbage_times_answers_after_the_first(client: openai.OpenAI) -> None:
+    with pytest.raises(ValueError, match=r"Unterminated|Expecting"):  # the SDK's json.loads
+        ask(client, "flaky [[garbage times=1]]")
+    ok = ask(client, "flaky [[garbage times=1]]")
+    assert ok.choices[0].message.content

@@ -567,3 +567,28 @@ async def test_a_line_answered_with_absurd_usage_fails_once(
     with led.engine.connect() as conn:
         attempts = conn.execute(sa.select(Request.attempts).where(Request.id.in_(ids))).scalars().all()
     assert sorted(attempts) == [1, 1, 1]
+
+
+async def test_a_line_answered_unreadably_fails_once(
+    make_ledger: MakeLedger, database_url: str, simulator: SimulatorServer
+) -> None:
+    """A 200 whose body arrived whole but is no JSON (``[[garbage]]``) was answered and billed:
+    the line fails once with ``upstream_response_invalid`` and is never sent again (it used to be
+    the retryable "malformed provider response", asked again up to the retry policy's attempts)."""
+    led = make_ledger(database_url)
+    prompts = ["fine", "unreadable [[garbage]]"]
+    batch_id, ids = add_batch(led, prompts)
+    await run_ids(database_url, simulator, ids, max_deliveries=3)
+    results = {r.request_id: r for r in results_of(led.engine, batch_id)}
+    assert statuses(led.engine, batch_id) == {"succeeded": 1, "failed": 1}
+    failed = results[ids[1]]
+    assert failed.status == RequestStatus.FAILED
+    assert failed.error_code == "upstream_response_invalid"
+    assert failed.error_message
+    assert "cannot be read" in failed.error_message
+    assert (failed.upstream_request_id or "").startswith("req_"), "the answer's id, to trace it upstream"
+    assert (failed.prompt_tokens, failed.completion_tokens) == (0, 0)
+    assert simulator.stats()["completions"] == len(prompts), "one upstream call per line, none retried"
+    with led.engine.connect() as conn:
+        attempts = conn.execute(sa.select(Request.attempts).where(Request.id.in_(ids))).scalars().all()
+    assert sorted(attempts) == [1, 1]

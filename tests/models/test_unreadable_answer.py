@@ -1,0 +1,201 @@
+"""A provider's 2xx answer whose body arrived whole but cannot be read (the simulator's
+``[[garbage]]``: its JSON cut in half, as ``application/json``) was answered, and billed: the call
+ends once with the non-retryable ``InvalidProviderResponse`` (code ``upstream_response_invalid``),
+over the own transport, the SDK's and a stream alike. It used to be the retryable
+``ProviderUnavailable("malformed provider response")`` (a bare ``JSONDecodeError`` in a stream),
+so every retry paid the provider again. A connection cut mid-body is no answer: still retryable."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+from openai import DefaultAioHttpClient
+
+from models import (
+    InvalidProviderResponse,
+    OpenAIChatCompletionClient,
+    ProviderUnavailable,
+    RequestUsage,
+    StreamInterrupted,
+    UserMessage,
+)
+from models.openai.errors import from_openai_error
+from models.openai.results import RESPONSE_INVALID
+from models.retry import RetryPolicy
+from simulator import SimulatorServer
+from tests.models.local_http import serving
+
+
+def client_for(simulator: SimulatorServer, *, through_sdk: bool = False) -> OpenAIChatCompletionClient:
+    # A retry policy that would retry anything retryable at once: none of it may apply here.
+    return OpenAIChatCompletionClient(
+        model="gpt-4o",
+        api_key="sk-test-garbage",
+        base_url=simulator.base_url,
+        http_client=DefaultAioHttpClient() if through_sdk else None,
+        retry_policy=RetryPolicy(max_attempts=4, base_delay=0.0, max_delay=0.0),
+    )
+
+
+def user(text: str) -> UserMessage:
+    return UserMessage(content=text, source="user")
+
+
+@pytest.mark.parametrize("through_sdk", [False, True], ids=["own-transport", "sdk"])
+async def test_an_unreadable_2xx_fails_once_not_retryable(
+    simulator: SimulatorServer, through_sdk: bool
+) -> None:
+    client = client_for(simulator, through_sdk=through_sdk)
+    try:
+        sane = await client.create([user("hello")])
+        with pytest.raises(InvalidProviderResponse) as caught:
+            await client.create([user("hello [[garbage]]")])
+        assert client.total_usage() == sane.usage, "nothing counted for the unreadable answer"
+    finally:
+        await client.close()
+    error = caught.value
+    assert error.retryable is False
+    assert error.code == RESPONSE_INVALID
+    assert error.provider == "openai-compatible"
+    assert error.model == "gpt-4o"
+    assert (error.request_id or "").startswith("req_"), "the answer's id, to trace it upstream"
+    assert simulator.stats()["requests"] == 2, "one upstream call for the unreadable answer, no retry"
+
+
+async def test_an_unreadable_stream_fails_once_not_retryable(simulator: SimulatorServer) -> None:
+    client = client_for(simulator)
+    try:
+        with pytest.raises(InvalidProviderResponse) as caught:
+            async for _ in client.create_stream([user("hello [[garbage]]")], include_usage=True):
+                pass
+        assert client.total_usage() == RequestUsage()
+    finally:
+        await client.close()
+    error = caught.value
+    assert error.retryable is False
+    assert error.code == RESPONSE_INVALID
+    assert error.model == "gpt-4o"
+    assert (error.request_id or "").startswith("req_")
+    assert simulator.stats()["requests"] == 1
+
+
+async def test_a_stream_that_breaks_after_it_started_is_still_interrupted(simulator: SimulatorServer) -> None:
+    client = client_for(simulator)
+    try:
+        with pytest.raises(StreamInterrupted) as caught:
+            async for _ in client.create_stream([user("story [[words 100]] [[break_stream 3]]")]):
+                pass
+    finally:
+        await client.close()
+    assert caught.value.retryable
+
+
+@pytest.mark.parametrize("through_sdk", [False, True], ids=["own-transport", "sdk"])
+async def test_a_connection_cut_mid_body_is_retried(simulator: SimulatorServer, through_sdk: bool) -> None:
+    """Headers sent, the body never complete: no answer was read, so asking again is right."""
+    simulator.configure(rate_timeout=1.0, timeout_s=0.0)
+    client = client_for(simulator, through_sdk=through_sdk)
+    try:
+        with pytest.raises(ProviderUnavailable) as caught:
+            await client.create([user("hello")])
+    finally:
+        await client.close()
+    assert caught.value.retryable
+    assert simulator.stats()["requests"] == 4, "retried by the policy, as before"
+
+
+def test_the_sdks_response_validation_error_is_invalid_not_unavailable() -> None:
+    """What the SDK raises for a 2xx it cannot validate maps as the own transport's reading does."""
+    request = httpx2.Request("POST", "http://upstream.test/v1/chat/completions")
+    response = httpx2.Response(200, headers={"x-request-id": "req-sdk"}, content=b"<html>", request=request)
+    exc = openai.APIResponseValidationError(response=response, body="<html>", message="not a completion")
+    error = from_openai_error(exc, provider="openai", model="gpt-4o")
+    assert type(error) is InvalidProviderResponse
+    assert error.retryable is False
+    assert error.code == RESPONSE_INVALID
+    assert (error.provider, error.model, error.request_id) == ("openai", "gpt-4o", "req-sdk")
+    assert "not a completion" in error.message
+
+
+class _Plain:
+    """A stream request answered 200 with a whole body that is no event stream."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.reply = b"<html><body>Service temporarily available</body></html>"
+        self.content_type = "text/html"
+
+
+@pytest.fixture
+def plain_server() -> Iterator[tuple[str, _Plain]]:
+    state = _Plain()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            state.requests += 1
+            self.send_response(200)
+            self.send_header("content-type", state.content_type)
+            self.send_header("content-length", str(len(state.reply)))
+            self.send_header("x-request-id", "req-plain")
+            self.end_headers()
+            self.wfile.write(state.reply)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    with serving(Handler) as root:
+        yield f"{root}/v1", state
+
+
+@pytest.mark.parametrize(
+    ("content_type", "reply"),
+    [
+        ("text/html", b"<html><body>Service temporarily available</body></html>"),
+        ("application/json", b"not json"),
+        ("application/json", json.dumps({"id": "chatcmpl-x", "object": "chat.completion"}).encode()),
+    ],
+    ids=["html", "no-json", "a-completion-not-a-stream"],
+)
+async def test_a_stream_answered_with_no_event_stream_fails_once(
+    plain_server: tuple[str, _Plain], content_type: str, reply: bytes
+) -> None:
+    """No event at all, and not ``text/event-stream``: the 2xx answer cannot be read as a stream;
+    it used to end as the retryable "stream ended after 0 chunks", asked again by a retry."""
+    base_url, state = plain_server
+    state.content_type, state.reply = content_type, reply
+    client = OpenAIChatCompletionClient(model="gpt-4o", api_key="sk-test-garbage", base_url=base_url)
+    try:
+        with pytest.raises(InvalidProviderResponse) as caught:
+            async for _ in client.create_stream([user("hello")]):
+                pass
+    finally:
+        await client.close()
+    error = caught.value
+    assert error.retryable is False
+    assert error.code == RESPONSE_INVALID
+    assert error.request_id == "req-plain"
+    assert content_type in error.message
+    assert state.requests == 1
+
+
+async def test_an_event_stream_that_ends_empty_is_still_interrupted(plain_server: tuple[str, _Plain]) -> None:
+    """An event stream with no chunk (just ``[DONE]``) is what it was: interrupted, retryable."""
+    base_url, state = plain_server
+    state.content_type, state.reply = "text/event-stream", b"data: [DONE]\n\n"
+    client = OpenAIChatCompletionClient(model="gpt-4o", api_key="sk-test-garbage", base_url=base_url)
+    try:
+        with pytest.raises(StreamInterrupted) as caught:
+            async for _ in client.create_stream([user("hello")]):
+                pass
+    finally:
+        await client.close()
+    assert caught.value.retryable

@@ -129,14 +129,16 @@ class _CapturingSend:
         await self._send(message)
 
     def stored(self) -> store.StoredResponse | None:
-        """The answer to keep, or None (incomplete, too large, a 429, a redirect, or a 5xx not bound
-        to work)."""
+        """The answer to keep, or None (incomplete, too large, a 401 or a 429, a redirect, or a 5xx
+        not bound to work)."""
         if not self.complete or self.status_code is None:
             return None
         bound = any(name.lower() == BOUND_TO_HEADER.lower() for name, _ in self.headers)
         if self.status_code >= 500 and not bound:
             return None
-        if self.status_code == 429:
+        if self.status_code in (401, 429):
+            # A 401 here is a key revoked after this middleware looked it up: the caller's
+            # credentials, not the operation's outcome (a retry with a new key must run it).
             return None
         if 300 <= self.status_code < 400 or self.status_code == CLIENT_CLOSED_REQUEST:
             # A redirect (a trailing slash's 307) is not the operation's outcome: kept, it would

@@ -152,3 +152,34 @@ async def test_a_model_longer_than_the_ledger_keeps_is_refused_before_anything_i
         assert str(MAX_MODEL_CHARS) in error["message"]
         assert len(json.dumps(error)) < 1000
     assert requests_of(api) == before
+
+
+async def test_a_key_revoked_mid_request_leaves_the_idempotency_key_unused(
+    api: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Idempotency-Key was taken under the key's tenant, then the route found the key revoked
+    (the operator revoked it in between): its 401 is no outcome of the operation. Kept, the
+    tenant's retry with its new key would have been answered that 401 for a day."""
+    from api.routes import chat
+    from store import create_api_key, revoke_api_key
+
+    submit = chat.submit_interactive_for_key
+
+    def revoked_first(engine: Any, key: str, *args: Any, **kwargs: Any) -> Any:
+        revoke_api_key(engine, key)
+        return submit(engine, key, *args, **kwargs)
+
+    idempotency = {"Idempotency-Key": f"k-{uuid.uuid4().hex}"}
+    payload = body(f"hi {uuid.uuid4().hex}")
+    monkeypatch.setattr(chat, "submit_interactive_for_key", revoked_first)
+    refused = await api.client.post(
+        "/v1/chat/completions", json=payload, headers={"Authorization": f"Bearer {api.key}", **idempotency}
+    )
+    assert refused.status_code == 401
+    monkeypatch.undo()
+    new_key = create_api_key(api.app.state.engine, api.tenant_id, "after revocation")
+    answered = await api.client.post(
+        "/v1/chat/completions", json=payload, headers={"Authorization": f"Bearer {new_key}", **idempotency}
+    )
+    assert answered.status_code == 200, answered.text
+    assert "idempotent-replayed" not in answered.headers

@@ -264,24 +264,33 @@ def result_from_completion(body: dict[str, Any], *, model: str | None = None) ->
         raise unreadable_answer(f"the answer could not be read ({type(e).__name__})") from e
 
 
-def _result_from_completion(body: dict[str, Any], model: str | None) -> CreateResult:
-    choices = _array(body.get("choices"), "choices")
-    choice: Any = choices[0] if choices else _EMPTY
+def _read_choice(
+    choice: Any, where: str
+) -> tuple[Mapping[str, Any], Mapping[str, Any], list[FunctionCall], str | None, str | None]:
+    """A choice checked: itself, its message, tool calls, text and finish reason."""
     if not isinstance(choice, Mapping):
-        raise _wrong("choices[0]", choice, "an object")
-    message = _mapping(choice.get("message"), "choices[0].message")
-    tool_calls = _array(message.get("tool_calls"), "choices[0].message.tool_calls")
-    calls = [_tool_call(call, f"choices[0].message.tool_calls[{i}]") for i, call in enumerate(tool_calls)]
+        raise _wrong(where, choice, "an object")
+    message = _mapping(choice.get("message"), f"{where}.message")
+    tool_calls = _array(message.get("tool_calls"), f"{where}.message.tool_calls")
+    calls = [_tool_call(call, f"{where}.message.tool_calls[{i}]") for i, call in enumerate(tool_calls)]
     text = message.get("content")
     if not (text is None or isinstance(text, (str, list))):
-        # A list of content parts (some OpenAI-compatible servers) reads as no text, as it did.
-        raise _wrong("choices[0].message.content", text, "a string")
-    finish_reason = _text(choice.get("finish_reason"), "choices[0].finish_reason")
+        raise _wrong(f"{where}.message.content", text, "a string")
+    finish_reason = _text(choice.get("finish_reason"), f"{where}.finish_reason")
+    # A list of content parts (some OpenAI-compatible servers) reads as no text, as it did.
+    return choice, message, calls, text if isinstance(text, str) else None, finish_reason
+
+
+def _result_from_completion(body: dict[str, Any], model: str | None) -> CreateResult:
+    choices = _array(body.get("choices"), "choices")
+    choice, message, calls, text, finish_reason = (
+        _read_choice(choices[0], "choices[0]") if choices else (_EMPTY, _EMPTY, [], None, None)
+    )
+    for i in range(1, len(choices)):  # n > 1: the others are the caller's too (the raw body)
+        _read_choice(choices[i], f"choices[{i}]")
     response_id = _text(body.get("id"), "id")
     answered_model = _text(body.get("model"), "model")
-    content, reason, thought = _content_and_reason(
-        text if isinstance(text, str) else None, calls, finish_reason, _reasoning_of(message)
-    )
+    content, reason, thought = _content_and_reason(text, calls, finish_reason, _reasoning_of(message))
     return CreateResult.model_construct(
         finish_reason=reason,
         content=content,

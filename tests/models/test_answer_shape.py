@@ -66,6 +66,11 @@ BAD_COMPLETIONS: dict[str, tuple[Callable[[dict[str, Any]], None], str]] = {
     "choices-a-huge-string": (_set("choices", HUGE), "choices"),
     "choice-a-number": (_set("choices", [1]), "choices[0]"),
     "choice-null": (_set("choices", [None]), "choices[0]"),
+    "second-choice-a-string": (lambda body: body["choices"].append("x"), "choices[1]"),
+    "second-message-a-string": (
+        lambda body: body["choices"].append({"index": 1, "message": "hi"}),
+        "choices[1].message",
+    ),
     "message-a-string": (_set("choices.0.message", "hi"), "choices[0].message"),
     "message-an-array": (_set("choices.0.message", ["hi"]), "choices[0].message"),
     "content-a-number": (_set("choices.0.message.content", 5), "choices[0].message.content"),
@@ -171,6 +176,10 @@ GOOD_COMPLETIONS: dict[str, tuple[dict[str, Any], Any]] = {
     ),
     "content-parts": (completion(content=[{"type": "text", "text": "hi"}]), ""),  # as before: no text
     "reasoning": (completion(reasoning_content="because"), "hi"),
+    "two-choices": (
+        {**completion(), "choices": [*completion()["choices"], {**completion()["choices"][0], "index": 1}]},
+        "hi",
+    ),
 }
 
 

@@ -201,14 +201,14 @@ def _reasoning_of(message: Mapping[str, Any]) -> str | None:
     return reasoning if isinstance(reasoning, str) and reasoning else None
 
 
-def _token_logprobs(items: list[Any], where: str, first: int = 0) -> list[ChatCompletionTokenLogprob]:
-    """``logprobs.content`` items, each checked (``where[first + i]`` names a bad one)."""
+def _token_logprobs(items: list[Any], where: str) -> list[ChatCompletionTokenLogprob]:
+    """``logprobs.content`` items, each checked (``where[i]`` names a bad one)."""
     validated = []
     for i, item in enumerate(items):
         try:
             validated.append(ChatCompletionTokenLogprob.model_validate(item))
         except ValidationError:
-            raise _WrongShape(f"{where}[{first + i}] is not a token logprob") from None
+            raise _WrongShape(f"{where}[{i}] is not a token logprob") from None
     return validated
 
 
@@ -319,7 +319,8 @@ class StreamAccumulator:
         self._text: list[str] = []
         self._reasoning: list[str] = []
         self._calls: dict[int, dict[str, Any]] = {}
-        self._logprobs: list[Any] = []
+        self._logprobs: list[Any] = []  # as sent (the raw body's)
+        self._checked_logprobs: list[ChatCompletionTokenLogprob] = []
 
     def add(self, chunk: Mapping[str, Any]) -> str | None:
         """Take one chunk; returns its text delta (of the first choice), if any. A chunk of the
@@ -336,11 +337,16 @@ class StreamAccumulator:
             ) from e
 
     def _add(self, chunk: Mapping[str, Any]) -> str | None:
-        response_id = _text(chunk.get("id"), "id")
+        # Checked inline, the error's path built only on failure: this runs for every chunk.
+        response_id = chunk.get("id")
+        if response_id is not None and not isinstance(response_id, str):
+            raise _wrong("id", response_id, "a string")
         if self.response_id is None and response_id:
             self.response_id = response_id
             self.created = chunk.get("created")
-        model = _text(chunk.get("model"), "model")
+        model = chunk.get("model")
+        if model is not None and not isinstance(model, str):
+            raise _wrong("model", model, "a string")
         if model:
             self.model = model
         if chunk.get("system_fingerprint"):
@@ -351,33 +357,48 @@ class StreamAccumulator:
                 raise _wrong("usage", usage, "an object")
             self.usage_body = usage
         text: str | None = None
-        for i, choice in enumerate(_array(chunk.get("choices"), "choices")):
-            where = f"choices[{i}]"
+        choices = chunk.get("choices")
+        if choices is None:
+            return None
+        if not isinstance(choices, (list, tuple)):
+            raise _wrong("choices", choices, "an array")
+        for i, choice in enumerate(choices):
             if not isinstance(choice, Mapping):
-                raise _wrong(where, choice, "an object")
+                raise _wrong(f"choices[{i}]", choice, "an object")
             if choice.get("index", 0) != 0:
                 continue
-            finish_reason = _text(choice.get("finish_reason"), f"{where}.finish_reason")
+            finish_reason = choice.get("finish_reason")
+            if finish_reason is not None and not isinstance(finish_reason, str):
+                raise _wrong(f"choices[{i}].finish_reason", finish_reason, "a string")
             if finish_reason:
                 self.finish_reason = finish_reason
             logprobs = choice.get("logprobs")
             if isinstance(logprobs, Mapping) and isinstance(logprobs.get("content"), list):
-                _token_logprobs(logprobs["content"], f"{where}.logprobs.content")
-                self._logprobs.extend(logprobs["content"])
-            delta = _mapping(choice.get("delta"), f"{where}.delta")
+                items = logprobs["content"]
+                self._checked_logprobs.extend(_token_logprobs(items, f"choices[{i}].logprobs.content"))
+                self._logprobs.extend(items)
+            delta = choice.get("delta")
+            if delta is None:
+                continue
+            if not isinstance(delta, Mapping):
+                raise _wrong(f"choices[{i}].delta", delta, "an object")
             reasoning = _reasoning_of(delta)
             if reasoning:
                 self._reasoning.append(reasoning)
             content = delta.get("content")
-            if not (content is None or isinstance(content, (str, list))):
+            if isinstance(content, str):
+                if content:
+                    self._text.append(content)
+                    text = content if text is None else text + content
+            elif not (content is None or isinstance(content, list)):
                 # A list of content parts (some OpenAI-compatible servers) reads as no text, as it did.
-                raise _wrong(f"{where}.delta.content", content, "a string")
-            if isinstance(content, str) and content:
-                self._text.append(content)
-                text = content if text is None else text + content
-            calls = _array(delta.get("tool_calls"), f"{where}.delta.tool_calls")
-            for j, call in enumerate(calls):
-                self._add_call_delta(call, f"{where}.delta.tool_calls[{j}]")
+                raise _wrong(f"choices[{i}].delta.content", content, "a string")
+            calls = delta.get("tool_calls")
+            if calls is not None:
+                if not isinstance(calls, (list, tuple)):
+                    raise _wrong(f"choices[{i}].delta.tool_calls", calls, "an array")
+                for j, call in enumerate(calls):
+                    self._add_call_delta(call, f"choices[{i}].delta.tool_calls[{j}]")
         return text
 
     def _add_call_delta(self, delta: Any, where: str) -> None:
@@ -409,8 +430,7 @@ class StreamAccumulator:
         raw_text = "".join(self._text)
         reasoning = "".join(self._reasoning) or None
         content, finish_reason, thought = _content_and_reason(raw_text, calls, self.finish_reason, reasoning)
-        # Each item was checked as its chunk came (``add``).
-        logprobs = [ChatCompletionTokenLogprob.model_validate(item) for item in self._logprobs] or None
+        logprobs = list(self._checked_logprobs) or None
         message: dict[str, Any] = {"role": "assistant", "content": raw_text or None}
         if reasoning:
             message["reasoning_content"] = reasoning

@@ -435,6 +435,33 @@ def test_an_answer_of_the_wrong_shape_fails_the_call_once_and_is_not_run_again(
     assert simulator.stats()["by_model"][model] == 1
 
 
+def test_a_stream_whose_first_chunk_has_the_wrong_shape_ends_in_an_error_once(
+    lane: Lane, simulator: SimulatorServer
+) -> None:
+    """The streamed twin of the wrong shape: a first chunk whose ``choices[0].delta`` is a string,
+    nothing relayed yet: 502 ``upstream_response_invalid``, and the provider saw one request."""
+    lane.cluster.worker("w1")
+    lane.cluster.beat()
+    model = "wrong-shape-stream"
+    with httpx.stream(
+        "POST",
+        f"{lane.root}/v1/chat/completions",
+        headers=lane.headers,
+        json={**ask("stream me [[garbage shape]]", stream=True), "model": model},
+        timeout=90,
+    ) as response:
+        body = response.read()
+    assert response.status_code == 502, body
+    error = json.loads(body)["error"]
+    assert (error["type"], error["code"]) == ("upstream_error", "upstream_response_invalid")
+    assert "stream chunk 1: choices[0].delta" in error["message"]
+    [row] = lane.requests()
+    assert row.status == store.RequestStatus.FAILED
+    assert row.attempts == 1
+    time.sleep(3)  # a rerun (the sweeper's) would reach the provider again by now
+    assert simulator.stats()["by_model"][model] == 1
+
+
 def test_a_stream_whose_first_event_is_unreadable_ends_in_an_error_once(
     lane: Lane, simulator: SimulatorServer
 ) -> None:

@@ -45,6 +45,9 @@ Directives, read from the last user message only (``[[...]]`` with another word 
                                     JSON cut in half, as ``application/json`` (a stream: a first event of
                                     such data, then ``[DONE]``). Counted in ``requests``, ``by_model`` and
                                     ``by_status`` ("200"), not in ``accepted`` nor the token sums.
+    ``[[garbage shape]]``           as ``[[garbage]]``, but the body (a stream: its first event) is whole
+                                    JSON of the wrong shape: the reply whose ``choices[0].message`` (a
+                                    stream's ``choices[0].delta``) is its text, a string, not an object.
     ``times=N``                     on status, context_length, delay, break_stream, garbage: the fault
                                     hits only the first N times this same request arrives (``[[status
                                     500 times=2]]`` fails twice, then answers), to script

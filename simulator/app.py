@@ -218,7 +218,7 @@ class SimulatorApp:
         if delay_ms > 0:
             await asyncio.sleep(delay_ms / 1000)
         if directives.garbage and self._hits(request, "garbage"):
-            return await _send_garbage(send, request, reply, stats)
+            return await _send_garbage(send, request, reply, stats, shape=directives.garbage_shape)
         if request.stream:
             return await self._stream(request, reply, send, arrival, stats)
         usage = reply.usage()
@@ -299,18 +299,36 @@ class SimulatorApp:
         return 200
 
 
-async def _send_garbage(send: Send, request: ChatRequest, reply: Reply, stats: Stats) -> int:
+async def _send_garbage(
+    send: Send, request: ChatRequest, reply: Reply, stats: Stats, *, shape: bool = False
+) -> int:
     """``[[garbage]]``: a 200 whose body arrives whole (its Content-Length, or a stream's last
     event) but cannot be read: the reply's JSON cut in half, as ``application/json``; for a stream,
-    a first event of such data, then ``[DONE]``. Not ``accepted`` (no usage can be read from it)."""
-    whole = json.dumps(reply.to_json()).encode()
-    cut = whole[: len(whole) // 2]
+    a first event of such data, then ``[DONE]``. ``[[garbage shape]]``: whole JSON, but the first
+    choice's ``message`` (a stream's ``delta``) is a string. Not ``accepted`` (no usage can be read
+    from it)."""
+    answer = reply.to_json()
+    if shape:
+        # Whole JSON of the wrong shape: the first choice's message (a stream: its delta) is the
+        # reply's text, a string, not an object.
+        choice = answer["choices"][0]
+        text = choice.pop("message")["content"] or ""
+        if request.stream:
+            answer["object"] = "chat.completion.chunk"
+            answer.pop("usage", None)
+            choice["delta"] = text
+        else:
+            choice["message"] = text
+        unreadable = json.dumps(answer).encode()
+    else:
+        whole = json.dumps(answer).encode()
+        unreadable = whole[: len(whole) // 2]
     if request.stream:
         stats.streams += 1
-        body = b"data: " + cut + b"\n\ndata: [DONE]\n\n"
+        body = b"data: " + unreadable + b"\n\ndata: [DONE]\n\n"
         content_type = (b"content-type", b"text/event-stream; charset=utf-8")
     else:
-        body, content_type = cut, _JSON
+        body, content_type = unreadable, _JSON
     headers = [content_type, (b"content-length", str(len(body)).encode()), *_request_headers()]
     await send({"type": "http.response.start", "status": 200, "headers": headers})
     await send({"type": "http.response.body", "body": body})

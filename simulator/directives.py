@@ -64,6 +64,7 @@ class Directives:
     empty_chunks: bool = False
     echo: bool = False
     garbage: bool = False
+    garbage_shape: bool = False  # ``[[garbage shape]]``: whole JSON of the wrong shape
     # Faults given ``times=N`` (by keyword: status, context_length, delay, break_stream, garbage) hit
     # only the first N times the same request is seen; the rest always.
     times: dict[str, int] = field(default_factory=dict)
@@ -127,7 +128,10 @@ def parse_directives(text: str) -> Directives:
         elif keyword == "echo":
             found.echo = True
         elif keyword == "garbage":
+            if args not in ([], ["shape"]):
+                raise _invalid(whole, "expects nothing or 'shape'")
             found.garbage = True
+            found.garbage_shape = args == ["shape"]
         elif keyword == "status":
             if len(args) != 1:
                 raise _invalid(whole, "expects a status code")

@@ -423,7 +423,10 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
         try:
             result = result_from_completion(data, model=self._model)
         except InvalidProviderResponse as e:  # answered and billed: ends the call, not retried
-            invalid = self._answered_invalid(e, data.get("id") or headers.get("x-request-id"))
+            answer_id = data.get("id")
+            invalid = self._answered_invalid(
+                e, answer_id if isinstance(answer_id, str) and answer_id else headers.get("x-request-id")
+            )
             self._emit_failure(started, attempt, invalid)
             raise invalid from None
         self._count(result.usage)
@@ -499,9 +502,9 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
         ``include_usage=True`` or ``extra_create_args={"stream_options": {"include_usage": True}}``.
         A stream that breaks after it started raises ``StreamInterrupted`` (retryable); the
         ``Retry`` of a stream is the caller's, since chunks were already handed out. A 2xx stream
-        that arrived but cannot be read (an event whose data is no JSON; no event at all and no
-        ``text/event-stream`` content type) raises ``InvalidProviderResponse`` (billed: not
-        retryable)."""
+        that arrived but cannot be read (an event whose data is no JSON, or a chunk of the wrong
+        shape; no event at all and no ``text/event-stream`` content type) raises
+        ``InvalidProviderResponse`` (billed: not retryable)."""
         body = self._build_body(messages, tools, tool_choice, json_output, extra_create_args)
         body["stream"] = True
         if include_usage is not None:
@@ -555,7 +558,12 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                     if not isinstance(chunk, BaseModel):
                         continue
                     chunk = chunk.model_dump(mode="json")  # a stub's ChatCompletionChunk
-                text = accumulator.add(chunk)
+                try:
+                    text = accumulator.add(chunk)
+                except InvalidProviderResponse as e:  # a chunk of the wrong shape: billed
+                    invalid = self._answered_invalid(e, accumulator.response_id or request_id)
+                    self._emit_stream_end(started, accumulator, invalid, first_chunk_at=first_chunk_at)
+                    raise invalid from None
                 if text:
                     if first_chunk_at is None:
                         first_chunk_at = time.perf_counter()

@@ -6,10 +6,13 @@ is built on the hot path, and ``raw_response`` is the body exactly as the provid
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
+
+from pydantic import ValidationError
 
 from models.errors import InvalidProviderResponse
 from models.openai.messages import openai_tool_call
@@ -43,6 +46,7 @@ _BACK_TO_OPENAI: Mapping[str, str] = {"function_calls": "tool_calls", "unknown":
 _THINK_OPEN = "<think>"
 _THINK_CLOSE = "</think>"
 _EMPTY_USAGE = RequestUsage()
+_EMPTY: Mapping[str, Any] = {}
 
 
 # The most tokens one call may report, in any field and in prompt + completion + cached together:
@@ -68,6 +72,61 @@ def unreadable_answer(reason: str) -> InvalidProviderResponse:
     )
 
 
+def _kind(value: Any) -> str:
+    """What JSON ``value`` is, to name it in an error without echoing it (it may be huge)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    return type(value).__name__
+
+
+class _WrongShape(Exception):
+    """Part of an answer is not what it must be; ``reason`` says which, and what it is instead.
+    Raised as ``unreadable_answer(reason)`` by the public readers (a chunk's prefixed with it)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _wrong(where: str, value: Any, expected: str) -> _WrongShape:
+    return _WrongShape(f"{where} is {_kind(value)}, not {expected}")
+
+
+def _mapping(value: Any, where: str) -> Mapping[str, Any]:
+    """``value`` as an object: null is an empty one, anything else but an object is invalid."""
+    if isinstance(value, Mapping):
+        return value
+    if value is None:
+        return _EMPTY
+    raise _wrong(where, value, "an object")
+
+
+def _array(value: Any, where: str) -> list[Any] | tuple[Any, ...]:
+    """``value`` as an array: null is an empty one, anything else but an array is invalid."""
+    if isinstance(value, (list, tuple)):
+        return value
+    if value is None:
+        return ()
+    raise _wrong(where, value, "an array")
+
+
+def _text(value: Any, where: str) -> str | None:
+    """``value`` as a string or null; anything else is invalid."""
+    if value is None or isinstance(value, str):
+        return value
+    raise _wrong(where, value, "a string")
+
+
 def _usage_field(usage: Mapping[str, Any], name: str, where: str = "usage") -> int:
     """``usage[name]`` as a count of tokens (absent or null is 0); anything else (a negative,
     a fraction, a string, a boolean, past ``MAX_USAGE_TOKENS``: all the provider's error) raises
@@ -90,9 +149,12 @@ def _usage_field(usage: Mapping[str, Any], name: str, where: str = "usage") -> i
 def usage_from_openai(usage: Any) -> RequestUsage:
     """The one place a provider's ``usage`` becomes a ``RequestUsage`` (``create`` over the own
     transport or the SDK, ``create_stream``): every figure is checked here, and one beyond what
-    the ledger holds raises ``InvalidProviderResponse`` (not retryable: the answer was billed)."""
+    the ledger holds raises ``InvalidProviderResponse`` (not retryable: the answer was billed); so
+    does a ``usage`` that is no object (null or absent: no usage reported, zero)."""
     if not isinstance(usage, Mapping):
-        return _EMPTY_USAGE
+        if usage is None:
+            return _EMPTY_USAGE
+        raise unreadable_answer(_wrong("usage", usage, "an object").reason)
     prompt_details = usage.get("prompt_tokens_details")
     completion_details = usage.get("completion_tokens_details")
     prompt = _usage_field(usage, "prompt_tokens")
@@ -139,11 +201,22 @@ def _reasoning_of(message: Mapping[str, Any]) -> str | None:
     return reasoning if isinstance(reasoning, str) and reasoning else None
 
 
+def _token_logprobs(items: list[Any], where: str) -> list[ChatCompletionTokenLogprob]:
+    """``logprobs.content`` items, each checked (``where[i]`` names a bad one)."""
+    validated = []
+    for i, item in enumerate(items):
+        try:
+            validated.append(ChatCompletionTokenLogprob.model_validate(item))
+        except ValidationError:
+            raise _WrongShape(f"{where}[{i}] is not a token logprob") from None
+    return validated
+
+
 def _logprobs(choice: Mapping[str, Any]) -> list[ChatCompletionTokenLogprob] | None:
     logprobs = choice.get("logprobs")
     if not isinstance(logprobs, Mapping) or not isinstance(logprobs.get("content"), list):
         return None
-    return [ChatCompletionTokenLogprob.model_validate(item) for item in logprobs["content"]]
+    return _token_logprobs(logprobs["content"], "choices[0].logprobs.content")
 
 
 def _content_and_reason(
@@ -158,38 +231,75 @@ def _content_and_reason(
     return content, _FINISH_REASONS.get(finish_reason, "unknown"), thought
 
 
+def _tool_call(call: Any, where: str) -> FunctionCall:
+    if not isinstance(call, Mapping):
+        raise _wrong(where, call, "an object")
+    function = call.get("function")
+    if not isinstance(function, Mapping):
+        raise _wrong(f"{where}.function", function, "an object")
+    arguments = function.get("arguments")
+    if isinstance(arguments, Mapping):
+        # Some OpenAI-compatible servers answer the arguments as an object: AutoGen's client
+        # takes its JSON text, and so does this one.
+        arguments = json.dumps(arguments)
+    return FunctionCall.model_construct(
+        id=_text(call.get("id"), f"{where}.id") or "",
+        name=_text(function.get("name"), f"{where}.function.name") or "",
+        arguments=_text(arguments, f"{where}.function.arguments") or "",
+    )
+
+
 def result_from_completion(body: dict[str, Any], *, model: str | None = None) -> CreateResult:
     """A ``CreateResult`` from a ``chat.completion`` body (its first choice); the body is kept as
-    ``raw_response``."""
-    choices = body.get("choices") or ()
-    choice: Mapping[str, Any] = choices[0] if choices else {}
-    message: Mapping[str, Any] = choice.get("message") or {}
-    tool_calls = message.get("tool_calls")
-    calls = (
-        [
-            FunctionCall.model_construct(
-                id=call.get("id") or "",
-                name=(call.get("function") or {}).get("name") or "",
-                arguments=(call.get("function") or {}).get("arguments") or "",
-            )
-            for call in tool_calls
-        ]
-        if tool_calls
-        else []
-    )
+    ``raw_response``. A body of the wrong shape (``choices`` no array, a message that is no
+    object, content that is no string, ...) raises ``InvalidProviderResponse`` (code
+    ``RESPONSE_INVALID``) naming what was wrong; absent or null optional fields are fine."""
+    try:
+        return _result_from_completion(body, model)
+    except _WrongShape as e:
+        raise unreadable_answer(e.reason) from None
+    except InvalidProviderResponse:  # usage beyond what the ledger holds: its own code
+        raise
+    except Exception as e:  # a shape not foreseen above: still the answer's, and billed
+        raise unreadable_answer(f"the answer could not be read ({type(e).__name__})") from e
+
+
+def _read_choice(
+    choice: Any, where: str
+) -> tuple[Mapping[str, Any], Mapping[str, Any], list[FunctionCall], str | None, str | None]:
+    """A choice checked: itself, its message, tool calls, text and finish reason."""
+    if not isinstance(choice, Mapping):
+        raise _wrong(where, choice, "an object")
+    message = _mapping(choice.get("message"), f"{where}.message")
+    tool_calls = _array(message.get("tool_calls"), f"{where}.message.tool_calls")
+    calls = [_tool_call(call, f"{where}.message.tool_calls[{i}]") for i, call in enumerate(tool_calls)]
     text = message.get("content")
-    content, finish_reason, thought = _content_and_reason(
-        text if isinstance(text, str) else None, calls, choice.get("finish_reason"), _reasoning_of(message)
+    if not (text is None or isinstance(text, (str, list))):
+        raise _wrong(f"{where}.message.content", text, "a string")
+    finish_reason = _text(choice.get("finish_reason"), f"{where}.finish_reason")
+    # A list of content parts (some OpenAI-compatible servers) reads as no text, as it did.
+    return choice, message, calls, text if isinstance(text, str) else None, finish_reason
+
+
+def _result_from_completion(body: dict[str, Any], model: str | None) -> CreateResult:
+    choices = _array(body.get("choices"), "choices")
+    choice, message, calls, text, finish_reason = (
+        _read_choice(choices[0], "choices[0]") if choices else (_EMPTY, _EMPTY, [], None, None)
     )
+    for i in range(1, len(choices)):  # n > 1: the others are the caller's too (the raw body)
+        _read_choice(choices[i], f"choices[{i}]")
+    response_id = _text(body.get("id"), "id")
+    answered_model = _text(body.get("model"), "model")
+    content, reason, thought = _content_and_reason(text, calls, finish_reason, _reasoning_of(message))
     return CreateResult.model_construct(
-        finish_reason=finish_reason,
+        finish_reason=reason,
         content=content,
         usage=usage_from_openai(body.get("usage")),
         cached=False,
         logprobs=_logprobs(choice) if choice.get("logprobs") else None,
         thought=thought,
-        model=body.get("model") or model,
-        response_id=body.get("id"),
+        model=answered_model or model,
+        response_id=response_id,
         raw_response=body,
     )
 
@@ -209,52 +319,107 @@ class StreamAccumulator:
         self._text: list[str] = []
         self._reasoning: list[str] = []
         self._calls: dict[int, dict[str, Any]] = {}
-        self._logprobs: list[Any] = []
+        self._logprobs: list[Any] = []  # as sent (the raw body's)
+        self._checked_logprobs: list[ChatCompletionTokenLogprob] = []
 
     def add(self, chunk: Mapping[str, Any]) -> str | None:
-        """Take one chunk; returns its text delta (of the first choice), if any."""
+        """Take one chunk; returns its text delta (of the first choice), if any. A chunk of the
+        wrong shape (``choices`` no array, a ``delta`` that is no object, content that is no
+        string, ...) raises ``InvalidProviderResponse`` (code ``RESPONSE_INVALID``) naming it."""
         self.chunks += 1
-        if self.response_id is None and chunk.get("id"):
-            self.response_id = chunk["id"]
+        try:
+            return self._add(chunk)
+        except _WrongShape as e:
+            raise unreadable_answer(f"stream chunk {self.chunks}: {e.reason}") from None
+        except Exception as e:  # a shape not foreseen: still the answer's, and billed
+            raise unreadable_answer(
+                f"stream chunk {self.chunks} could not be read ({type(e).__name__})"
+            ) from e
+
+    def _add(self, chunk: Mapping[str, Any]) -> str | None:
+        # Checked inline, the error's path built only on failure: this runs for every chunk.
+        response_id = chunk.get("id")
+        if response_id is not None and not isinstance(response_id, str):
+            raise _wrong("id", response_id, "a string")
+        if self.response_id is None and response_id:
+            self.response_id = response_id
             self.created = chunk.get("created")
-        if chunk.get("model"):
-            self.model = chunk["model"]
+        model = chunk.get("model")
+        if model is not None and not isinstance(model, str):
+            raise _wrong("model", model, "a string")
+        if model:
+            self.model = model
         if chunk.get("system_fingerprint"):
             self.system_fingerprint = chunk["system_fingerprint"]
         usage = chunk.get("usage")
-        if isinstance(usage, dict):
+        if usage is not None:
+            if not isinstance(usage, dict):
+                raise _wrong("usage", usage, "an object")
             self.usage_body = usage
         text: str | None = None
-        for choice in chunk.get("choices") or ():
+        choices = chunk.get("choices")
+        if choices is None:
+            return None
+        if not isinstance(choices, (list, tuple)):
+            raise _wrong("choices", choices, "an array")
+        for i, choice in enumerate(choices):
+            if not isinstance(choice, Mapping):
+                raise _wrong(f"choices[{i}]", choice, "an object")
             if choice.get("index", 0) != 0:
                 continue
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
+            finish_reason = choice.get("finish_reason")
+            if finish_reason is not None and not isinstance(finish_reason, str):
+                raise _wrong(f"choices[{i}].finish_reason", finish_reason, "a string")
+            if finish_reason:
+                self.finish_reason = finish_reason
             logprobs = choice.get("logprobs")
             if isinstance(logprobs, Mapping) and isinstance(logprobs.get("content"), list):
-                self._logprobs.extend(logprobs["content"])
-            delta = choice.get("delta") or {}
+                items = logprobs["content"]
+                self._checked_logprobs.extend(_token_logprobs(items, f"choices[{i}].logprobs.content"))
+                self._logprobs.extend(items)
+            delta = choice.get("delta")
+            if delta is None:
+                continue
+            if not isinstance(delta, Mapping):
+                raise _wrong(f"choices[{i}].delta", delta, "an object")
             reasoning = _reasoning_of(delta)
             if reasoning:
                 self._reasoning.append(reasoning)
             content = delta.get("content")
-            if isinstance(content, str) and content:
-                self._text.append(content)
-                text = content if text is None else text + content
-            for call in delta.get("tool_calls") or ():
-                self._add_call_delta(call)
+            if isinstance(content, str):
+                if content:
+                    self._text.append(content)
+                    text = content if text is None else text + content
+            elif not (content is None or isinstance(content, list)):
+                # A list of content parts (some OpenAI-compatible servers) reads as no text, as it did.
+                raise _wrong(f"choices[{i}].delta.content", content, "a string")
+            calls = delta.get("tool_calls")
+            if calls is not None:
+                if not isinstance(calls, (list, tuple)):
+                    raise _wrong(f"choices[{i}].delta.tool_calls", calls, "an array")
+                for j, call in enumerate(calls):
+                    self._add_call_delta(call, f"choices[{i}].delta.tool_calls[{j}]")
         return text
 
-    def _add_call_delta(self, delta: Mapping[str, Any]) -> None:
-        index = delta.get("index", len(self._calls))
+    def _add_call_delta(self, delta: Any, where: str) -> None:
+        if not isinstance(delta, Mapping):
+            raise _wrong(where, delta, "an object")
+        index = delta.get("index")
+        if index is None:
+            index = len(self._calls)
+        elif isinstance(index, bool) or not isinstance(index, int):
+            raise _wrong(f"{where}.index", index, "an integer")
+        call_id = _text(delta.get("id"), f"{where}.id")
+        function = _mapping(delta.get("function"), f"{where}.function")
+        name = _text(function.get("name"), f"{where}.function.name")
+        arguments = _text(function.get("arguments"), f"{where}.function.arguments")
         call = self._calls.setdefault(index, {"id": "", "name": "", "arguments": []})
-        if delta.get("id"):
-            call["id"] = delta["id"]
-        function = delta.get("function") or {}
-        if function.get("name"):
-            call["name"] += function["name"]
-        if function.get("arguments"):
-            call["arguments"].append(function["arguments"])
+        if call_id:
+            call["id"] = call_id
+        if name:
+            call["name"] += name
+        if arguments:
+            call["arguments"].append(arguments)
 
     def result(self) -> CreateResult:
         """The whole answer; ``raw_response`` is the ``chat.completion`` body the chunks add up to."""
@@ -265,7 +430,7 @@ class StreamAccumulator:
         raw_text = "".join(self._text)
         reasoning = "".join(self._reasoning) or None
         content, finish_reason, thought = _content_and_reason(raw_text, calls, self.finish_reason, reasoning)
-        logprobs = [ChatCompletionTokenLogprob.model_validate(item) for item in self._logprobs] or None
+        logprobs = list(self._checked_logprobs) or None
         message: dict[str, Any] = {"role": "assistant", "content": raw_text or None}
         if reasoning:
             message["reasoning_content"] = reasoning

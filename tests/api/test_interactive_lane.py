@@ -404,6 +404,64 @@ def test_an_unreadable_answer_fails_the_call_once_and_is_not_run_again(
     assert simulator.stats()["by_model"][model] == 1
 
 
+def test_an_answer_of_the_wrong_shape_fails_the_call_once_and_is_not_run_again(
+    lane: Lane, simulator: SimulatorServer
+) -> None:
+    """The provider answered 200 (and billed) with a whole JSON object of the wrong shape (its
+    ``choices[0].message`` a string): a 502 ``upstream_response_invalid`` naming what was wrong,
+    once; the provider saw one request. Reading it used to raise a bare AttributeError, which the
+    lane took for a crash: the call went back in line and the provider was asked (and paid) again."""
+    lane.cluster.worker("w1")
+    lane.cluster.beat()
+    model = "wrong-shape-answer"
+    answer = httpx.post(
+        f"{lane.root}/v1/chat/completions",
+        headers=lane.headers,
+        json={**ask("answer me [[garbage shape]]"), "model": model},
+        timeout=90,
+    )
+    assert answer.status_code == 502, answer.text
+    error = answer.json()["error"]
+    assert (error["type"], error["code"]) == ("upstream_error", "upstream_response_invalid")
+    assert "choices[0].message" in error["message"]
+    [row] = lane.requests()
+    assert row.status == store.RequestStatus.FAILED
+    assert row.attempts == 1
+    with lane.engine.connect() as conn:
+        [result] = conn.execute(sa.select(Result).where(Result.request_id == row.id)).all()
+    assert result.error_code == "upstream_response_invalid"
+    assert (result.upstream_request_id or "").startswith("chatcmpl-"), "the answer's id, to trace it upstream"
+    time.sleep(3)  # a rerun (the sweeper's) would reach the provider again by now
+    assert simulator.stats()["by_model"][model] == 1
+
+
+def test_a_stream_whose_first_chunk_has_the_wrong_shape_ends_in_an_error_once(
+    lane: Lane, simulator: SimulatorServer
+) -> None:
+    """The streamed twin of the wrong shape: a first chunk whose ``choices[0].delta`` is a string,
+    nothing relayed yet: 502 ``upstream_response_invalid``, and the provider saw one request."""
+    lane.cluster.worker("w1")
+    lane.cluster.beat()
+    model = "wrong-shape-stream"
+    with httpx.stream(
+        "POST",
+        f"{lane.root}/v1/chat/completions",
+        headers=lane.headers,
+        json={**ask("stream me [[garbage shape]]", stream=True), "model": model},
+        timeout=90,
+    ) as response:
+        body = response.read()
+    assert response.status_code == 502, body
+    error = json.loads(body)["error"]
+    assert (error["type"], error["code"]) == ("upstream_error", "upstream_response_invalid")
+    assert "stream chunk 1: choices[0].delta" in error["message"]
+    [row] = lane.requests()
+    assert row.status == store.RequestStatus.FAILED
+    assert row.attempts == 1
+    time.sleep(3)  # a rerun (the sweeper's) would reach the provider again by now
+    assert simulator.stats()["by_model"][model] == 1
+
+
 def test_a_stream_whose_first_event_is_unreadable_ends_in_an_error_once(
     lane: Lane, simulator: SimulatorServer
 ) -> None:

@@ -31,6 +31,7 @@ from models.openai.transport import SDK_USER_AGENT
 from models.retry import RetryPolicy
 from simulator import SimulatorServer
 from tests.models.local_http import serving
+from tests.models.test_answer_shape import BAD_COMPLETIONS, bad_completion
 
 KEY = "sk-test-transport-key"
 
@@ -285,6 +286,29 @@ async def test_a_2xx_that_is_no_json_object_is_invalid_and_not_retried(
     assert own.retryable is False
     assert own.code == RESPONSE_INVALID
     assert (own.provider, own.model, own.request_id) == ("openai-compatible", "gpt-4o", "req-recorded")
+    assert len(recorder.requests) == 2, "one request per path, none retried"
+
+
+@pytest.mark.parametrize("name", list(BAD_COMPLETIONS))
+async def test_a_2xx_object_of_the_wrong_shape_is_invalid_and_not_retried(
+    recording_server: tuple[str, Recorder], name: str
+) -> None:
+    """A JSON object that is no ``chat.completion`` (``"choices": "x"``, a message that is a
+    string, ...) was answered and billed too: the same non-retryable error on both paths, naming
+    the answer's id, where it used to be a bare AttributeError/TypeError the lane ran again."""
+    base_url, recorder = recording_server
+    recorder.reply = json.dumps(bad_completion(name)).encode()
+    policy = RetryPolicy(max_attempts=3, base_delay=0.0, max_delay=0.0)
+    own = await failure_of(client_at(base_url, through_sdk=False, retry_policy=policy), "hello")
+    sdk = await failure_of(client_at(base_url, through_sdk=True, retry_policy=policy), "hello")
+    assert described(own) == described(sdk)
+    assert type(own) is InvalidProviderResponse
+    assert own.retryable is False
+    assert own.code == RESPONSE_INVALID
+    assert BAD_COMPLETIONS[name][1] in own.message
+    # The answer's own id when it has one (a string), else the response's x-request-id.
+    expected_id = "chatcmpl-shape" if name != "id-an-array" else "req-recorded"
+    assert (own.provider, own.model, own.request_id) == ("openai-compatible", "gpt-4o", expected_id)
     assert len(recorder.requests) == 2, "one request per path, none retried"
 
 

@@ -30,6 +30,8 @@ from models.openai.results import RESPONSE_INVALID
 from models.retry import RetryPolicy
 from simulator import SimulatorServer
 from tests.models.local_http import serving
+from tests.models.test_answer_shape import BAD_CHUNKS
+from tests.models.test_answer_shape import chunk as shape_chunk
 
 
 def client_for(simulator: SimulatorServer, *, through_sdk: bool = False) -> OpenAIChatCompletionClient:
@@ -199,3 +201,64 @@ async def test_an_event_stream_that_ends_empty_is_still_interrupted(plain_server
     finally:
         await client.close()
     assert caught.value.retryable
+
+
+def _event_stream(*chunks: Any) -> bytes:
+    return b"".join(b"data: " + json.dumps(each).encode() + b"\n\n" for each in chunks) + b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("name", list(BAD_CHUNKS))
+async def test_a_stream_chunk_of_the_wrong_shape_fails_once(
+    plain_server: tuple[str, _Plain], name: str
+) -> None:
+    """A chunk that is a JSON object of the wrong shape (``choices`` no list, ``delta`` a string,
+    ...) after the stream started: the answer was billed, so ``InvalidProviderResponse`` naming the
+    answer's id, not a bare exception (run again by the lane) nor a retryable interruption."""
+    base_url, state = plain_server
+    bad, where = BAD_CHUNKS[name]
+    state.content_type = "text/event-stream"
+    state.reply = _event_stream(
+        shape_chunk({"role": "assistant", "content": "he"}), bad, shape_chunk(finish_reason="stop")
+    )
+    client = OpenAIChatCompletionClient(model="gpt-4o", api_key="sk-test-garbage", base_url=base_url)
+    try:
+        with pytest.raises(InvalidProviderResponse) as caught:
+            async for _ in client.create_stream([user("hello")]):
+                pass
+        assert client.total_usage() == RequestUsage()
+    finally:
+        await client.close()
+    error = caught.value
+    assert error.retryable is False
+    assert error.code == RESPONSE_INVALID
+    assert where in error.message
+    assert (error.provider, error.model, error.request_id) == (
+        "openai-compatible",
+        "gpt-4o",
+        "chatcmpl-stream",
+    )
+    assert state.requests == 1
+
+
+@pytest.mark.parametrize("through_sdk", [False, True], ids=["own-transport", "sdk"])
+async def test_a_wrong_shape_from_the_simulator_fails_once(
+    simulator: SimulatorServer, through_sdk: bool
+) -> None:
+    """``[[garbage shape]]``: a whole JSON object whose ``choices[0].message`` is a string."""
+    client = client_for(simulator, through_sdk=through_sdk)
+    try:
+        with pytest.raises(InvalidProviderResponse) as caught:
+            await client.create([user("hello [[garbage shape]]")])
+        with pytest.raises(InvalidProviderResponse) as streamed:
+            async for _ in client.create_stream([user("hello [[garbage shape]]")]):
+                pass
+        assert client.total_usage() == RequestUsage()
+    finally:
+        await client.close()
+    for error in (caught.value, streamed.value):
+        assert error.retryable is False
+        assert error.code == RESPONSE_INVALID
+        assert (error.request_id or "").startswith("chatcmpl-"), "the answer's id, to trace it upstream"
+    assert "choices[0].message" in caught.value.message
+    assert "choices[0].delta" in streamed.value.message
+    assert simulator.stats()["requests"] == 2, "one upstream call each, no retry"

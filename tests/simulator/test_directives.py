@@ -42,6 +42,11 @@ def test_garbage() -> None:
     assert found.garbage
     assert found.times == {}
     assert parse_directives("[[garbage times=2]]").times == {"garbage": 2}
+    assert not found.garbage_shape
+    shaped = parse_directives("hello [[garbage shape times=1]]")
+    assert (shaped.garbage, shaped.garbage_shape, shaped.times) == (True, True, {"garbage": 1})
+    with pytest.raises(ApiError, match="expects nothing or 'shape'"):
+        parse_directives("[[garbage cut]]")
 
 
 def test_unknown_words_are_plain_text() -> None:

@@ -307,3 +307,29 @@ def test_garbage_times_answers_after_the_first(client: openai.OpenAI) -> None:
         ask(client, "flaky [[garbage times=1]]")
     ok = ask(client, "flaky [[garbage times=1]]")
     assert ok.choices[0].message.content
+
+
+def test_garbage_shape_answers_200_with_whole_json_of_the_wrong_shape(simulator: SimulatorServer) -> None:
+    """``[[garbage shape]]``: a whole JSON object whose first choice's message (a stream's delta)
+    is a string; counted as ``[[garbage]]`` is."""
+    request = {"model": "shape-model", "messages": [{"role": "user", "content": "hi [[garbage shape]]"}]}
+    answer = httpx.post(f"{simulator.base_url}/chat/completions", json=request, timeout=10)
+    assert answer.status_code == 200
+    assert int(answer.headers["content-length"]) == len(answer.content)
+    body = answer.json()
+    assert body["id"].startswith("chatcmpl-")
+    assert isinstance(body["choices"][0]["message"], str)
+    assert body["choices"][0]["message"]
+    streamed = httpx.post(
+        f"{simulator.base_url}/chat/completions", json={**request, "stream": True}, timeout=10
+    )
+    assert streamed.status_code == 200
+    first, done = streamed.text.split("\n\n")[:2]
+    event = json.loads(first.removeprefix("data: "))
+    assert event["object"] == "chat.completion.chunk"
+    assert isinstance(event["choices"][0]["delta"], str)
+    assert done == "data: [DONE]"
+    stats = simulator.stats()
+    assert stats["by_model"] == {"shape-model": 2}
+    assert stats["by_status"] == {"200": 2}
+    assert (stats["requests"], stats["accepted"], stats["completion_tokens"]) == (2, 0, 0)

@@ -592,3 +592,26 @@ async def test_a_line_answered_unreadably_fails_once(
     with led.engine.connect() as conn:
         attempts = conn.execute(sa.select(Request.attempts).where(Request.id.in_(ids))).scalars().all()
     assert sorted(attempts) == [1, 1]
+
+
+async def test_a_line_answered_with_the_wrong_shape_fails_once(
+    make_ledger: MakeLedger, database_url: str, simulator: SimulatorServer
+) -> None:
+    """A 200 whose body is a whole JSON object of the wrong shape (``[[garbage shape]]``: its
+    ``choices[0].message`` a string) was answered and billed: the line fails once with
+    ``upstream_response_invalid``, never sent again (reading it used to raise a bare
+    AttributeError, which the runner took for a crash and delivered again)."""
+    led = make_ledger(database_url)
+    prompts = ["fine", "wrong shape [[garbage shape]]"]
+    batch_id, ids = add_batch(led, prompts)
+    await run_ids(database_url, simulator, ids, max_deliveries=3)
+    results = {r.request_id: r for r in results_of(led.engine, batch_id)}
+    assert statuses(led.engine, batch_id) == {"succeeded": 1, "failed": 1}
+    failed = results[ids[1]]
+    assert failed.error_code == "upstream_response_invalid"
+    assert "choices[0].message" in (failed.error_message or "")
+    assert (failed.upstream_request_id or "").startswith("chatcmpl-"), "the answer's id"
+    assert simulator.stats()["completions"] == len(prompts), "one upstream call per line, none retried"
+    with led.engine.connect() as conn:
+        attempts = conn.execute(sa.select(Request.attempts).where(Request.id.in_(ids))).scalars().all()
+    assert sorted(attempts) == [1, 1]

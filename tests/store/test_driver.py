@@ -85,13 +85,12 @@ def test_a_connection_found_dead_renews_the_whole_pool(postgres_url: str) -> Non
         for connection in held:
             connection.close()
         killer = sa.create_engine(normalize_url(postgres_url), poolclass=sa.NullPool)
+        others = "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
         with killer.connect() as conn:
-            conn.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                )
-            )
+            conn.execute(sa.text(f"SELECT pg_terminate_backend(pid) {others}"))
+            # Gone once the server says so, not after a sleep.
+            while conn.execute(sa.text(f"SELECT count(*) {others}")).scalar_one():
+                conn.rollback()
         killer.dispose()
         slow = DriverStatement(sa.select(sa.func.pg_sleep(0.3).label("slept")))
         with pytest.raises(sa.exc.OperationalError):

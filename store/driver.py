@@ -66,7 +66,12 @@ class DriverStatement:
         """Run with ``values`` as its own transaction; its rows (named tuples; none if it returns
         none)."""
         parameters = self.parameters(values)
-        connection = engine.raw_connection()
+        try:
+            connection = engine.raw_connection()
+        except psycopg.Error as error:  # no connection to be had: SQLAlchemy's error, as connect()'s
+            raise sa.exc.DBAPIError.instance(
+                None, None, error, psycopg.Error, hide_parameters=True, dialect=engine.dialect
+            ) from error
         try:
             driver = connection.driver_connection
             assert isinstance(driver, psycopg.Connection)

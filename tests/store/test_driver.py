@@ -5,6 +5,7 @@ engine's statement listeners (PostgreSQL)."""
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -109,6 +110,25 @@ def test_a_connection_found_dead_renews_the_whole_pool(postgres_url: str) -> Non
         for thread in runs:
             thread.join()
         assert failures == []
+    finally:
+        engine.dispose()
+
+
+def test_a_database_out_of_reach_raises_sqlalchemys_error() -> None:
+    """No connection to be had (the server down, restarting): SQLAlchemy's OperationalError, as
+    ``engine.connect()`` raises, which is what callers tell an unreachable database by
+    (workers.result_writer), not psycopg's own."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once closed
+    engine = store.make_engine(f"postgresql://postgres@127.0.0.1:{port}/nowhere")
+    try:
+        with pytest.raises(sa.exc.OperationalError) as unreachable, engine.connect():
+            pass
+        with pytest.raises(sa.exc.OperationalError) as out_of_reach:
+            tenant_named().run(engine, {"id": "t1", "name": SECRET})
+        assert type(out_of_reach.value) is type(unreachable.value)
+        assert SECRET not in str(out_of_reach.value)
     finally:
         engine.dispose()
 

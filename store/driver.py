@@ -9,9 +9,10 @@ its checkout events and its idle ping included), runs in autocommit (the stateme
 transaction), and hands the connection back. What SQLAlchemy would do is kept where it matters:
 parameters go through their column types' bind processors, errors are SQLAlchemy's
 (``sqlalchemy.exc.DBAPIError`` and its subclasses, parameters hidden), a connection the error
-shows dead is invalidated, not pooled again, and the engine's ``before_cursor_execute`` and
-``after_cursor_execute`` listeners see the statement (with no ``Connection`` nor context: what
-captures statements, for plans or counts, still sees these).
+shows dead is invalidated, not pooled again (nor is any pooled connection older than it), and
+the engine's ``before_cursor_execute`` and ``after_cursor_execute`` listeners see the statement
+(with no ``Connection`` nor context: what captures statements, for plans or counts, still sees
+these).
 
 PostgreSQL (psycopg) only: the callers keep SQLAlchemy's way for SQLite.
 """
@@ -65,7 +66,12 @@ class DriverStatement:
         """Run with ``values`` as its own transaction; its rows (named tuples; none if it returns
         none)."""
         parameters = self.parameters(values)
-        connection = engine.raw_connection()
+        try:
+            connection = engine.raw_connection()
+        except psycopg.Error as error:  # no connection to be had: SQLAlchemy's error, as connect()'s
+            raise sa.exc.DBAPIError.instance(
+                None, None, error, psycopg.Error, hide_parameters=True, dialect=engine.dialect
+            ) from error
         try:
             driver = connection.driver_connection
             assert isinstance(driver, psycopg.Connection)
@@ -86,7 +92,11 @@ class DriverStatement:
             except psycopg.Error as error:
                 dead = engine.dialect.is_disconnect(error, connection, None)  # type: ignore[arg-type]
                 if dead:
-                    connection.invalidate(error)
+                    # As SQLAlchemy's own error handling does: the pool's other connections are
+                    # renewed too (at their next checkout), for a restart or an operator ended
+                    # them all; invalidating this one alone left each of the others to fail a
+                    # call of its own, since one used a moment ago is not pinged.
+                    engine.pool._invalidate(connection, error)
                 raise sa.exc.DBAPIError.instance(
                     self.sql,
                     parameters,

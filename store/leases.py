@@ -435,9 +435,19 @@ def _claim_by_id_lease(durable: bool) -> DriverStatement:
     compiled once: building, hashing and executing it through SQLAlchemy cost a worker more CPU
     than PostgreSQL spends on the claim of a single call (py-spy, bench/sync_latency.py). Other
     claims' statements carry their values and are built each time."""
+    now = sa.bindparam("claim_now", type_=sa.BigInteger)
+    # ``_claimable`` as a CASE, which PostgreSQL cannot prove implies the partial indexes'
+    # predicates: the rows are looked up by their ids alone. Spelled with literal statuses, it let
+    # the planner, its statistics not yet showing a new batch's lines, walk the index of every
+    # unfinished request filtering each by the ids (a single call's claim read the whole batch),
+    # then look up all the ids again for each row it locked (a chunk's 512: 134k rows read).
+    claimable = sa.case(
+        (status_is(RequestStatus.QUEUED), sa.or_(Request.not_before.is_(None), Request.not_before <= now)),
+        (status_is(RequestStatus.RUNNING), Request.lease_expires_at < now),
+        else_=sa.false(),
+    )
     candidates = sa.select(Request.id).where(
-        Request.id == sa.any_(sa.bindparam("claim_ids", type_=postgresql.ARRAY(sa.String))),
-        _claimable(sa.bindparam("claim_now", type_=sa.BigInteger)),
+        Request.id == sa.any_(sa.bindparam("claim_ids", type_=postgresql.ARRAY(sa.String))), claimable
     )
     return DriverStatement(_postgresql_lease(candidates, durable=durable))
 

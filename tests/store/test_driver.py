@@ -5,6 +5,8 @@ engine's statement listeners (PostgreSQL)."""
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -70,6 +72,65 @@ def test_a_dead_connection_is_invalidated_and_the_next_run_gets_a_live_one(
     assert lost.value.connection_invalidated
     [row] = tenant_named().run(one_connection, {"id": "t3", "name": "third"})
     assert row.id == "t3"
+
+
+def test_a_connection_found_dead_renews_the_whole_pool(postgres_url: str) -> None:
+    """As SQLAlchemy's way does: when a restart (or an operator) ended every pooled connection, the
+    first run to meet a dead one fails and the pool renews all of them, so the runs after it get
+    live connections, not one failure for each connection the pool held (up to 40 in the API)."""
+    store.upgrade_to_head(postgres_url)
+    # Connections used a moment ago are not pinged: a busy process's, whose pool is all recent.
+    engine = store.make_engine(postgres_url, pool_size=3, max_overflow=0, idle_ping_seconds=3600)
+    try:
+        held = [engine.raw_connection() for _ in range(3)]
+        for connection in held:
+            connection.close()
+        killer = sa.create_engine(normalize_url(postgres_url), poolclass=sa.NullPool)
+        others = "FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        with killer.connect() as conn:
+            conn.execute(sa.text(f"SELECT pg_terminate_backend(pid) {others}"))
+            # Gone once the server says so, not after a sleep.
+            while conn.execute(sa.text(f"SELECT count(*) {others}")).scalar_one():
+                conn.rollback()
+        killer.dispose()
+        slow = DriverStatement(sa.select(sa.func.pg_sleep(0.3).label("slept")))
+        with pytest.raises(sa.exc.OperationalError):
+            slow.run(engine, {})
+        failures: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                slow.run(engine, {})
+            except sa.exc.DBAPIError as error:
+                failures.append(error)
+
+        runs = [threading.Thread(target=run) for _ in range(3)]  # each holds its own connection
+        for thread in runs:
+            thread.start()
+        for thread in runs:
+            thread.join()
+        assert failures == []
+    finally:
+        engine.dispose()
+
+
+def test_a_database_out_of_reach_raises_sqlalchemys_error() -> None:
+    """No connection to be had (the server down, restarting): SQLAlchemy's OperationalError, as
+    ``engine.connect()`` raises, which is what callers tell an unreachable database by
+    (workers.result_writer), not psycopg's own."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once closed
+    engine = store.make_engine(f"postgresql://postgres@127.0.0.1:{port}/nowhere")
+    try:
+        with pytest.raises(sa.exc.OperationalError) as unreachable, engine.connect():
+            pass
+        with pytest.raises(sa.exc.OperationalError) as out_of_reach:
+            tenant_named().run(engine, {"id": "t1", "name": SECRET})
+        assert type(out_of_reach.value) is type(unreachable.value)
+        assert SECRET not in str(out_of_reach.value)
+    finally:
+        engine.dispose()
 
 
 def test_the_connection_goes_back_to_the_pool_transactional(one_connection: Engine) -> None:

@@ -5,6 +5,7 @@ the same at a million lines)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import tracemalloc
 from typing import Any
@@ -124,6 +125,39 @@ def test_a_claim_updates_the_rows_it_locked_by_id_while_the_statistics_lag(pg_en
             requests_scans = [scan for scan in plan if "Scan on requests" in scan]
             assert requests_scans, (name, plan)
             assert all(scan.endswith("using requests_pkey") for scan in requests_scans), (name, plan)
+
+
+def test_a_claim_by_id_locks_its_rows_through_the_key_while_the_statistics_lag(pg_engine: Engine) -> None:
+    """``claim_requests``' lock of the rows it names (its CTE, which the test above leaves out)
+    goes through the primary key too: with the statistics not yet showing a new batch, testing
+    claimability with literal statuses let the planner walk the partial index of unfinished
+    requests instead, filtering every one of them by the ids (a single call's claim read the
+    whole new batch), and the UPDATE then joined the locked rows to the key's look-up of all the
+    ids once per locked row (a chunk's 512 ids read 134k rows), in the custom and the generic
+    plan."""
+    engine = pg_engine
+    batch_id = _a_batch_the_statistics_have_not_seen(engine, 3000)
+    now = 1_000_000
+    queued = store.pending_request_ids(engine, batch_id, 512)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(sa.func.count()).select_from(store.Request)).scalar_one()
+
+    def claim(ids: list[str]) -> list[store.ClaimedRequest]:
+        return store.claim_requests(engine, ids, "w", 20, now=now)
+
+    for ids in (queued[:1], queued[:64], queued):
+        statement, parameters = capture(engine, functools.partial(claim, ids), _any)
+        plan = explain(engine, statement, parameters)
+        generic = generic_plan_scans(engine, statement, parameters)
+        # A single call's: the key's look-ups (its row to lock, then to update). Many ids: those,
+        # or (the planner's choice in a table of a few thousand rows) one pass over the table;
+        # never the key's look-up of every id once per locked row, nor the unfinished rows
+        # through their index.
+        bound = 2 * len(ids) if len(ids) == 1 else rows + 2 * len(ids)
+        assert plan.rows_read <= bound, (len(ids), plan)
+        for scans in (plan.scans, generic):
+            assert not any("unfinished" in scan for scan in scans), (len(ids), scans)
+        assert all("requests_pkey" in scan for scan in generic if " using " in scan), (len(ids), generic)
 
 
 def test_a_dispatch_marks_its_chunk_by_id_while_the_statistics_lag(pg_engine: Engine) -> None:

@@ -308,6 +308,43 @@ def test_single_calls_are_counted_in_the_workers_metrics_as_the_ledger_bills_the
     )
 
 
+RESPONSE_INVALID = "upstream_response_invalid"
+USAGE_INVALID = "upstream_usage_invalid"
+
+
+def failing_call(lane: Lane, content: str, model: str, code: str, says: str, *, stream: bool = False) -> None:
+    """With a worker and beat running, one call to ``model`` (streamed or not) that fails before
+    anything is relayed: a 502 ``upstream_error`` of ``code`` whose message says ``says``."""
+    lane.cluster.worker("w1")
+    lane.cluster.beat()
+    with httpx.stream(
+        "POST",
+        f"{lane.root}/v1/chat/completions",
+        headers=lane.headers,
+        json={**ask(content, **({"stream": True} if stream else {})), "model": model},
+        timeout=90,
+    ) as response:
+        body = response.read()
+    assert response.status_code == 502, body
+    error = json.loads(body)["error"]
+    assert (error["type"], error["code"]) == ("upstream_error", code)
+    assert says in error["message"], error
+
+
+def assert_failed_once(lane: Lane, simulator: SimulatorServer, model: str, code: str) -> Any:
+    """The ledger holds the one call, failed with ``code`` after a single attempt, and it is not run
+    again: a rerun (the sweeper's) would have reached the provider again within 3 s. Its result."""
+    [row] = lane.requests()
+    assert row.status == store.RequestStatus.FAILED
+    assert row.attempts == 1
+    with lane.engine.connect() as conn:
+        [result] = conn.execute(sa.select(Result).where(Result.request_id == row.id)).all()
+    assert (result.status, result.error_code) == (store.RequestStatus.FAILED, code)
+    time.sleep(3)  # a rerun (the sweeper's) would reach the provider again by now
+    assert simulator.stats()["by_model"][model] == 1
+    return result
+
+
 @pytest.mark.parametrize(
     "reasoning",
     [2**64 - 1, 9223372036854775000],  # past any integer column; past int64 once summed
@@ -320,30 +357,12 @@ def test_absurd_usage_fails_the_call_once_and_is_not_run_again(
     field, once; the ledger keeps the failure with 0 tokens; the provider saw one request. It
     used to fail the client's usage check, go back in line and be paid again until it timed out
     (503) or ended as result_not_recordable."""
-    lane.cluster.worker("w1")
-    lane.cluster.beat()
     model = f"absurd-usage-{reasoning}"
-    answer = httpx.post(
-        f"{lane.root}/v1/chat/completions",
-        headers=lane.headers,
-        json={**ask(f"count this [[reasoning {reasoning}]]"), "model": model},
-        timeout=90,
+    failing_call(
+        lane, f"count this [[reasoning {reasoning}]]", model, USAGE_INVALID, "usage.completion_tokens"
     )
-    assert answer.status_code == 502, answer.text
-    error = answer.json()["error"]
-    assert error["type"] == "upstream_error"
-    assert error["code"] == "upstream_usage_invalid"
-    assert "usage.completion_tokens" in error["message"]
-    [row] = lane.requests()
-    assert row.status == store.RequestStatus.FAILED
-    assert row.attempts == 1
-    with lane.engine.connect() as conn:
-        [result] = conn.execute(sa.select(Result).where(Result.request_id == row.id)).all()
-    assert result.status == store.RequestStatus.FAILED
-    assert result.error_code == "upstream_usage_invalid"
+    result = assert_failed_once(lane, simulator, model, USAGE_INVALID)
     assert (result.prompt_tokens, result.completion_tokens, result.reasoning_tokens) == (0, 0, 0)
-    time.sleep(3)  # a rerun (the sweeper's) would reach the provider again by now
-    assert simulator.stats()["by_model"][model] == 1
 
 
 def test_a_stream_with_absurd_usage_ends_in_an_error_once(lane: Lane, simulator: SimulatorServer) -> None:
@@ -362,12 +381,8 @@ def test_a_stream_with_absurd_usage_ends_in_an_error_once(lane: Lane, simulator:
         assert response.status_code == 200, response.read()
         events = list(sse_events(response))
     errors = [event["error"] for event in events if "error" in event]
-    assert [error["code"] for error in errors] == ["upstream_usage_invalid"], events
-    [row] = lane.requests()
-    assert row.status == store.RequestStatus.FAILED
-    assert row.attempts == 1
-    time.sleep(3)  # a rerun (the sweeper's) would reach the provider again by now
-    assert simulator.stats()["by_model"][model] == 1
+    assert [error["code"] for error in errors] == [USAGE_INVALID], events
+    assert_failed_once(lane, simulator, model, USAGE_INVALID)
 
 
 def test_an_unreadable_answer_fails_the_call_once_and_is_not_run_again(
@@ -377,31 +392,11 @@ def test_an_unreadable_answer_fails_the_call_once_and_is_not_run_again(
     ``upstream_response_invalid``, once; the ledger keeps the failure; the provider saw one
     request. It used to be the retryable "malformed provider response": the worker asked again,
     and paid again, for every retry."""
-    lane.cluster.worker("w1")
-    lane.cluster.beat()
     model = "unreadable-answer"
-    answer = httpx.post(
-        f"{lane.root}/v1/chat/completions",
-        headers=lane.headers,
-        json={**ask("answer me [[garbage]]"), "model": model},
-        timeout=90,
-    )
-    assert answer.status_code == 502, answer.text
-    error = answer.json()["error"]
-    assert error["type"] == "upstream_error"
-    assert error["code"] == "upstream_response_invalid"
-    assert "cannot be read" in error["message"]
-    [row] = lane.requests()
-    assert row.status == store.RequestStatus.FAILED
-    assert row.attempts == 1
-    with lane.engine.connect() as conn:
-        [result] = conn.execute(sa.select(Result).where(Result.request_id == row.id)).all()
-    assert result.status == store.RequestStatus.FAILED
-    assert result.error_code == "upstream_response_invalid"
+    failing_call(lane, "answer me [[garbage]]", model, RESPONSE_INVALID, "cannot be read")
+    result = assert_failed_once(lane, simulator, model, RESPONSE_INVALID)
     assert (result.upstream_request_id or "").startswith("req_"), "the answer's id, to trace it upstream"
     assert (result.prompt_tokens, result.completion_tokens) == (0, 0)
-    time.sleep(3)  # a rerun (the sweeper's) would reach the provider again by now
-    assert simulator.stats()["by_model"][model] == 1
 
 
 def test_an_answer_of_the_wrong_shape_fails_the_call_once_and_is_not_run_again(
@@ -411,28 +406,10 @@ def test_an_answer_of_the_wrong_shape_fails_the_call_once_and_is_not_run_again(
     ``choices[0].message`` a string): a 502 ``upstream_response_invalid`` naming what was wrong,
     once; the provider saw one request. Reading it used to raise a bare AttributeError, which the
     lane took for a crash: the call went back in line and the provider was asked (and paid) again."""
-    lane.cluster.worker("w1")
-    lane.cluster.beat()
     model = "wrong-shape-answer"
-    answer = httpx.post(
-        f"{lane.root}/v1/chat/completions",
-        headers=lane.headers,
-        json={**ask("answer me [[garbage shape]]"), "model": model},
-        timeout=90,
-    )
-    assert answer.status_code == 502, answer.text
-    error = answer.json()["error"]
-    assert (error["type"], error["code"]) == ("upstream_error", "upstream_response_invalid")
-    assert "choices[0].message" in error["message"]
-    [row] = lane.requests()
-    assert row.status == store.RequestStatus.FAILED
-    assert row.attempts == 1
-    with lane.engine.connect() as conn:
-        [result] = conn.execute(sa.select(Result).where(Result.request_id == row.id)).all()
-    assert result.error_code == "upstream_response_invalid"
+    failing_call(lane, "answer me [[garbage shape]]", model, RESPONSE_INVALID, "choices[0].message")
+    result = assert_failed_once(lane, simulator, model, RESPONSE_INVALID)
     assert (result.upstream_request_id or "").startswith("chatcmpl-"), "the answer's id, to trace it upstream"
-    time.sleep(3)  # a rerun (the sweeper's) would reach the provider again by now
-    assert simulator.stats()["by_model"][model] == 1
 
 
 def test_a_stream_whose_first_chunk_has_the_wrong_shape_ends_in_an_error_once(
@@ -440,26 +417,16 @@ def test_a_stream_whose_first_chunk_has_the_wrong_shape_ends_in_an_error_once(
 ) -> None:
     """The streamed twin of the wrong shape: a first chunk whose ``choices[0].delta`` is a string,
     nothing relayed yet: 502 ``upstream_response_invalid``, and the provider saw one request."""
-    lane.cluster.worker("w1")
-    lane.cluster.beat()
     model = "wrong-shape-stream"
-    with httpx.stream(
-        "POST",
-        f"{lane.root}/v1/chat/completions",
-        headers=lane.headers,
-        json={**ask("stream me [[garbage shape]]", stream=True), "model": model},
-        timeout=90,
-    ) as response:
-        body = response.read()
-    assert response.status_code == 502, body
-    error = json.loads(body)["error"]
-    assert (error["type"], error["code"]) == ("upstream_error", "upstream_response_invalid")
-    assert "stream chunk 1: choices[0].delta" in error["message"]
-    [row] = lane.requests()
-    assert row.status == store.RequestStatus.FAILED
-    assert row.attempts == 1
-    time.sleep(3)  # a rerun (the sweeper's) would reach the provider again by now
-    assert simulator.stats()["by_model"][model] == 1
+    failing_call(
+        lane,
+        "stream me [[garbage shape]]",
+        model,
+        RESPONSE_INVALID,
+        "stream chunk 1: choices[0].delta",
+        stream=True,
+    )
+    assert_failed_once(lane, simulator, model, RESPONSE_INVALID)
 
 
 def test_a_stream_whose_first_event_is_unreadable_ends_in_an_error_once(
@@ -468,23 +435,8 @@ def test_a_stream_whose_first_event_is_unreadable_ends_in_an_error_once(
     """The streamed twin: a 200 stream whose first event is no JSON, nothing relayed yet: the same
     502 as a plain call (as any stream failing before its first chunk), the ledger keeps the
     failure, and the provider saw one request."""
-    lane.cluster.worker("w1")
-    lane.cluster.beat()
     model = "unreadable-stream"
-    with httpx.stream(
-        "POST",
-        f"{lane.root}/v1/chat/completions",
-        headers=lane.headers,
-        json={**ask("stream me [[garbage]]", stream=True), "model": model},
-        timeout=90,
-    ) as response:
-        body = response.read()
-    assert response.status_code == 502, body
-    error = json.loads(body)["error"]
-    assert (error["type"], error["code"]) == ("upstream_error", "upstream_response_invalid")
-    assert "stream event 1 is not JSON" in error["message"]
-    [row] = lane.requests()
-    assert row.status == store.RequestStatus.FAILED
-    assert row.attempts == 1
-    time.sleep(3)  # a rerun (the sweeper's) would reach the provider again by now
-    assert simulator.stats()["by_model"][model] == 1
+    failing_call(
+        lane, "stream me [[garbage]]", model, RESPONSE_INVALID, "stream event 1 is not JSON", stream=True
+    )
+    assert_failed_once(lane, simulator, model, RESPONSE_INVALID)

@@ -262,6 +262,23 @@ async def test_the_sdks_user_agent_and_the_org_from_the_environment(
     assert request["headers"]["content-type"] == "application/json"
 
 
+async def invalid_on_both_paths(recording_server: tuple[str, Recorder], reply: bytes) -> ModelClientError:
+    """``reply`` answered 2xx (so billed) to one call on the own transport and one through the SDK,
+    each with a retry policy that would retry at once: the same non-retryable
+    ``upstream_response_invalid`` on both paths, one request each. The own transport's error."""
+    base_url, recorder = recording_server
+    recorder.reply = reply
+    policy = RetryPolicy(max_attempts=3, base_delay=0.0, max_delay=0.0)
+    own = await failure_of(client_at(base_url, through_sdk=False, retry_policy=policy), "hello")
+    sdk = await failure_of(client_at(base_url, through_sdk=True, retry_policy=policy), "hello")
+    assert described(own) == described(sdk)
+    assert type(own) is InvalidProviderResponse
+    assert own.retryable is False
+    assert own.code == RESPONSE_INVALID
+    assert len(recorder.requests) == 2, "one request per path, none retried"
+    return own
+
+
 @pytest.mark.parametrize(
     "reply",
     [
@@ -276,17 +293,8 @@ async def test_a_2xx_that_is_no_json_object_is_invalid_and_not_retried(
     recording_server: tuple[str, Recorder], reply: bytes
 ) -> None:
     """Answered 2xx, so billed: the same non-retryable error on both paths, naming the answer."""
-    base_url, recorder = recording_server
-    recorder.reply = reply
-    policy = RetryPolicy(max_attempts=3, base_delay=0.0, max_delay=0.0)
-    own = await failure_of(client_at(base_url, through_sdk=False, retry_policy=policy), "hello")
-    sdk = await failure_of(client_at(base_url, through_sdk=True, retry_policy=policy), "hello")
-    assert described(own) == described(sdk)
-    assert type(own) is InvalidProviderResponse
-    assert own.retryable is False
-    assert own.code == RESPONSE_INVALID
+    own = await invalid_on_both_paths(recording_server, reply)
     assert (own.provider, own.model, own.request_id) == ("openai-compatible", "gpt-4o", "req-recorded")
-    assert len(recorder.requests) == 2, "one request per path, none retried"
 
 
 @pytest.mark.parametrize("name", list(BAD_COMPLETIONS))
@@ -296,20 +304,11 @@ async def test_a_2xx_object_of_the_wrong_shape_is_invalid_and_not_retried(
     """A JSON object that is no ``chat.completion`` (``"choices": "x"``, a message that is a
     string, ...) was answered and billed too: the same non-retryable error on both paths, naming
     the answer's id, where it used to be a bare AttributeError/TypeError the lane ran again."""
-    base_url, recorder = recording_server
-    recorder.reply = json.dumps(bad_completion(name)).encode()
-    policy = RetryPolicy(max_attempts=3, base_delay=0.0, max_delay=0.0)
-    own = await failure_of(client_at(base_url, through_sdk=False, retry_policy=policy), "hello")
-    sdk = await failure_of(client_at(base_url, through_sdk=True, retry_policy=policy), "hello")
-    assert described(own) == described(sdk)
-    assert type(own) is InvalidProviderResponse
-    assert own.retryable is False
-    assert own.code == RESPONSE_INVALID
+    own = await invalid_on_both_paths(recording_server, json.dumps(bad_completion(name)).encode())
     assert BAD_COMPLETIONS[name][1] in own.message
     # The answer's own id when it has one (a string), else the response's x-request-id.
     expected_id = "chatcmpl-shape" if name != "id-an-array" else "req-recorded"
     assert (own.provider, own.model, own.request_id) == ("openai-compatible", "gpt-4o", expected_id)
-    assert len(recorder.requests) == 2, "one request per path, none retried"
 
 
 # The SDK builds its error from ``data = body.get("error", body)`` and reads code and type from

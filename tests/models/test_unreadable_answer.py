@@ -8,62 +8,74 @@ so every retry paid the provider again. A connection cut mid-body is no answer: 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx2
 import openai
 import pytest
-from openai import DefaultAioHttpClient
 
 from models import (
     InvalidProviderResponse,
+    ModelClientError,
     OpenAIChatCompletionClient,
     ProviderUnavailable,
     RequestUsage,
     StreamInterrupted,
-    UserMessage,
 )
 from models.openai.errors import from_openai_error
 from models.openai.results import RESPONSE_INVALID
-from models.retry import RetryPolicy
 from simulator import SimulatorServer
 from tests.models.local_http import serving
+from tests.models.retry_ready import client_for, user
 from tests.models.test_answer_shape import BAD_CHUNKS
 from tests.models.test_answer_shape import chunk as shape_chunk
 
 
-def client_for(simulator: SimulatorServer, *, through_sdk: bool = False) -> OpenAIChatCompletionClient:
-    # A retry policy that would retry anything retryable at once: none of it may apply here.
-    return OpenAIChatCompletionClient(
-        model="gpt-4o",
-        api_key="sk-test-garbage",
-        base_url=simulator.base_url,
-        http_client=DefaultAioHttpClient() if through_sdk else None,
-        retry_policy=RetryPolicy(max_attempts=4, base_delay=0.0, max_delay=0.0),
-    )
+@asynccontextmanager
+async def opened(client: OpenAIChatCompletionClient) -> AsyncIterator[OpenAIChatCompletionClient]:
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
-def user(text: str) -> UserMessage:
-    return UserMessage(content=text, source="user")
+async def stream_failure(
+    client: OpenAIChatCompletionClient,
+    text: str,
+    expected: type[ModelClientError] = InvalidProviderResponse,
+    *,
+    include_usage: bool = False,
+) -> Any:
+    """The ``expected`` error a stream of ``text`` ends in; nothing of it counted in the usage."""
+    before = client.total_usage()
+    with pytest.raises(expected) as caught:
+        async for _ in client.create_stream([user(text)], include_usage=include_usage):
+            pass
+    assert client.total_usage() == before, "nothing counted for the failed stream"
+    return caught.value
+
+
+def assert_billed_once(error: ModelClientError) -> None:
+    """The error of an answer already billed: not retryable, coded ``upstream_response_invalid``."""
+    assert type(error) is InvalidProviderResponse
+    assert error.retryable is False
+    assert error.code == RESPONSE_INVALID
 
 
 @pytest.mark.parametrize("through_sdk", [False, True], ids=["own-transport", "sdk"])
 async def test_an_unreadable_2xx_fails_once_not_retryable(
     simulator: SimulatorServer, through_sdk: bool
 ) -> None:
-    client = client_for(simulator, through_sdk=through_sdk)
-    try:
+    async with opened(client_for(simulator, through_sdk=through_sdk)) as client:
         sane = await client.create([user("hello")])
         with pytest.raises(InvalidProviderResponse) as caught:
             await client.create([user("hello [[garbage]]")])
         assert client.total_usage() == sane.usage, "nothing counted for the unreadable answer"
-    finally:
-        await client.close()
     error = caught.value
-    assert error.retryable is False
-    assert error.code == RESPONSE_INVALID
+    assert_billed_once(error)
     assert error.provider == "openai-compatible"
     assert error.model == "gpt-4o"
     assert (error.request_id or "").startswith("req_"), "the answer's id, to trace it upstream"
@@ -71,43 +83,28 @@ async def test_an_unreadable_2xx_fails_once_not_retryable(
 
 
 async def test_an_unreadable_stream_fails_once_not_retryable(simulator: SimulatorServer) -> None:
-    client = client_for(simulator)
-    try:
-        with pytest.raises(InvalidProviderResponse) as caught:
-            async for _ in client.create_stream([user("hello [[garbage]]")], include_usage=True):
-                pass
+    async with opened(client_for(simulator)) as client:
+        error = await stream_failure(client, "hello [[garbage]]", include_usage=True)
         assert client.total_usage() == RequestUsage()
-    finally:
-        await client.close()
-    error = caught.value
-    assert error.retryable is False
-    assert error.code == RESPONSE_INVALID
+    assert_billed_once(error)
     assert error.model == "gpt-4o"
     assert (error.request_id or "").startswith("req_")
     assert simulator.stats()["requests"] == 1
 
 
 async def test_a_stream_that_breaks_after_it_started_is_still_interrupted(simulator: SimulatorServer) -> None:
-    client = client_for(simulator)
-    try:
-        with pytest.raises(StreamInterrupted) as caught:
-            async for _ in client.create_stream([user("story [[words 100]] [[break_stream 3]]")]):
-                pass
-    finally:
-        await client.close()
-    assert caught.value.retryable
+    async with opened(client_for(simulator)) as client:
+        error = await stream_failure(client, "story [[words 100]] [[break_stream 3]]", StreamInterrupted)
+    assert error.retryable
 
 
 @pytest.mark.parametrize("through_sdk", [False, True], ids=["own-transport", "sdk"])
 async def test_a_connection_cut_mid_body_is_retried(simulator: SimulatorServer, through_sdk: bool) -> None:
     """Headers sent, the body never complete: no answer was read, so asking again is right."""
     simulator.configure(rate_timeout=1.0, timeout_s=0.0)
-    client = client_for(simulator, through_sdk=through_sdk)
-    try:
+    async with opened(client_for(simulator, through_sdk=through_sdk)) as client:
         with pytest.raises(ProviderUnavailable) as caught:
             await client.create([user("hello")])
-    finally:
-        await client.close()
     assert caught.value.retryable
     assert simulator.stats()["requests"] == 4, "retried by the policy, as before"
 
@@ -118,9 +115,7 @@ def test_the_sdks_response_validation_error_is_invalid_not_unavailable() -> None
     response = httpx2.Response(200, headers={"x-request-id": "req-sdk"}, content=b"<html>", request=request)
     exc = openai.APIResponseValidationError(response=response, body="<html>", message="not a completion")
     error = from_openai_error(exc, provider="openai", model="gpt-4o")
-    assert type(error) is InvalidProviderResponse
-    assert error.retryable is False
-    assert error.code == RESPONSE_INVALID
+    assert_billed_once(error)
     assert (error.provider, error.model, error.request_id) == ("openai", "gpt-4o", "req-sdk")
     assert "not a completion" in error.message
 
@@ -158,6 +153,10 @@ def plain_server() -> Iterator[tuple[str, _Plain]]:
         yield f"{root}/v1", state
 
 
+def plain_client(base_url: str) -> OpenAIChatCompletionClient:
+    return OpenAIChatCompletionClient(model="gpt-4o", api_key="sk-test-garbage", base_url=base_url)
+
+
 @pytest.mark.parametrize(
     ("content_type", "reply"),
     [
@@ -174,16 +173,9 @@ async def test_a_stream_answered_with_no_event_stream_fails_once(
     it used to end as the retryable "stream ended after 0 chunks", asked again by a retry."""
     base_url, state = plain_server
     state.content_type, state.reply = content_type, reply
-    client = OpenAIChatCompletionClient(model="gpt-4o", api_key="sk-test-garbage", base_url=base_url)
-    try:
-        with pytest.raises(InvalidProviderResponse) as caught:
-            async for _ in client.create_stream([user("hello")]):
-                pass
-    finally:
-        await client.close()
-    error = caught.value
-    assert error.retryable is False
-    assert error.code == RESPONSE_INVALID
+    async with opened(plain_client(base_url)) as client:
+        error = await stream_failure(client, "hello")
+    assert_billed_once(error)
     assert error.request_id == "req-plain"
     assert content_type in error.message
     assert state.requests == 1
@@ -193,14 +185,9 @@ async def test_an_event_stream_that_ends_empty_is_still_interrupted(plain_server
     """An event stream with no chunk (just ``[DONE]``) is what it was: interrupted, retryable."""
     base_url, state = plain_server
     state.content_type, state.reply = "text/event-stream", b"data: [DONE]\n\n"
-    client = OpenAIChatCompletionClient(model="gpt-4o", api_key="sk-test-garbage", base_url=base_url)
-    try:
-        with pytest.raises(StreamInterrupted) as caught:
-            async for _ in client.create_stream([user("hello")]):
-                pass
-    finally:
-        await client.close()
-    assert caught.value.retryable
+    async with opened(plain_client(base_url)) as client:
+        error = await stream_failure(client, "hello", StreamInterrupted)
+    assert error.retryable
 
 
 def _event_stream(*chunks: Any) -> bytes:
@@ -220,17 +207,10 @@ async def test_a_stream_chunk_of_the_wrong_shape_fails_once(
     state.reply = _event_stream(
         shape_chunk({"role": "assistant", "content": "he"}), bad, shape_chunk(finish_reason="stop")
     )
-    client = OpenAIChatCompletionClient(model="gpt-4o", api_key="sk-test-garbage", base_url=base_url)
-    try:
-        with pytest.raises(InvalidProviderResponse) as caught:
-            async for _ in client.create_stream([user("hello")]):
-                pass
+    async with opened(plain_client(base_url)) as client:
+        error = await stream_failure(client, "hello")
         assert client.total_usage() == RequestUsage()
-    finally:
-        await client.close()
-    error = caught.value
-    assert error.retryable is False
-    assert error.code == RESPONSE_INVALID
+    assert_billed_once(error)
     assert where in error.message
     assert (error.provider, error.model, error.request_id) == (
         "openai-compatible",
@@ -245,20 +225,14 @@ async def test_a_wrong_shape_from_the_simulator_fails_once(
     simulator: SimulatorServer, through_sdk: bool
 ) -> None:
     """``[[garbage shape]]``: a whole JSON object whose ``choices[0].message`` is a string."""
-    client = client_for(simulator, through_sdk=through_sdk)
-    try:
+    async with opened(client_for(simulator, through_sdk=through_sdk)) as client:
         with pytest.raises(InvalidProviderResponse) as caught:
             await client.create([user("hello [[garbage shape]]")])
-        with pytest.raises(InvalidProviderResponse) as streamed:
-            async for _ in client.create_stream([user("hello [[garbage shape]]")]):
-                pass
+        streamed = await stream_failure(client, "hello [[garbage shape]]")
         assert client.total_usage() == RequestUsage()
-    finally:
-        await client.close()
-    for error in (caught.value, streamed.value):
-        assert error.retryable is False
-        assert error.code == RESPONSE_INVALID
+    for error in (caught.value, streamed):
+        assert_billed_once(error)
         assert (error.request_id or "").startswith("chatcmpl-"), "the answer's id, to trace it upstream"
     assert "choices[0].message" in caught.value.message
-    assert "choices[0].delta" in streamed.value.message
+    assert "choices[0].delta" in streamed.message
     assert simulator.stats()["requests"] == 2, "one upstream call each, no retry"

@@ -8,30 +8,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from openai import DefaultAioHttpClient
 
-from models import InvalidProviderResponse, OpenAIChatCompletionClient, RequestUsage, UserMessage
+from models import InvalidProviderResponse, OpenAIChatCompletionClient, RequestUsage
 from models.openai.results import MAX_USAGE_TOKENS, USAGE_INVALID, usage_from_openai
-from models.retry import RetryPolicy
 from simulator import SimulatorServer
+from tests.models.retry_ready import client_for, user
 
 # 2^64-1: beyond any integer column; orjson reads its sum with the content tokens as a float.
 HUGE = 2**64 - 1
-
-
-def client_for(simulator: SimulatorServer, *, through_sdk: bool = False) -> OpenAIChatCompletionClient:
-    # A retry policy that would retry anything retryable at once: none of it may apply here.
-    return OpenAIChatCompletionClient(
-        model="gpt-4o",
-        api_key="sk-test-usage",
-        base_url=simulator.base_url,
-        http_client=DefaultAioHttpClient() if through_sdk else None,
-        retry_policy=RetryPolicy(max_attempts=4, base_delay=0.0, max_delay=0.0),
-    )
-
-
-def user(text: str) -> UserMessage:
-    return UserMessage(content=text, source="user")
 
 
 async def overflowing_sum(simulator: SimulatorServer) -> int:

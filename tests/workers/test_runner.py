@@ -29,6 +29,7 @@ from store import (
     Request,
     RequestKind,
     RequestStatus,
+    Result,
     ResultRecord,
     cancel_batch,
     claim_requests,
@@ -544,29 +545,39 @@ def test_a_result_the_database_refuses_still_bills_its_answer_and_logs_no_data(
     assert secret not in caplog.text
 
 
+async def lines_failed_once(
+    make_ledger: MakeLedger, database_url: str, simulator: SimulatorServer, *bad: str
+) -> list[Result]:
+    """Run a batch of one fine line and the ``bad`` ones, each allowed 3 deliveries: the fine line
+    succeeds, every bad one fails, and each line was sent upstream once and tried once (none went
+    back in line to be paid again). The bad lines' results, in order."""
+    led = make_ledger(database_url)
+    prompts = ["fine", *bad]
+    batch_id, ids = add_batch(led, prompts)
+    await run_ids(database_url, simulator, ids, max_deliveries=3)
+    results = {r.request_id: r for r in results_of(led.engine, batch_id)}
+    assert statuses(led.engine, batch_id) == {"succeeded": 1, "failed": len(bad)}
+    assert simulator.stats()["completions"] == len(prompts), "one upstream call per line, none retried"
+    with led.engine.connect() as conn:
+        attempts = conn.execute(sa.select(Request.attempts).where(Request.id.in_(ids))).scalars().all()
+    assert sorted(attempts) == [1] * len(prompts)
+    failed = [results[request_id] for request_id in ids[1:]]
+    for each in failed:
+        assert each.status == RequestStatus.FAILED
+    return failed
+
+
 async def test_a_line_answered_with_absurd_usage_fails_once(
     make_ledger: MakeLedger, database_url: str, simulator: SimulatorServer
 ) -> None:
     """Usage the ledger cannot hold (2^64-1; just under 2^63, past int64 once summed) is the
     provider's error: the line fails once with 0 tokens, never goes back in line to be paid again
     (it used to fail the client's usage check, a handler crash, redelivered up to max_deliveries)."""
-    led = make_ledger(database_url)
-    prompts = ["fine", f"absurd [[reasoning {2**64 - 1}]]", "absurd [[reasoning 9223372036854775000]]"]
-    batch_id, ids = add_batch(led, prompts)
-    await run_ids(database_url, simulator, ids, max_deliveries=3)
-    results = {r.request_id: r for r in results_of(led.engine, batch_id)}
-    assert statuses(led.engine, batch_id) == {"succeeded": 1, "failed": 2}
-    for request_id in ids[1:]:
-        failed = results[request_id]
-        assert failed.status == RequestStatus.FAILED
+    bad = [f"absurd [[reasoning {2**64 - 1}]]", "absurd [[reasoning 9223372036854775000]]"]
+    for failed in await lines_failed_once(make_ledger, database_url, simulator, *bad):
         assert failed.error_code == "upstream_usage_invalid"
-        assert failed.error_message
-        assert "usage.completion_tokens" in failed.error_message
+        assert "usage.completion_tokens" in (failed.error_message or "")
         assert (failed.prompt_tokens, failed.completion_tokens, failed.reasoning_tokens) == (0, 0, 0)
-    assert simulator.stats()["completions"] == len(prompts), "one upstream call per line, none retried"
-    with led.engine.connect() as conn:
-        attempts = conn.execute(sa.select(Request.attempts).where(Request.id.in_(ids))).scalars().all()
-    assert sorted(attempts) == [1, 1, 1]
 
 
 async def test_a_line_answered_unreadably_fails_once(
@@ -575,23 +586,11 @@ async def test_a_line_answered_unreadably_fails_once(
     """A 200 whose body arrived whole but is no JSON (``[[garbage]]``) was answered and billed:
     the line fails once with ``upstream_response_invalid`` and is never sent again (it used to be
     the retryable "malformed provider response", asked again up to the retry policy's attempts)."""
-    led = make_ledger(database_url)
-    prompts = ["fine", "unreadable [[garbage]]"]
-    batch_id, ids = add_batch(led, prompts)
-    await run_ids(database_url, simulator, ids, max_deliveries=3)
-    results = {r.request_id: r for r in results_of(led.engine, batch_id)}
-    assert statuses(led.engine, batch_id) == {"succeeded": 1, "failed": 1}
-    failed = results[ids[1]]
-    assert failed.status == RequestStatus.FAILED
+    [failed] = await lines_failed_once(make_ledger, database_url, simulator, "unreadable [[garbage]]")
     assert failed.error_code == "upstream_response_invalid"
-    assert failed.error_message
-    assert "cannot be read" in failed.error_message
+    assert "cannot be read" in (failed.error_message or "")
     assert (failed.upstream_request_id or "").startswith("req_"), "the answer's id, to trace it upstream"
     assert (failed.prompt_tokens, failed.completion_tokens) == (0, 0)
-    assert simulator.stats()["completions"] == len(prompts), "one upstream call per line, none retried"
-    with led.engine.connect() as conn:
-        attempts = conn.execute(sa.select(Request.attempts).where(Request.id.in_(ids))).scalars().all()
-    assert sorted(attempts) == [1, 1]
 
 
 async def test_a_line_answered_with_the_wrong_shape_fails_once(
@@ -601,17 +600,7 @@ async def test_a_line_answered_with_the_wrong_shape_fails_once(
     ``choices[0].message`` a string) was answered and billed: the line fails once with
     ``upstream_response_invalid``, never sent again (reading it used to raise a bare
     AttributeError, which the runner took for a crash and delivered again)."""
-    led = make_ledger(database_url)
-    prompts = ["fine", "wrong shape [[garbage shape]]"]
-    batch_id, ids = add_batch(led, prompts)
-    await run_ids(database_url, simulator, ids, max_deliveries=3)
-    results = {r.request_id: r for r in results_of(led.engine, batch_id)}
-    assert statuses(led.engine, batch_id) == {"succeeded": 1, "failed": 1}
-    failed = results[ids[1]]
+    [failed] = await lines_failed_once(make_ledger, database_url, simulator, "wrong shape [[garbage shape]]")
     assert failed.error_code == "upstream_response_invalid"
     assert "choices[0].message" in (failed.error_message or "")
     assert (failed.upstream_request_id or "").startswith("chatcmpl-"), "the answer's id"
-    assert simulator.stats()["completions"] == len(prompts), "one upstream call per line, none retried"
-    with led.engine.connect() as conn:
-        attempts = conn.execute(sa.select(Request.attempts).where(Request.id.in_(ids))).scalars().all()
-    assert sorted(attempts) == [1, 1]

@@ -4,7 +4,8 @@ A single call is a request like any batch line (leases, the sweeper, results, us
 the same), under a batch of its own that exists only because every request has one: ``hidden``
 (never listed, never retrievable through the Batch API) and never given output or error files.
 Both rows are written in one transaction of two inserts, not through a batch ingest ("ledger
-first": this commit comes before any message names the request).
+first": this commit comes before any message names the request); through the API, in the same
+statement as the key's look-up when the tenant has no quota (``submit_interactive_for_key``).
 
 The row names its dispatch (``dispatch_id``) at once: the interactive lane's marker in the broker
 says whether a message for it is still in flight (``workers.lane_transport``), so the sweeper

@@ -61,6 +61,7 @@ Work (workers and the sweeper)::
     batch_statuses(engine, batch_ids) -> dict[str, BatchStatus]
     cancel_claimed(engine, request_ids, owner) -> int    # a worker's requests of a cancelled batch
     record_results(engine, records: Sequence[ResultRecord], now=None) -> RecordOutcome
+    UPSTREAM_AUTHENTICATION_FAILED        # a result's code when the provider refused our credentials
     record_cancelled_spend(engine, records, now=None) -> list[str]   # paid calls of cancelled runs
     record_handed_back_spend(engine, records, now=None) -> list[str] # paid calls of handed-back runs
 
@@ -209,6 +210,8 @@ if TYPE_CHECKING:
     )
     from store.request_kinds import ENDPOINT_KINDS, REQUEST_KINDS, RequestKindSpec
     from store.results import (
+        UPSTREAM_AUTHENTICATION_FAILED,
+        UPSTREAM_AUTHENTICATION_STATUSES,
         PaidAnswer,
         RecordOutcome,
         ResultRecord,
@@ -363,6 +366,8 @@ else:
         "ENDPOINT_KINDS": "store.request_kinds",
         "REQUEST_KINDS": "store.request_kinds",
         "RequestKindSpec": "store.request_kinds",
+        "UPSTREAM_AUTHENTICATION_FAILED": "store.results",
+        "UPSTREAM_AUTHENTICATION_STATUSES": "store.results",
         "PaidAnswer": "store.results",
         "RecordOutcome": "store.results",
         "ResultRecord": "store.results",
@@ -430,6 +435,8 @@ __all__ = [
     "MIN_TENANT_WEIGHT",
     "REQUEST_KINDS",
     "STOPPED_BATCH_STATUSES",
+    "UPSTREAM_AUTHENTICATION_FAILED",
+    "UPSTREAM_AUTHENTICATION_STATUSES",
     "WEBHOOK_SECRET_PREFIX",
     "AgentMessage",
     "AgentMessageToResend",

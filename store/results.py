@@ -42,6 +42,8 @@ from store.tables import Batch, DiscardedAnswer, ModelPrice, Request, RequestSta
 
 __all__ = [
     "UNIDENTIFIED_ANSWER_PREFIX",
+    "UPSTREAM_AUTHENTICATION_FAILED",
+    "UPSTREAM_AUTHENTICATION_STATUSES",
     "PaidAnswer",
     "RecordOutcome",
     "ResultRecord",
@@ -56,6 +58,14 @@ _ENDED = (RequestStatus.SUCCEEDED, RequestStatus.FAILED)
 # provider's id, so reports can tell the two apart).
 UNIDENTIFIED_ANSWER_PREFIX = "tokenmill-unidentified-"
 _SECONDS_PER_DAY = 86_400  # tenant_daily_spend's day: store.quotas
+
+
+# A result's error code when the provider refused tokenmill's own credentials (its key, its access
+# to the model; these statuses): the operator's to fix, never the tenant's key. The provider's own
+# code (``invalid_api_key``) would read as "your key is invalid", in a batch's error file as in a
+# single call's answer (a 502 naming the provider).
+UPSTREAM_AUTHENTICATION_FAILED = "upstream_authentication_failed"
+UPSTREAM_AUTHENTICATION_STATUSES = (401, 403)
 
 
 @dataclass(frozen=True, slots=True)

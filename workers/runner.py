@@ -46,11 +46,13 @@ from typing import Protocol
 from sqlalchemy.engine import Engine
 
 from models.cancellation import CancellationToken
-from models.errors import ModelClientError
+from models.errors import AuthenticationFailed, ModelClientError
 from models.openai import chat_completion_body, request_from_openai_body
 from models.retry import RATE_LIMIT_DEADLINE, RetryLater
 from store import (
     STOPPED_BATCH_STATUSES,
+    UPSTREAM_AUTHENTICATION_FAILED,
+    UPSTREAM_AUTHENTICATION_STATUSES,
     ClaimedRequest,
     RequestKind,
     RequestStatus,
@@ -171,8 +173,11 @@ class ChunkReport:
 def failed_record(
     request_id: str, error: ModelClientError, *, attempts: int, latency_ms: float | None = None
 ) -> ResultRecord:
-    """A failure as the batch error file shows it: the provider's status, code and message."""
+    """A failure as the batch error file shows it: the provider's status, code and message (a
+    refusal of tokenmill's credentials under a code of its own, ``UPSTREAM_AUTHENTICATION_FAILED``)."""
     code = error.code or type(error).__name__
+    if isinstance(error, AuthenticationFailed) and error.status_code in UPSTREAM_AUTHENTICATION_STATUSES:
+        code = UPSTREAM_AUTHENTICATION_FAILED
     body = None
     if error.status_code is not None:
         body = {

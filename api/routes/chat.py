@@ -76,22 +76,20 @@ def _transport(request: Request, settings: Settings) -> LaneTransport:
     return transport
 
 
-# The provider's refusal of tokenmill's own credentials (its key, its access to the model): the
-# operator's to fix, never the tenant's key. Relayed as such it would read as "your key is invalid"
-# (a 401 raises AuthenticationError in OpenAI's SDK), so it is a 502 naming the provider.
-UPSTREAM_AUTHENTICATION_FAILED = "upstream_authentication_failed"
-_UPSTREAM_AUTH_STATUSES = (401, 403)
+# The provider's refusal of tokenmill's own credentials (store.UPSTREAM_AUTHENTICATION_FAILED):
+# relayed as such it would read as "your key is invalid" (a 401 raises AuthenticationError in
+# OpenAI's SDK), so it is a 502 naming the provider.
 
 
 def _upstream_refused(outcome: InteractiveOutcome) -> UpstreamFailed | None:
     """The 502 for a call the provider refused on tokenmill's credentials (401/403), else None."""
-    if outcome.status_code not in _UPSTREAM_AUTH_STATUSES:
+    if outcome.status_code not in store.UPSTREAM_AUTHENTICATION_STATUSES:
         return None
     message = outcome.error_message or "the request was refused"
     return UpstreamFailed(
         f"the model provider refused tokenmill's credentials (HTTP {outcome.status_code}); your API key "
         f"is not in question, the operator's access to the provider is: {message}",
-        code=UPSTREAM_AUTHENTICATION_FAILED,
+        code=store.UPSTREAM_AUTHENTICATION_FAILED,
     )
 
 
@@ -594,6 +592,6 @@ async def _relay(writer: _ChunkWriter, relay: _StreamRelay, first: list[StreamEn
         message = f"the stream was interrupted; request {outcome.request_id} was answered in full elsewhere"
         yield _error_event(message, "stream_interrupted")
     elif (refused := _upstream_refused(outcome)) is not None:
-        yield _error_event(refused.message, refused.code or UPSTREAM_AUTHENTICATION_FAILED)
+        yield _error_event(refused.message, refused.code or store.UPSTREAM_AUTHENTICATION_FAILED)
     else:
         yield _error_event(outcome.error_message or "the request failed", outcome.error_code or "failed")

@@ -604,3 +604,17 @@ async def test_a_line_answered_with_the_wrong_shape_fails_once(
     assert failed.error_code == "upstream_response_invalid"
     assert "choices[0].message" in (failed.error_message or "")
     assert (failed.upstream_request_id or "").startswith("chatcmpl-"), "the answer's id"
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_line_the_provider_refuses_on_tokenmills_credentials_does_not_blame_the_tenants_key(
+    make_ledger: MakeLedger, database_url: str, simulator: SimulatorServer, status: int
+) -> None:
+    """The provider's 401/403 is about the operator's credentials for it, never the tenant's key:
+    the line's error (and its error file entry) says ``upstream_authentication_failed``, as a
+    single call's 502 does. It said the provider's ``invalid_api_key``."""
+    [failed] = await lines_failed_once(make_ledger, database_url, simulator, f"refused [[status {status}]]")
+    assert failed.status_code == status
+    assert failed.error_code == "upstream_authentication_failed"
+    assert failed.response_body is not None
+    assert failed.response_body["error"]["code"] == "upstream_authentication_failed"

@@ -422,7 +422,10 @@ else:
     def __getattr__(name: str) -> object:
         if name not in _SOURCES:
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        return getattr(importlib.import_module(_SOURCES[name]), name)
+        value = getattr(importlib.import_module(_SOURCES[name]), name)
+        # Kept here: the next ``store.<name>`` (a route's, per request) is a plain look-up.
+        globals()[name] = value
+        return value
 
 
 __all__ = [

@@ -246,12 +246,18 @@ class _CallRows:
 def _with_defaults(table: Any, row: dict[str, Any]) -> dict[str, Any]:
     """``row`` with the columns' Python-side scalar defaults filled in: an INSERT inside a WITH
     is rendered with their parameters but given no values for them."""
-    filled = dict(row)
-    for column in table.__table__.columns:
-        default = column.default
-        if column.key not in filled and default is not None and default.is_scalar:
-            filled[column.key] = default.arg
-    return filled
+    return {**_scalar_defaults(table), **row}
+
+
+@functools.cache
+def _scalar_defaults(table: Any) -> dict[str, Any]:
+    """``table``'s columns' Python-side scalar defaults, by column key (read once: every single
+    call's rows are filled with them)."""
+    return {
+        column.key: column.default.arg
+        for column in table.__table__.columns
+        if column.default is not None and column.default.is_scalar
+    }
 
 
 def _insert_in_one_statement(

@@ -36,8 +36,8 @@ from store.errors import InvalidArgument
 from store.ids import new_id, now_seconds
 from store.quotas import enforce_tenant_quotas, estimate_prompt_tokens
 from store.request_kinds import REQUEST_KINDS, BadLine
-from store.tables import ApiKey, Batch, BatchStatus, Request, RequestStatus, Result, Tenant
-from store.tenants import api_key_hash, authenticate_api_key
+from store.tables import Batch, BatchStatus, Request, RequestStatus, Result, Tenant
+from store.tenants import api_key_hash, authenticate_api_key, live_key_owner
 
 __all__ = [
     "INTERACTIVE_PRIORITY",
@@ -149,11 +149,8 @@ def submit_interactive_for_key(
             return None
         return KeyedSubmission(tenant.id, tenant.weight, _commit(engine, rows.owned_by(tenant.id)))
     batch_row, request_row = _with_defaults(Batch, rows.batch), _with_defaults(Request, rows.request)
-    parameters = {
-        "key_hash": api_key_hash(key),
-        **{f"batch_{name}": value for name, value in batch_row.items() if name != "tenant_id"},
-        **{f"request_{name}": value for name, value in request_row.items() if name != "tenant_id"},
-    }
+    # Both rows' tenant_id is the owner the statement finds.
+    parameters = {"key_hash": api_key_hash(key), **_row_parameters(batch_row, request_row, skip="tenant_id")}
     found = _keyed_insert_statement(tuple(batch_row), tuple(request_row)).run(engine, parameters)
     owner = found[0] if found else None
     if owner is None:
@@ -268,12 +265,19 @@ def _insert_in_one_statement(
     at the end of the statement, once both are in). A tenant with no quota takes no lock."""
     batch_row, request_row = _with_defaults(Batch, batch_row), _with_defaults(Request, request_row)
     query = _insert_statement(tuple(batch_row), tuple(request_row))
-    parameters = {
-        "tenant_id": tenant_id,
-        **{f"batch_{name}": value for name, value in batch_row.items()},
-        **{f"request_{name}": value for name, value in request_row.items()},
-    }
+    parameters = {"tenant_id": tenant_id, **_row_parameters(batch_row, request_row)}
     return bool(conn.execute(query, parameters).one().quota_set)
+
+
+def _row_parameters(
+    batch_row: dict[str, Any], request_row: dict[str, Any], skip: str | None = None
+) -> dict[str, Any]:
+    """The rows' values as the one-statement inserts name them (``batch_<column>``,
+    ``request_<column>``; ``_typed_parameters``), but column ``skip``."""
+    return {
+        **{f"batch_{name}": value for name, value in batch_row.items() if name != skip},
+        **{f"request_{name}": value for name, value in request_row.items() if name != skip},
+    }
 
 
 @functools.cache
@@ -317,12 +321,8 @@ def _keyed_insert_statement(
     with its weight and whether it has a quota, both rows inserted for it when it has none
     (``batch_<column>``, ``request_<column>``; their ``tenant_id`` is the owner's), the commit
     told not to wait for the disk (as ``_insert_in_one_statement``'s). No owner: no row."""
-    owner = (
-        sa.select(Tenant.id.label("tenant_id"), Tenant.weight, _quota_set().label("quota_set"))
-        .join(ApiKey, ApiKey.tenant_id == Tenant.id)
-        .where(ApiKey.key_hash == sa.bindparam("key_hash"), ApiKey.revoked_at.is_(None))
-        .limit(1)
-        .cte("owner")
+    owner = live_key_owner(Tenant.id.label("tenant_id"), Tenant.weight, _quota_set().label("quota_set")).cte(
+        "owner"
     )
 
     def for_owner(table: Any, prefix: str, columns: tuple[str, ...]) -> Any:

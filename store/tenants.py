@@ -30,6 +30,7 @@ __all__ = [
     "create_tenant",
     "find_api_key",
     "get_tenant",
+    "live_key_owner",
     "new_webhook_secret",
     "revoke_api_key",
     "set_tenant_weight",
@@ -147,16 +148,22 @@ def create_api_key(engine: Engine, tenant_id: str, name: str | None = None) -> s
     return key
 
 
-@functools.cache
-def _key_owner_query() -> sa.Select[Any]:
-    """The owner of a live key hash (parameter ``key_hash``): built once, since building and
-    hashing the statement cost more CPU than running it (py-spy, bench/sync_latency.py)."""
+def live_key_owner(*columns: Any) -> sa.Select[Any]:
+    """``columns`` (of ``tenants``) of the owner of a live (not revoked) key whose hash is the
+    parameter ``key_hash`` (``api_key_hash``): no row for a key unknown or revoked."""
     return (
-        sa.select(*Tenant.__table__.columns)
+        sa.select(*columns)
         .join(ApiKey, ApiKey.tenant_id == Tenant.id)
         .where(ApiKey.key_hash == sa.bindparam("key_hash"), ApiKey.revoked_at.is_(None))
         .limit(1)
     )
+
+
+@functools.cache
+def _key_owner_query() -> sa.Select[Any]:
+    """``live_key_owner``'s whole tenant row: built once, since building and hashing the statement
+    cost more CPU than running it (py-spy, bench/sync_latency.py)."""
+    return live_key_owner(*Tenant.__table__.columns)
 
 
 def authenticate_api_key(engine: Engine, key: str) -> Tenant | None:

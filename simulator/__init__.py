@@ -48,6 +48,13 @@ Directives, read from the last user message only (``[[...]]`` with another word 
     ``[[garbage shape]]``           as ``[[garbage]]``, but the body (a stream: its first event) is whole
                                     JSON of the wrong shape: the reply whose ``choices[0].message`` (a
                                     stream's ``choices[0].delta``) is its text, a string, not an object.
+    ``[[content_parts]]``           the reply's text as a list of content parts, as Mistral and some
+                                    OpenAI-compatible servers send it: ``choices[0].message.content``
+                                    is ``[{"type": "text", "text": ...}, ...]`` (a stream: each
+                                    ``delta.content`` with text is such a list). ``[[content_parts
+                                    image]]`` puts an ``image_url`` part after the first text part;
+                                    ``[[content_parts bad]]`` makes the last text part's ``text`` a
+                                    number (the wrong shape). Counted as any answer.
     ``times=N``                     on status, context_length, delay, break_stream, garbage: the fault
                                     hits only the first N times this same request arrives (``[[status
                                     500 times=2]]`` fails twice, then answers), to script

@@ -17,7 +17,15 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from simulator.completion import ChatRequest, Reply, build_reply, parse_request, reply_chunks
+from simulator.completion import (
+    ChatRequest,
+    Reply,
+    build_reply,
+    content_parts,
+    parse_request,
+    reply_chunks,
+    with_content_parts,
+)
 from simulator.config import CONFIG_ENV, SimConfig
 from simulator.errors import ApiError, ConfigError
 from simulator.peers import PEERS_ENV, PeerLink, merge_stats
@@ -222,7 +230,13 @@ class SimulatorApp:
         if request.stream:
             return await self._stream(request, reply, send, arrival, stats)
         usage = reply.usage()
-        await _send_json(send, 200, reply.to_json(), _request_headers())
+        answer = reply.to_json()
+        if directives.content_parts is not None:
+            for choice in answer["choices"]:
+                text = choice["message"]["content"]
+                if text:
+                    choice["message"]["content"] = content_parts(text, directives.content_parts)
+        await _send_json(send, 200, answer, _request_headers())
         stats.accepted(arrival, usage)
         return 200
 
@@ -265,15 +279,17 @@ class SimulatorApp:
             break_after = None
         elif break_after is None:
             break_after = config.break_stream_after
-        events = [
-            b"data: " + json.dumps(chunk).encode() + b"\n\n"
-            for chunk in reply_chunks(
+        chunks = list(
+            reply_chunks(
                 reply,
                 include_usage=request.include_usage,
                 chunk_chars=config.stream_chunk_chars,
                 empty_chunks=config.empty_chunks or directives.empty_chunks,
             )
-        ]
+        )
+        if directives.content_parts is not None:
+            chunks = with_content_parts(chunks, directives.content_parts)
+        events = [b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks]
         events.append(b"data: [DONE]\n\n")
         headers = [(b"content-type", b"text/event-stream; charset=utf-8"), *_request_headers()]
         await send({"type": "http.response.start", "status": 200, "headers": headers})

@@ -355,6 +355,58 @@ def _logprobs(content: str, top: int) -> dict[str, Any]:
     return {"content": entries, "refusal": None}
 
 
+# ``[[content_parts image]]``: a part that is no text (a 1x1 PNG), as a multimodal server may send.
+IMAGE_PART: dict[str, Any] = {
+    "type": "image_url",
+    "image_url": {
+        "url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
+        "YPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+    },
+}
+
+
+def content_parts(text: str, mode: str, *, last: bool = True, first: bool = True) -> list[dict[str, Any]]:
+    """``text`` as a list of content parts (``[[content_parts MODE]]``): cut after each space, in
+    at most three parts; "image" puts ``IMAGE_PART`` after the first text part (of the ``first``
+    piece), "bad" makes the ``last`` piece's last part's ``text`` a number."""
+    words = text.split(" ")
+    cut = max(1, -(-len(words) // 3))
+    pieces = [" ".join(words[i : i + cut]) for i in range(0, len(words), cut)]
+    pieces = [piece + (" " if i < len(pieces) - 1 else "") for i, piece in enumerate(pieces)]
+    parts: list[dict[str, Any]] = [{"type": "text", "text": piece} for piece in pieces if piece]
+    if mode == "image" and first:
+        parts.insert(1, IMAGE_PART)
+    if mode == "bad" and last and parts:
+        parts[-1] = {"type": "text", "text": 42}
+    return parts
+
+
+def with_content_parts(chunks: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
+    """Stream chunks whose text deltas are lists of content parts (``[[content_parts MODE]]``)."""
+    with_text = [
+        i
+        for i, chunk in enumerate(chunks)
+        if any(
+            isinstance(c.get("delta", {}).get("content"), str) and c["delta"]["content"]
+            for c in chunk["choices"]
+        )
+    ]
+    out = []
+    for i, chunk in enumerate(chunks):
+        if i in with_text:
+            choices = []
+            for choice in chunk["choices"]:
+                delta = dict(choice["delta"])
+                if delta.get("content"):
+                    delta["content"] = content_parts(
+                        delta["content"], mode, first=i == with_text[0], last=i == with_text[-1]
+                    )
+                choices.append({**choice, "delta": delta})
+            chunk = {**chunk, "choices": choices}
+        out.append(chunk)
+    return out
+
+
 def reply_chunks(
     reply: Reply, *, include_usage: bool, chunk_chars: int, empty_chunks: bool
 ) -> Iterator[dict[str, Any]]:

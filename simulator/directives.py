@@ -28,6 +28,7 @@ _KEYWORDS = frozenset(
         "empty_chunks",
         "echo",
         "garbage",
+        "content_parts",
     }
 )
 
@@ -65,6 +66,9 @@ class Directives:
     echo: bool = False
     garbage: bool = False
     garbage_shape: bool = False  # ``[[garbage shape]]``: whole JSON of the wrong shape
+    # ``[[content_parts]]``: the text as a list of content parts; "image" adds a part that is no
+    # text, "bad" makes a part's ``text`` a number (None: the text is a plain string).
+    content_parts: str | None = None
     # Faults given ``times=N`` (by keyword: status, context_length, delay, break_stream, garbage) hit
     # only the first N times the same request is seen; the rest always.
     times: dict[str, int] = field(default_factory=dict)
@@ -132,6 +136,10 @@ def parse_directives(text: str) -> Directives:
                 raise _invalid(whole, "expects nothing or 'shape'")
             found.garbage = True
             found.garbage_shape = args == ["shape"]
+        elif keyword == "content_parts":
+            if args not in ([], ["image"], ["bad"]):
+                raise _invalid(whole, "expects nothing, 'image' or 'bad'")
+            found.content_parts = args[0] if args else "text"
         elif keyword == "status":
             if len(args) != 1:
                 raise _invalid(whole, "expects a status code")

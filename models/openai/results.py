@@ -26,6 +26,7 @@ from models.types import (
 
 __all__ = [
     "MAX_USAGE_TOKENS",
+    "NON_TEXT_PARTS",
     "RESPONSE_INVALID",
     "USAGE_INVALID",
     "StreamAccumulator",
@@ -61,6 +62,11 @@ USAGE_INVALID = "upstream_usage_invalid"
 # A 2xx answer (so billed) whose body arrived whole but is no JSON object, or a stream event whose
 # data is no JSON: ``InvalidProviderResponse`` with this code, never asked again.
 RESPONSE_INVALID = "upstream_response_invalid"
+# Content sent as a list of parts (Mistral, some OpenAI-compatible servers): its text parts joined
+# in order are the answer's text, the body served and kept says it as a string (what OpenAI's SDK
+# reads), and the parts that are no text (an image, a reference, a type unknown here) are kept,
+# as sent, under this key of the message: neither dropped nor taken for text.
+NON_TEXT_PARTS = "tokenmill_non_text_parts"
 
 
 def unreadable_answer(reason: str) -> InvalidProviderResponse:
@@ -125,6 +131,61 @@ def _text(value: Any, where: str) -> str | None:
     if value is None or isinstance(value, str):
         return value
     raise _wrong(where, value, "a string")
+
+
+class _ContentParts:
+    """A list of content parts read: the text parts' text, the ``thinking`` parts' (Mistral's
+    reasoning: a string or a list of text parts), and the parts that are neither, as sent."""
+
+    __slots__ = ("other", "text", "thinking")
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.thinking: list[str] = []
+        self.other: list[Any] = []
+
+    def read(self, parts: list[Any] | tuple[Any, ...], where: str) -> None:
+        """Every part of ``parts`` checked and sorted; one of the wrong shape (no object, a type or
+        text that is no string) raises ``_WrongShape`` naming it."""
+        for i, part in enumerate(parts):
+            at = f"{where}[{i}]"
+            if not isinstance(part, Mapping):
+                raise _wrong(at, part, "an object")
+            kind = part.get("type")
+            if kind is None and "text" in part:
+                kind = "text"  # no type, a text: some servers' text parts
+            if kind == "text":
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise _wrong(f"{at}.text", text, "a string")
+                self.text.append(text)
+            elif kind == "thinking":
+                self._read_thinking(part.get("thinking"), f"{at}.thinking")
+            elif isinstance(kind, str):
+                self.other.append(part)
+            else:
+                raise _wrong(f"{at}.type", kind, "a string")
+
+    def _read_thinking(self, thinking: Any, where: str) -> None:
+        if isinstance(thinking, str):
+            self.thinking.append(thinking)
+            return
+        if not isinstance(thinking, (list, tuple)):
+            raise _wrong(where, thinking, "a string or an array")
+        inner = _ContentParts()
+        inner.read(thinking, where)
+        self.thinking += inner.text + inner.thinking
+
+
+def _message_read(message: Mapping[str, Any], parts: _ContentParts) -> dict[str, Any]:
+    """``message`` (whose content was a list of ``parts``) as served: its content the text, the
+    thinking its ``reasoning_content`` (unless it had one), the other parts under ``NON_TEXT_PARTS``."""
+    read = {**message, "content": "".join(parts.text) if parts.text or not parts.other else None}
+    if parts.thinking:
+        read["reasoning_content"] = "".join([_reasoning_of(message) or "", *parts.thinking])
+    if parts.other:
+        read[NON_TEXT_PARTS] = parts.other
+    return read
 
 
 def _usage_field(usage: Mapping[str, Any], name: str, where: str = "usage") -> int:
@@ -274,11 +335,15 @@ def _read_choice(
     tool_calls = _array(message.get("tool_calls"), f"{where}.message.tool_calls")
     calls = [_tool_call(call, f"{where}.message.tool_calls[{i}]") for i, call in enumerate(tool_calls)]
     text = message.get("content")
-    if not (text is None or isinstance(text, (str, list))):
+    if isinstance(text, list):
+        parts = _ContentParts()
+        parts.read(text, f"{where}.message.content")
+        message = _message_read(message, parts)
+        text = message["content"]
+    elif not (text is None or isinstance(text, str)):
         raise _wrong(f"{where}.message.content", text, "a string")
     finish_reason = _text(choice.get("finish_reason"), f"{where}.finish_reason")
-    # A list of content parts (some OpenAI-compatible servers) reads as no text, as it did.
-    return choice, message, calls, text if isinstance(text, str) else None, finish_reason
+    return choice, message, calls, text, finish_reason
 
 
 def _result_from_completion(body: dict[str, Any], model: str | None) -> CreateResult:
@@ -286,8 +351,15 @@ def _result_from_completion(body: dict[str, Any], model: str | None) -> CreateRe
     choice, message, calls, text, finish_reason = (
         _read_choice(choices[0], "choices[0]") if choices else (_EMPTY, _EMPTY, [], None, None)
     )
+    read_messages = [message]
     for i in range(1, len(choices)):  # n > 1: the others are the caller's too (the raw body)
-        _read_choice(choices[i], f"choices[{i}]")
+        read_messages.append(_read_choice(choices[i], f"choices[{i}]")[1])
+    # A message read anew (its content parts joined) is a dict of its own: the body served is then
+    # a copy that holds it.
+    if any(
+        m is not _EMPTY and m is not c.get("message") for m, c in zip(read_messages, choices, strict=False)
+    ):
+        body = _body_read(body, choices, read_messages)
     response_id = _text(body.get("id"), "id")
     answered_model = _text(body.get("model"), "model")
     content, reason, thought = _content_and_reason(text, calls, finish_reason, _reasoning_of(message))
@@ -304,6 +376,20 @@ def _result_from_completion(body: dict[str, Any], model: str | None) -> CreateRe
     )
 
 
+def _body_read(
+    body: dict[str, Any], choices: list[Any] | tuple[Any, ...], messages: list[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """A copy of ``body`` whose choices' messages are as read (content parts joined); the
+    provider's own dicts are left as they were."""
+    read_choices = [
+        {**choice, "message": message}
+        if message is not _EMPTY and message is not choice.get("message")
+        else choice
+        for message, choice in zip(messages, choices, strict=True)
+    ]
+    return {**body, "choices": read_choices}
+
+
 class StreamAccumulator:
     """Folds ``chat.completion.chunk`` dicts into one result; tolerates chunks with no choices or
     an empty delta, and assembles tool calls from their deltas by index."""
@@ -318,6 +404,7 @@ class StreamAccumulator:
         self.chunks = 0
         self._text: list[str] = []
         self._reasoning: list[str] = []
+        self._other_parts: list[Any] = []  # content parts that are no text (``NON_TEXT_PARTS``)
         self._calls: dict[int, dict[str, Any]] = {}
         self._logprobs: list[Any] = []  # as sent (the raw body's)
         self._checked_logprobs: list[ChatCompletionTokenLogprob] = []
@@ -386,12 +473,17 @@ class StreamAccumulator:
             if reasoning:
                 self._reasoning.append(reasoning)
             content = delta.get("content")
+            if isinstance(content, list):
+                parts = _ContentParts()
+                parts.read(content, f"choices[{i}].delta.content")
+                self._reasoning += parts.thinking
+                self._other_parts += parts.other
+                content = "".join(parts.text)
             if isinstance(content, str):
                 if content:
                     self._text.append(content)
                     text = content if text is None else text + content
-            elif not (content is None or isinstance(content, list)):
-                # A list of content parts (some OpenAI-compatible servers) reads as no text, as it did.
+            elif content is not None:
                 raise _wrong(f"choices[{i}].delta.content", content, "a string")
             calls = delta.get("tool_calls")
             if calls is not None:
@@ -434,6 +526,8 @@ class StreamAccumulator:
         message: dict[str, Any] = {"role": "assistant", "content": raw_text or None}
         if reasoning:
             message["reasoning_content"] = reasoning
+        if self._other_parts:
+            message[NON_TEXT_PARTS] = self._other_parts
         if calls:
             message["tool_calls"] = [openai_tool_call(c) for c in calls]
         raw: dict[str, Any] = {

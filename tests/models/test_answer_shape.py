@@ -143,6 +143,7 @@ def _with_tool_call(**message: Any) -> dict[str, Any]:
     return completion(content=None, tool_calls=[call(arguments='{"q": 1}')], **message)
 
 
+# (A list of content parts is read in tests/models/test_content_parts.py: its body is served read.)
 GOOD_COMPLETIONS: dict[str, tuple[dict[str, Any], Any]] = {
     "no-choices": ({"id": "chatcmpl-x", "object": "chat.completion"}, ""),
     "choices-null": ({"id": "chatcmpl-x", "choices": None}, ""),
@@ -174,7 +175,6 @@ GOOD_COMPLETIONS: dict[str, tuple[dict[str, Any], Any]] = {
         completion(annotations=[], audio=None, x_vendor={"a": [1, 2]}, function_call=None),
         "hi",
     ),
-    "content-parts": (completion(content=[{"type": "text", "text": "hi"}]), ""),  # as before: no text
     "reasoning": (completion(reasoning_content="because"), "hi"),
     "two-choices": (
         {**completion(), "choices": [*completion()["choices"], {**completion()["choices"][0], "index": 1}]},

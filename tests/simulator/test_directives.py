@@ -49,6 +49,15 @@ def test_garbage() -> None:
         parse_directives("[[garbage cut]]")
 
 
+def test_content_parts() -> None:
+    assert parse_directives("hello").content_parts is None
+    assert parse_directives("hello [[content_parts]]").content_parts == "text"
+    assert parse_directives("[[content_parts image]]").content_parts == "image"
+    assert parse_directives("[[content_parts bad]]").content_parts == "bad"
+    with pytest.raises(ApiError, match="expects nothing, 'image' or 'bad'"):
+        parse_directives("[[content_parts audio]]")
+
+
 def test_unknown_words_are_plain_text() -> None:
     found = parse_directives("see [[wiki link]] and [[Call x]]")
     assert found.rounds == []

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import diskcache
+import httpx
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -618,3 +619,58 @@ async def test_a_line_the_provider_refuses_on_tokenmills_credentials_does_not_bl
     assert failed.error_code == "upstream_authentication_failed"
     assert failed.response_body is not None
     assert failed.response_body["error"]["code"] == "upstream_authentication_failed"
+
+
+def content_parts_text(simulator: SimulatorServer, prompt: str) -> str:
+    """The text parts the simulator answers ``prompt`` with (``[[content_parts ...]]``), joined."""
+    body = {"model": "sim-model", "messages": [{"role": "user", "content": prompt}]}
+    answer = httpx.post(f"{simulator.base_url}/chat/completions", json=body, timeout=30).json()
+    parts = answer["choices"][0]["message"]["content"]
+    text = "".join(part["text"] for part in parts if part.get("type") == "text")
+    assert text
+    return text
+
+
+async def test_a_line_answered_in_content_parts_keeps_its_text_and_replays_it_from_the_cache(
+    make_ledger: MakeLedger, postgres_url: str, simulator: SimulatorServer, tmp_path: Path
+) -> None:
+    """An answer whose text is a list of content parts (Mistral, some OpenAI-compatible servers:
+    ``[[content_parts]]``) is the line's text in its output, a string as OpenAI's SDK reads it; a
+    part that is no text (an image) is kept aside under ``tokenmill_non_text_parts``. Such lines
+    used to succeed, and be billed, with no text. A repeat is a cache hit with the same text."""
+    prompts = ["parts [[content_parts]]", "parts and a picture [[content_parts image]]"]
+    expected = [content_parts_text(simulator, prompt) for prompt in prompts]
+    led = make_ledger(postgres_url)
+    batch_id, ids = add_batch(led, prompts)
+    await run_ids(postgres_url, simulator, ids, cache_dir=tmp_path / "cache")
+    paid = {r.request_id: r for r in results_of(led.engine, batch_id)}
+    repeat_batch, repeat_ids = add_batch(led, prompts)
+    await run_ids(postgres_url, simulator, repeat_ids, cache_dir=tmp_path / "cache")
+    hits = {r.request_id: r for r in results_of(led.engine, repeat_batch)}
+    assert simulator.stats()["completions"] == 2 * len(prompts), "the direct looks, then one paid call each"
+    for first, again, text in zip(ids, repeat_ids, expected, strict=True):
+        assert (paid[first].status, paid[first].cached, hits[again].cached) == (
+            RequestStatus.SUCCEEDED,
+            False,
+            True,
+        )
+        assert paid[first].completion_tokens > 0
+        for result in (paid[first], hits[again]):
+            assert result.response_body is not None
+            assert result.response_body["choices"][0]["message"]["content"] == text
+    image_body = paid[ids[1]].response_body
+    assert image_body is not None
+    image_message = image_body["choices"][0]["message"]
+    assert [part["type"] for part in image_message["tokenmill_non_text_parts"]] == ["image_url"]
+    lines = [json.loads(line) for line in iter_output_lines(led.engine, batch_id)]
+    assert [line["response"]["body"]["choices"][0]["message"]["content"] for line in lines] == expected
+
+
+async def test_a_line_answered_with_a_content_part_of_the_wrong_shape_fails_once(
+    make_ledger: MakeLedger, postgres_url: str, simulator: SimulatorServer
+) -> None:
+    """A text part whose ``text`` is a number (``[[content_parts bad]]``): the answer was billed,
+    so the line fails once with ``upstream_response_invalid`` naming the part, never sent again."""
+    [failed] = await lines_failed_once(make_ledger, postgres_url, simulator, "bad part [[content_parts bad]]")
+    assert failed.error_code == "upstream_response_invalid"
+    assert "choices[0].message.content[2].text is a number" in (failed.error_message or "")

@@ -440,3 +440,86 @@ def test_a_stream_whose_first_event_is_unreadable_ends_in_an_error_once(
         lane, "stream me [[garbage]]", model, RESPONSE_INVALID, "stream event 1 is not JSON", stream=True
     )
     assert_failed_once(lane, simulator, model, RESPONSE_INVALID)
+
+
+def parts_text(simulator: SimulatorServer, content: str) -> str:
+    """The text parts the simulator answers ``content`` with (``[[content_parts ...]]``), joined."""
+    answer = httpx.post(f"{simulator.base_url}/chat/completions", json=ask(content), timeout=30).json()
+    text = "".join(p["text"] for p in answer["choices"][0]["message"]["content"] if p.get("type") == "text")
+    assert text
+    return text
+
+
+def streamed_text(sdk: openai.OpenAI, content: str) -> str:
+    return "".join(
+        chunk.choices[0].delta.content or ""
+        for chunk in sdk.chat.completions.create(**ask(content), stream=True)
+        if chunk.choices
+    )
+
+
+def test_an_answer_in_content_parts_is_its_text_plain_streamed_and_cached(
+    lane: Lane, simulator: SimulatorServer
+) -> None:
+    """The provider sent its text as a list of content parts (Mistral, some OpenAI-compatible
+    servers): OpenAI's SDK reads it as the answer's text, a string, plain and streamed, and a cache
+    hit replays the same text. It used to read as no text: an empty answer, billed."""
+    lane.cluster.worker("w1")
+    sdk = lane.sdk
+    plain_prompt, stream_prompt = "in parts [[content_parts image]]", "streamed in parts [[content_parts]]"
+    expected_plain, expected_streamed = (
+        parts_text(simulator, plain_prompt),
+        parts_text(simulator, stream_prompt),
+    )
+    paid = sdk.chat.completions.with_raw_response.create(**ask(plain_prompt))
+    hit = sdk.chat.completions.with_raw_response.create(**ask(plain_prompt))
+    assert (paid.headers["tokenmill-cache"], hit.headers["tokenmill-cache"]) == ("miss", "hit")
+    for answer in (paid, hit):
+        message = answer.parse().choices[0].message
+        assert message.content == expected_plain
+        assert message.model_extra is not None
+        assert [part["type"] for part in message.model_extra["tokenmill_non_text_parts"]] == ["image_url"]
+    usage = paid.parse().usage
+    assert usage is not None
+    assert usage.completion_tokens > 0
+    assert streamed_text(sdk, plain_prompt) == expected_plain, "a stream served from the cached answer"
+    assert streamed_text(sdk, stream_prompt) == expected_streamed, "relayed as the provider streamed it"
+    assert streamed_text(sdk, stream_prompt) == expected_streamed, "a stream's cached answer"
+    assert sdk.chat.completions.create(**ask(stream_prompt)).choices[0].message.content == expected_streamed
+    assert simulator.stats()["completions"] == 2 + 2, "the direct looks, then one paid call per prompt"
+
+
+def test_a_content_part_of_the_wrong_shape_fails_the_call_once(
+    lane: Lane, simulator: SimulatorServer
+) -> None:
+    """A text part whose ``text`` is a number: a 502 ``upstream_response_invalid`` naming the
+    part, once; the provider saw one request (it was billed)."""
+    model = "wrong-part"
+    where = "choices[0].message.content[2].text is a number"
+    failing_call(lane, "answer me [[content_parts bad]]", model, RESPONSE_INVALID, where)
+    assert_failed_once(lane, simulator, model, RESPONSE_INVALID)
+
+
+def test_a_stream_with_a_content_part_of_the_wrong_shape_ends_in_an_error_once(
+    lane: Lane, simulator: SimulatorServer
+) -> None:
+    """The streamed twin (its last text delta's part is of the wrong shape): the text before it
+    relayed, the stream ends with the error, the ledger keeps the failure, one upstream request."""
+    lane.cluster.worker("w1")
+    lane.cluster.beat()
+    model = "wrong-part-stream"
+    with httpx.stream(
+        "POST",
+        f"{lane.root}/v1/chat/completions",
+        headers=lane.headers,
+        json={**ask("stream me [[words 30]] [[content_parts bad]]", stream=True), "model": model},
+        timeout=90,
+    ) as response:
+        assert response.status_code == 200, response.read()
+        events = list(sse_events(response))
+    assert any(event.get("choices") and event["choices"][0]["delta"].get("content") for event in events)
+    errors = [event["error"] for event in events if "error" in event]
+    assert [error["code"] for error in errors] == [RESPONSE_INVALID], events
+    assert ".delta.content[" in errors[0]["message"]
+    assert "].text is a number" in errors[0]["message"]
+    assert_failed_once(lane, simulator, model, RESPONSE_INVALID)

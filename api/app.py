@@ -22,6 +22,7 @@ from telemetry.known_models import KnownModels
 from telemetry.ledger_metrics import LedgerCollector
 
 __all__ = [
+    "ROUTERS",
     "create_app",
     "create_served_app",
     "dispatch_to_workers",
@@ -50,6 +51,21 @@ def metrics_registry(settings: Settings, engine: Engine) -> CollectorRegistry:
     known = KnownModels(settings, engine)
     registry.register(LedgerCollector(engine, known.current, settings.metrics_ledger_cache_seconds))
     return registry
+
+
+# Every route the API serves (a route reading its JSON body into a model: ``CheckedJSONRoute``).
+ROUTERS = (
+    health.router,
+    files.router,
+    batches.router,
+    usage.router,
+    chat.router,
+    agent_runs.router,
+    model_catalog.router,
+    webhook_secret.router,
+    dashboard_router,
+    metrics.router,
+)
 
 
 def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = None) -> FastAPI:
@@ -88,19 +104,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
         upload_limit=settings.max_upload_bytes,
         upload_paths=("/v1/files",),
     )
-    routers = (
-        health.router,
-        files.router,
-        batches.router,
-        usage.router,
-        chat.router,
-        agent_runs.router,
-        model_catalog.router,
-        webhook_secret.router,
-        dashboard_router,
-        metrics.router,
-    )
-    for router in routers:
+    for router in ROUTERS:
         app.include_router(router)
     return app
 

@@ -32,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 import store
 from api.deps import ID_PATTERN, AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
 from api.errors import Conflict, InvalidRequest, NotFound, RateLimitExceeded, over_quota
+from api.routes.json_checks import CheckedJSONRoute
 from config import Settings
 from store.export import in_chunks
 from store.tables import MAX_WEBHOOK_URL_CHARS
@@ -41,7 +42,8 @@ from workers.webhooks import WebhookURLRefused, resolve_webhook_url
 
 __all__ = ["Dispatch", "dispatch_or_leave_to_sweeper", "router"]
 
-router = APIRouter(prefix="/v1/batches", tags=["batches"])
+# Its create call's body is read into a model: checked first as every producer's JSON is.
+router = APIRouter(prefix="/v1/batches", tags=["batches"], route_class=CheckedJSONRoute)
 
 # Sends a batch's queued requests to the workers (set on app.state by create_app).
 Dispatch = Callable[[Engine, str], None]

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 import store
 from api.errors import InvalidRequest, over_quota
+from api.routes.json_checks import body_refused
 
 __all__ = ["ingest_single", "json_object_body", "wait_for"]
 
@@ -38,7 +39,7 @@ async def json_object_body(request: Request) -> dict[str, Any]:
         else:
             body = store.parse_json(raw)
     except store.JSONRejected as e:
-        raise InvalidRequest(f"the request body is refused: {e.message}", param=e.param, code=e.code) from e
+        raise body_refused(e) from e
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     return body

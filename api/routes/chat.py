@@ -41,6 +41,7 @@ from api.errors import (
 )
 from api.routes.single_request import json_object_body
 from config import Settings
+from models.openai.results import NON_TEXT_PARTS
 from store.ids import new_id
 from store.interactive import (
     InteractiveOutcome,
@@ -416,6 +417,8 @@ class _ChunkWriter:
                 delta["content"] = content.removeprefix(self.sent_text)
             elif index != 0:
                 delta = {"role": "assistant", "content": content}
+            if message.get(NON_TEXT_PARTS):  # content parts that are no text: said once, at the end
+                delta[NON_TEXT_PARTS] = message[NON_TEXT_PARTS]
             if message.get("tool_calls"):
                 delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
             self.started = True

@@ -482,7 +482,11 @@ def test_an_answer_in_content_parts_is_its_text_plain_streamed_and_cached(
     usage = paid.parse().usage
     assert usage is not None
     assert usage.completion_tokens > 0
-    assert streamed_text(sdk, plain_prompt) == expected_plain, "a stream served from the cached answer"
+    replayed = list(sdk.chat.completions.create(**ask(plain_prompt), stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in replayed if c.choices) == expected_plain
+    last_delta = replayed[-1].choices[0].delta.model_extra
+    assert last_delta is not None
+    assert [part["type"] for part in last_delta["tokenmill_non_text_parts"]] == ["image_url"]
     assert streamed_text(sdk, stream_prompt) == expected_streamed, "relayed as the provider streamed it"
     assert streamed_text(sdk, stream_prompt) == expected_streamed, "a stream's cached answer"
     assert sdk.chat.completions.create(**ask(stream_prompt)).choices[0].message.content == expected_streamed

@@ -150,7 +150,8 @@ class ChatCompletionTokenLogprob(BaseModel):
 
 class CreateResult(BaseModel):
     """One completion. ``raw_response`` is the provider's JSON body, kept so a batch output line
-    carries exactly what the provider answered; ``model`` is the model that actually answered."""
+    carries exactly what the provider answered (a text sent as content parts joined into a string:
+    ``models.openai.results.NON_TEXT_PARTS``); ``model`` is the model that actually answered."""
 
     finish_reason: FinishReasons
     content: str | list[FunctionCall]

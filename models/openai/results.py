@@ -1,7 +1,9 @@
 """OpenAI ``chat.completion`` bodies (and streamed chunks) to ``CreateResult``, and back.
 
 The provider's JSON body is parsed once with ``json.loads`` and read as plain dicts: no SDK model
-is built on the hot path, and ``raw_response`` is the body exactly as the provider sent it.
+is built on the hot path, and ``raw_response`` is the body exactly as the provider sent it, but for
+a message content sent as a list of parts: a copy says it as the string OpenAI's SDK reads
+(``NON_TEXT_PARTS``).
 """
 
 from __future__ import annotations

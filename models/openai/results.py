@@ -177,11 +177,12 @@ class _ContentParts:
         inner = _ContentParts()
         inner.read(thinking, where)
         self.thinking += inner.text + inner.thinking
+        self.other += inner.other
 
 
 def _message_read(message: Mapping[str, Any], parts: _ContentParts) -> dict[str, Any]:
     """``message`` (whose content was a list of ``parts``) as served: its content the text, the
-    thinking its ``reasoning_content`` (unless it had one), the other parts under ``NON_TEXT_PARTS``."""
+    thinking added to its ``reasoning_content``, the other parts under ``NON_TEXT_PARTS``."""
     read = {**message, "content": "".join(parts.text) if parts.text or not parts.other else None}
     if parts.thinking:
         read["reasoning_content"] = "".join([_reasoning_of(message) or "", *parts.thinking])

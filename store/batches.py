@@ -205,12 +205,17 @@ def _cancel_unfinished(
     among: list[str] | None = None,
 ) -> None:
     """End the requests of ``batch_ids`` that are unfinished (``_unfinished``), only those of
-    ``among`` if given: the ones ``_lock_unfinished`` locked before the batches, so that no wait
-    for a request starts while a batch is held (one queued since is left to the claim that
-    finds its batch stopped, as one queued after this commit is)."""
+    ``among`` if given: rows the transaction holds already (``_lock_unfinished`` locked them
+    before the batches; a release's UPDATE), so that it waits for no other request (one queued
+    since is left to the worker that claims it and finds its batch stopped, as one queued after
+    this commit is)."""
     chosen = [_unfinished(batch_ids, now)]
     if among is not None:
-        chosen.append(Request.id == sa.any_(sa.bindparam("among", among, type_=postgresql.ARRAY(sa.String))))
+        chosen.append(
+            Request.id == sa.any_(sa.bindparam("among", among, type_=postgresql.ARRAY(sa.String)))
+            if is_postgresql(conn)
+            else Request.id.in_(among)
+        )
     cancelled = conn.execute(
         sa.update(Request)
         .where(*chosen)
@@ -226,12 +231,17 @@ def _cancel_unfinished(
     _count_cancelled(conn, cancelled)
 
 
-def end_requeued_of_stopped_batches(conn: Connection, batch_ids: Iterable[str], now: int) -> None:
-    """Requests just put back in line (a hand-back, a release) whose batch was cancelled or
-    expired meanwhile end now, as that cancel or expiry ended its other queued requests:
-    otherwise they would wait out their ``not_before`` (an hour's Retry-After, say) and the batch
-    would sit in ``cancelling`` that long. Runs inside the caller's transaction."""
-    ids = sorted(set(batch_ids))
+def end_requeued_of_stopped_batches(conn: Connection, requeued: Sequence[tuple[str, str]], now: int) -> None:
+    """Requests just put back in line (a hand-back, a release: their (id, batch id)) whose batch
+    was cancelled or expired meanwhile end now, as that cancel or expiry ended its other queued
+    requests: otherwise they would wait out their ``not_before`` (an hour's Retry-After, say) and
+    the batch would sit in ``cancelling`` that long. Runs inside the caller's transaction.
+
+    Only those requests, which the caller's UPDATE holds: ending the batch's other unfinished ones
+    too waited, holding these, for those another release held, and that release waited for these
+    (two workers handing back at once: a deadlock, tests/store/test_lock_order.py). Each of those
+    others ends by its own release, its worker's ``cancel_claimed`` or its late result."""
+    ids = sorted({batch_id for _, batch_id in requeued})
     if not ids:
         return
     stopped = conn.execute(
@@ -241,11 +251,12 @@ def end_requeued_of_stopped_batches(conn: Connection, batch_ids: Iterable[str], 
     ).all()
     cancelling = [row.id for row in stopped if row.status == BatchStatus.CANCELLING]
     expired = [row.id for row in stopped if row.status == BatchStatus.EXPIRED]
+    held = sorted(request_id for request_id, _ in requeued)
     if cancelling:
-        _cancel_unfinished(conn, cancelling, now)
+        _cancel_unfinished(conn, cancelling, now, among=held)
         finalize_batches(conn, cancelling, now)
     if expired:
-        _cancel_unfinished(conn, expired, now, EXPIRED_ERROR)
+        _cancel_unfinished(conn, expired, now, EXPIRED_ERROR, among=held)
 
 
 def _count_cancelled(conn: Connection, batch_ids: Iterable[str]) -> list[str]:

@@ -266,3 +266,31 @@ def test_a_late_single_call_result_and_a_cancel_of_its_call_both_end(pg_engine: 
 
     _assert_one_outcome(pg_engine, call.batch_id, call.request_id, steps)
     assert _ledger(pg_engine, call.batch_id)["batch"].status == store.BatchStatus.CANCELLED
+
+
+def test_two_workers_handing_back_requests_of_a_cancelled_batch_both_end(pg_engine: Engine) -> None:
+    """Two workers whose leases lapsed after the cancel hand their requests back at once: each
+    release ends its own request (its batch is cancelling) and must not wait for the other's,
+    which that other holds and, the other way round, waits on."""
+    late = _late_batch(pg_engine)
+    other_id = next(rid for rid in _ledger(pg_engine, late.batch_id)["requests"] if rid != late.late_id)
+    assert store.claim_requests(pg_engine, [other_id], "second-worker", LEASE_SECONDS, CLAIMED_AT)
+    # Both leases live at the cancel: the batch waits for them in cancelling.
+    cancelled = store.cancel_batch(pg_engine, late.batch_id, CLAIMED_AT + 1)
+    assert cancelled.status == store.BatchStatus.CANCELLING
+
+    steps = _interleave(
+        pg_engine,
+        (
+            "first",
+            lambda: store.release_requests(pg_engine, [late.late_id], "lapsed-worker"),
+            "SELECT batches",
+        ),
+        ("second", lambda: store.release_requests(pg_engine, [other_id], "second-worker")),
+    )
+
+    assert [step.error for step in steps] == [None, None]
+    ledger = _ledger(pg_engine, late.batch_id)
+    assert set(ledger["requests"].values()) == {store.RequestStatus.CANCELLED}
+    assert ledger["batch"].cancelled_count == 2
+    assert ledger["batch"].status == store.BatchStatus.CANCELLED

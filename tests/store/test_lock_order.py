@@ -3,7 +3,8 @@ transaction that takes both: a late result (its request's lease lapsed) and a ca
 of its batch, forced into each interleaving, both end (neither is killed as a deadlock), and the
 ledger is what one of them running alone first would have left: the request cancelled (its paid
 answer kept as discarded) or ended by its one result, the batch's counts adding up, the answer
-billed once. PostgreSQL only: SQLite writers take turns (``BEGIN IMMEDIATE``)."""
+billed once. Two releases of a stopped batch's requests likewise. PostgreSQL only: SQLite writers
+take turns (``BEGIN IMMEDIATE``)."""
 
 from __future__ import annotations
 

@@ -39,6 +39,7 @@ __all__ = [
     "batch_file_ids",
     "batch_object",
     "finalize_batches",
+    "may_move_to",
     "move_batches",
 ]
 
@@ -80,6 +81,11 @@ def _sources(target: BatchStatus) -> list[BatchStatus]:
     return [status for status in BatchStatus if target in ALLOWED_TRANSITIONS[status]]
 
 
+def may_move_to(target: BatchStatus) -> sa.ColumnElement[bool]:
+    """A batch's condition: its status may become ``target``."""
+    return Batch.status.in_(_sources(target))
+
+
 def move_batches(
     conn: Connection, target: BatchStatus, now: int, *where: sa.ColumnElement[bool], **values: Any
 ) -> list[tuple[str, str]]:
@@ -90,7 +96,7 @@ def move_batches(
         raise ValueError(f"no batch moves to {target.value!r}")
     moved = conn.execute(
         sa.update(Batch)
-        .where(Batch.status.in_(_sources(target)), *where)
+        .where(may_move_to(target), *where)
         .values({_ENTERED_AT[target]: now, **values, "status": target})
         .returning(Batch.id, Batch.tenant_id)
     ).all()

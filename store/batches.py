@@ -12,11 +12,12 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from store.batch_lifecycle import attach_result_files, finalize_batches, move_batches
-from store.engine import autocommit_connection, write_transaction
+from store.batch_lifecycle import attach_result_files, finalize_batches, may_move_to, move_batches
+from store.engine import autocommit_connection, is_postgresql, write_transaction
 from store.errors import BatchNotFound
 from store.ids import now_seconds
 from store.tables import Batch, BatchStatus, Request, RequestStatus, status_is
@@ -145,11 +146,15 @@ def cancel_batch(engine: Engine, batch_id: str, now: int | None = None, *, error
     requests' ``last_error``. Raises BatchNotFound."""
     now = now if now is not None else now_seconds()
     with write_transaction(engine) as conn:
-        exists = conn.execute(sa.select(Batch.id).where(Batch.id == batch_id)).scalar_one_or_none()
-        if exists is None:
+        movable = conn.execute(
+            sa.select(may_move_to(BatchStatus.CANCELLING)).where(Batch.id == batch_id)
+        ).scalar_one_or_none()
+        if movable is None:
             raise BatchNotFound(f"no batch {batch_id!r}")
-        if move_batches(conn, BatchStatus.CANCELLING, now, Batch.id == batch_id):
-            _cancel_unfinished(conn, [batch_id], now, error)
+        # An ended batch, or one cancelling already (a cancel sent again): nothing to lock.
+        locked = _lock_unfinished(conn, [batch_id], now) if movable else None
+        if movable and move_batches(conn, BatchStatus.CANCELLING, now, Batch.id == batch_id):
+            _cancel_unfinished(conn, [batch_id], now, error, among=locked)
             finalize_batches(conn, [batch_id], now)
     batch = get_batch(engine, batch_id)
     assert batch is not None
@@ -159,18 +164,61 @@ def cancel_batch(engine: Engine, batch_id: str, now: int | None = None, *, error
 EXPIRED_ERROR = "batch_expired"
 
 
+def _unfinished(batch_ids: Sequence[str], now: int) -> sa.ColumnElement[bool]:
+    """Requests of ``batch_ids`` that a cancel or an expiry ends: queued, or running under a
+    lease that lapsed (their worker is gone; a late result of theirs is kept as discarded)."""
+    return sa.and_(
+        Request.batch_id.in_(batch_ids),
+        sa.or_(
+            status_is(RequestStatus.QUEUED),
+            sa.and_(status_is(RequestStatus.RUNNING), Request.lease_expires_at < now),
+        ),
+    )
+
+
+def _lock_unfinished(conn: Connection, batch_ids: Sequence[str], now: int) -> list[str] | None:
+    """Lock, in id order, the requests of ``batch_ids`` that ``_cancel_unfinished`` would end,
+    before their batches' rows are locked; returns their ids (None on SQLite, whose writers take
+    turns).
+
+    Requests before their batch, as every transaction that takes both: a result ends its request,
+    then counts it on the batch (``store.results``). A stop that moved its batch first, then
+    waited for a request a late result had just ended, deadlocked with that result waiting for
+    the batch: PostgreSQL killed one of them after a second (tests/store/test_lock_order.py)."""
+    if not is_postgresql(conn):
+        return None
+    query = (
+        sa.select(Request.id)
+        .where(_unfinished(batch_ids, now))
+        .order_by(Request.id)
+        .with_for_update(key_share=True)  # NO KEY UPDATE, as the UPDATE that ends them takes
+    )
+    return list(conn.execute(query).scalars())
+
+
 def _cancel_unfinished(
-    conn: Connection, batch_ids: Sequence[str], now: int, error: str | None = None
+    conn: Connection,
+    batch_ids: Sequence[str],
+    now: int,
+    error: str | None = None,
+    *,
+    among: list[str] | None = None,
 ) -> None:
+    """End the requests of ``batch_ids`` that are unfinished (``_unfinished``), only those of
+    ``among`` if given: rows the transaction holds already (``_lock_unfinished`` locked them
+    before the batches; a release's UPDATE), so that it waits for no other request (one queued
+    since is left to the worker that claims it and finds its batch stopped, as one queued after
+    this commit is)."""
+    chosen = [_unfinished(batch_ids, now)]
+    if among is not None:
+        chosen.append(
+            Request.id == sa.any_(sa.bindparam("among", among, type_=postgresql.ARRAY(sa.String)))
+            if is_postgresql(conn)
+            else Request.id.in_(among)
+        )
     cancelled = conn.execute(
         sa.update(Request)
-        .where(
-            Request.batch_id.in_(batch_ids),
-            sa.or_(
-                status_is(RequestStatus.QUEUED),
-                sa.and_(status_is(RequestStatus.RUNNING), Request.lease_expires_at < now),
-            ),
-        )
+        .where(*chosen)
         .values(
             status=RequestStatus.CANCELLED,
             finished_at=now,
@@ -183,12 +231,17 @@ def _cancel_unfinished(
     _count_cancelled(conn, cancelled)
 
 
-def end_requeued_of_stopped_batches(conn: Connection, batch_ids: Iterable[str], now: int) -> None:
-    """Requests just put back in line (a hand-back, a release) whose batch was cancelled or
-    expired meanwhile end now, as that cancel or expiry ended its other queued requests:
-    otherwise they would wait out their ``not_before`` (an hour's Retry-After, say) and the batch
-    would sit in ``cancelling`` that long. Runs inside the caller's transaction."""
-    ids = sorted(set(batch_ids))
+def end_requeued_of_stopped_batches(conn: Connection, requeued: Sequence[tuple[str, str]], now: int) -> None:
+    """Requests just put back in line (a hand-back, a release: their (id, batch id)) whose batch
+    was cancelled or expired meanwhile end now, as that cancel or expiry ended its other queued
+    requests: otherwise they would wait out their ``not_before`` (an hour's Retry-After, say) and
+    the batch would sit in ``cancelling`` that long. Runs inside the caller's transaction.
+
+    Only those requests, which the caller's UPDATE holds: ending the batch's other unfinished ones
+    too waited, holding these, for those another release held, and that release waited for these
+    (two workers handing back at once: a deadlock, tests/store/test_lock_order.py). Each of those
+    others ends by its own release, its worker's ``cancel_claimed`` or its late result."""
+    ids = sorted({batch_id for _, batch_id in requeued})
     if not ids:
         return
     stopped = conn.execute(
@@ -198,11 +251,12 @@ def end_requeued_of_stopped_batches(conn: Connection, batch_ids: Iterable[str], 
     ).all()
     cancelling = [row.id for row in stopped if row.status == BatchStatus.CANCELLING]
     expired = [row.id for row in stopped if row.status == BatchStatus.EXPIRED]
+    held = sorted(request_id for request_id, _ in requeued)
     if cancelling:
-        _cancel_unfinished(conn, cancelling, now)
+        _cancel_unfinished(conn, cancelling, now, among=held)
         finalize_batches(conn, cancelling, now)
     if expired:
-        _cancel_unfinished(conn, expired, now, EXPIRED_ERROR)
+        _cancel_unfinished(conn, expired, now, EXPIRED_ERROR, among=held)
 
 
 def _count_cancelled(conn: Connection, batch_ids: Iterable[str]) -> list[str]:
@@ -221,11 +275,25 @@ def expire_batches(engine: Engine, now: int | None = None) -> list[str]:
     are cancelled with ``last_error`` ``batch_expired`` (they appear in the error file, as OpenAI
     lists them); requests already running may still record results. Returns the expired ids."""
     now = now if now is not None else now_seconds()
+    due = (Batch.expires_at <= now, may_move_to(BatchStatus.EXPIRED))
     with write_transaction(engine) as conn:
-        expired = move_batches(conn, BatchStatus.EXPIRED, now, Batch.expires_at <= now)
+        # Their requests locked before the batches (``_lock_unfinished``), and the batches in id
+        # order, as the results' counters take them: the batches as they were found due, one
+        # found due only after this read expires at the next pass.
+        due_ids = list(conn.execute(sa.select(Batch.id).where(*due).order_by(Batch.id)).scalars())
+        if not due_ids:
+            return []
+        locked = _lock_unfinished(conn, due_ids, now)
+        conn.execute(
+            sa.select(Batch.id)
+            .where(Batch.id.in_(due_ids))
+            .order_by(Batch.id)
+            .with_for_update(key_share=True)
+        )
+        expired = move_batches(conn, BatchStatus.EXPIRED, now, Batch.id.in_(due_ids), *due)
         ids = [batch_id for batch_id, _ in expired]
         if ids:
-            _cancel_unfinished(conn, ids, now, EXPIRED_ERROR)
+            _cancel_unfinished(conn, ids, now, EXPIRED_ERROR, among=locked)
             attach_result_files(conn, expired, now)
     return ids
 

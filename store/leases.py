@@ -512,8 +512,9 @@ def release_requests(
             values["retry_deadline"] = sa.func.coalesce(Request.retry_deadline, retry_deadline)
     now = now_seconds()
     with write_transaction(engine) as conn:
-        batch_ids = list(
-            conn.execute(
+        released = [
+            (row.id, row.batch_id)
+            for row in conn.execute(
                 sa.update(Request)
                 .where(
                     Request.id.in_(request_ids),
@@ -521,11 +522,11 @@ def release_requests(
                     Request.status == RequestStatus.RUNNING,
                 )
                 .values(values)
-                .returning(Request.batch_id)
-            ).scalars()
-        )
-        end_requeued_of_stopped_batches(conn, batch_ids, now)
-        return len(batch_ids)
+                .returning(Request.id, Request.batch_id)
+            )
+        ]
+        end_requeued_of_stopped_batches(conn, released, now)
+        return len(released)
 
 
 def unsettled_dispatch_ids(engine: Engine, *, now: int, settled_before: int) -> list[str]:

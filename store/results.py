@@ -221,12 +221,17 @@ def record_results(engine: Engine, records: Sequence[ResultRecord], now: int | N
         return RecordOutcome([], [], [], [])
     now = now if now is not None else now_seconds()
     with write_transaction(engine) as conn:
+        # Read locked (NO KEY UPDATE, as the UPDATE that ends them takes; in id order): a cancel
+        # or an expiry committing between this read and that UPDATE got its cancelled request
+        # overwritten with this result and counted twice on the batch. Locked so, before their
+        # batches, as a cancel and an expiry lock them too (store.batches._lock_unfinished).
         owners = {
             row.id: row
             for row in conn.execute(
-                sa.select(Request.id, Request.batch_id, Request.tenant_id, Request.status).where(
-                    Request.id.in_(list(unique))
-                )
+                sa.select(Request.id, Request.batch_id, Request.tenant_id, Request.status)
+                .where(Request.id.in_(list(unique)))
+                .order_by(Request.id)
+                .with_for_update(key_share=True)
             )
         }
         prices = {row.model: row for row in _load_prices(conn)}

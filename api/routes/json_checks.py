@@ -13,8 +13,10 @@ from typing import Any
 from fastapi import Request, Response
 from fastapi.params import Form
 from fastapi.routing import APIRoute
+from starlette.concurrency import run_in_threadpool
 
 import store
+from api.deps import current_tenant
 from api.errors import InvalidRequest
 
 __all__ = ["CheckedJSONRoute", "body_refused", "reads_a_json_model"]
@@ -41,7 +43,8 @@ def reads_a_json_model(route: APIRoute) -> bool:
 class CheckedJSONRoute(APIRoute):
     """A route whose JSON body is checked by ``store.parse_json`` before FastAPI reads it into
     its model: a refused body is a 400 naming the value (``non_finite_number``, ``param``
-    ``metadata.tag``), never a model's "Input should be a valid string" about a NaN. The body is
+    ``metadata.tag``), never a model's "Input should be a valid string" about a NaN; a 401 first
+    for a caller with no valid key. The body is
     small (a request's settings, not its lines): parsing it twice costs nothing that counts."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
@@ -55,6 +58,10 @@ class CheckedJSONRoute(APIRoute):
                 try:
                     store.parse_json(raw)
                 except store.JSONRejected as e:
+                    # A caller with no valid key hears 401, not what is wrong with its body, as on
+                    # every route (the handler's own dependencies have not run yet).
+                    authorization = request.headers.get("authorization")
+                    await run_in_threadpool(current_tenant, request.app.state.engine, authorization)
                     raise body_refused(e) from e
             return await handler(request)
 

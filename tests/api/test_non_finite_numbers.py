@@ -178,3 +178,15 @@ def test_every_route_reading_a_json_model_checks_its_body_first() -> None:
     model_routes = [route for route in routes if reads_a_json_model(route)]
     assert [route.path for route in model_routes] == ["/v1/batches"]
     assert all(isinstance(route, CheckedJSONRoute) for route in model_routes)
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer tm-no-such-key"], ids=["no-key", "unknown-key"])
+def test_a_refused_batch_body_from_no_known_key_hears_401_first(
+    live_api: LiveAPI, authorization: str | None
+) -> None:
+    """As on every route, a caller with no valid key learns nothing of what is wrong with its body."""
+    headers = {"authorization": authorization} if authorization else {}
+    body = b'{"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "metadata": {"tag": NaN}}'
+    answer = httpx.post(f"{live_api.base_url}/batches", headers=headers, content=body, timeout=30)
+    assert answer.status_code == 401, answer.text
+    assert answer.json()["error"]["code"] != NON_FINITE

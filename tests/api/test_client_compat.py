@@ -1,0 +1,85 @@
+"""What the official ``openai`` SDK (and LangChain and AutoGen, which call through it) expects of an
+OpenAI-compatible server, against a live API, a real worker and the simulator: every choice of a
+streamed ``n`` > 1 call reaches the caller, and an answer that must not be asked for again tells
+the SDK so (its default ``max_retries=2`` retries every 5xx unless ``x-should-retry: false``)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import httpx
+import openai
+import pytest
+
+from models.openai.results import RESPONSE_INVALID
+from simulator.testing import SimulatorServer
+from store import UPSTREAM_AUTHENTICATION_FAILED
+from tests.api.test_interactive_lane import Lane, ask, lane  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_streamed_call_with_n_choices_delivers_every_choice(
+    lane: Lane,  # noqa: F811
+    simulator: SimulatorServer,
+) -> None:
+    """``n: 2`` streamed: both choices, as the provider answers them, from the provider and then
+    from the cache (a plain call too). The second used to be dropped by the worker's stream reader
+    (billed by the provider, never delivered, nor kept for the cache's later hits)."""
+    lane.cluster.worker("w1")
+    sdk = lane.sdk
+    question = ask("two answers please [[words 6]]", n=2)
+    direct = httpx.post(f"{simulator.base_url}/chat/completions", json=question, timeout=30).json()
+    expected = {choice["index"]: choice["message"]["content"] for choice in direct["choices"]}
+    assert len(expected) == 2
+    for attempt in ("upstream", "cache hit"):
+        texts: dict[int, str] = defaultdict(str)
+        finish: dict[int, str | None] = {}
+        for chunk in sdk.chat.completions.create(**question, stream=True):
+            for choice in chunk.choices:
+                texts[choice.index] += choice.delta.content or ""
+                if choice.finish_reason is not None:
+                    finish[choice.index] = choice.finish_reason
+        assert dict(texts) == expected, attempt
+        assert finish == {0: "stop", 1: "stop"}, attempt
+    plain = sdk.chat.completions.create(**question)
+    assert {choice.index: choice.message.content for choice in plain.choices} == expected
+
+
+@pytest.mark.parametrize(
+    ("directive", "code"),
+    [("[[garbage]]", RESPONSE_INVALID), ("[[status 401]]", UPSTREAM_AUTHENTICATION_FAILED)],
+    ids=["billed-unreadable", "upstream-refused-credentials"],
+)
+def test_a_final_502_is_not_retried_by_the_sdk(
+    lane: Lane,  # noqa: F811
+    simulator: SimulatorServer,
+    directive: str,
+    code: str,
+) -> None:
+    """A 502 that asking again cannot mend (an answer billed but unreadable, the provider refusing
+    tokenmill's credentials) says ``x-should-retry: false``: the SDK with its default retries
+    asks once. It used to ask three times, paying the provider for each unreadable answer."""
+    lane.cluster.worker("w1")
+    model = f"no-sdk-retry-{code}"
+    sdk = openai.OpenAI(base_url=f"{lane.root}/v1", api_key=lane.key, timeout=120)  # max_retries=2
+    with pytest.raises(openai.InternalServerError) as raised:
+        sdk.chat.completions.create(**{**ask(f"answer me {directive}"), "model": model})
+    assert raised.value.status_code == 502
+    assert raised.value.code == code
+    assert raised.value.response.headers["x-should-retry"] == "false"
+    assert simulator.stats()["by_model"][model] == 1
+
+
+def test_a_retryable_502_leaves_the_sdk_its_retries(lane: Lane) -> None:  # noqa: F811
+    """The provider failing (5xx past the worker's own retries) is no final answer: no
+    ``x-should-retry`` header, so the SDK's own policy stands."""
+    lane.cluster.worker("w1")
+    response = httpx.post(
+        f"{lane.root}/v1/chat/completions",
+        headers=lane.headers,
+        json=ask("fail me [[status 500]]"),
+        timeout=120,
+    )
+    assert response.status_code == 502, response.text
+    assert "x-should-retry" not in response.headers

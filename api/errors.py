@@ -32,6 +32,7 @@ from store.input_checks import bounded_text
 __all__ = [
     "BOUND_TO_HEADER",
     "CLIENT_CLOSED_REQUEST",
+    "SHOULD_RETRY_HEADER",
     "APIError",
     "Conflict",
     "InvalidRequest",
@@ -58,6 +59,10 @@ CLIENT_CLOSED_REQUEST = 499
 # (and billing) the work again.
 BOUND_TO_HEADER = "Tokenmill-Bound-To"
 
+# The openai SDK's own retry switch (it retries every 5xx, 408, 409 and 429 unless told): "false"
+# on an answer that asking again cannot mend, so that a client's retries pay no provider again.
+SHOULD_RETRY_HEADER = "x-should-retry"
+
 
 def error_body(
     message: str, type_: str, *, param: str | None = None, code: str | None = None
@@ -81,6 +86,7 @@ class APIError(Exception):
         self.param = param
         self.code = code or self.default_code
         self.bound_to = bound_to  # see BOUND_TO_HEADER
+        self.final = False  # asking again cannot mend it: see SHOULD_RETRY_HEADER
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, param=self.param, code=self.code)
@@ -140,11 +146,13 @@ class ServiceUnavailable(APIError):
 
 
 def api_error_response(exc: APIError) -> JSONResponse:
-    """The answer to an ``APIError``: its body, its status, ``WWW-Authenticate`` on a 401 and the
-    work a 5xx is bound to (``BOUND_TO_HEADER``)."""
+    """The answer to an ``APIError``: its body, its status, ``WWW-Authenticate`` on a 401, the
+    work a 5xx is bound to (``BOUND_TO_HEADER``) and, when final, ``x-should-retry: false``."""
     headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else {}
     if exc.bound_to is not None:
         headers[BOUND_TO_HEADER] = exc.bound_to
+    if exc.final:
+        headers[SHOULD_RETRY_HEADER] = "false"
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
 
 

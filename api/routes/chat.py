@@ -41,6 +41,7 @@ from api.errors import (
 )
 from api.routes.single_request import json_object_body
 from config import Settings
+from models.openai.results import RESPONSE_INVALID, USAGE_INVALID
 from store.ids import new_id
 from store.interactive import (
     InteractiveOutcome,
@@ -86,11 +87,16 @@ def _upstream_refused(outcome: InteractiveOutcome) -> UpstreamFailed | None:
     if outcome.status_code not in store.UPSTREAM_AUTHENTICATION_STATUSES:
         return None
     message = outcome.error_message or "the request was refused"
-    return UpstreamFailed(
+    refused = UpstreamFailed(
         f"the model provider refused tokenmill's credentials (HTTP {outcome.status_code}); your API key "
         f"is not in question, the operator's access to the provider is: {message}",
         code=store.UPSTREAM_AUTHENTICATION_FAILED,
     )
+    refused.final = True  # until the operator mends the credentials, every retry is refused too
+    return refused
+
+
+_BILLED_FAILURES = frozenset({RESPONSE_INVALID, USAGE_INVALID})
 
 
 def _error_for(outcome: InteractiveOutcome) -> APIError:
@@ -104,7 +110,10 @@ def _error_for(outcome: InteractiveOutcome) -> APIError:
         failure.status_code = status_code
         failure.type = "invalid_request_error"
         return failure
-    return UpstreamFailed(f"the model provider failed: {message}", code=outcome.error_code)
+    failed = UpstreamFailed(f"the model provider failed: {message}", code=outcome.error_code)
+    # An answer the provider billed but that cannot be read or recorded: asked again, it is paid again.
+    failed.final = outcome.error_code in _BILLED_FAILURES
+    return failed
 
 
 def _succeeded(outcome: InteractiveOutcome) -> bool:

@@ -5,6 +5,7 @@ the SDK so (its default ``max_retries=2`` retries every 5xx unless ``x-should-re
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 
 import httpx
@@ -14,6 +15,7 @@ import pytest
 from models.openai.results import RESPONSE_INVALID
 from simulator.testing import SimulatorServer
 from store import UPSTREAM_AUTHENTICATION_FAILED
+from tests.api.conftest import LiveAPI
 from tests.api.test_interactive_lane import Lane, ask, lane  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.slow
@@ -83,3 +85,36 @@ def test_a_retryable_502_leaves_the_sdk_its_retries(lane: Lane) -> None:  # noqa
     )
     assert response.status_code == 502, response.text
     assert "x-should-retry" not in response.headers
+
+
+def test_the_sdks_batch_create_arguments_are_accepted(live_api: LiveAPI) -> None:
+    """``batches.create(output_expires_after=...)`` is an argument of the SDK's own signature: it
+    used to be refused as an unknown field (400). Accepted and checked as OpenAI checks it; output
+    files are made from the ledger and kept until deleted, so it never shortens what is kept."""
+    sdk = openai.OpenAI(base_url=live_api.base_url, api_key=live_api.new_key("expiring"), max_retries=0)
+    line = {
+        "custom_id": "a",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]},
+    }
+    uploaded = sdk.files.create(
+        file=("in.jsonl", json.dumps(line).encode()),
+        purpose="batch",
+        expires_after={"anchor": "created_at", "seconds": 3600},
+    )
+    batch = sdk.batches.create(
+        input_file_id=uploaded.id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        output_expires_after={"anchor": "created_at", "seconds": 86400},
+    )
+    assert sdk.batches.retrieve(batch.id).id == batch.id
+    for wrong in ({"anchor": "completed_at", "seconds": 86400}, {"anchor": "created_at", "seconds": 60}):
+        with pytest.raises(openai.BadRequestError, match="output_expires_after"):
+            sdk.batches.create(
+                input_file_id=uploaded.id,
+                endpoint="/v1/chat/completions",
+                completion_window="24h",
+                output_expires_after=wrong,  # type: ignore[arg-type]
+            )

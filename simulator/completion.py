@@ -402,8 +402,17 @@ def reply_chunks(
             content = choice.content or ""
             deltas.append({"role": "assistant", "content": "", "refusal": None})
             deltas += [{"content": content[i : i + chunk_chars]} for i in range(0, len(content), chunk_chars)]
+        # Asked for, each text chunk carries the logprobs of the tokens it starts (as OpenAI's do).
+        tokens = (choice.logprobs or {}).get("content") or []
+        sent = 0
         for delta in deltas:
-            yield chunk([{"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": None}])
+            logprobs = None
+            if tokens and delta.get("content"):
+                upto = sent + len(delta["content"])
+                logprobs = {"content": tokens[-(-sent // 4) : -(-upto // 4)], "refusal": None}
+                sent = upto
+            choices = [{"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": None}]
+            yield chunk(choices)
             if empty_chunks:
                 yield filler()
         yield chunk(

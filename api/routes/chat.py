@@ -429,6 +429,10 @@ class _ChunkWriter:
                 delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
             self.started = True
             end = {"index": index, "delta": delta, "finish_reason": choice.get("finish_reason") or "stop"}
+            if choice.get("logprobs"):
+                # The relayed chunks carry text only: the logprobs the answer holds come here, at
+                # its end (clients add up every chunk's).
+                end["logprobs"] = choice["logprobs"]
             last = index == choices[-1].get("index", 0) if choices else True
             event: dict[str, Any] = {**self.base, "choices": [end]}
             if last:

@@ -48,6 +48,27 @@ def test_a_streamed_call_with_n_choices_delivers_every_choice(
     assert {choice.index: choice.message.content for choice in plain.choices} == expected
 
 
+def test_a_streamed_call_delivers_the_logprobs_it_asked_for(
+    lane: Lane,  # noqa: F811
+    simulator: SimulatorServer,
+) -> None:
+    """``logprobs: true`` streamed: the stream's chunks carry them, as the plain call's body does
+    (the SDK's stream helper, LangChain and AutoGen add up each chunk's). They used to be kept in
+    the ledger and never sent on a stream."""
+    lane.cluster.worker("w1")
+    question = ask("weigh my words [[words 5]]", logprobs=True, top_logprobs=2)
+    direct = httpx.post(f"{simulator.base_url}/chat/completions", json=question, timeout=30).json()
+    expected = direct["choices"][0]["logprobs"]["content"]
+    for attempt in ("upstream", "cache hit"):
+        with lane.sdk.chat.completions.stream(**question) as stream:
+            for _ in stream:
+                pass
+            final = stream.get_final_completion()
+        logprobs = final.choices[0].logprobs
+        assert logprobs is not None, attempt
+        assert [item.model_dump(exclude_none=True) for item in logprobs.content or []] == expected, attempt
+
+
 @pytest.mark.parametrize(
     ("directive", "code"),
     [("[[garbage]]", RESPONSE_INVALID), ("[[status 401]]", UPSTREAM_AUTHENTICATION_FAILED)],

@@ -28,6 +28,7 @@ from starlette.requests import ClientDisconnect
 from store.errors import QuotaExceeded
 from store.ingest import MAX_ERROR_MESSAGE_CHARS
 from store.input_checks import bounded_text
+from store.quotas import DAILY_BUDGET_EXCEEDED
 
 __all__ = [
     "BOUND_TO_HEADER",
@@ -87,6 +88,7 @@ class APIError(Exception):
         self.code = code or self.default_code
         self.bound_to = bound_to  # see BOUND_TO_HEADER
         self.final = False  # asking again cannot mend it: see SHOULD_RETRY_HEADER
+        self.request_id: str | None = None  # the call it answers, as x-request-id (the SDK's request_id)
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, param=self.param, code=self.code)
@@ -130,7 +132,10 @@ class RateLimitExceeded(APIError):
 def over_quota(error: QuotaExceeded) -> RateLimitExceeded:
     """A create refused by the tenant's quotas (``store.quotas``): 429, the quota's code
     (``queued_requests_quota_exceeded``, ``queued_tokens_quota_exceeded``, ``daily_budget_exceeded``)."""
-    return RateLimitExceeded(str(error), code=error.code)
+    refused = RateLimitExceeded(str(error), code=error.code)
+    # Spent until midnight UTC: a client's retries seconds later are refused as well.
+    refused.final = error.code == DAILY_BUDGET_EXCEEDED
+    return refused
 
 
 class UpstreamFailed(APIError):
@@ -153,6 +158,8 @@ def api_error_response(exc: APIError) -> JSONResponse:
         headers[BOUND_TO_HEADER] = exc.bound_to
     if exc.final:
         headers[SHOULD_RETRY_HEADER] = "false"
+    if exc.request_id is not None:
+        headers["x-request-id"] = exc.request_id
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
 
 

@@ -100,6 +100,12 @@ _BILLED_FAILURES = frozenset({RESPONSE_INVALID, USAGE_INVALID})
 
 
 def _error_for(outcome: InteractiveOutcome) -> APIError:
+    error = _error_of(outcome)
+    error.request_id = outcome.request_id
+    return error
+
+
+def _error_of(outcome: InteractiveOutcome) -> APIError:
     status_code = outcome.status_code or 0
     message = outcome.error_message or "the request failed"
     refused = _upstream_refused(outcome)

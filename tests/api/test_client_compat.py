@@ -139,3 +139,28 @@ def test_the_sdks_batch_create_arguments_are_accepted(live_api: LiveAPI) -> None
                 completion_window="24h",
                 output_expires_after=wrong,  # type: ignore[arg-type]
             )
+
+
+def test_a_failed_call_names_its_request_id_as_an_answered_one_does(
+    lane: Lane,  # noqa: F811
+) -> None:
+    """The SDK reads ``x-request-id`` into every exception's ``request_id`` (what a user quotes to
+    find the call): a call the provider refused carries it as a success does. It used to be sent
+    with successes only."""
+    lane.cluster.worker("w1")
+    with pytest.raises(openai.BadRequestError) as raised:
+        lane.sdk.chat.completions.create(**ask("refuse me [[status 400]]"))
+    [row] = lane.requests()
+    assert raised.value.request_id == row.id
+
+
+def test_a_spent_daily_budget_is_not_retried_by_the_sdk(live_api: LiveAPI) -> None:
+    """A spent daily budget is a 429 until midnight UTC: ``x-should-retry: false``, so that the
+    SDK's default retries (and LangChain's, AutoGen's) do not ask twice more in vain."""
+    key = live_api.new_key("spent")
+    assert live_api.cli("tenants", "set", "spent", "--daily-budget-usd", "0").returncode == 0
+    sdk = openai.OpenAI(base_url=live_api.base_url, api_key=key, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as raised:
+        sdk.chat.completions.create(**ask("anything"))
+    assert raised.value.code == "daily_budget_exceeded"
+    assert raised.value.response.headers["x-should-retry"] == "false"

@@ -164,3 +164,20 @@ def test_a_spent_daily_budget_is_not_retried_by_the_sdk(live_api: LiveAPI) -> No
         sdk.chat.completions.create(**ask("anything"))
     assert raised.value.code == "daily_budget_exceeded"
     assert raised.value.response.headers["x-should-retry"] == "false"
+
+
+def test_files_list_pages_in_the_order_asked_for(live_api: LiveAPI) -> None:
+    """``files.list(order="asc")`` (an argument of the SDK's): oldest first, paged by ``after`` as
+    the SDK's iteration does. The order used to be ignored: newest first whatever was asked."""
+    sdk = openai.OpenAI(base_url=live_api.base_url, api_key=live_api.new_key("orderly"), max_retries=0)
+    for i in range(3):
+        sdk.files.create(file=(f"in-{i}.jsonl", b'{"prompt": "hi"}\n'), purpose="batch")
+    newest_first = [file.id for file in sdk.files.list()]
+    assert len(newest_first) == 3
+    assert [file.id for file in sdk.files.list(order="desc", limit=1)] == newest_first
+    assert [file.id for file in sdk.files.list(order="asc", limit=1)] == newest_first[::-1]
+    first_page = sdk.files.list(order="asc", limit=2)
+    assert [file.id for file in first_page.data] == newest_first[::-1][:2]
+    assert first_page.has_more
+    with pytest.raises(openai.BadRequestError, match="order"):
+        sdk.files.list(order="sideways")  # type: ignore[arg-type]

@@ -431,6 +431,8 @@ class _ChunkWriter:
                 delta["content"] = content.removeprefix(self.sent_text)
             elif index != 0:
                 delta = {"role": "assistant", "content": content}
+            if message.get("refusal"):  # not relayed as it came: all of it here
+                delta["refusal"] = message["refusal"]
             if message.get("tool_calls"):
                 delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
             self.started = True

@@ -319,6 +319,7 @@ class StreamAccumulator:
         self.chunks = 0
         self._text: list[str] = []
         self._reasoning: list[str] = []
+        self._refusal: list[str] = []
         self._calls: dict[int, dict[str, Any]] = {}
         self._logprobs: list[Any] = []  # as sent (the raw body's)
         self._checked_logprobs: list[ChatCompletionTokenLogprob] = []
@@ -389,6 +390,11 @@ class StreamAccumulator:
             reasoning = _reasoning_of(delta)
             if reasoning:
                 self._reasoning.append(reasoning)
+            refusal = delta.get("refusal")
+            if refusal:
+                if not isinstance(refusal, str):
+                    raise _wrong(f"choices[{i}].delta.refusal", refusal, "a string")
+                self._refusal.append(refusal)
             content = delta.get("content")
             if isinstance(content, str):
                 if content:
@@ -427,6 +433,11 @@ class StreamAccumulator:
         reasoning = _reasoning_of(delta)
         if reasoning:
             other.reasoning.append(reasoning)
+        refusal = delta.get("refusal")
+        if refusal:
+            if not isinstance(refusal, str):
+                raise _wrong(f"{where}.delta.refusal", refusal, "a string")
+            other.refusal.append(refusal)
         content = delta.get("content")
         if isinstance(content, str):
             other.text.append(content)
@@ -445,6 +456,7 @@ class StreamAccumulator:
                 index,
                 "".join(other.text),
                 "".join(other.reasoning) or None,
+                "".join(other.refusal) or None,
                 _function_calls(other.calls),
                 other.logprobs,
                 other.finish_reason,
@@ -459,7 +471,8 @@ class StreamAccumulator:
         reasoning = "".join(self._reasoning) or None
         content, finish_reason, thought = _content_and_reason(raw_text, calls, self.finish_reason, reasoning)
         logprobs = list(self._checked_logprobs) or None
-        first = _raw_choice(0, raw_text, reasoning, calls, self._logprobs, self.finish_reason)
+        refusal = "".join(self._refusal) or None
+        first = _raw_choice(0, raw_text, reasoning, refusal, calls, self._logprobs, self.finish_reason)
         raw: dict[str, Any] = {
             "id": self.response_id,
             "object": "chat.completion",
@@ -490,6 +503,7 @@ class _OtherChoice:
 
     text: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
+    refusal: list[str] = field(default_factory=list)
     calls: dict[int, dict[str, Any]] = field(default_factory=dict)
     logprobs: list[Any] = field(default_factory=list)
     finish_reason: str | None = None
@@ -527,12 +541,15 @@ def _raw_choice(
     index: int,
     text: str,
     reasoning: str | None,
+    refusal: str | None,
     calls: list[FunctionCall],
     logprobs: list[Any],
     finish_reason: str | None,
 ) -> dict[str, Any]:
     """One choice of the ``chat.completion`` body a stream adds up to."""
     message: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if refusal:
+        message["refusal"] = refusal
     if reasoning:
         message["reasoning_content"] = reasoning
     if calls:

@@ -69,6 +69,25 @@ def test_a_streamed_call_delivers_the_logprobs_it_asked_for(
         assert [item.model_dump(exclude_none=True) for item in logprobs.content or []] == expected, attempt
 
 
+def test_a_streamed_refusal_reaches_the_caller(
+    lane: Lane,  # noqa: F811
+) -> None:
+    """A model that refuses streams ``delta.refusal`` (structured outputs): the caller gets it,
+    streamed as plain. It used to be dropped: an empty answer, which the SDK's stream helper then
+    failed to parse as the requested JSON."""
+    lane.cluster.worker("w1")
+    question = ask("Do the bad thing [[refuse I will not do that.]]")
+    for attempt in ("upstream", "cache hit"):
+        with lane.sdk.chat.completions.stream(**question) as stream:
+            for _ in stream:
+                pass
+            final = stream.get_final_completion()
+        message = final.choices[0].message
+        assert (message.content, message.refusal) == (None, "I will not do that."), attempt
+    plain = lane.sdk.chat.completions.create(**question)
+    assert plain.choices[0].message.refusal == "I will not do that."
+
+
 @pytest.mark.parametrize(
     ("directive", "code"),
     [("[[garbage]]", RESPONSE_INVALID), ("[[status 401]]", UPSTREAM_AUTHENTICATION_FAILED)],

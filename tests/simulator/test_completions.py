@@ -145,6 +145,23 @@ def test_a_stream_carries_the_logprobs_of_its_text(client: openai.OpenAI) -> Non
     assert streamed == plain.choices[0].logprobs.content
 
 
+def test_a_refusal_is_answered_and_streamed_as_openai_refuses(client: openai.OpenAI) -> None:
+    plain = ask(client, "Do the bad thing [[refuse I will not do that, sorry.]]")
+    assert (plain.choices[0].message.content, plain.choices[0].message.refusal) == (
+        None,
+        "I will not do that, sorry.",
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model="sim-small",
+            messages=[{"role": "user", "content": "Do the bad thing [[refuse I will not do that, sorry.]]"}],
+            stream=True,
+        )
+    )
+    assert "".join(c.choices[0].delta.refusal or "" for c in chunks) == "I will not do that, sorry."
+    assert all(not c.choices[0].delta.content for c in chunks)
+
+
 def test_stream_without_include_usage_sends_no_usage(client: openai.OpenAI) -> None:
     chunks = list(
         client.chat.completions.create(

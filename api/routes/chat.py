@@ -34,6 +34,7 @@ from api.errors import (
     BOUND_TO_HEADER,
     APIError,
     InvalidRequest,
+    RateLimitExceeded,
     ServiceUnavailable,
     UpstreamFailed,
     api_error_response,
@@ -111,7 +112,10 @@ def _error_of(outcome: InteractiveOutcome) -> APIError:
     refused = _upstream_refused(outcome)
     if refused is not None:
         return refused
-    if 400 <= status_code < 500 and status_code != 429:
+    if status_code == 429:
+        # The provider's refusal for load, past the call's retry budget: as the provider said it.
+        return RateLimitExceeded(message, code=outcome.error_code)
+    if 400 <= status_code < 500:
         failure = APIError(message, code=outcome.error_code)
         failure.status_code = status_code
         failure.type = "invalid_request_error"

@@ -6,12 +6,14 @@ the SDK so (its default ``max_retries=2`` retries every 5xx unless ``x-should-re
 from __future__ import annotations
 
 import json
+import time
 from collections import defaultdict
 
 import httpx
 import openai
 import pytest
 
+import store
 from models.openai.results import RESPONSE_INVALID
 from simulator.testing import SimulatorServer
 from store import UPSTREAM_AUTHENTICATION_FAILED
@@ -200,3 +202,26 @@ def test_files_list_pages_in_the_order_asked_for(live_api: LiveAPI) -> None:
     assert first_page.has_more
     with pytest.raises(openai.BadRequestError, match="order"):
         sdk.files.list(order="sideways")  # type: ignore[arg-type]
+
+
+def test_a_provider_that_keeps_refusing_for_load_is_a_rate_limit_error_in_time(
+    lane: Lane,  # noqa: F811
+    simulator: SimulatorServer,
+) -> None:
+    """A provider answering 429 to every try: past the single call's rate-limit budget the caller
+    gets a 429 (``openai.RateLimitError``, as the provider's own would be), long before its wait
+    runs out; the ledger keeps one failure. It used to be handed back and retried until the API's
+    wait ended (600 s by default) and then answered 503, which the SDK retried twice more."""
+    lane.cluster.env.update(
+        TOKENMILL_HAND_BACK_AFTER_SECONDS="1", TOKENMILL_INTERACTIVE_RATE_LIMIT_RETRY_SECONDS="3"
+    )
+    lane.cluster.worker("w1")
+    lane.cluster.beat()
+    started = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as raised:
+        lane.sdk.chat.completions.create(**ask("always busy [[status 429 retry_after=0.2]]"))
+    assert time.monotonic() - started < 60  # the API would wait 600 s (its default) for an answer
+    assert raised.value.status_code == 429
+    [row] = lane.requests()
+    assert raised.value.request_id == row.id
+    assert row.status == store.RequestStatus.FAILED

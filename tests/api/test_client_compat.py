@@ -31,23 +31,23 @@ def test_a_streamed_call_with_n_choices_delivers_every_choice(
     from the cache (a plain call too). The second used to be dropped by the worker's stream reader
     (billed by the provider, never delivered, nor kept for the cache's later hits)."""
     lane.cluster.worker("w1")
-    sdk = lane.sdk
-    question = ask("two answers please [[words 6]]", n=2)
-    direct = httpx.post(f"{simulator.base_url}/chat/completions", json=question, timeout=30).json()
-    expected = {choice["index"]: choice["message"]["content"] for choice in direct["choices"]}
-    assert len(expected) == 2
-    for attempt in ("upstream", "cache hit"):
-        texts: dict[int, str] = defaultdict(str)
-        finish: dict[int, str | None] = {}
-        for chunk in sdk.chat.completions.create(**question, stream=True):
-            for choice in chunk.choices:
-                texts[choice.index] += choice.delta.content or ""
-                if choice.finish_reason is not None:
-                    finish[choice.index] = choice.finish_reason
-        assert dict(texts) == expected, attempt
-        assert finish == {0: "stop", 1: "stop"}, attempt
-    plain = sdk.chat.completions.create(**question)
-    assert {choice.index: choice.message.content for choice in plain.choices} == expected
+    with lane.sdk as sdk:
+        question = ask("two answers please [[words 6]]", n=2)
+        direct = httpx.post(f"{simulator.base_url}/chat/completions", json=question, timeout=30).json()
+        expected = {choice["index"]: choice["message"]["content"] for choice in direct["choices"]}
+        assert len(expected) == 2
+        for attempt in ("upstream", "cache hit"):
+            texts: dict[int, str] = defaultdict(str)
+            finish: dict[int, str | None] = {}
+            for chunk in sdk.chat.completions.create(**question, stream=True):
+                for choice in chunk.choices:
+                    texts[choice.index] += choice.delta.content or ""
+                    if choice.finish_reason is not None:
+                        finish[choice.index] = choice.finish_reason
+            assert dict(texts) == expected, attempt
+            assert finish == {0: "stop", 1: "stop"}, attempt
+        plain = sdk.chat.completions.create(**question)
+        assert {choice.index: choice.message.content for choice in plain.choices} == expected
 
 
 def test_a_streamed_call_delivers_the_logprobs_it_asked_for(
@@ -62,7 +62,7 @@ def test_a_streamed_call_delivers_the_logprobs_it_asked_for(
     direct = httpx.post(f"{simulator.base_url}/chat/completions", json=question, timeout=30).json()
     expected = direct["choices"][0]["logprobs"]["content"]
     for attempt in ("upstream", "cache hit"):
-        with lane.sdk.chat.completions.stream(**question) as stream:
+        with lane.sdk as sdk, sdk.chat.completions.stream(**question) as stream:
             for _ in stream:
                 pass
             final = stream.get_final_completion()
@@ -79,14 +79,15 @@ def test_a_streamed_refusal_reaches_the_caller(
     failed to parse as the requested JSON."""
     lane.cluster.worker("w1")
     question = ask("Do the bad thing [[refuse I will not do that.]]")
-    for attempt in ("upstream", "cache hit"):
-        with lane.sdk.chat.completions.stream(**question) as stream:
-            for _ in stream:
-                pass
-            final = stream.get_final_completion()
-        message = final.choices[0].message
-        assert (message.content, message.refusal) == (None, "I will not do that."), attempt
-    plain = lane.sdk.chat.completions.create(**question)
+    with lane.sdk as sdk:
+        for attempt in ("upstream", "cache hit"):
+            with sdk.chat.completions.stream(**question) as stream:
+                for _ in stream:
+                    pass
+                final = stream.get_final_completion()
+            message = final.choices[0].message
+            assert (message.content, message.refusal) == (None, "I will not do that."), attempt
+        plain = sdk.chat.completions.create(**question)
     assert plain.choices[0].message.refusal == "I will not do that."
 
 
@@ -106,13 +107,13 @@ def test_a_final_502_is_not_retried_by_the_sdk(
     asks once. It used to ask three times, paying the provider for each unreadable answer."""
     lane.cluster.worker("w1")
     model = f"no-sdk-retry-{code}"
-    sdk = openai.OpenAI(base_url=f"{lane.root}/v1", api_key=lane.key, timeout=120)  # max_retries=2
-    with pytest.raises(openai.InternalServerError) as raised:
-        sdk.chat.completions.create(**{**ask(f"answer me {directive}"), "model": model})
-    assert raised.value.status_code == 502
-    assert raised.value.code == code
-    assert raised.value.response.headers["x-should-retry"] == "false"
-    assert simulator.stats()["by_model"][model] == 1
+    with openai.OpenAI(base_url=f"{lane.root}/v1", api_key=lane.key, timeout=120) as sdk:  # max_retries=2
+        with pytest.raises(openai.InternalServerError) as raised:
+            sdk.chat.completions.create(**{**ask(f"answer me {directive}"), "model": model})
+        assert raised.value.status_code == 502
+        assert raised.value.code == code
+        assert raised.value.response.headers["x-should-retry"] == "false"
+        assert simulator.stats()["by_model"][model] == 1
 
 
 def test_a_retryable_502_leaves_the_sdk_its_retries(lane: Lane) -> None:  # noqa: F811
@@ -133,33 +134,35 @@ def test_the_sdks_batch_create_arguments_are_accepted(live_api: LiveAPI) -> None
     """``batches.create(output_expires_after=...)`` is an argument of the SDK's own signature: it
     used to be refused as an unknown field (400). Accepted and checked as OpenAI checks it; output
     files are made from the ledger and kept until deleted, so it never shortens what is kept."""
-    sdk = openai.OpenAI(base_url=live_api.base_url, api_key=live_api.new_key("expiring"), max_retries=0)
-    line = {
-        "custom_id": "a",
-        "method": "POST",
-        "url": "/v1/chat/completions",
-        "body": {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]},
-    }
-    uploaded = sdk.files.create(
-        file=("in.jsonl", json.dumps(line).encode()),
-        purpose="batch",
-        expires_after={"anchor": "created_at", "seconds": 3600},
-    )
-    batch = sdk.batches.create(
-        input_file_id=uploaded.id,
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-        output_expires_after={"anchor": "created_at", "seconds": 86400},
-    )
-    assert sdk.batches.retrieve(batch.id).id == batch.id
-    for wrong in ({"anchor": "completed_at", "seconds": 86400}, {"anchor": "created_at", "seconds": 60}):
-        with pytest.raises(openai.BadRequestError, match="output_expires_after"):
-            sdk.batches.create(
-                input_file_id=uploaded.id,
-                endpoint="/v1/chat/completions",
-                completion_window="24h",
-                output_expires_after=wrong,  # type: ignore[arg-type]
-            )
+    with openai.OpenAI(
+        base_url=live_api.base_url, api_key=live_api.new_key("expiring"), max_retries=0
+    ) as sdk:
+        line = {
+            "custom_id": "a",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]},
+        }
+        uploaded = sdk.files.create(
+            file=("in.jsonl", json.dumps(line).encode()),
+            purpose="batch",
+            expires_after={"anchor": "created_at", "seconds": 3600},
+        )
+        batch = sdk.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            output_expires_after={"anchor": "created_at", "seconds": 86400},
+        )
+        assert sdk.batches.retrieve(batch.id).id == batch.id
+        for wrong in ({"anchor": "completed_at", "seconds": 86400}, {"anchor": "created_at", "seconds": 60}):
+            with pytest.raises(openai.BadRequestError, match="output_expires_after"):
+                sdk.batches.create(
+                    input_file_id=uploaded.id,
+                    endpoint="/v1/chat/completions",
+                    completion_window="24h",
+                    output_expires_after=wrong,  # type: ignore[arg-type]
+                )
 
 
 def test_a_failed_call_names_its_request_id_as_an_answered_one_does(
@@ -169,8 +172,8 @@ def test_a_failed_call_names_its_request_id_as_an_answered_one_does(
     find the call): a call the provider refused carries it as a success does. It used to be sent
     with successes only."""
     lane.cluster.worker("w1")
-    with pytest.raises(openai.BadRequestError) as raised:
-        lane.sdk.chat.completions.create(**ask("refuse me [[status 400]]"))
+    with lane.sdk as sdk, pytest.raises(openai.BadRequestError) as raised:
+        sdk.chat.completions.create(**ask("refuse me [[status 400]]"))
     [row] = lane.requests()
     assert raised.value.request_id == row.id
 
@@ -180,28 +183,28 @@ def test_a_spent_daily_budget_is_not_retried_by_the_sdk(live_api: LiveAPI) -> No
     SDK's default retries (and LangChain's, AutoGen's) do not ask twice more in vain."""
     key = live_api.new_key("spent")
     assert live_api.cli("tenants", "set", "spent", "--daily-budget-usd", "0").returncode == 0
-    sdk = openai.OpenAI(base_url=live_api.base_url, api_key=key, max_retries=0)
-    with pytest.raises(openai.RateLimitError) as raised:
-        sdk.chat.completions.create(**ask("anything"))
-    assert raised.value.code == "daily_budget_exceeded"
-    assert raised.value.response.headers["x-should-retry"] == "false"
+    with openai.OpenAI(base_url=live_api.base_url, api_key=key, max_retries=0) as sdk:
+        with pytest.raises(openai.RateLimitError) as raised:
+            sdk.chat.completions.create(**ask("anything"))
+        assert raised.value.code == "daily_budget_exceeded"
+        assert raised.value.response.headers["x-should-retry"] == "false"
 
 
 def test_files_list_pages_in_the_order_asked_for(live_api: LiveAPI) -> None:
     """``files.list(order="asc")`` (an argument of the SDK's): oldest first, paged by ``after`` as
     the SDK's iteration does. The order used to be ignored: newest first whatever was asked."""
-    sdk = openai.OpenAI(base_url=live_api.base_url, api_key=live_api.new_key("orderly"), max_retries=0)
-    for i in range(3):
-        sdk.files.create(file=(f"in-{i}.jsonl", b'{"prompt": "hi"}\n'), purpose="batch")
-    newest_first = [file.id for file in sdk.files.list()]
-    assert len(newest_first) == 3
-    assert [file.id for file in sdk.files.list(order="desc", limit=1)] == newest_first
-    assert [file.id for file in sdk.files.list(order="asc", limit=1)] == newest_first[::-1]
-    first_page = sdk.files.list(order="asc", limit=2)
-    assert [file.id for file in first_page.data] == newest_first[::-1][:2]
-    assert first_page.has_more
-    with pytest.raises(openai.BadRequestError, match="order"):
-        sdk.files.list(order="sideways")  # type: ignore[arg-type]
+    with openai.OpenAI(base_url=live_api.base_url, api_key=live_api.new_key("orderly"), max_retries=0) as sdk:
+        for i in range(3):
+            sdk.files.create(file=(f"in-{i}.jsonl", b'{"prompt": "hi"}\n'), purpose="batch")
+        newest_first = [file.id for file in sdk.files.list()]
+        assert len(newest_first) == 3
+        assert [file.id for file in sdk.files.list(order="desc", limit=1)] == newest_first
+        assert [file.id for file in sdk.files.list(order="asc", limit=1)] == newest_first[::-1]
+        first_page = sdk.files.list(order="asc", limit=2)
+        assert [file.id for file in first_page.data] == newest_first[::-1][:2]
+        assert first_page.has_more
+        with pytest.raises(openai.BadRequestError, match="order"):
+            sdk.files.list(order="sideways")  # type: ignore[arg-type]
 
 
 def test_a_provider_that_keeps_refusing_for_load_is_a_rate_limit_error_in_time(
@@ -218,8 +221,8 @@ def test_a_provider_that_keeps_refusing_for_load_is_a_rate_limit_error_in_time(
     lane.cluster.worker("w1")
     lane.cluster.beat()
     started = time.monotonic()
-    with pytest.raises(openai.RateLimitError) as raised:
-        lane.sdk.chat.completions.create(**ask("always busy [[status 429 retry_after=0.2]]"))
+    with lane.sdk as sdk, pytest.raises(openai.RateLimitError) as raised:
+        sdk.chat.completions.create(**ask("always busy [[status 429 retry_after=0.2]]"))
     assert time.monotonic() - started < 60  # the API would wait 600 s (its default) for an answer
     assert raised.value.status_code == 429
     [row] = lane.requests()

@@ -28,10 +28,12 @@ from starlette.requests import ClientDisconnect
 from store.errors import QuotaExceeded
 from store.ingest import MAX_ERROR_MESSAGE_CHARS
 from store.input_checks import bounded_text
+from store.quotas import DAILY_BUDGET_EXCEEDED
 
 __all__ = [
     "BOUND_TO_HEADER",
     "CLIENT_CLOSED_REQUEST",
+    "SHOULD_RETRY_HEADER",
     "APIError",
     "Conflict",
     "InvalidRequest",
@@ -58,6 +60,10 @@ CLIENT_CLOSED_REQUEST = 499
 # (and billing) the work again.
 BOUND_TO_HEADER = "Tokenmill-Bound-To"
 
+# The openai SDK's own retry switch (it retries every 5xx, 408, 409 and 429 unless told): "false"
+# on an answer that asking again cannot mend, so that a client's retries pay no provider again.
+SHOULD_RETRY_HEADER = "x-should-retry"
+
 
 def error_body(
     message: str, type_: str, *, param: str | None = None, code: str | None = None
@@ -81,6 +87,8 @@ class APIError(Exception):
         self.param = param
         self.code = code or self.default_code
         self.bound_to = bound_to  # see BOUND_TO_HEADER
+        self.final = False  # asking again cannot mend it: see SHOULD_RETRY_HEADER
+        self.request_id: str | None = None  # the call it answers, as x-request-id (the SDK's request_id)
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, param=self.param, code=self.code)
@@ -124,7 +132,10 @@ class RateLimitExceeded(APIError):
 def over_quota(error: QuotaExceeded) -> RateLimitExceeded:
     """A create refused by the tenant's quotas (``store.quotas``): 429, the quota's code
     (``queued_requests_quota_exceeded``, ``queued_tokens_quota_exceeded``, ``daily_budget_exceeded``)."""
-    return RateLimitExceeded(str(error), code=error.code)
+    refused = RateLimitExceeded(str(error), code=error.code)
+    # Spent until midnight UTC: a client's retries seconds later are refused as well.
+    refused.final = error.code == DAILY_BUDGET_EXCEEDED
+    return refused
 
 
 class UpstreamFailed(APIError):
@@ -140,11 +151,15 @@ class ServiceUnavailable(APIError):
 
 
 def api_error_response(exc: APIError) -> JSONResponse:
-    """The answer to an ``APIError``: its body, its status, ``WWW-Authenticate`` on a 401 and the
-    work a 5xx is bound to (``BOUND_TO_HEADER``)."""
+    """The answer to an ``APIError``: its body, its status, ``WWW-Authenticate`` on a 401, the
+    work a 5xx is bound to (``BOUND_TO_HEADER``) and, when final, ``x-should-retry: false``."""
     headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else {}
     if exc.bound_to is not None:
         headers[BOUND_TO_HEADER] = exc.bound_to
+    if exc.final:
+        headers[SHOULD_RETRY_HEADER] = "false"
+    if exc.request_id is not None:
+        headers["x-request-id"] = exc.request_id
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
 
 

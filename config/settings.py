@@ -143,6 +143,10 @@ class Settings(BaseSettings):
     # a storm passes, an account throttled for hours is an outage to look at. Within the batch's
     # completion window, which ends it anyway.
     rate_limit_retry_seconds: float = Field(default=6 * 3600.0, gt=0)
+    # The same budget for a single call (POST /v1/chat/completions), whose caller is waiting: past
+    # it the provider's 429 is its answer (a 429 to the caller, as the provider's own would be),
+    # rather than a wait until the API's sync_timeout_seconds.
+    interactive_rate_limit_retry_seconds: float = Field(default=60.0, gt=0)
     lease_seconds: int = Field(
         default=20,
         ge=2,

@@ -33,6 +33,8 @@ Directives, read from the last user message only (``[[...]]`` with another word 
     ``[[recall]]``                  the reply includes ``recall: A | B | ...``: every earlier assistant text
                                     and tool result of the conversation, in order.
     ``[[say TEXT]]``                the reply includes TEXT verbatim (several: one line each).
+    ``[[refuse TEXT]]``             the model refuses: ``message.refusal`` is TEXT, content null (streamed
+                                    as ``delta.refusal`` pieces), as OpenAI's structured outputs refuse.
     ``[[echo]]``                    the reply includes ``messages: JSON``: the ``messages`` array exactly as
                                     received (keys sorted, no spaces), to check what reached the provider.
     ``[[words N]]``                 a generated reply of N words.

@@ -54,6 +54,7 @@ class Choice:
     finish_reason: str = "stop"
     completion_tokens: int = 0
     logprobs: dict[str, Any] | None = None
+    refusal: str | None = None
 
 
 @dataclass
@@ -85,7 +86,8 @@ class Reply:
     def to_json(self) -> dict[str, Any]:
         choices = []
         for choice in self.choices:
-            message: dict[str, Any] = {"role": "assistant", "content": choice.content, "refusal": None}
+            message: dict[str, Any] = {"role": "assistant", "content": choice.content}
+            message["refusal"] = choice.refusal
             if choice.tool_calls:
                 message["tool_calls"] = [
                     {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
@@ -191,6 +193,9 @@ def build_reply(request: ChatRequest, *, reply_words: int | None = None) -> Repl
         if calls:
             choice = Choice(index, None, list(calls), "tool_calls")
             choice.completion_tokens = sum(count_tokens(c.name + c.arguments) for c in calls)
+        elif directives.refusal is not None:
+            choice = Choice(index, None, refusal=directives.refusal)
+            choice.completion_tokens = count_tokens(directives.refusal)
         else:
             content = _content(request, index, reply_words)
             choice = Choice(index, content, finish_reason="stop", completion_tokens=count_tokens(content))
@@ -450,12 +455,25 @@ def reply_chunks(
                 for start in range(0, len(call.arguments), chunk_chars):
                     piece = call.arguments[start : start + chunk_chars]
                     deltas.append({"tool_calls": [{"index": position, "function": {"arguments": piece}}]})
+        elif choice.refusal is not None:
+            deltas.append({"role": "assistant", "content": None, "refusal": ""})
+            refusal = choice.refusal
+            deltas += [{"refusal": refusal[i : i + chunk_chars]} for i in range(0, len(refusal), chunk_chars)]
         else:
             content = choice.content or ""
             deltas.append({"role": "assistant", "content": "", "refusal": None})
             deltas += [{"content": content[i : i + chunk_chars]} for i in range(0, len(content), chunk_chars)]
+        # Asked for, each text chunk carries the logprobs of the tokens it starts (as OpenAI's do).
+        tokens = (choice.logprobs or {}).get("content") or []
+        sent = 0
         for delta in deltas:
-            yield chunk([{"index": choice.index, "delta": delta, "logprobs": None, "finish_reason": None}])
+            logprobs = None
+            if tokens and delta.get("content"):
+                upto = sent + len(delta["content"])
+                logprobs = {"content": tokens[-(-sent // 4) : -(-upto // 4)], "refusal": None}
+                sent = upto
+            choices = [{"index": choice.index, "delta": delta, "logprobs": logprobs, "finish_reason": None}]
+            yield chunk(choices)
             if empty_chunks:
                 yield filler()
         yield chunk(

@@ -23,6 +23,7 @@ _KEYWORDS = frozenset(
         "break_stream",
         "words",
         "say",
+        "refuse",
         "cached",
         "reasoning",
         "empty_chunks",
@@ -60,6 +61,7 @@ class Directives:
     break_stream_after: int | None = None
     words: int | None = None
     say: list[str] = field(default_factory=list)
+    refusal: str | None = None  # ``[[refuse TEXT]]``: the model declines, saying TEXT
     cached_tokens: int = 0
     reasoning_tokens: int = 0
     empty_chunks: bool = False
@@ -109,6 +111,9 @@ def parse_directives(text: str) -> Directives:
         position = end + 2
         if keyword == "say":
             found.say.append(text[match.end() : end].strip())
+            continue
+        if keyword == "refuse":
+            found.refusal = text[match.end() : end].strip() or "I can't help with that."
             continue
         args = [a for a in text[match.end() : end].split() if "=" not in a]
         options = dict(a.partition("=")[::2] for a in text[match.end() : end].split() if "=" in a)

@@ -52,9 +52,14 @@ def get_file(engine: Engine, file_id: str, tenant_id: str | None = None) -> File
 
 
 def list_files(
-    engine: Engine, tenant_id: str, purpose: str | None = None, after: str | None = None, limit: int = 100
+    engine: Engine,
+    tenant_id: str,
+    purpose: str | None = None,
+    after: str | None = None,
+    limit: int = 100,
+    newest_first: bool = True,
 ) -> list[File]:
-    """Newest first; ``after`` is the id of the last file of the previous page."""
+    """Newest first (else oldest first); ``after`` is the id of the last file of the previous page."""
     query = sa.select(File).where(File.tenant_id == tenant_id)
     if purpose is not None:
         query = query.where(File.purpose == purpose)
@@ -64,8 +69,13 @@ def list_files(
         cursor = (
             sa.select(File.created_at).where(File.id == after, File.tenant_id == tenant_id).scalar_subquery()
         )
-        query = query.where(sa.tuple_(File.created_at, File.id) < sa.tuple_(cursor, after))
-    query = query.order_by(File.created_at.desc(), File.id.desc()).limit(limit)
+        position, past = sa.tuple_(File.created_at, File.id), sa.tuple_(cursor, after)
+        query = query.where(position < past if newest_first else position > past)
+    if newest_first:
+        query = query.order_by(File.created_at.desc(), File.id.desc())
+    else:
+        query = query.order_by(File.created_at.asc(), File.id.asc())
+    query = query.limit(limit)
     with Session(engine, expire_on_commit=False) as session:
         return list(session.scalars(query))
 

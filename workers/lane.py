@@ -104,8 +104,10 @@ class LaneConsumer:
         lease_seconds: int,
         in_flight: int,
         max_deliveries: int,
+        rate_limit_retry_seconds: float | None = None,
     ) -> None:
         self.engine = engine
+        self.rate_limit_retry_seconds = rate_limit_retry_seconds
         self.pipeline = pipeline
         self.transport = transport
         self.owner = owner
@@ -263,16 +265,25 @@ class LaneConsumer:
                 return await self._answer(request.id, None, stream)
             except RetryLater as later:
                 # Back in line with its delay, as a chunk hands a request back; the sweeper
-                # sends it on (the API keeps waiting for the ledger).
+                # sends it on (the API keeps waiting for the ledger). Its rate-limit budget
+                # starts with the provider's first "later", as a chunk's does.
+                now = time.time()
+                budget = self.rate_limit_retry_seconds
+                deadline = int(now + budget) if budget is not None and later.error is not None else None
+                not_before = int(now + later.delay) + 1
+                budget_end = request.retry_deadline if request.retry_deadline is not None else deadline
+                if budget_end is not None:
+                    not_before = min(not_before, budget_end)
                 await self._ledger(
                     release_requests,
                     self.engine,
                     [request.id],
                     self.owner,
                     str(later),
-                    int(time.time() + later.delay) + 1,
+                    not_before,
                     handed_back=True,
                     upstream_attempts=later.attempts,
+                    retry_deadline=deadline,
                 )
                 return False
         if request.handed_back_attempts:
@@ -448,6 +459,9 @@ async def _serve(ready: threading.Event) -> None:
         lease_seconds=settings.lease_seconds,
         in_flight=in_flight,
         max_deliveries=settings.max_attempts,
+        rate_limit_retry_seconds=min(
+            settings.interactive_rate_limit_retry_seconds, settings.rate_limit_retry_seconds
+        ),
     )
     ready.set()
     try:

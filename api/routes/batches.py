@@ -21,7 +21,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request
 from fastapi.responses import StreamingResponse
@@ -70,6 +70,17 @@ async def _dispatch_or_leave_to_sweeper(app: Any, engine: Engine, batch_id: str)
     return True
 
 
+class OutputExpiresAfter(BaseModel):
+    """OpenAI's ``output_expires_after``, checked as OpenAI checks it (1 hour to 30 days after
+    creation). Output files are made from the ledger and kept until deleted: an expiry asked for
+    never shortens what is kept."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=3600, le=2_592_000)
+
+
 class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -77,6 +88,7 @@ class BatchCreate(BaseModel):
     endpoint: str = Field(max_length=100)
     completion_window: str = Field(default="24h", max_length=16)
     metadata: dict[str, str] | None = None
+    output_expires_after: OutputExpiresAfter | None = None  # the openai SDK's own argument
     # tokenmill extensions
     model: str | None = Field(default=None, description="default model for short-form lines")
     skip_invalid: bool = False

@@ -34,6 +34,7 @@ from api.errors import (
     BOUND_TO_HEADER,
     APIError,
     InvalidRequest,
+    RateLimitExceeded,
     ServiceUnavailable,
     UpstreamFailed,
     api_error_response,
@@ -41,7 +42,7 @@ from api.errors import (
 )
 from api.routes.single_request import json_object_body
 from config import Settings
-from models.openai.results import NON_TEXT_PARTS
+from models.openai.results import NON_TEXT_PARTS, RESPONSE_INVALID, USAGE_INVALID
 from store.ids import new_id
 from store.interactive import (
     InteractiveOutcome,
@@ -87,25 +88,42 @@ def _upstream_refused(outcome: InteractiveOutcome) -> UpstreamFailed | None:
     if outcome.status_code not in store.UPSTREAM_AUTHENTICATION_STATUSES:
         return None
     message = outcome.error_message or "the request was refused"
-    return UpstreamFailed(
+    refused = UpstreamFailed(
         f"the model provider refused tokenmill's credentials (HTTP {outcome.status_code}); your API key "
         f"is not in question, the operator's access to the provider is: {message}",
         code=store.UPSTREAM_AUTHENTICATION_FAILED,
     )
+    refused.final = True  # until the operator mends the credentials, every retry is refused too
+    return refused
+
+
+_BILLED_FAILURES = frozenset({RESPONSE_INVALID, USAGE_INVALID})
 
 
 def _error_for(outcome: InteractiveOutcome) -> APIError:
+    error = _error_of(outcome)
+    error.request_id = outcome.request_id
+    return error
+
+
+def _error_of(outcome: InteractiveOutcome) -> APIError:
     status_code = outcome.status_code or 0
     message = outcome.error_message or "the request failed"
     refused = _upstream_refused(outcome)
     if refused is not None:
         return refused
-    if 400 <= status_code < 500 and status_code != 429:
+    if status_code == 429:
+        # The provider's refusal for load, past the call's retry budget: as the provider said it.
+        return RateLimitExceeded(message, code=outcome.error_code)
+    if 400 <= status_code < 500:
         failure = APIError(message, code=outcome.error_code)
         failure.status_code = status_code
         failure.type = "invalid_request_error"
         return failure
-    return UpstreamFailed(f"the model provider failed: {message}", code=outcome.error_code)
+    failed = UpstreamFailed(f"the model provider failed: {message}", code=outcome.error_code)
+    # An answer the provider billed but that cannot be read or recorded: asked again, it is paid again.
+    failed.final = outcome.error_code in _BILLED_FAILURES
+    return failed
 
 
 def _succeeded(outcome: InteractiveOutcome) -> bool:
@@ -417,12 +435,18 @@ class _ChunkWriter:
                 delta["content"] = content.removeprefix(self.sent_text)
             elif index != 0:
                 delta = {"role": "assistant", "content": content}
+            if message.get("refusal"):  # not relayed as it came: all of it here
+                delta["refusal"] = message["refusal"]
             if message.get(NON_TEXT_PARTS):  # content parts that are no text: said once, at the end
                 delta[NON_TEXT_PARTS] = message[NON_TEXT_PARTS]
             if message.get("tool_calls"):
                 delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
             self.started = True
             end = {"index": index, "delta": delta, "finish_reason": choice.get("finish_reason") or "stop"}
+            if choice.get("logprobs"):
+                # The relayed chunks carry text only: the logprobs the answer holds come here, at
+                # its end (clients add up every chunk's).
+                end["logprobs"] = choice["logprobs"]
             last = index == choices[-1].get("index", 0) if choices else True
             event: dict[str, Any] = {**self.base, "choices": [end]}
             if last:

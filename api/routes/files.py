@@ -8,7 +8,7 @@ from __future__ import annotations
 import secrets
 import shutil
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
@@ -99,8 +99,11 @@ def list_files(
     purpose: Annotated[str | None, Query(pattern=r"^[a-z_-]{1,32}$")] = None,
     after: AfterCursor = None,
     limit: int = Query(100, ge=1, le=10_000),
+    order: Literal["asc", "desc"] = "desc",
 ) -> dict[str, Any]:
-    files = store.list_files(engine, tenant.id, purpose=purpose, after=after, limit=limit + 1)
+    files = store.list_files(
+        engine, tenant.id, purpose=purpose, after=after, limit=limit + 1, newest_first=order == "desc"
+    )
     page = files[:limit]
     return {
         "object": "list",

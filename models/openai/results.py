@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -407,10 +408,13 @@ class StreamAccumulator:
         self.chunks = 0
         self._text: list[str] = []
         self._reasoning: list[str] = []
+        self._refusal: list[str] = []
         self._other_parts: list[Any] = []  # content parts that are no text (``NON_TEXT_PARTS``)
         self._calls: dict[int, dict[str, Any]] = {}
         self._logprobs: list[Any] = []  # as sent (the raw body's)
         self._checked_logprobs: list[ChatCompletionTokenLogprob] = []
+        # Choices past the first (``n`` > 1): the caller's too, and billed; read off the hot path.
+        self._other_choices: dict[int, _OtherChoice] = {}
 
     def add(self, chunk: Mapping[str, Any]) -> str | None:
         """Take one chunk; returns its text delta (of the first choice), if any. A chunk of the
@@ -456,6 +460,7 @@ class StreamAccumulator:
             if not isinstance(choice, Mapping):
                 raise _wrong(f"choices[{i}]", choice, "an object")
             if choice.get("index", 0) != 0:
+                self._add_other_choice(choice, f"choices[{i}]")
                 continue
             finish_reason = choice.get("finish_reason")
             if finish_reason is not None and not isinstance(finish_reason, str):
@@ -475,6 +480,11 @@ class StreamAccumulator:
             reasoning = _reasoning_of(delta)
             if reasoning:
                 self._reasoning.append(reasoning)
+            refusal = delta.get("refusal")
+            if refusal:
+                if not isinstance(refusal, str):
+                    raise _wrong(f"choices[{i}].delta.refusal", refusal, "a string")
+                self._refusal.append(refusal)
             content = delta.get("content")
             if isinstance(content, list):
                 parts = _ContentParts()
@@ -493,59 +503,86 @@ class StreamAccumulator:
                 if not isinstance(calls, (list, tuple)):
                     raise _wrong(f"choices[{i}].delta.tool_calls", calls, "an array")
                 for j, call in enumerate(calls):
-                    self._add_call_delta(call, f"choices[{i}].delta.tool_calls[{j}]")
+                    _add_call_delta(self._calls, call, f"choices[{i}].delta.tool_calls[{j}]")
         return text
 
-    def _add_call_delta(self, delta: Any, where: str) -> None:
-        if not isinstance(delta, Mapping):
-            raise _wrong(where, delta, "an object")
-        index = delta.get("index")
-        if index is None:
-            index = len(self._calls)
-        elif isinstance(index, bool) or not isinstance(index, int):
+    def _add_other_choice(self, choice: Mapping[str, Any], where: str) -> None:
+        index = choice.get("index")
+        if isinstance(index, bool) or not isinstance(index, int):
             raise _wrong(f"{where}.index", index, "an integer")
-        call_id = _text(delta.get("id"), f"{where}.id")
-        function = _mapping(delta.get("function"), f"{where}.function")
-        name = _text(function.get("name"), f"{where}.function.name")
-        arguments = _text(function.get("arguments"), f"{where}.function.arguments")
-        call = self._calls.setdefault(index, {"id": "", "name": "", "arguments": []})
-        if call_id:
-            call["id"] = call_id
-        if name:
-            call["name"] += name
-        if arguments:
-            call["arguments"].append(arguments)
+        other = self._other_choices.setdefault(index, _OtherChoice())
+        finish_reason = choice.get("finish_reason")
+        if finish_reason is not None and not isinstance(finish_reason, str):
+            raise _wrong(f"{where}.finish_reason", finish_reason, "a string")
+        if finish_reason:
+            other.finish_reason = finish_reason
+        logprobs = choice.get("logprobs")
+        if isinstance(logprobs, Mapping) and isinstance(logprobs.get("content"), list):
+            _token_logprobs(logprobs["content"], f"{where}.logprobs.content")
+            other.logprobs.extend(logprobs["content"])
+        delta = choice.get("delta")
+        if delta is None:
+            return
+        if not isinstance(delta, Mapping):
+            raise _wrong(f"{where}.delta", delta, "an object")
+        reasoning = _reasoning_of(delta)
+        if reasoning:
+            other.reasoning.append(reasoning)
+        refusal = delta.get("refusal")
+        if refusal:
+            if not isinstance(refusal, str):
+                raise _wrong(f"{where}.delta.refusal", refusal, "a string")
+            other.refusal.append(refusal)
+        content = delta.get("content")
+        if isinstance(content, list):
+            parts = _ContentParts()
+            parts.read(content, f"{where}.delta.content")
+            other.reasoning += parts.thinking
+            other.other_parts += parts.other
+            content = "".join(parts.text)
+        if isinstance(content, str):
+            other.text.append(content)
+        elif content is not None:
+            raise _wrong(f"{where}.delta.content", content, "a string")
+        calls = delta.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, (list, tuple)):
+                raise _wrong(f"{where}.delta.tool_calls", calls, "an array")
+            for j, call in enumerate(calls):
+                _add_call_delta(other.calls, call, f"{where}.delta.tool_calls[{j}]")
+
+    def _raw_other_choices(self) -> list[dict[str, Any]]:
+        return [
+            _raw_choice(
+                index,
+                "".join(other.text),
+                "".join(other.reasoning) or None,
+                "".join(other.refusal) or None,
+                _function_calls(other.calls),
+                other.logprobs,
+                other.finish_reason,
+                other.other_parts,
+            )
+            for index, other in sorted(self._other_choices.items())
+        ]
 
     def result(self) -> CreateResult:
         """The whole answer; ``raw_response`` is the ``chat.completion`` body the chunks add up to."""
-        calls = [
-            FunctionCall(id=call["id"], name=call["name"], arguments="".join(call["arguments"]))
-            for _, call in sorted(self._calls.items())
-        ]
+        calls = _function_calls(self._calls)
         raw_text = "".join(self._text)
         reasoning = "".join(self._reasoning) or None
         content, finish_reason, thought = _content_and_reason(raw_text, calls, self.finish_reason, reasoning)
         logprobs = list(self._checked_logprobs) or None
-        message: dict[str, Any] = {"role": "assistant", "content": raw_text or None}
-        if reasoning:
-            message["reasoning_content"] = reasoning
-        if self._other_parts:
-            message[NON_TEXT_PARTS] = self._other_parts
-        if calls:
-            message["tool_calls"] = [openai_tool_call(c) for c in calls]
+        refusal = "".join(self._refusal) or None
+        first = _raw_choice(
+            0, raw_text, reasoning, refusal, calls, self._logprobs, self.finish_reason, self._other_parts
+        )
         raw: dict[str, Any] = {
             "id": self.response_id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": message,
-                    "logprobs": {"content": self._logprobs} if self._logprobs else None,
-                    "finish_reason": self.finish_reason,
-                }
-            ],
+            "choices": [first, *self._raw_other_choices()] if self._other_choices else [first],
         }
         if self.system_fingerprint:
             raw["system_fingerprint"] = self.system_fingerprint
@@ -562,6 +599,75 @@ class StreamAccumulator:
             response_id=self.response_id,
             raw_response=raw,
         )
+
+
+@dataclass
+class _OtherChoice:
+    """What the chunks said of one choice past the first."""
+
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    refusal: list[str] = field(default_factory=list)
+    calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    logprobs: list[Any] = field(default_factory=list)
+    finish_reason: str | None = None
+    other_parts: list[Any] = field(default_factory=list)  # content parts that are no text
+
+
+def _add_call_delta(calls: dict[int, dict[str, Any]], delta: Any, where: str) -> None:
+    if not isinstance(delta, Mapping):
+        raise _wrong(where, delta, "an object")
+    index = delta.get("index")
+    if index is None:
+        index = len(calls)
+    elif isinstance(index, bool) or not isinstance(index, int):
+        raise _wrong(f"{where}.index", index, "an integer")
+    call_id = _text(delta.get("id"), f"{where}.id")
+    function = _mapping(delta.get("function"), f"{where}.function")
+    name = _text(function.get("name"), f"{where}.function.name")
+    arguments = _text(function.get("arguments"), f"{where}.function.arguments")
+    call = calls.setdefault(index, {"id": "", "name": "", "arguments": []})
+    if call_id:
+        call["id"] = call_id
+    if name:
+        call["name"] += name
+    if arguments:
+        call["arguments"].append(arguments)
+
+
+def _function_calls(calls: dict[int, dict[str, Any]]) -> list[FunctionCall]:
+    return [
+        FunctionCall(id=call["id"], name=call["name"], arguments="".join(call["arguments"]))
+        for _, call in sorted(calls.items())
+    ]
+
+
+def _raw_choice(
+    index: int,
+    text: str,
+    reasoning: str | None,
+    refusal: str | None,
+    calls: list[FunctionCall],
+    logprobs: list[Any],
+    finish_reason: str | None,
+    other_parts: list[Any],
+) -> dict[str, Any]:
+    """One choice of the ``chat.completion`` body a stream adds up to."""
+    message: dict[str, Any] = {"role": "assistant", "content": text or None}
+    if refusal:
+        message["refusal"] = refusal
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if other_parts:
+        message[NON_TEXT_PARTS] = other_parts
+    if calls:
+        message["tool_calls"] = [openai_tool_call(c) for c in calls]
+    return {
+        "index": index,
+        "message": message,
+        "logprobs": {"content": logprobs} if logprobs else None,
+        "finish_reason": finish_reason,
+    }
 
 
 def _usage_body(usage: RequestUsage) -> dict[str, Any]:

@@ -205,3 +205,28 @@ async def test_a_cached_answer_replays_the_same_text(
     assert hit.raw_response is not None
     assert hit.raw_response["choices"][0]["message"]["content"] == expected
     assert simulator.stats()["completions"] == 2, "the direct look at the parts, and the one paid call"
+
+
+def test_a_streamed_choice_past_the_first_reads_its_parts_too() -> None:
+    """With ``n`` > 1, every streamed choice is the caller's (and billed): its content parts are
+    its text, and its parts that are no text are kept aside, as the first choice's are."""
+    accumulator = StreamAccumulator("m")
+    for index in (0, 1):
+        parts = [
+            {"type": "text", "text": f"choice {index}"},
+            {"type": "image_url", "image_url": {"url": "x"}},
+        ]
+        accumulator.add({"choices": [{"index": index, "delta": {"content": parts}}]})
+        accumulator.add({"choices": [{"index": index, "delta": {}, "finish_reason": "stop"}]})
+    result = accumulator.result()
+    assert result.content == "choice 0"
+    assert result.raw_response is not None
+    messages = [choice["message"] for choice in result.raw_response["choices"]]
+    assert [m["content"] for m in messages] == ["choice 0", "choice 1"]
+    assert [m[NON_TEXT_PARTS] for m in messages] == [[{"type": "image_url", "image_url": {"url": "x"}}]] * 2
+    with pytest.raises(InvalidProviderResponse) as caught:
+        StreamAccumulator("m").add(
+            {"choices": [{"index": 1, "delta": {"content": [{"type": "text", "text": 3}]}}]}
+        )
+    assert caught.value.code == RESPONSE_INVALID
+    assert "choices[0].delta.content[0].text" in str(caught.value)

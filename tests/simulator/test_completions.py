@@ -126,6 +126,42 @@ def test_stream_matches_the_plain_reply_and_reports_usage(client: openai.OpenAI)
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_a_stream_carries_the_logprobs_of_its_text(client: openai.OpenAI) -> None:
+    """Each text chunk carries the logprobs of the tokens it starts: together, the plain reply's."""
+    options: dict[str, Any] = {"logprobs": True, "top_logprobs": 2}
+    plain = ask(client, "Weigh this [[words 12]]", **options)
+    assert plain.choices[0].logprobs is not None
+    chunks = list(
+        client.chat.completions.create(
+            model="sim-small",
+            messages=[{"role": "user", "content": "Weigh this [[words 12]]"}],
+            stream=True,
+            **options,
+        )
+    )
+    carrying = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs is not None]
+    assert len(carrying) > 1  # spread over the chunks
+    streamed = [item for logprobs in carrying for item in logprobs.content or []]
+    assert streamed == plain.choices[0].logprobs.content
+
+
+def test_a_refusal_is_answered_and_streamed_as_openai_refuses(client: openai.OpenAI) -> None:
+    plain = ask(client, "Do the bad thing [[refuse I will not do that, sorry.]]")
+    assert (plain.choices[0].message.content, plain.choices[0].message.refusal) == (
+        None,
+        "I will not do that, sorry.",
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model="sim-small",
+            messages=[{"role": "user", "content": "Do the bad thing [[refuse I will not do that, sorry.]]"}],
+            stream=True,
+        )
+    )
+    assert "".join(c.choices[0].delta.refusal or "" for c in chunks) == "I will not do that, sorry."
+    assert all(not c.choices[0].delta.content for c in chunks)
+
+
 def test_stream_without_include_usage_sends_no_usage(client: openai.OpenAI) -> None:
     chunks = list(
         client.chat.completions.create(

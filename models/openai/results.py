@@ -403,18 +403,16 @@ class StreamAccumulator:
         self.response_id: str | None = None
         self.created: int | None = None
         self.system_fingerprint: str | None = None
-        self.finish_reason: str | None = None
         self.usage_body: dict[str, Any] | None = None
         self.chunks = 0
-        self._text: list[str] = []
-        self._reasoning: list[str] = []
-        self._refusal: list[str] = []
-        self._other_parts: list[Any] = []  # content parts that are no text (``NON_TEXT_PARTS``)
-        self._calls: dict[int, dict[str, Any]] = {}
-        self._logprobs: list[Any] = []  # as sent (the raw body's)
-        self._checked_logprobs: list[ChatCompletionTokenLogprob] = []
-        # Choices past the first (``n`` > 1): the caller's too, and billed; read off the hot path.
-        self._other_choices: dict[int, _OtherChoice] = {}
+        self._first = _ChoiceFold()
+        # Choices past the first (``n`` > 1): the caller's too, and billed.
+        self._other_choices: dict[int, _ChoiceFold] = {}
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The first choice's ``finish_reason`` so far (None: the stream has not said it)."""
+        return self._first.finish_reason
 
     def add(self, chunk: Mapping[str, Any]) -> str | None:
         """Take one chunk; returns its text delta (of the first choice), if any. A chunk of the
@@ -459,130 +457,32 @@ class StreamAccumulator:
         for i, choice in enumerate(choices):
             if not isinstance(choice, Mapping):
                 raise _wrong(f"choices[{i}]", choice, "an object")
-            if choice.get("index", 0) != 0:
-                self._add_other_choice(choice, f"choices[{i}]")
+            index = choice.get("index", 0)
+            if index == 0:
+                added = self._first.add(choice, f"choices[{i}]")
+                if added:
+                    text = added if text is None else text + added
                 continue
-            finish_reason = choice.get("finish_reason")
-            if finish_reason is not None and not isinstance(finish_reason, str):
-                raise _wrong(f"choices[{i}].finish_reason", finish_reason, "a string")
-            if finish_reason:
-                self.finish_reason = finish_reason
-            logprobs = choice.get("logprobs")
-            if isinstance(logprobs, Mapping) and isinstance(logprobs.get("content"), list):
-                items = logprobs["content"]
-                self._checked_logprobs.extend(_token_logprobs(items, f"choices[{i}].logprobs.content"))
-                self._logprobs.extend(items)
-            delta = choice.get("delta")
-            if delta is None:
-                continue
-            if not isinstance(delta, Mapping):
-                raise _wrong(f"choices[{i}].delta", delta, "an object")
-            reasoning = _reasoning_of(delta)
-            if reasoning:
-                self._reasoning.append(reasoning)
-            refusal = delta.get("refusal")
-            if refusal:
-                if not isinstance(refusal, str):
-                    raise _wrong(f"choices[{i}].delta.refusal", refusal, "a string")
-                self._refusal.append(refusal)
-            content = delta.get("content")
-            if isinstance(content, list):
-                parts = _ContentParts()
-                parts.read(content, f"choices[{i}].delta.content")
-                self._reasoning += parts.thinking
-                self._other_parts += parts.other
-                content = "".join(parts.text)
-            if isinstance(content, str):
-                if content:
-                    self._text.append(content)
-                    text = content if text is None else text + content
-            elif content is not None:
-                raise _wrong(f"choices[{i}].delta.content", content, "a string")
-            calls = delta.get("tool_calls")
-            if calls is not None:
-                if not isinstance(calls, (list, tuple)):
-                    raise _wrong(f"choices[{i}].delta.tool_calls", calls, "an array")
-                for j, call in enumerate(calls):
-                    _add_call_delta(self._calls, call, f"choices[{i}].delta.tool_calls[{j}]")
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise _wrong(f"choices[{i}].index", index, "an integer")
+            self._other_choices.setdefault(index, _ChoiceFold()).add(choice, f"choices[{i}]")
         return text
-
-    def _add_other_choice(self, choice: Mapping[str, Any], where: str) -> None:
-        index = choice.get("index")
-        if isinstance(index, bool) or not isinstance(index, int):
-            raise _wrong(f"{where}.index", index, "an integer")
-        other = self._other_choices.setdefault(index, _OtherChoice())
-        finish_reason = choice.get("finish_reason")
-        if finish_reason is not None and not isinstance(finish_reason, str):
-            raise _wrong(f"{where}.finish_reason", finish_reason, "a string")
-        if finish_reason:
-            other.finish_reason = finish_reason
-        logprobs = choice.get("logprobs")
-        if isinstance(logprobs, Mapping) and isinstance(logprobs.get("content"), list):
-            _token_logprobs(logprobs["content"], f"{where}.logprobs.content")
-            other.logprobs.extend(logprobs["content"])
-        delta = choice.get("delta")
-        if delta is None:
-            return
-        if not isinstance(delta, Mapping):
-            raise _wrong(f"{where}.delta", delta, "an object")
-        reasoning = _reasoning_of(delta)
-        if reasoning:
-            other.reasoning.append(reasoning)
-        refusal = delta.get("refusal")
-        if refusal:
-            if not isinstance(refusal, str):
-                raise _wrong(f"{where}.delta.refusal", refusal, "a string")
-            other.refusal.append(refusal)
-        content = delta.get("content")
-        if isinstance(content, list):
-            parts = _ContentParts()
-            parts.read(content, f"{where}.delta.content")
-            other.reasoning += parts.thinking
-            other.other_parts += parts.other
-            content = "".join(parts.text)
-        if isinstance(content, str):
-            other.text.append(content)
-        elif content is not None:
-            raise _wrong(f"{where}.delta.content", content, "a string")
-        calls = delta.get("tool_calls")
-        if calls is not None:
-            if not isinstance(calls, (list, tuple)):
-                raise _wrong(f"{where}.delta.tool_calls", calls, "an array")
-            for j, call in enumerate(calls):
-                _add_call_delta(other.calls, call, f"{where}.delta.tool_calls[{j}]")
-
-    def _raw_other_choices(self) -> list[dict[str, Any]]:
-        return [
-            _raw_choice(
-                index,
-                "".join(other.text),
-                "".join(other.reasoning) or None,
-                "".join(other.refusal) or None,
-                _function_calls(other.calls),
-                other.logprobs,
-                other.finish_reason,
-                other.other_parts,
-            )
-            for index, other in sorted(self._other_choices.items())
-        ]
 
     def result(self) -> CreateResult:
         """The whole answer; ``raw_response`` is the ``chat.completion`` body the chunks add up to."""
-        calls = _function_calls(self._calls)
-        raw_text = "".join(self._text)
-        reasoning = "".join(self._reasoning) or None
-        content, finish_reason, thought = _content_and_reason(raw_text, calls, self.finish_reason, reasoning)
-        logprobs = list(self._checked_logprobs) or None
-        refusal = "".join(self._refusal) or None
-        first = _raw_choice(
-            0, raw_text, reasoning, refusal, calls, self._logprobs, self.finish_reason, self._other_parts
-        )
+        first = self._first
+        calls = _function_calls(first.calls)
+        raw_text = "".join(first.text)
+        reasoning = "".join(first.reasoning) or None
+        content, finish_reason, thought = _content_and_reason(raw_text, calls, first.finish_reason, reasoning)
+        raw_choices = [first.raw_choice(0)]
+        raw_choices += [other.raw_choice(index) for index, other in sorted(self._other_choices.items())]
         raw: dict[str, Any] = {
             "id": self.response_id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [first, *self._raw_other_choices()] if self._other_choices else [first],
+            "choices": raw_choices,
         }
         if self.system_fingerprint:
             raw["system_fingerprint"] = self.system_fingerprint
@@ -593,7 +493,7 @@ class StreamAccumulator:
             content=content,
             usage=usage_from_openai(self.usage_body),
             cached=False,
-            logprobs=logprobs,
+            logprobs=list(first.checked_logprobs) or None,
             thought=thought,
             model=self.model,
             response_id=self.response_id,
@@ -602,16 +502,79 @@ class StreamAccumulator:
 
 
 @dataclass
-class _OtherChoice:
-    """What the chunks said of one choice past the first."""
+class _ChoiceFold:
+    """What a stream's chunks said of one choice, folded as they come."""
 
     text: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
     refusal: list[str] = field(default_factory=list)
-    calls: dict[int, dict[str, Any]] = field(default_factory=dict)
-    logprobs: list[Any] = field(default_factory=list)
-    finish_reason: str | None = None
     other_parts: list[Any] = field(default_factory=list)  # content parts that are no text
+    calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+    logprobs: list[Any] = field(default_factory=list)  # as sent (the raw body's)
+    checked_logprobs: list[ChatCompletionTokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add(self, choice: Mapping[str, Any], where: str) -> str | None:
+        """Fold one chunk's ``choice`` in; its text delta, if any. Raises ``_WrongShape``."""
+        finish_reason = choice.get("finish_reason")
+        if finish_reason is not None and not isinstance(finish_reason, str):
+            raise _wrong(f"{where}.finish_reason", finish_reason, "a string")
+        if finish_reason:
+            self.finish_reason = finish_reason
+        logprobs = choice.get("logprobs")
+        if isinstance(logprobs, Mapping) and isinstance(logprobs.get("content"), list):
+            items = logprobs["content"]
+            self.checked_logprobs.extend(_token_logprobs(items, f"{where}.logprobs.content"))
+            self.logprobs.extend(items)
+        delta = choice.get("delta")
+        if delta is None:
+            return None
+        if not isinstance(delta, Mapping):
+            raise _wrong(f"{where}.delta", delta, "an object")
+        reasoning = _reasoning_of(delta)
+        if reasoning:
+            self.reasoning.append(reasoning)
+        refusal = delta.get("refusal")
+        if refusal:
+            if not isinstance(refusal, str):
+                raise _wrong(f"{where}.delta.refusal", refusal, "a string")
+            self.refusal.append(refusal)
+        content = delta.get("content")
+        if isinstance(content, list):
+            parts = _ContentParts()
+            parts.read(content, f"{where}.delta.content")
+            self.reasoning += parts.thinking
+            self.other_parts += parts.other
+            content = "".join(parts.text)
+        if content is not None and not isinstance(content, str):
+            raise _wrong(f"{where}.delta.content", content, "a string")
+        if content:
+            self.text.append(content)
+        calls = delta.get("tool_calls")
+        if calls is not None:
+            if not isinstance(calls, (list, tuple)):
+                raise _wrong(f"{where}.delta.tool_calls", calls, "an array")
+            for j, call in enumerate(calls):
+                _add_call_delta(self.calls, call, f"{where}.delta.tool_calls[{j}]")
+        return content or None
+
+    def raw_choice(self, index: int) -> dict[str, Any]:
+        """This choice in the ``chat.completion`` body the stream adds up to."""
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.text) or None}
+        if self.refusal:
+            message["refusal"] = "".join(self.refusal)
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        if self.other_parts:
+            message[NON_TEXT_PARTS] = self.other_parts
+        if self.calls:
+            message["tool_calls"] = [openai_tool_call(c) for c in _function_calls(self.calls)]
+        return {
+            "index": index,
+            "message": message,
+            "logprobs": {"content": self.logprobs} if self.logprobs else None,
+            "finish_reason": self.finish_reason,
+        }
 
 
 def _add_call_delta(calls: dict[int, dict[str, Any]], delta: Any, where: str) -> None:
@@ -640,34 +603,6 @@ def _function_calls(calls: dict[int, dict[str, Any]]) -> list[FunctionCall]:
         FunctionCall(id=call["id"], name=call["name"], arguments="".join(call["arguments"]))
         for _, call in sorted(calls.items())
     ]
-
-
-def _raw_choice(
-    index: int,
-    text: str,
-    reasoning: str | None,
-    refusal: str | None,
-    calls: list[FunctionCall],
-    logprobs: list[Any],
-    finish_reason: str | None,
-    other_parts: list[Any],
-) -> dict[str, Any]:
-    """One choice of the ``chat.completion`` body a stream adds up to."""
-    message: dict[str, Any] = {"role": "assistant", "content": text or None}
-    if refusal:
-        message["refusal"] = refusal
-    if reasoning:
-        message["reasoning_content"] = reasoning
-    if other_parts:
-        message[NON_TEXT_PARTS] = other_parts
-    if calls:
-        message["tool_calls"] = [openai_tool_call(c) for c in calls]
-    return {
-        "index": index,
-        "message": message,
-        "logprobs": {"content": logprobs} if logprobs else None,
-        "finish_reason": finish_reason,
-    }
 
 
 def _usage_body(usage: RequestUsage) -> dict[str, Any]:

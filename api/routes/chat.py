@@ -97,7 +97,11 @@ def _upstream_refused(outcome: InteractiveOutcome) -> UpstreamFailed | None:
     return refused
 
 
-_BILLED_FAILURES = frozenset({RESPONSE_INVALID, USAGE_INVALID})
+# The provider's 429 for the operator's account out of credit (models.errors.QuotaExceeded):
+# billing, not load, and not the caller's quota: a 502 naming the provider, as a refusal of
+# tokenmill's credentials is, never the caller's own 429.
+_PROVIDER_OUT_OF_CREDIT = "insufficient_quota"
+_FINAL_FAILURES = frozenset({RESPONSE_INVALID, USAGE_INVALID, _PROVIDER_OUT_OF_CREDIT})
 
 
 def _error_for(outcome: InteractiveOutcome) -> APIError:
@@ -112,17 +116,18 @@ def _error_of(outcome: InteractiveOutcome) -> APIError:
     refused = _upstream_refused(outcome)
     if refused is not None:
         return refused
-    if status_code == 429:
+    if status_code == 429 and outcome.error_code != _PROVIDER_OUT_OF_CREDIT:
         # The provider's refusal for load, past the call's retry budget: as the provider said it.
         return RateLimitExceeded(message, code=outcome.error_code)
-    if 400 <= status_code < 500:
+    if 400 <= status_code < 500 and status_code != 429:
         failure = APIError(message, code=outcome.error_code)
         failure.status_code = status_code
         failure.type = "invalid_request_error"
         return failure
     failed = UpstreamFailed(f"the model provider failed: {message}", code=outcome.error_code)
-    # An answer the provider billed but that cannot be read or recorded: asked again, it is paid again.
-    failed.final = outcome.error_code in _BILLED_FAILURES
+    # An answer the provider billed but that cannot be read or recorded: asked again, it is paid
+    # again. The operator's provider account out of credit: refused again until the operator pays.
+    failed.final = outcome.error_code in _FINAL_FAILURES
     return failed
 
 

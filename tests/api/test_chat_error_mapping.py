@@ -1,0 +1,42 @@
+"""How a single call's failure, as the ledger keeps it, is answered to its caller: the status, the
+code and whether OpenAI's SDK may ask again (``x-should-retry``). The ledger's record is built as
+the lane builds it (``workers.runner.failed_record``, ``workers.lane.outcome_of``) from the error
+the provider's answer maps to."""
+
+from __future__ import annotations
+
+import json
+
+from api.errors import SHOULD_RETRY_HEADER, api_error_response
+from api.routes.chat import _error_for
+from models.errors import QuotaExceeded, RateLimited
+from workers.lane import outcome_of
+from workers.runner import failed_record
+
+
+def test_the_providers_insufficient_quota_is_no_rate_limit_of_the_caller() -> None:
+    """The operator's provider account out of credit (429 ``insufficient_quota``, permanent): a 502
+    naming the provider, ``x-should-retry: false``, as a refusal of tokenmill's credentials is. It
+    was answered as the caller's own 429 (``openai.RateLimitError`` with the provider's "You
+    exceeded your current quota"), which the SDK retries twice, each a new call refused again."""
+    error = QuotaExceeded(
+        "You exceeded your current quota, please check your plan and billing details.",
+        status_code=429,
+        code="insufficient_quota",
+    )
+    response = api_error_response(_error_for(outcome_of(failed_record("req_1", error, attempts=1))))
+    assert response.status_code == 502
+    body = json.loads(bytes(response.body))["error"]
+    assert (body["type"], body["code"]) == ("upstream_error", "insufficient_quota")
+    assert "model provider" in body["message"]
+    assert response.headers[SHOULD_RETRY_HEADER] == "false"
+    assert response.headers["x-request-id"] == "req_1"
+
+
+def test_a_rate_limit_past_the_calls_budget_stays_a_retryable_429() -> None:
+    """The provider's refusal for load past the call's budget: a 429 the SDK may ask again."""
+    error = RateLimited("Rate limit reached for requests.", status_code=429, code="rate_limit_exceeded")
+    response = api_error_response(_error_for(outcome_of(failed_record("req_2", error, attempts=3))))
+    assert response.status_code == 429
+    assert json.loads(bytes(response.body))["error"]["code"] == "rate_limit_exceeded"
+    assert SHOULD_RETRY_HEADER not in response.headers

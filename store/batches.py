@@ -152,8 +152,10 @@ def cancel_batch(engine: Engine, batch_id: str, now: int | None = None, *, error
         if movable is None:
             raise BatchNotFound(f"no batch {batch_id!r}")
         # An ended batch, or one cancelling already (a cancel sent again): nothing to lock.
-        locked = _lock_unfinished(conn, [batch_id], now) if movable else None
+        if movable:
+            _lock_unfinished(conn, [batch_id], now)
         if movable and move_batches(conn, BatchStatus.CANCELLING, now, Batch.id == batch_id):
+            locked = _lock_unfinished(conn, [batch_id], now, since_the_move=True)
             _cancel_unfinished(conn, [batch_id], now, error, among=locked)
             finalize_batches(conn, [batch_id], now)
     batch = get_batch(engine, batch_id)
@@ -176,7 +178,9 @@ def _unfinished(batch_ids: Sequence[str], now: int) -> sa.ColumnElement[bool]:
     )
 
 
-def _lock_unfinished(conn: Connection, batch_ids: Sequence[str], now: int) -> list[str] | None:
+def _lock_unfinished(
+    conn: Connection, batch_ids: Sequence[str], now: int, *, since_the_move: bool = False
+) -> list[str] | None:
     """Lock, in id order, the requests of ``batch_ids`` that ``_cancel_unfinished`` would end,
     before their batches' rows are locked; returns their ids (None on SQLite, whose writers take
     turns).
@@ -184,14 +188,21 @@ def _lock_unfinished(conn: Connection, batch_ids: Sequence[str], now: int) -> li
     Requests before their batch, as every transaction that takes both: a result ends its request,
     then counts it on the batch (``store.results``). A stop that moved its batch first, then
     waited for a request a late result had just ended, deadlocked with that result waiting for
-    the batch: PostgreSQL killed one of them after a second (tests/store/test_lock_order.py)."""
+    the batch: PostgreSQL killed one of them after a second (tests/store/test_lock_order.py).
+
+    ``since_the_move``: again once the batches are moved, waiting for none (SKIP LOCKED), for the
+    requests committed since the first lock (a validation of the batch's file that ended
+    meanwhile, a request put back in line); returns every one the stop now holds. One another
+    transaction holds is ended by it (a result), or by the worker that claims it and finds its
+    batch stopped."""
     if not is_postgresql(conn):
         return None
     query = (
         sa.select(Request.id)
         .where(_unfinished(batch_ids, now))
         .order_by(Request.id)
-        .with_for_update(key_share=True)  # NO KEY UPDATE, as the UPDATE that ends them takes
+        # NO KEY UPDATE, as the UPDATE that ends them takes
+        .with_for_update(key_share=True, skip_locked=since_the_move)
     )
     return list(conn.execute(query).scalars())
 
@@ -205,10 +216,10 @@ def _cancel_unfinished(
     among: list[str] | None = None,
 ) -> None:
     """End the requests of ``batch_ids`` that are unfinished (``_unfinished``), only those of
-    ``among`` if given: rows the transaction holds already (``_lock_unfinished`` locked them
-    before the batches; a release's UPDATE), so that it waits for no other request (one queued
-    since is left to the worker that claims it and finds its batch stopped, as one queued after
-    this commit is)."""
+    ``among`` if given: rows the transaction holds already (``_lock_unfinished``; a release's
+    UPDATE), so that it waits for no other request (one another transaction holds is left to it,
+    or to the worker that claims it and finds its batch stopped, as one queued after this commit
+    is)."""
     chosen = [_unfinished(batch_ids, now)]
     if among is not None:
         chosen.append(
@@ -283,7 +294,7 @@ def expire_batches(engine: Engine, now: int | None = None) -> list[str]:
         due_ids = list(conn.execute(sa.select(Batch.id).where(*due).order_by(Batch.id)).scalars())
         if not due_ids:
             return []
-        locked = _lock_unfinished(conn, due_ids, now)
+        _lock_unfinished(conn, due_ids, now)
         conn.execute(
             sa.select(Batch.id)
             .where(Batch.id.in_(due_ids))
@@ -293,6 +304,7 @@ def expire_batches(engine: Engine, now: int | None = None) -> list[str]:
         expired = move_batches(conn, BatchStatus.EXPIRED, now, Batch.id.in_(due_ids), *due)
         ids = [batch_id for batch_id, _ in expired]
         if ids:
+            locked = _lock_unfinished(conn, ids, now, since_the_move=True)
             _cancel_unfinished(conn, ids, now, EXPIRED_ERROR, among=locked)
             attach_result_files(conn, expired, now)
     return ids

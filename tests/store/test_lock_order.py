@@ -3,7 +3,8 @@ transaction that takes both: a late result (its request's lease lapsed) and a ca
 of its batch, forced into each interleaving, both end (neither is killed as a deadlock), and the
 ledger is what one of them running alone first would have left: the request cancelled (its paid
 answer kept as discarded) or ended by its one result, the batch's counts adding up, the answer
-billed once. Two releases of a stopped batch's requests likewise. PostgreSQL only: SQLite writers
+billed once. Two releases of a stopped batch's requests likewise, and a stop of a batch whose
+validation commits its requests meanwhile. PostgreSQL only: SQLite writers
 take turns (``BEGIN IMMEDIATE``)."""
 
 from __future__ import annotations
@@ -295,3 +296,56 @@ def test_two_workers_handing_back_requests_of_a_cancelled_batch_both_end(pg_engi
     assert set(ledger["requests"].values()) == {store.RequestStatus.CANCELLED}
     assert ledger["batch"].cancelled_count == 2
     assert ledger["batch"].status == store.BatchStatus.CANCELLED
+
+
+# The stop has locked the requests it ends and is about to move the batch (an expiry: about to
+# lock the batches it found due), when the validation of the batch's file commits its requests.
+STOPS_BEFORE_THE_BATCH = {
+    "cancel": "UPDATE batches",
+    "expire": "SELECT batches.id FROM batches WHERE batches.id IN",
+}
+
+
+@pytest.mark.parametrize("stop", list(STOPS_BEFORE_THE_BATCH))
+def test_a_stop_of_a_validating_batch_ends_the_requests_its_validation_just_committed(
+    pg_engine: Engine, stop: str
+) -> None:
+    """A cancel or an expiry of a batch still validating, as its file's validation commits: the
+    requests committed between the stop's lock of the requests it ends and its move of the batch
+    end with the batch (cancelled), as they did when the stop ended them after the move. They
+    were left queued in a stopped batch: the batch never ended (cancelling), and the workers ran,
+    and billed, the requests of a batch its owner had cancelled."""
+    tenant = store.create_tenant(pg_engine, "acme")
+    spec = store.prepare_batch(tenant_id=tenant.id, now=CLAIMED_AT)
+    opened = store.open_batch(pg_engine, spec)
+    lines = [
+        {
+            "custom_id": f"c{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+        }
+        for i in range(2)
+    ]
+    source = io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode())
+    batch = store.get_batch(pg_engine, opened.batch_id)
+    assert batch is not None
+    stopped_at = batch.expires_at + 1
+
+    def stop_batch() -> None:
+        if stop == "cancel":
+            store.cancel_batch(pg_engine, opened.batch_id, stopped_at)
+        else:
+            assert store.expire_batches(pg_engine, stopped_at) == [opened.batch_id]
+
+    def validate() -> None:
+        assert store.fill_batch(pg_engine, opened, source).status == store.BatchStatus.IN_PROGRESS
+
+    steps = _interleave(pg_engine, (STOP, stop_batch, STOPS_BEFORE_THE_BATCH[stop]), ("validate", validate))
+
+    assert [step.error for step in steps] == [None, None]
+    ledger = _ledger(pg_engine, opened.batch_id)
+    assert list(ledger["requests"].values()) == [store.RequestStatus.CANCELLED] * 2
+    expected = store.BatchStatus.CANCELLED if stop == "cancel" else store.BatchStatus.EXPIRED
+    assert ledger["batch"].status == expected
+    assert ledger["batch"].cancelled_count == 2

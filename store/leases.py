@@ -460,19 +460,22 @@ def extend_leases(
     if not request_ids:
         return []
     now = now if now is not None else now_seconds()
+    held = (
+        Request.id.in_(request_ids),
+        Request.lease_owner == owner,
+        Request.status == RequestStatus.RUNNING,
+    )
     with write_transaction(engine) as conn:
-        return list(
+        if is_postgresql(conn):
+            # Locked in id order first, as a flush of their results locks them (store.results):
+            # the UPDATE alone locked them in its plan's order (the running requests' index, by
+            # lease expiry), and a heartbeat and a flush of the same results (ChunkRunner.leased
+            # names the unwritten ones) deadlocked (tests/store/test_lock_order.py).
             conn.execute(
-                sa.update(Request)
-                .where(
-                    Request.id.in_(request_ids),
-                    Request.lease_owner == owner,
-                    Request.status == RequestStatus.RUNNING,
-                )
-                .values(lease_expires_at=now + lease_seconds)
-                .returning(Request.id)
-            ).scalars()
-        )
+                sa.select(Request.id).where(*held).order_by(Request.id).with_for_update(key_share=True)
+            )
+        extended = sa.update(Request).where(*held).values(lease_expires_at=now + lease_seconds)
+        return list(conn.execute(extended.returning(Request.id)).scalars())
 
 
 def release_requests(

@@ -4,7 +4,8 @@ of its batch, forced into each interleaving, both end (neither is killed as a de
 ledger is what one of them running alone first would have left: the request cancelled (its paid
 answer kept as discarded) or ended by its one result, the batch's counts adding up, the answer
 billed once. Two releases of a stopped batch's requests likewise, and a stop of a batch whose
-validation commits its requests meanwhile. PostgreSQL only: SQLite writers
+validation commits its requests meanwhile, and a heartbeat and a flush of the same results.
+PostgreSQL only: SQLite writers
 take turns (``BEGIN IMMEDIATE``)."""
 
 from __future__ import annotations
@@ -349,3 +350,65 @@ def test_a_stop_of_a_validating_batch_ends_the_requests_its_validation_just_comm
     expected = store.BatchStatus.CANCELLED if stop == "cancel" else store.BatchStatus.EXPIRED
     assert ledger["batch"].status == expected
     assert ledger["batch"].cancelled_count == 2
+
+
+def test_a_heartbeat_and_a_flush_of_the_same_requests_both_end(pg_engine: Engine) -> None:
+    """A chunk's lease keeper extends the leases of the results its writer is recording
+    (``ChunkRunner.leased``: the unwritten ones too). The flush locks its requests in id order;
+    the heartbeat locked them in its plan's order (the running requests' index: by lease expiry),
+    so two requests whose leases ran the other way round deadlocked the two when both waited on a
+    third holder: PostgreSQL killed one after a second."""
+    tenant = store.create_tenant(pg_engine, "acme")
+    lines = [
+        {
+            "custom_id": f"c{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+        }
+        for i in range(2)
+    ]
+    report = store.ingest_batch(
+        pg_engine,
+        io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode()),
+        tenant_id=tenant.id,
+        now=CLAIMED_AT,
+    )
+    first, second = sorted(store.pending_request_ids(pg_engine, report.batch_id))
+    assert store.claim_requests(pg_engine, [first, second], "worker", LEASE_SECONDS, CLAIMED_AT)
+    # The lower id's lease now ends last: the running requests' index holds it second.
+    assert store.extend_leases(pg_engine, [first], "worker", LEASE_SECONDS, CLAIMED_AT + 5) == [first]
+
+    with pg_engine.connect() as holder, holder.begin():
+        # A third transaction holds the lower id: both steps queue behind it, each holding what it
+        # locked before.
+        holder.execute(
+            sa.select(store.Request.id).where(store.Request.id == first).with_for_update(key_share=True)
+        )
+        flush = Step(
+            "flush",
+            lambda: store.record_results(
+                pg_engine, [_late_result(first), _late_result(second)], now=CLAIMED_AT
+            ),
+        )
+        _wait_until(lambda: _waiting_sessions(pg_engine) == 1, "the flush waits for the lower id")
+        beat = Step(
+            "heartbeat",
+            lambda: store.extend_leases(pg_engine, [first, second], "worker", LEASE_SECONDS, CLAIMED_AT + 6),
+        )
+        _wait_until(lambda: _waiting_sessions(pg_engine) == 2 or beat.done(), "the heartbeat ends or waits")
+    for step in (flush, beat):
+        step.thread.join(WAIT_SECONDS)
+        assert step.done(), f"{step.thread.name} still runs"
+    assert [flush.error, beat.error] == [None, None]
+    statuses = set(_ledger(pg_engine, report.batch_id)["requests"].values())
+    assert statuses == {store.RequestStatus.SUCCEEDED}
+
+
+def _waiting_sessions(engine: Engine) -> int:
+    query = sa.text(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    with engine.connect() as conn:
+        return int(conn.execute(query).scalar_one())

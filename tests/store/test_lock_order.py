@@ -5,8 +5,7 @@ ledger is what one of them running alone first would have left: the request canc
 answer kept as discarded) or ended by its one result, the batch's counts adding up, the answer
 billed once. Two releases of a stopped batch's requests likewise, and a stop of a batch whose
 validation commits its requests meanwhile, and a heartbeat and a flush of the same results.
-PostgreSQL only: SQLite writers
-take turns (``BEGIN IMMEDIATE``)."""
+PostgreSQL only: SQLite writers take turns (``BEGIN IMMEDIATE``)."""
 
 from __future__ import annotations
 

@@ -207,6 +207,16 @@ def _lock_unfinished(
     return list(conn.execute(query).scalars())
 
 
+def lock_requests_in_id_order(conn: Connection, *where: sa.ColumnElement[bool]) -> None:
+    """Lock (NO KEY UPDATE, as an UPDATE of them takes) the requests matching ``where`` in id
+    order, before the UPDATE that changes them: an UPDATE alone locks them in its plan's order (the
+    running requests' index: by lease expiry), while a flush of their results locks them in id
+    order (``store.results``), and two transactions locking the same rows in two orders deadlock
+    (tests/store/test_lock_order.py). Nothing on SQLite, whose writers take turns."""
+    if is_postgresql(conn):
+        conn.execute(sa.select(Request.id).where(*where).order_by(Request.id).with_for_update(key_share=True))
+
+
 def _cancel_unfinished(
     conn: Connection,
     batch_ids: Sequence[str],
@@ -328,15 +338,17 @@ def cancel_claimed(engine: Engine, request_ids: Sequence[str], owner: str, now: 
         return 0
     now = now if now is not None else now_seconds()
     batch_status = sa.select(Batch.status).where(Batch.id == Request.batch_id).scalar_subquery()
+    held = (
+        Request.id.in_(sorted(request_ids)),
+        Request.lease_owner == owner,
+        Request.status == RequestStatus.RUNNING,
+    )
     with write_transaction(engine) as conn:
+        lock_requests_in_id_order(conn, *held)
         batch_ids = list(
             conn.execute(
                 sa.update(Request)
-                .where(
-                    Request.id.in_(sorted(request_ids)),
-                    Request.lease_owner == owner,
-                    Request.status == RequestStatus.RUNNING,
-                )
+                .where(*held)
                 .values(
                     status=RequestStatus.CANCELLED,
                     finished_at=now,

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 
-from store.batches import end_requeued_of_stopped_batches
+from store.batches import end_requeued_of_stopped_batches, lock_requests_in_id_order
 from store.driver import DriverStatement
 from store.engine import (
     autocommit_connection,
@@ -466,14 +466,8 @@ def extend_leases(
         Request.status == RequestStatus.RUNNING,
     )
     with write_transaction(engine) as conn:
-        if is_postgresql(conn):
-            # Locked in id order first, as a flush of their results locks them (store.results):
-            # the UPDATE alone locked them in its plan's order (the running requests' index, by
-            # lease expiry), and a heartbeat and a flush of the same results (ChunkRunner.leased
-            # names the unwritten ones) deadlocked (tests/store/test_lock_order.py).
-            conn.execute(
-                sa.select(Request.id).where(*held).order_by(Request.id).with_for_update(key_share=True)
-            )
+        # A flush of their results locks them too (ChunkRunner.leased names the unwritten ones).
+        lock_requests_in_id_order(conn, *held)
         extended = sa.update(Request).where(*held).values(lease_expires_at=now + lease_seconds)
         return list(conn.execute(extended.returning(Request.id)).scalars())
 
@@ -514,18 +508,17 @@ def release_requests(
         if retry_deadline is not None:
             values["retry_deadline"] = sa.func.coalesce(Request.retry_deadline, retry_deadline)
     now = now_seconds()
+    held = (
+        Request.id.in_(request_ids),
+        Request.lease_owner == owner,
+        Request.status == RequestStatus.RUNNING,
+    )
     with write_transaction(engine) as conn:
+        lock_requests_in_id_order(conn, *held)
         released = [
             (row.id, row.batch_id)
             for row in conn.execute(
-                sa.update(Request)
-                .where(
-                    Request.id.in_(request_ids),
-                    Request.lease_owner == owner,
-                    Request.status == RequestStatus.RUNNING,
-                )
-                .values(values)
-                .returning(Request.id, Request.batch_id)
+                sa.update(Request).where(*held).values(values).returning(Request.id, Request.batch_id)
             )
         ]
         end_requeued_of_stopped_batches(conn, released, now)

@@ -404,6 +404,53 @@ def test_a_heartbeat_and_a_flush_of_the_same_requests_both_end(pg_engine: Engine
     assert statuses == {store.RequestStatus.SUCCEEDED}
 
 
+@pytest.mark.parametrize("hand_back", ["release", "cancel_claimed"])
+def test_a_heartbeat_and_a_hand_back_of_the_same_requests_both_end(pg_engine: Engine, hand_back: str) -> None:
+    """A worker releases (winding down) or cancels (its batch stopped) requests its lease keeper
+    is extending: both lock them in id order, so neither is killed as a deadlock."""
+    tenant = store.create_tenant(pg_engine, "acme")
+    lines = [
+        {
+            "custom_id": f"c{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+        }
+        for i in range(2)
+    ]
+    report = store.ingest_batch(
+        pg_engine,
+        io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode()),
+        tenant_id=tenant.id,
+        now=CLAIMED_AT,
+    )
+    first, second = sorted(store.pending_request_ids(pg_engine, report.batch_id))
+    assert store.claim_requests(pg_engine, [first, second], "worker", LEASE_SECONDS, CLAIMED_AT)
+    assert store.extend_leases(pg_engine, [first], "worker", LEASE_SECONDS, CLAIMED_AT + 5) == [first]
+
+    def hand_them_back() -> None:
+        if hand_back == "release":
+            assert store.release_requests(pg_engine, [first, second], "worker") == 2
+        else:
+            assert store.cancel_claimed(pg_engine, [first, second], "worker", CLAIMED_AT + 6) == 2
+
+    with pg_engine.connect() as holder, holder.begin():
+        holder.execute(
+            sa.select(store.Request.id).where(store.Request.id == first).with_for_update(key_share=True)
+        )
+        beat = Step(
+            "heartbeat",
+            lambda: store.extend_leases(pg_engine, [first, second], "worker", LEASE_SECONDS, CLAIMED_AT + 6),
+        )
+        _wait_until(lambda: _waiting_sessions(pg_engine) == 1, "the heartbeat waits for the lower id")
+        handing = Step(hand_back, hand_them_back)
+        _wait_until(lambda: _waiting_sessions(pg_engine) == 2 or handing.done(), f"{hand_back} ends or waits")
+    for step in (beat, handing):
+        step.thread.join(WAIT_SECONDS)
+        assert step.done(), f"{step.thread.name} still runs"
+    assert [beat.error, handing.error] == [None, None]
+
+
 def _waiting_sessions(engine: Engine) -> int:
     query = sa.text(
         "SELECT count(*) FROM pg_stat_activity"

@@ -42,6 +42,7 @@ from store.tables import Batch, DiscardedAnswer, ModelPrice, Request, RequestSta
 
 __all__ = [
     "UNIDENTIFIED_ANSWER_PREFIX",
+    "UNRECORDABLE",
     "UPSTREAM_AUTHENTICATION_FAILED",
     "UPSTREAM_AUTHENTICATION_STATUSES",
     "PaidAnswer",
@@ -66,6 +67,9 @@ _SECONDS_PER_DAY = 86_400  # tenant_daily_spend's day: store.quotas
 # single call's answer (a 502 naming the provider).
 UPSTREAM_AUTHENTICATION_FAILED = "upstream_authentication_failed"
 UPSTREAM_AUTHENTICATION_STATUSES = (401, 403)
+# A result's error code when the ledger refused the record of an answer (``workers.result_writer``):
+# the answer was paid and its spend is kept, so asking again pays again.
+UNRECORDABLE = "result_not_recordable"
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from store import PaidAnswer, RecordOutcome, RequestStatus, ResultRecord, record_results
 from store.input_checks import bounded_text
 from store.log_redaction import redacted_error_text
-from store.results import record_single_call_result
+from store.results import UNRECORDABLE, record_single_call_result
 from telemetry import tracing
 from telemetry.metrics import RecordedRequest, observe_recorded
 
@@ -30,8 +30,6 @@ __all__ = ["UNRECORDABLE", "ResultWriter", "record_isolating_bad_rows", "record_
 
 _logger = logging.getLogger(__name__)
 
-
-UNRECORDABLE = "result_not_recordable"
 _ERROR_TEXT_LIMIT = 500
 _COLUMN_LIMIT = 200  # the ledger's model and provider-id columns
 

@@ -52,6 +52,7 @@ from store.interactive import (
     lease_lapsed,
     submit_interactive_for_key,
 )
+from store.results import UNRECORDABLE
 from telemetry import tracing
 from workers.lane_transport import LaneMessage, LaneTransport, StreamEntry, lane_dispatch_id
 
@@ -101,7 +102,7 @@ def _upstream_refused(outcome: InteractiveOutcome) -> UpstreamFailed | None:
 # billing, not load, and not the caller's quota: a 502 naming the provider, as a refusal of
 # tokenmill's credentials is, never the caller's own 429.
 _PROVIDER_OUT_OF_CREDIT = "insufficient_quota"
-_FINAL_FAILURES = frozenset({RESPONSE_INVALID, USAGE_INVALID, _PROVIDER_OUT_OF_CREDIT})
+_FINAL_FAILURES = frozenset({RESPONSE_INVALID, USAGE_INVALID, UNRECORDABLE, _PROVIDER_OUT_OF_CREDIT})
 
 
 def _error_for(outcome: InteractiveOutcome) -> APIError:

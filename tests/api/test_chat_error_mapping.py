@@ -10,7 +10,11 @@ import json
 from api.errors import SHOULD_RETRY_HEADER, api_error_response
 from api.routes.chat import _error_for
 from models.errors import QuotaExceeded, RateLimited
+from models.types import RequestUsage
+from store import RequestStatus, ResultRecord
+from store.results import UNRECORDABLE
 from workers.lane import outcome_of
+from workers.result_writer import _unrecordable
 from workers.runner import failed_record
 
 
@@ -40,3 +44,22 @@ def test_a_rate_limit_past_the_calls_budget_stays_a_retryable_429() -> None:
     assert response.status_code == 429
     assert json.loads(bytes(response.body))["error"]["code"] == "rate_limit_exceeded"
     assert SHOULD_RETRY_HEADER not in response.headers
+
+
+def test_an_answer_the_ledger_refused_is_not_asked_again() -> None:
+    """A paid answer whose record the database refused (``result_not_recordable``, its spend kept):
+    asked again, it is paid again, so the 502 says ``x-should-retry: false`` as an unreadable
+    answer's does. It had no such header: OpenAI's SDK asked twice more."""
+    answer = ResultRecord(
+        request_id="req_3",
+        status=RequestStatus.SUCCEEDED,
+        response_body={"choices": []},
+        status_code=200,
+        model="gpt-4o",
+        usage=RequestUsage(prompt_tokens=10, completion_tokens=5),
+    )
+    refused = _unrecordable(answer, ValueError("value too long for type character varying(200)"))
+    response = api_error_response(_error_for(outcome_of(refused)))
+    assert response.status_code == 502
+    assert json.loads(bytes(response.body))["error"]["code"] == UNRECORDABLE
+    assert response.headers[SHOULD_RETRY_HEADER] == "false"

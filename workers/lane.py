@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import logging
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -66,6 +65,7 @@ from workers.runner import (
     cancelled_means_request_cancelled,
     complete_chat,
     failed_record,
+    hand_back_times,
     record_of_call,
 )
 
@@ -267,13 +267,8 @@ class LaneConsumer:
                 # Back in line with its delay, as a chunk hands a request back; the sweeper
                 # sends it on (the API keeps waiting for the ledger). Its rate-limit budget
                 # starts with the provider's first "later", as a chunk's does.
-                now = time.time()
                 budget = self.rate_limit_retry_seconds
-                deadline = int(now + budget) if budget is not None and later.error is not None else None
-                not_before = int(now + later.delay) + 1
-                budget_end = request.retry_deadline if request.retry_deadline is not None else deadline
-                if budget_end is not None:
-                    not_before = min(not_before, budget_end)
+                not_before, deadline = hand_back_times(later, budget, request.retry_deadline)
                 await self._ledger(
                     release_requests,
                     self.engine,

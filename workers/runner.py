@@ -85,6 +85,7 @@ __all__ = [
     "cancelled_means_request_cancelled",
     "complete_chat",
     "failed_record",
+    "hand_back_times",
     "record_of_call",
 ]
 
@@ -111,6 +112,22 @@ class RequestHandedBack(RetryLater):
         super().__init__(later.delay, later.reason, later.error)
         self.attempts = later.attempts
         self.spent = spent
+
+
+def hand_back_times(
+    later: RetryLater, budget: float | None, retry_deadline: int | None, now: float | None = None
+) -> tuple[int, int | None]:
+    """When a request handed back with ``later`` is due again, and the end of its rate-limit
+    ``budget`` (seconds) to record when none is yet (``retry_deadline``: the one it has)."""
+    now = time.time() if now is None else now
+    # The budget starts with the provider's first "later", not with our own limiter's.
+    deadline = int(now + budget) if budget is not None and later.error is not None else None
+    # Not back later than the budget's end: a longer wait would only fail it unseen.
+    not_before = math.ceil(now + later.delay)
+    budget_end = retry_deadline if retry_deadline is not None else deadline
+    if budget_end is not None:
+        not_before = min(not_before, budget_end)
+    return not_before, deadline
 
 
 class RequestHandler(Protocol):
@@ -586,15 +603,7 @@ class _ChunkRun:
         config = self.config
         request_id = request.id
         self.unfinished.pop(request_id, None)
-        now = time.time()
-        budget = config.rate_limit_retry_seconds
-        # The budget starts with the provider's first "later", not with our own limiter's.
-        deadline = int(now + budget) if budget is not None and later.error is not None else None
-        # Not back later than the budget's end: a longer wait would only fail it unseen.
-        not_before = math.ceil(now + later.delay)
-        budget_end = request.retry_deadline if request.retry_deadline is not None else deadline
-        if budget_end is not None:
-            not_before = min(not_before, budget_end)
+        not_before, deadline = hand_back_times(later, config.rate_limit_retry_seconds, request.retry_deadline)
         released = await asyncio.to_thread(
             functools.partial(
                 release_requests,

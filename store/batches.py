@@ -380,14 +380,16 @@ def _count_cancelled(conn: Connection, batch_ids: Iterable[str]) -> list[str]:
     return list(per_batch)
 
 
-def expire_batches(engine: Engine, now: int | None = None) -> list[str]:
+def expire_batches(
+    engine: Engine, now: int | None = None, *, after_chunk: Callable[[int], None] | None = None
+) -> list[str]:
     """Batches past ``expires_at`` that are still running become ``expired``: their queued requests
     are cancelled with ``last_error`` ``batch_expired`` (they appear in the error file, as OpenAI
     lists them); requests already running may still record results. Returns the expired ids.
 
     Each batch in chunks (``_end_in_chunks``), the first of which moves it (and writes its file
     rows) once its requests are locked: the batches as they were found due, one found due only
-    after this read expires at the next pass."""
+    after this read expires at the next pass. ``after_chunk``: as ``cancel_batch``'s."""
     now = now if now is not None else now_seconds()
     due = (Batch.expires_at <= now, may_move_to(BatchStatus.EXPIRED))
     with engine.connect() as conn:
@@ -400,7 +402,10 @@ def expire_batches(engine: Engine, now: int | None = None) -> list[str]:
             attach_result_files(conn, moved, now)
             return bool(moved)
 
-        if _end_in_chunks(engine, batch_id, now, EXPIRED_ERROR, move=move, finalize=False).moved:
+        stop = _end_in_chunks(
+            engine, batch_id, now, EXPIRED_ERROR, move=move, finalize=False, after_chunk=after_chunk
+        )
+        if stop.moved:
             expired.append(batch_id)
     return expired
 

@@ -18,7 +18,6 @@ from sqlalchemy.orm import Session
 
 from store.batch_lifecycle import (
     ALLOWED_TRANSITIONS,
-    all_finished,
     attach_result_files,
     finalize_batches,
     may_move_to,
@@ -424,24 +423,29 @@ def finish_stopped_batches(
     nothing of it runs. At most ``max_chunks`` chunks, the batches in id order; returns the ids
     of the batches whose leftovers are all ended. The sweep's, each pass.
 
-    Found through the batches' counters (a stopped batch with requests not yet counted as ended),
-    then one probe of the partial index of unfinished requests each: a pass costs the stopped
-    batches still running something, not the ledger."""
+    Found as ``store.unsettled_dispatch_ids`` finds open dispatches: one batch at a time through
+    the partial index of unfinished requests (each step the next batch id in it), so that a pass
+    costs the batches with requests left, not every batch that ever expired."""
     now = now if now is not None else now_seconds()
+    unfinished = sa.or_(status_is(RequestStatus.QUEUED), status_is(RequestStatus.RUNNING))
+    first = sa.select(sa.func.min(Request.batch_id).label("batch_id")).where(unfinished)
+    open_batches = first.cte("open_batches", recursive=True)
+    after = sa.select(sa.func.min(Request.batch_id)).where(
+        unfinished, Request.batch_id > open_batches.c.batch_id
+    )
+    open_batches = open_batches.union_all(
+        sa.select(after.scalar_subquery()).where(open_batches.c.batch_id.is_not(None))
+    )
     leftovers = (
         sa.select(Request.id).where(Request.batch_id == Batch.id, _unfinished_of_a_batch(now)).exists()
     )
     query = (
         sa.select(Batch.id, Batch.status)
-        .where(
-            Batch.status.in_((BatchStatus.CANCELLING, BatchStatus.EXPIRED)),
-            sa.not_(all_finished()),
-            leftovers,
-        )
-        .order_by(Batch.id)
+        .join(open_batches, open_batches.c.batch_id == Batch.id)
+        .where(Batch.status.in_((BatchStatus.CANCELLING, BatchStatus.EXPIRED)), leftovers)
     )
     with engine.connect() as conn:
-        stopped = conn.execute(query).all()
+        stopped = sorted(conn.execute(query).all())
     finished: list[str] = []
     chunks_left = max_chunks
     for batch_id, status in stopped:

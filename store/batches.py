@@ -152,6 +152,7 @@ def cancel_batch(
     now: int | None = None,
     *,
     error: str | None = None,
+    max_chunks: int | None = None,
     after_chunk: Callable[[int], None] | None = None,
 ) -> Batch:
     """Cancel: queued requests (and running ones whose lease has expired) become cancelled at once;
@@ -162,8 +163,10 @@ def cancel_batch(
 
     In chunks (``_end_in_chunks``): the first moves the batch, each transaction holds a chunk's
     requests and the batch row for as long as that chunk takes, not the whole batch's. A batch of
-    at most a chunk is one transaction, as before. ``after_chunk(n)`` is called after the n-th
-    chunk committed (tests: pause or stop a cancel there)."""
+    at most a chunk is one transaction, as before. ``max_chunks``: at most that many, the batch
+    ``cancelling`` after them with requests still queued, which the sweep ends
+    (``finish_stopped_batches``). ``after_chunk(n)`` is called after the n-th chunk committed
+    (tests: pause or stop a cancel there)."""
     now = now if now is not None else now_seconds()
     with engine.connect() as conn:
         status = conn.execute(sa.select(Batch.status).where(Batch.id == batch_id)).scalar_one_or_none()
@@ -174,9 +177,20 @@ def cancel_batch(
         def move(conn: Connection) -> bool:
             return bool(move_batches(conn, BatchStatus.CANCELLING, now, Batch.id == batch_id))
 
-        _end_in_chunks(engine, batch_id, now, error, move=move, finalize=True, after_chunk=after_chunk)
+        _end_in_chunks(
+            engine,
+            batch_id,
+            now,
+            error,
+            move=move,
+            finalize=True,
+            after_chunk=after_chunk,
+            max_chunks=max_chunks,
+        )
     elif status == BatchStatus.CANCELLING:
-        _end_in_chunks(engine, batch_id, now, error, finalize=True, after_chunk=after_chunk)
+        _end_in_chunks(
+            engine, batch_id, now, error, finalize=True, after_chunk=after_chunk, max_chunks=max_chunks
+        )
     batch = get_batch(engine, batch_id)
     assert batch is not None
     return batch

@@ -12,7 +12,9 @@ locks), how many result writes committed meanwhile, and the after/before ratios.
 
 ``before`` is the cancel as it was (one transaction: every unfinished request locked, its id
 shipped to Python, then the batch moved and the requests updated ``= ANY(ids)``); ``after`` is
-``store.cancel_batch`` as it is now (``store.batches.STOP_CHUNK_LINES`` lines per transaction).
+``store.cancel_batch`` as it is now (``store.batches.STOP_CHUNK_LINES`` lines per transaction);
+``api`` is the same bounded as the API's cancel route bounds it (its time is the time to answer;
+the sweep ends the rest, not timed here).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 import store
+from api.routes.batches import CANCEL_CHUNKS_IN_REQUEST
 from bench.ingest import write_jsonl
 from bench.throughput import scratch_database
 from models.types import RequestUsage
@@ -59,7 +62,12 @@ def cancel_batch_after(engine: Engine, batch_id: str) -> None:
     store.cancel_batch(engine, batch_id)
 
 
-VARIANTS = {"before": cancel_batch_before, "after": cancel_batch_after}
+def cancel_batch_as_the_api(engine: Engine, batch_id: str) -> None:
+    """The cancel as POST /v1/batches/{id}/cancel runs it: bounded, the sweep ends the rest."""
+    store.cancel_batch(engine, batch_id, max_chunks=CANCEL_CHUNKS_IN_REQUEST)
+
+
+VARIANTS = {"before": cancel_batch_before, "after": cancel_batch_after, "api": cancel_batch_as_the_api}
 
 
 @dataclass

@@ -41,7 +41,7 @@ Batches::
     batch_progress(engine, batch_id) -> BatchProgress
     batch_object(engine, batch) -> dict      # the batch as the routes answer and webhooks carry it
     ALLOWED_TRANSITIONS, ENDED_STATUSES      # the state machine (store.batch_lifecycle)
-    cancel_batch(engine, batch_id, now=None) -> Batch
+    cancel_batch(engine, batch_id, now=None, *, error=None, max_chunks=None) -> Batch  # in chunks
     expire_batches(engine, now=None) -> list[str]
     finish_stopped_batches(engine, now=None) -> list[str]  # what a cancel / expiry that died left
 

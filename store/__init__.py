@@ -41,8 +41,9 @@ Batches::
     batch_progress(engine, batch_id) -> BatchProgress
     batch_object(engine, batch) -> dict      # the batch as the routes answer and webhooks carry it
     ALLOWED_TRANSITIONS, ENDED_STATUSES      # the state machine (store.batch_lifecycle)
-    cancel_batch(engine, batch_id, now=None) -> Batch
+    cancel_batch(engine, batch_id, now=None, *, error=None, max_chunks=None) -> Batch  # in chunks
     expire_batches(engine, now=None) -> list[str]
+    finish_stopped_batches(engine, now=None) -> list[str]  # what a cancel / expiry that died left
 
 Work (workers and the sweeper)::
 
@@ -141,6 +142,7 @@ if TYPE_CHECKING:
         cancel_batch,
         cancel_claimed,
         expire_batches,
+        finish_stopped_batches,
         get_batch,
         list_batches,
     )
@@ -300,6 +302,7 @@ else:
         "cancel_batch": "store.batches",
         "cancel_claimed": "store.batches",
         "expire_batches": "store.batches",
+        "finish_stopped_batches": "store.batches",
         "get_batch": "store.batches",
         "list_batches": "store.batches",
         "append_messages": "store.conversations",
@@ -528,6 +531,7 @@ __all__ = [
     "fail_abandoned_validations",
     "fail_batch",
     "fill_batch",
+    "finish_stopped_batches",
     "get_agent_message",
     "get_agent_run",
     "get_agent_state",

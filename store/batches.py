@@ -8,7 +8,7 @@ whose content ``store.export`` generates from the results.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -16,7 +16,13 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
-from store.batch_lifecycle import attach_result_files, finalize_batches, may_move_to, move_batches
+from store.batch_lifecycle import (
+    ALLOWED_TRANSITIONS,
+    attach_result_files,
+    finalize_batches,
+    may_move_to,
+    move_batches,
+)
 from store.engine import autocommit_connection, is_postgresql, write_transaction
 from store.errors import BatchNotFound
 from store.ids import now_seconds
@@ -31,6 +37,7 @@ __all__ = [
     "cancel_batch",
     "cancel_claimed",
     "expire_batches",
+    "finish_stopped_batches",
     "get_batch",
     "list_batches",
 ]
@@ -139,28 +146,138 @@ def batch_progress(engine: Engine, batch_id: str) -> BatchProgress:
     )
 
 
-def cancel_batch(engine: Engine, batch_id: str, now: int | None = None, *, error: str | None = None) -> Batch:
+def cancel_batch(
+    engine: Engine,
+    batch_id: str,
+    now: int | None = None,
+    *,
+    error: str | None = None,
+    max_chunks: int | None = None,
+    after_chunk: Callable[[int], None] | None = None,
+) -> Batch:
     """Cancel: queued requests (and running ones whose lease has expired) become cancelled at once;
     the batch becomes ``cancelling``, and ``cancelled`` as soon as nothing is running (possibly
-    right here). Cancelling an ended batch changes nothing. ``error``: why, kept as the cancelled
-    requests' ``last_error``. Raises BatchNotFound."""
+    right here). Cancelling an ended batch changes nothing; cancelling one that is cancelling
+    already ends what its first cancel left (its process died between chunks). ``error``: why,
+    kept as the cancelled requests' ``last_error``. Raises BatchNotFound.
+
+    In chunks (``_end_in_chunks``): the first moves the batch, each transaction holds a chunk's
+    requests and the batch row for as long as that chunk takes, not the whole batch's. A batch of
+    at most a chunk is one transaction, as before. ``max_chunks``: at most that many, the batch
+    ``cancelling`` after them with requests still queued, which the sweep ends
+    (``finish_stopped_batches``). ``after_chunk(n)`` is called after the n-th chunk committed
+    (tests: pause or stop a cancel there)."""
     now = now if now is not None else now_seconds()
-    with write_transaction(engine) as conn:
-        movable = conn.execute(
-            sa.select(may_move_to(BatchStatus.CANCELLING)).where(Batch.id == batch_id)
-        ).scalar_one_or_none()
-        if movable is None:
-            raise BatchNotFound(f"no batch {batch_id!r}")
-        # An ended batch, or one cancelling already (a cancel sent again): nothing to lock.
-        if movable:
-            _lock_unfinished(conn, [batch_id], now)
-        if movable and move_batches(conn, BatchStatus.CANCELLING, now, Batch.id == batch_id):
-            locked = _lock_unfinished(conn, [batch_id], now, since_the_move=True)
-            _cancel_unfinished(conn, [batch_id], now, error, among=locked)
-            finalize_batches(conn, [batch_id], now)
+    with engine.connect() as conn:
+        status = conn.execute(sa.select(Batch.status).where(Batch.id == batch_id)).scalar_one_or_none()
+    if status is None:
+        raise BatchNotFound(f"no batch {batch_id!r}")
+    if BatchStatus.CANCELLING in ALLOWED_TRANSITIONS[BatchStatus(status)]:
+
+        def move(conn: Connection) -> bool:
+            return bool(move_batches(conn, BatchStatus.CANCELLING, now, Batch.id == batch_id))
+
+        _end_in_chunks(
+            engine,
+            batch_id,
+            now,
+            error,
+            move=move,
+            finalize=True,
+            after_chunk=after_chunk,
+            max_chunks=max_chunks,
+        )
+    elif status == BatchStatus.CANCELLING:
+        _end_in_chunks(
+            engine, batch_id, now, error, finalize=True, after_chunk=after_chunk, max_chunks=max_chunks
+        )
     batch = get_batch(engine, batch_id)
     assert batch is not None
     return batch
+
+
+# A stop (cancel, expiry) ends its batch's requests this many lines per transaction: each holds
+# their rows and then its batch's row for ~0.1 s on a loaded machine, where one transaction for
+# the whole batch held them all for seconds (9 s at 200,000 lines), every result of the batch's
+# running requests (and of other batches written with them) waiting for it. Read at each call.
+STOP_CHUNK_LINES = 5_000
+
+
+@dataclass(frozen=True, slots=True)
+class _ChunkedStop:
+    """How ``_end_in_chunks`` went: ``moved``, the batch (when it was to move it); ``chunks``
+    committed; ``done``, no unfinished request was left after the last."""
+
+    moved: bool
+    chunks: int
+    done: bool
+
+
+def _end_in_chunks(
+    engine: Engine,
+    batch_id: str,
+    now: int,
+    error: str | None,
+    *,
+    move: Callable[[Connection], bool] | None = None,
+    finalize: bool,
+    after_chunk: Callable[[int], None] | None = None,
+    max_chunks: int | None = None,
+) -> _ChunkedStop:
+    """End the batch's unfinished requests (``_unfinished``), ``STOP_CHUNK_LINES`` lines at a
+    time in line order, one transaction per chunk: its requests locked in id order, then counted
+    on the batch (and the batch finalized if ``finalize``: a cancel's). ``move``, run in the first
+    chunk's transaction after its requests are locked, moves the batch; when it moves nothing
+    (another stop came first) nothing is ended. At most ``max_chunks`` chunks.
+
+    A chunk's bounds are line numbers (read first, unlocked: the next ``STOP_CHUNK_LINES``
+    unfinished lines after the last chunk's), so that no id leaves PostgreSQL but a chunk's, and
+    each chunk reads its own lines from the partial index of unfinished requests, not the lines
+    ended before it. A request left behind (claimed meanwhile, and handed back after its chunk)
+    ends by its release (``end_requeued_of_stopped_batches``), its worker's ``cancel_claimed``,
+    its result, or the sweep (``finish_stopped_batches``), which also ends what a stop that died
+    between chunks left."""
+    chunk_lines = max(1, STOP_CHUNK_LINES)
+    after = -1
+    chunks = 0
+    while True:
+        with write_transaction(engine) as conn:
+            bound = _chunk_bound(conn, batch_id, now, after, chunk_lines)
+            lines = _lines_between(after, bound)
+            locked = _lock_unfinished(conn, [batch_id], now, lines)
+            if move is not None and chunks == 0:
+                if not move(conn):
+                    return _ChunkedStop(moved=False, chunks=0, done=False)
+                # And the chunk's requests committed since that lock (a validation that ended).
+                locked = _lock_unfinished(conn, [batch_id], now, lines, since_the_move=True)
+            _cancel_unfinished(conn, [batch_id], now, error, among=locked, within=lines)
+            if finalize:
+                finalize_batches(conn, [batch_id], now)
+        chunks += 1
+        if after_chunk is not None:
+            after_chunk(chunks)
+        if bound is None or (max_chunks is not None and chunks >= max_chunks):
+            return _ChunkedStop(moved=True, chunks=chunks, done=bound is None)
+        after = bound
+
+
+def _chunk_bound(conn: Connection, batch_id: str, now: int, after: int, size: int) -> int | None:
+    """The line number of the ``size``-th unfinished request after line ``after``: the last line
+    of the chunk; None when fewer are left (the chunk is all of them)."""
+    return conn.execute(
+        sa.select(Request.line_number)
+        .where(_unfinished([batch_id], now), Request.line_number > after)
+        .order_by(Request.line_number)
+        .offset(size - 1)
+        .limit(1)
+    ).scalar_one_or_none()
+
+
+def _lines_between(after: int, bound: int | None) -> sa.ColumnElement[bool]:
+    """Requests whose line number is after ``after`` and at most ``bound`` (None: no end)."""
+    if bound is None:
+        return Request.line_number > after
+    return sa.and_(Request.line_number > after, Request.line_number <= bound)
 
 
 EXPIRED_ERROR = "batch_expired"
@@ -169,21 +286,28 @@ EXPIRED_ERROR = "batch_expired"
 def _unfinished(batch_ids: Sequence[str], now: int) -> sa.ColumnElement[bool]:
     """Requests of ``batch_ids`` that a cancel or an expiry ends: queued, or running under a
     lease that lapsed (their worker is gone; a late result of theirs is kept as discarded)."""
-    return sa.and_(
-        Request.batch_id.in_(batch_ids),
-        sa.or_(
-            status_is(RequestStatus.QUEUED),
-            sa.and_(status_is(RequestStatus.RUNNING), Request.lease_expires_at < now),
-        ),
+    return sa.and_(Request.batch_id.in_(batch_ids), _unfinished_of_a_batch(now))
+
+
+def _unfinished_of_a_batch(now: int) -> sa.ColumnElement[bool]:
+    """``_unfinished`` but for the batch: queued, or running under a lapsed lease."""
+    return sa.or_(
+        status_is(RequestStatus.QUEUED),
+        sa.and_(status_is(RequestStatus.RUNNING), Request.lease_expires_at < now),
     )
 
 
 def _lock_unfinished(
-    conn: Connection, batch_ids: Sequence[str], now: int, *, since_the_move: bool = False
+    conn: Connection,
+    batch_ids: Sequence[str],
+    now: int,
+    within: sa.ColumnElement[bool],
+    *,
+    since_the_move: bool = False,
 ) -> list[str] | None:
     """Lock, in id order, the requests of ``batch_ids`` that ``_cancel_unfinished`` would end,
-    before their batches' rows are locked; returns their ids (None on SQLite, whose writers take
-    turns).
+    among those ``within`` selects (a chunk's lines), before their batches' rows are locked;
+    returns their ids (None on SQLite, whose writers take turns).
 
     Requests before their batch, as every transaction that takes both: a result ends its request,
     then counts it on the batch (``store.results``). A stop that moved its batch first, then
@@ -199,7 +323,7 @@ def _lock_unfinished(
         return None
     query = (
         sa.select(Request.id)
-        .where(_unfinished(batch_ids, now))
+        .where(_unfinished(batch_ids, now), within)
         .order_by(Request.id)
         # NO KEY UPDATE, as the UPDATE that ends them takes
         .with_for_update(key_share=True, skip_locked=since_the_move)
@@ -224,13 +348,16 @@ def _cancel_unfinished(
     error: str | None = None,
     *,
     among: list[str] | None = None,
+    within: sa.ColumnElement[bool] | None = None,
 ) -> None:
-    """End the requests of ``batch_ids`` that are unfinished (``_unfinished``), only those of
-    ``among`` if given: rows the transaction holds already (``_lock_unfinished``; a release's
-    UPDATE), so that it waits for no other request (one another transaction holds is left to it,
-    or to the worker that claims it and finds its batch stopped, as one queued after this commit
-    is)."""
+    """End the requests of ``batch_ids`` that are unfinished (``_unfinished``) and that ``within``
+    selects (a chunk's lines), only those of ``among`` if given: rows the transaction holds
+    already (``_lock_unfinished``; a release's UPDATE), so that it waits for no other request (one
+    another transaction holds is left to it, or to the worker that claims it and finds its batch
+    stopped, as one queued after this commit is)."""
     chosen = [_unfinished(batch_ids, now)]
+    if within is not None:
+        chosen.append(within)
     if among is not None:
         chosen.append(
             Request.id == sa.any_(sa.bindparam("among", among, type_=postgresql.ARRAY(sa.String)))
@@ -291,33 +418,85 @@ def _count_cancelled(conn: Connection, batch_ids: Iterable[str]) -> list[str]:
     return list(per_batch)
 
 
-def expire_batches(engine: Engine, now: int | None = None) -> list[str]:
+def expire_batches(
+    engine: Engine, now: int | None = None, *, after_chunk: Callable[[int], None] | None = None
+) -> list[str]:
     """Batches past ``expires_at`` that are still running become ``expired``: their queued requests
     are cancelled with ``last_error`` ``batch_expired`` (they appear in the error file, as OpenAI
-    lists them); requests already running may still record results. Returns the expired ids."""
+    lists them); requests already running may still record results. Returns the expired ids.
+
+    Each batch in chunks (``_end_in_chunks``), the first of which moves it (and writes its file
+    rows) once its requests are locked: the batches as they were found due, one found due only
+    after this read expires at the next pass. ``after_chunk``: as ``cancel_batch``'s."""
     now = now if now is not None else now_seconds()
     due = (Batch.expires_at <= now, may_move_to(BatchStatus.EXPIRED))
-    with write_transaction(engine) as conn:
-        # Their requests locked before the batches (``_lock_unfinished``), and the batches in id
-        # order, as the results' counters take them: the batches as they were found due, one
-        # found due only after this read expires at the next pass.
+    with engine.connect() as conn:
         due_ids = list(conn.execute(sa.select(Batch.id).where(*due).order_by(Batch.id)).scalars())
-        if not due_ids:
-            return []
-        _lock_unfinished(conn, due_ids, now)
-        conn.execute(
-            sa.select(Batch.id)
-            .where(Batch.id.in_(due_ids))
-            .order_by(Batch.id)
-            .with_for_update(key_share=True)
+    expired: list[str] = []
+    for batch_id in due_ids:
+
+        def move(conn: Connection, batch_id: str = batch_id) -> bool:
+            moved = move_batches(conn, BatchStatus.EXPIRED, now, Batch.id == batch_id, *due)
+            attach_result_files(conn, moved, now)
+            return bool(moved)
+
+        stop = _end_in_chunks(
+            engine, batch_id, now, EXPIRED_ERROR, move=move, finalize=False, after_chunk=after_chunk
         )
-        expired = move_batches(conn, BatchStatus.EXPIRED, now, Batch.id.in_(due_ids), *due)
-        ids = [batch_id for batch_id, _ in expired]
-        if ids:
-            locked = _lock_unfinished(conn, ids, now, since_the_move=True)
-            _cancel_unfinished(conn, ids, now, EXPIRED_ERROR, among=locked)
-            attach_result_files(conn, expired, now)
-    return ids
+        if stop.moved:
+            expired.append(batch_id)
+    return expired
+
+
+# A sweep ends at most this many chunks of stopped batches' leftovers (``finish_stopped_batches``):
+# a pass is not held for minutes by a million-line batch; the next passes go on with it.
+FINISH_CHUNKS_PER_SWEEP = 20
+
+
+def finish_stopped_batches(
+    engine: Engine, now: int | None = None, *, max_chunks: int = FINISH_CHUNKS_PER_SWEEP
+) -> list[str]:
+    """End what a stop left: requests still queued (or running under a lapsed lease) in a batch
+    that is ``cancelling`` or ``expired``, as that cancel or expiry would have (a process that
+    died between its chunks, ``_end_in_chunks``); a cancelling batch ends ``cancelled`` once
+    nothing of it runs. At most ``max_chunks`` chunks, the batches in id order; returns the ids
+    of the batches whose leftovers are all ended. The sweep's, each pass.
+
+    Found as ``store.unsettled_dispatch_ids`` finds open dispatches: one batch at a time through
+    the partial index of unfinished requests (each step the next batch id in it), so that a pass
+    costs the batches with requests left, not every batch that ever expired."""
+    now = now if now is not None else now_seconds()
+    unfinished = sa.or_(status_is(RequestStatus.QUEUED), status_is(RequestStatus.RUNNING))
+    first = sa.select(sa.func.min(Request.batch_id).label("batch_id")).where(unfinished)
+    open_batches = first.cte("open_batches", recursive=True)
+    after = sa.select(sa.func.min(Request.batch_id)).where(
+        unfinished, Request.batch_id > open_batches.c.batch_id
+    )
+    open_batches = open_batches.union_all(
+        sa.select(after.scalar_subquery()).where(open_batches.c.batch_id.is_not(None))
+    )
+    leftovers = (
+        sa.select(Request.id).where(Request.batch_id == Batch.id, _unfinished_of_a_batch(now)).exists()
+    )
+    query = (
+        sa.select(Batch.id, Batch.status)
+        .join(open_batches, open_batches.c.batch_id == Batch.id)
+        .where(Batch.status.in_((BatchStatus.CANCELLING, BatchStatus.EXPIRED)), leftovers)
+    )
+    with engine.connect() as conn:
+        stopped = sorted(conn.execute(query).all())
+    finished: list[str] = []
+    chunks_left = max_chunks
+    for batch_id, status in stopped:
+        if chunks_left <= 0:
+            break
+        cancelling = status == BatchStatus.CANCELLING
+        error = None if cancelling else EXPIRED_ERROR
+        stop = _end_in_chunks(engine, batch_id, now, error, finalize=cancelling, max_chunks=chunks_left)
+        chunks_left -= stop.chunks
+        if stop.done:
+            finished.append(batch_id)
+    return finished
 
 
 def batch_statuses(engine: Engine, batch_ids: Collection[str]) -> dict[str, BatchStatus]:

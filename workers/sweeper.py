@@ -1,8 +1,9 @@
 """The sweep: find requests no message will run, and dispatch them again.
 
-Each pass also ends the batches whose completion window has passed (``expired``), and fails the
-batches left ``validating`` by an API process that died while reading their file (their lease,
-renewed by a live API, ran out: ``store.fail_abandoned_validations``). Completion
+Each pass also ends the batches whose completion window has passed (``expired``), ends what a
+cancel or an expiry that died between its chunks left (``store.finish_stopped_batches``), and
+fails the batches left ``validating`` by an API process that died while reading their file (their
+lease, renewed by a live API, ran out: ``store.fail_abandoned_validations``). Completion
 webhooks are delivered apart (``workers.webhooks``), so that no receiver can slow a sweep.
 
 A request needs a new message when (see ``workers.dispatch`` for the markers):
@@ -46,6 +47,7 @@ from store import (
     agent_messages_to_resend,
     expire_batches,
     fail_abandoned_validations,
+    finish_stopped_batches,
     hold_for_resend,
     requests_to_redispatch,
     unsettled_dispatch_ids,
@@ -67,6 +69,7 @@ class SweepReport:
     expired_batches: int = 0
     agent_messages_resent: int = 0
     abandoned_validations: int = 0
+    stopped_batches_finished: int = 0  # cancelled / expired batches whose leftovers it ended
 
 
 def sweep(
@@ -100,11 +103,22 @@ def sweep(
         resent = resend_agent_messages(dispatcher, now=now, limit=limit)
         # Batches past their completion window end as expired.
         expired = expire_batches(engine, now=now)
+        # What a cancel or an expiry that died between its chunks left (store.batches).
+        finished = finish_stopped_batches(engine, now=now)
+        if finished:
+            _logger.info("sweep: %d stopped batch(es) had requests left, now ended", len(finished))
         abandoned = fail_abandoned_validations(engine, now=now)
         if abandoned:
             _logger.warning("sweep: %d batch(es) failed, their validation was abandoned", len(abandoned))
         return SweepReport(
-            len(dispatch_ids), len(dead), len(rows), False, len(expired), resent, len(abandoned)
+            len(dispatch_ids),
+            len(dead),
+            len(rows),
+            False,
+            len(expired),
+            resent,
+            len(abandoned),
+            len(finished),
         )
     finally:
         keeper.stop()

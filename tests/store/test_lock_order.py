@@ -455,3 +455,77 @@ def _waiting_sessions(engine: Engine) -> int:
     )
     with engine.connect() as conn:
         return int(conn.execute(query).scalar_one())
+
+
+def _a_batch_whose_rows_lie_out_of_id_order(engine: Engine, tenant_id: str) -> tuple[str, list[str], str]:
+    """A batch, its request ids in the table's physical order, and one of them, claimed, with
+    requests before it whose ids are all above one after it (a batch whose rows did not move so
+    is replaced)."""
+    lines = [
+        {
+            "custom_id": f"c{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+        }
+        for i in range(8)
+    ]
+
+    def physical_order(batch_id: str) -> list[str]:
+        with engine.connect() as conn:
+            query = sa.text("SELECT id FROM requests WHERE batch_id = :batch_id ORDER BY ctid")
+            return list(conn.execute(query, {"batch_id": batch_id}).scalars())
+
+    for _ in range(50):
+        batch = io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode())
+        batch_id = store.ingest_batch(engine, batch, tenant_id=tenant_id).batch_id
+        # Each write puts a new version of its row after the others: the claimed one, then the
+        # lowest id (claimed and handed back, queued again) after it.
+        lowest = min(physical_order(batch_id))
+        claimed = max(physical_order(batch_id))
+        assert store.claim_requests(engine, [claimed], "worker", 3_600)
+        assert store.claim_requests(engine, [lowest], "worker", 3_600)
+        assert store.release_requests(engine, [lowest], "worker") == 1
+        physical = physical_order(batch_id)
+        position = physical.index(claimed)
+        if 0 < position < len(physical) - 1 and min(physical[position + 1 :]) < min(physical[:position]):
+            return batch_id, physical, claimed
+    raise AssertionError("no batch had its rows out of id order around a claimed one")
+
+
+def test_a_dispatch_and_a_cancel_of_the_same_requests_both_end(pg_engine: Engine) -> None:
+    """A dispatch names its chunk's message on the chunk's rows (``mark_dispatched``) while a
+    cancel of their batch locks them in id order. The dispatch's UPDATE locked them in its plan's
+    order: a Bitmap Heap Scan of the primary key (the plan PostgreSQL picks for a chunk of 512 ids
+    among 200,000 rows), so the table's physical order, which random ids do not follow. Both
+    queued behind a third holder of one row, each holding what it locked before it, and
+    PostgreSQL killed one of them as a deadlock after a second."""
+    tenant = store.create_tenant(pg_engine, "acme")
+    batch_id, physical, claimed = _a_batch_whose_rows_lie_out_of_id_order(pg_engine, tenant.id)
+
+    def in_physical_order(_conn: object, cursor: Any, statement: str, *_: object) -> None:
+        # The plan of a chunk among many rows, which a table this small would not get.
+        if threading.current_thread().name == "dispatch" and statement.startswith("UPDATE requests"):
+            cursor.execute("SET LOCAL enable_indexscan = off")
+
+    event.listen(pg_engine, "before_cursor_execute", in_physical_order)
+    try:
+        with pg_engine.connect() as holder, holder.begin():
+            # A third transaction (the claimer's heartbeat) holds the claimed request: the dispatch
+            # waits for it holding the rows before it.
+            holder.execute(
+                sa.select(store.Request.id).where(store.Request.id == claimed).with_for_update(key_share=True)
+            )
+            dispatch = Step("dispatch", lambda: store.mark_dispatched(pg_engine, physical, "dsp_1"))
+            _wait_until(lambda: _waiting_sessions(pg_engine) == 1, "the dispatch waits for the claimed request")
+            cancel = Step("cancel", lambda: store.cancel_batch(pg_engine, batch_id))
+            _wait_until(lambda: _waiting_sessions(pg_engine) == 2 or cancel.done(), "the cancel ends or waits")
+        for step in (dispatch, cancel):
+            step.thread.join(WAIT_SECONDS)
+            assert step.done(), f"{step.thread.name} still runs"
+    finally:
+        event.remove(pg_engine, "before_cursor_execute", in_physical_order)
+    assert [dispatch.error, cancel.error] == [None, None]
+    statuses = _ledger(pg_engine, batch_id)["requests"]
+    assert statuses.pop(claimed) == store.RequestStatus.RUNNING
+    assert set(statuses.values()) == {store.RequestStatus.CANCELLED}

@@ -135,11 +135,14 @@ def mark_dispatched(
     if not request_ids:
         return 0
     now = now if now is not None else now_seconds()
+    named = (Request.id.in_(request_ids), Request.status.not_in(_FINISHED))
     with write_transaction(engine) as conn:
+        # In id order first, as a cancel, an expiry, a flush of results lock them: the UPDATE alone
+        # locks them in its plan's order (a Bitmap Heap Scan at scale: the table's, not the ids'),
+        # and a cancel of their batch then deadlocked with it (tests/store/test_lock_order.py).
+        lock_requests_in_id_order(conn, *named)
         result = conn.execute(
-            sa.update(Request)
-            .where(Request.id.in_(request_ids), Request.status.not_in(_FINISHED))
-            .values(dispatch_id=dispatch_id, dispatched_at=now)
+            sa.update(Request).where(*named).values(dispatch_id=dispatch_id, dispatched_at=now)
         )
         return result.rowcount
 

@@ -517,9 +517,13 @@ def test_a_dispatch_and_a_cancel_of_the_same_requests_both_end(pg_engine: Engine
                 sa.select(store.Request.id).where(store.Request.id == claimed).with_for_update(key_share=True)
             )
             dispatch = Step("dispatch", lambda: store.mark_dispatched(pg_engine, physical, "dsp_1"))
-            _wait_until(lambda: _waiting_sessions(pg_engine) == 1, "the dispatch waits for the claimed request")
+            _wait_until(
+                lambda: _waiting_sessions(pg_engine) == 1, "the dispatch waits for the claimed request"
+            )
             cancel = Step("cancel", lambda: store.cancel_batch(pg_engine, batch_id))
-            _wait_until(lambda: _waiting_sessions(pg_engine) == 2 or cancel.done(), "the cancel ends or waits")
+            _wait_until(
+                lambda: _waiting_sessions(pg_engine) == 2 or cancel.done(), "the cancel ends or waits"
+            )
         for step in (dispatch, cancel):
             step.thread.join(WAIT_SECONDS)
             assert step.done(), f"{step.thread.name} still runs"

@@ -418,8 +418,19 @@ def _count_cancelled(conn: Connection, batch_ids: Iterable[str]) -> list[str]:
     return list(per_batch)
 
 
+# An expiry pass ends each due batch's first chunk (the one that moves it), then at most this many
+# chunks in all; the sweep's ``finish_stopped_batches`` ends the rest at its next passes. Unbounded,
+# a pass ran every due batch to its end: 200 chunks (~30 s) for one batch of a million lines, and
+# as many times that as such batches were due together, the rest of the sweep waiting.
+EXPIRY_CHUNKS_PER_SWEEP = 20
+
+
 def expire_batches(
-    engine: Engine, now: int | None = None, *, after_chunk: Callable[[int], None] | None = None
+    engine: Engine,
+    now: int | None = None,
+    *,
+    max_chunks: int | None = None,
+    after_chunk: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Batches past ``expires_at`` that are still running become ``expired``: their queued requests
     are cancelled with ``last_error`` ``batch_expired`` (they appear in the error file, as OpenAI
@@ -427,12 +438,15 @@ def expire_batches(
 
     Each batch in chunks (``_end_in_chunks``), the first of which moves it (and writes its file
     rows) once its requests are locked: the batches as they were found due, one found due only
-    after this read expires at the next pass. ``after_chunk``: as ``cancel_batch``'s."""
+    after this read expires at the next pass. ``max_chunks`` (default ``EXPIRY_CHUNKS_PER_SWEEP``,
+    read at each call): chunks in all beyond each batch's first, which is always run (a due batch
+    expires at this pass). ``after_chunk``: as ``cancel_batch``'s."""
     now = now if now is not None else now_seconds()
     due = (Batch.expires_at <= now, may_move_to(BatchStatus.EXPIRED))
     with engine.connect() as conn:
         due_ids = list(conn.execute(sa.select(Batch.id).where(*due).order_by(Batch.id)).scalars())
     expired: list[str] = []
+    chunks_left = max_chunks if max_chunks is not None else EXPIRY_CHUNKS_PER_SWEEP
     for batch_id in due_ids:
 
         def move(conn: Connection, batch_id: str = batch_id) -> bool:
@@ -441,8 +455,16 @@ def expire_batches(
             return bool(moved)
 
         stop = _end_in_chunks(
-            engine, batch_id, now, EXPIRED_ERROR, move=move, finalize=False, after_chunk=after_chunk
+            engine,
+            batch_id,
+            now,
+            EXPIRED_ERROR,
+            move=move,
+            finalize=False,
+            after_chunk=after_chunk,
+            max_chunks=max(1, chunks_left),
         )
+        chunks_left -= stop.chunks
         if stop.moved:
             expired.append(batch_id)
     return expired

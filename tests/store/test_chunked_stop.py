@@ -279,3 +279,27 @@ def _wait_until(condition: Callable[[], bool], what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, what
         time.sleep(0.02)
+
+
+def test_an_expiry_pass_is_bounded_and_the_sweep_ends_the_rest(engine: Engine, ingest: IngestFn) -> None:
+    """An expiry pass moves every due batch (its first chunk), then ends at most
+    ``EXPIRY_CHUNKS_PER_SWEEP`` chunks in all: it ran every due batch to its end, 200 chunks for
+    a batch of a million lines, as many times that as such batches were due together, the rest
+    of the sweep waiting. ``finish_stopped_batches`` ends what it left, as an expiry would."""
+    batch_ids = sorted(ingest(LINES).batch_id for _ in range(2))
+    past_window = max(_batch(engine, batch_id).expires_at for batch_id in batch_ids) + 1
+    chunks: list[int] = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(store.batches, "EXPIRY_CHUNKS_PER_SWEEP", 2, raising=False)
+        assert store.expire_batches(engine, past_window, after_chunk=chunks.append) == batch_ids
+    # The first batch two chunks (the budget), the second its first: both expired.
+    assert chunks == [1, 2, 1]
+    for batch_id in batch_ids:
+        assert _batch(engine, batch_id).status == store.BatchStatus.EXPIRED
+        assert store.RequestStatus.QUEUED in _statuses(engine, batch_id).values()
+        _assert_counts_add_up(engine, batch_id)
+
+    assert store.finish_stopped_batches(engine, now=past_window) == batch_ids
+    for batch_id in batch_ids:
+        assert set(_statuses(engine, batch_id).values()) == {store.RequestStatus.CANCELLED}
+        assert _batch(engine, batch_id).cancelled_count == LINES

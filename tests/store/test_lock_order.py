@@ -533,3 +533,55 @@ def test_a_dispatch_and_a_cancel_of_the_same_requests_both_end(pg_engine: Engine
     statuses = _ledger(pg_engine, batch_id)["requests"]
     assert statuses.pop(claimed) == store.RequestStatus.RUNNING
     assert set(statuses.values()) == {store.RequestStatus.CANCELLED}
+
+
+@pytest.mark.parametrize("stop", list(STOPS_BEFORE_THE_BATCH))
+def test_the_requests_a_validation_commits_under_a_stop_end_a_chunk_at_a_time(
+    pg_engine: Engine, stop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop of a batch whose validation commits its requests between the stop's first lock
+    (nothing to lock yet: its chunk had no end) and its move of the batch: the requests it then
+    takes are a chunk's, not every line the validation wrote (a million lines in one transaction,
+    the very wait the chunks are there to avoid); the others end in the next chunks."""
+    chunk_lines = 2
+    monkeypatch.setattr(store.batches, "STOP_CHUNK_LINES", chunk_lines)
+    tenant = store.create_tenant(pg_engine, "acme")
+    opened = store.open_batch(pg_engine, store.prepare_batch(tenant_id=tenant.id, now=CLAIMED_AT))
+    lines = [
+        {
+            "custom_id": f"c{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+        }
+        for i in range(5)
+    ]
+    source = io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode())
+    batch = store.get_batch(pg_engine, opened.batch_id)
+    assert batch is not None
+    stopped_at = batch.expires_at + 1
+    cancelled_after_each_chunk: list[int] = []
+
+    def count_cancelled(_chunk: int) -> None:
+        ended = store.get_batch(pg_engine, opened.batch_id)
+        assert ended is not None
+        cancelled_after_each_chunk.append(ended.cancelled_count)
+
+    def stop_batch() -> None:
+        if stop == "cancel":
+            store.cancel_batch(pg_engine, opened.batch_id, stopped_at, after_chunk=count_cancelled)
+        else:
+            assert store.expire_batches(pg_engine, stopped_at, after_chunk=count_cancelled) == [
+                opened.batch_id
+            ]
+
+    def validate() -> None:
+        assert store.fill_batch(pg_engine, opened, source).status == store.BatchStatus.IN_PROGRESS
+
+    steps = _interleave(pg_engine, (STOP, stop_batch, STOPS_BEFORE_THE_BATCH[stop]), ("validate", validate))
+
+    assert [step.error for step in steps] == [None, None]
+    assert cancelled_after_each_chunk == [2, 4, 5]
+    ledger = _ledger(pg_engine, opened.batch_id)
+    assert list(ledger["requests"].values()) == [store.RequestStatus.CANCELLED] * 5
+    assert ledger["batch"].cancelled_count == 5

@@ -248,6 +248,11 @@ def _end_in_chunks(
             if move is not None and chunks == 0:
                 if not move(conn):
                     return _ChunkedStop(moved=False, chunks=0, done=False)
+                if bound is None:
+                    # A chunk without end: a validation may have committed every line of its
+                    # file meanwhile. A chunk's of them, as any chunk; the next chunks the rest.
+                    bound = _chunk_bound(conn, batch_id, now, after, chunk_lines)
+                    lines = _lines_between(after, bound)
                 # And the chunk's requests committed since that lock (a validation that ended).
                 locked = _lock_unfinished(conn, [batch_id], now, lines, since_the_move=True)
             _cancel_unfinished(conn, [batch_id], now, error, among=locked, within=lines)

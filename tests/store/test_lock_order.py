@@ -35,6 +35,18 @@ USAGE = RequestUsage(prompt_tokens=1000, completion_tokens=200)
 WAIT_SECONDS = 30  # a safety net: a waiting step fails the test rather than hang it
 
 
+def _jsonl(lines: int) -> io.BytesIO:
+    """A batch file of ``lines`` chat completion lines."""
+    line = {
+        "url": "/v1/chat/completions",
+        "method": "POST",
+        "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+    }
+    return io.BytesIO(
+        "".join(json.dumps({"custom_id": f"c{i}", **line}) + "\n" for i in range(lines)).encode()
+    )
+
+
 def _late_result(request_id: str) -> store.ResultRecord:
     return store.ResultRecord(
         request_id,
@@ -188,18 +200,10 @@ class LateBatch:
 
 def _late_batch(engine: Engine) -> LateBatch:
     tenant = store.create_tenant(engine, "acme")
-    lines = [
-        {
-            "custom_id": f"c{i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-        }
-        for i in range(2)
-    ]
+    source = _jsonl(2)
     report = store.ingest_batch(
         engine,
-        io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode()),
+        source,
         tenant_id=tenant.id,
         now=CLAIMED_AT,
     )
@@ -315,16 +319,7 @@ def test_a_stop_of_a_validating_batch_ends_the_requests_its_validation_just_comm
     tenant = store.create_tenant(pg_engine, "acme")
     spec = store.prepare_batch(tenant_id=tenant.id, now=CLAIMED_AT)
     opened = store.open_batch(pg_engine, spec)
-    lines = [
-        {
-            "custom_id": f"c{i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-        }
-        for i in range(2)
-    ]
-    source = io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode())
+    source = _jsonl(2)
     batch = store.get_batch(pg_engine, opened.batch_id)
     assert batch is not None
     stopped_at = batch.expires_at + 1
@@ -355,18 +350,10 @@ def test_a_heartbeat_and_a_flush_of_the_same_requests_both_end(pg_engine: Engine
     so two requests whose leases ran the other way round deadlocked the two when both waited on a
     third holder: PostgreSQL killed one after a second."""
     tenant = store.create_tenant(pg_engine, "acme")
-    lines = [
-        {
-            "custom_id": f"c{i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-        }
-        for i in range(2)
-    ]
+    source = _jsonl(2)
     report = store.ingest_batch(
         pg_engine,
-        io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode()),
+        source,
         tenant_id=tenant.id,
         now=CLAIMED_AT,
     )
@@ -406,18 +393,10 @@ def test_a_heartbeat_and_a_hand_back_of_the_same_requests_both_end(pg_engine: En
     """A worker releases (winding down) or cancels (its batch stopped) requests its lease keeper
     is extending: both lock them in id order, so neither is killed as a deadlock."""
     tenant = store.create_tenant(pg_engine, "acme")
-    lines = [
-        {
-            "custom_id": f"c{i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-        }
-        for i in range(2)
-    ]
+    source = _jsonl(2)
     report = store.ingest_batch(
         pg_engine,
-        io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode()),
+        source,
         tenant_id=tenant.id,
         now=CLAIMED_AT,
     )
@@ -461,15 +440,6 @@ def _a_batch_whose_rows_lie_out_of_id_order(engine: Engine, tenant_id: str) -> t
     """A batch, its request ids in the table's physical order, and one of them, claimed, with
     requests before it whose ids are all above one after it (a batch whose rows did not move so
     is replaced)."""
-    lines = [
-        {
-            "custom_id": f"c{i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-        }
-        for i in range(8)
-    ]
 
     def physical_order(batch_id: str) -> list[str]:
         with engine.connect() as conn:
@@ -477,8 +447,7 @@ def _a_batch_whose_rows_lie_out_of_id_order(engine: Engine, tenant_id: str) -> t
             return list(conn.execute(query, {"batch_id": batch_id}).scalars())
 
     for _ in range(50):
-        batch = io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode())
-        batch_id = store.ingest_batch(engine, batch, tenant_id=tenant_id).batch_id
+        batch_id = store.ingest_batch(engine, _jsonl(8), tenant_id=tenant_id).batch_id
         # Each write puts a new version of its row after the others: the claimed one, then the
         # lowest id (claimed and handed back, queued again) after it.
         lowest = min(physical_order(batch_id))
@@ -547,16 +516,7 @@ def test_the_requests_a_validation_commits_under_a_stop_end_a_chunk_at_a_time(
     monkeypatch.setattr(store.batches, "STOP_CHUNK_LINES", chunk_lines)
     tenant = store.create_tenant(pg_engine, "acme")
     opened = store.open_batch(pg_engine, store.prepare_batch(tenant_id=tenant.id, now=CLAIMED_AT))
-    lines = [
-        {
-            "custom_id": f"c{i}",
-            "method": "POST",
-            "url": "/v1/chat/completions",
-            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-        }
-        for i in range(5)
-    ]
-    source = io.BytesIO("".join(json.dumps(line) + "\n" for line in lines).encode())
+    source = _jsonl(5)
     batch = store.get_batch(pg_engine, opened.batch_id)
     assert batch is not None
     stopped_at = batch.expires_at + 1

@@ -26,7 +26,7 @@ from store.batch_lifecycle import (
 from store.engine import autocommit_connection, is_postgresql, write_transaction
 from store.errors import BatchNotFound
 from store.ids import now_seconds
-from store.tables import Batch, BatchStatus, Request, RequestStatus, status_is
+from store.tables import Batch, BatchStatus, Request, RequestStatus, status_is, unfinished_values
 
 __all__ = [
     "EXPIRED_ERROR",
@@ -493,21 +493,13 @@ def finish_stopped_batches(
     the partial index of unfinished requests (each step the next batch id in it), so that a pass
     costs the batches with requests left, not every batch that ever expired."""
     now = now if now is not None else now_seconds()
-    unfinished = sa.or_(status_is(RequestStatus.QUEUED), status_is(RequestStatus.RUNNING))
-    first = sa.select(sa.func.min(Request.batch_id).label("batch_id")).where(unfinished)
-    open_batches = first.cte("open_batches", recursive=True)
-    after = sa.select(sa.func.min(Request.batch_id)).where(
-        unfinished, Request.batch_id > open_batches.c.batch_id
-    )
-    open_batches = open_batches.union_all(
-        sa.select(after.scalar_subquery()).where(open_batches.c.batch_id.is_not(None))
-    )
+    open_batches = unfinished_values(Request.batch_id, "open_batches")
     leftovers = (
         sa.select(Request.id).where(Request.batch_id == Batch.id, _unfinished_of_a_batch(now)).exists()
     )
     query = (
         sa.select(Batch.id, Batch.status)
-        .join(open_batches, open_batches.c.batch_id == Batch.id)
+        .join(open_batches, open_batches.c.value == Batch.id)
         .where(Batch.status.in_((BatchStatus.CANCELLING, BatchStatus.EXPIRED)), leftovers)
     )
     with engine.connect() as conn:

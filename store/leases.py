@@ -29,7 +29,16 @@ from store.engine import (
     write_transaction,
 )
 from store.ids import now_seconds
-from store.tables import Batch, BatchStatus, Request, RequestKind, RequestStatus, Tenant, status_is
+from store.tables import (
+    Batch,
+    BatchStatus,
+    Request,
+    RequestKind,
+    RequestStatus,
+    Tenant,
+    status_is,
+    unfinished_values,
+)
 
 __all__ = [
     "ClaimedRequest",
@@ -537,25 +546,17 @@ def unsettled_dispatch_ids(engine: Engine, *, now: int, settled_before: int) -> 
     so that a pass costs the dispatches still open, a few index probes each, not a read of every
     request still queued (a freshly dispatched million-line batch is 2,000 messages but a million
     rows, and the sweeper passes every few seconds)."""
-    unfinished = sa.or_(status_is(RequestStatus.QUEUED), status_is(RequestStatus.RUNNING))
-    first = sa.select(sa.func.min(Request.dispatch_id).label("dispatch_id")).where(unfinished)
-    dispatches = first.cte("open_dispatches", recursive=True)
-    after = sa.select(sa.func.min(Request.dispatch_id)).where(
-        unfinished, Request.dispatch_id > dispatches.c.dispatch_id
-    )
-    dispatches = dispatches.union_all(
-        sa.select(after.scalar_subquery()).where(dispatches.c.dispatch_id.is_not(None))
-    )
+    dispatches = unfinished_values(Request.dispatch_id, "open_dispatches")
     needs_work = (
         sa.select(Request.id)
         .where(
-            Request.dispatch_id == dispatches.c.dispatch_id,
+            Request.dispatch_id == dispatches.c.value,
             _claimable(now),
             Request.dispatched_at < settled_before,
         )
         .exists()
     )
-    query = sa.select(dispatches.c.dispatch_id).where(dispatches.c.dispatch_id.is_not(None), needs_work)
+    query = sa.select(dispatches.c.value).where(dispatches.c.value.is_not(None), needs_work)
     with engine.connect() as conn:
         return [dispatch_id for dispatch_id in conn.execute(query).scalars() if dispatch_id is not None]
 

@@ -172,7 +172,8 @@ def cancel_batch(
         status = conn.execute(sa.select(Batch.status).where(Batch.id == batch_id)).scalar_one_or_none()
     if status is None:
         raise BatchNotFound(f"no batch {batch_id!r}")
-    if BatchStatus.CANCELLING in ALLOWED_TRANSITIONS[BatchStatus(status)]:
+    movable = BatchStatus.CANCELLING in ALLOWED_TRANSITIONS[BatchStatus(status)]
+    if movable or status == BatchStatus.CANCELLING:  # a cancel sent again ends what is left
 
         def move(conn: Connection) -> bool:
             return bool(move_batches(conn, BatchStatus.CANCELLING, now, Batch.id == batch_id))
@@ -182,14 +183,10 @@ def cancel_batch(
             batch_id,
             now,
             error,
-            move=move,
+            move=move if movable else None,
             finalize=True,
             after_chunk=after_chunk,
             max_chunks=max_chunks,
-        )
-    elif status == BatchStatus.CANCELLING:
-        _end_in_chunks(
-            engine, batch_id, now, error, finalize=True, after_chunk=after_chunk, max_chunks=max_chunks
         )
     batch = get_batch(engine, batch_id)
     assert batch is not None
@@ -310,9 +307,9 @@ def _lock_unfinished(
     *,
     since_the_move: bool = False,
 ) -> list[str] | None:
-    """Lock, in id order, the requests of ``batch_ids`` that ``_cancel_unfinished`` would end,
-    among those ``within`` selects (a chunk's lines), before their batches' rows are locked;
-    returns their ids (None on SQLite, whose writers take turns).
+    """Lock (``lock_requests_in_id_order``) the requests of ``batch_ids`` that
+    ``_cancel_unfinished`` would end, among those ``within`` selects (a chunk's lines), before
+    their batches' rows are locked; returns their ids (None on SQLite).
 
     Requests before their batch, as every transaction that takes both: a result ends its request,
     then counts it on the batch (``store.results``). A stop that moved its batch first, then
@@ -324,26 +321,23 @@ def _lock_unfinished(
     meanwhile, a request put back in line); returns every one the stop now holds. One another
     transaction holds is ended by it (a result), or by the worker that claims it and finds its
     batch stopped."""
+    return lock_requests_in_id_order(conn, _unfinished(batch_ids, now), within, skip_locked=since_the_move)
+
+
+def lock_requests_in_id_order(
+    conn: Connection, *where: sa.ColumnElement[bool], skip_locked: bool = False
+) -> list[str] | None:
+    """Lock (NO KEY UPDATE, as an UPDATE of them takes) the requests matching ``where`` in id
+    order, before the UPDATE that changes them; returns their ids. An UPDATE alone locks them in
+    its plan's order (the running requests' index: by lease expiry; a bitmap scan's: the table's),
+    while a flush of their results locks them in id order (``store.results``), and two
+    transactions locking the same rows in two orders deadlock (tests/store/test_lock_order.py).
+    ``skip_locked``: those another transaction holds are left out, not waited for. Nothing (None)
+    on SQLite, whose writers take turns."""
     if not is_postgresql(conn):
         return None
-    query = (
-        sa.select(Request.id)
-        .where(_unfinished(batch_ids, now), within)
-        .order_by(Request.id)
-        # NO KEY UPDATE, as the UPDATE that ends them takes
-        .with_for_update(key_share=True, skip_locked=since_the_move)
-    )
-    return list(conn.execute(query).scalars())
-
-
-def lock_requests_in_id_order(conn: Connection, *where: sa.ColumnElement[bool]) -> None:
-    """Lock (NO KEY UPDATE, as an UPDATE of them takes) the requests matching ``where`` in id
-    order, before the UPDATE that changes them: an UPDATE alone locks them in its plan's order (the
-    running requests' index: by lease expiry), while a flush of their results locks them in id
-    order (``store.results``), and two transactions locking the same rows in two orders deadlock
-    (tests/store/test_lock_order.py). Nothing on SQLite, whose writers take turns."""
-    if is_postgresql(conn):
-        conn.execute(sa.select(Request.id).where(*where).order_by(Request.id).with_for_update(key_share=True))
+    query = sa.select(Request.id).where(*where).order_by(Request.id)
+    return list(conn.execute(query.with_for_update(key_share=True, skip_locked=skip_locked)).scalars())
 
 
 def _cancel_unfinished(

@@ -29,7 +29,12 @@ Directives, read from the last user message only (``[[...]]`` with another word 
                                     ``tool results: NAME=CONTENT; NAME=CONTENT`` (the results after the
                                     last user message, in order).
     ``tool_choice``                 with no ``[[call]]``: "required" calls the first tool, a named function
-                                    calls that one, each with arguments generated from its schema, once.
+                                    (or custom tool) calls that one, ``allowed_tools`` in mode "required"
+                                    the first allowed one, each with arguments generated from its schema,
+                                    once.
+    (custom tools)                  a free-form tool (``{"type": "custom", "custom": {"name": ...}}``) is
+                                    called as OpenAI calls one: ``custom: {name, input}``, the input the
+                                    ``[[call]]``'s JSON text, else generated words.
     ``[[recall]]``                  the reply includes ``recall: A | B | ...``: every earlier assistant text
                                     and tool result of the conversation, in order.
     ``[[say TEXT]]``                the reply includes TEXT verbatim (several: one line each).

@@ -43,7 +43,20 @@ class ChatRequest:
 class ToolCall:
     id: str
     name: str
-    arguments: str
+    arguments: str  # a custom tool's: its input
+    kind: str = "function"  # or "custom": OpenAI's free-form tools
+
+    def fields(self) -> tuple[str, str]:
+        """The call's object key and its arguments' key, by its kind."""
+        return ("custom", "input") if self.kind == "custom" else ("function", "arguments")
+
+    def to_json(self) -> dict[str, Any]:
+        field_name, arguments_name = self.fields()
+        return {
+            "id": self.id,
+            "type": self.kind,
+            field_name: {"name": self.name, arguments_name: self.arguments},
+        }
 
 
 @dataclass
@@ -89,10 +102,7 @@ class Reply:
             message: dict[str, Any] = {"role": "assistant", "content": choice.content}
             message["refusal"] = choice.refusal
             if choice.tool_calls:
-                message["tool_calls"] = [
-                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-                    for c in choice.tool_calls
-                ]
+                message["tool_calls"] = [c.to_json() for c in choice.tool_calls]
             choices.append(
                 {
                     "index": choice.index,
@@ -217,13 +227,31 @@ def build_reply(request: ChatRequest, *, reply_words: int | None = None) -> Repl
     )
 
 
-def _offered_tools(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    tools: dict[str, dict[str, Any]] = {}
+def _offered_tools(body: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The tools offered, by name: their kind ("function" or "custom") and definition."""
+    tools: dict[str, tuple[str, dict[str, Any]]] = {}
     for tool in body.get("tools") or []:
-        function = tool.get("function") if isinstance(tool, dict) else None
+        kind = tool.get("type", "function") if isinstance(tool, dict) else None
+        function = tool.get(kind) if isinstance(tool, dict) and kind in ("function", "custom") else None
         if isinstance(function, dict) and isinstance(function.get("name"), str):
-            tools[function["name"]] = function
+            tools[function["name"]] = (str(kind), function)
     return tools
+
+
+def _named_choice(tool_choice: dict[str, Any], tools: dict[str, tuple[str, dict[str, Any]]]) -> str | None:
+    """The tool a ``tool_choice`` object makes the model call: a function or custom tool named,
+    or ``allowed_tools`` in mode "required" (the first allowed one offered)."""
+    kind = tool_choice.get("type")
+    if kind in ("function", "custom"):
+        name = (tool_choice.get(kind) or {}).get("name")
+        return name if isinstance(name, str) else None
+    allowed = tool_choice.get("allowed_tools") or {}
+    if kind == "allowed_tools" and allowed.get("mode") == "required":
+        for tool in allowed.get("tools") or []:
+            name = (tool.get(tool.get("type")) or {}).get("name") if isinstance(tool, dict) else None
+            if name in tools:
+                return str(name)
+    return None
 
 
 def _tail_after_last_user(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -248,20 +276,23 @@ def _tool_calls_due(request: ChatRequest) -> list[ToolCall]:
         due = rounds[rounds_done]
     elif rounds_done == 0 and not rounds:
         if isinstance(tool_choice, dict):
-            name = (tool_choice.get("function") or {}).get("name")
-            if isinstance(name, str):
+            name = _named_choice(tool_choice, tools)
+            if name is not None:
                 due = [ToolCallDirective(name, None)]
         elif tool_choice == "required":
             due = [ToolCallDirective(next(iter(tools)), None)]
     calls = []
     for index, directive in enumerate(due):
+        kind, definition = tools.get(directive.name, ("function", {}))
         arguments = directive.arguments
-        if arguments is None:
-            schema = tools.get(directive.name, {}).get("parameters") or {"type": "object", "properties": {}}
+        if arguments is None and kind == "custom":
+            arguments = " ".join(words(rng_for(request.digest, "input", index), 6))
+        elif arguments is None:
+            schema = definition.get("parameters") or {"type": "object", "properties": {}}
             value = schema_instance(schema, rng_for(request.digest, "args", index))
             arguments = json.dumps(value, separators=(",", ":"))
         call_id = "call_" + hashlib.sha256(request.digest + f"call:{index}".encode()).hexdigest()[:24]
-        calls.append(ToolCall(call_id, directive.name, arguments))
+        calls.append(ToolCall(call_id, directive.name, arguments, kind))
     return calls
 
 
@@ -295,8 +326,9 @@ def _tool_results(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
     names: dict[str, str] = {}
     for message in messages:
         for call in message.get("tool_calls") or []:
-            if isinstance(call, dict) and isinstance(call.get("function"), dict):
-                names[str(call.get("id"))] = str(call["function"].get("name"))
+            named = call.get(call.get("type", "function")) if isinstance(call, dict) else None
+            if isinstance(named, dict):
+                names[str(call.get("id"))] = str(named.get("name"))
     return [
         (names.get(str(m.get("tool_call_id")), str(m.get("name") or "tool")), message_text(m))
         for m in _tail_after_last_user(messages)
@@ -440,21 +472,22 @@ def reply_chunks(
         if choice.tool_calls:
             deltas.append({"role": "assistant", "content": None, "refusal": None})
             for position, call in enumerate(choice.tool_calls):
+                field_name, arguments_name = call.fields()
                 deltas.append(
                     {
                         "tool_calls": [
                             {
                                 "index": position,
                                 "id": call.id,
-                                "type": "function",
-                                "function": {"name": call.name, "arguments": ""},
+                                "type": call.kind,
+                                field_name: {"name": call.name, arguments_name: ""},
                             }
                         ]
                     }
                 )
                 for start in range(0, len(call.arguments), chunk_chars):
                     piece = call.arguments[start : start + chunk_chars]
-                    deltas.append({"tool_calls": [{"index": position, "function": {"arguments": piece}}]})
+                    deltas.append({"tool_calls": [{"index": position, field_name: {arguments_name: piece}}]})
         elif choice.refusal is not None:
             deltas.append({"role": "assistant", "content": None, "refusal": ""})
             refusal = choice.refusal

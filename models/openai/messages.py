@@ -39,6 +39,7 @@ from models.types import (
 )
 
 __all__ = [
+    "CUSTOM_TOOL",
     "ToolSpec",
     "messages_from_openai",
     "openai_tool_call",
@@ -46,6 +47,7 @@ __all__ = [
     "to_openai_messages",
     "to_openai_tool_choice",
     "to_openai_tools",
+    "tool_call_fields",
     "tool_schema",
 ]
 
@@ -77,6 +79,17 @@ def _image_part(image: Image) -> dict[str, Any]:
     if image.detail != "auto":
         image_url["detail"] = image.detail
     return {"type": "image_url", "image_url": image_url}
+
+
+# OpenAI's free-form ("custom") tools: a call of one says ``custom: {name, input}`` where a
+# function's says ``function: {name, arguments}``; our ``FunctionCall`` holds the input as its
+# arguments.
+CUSTOM_TOOL = "custom"
+
+
+def tool_call_fields(kind: object) -> tuple[str, str]:
+    """The keys of a tool call of type ``kind``: the object naming the tool, and its arguments'."""
+    return ("custom", "input") if kind == CUSTOM_TOOL else ("function", "arguments")
 
 
 def openai_tool_call(call: FunctionCall) -> dict[str, Any]:
@@ -224,14 +237,11 @@ def _function_calls(tool_calls: Any) -> list[FunctionCall]:
         if not isinstance(call, Mapping):
             _unsupported("a tool call that is not an object")
         kind = call.get("type", "function")
-        if kind == "custom" and isinstance(call.get("custom"), Mapping):
-            custom = call["custom"]
-            name, arguments = custom.get("name", ""), custom.get("input", "")
-        elif kind == "function" and isinstance(call.get("function"), Mapping):
-            function = call["function"]
-            name, arguments = function.get("name", ""), function.get("arguments", "")
-        else:
+        field_name, arguments_name = tool_call_fields(kind)
+        function = call.get(field_name)
+        if kind not in ("function", CUSTOM_TOOL) or not isinstance(function, Mapping):
             _unsupported(f"a tool call of type {kind!r}")
+        name, arguments = function.get("name", ""), function.get(arguments_name, "")
         calls.append(
             FunctionCall(
                 id=str(call.get("id", "")),

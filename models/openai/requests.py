@@ -63,20 +63,40 @@ def _tool_choice(value: Any, tools: list[ToolSchema]) -> ToolChoice:
     raise BadRequest(f"unsupported tool_choice {value!r}", code="invalid_tool_choice")
 
 
-def _tools(value: Any) -> list[ToolSchema]:
+def _tools(value: Any) -> list[ToolSchema] | None:
+    """The body's tools as our schemas; None when some tool says more than a schema holds (a
+    free-form "custom" tool, another type, a key beside ``type`` and ``function``): then the
+    tools go to the provider as the caller wrote them, and the provider judges them."""
     if value is None:
         return []
     if not isinstance(value, list):
         raise BadRequest("tools must be a list", code="invalid_tools")
     tools: list[ToolSchema] = []
+    verbatim = False
     for tool in value:
-        if not isinstance(tool, Mapping) or tool.get("type") != "function":
-            raise BadRequest("only function tools are supported", code="invalid_tools")
+        if not isinstance(tool, Mapping) or not isinstance(tool.get("type"), str):
+            raise BadRequest("each tool must be an object with a type", code="invalid_tools")
+        if tool["type"] != "function":
+            verbatim = True
+            continue
         function = tool.get("function")
         if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
             raise BadRequest("a function tool needs function.name", code="invalid_tools")
+        verbatim = verbatim or tool.keys() != {"type", "function"}
         tools.append(ToolSchema(**function))  # type: ignore[typeddict-item]
-    return tools
+    return None if verbatim else tools
+
+
+# tool_choice values our ``ToolChoice`` says; any other (``allowed_tools``, a custom tool named)
+# goes to the provider as written, with the tools.
+_TYPED_CHOICES = frozenset({"auto", "required", "none"})
+
+
+def _typed_choice(choice: Any) -> bool:
+    """Whether our ``ToolChoice`` says ``choice`` (absent, a mode of its own, a function named)."""
+    if choice is None or isinstance(choice, str):
+        return choice is None or choice in _TYPED_CHOICES
+    return isinstance(choice, Mapping) and choice.get("type") == "function"
 
 
 # The status of a body refused here: the client's mistake, as the provider would answer it.
@@ -112,6 +132,13 @@ def _split(body: Mapping[str, Any]) -> ChatRequest:
     if not isinstance(messages, list) or not messages:
         raise BadRequest("the body has no messages", code="invalid_request")
     tools = _tools(body.get("tools"))
+    choice = body.get("tool_choice")
+    extra = {key: value for key, value in body.items() if key not in _NOT_CREATE_ARGS}
+    if tools is None or not _typed_choice(choice):
+        # What our types cannot say goes as written; the provider judges it, as it would have
+        # without tokenmill between.
+        extra.update({key: body[key] for key in ("tools", "tool_choice") if key in body})
+        tools, choice = [], None
     response_format = body.get("response_format")
     json_output: bool | None = None
     if isinstance(response_format, Mapping) and response_format.get("type") == "json_object":
@@ -122,8 +149,8 @@ def _split(body: Mapping[str, Any]) -> ChatRequest:
         model=model,
         messages=messages_from_openai(messages),
         tools=tools,
-        tool_choice=_tool_choice(body.get("tool_choice"), tools),
+        tool_choice=_tool_choice(choice, tools),
         json_output=json_output,
         response_format=dict(response_format) if response_format is not None else None,
-        extra_create_args={key: value for key, value in body.items() if key not in _NOT_CREATE_ARGS},
+        extra_create_args=extra,
     )

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from models.errors import InvalidProviderResponse
-from models.openai.messages import openai_tool_call
+from models.openai.messages import openai_tool_call, tool_call_fields
 from models.types import (
     ChatCompletionTokenLogprob,
     CreateResult,
@@ -297,20 +297,23 @@ def _content_and_reason(
 
 
 def _tool_call(call: Any, where: str) -> FunctionCall:
+    """A function call, or a custom tool's (``type: custom``, its ``input`` as the arguments: the
+    caller gets the provider's own body; this is the typed view of it)."""
     if not isinstance(call, Mapping):
         raise _wrong(where, call, "an object")
-    function = call.get("function")
+    field_name, arguments_name = tool_call_fields(call.get("type"))
+    function = call.get(field_name)
     if not isinstance(function, Mapping):
-        raise _wrong(f"{where}.function", function, "an object")
-    arguments = function.get("arguments")
+        raise _wrong(f"{where}.{field_name}", function, "an object")
+    arguments = function.get(arguments_name)
     if isinstance(arguments, Mapping):
         # Some OpenAI-compatible servers answer the arguments as an object: AutoGen's client
         # takes its JSON text, and so does this one.
         arguments = json.dumps(arguments)
     return FunctionCall.model_construct(
         id=_text(call.get("id"), f"{where}.id") or "",
-        name=_text(function.get("name"), f"{where}.function.name") or "",
-        arguments=_text(arguments, f"{where}.function.arguments") or "",
+        name=_text(function.get("name"), f"{where}.{field_name}.name") or "",
+        arguments=_text(arguments, f"{where}.{field_name}.{arguments_name}") or "",
     )
 
 
@@ -568,7 +571,7 @@ class _ChoiceFold:
         if self.other_parts:
             message[NON_TEXT_PARTS] = self.other_parts
         if self.calls:
-            message["tool_calls"] = [openai_tool_call(c) for c in _function_calls(self.calls)]
+            message["tool_calls"] = [_raw_call(call) for _, call in sorted(self.calls.items())]
         return {
             "index": index,
             "message": message,
@@ -586,16 +589,30 @@ def _add_call_delta(calls: dict[int, dict[str, Any]], delta: Any, where: str) ->
     elif isinstance(index, bool) or not isinstance(index, int):
         raise _wrong(f"{where}.index", index, "an integer")
     call_id = _text(delta.get("id"), f"{where}.id")
-    function = _mapping(delta.get("function"), f"{where}.function")
-    name = _text(function.get("name"), f"{where}.function.name")
-    arguments = _text(function.get("arguments"), f"{where}.function.arguments")
-    call = calls.setdefault(index, {"id": "", "name": "", "arguments": []})
+    call = calls.setdefault(index, {"id": "", "type": "function", "name": "", "arguments": []})
+    kind = _text(delta.get("type"), f"{where}.type")
+    if kind:  # the call's first delta says it; the later ones only carry arguments
+        call["type"] = kind
+    field_name, arguments_name = tool_call_fields(call["type"])
+    function = _mapping(delta.get(field_name), f"{where}.{field_name}")
+    name = _text(function.get("name"), f"{where}.{field_name}.name")
+    arguments = _text(function.get(arguments_name), f"{where}.{field_name}.{arguments_name}")
     if call_id:
         call["id"] = call_id
     if name:
         call["name"] += name
     if arguments:
         call["arguments"].append(arguments)
+
+
+def _raw_call(call: Mapping[str, Any]) -> dict[str, Any]:
+    """A call folded from a stream's deltas, as the provider's body would say it."""
+    field_name, arguments_name = tool_call_fields(call["type"])
+    return {
+        "id": call["id"],
+        "type": call["type"],
+        field_name: {"name": call["name"], arguments_name: "".join(call["arguments"])},
+    }
 
 
 def _function_calls(calls: dict[int, dict[str, Any]]) -> list[FunctionCall]:

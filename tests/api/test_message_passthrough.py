@@ -92,3 +92,85 @@ def test_requests_that_differ_only_in_a_name_share_no_cache_entry(
     ]
     assert ask("bob") == named_bob
     assert simulator.stats()["completions"] == 3, "the same request again is a cache hit"
+
+
+# Tools our typed schemas cannot say: a free-form ("custom") tool, a key beside ``function``, and a
+# tool_choice of ``allowed_tools``. They were refused with a 400 ("only function tools are
+# supported"), though the provider takes them.
+CUSTOM_TOOLS: dict[str, Any] = {
+    "tools": [
+        {"type": "custom", "custom": {"name": "sql", "description": "Run one SQL query."}},
+        {
+            "type": "function",
+            "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}},
+            "cache_control": {"type": "ephemeral"},
+        },
+    ],
+    "tool_choice": {
+        "type": "allowed_tools",
+        "allowed_tools": {"mode": "required", "tools": [{"type": "custom", "custom": {"name": "sql"}}]},
+    },
+}
+
+
+def _streamed_calls(chunks: Any) -> list[dict[str, Any]]:
+    """The tool calls a stream's chunks add up to, by OpenAI's delta rules."""
+    calls: dict[int, dict[str, Any]] = {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            for delta in choice.delta.tool_calls or []:
+                raw = delta.model_dump(exclude_none=True)
+                call = calls.setdefault(raw["index"], {"id": "", "type": "", "name": "", "input": ""})
+                call["id"] = raw.get("id") or call["id"]
+                call["type"] = raw.get("type") or call["type"]
+                custom = raw.get("custom") or {}
+                call["name"] += custom.get("name", "")
+                call["input"] += custom.get("input", "")
+    return [calls[i] for i in sorted(calls)]
+
+
+def test_tools_our_types_cannot_say_reach_the_provider_and_its_custom_calls_come_back(
+    deployment: Deployment,  # noqa: F811
+    simulator: SimulatorServer,
+) -> None:
+    messages = [{"role": "user", "content": "Count the users."}]
+    direct_client = openai.OpenAI(base_url=simulator.base_url, api_key="k", max_retries=0)
+    direct = direct_client.chat.completions.create(model="gpt-4o-mini", messages=messages, **CUSTOM_TOOLS)  # type: ignore[arg-type]
+    (call,) = direct.model_dump()["choices"][0]["message"]["tool_calls"]
+    assert call["type"] == "custom" and call["custom"]["name"] == "sql", call
+
+    # The simulator's answer is derived from the tools and tool_choice it received: the same call
+    # (its id and input included) says they reached it as written.
+    through = deployment.client.chat.completions.create(
+        model="gpt-4o-mini", messages=messages, **CUSTOM_TOOLS
+    )  # type: ignore[arg-type]
+    assert through.choices[0].finish_reason == "tool_calls"
+    assert through.model_dump()["choices"][0]["message"]["tool_calls"] == [call]
+
+    streamed = deployment.client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Count the users, streamed."}],
+        stream=True,
+        **CUSTOM_TOOLS,
+    )
+    direct_stream = direct_client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Count the users, streamed."}],
+        stream=True,
+        **CUSTOM_TOOLS,
+    )
+    expected = _streamed_calls(direct_stream)
+    assert [c["type"] for c in expected] == ["custom"] and expected[0]["input"], expected
+    assert _streamed_calls(streamed) == expected
+
+    body = {"model": "gpt-4o-mini", "messages": messages, **CUSTOM_TOOLS}
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    client = deployment.client
+    upload = client.files.create(file=io.BytesIO(json.dumps(line).encode()), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    done = wait_for(client, batch.id, {"completed", "failed"})
+    assert done.status == "completed" and done.output_file_id is not None, done
+    (output,) = [json.loads(row) for row in client.files.content(done.output_file_id).text.splitlines()]
+    assert output["response"]["body"]["choices"][0]["message"]["tool_calls"] == [call]

@@ -319,3 +319,38 @@ def test_legitimate_chunks_read_as_before() -> None:
     assert result.logprobs is not None
     assert result.logprobs[0].token == "The"
     assert (result.model, result.response_id) == ("gpt-4o", "chatcmpl-stream")
+
+
+# OpenAI's free-form ("custom") tools: a call says ``custom: {name, input}``. Such a paid answer
+# was refused as having no ``function`` object (upstream_response_invalid).
+CUSTOM_CALL = {"id": "call_9", "type": "custom", "custom": {"name": "sql", "input": "SELECT 1"}}
+
+
+def test_a_custom_tool_call_reads_as_a_call_with_its_input() -> None:
+    body = completion(content=None, tool_calls=[CUSTOM_CALL])
+    body["choices"][0]["finish_reason"] = "tool_calls"
+    result = result_from_completion(body, model="gpt-4o")
+    assert result.content == [FunctionCall(id="call_9", name="sql", arguments="SELECT 1")]
+    assert result.finish_reason == "function_calls"
+    assert result.raw_response == body, "the caller gets the provider's own call"
+    broken = completion(
+        content=None, tool_calls=[{"id": "call_9", "type": "custom", "function": {"name": "sql"}}]
+    )
+    with pytest.raises(InvalidProviderResponse, match=r"tool_calls\[0\]\.custom"):
+        result_from_completion(broken, model="gpt-4o")
+
+
+def test_a_streamed_custom_tool_call_folds_into_the_providers_shape() -> None:
+    accumulator = StreamAccumulator("gpt-4o")
+    start = {"index": 0, "id": "call_9", "type": "custom", "custom": {"name": "sql", "input": ""}}
+    for each in [
+        chunk({"role": "assistant", "content": None, "tool_calls": [start]}),
+        chunk({"tool_calls": [{"index": 0, "custom": {"input": "SELECT"}}]}),
+        chunk({"tool_calls": [{"index": 0, "custom": {"input": " 1"}}]}),
+        chunk(None, finish_reason="tool_calls"),
+    ]:
+        accumulator.add(each)
+    result = accumulator.result()
+    assert result.content == [FunctionCall(id="call_9", name="sql", arguments="SELECT 1")]
+    assert result.raw_response is not None
+    assert result.raw_response["choices"][0]["message"]["tool_calls"] == [CUSTOM_CALL]

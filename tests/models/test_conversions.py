@@ -241,7 +241,7 @@ def test_schema_response_format_passes_unchanged() -> None:
     [
         {"messages": [{"role": "user", "content": "x"}]},
         {"model": "m", "messages": []},
-        {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "web_search"}]},
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
         {"model": "m", "messages": [{"role": "user", "content": "x"}], "tool_choice": {"type": "function"}},
     ],
 )
@@ -327,3 +327,43 @@ def test_result_parsing_edge_cases() -> None:
     assert result.logprobs[0].token == "42"
     empty = result_from_completion({"choices": []}, model="m")
     assert (empty.content, empty.model, empty.usage) == ("", "m", RequestUsage())
+
+
+@pytest.mark.parametrize(
+    "tools_and_choice",
+    [
+        # A free-form tool and a tool_choice of allowed_tools: refused as "only function tools".
+        {
+            "tools": [
+                {"type": "custom", "custom": {"name": "sql", "format": {"type": "text"}}},
+                WEATHER_TOOL,
+            ],
+            "tool_choice": {
+                "type": "allowed_tools",
+                "allowed_tools": {"mode": "auto", "tools": [{"type": "custom", "custom": {"name": "sql"}}]},
+            },
+        },
+        # Function tools only, but a tool_choice our types cannot say (it is no string to look up).
+        {
+            "tools": [WEATHER_TOOL],
+            "tool_choice": {"type": "allowed_tools", "allowed_tools": {"mode": "required"}},
+        },
+        # A key beside "function" (some OpenAI-compatible servers read cache_control there).
+        {"tools": [{**WEATHER_TOOL, "cache_control": {"type": "ephemeral"}}]},
+        # A type this client has never heard of, and a tool_choice string of another server's.
+        {"tools": [{"type": "web_search"}], "tool_choice": "any"},
+    ],
+)
+def test_tools_our_types_cannot_say_are_sent_as_written(tools_and_choice: dict[str, Any]) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "q"}], **tools_and_choice}
+    request = request_from_openai_body(body)
+    client = OpenAIChatCompletionClient(model="m", api_key="k", base_url="http://127.0.0.1:9/v1")
+    assert client.request_body(request.messages, **request.create_kwargs()) == body
+
+
+def test_a_tool_that_is_no_object_with_a_type_is_still_refused() -> None:
+    for tools in (["x"], [{"function": {"name": "f"}}], [{"type": 3}]):
+        with pytest.raises(BadRequest, match="object with a type"):
+            request_from_openai_body(
+                {"model": "m", "messages": [{"role": "user", "content": "q"}], "tools": tools}
+            )

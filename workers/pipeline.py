@@ -211,6 +211,10 @@ class GovernedClient(DelegatingClient):
         limits = self._limiter.limits_for(self._model)
         if limits is None or limits.tpm is None:
             return 0  # no token budget to reserve from: skip the tokenizer
+        # Tools our schemas cannot say travel as written in ``extra`` (models.openai.requests).
+        as_written = extra.get("tools")
+        if isinstance(as_written, list):
+            tools = [*tools, *as_written]
         return self._limiter.reservation(
             self._model,
             prompt_tokens=estimate_tokens(messages, tools),

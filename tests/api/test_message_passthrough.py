@@ -137,7 +137,8 @@ def test_tools_our_types_cannot_say_reach_the_provider_and_its_custom_calls_come
     direct_client = openai.OpenAI(base_url=simulator.base_url, api_key="k", max_retries=0)
     direct = direct_client.chat.completions.create(model="gpt-4o-mini", messages=messages, **CUSTOM_TOOLS)  # type: ignore[arg-type]
     (call,) = direct.model_dump()["choices"][0]["message"]["tool_calls"]
-    assert call["type"] == "custom" and call["custom"]["name"] == "sql", call
+    assert call["type"] == "custom", call
+    assert call["custom"]["name"] == "sql", call
 
     # The simulator's answer is derived from the tools and tool_choice it received: the same call
     # (its id and input included) says they reached it as written.
@@ -160,7 +161,8 @@ def test_tools_our_types_cannot_say_reach_the_provider_and_its_custom_calls_come
         **CUSTOM_TOOLS,
     )
     expected = _streamed_calls(direct_stream)
-    assert [c["type"] for c in expected] == ["custom"] and expected[0]["input"], expected
+    assert [c["type"] for c in expected] == ["custom"], expected
+    assert expected[0]["input"], expected
     assert _streamed_calls(streamed) == expected
 
     body = {"model": "gpt-4o-mini", "messages": messages, **CUSTOM_TOOLS}
@@ -171,6 +173,7 @@ def test_tools_our_types_cannot_say_reach_the_provider_and_its_custom_calls_come
         input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
     done = wait_for(client, batch.id, {"completed", "failed"})
-    assert done.status == "completed" and done.output_file_id is not None, done
+    assert done.status == "completed", done
+    assert done.output_file_id is not None
     (output,) = [json.loads(row) for row in client.files.content(done.output_file_id).text.splitlines()]
     assert output["response"]["body"]["choices"][0]["message"]["tool_calls"] == [call]

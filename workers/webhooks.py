@@ -33,8 +33,11 @@ import ipaddress
 import json
 import logging
 import socket
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +48,11 @@ import store
 
 __all__ = [
     "MAX_WEBHOOK_ATTEMPTS",
+    "WEBHOOK_LOOKUPS_BUSY",
+    "WEBHOOK_RESOLVER_THREADS",
+    "WEBHOOK_RESOLVES_PER_OWNER",
+    "WEBHOOK_RESOLVE_SECONDS",
+    "WebhookResolver",
     "WebhookTarget",
     "WebhookURLRefused",
     "deliver_due_webhooks",
@@ -63,6 +71,13 @@ _CONCURRENT_DELIVERIES = 16
 _WEBHOOKS_PER_PASS = 100
 # Kept on the batch and shown to its tenant: bounded whatever the receiver answered.
 MAX_WEBHOOK_ERROR_CHARS = 300
+# A webhook host is the tenant's, and so is its name server, which may answer slowly or never:
+# ``WebhookResolver`` looks hosts up on threads of its own, this many at once, at most
+# ``WEBHOOK_RESOLVES_PER_OWNER`` for one owner (a tenant), each waited for this long.
+WEBHOOK_RESOLVER_THREADS = 8
+WEBHOOK_RESOLVES_PER_OWNER = 2
+WEBHOOK_RESOLVE_SECONDS = 5.0
+WEBHOOK_LOOKUPS_BUSY = "webhook_lookups_busy"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 # Not public although ``is_global`` says so on some Python versions: IETF protocol assignments,
@@ -149,6 +164,59 @@ def resolve_webhook_url(url: str, *, allow_private: bool) -> WebhookTarget:
                     code="webhook_url_not_public",
                 )
     return WebhookTarget(parsed, tuple(addresses))
+
+
+class WebhookResolver:
+    """``resolve_webhook_url`` for callers that must not wait on a tenant's name server: on
+    ``threads`` of its own (never the caller's pool, which serves every tenant), at most
+    ``per_owner`` look-ups of one owner running at once (one tenant cannot take them all), each
+    waited for ``seconds`` at most. A look-up that outlives its wait still holds its thread and
+    its owner's place until the resolver gives up on it."""
+
+    def __init__(
+        self,
+        *,
+        threads: int = WEBHOOK_RESOLVER_THREADS,
+        per_owner: int = WEBHOOK_RESOLVES_PER_OWNER,
+        seconds: float = WEBHOOK_RESOLVE_SECONDS,
+    ) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="webhook-dns")
+        self._per_owner = per_owner
+        self._seconds = seconds
+        self._running: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def _finished(self, owner: str) -> None:
+        with self._lock:
+            self._running[owner] -= 1
+            if self._running[owner] <= 0:
+                del self._running[owner]
+
+    async def resolve(self, url: str, *, allow_private: bool, owner: str) -> WebhookTarget:
+        """As ``resolve_webhook_url``; also raises ``WebhookURLRefused`` with code
+        ``webhook_host_unresolved`` when the host did not resolve within the wait, and
+        ``webhook_lookups_busy`` when ``owner`` has its share of look-ups running already."""
+        with self._lock:
+            if self._running[owner] >= self._per_owner:
+                raise WebhookURLRefused(
+                    f"{self._per_owner} look-ups of your webhook hosts are still waiting for their "
+                    "name servers; retry once they answered",
+                    code=WEBHOOK_LOOKUPS_BUSY,
+                )
+            self._running[owner] += 1
+        looked_up = self._pool.submit(resolve_webhook_url, url, allow_private=allow_private)
+        looked_up.add_done_callback(lambda _: self._finished(owner))
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(looked_up), self._seconds)
+        except TimeoutError:
+            looked_up.cancel()  # one not started yet never starts
+            raise WebhookURLRefused(
+                f"the webhook host did not resolve within {self._seconds:g} s", code="webhook_host_unresolved"
+            ) from None
+
+    def close(self) -> None:
+        """Stop taking look-ups; those running end on their own (their threads are not waited for)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def signature_headers(secret: str, message_id: str, timestamp: int, body: bytes) -> dict[str, str]:

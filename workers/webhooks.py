@@ -11,7 +11,9 @@ A webhook may only reach public addresses: the host is resolved and every addres
 (loopback, private, link-local and cloud metadata, multicast, unspecified, reserved; the IPv4
 address in a mapped, NAT64 or 6to4 IPv6 one too) when the batch is created and again before each
 send, and the connection goes to the address that was checked (a DNS answer that changes in
-between cannot redirect it). URLs with credentials are refused.
+between cannot redirect it). URLs with credentials are refused. The host's name server is the
+tenant's to make slow: hosts are looked up by a ``WebhookResolver``, on threads of its own, at most
+two of one tenant at once, each waited for 5 s.
 ``TOKENMILL_WEBHOOK_ALLOW_PRIVATE`` lifts the address check for deployments whose receivers are
 on a private network.
 
@@ -250,11 +252,11 @@ class _NotDelivered(Exception):
 
 
 async def _post_to_checked_address(
-    http: httpx.AsyncClient, webhook: store.DueWebhook, *, allow_private: bool
+    http: httpx.AsyncClient, webhook: store.DueWebhook, *, allow_private: bool, lookups: _PassLookups
 ) -> None:
     """Resolve and check again (the DNS answer may have changed since the batch was created), then
     POST to the address checked, naming the host in ``Host`` and TLS SNI. Raises on failure."""
-    target = await asyncio.to_thread(resolve_webhook_url, webhook.url, allow_private=allow_private)
+    target = await lookups.resolve(webhook, allow_private=allow_private)
     event = webhook_event(webhook.batch)
     body = json.dumps(event, separators=(",", ":")).encode()
     signed = signature_headers(webhook.secret, event["id"], int(time.time()), body)
@@ -284,13 +286,35 @@ async def _post_to_checked_address(
     raise unreachable
 
 
+class _PassLookups:
+    """One pass's look-ups through the process's resolver. A tenant's wait for their turn, as many
+    at once as the resolver allows one owner: a tenant with many deliveries due is refused none of
+    them, and only its look-ups still hanging from earlier attempts make the resolver refuse it."""
+
+    def __init__(self, resolver: WebhookResolver) -> None:
+        self._resolver = resolver
+        self._turns: dict[str, asyncio.Semaphore] = {}
+
+    async def resolve(self, webhook: store.DueWebhook, *, allow_private: bool) -> WebhookTarget:
+        turn = self._turns.setdefault(webhook.tenant_id, asyncio.Semaphore(WEBHOOK_RESOLVES_PER_OWNER))
+        async with turn:
+            return await self._resolver.resolve(
+                webhook.url, allow_private=allow_private, owner=webhook.tenant_id
+            )
+
+
 async def _attempt(
-    http: httpx.AsyncClient, webhook: store.DueWebhook, *, allow_private: bool, deadline_seconds: float
+    http: httpx.AsyncClient,
+    webhook: store.DueWebhook,
+    *,
+    allow_private: bool,
+    deadline_seconds: float,
+    lookups: _PassLookups,
 ) -> str | None:
     """One delivery within ``deadline_seconds`` of wall clock; the error, or None when delivered."""
     try:
         async with asyncio.timeout(deadline_seconds):
-            await _post_to_checked_address(http, webhook, allow_private=allow_private)
+            await _post_to_checked_address(http, webhook, allow_private=allow_private, lookups=lookups)
     except TimeoutError:
         return f"no answer within {deadline_seconds:g} s"
     except WebhookURLRefused as e:
@@ -305,9 +329,10 @@ async def _attempt(
 
 
 async def _deliver(
-    due: list[store.DueWebhook], *, allow_private: bool, deadline_seconds: float
+    due: list[store.DueWebhook], *, allow_private: bool, deadline_seconds: float, resolver: WebhookResolver
 ) -> list[str | None]:
     slots = asyncio.Semaphore(_CONCURRENT_DELIVERIES)
+    lookups = _PassLookups(resolver)
     # trust_env=False: a webhook never goes through the environment's proxy (which would connect
     # to the host by name, not to the address checked).
     async with httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=deadline_seconds) as http:
@@ -315,10 +340,28 @@ async def _deliver(
         async def one(webhook: store.DueWebhook) -> str | None:
             async with slots:
                 return await _attempt(
-                    http, webhook, allow_private=allow_private, deadline_seconds=deadline_seconds
+                    http,
+                    webhook,
+                    allow_private=allow_private,
+                    deadline_seconds=deadline_seconds,
+                    lookups=lookups,
                 )
 
         return await asyncio.gather(*(one(webhook) for webhook in due))
+
+
+_pass_resolver: WebhookResolver | None = None
+_pass_resolver_lock = threading.Lock()
+
+
+def _resolver_of_passes() -> WebhookResolver:
+    """The look-ups of this process's delivery passes: one resolver for all of them, since a
+    look-up that hangs outlives its pass, and still counts against its tenant's share."""
+    global _pass_resolver
+    with _pass_resolver_lock:
+        if _pass_resolver is None:
+            _pass_resolver = WebhookResolver()
+        return _pass_resolver
 
 
 def deliver_due_webhooks(
@@ -344,7 +387,14 @@ def deliver_due_webhooks(
     )
     if not due:
         return 0, 0
-    errors = asyncio.run(_deliver(due, allow_private=allow_private, deadline_seconds=deadline_seconds))
+    errors = asyncio.run(
+        _deliver(
+            due,
+            allow_private=allow_private,
+            deadline_seconds=deadline_seconds,
+            resolver=_resolver_of_passes(),
+        )
+    )
     for webhook, error in zip(due, errors, strict=True):
         retry_in = min(_MAX_BACKOFF_SECONDS, 10 * 2**webhook.attempts)
         bounded = None if error is None else error[:MAX_WEBHOOK_ERROR_CHARS]

@@ -20,6 +20,7 @@ from config import Settings, get_settings
 from telemetry import tracing
 from telemetry.known_models import KnownModels
 from telemetry.ledger_metrics import LedgerCollector
+from workers.webhooks import WebhookResolver
 
 __all__ = [
     "ROUTERS",
@@ -93,6 +94,8 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     app.state.engine = engine
     app.state.dispatch = dispatch
     app.state.metrics_registry = metrics_registry(settings, engine)
+    # Webhook hosts are looked up on threads of their own, never the pool every route shares.
+    app.state.webhook_resolver = WebhookResolver()
     install_error_handlers(app)
     # Innermost: what it serves passes the size limit and Idempotency-Key as any route does.
     app.add_middleware(chat.ChatCompletionsFastPath)

@@ -25,6 +25,7 @@ __all__ = ["DueWebhook", "claim_due_webhooks", "record_webhook_attempt"]
 @dataclass(frozen=True)
 class DueWebhook:
     batch_id: str
+    tenant_id: str  # whose webhook: a tenant's hosts share its part of the look-ups (workers.webhooks)
     url: str
     attempts: int
     batch: dict[str, Any]  # the batch object as read (store.batch_object): the event's data
@@ -75,7 +76,12 @@ def claim_due_webhooks(
     secrets = {tenant_id: webhook_secret(engine, tenant_id) for tenant_id in {b.tenant_id for b in batches}}
     return [
         DueWebhook(
-            b.id, b.webhook_url or "", b.webhook_attempts, batch_object(engine, b), secrets[b.tenant_id]
+            b.id,
+            b.tenant_id,
+            b.webhook_url or "",
+            b.webhook_attempts,
+            batch_object(engine, b),
+            secrets[b.tenant_id],
         )
         for b in batches
     ]

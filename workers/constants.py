@@ -6,8 +6,8 @@ deployment, or a test, can own a namespace. The response cache has its own prefi
 
 Layout under the prefix::
 
-    limit:{endpoint}:{model}           hash: GCRA state (rpm / tpm) and the AIMD concurrency cap
-    limit:{endpoint}:{model}:leases    sorted set: in-flight slots, scored by lease expiry
+    limit:state:{endpoint}:{model}     hash: GCRA state (rpm / tpm) and the AIMD concurrency cap
+    limit:leases:{endpoint}:{model}    sorted set: in-flight slots, scored by lease expiry
     dispatch:{dispatch_id}             string: marker of one chunk message in flight (see dispatch.py)
     dispatch-seq:sent                  counter: sequence number of the last chunk message published
     dispatch-seq:taken                 the highest sequence number a worker has taken from the queue
@@ -61,12 +61,17 @@ SWEEP_TASK = "tokenmill.sweep"
 DEFAULT_QUEUE = "tokenmill"
 
 
+# A model name is the tenant's to choose (any characters, ':' included): each key says what it
+# holds before the name, which comes last, so that no name makes one model's key another's
+# ("m:leases" once named m's leases as its state).
+
+
 def limit_key(prefix: str, endpoint: str, model: str) -> str:
-    return f"{prefix}{LIMIT_PREFIX}{endpoint}:{model}"
+    return f"{prefix}{LIMIT_PREFIX}state:{endpoint}:{model}"
 
 
 def limit_leases_key(prefix: str, endpoint: str, model: str) -> str:
-    return f"{limit_key(prefix, endpoint, model)}:leases"
+    return f"{prefix}{LIMIT_PREFIX}leases:{endpoint}:{model}"
 
 
 def dispatch_marker_key(prefix: str, dispatch_id: str) -> str:

@@ -11,7 +11,9 @@ A webhook may only reach public addresses: the host is resolved and every addres
 (loopback, private, link-local and cloud metadata, multicast, unspecified, reserved; the IPv4
 address in a mapped, NAT64 or 6to4 IPv6 one too) when the batch is created and again before each
 send, and the connection goes to the address that was checked (a DNS answer that changes in
-between cannot redirect it). URLs with credentials are refused.
+between cannot redirect it). URLs with credentials are refused. The host's name server is the
+tenant's to make slow: hosts are looked up by a ``WebhookResolver``, on threads of its own, at most
+two of one tenant at once, each waited for 5 s.
 ``TOKENMILL_WEBHOOK_ALLOW_PRIVATE`` lifts the address check for deployments whose receivers are
 on a private network.
 
@@ -33,8 +35,11 @@ import ipaddress
 import json
 import logging
 import socket
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,6 +50,11 @@ import store
 
 __all__ = [
     "MAX_WEBHOOK_ATTEMPTS",
+    "WEBHOOK_LOOKUPS_BUSY",
+    "WEBHOOK_RESOLVER_THREADS",
+    "WEBHOOK_RESOLVES_PER_OWNER",
+    "WEBHOOK_RESOLVE_SECONDS",
+    "WebhookResolver",
     "WebhookTarget",
     "WebhookURLRefused",
     "deliver_due_webhooks",
@@ -63,6 +73,13 @@ _CONCURRENT_DELIVERIES = 16
 _WEBHOOKS_PER_PASS = 100
 # Kept on the batch and shown to its tenant: bounded whatever the receiver answered.
 MAX_WEBHOOK_ERROR_CHARS = 300
+# A webhook host is the tenant's, and so is its name server, which may answer slowly or never:
+# ``WebhookResolver`` looks hosts up on threads of its own, this many at once, at most
+# ``WEBHOOK_RESOLVES_PER_OWNER`` for one owner (a tenant), each waited for this long.
+WEBHOOK_RESOLVER_THREADS = 8
+WEBHOOK_RESOLVES_PER_OWNER = 2
+WEBHOOK_RESOLVE_SECONDS = 5.0
+WEBHOOK_LOOKUPS_BUSY = "webhook_lookups_busy"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 # Not public although ``is_global`` says so on some Python versions: IETF protocol assignments,
@@ -151,6 +168,59 @@ def resolve_webhook_url(url: str, *, allow_private: bool) -> WebhookTarget:
     return WebhookTarget(parsed, tuple(addresses))
 
 
+class WebhookResolver:
+    """``resolve_webhook_url`` for callers that must not wait on a tenant's name server: on
+    ``threads`` of its own (never the caller's pool, which serves every tenant), at most
+    ``per_owner`` look-ups of one owner running at once (one tenant cannot take them all), each
+    waited for ``seconds`` at most. A look-up that outlives its wait still holds its thread and
+    its owner's place until the resolver gives up on it."""
+
+    def __init__(
+        self,
+        *,
+        threads: int = WEBHOOK_RESOLVER_THREADS,
+        per_owner: int = WEBHOOK_RESOLVES_PER_OWNER,
+        seconds: float = WEBHOOK_RESOLVE_SECONDS,
+    ) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="webhook-dns")
+        self._per_owner = per_owner
+        self._seconds = seconds
+        self._running: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def _finished(self, owner: str) -> None:
+        with self._lock:
+            self._running[owner] -= 1
+            if self._running[owner] <= 0:
+                del self._running[owner]
+
+    async def resolve(self, url: str, *, allow_private: bool, owner: str) -> WebhookTarget:
+        """As ``resolve_webhook_url``; also raises ``WebhookURLRefused`` with code
+        ``webhook_host_unresolved`` when the host did not resolve within the wait, and
+        ``webhook_lookups_busy`` when ``owner`` has its share of look-ups running already."""
+        with self._lock:
+            if self._running[owner] >= self._per_owner:
+                raise WebhookURLRefused(
+                    f"{self._per_owner} look-ups of your webhook hosts are still waiting for their "
+                    "name servers; retry once they answered",
+                    code=WEBHOOK_LOOKUPS_BUSY,
+                )
+            self._running[owner] += 1
+        looked_up = self._pool.submit(resolve_webhook_url, url, allow_private=allow_private)
+        looked_up.add_done_callback(lambda _: self._finished(owner))
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(looked_up), self._seconds)
+        except TimeoutError:
+            looked_up.cancel()  # one not started yet never starts
+            raise WebhookURLRefused(
+                f"the webhook host did not resolve within {self._seconds:g} s", code="webhook_host_unresolved"
+            ) from None
+
+    def close(self) -> None:
+        """Stop taking look-ups; those running end on their own (their threads are not waited for)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
 def signature_headers(secret: str, message_id: str, timestamp: int, body: bytes) -> dict[str, str]:
     """Standard Webhooks headers: ``webhook-signature`` is ``v1,`` and the base64 HMAC-SHA256, keyed
     by the secret's bytes, of ``{id}.{timestamp}.{body}`` (what ``openai``'s ``webhooks.unwrap``
@@ -182,11 +252,11 @@ class _NotDelivered(Exception):
 
 
 async def _post_to_checked_address(
-    http: httpx.AsyncClient, webhook: store.DueWebhook, *, allow_private: bool
+    http: httpx.AsyncClient, webhook: store.DueWebhook, *, allow_private: bool, lookups: _PassLookups
 ) -> None:
     """Resolve and check again (the DNS answer may have changed since the batch was created), then
     POST to the address checked, naming the host in ``Host`` and TLS SNI. Raises on failure."""
-    target = await asyncio.to_thread(resolve_webhook_url, webhook.url, allow_private=allow_private)
+    target = await lookups.resolve(webhook, allow_private=allow_private)
     event = webhook_event(webhook.batch)
     body = json.dumps(event, separators=(",", ":")).encode()
     signed = signature_headers(webhook.secret, event["id"], int(time.time()), body)
@@ -216,13 +286,35 @@ async def _post_to_checked_address(
     raise unreachable
 
 
+class _PassLookups:
+    """One pass's look-ups through the process's resolver. A tenant's wait for their turn, as many
+    at once as the resolver allows one owner: a tenant with many deliveries due is refused none of
+    them, and only its look-ups still hanging from earlier attempts make the resolver refuse it."""
+
+    def __init__(self, resolver: WebhookResolver) -> None:
+        self._resolver = resolver
+        self._turns: dict[str, asyncio.Semaphore] = {}
+
+    async def resolve(self, webhook: store.DueWebhook, *, allow_private: bool) -> WebhookTarget:
+        turn = self._turns.setdefault(webhook.tenant_id, asyncio.Semaphore(WEBHOOK_RESOLVES_PER_OWNER))
+        async with turn:
+            return await self._resolver.resolve(
+                webhook.url, allow_private=allow_private, owner=webhook.tenant_id
+            )
+
+
 async def _attempt(
-    http: httpx.AsyncClient, webhook: store.DueWebhook, *, allow_private: bool, deadline_seconds: float
+    http: httpx.AsyncClient,
+    webhook: store.DueWebhook,
+    *,
+    allow_private: bool,
+    deadline_seconds: float,
+    lookups: _PassLookups,
 ) -> str | None:
     """One delivery within ``deadline_seconds`` of wall clock; the error, or None when delivered."""
     try:
         async with asyncio.timeout(deadline_seconds):
-            await _post_to_checked_address(http, webhook, allow_private=allow_private)
+            await _post_to_checked_address(http, webhook, allow_private=allow_private, lookups=lookups)
     except TimeoutError:
         return f"no answer within {deadline_seconds:g} s"
     except WebhookURLRefused as e:
@@ -237,9 +329,10 @@ async def _attempt(
 
 
 async def _deliver(
-    due: list[store.DueWebhook], *, allow_private: bool, deadline_seconds: float
+    due: list[store.DueWebhook], *, allow_private: bool, deadline_seconds: float, resolver: WebhookResolver
 ) -> list[str | None]:
     slots = asyncio.Semaphore(_CONCURRENT_DELIVERIES)
+    lookups = _PassLookups(resolver)
     # trust_env=False: a webhook never goes through the environment's proxy (which would connect
     # to the host by name, not to the address checked).
     async with httpx.AsyncClient(follow_redirects=False, trust_env=False, timeout=deadline_seconds) as http:
@@ -247,10 +340,28 @@ async def _deliver(
         async def one(webhook: store.DueWebhook) -> str | None:
             async with slots:
                 return await _attempt(
-                    http, webhook, allow_private=allow_private, deadline_seconds=deadline_seconds
+                    http,
+                    webhook,
+                    allow_private=allow_private,
+                    deadline_seconds=deadline_seconds,
+                    lookups=lookups,
                 )
 
         return await asyncio.gather(*(one(webhook) for webhook in due))
+
+
+_pass_resolver: WebhookResolver | None = None
+_pass_resolver_lock = threading.Lock()
+
+
+def _resolver_of_passes() -> WebhookResolver:
+    """The look-ups of this process's delivery passes: one resolver for all of them, since a
+    look-up that hangs outlives its pass, and still counts against its tenant's share."""
+    global _pass_resolver
+    with _pass_resolver_lock:
+        if _pass_resolver is None:
+            _pass_resolver = WebhookResolver()
+        return _pass_resolver
 
 
 def deliver_due_webhooks(
@@ -276,7 +387,14 @@ def deliver_due_webhooks(
     )
     if not due:
         return 0, 0
-    errors = asyncio.run(_deliver(due, allow_private=allow_private, deadline_seconds=deadline_seconds))
+    errors = asyncio.run(
+        _deliver(
+            due,
+            allow_private=allow_private,
+            deadline_seconds=deadline_seconds,
+            resolver=_resolver_of_passes(),
+        )
+    )
     for webhook, error in zip(due, errors, strict=True):
         retry_in = min(_MAX_BACKOFF_SECONDS, 10 * 2**webhook.attempts)
         bounded = None if error is None else error[:MAX_WEBHOOK_ERROR_CHARS]

@@ -106,7 +106,7 @@ async def create_agent_run(
         check_agent_run_body(body)
     except store.InvalidArgument as e:
         raise InvalidRequest(str(e), param=e.param, code=e.code) from e
-    if "conversation_id" in body:
+    if body.get("conversation_id") is not None:  # null is no conversation, as the workers read it
         if not re.match(ID_PATTERN, str(body["conversation_id"])):
             raise InvalidRequest("'conversation_id' is not an id", param="conversation_id")
         try:

@@ -38,7 +38,7 @@ from store.export import in_chunks
 from store.tables import MAX_WEBHOOK_URL_CHARS
 from telemetry import tracing
 from workers.agent_tasks import check_agent_run_body
-from workers.webhooks import WebhookURLRefused, resolve_webhook_url
+from workers.webhooks import WEBHOOK_LOOKUPS_BUSY, WebhookResolver, WebhookURLRefused
 
 __all__ = ["Dispatch", "dispatch_or_leave_to_sweeper", "router"]
 
@@ -96,8 +96,11 @@ class BatchCreate(BaseModel):
     priority: int = Field(default=0, ge=0, le=9)
 
 
-def _checked_webhook_url(url: HttpUrl | None, settings: Settings) -> str | None:
-    """The URL, once its host resolves to public addresses only (``workers.webhooks``)."""
+async def _checked_webhook_url(
+    request: Request, tenant: store.Tenant, url: HttpUrl | None, settings: Settings
+) -> str | None:
+    """The URL, once its host resolves to public addresses only (``workers.webhooks``), looked
+    up by the app's ``WebhookResolver``: the host's name server is the tenant's to make slow."""
     if url is None:
         return None
     if len(str(url)) > MAX_WEBHOOK_URL_CHARS:  # as normalised: "é" is kept as "%C3%A9"
@@ -106,18 +109,21 @@ def _checked_webhook_url(url: HttpUrl | None, settings: Settings) -> str | None:
             param="webhook_url",
             code="webhook_url_too_long",
         )
+    resolver: WebhookResolver = request.app.state.webhook_resolver
     try:
-        resolve_webhook_url(str(url), allow_private=settings.webhook_allow_private)
+        await resolver.resolve(str(url), allow_private=settings.webhook_allow_private, owner=tenant.id)
     except WebhookURLRefused as e:
+        if e.code == WEBHOOK_LOOKUPS_BUSY:
+            raise RateLimitExceeded(str(e), code=e.code) from e
         raise InvalidRequest(str(e), param="webhook_url", code=e.code) from e
     return str(url)
 
 
 def _prepare(
-    engine: Engine, tenant: store.Tenant, body: BatchCreate, settings: Settings
+    engine: Engine, tenant: store.Tenant, body: BatchCreate, webhook_url: str | None, settings: Settings
 ) -> tuple[store.BatchSpec, Path, bool]:
-    """(the checked batch, its input file, whether to read it after answering). A batch read
-    later is written now, status ``validating``."""
+    """(the checked batch, its input file, whether to read it after answering); ``webhook_url``
+    checked already. A batch read later is written now, status ``validating``."""
     file = store.get_file(engine, body.input_file_id, tenant.id)
     if file is None:
         raise NotFound(f"No such File object: {body.input_file_id}", param="input_file_id")
@@ -139,7 +145,7 @@ def _prepare(
             input_file_id=file.id,
             defaults={"model": body.model} if body.model else None,
             priority=body.priority,
-            webhook_url=_checked_webhook_url(body.webhook_url, settings),
+            webhook_url=webhook_url,
         )
     except store.InvalidArgument as e:
         raise InvalidRequest(str(e), param=e.param, code=e.code) from e
@@ -248,7 +254,8 @@ async def create_batch(
     batch in status ``failed`` whose ``errors`` name each line, unless ``skip_invalid``. A file over
     ``background_ingest_bytes`` is validated after this answers: the batch is ``validating``, then
     ``in_progress`` or ``failed``."""
-    spec, path, in_background = await run_in_threadpool(_prepare, engine, tenant, body, settings)
+    webhook_url = await _checked_webhook_url(request, tenant, body.webhook_url, settings)
+    spec, path, in_background = await run_in_threadpool(_prepare, engine, tenant, body, webhook_url, settings)
     if in_background:
         background.add_task(_fill_in_background, request.app, engine, spec, path, body, settings)
     else:

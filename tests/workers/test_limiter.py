@@ -15,6 +15,7 @@ from models.errors import BadRequest
 from models.retry import RetryLater
 from workers.rate_limits import (
     CallOutcome,
+    LimiterState,
     LimiterTuning,
     LocalRateLimiter,
     RateLimiter,
@@ -418,3 +419,26 @@ async def test_local_leases_have_distinct_ids_and_release_frees_only_its_own() -
     await limiter.release(Slot(ENDPOINT, "m", ids[0], 0), outcome=CallOutcome.SUCCEEDED)
     state = await limiter.state(ENDPOINT, "m")
     assert state.in_flight == 199, "a second release of one id frees nothing more"
+
+
+async def test_a_model_named_after_another_models_leases_shares_none_of_its_keys(
+    kind: str, redis_url: str, redis_prefix: str
+) -> None:
+    """Model names are the tenants' to choose. ``m:leases``'s state key was ``m``'s leases key: a
+    429 to one tenant's call of that made-up name wrote its AIMD cap (a hash) where ``m``'s leases
+    (a sorted set) live, and every call of ``m``, any tenant's, then failed in the limiter
+    (WRONGTYPE) until the hash expired; while ``m`` held a slot, the other name's calls failed."""
+    limiter = await build(kind, redis_url, redis_prefix, {"m": ModelLimits(rpm=60_000, max_in_flight=4)})
+    try:
+        # Another tenant's call of the made-up name, refused for load by the provider.
+        slot = await limiter.acquire(ENDPOINT, "m:leases", estimated_tokens=10)
+        await limiter.release(slot, outcome=CallOutcome.RATE_LIMITED, actual_tokens=0)
+        held = await limiter.acquire(ENDPOINT, "m", estimated_tokens=10)
+        assert await limiter.state(ENDPOINT, "m") == LimiterState(in_flight=1, cap=None)
+        # And the other way round: m's slot held, the made-up name's call gets a slot of its own.
+        other = await limiter.acquire(ENDPOINT, "m:leases", estimated_tokens=10)
+        await limiter.release(other, outcome=CallOutcome.SUCCEEDED, actual_tokens=10)
+        await limiter.release(held, outcome=CallOutcome.SUCCEEDED, actual_tokens=10)
+        assert (await limiter.state(ENDPOINT, "m")).in_flight == 0
+    finally:
+        await limiter.close()

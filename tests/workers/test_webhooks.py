@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import ipaddress
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -373,3 +374,40 @@ def test_addresses_python_calls_global_but_are_internal_are_refused(address: str
 @pytest.mark.parametrize("address", ["8.8.8.8", "2606:4700::1111", "192.0.1.1"])
 def test_public_addresses_stay_public(address: str) -> None:
     assert is_public_address(ipaddress.ip_address(address))
+
+
+_HANGING_HOST = "hangs.webhooks.invalid"
+
+
+def test_webhook_hosts_whose_name_server_hangs_fail_no_other_tenants_delivery(
+    database_url: str, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tenant's webhook host may resolve at create and hang later (its name server is the
+    tenant's). Each send resolved the host on the pass's default executor (6 threads on 2 cores):
+    a tenant with a few ended batches whose hosts hang held every one of them, and another
+    tenant's delivery in the same pass waited behind them until its deadline, failed, and after 8
+    such passes was given up. The resolver here hangs for that host as glibc's does when a name
+    server never answers: until its own timeout."""
+    real = socket.getaddrinfo
+    resolver_timeout = threading.Event()
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == _HANGING_HOST:
+            resolver_timeout.wait(8)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    store.upgrade_to_head(database_url)
+    engine = store.make_engine(database_url)
+    hostile = store.create_tenant(engine, "hangs-dns").id
+    for _ in range(12):
+        finished_batch(database_url, f"http://{_HANGING_HOST}/hook", engine=engine, tenant_id=hostile)
+    _, batch_id = finished_batch(database_url, receiver.url, engine=engine)  # claimed last
+    try:
+        delivered, failed = deliver_due_webhooks(engine, allow_private=True, deadline_seconds=3)
+    finally:
+        resolver_timeout.set()
+    assert [event["data"]["id"] for _, event in receiver.events] == [batch_id]
+    assert (delivered, failed) == (1, 12)
+    engine.dispose()

@@ -295,11 +295,14 @@ def list_batches(
     }
 
 
-# A cancel answers within seconds whatever the batch's size: it ends at most this many chunks of
-# the batch's requests (``store.batches.STOP_CHUNK_LINES`` lines each, ~0.1-0.2 s a chunk), then
-# answers ``cancelling``, as OpenAI does, and the sweep ends the rest
-# (``store.finish_stopped_batches``). A batch of up to a chunk answers as it always did.
-CANCEL_CHUNKS_IN_REQUEST = 10
+# A cancel holds its API thread for one chunk's transaction (``store.batches.STOP_CHUNK_LINES``
+# lines, ~0.1-0.2 s), whatever the batch's size: the one that moves the batch, after which none of
+# its queued requests starts upstream (the chunk runner and the lane read its status). It answers
+# ``cancelling``, as OpenAI does, and the sweep ends the rest (``store.finish_stopped_batches``).
+# At ten chunks a cancel held a thread ~2 s: a tenant cancelling many large batches at once took
+# that many of the threads every tenant's requests run on. A batch of up to a chunk answers
+# ``cancelled`` as it always did.
+CANCEL_CHUNKS_IN_REQUEST = 1
 
 
 @router.post("/{batch_id}/cancel")

@@ -29,7 +29,14 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import store
-from api.deps import EngineDep, SettingsDep, bearer_key, raise_unknown_key, tenant_of_key
+from api.deps import (
+    EngineDep,
+    SettingsDep,
+    bearer_key,
+    declares_a_small_body,
+    raise_unknown_key,
+    tenant_of_key,
+)
 from api.errors import (
     BOUND_TO_HEADER,
     APIError,
@@ -326,8 +333,12 @@ class ChatCompletionsFastPath:
 
 async def _serve(request: Request, engine: Engine, settings: Settings, authorization: str | None) -> Response:
     # The key is looked up with the call's submit, in one thread hop (_authenticated_submit); a
-    # missing or malformed one is refused here, before the body is read, as on every route.
+    # missing or malformed one is refused here, before the body is read, as on every route. A body
+    # not declared small is read only once the key is known: a caller with no valid key made the
+    # API read and parse up to a whole body's limit (1 MiB), or wait on a body that never ended.
     key = bearer_key(authorization)
+    if not declares_a_small_body(request):
+        await run_in_threadpool(tenant_of_key, engine, key)
     try:
         body = await json_object_body(request)
         stream, include_usage = _stream_options(body)

@@ -125,8 +125,12 @@ def _error_of(outcome: InteractiveOutcome) -> APIError:
     if refused is not None:
         return refused
     if status_code == 429 and outcome.error_code != _PROVIDER_OUT_OF_CREDIT:
-        # The provider's refusal for load, past the call's retry budget: as the provider said it.
-        return RateLimitExceeded(message, code=outcome.error_code)
+        # The provider's refusal for load, past the call's retry budget: as the provider said it,
+        # with its Retry-After, so that a client's retries wait as the provider asked rather than
+        # come back in half a second, each to spend another budget of a worker's retries.
+        limited = RateLimitExceeded(message, code=outcome.error_code)
+        limited.retry_after = outcome.retry_after
+        return limited
     if 400 <= status_code < 500 and status_code != 429:
         failure = APIError(message, code=outcome.error_code)
         failure.status_code = status_code

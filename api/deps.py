@@ -6,6 +6,7 @@ from typing import Annotated, NoReturn
 
 from fastapi import Depends, Header, Path, Query, Request
 from sqlalchemy.engine import Engine
+from starlette.concurrency import run_in_threadpool
 
 import store
 from api.errors import Unauthenticated
@@ -13,6 +14,7 @@ from config import Settings
 
 __all__ = [
     "ID_PATTERN",
+    "SMALL_BODY_BYTES",
     "AfterCursor",
     "EngineDep",
     "ObjectId",
@@ -20,9 +22,12 @@ __all__ = [
     "TenantDep",
     "bearer_key",
     "current_tenant",
+    "declares_a_small_body",
     "get_engine",
     "get_settings",
     "raise_unknown_key",
+    "remember_tenant",
+    "request_tenant",
     "tenant_of_key",
 ]
 
@@ -85,4 +90,31 @@ def current_tenant(engine: EngineDep, authorization: Annotated[str | None, Heade
     return tenant_of_key(engine, bearer_key(authorization))
 
 
-TenantDep = Annotated[store.Tenant, Depends(current_tenant)]
+def remember_tenant(request: Request, tenant: store.Tenant) -> None:
+    """Keep the tenant a route found before reading its body, for ``request_tenant``."""
+    request.state.tokenmill_tenant = tenant
+
+
+async def request_tenant(
+    request: Request, engine: EngineDep, authorization: Annotated[str | None, Header()] = None
+) -> store.Tenant:
+    """``current_tenant``, or the tenant already found for this request (``remember_tenant``)."""
+    tenant: store.Tenant | None = getattr(request.state, "tokenmill_tenant", None)
+    if tenant is None:
+        tenant = await run_in_threadpool(current_tenant, engine, authorization)
+    return tenant
+
+
+TenantDep = Annotated[store.Tenant, Depends(request_tenant)]
+
+# A body declared at most this large is read (and parsed) before its key is looked up where that
+# saves a statement (a chat completion's key is looked up with its submit); any larger one, or one
+# of no declared length, only after: a caller with no valid key costs the API no more than this.
+SMALL_BODY_BYTES = 64 * 1024
+
+
+def declares_a_small_body(request: Request) -> bool:
+    """Whether the request's Content-Length is at most ``SMALL_BODY_BYTES`` (the server reads no
+    more than it declares)."""
+    declared = request.headers.get("content-length")
+    return declared is not None and declared.isdigit() and int(declared) <= SMALL_BODY_BYTES

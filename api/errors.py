@@ -17,6 +17,7 @@ official ``openai`` SDK maps to its own exception classes, and a message that na
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,7 +29,7 @@ from starlette.requests import ClientDisconnect
 from store.errors import QuotaExceeded
 from store.ingest import MAX_ERROR_MESSAGE_CHARS
 from store.input_checks import bounded_text
-from store.quotas import DAILY_BUDGET_EXCEEDED
+from store.quotas import DAILY_BUDGET_EXCEEDED, seconds_to_next_budget_day
 
 __all__ = [
     "BOUND_TO_HEADER",
@@ -89,6 +90,7 @@ class APIError(Exception):
         self.bound_to = bound_to  # see BOUND_TO_HEADER
         self.final = False  # asking again cannot mend it: see SHOULD_RETRY_HEADER
         self.request_id: str | None = None  # the call it answers, as x-request-id (the SDK's request_id)
+        self.retry_after: float | None = None  # seconds until asking again may succeed, if known
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, param=self.param, code=self.code)
@@ -133,8 +135,11 @@ def over_quota(error: QuotaExceeded) -> RateLimitExceeded:
     """A create refused by the tenant's quotas (``store.quotas``): 429, the quota's code
     (``queued_requests_quota_exceeded``, ``queued_tokens_quota_exceeded``, ``daily_budget_exceeded``)."""
     refused = RateLimitExceeded(str(error), code=error.code)
-    # Spent until midnight UTC: a client's retries seconds later are refused as well.
-    refused.final = error.code == DAILY_BUDGET_EXCEEDED
+    if error.code == DAILY_BUDGET_EXCEEDED:
+        # Spent until midnight UTC: a client's retries seconds later are refused as well. Said
+        # when, for a client that waits (the queued quotas free as work ends: no time to say).
+        refused.final = True
+        refused.retry_after = seconds_to_next_budget_day()
     return refused
 
 
@@ -160,6 +165,11 @@ def api_error_response(exc: APIError) -> JSONResponse:
         headers[SHOULD_RETRY_HEADER] = "false"
     if exc.request_id is not None:
         headers["x-request-id"] = exc.request_id
+    if exc.retry_after is not None:
+        # As OpenAI sends them: the SDK reads retry-after-ms first, then retry-after (whole
+        # seconds here, rounded up: never sooner than said), and waits that long (up to 60 s).
+        headers["retry-after"] = str(math.ceil(exc.retry_after))
+        headers["retry-after-ms"] = str(round(exc.retry_after * 1000))
     return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
 
 

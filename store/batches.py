@@ -7,7 +7,7 @@ whose content ``store.export`` generates from the results.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -478,10 +478,15 @@ def finish_stopped_batches(
     engine: Engine, now: int | None = None, *, max_chunks: int = FINISH_CHUNKS_PER_SWEEP
 ) -> list[str]:
     """End what a stop left: requests still queued (or running under a lapsed lease) in a batch
-    that is ``cancelling`` or ``expired``, as that cancel or expiry would have (a process that
-    died between its chunks, ``_end_in_chunks``); a cancelling batch ends ``cancelled`` once
-    nothing of it runs. At most ``max_chunks`` chunks, the batches in id order; returns the ids
-    of the batches whose leftovers are all ended. The sweep's, each pass.
+    that is ``cancelling`` or ``expired``, as that cancel or expiry would have (a cancel ends only
+    its first chunk; a process may die between chunks, ``_end_in_chunks``); a cancelling batch
+    ends ``cancelled`` once nothing of it runs. At most ``max_chunks`` chunks, one at a time to
+    each tenant in turn (its oldest batch with leftovers); returns the ids of the batches whose
+    leftovers are all ended, in id order. The sweep's, each pass.
+
+    In turns, because taken in batch order a tenant that cancelled many large batches had every
+    chunk of the passes to come, and another tenant's cancel, sent later, stayed ``cancelling``
+    until all of them were ended.
 
     Found as ``store.unsettled_dispatch_ids`` finds open dispatches: one batch at a time through
     the partial index of unfinished requests (each step the next batch id in it), so that a pass
@@ -492,24 +497,32 @@ def finish_stopped_batches(
         sa.select(Request.id).where(Request.batch_id == Batch.id, _unfinished_of_a_batch(now)).exists()
     )
     query = (
-        sa.select(Batch.id, Batch.status)
+        sa.select(Batch.id, Batch.tenant_id, Batch.status)
         .join(open_batches, open_batches.c.value == Batch.id)
         .where(Batch.status.in_((BatchStatus.CANCELLING, BatchStatus.EXPIRED)), leftovers)
     )
     with engine.connect() as conn:
         stopped = sorted(conn.execute(query).all())
+    cancelling = {batch_id for batch_id, _, status in stopped if status == BatchStatus.CANCELLING}
+    turns: dict[str, deque[str]] = {}  # each tenant's batches with leftovers, in id order
+    for batch_id, tenant_id, _ in stopped:
+        turns.setdefault(tenant_id, deque()).append(batch_id)
     finished: list[str] = []
     chunks_left = max_chunks
-    for batch_id, status in stopped:
-        if chunks_left <= 0:
-            break
-        cancelling = status == BatchStatus.CANCELLING
-        error = None if cancelling else EXPIRED_ERROR
-        stop = _end_in_chunks(engine, batch_id, now, error, finalize=cancelling, max_chunks=chunks_left)
-        chunks_left -= stop.chunks
-        if stop.done:
-            finished.append(batch_id)
-    return finished
+    while turns and chunks_left > 0:
+        for tenant_id, batch_ids in list(turns.items()):
+            if chunks_left <= 0:
+                break
+            batch_id = batch_ids[0]
+            error = None if batch_id in cancelling else EXPIRED_ERROR
+            stop = _end_in_chunks(engine, batch_id, now, error, finalize=batch_id in cancelling, max_chunks=1)
+            chunks_left -= stop.chunks
+            if stop.done:
+                finished.append(batch_id)
+                batch_ids.popleft()
+                if not batch_ids:
+                    del turns[tenant_id]
+    return sorted(finished)
 
 
 def batch_statuses(engine: Engine, batch_ids: Collection[str]) -> dict[str, BatchStatus]:

@@ -36,6 +36,7 @@ from store.errors import InvalidArgument
 from store.ids import new_id, now_seconds
 from store.quotas import enforce_tenant_quotas, estimate_prompt_tokens
 from store.request_kinds import REQUEST_KINDS, BadLine
+from store.results import retry_after_of
 from store.tables import Batch, BatchStatus, Request, RequestStatus, Result, Tenant
 from store.tenants import api_key_hash, authenticate_api_key, live_key_owner
 
@@ -354,6 +355,11 @@ class InteractiveOutcome:
     error_code: str | None
     error_message: str | None
     cached: bool
+
+    @property
+    def retry_after(self) -> float | None:
+        """A failed call's provider's Retry-After, in seconds (``store.results.with_retry_after``)."""
+        return retry_after_of(self.body)
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -50,6 +50,7 @@ __all__ = [
     "estimate_prompt_tokens",
     "get_tenant_quotas",
     "quota_status",
+    "seconds_to_next_budget_day",
     "set_tenant_quotas",
 ]
 
@@ -65,6 +66,15 @@ OPEN_BATCH_STATUSES = (
     BatchStatus.CANCELLING,
 )
 _SECONDS_PER_DAY = 86_400
+
+
+def seconds_to_next_budget_day(now: int | None = None) -> int:
+    """Seconds until the daily budget's next day (UTC midnight, as ``_SECONDS_PER_DAY`` counts
+    days) begins: when a spent budget accepts work again."""
+    now = now if now is not None else now_seconds()
+    return _SECONDS_PER_DAY - now % _SECONDS_PER_DAY
+
+
 _CHARS_PER_TOKEN = 4
 
 

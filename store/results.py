@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -41,6 +41,7 @@ from store.quotas import add_daily_spend
 from store.tables import Batch, DiscardedAnswer, ModelPrice, Request, RequestStatus, Result
 
 __all__ = [
+    "RETRY_AFTER_MS",
     "UNIDENTIFIED_ANSWER_PREFIX",
     "UNRECORDABLE",
     "UPSTREAM_AUTHENTICATION_FAILED",
@@ -52,6 +53,8 @@ __all__ = [
     "record_handed_back_spend",
     "record_results",
     "record_single_call_result",
+    "retry_after_of",
+    "with_retry_after",
 ]
 
 _ENDED = (RequestStatus.SUCCEEDED, RequestStatus.FAILED)
@@ -70,6 +73,26 @@ UPSTREAM_AUTHENTICATION_STATUSES = (401, 403)
 # A result's error code when the ledger refused the record of an answer (``workers.result_writer``):
 # the answer was paid and its spend is kept, so asking again pays again.
 UNRECORDABLE = "result_not_recordable"
+# A failure's body keeps the wait its provider asked for (Retry-After, on a 429), in milliseconds,
+# under the body's ``tokenmill`` object (as a cached answer's keeps ``cached``): a single call
+# refused past its rate-limit budget tells its caller when to ask again (``api.routes.chat``).
+RETRY_AFTER_MS = "retry_after_ms"
+
+
+def with_retry_after(body: dict[str, Any], seconds: float | None) -> dict[str, Any]:
+    """``body`` keeping ``seconds`` (the provider's Retry-After; None: it said nothing)."""
+    if seconds is None:
+        return body
+    return {**body, "tokenmill": {**body.get("tokenmill", {}), RETRY_AFTER_MS: round(seconds * 1000)}}
+
+
+def retry_after_of(body: Mapping[str, Any] | None) -> float | None:
+    """The seconds ``with_retry_after`` kept in a failure's body, if any."""
+    extension = body.get("tokenmill") if isinstance(body, Mapping) else None
+    milliseconds = extension.get(RETRY_AFTER_MS) if isinstance(extension, Mapping) else None
+    if isinstance(milliseconds, int) and not isinstance(milliseconds, bool) and milliseconds >= 0:
+        return milliseconds / 1000
+    return None
 
 
 @dataclass(frozen=True, slots=True)

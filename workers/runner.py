@@ -46,7 +46,7 @@ from typing import Protocol
 from sqlalchemy.engine import Engine
 
 from models.cancellation import CancellationToken
-from models.errors import AuthenticationFailed, ModelClientError
+from models.errors import AuthenticationFailed, ModelClientError, RateLimited
 from models.openai import chat_completion_body, request_from_openai_body
 from models.retry import RATE_LIMIT_DEADLINE, RetryLater
 from store import (
@@ -67,6 +67,7 @@ from store import (
     release_requests,
     tenant_queues,
 )
+from store.results import with_retry_after
 from workers import observe
 from workers.fair_share import FairGate, FairShare
 from workers.lane_pressure import LaneBusy
@@ -200,6 +201,8 @@ def failed_record(
         body = {
             "error": {"message": error.message, "type": type(error).__name__, "param": None, "code": code}
         }
+        if isinstance(error, RateLimited):
+            body = with_retry_after(body, error.retry_after)
     return ResultRecord(
         request_id=request_id,
         status=RequestStatus.FAILED,

@@ -119,6 +119,25 @@ async def _checked_webhook_url(
     return str(url)
 
 
+# A file read inside its create call has at most this many lines (and at most
+# ``background_ingest_bytes``): a line costs the ingest ~85 us, so ~0.2 s of an API thread, as a
+# cancel's chunk. Bounded by bytes alone, 27,000 short lines in 1 MiB held a thread 2.3 s, and a
+# tenant creating many such batches at once took the threads every tenant's requests run on; past
+# it a file is read after the call answers (``validating``), a few at a time per tenant and per
+# process, as a large file is.
+INLINE_INGEST_MAX_LINES = 2_000
+
+
+def _more_lines_than(path: Path, limit: int) -> bool:
+    """Whether the file at ``path`` (of at most ``background_ingest_bytes``: read whole, ~1 ms a
+    MiB) has more than ``limit`` lines, a last one without its newline counted."""
+    try:
+        content = path.read_bytes()
+    except FileNotFoundError:
+        return False  # deleted meanwhile: the inline read says so (404)
+    return content.count(b"\n") + (not content.endswith(b"\n")) > limit
+
+
 def _prepare(
     engine: Engine, tenant: store.Tenant, body: BatchCreate, webhook_url: str | None, settings: Settings
 ) -> tuple[store.BatchSpec, Path, bool]:
@@ -155,7 +174,9 @@ def _prepare(
         store.check_tenant_quotas(engine, tenant.id, new_requests=1, new_tokens=1)
     except store.QuotaExceeded as e:
         raise over_quota(e) from e
-    in_background = file.bytes > settings.background_ingest_bytes
+    in_background = file.bytes > settings.background_ingest_bytes or _more_lines_than(
+        path, INLINE_INGEST_MAX_LINES
+    )
     if in_background:
         limit = settings.max_validating_batches_per_tenant
         try:
@@ -302,11 +323,14 @@ def list_batches(
     }
 
 
-# A cancel answers within seconds whatever the batch's size: it ends at most this many chunks of
-# the batch's requests (``store.batches.STOP_CHUNK_LINES`` lines each, ~0.1-0.2 s a chunk), then
-# answers ``cancelling``, as OpenAI does, and the sweep ends the rest
-# (``store.finish_stopped_batches``). A batch of up to a chunk answers as it always did.
-CANCEL_CHUNKS_IN_REQUEST = 10
+# A cancel holds its API thread for one chunk's transaction (``store.batches.STOP_CHUNK_LINES``
+# lines, ~0.1-0.2 s), whatever the batch's size: the one that moves the batch, after which none of
+# its queued requests starts upstream (the chunk runner and the lane read its status). It answers
+# ``cancelling``, as OpenAI does, and the sweep ends the rest (``store.finish_stopped_batches``).
+# At ten chunks a cancel held a thread ~2 s: a tenant cancelling many large batches at once took
+# that many of the threads every tenant's requests run on. A batch of up to a chunk answers
+# ``cancelled`` as it always did.
+CANCEL_CHUNKS_IN_REQUEST = 1
 
 
 @router.post("/{batch_id}/cancel")

@@ -29,7 +29,14 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import store
-from api.deps import EngineDep, SettingsDep, bearer_key, raise_unknown_key, tenant_of_key
+from api.deps import (
+    EngineDep,
+    SettingsDep,
+    bearer_key,
+    declares_a_small_body,
+    raise_unknown_key,
+    tenant_of_key,
+)
 from api.errors import (
     BOUND_TO_HEADER,
     APIError,
@@ -118,8 +125,12 @@ def _error_of(outcome: InteractiveOutcome) -> APIError:
     if refused is not None:
         return refused
     if status_code == 429 and outcome.error_code != _PROVIDER_OUT_OF_CREDIT:
-        # The provider's refusal for load, past the call's retry budget: as the provider said it.
-        return RateLimitExceeded(message, code=outcome.error_code)
+        # The provider's refusal for load, past the call's retry budget: as the provider said it,
+        # with its Retry-After, so that a client's retries wait as the provider asked rather than
+        # come back in half a second, each to spend another budget of a worker's retries.
+        limited = RateLimitExceeded(message, code=outcome.error_code)
+        limited.retry_after = outcome.retry_after
+        return limited
     if 400 <= status_code < 500 and status_code != 429:
         failure = APIError(message, code=outcome.error_code)
         failure.status_code = status_code
@@ -326,8 +337,12 @@ class ChatCompletionsFastPath:
 
 async def _serve(request: Request, engine: Engine, settings: Settings, authorization: str | None) -> Response:
     # The key is looked up with the call's submit, in one thread hop (_authenticated_submit); a
-    # missing or malformed one is refused here, before the body is read, as on every route.
+    # missing or malformed one is refused here, before the body is read, as on every route. A body
+    # not declared small is read only once the key is known: a caller with no valid key made the
+    # API read and parse up to a whole body's limit (1 MiB), or wait on a body that never ended.
     key = bearer_key(authorization)
+    if not declares_a_small_body(request):
+        await run_in_threadpool(tenant_of_key, engine, key)
     try:
         body = await json_object_body(request)
         stream, include_usage = _stream_options(body)

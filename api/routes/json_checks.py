@@ -3,7 +3,7 @@ of at most 64 levels, no NUL, no lone surrogate), for the routes whose body Fast
 model (``POST /v1/batches``): Python's ``json``, which FastAPI reads with, takes NaN and Infinity,
 and a model then refused them as "not a valid string" (or took them, in a field of any JSON). The
 routes that read their body themselves (chat completions, agent runs) call ``store.parse_json``
-through ``api.routes.single_request.json_object_body``."""
+through ``api.routes.single_request.json_object_body``, after their key is looked up."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
 import store
-from api.deps import current_tenant
+from api.deps import current_tenant, remember_tenant
 from api.errors import InvalidRequest
 
 __all__ = ["CheckedJSONRoute", "body_refused", "reads_a_json_model"]
@@ -43,9 +43,13 @@ def reads_a_json_model(route: APIRoute) -> bool:
 class CheckedJSONRoute(APIRoute):
     """A route whose JSON body is checked by ``store.parse_json`` before FastAPI reads it into
     its model: a refused body is a 400 naming the value (``non_finite_number``, ``param``
-    ``metadata.tag``), never a model's "Input should be a valid string" about a NaN; a 401 first
-    for a caller with no valid key. The body is
-    small (a request's settings, not its lines): parsing it twice costs nothing that counts."""
+    ``metadata.tag``), never a model's "Input should be a valid string" about a NaN.
+
+    The key is looked up first, before a byte of the body is read (the route's ``TenantDep``
+    takes the tenant found): a caller with no valid key hears its 401 at once, where reading the
+    body first made the API read and parse up to a whole body's limit (1 MiB) for it, or wait on a
+    body that never ended. The body is small (a request's settings, not its lines): parsing it
+    twice costs nothing that counts."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -53,15 +57,14 @@ class CheckedJSONRoute(APIRoute):
             return handler
 
         async def checked(request: Request) -> Response:
+            authorization = request.headers.get("authorization")
+            tenant = await run_in_threadpool(current_tenant, request.app.state.engine, authorization)
+            remember_tenant(request, tenant)
             raw = await request.body()  # kept by the request: FastAPI reads it again
             if raw and _read_as_json(request.headers.get("content-type")):
                 try:
                     store.parse_json(raw)
                 except store.JSONRejected as e:
-                    # A caller with no valid key hears 401, not what is wrong with its body, as on
-                    # every route (the handler's own dependencies have not run yet).
-                    authorization = request.headers.get("authorization")
-                    await run_in_threadpool(current_tenant, request.app.state.engine, authorization)
                     raise body_refused(e) from e
             return await handler(request)
 

@@ -66,3 +66,33 @@ async def test_a_cancel_answers_after_its_bound_and_the_sweep_ends_the_rest(
 
     answer = await in_process.client.post(f"/v1/batches/{small}/cancel", headers=headers)
     assert answer.json()["status"] == "cancelled"
+
+
+async def test_a_cancel_ends_at_most_one_chunk_inside_its_request(
+    in_process: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel's request holds an API thread for one chunk's transaction, not ten (~2 s each of
+    a tenant's cancels at 5,000-line chunks): many large batches cancelled at once must not take
+    the API's threads from every other tenant. A cancel sent again does no more; the sweep ends
+    the rest, and nothing of the batch is left queued."""
+    monkeypatch.setattr(store.batches, "STOP_CHUNK_LINES", 2)
+    engine = in_process.app.state.engine
+    headers = {"Authorization": f"Bearer {in_process.key}"}
+    large = await run_in_threadpool(_batch, in_process, 30)
+
+    answer = await in_process.client.post(f"/v1/batches/{large}/cancel", headers=headers)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["status"] == "cancelling"
+    progress = await run_in_threadpool(store.batch_progress, engine, large)
+    assert (progress.cancelled, progress.queued) == (2, 28)
+
+    again = await in_process.client.post(f"/v1/batches/{large}/cancel", headers=headers)
+    assert again.json()["status"] == "cancelling"
+    progress = await run_in_threadpool(store.batch_progress, engine, large)
+    assert (progress.cancelled, progress.queued) == (4, 26)
+
+    assert await run_in_threadpool(store.finish_stopped_batches, engine) == [large]
+    ended = await in_process.client.get(f"/v1/batches/{large}", headers=headers)
+    assert ended.json()["status"] == "cancelled"
+    progress = await run_in_threadpool(store.batch_progress, engine, large)
+    assert (progress.cancelled, progress.queued) == (30, 0)

@@ -44,6 +44,16 @@ def test_a_rate_limit_past_the_calls_budget_stays_a_retryable_429() -> None:
     assert response.status_code == 429
     assert json.loads(bytes(response.body))["error"]["code"] == "rate_limit_exceeded"
     assert SHOULD_RETRY_HEADER not in response.headers
+    assert "retry-after" not in response.headers  # the provider said nothing of when
+
+
+def test_a_rate_limit_past_the_calls_budget_says_the_providers_retry_after() -> None:
+    """The provider's last Retry-After, kept with the failure in the ledger, is the 429's: as the
+    lane pushes it, and as the ledger gives it back (``failed_record`` to ``outcome_of``)."""
+    error = RateLimited("Slow down.", status_code=429, code="rate_limit_exceeded", retry_after=2.25)
+    response = api_error_response(_error_for(outcome_of(failed_record("req_4", error, attempts=3))))
+    assert response.status_code == 429
+    assert (response.headers["retry-after"], response.headers["retry-after-ms"]) == ("3", "2250")
 
 
 def test_an_answer_the_ledger_refused_is_not_asked_again() -> None:

@@ -188,6 +188,8 @@ def test_a_spent_daily_budget_is_not_retried_by_the_sdk(live_api: LiveAPI) -> No
             sdk.chat.completions.create(**ask("anything"))
         assert raised.value.code == "daily_budget_exceeded"
         assert raised.value.response.headers["x-should-retry"] == "false"
+        # When it is accepted again, for a client that reads it (the SDK gives up: 'false' above).
+        assert 0 < int(raised.value.response.headers["retry-after"]) <= 24 * 3600
 
 
 def test_files_list_pages_in_the_order_asked_for(live_api: LiveAPI) -> None:
@@ -228,3 +230,23 @@ def test_a_provider_that_keeps_refusing_for_load_is_a_rate_limit_error_in_time(
     [row] = lane.requests()
     assert raised.value.request_id == row.id
     assert row.status == store.RequestStatus.FAILED
+
+
+def test_a_rate_limit_past_the_calls_budget_says_when_to_ask_again(
+    lane: Lane,  # noqa: F811
+    simulator: SimulatorServer,
+) -> None:
+    """The 429 of a call whose rate-limit budget is spent carries the provider's last Retry-After,
+    in OpenAI's shape (``retry-after`` in whole seconds, ``retry-after-ms``), so that the SDK's
+    retries wait as the provider asked. It had none: the SDK retried after its own half-second
+    backoff, twice, each retry spending another full budget of a worker's retries."""
+    lane.cluster.env.update(
+        TOKENMILL_HAND_BACK_AFTER_SECONDS="1", TOKENMILL_INTERACTIVE_RATE_LIMIT_RETRY_SECONDS="2"
+    )
+    lane.cluster.worker("w1")
+    lane.cluster.beat()
+    with lane.sdk as sdk, pytest.raises(openai.RateLimitError) as raised:
+        sdk.chat.completions.create(**ask("always busy [[status 429 retry_after=1.5]]"))
+    headers = raised.value.response.headers
+    assert (headers.get("retry-after"), headers.get("retry-after-ms")) == ("2", "1500")
+    assert raised.value.code == "rate_limit_exceeded"

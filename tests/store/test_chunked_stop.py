@@ -6,6 +6,8 @@ after its first chunk is finished by the sweep's ``store.finish_stopped_batches`
 
 from __future__ import annotations
 
+import io
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +22,7 @@ import store
 import store.batches
 from models.types import RequestUsage
 from store.batches import EXPIRED_ERROR
-from tests.store.conftest import IngestFn
+from tests.store.conftest import IngestFn, chat_line
 
 CHUNK_LINES = 2
 LINES = 7  # four chunks of two lines, less what runs
@@ -303,3 +305,34 @@ def test_an_expiry_pass_is_bounded_and_the_sweep_ends_the_rest(engine: Engine, i
     for batch_id in batch_ids:
         assert set(_statuses(engine, batch_id).values()) == {store.RequestStatus.CANCELLED}
         assert _batch(engine, batch_id).cancelled_count == LINES
+
+
+def _cancelled_count(engine: Engine, batch_id: str) -> int:
+    return list(_statuses(engine, batch_id).values()).count(store.RequestStatus.CANCELLED)
+
+
+def test_the_sweep_shares_its_chunks_among_tenants(engine: Engine, ingest: IngestFn) -> None:
+    """A cancel ends one chunk in its request and leaves the rest to the sweep, whose pass ends a
+    bounded number of chunks: taken in batch order, a tenant that cancelled many large batches
+    first had every chunk of the passes to come, and another tenant's cancel, sent later, stayed
+    ``cancelling`` until all of them were ended. Each tenant gets a chunk of a pass in turn."""
+    hoarder_batches = [ingest(LINES).batch_id for _ in range(3)]
+    other = store.create_tenant(engine, "other")
+    rows = "".join(json.dumps(chat_line(f"c{i}")) + "\n" for i in range(LINES)).encode()
+    other_batch = store.ingest_batch(engine, io.BytesIO(rows), tenant_id=other.id).batch_id
+    for batch_id in [*hoarder_batches, other_batch]:
+        store.cancel_batch(engine, batch_id, max_chunks=1)
+        assert _cancelled_count(engine, batch_id) == CHUNK_LINES
+
+    assert store.finish_stopped_batches(engine, max_chunks=2) == []
+    # One chunk each: the hoarder's oldest batch, and the other tenant's.
+    assert _cancelled_count(engine, hoarder_batches[0]) == 2 * CHUNK_LINES
+    assert _cancelled_count(engine, other_batch) == 2 * CHUNK_LINES
+
+    # Two turns each: both batches ended, the hoarder's others not touched.
+    assert store.finish_stopped_batches(engine, max_chunks=4) == sorted([hoarder_batches[0], other_batch])
+    batch = _batch(engine, other_batch)
+    assert (batch.status, batch.cancelled_count) == (store.BatchStatus.CANCELLED, LINES)
+    assert [_cancelled_count(engine, batch_id) for batch_id in hoarder_batches[1:]] == [CHUNK_LINES] * 2
+
+    assert store.finish_stopped_batches(engine) == sorted(hoarder_batches[1:])

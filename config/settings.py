@@ -202,9 +202,10 @@ class Settings(BaseSettings):
     # it): the sweeper fails a batch whose lease ran out (that API died), instead of leaving it
     # "validating" until its completion window ends.
     validation_lease_seconds: int = Field(default=60, ge=3)
-    # Batches one tenant may have validating in the background at once (a 429 beyond): they are
-    # read a few at a time in arrival order, so more would hold up every other tenant's batches.
-    max_validating_batches_per_tenant: int = Field(default=4, ge=1)
+    # Batches one tenant may have validating in the background at once (a 429 beyond). They are
+    # read a few at a time, tenants in turn (api.validation_slots); each waiting one is a lease the
+    # API renews, and a batch failed if that API process dies.
+    max_validating_batches_per_tenant: int = Field(default=16, ge=1)
     sync_timeout_seconds: float = Field(default=600.0, gt=0, description="POST /v1/chat/completions wait")
     # How long a POST's answer is kept for a retry with the same Idempotency-Key.
     idempotency_retention_seconds: int = Field(default=24 * 3600, ge=60)

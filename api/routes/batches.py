@@ -5,11 +5,13 @@ far while the batch runs; ``model`` (default model for short-form lines), ``skip
 lines, report the bad ones instead of rejecting the batch), ``webhook_url`` and ``priority`` may be
 passed in the create body (``extra_body`` in the openai SDK).
 
-An input file over ``background_ingest_bytes`` (1 MiB) is read after the create call answers, as
-OpenAI does: the batch is ``validating``, then ``in_progress`` (and dispatched) or ``failed`` with
-its errors. A tenant has at most ``max_validating_batches_per_tenant`` (4) validating at once (a
-429 ``too_many_validating_batches`` beyond), and the API renews their leases while it reads them
-(a batch whose API died is failed by the sweeper: ``validation_interrupted``). Over one of the
+An input file over ``background_ingest_bytes`` (1 MiB) or ``INLINE_INGEST_MAX_LINES`` lines is read
+after the create call answers, as OpenAI does: the batch is ``validating``, then ``in_progress``
+(and dispatched) or ``failed`` with its errors; a process reads a few at once, tenants in turn
+(``api.validation_slots``). A tenant has at most ``max_validating_batches_per_tenant`` (16)
+validating at once (a 429 ``too_many_validating_batches`` beyond), and the API renews their
+leases while it reads them (a batch whose API died is failed by the sweeper:
+``validation_interrupted``). Over one of the
 tenant's quotas (``store.quotas``) a create is refused with 429 and the quota's code, nothing
 queued; a batch already answered ``validating`` ends ``failed`` with that code instead. A batch's
 ``errors`` hold the first 100 line errors; ``errors.total_count`` (tokenmill's)
@@ -33,6 +35,7 @@ import store
 from api.deps import ID_PATTERN, AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
 from api.errors import Conflict, InvalidRequest, NotFound, RateLimitExceeded, over_quota
 from api.routes.json_checks import CheckedJSONRoute
+from api.validation_slots import TenantFairSlots
 from config import Settings
 from store.export import in_chunks
 from store.tables import MAX_WEBHOOK_URL_CHARS
@@ -212,16 +215,16 @@ async def _fill_in_background(
 ) -> None:
     """Read an opened batch's file after the create call answered, then dispatch it. At most
     ``max_background_ingests`` run at once in this process (each holds up to ~64 MB); the rest
-    wait, still ``validating``."""
+    wait, still ``validating``, and a freed slot goes to the waiting tenants in turn."""
     if getattr(app.state, "ingest_slots", None) is None:
-        app.state.ingest_slots = asyncio.Semaphore(settings.max_background_ingests)
-    slots: asyncio.Semaphore = app.state.ingest_slots
+        app.state.ingest_slots = TenantFairSlots(settings.max_background_ingests)
+    slots: TenantFairSlots = app.state.ingest_slots
     # The batch's lease is renewed while it waits for a slot and while it is read: a batch whose
     # renewals stop (this process died) is failed by the sweeper.
     validating = _validations_held(app, engine, settings.validation_lease_seconds)
     validating.add(spec.batch_id)
     try:
-        async with slots:
+        async with slots.slot(spec.row["tenant_id"]):
             try:
                 report = await run_in_threadpool(_fill, engine, spec, path, body, settings)
             except FileNotFoundError:

@@ -282,3 +282,50 @@ def test_one_tenant_cannot_queue_enough_validations_to_hold_up_another(
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_tenants_queued_validations_wait_their_turn_with_another_tenants(
+    cluster: Callable[..., Cluster], tmp_path: Path
+) -> None:
+    """A process's validation slots went out in arrival order: a tenant with several batches
+    waiting to be read held another tenant's batch, created after them, ``validating`` until all
+    of them were read. A freed slot now goes to the waiting tenants in turn
+    (``api.validation_slots``): the other tenant's batch is read next."""
+    c = cluster()
+    env = {
+        **c.env,
+        "TOKENMILL_FILES_DIR": str(tmp_path / "files"),
+        "TOKENMILL_MAX_UPLOAD_BYTES": str(64 * 1024 * 1024),
+        "TOKENMILL_BACKGROUND_INGEST_BYTES": "0",
+        "TOKENMILL_MAX_BACKGROUND_INGESTS": "1",
+    }
+    migrated = run_cli(env, "db", "upgrade")
+    assert migrated.returncode == 0, migrated.stderr
+    keys = [run_cli(env, "keys", "create", name).stdout.strip() for name in ("hog", "other")]
+    process, root = start_api(env, tmp_path / "api.log")
+    try:
+        hog, other = (openai.OpenAI(base_url=f"{root}/v1", api_key=key, max_retries=0) for key in keys)
+        big = hog.files.create(
+            file=("big.jsonl", jsonl(*(batch_line(f"r{i}", "x" * 100) for i in range(20_000)))),
+            purpose="batch",
+        )
+        hogs = [
+            hog.batches.create(input_file_id=big.id, endpoint="/v1/chat/completions", completion_window="24h")
+            for _ in range(4)
+        ]
+        small = other.files.create(file=("small.jsonl", jsonl(batch_line("a"))), purpose="batch")
+        theirs = other.batches.create(
+            input_file_id=small.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        assert theirs.status == "validating"
+        deadline = time.monotonic() + 100
+        while other.batches.retrieve(theirs.id).status == "validating":
+            assert time.monotonic() < deadline, "still validating"
+            time.sleep(0.1)
+        still = [b.id for b in hogs if hog.batches.retrieve(b.id).status == "validating"]
+        assert len(still) >= 2, "the other tenant's batch was read after the first tenant's queue"
+        hog.close()
+        other.close()
+    finally:
+        process.kill()
+        process.wait()

@@ -1,0 +1,147 @@
+"""An upstream that answers 2xx but never stops, or stops too slowly: a body of hundreds of MB (or a
+gzip bomb that inflates to it), headers or a body trickled a byte at a time. Each call ends with a
+named error, within the client's timeout for the whole call and holding at most
+``MAX_ANSWER_BYTES`` of the answer: before, the worker read the whole body into memory (a 300 KB
+gzip body became 160 MB) and a trickle held the call (and its rate-limit lease) for as long as
+the upstream liked."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from typing import ClassVar
+
+import pytest
+
+from models import InvalidProviderResponse, OpenAIChatCompletionClient, ProviderTimeout, UserMessage
+from models.openai.results import RESPONSE_TOO_LARGE
+from models.openai.transport import MAX_ANSWER_BYTES
+from tests.models.local_http import serving
+
+COMPLETION = json.dumps(
+    {
+        "id": "chatcmpl-hostile",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "gpt-4o",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+).encode()
+# Leading whitespace keeps the body valid JSON: read whole, it is an answer like any other.
+PADDING = MAX_ANSWER_BYTES + 16 * 1024 * 1024
+
+
+class _Hostile(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    mode: ClassVar[str] = ""
+    stop = threading.Event()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up
+            getattr(self, f"_{self.mode}")()
+
+    def _gzip_bomb(self) -> None:
+        compressor = gzip.compress(b" " * PADDING + COMPLETION, compresslevel=9)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(compressor)))
+        self.end_headers()
+        self.wfile.write(compressor)
+
+    def _endless_chunked(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        piece = b" " * (1024 * 1024)
+        sent = 0
+        while sent <= PADDING and not self.stop.is_set():
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            sent += len(piece)
+        self.wfile.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(COMPLETION), COMPLETION))
+
+    def _close_delimited(self) -> None:
+        # HTTP/1.0 style: no length, the body ends when the connection closes.
+        self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n")
+        piece = b" " * (1024 * 1024)
+        sent = 0
+        while sent <= PADDING and not self.stop.is_set():
+            self.wfile.write(piece)
+            sent += len(piece)
+        self.wfile.write(COMPLETION)
+        self.close_connection = True
+
+    def _trickled_body(self) -> None:
+        body = b" " * 40 + COMPLETION
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        for i in range(len(body)):  # one byte each 0.2 s: never idle for a whole read timeout
+            if self.stop.wait(0.2 if i < 40 else 0):
+                return
+            self.wfile.write(body[i : i + 1])
+            self.wfile.flush()
+
+    def _trickled_headers(self) -> None:
+        self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        for i in range(40):
+            if self.stop.wait(0.2):
+                return
+            self.wfile.write(b"X-Slow-%d: x\r\n" % i)
+            self.wfile.flush()
+        self.wfile.write(b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(COMPLETION))
+        self.wfile.write(COMPLETION)
+
+
+@pytest.fixture
+def hostile() -> Iterator[tuple[str, type[_Hostile]]]:
+    _Hostile.stop.clear()
+    with serving(_Hostile) as url:
+        yield url, _Hostile
+        _Hostile.stop.set()
+
+
+async def _call(url: str, upstream_timeout: float = 60.0) -> None:
+    client = OpenAIChatCompletionClient(
+        model="gpt-4o", api_key="sk-hostile", base_url=url, timeout=upstream_timeout
+    )
+    try:
+        await client.create([UserMessage(content="hello", source="user")])
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("mode", ["gzip_bomb", "endless_chunked", "close_delimited"])
+async def test_an_answer_past_the_cap_is_refused_not_held(
+    hostile: tuple[str, type[_Hostile]], mode: str
+) -> None:
+    url, handler = hostile
+    handler.mode = mode
+    with pytest.raises(InvalidProviderResponse) as caught:
+        await _call(url)
+    error = caught.value
+    assert error.code == RESPONSE_TOO_LARGE
+    assert error.retryable is False  # a 2xx: the provider billed it
+    assert str(MAX_ANSWER_BYTES) in error.message
+
+
+@pytest.mark.parametrize("mode", ["trickled_body", "trickled_headers"])
+async def test_a_trickled_answer_ends_at_the_calls_timeout(
+    hostile: tuple[str, type[_Hostile]], mode: str
+) -> None:
+    url, handler = hostile
+    handler.mode = mode
+    # The trickle lasts 8 s, never idle for a whole second: an answer means no deadline held.
+    with pytest.raises(ProviderTimeout):
+        await _call(url, upstream_timeout=1.0)

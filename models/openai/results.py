@@ -35,6 +35,7 @@ __all__ = [
     "USAGE_INVALID",
     "StreamAccumulator",
     "chat_completion_body",
+    "oversized_answer",
     "result_from_completion",
     "unreadable_answer",
     "usage_from_openai",
@@ -74,6 +75,15 @@ RESPONSE_TOO_LARGE = "upstream_response_too_large"
 # reads), and the parts that are no text (an image, a reference, a type unknown here) are kept,
 # as sent, under this key of the message: neither dropped nor taken for text.
 NON_TEXT_PARTS = "tokenmill_non_text_parts"
+
+
+def oversized_answer(limit: int) -> InvalidProviderResponse:
+    """The error for a 2xx answer past ``limit`` bytes, code ``RESPONSE_TOO_LARGE``; the caller
+    names its provider, model and the answer's request id."""
+    return InvalidProviderResponse(
+        f"the provider answered 2xx with a body larger than {limit} bytes (billed, so not asked again)",
+        code=RESPONSE_TOO_LARGE,
+    )
 
 
 def unreadable_answer(reason: str) -> InvalidProviderResponse:

@@ -43,7 +43,7 @@ from yarl import URL
 
 from models.errors import InvalidProviderResponse, ModelClientError
 from models.openai.errors import from_aiohttp_error, from_status
-from models.openai.results import RESPONSE_TOO_LARGE
+from models.openai.results import oversized_answer
 
 __all__ = ["MAX_ANSWER_BYTES", "SDK_USER_AGENT", "ChatTransport", "UpstreamStatus", "environment_proxy"]
 
@@ -172,13 +172,13 @@ class ChatTransport:
 
     def _too_large(self, response: aiohttp.ClientResponse) -> InvalidProviderResponse:
         response.close()  # what is left of the body is never read
+        oversized = oversized_answer(self.max_answer_bytes)
         return InvalidProviderResponse(
-            f"the provider answered {response.status} with a body larger than {self.max_answer_bytes} bytes "
-            "(billed, so not asked again)",
+            oversized.message,
             provider=self._provider,
             model=self._model,
             request_id=response.headers.get("x-request-id"),
-            code=RESPONSE_TOO_LARGE,
+            code=oversized.code,
         )
 
     async def close(self) -> None:

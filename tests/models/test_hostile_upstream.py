@@ -1,8 +1,9 @@
 """An upstream that answers 2xx but never stops, or stops too slowly: a body of hundreds of MB (or a
-gzip bomb that inflates to it), headers or a body trickled a byte at a time. Each call ends with a
+gzip bomb that inflates to it, or an HTTP/1.0 body ended by the close), headers or a body trickled a
+byte at a time, a stream of endless events or kept alive by SSE comments. Each call ends with a
 named error, within the client's timeout for the whole call and holding at most
 ``MAX_ANSWER_BYTES`` of the answer: before, the worker read the whole body into memory (a 300 KB
-gzip body became 160 MB) and a trickle held the call (and its rate-limit lease) for as long as
+gzip body became 80 MB) and a trickle held the call (and its rate-limit lease) for as long as
 the upstream liked."""
 
 from __future__ import annotations
@@ -16,8 +17,15 @@ from http.server import BaseHTTPRequestHandler
 from typing import ClassVar
 
 import pytest
+from openai import DefaultAioHttpClient
 
-from models import InvalidProviderResponse, OpenAIChatCompletionClient, ProviderTimeout, UserMessage
+from models import (
+    InvalidProviderResponse,
+    OpenAIChatCompletionClient,
+    ProviderTimeout,
+    StreamInterrupted,
+    UserMessage,
+)
 from models.openai.results import RESPONSE_TOO_LARGE
 from models.openai.transport import MAX_ANSWER_BYTES
 from tests.models.local_http import serving
@@ -112,9 +120,13 @@ def hostile() -> Iterator[tuple[str, type[_Hostile]]]:
         _Hostile.stop.set()
 
 
-async def _call(url: str, upstream_timeout: float = 60.0) -> None:
+async def _call(url: str, upstream_timeout: float = 60.0, *, through_sdk: bool = False) -> None:
     client = OpenAIChatCompletionClient(
-        model="gpt-4o", api_key="sk-hostile", base_url=url, timeout=upstream_timeout
+        model="gpt-4o",
+        api_key="sk-hostile",
+        base_url=url,
+        timeout=upstream_timeout,
+        http_client=DefaultAioHttpClient() if through_sdk else None,
     )
     try:
         await client.create([UserMessage(content="hello", source="user")])
@@ -136,12 +148,101 @@ async def test_an_answer_past_the_cap_is_refused_not_held(
     assert str(MAX_ANSWER_BYTES) in error.message
 
 
+@pytest.mark.parametrize("through_sdk", [False, True], ids=["own-transport", "sdk"])
 @pytest.mark.parametrize("mode", ["trickled_body", "trickled_headers"])
 async def test_a_trickled_answer_ends_at_the_calls_timeout(
-    hostile: tuple[str, type[_Hostile]], mode: str
+    hostile: tuple[str, type[_Hostile]], mode: str, through_sdk: bool
 ) -> None:
     url, handler = hostile
     handler.mode = mode
     # The trickle lasts 8 s, never idle for a whole second: an answer means no deadline held.
     with pytest.raises(ProviderTimeout):
-        await _call(url, upstream_timeout=1.0)
+        await _call(url, upstream_timeout=1.0, through_sdk=through_sdk)
+
+
+def _event(content: str, finish: str | None = None) -> bytes:
+    chunk = {
+        "id": "chatcmpl-hostile",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "gpt-4o",
+        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}],
+    }
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+class _HostileStream(_Hostile):
+    def _stream_head(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def _send(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _finish(self) -> None:
+        self._send(_event("", "stop") + b"data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _endless_events(self) -> None:
+        self._stream_head()
+        piece = _event("x" * (1024 * 1024))
+        sent = 0
+        while sent <= PADDING and not self.stop.is_set():
+            self._send(piece)
+            sent += len(piece)
+        self._finish()
+
+    def _keep_alive_comments(self) -> None:
+        # A live-looking stream that never says anything: an SSE comment each 0.2 s for 8 s.
+        self._stream_head()
+        self._send(_event("hel"))
+        for _ in range(40):
+            if self.stop.wait(0.2):
+                return
+            self._send(b": keep-alive\n\n")
+        self._send(_event("lo"))
+        self._finish()
+
+
+@pytest.fixture
+def hostile_stream() -> Iterator[tuple[str, type[_HostileStream]]]:
+    _HostileStream.stop.clear()
+    with serving(_HostileStream) as url:
+        yield url, _HostileStream
+        _HostileStream.stop.set()
+
+
+async def _stream(url: str, upstream_timeout: float = 60.0) -> None:
+    client = OpenAIChatCompletionClient(
+        model="gpt-4o", api_key="sk-hostile", base_url=url, timeout=upstream_timeout
+    )
+    try:
+        async for _ in client.create_stream([UserMessage(content="hello", source="user")]):
+            pass
+    finally:
+        await client.close()
+
+
+async def test_a_stream_past_the_cap_is_refused_not_held(
+    hostile_stream: tuple[str, type[_HostileStream]],
+) -> None:
+    url, handler = hostile_stream
+    handler.mode = "endless_events"
+    with pytest.raises(InvalidProviderResponse) as caught:
+        await _stream(url)
+    assert caught.value.code == RESPONSE_TOO_LARGE
+    assert caught.value.retryable is False
+
+
+async def test_a_stream_kept_alive_by_comments_ends_at_the_calls_timeout(
+    hostile_stream: tuple[str, type[_HostileStream]],
+) -> None:
+    url, handler = hostile_stream
+    handler.mode = "keep_alive_comments"
+    # The comments last 8 s, never idle for a whole second: an answer means no deadline held.
+    with pytest.raises(StreamInterrupted) as caught:
+        await _stream(url, upstream_timeout=1.0)
+    assert caught.value.retryable is True

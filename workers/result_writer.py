@@ -86,7 +86,27 @@ def record_single_call(engine: Engine, record: ResultRecord) -> tuple[RecordOutc
     """``record_isolating_bad_rows`` for one single call's record (the interactive lane's), in
     one statement when it applies (``store.results.record_single_call_result``); whatever that
     statement leaves to it (a duplicate, a cancelled request, a row the database refuses) goes
-    the general way, which decides as it always did."""
+    the general way, which decides as it always did.
+
+    A write whose connection died under it (PostgreSQL restarted, its backend terminated) goes
+    once more, on the pool the disconnect renewed: a connection handed back under a second ago is
+    not pinged (``store.engine``), so a call answered that fast wrote on a dead one, and its paid
+    answer went back in line to be paid for again. Going again is safe: the first writer wins,
+    and one that did commit before the connection died makes this one a duplicate."""
+    try:
+        return _record_single_call(engine, record)
+    except sa_exc.DBAPIError as error:
+        if not error.connection_invalidated:
+            raise
+        _logger.warning(
+            "the connection died under the result of request %s (%s); writing it again",
+            record.request_id,
+            redacted_error_text(error),
+        )
+    return _record_single_call(engine, record)
+
+
+def _record_single_call(engine: Engine, record: ResultRecord) -> tuple[RecordOutcome, list[str]]:
     try:
         outcome = record_single_call_result(engine, record)
     except Exception as error:

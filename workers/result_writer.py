@@ -17,6 +17,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
 from store import PaidAnswer, RecordOutcome, RequestStatus, ResultRecord, record_results
+from store.engine import again_if_disconnected
 from store.input_checks import bounded_text
 from store.log_redaction import redacted_error_text
 from store.results import UNRECORDABLE, record_single_call_result
@@ -88,22 +89,11 @@ def record_single_call(engine: Engine, record: ResultRecord) -> tuple[RecordOutc
     statement leaves to it (a duplicate, a cancelled request, a row the database refuses) goes
     the general way, which decides as it always did.
 
-    A write whose connection died under it (PostgreSQL restarted, its backend terminated) goes
-    once more, on the pool the disconnect renewed: a connection handed back under a second ago is
-    not pinged (``store.engine``), so a call answered that fast wrote on a dead one, and its paid
-    answer went back in line to be paid for again. Going again is safe: the first writer wins,
-    and one that did commit before the connection died makes this one a duplicate."""
-    try:
-        return _record_single_call(engine, record)
-    except sa_exc.DBAPIError as error:
-        if not error.connection_invalidated:
-            raise
-        _logger.warning(
-            "the connection died under the result of request %s (%s); writing it again",
-            record.request_id,
-            redacted_error_text(error),
-        )
-    return _record_single_call(engine, record)
+    A write whose connection died under it goes once more (``store.engine.again_if_disconnected``):
+    a call answered within a second wrote on the connection its claim used, unpinged, and its
+    paid answer went back in line to be paid for again. The first writer wins, so a write that
+    did commit before its connection died makes the second a duplicate."""
+    return again_if_disconnected(_record_single_call, engine, record)
 
 
 def _record_single_call(engine: Engine, record: ResultRecord) -> tuple[RecordOutcome, list[str]]:

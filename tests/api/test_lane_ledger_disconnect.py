@@ -1,11 +1,13 @@
 """PostgreSQL ending the lane's connection (a restart, a failover, an operator's
-``pg_terminate_backend``) between a single call's paid answer and its result's write: the write goes
-again on a fresh connection, and the caller gets the answer the provider was paid for, once.
+``pg_terminate_backend``) just before a single call's claim or its result's write: the statement
+goes again on a fresh connection, and the caller gets the answer the provider was paid for, once.
 
 A connection handed back less than ``store.engine.IDLE_PING_SECONDS`` ago is not pinged before use,
-so a call that answers within a second writes its result on the connection its claim used: before,
-that write failed, the lane released the request, and its caller waited while the sweeper sent it
-again, to be paid for again (the cache off) and the first answer never billed nor kept."""
+so under steady traffic a claim runs on the connection the last result was written on, and a call
+that answers within a second writes its result on the connection its claim used. Before, a claim
+that failed so left its caller waiting for the sweeper; a result write that failed so released the
+request, to be paid for again when the sweeper sent it (the cache off), the first answer never
+billed nor kept."""
 
 from __future__ import annotations
 
@@ -31,15 +33,20 @@ async def in_process(
         yield api
 
 
-@pytest.fixture
-def result_write_loses_its_backend(postgres_url: str) -> Iterator[list[int]]:
-    """The first single call's result statement of any engine finds its backend terminated (and
-    gone from ``pg_stat_activity``) just before it runs; yields the pids so ended."""
+# What the statement says, of the single call's claim and of its result's write.
+STATEMENTS = {"claim": "WITH claimed AS MATERIALIZED", "result": "INSERT INTO results"}
+
+
+@pytest.fixture(params=sorted(STATEMENTS))
+def statement_loses_its_backend(request: pytest.FixtureRequest, postgres_url: str) -> Iterator[list[int]]:
+    """The first statement of any engine that says ``STATEMENTS[param]`` finds its backend
+    terminated (and gone from ``pg_stat_activity``) just before it runs; yields the pids so ended."""
     ended: list[int] = []
     dsn = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    marker = STATEMENTS[request.param]
 
     def before(_conn: Any, cursor: Any, statement: str, *_: Any) -> None:
-        if ended or "INSERT INTO results" not in statement or "WITH price AS" not in statement:
+        if ended or marker not in statement:
             return
         pid = cursor.connection.info.backend_pid
         ended.append(pid)
@@ -55,8 +62,8 @@ def result_write_loses_its_backend(postgres_url: str) -> Iterator[list[int]]:
         event.remove(Engine, "before_cursor_execute", before)
 
 
-async def test_a_result_write_whose_connection_died_goes_again_and_the_call_is_paid_once(
-    in_process: InProcess, simulator: SimulatorServer, result_write_loses_its_backend: list[int]
+async def test_a_lane_statement_whose_connection_died_goes_again_and_the_call_is_paid_once(
+    in_process: InProcess, simulator: SimulatorServer, statement_loses_its_backend: list[int]
 ) -> None:
     before = simulator.stats()["completions"]
     # A guard against a hang only: the call answers in well under a second when the write holds.
@@ -68,7 +75,7 @@ async def test_a_result_write_whose_connection_died_goes_again_and_the_call_is_p
         ),
         timeout=45,
     )
-    assert result_write_loses_its_backend, "the result's statement never ran"
+    assert statement_loses_its_backend, "the statement never ran"
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["message"]["content"]
     assert simulator.stats()["completions"] - before == 1

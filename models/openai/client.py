@@ -526,7 +526,8 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
     ) -> AsyncGenerator[str | CreateResult, None]:
         """Yield text chunks, then one ``CreateResult``. Usage is zero unless asked for with
         ``include_usage=True`` or ``extra_create_args={"stream_options": {"include_usage": True}}``.
-        A stream that breaks after it started raises ``StreamInterrupted`` (retryable); the
+        A stream that breaks after it started raises ``StreamInterrupted`` (retryable), unless
+        its finish and its usage (the last chunk) had arrived: then its answer is whole; the
         ``Retry`` of a stream is the caller's, since chunks were already handed out. A 2xx stream
         that arrived but cannot be read (an event whose data is no JSON, or a chunk of the wrong
         shape; no event at all and no ``text/event-stream`` content type; more than
@@ -611,17 +612,20 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                         first_chunk_at = time.perf_counter()
                     yield text
         except _STREAM_ERRORS as e:
-            mapped = self._call_error(e)
-            interrupted = StreamInterrupted(
-                f"stream broke after {accumulator.chunks} chunks: {mapped.message}",
-                provider=self.provider,
-                model=self._model,
-                status_code=mapped.status_code,
-                request_id=request_id,
-                code=mapped.code,
-            )
-            self._emit_stream_end(started, accumulator, interrupted, first_chunk_at=first_chunk_at)
-            raise interrupted from e
+            # Usage is the last chunk a stream sends: a break after it (and the finish) lost the
+            # terminator only, and the whole answer, billed, is kept rather than paid for again.
+            if accumulator.usage_body is None or accumulator.finish_reason is None:
+                mapped = self._call_error(e)
+                interrupted = StreamInterrupted(
+                    f"stream broke after {accumulator.chunks} chunks: {mapped.message}",
+                    provider=self.provider,
+                    model=self._model,
+                    status_code=mapped.status_code,
+                    request_id=request_id,
+                    code=mapped.code,
+                )
+                self._emit_stream_end(started, accumulator, interrupted, first_chunk_at=first_chunk_at)
+                raise interrupted from e
         finally:
             await _close_stream(stream)
         if (

@@ -20,6 +20,7 @@ import pytest
 from openai import DefaultAioHttpClient
 
 from models import (
+    CreateResult,
     InvalidProviderResponse,
     OpenAIChatCompletionClient,
     ProviderTimeout,
@@ -246,3 +247,45 @@ async def test_a_stream_kept_alive_by_comments_ends_at_the_calls_timeout(
     with pytest.raises(StreamInterrupted) as caught:
         await _stream(url, upstream_timeout=1.0)
     assert caught.value.retryable is True
+
+
+class _CutAfterUsage(_HostileStream):
+    def _usage_then_cut(self) -> None:
+        # The whole answer, its finish_reason and its usage (the last chunk OpenAI sends), then the
+        # connection drops before ``data: [DONE]`` and the chunked body's end.
+        self._stream_head()
+        self._send(_event("hello"))
+        self._send(_event("", "stop"))
+        usage = {
+            "id": "chatcmpl-hostile",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": "gpt-4o",
+            "choices": [],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        }
+        self._send(b"data: " + json.dumps(usage).encode() + b"\n\n")
+        self.close_connection = True
+
+
+async def test_a_stream_cut_after_its_usage_is_the_whole_answer_not_an_interruption() -> None:
+    """Its usage is the last chunk a stream sends: what broke after it is the terminator only. It
+    was ``StreamInterrupted`` (retryable): the answer the provider billed thrown away, and paid
+    for again by the retry."""
+    _CutAfterUsage.mode = "usage_then_cut"
+    with serving(_CutAfterUsage) as url:
+        client = OpenAIChatCompletionClient(model="gpt-4o", api_key="sk-hostile", base_url=url)
+        try:
+            items = [
+                item
+                async for item in client.create_stream(
+                    [UserMessage(content="hello", source="user")], include_usage=True
+                )
+            ]
+        finally:
+            await client.close()
+    result = items[-1]
+    assert isinstance(result, CreateResult)
+    assert result.content == "hello"
+    assert result.finish_reason == "stop"
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (3, 1)

@@ -159,6 +159,8 @@ class ChatTransport:
         answered = 200 <= response.status < 300
         if answered and response.content_length is not None and response.content_length > limit:
             raise self._too_large(response)
+        if answered and response.content_length is not None and "Content-Encoding" not in response.headers:
+            return await response.read()  # the usual answer: its length said, and within the bound
         content = bytearray()
         async for piece in response.content.iter_chunked(_READ_PIECE_BYTES):
             content += piece

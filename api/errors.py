@@ -155,6 +155,12 @@ class ServiceUnavailable(APIError):
     default_code = "service_unavailable"
 
 
+class InsufficientStorage(APIError):
+    status_code = 507
+    type = "server_error"
+    default_code = "insufficient_storage"
+
+
 def api_error_response(exc: APIError) -> JSONResponse:
     """The answer to an ``APIError``: its body, its status, ``WWW-Authenticate`` on a 401, the
     work a 5xx is bound to (``BOUND_TO_HEADER``) and, when final, ``x-should-retry: false``."""

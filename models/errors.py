@@ -15,8 +15,9 @@ Exception hierarchy::
     └── InvalidProviderResponse      a 2xx answer that cannot be taken: token usage beyond what
                                      the ledger holds (code ``upstream_usage_invalid``), or a body
                                      that arrived whole but is no JSON object, a stream event
-                                     that is no JSON (``upstream_response_invalid``); it was
-                                     billed; permanent (a body cut short by the connection is
+                                     that is no JSON (``upstream_response_invalid``), a body
+                                     past the client's bound (``upstream_response_too_large``);
+                                     it was billed; permanent (a body cut short by the connection is
                                      ``ProviderUnavailable`` / ``StreamInterrupted``: retryable)
 
 ``retryable`` is a class default that an instance may override; ``RetryPolicy`` only retries

@@ -10,10 +10,11 @@ Fork safety: pooled connections must not cross a fork. In a Celery prefork child
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -25,6 +26,7 @@ from store.log_redaction import install_log_redaction
 __all__ = [
     "IDLE_PING_SECONDS",
     "SQLITE_BUSY_TIMEOUT_MS",
+    "again_if_disconnected",
     "autocommit_connection",
     "dialect_insert",
     "flush_with_next_durable_commit",
@@ -40,6 +42,9 @@ SQLITE_BUSY_TIMEOUT_MS = 60_000
 # A pooled PostgreSQL connection idle this long is pinged before use (``make_engine``).
 IDLE_PING_SECONDS = 1.0
 _CHECKED_IN_AT = "tokenmill_checked_in_at"
+_logger = logging.getLogger(__name__)
+P = ParamSpec("P")
+T = TypeVar("T")
 _WRITE_OPTION = "tokenmill_write"
 
 
@@ -121,6 +126,21 @@ def _ping_connections_idle_since(engine: Engine, seconds: float) -> None:
         if not alive:
             # The pool discards this connection and checks out (or opens) another.
             raise sa.exc.DisconnectionError("a pooled connection idle since its last use is gone")
+
+
+def again_if_disconnected(function: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+    """``function(*args, **kwargs)``, once more if its connection died under it (PostgreSQL
+    restarted, its backend terminated): the disconnect renewed the pool, so the second goes on a
+    fresh connection. A connection handed back a moment ago is not pinged (``make_engine``): for
+    a statement whose failure costs more than a caller's retry (a single call's claim or paid
+    answer), and that is safe to run twice (one that did commit makes the second a no-op)."""
+    try:
+        return function(*args, **kwargs)
+    except sa.exc.DBAPIError as error:
+        if not error.connection_invalidated:
+            raise
+        _logger.warning("a connection died under %s; going again", getattr(function, "__name__", function))
+    return function(*args, **kwargs)
 
 
 def _configure_sqlite(engine: Engine) -> None:

@@ -49,6 +49,7 @@ from store import (
     claim_requests,
     release_requests,
 )
+from store.engine import again_if_disconnected
 from store.interactive import InteractiveOutcome
 from telemetry import tracing
 from telemetry.metrics import observe_recorded
@@ -195,7 +196,9 @@ class LaneConsumer:
             # A plain call's claim need not wait for the disk: its caller hears of it only through
             # the durable commit of its result. A streamed call's must: its first chunk reaches
             # the caller before any result, and this commit makes the request's row durable too.
+            # Once more on a connection that died under it: else its caller waits for the sweeper.
             claimed = await self._ledger(
+                again_if_disconnected,
                 claim_requests,
                 self.engine,
                 [request_id],

@@ -17,6 +17,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
 from store import PaidAnswer, RecordOutcome, RequestStatus, ResultRecord, record_results
+from store.engine import again_if_disconnected
 from store.input_checks import bounded_text
 from store.log_redaction import redacted_error_text
 from store.results import UNRECORDABLE, record_single_call_result
@@ -86,7 +87,16 @@ def record_single_call(engine: Engine, record: ResultRecord) -> tuple[RecordOutc
     """``record_isolating_bad_rows`` for one single call's record (the interactive lane's), in
     one statement when it applies (``store.results.record_single_call_result``); whatever that
     statement leaves to it (a duplicate, a cancelled request, a row the database refuses) goes
-    the general way, which decides as it always did."""
+    the general way, which decides as it always did.
+
+    A write whose connection died under it goes once more (``store.engine.again_if_disconnected``):
+    a call answered within a second wrote on the connection its claim used, unpinged, and its
+    paid answer went back in line to be paid for again. The first writer wins, so a write that
+    did commit before its connection died makes the second a duplicate."""
+    return again_if_disconnected(_record_single_call, engine, record)
+
+
+def _record_single_call(engine: Engine, record: ResultRecord) -> tuple[RecordOutcome, list[str]]:
     try:
         outcome = record_single_call_result(engine, record)
     except Exception as error:

@@ -49,7 +49,7 @@ from api.errors import (
 )
 from api.routes.single_request import json_object_body
 from config import Settings
-from models.openai.results import NON_TEXT_PARTS, RESPONSE_INVALID, USAGE_INVALID
+from models.openai.results import NON_TEXT_PARTS, RESPONSE_INVALID, RESPONSE_TOO_LARGE, USAGE_INVALID
 from store.ids import new_id
 from store.interactive import (
     InteractiveOutcome,
@@ -109,7 +109,9 @@ def _upstream_refused(outcome: InteractiveOutcome) -> UpstreamFailed | None:
 # billing, not load, and not the caller's quota: a 502 naming the provider, as a refusal of
 # tokenmill's credentials is, never the caller's own 429.
 _PROVIDER_OUT_OF_CREDIT = "insufficient_quota"
-_FINAL_FAILURES = frozenset({RESPONSE_INVALID, USAGE_INVALID, UNRECORDABLE, _PROVIDER_OUT_OF_CREDIT})
+_FINAL_FAILURES = frozenset(
+    {RESPONSE_INVALID, RESPONSE_TOO_LARGE, USAGE_INVALID, UNRECORDABLE, _PROVIDER_OUT_OF_CREDIT}
+)
 
 
 def _error_for(outcome: InteractiveOutcome) -> APIError:

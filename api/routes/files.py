@@ -5,6 +5,9 @@ read, so they can be downloaded while the batch is still running (the lines fini
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import logging
 import secrets
 import shutil
 from pathlib import Path
@@ -17,13 +20,14 @@ from starlette.datastructures import UploadFile
 
 import store
 from api.deps import AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
-from api.errors import InvalidRequest, NotFound
+from api.errors import APIError, InsufficientStorage, InvalidRequest, NotFound, ServiceUnavailable
 from store.export import in_chunks
 from store.input_checks import quote_input
 from store.tables import MAX_FILENAME_CHARS
 
 __all__ = ["file_object", "router"]
 
+_logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/files", tags=["files"])
 PURPOSES = ("batch",)
 
@@ -41,15 +45,37 @@ def file_object(file: store.File) -> dict[str, Any]:
     }
 
 
+# What a write that found no room raises: a full disk, a quota, a file size limit.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
 def _save(source: IO[bytes], files_dir: Path, tenant_id: str, file_id: str) -> tuple[Path, int]:
+    """The upload written to its file; an ``APIError`` if the files directory cannot take it, and
+    then no part of it left behind (on a full disk, a half-written file kept its space for good)."""
     destination = files_dir.absolute() / tenant_id / file_id
-    destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.with_suffix(".partial")
-    with partial.open("wb") as out:
-        shutil.copyfileobj(source, out, length=1024 * 1024)
-    size = partial.stat().st_size
-    partial.replace(destination)  # a crash mid-copy never leaves a file that looks complete
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with partial.open("wb") as out:
+            shutil.copyfileobj(source, out, length=1024 * 1024)
+        size = partial.stat().st_size
+        partial.replace(destination)  # a crash mid-copy never leaves a file that looks complete
+    except BaseException as error:
+        with contextlib.suppress(OSError):  # no directory to hold it, no partial file either
+            partial.unlink(missing_ok=True)
+        if not isinstance(error, OSError):
+            raise
+        raise _not_stored(error, "the files directory") from error
     return destination, size
+
+
+def _not_stored(error: OSError, where: str) -> APIError:
+    """The answer to an upload the disk could not take: 507 for no room (it may come back), 503
+    for anything else; the operator's paths stay out of it (the log has them)."""
+    _logger.error("an upload could not be written to %s: %s", where, error)
+    if error.errno in _NO_ROOM:
+        return InsufficientStorage("there is no room to store the file now; try again later")
+    return ServiceUnavailable("the file could not be stored now; try again later")
 
 
 @router.post("")
@@ -57,7 +83,11 @@ async def upload_file(
     request: Request, tenant: TenantDep, engine: EngineDep, settings: SettingsDep
 ) -> dict[str, Any]:
     """Upload a JSONL file (multipart field ``file``) with ``purpose=batch``."""
-    form = await request.form(max_files=1, max_fields=10)
+    try:
+        # The parser spools a large part to a temporary file: the disk can refuse it here first.
+        form = await request.form(max_files=1, max_fields=10)
+    except OSError as error:
+        raise _not_stored(error, "a temporary file") from error
     try:
         upload = form.get("file")
         purpose = form.get("purpose")

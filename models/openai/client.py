@@ -58,6 +58,7 @@ from models.errors import (
     BadRequest,
     InvalidProviderResponse,
     ModelClientError,
+    ProviderTimeout,
     StreamInterrupted,
 )
 from models.events import LLMCall, LLMStreamEnd, LLMStreamStart, emit, event_logger
@@ -65,8 +66,13 @@ from models.openai.errors import from_openai_error
 from models.openai.messages import to_openai_messages, to_openai_tool_choice, to_openai_tools
 from models.openai.model_info import resolve_model_info
 from models.openai.response_format import ResponseFormat, as_response_format, resolve_response_format
-from models.openai.results import StreamAccumulator, result_from_completion, unreadable_answer
-from models.openai.transport import SDK_USER_AGENT, ChatTransport
+from models.openai.results import (
+    StreamAccumulator,
+    oversized_answer,
+    result_from_completion,
+    unreadable_answer,
+)
+from models.openai.transport import MAX_ANSWER_BYTES, SDK_USER_AGENT, ChatTransport
 from models.retry import RetryPolicy
 from models.tokens import estimate_tokens
 from models.types import (
@@ -94,6 +100,10 @@ GEMINI_BASE_URL = "https://generativelanguage.googleapis.com/v1beta/openai/"
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 _CHAT_PATH = "/chat/completions"
 _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (openai.OpenAIError, httpx2.HTTPError, httpx.HTTPError)
+_STREAM_ERRORS: tuple[type[BaseException], ...] = (
+    *_TRANSPORT_ERRORS,
+    TimeoutError,
+)  # TimeoutError: the stream's deadline passed
 _INFO = logging.INFO
 
 # The SDK's own ``AsyncCompletions.create``, as imported. Test suites written for AutoGen's clients
@@ -172,6 +182,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
     """What the OpenAI-protocol clients share; subclasses say how to build the SDK client."""
 
     provider: str = "openai"
+    _timeout: float | None = None  # one call's, the subclass's
 
     def __init__(
         self,
@@ -356,15 +367,30 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
     def _error(self, exc: BaseException) -> ModelClientError:
         return from_openai_error(exc, provider=self.provider, model=self._model)
 
+    def _call_error(self, exc: BaseException) -> ModelClientError:
+        """A transport error, or the call's deadline (``TimeoutError``) passed."""
+        if isinstance(exc, TimeoutError):
+            return ProviderTimeout(
+                f"request timed out: the call ran past its {self._timeout} s",
+                provider=self.provider,
+                model=self._model,
+            )
+        return self._error(exc)
+
     async def _post(self, body: dict[str, Any]) -> tuple[bytes, Mapping[str, str]]:
         """The 2xx answer's body and headers, through the own transport unless an
         ``http_client`` was given (then the SDK's, whose exceptions the caller maps)."""
         transport = self._direct()
         if transport is not None:
             return await transport.post(self._encoded(body))
-        response: httpx2.Response = await self._sdk().post(
-            _CHAT_PATH, cast_to=httpx2.Response, body=body, options=self._options
-        )
+        try:
+            # The SDK's timeout is per read: its deadline for the whole exchange is kept here.
+            async with asyncio.timeout(self._timeout):
+                response: httpx2.Response = await self._sdk().post(
+                    _CHAT_PATH, cast_to=httpx2.Response, body=body, options=self._options
+                )
+        except TimeoutError as e:
+            raise self._call_error(e) from e
         return response.content, response.headers
 
     async def _sdk_create(self, body: Mapping[str, Any]) -> Any:
@@ -500,11 +526,14 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
     ) -> AsyncGenerator[str | CreateResult, None]:
         """Yield text chunks, then one ``CreateResult``. Usage is zero unless asked for with
         ``include_usage=True`` or ``extra_create_args={"stream_options": {"include_usage": True}}``.
-        A stream that breaks after it started raises ``StreamInterrupted`` (retryable); the
+        A stream that breaks after it started raises ``StreamInterrupted`` (retryable), unless
+        its finish and its usage (the last chunk) had arrived: then its answer is whole; the
         ``Retry`` of a stream is the caller's, since chunks were already handed out. A 2xx stream
         that arrived but cannot be read (an event whose data is no JSON, or a chunk of the wrong
-        shape; no event at all and no ``text/event-stream`` content type) raises
-        ``InvalidProviderResponse`` (billed: not retryable)."""
+        shape; no event at all and no ``text/event-stream`` content type; more than
+        ``MAX_ANSWER_BYTES`` of it) raises ``InvalidProviderResponse`` (billed: not retryable). The
+        client's timeout is the whole stream's deadline: past it, ``ProviderTimeout`` before the
+        stream started, ``StreamInterrupted`` after."""
         body = self._build_body(messages, tools, tool_choice, json_output, extra_create_args)
         body["stream"] = True
         if include_usage is not None:
@@ -515,25 +544,31 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
         stream: Any
         request_id: str | None = None
         content_type: str | None = None  # the answer's, when it came over HTTP (not a stub's)
+        response: httpx2.Response | None = None
+        # The timeout is the whole stream's deadline too (the SDK's is per read): keep-alive
+        # comments or a trickle each within it held the call, and its rate-limit lease, unbounded.
+        deadline = None if self._timeout is None else asyncio.get_running_loop().time() + self._timeout
         try:
-            if AsyncCompletions.create is _SDK_CREATE:
-                stream = await _cancellable(
-                    self._sdk().post(
-                        _CHAT_PATH,
-                        cast_to=object,
-                        body=body,
-                        options=self._options,
-                        stream=True,
-                        stream_cls=AsyncStream[object],
-                    ),
-                    cancellation_token,
-                )
-                request_id = stream.response.headers.get("x-request-id")
-                content_type = stream.response.headers.get("content-type", "")
-            else:  # a stub's async iterable of chunks (models, or dicts)
-                stream = await _cancellable(self._sdk_create(body), cancellation_token)
-        except _TRANSPORT_ERRORS as e:
-            error = self._error(e)
+            async with asyncio.timeout_at(deadline):
+                if AsyncCompletions.create is _SDK_CREATE:
+                    stream = await _cancellable(
+                        self._sdk().post(
+                            _CHAT_PATH,
+                            cast_to=object,
+                            body=body,
+                            options=self._options,
+                            stream=True,
+                            stream_cls=AsyncStream[object],
+                        ),
+                        cancellation_token,
+                    )
+                    response = stream.response
+                    request_id = stream.response.headers.get("x-request-id")
+                    content_type = stream.response.headers.get("content-type", "")
+                else:  # a stub's async iterable of chunks (models, or dicts)
+                    stream = await _cancellable(self._sdk_create(body), cancellation_token)
+        except _STREAM_ERRORS as e:
+            error = self._call_error(e)
             self._emit_stream_end(started, None, error)
             raise error from e
         accumulator = StreamAccumulator(self._model)
@@ -542,7 +577,8 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             iterator = stream.__aiter__()
             while True:
                 try:
-                    chunk = await _cancellable(iterator.__anext__(), cancellation_token)
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await _cancellable(iterator.__anext__(), cancellation_token)
                 except StopAsyncIteration:
                     break
                 except ValueError as e:
@@ -554,6 +590,13 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                     )
                     self._emit_stream_end(started, accumulator, invalid, first_chunk_at=first_chunk_at)
                     raise invalid from e
+                if response is not None and response.num_bytes_downloaded > MAX_ANSWER_BYTES:
+                    # Every chunk is held until the result is built: an endless stream is not.
+                    oversized = self._answered_invalid(
+                        oversized_answer(MAX_ANSWER_BYTES), accumulator.response_id or request_id
+                    )
+                    self._emit_stream_end(started, accumulator, oversized, first_chunk_at=first_chunk_at)
+                    raise oversized
                 if not isinstance(chunk, Mapping):
                     if not isinstance(chunk, BaseModel):
                         continue
@@ -568,18 +611,21 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                     if first_chunk_at is None:
                         first_chunk_at = time.perf_counter()
                     yield text
-        except _TRANSPORT_ERRORS as e:
-            mapped = self._error(e)
-            interrupted = StreamInterrupted(
-                f"stream broke after {accumulator.chunks} chunks: {mapped.message}",
-                provider=self.provider,
-                model=self._model,
-                status_code=mapped.status_code,
-                request_id=request_id,
-                code=mapped.code,
-            )
-            self._emit_stream_end(started, accumulator, interrupted, first_chunk_at=first_chunk_at)
-            raise interrupted from e
+        except _STREAM_ERRORS as e:
+            # Usage is the last chunk a stream sends: a break after it (and the finish) lost the
+            # terminator only, and the whole answer, billed, is kept rather than paid for again.
+            if accumulator.usage_body is None or accumulator.finish_reason is None:
+                mapped = self._call_error(e)
+                interrupted = StreamInterrupted(
+                    f"stream broke after {accumulator.chunks} chunks: {mapped.message}",
+                    provider=self.provider,
+                    model=self._model,
+                    status_code=mapped.status_code,
+                    request_id=request_id,
+                    code=mapped.code,
+                )
+                self._emit_stream_end(started, accumulator, interrupted, first_chunk_at=first_chunk_at)
+                raise interrupted from e
         finally:
             await _close_stream(stream)
         if (

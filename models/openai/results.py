@@ -31,9 +31,11 @@ __all__ = [
     "MAX_USAGE_TOKENS",
     "NON_TEXT_PARTS",
     "RESPONSE_INVALID",
+    "RESPONSE_TOO_LARGE",
     "USAGE_INVALID",
     "StreamAccumulator",
     "chat_completion_body",
+    "oversized_answer",
     "result_from_completion",
     "unreadable_answer",
     "usage_from_openai",
@@ -65,11 +67,23 @@ USAGE_INVALID = "upstream_usage_invalid"
 # A 2xx answer (so billed) whose body arrived whole but is no JSON object, or a stream event whose
 # data is no JSON: ``InvalidProviderResponse`` with this code, never asked again.
 RESPONSE_INVALID = "upstream_response_invalid"
+# A 2xx answer (so billed) larger than the client holds (``models.openai.transport``): never asked
+# again, the same upstream would answer the same.
+RESPONSE_TOO_LARGE = "upstream_response_too_large"
 # Content sent as a list of parts (Mistral, some OpenAI-compatible servers): its text parts joined
 # in order are the answer's text, the body served and kept says it as a string (what OpenAI's SDK
 # reads), and the parts that are no text (an image, a reference, a type unknown here) are kept,
 # as sent, under this key of the message: neither dropped nor taken for text.
 NON_TEXT_PARTS = "tokenmill_non_text_parts"
+
+
+def oversized_answer(limit: int) -> InvalidProviderResponse:
+    """The error for a 2xx answer past ``limit`` bytes, code ``RESPONSE_TOO_LARGE``; the caller
+    names its provider, model and the answer's request id."""
+    return InvalidProviderResponse(
+        f"the provider answered 2xx with a body larger than {limit} bytes (billed, so not asked again)",
+        code=RESPONSE_TOO_LARGE,
+    )
 
 
 def unreadable_answer(reason: str) -> InvalidProviderResponse:

@@ -10,14 +10,20 @@ exception exactly as it maps what the SDK raised for the same event.
 What the SDK's aiohttp transport did is kept: the proxy from the environment, chosen for the
 client's URL by ``httpx2``'s own rules (``HTTP_PROXY``, ``HTTPS_PROXY``, ``ALL_PROXY`` in either
 case, ``NO_PROXY`` with its domain, IP and CIDR forms; ``environment_proxy``), the SDK's trust store
-(``httpx2``'s SSL context),
-its timeout read as connect, pool and per-read limits (not a total: a long answer that keeps
-arriving is not cut), its pool size, redirects followed, and its ``User-Agent``. The SDK's own
-``X-Stainless-*`` telemetry headers (OS, arch, runtime, retry count) are not sent. The session is
-the client's, one per event loop (an aiohttp session must not cross loops); cancelling the awaiting
-task aborts the request. The proxy for the client's one URL is read from the environment once,
-when the transport is made, not per request: aiohttp's ``trust_env`` reads the proxy variables and
-``~/.netrc`` on every request, in a thread (13% of a worker's busy time, py-spy). A proxy that is
+(``httpx2``'s SSL context), its timeout read as connect, pool and per-read limits, its pool size,
+redirects followed, and its ``User-Agent``. The SDK's own ``X-Stainless-*`` telemetry headers (OS,
+arch, runtime, retry count) are not sent. The session is the client's, one per event loop (an
+aiohttp session must not cross loops); cancelling the awaiting task aborts the request. The proxy
+for the client's one URL is read from the environment once, when the transport is made, not per
+request: aiohttp's ``trust_env`` reads the proxy variables and ``~/.netrc`` on every request, in a
+thread (13% of a worker's busy time, py-spy).
+
+Unlike the SDK, the timeout is also the whole exchange's deadline, and an answer is read up to
+``MAX_ANSWER_BYTES`` (after its content encoding is undone): an upstream that trickled its headers
+or body a byte a second held the call (and the rate limiter's lease, which assumes a call ends
+within the timeout) for as long as it liked, and one that sent an endless body, or a gzip bomb,
+was read whole into the worker's memory. A 2xx past the bound is ``InvalidProviderResponse`` with
+code ``RESPONSE_TOO_LARGE`` (billed: not asked again). A proxy that is
 not ``http://`` (an ``https://`` one needs TLS to the proxy, which aiohttp's proxy support does
 not give; ``socks5://``) is one this transport cannot carry: ``carries_its_proxy`` is then False
 and the client sends through the SDK instead.
@@ -35,15 +41,20 @@ from httpx2._utils import URLPattern, get_environment_proxies
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from models.errors import ModelClientError
+from models.errors import InvalidProviderResponse, ModelClientError
 from models.openai.errors import from_aiohttp_error, from_status
+from models.openai.results import oversized_answer
 
-__all__ = ["SDK_USER_AGENT", "ChatTransport", "UpstreamStatus", "environment_proxy"]
+__all__ = ["MAX_ANSWER_BYTES", "SDK_USER_AGENT", "ChatTransport", "UpstreamStatus", "environment_proxy"]
 
 # What the SDK sent, so that an upstream's logs and allow-lists see the same client.
 SDK_USER_AGENT = f"AsyncOpenAI/Python {openai.__version__}"
 _POOL_SIZE = 1000  # the SDK's DEFAULT_CONNECTION_LIMITS.max_connections
 _KEEPALIVE_SECONDS = 5.0  # httpx2's keepalive_expiry, which the SDK kept
+# The most of one answer held in memory, decoded: far above any completion's body (128k tokens
+# with top-20 logprobs is under 200 MB only for n > 1; a plain 128k-token answer is under 1 MB).
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+_READ_PIECE_BYTES = 256 * 1024
 
 HeaderSource = Callable[[], Awaitable[Mapping[str, str]]]
 
@@ -80,6 +91,8 @@ class ChatTransport:
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=timeout, sock_connect=timeout, sock_read=timeout
         )
+        self._deadline_seconds = timeout
+        self.max_answer_bytes = MAX_ANSWER_BYTES
         self._provider = provider
         self._model = model
         self._extra_headers = extra_headers
@@ -116,12 +129,19 @@ class ChatTransport:
         if self._extra_headers is not None:
             headers = {**headers, **await self._extra_headers()}
         try:
-            async with session.post(
-                self._url, data=body, headers=headers, proxy=self.proxy_url, proxy_headers=self._proxy_headers
-            ) as response:
-                content = await response.read()
+            async with (
+                asyncio.timeout(self._deadline_seconds),
+                session.post(
+                    self._url,
+                    data=body,
+                    headers=headers,
+                    proxy=self.proxy_url,
+                    proxy_headers=self._proxy_headers,
+                ) as response,
+            ):
                 status = response.status
                 answer_headers = response.headers
+                content = await self._read_bounded(response)
         except (aiohttp.ClientError, OSError, TimeoutError) as e:
             raise from_aiohttp_error(e, provider=self._provider, model=self._model) from e
         if not 200 <= status < 300:
@@ -130,6 +150,38 @@ class ChatTransport:
             )
             raise error from UpstreamStatus(status, error.request_id)
         return content, answer_headers
+
+    async def _read_bounded(self, response: aiohttp.ClientResponse) -> bytes:
+        """The answer's decoded body, read a piece at a time. Past ``max_answer_bytes`` the
+        connection is dropped (what is left is never read): a 2xx raises
+        ``InvalidProviderResponse``, an error status keeps the bound's worth to be mapped."""
+        limit = self.max_answer_bytes
+        answered = 200 <= response.status < 300
+        if answered and response.content_length is not None and response.content_length > limit:
+            raise self._too_large(response)
+        if answered and response.content_length is not None and "Content-Encoding" not in response.headers:
+            return await response.read()  # the usual answer: its length said, and within the bound
+        content = bytearray()
+        async for piece in response.content.iter_chunked(_READ_PIECE_BYTES):
+            content += piece
+            if len(content) > limit:
+                if answered:
+                    raise self._too_large(response)
+                response.close()
+                del content[limit:]
+                break
+        return bytes(content)
+
+    def _too_large(self, response: aiohttp.ClientResponse) -> InvalidProviderResponse:
+        response.close()  # what is left of the body is never read
+        oversized = oversized_answer(self.max_answer_bytes)
+        return InvalidProviderResponse(
+            oversized.message,
+            provider=self._provider,
+            model=self._model,
+            request_id=response.headers.get("x-request-id"),
+            code=oversized.code,
+        )
 
     async def close(self) -> None:
         """Close this loop's session (one made on another loop cannot be closed from here; its

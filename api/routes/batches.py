@@ -86,7 +86,8 @@ class BatchCreate(BaseModel):
 
     input_file_id: str = Field(pattern=ID_PATTERN)
     endpoint: str = Field(max_length=100)
-    completion_window: str = Field(default="24h", max_length=16)
+    # OpenAI's only window (the SDK's ``Literal["24h"]``); anything else is 400 naming the param.
+    completion_window: Literal["24h"] = "24h"
     metadata: dict[str, str] | None = None
     output_expires_after: OutputExpiresAfter | None = None  # the openai SDK's own argument
     # tokenmill extensions

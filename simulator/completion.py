@@ -373,7 +373,10 @@ IMAGE_PART: dict[str, Any] = {
 def content_parts(text: str, mode: str, *, last: bool = True, first: bool = True) -> list[dict[str, Any]]:
     """``text`` as a list of content parts (``[[content_parts MODE]]``): cut after each space, in
     at most three parts; "image" puts ``IMAGE_PART`` after the first text part (of the ``first``
-    piece), "bad" makes the ``last`` piece's last part's ``text`` a number."""
+    piece), "bad" makes the ``last`` piece's last part's ``text`` a number, "empty" is no part at all
+    (``content: []``: a provider that answered nothing, in parts)."""
+    if mode == "empty":
+        return []
     words = text.split(" ")
     cut = max(1, -(-len(words) // 3))
     pieces = [" ".join(words[i : i + cut]) for i in range(0, len(words), cut)]

@@ -437,7 +437,9 @@ class _ChunkWriter:
             index = choice.get("index", 0)
             content = message.get("content")
             delta: dict[str, Any] = {} if self.started else {"role": "assistant"}
-            if index == 0 and isinstance(content, str) and content != self.sent_text:
+            if index == 0 and isinstance(content, str) and (content != self.sent_text or not self.started):
+                # An empty answer is said too, as OpenAI's stream says it first (``content: ""``):
+                # clients add the deltas up to the string a plain call's body holds.
                 delta["content"] = content.removeprefix(self.sent_text)
             elif index != 0:
                 delta = {"role": "assistant", "content": content}

@@ -184,8 +184,11 @@ def parse_request(body: Any) -> ChatRequest:
     )
 
 
-def build_reply(request: ChatRequest, *, reply_words: int | None = None) -> Reply:
-    """The deterministic reply to ``request`` (faults and latency are the server's business, not this)."""
+def build_reply(
+    request: ChatRequest, *, reply_words: int | None = None, answered_model_suffix: str = ""
+) -> Reply:
+    """The deterministic reply to ``request`` (faults and latency are the server's business, not
+    this); the model it names is the one asked for, ``answered_model_suffix`` added."""
     directives = request.directives
     calls = _tool_calls_due(request)
     choices: list[Choice] = []
@@ -207,7 +210,7 @@ def build_reply(request: ChatRequest, *, reply_words: int | None = None) -> Repl
     return Reply(
         id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
-        model=request.model,
+        model=request.model + answered_model_suffix,
         system_fingerprint="fp_" + hashlib.sha256(request.model.encode()).hexdigest()[:10],
         choices=choices,
         prompt_tokens=request.prompt_tokens,

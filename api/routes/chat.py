@@ -428,8 +428,10 @@ class _ChunkWriter:
     def end(self, outcome: InteractiveOutcome) -> list[bytes]:
         """The last events of a call that succeeded; the text the ledger holds beyond what was
         relayed (a call run elsewhere, whose chunks never came) is sent first."""
+        # Every chunk of a stream names one model, as OpenAI's do: the one asked for, which the
+        # relayed chunks named before the answer named its own (kept in its body, and a plain
+        # call's). The end chunks used to name the answer's.
         completion = outcome.body or {}
-        self.base["model"] = completion.get("model") or self.base["model"]
         events: list[bytes] = []
         choices = completion.get("choices") or [{}]
         for choice in choices:

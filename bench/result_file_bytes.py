@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import time
 import uuid
+from collections.abc import Callable
+from typing import TypeVar
 
 import sqlalchemy as sa
 
@@ -24,9 +26,11 @@ import store
 from bench.query_plans import PG_ADMIN_URL
 from store.export import file_bytes
 
-_ANSWER = """json_build_object('id', 'chatcmpl-' || g, 'object', 'chat.completion', 'created', 1764633600,
+_ANSWER = """json_build_object('id', 'chatcmpl-' || g, 'object', 'chat.completion',
+    'created', 1764633600,
     'model', 'gpt-4o-mini-2024-07-18', 'choices', json_build_array(json_build_object('index', 0,
-      'message', json_build_object('role', 'assistant', 'content', 'answer ' || g || ' ' || repeat('word ', 80),
+      'message', json_build_object('role', 'assistant',
+        'content', 'answer ' || g || ' ' || repeat('word ', 80),
         'refusal', null), 'logprobs', null, 'finish_reason', 'stop')),
     'usage', json_build_object('prompt_tokens', 12, 'completion_tokens', 30, 'total_tokens', 42),
     'system_fingerprint', 'fp_f7f3f8f6fb')"""
@@ -39,7 +43,9 @@ def fill(engine: sa.Engine, lines: int) -> tuple[str, str]:
     now = int(time.time())
     with engine.begin() as conn:
         conn.execute(sa.text("SET session_replication_role = replica"))
-        conn.execute(sa.text("INSERT INTO tenants (id, name, created_at) VALUES ('t', 't', :now)"), {"now": now})
+        conn.execute(
+            sa.text("INSERT INTO tenants (id, name, created_at) VALUES ('t', 't', :now)"), {"now": now}
+        )
         conn.execute(
             sa.text(
                 "INSERT INTO batches (id, tenant_id, endpoint, kind, completion_window, status, "
@@ -91,15 +97,20 @@ def fill(engine: sa.Engine, lines: int) -> tuple[str, str]:
     return batch_id, output_id
 
 
-def timed(what: str, call: object) -> object:
+T = TypeVar("T")
+
+
+def timed(what: str, call: Callable[[], T]) -> T:
     started = time.perf_counter()
-    value = call()  # type: ignore[operator]
-    print(f"{what:<48} {time.perf_counter() - started:8.2f} s")
+    value = call()
+    print(f"{what:<52} {time.perf_counter() - started:8.2f} s")
     return value
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--lines", type=int, default=1_000_000)
     args = parser.parse_args()
     admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
@@ -109,8 +120,10 @@ def main() -> None:
     engine = store.make_engine(sa.make_url(PG_ADMIN_URL).set(database=name))
     try:
         store.upgrade_to_head(engine)
-        batch_id, output_id = timed(f"fill {args.lines:,} lines", lambda: fill(engine, args.lines))  # type: ignore[misc]
-        measured = timed("measure (file_bytes)", lambda: file_bytes(engine, batch_id, store.FileKind.BATCH_OUTPUT))
+        batch_id, output_id = timed(f"fill {args.lines:,} lines", lambda: fill(engine, args.lines))
+        measured = timed(
+            "measure (file_bytes)", lambda: file_bytes(engine, batch_id, store.FileKind.BATCH_OUTPUT)
+        )
         content = timed(
             "read the content (iter_output_lines)",
             lambda: sum(len(line) for line in store.iter_output_lines(engine, batch_id)),

@@ -158,10 +158,75 @@ def iter_error_lines(engine: Engine, batch_id: str) -> Iterator[bytes]:
     return _lines(engine, _error_query(batch_id, _BODY_TEXT), _error_line)
 
 
+def _plain(column: sa.ColumnElement[Any] | Any) -> sa.ColumnElement[bool]:
+    """``column``'s text is printable ASCII with no quote nor backslash: ``json.dumps`` writes it
+    as it is, between two quotes (PostgreSQL only)."""
+    return sa.and_(
+        column.op("~")("^[ -~]*$"), sa.func.strpos(column, '"') == 0, sa.func.strpos(column, "\\") == 0
+    )
+
+
+class _Template(NamedTuple):
+    """An output line's row of empty strings (and the shortest other values)."""
+
+    id: str = ""
+    custom_id: str = ""
+    status_code: int = 1
+    upstream_request_id: str = "x"
+
+
+# An output line's length but for its strings, status code and body (the template's "1" and "x").
+_OUTPUT_LINE_FRAME = len("".join(_output_line(_Template())[::2])) - len("1") - len("x")
+
+
+def _output_bytes(engine: Engine, batch_id: str) -> int:
+    """The output file's size: in SQL for the lines whose every string ``json.dumps`` writes as
+    is (the usual line), the line function's for the rest. bench.result_file_bytes, a 2-core
+    machine under load 10-15: 100k lines of 950 bytes took 2.6 s a line at a time, 0.5 s this
+    way; a million lines (957 MB) 5.6-7.0 s, where reading the content took 81 s."""
+    body = _body_bytes(engine)
+    if not is_postgresql(engine):
+        return _bytes(engine, _output_query(batch_id, body), _output_line)
+    plain = sa.and_(
+        Result.status_code.is_not(None),
+        Result.status_code != 0,
+        Result.upstream_request_id.is_not(None),
+        Result.upstream_request_id != "",
+        body.is_not(None),
+        _plain(Request.id),
+        _plain(Request.custom_id),
+        _plain(Result.upstream_request_id),
+    )
+    lengths = (
+        sa.func.length(Request.id)
+        + sa.func.length(Request.custom_id)
+        + sa.func.length(Result.upstream_request_id)
+        + sa.func.length(sa.cast(Result.status_code, sa.Text))
+        + body
+        + _OUTPUT_LINE_FRAME
+    )
+    summed = (
+        sa.select(
+            sa.func.coalesce(sa.func.sum(lengths).filter(plain), 0).label("plain_bytes"),
+            sa.func.count().filter(sa.not_(plain)).label("others"),
+        )
+        .select_from(Request)
+        .join(Result, Result.request_id == Request.id)
+        .where(Request.batch_id == batch_id, Result.status == RequestStatus.SUCCEEDED)
+    )
+    with engine.connect() as conn:
+        plain_bytes, others = conn.execute(summed).one()
+    if not others:
+        return int(plain_bytes)
+    return int(plain_bytes) + _bytes(
+        engine, _output_query(batch_id, body).where(sa.not_(plain)), _output_line
+    )
+
+
 def file_bytes(engine: Engine, batch_id: str, kind: FileKind) -> int:
     """The size of a batch's output (or error) file as its lines read now, in bytes."""
     if kind == FileKind.BATCH_OUTPUT:
-        return _bytes(engine, _output_query(batch_id, _body_bytes(engine)), _output_line)
+        return _output_bytes(engine, batch_id)
     return _bytes(engine, _error_query(batch_id, _body_bytes(engine)), _error_line)
 
 

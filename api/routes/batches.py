@@ -150,7 +150,7 @@ def _prepare(
         store.check_tenant_quotas(engine, tenant.id, new_requests=1, new_tokens=1)
     except store.QuotaExceeded as e:
         raise over_quota(e) from e
-    in_background = file.bytes > settings.background_ingest_bytes
+    in_background = (file.bytes or 0) > settings.background_ingest_bytes  # an upload's is always set
     if in_background:
         limit = settings.max_validating_batches_per_tenant
         try:

@@ -111,8 +111,9 @@ def test_a_result_files_size_is_kept_once_its_batch_can_change_no_more(
     engine: Engine, ingest: IngestFn
 ) -> None:
     """An expired batch's request still running may answer after the batch's files exist: the
-    size is measured at each read until it has, then kept; always what the content adds up to."""
-    batch = ingest([*(chat_line(f"ü-{i}") for i in range(2)), chat_line("✓")], now=1000)
+    size is measured at each read until it has, then kept; always what the content adds up to
+    (lines whose strings JSON writes as they are, and lines with others, or with no body)."""
+    batch = ingest([chat_line("plain-0"), chat_line("ü-1"), chat_line('"✓"')], now=1000)
     ids = store.pending_request_ids(engine, batch.batch_id)
     store.record_results(
         engine, [store.ResultRecord(ids[0], store.RequestStatus.SUCCEEDED, {"text": 'é\n"'})]
@@ -120,7 +121,9 @@ def test_a_result_files_size_is_kept_once_its_batch_can_change_no_more(
     assert store.claim_requests(engine, ids[1:2], "w1", 10**9) != []
     assert store.expire_batches(engine, now=1000 + 25 * 3600) == [batch.batch_id]
     expired = store.get_batch(engine, batch.batch_id)
-    assert expired is not None and expired.output_file_id and expired.error_file_id
+    assert expired is not None
+    assert expired.output_file_id
+    assert expired.error_file_id
     output = expired.output_file_id
     assert _file_bytes(engine, output) == (
         None,

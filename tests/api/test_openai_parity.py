@@ -152,3 +152,28 @@ def test_an_empty_list_of_content_parts_is_the_same_empty_answer_plain_streamed_
                     with sdk.chat.completions.stream(**ask(prompt)) as stream:
                         content = stream.get_final_completion().choices[0].message.content
                 assert content == "", (prompt, call)
+
+
+def test_a_cache_hit_is_a_completion_of_its_own_id_and_a_replay_is_the_same(lane: Lane) -> None:  # noqa: F811
+    """Every completion OpenAI answers has an ``id`` of its own; a replay of the same call
+    (``Idempotency-Key``) is that call's answer again, id included. A plain cache hit used to
+    answer the ``id`` (and body) of the call that paid: two calls, one completion id."""
+    lane.cluster.worker("w1")
+    with lane.sdk as sdk:
+        paid = sdk.chat.completions.with_raw_response.create(**ask("who am i"))
+        hit = sdk.chat.completions.with_raw_response.create(**ask("who am i"))
+    assert (paid.headers["tokenmill-cache"], hit.headers["tokenmill-cache"]) == ("miss", "hit")
+    assert hit.parse().id.startswith("chatcmpl-")
+    assert hit.parse().id != paid.parse().id
+    assert hit.parse().choices[0].message.content == paid.parse().choices[0].message.content
+    replayed = [
+        httpx.post(
+            f"{lane.root}/v1/chat/completions",
+            headers={**lane.headers, "Idempotency-Key": "who-am-i"},
+            json=ask("who am i"),
+            timeout=120,
+        ).json()["id"]
+        for _ in range(2)
+    ]
+    assert replayed[0] == replayed[1]
+    assert replayed[0] not in (paid.parse().id, hit.parse().id)

@@ -61,7 +61,8 @@ Directives, read from the last user message only (``[[...]]`` with another word 
                                     ``delta.content`` with text is such a list). ``[[content_parts
                                     image]]`` puts an ``image_url`` part after the first text part;
                                     ``[[content_parts bad]]`` makes the last text part's ``text`` a
-                                    number (the wrong shape). Counted as any answer.
+                                    number (the wrong shape); ``[[content_parts empty]]`` sends
+                                    ``content: []`` (no part at all). Counted as any answer.
     ``times=N``                     on status, context_length, delay, break_stream, garbage: the fault
                                     hits only the first N times this same request arrives (``[[status
                                     500 times=2]]`` fails twice, then answers), to script

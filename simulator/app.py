@@ -220,7 +220,9 @@ class SimulatorApp:
             raise _context_length_error(limit or 128_000, request.prompt_tokens)
         await self._draw_faults(config, arrival)
         delay_ms = config.latency_ms + config.latency_jitter_ms * self.faults.random()
-        reply = build_reply(request, reply_words=config.reply_words)
+        reply = build_reply(
+            request, reply_words=config.reply_words, answered_model_suffix=config.answered_model_suffix
+        )
         if not request.stream:
             delay_ms += config.latency_per_token_ms * reply.completion_tokens
         if delay_ms > 0:

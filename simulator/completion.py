@@ -194,8 +194,11 @@ def parse_request(body: Any) -> ChatRequest:
     )
 
 
-def build_reply(request: ChatRequest, *, reply_words: int | None = None) -> Reply:
-    """The deterministic reply to ``request`` (faults and latency are the server's business, not this)."""
+def build_reply(
+    request: ChatRequest, *, reply_words: int | None = None, answered_model_suffix: str = ""
+) -> Reply:
+    """The deterministic reply to ``request`` (faults and latency are the server's business, not
+    this); the model it names is the one asked for, ``answered_model_suffix`` added."""
     directives = request.directives
     calls = _tool_calls_due(request)
     choices: list[Choice] = []
@@ -217,7 +220,7 @@ def build_reply(request: ChatRequest, *, reply_words: int | None = None) -> Repl
     return Reply(
         id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
-        model=request.model,
+        model=request.model + answered_model_suffix,
         system_fingerprint="fp_" + hashlib.sha256(request.model.encode()).hexdigest()[:10],
         choices=choices,
         prompt_tokens=request.prompt_tokens,
@@ -405,7 +408,10 @@ IMAGE_PART: dict[str, Any] = {
 def content_parts(text: str, mode: str, *, last: bool = True, first: bool = True) -> list[dict[str, Any]]:
     """``text`` as a list of content parts (``[[content_parts MODE]]``): cut after each space, in
     at most three parts; "image" puts ``IMAGE_PART`` after the first text part (of the ``first``
-    piece), "bad" makes the ``last`` piece's last part's ``text`` a number."""
+    piece), "bad" makes the ``last`` piece's last part's ``text`` a number, "empty" is no part at all
+    (``content: []``: a provider that answered nothing, in parts)."""
+    if mode == "empty":
+        return []
     words = text.split(" ")
     cut = max(1, -(-len(words) // 3))
     pieces = [" ".join(words[i : i + cut]) for i in range(0, len(words), cut)]

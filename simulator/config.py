@@ -50,6 +50,11 @@ class SimConfig(BaseModel):
         None, ge=1, description="Prompts above it get context_length_exceeded."
     )
     reply_words: int | None = Field(None, ge=1, description="Words per generated reply (null: 8-40 by hash).")
+    answered_model_suffix: str = Field(
+        "",
+        max_length=64,
+        description="Added to the model an answer names, as OpenAI answers gpt-4o-mini as a snapshot.",
+    )
 
     @classmethod
     def parse(cls, values: Mapping[str, Any]) -> SimConfig:

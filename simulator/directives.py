@@ -69,7 +69,8 @@ class Directives:
     garbage: bool = False
     garbage_shape: bool = False  # ``[[garbage shape]]``: whole JSON of the wrong shape
     # ``[[content_parts]]``: the text as a list of content parts; "image" adds a part that is no
-    # text, "bad" makes a part's ``text`` a number (None: the text is a plain string).
+    # text, "bad" makes a part's ``text`` a number, "empty" sends an empty list (None: the text is
+    # a plain string).
     content_parts: str | None = None
     # Faults given ``times=N`` (by keyword: status, context_length, delay, break_stream, garbage) hit
     # only the first N times the same request is seen; the rest always.
@@ -142,8 +143,8 @@ def parse_directives(text: str) -> Directives:
             found.garbage = True
             found.garbage_shape = args == ["shape"]
         elif keyword == "content_parts":
-            if args not in ([], ["image"], ["bad"]):
-                raise _invalid(whole, "expects nothing, 'image' or 'bad'")
+            if args not in ([], ["image"], ["bad"], ["empty"]):
+                raise _invalid(whole, "expects nothing, 'image', 'bad' or 'empty'")
             found.content_parts = args[0] if args else "text"
         elif keyword == "status":
             if len(args) != 1:

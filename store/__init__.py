@@ -70,6 +70,7 @@ Output and usage::
 
     iter_output_lines(engine, batch_id) -> Iterator[bytes]   # OpenAI output JSONL, line order
     iter_error_lines(engine, batch_id) -> Iterator[bytes]
+    with_bytes(engine, files) -> files                       # output/error files' sizes measured
     batch_file_ids(batch_id) -> tuple[str, str]              # (output_file_id, error_file_id)
     usage_report(engine, tenant_id=None, group_by=("model", "day"), since=None, until=None,
                  batch_id=None) -> list[UsageRow]
@@ -159,7 +160,7 @@ if TYPE_CHECKING:
         SchemaBehind,
         StoreError,
     )
-    from store.export import iter_error_lines, iter_output_lines
+    from store.export import iter_error_lines, iter_output_lines, with_bytes
     from store.files import create_file, delete_file, get_file, list_files
     from store.idempotency import (
         IdempotencyClaim,
@@ -327,6 +328,7 @@ else:
         "StoreError": "store.errors",
         "iter_error_lines": "store.export",
         "iter_output_lines": "store.export",
+        "with_bytes": "store.export",
         "create_file": "store.files",
         "delete_file": "store.files",
         "get_file": "store.files",
@@ -580,4 +582,5 @@ __all__ = [
     "upgrade_to_head",
     "usage_report",
     "webhook_secret",
+    "with_bytes",
 ]

@@ -181,7 +181,7 @@ def _insert_result_files(conn: Connection, batches: Sequence[tuple[str, str]], n
                     "tenant_id": tenant_id,
                     "filename": f"{batch_id}_{name}.jsonl",
                     "purpose": purpose,
-                    "bytes": 0,
+                    "bytes": None,  # measured when first read (store.export.with_bytes)
                     "created_at": now,
                     "status": "processed",
                     "kind": kind,

@@ -197,7 +197,8 @@ class File(Base):
     tenant_id: Mapped[str] = mapped_column(sa.ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     filename: Mapped[str] = mapped_column(sa.String(MAX_FILENAME_CHARS))
     purpose: Mapped[str] = mapped_column(sa.String(32))
-    bytes: Mapped[int] = mapped_column(sa.BigInteger)
+    # A batch output / error file's is None until first measured (``store.export.with_bytes``).
+    bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
     created_at: Mapped[int] = mapped_column(sa.BigInteger)
     status: Mapped[str] = mapped_column(sa.String(32))
     kind: Mapped[FileKind] = mapped_column(_str_enum(FileKind))

@@ -226,8 +226,11 @@ def record_of_call(request_id: str, model: str, call: CallResult) -> ResultRecor
     if result.cached:
         # The body is the provider's answer as first served, usage included; say that this copy
         # came from the cache and billed nothing, so nobody summing output lines counts it again.
+        # It is a completion of its own, as each of OpenAI's is: its own id (the paid answer's
+        # stays its upstream_request_id), which a client may key on.
         body = {
             **body,
+            "id": f"chatcmpl-{request_id}",
             "tokenmill": {"cached": True, "billed_usage": {"prompt_tokens": 0, "completion_tokens": 0}},
         }
     return ResultRecord(

@@ -89,7 +89,8 @@ class BatchCreate(BaseModel):
 
     input_file_id: str = Field(pattern=ID_PATTERN)
     endpoint: str = Field(max_length=100)
-    completion_window: str = Field(default="24h", max_length=16)
+    # OpenAI's only window (the SDK's ``Literal["24h"]``); anything else is 400 naming the param.
+    completion_window: Literal["24h"] = "24h"
     metadata: dict[str, str] | None = None
     output_expires_after: OutputExpiresAfter | None = None  # the openai SDK's own argument
     # tokenmill extensions
@@ -177,9 +178,9 @@ def _prepare(
         store.check_tenant_quotas(engine, tenant.id, new_requests=1, new_tokens=1)
     except store.QuotaExceeded as e:
         raise over_quota(e) from e
-    in_background = file.bytes > settings.background_ingest_bytes or _more_lines_than(
+    in_background = (file.bytes or 0) > settings.background_ingest_bytes or _more_lines_than(
         path, INLINE_INGEST_MAX_LINES
-    )
+    )  # an upload's bytes are always set
     if in_background:
         limit = settings.max_validating_batches_per_tenant
         try:

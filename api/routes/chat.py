@@ -445,8 +445,10 @@ class _ChunkWriter:
     def end(self, outcome: InteractiveOutcome) -> list[bytes]:
         """The last events of a call that succeeded; the text the ledger holds beyond what was
         relayed (a call run elsewhere, whose chunks never came) is sent first."""
+        # Every chunk of a stream names one model, as OpenAI's do: the one asked for, which the
+        # relayed chunks named before the answer named its own (kept in its body, and a plain
+        # call's). The end chunks used to name the answer's.
         completion = outcome.body or {}
-        self.base["model"] = completion.get("model") or self.base["model"]
         events: list[bytes] = []
         choices = completion.get("choices") or [{}]
         for choice in choices:
@@ -454,7 +456,9 @@ class _ChunkWriter:
             index = choice.get("index", 0)
             content = message.get("content")
             delta: dict[str, Any] = {} if self.started else {"role": "assistant"}
-            if index == 0 and isinstance(content, str) and content != self.sent_text:
+            if index == 0 and isinstance(content, str) and (content != self.sent_text or not self.started):
+                # An empty answer is said too, as OpenAI's stream says it first (``content: ""``):
+                # clients add the deltas up to the string a plain call's body holds.
                 delta["content"] = content.removeprefix(self.sent_text)
             elif index != 0:
                 delta = {"role": "assistant", "content": content}

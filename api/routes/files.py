@@ -33,6 +33,8 @@ PURPOSES = ("batch",)
 
 
 def file_object(file: store.File) -> dict[str, Any]:
+    """The file as OpenAI's file object; a batch output / error file's ``bytes`` as measured by
+    ``store.with_bytes``."""
     return {
         "id": file.id,
         "object": "file",
@@ -137,7 +139,7 @@ def list_files(
     page = files[:limit]
     return {
         "object": "list",
-        "data": [file_object(file) for file in page],
+        "data": [file_object(file) for file in store.with_bytes(engine, page)],
         "first_id": page[0].id if page else None,
         "last_id": page[-1].id if page else None,
         "has_more": len(files) > limit,
@@ -146,7 +148,8 @@ def list_files(
 
 @router.get("/{file_id}")
 def retrieve_file(file_id: ObjectId, tenant: TenantDep, engine: EngineDep) -> dict[str, Any]:
-    return file_object(_tenant_file(engine, tenant, file_id))
+    [file] = store.with_bytes(engine, [_tenant_file(engine, tenant, file_id)])
+    return file_object(file)
 
 
 @router.get("/{file_id}/content", response_model=None)

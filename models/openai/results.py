@@ -530,6 +530,8 @@ class _ChoiceFold:
     logprobs: list[Any] = field(default_factory=list)  # as sent (the raw body's)
     checked_logprobs: list[ChatCompletionTokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    # A delta said a content (a string, "" too, or a list of parts): the answer's is a string.
+    said_content: bool = False
 
     def add(self, choice: Mapping[str, Any], where: str) -> str | None:
         """Fold one chunk's ``choice`` in; its text delta, if any. Raises ``_WrongShape``."""
@@ -557,6 +559,8 @@ class _ChoiceFold:
                 raise _wrong(f"{where}.delta.refusal", refusal, "a string")
             self.refusal.append(refusal)
         content = delta.get("content")
+        if content is not None:
+            self.said_content = True
         if isinstance(content, list):
             parts = _ContentParts()
             parts.read(content, f"{where}.delta.content")
@@ -577,7 +581,14 @@ class _ChoiceFold:
 
     def raw_choice(self, index: int) -> dict[str, Any]:
         """This choice in the ``chat.completion`` body the stream adds up to."""
-        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.text) or None}
+        # As a plain call's body says it: text, "" for an answer of none (OpenAI streams its
+        # ``content: ""`` first; parts, ``[]`` too, read as ""), null when content never came
+        # (tool calls, a refusal).
+        said = self.said_content and not self.calls and not self.refusal
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": "".join(self.text) or ("" if said else None),
+        }
         if self.refusal:
             message["refusal"] = "".join(self.refusal)
         if self.reasoning:

@@ -54,7 +54,8 @@ def test_content_parts() -> None:
     assert parse_directives("hello [[content_parts]]").content_parts == "text"
     assert parse_directives("[[content_parts image]]").content_parts == "image"
     assert parse_directives("[[content_parts bad]]").content_parts == "bad"
-    with pytest.raises(ApiError, match="expects nothing, 'image' or 'bad'"):
+    assert parse_directives("[[content_parts empty]]").content_parts == "empty"
+    with pytest.raises(ApiError, match="expects nothing, 'image', 'bad' or 'empty'"):
         parse_directives("[[content_parts audio]]")
 
 

@@ -8,7 +8,7 @@ from sqlalchemy.engine import Engine
 
 import store
 from models.types import RequestUsage
-from tests.store.conftest import IngestFn
+from tests.store.conftest import IngestFn, chat_line
 
 
 def test_output_and_error_files_in_openai_format_and_line_order(engine: Engine, ingest: IngestFn) -> None:
@@ -95,3 +95,45 @@ def test_cancelled_requests_are_in_neither_file(engine: Engine, ingest: IngestFn
     store.cancel_batch(engine, batch.batch_id)
     assert list(store.iter_error_lines(engine, batch.batch_id)) == []
     assert list(store.iter_output_lines(engine, batch.batch_id)) == []
+
+
+def _file_bytes(engine: Engine, file_id: str) -> tuple[int | None, int]:
+    """(the size kept in the file's row, the size measured by ``with_bytes``)."""
+    file = store.get_file(engine, file_id)
+    assert file is not None
+    kept = file.bytes
+    [measured] = store.with_bytes(engine, [file])
+    assert measured.bytes is not None
+    return kept, measured.bytes
+
+
+def test_a_result_files_size_is_kept_once_its_batch_can_change_no_more(
+    engine: Engine, ingest: IngestFn
+) -> None:
+    """An expired batch's request still running may answer after the batch's files exist: the
+    size is measured at each read until it has, then kept; always what the content adds up to
+    (lines whose strings JSON writes as they are, and lines with others, or with no body)."""
+    batch = ingest([chat_line("plain-0"), chat_line("ü-1"), chat_line('"✓"')], now=1000)
+    ids = store.pending_request_ids(engine, batch.batch_id)
+    store.record_results(
+        engine, [store.ResultRecord(ids[0], store.RequestStatus.SUCCEEDED, {"text": 'é\n"'})]
+    )
+    assert store.claim_requests(engine, ids[1:2], "w1", 10**9) != []
+    assert store.expire_batches(engine, now=1000 + 25 * 3600) == [batch.batch_id]
+    expired = store.get_batch(engine, batch.batch_id)
+    assert expired is not None
+    assert expired.output_file_id
+    assert expired.error_file_id
+    output = expired.output_file_id
+    assert _file_bytes(engine, output) == (
+        None,
+        len(b"".join(store.iter_output_lines(engine, batch.batch_id))),
+    )
+    assert _file_bytes(engine, output)[0] is None  # the running request may still answer: not kept
+    store.record_results(engine, [store.ResultRecord(ids[1], store.RequestStatus.SUCCEEDED, None)])
+    after = len(b"".join(store.iter_output_lines(engine, batch.batch_id)))
+    assert _file_bytes(engine, output) == (None, after)
+    assert _file_bytes(engine, output) == (after, after)  # kept from the first read on
+    errors = len(b"".join(store.iter_error_lines(engine, batch.batch_id)))
+    assert errors > 0
+    assert _file_bytes(engine, expired.error_file_id)[1] == errors

@@ -247,6 +247,9 @@ async def test_a_repeat_is_a_cache_hit_billed_nothing(
     assert original.response_body is not None
     marker = hit.response_body.pop("tokenmill")
     assert marker == {"cached": True, "billed_usage": {"prompt_tokens": 0, "completion_tokens": 0}}
+    # A completion of its own id; which answer it served is its upstream request id.
+    assert hit.response_body.pop("id") == f"chatcmpl-{second_ids[0]}"
+    assert original.response_body.pop("id") == hit.upstream_request_id
     assert hit.response_body == original.response_body  # the answer, as the provider first gave it
     assert "tokenmill" not in original.response_body
 

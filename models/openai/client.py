@@ -612,9 +612,10 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                         first_chunk_at = time.perf_counter()
                     yield text
         except _STREAM_ERRORS as e:
-            # Usage is the last chunk a stream sends: a break after it (and the finish) lost the
-            # terminator only, and the whole answer, billed, is kept rather than paid for again.
-            if accumulator.usage_body is None or accumulator.finish_reason is None:
+            # Usage is the last chunk a stream sends: a break after it (and every choice's finish)
+            # lost the terminator only, and the whole answer, billed, is kept rather than paid for
+            # again.
+            if not accumulator.ended:
                 mapped = self._call_error(e)
                 interrupted = StreamInterrupted(
                     f"stream broke after {accumulator.chunks} chunks: {mapped.message}",

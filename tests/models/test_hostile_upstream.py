@@ -289,3 +289,45 @@ async def test_a_stream_cut_after_its_usage_is_the_whole_answer_not_an_interrupt
     assert result.content == "hello"
     assert result.finish_reason == "stop"
     assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (3, 1)
+
+
+def _choice_event(index: int, content: str, finish: str | None = None, usage: bool = False) -> bytes:
+    chunk: dict[str, object] = {
+        "id": "chatcmpl-hostile",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "gpt-4o",
+        "choices": [{"index": index, "delta": {"content": content}, "finish_reason": finish}],
+    }
+    if usage:  # as servers that report usage on every chunk do (vLLM's continuous_usage_stats)
+        chunk["usage"] = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+class _CutWhileASecondChoiceRuns(_HostileStream):
+    def _second_choice_cut(self) -> None:
+        # n=2, usage on every chunk: the first choice finished, the second is cut mid-answer.
+        self._stream_head()
+        self._send(_choice_event(0, "hello", usage=True))
+        self._send(_choice_event(1, "half an ans", usage=True))
+        self._send(_choice_event(0, "", "stop", usage=True))
+        self.close_connection = True
+
+
+async def test_a_stream_cut_while_another_choice_runs_is_an_interruption_not_a_whole_answer() -> None:
+    """A cut after usage and the first choice's finish is whole only if every choice finished:
+    with ``n`` > 1 and usage on every chunk, a cut second choice was kept (and served, and billed)
+    as whole, its text ending mid-word and its finish_reason None."""
+    _CutWhileASecondChoiceRuns.mode = "second_choice_cut"
+    with serving(_CutWhileASecondChoiceRuns) as url:
+        client = OpenAIChatCompletionClient(model="gpt-4o", api_key="sk-hostile", base_url=url)
+        try:
+            with pytest.raises(StreamInterrupted):
+                async for _ in client.create_stream(
+                    [UserMessage(content="hello", source="user")],
+                    include_usage=True,
+                    extra_create_args={"n": 2},
+                ):
+                    pass
+        finally:
+            await client.close()

@@ -51,6 +51,7 @@ import store
 __all__ = [
     "MAX_WEBHOOK_ATTEMPTS",
     "WEBHOOK_LOOKUPS_BUSY",
+    "WEBHOOK_RESOLVER_BUSY",
     "WEBHOOK_RESOLVER_THREADS",
     "WEBHOOK_RESOLVES_PER_OWNER",
     "WEBHOOK_RESOLVE_SECONDS",
@@ -80,6 +81,7 @@ WEBHOOK_RESOLVER_THREADS = 8
 WEBHOOK_RESOLVES_PER_OWNER = 2
 WEBHOOK_RESOLVE_SECONDS = 5.0
 WEBHOOK_LOOKUPS_BUSY = "webhook_lookups_busy"
+WEBHOOK_RESOLVER_BUSY = "webhook_resolver_busy"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 # Not public although ``is_global`` says so on some Python versions: IETF protocol assignments,
@@ -197,7 +199,9 @@ class WebhookResolver:
     async def resolve(self, url: str, *, allow_private: bool, owner: str) -> WebhookTarget:
         """As ``resolve_webhook_url``; also raises ``WebhookURLRefused`` with code
         ``webhook_host_unresolved`` when the host did not resolve within the wait, and
-        ``webhook_lookups_busy`` when ``owner`` has its share of look-ups running already."""
+        ``webhook_lookups_busy`` when ``owner`` has its share of look-ups running already, and
+        ``webhook_resolver_busy`` when the look-up never got a thread within the wait (other
+        owners' look-ups held them all)."""
         with self._lock:
             if self._running[owner] >= self._per_owner:
                 raise WebhookURLRefused(
@@ -211,7 +215,14 @@ class WebhookResolver:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(looked_up), self._seconds)
         except TimeoutError:
-            looked_up.cancel()  # one not started yet never starts
+            if looked_up.cancel():  # never started (and now never starts): the threads were taken
+                # by other owners' look-ups, so nothing is known of this host: a transient refusal,
+                # not "does not resolve" (a final 400 for a host that may well resolve).
+                raise WebhookURLRefused(
+                    "the webhook host could not be looked up: the look-ups of other webhook hosts "
+                    "take every thread; retry shortly",
+                    code=WEBHOOK_RESOLVER_BUSY,
+                ) from None
             raise WebhookURLRefused(
                 f"the webhook host did not resolve within {self._seconds:g} s", code="webhook_host_unresolved"
             ) from None

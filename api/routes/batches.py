@@ -33,7 +33,14 @@ from starlette.concurrency import run_in_threadpool
 
 import store
 from api.deps import ID_PATTERN, AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
-from api.errors import Conflict, InvalidRequest, NotFound, RateLimitExceeded, over_quota
+from api.errors import (
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    RateLimitExceeded,
+    ServiceUnavailable,
+    over_quota,
+)
 from api.routes.json_checks import CheckedJSONRoute
 from api.validation_slots import TenantFairSlots
 from config import Settings
@@ -41,7 +48,12 @@ from store.export import in_chunks
 from store.tables import MAX_WEBHOOK_URL_CHARS
 from telemetry import tracing
 from workers.agent_tasks import check_agent_run_body
-from workers.webhooks import WEBHOOK_LOOKUPS_BUSY, WebhookResolver, WebhookURLRefused
+from workers.webhooks import (
+    WEBHOOK_LOOKUPS_BUSY,
+    WEBHOOK_RESOLVER_BUSY,
+    WebhookResolver,
+    WebhookURLRefused,
+)
 
 __all__ = ["Dispatch", "dispatch_or_leave_to_sweeper", "router"]
 
@@ -118,6 +130,8 @@ async def _checked_webhook_url(
     except WebhookURLRefused as e:
         if e.code == WEBHOOK_LOOKUPS_BUSY:
             raise RateLimitExceeded(str(e), code=e.code) from e
+        if e.code == WEBHOOK_RESOLVER_BUSY:  # other tenants' look-ups: not this caller's doing
+            raise ServiceUnavailable(str(e), code=e.code) from e
         raise InvalidRequest(str(e), param="webhook_url", code=e.code) from e
     return str(url)
 

@@ -157,6 +157,28 @@ def _as_dict(value: Any) -> Any:
     return value
 
 
+class _AnswerTooLarge(Exception):
+    """A streamed answer's decoded bytes passed the bound (``_bound_decoded_body``)."""
+
+
+def _bound_decoded_body(response: httpx2.Response, limit: int) -> None:
+    """Make ``response``'s decoded bytes, which the SDK's stream reads its events from, raise
+    ``_AnswerTooLarge`` once past ``limit``: counted as they arrive, not per event (one event
+    that never ends is read whole before it is yielded) and decoded (a gzipped stream's bytes on
+    the wire say nothing of what it inflates to)."""
+    decoded_bytes = response.aiter_bytes
+
+    async def bounded(chunk_size: int | None = None) -> AsyncGenerator[bytes, None]:
+        read = 0
+        async for piece in decoded_bytes(chunk_size):
+            read += len(piece)
+            if read > limit:
+                raise _AnswerTooLarge
+            yield piece
+
+    response.aiter_bytes = bounded  # type: ignore[method-assign]
+
+
 async def _close_stream(stream: Any) -> None:
     if isinstance(stream, AsyncStream):
         await stream.close()
@@ -563,6 +585,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                         cancellation_token,
                     )
                     response = stream.response
+                    _bound_decoded_body(response, MAX_ANSWER_BYTES)
                     request_id = stream.response.headers.get("x-request-id")
                     content_type = stream.response.headers.get("content-type", "")
                 else:  # a stub's async iterable of chunks (models, or dicts)
@@ -590,13 +613,13 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                     )
                     self._emit_stream_end(started, accumulator, invalid, first_chunk_at=first_chunk_at)
                     raise invalid from e
-                if response is not None and response.num_bytes_downloaded > MAX_ANSWER_BYTES:
+                except _AnswerTooLarge:
                     # Every chunk is held until the result is built: an endless stream is not.
                     oversized = self._answered_invalid(
                         oversized_answer(MAX_ANSWER_BYTES), accumulator.response_id or request_id
                     )
                     self._emit_stream_end(started, accumulator, oversized, first_chunk_at=first_chunk_at)
-                    raise oversized
+                    raise oversized from None
                 if not isinstance(chunk, Mapping):
                     if not isinstance(chunk, BaseModel):
                         continue

@@ -331,3 +331,43 @@ async def test_a_stream_cut_while_another_choice_runs_is_an_interruption_not_a_w
                     pass
         finally:
             await client.close()
+
+
+class _BoundlessEvents(_HostileStream):
+    def _gzipped_events(self) -> None:
+        # Events of 1 MiB of text each, gzipped: past the bound decoded, a few hundred KB as sent.
+        events = b"".join(_event("x" * (1024 * 1024)) for _ in range(PADDING // (1024 * 1024)))
+        body = gzip.compress(events + _event("", "stop") + b"data: [DONE]\n\n", compresslevel=9)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _one_endless_event(self) -> None:
+        # One event that never ends (no blank line): nothing for the client to yield, ever.
+        self._stream_head()
+        self._send(b"data: ")
+        piece = b" " * (1024 * 1024)
+        for _ in range(PADDING // len(piece)):
+            if self.stop.is_set():
+                return
+            self._send(piece)
+        self.stop.wait(60)
+
+
+@pytest.mark.parametrize("mode", ["gzipped_events", "one_endless_event"])
+async def test_a_stream_past_the_cap_decoded_or_in_one_event_is_refused_not_held(mode: str) -> None:
+    """The stream's bound was its bytes as they came off the wire, checked after each event: a
+    gzipped stream was held whole however large it inflated to, and one event that never ended
+    was read (and held) until the call's deadline, then retried as an interruption."""
+    _BoundlessEvents.mode = mode
+    _BoundlessEvents.stop.clear()
+    with serving(_BoundlessEvents) as url:
+        try:
+            with pytest.raises(InvalidProviderResponse) as caught:
+                await _stream(url, upstream_timeout=30.0)
+        finally:
+            _BoundlessEvents.stop.set()
+    assert caught.value.code == RESPONSE_TOO_LARGE

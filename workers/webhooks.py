@@ -314,6 +314,16 @@ class _PassLookups:
             )
 
 
+class _Postponed(str):
+    """A delivery never attempted: its host's look-up got no thread of the resolver within the
+    wait (other tenants' look-ups held them all). Not its attempt: due again soon, its count and
+    backoff as they were, so that other tenants' name servers cannot use up its attempts."""
+
+
+# A postponed delivery (``_Postponed``) is due again this many seconds later.
+_POSTPONED_SECONDS = 10
+
+
 async def _attempt(
     http: httpx.AsyncClient,
     webhook: store.DueWebhook,
@@ -322,13 +332,16 @@ async def _attempt(
     deadline_seconds: float,
     lookups: _PassLookups,
 ) -> str | None:
-    """One delivery within ``deadline_seconds`` of wall clock; the error, or None when delivered."""
+    """One delivery within ``deadline_seconds`` of wall clock; the error, or None when delivered
+    (a ``_Postponed`` error: it was never attempted)."""
     try:
         async with asyncio.timeout(deadline_seconds):
             await _post_to_checked_address(http, webhook, allow_private=allow_private, lookups=lookups)
     except TimeoutError:
         return f"no answer within {deadline_seconds:g} s"
     except WebhookURLRefused as e:
+        if e.code == WEBHOOK_RESOLVER_BUSY:
+            return _Postponed(f"not attempted: {e}")
         return f"refused: {e}"
     except _NotDelivered as e:
         return str(e)
@@ -407,9 +420,12 @@ def deliver_due_webhooks(
         )
     )
     for webhook, error in zip(due, errors, strict=True):
-        retry_in = min(_MAX_BACKOFF_SECONDS, 10 * 2**webhook.attempts)
+        attempted = not isinstance(error, _Postponed)
+        retry_in = min(_MAX_BACKOFF_SECONDS, 10 * 2**webhook.attempts) if attempted else _POSTPONED_SECONDS
         bounded = None if error is None else error[:MAX_WEBHOOK_ERROR_CHARS]
-        store.record_webhook_attempt(engine, webhook.batch_id, error=bounded, retry_in=retry_in, now=now)
+        store.record_webhook_attempt(
+            engine, webhook.batch_id, error=bounded, retry_in=retry_in, now=now, counted=attempted
+        )
     failed = sum(error is not None for error in errors)
     return len(due) - failed, failed
 

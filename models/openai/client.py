@@ -47,6 +47,7 @@ import openai
 import orjson
 from openai import AsyncAzureOpenAI, AsyncOpenAI, AsyncStream, DefaultAioHttpClient
 from openai._base_client import make_request_options
+from openai._constants import RAW_RESPONSE_HEADER
 from openai._utils._json import openapi_dumps
 from openai.resources.chat.completions import AsyncCompletions
 from pydantic import BaseModel
@@ -232,6 +233,11 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             key: _json_ready(value) for key, value in create_args.items() if value is not None
         }
         self._options = make_request_options(security={"bearer_auth": True})
+        # The SDK's way for a plain answer: its body left unread by the SDK, for ``_post`` to read
+        # within the bound.
+        self._unread_options = make_request_options(
+            security={"bearer_auth": True}, extra_headers={RAW_RESPONSE_HEADER: "stream"}
+        )
         self._given_http_client = http_client
         self._sdk_client: AsyncOpenAI | None = None
         self._sdk_loop: asyncio.AbstractEventLoop | None = None
@@ -409,11 +415,27 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             # The SDK's timeout is per read: its deadline for the whole exchange is kept here.
             async with asyncio.timeout(self._timeout):
                 response: httpx2.Response = await self._sdk().post(
-                    _CHAT_PATH, cast_to=httpx2.Response, body=body, options=self._options
+                    _CHAT_PATH, cast_to=httpx2.Response, body=body, options=self._unread_options
                 )
+                try:
+                    content = await self._read_bounded(response)
+                finally:
+                    await response.aclose()
         except TimeoutError as e:
             raise self._call_error(e) from e
-        return response.content, response.headers
+        return content, response.headers
+
+    async def _read_bounded(self, response: httpx2.Response) -> bytes:
+        """A 2xx answer's decoded body, up to ``MAX_ANSWER_BYTES`` (as the own transport reads it);
+        past it ``InvalidProviderResponse`` (billed: not asked again)."""
+        content = bytearray()
+        async for piece in response.aiter_bytes():
+            content += piece
+            if len(content) > MAX_ANSWER_BYTES:
+                raise self._answered_invalid(
+                    oversized_answer(MAX_ANSWER_BYTES), response.headers.get("x-request-id")
+                )
+        return bytes(content)
 
     async def _sdk_create(self, body: Mapping[str, Any]) -> Any:
         """What ``chat.completions.create`` returns for this body: only called when

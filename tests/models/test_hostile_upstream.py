@@ -371,3 +371,17 @@ async def test_a_stream_past_the_cap_decoded_or_in_one_event_is_refused_not_held
         finally:
             _BoundlessEvents.stop.set()
     assert caught.value.code == RESPONSE_TOO_LARGE
+
+
+@pytest.mark.parametrize("mode", ["gzip_bomb", "endless_chunked"])
+async def test_an_answer_past_the_cap_through_the_sdk_is_refused_not_held(
+    hostile: tuple[str, type[_Hostile]], mode: str
+) -> None:
+    """The SDK's way (an ``http_client`` given, or a proxy aiohttp cannot speak to) read the whole
+    answer into memory as before: the bound held for the own transport only."""
+    url, handler = hostile
+    handler.mode = mode
+    with pytest.raises(InvalidProviderResponse) as caught:
+        await _call(url, through_sdk=True)
+    assert caught.value.code == RESPONSE_TOO_LARGE
+    assert caught.value.retryable is False

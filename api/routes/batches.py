@@ -34,6 +34,7 @@ from starlette.concurrency import run_in_threadpool
 import store
 from api.deps import ID_PATTERN, AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
 from api.errors import (
+    APIError,
     Conflict,
     InvalidRequest,
     NotFound,
@@ -50,6 +51,7 @@ from telemetry import tracing
 from workers.agent_tasks import check_agent_run_body
 from workers.webhooks import (
     WEBHOOK_LOOKUPS_BUSY,
+    WEBHOOK_RESOLVE_SECONDS,
     WEBHOOK_RESOLVER_BUSY,
     WebhookResolver,
     WebhookURLRefused,
@@ -128,10 +130,16 @@ async def _checked_webhook_url(
     try:
         await resolver.resolve(str(url), allow_private=settings.webhook_allow_private, owner=tenant.id)
     except WebhookURLRefused as e:
+        busy: APIError | None = None
         if e.code == WEBHOOK_LOOKUPS_BUSY:
-            raise RateLimitExceeded(str(e), code=e.code) from e
-        if e.code == WEBHOOK_RESOLVER_BUSY:  # other tenants' look-ups: not this caller's doing
-            raise ServiceUnavailable(str(e), code=e.code) from e
+            busy = RateLimitExceeded(str(e), code=e.code)
+        elif e.code == WEBHOOK_RESOLVER_BUSY:  # other tenants' look-ups: not this caller's doing
+            busy = ServiceUnavailable(str(e), code=e.code)
+        if busy is not None:
+            # Look-ups end within their wait or hang on: the SDK's own retries (0.5 s, 1 s) came
+            # back to the same refusal.
+            busy.retry_after = WEBHOOK_RESOLVE_SECONDS
+            raise busy from e
         raise InvalidRequest(str(e), param="webhook_url", code=e.code) from e
     return str(url)
 

@@ -193,6 +193,7 @@ async def test_another_tenants_webhook_host_is_not_said_unresolved_while_the_loo
         )
         assert answer.status_code == 503, answer.text
         assert answer.json()["error"]["code"] == WEBHOOK_RESOLVER_BUSY
+        assert answer.headers["retry-after"] == str(int(WEBHOOK_RESOLVE_SECONDS))
         await asyncio.gather(*creates)
     finally:
         hanging.released.set()

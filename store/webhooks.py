@@ -88,12 +88,21 @@ def claim_due_webhooks(
 
 
 def record_webhook_attempt(
-    engine: Engine, batch_id: str, *, error: str | None, retry_in: int, now: int | None = None
+    engine: Engine,
+    batch_id: str,
+    *,
+    error: str | None,
+    retry_in: int,
+    now: int | None = None,
+    counted: bool = True,
 ) -> None:
     """Count one attempt: delivered when ``error`` is None, else due again in ``retry_in`` seconds.
-    The error is shown to the tenant on the batch: the caller bounds it."""
+    The error is shown to the tenant on the batch: the caller bounds it. ``counted=False``: a
+    delivery that was never attempted (nothing of the batch's doing), its count left as it was."""
     now = now if now is not None else now_seconds()
-    values: dict[str, object] = {"webhook_attempts": Batch.webhook_attempts + 1, "webhook_last_error": error}
+    values: dict[str, object] = {"webhook_last_error": error}
+    if counted:
+        values["webhook_attempts"] = Batch.webhook_attempts + 1
     if error is None:
         values["webhook_delivered_at"] = now
     else:

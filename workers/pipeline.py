@@ -211,13 +211,16 @@ class GovernedClient(DelegatingClient):
         limits = self._limiter.limits_for(self._model)
         if limits is None or limits.tpm is None:
             return 0  # no token budget to reserve from: skip the tokenizer
-        # Tools our schemas cannot say travel as written in ``extra`` (models.openai.requests).
+        # Tools our schemas cannot say travel as written in ``extra`` (models.openai.requests);
+        # an agent's ``extra_create_args`` are the tenant's JSON, unchecked: what is no object
+        # is no tool to count (the provider judges it).
         as_written = extra.get("tools")
+        counted: list[Tool | ToolSchema | Mapping[str, Any]] = list(tools)
         if isinstance(as_written, list):
-            tools = [*tools, *as_written]
+            counted += [tool for tool in as_written if isinstance(tool, Mapping)]
         return self._limiter.reservation(
             self._model,
-            prompt_tokens=estimate_tokens(messages, tools),
+            prompt_tokens=estimate_tokens(messages, counted),
             completion_budget=_completion_budget(extra),
             choices=_choices(extra),
         )

@@ -51,6 +51,7 @@ import store
 __all__ = [
     "MAX_WEBHOOK_ATTEMPTS",
     "WEBHOOK_LOOKUPS_BUSY",
+    "WEBHOOK_RESOLVER_BUSY",
     "WEBHOOK_RESOLVER_THREADS",
     "WEBHOOK_RESOLVES_PER_OWNER",
     "WEBHOOK_RESOLVE_SECONDS",
@@ -80,6 +81,7 @@ WEBHOOK_RESOLVER_THREADS = 8
 WEBHOOK_RESOLVES_PER_OWNER = 2
 WEBHOOK_RESOLVE_SECONDS = 5.0
 WEBHOOK_LOOKUPS_BUSY = "webhook_lookups_busy"
+WEBHOOK_RESOLVER_BUSY = "webhook_resolver_busy"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 # Not public although ``is_global`` says so on some Python versions: IETF protocol assignments,
@@ -197,7 +199,9 @@ class WebhookResolver:
     async def resolve(self, url: str, *, allow_private: bool, owner: str) -> WebhookTarget:
         """As ``resolve_webhook_url``; also raises ``WebhookURLRefused`` with code
         ``webhook_host_unresolved`` when the host did not resolve within the wait, and
-        ``webhook_lookups_busy`` when ``owner`` has its share of look-ups running already."""
+        ``webhook_lookups_busy`` when ``owner`` has its share of look-ups running already, and
+        ``webhook_resolver_busy`` when the look-up never got a thread within the wait (other
+        owners' look-ups held them all)."""
         with self._lock:
             if self._running[owner] >= self._per_owner:
                 raise WebhookURLRefused(
@@ -211,7 +215,14 @@ class WebhookResolver:
         try:
             return await asyncio.wait_for(asyncio.wrap_future(looked_up), self._seconds)
         except TimeoutError:
-            looked_up.cancel()  # one not started yet never starts
+            if looked_up.cancel():  # never started (and now never starts): the threads were taken
+                # by other owners' look-ups, so nothing is known of this host: a transient refusal,
+                # not "does not resolve" (a final 400 for a host that may well resolve).
+                raise WebhookURLRefused(
+                    "the webhook host could not be looked up: the look-ups of other webhook hosts "
+                    "take every thread; retry shortly",
+                    code=WEBHOOK_RESOLVER_BUSY,
+                ) from None
             raise WebhookURLRefused(
                 f"the webhook host did not resolve within {self._seconds:g} s", code="webhook_host_unresolved"
             ) from None
@@ -303,6 +314,16 @@ class _PassLookups:
             )
 
 
+class _Postponed(str):
+    """A delivery never attempted: its host's look-up got no thread of the resolver within the
+    wait (other tenants' look-ups held them all). Not its attempt: due again soon, its count and
+    backoff as they were, so that other tenants' name servers cannot use up its attempts."""
+
+
+# A postponed delivery (``_Postponed``) is due again this many seconds later.
+_POSTPONED_SECONDS = 10
+
+
 async def _attempt(
     http: httpx.AsyncClient,
     webhook: store.DueWebhook,
@@ -311,13 +332,16 @@ async def _attempt(
     deadline_seconds: float,
     lookups: _PassLookups,
 ) -> str | None:
-    """One delivery within ``deadline_seconds`` of wall clock; the error, or None when delivered."""
+    """One delivery within ``deadline_seconds`` of wall clock; the error, or None when delivered
+    (a ``_Postponed`` error: it was never attempted)."""
     try:
         async with asyncio.timeout(deadline_seconds):
             await _post_to_checked_address(http, webhook, allow_private=allow_private, lookups=lookups)
     except TimeoutError:
         return f"no answer within {deadline_seconds:g} s"
     except WebhookURLRefused as e:
+        if e.code == WEBHOOK_RESOLVER_BUSY:
+            return _Postponed(f"not attempted: {e}")
         return f"refused: {e}"
     except _NotDelivered as e:
         return str(e)
@@ -396,9 +420,12 @@ def deliver_due_webhooks(
         )
     )
     for webhook, error in zip(due, errors, strict=True):
-        retry_in = min(_MAX_BACKOFF_SECONDS, 10 * 2**webhook.attempts)
+        attempted = not isinstance(error, _Postponed)
+        retry_in = min(_MAX_BACKOFF_SECONDS, 10 * 2**webhook.attempts) if attempted else _POSTPONED_SECONDS
         bounded = None if error is None else error[:MAX_WEBHOOK_ERROR_CHARS]
-        store.record_webhook_attempt(engine, webhook.batch_id, error=bounded, retry_in=retry_in, now=now)
+        store.record_webhook_attempt(
+            engine, webhook.batch_id, error=bounded, retry_in=retry_in, now=now, counted=attempted
+        )
     failed = sum(error is not None for error in errors)
     return len(due) - failed, failed
 

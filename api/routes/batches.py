@@ -33,7 +33,15 @@ from starlette.concurrency import run_in_threadpool
 
 import store
 from api.deps import ID_PATTERN, AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
-from api.errors import Conflict, InvalidRequest, NotFound, RateLimitExceeded, over_quota
+from api.errors import (
+    APIError,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    RateLimitExceeded,
+    ServiceUnavailable,
+    over_quota,
+)
 from api.routes.json_checks import CheckedJSONRoute
 from api.validation_slots import TenantFairSlots
 from config import Settings
@@ -41,7 +49,13 @@ from store.export import in_chunks
 from store.tables import MAX_WEBHOOK_URL_CHARS
 from telemetry import tracing
 from workers.agent_tasks import check_agent_run_body
-from workers.webhooks import WEBHOOK_LOOKUPS_BUSY, WebhookResolver, WebhookURLRefused
+from workers.webhooks import (
+    WEBHOOK_LOOKUPS_BUSY,
+    WEBHOOK_RESOLVE_SECONDS,
+    WEBHOOK_RESOLVER_BUSY,
+    WebhookResolver,
+    WebhookURLRefused,
+)
 
 __all__ = ["Dispatch", "dispatch_or_leave_to_sweeper", "router"]
 
@@ -117,8 +131,16 @@ async def _checked_webhook_url(
     try:
         await resolver.resolve(str(url), allow_private=settings.webhook_allow_private, owner=tenant.id)
     except WebhookURLRefused as e:
+        busy: APIError | None = None
         if e.code == WEBHOOK_LOOKUPS_BUSY:
-            raise RateLimitExceeded(str(e), code=e.code) from e
+            busy = RateLimitExceeded(str(e), code=e.code)
+        elif e.code == WEBHOOK_RESOLVER_BUSY:  # other tenants' look-ups: not this caller's doing
+            busy = ServiceUnavailable(str(e), code=e.code)
+        if busy is not None:
+            # Look-ups end within their wait or hang on: the SDK's own retries (0.5 s, 1 s) came
+            # back to the same refusal.
+            busy.retry_after = WEBHOOK_RESOLVE_SECONDS
+            raise busy from e
         raise InvalidRequest(str(e), param="webhook_url", code=e.code) from e
     return str(url)
 

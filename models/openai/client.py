@@ -47,6 +47,7 @@ import openai
 import orjson
 from openai import AsyncAzureOpenAI, AsyncOpenAI, AsyncStream, DefaultAioHttpClient
 from openai._base_client import make_request_options
+from openai._constants import RAW_RESPONSE_HEADER
 from openai._utils._json import openapi_dumps
 from openai.resources.chat.completions import AsyncCompletions
 from pydantic import BaseModel
@@ -157,6 +158,28 @@ def _as_dict(value: Any) -> Any:
     return value
 
 
+class _AnswerTooLarge(Exception):
+    """A streamed answer's decoded bytes passed the bound (``_bound_decoded_body``)."""
+
+
+def _bound_decoded_body(response: httpx2.Response, limit: int) -> None:
+    """Make ``response``'s decoded bytes, which the SDK's stream reads its events from, raise
+    ``_AnswerTooLarge`` once past ``limit``: counted as they arrive, not per event (one event
+    that never ends is read whole before it is yielded) and decoded (a gzipped stream's bytes on
+    the wire say nothing of what it inflates to)."""
+    decoded_bytes = response.aiter_bytes
+
+    async def bounded(chunk_size: int | None = None) -> AsyncGenerator[bytes, None]:
+        read = 0
+        async for piece in decoded_bytes(chunk_size):
+            read += len(piece)
+            if read > limit:
+                raise _AnswerTooLarge
+            yield piece
+
+    response.aiter_bytes = bounded  # type: ignore[method-assign]
+
+
 async def _close_stream(stream: Any) -> None:
     if isinstance(stream, AsyncStream):
         await stream.close()
@@ -210,6 +233,11 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             key: _json_ready(value) for key, value in create_args.items() if value is not None
         }
         self._options = make_request_options(security={"bearer_auth": True})
+        # The SDK's way for a plain answer: its body left unread by the SDK, for ``_post`` to read
+        # within the bound.
+        self._unread_options = make_request_options(
+            security={"bearer_auth": True}, extra_headers={RAW_RESPONSE_HEADER: "stream"}
+        )
         self._given_http_client = http_client
         self._sdk_client: AsyncOpenAI | None = None
         self._sdk_loop: asyncio.AbstractEventLoop | None = None
@@ -387,11 +415,27 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
             # The SDK's timeout is per read: its deadline for the whole exchange is kept here.
             async with asyncio.timeout(self._timeout):
                 response: httpx2.Response = await self._sdk().post(
-                    _CHAT_PATH, cast_to=httpx2.Response, body=body, options=self._options
+                    _CHAT_PATH, cast_to=httpx2.Response, body=body, options=self._unread_options
                 )
+                try:
+                    content = await self._read_bounded(response)
+                finally:
+                    await response.aclose()
         except TimeoutError as e:
             raise self._call_error(e) from e
-        return response.content, response.headers
+        return content, response.headers
+
+    async def _read_bounded(self, response: httpx2.Response) -> bytes:
+        """A 2xx answer's decoded body, up to ``MAX_ANSWER_BYTES`` (as the own transport reads it);
+        past it ``InvalidProviderResponse`` (billed: not asked again)."""
+        content = bytearray()
+        async for piece in response.aiter_bytes():
+            content += piece
+            if len(content) > MAX_ANSWER_BYTES:
+                raise self._answered_invalid(
+                    oversized_answer(MAX_ANSWER_BYTES), response.headers.get("x-request-id")
+                )
+        return bytes(content)
 
     async def _sdk_create(self, body: Mapping[str, Any]) -> Any:
         """What ``chat.completions.create`` returns for this body: only called when
@@ -563,6 +607,7 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                         cancellation_token,
                     )
                     response = stream.response
+                    _bound_decoded_body(response, MAX_ANSWER_BYTES)
                     request_id = stream.response.headers.get("x-request-id")
                     content_type = stream.response.headers.get("content-type", "")
                 else:  # a stub's async iterable of chunks (models, or dicts)
@@ -590,13 +635,13 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                     )
                     self._emit_stream_end(started, accumulator, invalid, first_chunk_at=first_chunk_at)
                     raise invalid from e
-                if response is not None and response.num_bytes_downloaded > MAX_ANSWER_BYTES:
+                except _AnswerTooLarge:
                     # Every chunk is held until the result is built: an endless stream is not.
                     oversized = self._answered_invalid(
                         oversized_answer(MAX_ANSWER_BYTES), accumulator.response_id or request_id
                     )
                     self._emit_stream_end(started, accumulator, oversized, first_chunk_at=first_chunk_at)
-                    raise oversized
+                    raise oversized from None
                 if not isinstance(chunk, Mapping):
                     if not isinstance(chunk, BaseModel):
                         continue
@@ -612,9 +657,10 @@ class BaseOpenAIChatCompletionClient(ChatCompletionClient):
                         first_chunk_at = time.perf_counter()
                     yield text
         except _STREAM_ERRORS as e:
-            # Usage is the last chunk a stream sends: a break after it (and the finish) lost the
-            # terminator only, and the whole answer, billed, is kept rather than paid for again.
-            if accumulator.usage_body is None or accumulator.finish_reason is None:
+            # Usage is the last chunk a stream sends: a break after it (and every choice's finish)
+            # lost the terminator only, and the whole answer, billed, is kept rather than paid for
+            # again.
+            if not accumulator.ended:
                 mapped = self._call_error(e)
                 interrupted = StreamInterrupted(
                     f"stream broke after {accumulator.chunks} chunks: {mapped.message}",

@@ -431,6 +431,17 @@ class StreamAccumulator:
         """The first choice's ``finish_reason`` so far (None: the stream has not said it)."""
         return self._first.finish_reason
 
+    @property
+    def ended(self) -> bool:
+        """Whether the stream said all it has to: its usage, and a ``finish_reason`` for every
+        choice it began (with ``n`` > 1 a choice may still run after the first finished, and some
+        servers send usage on every chunk)."""
+        return (
+            self.usage_body is not None
+            and self._first.finish_reason is not None
+            and all(other.finish_reason is not None for other in self._other_choices.values())
+        )
+
     def add(self, chunk: Mapping[str, Any]) -> str | None:
         """Take one chunk; returns its text delta (of the first choice), if any. A chunk of the
         wrong shape (``choices`` no array, a ``delta`` that is no object, content that is no

@@ -25,7 +25,12 @@ import store
 from api.app import create_app
 from config import Settings
 from store.schema import upgrade_to_head
-from workers.webhooks import WEBHOOK_RESOLVE_SECONDS, WEBHOOK_RESOLVES_PER_OWNER
+from workers.webhooks import (
+    WEBHOOK_RESOLVE_SECONDS,
+    WEBHOOK_RESOLVER_BUSY,
+    WEBHOOK_RESOLVER_THREADS,
+    WEBHOOK_RESOLVES_PER_OWNER,
+)
 
 _HANGING_HOST = "hangs.webhooks.invalid"
 # More creates than the API has threads.
@@ -133,3 +138,62 @@ async def _until(condition: Callable[[], bool], failure: str, seconds: float = 6
                 await asyncio.sleep(0.01)
     except TimeoutError:
         pytest.fail(f"{failure} (still after {seconds:g} s)")
+
+
+_RESOLVING_HOST = "resolves.webhooks.example"
+
+
+async def test_another_tenants_webhook_host_is_not_said_unresolved_while_the_lookups_are_taken(
+    api: tuple[httpx.AsyncClient, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A few tenants whose name servers hang (a DNS provider's outage, or tenants that collude)
+    take every thread of the resolver, each within its share. Another tenant's look-up then waited
+    in the pool's queue past the wait and was never tried, and its create heard a final 400
+    ``webhook_host_unresolved`` for a host that resolves: now a 503 the SDK retries."""
+    client, engine = api
+    hanging = _HangingResolver(socket.getaddrinfo)
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == _RESOLVING_HOST:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))]
+        return hanging(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    hanging_tenants = WEBHOOK_RESOLVER_THREADS // WEBHOOK_RESOLVES_PER_OWNER
+    try:
+        creates = []
+        for index in range(hanging_tenants):
+            headers, file_id = await _tenant_with_file(client, engine, f"dns-outage-{index}")
+            creates += [
+                asyncio.create_task(
+                    client.post(
+                        "/v1/batches",
+                        headers=headers,
+                        json={
+                            "input_file_id": file_id,
+                            "endpoint": "/v1/chat/completions",
+                            "webhook_url": f"https://{_HANGING_HOST}/hook",
+                        },
+                    )
+                )
+                for _ in range(WEBHOOK_RESOLVES_PER_OWNER)
+            ]
+        await _until(
+            lambda: hanging.blocked >= WEBHOOK_RESOLVER_THREADS, "the look-ups take the resolver's threads"
+        )
+        other, other_file = await _tenant_with_file(client, engine, "bystander")
+        answer = await client.post(
+            "/v1/batches",
+            headers=other,
+            json={
+                "input_file_id": other_file,
+                "endpoint": "/v1/chat/completions",
+                "webhook_url": f"https://{_RESOLVING_HOST}/hook",
+            },
+        )
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == WEBHOOK_RESOLVER_BUSY
+        assert answer.headers["retry-after"] == str(int(WEBHOOK_RESOLVE_SECONDS))
+        await asyncio.gather(*creates)
+    finally:
+        hanging.released.set()

@@ -289,3 +289,99 @@ async def test_a_stream_cut_after_its_usage_is_the_whole_answer_not_an_interrupt
     assert result.content == "hello"
     assert result.finish_reason == "stop"
     assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (3, 1)
+
+
+def _choice_event(index: int, content: str, finish: str | None = None, usage: bool = False) -> bytes:
+    chunk: dict[str, object] = {
+        "id": "chatcmpl-hostile",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "gpt-4o",
+        "choices": [{"index": index, "delta": {"content": content}, "finish_reason": finish}],
+    }
+    if usage:  # as servers that report usage on every chunk do (vLLM's continuous_usage_stats)
+        chunk["usage"] = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+class _CutWhileASecondChoiceRuns(_HostileStream):
+    def _second_choice_cut(self) -> None:
+        # n=2, usage on every chunk: the first choice finished, the second is cut mid-answer.
+        self._stream_head()
+        self._send(_choice_event(0, "hello", usage=True))
+        self._send(_choice_event(1, "half an ans", usage=True))
+        self._send(_choice_event(0, "", "stop", usage=True))
+        self.close_connection = True
+
+
+async def test_a_stream_cut_while_another_choice_runs_is_an_interruption_not_a_whole_answer() -> None:
+    """A cut after usage and the first choice's finish is whole only if every choice finished:
+    with ``n`` > 1 and usage on every chunk, a cut second choice was kept (and served, and billed)
+    as whole, its text ending mid-word and its finish_reason None."""
+    _CutWhileASecondChoiceRuns.mode = "second_choice_cut"
+    with serving(_CutWhileASecondChoiceRuns) as url:
+        client = OpenAIChatCompletionClient(model="gpt-4o", api_key="sk-hostile", base_url=url)
+        try:
+            with pytest.raises(StreamInterrupted):
+                async for _ in client.create_stream(
+                    [UserMessage(content="hello", source="user")],
+                    include_usage=True,
+                    extra_create_args={"n": 2},
+                ):
+                    pass
+        finally:
+            await client.close()
+
+
+class _BoundlessEvents(_HostileStream):
+    def _gzipped_events(self) -> None:
+        # Events of 1 MiB of text each, gzipped: past the bound decoded, a few hundred KB as sent.
+        events = b"".join(_event("x" * (1024 * 1024)) for _ in range(PADDING // (1024 * 1024)))
+        body = gzip.compress(events + _event("", "stop") + b"data: [DONE]\n\n", compresslevel=9)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _one_endless_event(self) -> None:
+        # One event that never ends (no blank line): nothing for the client to yield, ever.
+        self._stream_head()
+        self._send(b"data: ")
+        piece = b" " * (1024 * 1024)
+        for _ in range(PADDING // len(piece)):
+            if self.stop.is_set():
+                return
+            self._send(piece)
+        self.stop.wait(60)
+
+
+@pytest.mark.parametrize("mode", ["gzipped_events", "one_endless_event"])
+async def test_a_stream_past_the_cap_decoded_or_in_one_event_is_refused_not_held(mode: str) -> None:
+    """The stream's bound was its bytes as they came off the wire, checked after each event: a
+    gzipped stream was held whole however large it inflated to, and one event that never ended
+    was read (and held) until the call's deadline, then retried as an interruption."""
+    _BoundlessEvents.mode = mode
+    _BoundlessEvents.stop.clear()
+    with serving(_BoundlessEvents) as url:
+        try:
+            with pytest.raises(InvalidProviderResponse) as caught:
+                await _stream(url, upstream_timeout=30.0)
+        finally:
+            _BoundlessEvents.stop.set()
+    assert caught.value.code == RESPONSE_TOO_LARGE
+
+
+@pytest.mark.parametrize("mode", ["gzip_bomb", "endless_chunked"])
+async def test_an_answer_past_the_cap_through_the_sdk_is_refused_not_held(
+    hostile: tuple[str, type[_Hostile]], mode: str
+) -> None:
+    """The SDK's way (an ``http_client`` given, or a proxy aiohttp cannot speak to) read the whole
+    answer into memory as before: the bound held for the own transport only."""
+    url, handler = hostile
+    handler.mode = mode
+    with pytest.raises(InvalidProviderResponse) as caught:
+        await _call(url, through_sdk=True)
+    assert caught.value.code == RESPONSE_TOO_LARGE
+    assert caught.value.retryable is False

@@ -6,6 +6,7 @@ model's shared tokens-per-minute budget."""
 from __future__ import annotations
 
 from config.settings import ModelLimits
+from models import UserMessage
 from models.openai import request_from_openai_body
 from models.retry import RetryPolicy
 from tests.models.counting_client import CountingClient
@@ -38,3 +39,16 @@ def test_tools_sent_as_written_count_toward_the_reservation() -> None:
     assert as_written >= typed
     custom = _estimate([{"type": "custom", "custom": {"name": "sql", "description": DESCRIPTION}}])
     assert custom > bare + 3000
+
+
+async def test_tools_in_extra_create_args_that_are_no_objects_go_to_the_provider_to_judge() -> None:
+    """An agent run's ``extra_create_args`` are the tenant's JSON, unchecked: ``"tools": ["x", 1]``
+    there made the reservation's estimate raise AttributeError inside the worker, where before
+    the provider answered it (a 400 the run reports). What is no tool object counts nothing."""
+    limiter = LocalRateLimiter({"m": ModelLimits(tpm=10_000_000)})
+    counting = CountingClient("m")
+    client = GovernedClient(counting, limiter, RetryPolicy(), model="m", endpoint="http://x.test/v1")
+    result = await client.create(
+        [UserMessage(content="q", source="user")], extra_create_args={"tools": ["x", 1, None]}
+    )
+    assert result.content

@@ -23,7 +23,14 @@ from models import RequestUsage
 from store.tables import Tenant
 from tests.cluster import Cluster
 from tests.workers.support import Ledger, add_batch
-from workers.webhooks import MAX_WEBHOOK_ERROR_CHARS, deliver_due_webhooks, is_public_address
+from workers.webhooks import (
+    MAX_WEBHOOK_ERROR_CHARS,
+    WEBHOOK_RESOLVE_SECONDS,
+    WEBHOOK_RESOLVER_THREADS,
+    WEBHOOK_RESOLVES_PER_OWNER,
+    deliver_due_webhooks,
+    is_public_address,
+)
 
 
 class Receiver:
@@ -410,4 +417,41 @@ def test_webhook_hosts_whose_name_server_hangs_fail_no_other_tenants_delivery(
         resolver_timeout.set()
     assert [event["data"]["id"] for _, event in receiver.events] == [batch_id]
     assert (delivered, failed) == (1, 12)
+    engine.dispose()
+
+
+def test_a_delivery_that_got_no_resolver_thread_is_not_counted_as_its_attempt(
+    database_url: str, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A few tenants whose name servers hang (each within its share of look-ups) hold every thread
+    of the pass's resolver. Another tenant's look-up waited in the queue, was never tried, and its
+    delivery failed an attempt for it: its backoff doubled each time, and after 8 such passes its
+    webhook was given up. Now it is due again soon, its attempts untouched."""
+    real = socket.getaddrinfo
+    released = threading.Event()
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == _HANGING_HOST:
+            released.wait(30)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    store.upgrade_to_head(database_url)
+    engine = store.make_engine(database_url)
+    for index in range(WEBHOOK_RESOLVER_THREADS // WEBHOOK_RESOLVES_PER_OWNER):
+        hanging = store.create_tenant(engine, f"dns-outage-{index}").id
+        for _ in range(WEBHOOK_RESOLVES_PER_OWNER):
+            finished_batch(database_url, f"http://{_HANGING_HOST}/hook", engine=engine, tenant_id=hanging)
+    _, batch_id = finished_batch(database_url, receiver.url, engine=engine)  # claimed last
+    try:
+        deliver_due_webhooks(engine, allow_private=True, deadline_seconds=WEBHOOK_RESOLVE_SECONDS + 3)
+    finally:
+        released.set()
+    with engine.connect() as conn:
+        attempts = conn.execute(
+            sa.text("select webhook_attempts from batches where id = :id"), {"id": batch_id}
+        ).scalar_one()
+    assert attempts == 0
+    assert receiver.events == []
     engine.dispose()

@@ -28,6 +28,20 @@ MESSAGES: list[dict[str, Any]] = [
 ]
 
 
+def batch_line_answer(client: openai.OpenAI, body: dict[str, Any]) -> Any:
+    """The response body a one-line batch of ``body`` ended with."""
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    upload = client.files.create(file=io.BytesIO(json.dumps(line).encode()), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    done = wait_for(client, batch.id, {"completed", "failed"})
+    assert done.status == "completed", done
+    assert done.output_file_id is not None
+    (output,) = [json.loads(row) for row in client.files.content(done.output_file_id).text.splitlines()]
+    return output["response"]["body"]
+
+
 def received(answer_text: str) -> Any:
     """The ``messages`` the simulator quoted in its reply."""
     (line,) = [part for part in answer_text.split("\n") if part.startswith("messages: ")]
@@ -52,18 +66,8 @@ def test_batch_line_messages_reach_the_provider_unchanged(
     deployment: Deployment,  # noqa: F811
     simulator: SimulatorServer,
 ) -> None:
-    client = deployment.client
-    body = {"model": "gpt-4o-mini", "messages": MESSAGES}
-    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}
-    upload = client.files.create(file=io.BytesIO(json.dumps(line).encode()), purpose="batch")
-    batch = client.batches.create(
-        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
-    )
-    done = wait_for(client, batch.id, {"completed", "failed"})
-    assert done.status == "completed", done
-    assert done.output_file_id is not None
-    (output,) = [json.loads(row) for row in client.files.content(done.output_file_id).text.splitlines()]
-    assert received(output["response"]["body"]["choices"][0]["message"]["content"]) == MESSAGES
+    output = batch_line_answer(deployment.client, {"model": "gpt-4o-mini", "messages": MESSAGES})
+    assert received(output["choices"][0]["message"]["content"]) == MESSAGES
 
 
 def test_requests_that_differ_only_in_a_name_share_no_cache_entry(
@@ -165,15 +169,7 @@ def test_tools_our_types_cannot_say_reach_the_provider_and_its_custom_calls_come
     assert expected[0]["input"], expected
     assert _streamed_calls(streamed) == expected
 
-    body = {"model": "gpt-4o-mini", "messages": messages, **CUSTOM_TOOLS}
-    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}
-    client = deployment.client
-    upload = client.files.create(file=io.BytesIO(json.dumps(line).encode()), purpose="batch")
-    batch = client.batches.create(
-        input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"
+    output = batch_line_answer(
+        deployment.client, {"model": "gpt-4o-mini", "messages": messages, **CUSTOM_TOOLS}
     )
-    done = wait_for(client, batch.id, {"completed", "failed"})
-    assert done.status == "completed", done
-    assert done.output_file_id is not None
-    (output,) = [json.loads(row) for row in client.files.content(done.output_file_id).text.splitlines()]
-    assert output["response"]["body"]["choices"][0]["message"]["tool_calls"] == [call]
+    assert output["choices"][0]["message"]["tool_calls"] == [call]

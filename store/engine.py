@@ -133,7 +133,9 @@ def again_if_disconnected(function: Callable[P, T], /, *args: P.args, **kwargs: 
     restarted, its backend terminated): the disconnect renewed the pool, so the second goes on a
     fresh connection. A connection handed back a moment ago is not pinged (``make_engine``): for
     a statement whose failure costs more than a caller's retry (a single call's claim or paid
-    answer), and that is safe to run twice (one that did commit makes the second a no-op)."""
+    answer), and that is safe to run twice: a result that did commit makes the second a
+    duplicate; a claim that did commit makes the second claim nothing, and that request waits for
+    its lease to lapse and the sweeper, as it did before."""
     try:
         return function(*args, **kwargs)
     except sa.exc.DBAPIError as error:

@@ -51,7 +51,8 @@ def claim_due_webhooks(
             Batch.webhook_attempts < max_attempts,
             _is_due(now),
         )
-        .order_by(Batch.created_at)
+        # Oldest first, and in creation order within a second (ids are time-ordered).
+        .order_by(Batch.created_at, Batch.id)
         .limit(limit)
     )
     with write_transaction(engine) as conn:
@@ -71,7 +72,9 @@ def claim_due_webhooks(
         return []
     with Session(engine, expire_on_commit=False) as session:
         batches = list(
-            session.scalars(sa.select(Batch).where(Batch.id.in_(claimed)).order_by(Batch.created_at))
+            session.scalars(
+                sa.select(Batch).where(Batch.id.in_(claimed)).order_by(Batch.created_at, Batch.id)
+            )
         )
     secrets = {tenant_id: webhook_secret(engine, tenant_id) for tenant_id in {b.tenant_id for b in batches}}
     return [

@@ -386,6 +386,23 @@ def test_public_addresses_stay_public(address: str) -> None:
 _HANGING_HOST = "hangs.webhooks.invalid"
 
 
+def hang_dns_of(hanging_host: str, monkeypatch: pytest.MonkeyPatch, *, seconds: float) -> threading.Event:
+    """Make ``socket.getaddrinfo`` hang for ``hanging_host`` as glibc's does when a name server
+    never answers (until ``seconds``, its own timeout, or the event returned is set), then fail
+    with EAI_AGAIN; every other host resolves as before."""
+    real = socket.getaddrinfo
+    released = threading.Event()
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == hanging_host:
+            released.wait(seconds)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return released
+
+
 def test_webhook_hosts_whose_name_server_hangs_fail_no_other_tenants_delivery(
     database_url: str, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -395,16 +412,7 @@ def test_webhook_hosts_whose_name_server_hangs_fail_no_other_tenants_delivery(
     tenant's delivery in the same pass waited behind them until its deadline, failed, and after 8
     such passes was given up. The resolver here hangs for that host as glibc's does when a name
     server never answers: until its own timeout."""
-    real = socket.getaddrinfo
-    resolver_timeout = threading.Event()
-
-    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if host == _HANGING_HOST:
-            resolver_timeout.wait(8)
-            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-        return real(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    resolver_timeout = hang_dns_of(_HANGING_HOST, monkeypatch, seconds=8)
     store.upgrade_to_head(database_url)
     engine = store.make_engine(database_url)
     hostile = store.create_tenant(engine, "hangs-dns").id
@@ -427,16 +435,7 @@ def test_a_delivery_that_got_no_resolver_thread_is_not_counted_as_its_attempt(
     of the pass's resolver. Another tenant's look-up waited in the queue, was never tried, and its
     delivery failed an attempt for it: its backoff doubled each time, and after 8 such passes its
     webhook was given up. Now it is due again soon, its attempts untouched."""
-    real = socket.getaddrinfo
-    released = threading.Event()
-
-    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if host == _HANGING_HOST:
-            released.wait(30)
-            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-        return real(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    released = hang_dns_of(_HANGING_HOST, monkeypatch, seconds=30)
     store.upgrade_to_head(database_url)
     engine = store.make_engine(database_url)
     for index in range(WEBHOOK_RESOLVER_THREADS // WEBHOOK_RESOLVES_PER_OWNER):

@@ -15,7 +15,7 @@ and ``tokenmill worker`` subprocesses on a scratch database, the simulator answe
       then while tenant B's ``--big``-line batch runs, and the ratio of the p99s (target <= 2);
       B's batch is cancelled once A's calls are done (``--only-chat``: (b) alone).
 
-Needs Redis and PostgreSQL as ``bench.throughput`` does (its own redis-server, or
+A ``tokenmill beat`` runs beside them, as in a deployment. Needs Redis and PostgreSQL as ``bench.throughput`` does (its own redis-server, or
 TOKENMILL_BENCH_REDIS_URL, whose logical database is flushed; TOKENMILL_BENCH_PG_URL).
 """
 
@@ -163,6 +163,9 @@ def main() -> None:
     ):
         mill = Tokenmill(sim, url, args.processes, per_process, "{}", redis_url=redis_url)
         try:
+            # The sweeper, as a deployment runs it: a cancel ends the first chunk of a batch's
+            # queued lines in its request and leaves the rest to the sweep (B's batch below).
+            mill._start(mill.env, "beat")
             engine = make_engine(url)
             try:
                 key_b = create_api_key(engine, create_tenant(engine, "tenant-b").id, "bench")

@@ -8,8 +8,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from store.clock import now_seconds
 from store.engine import write_transaction
-from store.ids import new_id, now_seconds
+from store.ids import new_id
 from store.tables import File, FileKind
 
 __all__ = ["create_file", "delete_file", "get_file", "list_files"]

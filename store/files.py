@@ -11,8 +11,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from store.clock import now_seconds
 from store.engine import write_transaction
-from store.ids import new_id, now_seconds
+from store.ids import new_id
 from store.quotas import release_stored_bytes, reserve_stored_bytes
 from store.tables import File, FileKind
 

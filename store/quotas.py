@@ -40,9 +40,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from store.clock import now_seconds
 from store.engine import dialect_insert, write_transaction
 from store.errors import InvalidArgument, NotFound, QuotaExceeded
-from store.ids import now_seconds
 from store.tables import Batch, BatchStatus, Tenant, TenantDailySpend
 
 __all__ = [

@@ -426,7 +426,8 @@ def stored_bytes_exceeded(room: StoredBytes, size: int | None = None) -> QuotaEx
     if size is None and room.left:
         what = f"this file (over the {room.left} bytes left)"
     return QuotaExceeded(
-        f"your files may hold {room.limit} bytes and hold {room.stored} now: no room for {what}; "
+        f"your uploaded files may hold at most {room.limit} bytes (your storage limit) and hold "
+        f"{room.stored} now: no room for {what}; "
         "delete files you no longer need (DELETE /v1/files/{file_id}) or ask your operator to raise "
         "the limit",
         code=FILE_STORAGE_QUOTA_EXCEEDED,

@@ -20,6 +20,7 @@ import logging
 import math
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -173,7 +174,14 @@ def database_unavailable(error: BaseException) -> ServiceUnavailable | None:
     """The answer to ``error`` if it says the ledger is out of reach rather than a bug of ours:
     no connection to be had (refused, pool exhausted), one lost mid-statement (a restart, a
     failover, an operator ending sessions), a statement cancelled or timed out. None otherwise."""
-    out_of_reach = sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError
+    # The driver's own errors too: a bulk load (COPY) runs on the driver, past SQLAlchemy.
+    out_of_reach = (
+        sa_exc.OperationalError
+        | sa_exc.InterfaceError
+        | sa_exc.TimeoutError
+        | psycopg.OperationalError
+        | psycopg.InterfaceError
+    )
     unreachable = isinstance(error, out_of_reach) or (
         isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated
     )

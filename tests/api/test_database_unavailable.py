@@ -5,6 +5,9 @@ retry with the same key runs, once the database is back."""
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,3 +94,61 @@ def test_a_keyed_post_the_database_refused_is_not_kept_and_runs_when_retried(
     retried = client.post("/v1/files", headers=keyed, files=upload, data={"purpose": "batch"})
     assert retried.status_code == 200, retried.text
     assert "idempotent-replayed" not in retried.headers
+
+
+@pytest.fixture
+def api_with_lock_timeout(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    store.upgrade_to_head(postgres_url)
+    engine = store.make_engine(postgres_url)
+    tenant = store.create_tenant(engine, "t")
+    key = create_api_key(engine, tenant.id)
+    engine.dispose()
+    app = create_app(
+        Settings(
+            database_url=postgres_url, broker_url=redis_url, files_dir=tmp_path, api_lock_timeout_seconds=1
+        ),
+        dispatch=lambda engine, batch_id: None,
+    )
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            yield client, {"Authorization": f"Bearer {key}"}
+    finally:
+        app.state.engine.dispose()
+
+
+def test_a_table_locked_by_an_operator_answers_503_within_the_lock_timeout(
+    api_with_lock_timeout: tuple[TestClient, dict[str, str]], postgres_url: str
+) -> None:
+    """An operator's ``LOCK TABLE`` (a migration, ``VACUUM FULL``, a ``CREATE INDEX`` without
+    ``CONCURRENTLY``): each request that needs the table held an API thread until the lock went,
+    minutes perhaps, and with the threads all taken every route of every tenant waited. A lock
+    waited for longer than ``TOKENMILL_API_LOCK_TIMEOUT_SECONDS`` answers 503 instead."""
+    client, auth = api_with_lock_timeout
+    body = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]}
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    upload = {"file": ("in.jsonl", json.dumps(line).encode() + b"\n")}
+    file_id = client.post("/v1/files", headers=auth, files=upload, data={"purpose": "batch"}).json()["id"]
+    create = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    operator = sa.create_engine(normalize_url(postgres_url), poolclass=sa.NullPool)
+    held = operator.connect()
+    held.execute(sa.text("LOCK TABLE requests IN ACCESS EXCLUSIVE MODE"))
+    # The operator lets go after a while: the old API answered then, long after the 1 s bound.
+    letting_go = threading.Timer(10, held.rollback)
+    letting_go.start()
+    try:
+        started = time.monotonic()
+        answer = client.post("/v1/batches", headers=auth, json=create)
+        waited = time.monotonic() - started
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "database_unavailable"
+        assert waited < 5
+    finally:
+        letting_go.cancel()
+        held.rollback()
+        held.close()
+        operator.dispose()
+    # Once the lock is gone, the same create goes through, and it is the only batch.
+    assert client.post("/v1/batches", headers=auth, json=create).status_code == 200
+    assert len(client.get("/v1/batches", headers=auth).json()["data"]) == 1

@@ -77,7 +77,11 @@ def _lock_timeout(settings: Settings) -> dict[str, Any]:
     if url.get_backend_name() != "postgresql" or settings.api_lock_timeout_seconds <= 0:
         return {}
     milliseconds = max(1, round(settings.api_lock_timeout_seconds * 1000))
-    return {"connect_args": {"options": f"-c lock_timeout={milliseconds}"}}
+    # After the URL's own options, which connect_args would otherwise replace. (Behind PgBouncer:
+    # its ignore_startup_parameters must list options, or set the timeout to 0.)
+    given = url.query.get("options")
+    given = given if isinstance(given, str) else " ".join(given or ())
+    return {"connect_args": {"options": f"{given} -c lock_timeout={milliseconds}".strip()}}
 
 
 def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = None) -> FastAPI:

@@ -40,7 +40,6 @@ from api.errors import (
     ServiceUnavailable,
     Unauthenticated,
 )
-from store.ids import now_seconds
 
 __all__ = ["IdempotencyKeyReused", "IdempotencyKeys", "request_hash"]
 
@@ -220,7 +219,7 @@ class IdempotencyKeys:
                 headers.get("content-type", ""),
                 body,
             )
-            now = now_seconds()
+            now = int(time.time())
             retention = settings.idempotency_retention_seconds
             claim = await run_in_threadpool(
                 store.claim_idempotency_key,

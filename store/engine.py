@@ -21,7 +21,6 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
-from store.ids import set_ledger_clock_offset
 from store.log_redaction import install_log_redaction
 
 __all__ = [
@@ -99,7 +98,6 @@ def make_engine(url: str | sa.URL, *, idle_ping_seconds: float = IDLE_PING_SECON
         kwargs.setdefault("pool_use_lifo", True)
     engine = sa.create_engine(parsed, pool_pre_ping=ping_every_checkout, **kwargs)
     _renew_read_only_connections(engine)
-    _follow_the_ledger_clock(engine)
     if not ping_every_checkout:
         _ping_connections_idle_since(engine, idle_ping_seconds)
     return engine
@@ -130,45 +128,6 @@ def _renew_read_only_connections(engine: Engine) -> None:
             context.is_disconnect = True
 
 
-_LEDGER_CLOCK = "SELECT extract(epoch FROM clock_timestamp())::float8"
-
-
-def _read_ledger_clock(dbapi_connection: Any) -> None:
-    """Read PostgreSQL's clock on ``dbapi_connection`` (in autocommit, as the dialect's ping:
-    nothing of a transaction is left behind) and set this process's offset to it
-    (``store.ids.now_seconds``), taking the round trip's midpoint as the moment it was read."""
-    before_autocommit = dbapi_connection.autocommit
-    if not before_autocommit:
-        dbapi_connection.autocommit = True
-    try:
-        with dbapi_connection.cursor() as cursor:
-            sent = time.time()
-            cursor.execute(_LEDGER_CLOCK)
-            [ledger_seconds] = cursor.fetchone()
-            received = time.time()
-    finally:
-        if not before_autocommit and not dbapi_connection.closed:
-            dbapi_connection.autocommit = before_autocommit
-    set_ledger_clock_offset(float(ledger_seconds) - (sent + received) / 2)
-
-
-def _follow_the_ledger_clock(engine: Engine) -> None:
-    """Keep ``now_seconds`` on PostgreSQL's clock: read on every new connection (and, by
-    ``_ping_connections_idle_since``, on every ping), so a host's clock stepped while the
-    process runs is caught up within a ping."""
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        _read_ledger_clock(dbapi_connection)
-
-    # Now, not at the first statement: a claim computes its lease before it connects. The
-    # connection stays pooled (a prefork child drops its parent's pool, see the module's doc).
-    try:
-        engine.connect().close()
-    except sa.exc.DBAPIError as error:  # out of reach now: read when it is reached
-        _logger.warning("the ledger's clock could not be read yet: %s", type(error.orig).__name__)
-
-
 def _ping_connections_idle_since(engine: Engine, seconds: float) -> None:
     """Ping a pooled connection before use only when it sat idle ``seconds`` or more.
 
@@ -190,8 +149,7 @@ def _ping_connections_idle_since(engine: Engine, seconds: float) -> None:
             return  # new (just connected), or used a moment ago
         dbapi_error: type[Exception] = engine.dialect.loaded_dbapi.Error
         try:
-            _read_ledger_clock(dbapi_connection)  # a ping that also reads the ledger's clock
-            alive = True
+            alive = engine.dialect.do_ping(dbapi_connection)
         except dbapi_error as error:
             if not connection_is_lost(engine, error, dbapi_connection):
                 raise

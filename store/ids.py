@@ -6,15 +6,11 @@ import secrets
 import threading
 import time
 
-__all__ = ["ledger_time", "new_id", "now_seconds", "set_ledger_clock_offset"]
+__all__ = ["new_id", "now_seconds"]
 
 _RANDOM_BITS = 80
 _lock = threading.Lock()
 _last = (0, 0)  # (milliseconds, random part) of the last id this process made
-# The ledger's clock less this host's, in seconds (``store.engine`` reads PostgreSQL's clock on
-# each new connection and each ping): leases, hand-backs and sweeps written by processes on many
-# hosts compare on one clock, whatever each host's says.
-_ledger_clock_offset = 0.0
 
 
 def new_id(prefix: str) -> str:
@@ -39,17 +35,5 @@ def new_id(prefix: str) -> str:
     return f"{prefix}{milliseconds:012x}{random_part:020x}"
 
 
-def set_ledger_clock_offset(seconds: float) -> None:
-    global _ledger_clock_offset
-    _ledger_clock_offset = seconds
-
-
-def ledger_time() -> float:
-    """Seconds since the epoch by the ledger's clock (this host's when it has not read it)."""
-    return time.time() + _ledger_clock_offset
-
-
 def now_seconds() -> int:
-    """Whole seconds since the epoch by the ledger's clock: what every time the ledger keeps and
-    compares (leases, not_before, deadlines, expiries) is written with."""
-    return int(ledger_time())
+    return int(time.time())

@@ -38,7 +38,6 @@ def pooled_on_a_read_only_server(postgres_url: str) -> Iterator[Engine]:
     try:
         with admin.connect() as conn:
             conn.execute(sa.text(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'))
-        engine.dispose()  # the connection it opened to read the ledger's clock was writable
         held = [engine.connect() for _ in range(2)]
         for conn in held:
             assert conn.execute(sa.text("SHOW transaction_read_only")).scalar_one() == "on"

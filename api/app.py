@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from typing import Any
 
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -17,6 +18,7 @@ from api.limits import BodySizeLimit
 from api.routes import agent_runs, batches, chat, files, health, metrics, model_catalog, usage, webhook_secret
 from api.routes.batches import Dispatch
 from config import Settings, get_settings
+from store.engine import normalize_url
 from telemetry import tracing
 from telemetry.known_models import KnownModels
 from telemetry.ledger_metrics import LedgerCollector
@@ -69,6 +71,19 @@ ROUTERS = (
 )
 
 
+def _lock_timeout(settings: Settings) -> dict[str, Any]:
+    """The engine's arguments that bound each statement's wait for a lock, on PostgreSQL."""
+    url = normalize_url(settings.database_url)
+    if url.get_backend_name() != "postgresql" or settings.api_lock_timeout_seconds <= 0:
+        return {}
+    milliseconds = max(1, round(settings.api_lock_timeout_seconds * 1000))
+    # After the URL's own options, which connect_args would otherwise replace. (Behind PgBouncer:
+    # its ignore_startup_parameters must list options, or set the timeout to 0.)
+    given = url.query.get("options")
+    given = given if isinstance(given, str) else " ".join(given or ())
+    return {"connect_args": {"options": f"{given} -c lock_timeout={milliseconds}".strip()}}
+
+
 def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = None) -> FastAPI:
     """Build the API. Refuses (``store.SchemaBehind``) a database whose schema is behind the code.
 
@@ -76,7 +91,7 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     ``workers``."""
     settings = settings or get_settings()
     tracing.configure(settings, "tokenmill-api")
-    engine = store.make_engine(settings.database_url, pool_size=API_POOL_SIZE)
+    engine = store.make_engine(settings.database_url, pool_size=API_POOL_SIZE, **_lock_timeout(settings))
     store.require_schema_at_head(engine)
     # The same tools as the workers, so that an agent run naming an unknown one is refused at create.
     load_tool_modules(settings.tool_modules)

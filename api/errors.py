@@ -11,7 +11,7 @@ official ``openai`` SDK maps to its own exception classes, and a message that na
     ├── PayloadTooLarge       413
     ├── RateLimitExceeded     429  (also a tenant's quota: ``over_quota``)
     ├── UpstreamFailed        502  (the model provider failed for a synchronous request)
-    └── ServiceUnavailable    503  (database behind its schema, broker unreachable)
+    └── ServiceUnavailable    503  (database behind its schema or out of reach, broker unreachable)
 """
 
 from __future__ import annotations
@@ -20,15 +20,18 @@ import logging
 import math
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from store.errors import QuotaExceeded
 from store.ingest import MAX_ERROR_MESSAGE_CHARS
 from store.input_checks import bounded_text
+from store.log_redaction import redacted_error_text
 from store.quotas import DAILY_BUDGET_EXCEEDED, FILE_STORAGE_QUOTA_EXCEEDED, seconds_to_next_budget_day
 
 __all__ = [
@@ -45,6 +48,7 @@ __all__ = [
     "Unauthenticated",
     "UpstreamFailed",
     "api_error_response",
+    "database_unavailable",
     "error_body",
     "install_error_handlers",
     "over_quota",
@@ -168,6 +172,33 @@ class InsufficientStorage(APIError):
     default_code = "insufficient_storage"
 
 
+# How long a client is told to wait when the ledger is out of reach: a restart or a failover
+# takes seconds, and the SDK retries a 503 after that.
+DATABASE_RETRY_AFTER_SECONDS = 2.0
+
+
+def database_unavailable(error: BaseException) -> ServiceUnavailable | None:
+    """The answer to ``error`` if it says the ledger is out of reach rather than a bug of ours:
+    no connection to be had (refused, pool exhausted), one lost mid-statement (a restart, a
+    failover, an operator ending sessions), a statement cancelled or timed out. None otherwise."""
+    # The driver's own errors too: a bulk load (COPY) runs on the driver, past SQLAlchemy.
+    out_of_reach = (
+        sa_exc.OperationalError
+        | sa_exc.InterfaceError
+        | sa_exc.TimeoutError
+        | psycopg.OperationalError
+        | psycopg.InterfaceError
+    )
+    unreachable = isinstance(error, out_of_reach) or (
+        isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated
+    )
+    if not unreachable:
+        return None
+    answer = ServiceUnavailable("the database is unavailable; retry later", code="database_unavailable")
+    answer.retry_after = DATABASE_RETRY_AFTER_SECONDS
+    return answer
+
+
 def api_error_response(exc: APIError) -> JSONResponse:
     """The answer to an ``APIError``: its body, its status, ``WWW-Authenticate`` on a 401, the
     work a 5xx is bound to (``BOUND_TO_HEADER``) and, when final, ``x-should-retry: false``."""
@@ -229,6 +260,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Here, not as a handler of its own: the Idempotency-Key middleware's statements fail
+        # outside the routes, and only this handler sees those.
+        unavailable = database_unavailable(exc)
+        if unavailable is not None:
+            logger.warning("the database is unavailable: %s", redacted_error_text(exc))
+            return api_error_response(unavailable)
         logger.exception("unhandled error in the API", exc_info=exc)
         return JSONResponse(
             error_body("internal error; it has been logged", "server_error", code="internal_error"),

@@ -40,6 +40,7 @@ from api.errors import (
     ServiceUnavailable,
     Unauthenticated,
 )
+from store.clock import now_seconds
 
 __all__ = ["IdempotencyKeyReused", "IdempotencyKeys", "request_hash"]
 
@@ -219,7 +220,7 @@ class IdempotencyKeys:
                 headers.get("content-type", ""),
                 body,
             )
-            now = int(time.time())
+            now = now_seconds()  # the ledger's clock, as every expiry it keeps (store.clock)
             retention = settings.idempotency_retention_seconds
             claim = await run_in_threadpool(
                 store.claim_idempotency_key,

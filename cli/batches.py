@@ -87,8 +87,8 @@ def submit(
         enqueue_batch(producer_dispatcher(engine), report.batch_id)
     except BROKER_UNREACHABLE as e:  # workers.enqueue: the batch waits in the ledger for the sweeper
         console.print(
-            f"[yellow]the broker did not answer ({type(e).__name__}): {report.batch_id} is queued in the "
-            "ledger, and `tokenmill beat` sends it once the broker is back[/yellow]"
+            f"[yellow]the broker did not take the messages ({type(e).__name__}): {report.batch_id} is "
+            "queued in the ledger, and `tokenmill beat` sends it once the broker is back[/yellow]"
         )
     typer.echo(report.batch_id)
 

@@ -207,6 +207,11 @@ class Settings(BaseSettings):
     # API renews, and a batch failed if that API process dies.
     max_validating_batches_per_tenant: int = Field(default=16, ge=1)
     sync_timeout_seconds: float = Field(default=600.0, gt=0, description="POST /v1/chat/completions wait")
+    # The longest the API's statements wait for a lock (PostgreSQL's lock_timeout; 0: no bound).
+    # An operator's LOCK TABLE, VACUUM FULL or CREATE INDEX held each request that needed the
+    # table, and with the API's threads all taken every route of every tenant; past this it
+    # answers 503 database_unavailable. Far above what the API's writes wait for one another.
+    api_lock_timeout_seconds: float = Field(default=10.0, ge=0)
     # How long a POST's answer is kept for a retry with the same Idempotency-Key.
     idempotency_retention_seconds: int = Field(default=24 * 3600, ge=60)
     files_dir: Path = Field(default=Path("./.tokenmill/files"))

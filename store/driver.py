@@ -29,6 +29,8 @@ from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 from sqlalchemy.engine import Engine
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from store.engine import connection_is_lost
+
 __all__ = ["DriverStatement"]
 
 _DIALECT = psycopg_dialect.dialect()  # type: ignore[no-untyped-call]
@@ -90,7 +92,7 @@ class DriverStatement:
                     if not driver.broken:
                         driver.autocommit = False
             except psycopg.Error as error:
-                dead = engine.dialect.is_disconnect(error, connection, None)  # type: ignore[arg-type]
+                dead = connection_is_lost(engine, error, connection)
                 if dead:
                     # As SQLAlchemy's own error handling does: the pool's other connections are
                     # renewed too (at their next checkout), for a restart or an operator ended

@@ -29,6 +29,7 @@ __all__ = [
     "SQLITE_BUSY_TIMEOUT_MS",
     "again_if_disconnected",
     "autocommit_connection",
+    "connection_is_lost",
     "dialect_insert",
     "flush_with_next_durable_commit",
     "is_postgresql",
@@ -47,6 +48,10 @@ _logger = logging.getLogger(__name__)
 P = ParamSpec("P")
 T = TypeVar("T")
 _WRITE_OPTION = "tokenmill_write"
+# SQLSTATE read_only_sql_transaction: a session on a server that cannot write (the old primary
+# after a failover, a replica behind the writer's name). New sessions reach the primary; this
+# one never will.
+_READ_ONLY_SQLSTATE = "25006"
 
 
 def normalize_url(url: str | sa.URL) -> sa.URL:
@@ -93,10 +98,36 @@ def make_engine(url: str | sa.URL, *, idle_ping_seconds: float = IDLE_PING_SECON
         # connection only at its fifth run there).
         kwargs.setdefault("pool_use_lifo", True)
     engine = sa.create_engine(parsed, pool_pre_ping=ping_every_checkout, **kwargs)
+    _renew_read_only_connections(engine)
     if not ping_every_checkout:
         _ping_connections_idle_since(engine, idle_ping_seconds)
     track_database_clock(engine)  # after the ping: a checkout measures on a live connection
     return engine
+
+
+def connection_is_lost(engine: Engine, error: BaseException, dbapi_connection: Any) -> bool:
+    """Whether ``error`` (the driver's) shows ``dbapi_connection`` useless: the dialect's
+    disconnects, and a session left read-only by a failover, whose every write would fail until
+    the process restarted. Such a connection is invalidated with the whole pool (the others went
+    to the same server), and ``again_if_disconnected`` goes once more on a fresh one."""
+    if _left_read_only(error):
+        return True
+    return bool(engine.dialect.is_disconnect(error, dbapi_connection, None))  # type: ignore[arg-type]
+
+
+def _left_read_only(error: BaseException) -> bool:
+    return getattr(error, "sqlstate", None) == _READ_ONLY_SQLSTATE
+
+
+def _renew_read_only_connections(engine: Engine) -> None:
+    """For SQLAlchemy's own statements (``store.driver`` asks ``connection_is_lost``): a session
+    left read-only counts as a disconnect, so SQLAlchemy invalidates the pool and says so
+    (``connection_invalidated``)."""
+
+    @event.listens_for(engine, "handle_error")
+    def _on_error(context: sa.engine.ExceptionContext) -> None:
+        if _left_read_only(context.original_exception):
+            context.is_disconnect = True
 
 
 def _ping_connections_idle_since(engine: Engine, seconds: float) -> None:
@@ -122,7 +153,7 @@ def _ping_connections_idle_since(engine: Engine, seconds: float) -> None:
         try:
             alive = engine.dialect.do_ping(dbapi_connection)
         except dbapi_error as error:
-            if not engine.dialect.is_disconnect(error, dbapi_connection, None):  # type: ignore[arg-type]
+            if not connection_is_lost(engine, error, dbapi_connection):
                 raise
             alive = False
         if not alive:

@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import redis
+
 from store import batch_progress, make_engine
 from tests import services
 from tests.cluster import ROOT, run_cli
@@ -53,3 +56,43 @@ def test_submit_with_the_broker_down_gives_the_id_of_a_batch_left_queued(
     finally:
         engine.dispose()
     assert (progress.total, progress.queued) == (3, 3)
+
+
+def test_submit_with_the_broker_refusing_writes_gives_the_id_of_a_batch_left_queued(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """A broker that answers but refuses every write (``maxmemory`` reached with ``noeviction``:
+    OOM; a Redis replica after a failover: READONLY; a full disk: MISCONF) is as good as down: the
+    batch, already in the ledger, waits for the sweeper, and the producer is told its id. It
+    crashed with a traceback instead, without the id, and a producer that ran it again paid for a
+    second batch."""
+    url = services._start_redis(services.redis_server_binary())
+    assert url is not None
+    broker = redis.Redis.from_url(url)
+    try:
+        broker.config_set("maxmemory-policy", "noeviction")
+        broker.config_set("maxmemory", "1")
+        with pytest.raises(redis.exceptions.ResponseError, match="maxmemory"):
+            broker.set("probe", "1")
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "TOKENMILL_DATABASE_URL": postgres_url,
+            "TOKENMILL_BROKER_URL": url,
+        }
+        assert run_cli(env, "db", "upgrade").returncode == 0
+        source = tmp_path / "in.jsonl"
+        source.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(3)))
+        submitted = run_cli(env, "submit", str(source), "--model", "sim-model")
+        assert submitted.returncode == 0, submitted.stderr
+        assert "`tokenmill beat` sends it" in " ".join(submitted.stderr.split())
+        batch_id = submitted.stdout.strip()
+        engine = make_engine(postgres_url)
+        try:
+            progress = batch_progress(engine, batch_id)
+        finally:
+            engine.dispose()
+        assert (progress.total, progress.queued) == (3, 3)
+    finally:
+        broker.shutdown(nosave=True)
+        broker.close()

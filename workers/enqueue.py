@@ -5,10 +5,10 @@ Like arq's ``connections.py`` it imports no task, runner or model client: messag
 by task name (``workers.constants``), so a producer loads Celery's client, the broker's Redis and
 the ledger, not the worker.
 
-One policy for a broker that does not answer (``BROKER_UNREACHABLE``): the requests are committed
-in the ledger before any message names them, and stay queued; the sweeper (``tokenmill beat``)
-sends them once the broker is back. So a producer answers with the batch's id, never with an
-error for the batch, and says that it waits for the broker.
+One policy for a broker that does not answer or refuses writes (``BROKER_UNREACHABLE``): the
+requests are committed in the ledger before any message names them, and stay queued; the sweeper
+(``tokenmill beat``) sends them once the broker is back. So a producer answers with the batch's
+id, never with an error for the batch, and says that it waits for the broker.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from workers.dispatch import PUBLISH_GROUP, Dispatcher
 
 __all__ = ["BROKER_UNREACHABLE", "enqueue_batch", "make_dispatcher", "producer_dispatcher"]
 
-# What a broker that does not answer raises: from its Redis client (the dispatch markers) or from
-# Celery's publisher.
+# What a broker that does not answer raises, from its Redis client (the dispatch markers) or from
+# Celery's publisher; and one that answers but refuses writes (``maxmemory`` reached under
+# ``noeviction``: OOM; a replica after a failover: READONLY; a disk it cannot save to: MISCONF),
+# which is as good as down: the batch is in the ledger either way, and the sweeper sends it.
 BROKER_UNREACHABLE: tuple[type[Exception], ...] = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
+    redis.exceptions.RedisError,
     kombu.exceptions.OperationalError,
 )
 

@@ -45,11 +45,13 @@ from api.errors import (
     ServiceUnavailable,
     UpstreamFailed,
     api_error_response,
+    database_unavailable,
     over_quota,
 )
 from api.routes.single_request import json_object_body
 from config import Settings
 from models.openai.results import NON_TEXT_PARTS, RESPONSE_INVALID, RESPONSE_TOO_LARGE, USAGE_INVALID
+from store.engine import again_if_disconnected
 from store.ids import new_id
 from store.interactive import (
     InteractiveOutcome,
@@ -59,6 +61,7 @@ from store.interactive import (
     lease_lapsed,
     submit_interactive_for_key,
 )
+from store.log_redaction import redacted_error_text
 from store.results import UNRECORDABLE
 from telemetry import tracing
 from workers.lane_transport import LaneMessage, LaneTransport, StreamEntry, lane_dispatch_id
@@ -235,7 +238,19 @@ async def _cancel_after_timeout(
     Idempotency-Key when nothing ran, bound to the call when one already upstream goes on (and is
     billed), so that a retry replays this answer rather than paying again. Returns the outcome
     when the call ended by itself meanwhile."""
-    batch = await run_in_threadpool(store.cancel_batch, engine, submitted.batch_id)
+    try:
+        batch = await run_in_threadpool(store.cancel_batch, engine, submitted.batch_id)
+    except Exception as error:
+        if database_unavailable(error) is None:
+            raise
+        # Not cancelled: the call may be with the provider, and billed. Bound to it, so that a
+        # retry with the same Idempotency-Key replays this rather than pays again.
+        raise ServiceUnavailable(
+            f"no result within {seconds:.0f} s, and the ledger is out of reach: request "
+            f"{submitted.request_id} may have been sent to the model provider, and is then billed",
+            code="database_unavailable",
+            bound_to=submitted.batch_id,
+        ) from error
     if batch.status == store.BatchStatus.CANCELLED:
         outcome = await run_in_threadpool(interactive_outcome, engine, submitted.request_id)
         if outcome is not None and outcome.status is not store.RequestStatus.CANCELLED:
@@ -252,6 +267,23 @@ async def _cancel_after_timeout(
             bound_to=submitted.batch_id,
         )
     return outcome
+
+
+async def _outcome_while_running(engine: Engine, request_id: str) -> InteractiveOutcome | None:
+    """The ledger's outcome of a call sent to the lane; None while it runs, and while the ledger
+    is out of reach (a restart, a failover): the call goes on meanwhile, with the provider and
+    billed, so the wait goes on too, and its worker's reply or a later read tells how it ended (an
+    error here freed the caller's Idempotency-Key, and its retry paid again). A read whose
+    connection died under it goes once more at once."""
+    try:
+        return await run_in_threadpool(again_if_disconnected, interactive_outcome, engine, request_id)
+    except Exception as error:
+        if database_unavailable(error) is None:
+            raise
+        logger.warning(
+            "the ledger is out of reach while request %s runs: %s", request_id, redacted_error_text(error)
+        )
+        return None
 
 
 async def _wait(
@@ -276,7 +308,7 @@ async def _wait(
                 reply = None  # the ledger below says what happened
         if reply is not None and not reply.get("ledger"):
             return InteractiveOutcome.from_json(reply)
-        outcome = await run_in_threadpool(interactive_outcome, engine, request_id)
+        outcome = await _outcome_while_running(engine, request_id)
         if outcome is not None:
             return outcome
         if await request.is_disconnected():
@@ -527,7 +559,7 @@ class _StreamRelay:
             if entries:
                 self.after = entries[-1].entry_id
                 return entries
-            outcome = await run_in_threadpool(interactive_outcome, self.engine, request_id)
+            outcome = await _outcome_while_running(self.engine, request_id)
             if outcome is not None:
                 # Ended in the ledger: whatever the stream still holds came before (ledger first).
                 try:
@@ -538,7 +570,13 @@ class _StreamRelay:
                     self.after = entries[-1].entry_id
                     return entries
                 return outcome
-            if await run_in_threadpool(_lost, self.engine, self.submitted):
+            try:
+                lost = await run_in_threadpool(_lost, self.engine, self.submitted)
+            except Exception as error:
+                if database_unavailable(error) is None:
+                    raise
+                lost = False  # the ledger out of reach: asked again after the next slice
+            if lost:
                 return InteractiveOutcome(
                     request_id,
                     store.RequestStatus.CANCELLED,

@@ -1,0 +1,154 @@
+"""The ledger out of reach (PostgreSQL restarting, failing over, refusing connections): the API
+answers 503 ``database_unavailable`` with a Retry-After, a named error the SDK retries, not a 500
+``internal_error`` (which says a bug of ours). Nothing was kept under an Idempotency-Key then: the
+retry with the same key runs, once the database is back."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from fastapi.testclient import TestClient
+
+import store
+from api.app import create_app
+from config import Settings
+from store.engine import normalize_url
+from store.tenants import create_api_key
+from tests import services
+
+
+class Ledger:
+    def __init__(self, url: str) -> None:
+        self.name = sa.make_url(url).database
+        admin_url = normalize_url(services.postgres_admin_url())
+        self.admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+
+    def refuse_connections(self) -> None:
+        """As a server restarting: every session ended, new ones refused."""
+        with self.admin.connect() as conn:
+            conn.execute(sa.text(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS false'))
+            others = "FROM pg_stat_activity WHERE datname = :name AND pid <> pg_backend_pid()"
+            conn.execute(sa.text(f"SELECT pg_terminate_backend(pid) {others}"), {"name": self.name})
+            while conn.execute(sa.text(f"SELECT count(*) {others}"), {"name": self.name}).scalar_one():
+                pass  # gone once the server says so
+
+    def accept_connections(self) -> None:
+        with self.admin.connect() as conn:
+            conn.execute(sa.text(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS true'))
+
+
+@pytest.fixture
+def api(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> Iterator[tuple[TestClient, dict[str, str], Ledger]]:
+    store.upgrade_to_head(postgres_url)
+    engine = store.make_engine(postgres_url)
+    tenant = store.create_tenant(engine, "t")
+    key = create_api_key(engine, tenant.id)
+    engine.dispose()
+    app = create_app(
+        Settings(database_url=postgres_url, broker_url=redis_url, files_dir=tmp_path),
+        dispatch=lambda engine, batch_id: None,
+    )
+    ledger = Ledger(postgres_url)
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            yield client, {"Authorization": f"Bearer {key}"}, ledger
+    finally:
+        ledger.accept_connections()
+        app.state.engine.dispose()
+        ledger.admin.dispose()
+
+
+def test_a_database_out_of_reach_answers_503_database_unavailable(
+    api: tuple[TestClient, dict[str, str], Ledger],
+) -> None:
+    client, auth, ledger = api
+    assert client.get("/v1/batches", headers=auth).status_code == 200
+    ledger.refuse_connections()
+    for _ in range(2):  # the pooled connection found dead, then no connection to be had
+        answer = client.get("/v1/batches", headers=auth)
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "database_unavailable"
+        assert answer.json()["error"]["type"] == "server_error"
+        assert int(answer.headers["retry-after"]) >= 1
+
+
+def test_a_keyed_post_the_database_refused_is_not_kept_and_runs_when_retried(
+    api: tuple[TestClient, dict[str, str], Ledger],
+) -> None:
+    client, auth, ledger = api
+    keyed = {**auth, "Idempotency-Key": "upload-1"}
+    upload = {"file": ("in.jsonl", b'{"custom_id": "a", "prompt": "hi"}\n')}
+    ledger.refuse_connections()
+    refused = client.post("/v1/files", headers=keyed, files=upload, data={"purpose": "batch"})
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "database_unavailable"
+    ledger.accept_connections()
+    retried = client.post("/v1/files", headers=keyed, files=upload, data={"purpose": "batch"})
+    assert retried.status_code == 200, retried.text
+    assert "idempotent-replayed" not in retried.headers
+
+
+@pytest.fixture
+def api_with_lock_timeout(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    store.upgrade_to_head(postgres_url)
+    engine = store.make_engine(postgres_url)
+    tenant = store.create_tenant(engine, "t")
+    key = create_api_key(engine, tenant.id)
+    engine.dispose()
+    app = create_app(
+        Settings(
+            database_url=postgres_url, broker_url=redis_url, files_dir=tmp_path, api_lock_timeout_seconds=1
+        ),
+        dispatch=lambda engine, batch_id: None,
+    )
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            yield client, {"Authorization": f"Bearer {key}"}
+    finally:
+        app.state.engine.dispose()
+
+
+def test_a_table_locked_by_an_operator_answers_503_within_the_lock_timeout(
+    api_with_lock_timeout: tuple[TestClient, dict[str, str]], postgres_url: str
+) -> None:
+    """An operator's ``LOCK TABLE`` (a migration, ``VACUUM FULL``, a ``CREATE INDEX`` without
+    ``CONCURRENTLY``): each request that needs the table held an API thread until the lock went,
+    minutes perhaps, and with the threads all taken every route of every tenant waited. A lock
+    waited for longer than ``TOKENMILL_API_LOCK_TIMEOUT_SECONDS`` answers 503 instead."""
+    client, auth = api_with_lock_timeout
+    body = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]}
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    upload = {"file": ("in.jsonl", json.dumps(line).encode() + b"\n")}
+    file_id = client.post("/v1/files", headers=auth, files=upload, data={"purpose": "batch"}).json()["id"]
+    create = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    operator = sa.create_engine(normalize_url(postgres_url), poolclass=sa.NullPool)
+    held = operator.connect()
+    held.execute(sa.text("LOCK TABLE requests IN ACCESS EXCLUSIVE MODE"))
+    # The operator lets go after a while: the old API answered then, long after the 1 s bound.
+    letting_go = threading.Timer(10, held.rollback)
+    letting_go.start()
+    try:
+        started = time.monotonic()
+        answer = client.post("/v1/batches", headers=auth, json=create)
+        waited = time.monotonic() - started
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "database_unavailable"
+        assert waited < 5
+    finally:
+        letting_go.cancel()
+        held.rollback()
+        held.close()
+        operator.dispose()
+    # Once the lock is gone, the same create goes through, and it is the only batch.
+    assert client.post("/v1/batches", headers=auth, json=create).status_code == 200
+    assert len(client.get("/v1/batches", headers=auth).json()["data"]) == 1

@@ -75,6 +75,22 @@ def test_a_lease_written_by_a_host_running_behind_is_not_lapsed_at_once(
         engine.dispose()
 
 
+def test_the_first_read_before_any_connection_is_by_the_servers_clock(
+    postgres_url: str, skew: Callable[[float], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker's first claim computes its lease before its statement connects: that read must not
+    # be this host's clock (16 first leases of a worker two minutes behind were, end to end).
+    store.upgrade_to_head(postgres_url)
+    monkeypatch.setattr(store.clock, "_checked_at", None)
+    monkeypatch.setattr(store.clock, "_first_tried_at", None)
+    skew(-40.0)
+    engine = store.make_engine(postgres_url)
+    try:
+        assert abs(store.clock.now_seconds() - _server_now(engine)) <= 1
+    finally:
+        engine.dispose()
+
+
 def test_a_clock_stepped_since_is_measured_again(
     postgres_url: str, skew: Callable[[float], None], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -85,6 +85,7 @@ Agent conversations and agent state::
     append_messages(engine, conversation_id, messages, *, run_id=None, tenant_id=None) -> int  # length
     load_conversation(engine, conversation_id, *, tenant_id=None, before_run=None) -> list[LLMMessage]
     # a run_id appends once (a redone run appends nothing); before_run reads what that run first saw
+    check_conversation(engine, conversation_id, *, tenant_id)   # ConversationNotFound, nothing loaded
     get_agent_run(engine, request_id, tenant_id) -> AgentRunRecord | None   # request + result rows
     load_agent_state(engine, agent_type, agent_key, tenant_id=None) -> dict | None
     get_agent_state(engine, agent_type, agent_key, tenant_id=None) -> StoredAgentState | None
@@ -149,7 +150,12 @@ if TYPE_CHECKING:
         get_batch,
         list_batches,
     )
-    from store.conversations import append_messages, create_conversation, load_conversation
+    from store.conversations import (
+        append_messages,
+        check_conversation,
+        create_conversation,
+        load_conversation,
+    )
     from store.engine import make_engine
     from store.errors import (
         AgentStateConflict,
@@ -316,6 +322,7 @@ else:
         "get_batch": "store.batches",
         "list_batches": "store.batches",
         "append_messages": "store.conversations",
+        "check_conversation": "store.conversations",
         "create_conversation": "store.conversations",
         "load_conversation": "store.conversations",
         "make_engine": "store.engine",
@@ -523,6 +530,7 @@ __all__ = [
     "batch_statuses",
     "cancel_batch",
     "cancel_claimed",
+    "check_conversation",
     "check_file_storage",
     "check_tenant_quotas",
     "claim_agent_message",

@@ -75,7 +75,7 @@ Output and usage::
     with_bytes(engine, files) -> files                       # output/error files' sizes measured
     batch_file_ids(batch_id) -> tuple[str, str]              # (output_file_id, error_file_id)
     usage_report(engine, tenant_id=None, group_by=("model", "day"), since=None, until=None,
-                 batch_id=None) -> list[UsageRow]
+                 batch_id=None, max_rows=None) -> list[UsageRow]   # InvalidArgument past max_rows
     set_price(engine, model, input_per_million, cached_input_per_million, output_per_million)
     get_prices(engine) -> dict[str, ModelPrice] ; price_for(prices, model) -> ModelPrice | None
 

@@ -79,3 +79,19 @@ async def test_continuing_a_long_conversation_does_not_load_it_in_the_api(
     assert long - short < 0.1, (
         f"a create continuing 60,000 messages: {long:.3f} s of CPU, one message {short:.3f} s"
     )
+
+
+async def test_a_tool_timeout_past_the_bound_is_refused(
+    api: tuple[httpx.AsyncClient, dict[str, str]],
+) -> None:
+    """A run holds its worker slot while a tool call runs; with a timeout of days, a tool that can
+    be made to hang (one fetching a URL the tenant names) held the slot for good, and enough such
+    runs held every worker's slots: every tenant's work waited. At most 600 s, else 400."""
+    client, headers = api
+    body: dict[str, Any] = {"model": "sim-model", "input": "hi", "tools": ["calculator"]}
+    refused = await client.post("/v1/agent_runs", headers=headers, json={**body, "tool_timeout_seconds": 1e6})
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert (error["code"], error["param"]) == ("invalid_agent_run", "tool_timeout_seconds")
+    taken = await client.post("/v1/agent_runs", headers=headers, json={**body, "tool_timeout_seconds": 600})
+    assert taken.status_code == 200, taken.text

@@ -28,9 +28,11 @@ FILE_STORAGE_QUOTA_EXCEEDED = "file_storage_quota_exceeded"
 def _stored_upload_bytes(conn: Connection, tenant_id: str) -> int:
     """What the tenant's uploaded files hold on disk (output and error files live in SQL)."""
     total = conn.execute(
-        sa.select(sa.func.sum(File.bytes)).where(File.tenant_id == tenant_id, File.kind == FileKind.UPLOAD)
+        sa.select(sa.func.coalesce(sa.func.sum(File.bytes), 0)).where(
+            File.tenant_id == tenant_id, File.kind == FileKind.UPLOAD
+        )
     ).scalar_one()
-    return int(total or 0)
+    return int(total)
 
 
 def _refuse_over_storage(stored: int, adding: int, max_bytes: int) -> None:

@@ -73,9 +73,7 @@ def assert_over_storage(answer: httpx.Response) -> None:
     assert answer.headers.get("x-should-retry") == "false"  # only deleting files frees room
 
 
-async def test_a_tenant_past_its_file_storage_is_refused_and_others_upload_as_before(
-    tenants: Tenants,
-) -> None:
+async def test_a_tenant_past_its_file_storage_is_refused_and_others_upload_as_before(tenants: Tenants) -> None:
     kept = [await upload(tenants.first) for _ in range(2)]
     assert [answer.status_code for answer in kept] == [200, 200]
     for _ in range(3):  # was: every upload kept, without end

@@ -27,7 +27,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from store.errors import QuotaExceeded
-from store.files import FILE_STORAGE_QUOTA_EXCEEDED
 from store.ingest import MAX_ERROR_MESSAGE_CHARS
 from store.input_checks import bounded_text
 from store.quotas import DAILY_BUDGET_EXCEEDED, seconds_to_next_budget_day
@@ -134,11 +133,8 @@ class RateLimitExceeded(APIError):
 
 def over_quota(error: QuotaExceeded) -> RateLimitExceeded:
     """A create refused by the tenant's quotas (``store.quotas``): 429, the quota's code
-    (``queued_requests_quota_exceeded``, ``queued_tokens_quota_exceeded``, ``daily_budget_exceeded``,
-    ``file_storage_quota_exceeded``)."""
+    (``queued_requests_quota_exceeded``, ``queued_tokens_quota_exceeded``, ``daily_budget_exceeded``)."""
     refused = RateLimitExceeded(str(error), code=error.code)
-    if error.code == FILE_STORAGE_QUOTA_EXCEEDED:
-        refused.final = True  # frees only as the tenant deletes files: no retry mends it by itself
     if error.code == DAILY_BUDGET_EXCEEDED:
         # Spent until midnight UTC: a client's retries seconds later are refused as well. Said
         # when, for a client that waits (the queued quotas free as work ends: no time to say).

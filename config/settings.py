@@ -191,11 +191,6 @@ class Settings(BaseSettings):
 
     # API.
     max_upload_bytes: int = Field(default=200 * 1024 * 1024, ge=1)
-    # What one tenant's uploaded files may hold on the files directory at once (OpenAI's
-    # organization limit, 100 GB); past it an upload is refused (429 file_storage_quota_exceeded)
-    # until files are deleted. Without it, one tenant's uploads filled the disk, and every
-    # tenant's uploads then failed 507.
-    max_file_bytes_per_tenant: int = Field(default=100 * 1000**3, ge=1)
     max_request_body_bytes: int = Field(default=1024 * 1024, ge=1)
     max_requests_per_batch: int = Field(default=1_000_000, ge=1)
     # An input file larger than this is validated after POST /v1/batches answered (status

@@ -22,9 +22,7 @@ Tenants, keys, files::
     create_api_key(engine, tenant_id, name=None) -> str            # plaintext, returned once
     authenticate_api_key(engine, key) -> Tenant | None             # None when unknown or revoked
     revoke_api_key(engine, key_or_id) -> bool
-    create_file(engine, tenant_id, filename, purpose, bytes, storage_path, status="processed",
-                max_tenant_bytes=None) -> File   # QuotaExceeded past the tenant's storage
-    check_file_storage(engine, tenant_id, max_bytes)   # QuotaExceeded: uploads already fill it
+    create_file(engine, tenant_id, filename, purpose, bytes, storage_path, status="processed") -> File
     get_file(engine, file_id, tenant_id=None) -> File | None
     list_files(engine, tenant_id, purpose=None, after=None, limit=100) -> list[File]
     delete_file(engine, file_id, tenant_id=None) -> File | None
@@ -169,14 +167,7 @@ if TYPE_CHECKING:
         StoreError,
     )
     from store.export import iter_error_lines, iter_output_lines, with_bytes
-    from store.files import (
-        FILE_STORAGE_QUOTA_EXCEEDED,
-        check_file_storage,
-        create_file,
-        delete_file,
-        get_file,
-        list_files,
-    )
+    from store.files import create_file, delete_file, get_file, list_files
     from store.idempotency import (
         IdempotencyClaim,
         IdempotencyOutcome,
@@ -345,8 +336,6 @@ else:
         "iter_error_lines": "store.export",
         "iter_output_lines": "store.export",
         "with_bytes": "store.export",
-        "FILE_STORAGE_QUOTA_EXCEEDED": "store.files",
-        "check_file_storage": "store.files",
         "create_file": "store.files",
         "delete_file": "store.files",
         "get_file": "store.files",
@@ -455,7 +444,6 @@ __all__ = [
     "ALLOWED_TRANSITIONS",
     "ENDED_STATUSES",
     "ENDPOINT_KINDS",
-    "FILE_STORAGE_QUOTA_EXCEEDED",
     "MAX_JSON_DEPTH",
     "MAX_STORED_ERRORS",
     "MAX_TENANT_WEIGHT",
@@ -531,7 +519,6 @@ __all__ = [
     "cancel_batch",
     "cancel_claimed",
     "check_conversation",
-    "check_file_storage",
     "check_tenant_quotas",
     "claim_agent_message",
     "claim_due_webhooks",

@@ -5,51 +5,14 @@ metadata. A batch's output and error files are rows too (``kind`` batch_output /
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from store.engine import write_transaction
-from store.errors import QuotaExceeded
 from store.ids import new_id, now_seconds
-from store.tables import File, FileKind, Tenant
+from store.tables import File, FileKind
 
-__all__ = [
-    "FILE_STORAGE_QUOTA_EXCEEDED",
-    "check_file_storage",
-    "create_file",
-    "delete_file",
-    "get_file",
-    "list_files",
-]
-
-FILE_STORAGE_QUOTA_EXCEEDED = "file_storage_quota_exceeded"
-
-
-def _stored_upload_bytes(conn: Connection, tenant_id: str) -> int:
-    """What the tenant's uploaded files hold on disk (output and error files live in SQL)."""
-    total = conn.execute(
-        sa.select(sa.func.coalesce(sa.func.sum(File.bytes), 0)).where(
-            File.tenant_id == tenant_id, File.kind == FileKind.UPLOAD
-        )
-    ).scalar_one()
-    return int(total)
-
-
-def _refuse_over_storage(stored: int, adding: int, max_bytes: int) -> None:
-    if stored + adding > max_bytes:
-        raise QuotaExceeded(
-            f"your uploaded files hold {stored} bytes; with this one ({adding} bytes) they would pass "
-            f"your storage limit of {max_bytes} bytes: delete files you no longer need",
-            code=FILE_STORAGE_QUOTA_EXCEEDED,
-        )
-
-
-def check_file_storage(engine: Engine, tenant_id: str, max_bytes: int) -> None:
-    """Raise ``QuotaExceeded`` if the tenant's uploads already fill ``max_bytes``: checked before
-    an upload is read, so that a tenant at its limit writes nothing to disk (``create_file``
-    makes the exact check)."""
-    with engine.connect() as conn:
-        _refuse_over_storage(_stored_upload_bytes(conn, tenant_id), 1, max_bytes)
+__all__ = ["create_file", "delete_file", "get_file", "list_files"]
 
 
 def create_file(
@@ -61,12 +24,7 @@ def create_file(
     storage_path: str,
     status: str = "processed",
     file_id: str | None = None,
-    *,
-    max_tenant_bytes: int | None = None,
 ) -> File:
-    """The file's row. With ``max_tenant_bytes``, raises ``QuotaExceeded`` (nothing written) when
-    the tenant's uploads with this one would hold more: checked under a lock on the tenant's row,
-    so that concurrent uploads cannot both pass a limit only one fits."""
     values = {
         "id": file_id or new_id("file-"),
         "tenant_id": tenant_id,
@@ -80,9 +38,6 @@ def create_file(
         "batch_id": None,
     }
     with write_transaction(engine) as conn:
-        if max_tenant_bytes is not None:
-            conn.execute(sa.select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True))
-            _refuse_over_storage(_stored_upload_bytes(conn, tenant_id), bytes, max_tenant_bytes)
         conn.execute(sa.insert(File), values)
     return File(**values)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import logging
 import secrets
 import shutil
@@ -21,14 +20,7 @@ from starlette.datastructures import UploadFile
 
 import store
 from api.deps import AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
-from api.errors import (
-    APIError,
-    InsufficientStorage,
-    InvalidRequest,
-    NotFound,
-    ServiceUnavailable,
-    over_quota,
-)
+from api.errors import APIError, InsufficientStorage, InvalidRequest, NotFound, ServiceUnavailable
 from store.export import in_chunks
 from store.input_checks import quote_input
 from store.tables import MAX_FILENAME_CHARS
@@ -93,12 +85,6 @@ async def upload_file(
     request: Request, tenant: TenantDep, engine: EngineDep, settings: SettingsDep
 ) -> dict[str, Any]:
     """Upload a JSONL file (multipart field ``file``) with ``purpose=batch``."""
-    max_bytes = settings.max_file_bytes_per_tenant
-    try:
-        # A tenant whose uploads fill its storage writes nothing more to disk.
-        await run_in_threadpool(store.check_file_storage, engine, tenant.id, max_bytes)
-    except store.QuotaExceeded as e:
-        raise over_quota(e) from e
     try:
         # The parser spools a large part to a temporary file: the disk can refuse it here first.
         form = await request.form(max_files=1, max_fields=10)
@@ -121,22 +107,8 @@ async def upload_file(
             raise InvalidRequest("the uploaded file is empty", param="file", code="empty_file")
         try:
             row = await run_in_threadpool(
-                functools.partial(
-                    store.create_file,
-                    engine,
-                    tenant.id,
-                    filename,
-                    purpose,
-                    size,
-                    str(path),
-                    "processed",
-                    file_id,
-                    max_tenant_bytes=max_bytes,
-                )
+                store.create_file, engine, tenant.id, filename, purpose, size, str(path), "processed", file_id
             )
-        except store.QuotaExceeded as e:
-            path.unlink(missing_ok=True)
-            raise over_quota(e) from e
         except BaseException:
             path.unlink(missing_ok=True)
             raise

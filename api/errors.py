@@ -4,7 +4,7 @@ Every error body is ``{"error": {"message", "type", "param", "code"}}`` with the
 official ``openai`` SDK maps to its own exception classes, and a message that names the problem.
 
     APIError
-    ├── InvalidRequest        400  invalid_request_error
+    ├── InvalidRequest        400  invalid_request_error (also an upload over the stored-bytes cap)
     ├── Unauthenticated       401  invalid_api_key / missing_api_key
     ├── NotFound              404  (another tenant's id answers this too)
     ├── Conflict              409  (e.g. cancelling a finished batch)
@@ -29,7 +29,7 @@ from starlette.requests import ClientDisconnect
 from store.errors import QuotaExceeded
 from store.ingest import MAX_ERROR_MESSAGE_CHARS
 from store.input_checks import bounded_text
-from store.quotas import DAILY_BUDGET_EXCEEDED, seconds_to_next_budget_day
+from store.quotas import DAILY_BUDGET_EXCEEDED, FILE_STORAGE_QUOTA_EXCEEDED, seconds_to_next_budget_day
 
 __all__ = [
     "BOUND_TO_HEADER",
@@ -131,9 +131,16 @@ class RateLimitExceeded(APIError):
     default_code = "rate_limit_exceeded"
 
 
-def over_quota(error: QuotaExceeded) -> RateLimitExceeded:
+def over_quota(error: QuotaExceeded) -> APIError:
     """A create refused by the tenant's quotas (``store.quotas``): 429, the quota's code
-    (``queued_requests_quota_exceeded``, ``queued_tokens_quota_exceeded``, ``daily_budget_exceeded``)."""
+    (``queued_requests_quota_exceeded``, ``queued_tokens_quota_exceeded``, ``daily_budget_exceeded``).
+    An upload over the stored-bytes cap is a 400 ``file_storage_quota_exceeded``, as OpenAI answers
+    its own storage limit: waiting does not free it (deleting files does), and the SDK retries a
+    429, uploading the whole body again each time."""
+    if error.code == FILE_STORAGE_QUOTA_EXCEEDED:
+        full = InvalidRequest(str(error), param="file", code=error.code)
+        full.final = True
+        return full
     refused = RateLimitExceeded(str(error), code=error.code)
     if error.code == DAILY_BUDGET_EXCEEDED:
         # Spent until midnight UTC: a client's retries seconds later are refused as well. Said

@@ -37,8 +37,8 @@ from bench.throughput import scratch_database
 from models.types import RequestUsage
 from store.batch_lifecycle import finalize_batches, may_move_to, move_batches
 from store.batches import _cancel_unfinished, _lock_unfinished
+from store.clock import now_seconds
 from store.engine import write_transaction
-from store.ids import now_seconds
 from store.tables import Batch, BatchStatus, RequestStatus
 
 LEASE_SECONDS = 3_600  # the running requests' leases outlive the run: the cancel leaves them

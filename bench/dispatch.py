@@ -36,8 +36,8 @@ from sqlalchemy.engine import Engine
 import store
 import workers.dispatch
 from bench.throughput import own_redis, pid_cpu_seconds, scratch_database
+from store.clock import now_seconds
 from store.engine import write_transaction
-from store.ids import now_seconds
 from store.tables import Request, RequestStatus
 from workers.dispatch import Dispatcher
 from workers.enqueue import enqueue_batch

@@ -15,8 +15,9 @@ and ``tokenmill worker`` subprocesses on a scratch database, the simulator answe
       then while tenant B's ``--big``-line batch runs, and the ratio of the p99s (target <= 2);
       B's batch is cancelled once A's calls are done (``--only-chat``: (b) alone).
 
-A ``tokenmill beat`` runs beside them, as in a deployment. Needs Redis and PostgreSQL as ``bench.throughput`` does (its own redis-server, or
-TOKENMILL_BENCH_REDIS_URL, whose logical database is flushed; TOKENMILL_BENCH_PG_URL).
+A ``tokenmill beat`` runs beside them, as in a deployment. Needs Redis and PostgreSQL as
+``bench.throughput`` does (its own redis-server, or TOKENMILL_BENCH_REDIS_URL, whose logical
+database is flushed; TOKENMILL_BENCH_PG_URL).
 """
 
 from __future__ import annotations

@@ -14,9 +14,14 @@ openai SDK (AsyncOpenAI, distinct prompts, so nothing is a cache hit), measured 
   (2) streamed, one at a time: time to the first content chunk, direct and through tokenmill
       (target: within 20 ms of the upstream's).
 
-Needs Redis and PostgreSQL: TOKENMILL_BENCH_REDIS_URL (default redis://127.0.0.1:6379/12; every
-key of a run is under its own prefixes, deleted afterwards) and TOKENMILL_BENCH_PG_URL (a scratch
-database is created and dropped). The machine may be shared: run it more than once.
+At 16 concurrent it also adds up the CPU each call cost every process on the machine (the SDK,
+the simulator, Redis, the API, the workers, PostgreSQL) and sets it against what the machine's
+cores allow: the CPU per call at which 16 callers could meet the target's p50 at all.
+
+Needs Redis and PostgreSQL: a redis-server of the bench's own (or TOKENMILL_BENCH_REDIS_URL, whose
+CPU is then not measured; every key of a run is under its own prefixes, deleted afterwards) and
+TOKENMILL_BENCH_PG_URL (a scratch database is created and dropped). The machine may be shared: run
+it more than once.
 """
 
 from __future__ import annotations
@@ -39,21 +44,33 @@ import redis
 import sqlalchemy as sa
 from openai.types.chat import ChatCompletionMessageParam
 
-from bench.throughput import ServiceProcesses, pid_cpu_seconds, scratch_database, session_cpu_seconds
+from bench.throughput import (
+    ServiceProcesses,
+    own_redis,
+    pid_cpu_seconds,
+    scratch_database,
+    session_cpu_seconds,
+)
 from simulator.testing import SimulatorServer, free_port
 from store import create_api_key, create_tenant, make_engine, upgrade_to_head
 
 ROOT = Path(__file__).resolve().parents[1]
-REDIS_URL = os.environ.get("TOKENMILL_BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 MODEL = "bench-model"
+TARGET_ADDED_P50_AT_16 = 0.015
+CONCURRENT = 16
 
 
 class Stack(ServiceProcesses):
     """``tokenmill api`` and ``tokenmill worker`` subprocesses on a scratch database, with key
     prefixes of their own on the bench's Redis."""
 
-    def __init__(self, sim: SimulatorServer, database_url: str, processes: int) -> None:
+    def __init__(
+        self, sim: SimulatorServer, database_url: str, processes: int, redis_url: str, redis_pid: int | None
+    ) -> None:
         super().__init__()
+        self.redis_url = redis_url
+        # Processes beside the stack whose CPU a call costs: pid -> name.
+        self.servers = {pid: name for pid, name in ((sim.pid, "simulator"), (redis_pid, "redis")) if pid}
         upgrade_to_head(database_url)
         engine = make_engine(database_url)
         try:
@@ -67,10 +84,10 @@ class Stack(ServiceProcesses):
         env = {
             **os.environ,
             "PYTHONPATH": str(ROOT),
-            "TOKENMILL_BROKER_URL": REDIS_URL,
+            "TOKENMILL_BROKER_URL": redis_url,
             "TOKENMILL_BROKER_KEY_PREFIX": f"{self.prefix}broker:",
             "TOKENMILL_DATABASE_URL": database_url,
-            "TOKENMILL_CACHE_URL": REDIS_URL,
+            "TOKENMILL_CACHE_URL": redis_url,
             "TOKENMILL_CACHE_PREFIX": f"{self.prefix}cache:",
             "TOKENMILL_KEY_PREFIX": self.prefix,
             "TOKENMILL_FILES_DIR": self.files.name,
@@ -88,10 +105,13 @@ class Stack(ServiceProcesses):
             raise
 
     def cpu_seconds(self) -> dict[str, float]:
-        """CPU seconds so far of the API's and the worker's process trees and of each PostgreSQL
-        backend serving the scratch database (by pid: ``pg-<pid>``)."""
+        """CPU seconds so far of the API's and the worker's process trees, of the simulator and the
+        bench's Redis, and of each PostgreSQL backend serving the scratch database (by pid:
+        ``pg-<pid>``)."""
         by_session = session_cpu_seconds(self.sessions.values())
         seconds = {name: by_session[pid] for name, pid in self.sessions.items()}
+        for pid, cpu in pid_cpu_seconds(self.servers).items():
+            seconds[self.servers[pid]] = cpu
         with self.database.connect() as conn:
             backends = conn.execute(
                 sa.text(
@@ -105,7 +125,7 @@ class Stack(ServiceProcesses):
     def close(self) -> None:
         self._stop()
         self.database.dispose()
-        client = redis.Redis.from_url(REDIS_URL)
+        client = redis.Redis.from_url(self.redis_url)
         try:
             keys = list(client.scan_iter(match=f"{self.prefix}*", count=1000))
             for start in range(0, len(keys), 1000):
@@ -163,15 +183,38 @@ def _cpu_per_call(
     before: dict[str, float], after: dict[str, float], calls: int, driver_through: float, driver_direct: float
 ) -> dict[str, float]:
     """Milliseconds of CPU per call: API, workers, PostgreSQL (backends that started meanwhile
-    count whole), and this script's SDK on each path."""
+    count whole), the simulator and Redis (when measured), and this script's SDK on each path."""
     spent = {name: seconds - before.get(name, 0.0) for name, seconds in after.items()}
-    return {
+    parts = {
         "api": 1000 * spent["api"] / calls,
         "workers": 1000 * spent["worker"] / calls,
         "postgresql": 1000 * sum(v for k, v in spent.items() if k.startswith("pg-")) / calls,
-        "sdk direct": 1000 * driver_direct / calls,
-        "sdk through": 1000 * driver_through / calls,
     }
+    parts.update({name: 1000 * spent[name] / calls for name in ("simulator", "redis") if name in spent})
+    parts["sdk direct"] = 1000 * driver_direct / calls
+    parts["sdk through"] = 1000 * driver_through / calls
+    return parts
+
+
+def print_cpu_budget(parts: dict[str, float], direct_p50: float, ours_p50: float) -> None:
+    """The CPU a call through tokenmill cost every process on the machine at ``CONCURRENT``
+    callers, against the most it may cost for them to meet the target's p50 at all: with ``cores``
+    busy all the time, ``cores / cpu`` calls a second, so ``CONCURRENT`` callers wait at least
+    ``CONCURRENT * cpu / cores`` a call."""
+    cores = os.cpu_count() or 1
+    spent = sum(ms for name, ms in parts.items() if name != "sdk direct") / 1000
+    target = direct_p50 + TARGET_ADDED_P50_AT_16
+    print(
+        f"CPU per call at {CONCURRENT} through tokenmill, every process on the machine: "
+        f"{spent * 1000:.2f} ms; {cores} cores then serve at most {cores / spent:.0f} calls/s, "
+        f"so {CONCURRENT} callers wait at least {_ms(CONCURRENT * spent / cores).strip()} a call "
+        f"(measured p50 {_ms(ours_p50).strip()})"
+    )
+    print(
+        f"  the target (p50 {_ms(target).strip()} at {CONCURRENT}) needs at most "
+        f"{target * cores / CONCURRENT * 1000:.2f} ms of CPU per call in all, the SDK's and the "
+        f"simulator's included ({parts['sdk through'] + parts.get('simulator', 0.0):.2f} ms here)"
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -208,8 +251,12 @@ def main() -> None:
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
-    with SimulatorServer(latency_ms=args.latency_ms) as sim, scratch_database() as url:
-        stack = Stack(sim, url, args.processes)
+    with (
+        own_redis() as (redis_url, redis_pid),
+        SimulatorServer(latency_ms=args.latency_ms) as sim,
+        scratch_database() as url,
+    ):
+        stack = Stack(sim, url, args.processes, redis_url, redis_pid)
         try:
 
             def direct() -> openai.AsyncOpenAI:
@@ -224,12 +271,13 @@ def main() -> None:
             run(direct, lambda c: timed_calls(c, 20, 4))
             run(through, lambda c: timed_calls(c, 40, 8))
             cpu_per_call: dict[int, dict[str, float]] = {}
+            p50s: dict[int, tuple[float, float]] = {}
             print(
                 f"upstream: simulator at {args.latency_ms:.0f} ms; {args.requests} calls per row; "
                 f"{args.processes} worker processes"
             )
             print(f"{'':28}{'p50':>10} {'p99':>10}   {'added p50':>10} {'added p99':>10}")
-            for concurrency in (1, 16):
+            for concurrency in (1, CONCURRENT):
                 job = functools.partial(_timed, count=args.requests, concurrency=concurrency)
                 driver_started = time.process_time()
                 base = run(direct, job)
@@ -245,6 +293,7 @@ def main() -> None:
                 )
                 b50, b99 = percentile(base, 50), percentile(base, 99)
                 o50, o99 = percentile(ours, 50), percentile(ours, 99)
+                p50s[concurrency] = (b50, o50)
                 print(f"direct,      concurrency {concurrency:2}  {_ms(b50)} {_ms(b99)}")
                 print(
                     f"tokenmill,   concurrency {concurrency:2}  {_ms(o50)} {_ms(o99)}   "
@@ -257,6 +306,7 @@ def main() -> None:
                     f"  concurrency {concurrency:2}  "
                     + ", ".join(f"{k} {v:.2f} ms" for k, v in parts.items())
                 )
+            print_cpu_budget(cpu_per_call[CONCURRENT], *p50s[CONCURRENT])
 
             sim.configure(stream_chunk_delay_ms=args.chunk_delay_ms)
             base = run(direct, lambda c: time_to_first_token(c, args.stream_requests))

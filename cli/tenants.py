@@ -9,6 +9,7 @@ import typer
 
 import store
 from cli.ledger import console, ledger_engine
+from config import get_settings
 
 __all__ = ["tenants_app"]
 
@@ -63,13 +64,19 @@ def _show(name: str) -> None:
         f"  spent today:     {status.spent_today_usd} USD of {limit(quotas.daily_budget_usd)}"
         f" (left: {limit(status.remaining_budget_usd)}; the day starts at 00:00 UTC)"
     )
+    source = "its own" if quotas.max_stored_bytes is not None else "the service default"
+    typer.echo(
+        f"  stored files:    {status.stored_bytes} bytes of {limit(status.max_stored_bytes)}"
+        f" (left: {limit(status.remaining_stored_bytes)}; the limit is {source})"
+    )
     weight = store.tenant_weight(ledger_engine(), name)
     typer.echo(f"  weight:          {weight:g} (its share of the workers)")
 
 
 def _status_of(name: str) -> store.QuotaStatus:
     try:
-        return store.quota_status(ledger_engine(), name)
+        default = get_settings().default_max_stored_bytes
+        return store.quota_status(ledger_engine(), name, default_max_stored_bytes=default)
     except store.NotFound as e:
         console.print(f"[red]no tenant {name!r} (`tokenmill keys create {name}` makes one)[/red]")
         raise typer.Exit(1) from e
@@ -90,6 +97,16 @@ def tenants_set(
         str | None,
         typer.Option(help="US dollars billed per UTC day; 'none' for no limit", metavar="USD|none"),
     ] = None,
+    max_stored_bytes: Annotated[
+        str | None,
+        typer.Option(
+            help=(
+                "bytes its uploaded files may hold (batch output files do not count); 'none' for the "
+                "service default (TOKENMILL_DEFAULT_MAX_STORED_BYTES)"
+            ),
+            metavar="N|none",
+        ),
+    ] = None,
     weight: Annotated[
         float | None,
         typer.Option(
@@ -103,7 +120,8 @@ def tenants_set(
     ] = None,
 ) -> None:
     """Set tenant NAME's quotas and weight; options not given keep their value. Over a quota,
-    creating a batch, chat completion or agent run is refused (429, nothing queued).
+    creating a batch, chat completion or agent run is refused (429, nothing queued); over
+    --max-stored-bytes, an upload is (400 file_storage_quota_exceeded, nothing kept).
 
     Example: tokenmill tenants set acme --max-queued-requests 100000 --daily-budget-usd 50 --weight 2
     """
@@ -114,6 +132,8 @@ def tenants_set(
         changes["max_queued_tokens"] = _count(max_queued_tokens, "--max-queued-tokens")
     if daily_budget_usd is not None:
         changes["daily_budget_usd"] = _amount(daily_budget_usd, "--daily-budget-usd")
+    if max_stored_bytes is not None:
+        changes["max_stored_bytes"] = _count(max_stored_bytes, "--max-stored-bytes")
     engine = ledger_engine()
     try:
         if weight is not None:

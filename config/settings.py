@@ -210,6 +210,15 @@ class Settings(BaseSettings):
     # How long a POST's answer is kept for a retry with the same Idempotency-Key.
     idempotency_retention_seconds: int = Field(default=24 * 3600, ge=60)
     files_dir: Path = Field(default=Path("./.tokenmill/files"))
+    # The bytes one tenant's uploaded files may hold, for a tenant with no cap of its own
+    # (``tokenmill tenants set NAME --max-stored-bytes N``): without one, a tenant could fill the
+    # files disk and every tenant's uploads failed. 100 GiB, OpenAI's former limit per
+    # organization; "none" for no cap.
+    default_max_stored_bytes: int | None = Field(
+        default=100 * 1024**3,
+        ge=0,
+        description="bytes a tenant's uploaded files may hold unless its own cap is set; none: no cap",
+    )
 
     # Observability. /metrics names tenants and their spend: only the operator's token opens it
     # (on the API it does not exist without one). A worker serves its /metrics only when given a
@@ -255,6 +264,13 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_broker_is_embedded(cls, value: str | None) -> str | None:
         return value or None
+
+    @field_validator("default_max_stored_bytes", mode="before")
+    @classmethod
+    def _none_is_no_cap(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in ("", "none"):
+            return None
+        return value
 
     @model_validator(mode="after")
     def _password_into_url(self) -> Self:

@@ -86,6 +86,11 @@ class SimulatorServer:
         return f"{self.url}/v1"
 
     @property
+    def pid(self) -> int | None:
+        """The server process's pid while it runs (its CPU, for a bench)."""
+        return self._process.pid if self.running and self._process is not None else None
+
+    @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 

@@ -22,7 +22,8 @@ Tenants, keys, files::
     create_api_key(engine, tenant_id, name=None) -> str            # plaintext, returned once
     authenticate_api_key(engine, key) -> Tenant | None             # None when unknown or revoked
     revoke_api_key(engine, key_or_id) -> bool
-    create_file(engine, tenant_id, filename, purpose, bytes, storage_path, status="processed") -> File
+    create_file(engine, tenant_id, filename, purpose, bytes, storage_path, status="processed",
+                default_max_stored_bytes=None) -> File   # QuotaExceeded over the stored-bytes cap
     get_file(engine, file_id, tenant_id=None) -> File | None
     list_files(engine, tenant_id, purpose=None, after=None, limit=100) -> list[File]
     delete_file(engine, file_id, tenant_id=None) -> File | None
@@ -210,12 +211,15 @@ if TYPE_CHECKING:
     from store.prices import get_prices, price_for, set_price
     from store.quotas import (
         QuotaStatus,
+        StoredBytes,
         TenantQuotas,
         check_tenant_quotas,
         enforce_tenant_quotas,
         get_tenant_quotas,
         quota_status,
         set_tenant_quotas,
+        stored_bytes,
+        stored_bytes_exceeded,
     )
     from store.request_kinds import ENDPOINT_KINDS, REQUEST_KINDS, RequestKindSpec
     from store.results import (
@@ -331,6 +335,9 @@ else:
         "get_tenant_quotas": "store.quotas",
         "quota_status": "store.quotas",
         "set_tenant_quotas": "store.quotas",
+        "StoredBytes": "store.quotas",
+        "stored_bytes": "store.quotas",
+        "stored_bytes_exceeded": "store.quotas",
         "SchemaBehind": "store.errors",
         "StoreError": "store.errors",
         "iter_error_lines": "store.export",
@@ -501,6 +508,7 @@ __all__ = [
     "StoreError",
     "StoredAgentMessage",
     "StoredAgentState",
+    "StoredBytes",
     "StoredResponse",
     "Tenant",
     "TenantQueue",
@@ -584,6 +592,8 @@ __all__ = [
     "set_tenant_quotas",
     "set_tenant_weight",
     "store_idempotent_response",
+    "stored_bytes",
+    "stored_bytes_exceeded",
     "tenant_queues",
     "tenant_weight",
     "unsettled_dispatch_ids",

@@ -20,8 +20,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from store.clock import now_seconds
 from store.engine import dialect_insert, write_transaction
-from store.ids import now_seconds
 from store.tables import NO_TENANT, AgentMessage
 
 __all__ = [

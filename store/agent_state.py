@@ -18,9 +18,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from store.agent_messages import mark_answered
+from store.clock import now_seconds
 from store.engine import dialect_insert, write_transaction
 from store.errors import AgentStateConflict
-from store.ids import now_seconds
 from store.tables import NO_TENANT, AgentState
 
 __all__ = ["StoredAgentState", "get_agent_state", "load_agent_state", "save_agent_state"]

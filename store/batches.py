@@ -23,9 +23,9 @@ from store.batch_lifecycle import (
     may_move_to,
     move_batches,
 )
+from store.clock import now_seconds
 from store.engine import autocommit_connection, is_postgresql, write_transaction
 from store.errors import BatchNotFound
-from store.ids import now_seconds
 from store.tables import Batch, BatchStatus, Request, RequestStatus, status_is, unfinished_values
 
 __all__ = [

@@ -15,9 +15,10 @@ from pydantic import TypeAdapter
 from sqlalchemy.engine import Connection, Engine
 
 from models.types import LLMMessage
+from store.clock import now_seconds
 from store.engine import dialect_insert, write_transaction
 from store.errors import ConversationNotFound, InvalidState
-from store.ids import new_id, now_seconds
+from store.ids import new_id
 from store.tables import Conversation, ConversationMessage, ConversationRun
 
 __all__ = ["append_messages", "check_conversation", "create_conversation", "load_conversation"]

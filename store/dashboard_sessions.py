@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from store.clock import now_seconds
 from store.engine import write_transaction
-from store.ids import now_seconds
 from store.tables import ApiKey, DashboardSession, Tenant
 from store.tenants import find_api_key
 

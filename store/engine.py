@@ -21,6 +21,7 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine
 
+from store.clock import track_database_clock
 from store.log_redaction import install_log_redaction
 
 __all__ = [
@@ -94,6 +95,7 @@ def make_engine(url: str | sa.URL, *, idle_ping_seconds: float = IDLE_PING_SECON
     engine = sa.create_engine(parsed, pool_pre_ping=ping_every_checkout, **kwargs)
     if not ping_every_checkout:
         _ping_connections_idle_since(engine, idle_ping_seconds)
+    track_database_clock(engine)  # after the ping: a checkout measures on a live connection
     return engine
 
 

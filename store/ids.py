@@ -1,4 +1,4 @@
-"""OpenAI-like string ids and the clock."""
+"""OpenAI-like string ids (the clock: ``store.clock``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import secrets
 import threading
 import time
 
-__all__ = ["new_id", "now_seconds"]
+__all__ = ["new_id"]
 
 _RANDOM_BITS = 80
 _lock = threading.Lock()
@@ -33,7 +33,3 @@ def new_id(prefix: str) -> str:
                 milliseconds, random_part = milliseconds + 1, random_part & ((1 << 40) - 1)
         _last = (milliseconds, random_part)
     return f"{prefix}{milliseconds:012x}{random_part:020x}"
-
-
-def now_seconds() -> int:
-    return int(time.time())

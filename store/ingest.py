@@ -56,9 +56,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from store.batch_lifecycle import move_batches
+from store.clock import now_seconds
 from store.engine import is_postgresql, write_transaction
 from store.errors import InvalidArgument, InvalidState, QuotaExceeded
-from store.ids import new_id, now_seconds
+from store.ids import new_id
 from store.input_checks import JSONRejected, bounded_text, check_json_value, parse_json, quote_input
 from store.quotas import enforce_tenant_quotas, estimate_prompt_tokens
 from store.request_kinds import REQUEST_KINDS, BadLine, RequestKindSpec, require_field

@@ -24,6 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from store.clock import now_seconds
 from store.driver import DriverStatement
 from store.engine import (
     autocommit_connection,
@@ -33,7 +34,7 @@ from store.engine import (
     write_transaction,
 )
 from store.errors import InvalidArgument
-from store.ids import new_id, now_seconds
+from store.ids import new_id
 from store.quotas import enforce_tenant_quotas, estimate_prompt_tokens
 from store.request_kinds import REQUEST_KINDS, BadLine
 from store.results import retry_after_of

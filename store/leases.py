@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 
 from store.batches import end_requeued_of_stopped_batches, lock_requests_in_id_order
+from store.clock import now_seconds
 from store.driver import DriverStatement
 from store.engine import (
     autocommit_connection,
@@ -28,7 +29,6 @@ from store.engine import (
     no_flush_wait_column,
     write_transaction,
 )
-from store.ids import now_seconds
 from store.tables import (
     Batch,
     BatchStatus,

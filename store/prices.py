@@ -13,8 +13,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from store.clock import now_seconds
 from store.engine import dialect_insert, write_transaction
-from store.ids import now_seconds
 from store.tables import PRICE_SCALE, ModelPrice
 
 __all__ = ["PriceValue", "cost_usd", "exact_price", "get_prices", "price_for", "set_price"]

@@ -1,12 +1,20 @@
 """Per-tenant quotas the operator sets, checked before any work of a create is queued.
 
-Three quotas, each None (no limit) unless set (``tokenmill tenants set NAME ...``):
+Three quotas on work, each None (no limit) unless set (``tokenmill tenants set NAME ...``):
 
 - ``max_queued_requests``: requests not yet ended (queued or running) of the tenant;
 - ``max_queued_tokens``: their estimated prompt tokens;
 - ``daily_budget_usd``: the exact cost billed to the tenant since UTC midnight (results and
   discarded paid answers, as ``/v1/usage`` sums them). New work is refused once it is spent; work
   already queued runs on (its cost is not known before it runs).
+
+And one on storage, ``max_stored_bytes``: the bytes of the tenant's uploaded files (None: the
+service's default, ``TOKENMILL_DEFAULT_MAX_STORED_BYTES``, applies). Without it one tenant could
+fill the files disk, and every tenant's uploads failed. Only uploads count: a batch's output and
+error files are generated from the ledger when read (no bytes on the files disk), and are never
+refused, so a tenant at its cap loses no result; its next upload is refused instead. What the
+uploads hold is a counter on the tenant's row (``stored_file_bytes``), kept in the transactions
+that add (:func:`reserve_stored_bytes`, under the row's lock, checked there) and delete them.
 
 What they read is cheap whatever the tenant has queued: the queued figures come from the counters
 each open batch already keeps in the transactions that end its requests (``total_count`` minus
@@ -32,17 +40,19 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from store.clock import now_seconds
 from store.engine import dialect_insert, write_transaction
 from store.errors import InvalidArgument, NotFound, QuotaExceeded
-from store.ids import now_seconds
 from store.tables import Batch, BatchStatus, Tenant, TenantDailySpend
 
 __all__ = [
     "DAILY_BUDGET_EXCEEDED",
+    "FILE_STORAGE_QUOTA_EXCEEDED",
     "OPEN_BATCH_STATUSES",
     "QUEUED_REQUESTS_QUOTA_EXCEEDED",
     "QUEUED_TOKENS_QUOTA_EXCEEDED",
     "QuotaStatus",
+    "StoredBytes",
     "TenantQuotas",
     "add_daily_spend",
     "check_tenant_quotas",
@@ -50,13 +60,18 @@ __all__ = [
     "estimate_prompt_tokens",
     "get_tenant_quotas",
     "quota_status",
+    "release_stored_bytes",
+    "reserve_stored_bytes",
     "seconds_to_next_budget_day",
     "set_tenant_quotas",
+    "stored_bytes",
+    "stored_bytes_exceeded",
 ]
 
 QUEUED_REQUESTS_QUOTA_EXCEEDED = "queued_requests_quota_exceeded"
 QUEUED_TOKENS_QUOTA_EXCEEDED = "queued_tokens_quota_exceeded"
 DAILY_BUDGET_EXCEEDED = "daily_budget_exceeded"
+FILE_STORAGE_QUOTA_EXCEEDED = "file_storage_quota_exceeded"
 
 # Batches whose requests may still be queued or running.
 OPEN_BATCH_STATUSES = (
@@ -90,9 +105,12 @@ class TenantQuotas:
     max_queued_requests: int | None = None
     max_queued_tokens: int | None = None
     daily_budget_usd: Decimal | None = None
+    # The tenant's own cap on stored bytes; None: the service's default applies.
+    max_stored_bytes: int | None = None
 
     @property
     def any(self) -> bool:
+        """Whether a quota on work is set (the storage cap is checked by uploads, not creates)."""
         return (
             self.max_queued_requests is not None
             or self.max_queued_tokens is not None
@@ -108,6 +126,19 @@ class QuotaStatus:
     queued_requests: int
     queued_tokens: int
     spent_today_usd: Decimal
+    stored_bytes: int = 0
+    default_max_stored_bytes: int | None = None
+
+    @property
+    def max_stored_bytes(self) -> int | None:
+        """The cap on stored bytes that applies: the tenant's own, else the service's default."""
+        own = self.quotas.max_stored_bytes
+        return own if own is not None else self.default_max_stored_bytes
+
+    @property
+    def remaining_stored_bytes(self) -> int | None:
+        limit = self.max_stored_bytes
+        return None if limit is None else max(0, limit - self.stored_bytes)
 
     @property
     def remaining_requests(self) -> int | None:
@@ -125,7 +156,12 @@ class QuotaStatus:
         return None if limit is None else max(Decimal(0), limit - self.spent_today_usd)
 
 
-_QUOTA_COLUMNS = (Tenant.max_queued_requests, Tenant.max_queued_tokens, Tenant.daily_budget_usd)
+_QUOTA_COLUMNS = (
+    Tenant.max_queued_requests,
+    Tenant.max_queued_tokens,
+    Tenant.daily_budget_usd,
+    Tenant.max_stored_bytes,
+)
 _UNSET: Any = object()
 
 
@@ -135,6 +171,7 @@ def _quotas_of(row: Any) -> TenantQuotas:
         max_queued_requests=row.max_queued_requests,
         max_queued_tokens=row.max_queued_tokens,
         daily_budget_usd=None if budget is None else Decimal(budget),
+        max_stored_bytes=row.max_stored_bytes,
     )
 
 
@@ -165,11 +202,17 @@ def set_tenant_quotas(
     max_queued_requests: int | None = _UNSET,
     max_queued_tokens: int | None = _UNSET,
     daily_budget_usd: Decimal | str | None = _UNSET,
+    max_stored_bytes: int | None = _UNSET,
 ) -> TenantQuotas:
-    """Set the quotas given (None clears one; one not given is kept); returns them all. Raises
-    ``NotFound`` for an unknown tenant, ``ValueError`` for a negative quota."""
+    """Set the quotas given (None clears one: no limit, or for ``max_stored_bytes`` the service's
+    default; one not given is kept); returns them all. Raises ``NotFound`` for an unknown tenant,
+    ``ValueError`` for a negative quota."""
     values: dict[str, Any] = {}
-    counts = (("max_queued_requests", max_queued_requests), ("max_queued_tokens", max_queued_tokens))
+    counts = (
+        ("max_queued_requests", max_queued_requests),
+        ("max_queued_tokens", max_queued_tokens),
+        ("max_stored_bytes", max_stored_bytes),
+    )
     for name, value in counts:
         if value is _UNSET:
             continue
@@ -330,11 +373,88 @@ def check_tenant_quotas(
         )
 
 
-def quota_status(engine: Engine, tenant_id: str, now: int | None = None) -> QuotaStatus:
-    """The tenant's quotas and what they hold now (``/v1/usage``, ``tokenmill tenants show``)."""
+def quota_status(
+    engine: Engine, tenant_id: str, now: int | None = None, *, default_max_stored_bytes: int | None = None
+) -> QuotaStatus:
+    """The tenant's quotas and what they hold now (``/v1/usage``, ``tokenmill tenants show``);
+    ``default_max_stored_bytes``: the service's cap for a tenant with none of its own."""
     now = now if now is not None else now_seconds()
     with engine.connect() as conn:
         quotas = _read_quotas(conn, tenant_id)
         requests, tokens = _queued(conn, tenant_id, None)
         spent = _spent_on(conn, tenant_id, now // _SECONDS_PER_DAY)
-    return QuotaStatus(quotas, requests, tokens, spent)
+        stored = _stored(conn, tenant_id)
+    return QuotaStatus(quotas, requests, tokens, spent, stored.stored, default_max_stored_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBytes:
+    """The bytes a tenant's uploads hold now and the cap that applies (None: no cap)."""
+
+    stored: int
+    limit: int | None
+
+    @property
+    def left(self) -> int | None:
+        return None if self.limit is None else max(0, self.limit - self.stored)
+
+
+def _stored(
+    conn: Connection, tenant_id: str, default_max_stored_bytes: int | None = None, *, lock: bool = False
+) -> StoredBytes:
+    query = sa.select(Tenant.stored_file_bytes, Tenant.max_stored_bytes).where(Tenant.id == tenant_id)
+    if lock:
+        query = query.with_for_update(key_share=True)  # as _read_quotas: inserting a file does not wait
+    row = conn.execute(query).one_or_none()
+    if row is None:
+        raise NotFound(f"no tenant {tenant_id!r}")
+    own = row.max_stored_bytes
+    return StoredBytes(int(row.stored_file_bytes), own if own is not None else default_max_stored_bytes)
+
+
+def stored_bytes(engine: Engine, tenant_id: str, default_max_stored_bytes: int | None) -> StoredBytes:
+    """What the tenant's uploads hold and its cap, unlocked: an upload that cannot fit is refused
+    before its body is read, and one is cut where it passes what was left. Not a guarantee:
+    :func:`reserve_stored_bytes` is."""
+    with engine.connect() as conn:
+        return _stored(conn, tenant_id, default_max_stored_bytes)
+
+
+def stored_bytes_exceeded(room: StoredBytes, size: int | None = None) -> QuotaExceeded:
+    """The refusal of an upload of ``size`` bytes (None: not known, it passed what was left)."""
+    what = "another file" if size is None else f"this file ({size} bytes)"
+    if size is None and room.left:
+        what = f"this file (over the {room.left} bytes left)"
+    return QuotaExceeded(
+        f"your uploaded files may hold at most {room.limit} bytes (your storage limit) and hold "
+        f"{room.stored} now: no room for {what}; "
+        "delete files you no longer need (DELETE /v1/files/{file_id}) or ask your operator to raise "
+        "the limit",
+        code=FILE_STORAGE_QUOTA_EXCEEDED,
+    )
+
+
+def reserve_stored_bytes(
+    conn: Connection, tenant_id: str, size: int, default_max_stored_bytes: int | None
+) -> None:
+    """Count an upload of ``size`` bytes in the tenant's stored bytes, in the transaction that adds
+    its row; raise ``QuotaExceeded`` (code ``file_storage_quota_exceeded``) if it would take them
+    over the cap. The tenant's row stays locked until that transaction ends, so that concurrent
+    uploads check one after the other and together never pass the cap."""
+    room = _stored(conn, tenant_id, default_max_stored_bytes, lock=True)
+    if room.limit is not None and room.stored + size > room.limit:
+        raise stored_bytes_exceeded(room, size)
+    conn.execute(
+        sa.update(Tenant)
+        .where(Tenant.id == tenant_id)
+        .values(stored_file_bytes=Tenant.stored_file_bytes + size)
+    )
+
+
+def release_stored_bytes(conn: Connection, tenant_id: str, size: int) -> None:
+    """Take a deleted upload's ``size`` bytes off the tenant's, in the transaction deleting it."""
+    conn.execute(
+        sa.update(Tenant)
+        .where(Tenant.id == tenant_id)
+        .values(stored_file_bytes=Tenant.stored_file_bytes - size)
+    )

@@ -33,9 +33,9 @@ from sqlalchemy.engine import Connection, Engine
 
 from models.types import RequestUsage
 from store.batch_lifecycle import all_finished, finalize_batches
+from store.clock import now_seconds
 from store.driver import DriverStatement
 from store.engine import dialect_insert, is_postgresql, write_transaction
-from store.ids import now_seconds
 from store.prices import cost_usd, price_for
 from store.quotas import add_daily_spend
 from store.tables import Batch, DiscardedAnswer, ModelPrice, Request, RequestStatus, Result

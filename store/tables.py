@@ -139,6 +139,10 @@ class Tenant(Base):
     max_queued_requests: Mapped[int | None] = mapped_column(sa.BigInteger)
     max_queued_tokens: Mapped[int | None] = mapped_column(sa.BigInteger)
     daily_budget_usd: Mapped[Decimal | None] = mapped_column(_PRICE)
+    # The cap on its uploaded files' bytes (None: the service's default), and what they hold now:
+    # kept in the transactions that add and delete an upload (``store.files``), read as one row.
+    max_stored_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
+    stored_file_bytes: Mapped[int] = mapped_column(sa.BigInteger, default=0, server_default="0")
     # Its share of the workers while tenants' work waits (workers.fair_share): weight 2 is served
     # twice as fast as weight 1.
     weight: Mapped[float] = mapped_column(sa.Float, default=1.0, server_default="1")

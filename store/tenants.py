@@ -14,9 +14,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from store.clock import now_seconds
 from store.engine import autocommit_connection, write_transaction
 from store.errors import InvalidArgument, NotFound
-from store.ids import new_id, now_seconds
+from store.ids import new_id
 from store.tables import ApiKey, Tenant
 
 __all__ = [

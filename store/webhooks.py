@@ -14,8 +14,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from store.batch_lifecycle import ENDED_STATUSES, batch_object
+from store.clock import now_seconds
 from store.engine import write_transaction
-from store.ids import now_seconds
 from store.tables import Batch
 from store.tenants import webhook_secret
 

@@ -78,6 +78,7 @@ from models.retry import (
 )
 from models.tokens import estimate_tokens
 from models.types import CreateResult, LLMMessage, Tool, ToolChoice, ToolSchema
+from store.clock import ledger_time
 from telemetry.metrics import observe_limiter_wait
 from workers.rate_limits import CallOutcome, LimiterUnavailable, RateLimiter, Slot
 
@@ -260,7 +261,7 @@ class GovernedClient(DelegatingClient):
         if delay is None:
             raise error
         deadline = RATE_LIMIT_DEADLINE.get()
-        if deadline is not None and is_rate_limited(error) and time.time() + delay > deadline:
+        if deadline is not None and is_rate_limited(error) and ledger_time() + delay > deadline:
             raise error  # the request's retry budget for rate limits is spent
         hand_back_after = self._retry.hand_back_after
         if (

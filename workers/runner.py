@@ -67,6 +67,7 @@ from store import (
     release_requests,
     tenant_queues,
 )
+from store.clock import ledger_time
 from store.results import with_retry_after
 from workers import observe
 from workers.fair_share import FairGate, FairShare
@@ -120,7 +121,7 @@ def hand_back_times(
 ) -> tuple[int, int | None]:
     """When a request handed back with ``later`` is due again, and the end of its rate-limit
     ``budget`` (seconds) to record when none is yet (``retry_deadline``: the one it has)."""
-    now = time.time() if now is None else now
+    now = ledger_time() if now is None else now  # compared with the ledger's now (store.clock)
     # The budget starts with the provider's first "later", not with our own limiter's.
     deadline = int(now + budget) if budget is not None and later.error is not None else None
     # Not back later than the budget's end: a longer wait would only fail it unseen.

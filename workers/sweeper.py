@@ -52,6 +52,7 @@ from store import (
     requests_to_redispatch,
     unsettled_dispatch_ids,
 )
+from store.clock import now_seconds
 from workers.constants import AGENT_MESSAGE_TASK, sweep_lock_key
 from workers.dispatch import MARKER_PENDING_SECONDS, MARKER_SENT_SECONDS, Dispatcher
 
@@ -85,7 +86,7 @@ def sweep(
         return SweepReport(0, 0, 0, skipped=True)
     keeper = _SweepLockKeeper(lock)
     try:
-        now = int(time.time())
+        now = now_seconds()  # the ledger's clock, as the leases it compares (store.clock)
         settled_before = now - grace_seconds
         dispatch_ids = unsettled_dispatch_ids(engine, now=now, settled_before=settled_before)
         live = dispatcher.live_dispatches(dispatch_ids)

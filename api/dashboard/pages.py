@@ -31,8 +31,8 @@ from api.dashboard.sessions import (
 from api.deps import ID_PATTERN, EngineDep, ObjectId, SettingsDep
 from store import ENDED_STATUSES
 from store import dashboard as ledger
+from store.clock import now_seconds
 from store.dashboard_sessions import close_dashboard_session, open_dashboard_session
-from store.ids import now_seconds
 
 __all__ = ["CONTENT_SECURITY_POLICY", "router"]
 

@@ -15,12 +15,14 @@ from typing import IO, Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, StreamingResponse
+from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 import store
 from api.deps import AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
-from api.errors import APIError, InsufficientStorage, InvalidRequest, NotFound, ServiceUnavailable
+from api.errors import APIError, InsufficientStorage, InvalidRequest, NotFound, ServiceUnavailable, over_quota
+from config import Settings
 from store.export import in_chunks
 from store.input_checks import quote_input
 from store.tables import MAX_FILENAME_CHARS
@@ -51,15 +53,35 @@ def file_object(file: store.File) -> dict[str, Any]:
 _NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
-def _save(source: IO[bytes], files_dir: Path, tenant_id: str, file_id: str) -> tuple[Path, int]:
+class _ReadWithin:
+    """``source`` read as it is, until it passes what ``room`` leaves: then ``QuotaExceeded``."""
+
+    def __init__(self, source: IO[bytes], room: store.StoredBytes) -> None:
+        self.source = source
+        self.room = room
+        self.read_bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.source.read(size)
+        self.read_bytes += len(chunk)
+        left = self.room.left
+        if left is not None and self.read_bytes > left:
+            raise store.stored_bytes_exceeded(self.room)
+        return chunk
+
+
+def _save(
+    source: IO[bytes], files_dir: Path, tenant_id: str, file_id: str, room: store.StoredBytes
+) -> tuple[Path, int]:
     """The upload written to its file; an ``APIError`` if the files directory cannot take it, and
-    then no part of it left behind (on a full disk, a half-written file kept its space for good)."""
+    ``QuotaExceeded`` once it passes what the tenant's cap leaves (``room``): either way no part of
+    it left behind (on a full disk, a half-written file kept its space for good)."""
     destination = files_dir.absolute() / tenant_id / file_id
     partial = destination.with_suffix(".partial")
     try:
         destination.parent.mkdir(parents=True, exist_ok=True)
         with partial.open("wb") as out:
-            shutil.copyfileobj(source, out, length=1024 * 1024)
+            shutil.copyfileobj(_ReadWithin(source, room), out, length=1024 * 1024)
         size = partial.stat().st_size
         partial.replace(destination)  # a crash mid-copy never leaves a file that looks complete
     except BaseException as error:
@@ -84,7 +106,24 @@ def _not_stored(error: OSError, where: str) -> APIError:
 async def upload_file(
     request: Request, tenant: TenantDep, engine: EngineDep, settings: SettingsDep
 ) -> dict[str, Any]:
-    """Upload a JSONL file (multipart field ``file``) with ``purpose=batch``."""
+    """Upload a JSONL file (multipart field ``file``) with ``purpose=batch``. Over the tenant's cap
+    on stored bytes: 400 ``file_storage_quota_exceeded`` and nothing kept."""
+    try:
+        return await _upload(request, tenant, engine, settings)
+    except store.QuotaExceeded as error:
+        raise over_quota(error) from error
+
+
+async def _upload(
+    request: Request, tenant: store.Tenant, engine: Engine, settings: Settings
+) -> dict[str, Any]:
+    # The tenant's room, unlocked: a tenant at its cap is refused before its body is read, and a
+    # file is cut where it passes what was left. The row is added under the tenant's lock
+    # (store.create_file), which counts concurrent uploads: together they never pass the cap.
+    default_cap = settings.default_max_stored_bytes
+    room = await run_in_threadpool(store.stored_bytes, engine, tenant.id, default_cap)
+    if room.left == 0:
+        raise store.stored_bytes_exceeded(room)
     try:
         # The parser spools a large part to a temporary file: the disk can refuse it here first.
         form = await request.form(max_files=1, max_fields=10)
@@ -101,13 +140,22 @@ async def upload_file(
             )
         filename = (upload.filename or "upload.jsonl")[:MAX_FILENAME_CHARS]
         file_id = f"file-{secrets.token_hex(12)}"
-        path, size = await run_in_threadpool(_save, upload.file, settings.files_dir, tenant.id, file_id)
+        path, size = await run_in_threadpool(_save, upload.file, settings.files_dir, tenant.id, file_id, room)
         if size == 0:
             await run_in_threadpool(path.unlink, missing_ok=True)
             raise InvalidRequest("the uploaded file is empty", param="file", code="empty_file")
         try:
             row = await run_in_threadpool(
-                store.create_file, engine, tenant.id, filename, purpose, size, str(path), "processed", file_id
+                store.create_file,
+                engine,
+                tenant.id,
+                filename,
+                purpose,
+                size,
+                str(path),
+                "processed",
+                file_id,
+                default_max_stored_bytes=default_cap,
             )
         except BaseException:
             path.unlink(missing_ok=True)

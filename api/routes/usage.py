@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 
 import store
-from api.deps import ID_PATTERN, EngineDep, TenantDep
+from api.deps import ID_PATTERN, EngineDep, SettingsDep, TenantDep
 from api.errors import InvalidRequest
 from store.input_checks import quote_input
 
@@ -66,6 +66,11 @@ def quotas_object(status: store.QuotaStatus) -> dict[str, Any]:
         "daily_budget_usd": money(quotas.daily_budget_usd),
         "spent_today_usd": money(status.spent_today_usd),
         "remaining_budget_usd": money(status.remaining_budget_usd),
+        # Uploaded files' bytes (batch output and error files do not count); the limit that
+        # applies: the tenant's own, else the service's default.
+        "max_stored_bytes": status.max_stored_bytes,
+        "stored_bytes": status.stored_bytes,
+        "remaining_stored_bytes": status.remaining_stored_bytes,
     }
 
 
@@ -73,6 +78,7 @@ def quotas_object(status: store.QuotaStatus) -> dict[str, Any]:
 def usage(
     tenant: TenantDep,
     engine: EngineDep,
+    settings: SettingsDep,
     group_by: str = Query(
         "model,day", description="comma-separated: model, day, batch (or empty for totals)"
     ),
@@ -82,7 +88,7 @@ def usage(
 ) -> dict[str, Any]:
     """Your usage. Billed figures count what was paid upstream; cache hits are served free.
     ``quotas`` (tokenmill's): your quotas, what they hold now and what is left (the daily budget
-    counts from 00:00 UTC)."""
+    counts from 00:00 UTC; stored bytes are your uploaded files')."""
     groups = [part.strip() for part in group_by.split(",") if part.strip()]
     unknown = [part for part in groups if part not in ("model", "day", "batch")]
     if unknown:
@@ -101,5 +107,6 @@ def usage(
         )
     except store.InvalidArgument as e:
         raise InvalidRequest(str(e), param=e.param, code=e.code) from e
-    quotas = quotas_object(store.quota_status(engine, tenant.id))
+    status = store.quota_status(engine, tenant.id, default_max_stored_bytes=settings.default_max_stored_bytes)
+    quotas = quotas_object(status)
     return {"object": "list", "data": [usage_row(row) for row in rows], "quotas": quotas}

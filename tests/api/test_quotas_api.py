@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import openai
+import pytest
 
 from tests.api.conftest import LiveAPI
 
@@ -119,3 +120,42 @@ def test_the_cli_refuses_bad_quota_values_and_unknown_tenants(live_api: LiveAPI)
     shown = live_api.cli("tenants", "show", "quota-cli")
     assert shown.returncode == 0, shown.stderr
     assert "no limit" in shown.stdout
+
+
+def test_the_stored_bytes_cap_is_set_shown_and_refuses_an_upload_over_it(live_api: LiveAPI) -> None:
+    """``--max-stored-bytes``: shown by ``tenants show`` and ``/v1/usage``; an upload over it is a
+    400 ``file_storage_quota_exceeded`` (as OpenAI answers its storage limit); ``none`` gives the
+    tenant the service default back (100 GiB unless the operator sets another)."""
+    key = live_api.new_key("quota-stored")
+    default = 100 * 1024**3
+    shown = quotas(live_api, key)
+    assert (shown["max_stored_bytes"], shown["stored_bytes"], shown["remaining_stored_bytes"]) == (
+        default,
+        0,
+        default,
+    )
+    set_cap = live_api.cli("tenants", "set", "quota-stored", "--max-stored-bytes", "300")
+    assert set_cap.returncode == 0, set_cap.stderr
+    assert "stored files:    0 bytes of 300 (left: 300; the limit is its own)" in set_cap.stdout
+    file_id = upload(live_api, key, 2, "s")  # about 130 bytes
+    stored = quotas(live_api, key)["stored_bytes"]
+    assert 0 < stored <= 300
+    client = openai.OpenAI(base_url=live_api.base_url, api_key=key, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        upload(live_api, key, 4, "t")
+    assert refused.value.code == "file_storage_quota_exceeded"
+    assert "300" in refused.value.message
+    assert str(stored) in refused.value.message
+    assert [file.id for file in client.files.list()] == [file_id]
+    assert quotas(live_api, key)["remaining_stored_bytes"] == 300 - stored
+    show = live_api.cli("tenants", "show", "quota-stored")
+    assert f"stored files:    {stored} bytes of 300 (left: {300 - stored};" in show.stdout
+
+    cleared = live_api.cli("tenants", "set", "quota-stored", "--max-stored-bytes", "none")
+    assert cleared.returncode == 0, cleared.stderr
+    assert f"of {default} (left: {default - stored}; the limit is the service default)" in cleared.stdout
+    assert quotas(live_api, key)["max_stored_bytes"] == default
+    upload(live_api, key, 4, "u")
+    bad = live_api.cli("tenants", "set", "quota-stored", "--max-stored-bytes", "-1")
+    assert bad.returncode != 0
+    assert "--max-stored-bytes" in bad.stderr

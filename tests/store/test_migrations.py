@@ -102,3 +102,37 @@ def test_downgrade_and_upgrade_again_keep_every_tenants_data(database_url: str) 
                 assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
     finally:
         engine.dispose()
+
+
+def test_the_stored_bytes_counter_starts_as_the_uploads_already_kept(database_url: str) -> None:
+    """0018: a tenant's ``stored_file_bytes`` starts as the sum of its uploads (batch output and
+    error files do not count), so a cap set after the upgrade counts what was stored before it."""
+    from alembic import command
+
+    from store.schema import alembic_config
+
+    engine = store.make_engine(database_url)
+    try:
+        command.upgrade(alembic_config(engine), "0017")
+        file_row = (
+            "INSERT INTO files (id, tenant_id, filename, purpose, bytes, created_at, status, kind) "
+            "VALUES (:id, :tenant, 'f', 'batch', :bytes, 0, 'processed', :kind)"
+        )
+        with engine.begin() as conn:
+            for tenant in ("full", "empty"):
+                conn.execute(
+                    sa.text("INSERT INTO tenants (id, name, created_at) VALUES (:id, :id, 0)"), {"id": tenant}
+                )
+            for file_id, size, kind in (
+                ("u1", 300, "upload"),
+                ("u2", 200, "upload"),
+                ("o1", 900, "batch_output"),
+            ):
+                conn.execute(
+                    sa.text(file_row), {"id": file_id, "tenant": "full", "bytes": size, "kind": kind}
+                )
+        store.upgrade_to_head(engine)
+        assert store.quota_status(engine, "full").stored_bytes == 500
+        assert store.quota_status(engine, "empty").stored_bytes == 0
+    finally:
+        engine.dispose()

@@ -10,8 +10,8 @@ call no longer writes two index entries that nothing reads).
 The indexes are built ``CONCURRENTLY`` on PostgreSQL, outside the migration's transaction, as
 0012's were: the ledger keeps taking writes while they build.
 
-Revision ID: 0018
-Revises: 0017
+Revision ID: 0019
+Revises: 0018
 Create Date: 2026-12-02
 """
 
@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0018"
-down_revision: str | None = "0017"
+revision: str = "0019"
+down_revision: str | None = "0018"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -20,8 +20,8 @@ import store
 import store.export
 from bench.query_plans import capture, explain, generic_plan_scans
 from models.types import RequestUsage
+from store.clock import now_seconds
 from store.dashboard import page_of_batches
-from store.ids import now_seconds
 from store.schema import alembic_config
 from store.tables import REQUESTS_AUTOVACUUM
 from store.webhooks import claim_due_webhooks

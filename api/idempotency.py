@@ -73,12 +73,18 @@ def _digest_without(source: IO[bytes], token: bytes, digest: Any) -> None:
     digest.update(pending)
 
 
-def request_hash(method: str, path: str, query: bytes, content_type: str, body: IO[bytes]) -> str:
-    """What identifies a request for its idempotency key."""
+def request_hash(
+    method: str, path: str, query: bytes, content_type: str, body: IO[bytes], *, json_limit: int
+) -> str:
+    """What identifies a request for its idempotency key. A JSON body of at most ``json_limit``
+    bytes (the JSON routes' body limit) counts as parsed; a larger one (only the upload path takes
+    one) counts as sent: parsing it held the GIL and some 30 times its size in memory (48 MB of
+    ``[{},...]``: 1.3 GB), for a body its route refuses."""
     digest = hashlib.sha256(f"{method} {path}?".encode() + query + b"\n")
+    size = body.seek(0, 2)
     body.seek(0)
     media_type = content_type.split(";")[0].strip().lower()
-    if media_type == "application/json":
+    if media_type == "application/json" and size <= json_limit:
         raw = body.read()
         try:
             canonical = json.dumps(json.loads(raw), sort_keys=True, separators=(",", ":")).encode()
@@ -219,6 +225,7 @@ class IdempotencyKeys:
                 scope.get("query_string", b""),
                 headers.get("content-type", ""),
                 body,
+                json_limit=settings.max_request_body_bytes,
             )
             now = now_seconds()  # the ledger's clock, as every expiry it keeps (store.clock)
             retention = settings.idempotency_retention_seconds

@@ -74,7 +74,7 @@ Output and usage::
     with_bytes(engine, files) -> files                       # output/error files' sizes measured
     batch_file_ids(batch_id) -> tuple[str, str]              # (output_file_id, error_file_id)
     usage_report(engine, tenant_id=None, group_by=("model", "day"), since=None, until=None,
-                 batch_id=None) -> list[UsageRow]
+                 batch_id=None, max_rows=None) -> list[UsageRow]   # InvalidArgument past max_rows
     set_price(engine, model, input_per_million, cached_input_per_million, output_per_million)
     get_prices(engine) -> dict[str, ModelPrice] ; price_for(prices, model) -> ModelPrice | None
 
@@ -84,6 +84,7 @@ Agent conversations and agent state::
     append_messages(engine, conversation_id, messages, *, run_id=None, tenant_id=None) -> int  # length
     load_conversation(engine, conversation_id, *, tenant_id=None, before_run=None) -> list[LLMMessage]
     # a run_id appends once (a redone run appends nothing); before_run reads what that run first saw
+    check_conversation(engine, conversation_id, *, tenant_id)   # ConversationNotFound, nothing loaded
     get_agent_run(engine, request_id, tenant_id) -> AgentRunRecord | None   # request + result rows
     load_agent_state(engine, agent_type, agent_key, tenant_id=None) -> dict | None
     get_agent_state(engine, agent_type, agent_key, tenant_id=None) -> StoredAgentState | None
@@ -148,7 +149,12 @@ if TYPE_CHECKING:
         get_batch,
         list_batches,
     )
-    from store.conversations import append_messages, create_conversation, load_conversation
+    from store.conversations import (
+        append_messages,
+        check_conversation,
+        create_conversation,
+        load_conversation,
+    )
     from store.engine import make_engine
     from store.errors import (
         AgentStateConflict,
@@ -311,6 +317,7 @@ else:
         "get_batch": "store.batches",
         "list_batches": "store.batches",
         "append_messages": "store.conversations",
+        "check_conversation": "store.conversations",
         "create_conversation": "store.conversations",
         "load_conversation": "store.conversations",
         "make_engine": "store.engine",
@@ -519,6 +526,7 @@ __all__ = [
     "batch_statuses",
     "cancel_batch",
     "cancel_claimed",
+    "check_conversation",
     "check_tenant_quotas",
     "claim_agent_message",
     "claim_due_webhooks",

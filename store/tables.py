@@ -210,13 +210,42 @@ class File(Base):
     batch_id: Mapped[str | None] = mapped_column(sa.String(64), index=True)
 
 
+# What the partial indexes of batches hold, as the queries say it (``Batch.hidden.is_(False)``;
+# a webhook not yet delivered): PostgreSQL uses such an index only for a query that implies it.
+LISTED_PREDICATE = "hidden IS false"
+WEBHOOK_PENDING_PREDICATE = "webhook_url IS NOT NULL AND webhook_delivered_at IS NULL"
+
+
 class Batch(Base):
     __tablename__ = "batches"
     __table_args__ = (
         sa.Index("ix_batches_tenant_id_id", "tenant_id", "id"),
-        # The dashboard's pages of batches, newest first: a tenant's, and every tenant's (operators).
-        sa.Index("ix_batches_tenant_id_created_at_id", "tenant_id", "created_at", "id"),
-        sa.Index("ix_batches_created_at_id", "created_at", "id"),
+        # Pages of batches, newest first (the API's and the dashboard's: a tenant's, and every
+        # tenant's for operators), of the batches listed only: each single call is a hidden batch,
+        # and an index of them all had a page step over every call made since.
+        sa.Index(
+            "ix_batches_listed_tenant_id_created_at_id",
+            "tenant_id",
+            "created_at",
+            "id",
+            postgresql_where=sa.text(LISTED_PREDICATE),
+            sqlite_where=sa.text(LISTED_PREDICATE),
+        ),
+        sa.Index(
+            "ix_batches_listed_created_at_id",
+            "created_at",
+            "id",
+            postgresql_where=sa.text(LISTED_PREDICATE),
+            sqlite_where=sa.text(LISTED_PREDICATE),
+        ),
+        # The beat's look for completion webhooks to send (every sweep), oldest first.
+        sa.Index(
+            "ix_batches_webhook_pending_created_at_id",
+            "created_at",
+            "id",
+            postgresql_where=sa.text(WEBHOOK_PENDING_PREDICATE),
+            sqlite_where=sa.text(WEBHOOK_PENDING_PREDICATE),
+        ),
         # A tenant's open batches, found without reading its ended ones (store.quotas).
         sa.Index("ix_batches_tenant_id_status", "tenant_id", "status"),
     )

@@ -21,9 +21,12 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from store.errors import InvalidArgument
 from store.tables import DiscardedAnswer, Result
 
-__all__ = ["UsageGroup", "UsageRow", "exact_decimal", "usage_report"]
+__all__ = ["USAGE_REPORT_TOO_LARGE", "UsageGroup", "UsageRow", "exact_decimal", "usage_report"]
+
+USAGE_REPORT_TOO_LARGE = "usage_report_too_large"
 
 UsageGroup = Literal["model", "day", "batch"]
 _EPOCH = dt.date(1970, 1, 1)
@@ -93,9 +96,12 @@ def usage_report(
     since: int | None = None,
     until: int | None = None,
     batch_id: str | None = None,
+    max_rows: int | None = None,
 ) -> list[UsageRow]:
     """Usage per tenant and per each of ``group_by``, for results created in ``[since, until)``
-    (unix seconds), optionally of one tenant or one batch; ordered by its keys."""
+    (unix seconds), optionally of one tenant or one batch; ordered by its keys. With ``max_rows``,
+    a report of more rows raises ``InvalidArgument`` (``usage_report_too_large``) having read
+    only one row more: every single call is a batch, so ``group_by=batch`` has a row per call."""
     unknown = set(group_by) - {"model", "day", "batch"}
     if unknown:
         raise ValueError(f"cannot group usage by {sorted(unknown)}")
@@ -143,8 +149,17 @@ def usage_report(
     if until is not None:
         query = query.where(spend.created_at < until)
     query = query.group_by(*keys).order_by(*keys)
+    if max_rows is not None:
+        query = query.limit(max_rows + 1)
     with engine.connect() as conn:
         rows = conn.execute(query).mappings().all()
+    if max_rows is not None and len(rows) > max_rows:
+        raise InvalidArgument(
+            f"the report has more than {max_rows} rows; narrow it with since and until (unix seconds), "
+            "batch_id, or fewer group_by keys",
+            "group_by",
+            code=USAGE_REPORT_TOO_LARGE,
+        )
     return [
         UsageRow(
             tenant_id=row["tenant_id"],

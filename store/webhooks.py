@@ -42,8 +42,16 @@ def claim_due_webhooks(
     """Ended batches whose webhook is not delivered yet and whose next attempt is due, each claimed
     for ``claim_seconds`` (not due again meanwhile) so that two senders never take the same one."""
     now = now if now is not None else now_seconds()
-    candidates = (
-        sa.select(Batch.id)
+    # The tenants in turn: each one's oldest first, and in creation order within a second (ids
+    # are time-ordered). Oldest first whoever's, a tenant with more due webhooks than a pass takes,
+    # at receivers that never answer, filled every pass, and others' waited behind all of them.
+    turn = (
+        sa.func.row_number()
+        .over(partition_by=Batch.tenant_id, order_by=(Batch.created_at, Batch.id))
+        .label("turn")
+    )
+    due = (
+        sa.select(Batch.id, Batch.created_at, turn)
         .where(
             Batch.webhook_url.is_not(None),
             Batch.webhook_delivered_at.is_(None),
@@ -51,10 +59,9 @@ def claim_due_webhooks(
             Batch.webhook_attempts < max_attempts,
             _is_due(now),
         )
-        # Oldest first, and in creation order within a second (ids are time-ordered).
-        .order_by(Batch.created_at, Batch.id)
-        .limit(limit)
+        .subquery()
     )
+    candidates = sa.select(due.c.id).order_by(due.c.turn, due.c.created_at, due.c.id).limit(limit)
     with write_transaction(engine) as conn:
         ids = list(conn.execute(candidates).scalars())
         if not ids:

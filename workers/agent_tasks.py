@@ -62,6 +62,7 @@ from workers.pipeline import ModelCallPipeline
 from workers.runner import RequestCancelled, RequestHandedBack, RequestHandler, failed_record
 
 __all__ = [
+    "MAX_TOOL_TIMEOUT_SECONDS",
     "AgentRunOutcome",
     "AgentRunSpec",
     "CallTally",
@@ -74,6 +75,11 @@ __all__ = [
 ]
 
 _RUN_FIELDS = frozenset({"input", "conversation_id"})
+# The longest a tenant's run may wait for one tool call. A run holds its worker slot while it
+# waits, and the fair share hands out slots, not time: a tool that can be made to hang (one that
+# fetches a URL the tenant names) with a timeout of days held a slot for good, and enough such runs
+# held every slot of every worker. The workers hold a run stored before this check to it too.
+MAX_TOOL_TIMEOUT_SECONDS = 600.0
 _MESSAGES: TypeAdapter[list[LLMMessage]] = TypeAdapter(list[LLMMessage])
 
 
@@ -294,6 +300,9 @@ def agent_run_handler(engine: Engine, tools: ToolRegistry | None = None) -> Requ
             spec = parse_agent_run_body(request.body)
         except ModelClientError as e:
             return failed_record(request.id, e, attempts=0)
+        if spec.config.tool_timeout_seconds > MAX_TOOL_TIMEOUT_SECONDS:
+            bounded = spec.config.model_copy(update={"tool_timeout_seconds": MAX_TOOL_TIMEOUT_SECONDS})
+            spec = dataclasses.replace(spec, config=bounded)
         tally = CallTally()
         try:
             outcome = await run_agent(
@@ -390,6 +399,12 @@ def check_agent_run_body(body: Mapping[str, Any]) -> None:
         spec = parse_agent_run_body(body)
     except ModelClientError as e:
         raise InvalidArgument(e.message, code=e.code) from e
+    if spec.config.tool_timeout_seconds > MAX_TOOL_TIMEOUT_SECONDS:
+        raise InvalidArgument(
+            f"'tool_timeout_seconds' is at most {MAX_TOOL_TIMEOUT_SECONDS:g}",
+            "tool_timeout_seconds",
+            code="invalid_agent_run",
+        )
     try:
         default_registry.select(spec.config.tools)
     except UnknownToolError as e:

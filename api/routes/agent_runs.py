@@ -111,7 +111,7 @@ async def create_agent_run(
             raise InvalidRequest("'conversation_id' is not an id", param="conversation_id")
         try:
             await run_in_threadpool(
-                store.load_conversation, engine, str(body["conversation_id"]), tenant_id=tenant.id
+                store.check_conversation, engine, str(body["conversation_id"]), tenant_id=tenant.id
             )
         except store.ConversationNotFound as e:
             raise NotFound(f"No such conversation: {body['conversation_id']}", param="conversation_id") from e

@@ -214,3 +214,28 @@ def _retry_during_validation(big_api: BigAPI, api: openai.OpenAI) -> None:
     assert again.headers.get("idempotent-replayed") == "true"
     assert again.json()["id"] == first.json()["id"]
     assert validated(big_api, api, first.json()["id"])["status"] == "in_progress"
+
+
+def test_an_upload_sent_as_json_with_an_idempotency_key_costs_no_parse(big_api: BigAPI) -> None:
+    """A body with an ``Idempotency-Key`` is hashed before the route sees it, a JSON one as parsed
+    (so a retry with its keys reordered matches). On the upload path a body may be 200 MB: sent as
+    ``application/json``, it was parsed and dumped whole on an API thread, holding the GIL (every
+    tenant's calls waited) and ~30x its size in memory (48 MB of ``[{},...]``: ~1.4 GB, ~3 s; at
+    the 200 MB default limit, ~6 GB), before the route refused it for not being a form."""
+    with big_api.client("json-upload") as api:
+        body = b"[" + b"{}," * (16 * 1024 * 1024 - 1) + b"{}]"  # 48 MB
+        big_api.reset_peak_rss()
+        before = big_api.rss_mb("VmRSS")
+        answer = httpx.post(
+            f"{big_api.base_url}/files",
+            headers={
+                "Authorization": f"Bearer {api.api_key}",
+                "Content-Type": "application/json",
+                "Idempotency-Key": "json-upload-1",
+            },
+            content=body,
+            timeout=120,
+        )
+        growth = big_api.rss_mb("VmHWM") - before
+        assert answer.status_code in (400, 422), answer.text[:500]
+        assert growth < 100, f"peak RSS grew {growth:.0f} MB hashing a 48 MB JSON upload"

@@ -20,8 +20,11 @@ import store
 import store.export
 from bench.query_plans import capture, explain, generic_plan_scans
 from models.types import RequestUsage
+from store.clock import now_seconds
+from store.dashboard import page_of_batches
 from store.schema import alembic_config
 from store.tables import REQUESTS_AUTOVACUUM
+from store.webhooks import claim_due_webhooks
 from tests.store.conftest import IngestFn, chat_line
 
 UNFINISHED_INDEXES = ("ix_requests_unfinished_batch_id_line_number", "ix_requests_unfinished_dispatch_id")
@@ -261,6 +264,56 @@ def test_requests_are_vacuumed_after_a_fixed_number_of_changes(pg_engine: Engine
 
 def _any(_statement: str) -> bool:
     return True
+
+
+def _single_call_batches(engine: Engine, tenant_id: str, count: int, first_created_at: int) -> None:
+    """``count`` hidden one-request batches (what each chat completion and agent run leaves), as
+    a busy tenant's months of single calls leave them, created a second apart."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO batches (id, tenant_id, endpoint, kind, completion_window, status, "
+                "error_count, priority, hidden, webhook_attempts, total_count, completed_count, "
+                "failed_count, cancelled_count, created_at, expires_at) "
+                "SELECT 'batch_sc' || :first || '_' || b, :tenant, '/v1/chat/completions', "
+                "'chat_completion', '24h', 'completed', 0, 0, true, 0, 1, 1, 0, 0, :first + b, "
+                ":first + b + 86400 FROM generate_series(0, :count - 1) b"
+            ),
+            {"tenant": tenant_id, "count": count, "first": first_created_at},
+        )
+
+
+def test_listings_and_webhook_claims_step_over_no_single_call_batches(pg_engine: Engine) -> None:
+    """Every chat completion is a hidden batch row, kept for good. Listing a tenant's batches
+    (the API's and the dashboard's pages), the operator's page of every tenant's, and the beat's
+    look for due webhooks (every sweep) walked the batches by time and dropped the hidden ones one
+    by one: with a million single calls, 250-500 ms of PostgreSQL per list and 230-320 ms per
+    sweep, growing with every call anyone ever made. They read the batches they show (or the
+    batches with a webhook to send) alone."""
+    engine = pg_engine
+    tenant = store.create_tenant(engine, "busy")
+    now = now_seconds()
+    _single_call_batches(engine, tenant.id, 10_000, first_created_at=now - 100_000)  # older
+    shown = [
+        store.ingest_batch(engine, _jsonl([chat_line(f"b{i}")]), tenant_id=tenant.id).batch_id
+        for i in range(3)
+    ]
+    _single_call_batches(engine, tenant.id, 10_000, first_created_at=now + 10)  # newer
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("VACUUM ANALYZE batches"))
+    assert [batch.id for batch in store.list_batches(engine, tenant.id).data] == shown[::-1]
+    calls: dict[str, Any] = {
+        "list_batches": lambda: store.list_batches(engine, tenant.id),
+        "list_batches after": lambda: store.list_batches(engine, tenant.id, after=shown[-1]),
+        "a tenant's dashboard page": lambda: page_of_batches(engine, tenant.id),
+        "the operator's dashboard page": lambda: page_of_batches(engine, None),
+        "due webhooks": lambda: claim_due_webhooks(engine, max_attempts=8, claim_seconds=30),
+    }
+    for name, call in calls.items():
+        statement, parameters = capture(engine, call, lambda statement: "FROM batches" in statement)
+        plan = explain(engine, statement, parameters)
+        # Before: 10,003 to 20,003 batch rows read.
+        assert plan.rows_read <= 100, (name, plan)
 
 
 def test_reading_a_batch_sums_nothing(engine: Engine, ingest: IngestFn) -> None:

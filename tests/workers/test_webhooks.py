@@ -454,3 +454,22 @@ def test_a_delivery_that_got_no_resolver_thread_is_not_counted_as_its_attempt(
     assert attempts == 0
     assert receiver.events == []
     engine.dispose()
+
+
+def test_one_tenants_many_hanging_webhooks_do_not_hold_back_another_tenants(
+    postgres_url: str, trickling_receiver: TricklingReceiver, receiver: Receiver
+) -> None:
+    """A pass claimed the 100 oldest due webhooks, whoever's: a tenant with more than that many
+    ended batches (free to make: a batch whose lines all fail validation ends ``failed``) whose
+    receiver never answers filled every pass, each lasting 7 rounds of the deadline, so another
+    tenant's webhooks waited behind all their attempts (10,000 such batches: hours). A pass now
+    takes the tenants' due webhooks in turn, each tenant's oldest first."""
+    engine, _ = finished_batch(postgres_url, trickling_receiver.url)
+    hostile = store.create_tenant(engine, "hostile").id
+    for _ in range(100):
+        finished_batch(postgres_url, trickling_receiver.url, engine=engine, tenant_id=hostile)
+    _, bystander_batch = finished_batch(postgres_url, receiver.url, engine=engine)
+    delivered, failed = deliver_due_webhooks(engine, allow_private=True, deadline_seconds=0.3)
+    assert [event["data"]["id"] for _, event in receiver.events] == [bystander_batch]
+    assert (delivered, failed) == (1, 99)
+    engine.dispose()

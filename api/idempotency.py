@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import store
-from api.deps import current_tenant
+from api.deps import scope_tenant
 from api.errors import (
     BOUND_TO_HEADER,
     CLIENT_CLOSED_REQUEST,
@@ -194,7 +194,7 @@ class IdempotencyKeys:
         engine = scope["app"].state.engine
         settings = scope["app"].state.settings
         try:
-            tenant = await run_in_threadpool(current_tenant, engine, headers.get("authorization"))
+            tenant = await scope_tenant(scope)
         except Unauthenticated:
             await self.app(scope, receive, send)  # the route answers 401 as usual
             return

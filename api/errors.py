@@ -16,6 +16,7 @@ official ``openai`` SDK maps to its own exception classes, and a message that na
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 from typing import Any
@@ -47,6 +48,7 @@ __all__ = [
     "api_error_response",
     "error_body",
     "install_error_handlers",
+    "not_stored",
     "over_quota",
 ]
 
@@ -166,6 +168,20 @@ class InsufficientStorage(APIError):
     status_code = 507
     type = "server_error"
     default_code = "insufficient_storage"
+
+
+# What a write that found no room raises: a full disk, a quota, a file size limit.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def not_stored(error: OSError, where: str) -> APIError:
+    """The answer to a request body (an upload) the disk could not take, in ``where``: 507 for no
+    room (it may come back), 503 for anything else; the operator's paths stay out of it (the log
+    has them)."""
+    logger.error("a request body could not be written to %s: %s", where, error)
+    if error.errno in _NO_ROOM:
+        return InsufficientStorage("there is no room to store the file now; try again later")
+    return ServiceUnavailable("the file could not be stored now; try again later")
 
 
 def api_error_response(exc: APIError) -> JSONResponse:

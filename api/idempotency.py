@@ -39,6 +39,7 @@ from api.errors import (
     InvalidRequest,
     ServiceUnavailable,
     Unauthenticated,
+    not_stored,
 )
 
 __all__ = ["IdempotencyKeyReused", "IdempotencyKeys", "request_hash"]
@@ -209,6 +210,9 @@ class IdempotencyKeys:
                     more_body = message.get("more_body", False)
             except APIError as e:  # over the size limit
                 await _answer_error(e, scope, receive, send)
+                return
+            except OSError as e:  # the temporary disk is full: as the upload's own spool answers
+                await _answer_error(not_stored(e, "a temporary file"), scope, receive, send)
                 return
             size = body.tell()
             digest = await run_in_threadpool(

@@ -17,6 +17,7 @@ from api.idempotency import IdempotencyKeys
 from api.limits import BodySizeLimit
 from api.routes import agent_runs, batches, chat, files, health, metrics, model_catalog, usage, webhook_secret
 from api.routes.batches import Dispatch
+from api.uploads_in_flight import UploadsInFlight
 from config import Settings, get_settings
 from store.engine import normalize_url
 from telemetry import tracing
@@ -39,6 +40,9 @@ def dispatch_to_workers(engine: Engine, batch_id: str) -> None:
 
     enqueue_batch(producer_dispatcher(engine), batch_id)
 
+
+# The paths whose POST is an upload (its body up to max_upload_bytes, spooled to a temporary file).
+UPLOAD_PATHS = ("/v1/files",)
 
 # As many pooled connections as the threads that may use one at once (Starlette's
 # run_in_threadpool and sync dependencies share AnyIO's default limiter of 40): with fewer (5, the
@@ -116,11 +120,16 @@ def create_app(settings: Settings | None = None, *, dispatch: Dispatch | None = 
     app.add_middleware(chat.ChatCompletionsFastPath)
     # Added before the size limit, so that the limit wraps it: what it reads is bounded.
     app.add_middleware(IdempotencyKeys)
+    # Outside the Idempotency-Key middleware, which spools the body: a tenant at its cap on
+    # uploads in flight is refused before any of its body is read.
+    app.add_middleware(
+        UploadsInFlight, per_tenant=settings.max_uploads_in_flight_per_tenant, upload_paths=UPLOAD_PATHS
+    )
     app.add_middleware(
         BodySizeLimit,
         body_limit=settings.max_request_body_bytes,
         upload_limit=settings.max_upload_bytes,
-        upload_paths=("/v1/files",),
+        upload_paths=UPLOAD_PATHS,
     )
     for router in ROUTERS:
         app.include_router(router)

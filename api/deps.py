@@ -7,6 +7,8 @@ from typing import Annotated, NoReturn
 from fastapi import Depends, Header, Path, Query, Request
 from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.types import Scope
 
 import store
 from api.errors import Unauthenticated
@@ -28,6 +30,7 @@ __all__ = [
     "raise_unknown_key",
     "remember_tenant",
     "request_tenant",
+    "scope_tenant",
     "tenant_of_key",
 ]
 
@@ -93,6 +96,19 @@ def current_tenant(engine: EngineDep, authorization: Annotated[str | None, Heade
 def remember_tenant(request: Request, tenant: store.Tenant) -> None:
     """Keep the tenant a route found before reading its body, for ``request_tenant``."""
     request.state.tokenmill_tenant = tenant
+
+
+async def scope_tenant(scope: Scope) -> store.Tenant:
+    """For a middleware: the tenant of the request's key, looked up once per request (remembered
+    as ``remember_tenant`` does, for the route's ``TenantDep``); ``Unauthenticated`` without a
+    valid key."""
+    state = scope.setdefault("state", {})  # what ``request.state`` reads and writes
+    tenant: store.Tenant | None = state.get("tokenmill_tenant")
+    if tenant is None:
+        engine = scope["app"].state.engine
+        tenant = await run_in_threadpool(current_tenant, engine, Headers(scope=scope).get("authorization"))
+        state["tokenmill_tenant"] = tenant
+    return tenant
 
 
 async def request_tenant(

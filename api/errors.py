@@ -16,6 +16,7 @@ official ``openai`` SDK maps to its own exception classes, and a message that na
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 from typing import Any
@@ -51,6 +52,7 @@ __all__ = [
     "database_unavailable",
     "error_body",
     "install_error_handlers",
+    "not_stored",
     "over_quota",
 ]
 
@@ -197,6 +199,20 @@ def database_unavailable(error: BaseException) -> ServiceUnavailable | None:
     answer = ServiceUnavailable("the database is unavailable; retry later", code="database_unavailable")
     answer.retry_after = DATABASE_RETRY_AFTER_SECONDS
     return answer
+
+
+# What a write that found no room raises: a full disk, a quota, a file size limit.
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def not_stored(error: OSError, where: str) -> APIError:
+    """The answer to a request body (an upload) the disk could not take, in ``where``: 507 for no
+    room (it may come back), 503 for anything else; the operator's paths stay out of it (the log
+    has them)."""
+    logger.error("a request body could not be written to %s: %s", where, error)
+    if error.errno in _NO_ROOM:
+        return InsufficientStorage("there is no room to store the file now; try again later")
+    return ServiceUnavailable("the file could not be stored now; try again later")
 
 
 def api_error_response(exc: APIError) -> JSONResponse:

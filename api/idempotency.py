@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import store
-from api.deps import current_tenant
+from api.deps import scope_tenant
 from api.errors import (
     BOUND_TO_HEADER,
     CLIENT_CLOSED_REQUEST,
@@ -39,6 +39,7 @@ from api.errors import (
     InvalidRequest,
     ServiceUnavailable,
     Unauthenticated,
+    not_stored,
 )
 from store.clock import now_seconds
 
@@ -201,7 +202,7 @@ class IdempotencyKeys:
         engine = scope["app"].state.engine
         settings = scope["app"].state.settings
         try:
-            tenant = await run_in_threadpool(current_tenant, engine, headers.get("authorization"))
+            tenant = await scope_tenant(scope)
         except Unauthenticated:
             await self.app(scope, receive, send)  # the route answers 401 as usual
             return
@@ -216,6 +217,9 @@ class IdempotencyKeys:
                     more_body = message.get("more_body", False)
             except APIError as e:  # over the size limit
                 await _answer_error(e, scope, receive, send)
+                return
+            except OSError as e:  # the temporary disk is full: as the upload's own spool answers
+                await _answer_error(not_stored(e, "a temporary file"), scope, receive, send)
                 return
             size = body.tell()
             digest = await run_in_threadpool(

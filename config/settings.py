@@ -206,6 +206,10 @@ class Settings(BaseSettings):
     # read a few at a time, tenants in turn (api.validation_slots); each waiting one is a lease the
     # API renews, and a batch failed if that API process dies.
     max_validating_batches_per_tenant: int = Field(default=16, ge=1)
+    # Uploads one tenant may have in flight at once in one API process (a 429 beyond, before the
+    # body is read): each spools its body to a temporary file (up to max_upload_bytes, twice with
+    # an Idempotency-Key) and holds a connection while it arrives.
+    max_uploads_in_flight_per_tenant: int = Field(default=4, ge=1)
     sync_timeout_seconds: float = Field(default=600.0, gt=0, description="POST /v1/chat/completions wait")
     # The longest the API's statements wait for a lock (PostgreSQL's lock_timeout; 0: no bound).
     # An operator's LOCK TABLE, VACUUM FULL or CREATE INDEX held each request that needed the

@@ -6,8 +6,6 @@ read, so they can be downloaded while the batch is still running (the lines fini
 from __future__ import annotations
 
 import contextlib
-import errno
-import logging
 import secrets
 import shutil
 from pathlib import Path
@@ -21,7 +19,7 @@ from starlette.datastructures import UploadFile
 
 import store
 from api.deps import AfterCursor, EngineDep, ObjectId, SettingsDep, TenantDep
-from api.errors import APIError, InsufficientStorage, InvalidRequest, NotFound, ServiceUnavailable, over_quota
+from api.errors import InvalidRequest, NotFound, not_stored, over_quota
 from config import Settings
 from store.export import in_chunks
 from store.input_checks import quote_input
@@ -29,7 +27,6 @@ from store.tables import MAX_FILENAME_CHARS
 
 __all__ = ["file_object", "router"]
 
-_logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/files", tags=["files"])
 PURPOSES = ("batch",)
 
@@ -47,10 +44,6 @@ def file_object(file: store.File) -> dict[str, Any]:
         "status": file.status,
         "status_details": None,
     }
-
-
-# What a write that found no room raises: a full disk, a quota, a file size limit.
-_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class _ReadWithin:
@@ -89,17 +82,8 @@ def _save(
             partial.unlink(missing_ok=True)
         if not isinstance(error, OSError):
             raise
-        raise _not_stored(error, "the files directory") from error
+        raise not_stored(error, "the files directory") from error
     return destination, size
-
-
-def _not_stored(error: OSError, where: str) -> APIError:
-    """The answer to an upload the disk could not take: 507 for no room (it may come back), 503
-    for anything else; the operator's paths stay out of it (the log has them)."""
-    _logger.error("an upload could not be written to %s: %s", where, error)
-    if error.errno in _NO_ROOM:
-        return InsufficientStorage("there is no room to store the file now; try again later")
-    return ServiceUnavailable("the file could not be stored now; try again later")
 
 
 @router.post("")
@@ -128,7 +112,7 @@ async def _upload(
         # The parser spools a large part to a temporary file: the disk can refuse it here first.
         form = await request.form(max_files=1, max_fields=10)
     except OSError as error:
-        raise _not_stored(error, "a temporary file") from error
+        raise not_stored(error, "a temporary file") from error
     try:
         upload = form.get("file")
         purpose = form.get("purpose")

@@ -181,7 +181,8 @@ async def test_deleting_a_file_frees_its_bytes(api: ApiFactory) -> None:
 
 
 async def test_concurrent_uploads_never_pass_the_cap_together(api: ApiFactory) -> None:
-    async with api(default_max_stored_bytes=None) as tenants:
+    # All eight in flight at once (past the default cap on uploads in flight, 4).
+    async with api(default_max_stored_bytes=None, max_uploads_in_flight_per_tenant=8) as tenants:
         a = tenants.clients["a"]
         store.set_tenant_quotas(tenants.engine, tenants.ids["a"], max_stored_bytes=2500)
         answers = await asyncio.gather(*(upload(a, 1000) for _ in range(8)))

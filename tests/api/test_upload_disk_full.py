@@ -65,22 +65,26 @@ async def api(postgres_url: str, tmp_path: Path) -> AsyncIterator[tuple[httpx.As
         led.engine.dispose()
 
 
-async def _upload(client: httpx.AsyncClient, size: int) -> httpx.Response:
+async def _upload(client: httpx.AsyncClient, size: int, idempotency_key: str | None = None) -> httpx.Response:
     line = b'{"custom_id": "a", "body": {"model": "m", "messages": []}}\n'
     return await client.post(
         "/v1/files",
         data={"purpose": "batch"},
         files={"file": ("in.jsonl", line * (size // len(line) + 1), "application/jsonl")},
+        headers={} if idempotency_key is None else {"Idempotency-Key": idempotency_key},
     )
 
 
-@pytest.mark.parametrize("refused_by", ["files_dir", "spool"])
+@pytest.mark.parametrize("refused_by", ["files_dir", "spool", "idempotency_spool"])
 async def test_an_upload_the_disk_cannot_take_is_a_507_and_leaves_no_file(
     api: tuple[httpx.AsyncClient, Path], monkeypatch: pytest.MonkeyPatch, refused_by: str
 ) -> None:
     """``spool``: the form parser's temporary file is refused (the whole request under the limit);
-    ``files_dir``: the copy into the files directory alone is."""
+    ``idempotency_spool``: the Idempotency-Key middleware's, which spools the whole body before
+    the form parser (was a 500 ``internal_error``); ``files_dir``: the copy into the files
+    directory alone is."""
     client, files_dir = api
+    idempotency_key = "disk-full" if refused_by == "idempotency_spool" else None
     if refused_by == "files_dir":
         copy = shutil.copyfileobj
 
@@ -93,14 +97,14 @@ async def test_an_upload_the_disk_cannot_take_is_a_507_and_leaves_no_file(
         monkeypatch.undo()
     else:
         with file_size_limit():
-            answer = await _upload(client, 3 * LIMIT_BYTES)
+            answer = await _upload(client, 3 * LIMIT_BYTES, idempotency_key)
     assert [p.name for p in files_dir.rglob("*") if p.is_file()] == []
     assert answer.status_code == 507, answer.text
     error = answer.json()["error"]
     assert error["code"] == "insufficient_storage"
     assert error["type"] == "server_error"
     # The disk mended, the same upload is taken.
-    again = await _upload(client, 3 * LIMIT_BYTES)
+    again = await _upload(client, 3 * LIMIT_BYTES, idempotency_key)
     assert again.status_code == 200, again.text
 
 

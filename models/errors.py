@@ -2,7 +2,8 @@
 
 Exception hierarchy::
 
-    ModelClientError                 (message, provider, model, status_code, request_id, code, retryable)
+    ModelClientError                 (message, provider, model, status_code, request_id, code, param,
+                                      retryable)
     ├── RateLimited                  429; retryable; ``retry_after`` seconds if the provider said
     │   └── QuotaExceeded            429 ``insufficient_quota``: billing, not load; permanent
     ├── ProviderTimeout              request timed out (client side, 408 or 504); retryable
@@ -65,6 +66,7 @@ class ModelClientError(Exception):
         status_code: int | None = None,
         request_id: str | None = None,
         code: str | None = None,
+        param: str | None = None,
         retryable: bool | None = None,
     ) -> None:
         super().__init__(message)
@@ -76,6 +78,9 @@ class ModelClientError(Exception):
         # The provider's machine-readable error code (e.g. "context_length_exceeded"), kept for
         # the batch error file.
         self.code = code
+        # The request's field the provider's refusal names (e.g. "messages"), as OpenAI's
+        # ``error.param``: relayed to the caller, whose SDK reads it.
+        self.param = param
         if retryable is not None:
             self.retryable = retryable
 
@@ -86,6 +91,7 @@ class ModelClientError(Exception):
             "status_code": self.status_code,
             "request_id": self.request_id,
             "code": self.code,
+            "param": self.param,
             "retryable": self.retryable,
         }
 

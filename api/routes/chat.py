@@ -134,7 +134,7 @@ def _error_of(outcome: InteractiveOutcome) -> APIError:
         limited.retry_after = outcome.retry_after
         return limited
     if 400 <= status_code < 500 and status_code != 429:
-        failure = APIError(message, code=outcome.error_code)
+        failure = APIError(message, param=outcome.error_param, code=outcome.error_code)
         failure.status_code = status_code
         failure.type = "invalid_request_error"
         return failure

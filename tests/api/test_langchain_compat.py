@@ -1,0 +1,76 @@
+"""LangChain (langchain-openai's ``ChatOpenAI``) against a live API, a real worker and the
+simulator: what LangChain makes of each answer through tokenmill is what it makes of the same call
+sent to the simulator directly, ids aside."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import openai
+import pytest
+from langchain_core.messages import BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_openai import ChatOpenAI
+from pydantic import BaseModel
+
+from simulator.testing import SimulatorServer
+from tests.api.test_interactive_lane import Lane, lane  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.slow
+
+
+class Weather(BaseModel):
+    city: str
+    degrees: int
+
+
+def get_weather(city: str) -> str:
+    """The weather of a city."""
+    return f"sunny in {city}"
+
+
+Chat = Callable[..., ChatOpenAI]
+
+
+def chats(lane: Lane, simulator: SimulatorServer) -> dict[str, Chat]:  # noqa: F811
+    """``ChatOpenAI`` makers straight to the simulator and through tokenmill."""
+
+    def maker(base_url: str, key: str) -> Chat:
+        def chat(**options: Any) -> ChatOpenAI:
+            return ChatOpenAI(model="lane-model", base_url=base_url, api_key=key, timeout=60, **options)  # type: ignore[arg-type]
+
+        return chat
+
+    return {"direct": maker(simulator.base_url, "sim"), "tokenmill": maker(f"{lane.root}/v1", lane.key)}
+
+
+def seen(message: BaseMessage) -> dict[str, Any]:
+    """A message as LangChain's caller reads it, without the ids of the answer and of the run."""
+    data = message.model_dump(mode="json", exclude={"id"})
+    data["response_metadata"].pop("id", None)
+    data["response_metadata"].pop("created", None)
+    return data
+
+
+def test_a_refused_call_raises_what_the_providers_refusal_raises(
+    lane: Lane,  # noqa: F811
+    simulator: SimulatorServer,
+) -> None:
+    """A prompt the provider refuses as too long: ``openai.BadRequestError`` (under LangChain's
+    own subclass) with the provider's message, code and ``param``, as when called directly. The
+    ``param`` ("messages") was dropped by the worker: ``None`` through tokenmill."""
+    lane.cluster.worker("w1")
+    refusals: dict[str, openai.BadRequestError] = {}
+    for where, chat in chats(lane, simulator).items():
+        with pytest.raises(openai.BadRequestError) as raised:
+            chat(max_retries=0).invoke("far too long [[context_length]]")
+        refusals[where] = raised.value
+    direct, through = refusals["direct"], refusals["tokenmill"]
+    assert type(through) is type(direct)
+    assert (through.status_code, through.message, through.code, through.param) == (
+        direct.status_code,
+        direct.message,
+        direct.code,
+        direct.param,
+    )
+    assert through.param == "messages"

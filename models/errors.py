@@ -7,7 +7,8 @@ Exception hierarchy::
     ├── RateLimited                  429; retryable; ``retry_after`` seconds if the provider said
     │   └── QuotaExceeded            429 ``insufficient_quota``: billing, not load; permanent
     ├── ProviderTimeout              request timed out (client side, 408 or 504); retryable
-    ├── ProviderUnavailable          5xx, 409, connection refused/reset; retryable
+    ├── ProviderUnavailable          5xx, 409, connection refused/reset; retryable; ``retry_after``
+    │                                seconds if the provider said
     ├── StreamInterrupted            a stream broke after it started; retryable
     ├── BadRequest                   400/413/422, the request itself is wrong; permanent
     │   └── ContextWindowExceeded    the prompt (plus max_tokens) does not fit the model
@@ -146,7 +147,17 @@ class ProviderTimeout(ModelClientError):
 
 
 class ProviderUnavailable(ModelClientError):
+    """The provider failed or is overloaded (5xx, 409, no connection); ``retry_after`` seconds
+    if it said when to come back (a 503's Retry-After, which OpenAI's SDK honours too)."""
+
     retryable = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+    def _fields(self) -> dict[str, Any]:
+        return {**super()._fields(), "retry_after": self.retry_after}
 
 
 class StreamInterrupted(ModelClientError):

@@ -46,7 +46,7 @@ from typing import Protocol
 from sqlalchemy.engine import Engine
 
 from models.cancellation import CancellationToken
-from models.errors import AuthenticationFailed, ModelClientError, RateLimited
+from models.errors import AuthenticationFailed, ModelClientError, ProviderUnavailable, RateLimited
 from models.openai import chat_completion_body, request_from_openai_body
 from models.retry import RATE_LIMIT_DEADLINE, RetryLater
 from store import (
@@ -201,7 +201,7 @@ def failed_record(
         body = {
             "error": {"message": error.message, "type": type(error).__name__, "param": error.param, "code": code}
         }
-        if isinstance(error, RateLimited):
+        if isinstance(error, RateLimited | ProviderUnavailable):
             body = with_retry_after(body, error.retry_after)
     return ResultRecord(
         request_id=request_id,

@@ -142,6 +142,10 @@ def _error_of(outcome: InteractiveOutcome) -> APIError:
     # An answer the provider billed but that cannot be read or recorded: asked again, it is paid
     # again. The operator's provider account out of credit: refused again until the operator pays.
     failed.final = outcome.error_code in _FINAL_FAILURES
+    if not failed.final:
+        # The provider's Retry-After (a 503 "overloaded"): a client's retries wait as it asked,
+        # as they would called directly, rather than after the SDK's half-second backoff.
+        failed.retry_after = outcome.retry_after
     return failed
 
 

@@ -114,7 +114,7 @@ def _from_error_data(
         "code": code,
         "param": param,
     }
-    if issubclass(cls, RateLimited):
+    if issubclass(cls, RateLimited | ProviderUnavailable):
         return cls(message, retry_after=parse_retry_after(headers), **fields)
     return cls(message, **fields)
 
@@ -212,7 +212,7 @@ def from_openai_error(exc: BaseException, *, provider: str | None, model: str | 
             "status_code": status,
             "request_id": status_headers.get("x-request-id"),
         }
-        if issubclass(cls, RateLimited):
+        if issubclass(cls, RateLimited | ProviderUnavailable):
             return cls(text, retry_after=parse_retry_after(status_headers), **fields)
         return cls(text, **fields)
     if _is_transport_error(exc):

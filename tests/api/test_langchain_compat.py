@@ -74,3 +74,30 @@ def test_a_refused_call_raises_what_the_providers_refusal_raises(
         direct.param,
     )
     assert through.param == "messages"
+
+
+def test_a_provider_overloaded_past_the_workers_retries_says_when_to_ask_again(
+    lane: Lane,  # noqa: F811
+    simulator: SimulatorServer,
+) -> None:
+    """A provider answering 503 with ``Retry-After: 1`` to every try: the worker's own retries
+    wait as it asked, and the 502 that ends them carries it (``retry-after``,
+    ``retry-after-ms``), so that LangChain's retries (the openai SDK's) wait as they do when
+    called directly. Both were dropped: the worker came back within its own half-second backoff,
+    and the SDK's retries after theirs, each spending another budget of the worker's retries."""
+    lane.cluster.env["TOKENMILL_MAX_ATTEMPTS"] = "2"
+    lane.cluster.worker("w1")
+    refusals: dict[str, openai.APIStatusError] = {}
+    for where, chat in chats(lane, simulator).items():
+        simulator.reset()
+        with pytest.raises(openai.APIStatusError) as raised:
+            chat(max_retries=0).invoke("busy [[status 503 retry_after=1]]")
+        refusals[where] = raised.value
+        if where == "tokenmill":
+            first, second = simulator.stats()["request_times"]
+            assert second - first >= 1.0  # the worker's second try waited as the provider asked
+    assert refusals["direct"].status_code == 503
+    assert refusals["tokenmill"].status_code == 502
+    for refusal in refusals.values():
+        headers = refusal.response.headers
+        assert (headers.get("retry-after"), headers.get("retry-after-ms")) == ("1", "1000")

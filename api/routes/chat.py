@@ -453,6 +453,11 @@ class _ChunkWriter:
         # relayed chunks named before the answer named its own (kept in its body, and a plain
         # call's). The end chunks used to name the answer's.
         completion = outcome.body or {}
+        base = self.base
+        if isinstance(completion.get("system_fingerprint"), str):
+            # OpenAI's chunks carry it; known here, at the end: the relayed chunks went out
+            # before it (clients keep the last chunk's, as LangChain's response_metadata does).
+            base = {**base, "system_fingerprint": completion["system_fingerprint"]}
         events: list[bytes] = []
         choices = completion.get("choices") or [{}]
         for choice in choices:
@@ -479,12 +484,12 @@ class _ChunkWriter:
                 # its end (clients add up every chunk's).
                 end["logprobs"] = choice["logprobs"]
             last = index == choices[-1].get("index", 0) if choices else True
-            event: dict[str, Any] = {**self.base, "choices": [end]}
+            event: dict[str, Any] = {**base, "choices": [end]}
             if last:
                 event["tokenmill"] = {"cached": outcome.cached, "request_id": self.request_id}
             events.append(_sse(event))
         if self.include_usage and completion.get("usage") is not None:
-            events.append(_sse({**self.base, "choices": [], "usage": completion["usage"]}))
+            events.append(_sse({**base, "choices": [], "usage": completion["usage"]}))
         events.append(b"data: [DONE]\n\n")
         return events
 

@@ -101,3 +101,55 @@ def test_a_provider_overloaded_past_the_workers_retries_says_when_to_ask_again(
     for refusal in refusals.values():
         headers = refusal.response.headers
         assert (headers.get("retry-after"), headers.get("retry-after-ms")) == ("1", "1000")
+
+
+async def test_chat_openai_reads_every_kind_of_answer_as_it_does_from_the_provider(
+    lane: Lane,  # noqa: F811
+    simulator: SimulatorServer,
+) -> None:
+    """invoke / ainvoke with named messages, stream and astream with ``stream_usage``, batch,
+    ``bind_tools`` with the tool's result sent back, ``with_structured_output`` by json_schema
+    and by function calling, ``n`` = 2 and logprobs: each reads as it does from the provider
+    itself (a stream: the message its chunks add up to). A stream's chunks never said the
+    answer's ``system_fingerprint``: LangChain's streamed ``response_metadata`` lacked it."""
+    lane.cluster.worker("w1")
+    weather = 'Weather in Oslo? [[call get_weather {"city": "Oslo"}]]'
+    named = [SystemMessage("Be brief.", name="rules"), HumanMessage("Hi [[words 5]] [[echo]]", name="alice")]
+    answers: dict[str, list[Any]] = {}
+    for where, chat in chats(lane, simulator).items():
+        model = chat(max_retries=0)
+        streamed = model.model_copy(update={"stream_usage": True})
+        with_tools = model.bind_tools([get_weather])
+        call = with_tools.invoke(weather)
+        [tool_call] = call.tool_calls
+        tool_result = ToolMessage(get_weather(**tool_call["args"]), tool_call_id=str(tool_call["id"]))
+        chunks = list(streamed.stream("Stream me [[words 9]]"))
+        total = chunks[0]
+        for chunk in chunks[1:]:
+            total += chunk
+        async_total = None
+        async for chunk in streamed.astream("Stream me too [[words 7]]"):
+            async_total = chunk if async_total is None else async_total + chunk
+        assert async_total is not None
+        answers[where] = [
+            seen(model.invoke(named)),
+            seen(await model.ainvoke("Hello async [[words 4]]")),
+            seen(total),
+            seen(async_total),
+            [seen(answer) for answer in model.batch(["One [[words 3]]", "Two [[words 4]]"])],
+            seen(call),
+            seen(with_tools.invoke([HumanMessage(weather), call, tool_result])),
+            model.with_structured_output(Weather, method="json_schema").invoke("Weather as JSON"),
+            model.with_structured_output(Weather, method="function_calling").invoke("Weather by tool"),
+            [g.text for g in chat(max_retries=0, n=2).generate([[HumanMessage("Two [[words 4]]")]]).generations[0]],
+            seen(chat(max_retries=0, logprobs=True, top_logprobs=2).invoke("Weigh [[words 3]]")),
+        ]
+    through = answers["tokenmill"]
+    assert '"name":"alice"' in through[0]["content"]  # the names reached the provider
+    assert through[2]["usage_metadata"]["output_tokens"] > 0  # stream_usage
+    assert through[6]["content"] == "tool results: get_weather=sunny in Oslo"
+    assert isinstance(through[7], Weather)
+    assert len(set(through[9])) == 2
+    assert through[10]["response_metadata"]["logprobs"]["content"]
+    for index, (direct, tokenmill) in enumerate(zip(answers["direct"], through, strict=True)):
+        assert tokenmill == direct, index

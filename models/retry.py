@@ -152,7 +152,7 @@ class RetryPolicy:
             delay = retry_after
         return delay
 
-    def _asked_wait(self, error: ModelClientError) -> float | None:
+    def _asked_wait(self, error: BaseException) -> float | None:
         """The wait the provider asked for: a 429's Retry-After, or a 5xx's (a 503 "overloaded",
         which the SDK's own retries honour too), that one at most ``max_retry_after``."""
         if isinstance(error, RateLimited):

@@ -199,7 +199,12 @@ def failed_record(
     body = None
     if error.status_code is not None:
         body = {
-            "error": {"message": error.message, "type": type(error).__name__, "param": error.param, "code": code}
+            "error": {
+                "message": error.message,
+                "type": type(error).__name__,
+                "param": error.param,
+                "code": code,
+            }
         }
         if isinstance(error, RateLimited | ProviderUnavailable):
             body = with_retry_after(body, error.retry_after)

@@ -6,7 +6,7 @@ also says that the provider received what AutoGen sent."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from typing import Any
 
 import pytest
@@ -69,7 +69,9 @@ async def test_an_assistant_agent_with_a_tool_runs_as_it_does_against_the_provid
     for where, client in clients(lane, simulator).items():
         agent = AssistantAgent("helper", model_client=client, tools=[get_weather], reflect_on_tool_use=True)
         result = await agent.run(task='Weather in Lima? [[call get_weather {"city": "Lima"}]]')
-        runs[where] = [message.model_dump(mode="json", exclude={"id", "created_at"}) for message in result.messages]
+        runs[where] = [
+            message.model_dump(mode="json", exclude={"id", "created_at"}) for message in result.messages
+        ]
         await client.close()
     assert [message["type"] for message in runs["tokenmill"]] == [
         "TextMessage",
@@ -80,3 +82,59 @@ async def test_an_assistant_agent_with_a_tool_runs_as_it_does_against_the_provid
     assert runs["tokenmill"][-1]["content"] == "tool results: get_weather=sunny in Lima"
     assert runs["tokenmill"][-1]["models_usage"]["prompt_tokens"] > 0
     assert runs["tokenmill"] == runs["direct"]
+
+
+# AutoGen's own log line of a json_output answer dumps the SDK's parsed completion, whose type
+# says ``parsed: None``: pydantic warns, whatever server answered.
+@pytest.mark.filterwarnings("ignore:Pydantic serializer warnings:UserWarning")
+async def test_the_chat_completion_client_reads_every_kind_of_answer_as_it_does_from_the_provider(
+    lane: Lane,  # noqa: F811
+    simulator: SimulatorServer,
+) -> None:
+    """``create`` with a named message, ``create_stream`` with its usage, a ``FunctionTool`` call
+    (plain and streamed), ``json_output`` as a pydantic model (plain and streamed): each result,
+    its usage included, as from the provider itself."""
+    lane.cluster.worker("w1")
+    tool = FunctionTool(get_weather, description="The weather of a city.")
+    weather: list[LLMMessage] = [
+        UserMessage(content='Weather in Oslo? [[call get_weather {"city": "Oslo"}]]', source="user")
+    ]
+    named: list[LLMMessage] = [
+        SystemMessage(content="Be brief."),
+        UserMessage(content="Hi [[words 5]] [[echo]]", source="alice"),
+    ]
+    results: dict[str, list[Any]] = {}
+    for where, client in clients(lane, simulator).items():
+
+        async def streamed(messages: list[LLMMessage], **options: Any) -> list[Any]:
+            return [seen(item) async for item in client.create_stream(messages, **options)]  # noqa: B023
+
+        usage = {"stream_options": {"include_usage": True}}
+        results[where] = [
+            seen(await client.create(named)),
+            await streamed(
+                [UserMessage(content="Stream me [[words 9]]", source="user")], extra_create_args=usage
+            ),
+            seen(await client.create(weather, tools=[tool])),
+            await streamed(
+                [UserMessage(content=f"{weather[0].content} (streamed)", source="user")], tools=[tool]
+            ),
+            seen(
+                await client.create(
+                    [UserMessage(content="Weather as JSON", source="user")], json_output=Weather
+                )
+            ),
+            await streamed(
+                [UserMessage(content="Weather as JSON, streamed", source="user")], json_output=Weather
+            ),
+        ]
+        results[where].append(dataclasses.asdict(client.total_usage()))
+        await client.close()
+    through = results["tokenmill"]
+    assert '"name":"alice"' in through[0]["content"]  # AutoGen's message names reached the provider
+    assert through[1][-1]["usage"]["completion_tokens"] > 0  # the stream's usage chunk
+    assert through[2]["content"][0]["name"] == "get_weather"
+    assert Weather.model_validate_json(through[4]["content"])
+    assert through[-1]["prompt_tokens"] > 0
+    for index, (direct, tokenmill) in enumerate(zip(results["direct"], through, strict=True)):
+        assert tokenmill == direct, index

@@ -141,7 +141,10 @@ async def test_chat_openai_reads_every_kind_of_answer_as_it_does_from_the_provid
             seen(with_tools.invoke([HumanMessage(weather), call, tool_result])),
             model.with_structured_output(Weather, method="json_schema").invoke("Weather as JSON"),
             model.with_structured_output(Weather, method="function_calling").invoke("Weather by tool"),
-            [g.text for g in chat(max_retries=0, n=2).generate([[HumanMessage("Two [[words 4]]")]]).generations[0]],
+            [
+                g.text
+                for g in chat(max_retries=0, n=2).generate([[HumanMessage("Two [[words 4]]")]]).generations[0]
+            ],
             seen(chat(max_retries=0, logprobs=True, top_logprobs=2).invoke("Weigh [[words 3]]")),
         ]
     through = answers["tokenmill"]

@@ -438,13 +438,18 @@ class _ChunkWriter:
         self.sent_text = ""
         self.started = False
 
-    def text(self, text: str) -> bytes:
-        delta: dict[str, Any] = {"content": text}
-        if not self.started:
-            delta = {"role": "assistant", **delta}
-            self.started = True
-        self.sent_text += text
+    def _opening(self) -> bytes:
+        """OpenAI's first chunk of an answer in text: the role, the content empty (clients yield it
+        as a chunk of its own: LangChain's stream began one chunk short of the provider's)."""
+        self.started = True
+        delta = {"role": "assistant", "content": "", "refusal": None}
         return _sse({**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+
+    def text(self, text: str) -> bytes:
+        opening = b"" if self.started else self._opening()
+        self.sent_text += text
+        delta = {"content": text}
+        return opening + _sse({**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
 
     def end(self, outcome: InteractiveOutcome) -> list[bytes]:
         """The last events of a call that succeeded; the text the ledger holds beyond what was
@@ -460,6 +465,8 @@ class _ChunkWriter:
             base = {**base, "system_fingerprint": completion["system_fingerprint"]}
         events: list[bytes] = []
         choices = completion.get("choices") or [{}]
+        if not self.started and isinstance((choices[0].get("message") or {}).get("content"), str):
+            events.append(self._opening())  # a replayed answer in text opens as a relayed one
         for choice in choices:
             message = choice.get("message") or {}
             index = choice.get("index", 0)

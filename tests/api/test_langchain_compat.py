@@ -156,3 +156,22 @@ async def test_chat_openai_reads_every_kind_of_answer_as_it_does_from_the_provid
     assert through[10]["response_metadata"]["logprobs"]["content"]
     for index, (direct, tokenmill) in enumerate(zip(answers["direct"], through, strict=True)):
         assert tokenmill == direct, index
+
+
+def test_a_streams_chunks_are_the_ones_the_provider_streams(
+    lane: Lane,  # noqa: F811
+    simulator: SimulatorServer,
+) -> None:
+    """``stream(stream_usage=True)``: chunk for chunk what LangChain yields from the provider
+    itself: OpenAI's opening chunk (the role, empty content), the text as the provider cut it,
+    the end, the usage. The opening chunk was missing (the role rode on the first text): one
+    chunk fewer than from the provider."""
+    lane.cluster.worker("w1")
+    simulator.configure(stream_chunk_chars=8)
+    streams = {
+        where: [seen(chunk) for chunk in chat(max_retries=0, stream_usage=True).stream("Stream [[words 6]]")]
+        for where, chat in chats(lane, simulator).items()
+    }
+    assert streams["direct"][0]["content"] == ""
+    assert len(streams["direct"]) > 5
+    assert streams["tokenmill"] == streams["direct"]

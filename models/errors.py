@@ -2,11 +2,13 @@
 
 Exception hierarchy::
 
-    ModelClientError                 (message, provider, model, status_code, request_id, code, retryable)
+    ModelClientError                 (message, provider, model, status_code, request_id, code, param,
+                                      retryable)
     ├── RateLimited                  429; retryable; ``retry_after`` seconds if the provider said
     │   └── QuotaExceeded            429 ``insufficient_quota``: billing, not load; permanent
     ├── ProviderTimeout              request timed out (client side, 408 or 504); retryable
-    ├── ProviderUnavailable          5xx, 409, connection refused/reset; retryable
+    ├── ProviderUnavailable          5xx, 409, connection refused/reset; retryable; ``retry_after``
+    │                                seconds if the provider said
     ├── StreamInterrupted            a stream broke after it started; retryable
     ├── BadRequest                   400/413/422, the request itself is wrong; permanent
     │   └── ContextWindowExceeded    the prompt (plus max_tokens) does not fit the model
@@ -65,6 +67,7 @@ class ModelClientError(Exception):
         status_code: int | None = None,
         request_id: str | None = None,
         code: str | None = None,
+        param: str | None = None,
         retryable: bool | None = None,
     ) -> None:
         super().__init__(message)
@@ -76,6 +79,9 @@ class ModelClientError(Exception):
         # The provider's machine-readable error code (e.g. "context_length_exceeded"), kept for
         # the batch error file.
         self.code = code
+        # The request's field the provider's refusal names (e.g. "messages"), as OpenAI's
+        # ``error.param``: relayed to the caller, whose SDK reads it.
+        self.param = param
         if retryable is not None:
             self.retryable = retryable
 
@@ -86,6 +92,7 @@ class ModelClientError(Exception):
             "status_code": self.status_code,
             "request_id": self.request_id,
             "code": self.code,
+            "param": self.param,
             "retryable": self.retryable,
         }
 
@@ -140,7 +147,17 @@ class ProviderTimeout(ModelClientError):
 
 
 class ProviderUnavailable(ModelClientError):
+    """The provider failed or is overloaded (5xx, 409, no connection); ``retry_after`` seconds
+    if it said when to come back (a 503's Retry-After, which OpenAI's SDK honours too)."""
+
     retryable = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+    def _fields(self) -> dict[str, Any]:
+        return {**super()._fields(), "retry_after": self.retry_after}
 
 
 class StreamInterrupted(ModelClientError):

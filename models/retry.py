@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from models.cancellation import CancellationToken
-from models.errors import ModelClientError, QuotaExceeded, RateLimited
+from models.errors import ModelClientError, ProviderUnavailable, QuotaExceeded, RateLimited
 from models.events import Retry, emit
 
 __all__ = [
@@ -147,10 +147,19 @@ class RetryPolicy:
         if not self.should_retry(attempt, error, counted=counted):
             return None
         delay = self.rng.uniform(0.0, self.backoff_ceiling(attempt))
-        retry_after = error.retry_after if isinstance(error, RateLimited) else None
+        retry_after = self._asked_wait(error)
         if retry_after is not None and retry_after > delay:
             delay = retry_after
         return delay
+
+    def _asked_wait(self, error: BaseException) -> float | None:
+        """The wait the provider asked for: a 429's Retry-After, or a 5xx's (a 503 "overloaded",
+        which the SDK's own retries honour too), that one at most ``max_retry_after``."""
+        if isinstance(error, RateLimited):
+            return error.retry_after
+        if isinstance(error, ProviderUnavailable) and error.retry_after is not None:
+            return min(error.retry_after, self.max_retry_after)
+        return None
 
     async def call(
         self,

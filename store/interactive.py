@@ -362,6 +362,13 @@ class InteractiveOutcome:
         """A failed call's provider's Retry-After, in seconds (``store.results.with_retry_after``)."""
         return retry_after_of(self.body)
 
+    @property
+    def error_param(self) -> str | None:
+        """The request's field a failed call's provider named (its error body's ``param``)."""
+        error = self.body.get("error") if isinstance(self.body, Mapping) else None
+        param = error.get("param") if isinstance(error, Mapping) else None
+        return param if isinstance(param, str) else None
+
     def to_json(self) -> dict[str, Any]:
         return {
             "request_id": self.request_id,

@@ -46,7 +46,7 @@ from typing import Protocol
 from sqlalchemy.engine import Engine
 
 from models.cancellation import CancellationToken
-from models.errors import AuthenticationFailed, ModelClientError, RateLimited
+from models.errors import AuthenticationFailed, ModelClientError, ProviderUnavailable, RateLimited
 from models.openai import chat_completion_body, request_from_openai_body
 from models.retry import RATE_LIMIT_DEADLINE, RetryLater
 from store import (
@@ -200,9 +200,14 @@ def failed_record(
     body = None
     if error.status_code is not None:
         body = {
-            "error": {"message": error.message, "type": type(error).__name__, "param": None, "code": code}
+            "error": {
+                "message": error.message,
+                "type": type(error).__name__,
+                "param": error.param,
+                "code": code,
+            }
         }
-        if isinstance(error, RateLimited):
+        if isinstance(error, RateLimited | ProviderUnavailable):
             body = with_retry_after(body, error.retry_after)
     return ResultRecord(
         request_id=request_id,

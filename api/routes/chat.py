@@ -137,7 +137,7 @@ def _error_of(outcome: InteractiveOutcome) -> APIError:
         limited.retry_after = outcome.retry_after
         return limited
     if 400 <= status_code < 500 and status_code != 429:
-        failure = APIError(message, code=outcome.error_code)
+        failure = APIError(message, param=outcome.error_param, code=outcome.error_code)
         failure.status_code = status_code
         failure.type = "invalid_request_error"
         return failure
@@ -145,6 +145,10 @@ def _error_of(outcome: InteractiveOutcome) -> APIError:
     # An answer the provider billed but that cannot be read or recorded: asked again, it is paid
     # again. The operator's provider account out of credit: refused again until the operator pays.
     failed.final = outcome.error_code in _FINAL_FAILURES
+    if not failed.final:
+        # The provider's Retry-After (a 503 "overloaded"): a client's retries wait as it asked,
+        # as they would called directly, rather than after the SDK's half-second backoff.
+        failed.retry_after = outcome.retry_after
     return failed
 
 
@@ -466,13 +470,18 @@ class _ChunkWriter:
         self.sent_text = ""
         self.started = False
 
-    def text(self, text: str) -> bytes:
-        delta: dict[str, Any] = {"content": text}
-        if not self.started:
-            delta = {"role": "assistant", **delta}
-            self.started = True
-        self.sent_text += text
+    def _opening(self) -> bytes:
+        """OpenAI's first chunk of an answer in text: the role, the content empty (clients yield it
+        as a chunk of its own: LangChain's stream began one chunk short of the provider's)."""
+        self.started = True
+        delta = {"role": "assistant", "content": "", "refusal": None}
         return _sse({**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+
+    def text(self, text: str) -> bytes:
+        opening = b"" if self.started else self._opening()
+        self.sent_text += text
+        delta = {"content": text}
+        return opening + _sse({**self.base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
 
     def end(self, outcome: InteractiveOutcome) -> list[bytes]:
         """The last events of a call that succeeded; the text the ledger holds beyond what was
@@ -481,8 +490,15 @@ class _ChunkWriter:
         # relayed chunks named before the answer named its own (kept in its body, and a plain
         # call's). The end chunks used to name the answer's.
         completion = outcome.body or {}
+        base = self.base
+        if isinstance(completion.get("system_fingerprint"), str):
+            # OpenAI's chunks carry it; known here, at the end: the relayed chunks went out
+            # before it (clients keep the last chunk's, as LangChain's response_metadata does).
+            base = {**base, "system_fingerprint": completion["system_fingerprint"]}
         events: list[bytes] = []
         choices = completion.get("choices") or [{}]
+        if not self.started and isinstance((choices[0].get("message") or {}).get("content"), str):
+            events.append(self._opening())  # a replayed answer in text opens as a relayed one
         for choice in choices:
             message = choice.get("message") or {}
             index = choice.get("index", 0)
@@ -507,12 +523,12 @@ class _ChunkWriter:
                 # its end (clients add up every chunk's).
                 end["logprobs"] = choice["logprobs"]
             last = index == choices[-1].get("index", 0) if choices else True
-            event: dict[str, Any] = {**self.base, "choices": [end]}
+            event: dict[str, Any] = {**base, "choices": [end]}
             if last:
                 event["tokenmill"] = {"cached": outcome.cached, "request_id": self.request_id}
             events.append(_sse(event))
         if self.include_usage and completion.get("usage") is not None:
-            events.append(_sse({**self.base, "choices": [], "usage": completion["usage"]}))
+            events.append(_sse({**base, "choices": [], "usage": completion["usage"]}))
         events.append(b"data: [DONE]\n\n")
         return events
 

@@ -93,8 +93,11 @@ def _from_error_data(
     only, as ``APIError`` reads them: a top-level ``code`` beside an ``error`` object is ignored,
     and an ``error`` that is a bare string has neither (its text is not the message either)."""
     code: str | None = None
+    param: str | None = None
     message = err_msg
     if isinstance(data, Mapping):
+        raw_param = data.get("param")
+        param = raw_param if isinstance(raw_param, str) and raw_param else None
         raw_code = data.get("code")
         raw_type = data.get("type")
         code = (str(raw_code) if raw_code is not None else None) or (
@@ -104,8 +107,14 @@ def _from_error_data(
         if raw_message:
             message = str(raw_message)
     cls = _by_status(status, code, message)
-    fields: dict[str, Any] = {**where, "status_code": status, "request_id": request_id, "code": code}
-    if issubclass(cls, RateLimited):
+    fields: dict[str, Any] = {
+        **where,
+        "status_code": status,
+        "request_id": request_id,
+        "code": code,
+        "param": param,
+    }
+    if issubclass(cls, RateLimited | ProviderUnavailable):
         return cls(message, retry_after=parse_retry_after(headers), **fields)
     return cls(message, **fields)
 
@@ -203,7 +212,7 @@ def from_openai_error(exc: BaseException, *, provider: str | None, model: str | 
             "status_code": status,
             "request_id": status_headers.get("x-request-id"),
         }
-        if issubclass(cls, RateLimited):
+        if issubclass(cls, RateLimited | ProviderUnavailable):
             return cls(text, retry_after=parse_retry_after(status_headers), **fields)
         return cls(text, **fields)
     if _is_transport_error(exc):

@@ -139,6 +139,10 @@ def _split(body: Mapping[str, Any]) -> ChatRequest:
         # without tokenmill between.
         extra.update({key: body[key] for key in ("tools", "tool_choice") if key in body})
         tools, choice = [], None
+    elif choice == "auto":
+        # Said, not left out: "auto" is OpenAI's default with tools, not every server's, and a
+        # provider answering from the request it received (a cache, a seed) answers another one.
+        extra["tool_choice"] = choice
     response_format = body.get("response_format")
     json_output: bool | None = None
     if isinstance(response_format, Mapping) and response_format.get("type") == "json_object":

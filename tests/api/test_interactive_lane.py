@@ -140,6 +140,8 @@ def test_a_stream_is_relayed_as_the_provider_sends_it(lane: Lane, simulator: Sim
         assert response.status_code == 200, response.read()
         assert response.headers["tokenmill-cache"] == "miss"
         events = sse_events(response)
+        opening = next(events)  # OpenAI's first chunk: the role, empty content
+        assert opening["choices"][0]["delta"] == {"role": "assistant", "content": "", "refusal": None}
         first = next(events)
         # The first chunk is here while the provider is still sending the rest.
         assert simulator.stats()["in_flight"] == 1
@@ -194,6 +196,7 @@ def test_a_worker_killed_mid_stream_ends_the_stream_with_an_error_and_the_ledger
     simulator.configure(stream_chunk_delay_ms=500, stream_chunk_chars=4)
     stream = lane.sdk.chat.completions.create(**ask("[[words 40]] long", stream=True))
     chunks = iter(stream)
+    assert next(chunks).choices[0].delta.role == "assistant"  # the opening chunk, then the text
     assert next(chunks).choices[0].delta.content
     kill_group(worker)
     with pytest.raises(openai.APIError, match="stopped mid-stream"):

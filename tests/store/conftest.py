@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 import store
@@ -68,3 +71,19 @@ def pg_engine(postgres_url: str) -> Iterator[Engine]:
         yield engine
     finally:
         engine.dispose()
+
+
+def wait_for_a_lock_wait(engine: Engine, thread: threading.Thread, what: str, outcome: list[Any]) -> None:
+    """Until a session on ``engine``'s database waits for a lock (``pg_stat_activity``): ``thread``,
+    running the second ``what``, blocked behind the test's open transaction."""
+    with engine.connect() as watcher:
+        deadline = time.monotonic() + 30
+        while not watcher.execute(
+            sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()"
+            )
+        ).scalar_one():
+            assert time.monotonic() < deadline, f"the second {what} never waited for the first"
+            assert thread.is_alive(), f"the second {what} finished without waiting: {outcome}"
+            watcher.rollback()

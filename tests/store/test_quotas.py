@@ -20,7 +20,7 @@ from store.quotas import (
     enforce_tenant_quotas,
     estimate_prompt_tokens,
 )
-from tests.store.conftest import IngestFn, chat_line, jsonl
+from tests.store.conftest import IngestFn, chat_line, jsonl, wait_for_a_lock_wait
 
 
 def rows_of(engine: Engine, tenant_id: str) -> tuple[int, int]:
@@ -210,17 +210,7 @@ def test_two_concurrent_creates_cannot_both_pass_a_quota_only_one_fits(
 
         thread = threading.Thread(target=second)
         thread.start()
-        with engine.connect() as watcher:
-            deadline = time.monotonic() + 30
-            while not watcher.execute(
-                sa.text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND datname = current_database()"
-                )
-            ).scalar_one():
-                assert time.monotonic() < deadline, "the second create never waited for the first"
-                assert thread.is_alive(), f"the second create finished without waiting: {outcome}"
-                watcher.rollback()
+        wait_for_a_lock_wait(engine, thread, "create", outcome)
         transaction.commit()
         first.close()
         thread.join(30)

@@ -7,7 +7,6 @@ tenant stored: one tenant could fill the files disk and fail every tenant's uplo
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import sqlalchemy as sa
@@ -15,7 +14,7 @@ from sqlalchemy.engine import Engine
 
 import store
 from store.quotas import FILE_STORAGE_QUOTA_EXCEEDED, reserve_stored_bytes
-from tests.store.conftest import IngestFn
+from tests.store.conftest import IngestFn, wait_for_a_lock_wait
 from tests.store.test_results import success
 
 
@@ -99,17 +98,7 @@ def test_two_concurrent_uploads_cannot_both_pass_a_cap_only_one_fits(postgres_ur
 
         thread = threading.Thread(target=second)
         thread.start()
-        with engine.connect() as watcher:
-            deadline = time.monotonic() + 30
-            while not watcher.execute(
-                sa.text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND datname = current_database()"
-                )
-            ).scalar_one():
-                assert time.monotonic() < deadline, "the second upload never waited for the first"
-                assert thread.is_alive(), f"the second upload finished without waiting: {outcome}"
-                watcher.rollback()
+        wait_for_a_lock_wait(engine, thread, "upload", outcome)
         transaction.commit()
         first.close()
         thread.join(30)

@@ -180,20 +180,7 @@ def test_database_connections_killed_again_and_again_under_running_chunks(
         killer.dispose()
     assert sum(killed) > 20, killed
     print(f"{sum(killed)} connection(s) killed; {batch_progress(led.engine, batch_id)} when it stopped")
-    wait_until(
-        lambda: batch_progress(led.engine, batch_id).finished == len(ids),
-        120,
-        lambda: f"{batch_progress(led.engine, batch_id)}\n{logs_of(c)}",
-    )
-    results = assert_recorded_once(led, batch_id, ids)
-    assert all(r.status == RequestStatus.SUCCEEDED for r in results), [
-        (r.error_code, r.error_message) for r in results if r.status != RequestStatus.SUCCEEDED
-    ][:5]
-    wait_until(
-        lambda: billed_tokens(led, batch_id) == delivered_tokens(simulator),
-        60,
-        lambda: f"billed {billed_tokens(led, batch_id)} != delivered {delivered_tokens(simulator)}",
-    )
+    _all_succeeded_once_billed_as_delivered(c, led, simulator, batch_id, ids, 120)
 
 
 def test_a_sweeper_killed_mid_sweep_holds_no_other_sweeper_up(
@@ -591,20 +578,7 @@ def test_a_failover_that_left_pooled_connections_read_only_under_running_chunks(
             conn.execute(sa.text(f'ALTER DATABASE "{database}" RESET default_transaction_read_only'))
         admin.dispose()
     assert batch_progress(led.engine, batch_id).finished < len(ids)
-    wait_until(
-        lambda: batch_progress(led.engine, batch_id).finished == len(ids),
-        90,
-        lambda: f"{batch_progress(led.engine, batch_id)}\n{logs_of(c)}",
-    )
-    results = assert_recorded_once(led, batch_id, ids)
-    assert all(r.status == RequestStatus.SUCCEEDED for r in results), [
-        (r.error_code, r.error_message) for r in results if r.status != RequestStatus.SUCCEEDED
-    ][:5]
-    wait_until(
-        lambda: billed_tokens(led, batch_id) == delivered_tokens(simulator),
-        60,
-        lambda: f"billed {billed_tokens(led, batch_id)} != delivered {delivered_tokens(simulator)}",
-    )
+    _all_succeeded_once_billed_as_delivered(c, led, simulator, batch_id, ids, 90)
 
 
 def test_a_worker_whose_clock_is_minutes_behind_keeps_its_requests(
@@ -656,3 +630,24 @@ def test_a_worker_whose_clock_is_minutes_behind_keeps_its_requests(
         assert claims.scalar_one() == len(ids)
     assert simulator.stats()["completions"] == len(ids)
     assert billed_tokens(led, batch_id) == delivered_tokens(simulator)
+
+
+def _all_succeeded_once_billed_as_delivered(
+    c: Cluster, led: Ledger, simulator: SimulatorServer, batch_id: str, ids: list[str], seconds: float
+) -> None:
+    """Within ``seconds`` every line of the batch succeeded, each recorded once, and the ledger
+    bills what the simulator delivered."""
+    wait_until(
+        lambda: batch_progress(led.engine, batch_id).finished == len(ids),
+        seconds,
+        lambda: f"{batch_progress(led.engine, batch_id)}\n{logs_of(c)}",
+    )
+    results = assert_recorded_once(led, batch_id, ids)
+    assert all(r.status == RequestStatus.SUCCEEDED for r in results), [
+        (r.error_code, r.error_message) for r in results if r.status != RequestStatus.SUCCEEDED
+    ][:5]
+    wait_until(
+        lambda: billed_tokens(led, batch_id) == delivered_tokens(simulator),
+        60,
+        lambda: f"billed {billed_tokens(led, batch_id)} != delivered {delivered_tokens(simulator)}",
+    )

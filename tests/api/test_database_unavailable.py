@@ -152,3 +152,66 @@ def test_a_table_locked_by_an_operator_answers_503_within_the_lock_timeout(
     # Once the lock is gone, the same create goes through, and it is the only batch.
     assert client.post("/v1/batches", headers=auth, json=create).status_code == 200
     assert len(client.get("/v1/batches", headers=auth).json()["data"]) == 1
+
+
+def test_a_batch_validated_after_its_answer_waits_out_a_table_lock(
+    postgres_url: str, redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch read after the create answered (``validating``) whose writes met an operator's
+    lock past the API's lock timeout was failed for good (``internal_error``: the input file
+    could not be read), its producer's requests lost to a wait of seconds. It waits the lock out,
+    then is queued."""
+    store.upgrade_to_head(postgres_url)
+    engine = store.make_engine(postgres_url)
+    tenant = store.create_tenant(engine, "t")
+    auth = {"Authorization": f"Bearer {create_api_key(engine, tenant.id)}"}
+    engine.dispose()
+    settings = Settings(
+        database_url=postgres_url,
+        broker_url=redis_url,
+        files_dir=tmp_path,
+        api_lock_timeout_seconds=0.2,
+        background_ingest_bytes=0,  # every batch is read after its create answers
+    )
+    app = create_app(settings, dispatch=lambda engine, batch_id: None)
+    body = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]}
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    upload = {"file": ("in.jsonl", json.dumps(line).encode() + b"\n")}
+    operator = sa.create_engine(normalize_url(postgres_url), poolclass=sa.NullPool)
+    held = operator.connect()
+    answers: list[dict[str, object]] = []
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            uploaded = client.post("/v1/files", headers=auth, files=upload, data={"purpose": "batch"})
+            create = {
+                "input_file_id": uploaded.json()["id"],
+                "endpoint": "/v1/chat/completions",
+                "completion_window": "24h",
+            }
+            held.execute(sa.text("LOCK TABLE requests IN ACCESS EXCLUSIVE MODE"))
+            # The test client returns once the background validation is over.
+            creating = threading.Thread(
+                target=lambda: answers.append(client.post("/v1/batches", headers=auth, json=create).json())
+            )
+            creating.start()
+            deadline = time.monotonic() + 30
+
+            def waited() -> bool:
+                return any("waits for the database" in record.message for record in caplog.records)
+
+            while creating.is_alive() and not waited():
+                assert time.monotonic() < deadline, "the validation neither failed nor waited"
+                creating.join(0.05)
+            held.rollback()  # the operator lets go
+            creating.join(60)
+            assert not creating.is_alive()
+            [created] = answers
+            assert created["status"] == "validating"
+            batch = client.get(f"/v1/batches/{created['id']}", headers=auth).json()
+            assert batch["status"] == "in_progress", batch
+            assert batch["request_counts"]["total"] == 1
+    finally:
+        held.rollback()
+        held.close()
+        operator.dispose()
+        app.state.engine.dispose()

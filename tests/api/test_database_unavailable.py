@@ -215,3 +215,44 @@ def test_a_batch_validated_after_its_answer_waits_out_a_table_lock(
         held.close()
         operator.dispose()
         app.state.engine.dispose()
+
+
+def _api_session_settings(app_database_url: str, redis_url: str, tmp_path: Path) -> dict[str, str]:
+    app = create_app(
+        Settings(
+            database_url=app_database_url,
+            broker_url=redis_url,
+            files_dir=tmp_path,
+            api_lock_timeout_seconds=3,
+        ),
+        dispatch=lambda engine, batch_id: None,
+    )
+    try:
+        with app.state.engine.connect() as conn:
+            return {
+                name: conn.execute(sa.text(f"SHOW {name}")).scalar_one()
+                for name in ("lock_timeout", "statement_timeout")
+            }
+    finally:
+        app.state.engine.dispose()
+
+
+def test_the_lock_timeout_keeps_the_options_the_url_gives(
+    postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    store.upgrade_to_head(postgres_url)
+    given = sa.make_url(postgres_url).update_query_dict({"options": "-c statement_timeout=12345"})
+    shown = _api_session_settings(given.render_as_string(hide_password=False), redis_url, tmp_path)
+    assert shown == {"lock_timeout": "3s", "statement_timeout": "12345ms"}
+
+
+def test_the_lock_timeout_keeps_the_options_pgoptions_gives(
+    postgres_url: str, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libpq reads ``PGOPTIONS`` only for a connection given no ``options`` of its own: the lock
+    timeout's replaced an operator's (a ``search_path``, a ``statement_timeout``) in the API
+    alone, whose workers kept them."""
+    store.upgrade_to_head(postgres_url)
+    monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=12345")
+    shown = _api_session_settings(postgres_url, redis_url, tmp_path)
+    assert shown == {"lock_timeout": "3s", "statement_timeout": "12345ms"}

@@ -10,10 +10,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
+from sqlalchemy import event
 
 import store
 from api.app import create_app
@@ -256,3 +258,46 @@ def test_the_lock_timeout_keeps_the_options_pgoptions_gives(
     monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=12345")
     shown = _api_session_settings(postgres_url, redis_url, tmp_path)
     assert shown == {"lock_timeout": "3s", "statement_timeout": "12345ms"}
+
+
+def test_a_call_neither_sent_nor_cancelled_is_answered_bound_to_it(postgres_url: str, tmp_path: Path) -> None:
+    """A chat call whose send to the broker failed is cancelled before its 503, so that a retry
+    pays for nothing. When the ledger is out of reach too (one network cut for both), the cancel
+    fails and the call stays queued in the ledger, for the sweeper to send: its answer was an
+    unbound 503, the Idempotency-Key freed and the SDK's retry submitted (and paid for) a second
+    call. It is bound to the call now, and says not to retry."""
+    store.upgrade_to_head(postgres_url)
+    engine = store.make_engine(postgres_url)
+    tenant = store.create_tenant(engine, "t")
+    auth = {"Authorization": f"Bearer {create_api_key(engine, tenant.id)}"}
+    engine.dispose()
+    dead_broker = f"redis://127.0.0.1:{services.free_port()}/0"
+    app = create_app(
+        Settings(database_url=postgres_url, broker_url=dead_broker, files_dir=tmp_path),
+        dispatch=lambda engine, batch_id: None,
+    )
+    ledger = Ledger(postgres_url)
+    cut: list[str] = []
+
+    def before(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        # The cancel's first read: the ledger goes out of reach just then.
+        if not cut and statement.startswith("SELECT batches.status"):
+            cut.append(statement)
+            ledger.refuse_connections()
+
+    event.listen(app.state.engine, "before_cursor_execute", before)
+    try:
+        with TestClient(app, raise_server_exceptions=False) as client:
+            answer = client.post(
+                "/v1/chat/completions",
+                headers={**auth, "Idempotency-Key": "cut-1"},
+                json={"model": "sim-model", "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert cut, "the call was never cancelled"
+            assert answer.status_code == 503, answer.text
+            assert answer.headers.get("tokenmill-bound-to"), answer.headers
+            assert answer.headers["x-should-retry"] == "false"
+    finally:
+        ledger.accept_connections()
+        app.state.engine.dispose()
+        ledger.admin.dispose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 from typing import Any
 
 from fastapi import FastAPI
@@ -81,10 +82,12 @@ def _lock_timeout(settings: Settings) -> dict[str, Any]:
     if url.get_backend_name() != "postgresql" or settings.api_lock_timeout_seconds <= 0:
         return {}
     milliseconds = max(1, round(settings.api_lock_timeout_seconds * 1000))
-    # After the URL's own options, which connect_args would otherwise replace. (Behind PgBouncer:
-    # its ignore_startup_parameters must list options, or set the timeout to 0.)
+    # After the URL's own options, which connect_args would otherwise replace, else PGOPTIONS'
+    # (libpq reads it only for a connection given no options). (Behind PgBouncer: its
+    # ignore_startup_parameters must list options, or set the timeout to 0.)
     given = url.query.get("options")
     given = given if isinstance(given, str) else " ".join(given or ())
+    given = given or os.environ.get("PGOPTIONS", "")
     return {"connect_args": {"options": f"{given} -c lock_timeout={milliseconds}".strip()}}
 
 

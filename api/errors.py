@@ -217,11 +217,15 @@ def not_stored(error: OSError, where: str) -> APIError:
 
 def api_error_response(exc: APIError) -> JSONResponse:
     """The answer to an ``APIError``: its body, its status, ``WWW-Authenticate`` on a 401, the
-    work a 5xx is bound to (``BOUND_TO_HEADER``) and, when final, ``x-should-retry: false``."""
+    work a 5xx is bound to (``BOUND_TO_HEADER``) and, when final or bound, ``x-should-retry:
+    false``."""
     headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else {}
     if exc.bound_to is not None:
         headers[BOUND_TO_HEADER] = exc.bound_to
-    if exc.final:
+    # A 5xx bound to work that goes on is no more mended by asking again than a final one: a
+    # retry with the same Idempotency-Key replays it, one without (the SDK sends none of its own)
+    # starts the work again, billed again.
+    if exc.final or exc.bound_to is not None:
         headers[SHOULD_RETRY_HEADER] = "false"
     if exc.request_id is not None:
         headers["x-request-id"] = exc.request_id

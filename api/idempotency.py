@@ -34,6 +34,7 @@ from api.deps import scope_tenant
 from api.errors import (
     BOUND_TO_HEADER,
     CLIENT_CLOSED_REQUEST,
+    SHOULD_RETRY_HEADER,
     APIError,
     Conflict,
     InvalidRequest,
@@ -171,7 +172,11 @@ class _CapturingSend:
             code="stream_interrupted",
             bound_to=bound,
         )
-        headers = [("content-type", "application/json"), (BOUND_TO_HEADER, bound)]
+        headers = [
+            ("content-type", "application/json"),
+            (BOUND_TO_HEADER, bound),
+            (SHOULD_RETRY_HEADER, "false"),
+        ]
         return store.StoredResponse(error.status_code, headers, json.dumps(error.body()).encode())
 
 

@@ -52,12 +52,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from store.batch_lifecycle import move_batches
 from store.clock import now_seconds
-from store.engine import is_postgresql, write_transaction
+from store.engine import connection_is_lost, is_postgresql, write_transaction
 from store.errors import InvalidArgument, InvalidState, QuotaExceeded
 from store.ids import new_id
 from store.input_checks import JSONRejected, bounded_text, check_json_value, parse_json, quote_input
@@ -766,8 +767,26 @@ def _copy_requests(conn: Connection, common: _RequestCommon, rows: list[_NewRequ
         f"{prefix}\t{request_id}\t{_copy_text(custom_id)}\t{line_number}\t{_copy_json(body_text)}\n"
         for request_id, custom_id, line_number, body_text in rows
     )
-    with (
-        driver_connection.cursor() as cursor,
-        cursor.copy(f"COPY requests ({columns}) FROM STDIN") as copy,
-    ):
-        copy.write(text.encode())
+    try:
+        with (
+            driver_connection.cursor() as cursor,
+            cursor.copy(f"COPY requests ({columns}) FROM STDIN") as copy,
+        ):
+            copy.write(text.encode())
+    except psycopg.Error as error:
+        # Past SQLAlchemy, so its handling done here: a connection lost (or left read-only by a
+        # failover) renews the pool and says so, as any statement's does (``again_if_disconnected``
+        # and the API's 503 read ``connection_invalidated``).
+        lost = connection_is_lost(conn.engine, error, conn.connection.dbapi_connection)
+        if lost:
+            conn.engine.pool._invalidate(conn.connection, error)
+            conn.invalidate(error)
+        raise sa.exc.DBAPIError.instance(
+            "COPY requests",
+            None,
+            error,
+            psycopg.Error,
+            hide_parameters=True,
+            connection_invalidated=lost,
+            dialect=conn.dialect,
+        ) from error

@@ -40,12 +40,14 @@ from api.errors import (
     NotFound,
     RateLimitExceeded,
     ServiceUnavailable,
+    database_unavailable,
     over_quota,
 )
 from api.routes.json_checks import CheckedJSONRoute
 from api.validation_slots import TenantFairSlots
 from config import Settings
 from store.export import in_chunks
+from store.log_redaction import redacted_error_text
 from store.tables import MAX_WEBHOOK_URL_CHARS
 from telemetry import tracing
 from workers.agent_tasks import check_agent_run_body
@@ -66,6 +68,11 @@ router = APIRouter(prefix="/v1/batches", tags=["batches"], route_class=CheckedJS
 Dispatch = Callable[[Engine, str], None]
 
 _logger = logging.getLogger("tokenmill.api")
+
+# How long a batch read after its create answered waits out a ledger out of reach (a lock held
+# past the API's lock timeout, a restart, a failover) before it is failed, and how often it tries.
+_FILL_WAITS_FOR_DATABASE_SECONDS = 600.0
+_FILL_RETRY_SECONDS = 2.0
 
 
 async def dispatch_or_leave_to_sweeper(request: Request, engine: Engine, batch_id: str) -> bool:
@@ -249,7 +256,7 @@ async def _fill_in_background(
     try:
         async with slots.slot(spec.row["tenant_id"]):
             try:
-                report = await run_in_threadpool(_fill, engine, spec, path, body, settings)
+                report = await _fill_waiting_for_database(engine, spec, path, body, settings)
             except FileNotFoundError:
                 message = f"the content of {spec.row['input_file_id']} was deleted before it was read"
                 await run_in_threadpool(store.fail_batch, engine, spec.batch_id, "file_not_found", message)
@@ -263,6 +270,27 @@ async def _fill_in_background(
         validating.discard(spec.batch_id)
     if report.status == store.BatchStatus.IN_PROGRESS:
         await _dispatch_or_leave_to_sweeper(app, engine, spec.batch_id)
+
+
+async def _fill_waiting_for_database(
+    engine: Engine, spec: store.BatchSpec, path: Path, body: BatchCreate, settings: Settings
+) -> store.IngestReport:
+    """``_fill``, tried again while the ledger is out of reach: the batch was answered
+    ``validating`` already, and failing it lost its requests to a wait of seconds (an operator's
+    lock past the API's lock timeout, a failover). Each try is one transaction that rolled back
+    whole, and a batch cancelled or expired meanwhile is not filled; its lease is renewed as
+    before while it waits."""
+    deadline = asyncio.get_running_loop().time() + _FILL_WAITS_FOR_DATABASE_SECONDS
+    while True:
+        try:
+            return await run_in_threadpool(_fill, engine, spec, path, body, settings)
+        except Exception as error:
+            if database_unavailable(error) is None or asyncio.get_running_loop().time() > deadline:
+                raise
+            _logger.warning(
+                "validating batch %s waits for the database: %s", spec.batch_id, redacted_error_text(error)
+            )
+        await asyncio.sleep(_FILL_RETRY_SECONDS)
 
 
 def _validations_held(app: Any, engine: Engine, lease_seconds: int) -> set[str]:

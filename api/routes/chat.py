@@ -226,13 +226,30 @@ async def _submit(
     except (RedisError, OSError) as e:
         # Its answer carries no id to come back for: cancel it, so that nothing runs (and nothing
         # is billed) on the strength of a 503 that tells the client to retry.
-        batch = await run_in_threadpool(store.cancel_batch, engine, submitted.batch_id)
+        batch = await _cancel_or_bind(engine, submitted, "could not reach the workers' broker")
         if batch.status == store.BatchStatus.CANCELLED:
             raise ServiceUnavailable(
                 "could not reach the workers' broker; nothing was run, retry later", code="broker_unavailable"
             ) from e
         reply = _NOT_WAITED  # sent after all, and taken: its outcome comes as any call's
     return submitted, reply
+
+
+async def _cancel_or_bind(engine: Engine, submitted: InteractiveRequest, why: str) -> store.Batch:
+    """Cancel a submitted call; a ``ServiceUnavailable`` bound to it when the ledger is out of
+    reach: not cancelled, it may be (or be sent by the sweeper) with the provider, and billed, so
+    that a retry with the same Idempotency-Key replays this rather than pays again."""
+    try:
+        return await run_in_threadpool(store.cancel_batch, engine, submitted.batch_id)
+    except Exception as error:
+        if database_unavailable(error) is None:
+            raise
+        raise ServiceUnavailable(
+            f"{why}, and the ledger is out of reach: request {submitted.request_id} may be sent to the "
+            "model provider, and is then billed",
+            code="database_unavailable",
+            bound_to=submitted.batch_id,
+        ) from error
 
 
 async def _cancel_after_timeout(
@@ -242,19 +259,7 @@ async def _cancel_after_timeout(
     Idempotency-Key when nothing ran, bound to the call when one already upstream goes on (and is
     billed), so that a retry replays this answer rather than paying again. Returns the outcome
     when the call ended by itself meanwhile."""
-    try:
-        batch = await run_in_threadpool(store.cancel_batch, engine, submitted.batch_id)
-    except Exception as error:
-        if database_unavailable(error) is None:
-            raise
-        # Not cancelled: the call may be with the provider, and billed. Bound to it, so that a
-        # retry with the same Idempotency-Key replays this rather than pays again.
-        raise ServiceUnavailable(
-            f"no result within {seconds:.0f} s, and the ledger is out of reach: request "
-            f"{submitted.request_id} may have been sent to the model provider, and is then billed",
-            code="database_unavailable",
-            bound_to=submitted.batch_id,
-        ) from error
+    batch = await _cancel_or_bind(engine, submitted, f"no result within {seconds:.0f} s")
     if batch.status == store.BatchStatus.CANCELLED:
         outcome = await run_in_threadpool(interactive_outcome, engine, submitted.request_id)
         if outcome is not None and outcome.status is not store.RequestStatus.CANCELLED:

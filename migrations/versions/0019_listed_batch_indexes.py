@@ -42,8 +42,26 @@ _OLD = (
 )
 
 
+def _drop_invalid(names: Sequence[str]) -> None:
+    """Drop what a failed ``CREATE INDEX CONCURRENTLY`` left of ``names``: an invalid index, which
+    no query uses but every write keeps up, and which ``IF NOT EXISTS`` would keep for good."""
+    bind = op.get_bind()
+    if bind.dialect.name != "postgresql":
+        return
+    invalid = bind.execute(
+        sa.text(
+            "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "WHERE NOT i.indisvalid AND c.relname = ANY(:names)"
+        ),
+        {"names": list(names)},
+    ).scalars()
+    for name in list(invalid):
+        op.drop_index(name, table_name="batches", postgresql_concurrently=True, if_exists=True)
+
+
 def upgrade() -> None:
     with op.get_context().autocommit_block():
+        _drop_invalid([name for name, _, _ in _NEW])
         for name, columns, predicate in _NEW:
             op.create_index(
                 name,
@@ -60,6 +78,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.get_context().autocommit_block():
+        _drop_invalid([name for name, _ in _OLD])
         for name, columns in _OLD:
             op.create_index(name, "batches", columns, postgresql_concurrently=True, if_not_exists=True)
         for name, _, _ in reversed(_NEW):

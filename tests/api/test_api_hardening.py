@@ -375,3 +375,21 @@ def test_a_chat_timeout_with_its_call_upstream_is_replayed_not_sent_again(
         assert time.monotonic() < deadline
         time.sleep(0.1)
     assert simulator.stats()["by_model"].get("slow-model") == 1
+
+
+def test_an_answer_bound_to_work_that_goes_on_tells_the_sdk_not_to_retry(live_api: LiveAPI) -> None:
+    """A 503 bound to work that goes on (here a ``wait=true`` run that timed out, queued still)
+    said nothing of retrying: the openai SDK retries every 503 (twice by default) and sends no
+    Idempotency-Key of its own, so each retry started, and billed, one more run. ``x-should-retry:
+    false``: the answer names the run to follow instead (a keyed retry would replay it anyway)."""
+    key = live_api.new_key("bound-no-retry")
+    first = httpx.post(
+        f"{live_api.base_url}/agent_runs",
+        params={"wait": "true"},
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": "agent-model", "input": "hello"},
+        timeout=60,
+    )
+    assert first.status_code == 503, first.text
+    assert first.headers["tokenmill-bound-to"]
+    assert first.headers["x-should-retry"] == "false"

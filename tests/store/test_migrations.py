@@ -136,3 +136,52 @@ def test_the_stored_bytes_counter_starts_as_the_uploads_already_kept(database_ur
         assert store.quota_status(engine, "empty").stored_bytes == 0
     finally:
         engine.dispose()
+
+
+def test_0019_replaces_an_index_a_failed_concurrent_build_left_invalid(postgres_url: str) -> None:
+    """A ``CREATE INDEX CONCURRENTLY`` that fails (cancelled, the migration killed mid-build, a
+    deadlock) leaves its index behind, invalid: never used by a query, yet kept up by every write.
+    0019 created its indexes ``IF NOT EXISTS``, so the rerun kept the invalid one and dropped the
+    old indexes: every page of batches walked the table."""
+    from alembic import command
+
+    from store.schema import alembic_config
+    from tests.store.conftest import chat_line, jsonl
+
+    engine = store.make_engine(postgres_url)
+    try:
+        command.upgrade(alembic_config(engine), "0018")
+        tenant = store.create_tenant(engine, "t")
+        store.ingest_batch(engine, jsonl([chat_line("a")]), tenant_id=tenant.id)
+        with engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            with pytest.raises(sa.exc.DataError):  # the build fails on the row: division by zero
+                conn.execute(
+                    sa.text(
+                        "CREATE INDEX CONCURRENTLY ix_batches_listed_created_at_id ON batches "
+                        "((1 / (priority - priority)))"
+                    )
+                )
+        store.upgrade_to_head(engine)
+        with engine.connect() as conn:
+            indexes = {
+                name: valid
+                for name, valid in conn.execute(
+                    sa.text(
+                        "SELECT c.relname, i.indisvalid FROM pg_index i "
+                        "JOIN pg_class c ON c.oid = i.indexrelid "
+                        "WHERE c.relname LIKE 'ix_batches_%created_at_id'"
+                    )
+                )
+            }
+            definition = conn.execute(
+                sa.text("SELECT pg_get_indexdef('ix_batches_listed_created_at_id'::regclass)")
+            ).scalar_one()
+        assert indexes == {
+            "ix_batches_listed_tenant_id_created_at_id": True,
+            "ix_batches_listed_created_at_id": True,
+            "ix_batches_webhook_pending_created_at_id": True,
+        }
+        assert "(created_at, id) WHERE (hidden IS FALSE)" in definition, definition
+    finally:
+        engine.dispose()

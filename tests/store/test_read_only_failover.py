@@ -6,6 +6,8 @@ than every write of the process failing until it restarts."""
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -13,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 import store
+from api.errors import database_unavailable
 from store.driver import DriverStatement
 from store.engine import again_if_disconnected, normalize_url
 from tests import services
@@ -73,3 +76,27 @@ def test_a_driver_statement_on_a_read_only_pooled_connection_renews_the_pool(
     assert row.id == "t2"
     with engine.begin() as conn:
         assert conn.execute(sa.text("SHOW transaction_read_only")).scalar_one() == "off"
+
+
+def test_a_bulk_load_on_a_read_only_pooled_connection_renews_the_pool(
+    pooled_on_a_read_only_server: Engine, postgres_url: str
+) -> None:
+    """A batch's lines go in by COPY, on the driver: its 25006 passed SQLAlchemy by, so the
+    connection went back to the pool as it was (each fill after it failed the same way) and the
+    API answered 500 internal_error, not 503 database_unavailable (nor went again)."""
+    engine = pooled_on_a_read_only_server
+    writable = store.make_engine(postgres_url)
+    try:
+        tenant = store.create_tenant(writable, "bulk")
+        spec = store.open_batch(writable, store.prepare_batch(tenant_id=tenant.id))
+    finally:
+        writable.dispose()
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    request = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    line = json.dumps(request).encode() + b"\n"
+    with pytest.raises(sa.exc.DBAPIError) as refused:
+        store.fill_batch(engine, spec, io.BytesIO(line))
+    assert refused.value.connection_invalidated
+    assert database_unavailable(refused.value) is not None
+    report = again_if_disconnected(store.fill_batch, engine, spec, io.BytesIO(line))
+    assert (report.status, report.accepted) == (store.BatchStatus.IN_PROGRESS, 1)

@@ -622,11 +622,23 @@ def _lost(engine: Engine, submitted: InteractiveRequest) -> bool:
     return batch.status == store.BatchStatus.CANCELLED
 
 
-async def _ended(engine: Engine, request_id: str, reply: dict[str, Any]) -> InteractiveOutcome:
-    """The outcome an end entry carries, or (``{"ledger": true}``) the ledger's."""
+async def _ended(engine: Engine, submitted: InteractiveRequest, reply: dict[str, Any]) -> InteractiveOutcome:
+    """The outcome an end entry carries, or (``{"ledger": true}``) the ledger's: a read once more
+    on a connection that died under it, and while the ledger is out of reach a 503 bound to the
+    call, which ended and was billed (unbound, it freed the Idempotency-Key and a retry paid again)."""
+    request_id = submitted.request_id
     if not reply.get("ledger"):
         return InteractiveOutcome.from_json(reply)
-    outcome = await run_in_threadpool(interactive_outcome, engine, request_id)
+    try:
+        outcome = await run_in_threadpool(again_if_disconnected, interactive_outcome, engine, request_id)
+    except Exception as error:
+        if database_unavailable(error) is None:
+            raise
+        raise ServiceUnavailable(
+            f"request {request_id} ended, but the ledger that holds its outcome is out of reach",
+            code="database_unavailable",
+            bound_to=submitted.batch_id,
+        ) from error
     if outcome is not None:
         return outcome
     return InteractiveOutcome(
@@ -655,7 +667,7 @@ async def _streamed(
     if first is None:
         first = await _cancel_after_timeout(engine, submitted, settings.sync_timeout_seconds)
     if isinstance(first, list) and first[0].outcome is not None:
-        first = await _ended(engine, submitted.request_id, first[0].outcome)
+        first = await _ended(engine, submitted, first[0].outcome)
     if isinstance(first, InteractiveOutcome):
         if not _succeeded(first):
             raise _error_for(first)
@@ -695,7 +707,7 @@ async def _relay(writer: _ChunkWriter, relay: _StreamRelay, first: list[StreamEn
                 if entry.text is not None:
                     yield writer.text(entry.text)
                 if entry.outcome is not None:
-                    outcome = await _ended(relay.engine, relay.submitted.request_id, entry.outcome)
+                    outcome = await _ended(relay.engine, relay.submitted, entry.outcome)
             if outcome is None:
                 entries = await relay.next_entries()
     if _succeeded(outcome) and writer.resumable(outcome):

@@ -18,7 +18,11 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from simulator.testing import SimulatorServer
+import store
+from api.errors import ServiceUnavailable
+from api.routes.chat import _ended
+from simulator.testing import SimulatorServer, free_port
+from store.interactive import InteractiveRequest
 from tests.api.in_process import InProcess, in_process_api
 
 # What the API's read of a call's outcome says (store.interactive.interactive_outcome).
@@ -126,3 +130,19 @@ async def test_a_slow_call_outlives_a_ledger_restart_while_the_api_waits(
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["message"]["content"]
     assert simulator.stats()["completions"] - before == 1
+
+
+async def test_a_stream_whose_ended_outcome_the_ledger_cannot_give_is_answered_bound_to_it() -> None:
+    # A stream's end entry saying "read the ledger" (the call ended, and was billed) met a ledger
+    # out of reach: the read's error answered an unbound 503, which freed the Idempotency-Key, and
+    # a retry paid the provider again. It is a 503 bound to the call now.
+    engine = store.make_engine(
+        f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/gone", connect_args={"connect_timeout": 2}
+    )
+    try:
+        with pytest.raises(ServiceUnavailable) as refused:
+            await _ended(engine, InteractiveRequest("batch_req_ended", "batch_ended"), {"ledger": True})
+    finally:
+        engine.dispose()
+    assert refused.value.code == "database_unavailable"
+    assert refused.value.bound_to == "batch_ended"

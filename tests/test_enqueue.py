@@ -37,25 +37,7 @@ def test_submit_with_the_broker_down_gives_the_id_of_a_batch_left_queued(
     postgres_url: str, tmp_path: Path
 ) -> None:
     dead_broker = f"redis://127.0.0.1:{services.free_port()}/0"
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "TOKENMILL_DATABASE_URL": postgres_url,
-        "TOKENMILL_BROKER_URL": dead_broker,
-    }
-    assert run_cli(env, "db", "upgrade").returncode == 0
-    source = tmp_path / "in.jsonl"
-    source.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(3)))
-    submitted = run_cli(env, "submit", str(source), "--model", "sim-model")
-    assert submitted.returncode == 0, submitted.stderr
-    assert "`tokenmill beat` sends it" in " ".join(submitted.stderr.split())
-    batch_id = submitted.stdout.strip()
-    engine = make_engine(postgres_url)
-    try:
-        progress = batch_progress(engine, batch_id)
-    finally:
-        engine.dispose()
-    assert (progress.total, progress.queued) == (3, 3)
+    _submit_leaves_its_batch_queued(postgres_url, dead_broker, tmp_path)
 
 
 def test_submit_with_the_broker_refusing_writes_gives_the_id_of_a_batch_left_queued(
@@ -74,25 +56,31 @@ def test_submit_with_the_broker_refusing_writes_gives_the_id_of_a_batch_left_que
         broker.config_set("maxmemory", "1")
         with pytest.raises(redis.exceptions.ResponseError, match="maxmemory"):
             broker.set("probe", "1")
-        env = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "TOKENMILL_DATABASE_URL": postgres_url,
-            "TOKENMILL_BROKER_URL": url,
-        }
-        assert run_cli(env, "db", "upgrade").returncode == 0
-        source = tmp_path / "in.jsonl"
-        source.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(3)))
-        submitted = run_cli(env, "submit", str(source), "--model", "sim-model")
-        assert submitted.returncode == 0, submitted.stderr
-        assert "`tokenmill beat` sends it" in " ".join(submitted.stderr.split())
-        batch_id = submitted.stdout.strip()
-        engine = make_engine(postgres_url)
-        try:
-            progress = batch_progress(engine, batch_id)
-        finally:
-            engine.dispose()
-        assert (progress.total, progress.queued) == (3, 3)
+        _submit_leaves_its_batch_queued(postgres_url, url, tmp_path)
     finally:
         broker.shutdown(nosave=True)
         broker.close()
+
+
+def _submit_leaves_its_batch_queued(postgres_url: str, broker_url: str, tmp_path: Path) -> None:
+    """``tokenmill submit`` of 3 lines with ``broker_url`` refusing its messages: it exits 0 and
+    prints the id of a batch whose 3 requests wait queued for the sweeper."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "TOKENMILL_DATABASE_URL": postgres_url,
+        "TOKENMILL_BROKER_URL": broker_url,
+    }
+    assert run_cli(env, "db", "upgrade").returncode == 0
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(3)))
+    submitted = run_cli(env, "submit", str(source), "--model", "sim-model")
+    assert submitted.returncode == 0, submitted.stderr
+    assert "`tokenmill beat` sends it" in " ".join(submitted.stderr.split())
+    batch_id = submitted.stdout.strip()
+    engine = make_engine(postgres_url)
+    try:
+        progress = batch_progress(engine, batch_id)
+    finally:
+        engine.dispose()
+    assert (progress.total, progress.queued) == (3, 3)

@@ -87,8 +87,11 @@ def _measure_first() -> None:
         _first_tried_at = time.monotonic()
         for engine in list(_tracked):
             try:
-                with engine.connect():
-                    pass  # the connect (or checkout) event measured
+                # A connection of its own, closed at once: the engine may be one its owner
+                # disposed of, whose pool would keep it open until it is collected.
+                connection = engine.raw_connection()  # its connect (or checkout) event measured
+                connection.detach()
+                connection.close()
             except Exception:
                 _logger.warning("could not read the database server's clock", exc_info=True)
                 continue

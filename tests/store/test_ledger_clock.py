@@ -9,6 +9,7 @@ sent its running request again and it was paid twice.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterator
 
 import psycopg
@@ -118,3 +119,33 @@ def test_measuring_leaves_no_transaction_open(pg_engine: Engine, monkeypatch: py
         dbapi_connection = conn.connection.dbapi_connection
         assert dbapi_connection is not None
         assert dbapi_connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+def test_the_first_read_leaves_no_connection_open_in_an_engine_disposed_of(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first read connects a tracked engine to measure; one its owner had disposed of kept that
+    # connection pooled until the engine was collected, then psycopg warned of a connection deleted
+    # while open (an error of whichever test ran then, in CI).
+    engine = store.make_engine(postgres_url)
+    with engine.connect():
+        pass
+    engine.dispose()
+    tracked: weakref.WeakSet[Engine] = weakref.WeakSet([engine])
+    monkeypatch.setattr(store.clock, "_tracked", tracked)
+    monkeypatch.setattr(store.clock, "_checked_at", None)
+    monkeypatch.setattr(store.clock, "_first_tried_at", None)
+    store.clock.now_seconds()
+    assert store.clock._checked_at is not None
+    others = store.make_engine(postgres_url, poolclass=sa.NullPool)
+    try:
+        with others.connect() as conn:
+            held = conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            ).scalar_one()
+    finally:
+        others.dispose()
+    assert held == 0, "the disposed engine's pool holds the connection the first read opened"

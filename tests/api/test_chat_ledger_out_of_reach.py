@@ -110,26 +110,29 @@ async def _call(in_process: InProcess, content: str) -> Any:
     )
 
 
-async def test_a_slow_calls_outcome_read_whose_connection_died_goes_again(
-    in_process: InProcess, simulator: SimulatorServer, outcome_read_loses_its_backend: list[int]
+async def _answered_and_paid_once(
+    in_process: InProcess, simulator: SimulatorServer, delay_seconds: int, ledger_reads: list[Any]
 ) -> None:
+    """A call the provider answers in ``delay_seconds`` (past a wait slice, so the API reads the
+    ledger: ``ledger_reads`` records it) is answered 200, and the provider was paid once."""
     before = simulator.stats()["completions"]
-    answer = await _call(in_process, f"slow {uuid.uuid4().hex} [[delay 2]]")
-    assert outcome_read_loses_its_backend, "the API never read the ledger"
+    answer = await _call(in_process, f"slow {uuid.uuid4().hex} [[delay {delay_seconds}]]")
+    assert ledger_reads, "the API never read the ledger"
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"][0]["message"]["content"]
     assert simulator.stats()["completions"] - before == 1
+
+
+async def test_a_slow_calls_outcome_read_whose_connection_died_goes_again(
+    in_process: InProcess, simulator: SimulatorServer, outcome_read_loses_its_backend: list[int]
+) -> None:
+    await _answered_and_paid_once(in_process, simulator, 2, outcome_read_loses_its_backend)
 
 
 async def test_a_slow_call_outlives_a_ledger_restart_while_the_api_waits(
     in_process: InProcess, simulator: SimulatorServer, outcome_read_meets_an_outage: list[str]
 ) -> None:
-    before = simulator.stats()["completions"]
-    answer = await _call(in_process, f"slow {uuid.uuid4().hex} [[delay 4]]")
-    assert outcome_read_meets_an_outage, "the API never read the ledger"
-    assert answer.status_code == 200, answer.text
-    assert answer.json()["choices"][0]["message"]["content"]
-    assert simulator.stats()["completions"] - before == 1
+    await _answered_and_paid_once(in_process, simulator, 4, outcome_read_meets_an_outage)
 
 
 async def test_a_stream_whose_ended_outcome_the_ledger_cannot_give_is_answered_bound_to_it() -> None:

@@ -45,15 +45,21 @@ class Ledger:
             conn.execute(sa.text(f'ALTER DATABASE "{self.name}" ALLOW_CONNECTIONS true'))
 
 
+def _tenant_key(postgres_url: str) -> str:
+    """An API key of a new tenant in the ledger at ``postgres_url``, migrated to head."""
+    store.upgrade_to_head(postgres_url)
+    engine = store.make_engine(postgres_url)
+    try:
+        return create_api_key(engine, store.create_tenant(engine, "t").id)
+    finally:
+        engine.dispose()
+
+
 @pytest.fixture
 def api(
     postgres_url: str, redis_url: str, tmp_path: Path
 ) -> Iterator[tuple[TestClient, dict[str, str], Ledger]]:
-    store.upgrade_to_head(postgres_url)
-    engine = store.make_engine(postgres_url)
-    tenant = store.create_tenant(engine, "t")
-    key = create_api_key(engine, tenant.id)
-    engine.dispose()
+    key = _tenant_key(postgres_url)
     app = create_app(
         Settings(database_url=postgres_url, broker_url=redis_url, files_dir=tmp_path),
         dispatch=lambda engine, batch_id: None,
@@ -102,11 +108,7 @@ def test_a_keyed_post_the_database_refused_is_not_kept_and_runs_when_retried(
 def api_with_lock_timeout(
     postgres_url: str, redis_url: str, tmp_path: Path
 ) -> Iterator[tuple[TestClient, dict[str, str]]]:
-    store.upgrade_to_head(postgres_url)
-    engine = store.make_engine(postgres_url)
-    tenant = store.create_tenant(engine, "t")
-    key = create_api_key(engine, tenant.id)
-    engine.dispose()
+    key = _tenant_key(postgres_url)
     app = create_app(
         Settings(
             database_url=postgres_url, broker_url=redis_url, files_dir=tmp_path, api_lock_timeout_seconds=1

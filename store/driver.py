@@ -29,7 +29,7 @@ from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 from sqlalchemy.engine import Engine
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from store.engine import connection_is_lost
+from store.engine import driver_error
 
 __all__ = ["DriverStatement"]
 
@@ -92,21 +92,6 @@ class DriverStatement:
                     if not driver.broken:
                         driver.autocommit = False
             except psycopg.Error as error:
-                dead = connection_is_lost(engine, error, connection)
-                if dead:
-                    # As SQLAlchemy's own error handling does: the pool's other connections are
-                    # renewed too (at their next checkout), for a restart or an operator ended
-                    # them all; invalidating this one alone left each of the others to fail a
-                    # call of its own, since one used a moment ago is not pinged.
-                    engine.pool._invalidate(connection, error)
-                raise sa.exc.DBAPIError.instance(
-                    self.sql,
-                    parameters,
-                    error,
-                    psycopg.Error,
-                    hide_parameters=True,
-                    connection_invalidated=dead,
-                    dialect=engine.dialect,
-                ) from error
+                raise driver_error(engine, error, connection, self.sql, parameters) from error
         finally:
             connection.close()

@@ -31,6 +31,7 @@ __all__ = [
     "autocommit_connection",
     "connection_is_lost",
     "dialect_insert",
+    "driver_error",
     "flush_with_next_durable_commit",
     "is_postgresql",
     "make_engine",
@@ -117,6 +118,30 @@ def connection_is_lost(engine: Engine, error: BaseException, dbapi_connection: A
 
 def _left_read_only(error: BaseException) -> bool:
     return getattr(error, "sqlstate", None) == _READ_ONLY_SQLSTATE
+
+
+def driver_error(
+    engine: Engine, error: Exception, connection: Any, statement: str, parameters: Any
+) -> sa.exc.DBAPIError:
+    """What SQLAlchemy raises for ``error`` of ``statement``, run on the driver past it (a compiled
+    statement, a COPY) on the pooled ``connection``: as its own handling does, a connection lost
+    (``connection_is_lost``) renews the pool's other connections too (at their next checkout: a
+    restart or an operator ended them all, and one used a moment ago is not pinged) and says so
+    (``connection_invalidated``, which ``again_if_disconnected`` and the API's 503 read)."""
+    lost = connection_is_lost(engine, error, connection)
+    if lost:
+        engine.pool._invalidate(connection, error)
+    raised = sa.exc.DBAPIError.instance(
+        statement,
+        parameters,
+        error,
+        engine.dialect.loaded_dbapi.Error,
+        hide_parameters=True,
+        connection_invalidated=lost,
+        dialect=engine.dialect,
+    )
+    assert isinstance(raised, sa.exc.DBAPIError)  # a driver's error is wrapped as one
+    return raised
 
 
 def _renew_read_only_connections(engine: Engine) -> None:

@@ -58,7 +58,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from store.batch_lifecycle import move_batches
 from store.clock import now_seconds
-from store.engine import connection_is_lost, is_postgresql, write_transaction
+from store.engine import driver_error, is_postgresql, write_transaction
 from store.errors import InvalidArgument, InvalidState, QuotaExceeded
 from store.ids import new_id
 from store.input_checks import JSONRejected, bounded_text, check_json_value, parse_json, quote_input
@@ -774,19 +774,9 @@ def _copy_requests(conn: Connection, common: _RequestCommon, rows: list[_NewRequ
         ):
             copy.write(text.encode())
     except psycopg.Error as error:
-        # Past SQLAlchemy, so its handling done here: a connection lost (or left read-only by a
-        # failover) renews the pool and says so, as any statement's does (``again_if_disconnected``
-        # and the API's 503 read ``connection_invalidated``).
-        lost = connection_is_lost(conn.engine, error, conn.connection.dbapi_connection)
-        if lost:
-            conn.engine.pool._invalidate(conn.connection, error)
+        # Past SQLAlchemy, so its handling done here (a connection left read-only by a failover
+        # is lost too); the transaction's own connection goes with the pool's.
+        raised = driver_error(conn.engine, error, conn.connection, "COPY requests", None)
+        if raised.connection_invalidated:
             conn.invalidate(error)
-        raise sa.exc.DBAPIError.instance(
-            "COPY requests",
-            None,
-            error,
-            psycopg.Error,
-            hide_parameters=True,
-            connection_invalidated=lost,
-            dialect=conn.dialect,
-        ) from error
+        raise raised from error
